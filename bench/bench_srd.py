@@ -1,0 +1,89 @@
+"""SRD cost relative to one plain gradient, measured in one run.
+
+    python bench/bench_srd.py [--model resnet50] [--batch 8] [--size 224] [--repeats 3]
+
+Random weights in a torchvision-architecture ResNet50 (srdxai.models.torchvision_arch), with
+BatchNorm statistics and shifts drawn at random so that every bias is non-zero, as in a trained
+network (with all-zero biases SRD's bias-share pass would be skipped and look cheaper).
+
+Prints the median wall time of: a plain PyTorch input gradient (no srdxai), the same gradient
+through the srdxai engine, and SRD; and the ratios SRD / plain gradient (target <= 2.0).
+"""
+
+from __future__ import annotations
+
+import argparse
+import statistics
+import time
+
+import torch
+
+import srdxai
+from srdxai.models.torchvision_arch import resnet18, resnet50, vgg16
+
+MODELS = {"resnet50": resnet50, "resnet18": resnet18, "vgg16": vgg16}
+
+
+def randomize_bn(model: torch.nn.Module, seed: int = 0) -> None:
+    g = torch.Generator().manual_seed(seed)
+    for m in model.modules():
+        if isinstance(m, torch.nn.BatchNorm2d):
+            m.running_mean.copy_((torch.rand(m.running_mean.shape, generator=g) - 0.5) * 0.2)
+            m.running_var.copy_(torch.rand(m.running_var.shape, generator=g) + 0.5)
+            m.bias.data.copy_((torch.rand(m.bias.shape, generator=g) - 0.5) * 0.2)
+
+
+def timed(fn, repeats: int) -> float:
+    fn()  # warm-up (allocator, kernels)
+    times = []
+    for _ in range(repeats):
+        t0 = time.perf_counter()
+        fn()
+        times.append(time.perf_counter() - t0)
+    return statistics.median(times)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--model", default="resnet50", choices=sorted(MODELS))
+    parser.add_argument("--batch", type=int, default=8)
+    parser.add_argument("--size", type=int, default=224)
+    parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    args = parser.parse_args()
+
+    torch.manual_seed(0)
+    model = MODELS[args.model]().eval().to(args.device)
+    randomize_bn(model)
+    x = torch.randn(args.batch, 3, args.size, args.size, device=args.device)
+    target = torch.randint(0, 1000, (args.batch,), device=args.device)
+    sync = torch.cuda.synchronize if args.device.startswith("cuda") else (lambda: None)
+
+    def plain_gradient():
+        xx = x.clone().requires_grad_(True)
+        out = model(xx)
+        torch.autograd.grad(out.gather(1, target[:, None]).sum(), xx)
+        sync()
+
+    def engine_gradient():
+        srdxai.explain(model, x, target=target, method="gradient")
+        sync()
+
+    seed = "gradcam" if args.model.startswith("vgg") else "logit"
+
+    def srd():
+        srdxai.explain(model, x, target=target, method="srd", seed=seed)
+        sync()
+
+    t_plain = timed(plain_gradient, args.repeats)
+    t_engine = timed(engine_gradient, args.repeats)
+    t_srd = timed(srd, args.repeats)
+    print(f"model={args.model} batch={args.batch} size={args.size} device={args.device} "
+          f"threads={torch.get_num_threads()} repeats={args.repeats} (median seconds)")
+    print(f"plain gradient (torch)   {t_plain:8.3f} s   1.00x")
+    print(f"gradient (srdxai engine) {t_engine:8.3f} s   {t_engine / t_plain:.2f}x")
+    print(f"SRD (seed={seed:7s})      {t_srd:8.3f} s   {t_srd / t_plain:.2f}x   (target <= 2.0x)")
+
+
+if __name__ == "__main__":
+    main()

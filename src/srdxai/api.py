@@ -1,0 +1,52 @@
+"""``srdxai.explain``: one call for every method."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+from torch import nn
+
+from .engine.core import Target
+from .methods.base import get_method
+
+Tensor = torch.Tensor
+
+
+def explain(
+    model: nn.Module,
+    x: Tensor,
+    target: Target = None,
+    method: str = "srd",
+    *,
+    layer: str | None = None,
+    upsample: bool = True,
+    batch_size: int | None = None,
+    **options: Any,
+) -> Tensor:
+    """Explain ``model``'s decision on ``x`` with ``method``; returns one map per sample.
+
+    Args:
+        model: a ``torch.nn.Module`` returning logits (N, K). Its state is restored afterwards.
+        x: inputs (N, C, H, W) (or (N, C, L)), on the model's device and dtype.
+        target: None (predicted class), an int, one int per sample, or a callable on the
+            output returning one scalar per sample.
+        method: a registered method name (``srdxai.methods.METHODS``), default ``"srd"``.
+        layer: for SRD, return the relevance of this layer's PFVs instead of the pixels
+            (``"low"``, ``"high"`` or a layer name; see ``SRD.layers``).
+        upsample: upsample a layer map bilinearly to the input size.
+        batch_size: explain at most this many samples at a time.
+        **options: the method's own options (e.g. ``seed``, ``contrastive`` for SRD).
+
+    Returns:
+        A (N, H, W) tensor (signed for SRD; see each method's docstring).
+    """
+    cls = get_method(method)
+    explainer = cls(model, batch_size=batch_size, **options)
+    if layer is not None:
+        if not hasattr(explainer, "attribute_layer"):
+            from .errors import InvalidInputError
+
+            raise InvalidInputError(f"method '{method}' has no layer maps.")
+        return explainer.attribute_layer(x, target, layer=layer, upsample=upsample)
+    return explainer.attribute(x, target)

@@ -1,0 +1,293 @@
+"""The ``srdxai`` command line.
+
+``srdxai explain IMAGE...`` explains a bundled ImageNet classifier's decision on each image and
+writes one figure per image; ``srdxai demo-images DIR`` writes the bundled demo photos.
+
+Errors in the request (missing or unreadable image, unknown model, method or target) print one
+line ``srdxai: error: <message>`` to stderr and exit with status 2, before any model is loaded.
+"""
+
+from __future__ import annotations
+
+import functools
+import inspect
+import sys
+from collections.abc import Callable, Sequence
+from pathlib import Path
+from typing import Any, TypeVar
+
+import click
+
+from srdxai.errors import InvalidInputError, InvalidTargetError, SrdxaiError
+
+__all__ = ["cli", "main"]
+
+F = TypeVar("F", bound=Callable[..., Any])
+
+#: Exit status for errors in the request (bad path, unreadable image, unknown name, bad target).
+EXIT_USAGE = 2
+#: Exit status for failures while writing results (e.g. the output folder is not writable).
+EXIT_FAILURE = 1
+
+
+class CliError(click.ClickException):
+    """An error shown as the single line ``srdxai: error: <message>`` on stderr."""
+
+    def __init__(self, message: str, exit_code: int = EXIT_USAGE):
+        super().__init__(" ".join(str(message).split()))
+        self.exit_code = exit_code
+
+    def show(self, file: Any = None) -> None:
+        click.echo(f"srdxai: error: {self.format_message()}", file=file, err=file is None)
+
+
+def _errors_as_one_line(fn: F) -> F:
+    """Turn srdxai errors into :class:`CliError` (exit 2) and OS errors into exit 1."""
+
+    @functools.wraps(fn)
+    def wrapper(*args: Any, **kwargs: Any) -> Any:
+        try:
+            return fn(*args, **kwargs)
+        except SrdxaiError as exc:
+            raise CliError(str(exc)) from exc
+        except OSError as exc:
+            where = f" ({exc.filename})" if getattr(exc, "filename", None) else ""
+            raise CliError(f"{exc.strerror or exc}{where}", exit_code=EXIT_FAILURE) from exc
+
+    return wrapper  # type: ignore[return-value]
+
+
+def _version() -> str:
+    try:
+        from importlib.metadata import PackageNotFoundError, version
+
+        return version("srdxai")
+    except PackageNotFoundError:
+        import srdxai
+
+        return str(getattr(srdxai, "__version__", "unknown"))
+
+
+def _print_version(ctx: click.Context, _param: click.Parameter, value: bool) -> None:
+    if not value or ctx.resilient_parsing:
+        return
+    click.echo(f"srdxai {_version()}")
+    ctx.exit()
+
+
+@click.group(context_settings={"help_option_names": ["-h", "--help"]})
+@click.option(
+    "--version",
+    is_flag=True,
+    expose_value=False,
+    is_eager=True,
+    callback=_print_version,
+    help="Show the version and exit.",
+)
+def cli() -> None:
+    """Explain image classifiers with Sharing Ratio Decomposition (SRD) and other methods."""
+
+
+# --------------------------------------------------------------------------------------- checks
+
+
+def _parse_target(value: str, num_classes: int) -> int | None:
+    text = value.strip().lower()
+    if text == "auto":
+        return None
+    try:
+        target = int(text)
+    except ValueError:
+        raise InvalidTargetError(
+            f"--target must be 'auto' or a class index, got {value!r}"
+        ) from None
+    if not 0 <= target < num_classes:
+        raise InvalidTargetError(
+            f"--target {target} is out of range: the model has classes 0..{num_classes - 1}"
+        )
+    return target
+
+
+def _check_method(method: str, contrastive: bool | None) -> None:
+    """Raise UnknownMethodError for an unknown name, and refuse options the method lacks."""
+    from srdxai.methods import get_method
+
+    method_cls = get_method(method)
+    if contrastive is None:
+        return
+    try:
+        params = inspect.signature(method_cls).parameters
+    except (TypeError, ValueError):  # pragma: no cover - no signature to inspect: let it run
+        return
+    takes_any = any(p.kind is inspect.Parameter.VAR_KEYWORD for p in params.values())
+    if "contrastive" not in params and not takes_any:
+        raise InvalidInputError(
+            f"method {method!r} has no contrastive variant; drop --contrastive/--no-contrastive"
+        )
+
+
+def _load_image(path: Path) -> Any:
+    """Read an image file as a uint8 RGB array (EXIF rotation applied)."""
+    import numpy as np
+    from PIL import Image, ImageOps
+
+    if not path.exists():
+        raise InvalidInputError(f"no such file: {path}")
+    if not path.is_file():
+        raise InvalidInputError(f"not a file: {path}")
+    try:
+        with Image.open(path) as img:
+            img.load()
+            rgb = ImageOps.exif_transpose(img).convert("RGB")
+    except Exception as exc:  # Pillow raises many types for damaged or unknown files
+        reason = " ".join(str(exc).split()) or type(exc).__name__
+        raise InvalidInputError(f"cannot read image {path}: {reason}") from exc
+    return np.asarray(rgb, dtype=np.uint8)
+
+
+def _output_names(paths: Sequence[Path], method: str) -> list[str]:
+    """``<stem>_<method>.png`` per image; repeated stems get ``-2``, ``-3``, ... appended."""
+    seen: dict[str, int] = {}
+    names = []
+    for path in paths:
+        count = seen.get(path.stem, 0) + 1
+        seen[path.stem] = count
+        stem = path.stem if count == 1 else f"{path.stem}-{count}"
+        names.append(f"{stem}_{method}.png")
+    return names
+
+
+# --------------------------------------------------------------------------------------- explain
+
+
+@cli.command()
+@click.argument("images", nargs=-1, required=True, type=click.Path(path_type=Path))
+@click.option(
+    "--model",
+    "model_name",
+    default="efficientnet-lite0",
+    show_default=True,
+    help="Bundled model to explain.",
+)
+@click.option("--method", default="srd", show_default=True, help="Attribution method.")
+@click.option(
+    "--target",
+    default="auto",
+    show_default=True,
+    metavar="auto|INT",
+    help="Class to explain: 'auto' (the predicted class) or a class index.",
+)
+@click.option(
+    "--out",
+    "out_dir",
+    default="out",
+    show_default=True,
+    type=click.Path(path_type=Path),
+    help="Folder for the figures (created if missing).",
+)
+@click.option(
+    "--contrastive/--no-contrastive",
+    default=None,
+    help="Contrastive relevance (target class against the others); default: the method's own.",
+)
+@_errors_as_one_line
+def explain(
+    images: tuple[Path, ...],
+    model_name: str,
+    method: str,
+    target: str,
+    out_dir: Path,
+    contrastive: bool | None,
+) -> None:
+    """Explain the model's decision on each IMAGE and write <out>/<stem>_<method>.png.
+
+    Prints one line per image: the image, its top-5 classes with probabilities, and the figure.
+    """
+    from srdxai import models
+
+    # Check everything that can be wrong with the request before any real work.
+    info = models.model_info(model_name)
+    target_class = _parse_target(target, info.num_classes)
+    _check_method(method, contrastive)
+    if out_dir.exists() and not out_dir.is_dir():
+        raise InvalidInputError(f"--out {out_dir} exists and is not a folder")
+    pictures = [_load_image(path) for path in images]
+
+    import torch
+    from tqdm import tqdm
+
+    import srdxai
+    from srdxai.report import save_explanation_figure
+
+    labels = models.class_names(model_name)
+    model = models.load_model(model_name)
+    options: dict[str, Any] = {} if contrastive is None else {"contrastive": contrastive}
+    out_dir.mkdir(parents=True, exist_ok=True)
+    names = _output_names(images, method)
+
+    jobs = list(zip(images, pictures, names, strict=True))
+    with tqdm(jobs, desc="explaining", unit="image", file=sys.stderr, disable=len(jobs) < 2) as bar:
+        for path, picture, name in bar:
+            shown = models.prepare_image(picture, model_name)
+            x = models.preprocess(picture, model_name)
+            with torch.no_grad():
+                probs = torch.softmax(model(x).float(), dim=-1)[0]
+            top_p, top_i = probs.topk(min(5, probs.numel()))
+            top5 = [(labels[int(i)], float(p)) for p, i in zip(top_p, top_i, strict=True)]
+            explained = int(top_i[0]) if target_class is None else target_class
+
+            relevance = srdxai.explain(model, x, target=target_class, method=method, **options)
+            heatmap = relevance.detach().float().cpu().reshape(-1, *relevance.shape[-2:])[0]
+
+            variant = " (contrastive)" if contrastive else ""
+            title = (
+                f"{path.name}: {method}{variant} for class {explained} '{labels[explained]}' "
+                f"(p={float(probs[explained]):.3f})"
+            )
+            png = save_explanation_figure(out_dir / name, shown, heatmap.numpy(), top5, title)
+
+            ranked = " | ".join(f"{label} {p:.3f}" for label, p in top5)
+            line = f"{path}: {ranked} -> {png}"
+            if bar.disable:
+                click.echo(line)
+            else:
+                tqdm.write(line, file=sys.stdout)
+
+
+# ----------------------------------------------------------------------------------- demo-images
+
+
+@cli.command("demo-images")
+@click.argument("directory", type=click.Path(path_type=Path))
+@_errors_as_one_line
+def demo_images_command(directory: Path) -> None:
+    """Write the bundled demo photos (chelsea, coffee, astronaut, rocket) as PNGs into DIRECTORY."""
+    import os
+    import uuid
+
+    from PIL import Image
+
+    from srdxai.data import demo_images
+
+    if directory.exists() and not directory.is_dir():
+        raise InvalidInputError(f"{directory} exists and is not a folder")
+    directory.mkdir(parents=True, exist_ok=True)
+    for name, image in demo_images().items():
+        path = directory / f"{name}.png"
+        tmp = directory / f".{name}.png.{os.getpid()}.{uuid.uuid4().hex[:12]}.tmp"
+        try:
+            Image.fromarray(image).save(tmp, format="PNG")
+            os.replace(tmp, path)
+        except BaseException:
+            tmp.unlink(missing_ok=True)
+            raise
+        click.echo(str(path))
+
+
+def main(argv: Sequence[str] | None = None) -> None:
+    """Console-script entry point (``srdxai``)."""
+    cli.main(args=list(argv) if argv is not None else None, prog_name="srdxai")
+
+
+if __name__ == "__main__":  # pragma: no cover
+    main()

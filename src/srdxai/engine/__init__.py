@@ -1,0 +1,6 @@
+"""The attribution engine: traced forward pass, rules, targets and the model guard."""
+
+from .core import Rule, Trace, check_inputs, model_guard, target_gradient
+from .graph import Recorder
+
+__all__ = ["Rule", "Trace", "Recorder", "check_inputs", "model_guard", "target_gradient"]

@@ -1,0 +1,335 @@
+"""The attribution engine: model guard, traced forward pass, rules, targets.
+
+A method supplies a :class:`Rule` (what replaces an activation's backward, and optionally what
+happens to biases); the engine runs the forward pass under the :class:`~.graph.Recorder`,
+resolves targets, and undoes every change to the user's model.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from collections.abc import Callable, Iterator, Sequence
+from typing import Any
+
+import torch
+from torch import nn
+
+from ..errors import InvalidInputError, InvalidTargetError, UnsupportedOperationError
+from . import ops
+from .graph import Node, Recorder
+
+Tensor = torch.Tensor
+Target = int | Sequence[int] | Tensor | Callable[[Tensor], Tensor] | None
+
+
+# --- the model guard -----------------------------------------------------------------------
+
+@contextlib.contextmanager
+def model_guard(model: nn.Module) -> Iterator[nn.Module]:
+    """Put ``model`` in eval mode with frozen parameters; restore everything afterwards.
+
+    Restored on success and on exceptions: every module's train/eval flag, every parameter's
+    ``requires_grad``, and the module hook dictionaries (hooks the engine adds are removed even
+    if the caller's code raised in between).
+    """
+    if not isinstance(model, nn.Module):
+        raise InvalidInputError(f"model must be a torch.nn.Module, got {type(model).__name__}.")
+    modules = list(model.modules())
+    training = [m.training for m in modules]
+    requires = [(p, p.requires_grad) for p in model.parameters()]
+    hook_attrs = ("_forward_hooks", "_forward_pre_hooks", "_backward_hooks",
+                  "_backward_pre_hooks", "_forward_hooks_with_kwargs",
+                  "_forward_pre_hooks_with_kwargs", "_forward_hooks_always_called")
+    hooks = [{a: dict(getattr(m, a)) for a in hook_attrs if hasattr(m, a)} for m in modules]
+    try:
+        model.eval()
+        for p, _ in requires:
+            p.requires_grad_(False)
+        yield model
+    finally:
+        for m, flag, saved in zip(modules, training, hooks, strict=True):
+            m.training = flag
+            for attr, content in saved.items():
+                current = getattr(m, attr)
+                if dict(current) != content:
+                    current.clear()
+                    current.update(content)
+        for p, flag in requires:
+            p.requires_grad_(flag)
+
+
+# --- rules -----------------------------------------------------------------------------------
+
+class Rule:
+    """What a method changes in the backward pass. The default is the plain gradient."""
+
+    def activation_backward(
+        self, node: Node, z: Tensor, v: Tensor, grad: Tensor, fn: Callable[[Tensor], Tensor]
+    ) -> Tensor:
+        return true_activation_gradient(z, grad, fn)
+
+    def on_bias_op(self, op: ops.LinearOp, out: Tensor) -> Tensor:
+        return out
+
+    def on_opaque(self, op: ops.OpaqueOp, out: Tensor) -> None:
+        """Called for each operation the engine cannot decompose (plain gradients are fine)."""
+
+    wants_bias_ops = False
+
+
+def true_activation_gradient(z: Tensor, grad: Tensor, fn: Callable[[Tensor], Tensor]) -> Tensor:
+    """The ordinary chain rule through an elementwise activation."""
+    with torch.enable_grad():
+        zz = z.detach().requires_grad_(True)
+        (gz,) = torch.autograd.grad(fn(zz), zz, grad)
+    return gz
+
+
+class _Slot:
+    """Filled with the activation's graph node once the recorder has created it."""
+
+    __slots__ = ("node",)
+
+    def __init__(self) -> None:
+        self.node: Node | None = None
+
+
+class RuleActivation(torch.autograd.Function):
+    """An elementwise activation whose backward is the active rule's."""
+
+    @staticmethod
+    def forward(ctx, z, fn, rule, slot):  # type: ignore[override]
+        v = fn(z)
+        ctx.save_for_backward(z, v)
+        ctx.fn, ctx.rule, ctx.slot = fn, rule, slot
+        return v
+
+    @staticmethod
+    def backward(ctx, grad):  # type: ignore[override]
+        z, v = ctx.saved_tensors
+        return ctx.rule.activation_backward(ctx.slot.node, z, v, grad, ctx.fn), None, None, None
+
+
+# --- the traced forward pass -----------------------------------------------------------------
+
+class Trace:
+    """One forward pass of ``model`` on ``x`` recorded under ``rule``.
+
+    Attributes after :meth:`forward`: ``output`` (the model output), ``recorder`` (graph),
+    ``pfv_layers`` (PFV nodes in forward order, the input first), ``head_ops`` (linear ops
+    between the last PFV layers and the output), ``module_outputs`` (module name -> node).
+    """
+
+    def __init__(self, model: nn.Module, x: Tensor, rule: Rule):
+        self.model = model
+        self.x = x
+        self.rule = rule
+        self.output: Tensor | None = None
+        self.module_outputs: dict[str, Node] = {}
+
+    def forward(self) -> Tensor:
+        slots: list[_Slot] = []
+
+        def activation_apply(z: Tensor, fn: Callable[[Tensor], Tensor], name: str) -> Tensor:
+            slot = _Slot()
+            slots.append(slot)
+            return RuleActivation.apply(z, fn, self.rule, slot)
+
+        recorder = Recorder(
+            self.x,
+            activation_apply,
+            on_bias_op=self.rule.on_bias_op if self.rule.wants_bias_ops else None,
+            on_opaque=self.rule.on_opaque,
+        )
+        self.recorder = recorder
+        handles = []
+        names = {m: n for n, m in self.model.named_modules()}
+
+        def pre_hook(module, args):
+            recorder.module_stack.append((names.get(module, "?"), module))
+
+        def post_hook(module, args, output):
+            name = recorder.module_stack.pop()[0] if recorder.module_stack else "?"
+            if isinstance(output, Tensor):
+                node = recorder.node_of(recorder._resolve(output))
+                if node is not None and node.is_pfv:
+                    self.module_outputs[name] = node
+
+        for module in names:
+            handles.append(module.register_forward_pre_hook(pre_hook))
+            handles.append(module.register_forward_hook(post_hook))
+        try:
+            with recorder:
+                out = self.model(self.x)
+        finally:
+            for h in handles:
+                h.remove()
+        pfv = [n for n in recorder.order if n.is_pfv]
+        # Activation outputs were created before their node existed: connect the slots.
+        for slot, node in zip(slots, pfv[1:], strict=True):
+            slot.node = node
+        self._name_layers(pfv)
+        self.pfv_layers = pfv
+        if not isinstance(out, Tensor):
+            raise InvalidInputError(
+                f"the model returned {type(out).__name__}; srdxai needs a tensor of logits.")
+        out = recorder._resolve(out)
+        out_node = recorder.node_of(out)
+        if out_node is None:
+            raise UnsupportedOperationError(
+                "the model output does not depend on the input through operations the engine "
+                "recorded (was the input detached or converted to numpy inside the model?).")
+        if out.dim() != 2:
+            raise InvalidInputError(
+                f"the model output has shape {tuple(out.shape)}; srdxai expects (batch, "
+                "classes) logits. Wrap the model so it returns them.")
+        self.output = out
+        self.output_node = out_node
+        self.head_ops, self.head_sources = self._head(out_node)
+        return out
+
+    @staticmethod
+    def _name_layers(pfv: list[Node]) -> None:
+        counts: dict[str, int] = {}
+        for node in pfv:
+            counts[node.name] = counts.get(node.name, 0) + 1
+        seen: dict[str, int] = {}
+        for node in pfv:
+            if counts[node.name] > 1:
+                k = seen.get(node.name, 0)
+                seen[node.name] = k + 1
+                node.name = f"{node.name}@{k}"
+
+    @staticmethod
+    def _head(out_node: Node) -> tuple[set[ops.LinearOp], list[Node]]:
+        head: set[ops.LinearOp] = set()
+        sources: list[Node] = []
+        stack = [out_node]
+        seen: set[int] = set()
+        while stack:
+            node = stack.pop()
+            if id(node) in seen:
+                continue
+            seen.add(id(node))
+            if node.is_pfv:
+                sources.append(node)
+                continue
+            head.add(node.producer)
+            stack.extend(n for n in node.producer.inputs if n is not None)
+        return head, sources
+
+    # -- layer lookup ---------------------------------------------------------------------------
+    def layer_names(self) -> list[str]:
+        return [n.name for n in self.pfv_layers]
+
+    def find_layer(self, name: str) -> Node:
+        for node in self.pfv_layers:
+            if node.name == name:
+                return node
+        if name in self.module_outputs:
+            return self.module_outputs[name]
+        spatial = [n for n in self.pfv_layers[1:] if len(n.spatial) > 0]
+        if name in ("low", "high") and spatial:
+            low = spatial[-1]
+            if name == "low":
+                return low
+            bigger = [n for n in spatial if _positions(n) > _positions(low)]
+            if bigger:
+                return bigger[-1]
+            return low
+        available = ", ".join(self.layer_names()[:40])
+        raise InvalidInputError(
+            f"unknown layer '{name}'. SRD layers are activation outputs; this model has: "
+            f"{available}{' ...' if len(self.pfv_layers) > 40 else ''} (module names whose "
+            "output is an activation output also work, and 'low' / 'high').")
+
+
+def _positions(node: Node) -> int:
+    n = 1
+    for s in node.spatial:
+        n *= s
+    return n
+
+
+# --- inputs and targets ----------------------------------------------------------------------
+
+def check_inputs(x: Any, model: nn.Module | None = None) -> Tensor:
+    """Validate the batch to explain: a float tensor (N, C, *spatial), finite."""
+    if not isinstance(x, Tensor):
+        raise InvalidInputError(f"inputs must be a torch.Tensor, got {type(x).__name__}.")
+    if x.dim() < 3:
+        raise InvalidInputError(
+            f"inputs must have shape (batch, channels, height, width) (or (batch, channels, "
+            f"length)); got {tuple(x.shape)}. Add a batch dimension with x.unsqueeze(0).")
+    if not x.is_floating_point():
+        raise InvalidInputError(f"inputs must be floating point, got {x.dtype}.")
+    if x.shape[0] == 0:
+        raise InvalidInputError("inputs hold an empty batch.")
+    if not torch.isfinite(x).all():
+        bad = (~torch.isfinite(x)).flatten(1).any(1).nonzero().flatten().tolist()
+        raise InvalidInputError(f"inputs contain NaN or Inf (samples {bad}); clean them first.")
+    if model is not None:
+        p = next(model.parameters(), None)
+        if p is not None and (p.device != x.device or p.dtype != x.dtype):
+            raise InvalidInputError(
+                f"inputs are {x.dtype} on {x.device} but the model's parameters are {p.dtype} "
+                f"on {p.device}; move one of them (e.g. x.to(next(model.parameters())))")
+    return x
+
+
+def target_gradient(output: Tensor, target: Target) -> tuple[Tensor, Tensor | None]:
+    """The backward seed at the model output and the target class per sample (if classes).
+
+    ``target``: None (each sample's predicted class), an int (that class for every sample), a
+    sequence or tensor with one class per sample, or a callable mapping the output (N, K) to one
+    scalar objective per sample (N,).
+    """
+    n, k = output.shape
+    if callable(target) and not isinstance(target, Tensor):
+        with torch.enable_grad():
+            out = output.detach().requires_grad_(True)
+            objective = target(out)
+            if not isinstance(objective, Tensor) or objective.shape != (n,):
+                raise InvalidTargetError(
+                    "a callable target must return one scalar per sample, shape "
+                    f"({n},); got {getattr(objective, 'shape', type(objective).__name__)}.")
+            (grad,) = torch.autograd.grad(objective.sum(), out)
+        return grad.detach(), None
+    if target is None:
+        classes = output.detach().argmax(1)
+    elif isinstance(target, bool):
+        raise InvalidTargetError("target must be a class index, not a bool.")
+    elif isinstance(target, int):
+        classes = torch.full((n,), target, dtype=torch.long, device=output.device)
+    else:
+        try:
+            classes = torch.as_tensor(target, device=output.device)
+        except (TypeError, ValueError) as exc:
+            raise InvalidTargetError(f"cannot read target {target!r}: {exc}") from None
+        if classes.is_floating_point() or classes.dtype == torch.bool:
+            raise InvalidTargetError(f"target classes must be integers, got {classes.dtype}.")
+        classes = classes.long().flatten()
+        if classes.numel() == 1:
+            classes = classes.expand(n).clone()
+        if classes.numel() != n:
+            raise InvalidTargetError(
+                f"got {classes.numel()} targets for a batch of {n}; give one per sample, a "
+                "single int, or None for the predicted class.")
+    if (classes < 0).any() or (classes >= k).any():
+        bad = classes[(classes < 0) | (classes >= k)].tolist()
+        raise InvalidTargetError(f"target class(es) {bad} out of range: the model has {k} "
+                                 "outputs (valid classes 0..{}).".format(k - 1))
+    grad = torch.zeros_like(output).scatter_(1, classes[:, None], 1.0)
+    return grad.detach(), classes
+
+
+def slice_target(target: Target, start: int, stop: int) -> Target:
+    """The part of a per-sample target that belongs to samples ``start:stop``."""
+    if target is None or isinstance(target, int) or callable(target) and not isinstance(
+        target, Tensor
+    ):
+        return target
+    t = torch.as_tensor(target)
+    if t.numel() == 1:
+        return t
+    return t.flatten()[start:stop]

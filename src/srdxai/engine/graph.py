@@ -1,0 +1,597 @@
+"""Recording a model's forward pass as a graph of PFV layers and linear operations.
+
+The :class:`Recorder` is a ``TorchFunctionMode``: while it is active every torch call is seen
+here. Calls that depend on the explained input are sorted into three kinds:
+
+* elementwise activations: replaced by a rule-specific autograd function (the method's rule);
+  their outputs are the PFV layers;
+* linear operations (conv, linear, BatchNorm, pooling, ``+``, views, padding, ...): run as usual
+  and recorded with their component structure (:mod:`srdxai.engine.ops`);
+* anything else: a clear :class:`UnsupportedOperationError` naming the call and the module.
+
+In-place calls (``relu_``, ``inplace=True``, ``+=``) are run out of place; the old tensor is then
+an alias of the result, so code that ignores the return value still sees the right value.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch.overrides import TorchFunctionMode
+from torch.utils._pytree import tree_flatten, tree_map
+
+from ..errors import UnsupportedOperationError
+from . import ops
+
+Tensor = torch.Tensor
+
+
+class Node:
+    """A recorded tensor that depends on the explained input."""
+
+    __slots__ = ("tensor", "producer", "is_pfv", "name", "consumers", "pre", "activation", "index")
+
+    def __init__(self, tensor: Tensor, producer: ops.LinearOp | None, index: int):
+        self.tensor = tensor
+        self.producer = producer
+        self.is_pfv = producer is None
+        self.name = ""
+        self.consumers: list[ops.LinearOp] = []
+        self.pre: Tensor | None = None  # pre-activation value, for PFV layers of activations
+        self.activation = ""
+        self.index = index
+
+    @property
+    def spatial(self) -> tuple[int, ...]:
+        return tuple(self.tensor.shape[2:])
+
+    def __repr__(self) -> str:
+        return f"Node({self.name or self.activation or 'tensor'}, {tuple(self.tensor.shape)})"
+
+
+# --- the activation catalogue --------------------------------------------------------------
+
+def _hardtanh(x, min_val=-1.0, max_val=1.0, inplace=False):
+    return F.hardtanh(x, min_val, max_val)
+
+
+ACTIVATIONS: dict[Any, str] = {
+    F.relu: "relu",
+    torch.relu: "relu",
+    Tensor.relu: "relu",
+    F.relu6: "relu6",
+    F.hardtanh: "hardtanh",
+    F.leaky_relu: "leaky_relu",
+    F.elu: "elu",
+    F.selu: "selu",
+    F.celu: "celu",
+    F.silu: "silu",
+    F.gelu: "gelu",
+    F.mish: "mish",
+    F.softplus: "softplus",
+    torch.tanh: "tanh",
+    Tensor.tanh: "tanh",
+    F.tanh: "tanh",
+    torch.sigmoid: "sigmoid",
+    Tensor.sigmoid: "sigmoid",
+    F.sigmoid: "sigmoid",
+    F.hardswish: "hardswish",
+    F.hardsigmoid: "hardsigmoid",
+}
+INPLACE_ACTIVATIONS: dict[Any, Any] = {
+    torch.relu_: torch.relu,
+    Tensor.relu_: torch.relu,
+    F.relu_: torch.relu,
+    torch.sigmoid_: torch.sigmoid,
+    Tensor.sigmoid_: torch.sigmoid,
+    torch.tanh_: torch.tanh,
+    Tensor.tanh_: torch.tanh,
+    F.leaky_relu_: F.leaky_relu,
+    F.elu_: F.elu,
+    F.hardtanh_: _hardtanh,
+}
+
+ADD_FUNCS = {torch.add, Tensor.add, Tensor.__add__, Tensor.__radd__}
+INPLACE_ADD = {Tensor.add_, Tensor.__iadd__}
+SUB_FUNCS = {torch.sub, Tensor.sub, Tensor.__sub__, Tensor.__rsub__}
+INPLACE_SUB = {Tensor.sub_, Tensor.__isub__}
+MUL_FUNCS = {torch.mul, Tensor.mul, Tensor.__mul__, Tensor.__rmul__}
+INPLACE_MUL = {Tensor.mul_, Tensor.__imul__}
+DIV_FUNCS = {torch.div, Tensor.div, Tensor.__truediv__}
+INPLACE_DIV = {Tensor.div_, Tensor.__itruediv__}
+CONV_FUNCS = {F.conv1d: 1, F.conv2d: 2, F.conv3d: 3}
+MAXPOOL_FUNCS = {F.max_pool1d: 1, F.max_pool2d: 2, F.max_pool1d_with_indices: 1,
+                 F.max_pool2d_with_indices: 2}
+AVGPOOL_FUNCS = {F.avg_pool1d: 1, F.avg_pool2d: 2}
+ADAPTIVE_AVG_FUNCS = {F.adaptive_avg_pool1d: 1, F.adaptive_avg_pool2d: 2}
+VIEW_FUNCS = {Tensor.view, Tensor.reshape, torch.reshape, torch.flatten, Tensor.flatten,
+              Tensor.squeeze, torch.squeeze, Tensor.unsqueeze, torch.unsqueeze}
+IDENTITY_FUNCS = {Tensor.contiguous, Tensor.clone, torch.clone}
+MEAN_FUNCS = {torch.mean, Tensor.mean}
+# Calls that read a tracked tensor but give back a tensor that does not depend on its values.
+CONSTANT_FUNCS = {torch.zeros_like, torch.ones_like, torch.empty_like, torch.full_like,
+                  torch.rand_like, torch.randn_like, Tensor.new_zeros, Tensor.new_ones,
+                  Tensor.new_empty, Tensor.new_full, Tensor.new_tensor}
+
+
+def _func_name(func: Any) -> str:
+    name = getattr(func, "__name__", None) or repr(func)
+    owner = getattr(func, "__objclass__", None)
+    if owner is not None and owner.__name__ in ("TensorBase", "Tensor"):
+        return f"Tensor.{name}"
+    module = getattr(func, "__module__", None) or ""
+    if module.startswith("torch.nn.functional"):
+        return f"F.{name}"
+    if module in ("torch", "torch._C._nn", "torch._C._VariableFunctions") or name in dir(torch):
+        return f"torch.{name}"
+    return name
+
+
+def _bind(args: tuple, kwargs: dict, names: list[str], defaults: dict[str, Any]) -> dict:
+    bound = dict(defaults)
+    for n, a in zip(names, args, strict=False):
+        bound[n] = a
+    bound.update(kwargs)
+    return bound
+
+
+class Recorder(TorchFunctionMode):
+    """Records a forward pass; see the module docstring.
+
+    ``make_activation(z, func, fn_kwargs, node_factory)`` is supplied by the engine: it returns
+    the activation output computed with the method's autograd rule.
+    """
+
+    def __init__(
+        self,
+        input_tensor: Tensor,
+        activation_apply: Callable[[Tensor, Callable[[Tensor], Tensor], str], Tensor],
+        on_bias_op: Callable[[ops.LinearOp, Tensor], Tensor] | None = None,
+        on_opaque: Callable[[ops.LinearOp, Tensor], None] | None = None,
+        strict: bool = False,
+    ):
+        super().__init__()
+        self.on_opaque = on_opaque
+        self.strict = strict
+        self.opaque_ops: list[ops.LinearOp] = []
+        self.nodes: dict[int, Node] = {}
+        self.order: list[Node] = []
+        self.aliases: dict[int, Tensor] = {}
+        self.module_stack: list[tuple[str, torch.nn.Module]] = []
+        self.module_outputs: dict[str, list[Tensor]] = {}
+        self.activation_apply = activation_apply
+        self.on_bias_op = on_bias_op
+        self.input_node = self._add_node(input_tensor, None)
+        self.input_node.name = "input"
+        self.input_node.activation = "input"
+
+    # -- bookkeeping -------------------------------------------------------------------------
+    def _add_node(self, tensor: Tensor, producer: ops.LinearOp | None) -> Node:
+        node = Node(tensor, producer, len(self.order))
+        self.nodes[id(tensor)] = node
+        self.order.append(node)
+        if producer is not None:
+            producer.output = node
+            for inp in producer.inputs:
+                if inp is not None:
+                    inp.consumers.append(producer)
+        return node
+
+    def node_of(self, obj: Any) -> Node | None:
+        if isinstance(obj, Tensor):
+            return self.nodes.get(id(obj))
+        return None
+
+    @property
+    def where(self) -> str:
+        if not self.module_stack:
+            return "<outside any module>"
+        name, module = self.module_stack[-1]
+        return name or f"{type(module).__name__} (the model's own forward)"
+
+    def _unsupported(self, what: str, advice: str = "") -> UnsupportedOperationError:
+        msg = f"SRD cannot decompose {what} (in module '{self.where}')."
+        if advice:
+            msg += " " + advice
+        else:
+            msg += (" Supported: conv, linear, eval BatchNorm, max/avg/adaptive-avg pooling,"
+                    " residual '+', zero padding, flatten/view of pooled maps, eval dropout and"
+                    " elementwise activations. Rewrite the model with these, or explain with a"
+                    " gradient method.")
+        return UnsupportedOperationError(msg)
+
+    def _resolve(self, obj: Any) -> Any:
+        while isinstance(obj, Tensor) and id(obj) in self.aliases:
+            obj = self.aliases[id(obj)]
+        return obj
+
+    # -- the mode ----------------------------------------------------------------------------
+    def __torch_function__(self, func, types, args=(), kwargs=None):
+        kwargs = kwargs or {}
+        args = tree_map(self._resolve, args)
+        kwargs = tree_map(self._resolve, kwargs)
+        flat, _ = tree_flatten((args, kwargs))
+        tracked = [t for t in flat if isinstance(t, Tensor) and id(t) in self.nodes]
+        if not tracked or func in CONSTANT_FUNCS:
+            return func(*args, **kwargs)
+        try:
+            return self._dispatch(func, args, kwargs)
+        except UnsupportedOperationError as error:
+            if self.strict:
+                raise
+            return self._opaque(func, args, kwargs, error)
+
+    def _opaque(self, func, args, kwargs, error: UnsupportedOperationError):
+        """Run an operation the engine cannot decompose and remember why.
+
+        Its outputs stay tracked, so the forward pass completes and plain gradients flow
+        through it; a rule that needs the decomposition raises ``error`` only if its backward
+        actually reaches the operation (e.g. SRD seeded below a VGG classifier is fine).
+        """
+        out = func(*args, **kwargs)
+        flat_in, _ = tree_flatten((args, kwargs))
+        inputs = [t for t in flat_in if isinstance(t, Tensor) and id(t) in self.nodes]
+        for t in tree_flatten(out)[0]:
+            if isinstance(t, Tensor) and t.is_floating_point() and id(t) not in self.nodes:
+                op = ops.OpaqueOp(self.where, error)
+                op.inputs = []
+                self.opaque_ops.append(op)
+                if self.on_opaque is not None:
+                    self.on_opaque(op, t)
+                op.inputs = [self.node_of(i) for i in inputs]
+                self._add_node(t, op)
+        return out
+
+    def _dispatch(self, func, args, kwargs):
+        if func in INPLACE_ACTIVATIONS:
+            out = self._activation(INPLACE_ACTIVATIONS[func], args, kwargs, "inplace")
+            self.aliases[id(args[0])] = out
+            return out
+        if func in ACTIVATIONS:
+            inplace = bool(kwargs.get("inplace", False))
+            out = self._activation(func, args, kwargs, ACTIVATIONS[func])
+            if inplace:
+                self.aliases[id(args[0])] = out
+            return out
+        for funcs, inplace_funcs, handler in (
+            (ADD_FUNCS, INPLACE_ADD, self._add),
+            (SUB_FUNCS, INPLACE_SUB, self._sub),
+            (MUL_FUNCS, INPLACE_MUL, self._mul),
+            (DIV_FUNCS, INPLACE_DIV, self._div),
+        ):
+            if func in funcs or func in inplace_funcs:
+                out = handler(func, args, kwargs)
+                if func in inplace_funcs:
+                    self.aliases[id(args[0])] = out
+                return out
+        if func in CONV_FUNCS:
+            return self._conv(func, args, kwargs)
+        if func is F.linear:
+            return self._linear(args, kwargs)
+        if func is F.batch_norm:
+            return self._batch_norm(args, kwargs)
+        if func in MAXPOOL_FUNCS:
+            return self._max_pool(func, args, kwargs)
+        if func in AVGPOOL_FUNCS:
+            return self._avg_pool(func, args, kwargs)
+        if func in ADAPTIVE_AVG_FUNCS:
+            return self._adaptive_avg_pool(func, args, kwargs)
+        if func in MEAN_FUNCS:
+            return self._mean(func, args, kwargs)
+        if func in VIEW_FUNCS:
+            return self._view(func, args, kwargs)
+        if func is F.pad:
+            return self._pad(args, kwargs)
+        if func is F.dropout or func in (F.dropout1d, F.dropout2d, F.alpha_dropout):
+            training = kwargs.get("training", args[2] if len(args) > 2 else True)
+            if training:
+                raise self._unsupported("dropout in training mode", "Call model.eval() first.")
+            return self._identity(args[0])
+        if func in IDENTITY_FUNCS:
+            return self._identity(args[0])
+        out = func(*args, **kwargs)
+        if not any(isinstance(t, Tensor) for t in tree_flatten(out)[0]):
+            return out  # sizes, dtypes, shapes, comparisons to Python values ...
+        raise self._unsupported(f"the operation '{_func_name(func)}'")
+
+    # -- handlers ----------------------------------------------------------------------------
+    def _record(self, op: ops.LinearOp, inputs: list[Any], out: Tensor) -> Tensor:
+        op.inputs = [self.node_of(t) for t in inputs]
+        if out.dim() < 2:
+            raise self._unsupported(
+                f"'{op.kind}' producing a tensor of shape {tuple(out.shape)}",
+                "SRD needs (batch, channels, ...) tensors throughout the network.",
+            )
+        if op.bias is not None and self.on_bias_op is not None:
+            out = self.on_bias_op(op, out)
+        self._add_node(out, op)
+        return out
+
+    def _activation(self, func, args, kwargs, act_name: str) -> Tensor:
+        z = args[0]
+        extra_args = args[1:]
+        fn_kwargs = {k: v for k, v in kwargs.items() if k != "inplace"}
+        if func in (F.relu, F.relu6, F.leaky_relu, F.elu, F.selu, F.celu, F.hardtanh, F.silu,
+                    F.mish, F.hardswish, F.hardsigmoid):
+            # positional 'inplace' arguments of these functionals are dropped
+            names = {F.leaky_relu: 1, F.elu: 1, F.celu: 1, F.hardtanh: 2}
+            extra_args = extra_args[: names.get(func, 0)]
+
+        def fn(t: Tensor) -> Tensor:
+            with torch._C.DisableTorchFunction():
+                return func(t, *extra_args, **fn_kwargs)
+
+        if z.dim() < 2:
+            raise self._unsupported(f"an activation on a tensor of shape {tuple(z.shape)}")
+        module_name, module = self.module_stack[-1] if self.module_stack else ("", None)
+        leaf = module is not None and not any(True for _ in module.children())
+        name = module_name if leaf else f"{module_name}:{act_name}".lstrip(":")
+        v = self.activation_apply(z, fn, name)
+        node = self._add_node(v, None)
+        node.pre = z
+        node.activation = act_name
+        node.name = name
+        return v
+
+    def _add(self, func, args, kwargs):
+        a, b = args[0], args[1]
+        alpha = kwargs.get("alpha", args[2] if len(args) > 2 else 1)
+        if func is Tensor.__radd__:
+            a, b = b, a
+        return self._combine(func, a, b, 1.0, float(alpha))
+
+    def _sub(self, func, args, kwargs):
+        a, b = args[0], args[1]
+        alpha = kwargs.get("alpha", args[2] if len(args) > 2 else 1)
+        if func is Tensor.__rsub__:
+            return self._combine(func, b, a, 1.0, -float(alpha))
+        return self._combine(func, a, b, 1.0, -float(alpha))
+
+    def _combine(self, func, a, b, ca: float, cb: float) -> Tensor:
+        """``ca*a + cb*b`` where at least one side depends on the input."""
+        with torch._C.DisableTorchFunction():
+            out = ca * a + cb * b if (ca, cb) != (1.0, 1.0) else a + b
+        na, nb = self.node_of(a), self.node_of(b)
+        if na is not None and nb is not None:
+            if a.shape != out.shape or b.shape != out.shape:
+                raise self._unsupported(
+                    f"a broadcasting '+' of shapes {tuple(a.shape)} and {tuple(b.shape)}")
+            op = ops.AddOp(self.where, [ca, cb])
+            return self._record(op, [a, b], out)
+        tracked, const, ct, cc = (a, b, ca, cb) if na is not None else (b, a, cb, ca)
+        if isinstance(const, Tensor) and torch.broadcast_shapes(const.shape, tracked.shape) != (
+            tracked.shape
+        ):
+            raise self._unsupported(
+                f"adding a constant of shape {tuple(const.shape)} that broadcasts the input-"
+                f"dependent tensor {tuple(tracked.shape)}")
+        bias = const * cc if isinstance(const, Tensor) else torch.full(
+            (), float(const) * cc, dtype=out.dtype, device=out.device)
+        op = ops.PointwiseScale(self.where, ct if ct != 1.0 else 1.0, bias=bias.detach())
+        op.kind = "add_constant"
+        return self._record(op, [tracked], out)
+
+    def _mul(self, func, args, kwargs):
+        a, b = args[0], args[1]
+        if self.node_of(a) is not None and self.node_of(b) is not None:
+            raise self._unsupported(
+                "a product of two input-dependent tensors (e.g. attention or a gating "
+                "'sigmoid(x) * x' / squeeze-excitation)",
+                "SRD's sharing ratios are defined for affine maps between activations only.",
+            )
+        tracked, const = (a, b) if self.node_of(a) is not None else (b, a)
+        return self._scale(func, tracked, const, lambda t, c: t * c)
+
+    def _div(self, func, args, kwargs):
+        a, b = args[0], args[1]
+        if self.node_of(b) is not None:
+            raise self._unsupported("a division by an input-dependent tensor")
+        if kwargs.get("rounding_mode") is not None:
+            raise self._unsupported("a rounding division")
+        return self._scale(func, a, 1.0 / b, lambda t, c: t * c)
+
+    def _scale(self, func, tracked: Tensor, const: Any, apply) -> Tensor:
+        if isinstance(const, Tensor):
+            if torch.broadcast_shapes(const.shape, tracked.shape) != tracked.shape:
+                raise self._unsupported(
+                    f"a product with a constant of shape {tuple(const.shape)} that changes the "
+                    f"shape of {tuple(tracked.shape)}")
+            const = const.detach()
+        with torch._C.DisableTorchFunction():
+            out = apply(tracked, const)
+        op = ops.PointwiseScale(self.where, const)
+        return self._record(op, [tracked], out)
+
+    def _conv(self, func, args, kwargs):
+        b = _bind(args, kwargs, ["input", "weight", "bias", "stride", "padding", "dilation",
+                                 "groups"],
+                  {"bias": None, "stride": 1, "padding": 0, "dilation": 1, "groups": 1})
+        x, weight = b["input"], b["weight"]
+        if self.node_of(weight) is not None or (
+            b["bias"] is not None and self.node_of(b["bias"]) is not None
+        ):
+            raise self._unsupported("a convolution whose weights depend on the input")
+        d = CONV_FUNCS[func]
+        stride = ops._as_tuple(b["stride"], d)
+        dilation = ops._as_tuple(b["dilation"], d)
+        kernel = weight.shape[2:]
+        if isinstance(b["padding"], str):
+            if b["padding"] == "valid":
+                pad_before = (0,) * d
+            else:  # 'same': PyTorch puts the odd extra padding at the end
+                pad_before = tuple(dl * (k - 1) // 2 for dl, k in zip(dilation, kernel,
+                                                                       strict=True))
+        else:
+            pad_before = ops._as_tuple(b["padding"], d)
+        with torch._C.DisableTorchFunction():
+            out = func(*args, **kwargs)
+        op = ops.ConvOp(self.where, weight.detach(),
+                        None if b["bias"] is None else b["bias"].detach().reshape(
+                            1, -1, *([1] * d)),
+                        stride, pad_before, dilation, int(b["groups"]), x.shape[2:],
+                        out.shape[2:])
+        return self._record(op, [x], out)
+
+    def _linear(self, args, kwargs):
+        b = _bind(args, kwargs, ["input", "weight", "bias"], {"bias": None})
+        x = b["input"]
+        if x.dim() != 2:
+            raise self._unsupported(
+                f"a linear layer on a tensor of shape {tuple(x.shape)}",
+                "SRD here decomposes linear layers on (batch, features) vectors, e.g. a "
+                "classifier after global average pooling. For a flatten of a spatial map into "
+                "a linear layer (VGG-style heads) use seed='gradcam' with a conv layer.",
+            )
+        with torch._C.DisableTorchFunction():
+            out = F.linear(*args, **kwargs)
+        op = ops.LinearLayerOp(self.where, b["weight"].detach(),
+                               None if b["bias"] is None else b["bias"].detach().reshape(1, -1))
+        return self._record(op, [x], out)
+
+    def _batch_norm(self, args, kwargs):
+        b = _bind(args, kwargs, ["input", "running_mean", "running_var", "weight", "bias",
+                                 "training", "momentum", "eps"],
+                  {"weight": None, "bias": None, "training": False, "momentum": 0.1,
+                   "eps": 1e-5})
+        x = b["input"]
+        if b["training"] or b["running_mean"] is None:
+            raise self._unsupported(
+                "BatchNorm with batch statistics (training mode or no running statistics)",
+                "Call model.eval() so BatchNorm is an affine map.")
+        with torch._C.DisableTorchFunction():
+            out = F.batch_norm(*args, **kwargs)
+            inv = torch.rsqrt(b["running_var"].detach() + b["eps"])
+            scale = inv if b["weight"] is None else b["weight"].detach() * inv
+            shift = -b["running_mean"].detach() * scale
+            if b["bias"] is not None:
+                shift = shift + b["bias"].detach()
+        shape = (1, -1) + (1,) * (x.dim() - 2)
+        op = ops.BatchNormOp(self.where, scale.reshape(shape), bias=shift.reshape(shape))
+        return self._record(op, [x], out)
+
+    def _max_pool(self, func, args, kwargs):
+        d = MAXPOOL_FUNCS[func]
+        b = _bind(args, kwargs, ["input", "kernel_size", "stride", "padding", "dilation",
+                                 "ceil_mode", "return_indices"],
+                  {"stride": None, "padding": 0, "dilation": 1, "ceil_mode": False,
+                   "return_indices": False})
+        x = b["input"]
+        kernel = ops._as_tuple(b["kernel_size"], d)
+        stride = ops._as_tuple(b["stride"], d) if b["stride"] not in (None, []) else kernel
+        padding = ops._as_tuple(b["padding"], d)
+        dilation = ops._as_tuple(b["dilation"], d)
+        pool = F.max_pool1d_with_indices if d == 1 else F.max_pool2d_with_indices
+        with torch._C.DisableTorchFunction():
+            out, indices = pool(x, kernel, stride, padding, dilation, ceil_mode=b["ceil_mode"],
+                                return_indices=True)
+        op = ops.MaxPoolOp(self.where, indices, kernel, stride, padding, dilation, x.shape[2:],
+                           out.shape[2:])
+        out = self._record(op, [x], out)
+        return (out, indices) if b["return_indices"] or func in (
+            F.max_pool1d_with_indices, F.max_pool2d_with_indices) else out
+
+    def _avg_pool(self, func, args, kwargs):
+        d = AVGPOOL_FUNCS[func]
+        names = ["input", "kernel_size", "stride", "padding", "ceil_mode", "count_include_pad"]
+        if d == 2:
+            names.append("divisor_override")
+        b = _bind(args, kwargs, names, {"stride": None, "padding": 0, "ceil_mode": False,
+                                        "count_include_pad": True, "divisor_override": None})
+        x = b["input"]
+        kernel = ops._as_tuple(b["kernel_size"], d)
+        stride = ops._as_tuple(b["stride"], d) if b["stride"] not in (None, []) else kernel
+        padding = ops._as_tuple(b["padding"], d)
+        with torch._C.DisableTorchFunction():
+            out = func(*args, **kwargs)
+            # 1/divisor per output position: the pooled ones-map divided by how many inside
+            # positions each window holds (exact for every PyTorch divisor rule).
+            ones = torch.ones((1, 1, *x.shape[2:]), dtype=x.dtype, device=x.device)
+            pooled_ones = func(ones, *args[1:], **kwargs).reshape(out.shape[2:])
+        op = ops.AvgPoolOp(self.where, torch.ones(out.shape[2:], dtype=x.dtype,
+                                                  device=x.device),
+                           kernel, stride, padding, x.shape[2:], out.shape[2:])
+        count = sum(op._inside[k].reshape(out.shape[2:]).to(x.dtype) for k in op.offsets)
+        op.coefficient = torch.where(count > 0, pooled_ones / count.clamp_min(1),
+                                     torch.zeros_like(pooled_ones))
+        return self._record(op, [x], out)
+
+    def _adaptive_avg_pool(self, func, args, kwargs):
+        d = ADAPTIVE_AVG_FUNCS[func]
+        x = args[0]
+        size = kwargs.get("output_size", args[1] if len(args) > 1 else None)
+        size = ops._as_tuple(size, d)
+        in_sp = tuple(x.shape[2:])
+        size = tuple(i if s is None else s for s, i in zip(size, in_sp, strict=True))
+        with torch._C.DisableTorchFunction():
+            out = func(*args, **kwargs)
+        if all(s == 1 for s in size):
+            op = ops.GlobalAvgPoolOp(self.where, in_sp, tuple(out.shape[2:]))
+            return self._record(op, [x], out)
+        if all(i % s == 0 for i, s in zip(in_sp, size, strict=True)):
+            kernel = tuple(i // s for i, s in zip(in_sp, size, strict=True))
+            coefficient = torch.full(size, 1.0 / math.prod(kernel), dtype=x.dtype,
+                                     device=x.device)
+            op = ops.AvgPoolOp(self.where, coefficient, kernel, kernel, (0,) * d, in_sp, size)
+            return self._record(op, [x], out)
+        raise self._unsupported(
+            f"adaptive average pooling from {in_sp} to {size} (overlapping windows)",
+            "Use an input size divisible by the output size.")
+
+    def _mean(self, func, args, kwargs):
+        x = args[0]
+        dims = kwargs.get("dim", args[1] if len(args) > 1 else None)
+        keepdim = kwargs.get("keepdim", args[2] if len(args) > 2 else False)
+        if dims is None or kwargs.get("dtype") is not None:
+            raise self._unsupported("a mean over all dimensions")
+        dims = (dims,) if isinstance(dims, int) else tuple(dims)
+        dims = tuple(sorted(d % x.dim() for d in dims))
+        if dims != tuple(range(2, x.dim())):
+            raise self._unsupported(
+                f"a mean over dimensions {dims} of a tensor of shape {tuple(x.shape)}",
+                "Only a mean over all spatial dimensions (global average pooling) is linear "
+                "per position.")
+        with torch._C.DisableTorchFunction():
+            out = func(*args, **kwargs)
+        op = ops.GlobalAvgPoolOp(self.where, tuple(x.shape[2:]),
+                                 (1,) * len(dims) if keepdim else ())
+        return self._record(op, [x], out)
+
+    def _view(self, func, args, kwargs):
+        x = args[0]
+        with torch._C.DisableTorchFunction():
+            out = func(*args, **kwargs)
+        in_sp, out_sp = tuple(x.shape[2:]), tuple(out.shape[2:])
+        if out.dim() < 2 or out.shape[:2] != x.shape[:2] or math.prod(in_sp) != math.prod(
+            out_sp
+        ):
+            raise self._unsupported(
+                f"'{_func_name(func)}' from {tuple(x.shape)} to {tuple(out.shape)}",
+                "Only views that keep batch and channels (e.g. flattening a 1x1 pooled map) "
+                "keep pointwise feature vectors intact. For flatten+linear heads use "
+                "seed='gradcam' with a conv layer.",
+            )
+        op = ops.ReshapeOp(self.where, in_sp, out_sp)
+        return self._record(op, [x], out)
+
+    def _pad(self, args, kwargs):
+        b = _bind(args, kwargs, ["input", "pad", "mode", "value"],
+                  {"mode": "constant", "value": None})
+        if b["mode"] != "constant" or (b["value"] not in (None, 0, 0.0)):
+            raise self._unsupported(
+                f"padding with mode '{b['mode']}' and value {b['value']}",
+                "Only zero padding is linear without a bias.")
+        x = b["input"]
+        if len(b["pad"]) > 2 * (x.dim() - 2):
+            raise self._unsupported("padding of the batch or channel dimension")
+        with torch._C.DisableTorchFunction():
+            out = F.pad(*args, **kwargs)
+        return self._record(ops.PadOp(self.where, b["pad"]), [x], out)
+
+    def _identity(self, x: Tensor) -> Tensor:
+        with torch._C.DisableTorchFunction():
+            out = x.view_as(x)
+        return self._record(ops.IdentityOp(self.where), [x], out)

@@ -1,0 +1,388 @@
+"""Linear operations recorded by the engine, each split into *components*.
+
+SRD needs, for every bias, the contribution of each way ("path") an input position reaches an
+output position. Every linear operation below therefore knows
+
+* ``components(i)``: the ways its ``i``-th input reaches an output position (kernel offsets of a
+  convolution or pooling window, the single identity of a pointwise op, every position of a
+  global average pool);
+* ``component_forward(x, i, k)``: the part of the output due to input ``x`` through component
+  ``k`` alone (full channel vectors, the op's bias excluded);
+* ``component_positions(m, i, k)``: the same position routing for a single-channel map, without
+  any channel mixing or arg-max masking (tells which output positions a component reaches from
+  inside the input, i.e. not from padding);
+* ``component_scatter(m, i, k)``: the adjoint of ``component_positions``: sends a per-output-
+  position scalar map back to the input position it came from.
+
+Tensors are laid out ``(N, C, *spatial)``; scalar maps ``(B, *spatial)``. A 2-D tensor ``(N, C)``
+has one position (empty spatial shape).
+"""
+
+from __future__ import annotations
+
+import itertools
+import math
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+
+Component = Any
+
+
+def _as_tuple(value: int | Sequence[int], dims: int) -> tuple[int, ...]:
+    if isinstance(value, int):
+        return (value,) * dims
+    value = tuple(int(v) for v in value)
+    if len(value) == 1:
+        return value * dims
+    return value
+
+
+@dataclass(eq=False)
+class LinearOp:
+    """Base class: one recorded call of a linear operation."""
+
+    name: str  # the module (and function) that ran it, for error messages
+    inputs: list[Any] = field(default_factory=list)  # engine nodes (None for constants)
+    output: Any = None
+    bias: torch.Tensor | None = None  # broadcastable to the output, or None
+
+    kind = "linear"
+
+    def components(self, i: int) -> Sequence[Component]:
+        return (0,)
+
+    def component_forward(self, x: torch.Tensor, i: int, k: Component) -> torch.Tensor:
+        raise NotImplementedError
+
+    def component_positions(self, m: torch.Tensor, i: int, k: Component) -> torch.Tensor:
+        return m
+
+    def component_scatter(self, m: torch.Tensor, i: int, k: Component) -> torch.Tensor:
+        return m
+
+
+class PointwiseScale(LinearOp):
+    """``x * scale`` with a per-channel (or broadcastable constant) scale: BatchNorm, constants."""
+
+    kind = "scale"
+
+    def __init__(self, name: str, scale: torch.Tensor | float, bias: torch.Tensor | None = None):
+        super().__init__(name=name, bias=bias)
+        self.scale = scale
+
+    def component_forward(self, x, i, k):
+        return x * self.scale
+
+
+class BatchNormOp(PointwiseScale):
+    kind = "batchnorm"
+
+
+class IdentityOp(LinearOp):
+    """Eval-mode dropout, ``contiguous``, ``clone``: the value passes unchanged."""
+
+    kind = "identity"
+
+    def component_forward(self, x, i, k):
+        return x
+
+
+class AddOp(LinearOp):
+    """Sum of several input-dependent tensors (residual connections), each with a coefficient."""
+
+    kind = "add"
+
+    def __init__(self, name: str, coefficients: Sequence[float]):
+        super().__init__(name=name)
+        self.coefficients = list(coefficients)
+
+    def component_forward(self, x, i, k):
+        c = self.coefficients[i]
+        return x if c == 1 else x * c
+
+
+class ReshapeOp(LinearOp):
+    """A view that keeps batch and channels and only re-lays the spatial positions."""
+
+    kind = "reshape"
+
+    def __init__(self, name: str, in_spatial: tuple[int, ...], out_spatial: tuple[int, ...]):
+        super().__init__(name=name)
+        self.in_spatial = in_spatial
+        self.out_spatial = out_spatial
+
+    def component_forward(self, x, i, k):
+        return x.reshape(*x.shape[:2], *self.out_spatial)
+
+    def component_positions(self, m, i, k):
+        return m.reshape(m.shape[0], *self.out_spatial)
+
+    def component_scatter(self, m, i, k):
+        return m.reshape(m.shape[0], *self.in_spatial)
+
+
+class PadOp(LinearOp):
+    """Constant zero padding (or cropping, for negative pads) of the spatial dimensions."""
+
+    kind = "pad"
+
+    def __init__(self, name: str, pads: Sequence[int]):
+        super().__init__(name=name)
+        self.pads = list(pads)
+
+    def component_forward(self, x, i, k):
+        return F.pad(x, self.pads)
+
+    def component_positions(self, m, i, k):
+        return F.pad(m, self.pads)
+
+    def component_scatter(self, m, i, k):
+        return F.pad(m, [-p for p in self.pads])
+
+
+class LinearLayerOp(LinearOp):
+    """``F.linear`` on a ``(N, C)`` vector (a single position)."""
+
+    kind = "fc"
+
+    def __init__(self, name: str, weight: torch.Tensor, bias: torch.Tensor | None):
+        super().__init__(name=name, bias=bias)
+        self.weight = weight
+
+    def component_forward(self, x, i, k):
+        return F.linear(x, self.weight)
+
+
+class _WindowOp(LinearOp):
+    """Shared position arithmetic of convolutions and pooling windows.
+
+    Output position ``q`` reads input position ``stride*q + offset*dilation - pad_before`` per
+    spatial dimension, for each kernel offset. The index tables are built once per call.
+    """
+
+    def _setup_window(
+        self,
+        in_spatial: Sequence[int],
+        out_spatial: Sequence[int],
+        kernel: Sequence[int],
+        stride: Sequence[int],
+        dilation: Sequence[int],
+        pad_before: Sequence[int],
+        device: torch.device,
+    ) -> None:
+        self.in_spatial = tuple(in_spatial)
+        self.out_spatial = tuple(out_spatial)
+        self.kernel = tuple(kernel)
+        self.offsets = list(itertools.product(*(range(k) for k in self.kernel)))
+        self._flat_index: dict[Component, torch.Tensor] = {}
+        self._inside: dict[Component, torch.Tensor] = {}
+        grids = [torch.arange(o, device=device) for o in self.out_spatial]
+        for off in self.offsets:
+            coords = [
+                g * s + o * d - p
+                for g, s, o, d, p in zip(grids, stride, off, dilation, pad_before, strict=True)
+            ]
+            mesh = torch.meshgrid(*coords, indexing="ij") if len(coords) > 1 else coords
+            inside = torch.ones(self.out_spatial, dtype=torch.bool, device=device)
+            flat = torch.zeros(self.out_spatial, dtype=torch.long, device=device)
+            for c, size in zip(mesh, self.in_spatial, strict=True):
+                inside &= (c >= 0) & (c < size)
+                flat = flat * size + c.clamp(0, size - 1)
+            self._flat_index[off] = flat.reshape(-1)
+            self._inside[off] = inside.reshape(-1)
+        self.n_in = math.prod(self.in_spatial)
+
+    def components(self, i: int) -> Sequence[Component]:
+        return self.offsets
+
+    def _gather(self, x: torch.Tensor, off: Component) -> torch.Tensor:
+        """Input values at the positions component ``off`` reads, zero where it reads padding."""
+        lead = x.shape[: x.dim() - len(self.in_spatial)]
+        flat = x.reshape(*lead, self.n_in)
+        out = flat.index_select(-1, self._flat_index[off])
+        out = out * self._inside[off].to(out.dtype)
+        return out.reshape(*lead, *self.out_spatial)
+
+    def component_positions(self, m, i, k):
+        return self._gather(m, k)
+
+    def component_scatter(self, m, i, k):
+        flat_out = m.reshape(m.shape[0], -1) * self._inside[k].to(m.dtype)
+        canvas = m.new_zeros(m.shape[0], self.n_in)
+        canvas.index_add_(1, self._flat_index[k], flat_out)
+        return canvas.reshape(m.shape[0], *self.in_spatial)
+
+
+class ConvOp(_WindowOp):
+    """Convolution (1-D or 2-D, any stride, zero padding, dilation, groups / depthwise)."""
+
+    kind = "conv"
+
+    def __init__(
+        self,
+        name: str,
+        weight: torch.Tensor,
+        bias: torch.Tensor | None,
+        stride: Sequence[int],
+        pad_before: Sequence[int],
+        dilation: Sequence[int],
+        groups: int,
+        in_spatial: Sequence[int],
+        out_spatial: Sequence[int],
+    ):
+        super().__init__(name=name, bias=bias)
+        self.weight = weight
+        self.groups = groups
+        self.stride = tuple(stride)
+        self.pad_before = tuple(pad_before)
+        self.dilation = tuple(dilation)
+        self._setup_window(
+            in_spatial, out_spatial, weight.shape[2:], stride, dilation, pad_before, weight.device
+        )
+        self._conv = {1: F.conv1d, 2: F.conv2d, 3: F.conv3d}[weight.dim() - 2]
+        # Padding after the input so that every offset's strided slice is in range.
+        self._pad_after = tuple(
+            max(0, s * (n - 1) + d * (kk - 1) + 1 - p - size)
+            for s, n, d, kk, p, size in zip(self.stride, self.out_spatial, self.dilation,
+                                            self.kernel, self.pad_before, self.in_spatial,
+                                            strict=True))
+        self._trivial = all(kk == 1 for kk in self.kernel) and all(
+            s == 1 for s in self.stride) and not any(self.pad_before) and tuple(
+            self.in_spatial) == tuple(self.out_spatial)
+        self._padded: tuple[torch.Tensor, torch.Tensor] | None = None
+
+    def component_forward(self, x, i, k, scale: torch.Tensor | None = None):
+        # The part of the output due to kernel offset k: a 1x1 convolution of the input
+        # positions that offset reads, at output resolution. ``scale`` (per output channel)
+        # folds a following BatchNorm into the weights.
+        w = self.weight[(slice(None), slice(None), *k)]
+        if scale is not None:
+            w = w * scale.reshape(-1, 1)
+        w = w.reshape(*w.shape, *([1] * len(k)))
+        return self._conv(self._shifted(x, k), w, groups=self.groups)
+
+    def _shifted(self, x: torch.Tensor, k: Component) -> torch.Tensor:
+        """The input positions offset ``k`` reads, as a strided view of the padded input."""
+        if self._trivial:
+            return x
+        cached = self._padded
+        if cached is None or cached[0] is not x:
+            pads: list[int] = []
+            for p, extra in zip(reversed(self.pad_before), reversed(self._pad_after),
+                                strict=True):
+                pads += [p, extra]
+            cached = (x, F.pad(x, pads) if any(pads) else x)
+            self._padded = cached
+        xp = cached[1]
+        index = [slice(None), slice(None)]
+        for off, s, d, n in zip(k, self.stride, self.dilation, self.out_spatial, strict=True):
+            index.append(slice(off * d, off * d + s * (n - 1) + 1, s))
+        return xp[tuple(index)]
+
+class MaxPoolOp(_WindowOp):
+    """Max pooling, linear given the arg-max routing recorded in the forward pass."""
+
+    kind = "maxpool"
+
+    def __init__(
+        self,
+        name: str,
+        indices: torch.Tensor,
+        kernel: Sequence[int],
+        stride: Sequence[int],
+        pad_before: Sequence[int],
+        dilation: Sequence[int],
+        in_spatial: Sequence[int],
+        out_spatial: Sequence[int],
+    ):
+        super().__init__(name=name)
+        self._setup_window(
+            in_spatial, out_spatial, kernel, stride, dilation, pad_before, indices.device
+        )
+        self.indices = indices.reshape(*indices.shape[:2], -1)
+
+    def component_forward(self, x, i, k):
+        # Keep, per channel, only the values whose recorded arg-max is the position this
+        # window offset reads.
+        gathered = self._gather(x, k)
+        won = self.indices == self._flat_index[k]
+        won = won & self._inside[k]
+        return gathered * won.reshape(*won.shape[:2], *self.out_spatial).to(x.dtype)
+
+
+class AvgPoolOp(_WindowOp):
+    """Average pooling; ``coefficient`` is 1/divisor per output position (PyTorch's rules)."""
+
+    kind = "avgpool"
+
+    def __init__(
+        self,
+        name: str,
+        coefficient: torch.Tensor,
+        kernel: Sequence[int],
+        stride: Sequence[int],
+        pad_before: Sequence[int],
+        in_spatial: Sequence[int],
+        out_spatial: Sequence[int],
+    ):
+        super().__init__(name=name)
+        self._setup_window(
+            in_spatial,
+            out_spatial,
+            kernel,
+            stride,
+            (1,) * len(kernel),
+            pad_before,
+            coefficient.device,
+        )
+        self.coefficient = coefficient  # shape out_spatial
+
+    def component_forward(self, x, i, k):
+        return self._gather(x, k) * self.coefficient
+
+
+class GlobalAvgPoolOp(LinearOp):
+    """Mean over all spatial positions; every input position is one component."""
+
+    kind = "gap"
+
+    def __init__(self, name: str, in_spatial: tuple[int, ...], out_spatial: tuple[int, ...]):
+        super().__init__(name=name)
+        self.in_spatial = in_spatial
+        self.out_spatial = out_spatial  # () or (1, 1, ...) when keepdim
+        self.n_in = math.prod(in_spatial)
+
+    def components(self, i):
+        return range(self.n_in)
+
+    def component_forward(self, x, i, k):
+        flat = x.reshape(*x.shape[:2], self.n_in)
+        return (flat[..., k] / self.n_in).reshape(*x.shape[:2], *self.out_spatial)
+
+    def component_positions(self, m, i, k):
+        return m.reshape(m.shape[0], self.n_in)[:, k].reshape(m.shape[0], *self.out_spatial)
+
+    def component_scatter(self, m, i, k):
+        canvas = m.new_zeros(m.shape[0], self.n_in)
+        canvas[:, k] = m.reshape(m.shape[0])
+        return canvas.reshape(m.shape[0], *self.in_spatial)
+
+
+class OpaqueOp(LinearOp):
+    """An operation the engine runs but cannot decompose; using its decomposition raises."""
+
+    kind = "opaque"
+
+    def __init__(self, name: str, error: Exception):
+        super().__init__(name=name)
+        self.error = error
+
+    def components(self, i):
+        raise self.error
+
+    def component_forward(self, x, i, k):
+        raise self.error

@@ -1,0 +1,49 @@
+"""Exceptions raised by srdxai.
+
+Every error the library raises on purpose derives from :class:`SrdxaiError`, which is itself a
+:class:`ValueError`, so callers can catch either. The command line turns any ``SrdxaiError`` into a
+one-line ``srdxai: error: ...`` message and exit status 2.
+"""
+
+from __future__ import annotations
+
+__all__ = [
+    "SrdxaiError",
+    "UnknownMethodError",
+    "UnknownModelError",
+    "UnsupportedOperationError",
+    "InvalidInputError",
+    "InvalidTargetError",
+    "MissingDependencyError",
+]
+
+
+class SrdxaiError(ValueError):
+    """Base class of all errors raised by srdxai."""
+
+
+class UnknownMethodError(SrdxaiError):
+    """An attribution method name that srdxai does not provide."""
+
+
+class UnknownModelError(SrdxaiError):
+    """A model name that srdxai cannot build (see ``srdxai.models.list_models()``)."""
+
+
+class UnsupportedOperationError(SrdxaiError):
+    """The model contains an operation that the chosen attribution method cannot handle."""
+
+
+class InvalidInputError(SrdxaiError):
+    """An input (tensor, image array or image file) of the wrong shape, type or content."""
+
+
+class InvalidTargetError(SrdxaiError):
+    """A target class that is out of range, of the wrong type, or of the wrong length."""
+
+
+class MissingDependencyError(SrdxaiError, ImportError):
+    """An optional package needed for the request is not installed.
+
+    It is also an :class:`ImportError`, so ``except ImportError`` keeps working.
+    """

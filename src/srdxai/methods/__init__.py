@@ -1,0 +1,7 @@
+"""Attribution methods, each a small rule on the shared engine."""
+
+from .base import METHODS, Method, get_method, register
+from .gradient import Gradient
+from .srd import SRD
+
+__all__ = ["METHODS", "Method", "get_method", "register", "SRD", "Gradient"]

@@ -1,0 +1,32 @@
+"""The plain gradient (saliency without absolute value), the engine's baseline rule."""
+
+from __future__ import annotations
+
+import torch
+
+from ..engine.core import Rule, Target, Trace
+from .base import Method, register
+
+Tensor = torch.Tensor
+
+
+@register("gradient")
+class Gradient(Method):
+    """Gradient of the target w.r.t. the input, summed over channels: (N, H, W), signed.
+
+    It runs through the same engine as every other method (recorded forward, plain rule), so
+    it doubles as the reference cost in ``bench/``.
+    """
+
+    def attribute(self, inputs: Tensor, target: Target = None) -> Tensor:
+        def one(x: Tensor, t: Target) -> Tensor:
+            with self._guard():
+                x = x.detach().clone().requires_grad_(True)
+                with torch.enable_grad():
+                    trace = Trace(self.model, x, Rule())
+                    out = trace.forward()
+                    grad_out, _ = self._target_gradient(out, t)
+                    (gx,) = torch.autograd.grad(out, x, grad_out)
+            return gx.sum(1).detach()
+
+        return self._batched(inputs, target, one)

@@ -1,0 +1,375 @@
+"""SRD, Sharing Ratio Decomposition (Han, Kim & Kwak, ICLR 2024).
+
+The rule, stated once (the exact definition is ``docs/srd.md``):
+
+* activation backward: the rank-1 map ``g -> z <v, g> / |z|^2`` per position, i.e. the PFV's
+  relevance ``R = <v, g>`` (plus the bias relevance its position received) is passed to the
+  pre-activation ``z`` and shared by projection onto it;
+* bias ops: the relevance ``<b, g>`` of every bias is split over the paths feeding it by the norm
+  of their contributions, and added to the relevance of their input positions.
+
+Everything else (ordinary backward through conv/BN/pool/add, targets, batching, restoring the
+model) is the engine's.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterator, Sequence
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from ..engine import ops
+from ..engine.core import Rule, Target, Trace, true_activation_gradient
+from ..engine.graph import Node
+from ..errors import InvalidInputError, UnsupportedOperationError
+from .base import Method, register
+
+Tensor = torch.Tensor
+
+SEEDS = ("auto", "logit", "gradcam")
+
+
+class SRDRule(Rule):
+    """The SRD backward rule with bias shares; see the module docstring."""
+
+    wants_bias_ops = True
+
+    def __init__(self, max_paths: int = 4096):
+        self.mode = "srd"  # "plain" while computing a Grad-CAM seed with true gradients
+        self.max_paths = max_paths
+        self.bias_relevance: dict[int, Tensor] = {}
+        self.override: dict[int, Tensor] = {}
+        self.transform: dict[int, Callable[[Tensor], Tensor]] = {}
+        self.record: set[int] = set()
+        self.recorded: dict[int, Tensor] = {}
+        self.trace: Trace | None = None
+
+    # -- activations --------------------------------------------------------------------------
+    def activation_backward(self, node, z, v, grad, fn):
+        if self.mode == "plain":
+            return true_activation_gradient(z, grad, fn)
+        relevance = (v * grad).sum(1)
+        bias = self.bias_relevance.pop(node.index, None)
+        if bias is not None:
+            relevance = relevance + bias
+        if node.index in self.override:
+            relevance = self.override[node.index].to(relevance.dtype)
+        if node.index in self.transform:
+            relevance = self.transform[node.index](relevance)
+        if node.index in self.record:
+            self.recorded[node.index] = relevance.detach()
+        return share_onto(z, relevance)
+
+    def on_opaque(self, op: ops.OpaqueOp, out: Tensor) -> None:
+        def check(grad: Tensor) -> None:
+            if self.mode == "srd":
+                raise op.error
+
+        if out.requires_grad:
+            out.register_hook(check)
+
+    # -- biases -------------------------------------------------------------------------------
+    def on_bias_op(self, op: ops.LinearOp, out: Tensor) -> Tensor:
+        if out.requires_grad:
+            out.register_hook(lambda g: self._bias_backward(op, g))
+        return out
+
+    def _bias_backward(self, op: ops.LinearOp, grad: Tensor) -> None:
+        if self.mode != "srd":
+            return None
+        bias = op.bias
+        if isinstance(op, ops.ConvOp) and _fused_bn(op) is not None:
+            return None  # the BatchNorm after it carries this bias (docs/srd.md)
+        if isinstance(op, ops.BatchNormOp):
+            conv = _conv_before(op)
+            if conv is not None and conv.bias is not None:
+                bias = bias + conv.bias * op.scale
+        rho = (bias * grad).sum(1)
+        if not torch.any(rho != 0):
+            return None
+        even = self.trace is not None and op in self.trace.head_ops
+        self._split(op.output, rho, even)
+        return None
+
+    def _split(self, out_node: Node, rho: Tensor, even: bool) -> None:
+        """Split the bias relevance ``rho`` (N, *spatial) over the paths into ``out_node``."""
+        weights: list[Tensor] = []
+        valids: list[Tensor] = []
+        routes: list[tuple[Node, tuple]] = []
+        for src, steps, value, valid in self._paths(out_node, need_values=not even):
+            routes.append((src, steps))
+            valids.append(valid)
+            weights.append(valid if even else torch.linalg.vector_norm(value, dim=1))
+            if len(routes) > self.max_paths:
+                raise UnsupportedOperationError(
+                    f"more than {self.max_paths} paths feed the bias of '{out_node.producer.name}'"
+                    " (a long chain of convolutions without an activation in between). Raise "
+                    "max_paths if you can afford it.")
+        if not routes:
+            return
+        total = sum(weights)
+        valid_total = sum(valids)
+        dead = total == 0
+        if torch.any(dead):
+            # No contribution reaches these positions: split evenly over the paths that read
+            # inside the input, which keeps relevance conserved (the reference gets NaN).
+            weights = [torch.where(dead, v.to(w.dtype), w) for w, v in zip(weights, valids,
+                                                                          strict=True)]
+            total = torch.where(dead, valid_total.to(total.dtype), total)
+        scale = torch.where(total > 0, rho / total.clamp_min(torch.finfo(rho.dtype).tiny),
+                            torch.zeros_like(rho))
+        for (src, steps), w in zip(routes, weights, strict=True):
+            share = scale * w
+            for op, i, k in reversed(steps):
+                share = op.component_scatter(share, i, k)
+            prev = self.bias_relevance.get(src.index)
+            self.bias_relevance[src.index] = share if prev is None else prev + share
+
+    def _paths(
+        self, node: Node, need_values: bool, fold: Tensor | None = None
+    ) -> Iterator[tuple[Node, tuple, Any, Tensor]]:
+        """Every path into ``node``: (source PFV node, steps, contribution, inside-map).
+
+        ``fold``: a per-channel scale still to be applied to the contribution (a BatchNorm
+        being folded into the convolution before it, which saves a pass over the tensor).
+        """
+        if node.is_pfv:
+            value = node.tensor.detach() if need_values else None
+            if value is not None and fold is not None:
+                value = value * fold
+            yield node, (), value, node.tensor.new_ones((1, *node.spatial))
+            return
+        op = node.producer
+        if need_values and fold is None and isinstance(op, ops.BatchNormOp):
+            conv = _conv_before(op)
+            if conv is not None:
+                # Fold the scale into the convolution; the BN step itself is then identity.
+                for src, steps, value, valid in self._paths(op.inputs[0], True, op.scale):
+                    yield src, steps + ((op, 0, 0),), value, valid
+                return
+        for i, inp in enumerate(op.inputs):
+            if inp is None:
+                continue
+            inner_fold = fold if isinstance(op, ops.ConvOp) else None
+            for src, steps, value, valid in self._paths(inp, need_values):
+                for k in op.components(i):
+                    new_value = None
+                    if need_values:
+                        if isinstance(op, ops.ConvOp):
+                            new_value = op.component_forward(value, i, k, scale=inner_fold)
+                        else:
+                            new_value = op.component_forward(value, i, k)
+                            if fold is not None:
+                                new_value = new_value * fold
+                    yield src, steps + ((op, i, k),), new_value, op.component_positions(
+                        valid, i, k)
+
+
+def share_onto(z: Tensor, relevance: Tensor) -> Tensor:
+    """``z * R / |z|^2`` per position (0 where ``z`` is the zero vector)."""
+    sq = (z * z).sum(1)
+    ratio = torch.where(sq > 0, relevance / sq.clamp_min(torch.finfo(z.dtype).tiny),
+                        torch.zeros_like(relevance))
+    return z * ratio.unsqueeze(1)
+
+
+def _fused_bn(conv: ops.ConvOp) -> ops.BatchNormOp | None:
+    consumers = conv.output.consumers
+    if len(consumers) == 1 and isinstance(consumers[0], ops.BatchNormOp):
+        return consumers[0]
+    return None
+
+
+def _conv_before(bn: ops.BatchNormOp) -> ops.ConvOp | None:
+    src = bn.inputs[0]
+    if src is not None and isinstance(src.producer, ops.ConvOp) and len(src.consumers) == 1:
+        return src.producer
+    return None
+
+
+def _contrast(relevance: Tensor) -> Tensor:
+    """Subtract each sample's own spatial mean (the reference subtracts the batch mean)."""
+    dims = tuple(range(1, relevance.dim()))
+    if not dims:
+        return relevance - relevance  # a single position has nothing to contrast
+    return relevance - relevance.mean(dim=dims, keepdim=True)
+
+
+@register("srd")
+class SRD(Method):
+    """Sharing Ratio Decomposition.
+
+    Args:
+        model: any CNN built from the supported operations (see ``docs/engine.md``).
+        seed: ``"logit"`` (global-average-pool + linear heads: ResNet, EfficientNet; the pixel
+            map sums to the target logit), ``"gradcam"`` (the reference code's VGG16 seed: the
+            Grad-CAM map of ``seed_layer``'s pre-activation), or ``"auto"`` (logit when the
+            head is global-average-pool + linear, else gradcam).
+        seed_layer: the PFV layer where a ``gradcam`` seed starts (default ``"low"``: the last
+            spatial activation layer).
+        contrastive: subtract each sample's mean from the seed map first (the reference code's
+            default; off by default here so relevance is conserved).
+        batch_size: explain at most this many samples at once (memory budget).
+        max_paths: guard against affine blocks with too many paths (bias split cost).
+
+    The map is signed and summed over channels: shape (N, H, W).
+    """
+
+    signed = True
+
+    def __init__(
+        self,
+        model: nn.Module,
+        seed: str = "auto",
+        seed_layer: str = "low",
+        contrastive: bool = False,
+        batch_size: int | None = None,
+        max_paths: int = 4096,
+    ):
+        super().__init__(model, batch_size=batch_size)
+        if seed not in SEEDS:
+            raise InvalidInputError(f"unknown SRD seed '{seed}'; choose one of {SEEDS}.")
+        self.seed = seed
+        self.seed_layer = seed_layer
+        self.contrastive = contrastive
+        self.max_paths = max_paths
+
+    # -- public API ----------------------------------------------------------------------------
+    def attribute(self, inputs: Tensor, target: Target = None) -> Tensor:
+        """SRD-input: the pixel relevance map (N, H, W)."""
+        return self._batched(inputs, target, lambda x, t: self._explain(x, t)[0])
+
+    def attribute_layer(
+        self, inputs: Tensor, target: Target = None, layer: str = "low", upsample: bool = True
+    ) -> Tensor:
+        """The relevance of ``layer``'s PFVs (N, h, w), bilinearly upsampled to the input
+        size unless ``upsample=False`` (the paper's SRD-low / SRD-high rows)."""
+
+        def one(x: Tensor, t: Target) -> Tensor:
+            _, layers = self._explain(x, t, record=[layer])
+            rel = layers[layer]
+            if upsample and rel.dim() >= 2 and tuple(rel.shape[1:]) != tuple(x.shape[2:]):
+                mode = "bilinear" if rel.dim() == 3 else "linear"
+                rel = F.interpolate(rel[:, None], size=x.shape[2:], mode=mode,
+                                    align_corners=False)[:, 0]
+            return rel
+
+        return self._batched(inputs, target, one)
+
+    def erf(self, inputs: Tensor, layer: str, position: Sequence[int]) -> Tensor:
+        """Effective receptive field (N, H, W) of the PFV at ``position`` of ``layer``:
+        the pixel map of a one-hot relevance at that PFV."""
+        position = tuple(int(p) for p in position)
+
+        def one(x: Tensor, t: Target) -> Tensor:
+            def seed(trace: Trace, node: Node) -> Tensor:
+                if len(position) != len(node.spatial) or any(
+                    not 0 <= p < s for p, s in zip(position, node.spatial, strict=True)
+                ):
+                    raise InvalidInputError(
+                        f"position {position} is outside layer '{node.name}' of spatial size "
+                        f"{node.spatial}.")
+                m = node.tensor.new_zeros((x.shape[0], *node.spatial))
+                m[(slice(None), *position)] = 1.0
+                return m
+
+            return self._explain(x, None, seed_override=(layer, seed))[0]
+
+        return self._batched(inputs, None, one)
+
+    def layers(self, inputs: Tensor) -> list[tuple[str, tuple[int, ...]]]:
+        """Names and shapes of the PFV layers SRD sees on ``inputs`` (forward order)."""
+        x = self._check(inputs[:1])
+        with self._guard():
+            trace = Trace(self.model, x, SRDRule(self.max_paths))
+            trace.forward()
+        return [(n.name, tuple(n.tensor.shape[1:])) for n in trace.pfv_layers]
+
+    # -- the work ------------------------------------------------------------------------------
+    def _explain(
+        self,
+        x: Tensor,
+        target: Target,
+        record: Sequence[str] = (),
+        seed_override: tuple[str, Callable[[Trace, Node], Tensor]] | None = None,
+    ) -> tuple[Tensor, dict[str, Tensor]]:
+        rule = SRDRule(self.max_paths)
+        with self._guard():
+            x = x.detach().clone().requires_grad_(True)
+            trace = Trace(self.model, x, rule)
+            rule.trace = trace
+            with torch.enable_grad():
+                out = trace.forward()
+                recorded_nodes = {name: trace.find_layer(name) for name in record}
+                for node in recorded_nodes.values():
+                    rule.record.add(node.index)
+                if seed_override is not None:
+                    layer, make_seed = seed_override
+                    node = trace.find_layer(layer)
+                    rule.override[node.index] = make_seed(trace, node)
+                    start, start_grad = node.tensor, torch.zeros_like(node.tensor)
+                else:
+                    grad_out, _ = self._target_gradient(out, target)
+                    start, start_grad = self._seed(trace, rule, out, grad_out)
+                (gx,) = torch.autograd.grad(start, x, start_grad, allow_unused=True)
+            if gx is None:
+                gx = torch.zeros_like(x)
+            pixel = (x.detach() * gx).sum(1)
+            bias = rule.bias_relevance.get(trace.recorder.input_node.index)
+            if bias is not None:
+                pixel = pixel + bias
+            layers = {}
+            for name, node in recorded_nodes.items():
+                if node is trace.recorder.input_node:
+                    layers[name] = pixel
+                elif node.index in rule.recorded:
+                    layers[name] = rule.recorded[node.index]
+                else:
+                    layers[name] = torch.zeros((x.shape[0], *node.spatial), dtype=x.dtype,
+                                               device=x.device)
+        return pixel.detach(), {k: v.detach() for k, v in layers.items()}
+
+    def _seed(self, trace: Trace, rule: SRDRule, out: Tensor, grad_out: Tensor):
+        seed = self.seed
+        if seed == "auto":
+            seed = "logit" if _has_gap_linear_head(trace) else "gradcam"
+        if seed == "logit":
+            opaque = sorted((op for op in trace.head_ops if op.kind == "opaque"),
+                            key=lambda op: op.output.index)
+            if opaque:
+                raise opaque[0].error
+            if not _has_gap_linear_head(trace):
+                raise UnsupportedOperationError(
+                    "seed='logit' needs a global-average-pool + linear head (ResNet, "
+                    "EfficientNet); for flatten + fully-connected heads such as VGG use "
+                    "seed='gradcam'.")
+            if self.contrastive:
+                for src in trace.head_sources:
+                    rule.transform[src.index] = _contrast
+            return out, grad_out
+        # gradcam: true gradients down to the seed layer's pre-activation, then SRD below it.
+        node = trace.find_layer(self.seed_layer)
+        if node.pre is None:
+            raise InvalidInputError("the gradcam seed needs an activation layer, not the input.")
+        rule.mode = "plain"
+        (gz,) = torch.autograd.grad(out, node.pre, grad_out, retain_graph=True)
+        rule.mode = "srd"
+        z = node.pre.detach()
+        weights = gz.mean(dim=tuple(range(2, gz.dim())), keepdim=True)
+        cam = (weights * z).sum(1).clamp_min(0)
+        rule.override[node.index] = cam
+        if self.contrastive:
+            rule.transform[node.index] = _contrast
+        return node.tensor, torch.zeros_like(node.tensor)
+
+
+def _has_gap_linear_head(trace: Trace) -> bool:
+    kinds = {op.kind for op in trace.head_ops}
+    if "opaque" in kinds:
+        return False
+    has_pool = "gap" in kinds
+    return has_pool and "fc" in kinds and all(
+        len(src.spatial) > 0 for src in trace.head_sources)

@@ -1,0 +1,99 @@
+"""Model metadata and the image preprocessing shared by the bundled models."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from srdxai.errors import InvalidInputError
+
+__all__ = ["ModelInfo", "ModelSpec", "as_rgb_uint8", "normalize", "resize_image"]
+
+
+@dataclass(frozen=True)
+class ModelInfo:
+    """What a caller needs to feed a bundled model.
+
+    ``mean`` and ``std`` are per-channel (RGB) values on the ``[0, 1]`` scale: the model input is
+    ``(pixel / 255 - mean) / std`` after the image has been resized as ``resize`` says.
+    """
+
+    name: str
+    input_size: int
+    mean: tuple[float, float, float]
+    std: tuple[float, float, float]
+    resize: str
+    num_classes: int
+    labels: str
+    description: str
+
+
+@dataclass(frozen=True)
+class ModelSpec:
+    """A registered model: its metadata and a loader ``load(weights_path) -> nn.Module``."""
+
+    info: ModelInfo
+    load: Callable[[str | Path | None], torch.nn.Module]
+
+
+def as_rgb_uint8(image: object) -> np.ndarray:
+    """Check an image and return it as a contiguous ``uint8`` array of shape ``(H, W, 3)``.
+
+    Accepts ``(H, W)`` grey, ``(H, W, 1)``, ``(H, W, 3)`` and ``(H, W, 4)`` (alpha dropped) arrays
+    of dtype ``uint8``, and Pillow images (converted to RGB).
+    """
+    try:
+        from PIL import Image
+    except ImportError:  # pragma: no cover - Pillow is a runtime dependency
+        Image = None
+    if Image is not None and isinstance(image, Image.Image):
+        image = np.asarray(image.convert("RGB"))
+    if not isinstance(image, np.ndarray):
+        raise InvalidInputError(
+            "expected an image as a numpy uint8 array of shape (H, W, 3), "
+            f"got {type(image).__name__}"
+        )
+    if image.dtype != np.uint8:
+        raise InvalidInputError(
+            f"expected a uint8 image (values 0-255), got dtype {image.dtype}; "
+            "convert it first, e.g. (img * 255).round().astype(np.uint8) for floats in [0, 1]"
+        )
+    if image.ndim == 2:
+        image = image[:, :, None]
+    if image.ndim != 3 or image.shape[2] not in (1, 3, 4):
+        raise InvalidInputError(
+            f"expected an image of shape (H, W), (H, W, 3) or (H, W, 4), got {tuple(image.shape)}"
+        )
+    if image.shape[0] == 0 or image.shape[1] == 0:
+        raise InvalidInputError(f"the image is empty: shape {tuple(image.shape)}")
+    if image.shape[2] == 1:
+        image = np.repeat(image, 3, axis=2)
+    return np.ascontiguousarray(image[:, :, :3])
+
+
+def resize_image(image: np.ndarray, size: int) -> np.ndarray:
+    """Resize a ``uint8`` RGB image to ``size x size`` with Pillow's antialiased bilinear filter.
+
+    The whole image is kept (no crop), so its aspect ratio changes when it is not square.
+    """
+    from PIL import Image
+
+    rgb = as_rgb_uint8(image)
+    if rgb.shape[:2] == (size, size):
+        return rgb.copy()
+    resized = Image.fromarray(rgb).resize((size, size), Image.Resampling.BILINEAR)
+    return np.asarray(resized, dtype=np.uint8).copy()
+
+
+def normalize(image: np.ndarray, info: ModelInfo) -> torch.Tensor:
+    """``uint8`` ``(H, W, 3)`` -> float32 ``(1, 3, H, W)``: ``(pixel / 255 - mean) / std``."""
+    rgb = as_rgb_uint8(image)
+    x = torch.from_numpy(rgb).to(torch.float32).div_(255.0)
+    mean = torch.tensor(info.mean, dtype=torch.float32)
+    std = torch.tensor(info.std, dtype=torch.float32)
+    x = (x - mean) / std
+    return x.permute(2, 0, 1).unsqueeze(0).contiguous()

