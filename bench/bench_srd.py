@@ -1,13 +1,14 @@
 """SRD cost relative to one plain gradient, measured in one run.
 
-    python bench/bench_srd.py [--model resnet50] [--batch 8] [--size 224] [--repeats 3]
+    python bench/bench_srd.py [--model resnet50] [--batch 8] [--size 224] [--rounds 5]
 
 Random weights in a torchvision-architecture ResNet50 (srdxai.models.torchvision_arch), with
 BatchNorm statistics and shifts drawn at random so that every bias is non-zero, as in a trained
 network (with all-zero biases SRD's bias-share pass would be skipped and look cheaper).
 
-Prints the median wall time of: a plain PyTorch input gradient (no srdxai), the same gradient
-through the srdxai engine, and SRD; and the ratios SRD / plain gradient (target <= 2.0).
+Prints the minimum and median wall time over repeated calls of: a plain PyTorch input
+gradient (no srdxai), the same gradient through the srdxai engine, and SRD; and the ratios to
+the plain gradient (target for SRD: <= 2.0).
 """
 
 from __future__ import annotations
@@ -33,14 +34,21 @@ def randomize_bn(model: torch.nn.Module, seed: int = 0) -> None:
             m.bias.data.copy_((torch.rand(m.bias.shape, generator=g) - 0.5) * 0.2)
 
 
-def timed(fn, repeats: int) -> float:
-    fn()  # warm-up (allocator, kernels)
-    times = []
-    for _ in range(repeats):
-        t0 = time.perf_counter()
+def timed_blocks(fns: dict, rounds: int) -> dict[str, list[float]]:
+    """Per function: one warm-up call, then ``rounds`` timed calls in a row (as timeit does).
+
+    Interleaving the methods instead makes each one pay for the previous one's memory churn
+    (page faults on a freshly trimmed heap), which inflates everything by up to 2x here.
+    """
+    times: dict[str, list[float]] = {}
+    for name, fn in fns.items():
         fn()
-        times.append(time.perf_counter() - t0)
-    return statistics.median(times)
+        times[name] = []
+        for _ in range(rounds):
+            t0 = time.perf_counter()
+            fn()
+            times[name].append(time.perf_counter() - t0)
+    return times
 
 
 def main() -> None:
@@ -48,7 +56,7 @@ def main() -> None:
     parser.add_argument("--model", default="resnet50", choices=sorted(MODELS))
     parser.add_argument("--batch", type=int, default=8)
     parser.add_argument("--size", type=int, default=224)
-    parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--rounds", type=int, default=5)
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     args = parser.parse_args()
 
@@ -75,14 +83,19 @@ def main() -> None:
         srdxai.explain(model, x, target=target, method="srd", seed=seed)
         sync()
 
-    t_plain = timed(plain_gradient, args.repeats)
-    t_engine = timed(engine_gradient, args.repeats)
-    t_srd = timed(srd, args.repeats)
+    times = timed_blocks({"plain gradient (torch)": plain_gradient,
+                          "gradient (srdxai engine)": engine_gradient,
+                          f"SRD (seed={seed})": srd}, args.rounds)
     print(f"model={args.model} batch={args.batch} size={args.size} device={args.device} "
-          f"threads={torch.get_num_threads()} repeats={args.repeats} (median seconds)")
-    print(f"plain gradient (torch)   {t_plain:8.3f} s   1.00x")
-    print(f"gradient (srdxai engine) {t_engine:8.3f} s   {t_engine / t_plain:.2f}x")
-    print(f"SRD (seed={seed:7s})      {t_srd:8.3f} s   {t_srd / t_plain:.2f}x   (target <= 2.0x)")
+          f"threads={torch.get_num_threads()} rounds={args.rounds} (seconds; ratios to the "
+          "plain gradient)")
+    base_min = min(times["plain gradient (torch)"])
+    base_med = statistics.median(times["plain gradient (torch)"])
+    print(f"{'':26s} {'min':>8s} {'median':>8s} {'ratio(min)':>11s} {'ratio(median)':>14s}")
+    for name, ts in times.items():
+        lo, med = min(ts), statistics.median(ts)
+        print(f"{name:26s} {lo:8.3f} {med:8.3f} {lo / base_min:10.2f}x {med / base_med:13.2f}x")
+    print("target: SRD <= 2.0x the plain gradient")
 
 
 if __name__ == "__main__":

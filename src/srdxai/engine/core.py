@@ -75,6 +75,7 @@ class Rule:
         """Called for each operation the engine cannot decompose (plain gradients are fine)."""
 
     wants_bias_ops = False
+    keeps_pfv_values = False  # the rule reads PFV values after the forward pass
 
 
 def true_activation_gradient(z: Tensor, grad: Tensor, fn: Callable[[Tensor], Tensor]) -> Tensor:
@@ -100,13 +101,17 @@ class RuleActivation(torch.autograd.Function):
     @staticmethod
     def forward(ctx, z, fn, rule, slot):  # type: ignore[override]
         v = fn(z)
-        ctx.save_for_backward(z, v)
+        if rule.keeps_pfv_values:
+            ctx.save_for_backward(z, v)
+        else:
+            ctx.save_for_backward(z)
         ctx.fn, ctx.rule, ctx.slot = fn, rule, slot
         return v
 
     @staticmethod
     def backward(ctx, grad):  # type: ignore[override]
-        z, v = ctx.saved_tensors
+        saved = ctx.saved_tensors
+        z, v = saved if len(saved) == 2 else (saved[0], None)
         return ctx.rule.activation_backward(ctx.slot.node, z, v, grad, ctx.fn), None, None, None
 
 
@@ -127,8 +132,40 @@ class Trace:
         self.output: Tensor | None = None
         self.module_outputs: dict[str, Node] = {}
 
+    def __enter__(self) -> Trace:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    def close(self) -> None:
+        """Break the reference cycles between the recorded graph and autograd's.
+
+        Autograd nodes hold our activation contexts, which hold graph nodes, which hold
+        tensors whose ``grad_fn`` leads back to those autograd nodes. Python's garbage collector
+        cannot see the C++ edges of that cycle, so without this every call would leak its
+        activations (~0.8 GB per ResNet50 batch of 8).
+        """
+        for slot in getattr(self, "_slots", ()):
+            slot.node = None
+        recorder = getattr(self, "recorder", None)
+        if recorder is not None:
+            for node in recorder.order:
+                node.tensor = node.pre = None
+                node.producer = None
+                node.consumers = []
+            recorder.nodes.clear()
+            recorder.aliases.clear()
+            recorder.order.clear()
+        self.module_outputs.clear()
+        self.output = None
+        self.head_ops, self.head_sources, self.pfv_layers = set(), [], []
+        if getattr(self.rule, "trace", None) is self:
+            self.rule.trace = None
+
     def forward(self) -> Tensor:
         slots: list[_Slot] = []
+        self._slots = slots
 
         def activation_apply(z: Tensor, fn: Callable[[Tensor], Tensor], name: str) -> Tensor:
             slot = _Slot()
@@ -140,6 +177,7 @@ class Trace:
             activation_apply,
             on_bias_op=self.rule.on_bias_op if self.rule.wants_bias_ops else None,
             on_opaque=self.rule.on_opaque,
+            keep_pfv_values=self.rule.keeps_pfv_values,
         )
         self.recorder = recorder
         handles = []

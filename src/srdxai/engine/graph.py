@@ -16,6 +16,7 @@ an alias of the result, so code that ignores the return value still sees the rig
 from __future__ import annotations
 
 import math
+import weakref
 from collections.abc import Callable
 from typing import Any
 
@@ -33,10 +34,14 @@ Tensor = torch.Tensor
 class Node:
     """A recorded tensor that depends on the explained input."""
 
-    __slots__ = ("tensor", "producer", "is_pfv", "name", "consumers", "pre", "activation", "index")
+    __slots__ = ("tensor", "shape", "producer", "is_pfv", "name", "consumers", "pre",
+                 "activation", "index", "ref", "__weakref__")
 
-    def __init__(self, tensor: Tensor, producer: ops.LinearOp | None, index: int):
-        self.tensor = tensor
+    def __init__(self, tensor: Tensor | None, producer: ops.LinearOp | None, index: int,
+                 shape: tuple[int, ...]):
+        self.tensor = tensor  # kept for PFV layers when the rule needs their values
+        self.shape = shape
+        self.ref: weakref.ref | None = None
         self.producer = producer
         self.is_pfv = producer is None
         self.name = ""
@@ -47,10 +52,10 @@ class Node:
 
     @property
     def spatial(self) -> tuple[int, ...]:
-        return tuple(self.tensor.shape[2:])
+        return tuple(self.shape[2:])
 
     def __repr__(self) -> str:
-        return f"Node({self.name or self.activation or 'tensor'}, {tuple(self.tensor.shape)})"
+        return f"Node({self.name or self.activation or 'tensor'}, {self.shape})"
 
 
 # --- the activation catalogue --------------------------------------------------------------
@@ -153,26 +158,40 @@ class Recorder(TorchFunctionMode):
         on_bias_op: Callable[[ops.LinearOp, Tensor], Tensor] | None = None,
         on_opaque: Callable[[ops.LinearOp, Tensor], None] | None = None,
         strict: bool = False,
+        keep_pfv_values: bool = True,
     ):
         super().__init__()
+        self.keep_pfv_values = keep_pfv_values
         self.on_opaque = on_opaque
         self.strict = strict
         self.opaque_ops: list[ops.LinearOp] = []
         self.nodes: dict[int, Node] = {}
         self.order: list[Node] = []
-        self.aliases: dict[int, Tensor] = {}
+        # id(old tensor) -> (old tensor, its replacement); the old one is held so its id
+        # cannot be reused by an unrelated tensor.
+        self.aliases: dict[int, tuple[Tensor, Tensor]] = {}
         self.module_stack: list[tuple[str, torch.nn.Module]] = []
         self.module_outputs: dict[str, list[Tensor]] = {}
         self.activation_apply = activation_apply
         self.on_bias_op = on_bias_op
-        self.input_node = self._add_node(input_tensor, None)
+        self.input_node = self._add_node(input_tensor, None, keep=True)
         self.input_node.name = "input"
         self.input_node.activation = "input"
 
     # -- bookkeeping -------------------------------------------------------------------------
-    def _add_node(self, tensor: Tensor, producer: ops.LinearOp | None) -> Node:
-        node = Node(tensor, producer, len(self.order))
-        self.nodes[id(tensor)] = node
+    def _add_node(self, tensor: Tensor, producer: ops.LinearOp | None, keep: bool = False) -> Node:
+        """Register ``tensor``. Only PFV values the rule needs are held; every other tensor is
+        tracked through a weak reference, so the trace costs no memory beyond autograd's."""
+        node = Node(tensor if keep else None, producer, len(self.order), tuple(tensor.shape))
+        key = id(tensor)
+
+        def forget(_ref: weakref.ref, key: int = key, node: Node = node) -> None:
+            if self.nodes.get(key) is node:
+                del self.nodes[key]
+
+        if not keep:
+            node.ref = weakref.ref(tensor, forget)
+        self.nodes[key] = node
         self.order.append(node)
         if producer is not None:
             producer.output = node
@@ -205,8 +224,11 @@ class Recorder(TorchFunctionMode):
         return UnsupportedOperationError(msg)
 
     def _resolve(self, obj: Any) -> Any:
-        while isinstance(obj, Tensor) and id(obj) in self.aliases:
-            obj = self.aliases[id(obj)]
+        while isinstance(obj, Tensor):
+            entry = self.aliases.get(id(obj))
+            if entry is None or entry[0] is not obj:
+                return obj
+            obj = entry[1]
         return obj
 
     # -- the mode ----------------------------------------------------------------------------
@@ -249,13 +271,13 @@ class Recorder(TorchFunctionMode):
     def _dispatch(self, func, args, kwargs):
         if func in INPLACE_ACTIVATIONS:
             out = self._activation(INPLACE_ACTIVATIONS[func], args, kwargs, "inplace")
-            self.aliases[id(args[0])] = out
+            self.aliases[id(args[0])] = (args[0], out)
             return out
         if func in ACTIVATIONS:
             inplace = bool(kwargs.get("inplace", False))
             out = self._activation(func, args, kwargs, ACTIVATIONS[func])
             if inplace:
-                self.aliases[id(args[0])] = out
+                self.aliases[id(args[0])] = (args[0], out)
             return out
         for funcs, inplace_funcs, handler in (
             (ADD_FUNCS, INPLACE_ADD, self._add),
@@ -266,7 +288,7 @@ class Recorder(TorchFunctionMode):
             if func in funcs or func in inplace_funcs:
                 out = handler(func, args, kwargs)
                 if func in inplace_funcs:
-                    self.aliases[id(args[0])] = out
+                    self.aliases[id(args[0])] = (args[0], out)
                 return out
         if func in CONV_FUNCS:
             return self._conv(func, args, kwargs)
@@ -331,7 +353,7 @@ class Recorder(TorchFunctionMode):
         leaf = module is not None and not any(True for _ in module.children())
         name = module_name if leaf else f"{module_name}:{act_name}".lstrip(":")
         v = self.activation_apply(z, fn, name)
-        node = self._add_node(v, None)
+        node = self._add_node(v, None, keep=self.keep_pfv_values)
         node.pre = z
         node.activation = act_name
         node.name = name

@@ -157,6 +157,26 @@ class LinearLayerOp(LinearOp):
         return F.linear(x, self.weight)
 
 
+_TABLE_CACHE: dict[tuple, tuple[dict, dict]] = {}
+
+
+def _build_index_tables(in_spatial, out_spatial, offsets, stride, dilation, pad_before, device):
+    flat_index, inside_map = {}, {}
+    grids = [torch.arange(o, device=device) for o in out_spatial]
+    for off in offsets:
+        coords = [g * s + o * d - p
+                  for g, s, o, d, p in zip(grids, stride, off, dilation, pad_before, strict=True)]
+        mesh = torch.meshgrid(*coords, indexing="ij") if len(coords) > 1 else coords
+        inside = torch.ones(out_spatial, dtype=torch.bool, device=device)
+        flat = torch.zeros(out_spatial, dtype=torch.long, device=device)
+        for c, size in zip(mesh, in_spatial, strict=True):
+            inside &= (c >= 0) & (c < size)
+            flat = flat * size + c.clamp(0, size - 1)
+        flat_index[off] = flat.reshape(-1)
+        inside_map[off] = inside.reshape(-1)
+    return flat_index, inside_map
+
+
 class _WindowOp(LinearOp):
     """Shared position arithmetic of convolutions and pooling windows.
 
@@ -177,24 +197,66 @@ class _WindowOp(LinearOp):
         self.in_spatial = tuple(in_spatial)
         self.out_spatial = tuple(out_spatial)
         self.kernel = tuple(kernel)
+        self._window = (tuple(stride), tuple(dilation), tuple(pad_before), device)
         self.offsets = list(itertools.product(*(range(k) for k in self.kernel)))
-        self._flat_index: dict[Component, torch.Tensor] = {}
-        self._inside: dict[Component, torch.Tensor] = {}
-        grids = [torch.arange(o, device=device) for o in self.out_spatial]
-        for off in self.offsets:
-            coords = [
-                g * s + o * d - p
-                for g, s, o, d, p in zip(grids, stride, off, dilation, pad_before, strict=True)
-            ]
-            mesh = torch.meshgrid(*coords, indexing="ij") if len(coords) > 1 else coords
-            inside = torch.ones(self.out_spatial, dtype=torch.bool, device=device)
-            flat = torch.zeros(self.out_spatial, dtype=torch.long, device=device)
-            for c, size in zip(mesh, self.in_spatial, strict=True):
-                inside &= (c >= 0) & (c < size)
-                flat = flat * size + c.clamp(0, size - 1)
-            self._flat_index[off] = flat.reshape(-1)
-            self._inside[off] = inside.reshape(-1)
         self.n_in = math.prod(self.in_spatial)
+        self._tables: tuple[dict, dict] | None = None
+        self.stride, self.dilation, self.pad_before = (tuple(stride), tuple(dilation),
+                                                       tuple(pad_before))
+        # Padding after the input so that every offset's strided slice is in range.
+        self._pad_after = tuple(
+            max(0, st * (n - 1) + d * (kk - 1) + 1 - p - size)
+            for st, n, d, kk, p, size in zip(self.stride, self.out_spatial, self.dilation,
+                                             self.kernel, self.pad_before, self.in_spatial,
+                                             strict=True))
+        self._trivial = all(kk == 1 for kk in self.kernel) and all(
+            st == 1 for st in self.stride) and not any(self.pad_before) and (
+            self.in_spatial == self.out_spatial)
+        self._padded: tuple[torch.Tensor, torch.Tensor] | None = None
+
+    def _index_tables(self) -> tuple[dict, dict]:
+        """Per offset: the flat input index each output position reads, and whether it is
+        inside the input. Built on first use only (plain-gradient rules never need them) and
+        shared by every op with the same geometry."""
+        if self._tables is None:
+            stride, dilation, pad_before, device = self._window
+            key = (self.in_spatial, self.out_spatial, self.kernel, stride, dilation, pad_before,
+                   str(device))
+            tables = _TABLE_CACHE.get(key)
+            if tables is None:
+                tables = _build_index_tables(self.in_spatial, self.out_spatial, self.offsets,
+                                             stride, dilation, pad_before, device)
+                if len(_TABLE_CACHE) > 256:
+                    _TABLE_CACHE.clear()
+                _TABLE_CACHE[key] = tables
+            self._tables = tables
+        return self._tables
+
+    @property
+    def _flat_index(self) -> dict:
+        return self._index_tables()[0]
+
+    @property
+    def _inside(self) -> dict:
+        return self._index_tables()[1]
+
+    def _shifted(self, x: torch.Tensor, k: Component) -> torch.Tensor:
+        """The input positions offset ``k`` reads, as a strided view of the padded input."""
+        if self._trivial:
+            return x
+        cached = self._padded
+        if cached is None or cached[0] is not x:
+            pads: list[int] = []
+            for p, extra in zip(reversed(self.pad_before), reversed(self._pad_after),
+                                strict=True):
+                pads += [p, extra]
+            cached = (x, F.pad(x, pads) if any(pads) else x)
+            self._padded = cached
+        xp = cached[1]
+        index = [slice(None), slice(None)]
+        for off, s, d, n in zip(k, self.stride, self.dilation, self.out_spatial, strict=True):
+            index.append(slice(off * d, off * d + s * (n - 1) + 1, s))
+        return xp[tuple(index)]
 
     def components(self, i: int) -> Sequence[Component]:
         return self.offsets
@@ -237,23 +299,10 @@ class ConvOp(_WindowOp):
         super().__init__(name=name, bias=bias)
         self.weight = weight
         self.groups = groups
-        self.stride = tuple(stride)
-        self.pad_before = tuple(pad_before)
-        self.dilation = tuple(dilation)
         self._setup_window(
             in_spatial, out_spatial, weight.shape[2:], stride, dilation, pad_before, weight.device
         )
         self._conv = {1: F.conv1d, 2: F.conv2d, 3: F.conv3d}[weight.dim() - 2]
-        # Padding after the input so that every offset's strided slice is in range.
-        self._pad_after = tuple(
-            max(0, s * (n - 1) + d * (kk - 1) + 1 - p - size)
-            for s, n, d, kk, p, size in zip(self.stride, self.out_spatial, self.dilation,
-                                            self.kernel, self.pad_before, self.in_spatial,
-                                            strict=True))
-        self._trivial = all(kk == 1 for kk in self.kernel) and all(
-            s == 1 for s in self.stride) and not any(self.pad_before) and tuple(
-            self.in_spatial) == tuple(self.out_spatial)
-        self._padded: tuple[torch.Tensor, torch.Tensor] | None = None
 
     def component_forward(self, x, i, k, scale: torch.Tensor | None = None):
         # The part of the output due to kernel offset k: a 1x1 convolution of the input
@@ -265,23 +314,53 @@ class ConvOp(_WindowOp):
         w = w.reshape(*w.shape, *([1] * len(k)))
         return self._conv(self._shifted(x, k), w, groups=self.groups)
 
-    def _shifted(self, x: torch.Tensor, k: Component) -> torch.Tensor:
-        """The input positions offset ``k`` reads, as a strided view of the padded input."""
-        if self._trivial:
-            return x
-        cached = self._padded
-        if cached is None or cached[0] is not x:
-            pads: list[int] = []
-            for p, extra in zip(reversed(self.pad_before), reversed(self._pad_after),
-                                strict=True):
-                pads += [p, extra]
-            cached = (x, F.pad(x, pads) if any(pads) else x)
-            self._padded = cached
-        xp = cached[1]
-        index = [slice(None), slice(None)]
-        for off, s, d, n in zip(k, self.stride, self.dilation, self.out_spatial, strict=True):
-            index.append(slice(off * d, off * d + s * (n - 1) + 1, s))
-        return xp[tuple(index)]
+    # -- all offsets at once (the common "PFV -> conv [-> BN]" bias split) ------------------
+    def offset_norms(self, x: torch.Tensor, scale: torch.Tensor | None = None) -> torch.Tensor:
+        """Norm over output channels of every offset's contribution: (N, K, *out).
+
+        Uses whichever is cheaper per offset: the 1x1 convolution itself (C_in*C_out per
+        position), or the quadratic form with the offset's Gram matrix W_k^T W_k (C_in^2).
+        For depthwise kernels the quadratic form is a channel sum of x^2 * w^2.
+        """
+        return torch.stack([self.offset_norm(x, k, scale) for k in self.offsets], 1)
+
+    def offset_norm(self, x: torch.Tensor, k: Component,
+                    scale: torch.Tensor | None = None) -> torch.Tensor:
+        """``|| scale * component_forward(x, k) ||`` over output channels, (N, *out)."""
+        cout, cin_g = self.weight.shape[:2]
+        cout_g = cout // self.groups
+        ones = (1,) * len(self.kernel)
+        w = self.weight[(slice(None), slice(None), *k)]  # (C_out, C_in/groups)
+        if scale is not None:
+            w = w * scale.reshape(-1, 1)
+        xs = self._shifted(x, k)
+        if cin_g == 1:
+            per_in = (w * w).reshape(self.groups, cout_g).sum(1)  # one weight per channel
+            sq = self._conv(xs * xs, per_in.reshape(1, -1, *ones))[:, 0]
+        elif cin_g < cout_g:
+            wg = w.reshape(self.groups, cout_g, cin_g)
+            gram = torch.bmm(wg.transpose(1, 2), wg).reshape(self.groups * cin_g, cin_g)
+            sq = (self._conv(xs, gram.reshape(*gram.shape, *ones), groups=self.groups)
+                  * xs).sum(1)
+        else:
+            out = self._conv(xs, w.reshape(*w.shape, *ones), groups=self.groups)
+            return torch.linalg.vector_norm(out, dim=1)
+        return sq.clamp_min(0).sqrt()
+
+    def offset_inside(self, dtype: torch.dtype) -> torch.Tensor:
+        """1 where an offset reads inside the input: (1, K, *out)."""
+        inside = torch.stack([self._inside[k] for k in self.offsets]).to(dtype)
+        return inside.reshape(1, len(self.offsets), *self.out_spatial)
+
+    def scatter_offsets(self, shares: torch.Tensor) -> torch.Tensor:
+        """Send per-offset shares (N, K, *out) to the input positions they came from."""
+        n = shares.shape[0]
+        index = torch.cat([self._flat_index[k] for k in self.offsets])
+        inside = torch.cat([self._inside[k] for k in self.offsets]).to(shares.dtype)
+        canvas = shares.new_zeros(n, self.n_in)
+        canvas.index_add_(1, index, shares.reshape(n, -1) * inside)
+        return canvas.reshape(n, *self.in_spatial)
+
 
 class MaxPoolOp(_WindowOp):
     """Max pooling, linear given the arg-max routing recorded in the forward pass."""
@@ -307,11 +386,15 @@ class MaxPoolOp(_WindowOp):
 
     def component_forward(self, x, i, k):
         # Keep, per channel, only the values whose recorded arg-max is the position this
-        # window offset reads.
-        gathered = self._gather(x, k)
-        won = self.indices == self._flat_index[k]
-        won = won & self._inside[k]
-        return gathered * won.reshape(*won.shape[:2], *self.out_spatial).to(x.dtype)
+        # window offset reads (positions in the padding never win).
+        won = (self.indices == self._flat_index[k]) & self._inside[k]
+        won = won.reshape(*won.shape[:2], *self.out_spatial).to(x.dtype)
+        shifted = self._shifted(x, k)
+        if shifted.dim() == 4 and shifted.is_contiguous(memory_format=torch.channels_last) or (
+            x.dim() == 4 and x.is_contiguous(memory_format=torch.channels_last)
+        ):
+            won = won.contiguous(memory_format=torch.channels_last)
+        return shifted * won
 
 
 class AvgPoolOp(_WindowOp):
@@ -342,7 +425,7 @@ class AvgPoolOp(_WindowOp):
         self.coefficient = coefficient  # shape out_spatial
 
     def component_forward(self, x, i, k):
-        return self._gather(x, k) * self.coefficient
+        return self._shifted(x, k) * self.coefficient
 
 
 class GlobalAvgPoolOp(LinearOp):
