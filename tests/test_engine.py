@@ -426,3 +426,64 @@ def test_contrastive_is_per_sample():
     torch.testing.assert_close(batch, single)
     # the seed map has zero mean, so the pixel map sums to (almost) 0 per sample
     assert batch.sum((1, 2)).abs().max() < 1e-9
+
+
+def test_no_graph_survives_a_call():
+    """The recorded graph and autograd's form cycles through C++; they must be broken."""
+    import gc
+    import weakref
+
+    from srdxai.engine.graph import Node
+
+    torch.manual_seed(0)
+    model = randomize(FunctionalNet("relu"))
+    x = torch.randn(2, 3, 8, 8)
+    for method in ("srd", "gradient"):
+        srdxai.explain(model, x, method=method)
+        with pytest.raises(InvalidTargetError):
+            srdxai.explain(model, x, method=method, target=50)
+    gc.collect()
+    # (a traceback kept by pytest may still reach a Node object, but none may hold a tensor)
+    alive = [o for o in gc.get_objects() if isinstance(o, Node)]
+    assert not [o for o in alive if o.tensor is not None or o.pre is not None]
+    ref = weakref.ref(x)
+    del x
+    gc.collect()
+    assert ref() is None
+
+
+class ViewFlatten(nn.Module):
+    """`.view(N, -1)` of a spatial map only works in the ordinary memory layout."""
+
+    def __init__(self):
+        super().__init__()
+        self.conv = nn.Conv2d(3, 4, 3, padding=1)
+        self.fc = nn.Linear(4 * 6 * 6, 3)
+
+    def forward(self, x):
+        h = torch.relu(self.conv(x))
+        return self.fc(h.view(h.size(0), -1))
+
+
+def test_layout_fallback_for_layout_dependent_models():
+    torch.manual_seed(0)
+    model = ViewFlatten().eval()
+    x = torch.randn(2, 3, 6, 6)
+    ours = srdxai.explain(model, x, target=1, method="gradient")
+    xx = x.clone().requires_grad_(True)
+    (g,) = torch.autograd.grad(model(xx)[:, 1].sum(), xx)
+    torch.testing.assert_close(ours, g.sum(1))
+    # SRD seeds a flatten head with Grad-CAM at the last conv layer
+    assert srdxai.explain(model, x, target=1).shape == (2, 6, 6)
+    with pytest.raises(RuntimeError, match="view"):
+        srdxai.explain(model, x, target=1, method="gradient", channels_last=True)
+
+
+def test_channels_last_and_ordinary_layout_agree():
+    torch.manual_seed(0)
+    model = randomize(FunctionalNet("silu").double())
+    x = torch.randn(2, 3, 9, 8, dtype=torch.float64)
+    a = srdxai.explain(model, x, target=1, channels_last=True)
+    b = srdxai.explain(model, x, target=1, channels_last=False)
+    torch.testing.assert_close(a, b)
+    assert a.is_contiguous()

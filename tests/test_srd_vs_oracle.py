@@ -69,3 +69,34 @@ def test_float32_engine_close_to_oracle():
     engine = srdxai.explain(model.float(), x.float(), target=[0, 3])
     scale = oracle.abs().max()
     assert ((engine.double() - oracle).abs().max() / scale).item() < 1e-4
+
+
+@pytest.mark.parametrize("name", ["PoolNet", "ResNetLike"])
+def test_gradcam_seed_matches_oracle_seeded_with_an_independent_gradcam(name):
+    model = build_model(name, act="relu", seed=1)
+    g = torch.Generator().manual_seed(2)
+    x = torch.randn(2, 3, 12, 12, generator=g, dtype=torch.float64)
+    layers = [k for k in pfv_layer_names(model, x) if k != "input"]
+    layer = layers[-1]
+    # Grad-CAM of the seed layer's pre-activation with plain autograd (torchray's formula)
+    captured = {}
+    module = dict(model.named_modules())[layer]
+    handle = module.register_forward_hook(lambda m, a, o: captured.update(z=a[0]))
+    out = model(x)
+    handle.remove()
+    z = captured["z"]
+    (gz,) = torch.autograd.grad(out[:, 3].sum(), z)
+    cam = (gz.mean((2, 3), keepdim=True) * z).sum(1).clamp_min(0).detach()
+    engine = srdxai.explain(model, x, target=3, seed="gradcam", seed_layer=layer)
+    assert_maps_equal(engine, srd_oracle_layer_seed(model, x, layer, cam), f"{name} gradcam")
+
+
+def test_fast_conv_split_equals_general_path_walk(monkeypatch):
+    from srdxai.methods.srd import SRDRule
+
+    model = build_model("DepthwiseNet", act="elu", seed=4)
+    x = torch.randn(2, 3, 11, 9, dtype=torch.float64)
+    fast = srdxai.explain(model, x, target=1)
+    monkeypatch.setattr(SRDRule, "_split_conv_offsets", lambda self, node, rho: False)
+    general = srdxai.explain(model, x, target=1)
+    torch.testing.assert_close(fast, general, rtol=1e-12, atol=1e-14)

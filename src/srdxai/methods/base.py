@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import contextlib
 from collections.abc import Callable, Iterator
+from typing import Any
 
 import torch
 from torch import nn
@@ -45,7 +46,8 @@ class Method:
     name = "method"
     signed = True
 
-    def __init__(self, model: nn.Module, batch_size: int | None = None):
+    def __init__(self, model: nn.Module, batch_size: int | None = None,
+                 channels_last: bool | None = None):
         if not isinstance(model, nn.Module):
             raise InvalidInputError(
                 f"model must be a torch.nn.Module, got {type(model).__name__}.")
@@ -53,9 +55,32 @@ class Method:
             raise InvalidInputError(f"batch_size must be a positive int, got {batch_size!r}.")
         self.model = model
         self.batch_size = batch_size
+        self.channels_last = channels_last
 
     def attribute(self, inputs: Tensor, target: Target = None) -> Tensor:
         raise NotImplementedError
+
+    def _with_layout(self, x: Tensor, fn: Callable[[Tensor], Any]) -> Any:
+        """Run ``fn`` on a fresh leaf copy of ``x`` that requires grad.
+
+        4-D inputs are copied in channels-last layout by default: oneDNN runs convolutions
+        about 20 % faster in it, and SRD's per-offset convolutions and channel norms about
+        ten times faster. Values and results are identical up to float rounding. Models whose
+        code depends on the layout (``.view`` on a 4-D activation) raise a RuntimeError in
+        that layout; the call is then repeated in the ordinary layout
+        (``channels_last=False`` skips the attempt).
+        """
+        want = self.channels_last if self.channels_last is not None else x.dim() == 4
+        if want and x.dim() == 4:
+            leaf = x.detach().clone(memory_format=torch.channels_last).requires_grad_(True)
+            try:
+                return fn(leaf)
+            except RuntimeError as error:
+                if self.channels_last or "view" not in str(error) and "stride" not in str(
+                    error
+                ):
+                    raise
+        return fn(x.detach().clone(memory_format=torch.contiguous_format).requires_grad_(True))
 
     @contextlib.contextmanager
     def _guard(self) -> Iterator[nn.Module]:

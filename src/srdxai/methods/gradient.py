@@ -19,14 +19,15 @@ class Gradient(Method):
     """
 
     def attribute(self, inputs: Tensor, target: Target = None) -> Tensor:
+        def run(x: Tensor, t: Target) -> Tensor:
+            with self._guard(), torch.enable_grad(), Trace(self.model, x, Rule()) as trace:
+                out = trace.forward()
+                grad_out, _ = self._target_gradient(out, t)
+                (gx,) = torch.autograd.grad(out, x, grad_out)
+                del out
+            return gx.sum(1).detach().contiguous()
+
         def one(x: Tensor, t: Target) -> Tensor:
-            with self._guard():
-                x = x.detach().clone().requires_grad_(True)
-                with torch.enable_grad(), Trace(self.model, x, Rule()) as trace:
-                    out = trace.forward()
-                    grad_out, _ = self._target_gradient(out, t)
-                    (gx,) = torch.autograd.grad(out, x, grad_out)
-                    del out
-            return gx.sum(1).detach()
+            return self._with_layout(x, lambda leaf: run(leaf, t))
 
         return self._batched(inputs, target, one)

@@ -297,6 +297,8 @@ class SRD(Method):
             default; off by default here so relevance is conserved).
         batch_size: explain at most this many samples at once (memory budget).
         max_paths: guard against affine blocks with too many paths (bias split cost).
+        channels_last: run on a channels-last copy of 4-D inputs (default: yes, falling back
+            to the ordinary layout if the model's code needs it); only speed changes.
 
     The map is signed and summed over channels: shape (N, H, W).
     """
@@ -311,8 +313,9 @@ class SRD(Method):
         contrastive: bool = False,
         batch_size: int | None = None,
         max_paths: int = 4096,
+        channels_last: bool | None = None,
     ):
-        super().__init__(model, batch_size=batch_size)
+        super().__init__(model, batch_size=batch_size, channels_last=channels_last)
         if seed not in SEEDS:
             raise InvalidInputError(f"unknown SRD seed '{seed}'; choose one of {SEEDS}.")
         self.seed = seed
@@ -378,8 +381,11 @@ class SRD(Method):
         record: Sequence[str] = (),
         seed_override: tuple[str, Callable[[Trace, Node], Tensor]] | None = None,
     ) -> tuple[Tensor, dict[str, Tensor]]:
+        return self._with_layout(x, lambda leaf: self._explain_leaf(leaf, target, record,
+                                                                      seed_override))
+
+    def _explain_leaf(self, x, target, record, seed_override):
         rule = SRDRule(self.max_paths)
-        x = x.detach().clone().requires_grad_(True)
         with self._guard(), Trace(self.model, x, rule) as trace:
             rule.trace = trace
             with torch.enable_grad():
@@ -412,7 +418,8 @@ class SRD(Method):
                 else:
                     layers[name] = torch.zeros((x.shape[0], *node.spatial), dtype=x.dtype,
                                                device=x.device)
-        return pixel.detach(), {k: v.detach() for k, v in layers.items()}
+        return pixel.detach().contiguous(), {k: v.detach().contiguous() for k, v in
+                                             layers.items()}
 
     def _seed(self, trace: Trace, rule: SRDRule, out: Tensor, grad_out: Tensor):
         seed = self.seed
