@@ -444,7 +444,7 @@ def test_no_graph_survives_a_call():
             srdxai.explain(model, x, method=method, target=50)
     gc.collect()
     # (a traceback kept by pytest may still reach a Node object, but none may hold a tensor)
-    alive = [o for o in gc.get_objects() if isinstance(o, Node)]
+    alive = [o for o in gc.get_objects() if type(o) is Node]
     assert not [o for o in alive if o.tensor is not None or o.pre is not None]
     ref = weakref.ref(x)
     del x

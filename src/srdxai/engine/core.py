@@ -131,6 +131,7 @@ class Trace:
         self.rule = rule
         self.output: Tensor | None = None
         self.module_outputs: dict[str, Node] = {}
+        self.block_outputs: set[int] = set()  # PFV layers that end a container module
 
     def __enter__(self) -> Trace:
         return self
@@ -192,6 +193,8 @@ class Trace:
                 node = recorder.node_of(recorder._resolve(output))
                 if node is not None and node.is_pfv:
                     self.module_outputs[name] = node
+                    if any(True for _ in module.children()):
+                        self.block_outputs.add(node.index)
 
         for module in names:
             handles.append(module.register_forward_pre_hook(pre_hook))
@@ -271,10 +274,15 @@ class Trace:
             low = spatial[-1]
             if name == "low":
                 return low
+            # 'high': one resolution step finer than 'low'; prefer the output of a block (e.g.
+            # ResNet's layer3 rather than the first 1x1 conv of layer4.0, which also sits at
+            # that resolution).
             bigger = [n for n in spatial if _positions(n) > _positions(low)]
-            if bigger:
-                return bigger[-1]
-            return low
+            if not bigger:
+                return low
+            level = [n for n in bigger if n.spatial == bigger[-1].spatial]
+            blocks = [n for n in level if n.index in self.block_outputs]
+            return (blocks or level)[-1]
         available = ", ".join(self.layer_names()[:40])
         raise InvalidInputError(
             f"unknown layer '{name}'. SRD layers are activation outputs; this model has: "
