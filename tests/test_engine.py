@@ -356,7 +356,7 @@ def test_model_with_bias_free_layers_and_constant_ops():
 
         def forward(self, x):
             x = (x - self.mean) / 0.25
-            h = F.hardswish(self.conv(x)) * 0.5
+            h = F.hardswish(self.conv(x)).clamp(max=4.0) * 0.5  # clamp: an activation too
             h = torch.tanh(self.conv2(self.pad(h)))
             return self.fc(h.mean(dim=(-1, -2)))
 

@@ -188,7 +188,8 @@ def _output_names(paths: Sequence[Path], method: str) -> list[str]:
 @click.option(
     "--contrastive/--no-contrastive",
     default=None,
-    help="Contrastive relevance (target class against the others); default: the method's own.",
+    help="SRD: subtract each sample's mean from the seed map before propagating it (the "
+    "reference code's default); default: the method's own.",
 )
 @_errors_as_one_line
 def explain(

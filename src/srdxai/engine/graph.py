@@ -86,6 +86,10 @@ ACTIVATIONS: dict[Any, str] = {
     F.sigmoid: "sigmoid",
     F.hardswish: "hardswish",
     F.hardsigmoid: "hardsigmoid",
+    torch.clamp: "clamp",
+    Tensor.clamp: "clamp",
+    torch.clip: "clamp",
+    Tensor.clip: "clamp",
 }
 INPLACE_ACTIVATIONS: dict[Any, Any] = {
     torch.relu_: torch.relu,
@@ -349,6 +353,9 @@ class Recorder(TorchFunctionMode):
 
         if z.dim() < 2:
             raise self._unsupported(f"an activation on a tensor of shape {tuple(z.shape)}")
+        if act_name == "clamp" and any(isinstance(a, Tensor) for a in (*extra_args,
+                                                                     *fn_kwargs.values())):
+            raise self._unsupported("a clamp with tensor bounds")
         module_name, module = self.module_stack[-1] if self.module_stack else ("", None)
         leaf = module is not None and not any(True for _ in module.children())
         name = module_name if leaf else f"{module_name}:{act_name}".lstrip(":")
