@@ -1,7 +1,18 @@
 """Attribution methods, each a small rule on the shared engine."""
 
 from .base import METHODS, Method, get_method, register
+from .chain_rule import (
+    DeepLiftRescale,
+    EpsilonLRP,
+    GradientXInput,
+    GuidedBackprop,
+    IntegratedGradients,
+    Saliency,
+    SmoothGrad,
+)
 from .gradient import Gradient
 from .srd import SRD
 
-__all__ = ["METHODS", "Method", "get_method", "register", "SRD", "Gradient"]
+__all__ = ["METHODS", "Method", "get_method", "register", "SRD", "Gradient", "Saliency",
+           "GradientXInput", "IntegratedGradients", "EpsilonLRP", "DeepLiftRescale",
+           "SmoothGrad", "GuidedBackprop"]

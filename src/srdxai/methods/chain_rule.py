@@ -1,0 +1,391 @@
+"""Gradient methods as one modified chain rule (Ancona et al., ICLR 2018).
+
+Backpropagate through linear layers as usual and replace, at every elementwise activation
+``v = f(z)``, the derivative ``f'(z)`` by a method-specific slope ``g``:
+
+==================  =======================================  ==================
+method              slope at an activation                   times
+==================  =======================================  ==================
+saliency            ``f'(z)``                                 (|.|)
+gradient_x_input    ``f'(z)``                                 ``x``
+integrated_grad.    ``f'(z)`` averaged on the path            ``x - x_bar``
+epsilon_lrp         ``f(z) / (z + eps*sign(z))``              ``x``
+deeplift_rescale    ``(f(z) - f(z_bar)) / (z - z_bar)``       ``x - x_bar``
+smoothgrad          ``f'(z)`` averaged over noisy copies      (gradient)
+guided_backprop     ``f'(z)`` applied to ``max(grad, 0)``      (gradient)
+==================  =======================================  ==================
+
+Each method is a rule (the slope) plus what multiplies the modified gradient; the engine
+supplies targets, batching, layouts and restoration.
+
+Maps are ``(N, H, W)``: channels summed (``channel_reduce="sum"``), except saliency, whose
+default is the maximum of ``|gradient|`` over channels (Simonyan et al.).
+``channel_reduce="none"`` returns ``(N, C, H, W)``.
+"""
+
+from __future__ import annotations
+
+import zlib
+from collections.abc import Callable
+
+import numpy as np
+import torch
+
+from ..engine.core import Rule, Target, Trace, true_activation_gradient
+from ..errors import InvalidInputError
+from .base import Method, register
+
+Tensor = torch.Tensor
+Slope = Callable[[Tensor, Tensor, Callable[[Tensor], Tensor]], Tensor]
+
+REDUCTIONS = ("sum", "max", "none")
+
+
+class SlopeRule(Rule):
+    """An activation's backward is ``slope(z, grad, f)`` (the modified chain rule)."""
+
+    def __init__(self, slope: Slope):
+        self.slope = slope
+
+    def activation_backward(self, node, z, v, grad, fn):
+        return self.slope(z, grad, fn)
+
+
+def gradient_slope(z: Tensor, grad: Tensor, fn: Callable[[Tensor], Tensor]) -> Tensor:
+    return true_activation_gradient(z, grad, fn)
+
+
+def epsilon_slope(epsilon: float) -> Slope:
+    """epsilon-LRP: ``f(z) / (z + eps*sign(z))``, with sign(0) = +1 (DeepExplain's choice)."""
+
+    def slope(z, grad, fn):
+        stabilised = z + epsilon * torch.where(z >= 0, 1.0, -1.0).to(z.dtype)
+        return grad * fn(z) / stabilised
+
+    return slope
+
+
+def guided_slope(z: Tensor, grad: Tensor, fn: Callable[[Tensor], Tensor]) -> Tensor:
+    """Guided backprop: only positive gradients pass, through the true derivative."""
+    return true_activation_gradient(z, grad.clamp_min(0), fn)
+
+
+def rescale_slope(n: int, threshold: float = 1e-10) -> Slope:
+    """DeepLIFT-Rescale on a batch whose rows ``n:`` are the baselines of rows ``:n``.
+
+    Where the pre-activation barely moves (``|z - z_bar| < threshold``) the true gradient is
+    used, as Captum does; the baseline half gets no gradient.
+    """
+
+    def slope(z, grad, fn):
+        z_in, z_ref = z[:n], z[n:]
+        delta_in = z_in - z_ref
+        delta_out = fn(z_in) - fn(z_ref)
+        plain = true_activation_gradient(z_in, grad[:n], fn)
+        ratio = delta_out / torch.where(delta_in.abs() < threshold, torch.ones_like(delta_in),
+                                        delta_in)
+        modified = torch.where(delta_in.abs() < threshold, plain, grad[:n] * ratio)
+        return torch.cat([modified, torch.zeros_like(grad[n:])])
+
+    return slope
+
+
+class ChainRuleMethod(Method):
+    """Shared machinery: the modified input gradient under a slope, and channel reduction."""
+
+    default_reduce = "sum"
+
+    def __init__(self, model, batch_size=None, channels_last=None, channel_reduce=None):
+        super().__init__(model, batch_size=batch_size, channels_last=channels_last)
+        reduce = channel_reduce or self.default_reduce
+        if reduce not in REDUCTIONS:
+            raise InvalidInputError(
+                f"channel_reduce must be one of {REDUCTIONS}, got {channel_reduce!r}.")
+        self.channel_reduce = reduce
+
+    def _reduce(self, attribution: Tensor) -> Tensor:
+        if self.channel_reduce == "none":
+            return attribution.contiguous()
+        if self.channel_reduce == "max":
+            return attribution.amax(1).contiguous()
+        return attribution.sum(1).contiguous()
+
+    def _modified_gradient(self, x: Tensor, target: Target, slope: Slope) -> Tensor:
+        """``d target / d x`` with every activation's derivative replaced by ``slope``."""
+
+        def run(leaf: Tensor) -> Tensor:
+            with self._guard(), torch.enable_grad(), Trace(self.model, leaf,
+                                                           SlopeRule(slope)) as trace:
+                out = trace.forward()
+                grad_out, _ = self._target_gradient(out, target)
+                (gx,) = torch.autograd.grad(out, leaf, grad_out)
+                del out
+            return gx.detach().contiguous()
+
+        return self._with_layout(x, run)
+
+
+def _baseline(baseline: Tensor | float | None, x: Tensor) -> Tensor:
+    if baseline is None:
+        return torch.zeros_like(x)
+    if isinstance(baseline, int | float):
+        return torch.full_like(x, float(baseline))
+    if not isinstance(baseline, Tensor):
+        raise InvalidInputError(f"baseline must be None, a number or a tensor, got "
+                                f"{type(baseline).__name__}.")
+    baseline = baseline.to(device=x.device, dtype=x.dtype)
+    try:
+        return torch.broadcast_to(baseline, x.shape)
+    except RuntimeError:
+        raise InvalidInputError(f"baseline of shape {tuple(baseline.shape)} does not broadcast "
+                                f"to the inputs {tuple(x.shape)}.") from None
+
+
+@register("saliency")
+class Saliency(ChainRuleMethod):
+    """Simonyan et al.: ``|d S_c / d x|``, max over channels by default. Unsigned."""
+
+    signed = False
+    default_reduce = "max"
+
+    def attribute(self, inputs: Tensor, target: Target = None) -> Tensor:
+        return self._batched(inputs, target, lambda x, t: self._reduce(
+            self._modified_gradient(x, t, gradient_slope).abs()))
+
+
+@register("gradient_x_input")
+class GradientXInput(ChainRuleMethod):
+    """``x * d S_c / d x``, summed over channels. Signed."""
+
+    def attribute(self, inputs: Tensor, target: Target = None) -> Tensor:
+        return self._batched(inputs, target, lambda x, t: self._reduce(
+            x * self._modified_gradient(x, t, gradient_slope)))
+
+
+@register("epsilon_lrp")
+class EpsilonLRP(ChainRuleMethod):
+    """epsilon-LRP as a modified chain rule: slope ``f(z)/(z + eps sign z)``, times ``x``.
+
+    Signed, channels summed. For a CNN-specific LRP with layer rules (z+, gamma, alpha-beta)
+    see the LRP composites.
+    """
+
+    def __init__(self, model, epsilon: float = 1e-4, **kw):
+        super().__init__(model, **kw)
+        if not epsilon > 0:
+            raise InvalidInputError(f"epsilon must be > 0, got {epsilon}.")
+        self.epsilon = epsilon
+
+    def attribute(self, inputs: Tensor, target: Target = None) -> Tensor:
+        return self._batched(inputs, target, lambda x, t: self._reduce(
+            x * self._modified_gradient(x, t, epsilon_slope(self.epsilon))))
+
+
+@register("guided_backprop")
+class GuidedBackprop(ChainRuleMethod):
+    """Springenberg et al.: only positive gradients pass each activation. Signed gradient,
+    channels summed."""
+
+    def attribute(self, inputs: Tensor, target: Target = None) -> Tensor:
+        return self._batched(inputs, target, lambda x, t: self._reduce(
+            self._modified_gradient(x, t, guided_slope)))
+
+
+@register("deeplift_rescale")
+class DeepLiftRescale(ChainRuleMethod):
+    """DeepLIFT with the Rescale rule: finite-difference slopes against a baseline, times
+    ``x - baseline``. Signed, channels summed.
+
+    The input and its baseline run as one batch of 2N (the model must treat samples
+    independently, as every eval-mode CNN does). Max-pooling keeps its ordinary gradient
+    (Ancona's chain-rule formulation; Captum applies a rescale rule to max-pool too).
+    """
+
+    def __init__(self, model, baseline: Tensor | float | None = None, **kw):
+        super().__init__(model, **kw)
+        self.baseline = baseline
+
+    def attribute(self, inputs: Tensor, target: Target = None) -> Tensor:
+        def one(x: Tensor, t: Target) -> Tensor:
+            base = _baseline(self.baseline, x)
+            if base.shape[0] != x.shape[0]:
+                base = base.expand_as(x)
+            n = x.shape[0]
+            both = torch.cat([x, base])
+            doubled = _double_target(_resolve_predicted(self, x, t), n)
+            grad = self._modified_gradient(both, doubled, rescale_slope(n))[:n]
+            return self._reduce((x - base) * grad)
+
+        return self._batched(inputs, target, one)
+
+
+def _resolve_predicted(method: Method, x: Tensor, target: Target) -> Target:
+    """Replace ``None`` by the predicted classes of ``x`` (one no-grad forward pass)."""
+    if target is not None:
+        return target
+    with torch.no_grad(), method._guard():
+        return method.model(x).argmax(1)
+
+
+def _double_target(target: Target, n: int) -> Target:
+    """Targets for [x; baseline]: the baseline rows use the same classes as their inputs."""
+    if isinstance(target, int) or callable(target) and not isinstance(target, Tensor):
+        return target
+    t = torch.as_tensor(target).flatten()
+    if t.numel() == 1:
+        return t
+    return torch.cat([t, t])
+
+
+# --- path and noise integrals ---------------------------------------------------------------
+
+def riemann_alphas(steps: int, method: str) -> tuple[Tensor, Tensor]:
+    """Points ``alpha_k`` in [0, 1] and weights ``w_k`` approximating the integral over
+    [0, 1]: Riemann (left, right, middle, trapezoid) or Gauss-Legendre (Captum's default)."""
+    if steps < 1:
+        raise InvalidInputError(f"steps must be >= 1, got {steps}.")
+    if method == "gausslegendre":
+        nodes, weights = np.polynomial.legendre.leggauss(steps)
+        return torch.from_numpy(0.5 * (nodes + 1)), torch.from_numpy(0.5 * weights)
+    if method == "riemann_trapezoid":
+        if steps < 2:
+            raise InvalidInputError("the trapezoid rule needs steps >= 2.")
+        alphas = torch.linspace(0, 1, steps, dtype=torch.float64)
+        weights = torch.full((steps,), 1.0 / (steps - 1), dtype=torch.float64)
+        weights[0] = weights[-1] = 0.5 / (steps - 1)
+        return alphas, weights
+    offsets = {"riemann_left": 0.0, "riemann_right": 1.0, "riemann_middle": 0.5}
+    if method not in offsets:
+        raise InvalidInputError(
+            f"unknown integration method '{method}'; choose gausslegendre, riemann_left, "
+            "riemann_right, riemann_middle or riemann_trapezoid.")
+    alphas = (torch.arange(steps, dtype=torch.float64) + offsets[method]) / steps
+    return alphas, torch.full((steps,), 1.0 / steps, dtype=torch.float64)
+
+
+class _SampledGradients(ChainRuleMethod):
+    """Gradients at many points per sample (path steps, noisy copies), batched in chunks of
+    ``internal_batch_size`` points, weighted and summed per sample."""
+
+    def __init__(self, model, internal_batch_size: int | None = None, **kw):
+        super().__init__(model, **kw)
+        if internal_batch_size is not None and internal_batch_size < 1:
+            raise InvalidInputError("internal_batch_size must be >= 1.")
+        self.internal_batch_size = internal_batch_size
+
+    def _weighted_gradient_sum(self, points: Tensor, weights: Tensor, target: Target,
+                               n: int) -> Tensor:
+        """``sum_k w_k grad(points[k])`` for points laid out (K*N, ...) step-major."""
+        total = torch.zeros_like(points[:n])
+        chunk = self.internal_batch_size or points.shape[0]
+        for start in range(0, points.shape[0], chunk):
+            part = points[start:start + chunk]
+            rows = torch.arange(start, start + part.shape[0], device=points.device)
+            t = _target_rows(target, rows, n)
+            grad = self._modified_gradient(part, t, gradient_slope)
+            w = weights.to(points.device, points.dtype)[rows // n]
+            total.index_add_(0, rows % n, grad * w.view(-1, *([1] * (grad.dim() - 1))))
+        return total
+
+
+def _target_rows(target: Target, rows: Tensor, n: int) -> Target:
+    if isinstance(target, int) or callable(target) and not isinstance(target, Tensor):
+        return target
+    t = torch.as_tensor(target, device=rows.device).flatten()
+    if t.numel() == 1:
+        return t
+    return t[rows % n]
+
+
+@register("integrated_gradients")
+class IntegratedGradients(_SampledGradients):
+    """Sundararajan et al.: ``(x - x_bar) * integral_0^1 grad(x_bar + a (x - x_bar)) da``.
+
+    Signed, channels summed. ``steps`` points per sample, ``method`` the quadrature
+    (``gausslegendre`` as Captum, or ``riemann_right`` as DeepExplain, ...); all points are
+    batched, ``internal_batch_size`` caps how many run at once. Completeness:
+    ``sum(map) -> f(x) - f(x_bar)`` as ``steps`` grows.
+    """
+
+    def __init__(self, model, steps: int = 50, baseline: Tensor | float | None = None,
+                 integration: str = "gausslegendre", **kw):
+        super().__init__(model, **kw)
+        self.alphas, self.weights = riemann_alphas(steps, integration)
+        self.baseline = baseline
+
+    def attribute(self, inputs: Tensor, target: Target = None) -> Tensor:
+        def one(x: Tensor, t: Target) -> Tensor:
+            n = x.shape[0]
+            base = _baseline(self.baseline, x)
+            alphas = self.alphas.to(x.device, x.dtype).view(-1, 1, *([1] * (x.dim() - 1)))
+            points = (base.unsqueeze(0) + alphas * (x - base).unsqueeze(0)).reshape(
+                -1, *x.shape[1:])
+            t = _resolve_predicted(self, x, t)
+            avg = self._weighted_gradient_sum(points, self.weights, t, n)
+            return self._reduce((x - base) * avg)
+
+        return self._batched(inputs, target, one)
+
+
+@register("smoothgrad")
+class SmoothGrad(_SampledGradients):
+    """Smilkov et al.: the gradient averaged over ``samples`` noisy copies
+    ``x + N(0, sigma^2)``, ``sigma = noise_level * (max(x) - min(x))`` per sample (or an
+    absolute ``stdev``). Signed, channels summed. ``seed`` makes the noise reproducible and
+    independent of batching (each sample's noise is drawn from ``seed`` and the sample
+    itself; ``seed=None`` draws fresh noise); ``noise`` (samples, N, C, ...) supplies it.
+    """
+
+    def __init__(self, model, samples: int = 25, noise_level: float = 0.15,
+                 stdev: float | None = None, seed: int | None = 0,
+                 noise: Tensor | None = None, multiply_by_input: bool = False, **kw):
+        super().__init__(model, **kw)
+        if samples < 1:
+            raise InvalidInputError(f"samples must be >= 1, got {samples}.")
+        self.samples, self.noise_level, self.stdev = samples, noise_level, stdev
+        self.seed, self.noise, self.multiply_by_input = seed, noise, multiply_by_input
+
+    def _draw(self, x: Tensor) -> Tensor:
+        if self.noise is not None:
+            noise = self.noise.to(x.device, x.dtype)
+            if noise.shape != (self.samples, *x.shape):
+                raise InvalidInputError(
+                    f"noise must have shape {(self.samples, *x.shape)}, got "
+                    f"{tuple(noise.shape)} (use batch_size=None with explicit noise).")
+            return noise
+        if self.stdev is not None:
+            sigma = torch.full((x.shape[0],), float(self.stdev), dtype=x.dtype, device=x.device)
+        else:
+            flat = x.flatten(1)
+            sigma = self.noise_level * (flat.amax(1) - flat.amin(1))
+        # One generator per sample, seeded from ``seed`` and the sample's own bytes: the noise
+        # a sample gets does not depend on which batch or chunk it is explained in.
+        draws = []
+        for row in x:
+            gen = torch.Generator(device=x.device)
+            if self.seed is None:
+                gen.seed()
+            else:
+                digest = zlib.crc32(row.detach().cpu().numpy().tobytes())
+                gen.manual_seed((self.seed * 1_000_003 + digest) % (2**63))
+            draws.append(torch.randn((self.samples, *x.shape[1:]), generator=gen,
+                                     dtype=x.dtype, device=x.device))
+        noise = torch.stack(draws, 1)
+        return noise * sigma.view(1, -1, *([1] * (x.dim() - 1)))
+
+    def attribute(self, inputs: Tensor, target: Target = None) -> Tensor:
+        def one(x: Tensor, t: Target) -> Tensor:
+            n = x.shape[0]
+            points = (x.unsqueeze(0) + self._draw(x)).reshape(-1, *x.shape[1:])
+            t = _resolve_predicted(self, x, t)
+            weights = torch.full((self.samples,), 1.0 / self.samples, dtype=torch.float64)
+            avg = self._weighted_gradient_sum(points, weights, t, n)
+            return self._reduce(x * avg if self.multiply_by_input else avg)
+
+        return self._batched(inputs, target, one)
+
+
+__all__ = [
+    "SlopeRule", "Saliency", "GradientXInput", "IntegratedGradients", "EpsilonLRP",
+    "DeepLiftRescale", "SmoothGrad", "GuidedBackprop", "riemann_alphas",
+]

@@ -1,0 +1,83 @@
+"""Properties every registered method must have: shape, batch-versus-single, model restored."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from torch import nn
+
+import srdxai
+from srdxai.methods import METHODS
+
+# Options that keep the sampled methods fast here; their full defaults are tested elsewhere.
+FAST_OPTIONS = {
+    "integrated_gradients": {"steps": 8},
+    "smoothgrad": {"samples": 4},
+    "scorecam": {"internal_batch_size": 4},
+}
+
+
+class Small(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.conv1 = nn.Conv2d(3, 6, 3, padding=1)
+        self.bn1 = nn.BatchNorm2d(6)
+        self.relu1 = nn.ReLU()
+        self.pool = nn.MaxPool2d(2)
+        self.conv2 = nn.Conv2d(6, 8, 3, padding=1)
+        self.relu2 = nn.ReLU()
+        self.gap = nn.AdaptiveAvgPool2d(1)
+        self.fc = nn.Linear(8, 4)
+
+    def forward(self, x):
+        h = self.pool(self.relu1(self.bn1(self.conv1(x))))
+        return self.fc(self.gap(self.relu2(self.conv2(h))).flatten(1))
+
+
+def model() -> nn.Module:
+    torch.manual_seed(0)
+    m = Small().double()
+    with torch.no_grad():
+        m.bn1.running_mean.uniform_(-0.3, 0.3)
+        m.bn1.running_var.uniform_(0.5, 1.5)
+        m.bn1.bias.uniform_(-0.3, 0.3)
+    return m.train()  # methods must evaluate in eval mode and give the train flag back
+
+
+def state(m: nn.Module):
+    return ({k: v.clone() for k, v in m.state_dict().items()},
+            [x.training for x in m.modules()], [p.requires_grad for p in m.parameters()],
+            [(len(x._forward_hooks), len(x._forward_pre_hooks), len(x._backward_hooks))
+             for x in m.modules()])
+
+
+@pytest.mark.parametrize("name", sorted(METHODS))
+def test_shape_batch_versus_single_and_model_restored(name):
+    m = model()
+    before = state(m)
+    g = torch.Generator().manual_seed(3)
+    x = torch.randn(3, 3, 10, 12, generator=g, dtype=torch.float64)
+    targets = [1, 0, 3]
+    opts = FAST_OPTIONS.get(name, {})
+    batch = srdxai.explain(m, x, targets, name, **opts)
+    assert batch.shape == (3, 10, 12) and batch.dtype == torch.float64
+    assert torch.isfinite(batch).all()
+    single = torch.cat([srdxai.explain(m, x[i:i + 1], targets[i], name, **opts)
+                        for i in range(3)])
+    torch.testing.assert_close(batch, single, rtol=1e-7, atol=1e-10)
+    chunked = srdxai.explain(m, x, targets, name, batch_size=2, **opts)
+    torch.testing.assert_close(batch, chunked, rtol=1e-7, atol=1e-10)
+    after = state(m)
+    for k in before[0]:
+        assert torch.equal(before[0][k], after[0][k]), k
+    assert before[1:] == after[1:]
+
+
+@pytest.mark.parametrize("name", sorted(METHODS))
+def test_bad_target_is_a_clear_error_and_leaves_the_model_alone(name):
+    m = model()
+    before = state(m)
+    with pytest.raises(srdxai.SrdxaiError, match="out of range"):
+        srdxai.explain(m, torch.randn(2, 3, 8, 8, dtype=torch.float64), 9, name,
+                       **FAST_OPTIONS.get(name, {}))
+    assert before[1:] == state(m)[1:]
