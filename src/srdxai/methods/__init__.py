@@ -11,8 +11,9 @@ from .chain_rule import (
     SmoothGrad,
 )
 from .gradient import Gradient
+from .occlusion import Occlusion
 from .srd import SRD
 
 __all__ = ["METHODS", "Method", "get_method", "register", "SRD", "Gradient", "Saliency",
            "GradientXInput", "IntegratedGradients", "EpsilonLRP", "DeepLiftRescale",
-           "SmoothGrad", "GuidedBackprop"]
+           "SmoothGrad", "GuidedBackprop", "Occlusion"]
