@@ -76,6 +76,13 @@ class Rule:
 
     wants_bias_ops = False
     keeps_pfv_values = False  # the rule reads PFV values after the forward pass
+    needs_graph = True  # False: nothing is replaced, run the model as it is (fastest)
+
+
+class PlainGradientRule(Rule):
+    """The true gradient, with no recording at all: the model runs exactly as written."""
+
+    needs_graph = False
 
 
 def true_activation_gradient(z: Tensor, grad: Tensor, fn: Callable[[Tensor], Tensor]) -> Tensor:
@@ -165,6 +172,8 @@ class Trace:
             self.rule.trace = None
 
     def forward(self) -> Tensor:
+        if not self.rule.needs_graph:
+            return self._plain_forward()
         slots: list[_Slot] = []
         self._slots = slots
 
@@ -227,6 +236,19 @@ class Trace:
         self.output = out
         self.output_node = out_node
         self.head_ops, self.head_sources = self._head(out_node)
+        return out
+
+    def _plain_forward(self) -> Tensor:
+        out = self.model(self.x)
+        if not isinstance(out, Tensor):
+            raise InvalidInputError(
+                f"the model returned {type(out).__name__}; srdxai needs a tensor of logits.")
+        if out.dim() != 2:
+            raise InvalidInputError(
+                f"the model output has shape {tuple(out.shape)}; srdxai expects (batch, "
+                "classes) logits. Wrap the model so it returns them.")
+        self.output = out
+        self.pfv_layers, self.head_ops, self.head_sources = [], set(), []
         return out
 
     @staticmethod

@@ -31,7 +31,7 @@ from collections.abc import Callable
 import numpy as np
 import torch
 
-from ..engine.core import Rule, Target, Trace, true_activation_gradient
+from ..engine.core import PlainGradientRule, Rule, Target, Trace, true_activation_gradient
 from ..errors import InvalidInputError
 from .base import Method, register
 
@@ -113,9 +113,10 @@ class ChainRuleMethod(Method):
     def _modified_gradient(self, x: Tensor, target: Target, slope: Slope) -> Tensor:
         """``d target / d x`` with every activation's derivative replaced by ``slope``."""
 
+        rule = PlainGradientRule() if slope is gradient_slope else SlopeRule(slope)
+
         def run(leaf: Tensor) -> Tensor:
-            with self._guard(), torch.enable_grad(), Trace(self.model, leaf,
-                                                           SlopeRule(slope)) as trace:
+            with self._guard(), torch.enable_grad(), Trace(self.model, leaf, rule) as trace:
                 out = trace.forward()
                 grad_out, _ = self._target_gradient(out, target)
                 (gx,) = torch.autograd.grad(out, leaf, grad_out)

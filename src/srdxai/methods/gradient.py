@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import torch
 
-from ..engine.core import Rule, Target, Trace
+from ..engine.core import PlainGradientRule, Target, Trace
 from .base import Method, register
 
 Tensor = torch.Tensor
@@ -14,13 +14,14 @@ Tensor = torch.Tensor
 class Gradient(Method):
     """Gradient of the target w.r.t. the input, summed over channels: (N, H, W), signed.
 
-    It runs through the same engine as every other method (recorded forward, plain rule), so
-    it doubles as the reference cost in ``bench/``.
+    It runs through the same engine as every other method (guard, targets, batching, layout)
+    with the plain rule, which records nothing, so it costs what ``torch.autograd.grad`` does.
     """
 
     def attribute(self, inputs: Tensor, target: Target = None) -> Tensor:
         def run(x: Tensor, t: Target) -> Tensor:
-            with self._guard(), torch.enable_grad(), Trace(self.model, x, Rule()) as trace:
+            rule = PlainGradientRule()
+            with self._guard(), torch.enable_grad(), Trace(self.model, x, rule) as trace:
                 out = trace.forward()
                 grad_out, _ = self._target_gradient(out, t)
                 (gx,) = torch.autograd.grad(out, x, grad_out)
