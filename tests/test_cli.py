@@ -209,7 +209,6 @@ def test_explain_explicit_target_and_repeated_stems(runner, needs_lite0, demo_di
     ]
 
 
-@pytest.mark.slow
 def test_explain_srd_default(runner, needs_lite0, demo_dir, tmp_path):
     out = tmp_path / "figs"
     result = runner.invoke(cli, ["explain", str(demo_dir / "chelsea.png"), "--out", str(out)])
@@ -217,3 +216,28 @@ def test_explain_srd_default(runner, needs_lite0, demo_dir, tmp_path):
     line = result.stdout.strip()
     _check_output_line(line, demo_dir / "chelsea.png", out / "chelsea_srd.png", "Egyptian cat")
     assert (out / "chelsea_srd.png").read_bytes()[:8] == PNG_SIGNATURE
+
+
+def test_methods_lists_every_registered_method(runner):
+    from srdxai.methods import METHODS
+
+    result = runner.invoke(cli, ["methods"])
+    assert result.exit_code == 0
+    listed = [line.split()[0] for line in result.stdout.strip().splitlines()]
+    assert listed == sorted(METHODS)
+
+
+def test_method_all_refuses_method_options(runner, small_png, tmp_path, no_model_loading):
+    result = runner.invoke(cli, ["explain", str(small_png), "--method", "all", "--contrastive",
+                                 "--out", str(tmp_path)])
+    assert result.exit_code == 2
+    assert "--method all" in result.stderr
+
+
+@pytest.mark.slow
+def test_method_all_writes_one_grid_per_image(runner, needs_lite0, demo_dir, tmp_path):
+    out = tmp_path / "grid"
+    result = runner.invoke(cli, ["explain", str(demo_dir / "coffee.png"), "--method", "all",
+                                 "--out", str(out)])
+    assert result.exit_code == 0, (result.output, result.exception)
+    assert (out / "coffee_all.png").read_bytes()[:8] == PNG_SIGNATURE

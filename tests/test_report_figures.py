@@ -63,3 +63,15 @@ def test_symmetric_limit():
     assert symmetric_limit(np.zeros((4, 4))) == 1.0
     assert symmetric_limit(np.r_[np.zeros(1000), 3.0]) == 3.0  # 99th percentile is 0 -> max
     assert symmetric_limit(np.array([np.nan, np.inf])) == 1.0
+
+
+def test_method_grid_is_a_png_with_signed_and_unsigned_panels(tmp_path):
+    from srdxai.report import save_method_grid
+
+    image = np.zeros((20, 30, 3), dtype=np.uint8)
+    maps = {"a": np.random.default_rng(0).normal(size=(20, 30)), "b": np.ones((20, 30)),
+            "c": np.zeros((20, 30))}
+    path = save_method_grid(tmp_path / "g.png", image, maps, "title", signed={"b": False},
+                            columns=2)
+    assert path.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    assert [p.name for p in tmp_path.iterdir()] == ["g.png"]

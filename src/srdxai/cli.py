@@ -112,6 +112,11 @@ def _check_method(method: str, contrastive: bool | None) -> None:
     """Raise UnknownMethodError for an unknown name, and refuse options the method lacks."""
     from srdxai.methods import get_method
 
+    if method == "all":
+        if contrastive is not None:
+            raise InvalidInputError("--method all runs each method with its defaults; drop "
+                                    "--contrastive/--no-contrastive")
+        return
     method_cls = get_method(method)
     if contrastive is None:
         return
@@ -169,7 +174,13 @@ def _output_names(paths: Sequence[Path], method: str) -> list[str]:
     show_default=True,
     help="Bundled model to explain.",
 )
-@click.option("--method", default="srd", show_default=True, help="Attribution method.")
+@click.option(
+    "--method",
+    default="srd",
+    show_default=True,
+    help="Attribution method (see `srdxai methods`), or 'all' for one grid PNG per image "
+    "comparing every method.",
+)
 @click.option(
     "--target",
     default="auto",
@@ -218,7 +229,7 @@ def explain(
     from tqdm import tqdm
 
     import srdxai
-    from srdxai.report import save_explanation_figure
+    from srdxai.report import save_explanation_figure, save_method_grid
 
     labels = models.class_names(model_name)
     model = models.load_model(model_name)
@@ -237,15 +248,20 @@ def explain(
             top5 = [(labels[int(i)], float(p)) for p, i in zip(top_p, top_i, strict=True)]
             explained = int(top_i[0]) if target_class is None else target_class
 
-            relevance = srdxai.explain(model, x, target=target_class, method=method, **options)
-            heatmap = relevance.detach().float().cpu().reshape(-1, *relevance.shape[-2:])[0]
-
             variant = " (contrastive)" if contrastive else ""
             title = (
                 f"{path.name}: {method}{variant} for class {explained} '{labels[explained]}' "
                 f"(p={float(probs[explained]):.3f})"
             )
-            png = save_explanation_figure(out_dir / name, shown, heatmap.numpy(), top5, title)
+            if method == "all":
+                maps, signed = _all_methods(model, x, target_class)
+                png = save_method_grid(out_dir / name, shown, maps, title, signed=signed)
+            else:
+                relevance = srdxai.explain(model, x, target=target_class, method=method,
+                                           **options)
+                heatmap = relevance.detach().float().cpu().reshape(-1, *relevance.shape[-2:])[0]
+                png = save_explanation_figure(out_dir / name, shown, heatmap.numpy(), top5,
+                                              title)
 
             ranked = " | ".join(f"{label} {p:.3f}" for label, p in top5)
             line = f"{path}: {ranked} -> {png}"
@@ -253,6 +269,38 @@ def explain(
                 click.echo(line)
             else:
                 tqdm.write(line, file=sys.stdout)
+
+
+def _all_methods(model: Any, x: Any, target: int | None) -> tuple[dict, dict]:
+    """Every registered method's map for one image, with each method's own defaults (an
+    occlusion window of 16 px, so the grid stays quick). Methods that cannot run on this model
+    are left out with a note on stderr."""
+    import srdxai
+    from srdxai.methods import METHODS
+
+    options = {"occlusion": {"window": 16, "stride": 8}}
+    maps, signed = {}, {}
+    for name in sorted(METHODS):
+        try:
+            rel = srdxai.explain(model, x, target=target, method=name, **options.get(name, {}))
+        except srdxai.SrdxaiError as error:
+            click.echo(f"srdxai: note: {name} skipped: {error}", err=True)
+            continue
+        maps[name] = rel.detach().float().cpu()[0].numpy()
+        signed[name] = bool(getattr(METHODS[name], "signed", True))
+    return maps, signed
+
+
+@cli.command("methods")
+def methods_command() -> None:
+    """List the attribution methods, with whether their maps are signed."""
+    from srdxai.methods import METHODS
+
+    for name in sorted(METHODS):
+        cls = METHODS[name]
+        doc = (cls.__doc__ or "").strip().splitlines()[0] if cls.__doc__ else ""
+        kind = "signed" if getattr(cls, "signed", True) else "unsigned"
+        click.echo(f"{name:22s} {kind:9s} {doc}")
 
 
 # ----------------------------------------------------------------------------------- demo-images

@@ -121,6 +121,11 @@ def save_explanation_figure(
         )
     fig.suptitle(title)
 
+    return _atomic_savefig(fig, out)
+
+
+def _atomic_savefig(fig: object, out: Path) -> Path:
+    """Save ``fig`` as PNG to ``out`` through a temporary file and an atomic rename."""
     # A unique name in the target folder (same file system, so the rename is atomic); opened with
     # "xb" so the file gets the usual umask permissions, unlike tempfile.mkstemp's 0600.
     tmp = out.parent / f".{out.name}.{os.getpid()}.{uuid.uuid4().hex[:12]}.tmp"
@@ -134,3 +139,54 @@ def save_explanation_figure(
         tmp.unlink(missing_ok=True)
         raise
     return out
+
+
+def save_method_grid(
+    path: str | os.PathLike[str],
+    image_uint8_hwc: object,
+    maps: dict[str, object],
+    title: str,
+    *,
+    signed: dict[str, bool] | None = None,
+    columns: int = 5,
+    dpi: int = 100,
+) -> Path:
+    """Write one PNG comparing several methods' maps on the same photo, side by side.
+
+    ``maps`` maps a method name to its (H, W) map. Signed maps are drawn red/blue centred at 0
+    (limits at the 99th percentile of ``|map|``); unsigned ones (``signed[name] is False``) from
+    0 upwards. Written atomically like :func:`save_explanation_figure`.
+    """
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+    from matplotlib.figure import Figure
+
+    signed = signed or {}
+    img = _check_inputs(image_uint8_hwc, np.zeros((1, 1)))[0]
+    out = Path(path)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    panels = 1 + len(maps)
+    rows = -(-panels // columns)
+    fig = Figure(figsize=(3.0 * columns, 3.2 * rows), dpi=dpi, layout="constrained")
+    FigureCanvasAgg(fig)
+    axes = np.atleast_1d(fig.subplots(rows, columns)).ravel()
+    height, width = img.shape[:2]
+    extent = (0.0, float(width), float(height), 0.0)
+    axes[0].imshow(img, extent=extent)
+    axes[0].set_title("input")
+    grey = img.astype(np.float64).mean(axis=2)
+    for ax, (name, heatmap) in zip(axes[1:], maps.items(), strict=False):
+        heat = _check_inputs(img, heatmap)[1]
+        limit = symmetric_limit(heat)
+        shown = np.nan_to_num(heat, nan=0.0, posinf=limit, neginf=-limit)
+        ax.imshow(grey, cmap="gray", extent=extent, vmin=0, vmax=255)
+        if signed.get(name, True):
+            ax.imshow(shown, cmap=CMAP, vmin=-limit, vmax=limit, alpha=0.7, extent=extent,
+                      interpolation="nearest")
+        else:
+            ax.imshow(shown, cmap="inferno", vmin=0, vmax=limit, alpha=0.7, extent=extent,
+                      interpolation="nearest")
+        ax.set_title(name)
+    for ax in axes:
+        ax.set_axis_off()
+    fig.suptitle(title)
+    return _atomic_savefig(fig, out)
