@@ -71,10 +71,18 @@ class Rule:
     def on_bias_op(self, op: ops.LinearOp, out: Tensor) -> Tensor:
         return out
 
+    def on_linear_op(self, op: ops.LinearOp, inputs: list[Tensor | None], out: Tensor) -> Tensor:
+        """Called for every recorded linear operation with its input tensors (None for
+        constants) and output, before the output is registered; return the tensor downstream
+        code should see (e.g. ``out`` wrapped in an autograd function with a modified backward,
+        as LRP's layer rules need). Only called when ``wants_linear_ops`` is True."""
+        return out
+
     def on_opaque(self, op: ops.OpaqueOp, out: Tensor) -> None:
         """Called for each operation the engine cannot decompose (plain gradients are fine)."""
 
     wants_bias_ops = False
+    wants_linear_ops = False
     keeps_pfv_values = False  # the rule reads PFV values after the forward pass
     needs_graph = True  # False: nothing is replaced, run the model as it is (fastest)
 
@@ -188,6 +196,7 @@ class Trace:
             on_bias_op=self.rule.on_bias_op if self.rule.wants_bias_ops else None,
             on_opaque=self.rule.on_opaque,
             keep_pfv_values=self.rule.keeps_pfv_values,
+            on_linear_op=self.rule.on_linear_op if self.rule.wants_linear_ops else None,
         )
         self.recorder = recorder
         handles = []

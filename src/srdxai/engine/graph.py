@@ -163,8 +163,10 @@ class Recorder(TorchFunctionMode):
         on_opaque: Callable[[ops.LinearOp, Tensor], None] | None = None,
         strict: bool = False,
         keep_pfv_values: bool = True,
+        on_linear_op: Callable[[ops.LinearOp, list, Tensor], Tensor] | None = None,
     ):
         super().__init__()
+        self.on_linear_op = on_linear_op
         self.keep_pfv_values = keep_pfv_values
         self.on_opaque = on_opaque
         self.strict = strict
@@ -332,6 +334,9 @@ class Recorder(TorchFunctionMode):
                 f"'{op.kind}' producing a tensor of shape {tuple(out.shape)}",
                 "SRD needs (batch, channels, ...) tensors throughout the network.",
             )
+        if self.on_linear_op is not None:
+            out = self.on_linear_op(op, [t if isinstance(t, Tensor) else None for t in inputs],
+                                    out)
         if op.bias is not None and self.on_bias_op is not None:
             out = self.on_bias_op(op, out)
         self._add_node(out, op)
