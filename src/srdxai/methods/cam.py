@@ -1,0 +1,496 @@
+"""Class activation maps: Grad-CAM, Grad-CAM++, XGrad-CAM, LayerCAM, Score-CAM, Ablation-CAM
+and FullGrad.
+
+Notation: ``A`` (N, C, h, w) is the activation at the target ``layer``, ``g = dS/dA`` the
+gradient of the target score ``S`` (a logit, or a callable target's objective) with respect to
+it, sums ``sum_ij`` run over the layer's spatial positions and ``sum_c`` over its channels.
+Every map is
+
+    ``M = upsample(relu(sum_c W_c * A_c))``,
+
+with a method-specific weight ``W`` (per channel, or per channel and position for LayerCAM):
+non-negative (not signed), summed over channels, shape (N, H, W), upsampled bilinearly to the
+input size (``align_corners=False``, which is what OpenCV's ``resize`` does in
+pytorch-grad-cam). FullGrad has its own formula (see :class:`FullGrad`).
+
+``layer`` is a PFV layer as the engine names them (an activation output, or a module whose
+output is one), ``"low"`` (the last spatial activation layer: ResNet ``layer4``, VGG16
+``features.29``: the usual CAM layer) or ``"high"`` (one resolution step finer: ResNet
+``layer3``, VGG16 ``features.22``; the LayerCAM paper's finer layer). A module object of the
+model is accepted too. In pytorch-grad-cam terms the target layer is the module whose output is
+that activation (``model.layer4[-1]`` for ``"low"`` on a ResNet).
+
+Maps are not normalised by default. ``normalize=True`` gives pytorch-grad-cam's per-sample
+min-max scaling ``(m - min m) / (max(m - min m) + 1e-7)``, applied where it applies it (for the
+layer CAMs: on the layer map, and again after upsampling; the first is a positive affine map per
+sample, so it changes the result only through the ``1e-7``), so the maps agree with
+pytorch-grad-cam's to rounding.
+
+Everything runs in torch on the model's device, in the model's dtype; Score-CAM's and
+Ablation-CAM's extra forward passes are batched, ``internal_batch_size`` at a time.
+"""
+
+from __future__ import annotations
+
+import itertools
+from collections.abc import Callable
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+from tqdm import tqdm
+
+from ..engine import ops
+from ..engine.core import Rule, Target, Trace, target_gradient
+from ..engine.graph import Node
+from ..errors import InvalidInputError, UnsupportedOperationError
+from .base import Method, register
+
+Tensor = torch.Tensor
+
+MINMAX_EPS = 1e-7  # pytorch-grad-cam's scale_cam_image
+
+
+# --- shared pieces ---------------------------------------------------------------------------
+
+class _ActivationRule(Rule):
+    """Plain gradients, with the PFV values kept so the layer's activation can be read."""
+
+    keeps_pfv_values = True
+
+
+def _minmax(m: Tensor, eps: float = MINMAX_EPS, dims: int = 1) -> Tensor:
+    """Per-map min-max scaling over all but the first ``dims`` dimensions (pytorch-grad-cam)."""
+    flat = m.flatten(dims)
+    low = flat.amin(-1).reshape(*m.shape[:dims], *([1] * (m.dim() - dims)))
+    shifted = m - low
+    high = shifted.flatten(dims).amax(-1).reshape(low.shape)
+    return shifted / (high + eps)
+
+
+def _upsample(m: Tensor, size: tuple[int, ...], align_corners: bool = False) -> Tensor:
+    """Bilinear (linear, trilinear) upsampling of (B, *spatial) maps to ``size``."""
+    if tuple(m.shape[1:]) == tuple(size):
+        return m
+    mode = {1: "linear", 2: "bilinear", 3: "trilinear"}[len(size)]
+    return F.interpolate(m.unsqueeze(1), size=tuple(size), mode=mode,
+                         align_corners=align_corners)[:, 0]
+
+
+def _spatial_dims(t: Tensor) -> tuple[int, ...]:
+    return tuple(range(2, t.dim()))
+
+
+def _layer_name(model: nn.Module, layer: str | nn.Module) -> str:
+    if isinstance(layer, str):
+        return layer
+    if isinstance(layer, nn.Module):
+        for name, module in model.named_modules():
+            if module is layer:
+                return name
+        raise InvalidInputError("the layer module given is not part of the model.")
+    raise InvalidInputError(
+        f"layer must be a layer name, 'low', 'high' or a module of the model; got {layer!r}.")
+
+
+def _layer_node(trace: Trace, layer: str) -> Node:
+    """The PFV node of ``layer``, which must have spatial dimensions."""
+    if layer in ("low", "high") and not any(n.spatial for n in trace.pfv_layers[1:]):
+        raise InvalidInputError(
+            f"layer='{layer}': the model has no activation layer with spatial dimensions, so "
+            "there is no feature map for a CAM. CAM methods need a convolutional network.")
+    node = trace.find_layer(layer)
+    if not node.spatial:
+        raise InvalidInputError(
+            f"layer '{layer}' (PFV layer '{node.name}', shape {tuple(node.shape)}) has no "
+            "spatial dimensions; CAM methods need a feature map (N, C, H, W) such as a "
+            "convolutional layer's activation, e.g. layer='low'.")
+    return node
+
+
+def _objective(out: Tensor, target: Target, classes: Tensor | None,
+               rows: Tensor | None = None) -> Tensor:
+    """One score per row of ``out``: the target logit, or a callable target's objective.
+
+    ``rows`` maps each row of ``out`` to its sample (for Score-/Ablation-CAM's copies)."""
+    if classes is None:
+        return target(out)
+    c = classes if rows is None else classes[rows]
+    return out.gather(1, c[:, None])[:, 0]
+
+
+class _ReplacingTrace(Trace):
+    """A :class:`Trace` whose ``position``-th activation output is replaced by ``value``.
+
+    Ablation-CAM needs the network after the target layer run on modified activations. The
+    layer is an activation *output*, which is not always a module output (a module called
+    several times, a functional ``relu`` inside a block), so module forward hooks cannot reach
+    it in general. The engine's recorder already numbers every activation call: the k-th call
+    of ``activation_apply`` produces ``pfv_layers[k + 1]``. This trace wraps that callable on
+    its recorder (the engine assigns ``self.recorder`` before running the model, which the
+    property setter below sees) and returns ``value`` from the wanted call. Downstream
+    operations, including in-place ones, then see ``value`` through the engine's ordinary
+    tracking. The engine has no public hook for this; see the report for the one it needs.
+    """
+
+    def __init__(self, model: nn.Module, x: Tensor, rule: Rule, position: int, value: Tensor):
+        self._recorder_ref = None
+        super().__init__(model, x, rule)
+        self._position = position
+        self._value = value
+        self.replaced = False
+
+    @property
+    def recorder(self):  # type: ignore[override]
+        return self._recorder_ref
+
+    @recorder.setter
+    def recorder(self, recorder) -> None:
+        self._recorder_ref = recorder
+        if recorder is None:
+            return
+        apply = recorder.activation_apply
+        counter = itertools.count()
+
+        def replacing(z: Tensor, fn: Callable[[Tensor], Tensor], name: str) -> Tensor:
+            v = apply(z, fn, name)
+            if next(counter) != self._position:
+                return v
+            if v.shape != self._value.shape:
+                raise UnsupportedOperationError(
+                    f"the activation at the ablated layer has shape {tuple(v.shape)} in the "
+                    f"ablation pass but {tuple(self._value.shape)} was expected; the model's "
+                    "control flow depends on the input.")
+            self.replaced = True
+            return self._value.to(dtype=v.dtype)
+
+        recorder.activation_apply = replacing
+
+
+class _LayerCAM(Method):
+    """Shared constructor, layer lookup and post-processing of the layer CAMs."""
+
+    signed = False
+    uses_gradients = True
+
+    def __init__(self, model: nn.Module, layer: str | nn.Module = "low",
+                 batch_size: int | None = None, channels_last: bool | None = None,
+                 normalize: bool = False):
+        super().__init__(model, batch_size=batch_size, channels_last=channels_last)
+        self.layer = _layer_name(model, layer)
+        self.normalize = bool(normalize)
+
+    def attribute(self, inputs: Tensor, target: Target = None) -> Tensor:
+        def one(x: Tensor, t: Target) -> Tensor:
+            return self._with_layout(x, lambda leaf: self._map(leaf, t))
+
+        return self._batched(inputs, target, one)
+
+    def _map(self, x: Tensor, target: Target) -> Tensor:
+        raise NotImplementedError
+
+    def _finish(self, cam: Tensor, size: tuple[int, ...]) -> Tensor:
+        """relu, (min-max), upsample, (min-max): pytorch-grad-cam's post-processing."""
+        cam = cam.clamp_min(0)
+        if self.normalize:
+            cam = _minmax(cam)
+        cam = _upsample(cam, size)
+        if self.normalize:
+            cam = _minmax(cam)
+        return cam.detach().contiguous()
+
+    def _activations(self, x: Tensor, target: Target, grad: bool):
+        """(A, dS/dA or None, model output, target classes or None) at ``self.layer``."""
+        rule = _ActivationRule()
+        with self._guard(), torch.set_grad_enabled(grad), Trace(self.model, x, rule) as trace:
+            out = trace.forward()
+            node = _layer_node(trace, self.layer)
+            a = node.tensor
+            grad_out, classes = target_gradient(out, target)
+            g = None
+            if grad:
+                (g,) = torch.autograd.grad(out, a, grad_out)
+                g = g.detach()
+            return a.detach(), g, out.detach(), classes
+
+
+class _GradientCAM(_LayerCAM):
+    """CAMs computed from one forward and one backward pass to the layer."""
+
+    def _map(self, x: Tensor, target: Target) -> Tensor:
+        a, g, _, _ = self._activations(x, target, grad=True)
+        return self._finish(self._combine(a, g), tuple(x.shape[2:]))
+
+    def _combine(self, a: Tensor, g: Tensor) -> Tensor:
+        """The channel sum ``sum_c W_c A_c`` (N, *spatial), before the relu."""
+        raise NotImplementedError
+
+
+@register("gradcam")
+class GradCAM(_GradientCAM):
+    """Grad-CAM (Selvaraju et al., ICCV 2017).
+
+    ``W_c = mean_ij g_cij`` (global-average-pooled gradient);
+    ``M = upsample(relu(sum_c W_c A_c))``. Not signed (relu), summed over channels, (N, H, W).
+    Options: ``layer`` (default ``"low"``), ``normalize`` (pytorch-grad-cam's min-max scaling).
+    """
+
+    def _combine(self, a: Tensor, g: Tensor) -> Tensor:
+        w = g.mean(_spatial_dims(g), keepdim=True)
+        return (w * a).sum(1)
+
+
+@register("gradcam_pp")
+class GradCAMPlusPlus(_GradientCAM):
+    """Grad-CAM++ (Chattopadhyay et al., WACV 2018), closed form of their Eq. 19.
+
+    ``alpha_cij = g^2 / (2 g^2 + (sum_ij A_cij) g^3 + eps)`` where ``g_cij != 0`` (else 0),
+    ``W_c = sum_ij alpha_cij relu(g_cij)``, ``M = upsample(relu(sum_c W_c A_c))``, with
+    ``g`` the gradient of the score itself (the paper's exponential-score derivation reduced to
+    first derivatives, as every implementation does) and ``eps = 1e-6`` as in pytorch-grad-cam.
+    Not signed, summed over channels, (N, H, W).
+    """
+
+    eps = 1e-6
+
+    def _combine(self, a: Tensor, g: Tensor) -> Tensor:
+        dims = _spatial_dims(g)
+        g2 = g * g
+        g3 = g2 * g
+        total = a.sum(dims, keepdim=True)
+        alpha = g2 / (2 * g2 + total * g3 + self.eps)
+        alpha = torch.where(g != 0, alpha, torch.zeros_like(alpha))
+        w = (g.clamp_min(0) * alpha).sum(dims, keepdim=True)
+        return (w * a).sum(1)
+
+
+@register("xgradcam")
+class XGradCAM(_GradientCAM):
+    """XGrad-CAM (Fu et al., BMVC 2020).
+
+    ``W_c = sum_ij g_cij A_cij / (sum_ij A_cij + eps)`` (``eps = 1e-7`` as in
+    pytorch-grad-cam), ``M = upsample(relu(sum_c W_c A_c))``. Not signed, summed over
+    channels, (N, H, W).
+    """
+
+    eps = 1e-7
+
+    def _combine(self, a: Tensor, g: Tensor) -> Tensor:
+        dims = _spatial_dims(g)
+        w = (g * a / (a.sum(dims, keepdim=True) + self.eps)).sum(dims, keepdim=True)
+        return (w * a).sum(1)
+
+
+@register("layercam")
+class LayerCAM(_GradientCAM):
+    """LayerCAM (Jiang et al., IEEE TIP 2021).
+
+    Per position weights ``W_cij = relu(g_cij)``: ``M = upsample(relu(sum_c relu(g_c) A_c))``.
+    Not signed, summed over channels, (N, H, W). ``layer="high"`` gives the paper's maps
+    from a finer layer.
+    """
+
+    def _combine(self, a: Tensor, g: Tensor) -> Tensor:
+        return (g.clamp_min(0) * a).sum(1)
+
+
+class _PerturbationCAM(_LayerCAM):
+    """Score-CAM and Ablation-CAM: channel weights from extra, batched forward passes."""
+
+    def __init__(self, model: nn.Module, layer: str | nn.Module = "low",
+                 batch_size: int | None = None, channels_last: bool | None = None,
+                 normalize: bool = False, internal_batch_size: int = 64,
+                 progress: bool = False):
+        super().__init__(model, layer=layer, batch_size=batch_size,
+                         channels_last=channels_last, normalize=normalize)
+        if not isinstance(internal_batch_size, int) or internal_batch_size < 1:
+            raise InvalidInputError(
+                f"internal_batch_size must be a positive int, got {internal_batch_size!r}.")
+        self.internal_batch_size = internal_batch_size
+        self.progress = progress
+
+    def _chunks(self, n: int, c: int, device: torch.device):
+        """(sample, channel) index pairs, sample-major, ``internal_batch_size`` at a time."""
+        total = n * c
+        starts = range(0, total, self.internal_batch_size)
+        for start in tqdm(starts, desc=self.name, disable=not self.progress, unit="batch"):
+            flat = torch.arange(start, min(start + self.internal_batch_size, total),
+                                device=device)
+            yield flat // c, flat % c
+
+
+@register("scorecam")
+class ScoreCAM(_PerturbationCAM):
+    """Score-CAM (Wang et al., CVPR-W 2020), in pytorch-grad-cam's form.
+
+    Each channel, upsampled to the input and min-max scaled to [0, 1],
+    ``H_c = (up(A_c) - min) / (max - min + 1e-8)``, masks the input; its weight is the softmax
+    over channels of the masked scores, ``W = softmax_c(S(x * H_c))``;
+    ``M = upsample(relu(sum_c W_c A_c))``. Not signed, summed over channels, (N, H, W).
+
+    As pytorch-grad-cam: the masks are upsampled with ``align_corners=True`` (its
+    ``UpsamplingBilinear2d``), the score is the target logit (not the softmax probability),
+    and there is no baseline subtraction (the paper's ``S(x * H_c) - S(x_b)`` has the same
+    softmax over channels). The N*C masked passes run ``internal_batch_size`` at a time
+    (default 64) on the model's device, masks built per batch.
+    """
+
+    uses_gradients = False
+
+    def _map(self, x: Tensor, target: Target) -> Tensor:
+        a, _, _, classes = self._activations(x, target, grad=False)
+        n, c = a.shape[:2]
+        size = tuple(x.shape[2:])
+        scores = x.new_empty(n, c)
+        xd = x.detach()
+        with self._guard(), torch.no_grad():
+            for rows, channels in self._chunks(n, c, x.device):
+                up = _upsample(a[rows, channels], size, align_corners=True)
+                low = up.flatten(1).amin(1).reshape(-1, *([1] * len(size)))
+                high = up.flatten(1).amax(1).reshape(low.shape)
+                mask = (up - low) / (high - low + 1e-8)
+                out = self.model(xd[rows] * mask.unsqueeze(1))
+                scores[rows, channels] = _objective(out, target, classes, rows).to(x.dtype)
+        w = torch.softmax(scores, dim=1)
+        cam = (w.reshape(n, c, *([1] * len(size))) * a).sum(1)
+        return self._finish(cam, size)
+
+
+@register("ablationcam")
+class AblationCAM(_PerturbationCAM):
+    """Ablation-CAM (Desai & Ramaswamy, WACV 2020).
+
+    ``W_c = (S - S_c) / S`` with ``S_c`` the score when channel ``c`` of the layer's
+    activation is set to zero (the network after the layer rerun on the ablated activation),
+    ``M = upsample(relu(sum_c W_c A_c))``. Not signed, summed over channels, (N, H, W). Where
+    ``S == 0`` the drop ``S - S_c`` is used unscaled; a negative ``S`` flips the weights' sign
+    (as in the paper's formula and pytorch-grad-cam).
+
+    Channels are always ablated to zero, as in the paper. pytorch-grad-cam does the same when
+    the layer's minimum is 0 (the usual ReLU layer) but otherwise writes very negative values
+    (``min - 1e7``, accumulating over its batch), so the two differ on such layers.
+
+    The N*C ablated passes run ``internal_batch_size`` at a time (default 64). Each pass is a
+    recorded forward pass of the whole model whose activation at the layer is replaced (see
+    :class:`_ReplacingTrace`), so the part before the layer is recomputed, as in
+    pytorch-grad-cam.
+    """
+
+    uses_gradients = False
+
+    def _map(self, x: Tensor, target: Target) -> Tensor:
+        rule = _ActivationRule()
+        with self._guard(), torch.no_grad(), Trace(self.model, x, rule) as trace:
+            out = trace.forward()
+            node = _layer_node(trace, self.layer)
+            position = trace.pfv_layers.index(node) - 1  # -1: the input is not an activation
+            a = node.tensor.detach()
+            _, classes = target_gradient(out, target)
+            original = _objective(out.detach(), target, classes)
+            del out
+        n, c = a.shape[:2]
+        ablated = x.new_empty(n, c)
+        xd = x.detach()
+        with self._guard(), torch.no_grad():
+            for rows, channels in self._chunks(n, c, x.device):
+                value = a[rows].clone()
+                value[torch.arange(rows.numel(), device=x.device), channels] = 0
+                if position < 0:  # the layer is the input itself
+                    out = self.model(value)
+                else:
+                    with _ReplacingTrace(self.model, xd[rows], Rule(), position,
+                                         value) as rt:
+                        out = rt.forward()
+                        if not rt.replaced:
+                            raise UnsupportedOperationError(
+                                f"layer '{self.layer}' was not reached in the ablation pass; "
+                                "the model's control flow depends on the input.")
+                ablated[rows, channels] = _objective(out, target, classes, rows).to(x.dtype)
+                del out
+        drop = original[:, None] - ablated
+        scale = torch.where(original != 0, original, torch.ones_like(original))[:, None]
+        w = drop / scale
+        cam = (w.reshape(n, c, *([1] * (a.dim() - 2))) * a).sum(1)
+        return self._finish(cam, tuple(x.shape[2:]))
+
+
+# --- FullGrad --------------------------------------------------------------------------------
+
+class _BiasGradientRule(Rule):
+    """Plain gradients; collects the FullGrad bias maps of every spatial bias operation."""
+
+    wants_bias_ops = True
+
+    def __init__(self) -> None:
+        self.maps: dict[tuple[int, ...], Tensor] = {}  # spatial size -> summed channel maps
+        self.count = 0
+
+    def on_bias_op(self, op: ops.LinearOp, out: Tensor) -> Tensor:
+        if out.dim() > 2 and out.requires_grad:
+            out.register_hook(lambda g, op=op: self._collect(op, g))
+        return out
+
+    def _collect(self, op: ops.LinearOp, grad: Tensor) -> None:
+        with torch.no_grad():
+            bias_grad = (op.bias.to(grad.dtype) * grad).abs()
+            summed = _minmax(bias_grad, dims=2).sum(1)  # per channel, then over channels
+            key = tuple(summed.shape[1:])
+            prev = self.maps.get(key)
+            self.maps[key] = summed if prev is None else prev + summed
+            self.count += 1
+        return None
+
+
+@register("fullgrad")
+class FullGrad(Method):
+    """FullGrad (Srinivas & Fleuret, NeurIPS 2019), post-processed as pytorch-grad-cam.
+
+    ``M = sum_c psi(|x * dS/dx|_c) + sum_l sum_c upsample(psi(|b_lc * dS/db_lc|))``:
+    the input-gradient term plus, for every operation with a bias and a spatial output
+    (convolutions and BatchNorm, whose bias is ``beta - mean * gamma / sqrt(var + eps)``; also
+    constant shifts the engine records), the bias-gradient map ``b * dS/d(output)``. ``psi``
+    is the absolute value followed by min-max scaling per sample *and channel* (eps 1e-7);
+    maps are upsampled bilinearly (``align_corners=False``). Not signed, summed over channels
+    and layers, (N, H, W); ``normalize=True`` scales each map to [0, 1] as pytorch-grad-cam.
+
+    Differences: the authors' code scales per sample over all channels together and upsamples
+    with ``align_corners=True``; pytorch-grad-cam (followed here) scales per channel. It sees
+    only ``Conv2d``/``BatchNorm2d`` modules with a ``bias`` parameter (so not a BatchNorm with
+    ``affine=False``, whose shift ``-mean / sqrt(var + eps)`` is a bias here), and pairs biases
+    with gradients by order, which goes wrong when a block's forward order differs from its
+    modules' registration order. FullGrad has no target layer: ``layer`` must be None.
+    """
+
+    signed = False
+
+    def __init__(self, model: nn.Module, layer: str | None = None,
+                 batch_size: int | None = None, channels_last: bool | None = None,
+                 normalize: bool = False):
+        super().__init__(model, batch_size=batch_size, channels_last=channels_last)
+        if layer is not None:
+            raise InvalidInputError(
+                "FullGrad uses the bias gradients of every layer and has no target layer; "
+                "leave layer=None.")
+        self.normalize = bool(normalize)
+
+    def attribute(self, inputs: Tensor, target: Target = None) -> Tensor:
+        def one(x: Tensor, t: Target) -> Tensor:
+            return self._with_layout(x, lambda leaf: self._map(leaf, t))
+
+        return self._batched(inputs, target, one)
+
+    def _map(self, x: Tensor, target: Target) -> Tensor:
+        rule = _BiasGradientRule()
+        with self._guard(), torch.enable_grad(), Trace(self.model, x, rule) as trace:
+            out = trace.forward()
+            grad_out, _ = target_gradient(out, target)
+            (gx,) = torch.autograd.grad(out, x, grad_out)
+            del out
+        size = tuple(x.shape[2:])
+        with torch.no_grad():
+            cam = _minmax((gx * x).abs(), dims=2).sum(1)
+            for summed in rule.maps.values():  # each size's sum, upsampled once (linear)
+                cam = cam + _upsample(summed, size)
+            if self.normalize:
+                cam = _minmax(cam)
+        return cam.detach().contiguous()
