@@ -29,6 +29,8 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 
+from .channels import channel_dot
+
 Component = Any
 
 
@@ -340,8 +342,8 @@ class ConvOp(_WindowOp):
         elif cin_g < cout_g:
             wg = w.reshape(self.groups, cout_g, cin_g)
             gram = torch.bmm(wg.transpose(1, 2), wg).reshape(self.groups * cin_g, cin_g)
-            sq = (self._conv(xs, gram.reshape(*gram.shape, *ones), groups=self.groups)
-                  * xs).sum(1)
+            sq = channel_dot(self._conv(xs, gram.reshape(*gram.shape, *ones),
+                                        groups=self.groups), xs)
         else:
             out = self._conv(xs, w.reshape(*w.shape, *ones), groups=self.groups)
             return torch.linalg.vector_norm(out, dim=1)

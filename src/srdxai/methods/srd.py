@@ -22,6 +22,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..engine import ops
+from ..engine.channels import channel_dot, channel_weighted_sum
 from ..engine.core import Rule, Target, Trace, true_activation_gradient
 from ..engine.graph import Node
 from ..errors import InvalidInputError, UnsupportedOperationError
@@ -53,7 +54,7 @@ class SRDRule(Rule):
     def activation_backward(self, node, z, v, grad, fn):
         if self.mode == "plain":
             return true_activation_gradient(z, grad, fn)
-        relevance = (v * grad).sum(1)
+        relevance = channel_dot(v, grad)
         self._values.pop(node.index, None)  # every bias op reading this layer is done
         bias = self.bias_relevance.pop(node.index, None)
         if bias is not None:
@@ -90,7 +91,7 @@ class SRDRule(Rule):
             conv = _conv_before(op)
             if conv is not None and conv.bias is not None:
                 bias = bias + conv.bias * op.scale
-        rho = (bias * grad).sum(1)
+        rho = channel_weighted_sum(grad, bias)
         if not torch.any(rho != 0):
             return None
         even = self.trace is not None and op in self.trace.head_ops
@@ -253,7 +254,7 @@ class SRDRule(Rule):
 
 def share_onto(z: Tensor, relevance: Tensor) -> Tensor:
     """``z * R / |z|^2`` per position (0 where ``z`` is the zero vector)."""
-    sq = (z * z).sum(1)
+    sq = channel_dot(z, z)
     ratio = torch.where(sq > 0, relevance / sq.clamp_min(torch.finfo(z.dtype).tiny),
                         torch.zeros_like(relevance))
     return z * ratio.unsqueeze(1)

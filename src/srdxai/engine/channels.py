@@ -1,0 +1,33 @@
+"""Reductions over the channel dimension that stay fast in the channels-last layout.
+
+``(a * b).sum(1)`` on a channels-last tensor allocates a full product and then reduces along
+the innermost memory dimension element by element; as a batched matrix product it is one pass.
+"""
+
+from __future__ import annotations
+
+import torch
+
+Tensor = torch.Tensor
+
+
+def _channels_last(t: Tensor) -> bool:
+    return t.dim() == 4 and t.is_contiguous(memory_format=torch.channels_last) and not (
+        t.is_contiguous())
+
+
+def channel_dot(a: Tensor, b: Tensor) -> Tensor:
+    """``sum_c a[:, c] * b[:, c]`` for two tensors of the same shape: (N, *spatial)."""
+    if a.shape == b.shape and _channels_last(a) and _channels_last(b):
+        return torch.einsum("nchw,nchw->nhw", a, b)
+    return (a * b).sum(1)
+
+
+def channel_weighted_sum(t: Tensor, weights: Tensor) -> Tensor:
+    """``sum_c weights[c] * t[:, c]`` for a per-channel weight vector broadcast as
+    (1, C, 1, ...) or anything broadcastable to ``t``: (N, *spatial)."""
+    per_channel = weights.dim() <= t.dim() and weights.numel() == t.shape[1] and (
+        weights.dim() == 1 or weights.shape[1 if weights.dim() > 1 else 0] == t.shape[1])
+    if per_channel and _channels_last(t):
+        return t.permute(0, 2, 3, 1) @ weights.reshape(-1).to(t.dtype)
+    return (t * weights).sum(1)
