@@ -11,9 +11,11 @@ from .chain_rule import (
     SmoothGrad,
 )
 from .gradient import Gradient
+from .lrp import LRPAlphaBeta, LRPEpsilon, LRPEpsilonGammaBox, LRPEpsilonPlus, LRPZPlus
 from .occlusion import Occlusion
 from .srd import SRD
 
 __all__ = ["METHODS", "Method", "get_method", "register", "SRD", "Gradient", "Saliency",
            "GradientXInput", "IntegratedGradients", "EpsilonLRP", "DeepLiftRescale",
-           "SmoothGrad", "GuidedBackprop", "Occlusion"]
+           "SmoothGrad", "GuidedBackprop", "Occlusion", "LRPAlphaBeta", "LRPEpsilon",
+           "LRPEpsilonGammaBox", "LRPEpsilonPlus", "LRPZPlus"]

@@ -1,0 +1,663 @@
+"""Layer-wise relevance propagation (LRP) composites for CNNs, as one rule on the engine.
+
+Relevance flows as the backward signal, as in zennit: the backward pass starts from the target
+logit (the one-hot target times the model output, zennit's default output attribution) and
+the "gradient" that reaches the input *is* the relevance, so it is not multiplied by the input
+afterwards. What each recorded operation does with the relevance coming from above (``R``):
+
+=========================  ============================================================
+operation                  relevance rule
+=========================  ============================================================
+elementwise activation     *Pass*: ``R`` unchanged (zennit's ``Pass`` for activations)
+convolution / dense layer  a layer rule (below), chosen by the composite
+BatchNorm after a conv or  merged into that layer (zennit's BatchNorm canonizer, done
+dense layer                virtually): the layer rule runs on ``W * scale`` and
+                           ``b * scale + shift`` from the layer's input to the BN output
+other BatchNorm            *Pass*
+residual ``a + b``         *Norm*: ``R_a = a R / s(a + b)``, ``R_b = b R / s(a + b)`` (the
+                           split zennit's ResNet canonizer gets from its ``Sum`` + ``Norm``)
+average pooling (also      *Norm*: ``R_x = x * J^T (R / s(z))``
+adaptive / global)
+max pooling, views,        the gradient (zennit hooks nothing there): max pooling sends
+padding, dropout, other    ``R`` to the arg-max, views re-lay it
+=========================  ============================================================
+
+Layer rules, each exactly zennit's ``BasicHook`` formulation: with the layer input ``x``, its
+positive / negative parts ``x+``, ``x-``, the weights ``W`` (``W+``, ``W-`` their clamped parts),
+bias ``b`` and the stabiliser ``s(z) = z + eps * sign(z)`` (``sign(0) = +1``), ``J_V^T g`` the
+transposed layer with weights ``V`` applied to ``g``:
+
+* ``epsilon``: ``R_x = x * J_W^T (R / s(z))``, ``z`` the layer output (bias included).
+* ``zplus``: ``z = W+ x+ + b+ + W- x-``; ``R_x = x+ J_{W+}^T(R/s(z)) + x- J_{W-}^T(R/s(z))``.
+* ``alpha_beta``: ``alpha`` times the ``zplus`` term minus ``beta`` times its mirror image
+  (``W- x+ + b- + W+ x-`` over its own denominator).
+* ``gamma``: weights ``W + gamma W+`` / ``W + gamma W-`` for the positive / negative outputs
+  (zennit's generalised gamma rule, also for negative inputs).
+* ``zbox`` (first layer): ``z = W x - W+ l - W- h`` (bias cancels);
+  ``R_x = x J_W^T(g) - l J_{W+}^T(g) - h J_{W-}^T(g)``, ``g = R / s(z)``.
+* ``wsquare`` / ``flat`` (first layer): ``R_x = J_V^T (R / s(V 1 + c))`` with ``V = W**2``,
+  ``c = b**2`` / ``V = 1``, ``c = 0``.
+
+The "first layer" is the first convolution or dense layer the forward pass runs (zennit takes
+the first matching module in ``named_modules()`` order; the same layer in every usual CNN).
+Where the two libraries differ on purpose (zennit's merged BatchNorm still divides by
+``sqrt(1 + eps)``; every ``a + b`` of two input-dependent tensors is a residual sum here, while
+zennit needs a canonizer per block class) see ``tests/test_lrp.py``.
+
+Nothing on the user's model is modified: the merges and rules are computed from the recorded
+operations, and the model guard restores the train/eval flags and ``requires_grad``.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+
+from ..engine import ops
+from ..engine.core import Rule, Target, Trace
+from ..errors import InvalidInputError
+from .base import Method, register
+
+Tensor = torch.Tensor
+
+REDUCTIONS = ("sum", "none")
+FIRST_LAYER_RULES = ("zbox", "flat", "wsquare")
+LAYER_RULES = ("epsilon", "zplus", "alpha_beta", "gamma") + FIRST_LAYER_RULES
+
+# ImageNet preprocessing, (pixel in [0, 1] - mean) / std: the default ZBox bounds.
+IMAGENET_MEAN = (0.485, 0.456, 0.406)
+IMAGENET_STD = (0.229, 0.224, 0.225)
+
+
+def stabilize(z: Tensor, eps: float) -> Tensor:
+    """``z + eps * sign(z)`` with ``sign(0) = +1`` (zennit's stabiliser)."""
+    return torch.where(z >= 0, z + eps, z - eps)
+
+
+def ratio(r: Tensor, z: Tensor, eps: float) -> Tensor:
+    """``r / stabilize(z, eps)`` in a single new tensor (bit-identical: ``-2 eps + eps`` and
+    ``0 * -2 eps + eps`` are exact)."""
+    den = (z < 0).to(z.dtype)
+    den.mul_(-2 * eps).add_(eps).add_(z)
+    return torch.div(r, den, out=den)
+
+
+# --- a convolution or dense layer, optionally with a BatchNorm folded in ----------------------
+
+class _Affine:
+    """The affine map of a recorded conv / dense op (BatchNorm merged when given) with the
+    ability to run it with modified weights and to apply its transpose."""
+
+    def __init__(self, op: ops.ConvOp | ops.LinearLayerOp, bn: ops.BatchNormOp | None = None):
+        weight = op.weight
+        bias = None if op.bias is None else op.bias.reshape(-1)
+        if bn is not None:
+            scale = torch.as_tensor(bn.scale).reshape(-1)
+            shift = bn.bias.reshape(-1) if bn.bias is not None else torch.zeros_like(scale)
+            weight = weight * scale.reshape(-1, *([1] * (weight.dim() - 1)))
+            bias = shift if bias is None else bias * scale + shift
+        self.weight, self.bias = weight, bias
+        self.conv = isinstance(op, ops.ConvOp)
+        if self.conv:
+            dims = weight.dim() - 2
+            self.stride = list(op.stride)
+            self.dilation = list(op.dilation)
+            self.groups = op.groups
+            self.zeros = [0] * dims
+            kernel = weight.shape[2:]
+            symmetric = tuple(
+                (i + 2 * p - d * (k - 1) - 1) // s + 1
+                for i, p, d, k, s in zip(op.in_spatial, op.pad_before, op.dilation, kernel,
+                                         op.stride, strict=True))
+            if symmetric == tuple(op.out_spatial):
+                self.padding, self.pads = list(op.pad_before), None
+            else:  # asymmetric ('same' with an even kernel): pad explicitly
+                self.padding = self.zeros
+                pads: list[int] = []
+                for i, p, d, k, s, o in reversed(list(zip(op.in_spatial, op.pad_before,
+                                                          op.dilation, kernel, op.stride,
+                                                          op.out_spatial, strict=True))):
+                    pads += [p, (o - 1) * s + d * (k - 1) + 1 - i - p]
+                self.pads = pads
+
+    def align(self, x: Tensor) -> None:
+        """Lay the weights out like the input (channels-last), once, so that the modified
+        weights derived from them need no conversion in every convolution."""
+        if self.conv and x.dim() == 4 and not x.is_contiguous() and x.is_contiguous(
+            memory_format=torch.channels_last
+        ):
+            self.weight = self.weight.contiguous(memory_format=torch.channels_last)
+
+    def forward(self, x: Tensor, w: Tensor, b: Tensor | None) -> Tensor:
+        if not self.conv:
+            return F.linear(x, w, b)
+        if self.pads is not None:
+            x = F.pad(x, self.pads)
+        return torch.ops.aten.convolution(x, w, b, self.stride, self.padding, self.dilation,
+                                          False, self.zeros, self.groups)
+
+    def transpose(self, g: Tensor, w: Tensor, like: Tensor) -> Tensor:
+        """``J_w^T g``: the gradient of ``forward(x, w)`` w.r.t. ``x`` (shaped like ``like``)."""
+        if not self.conv:
+            return g @ w
+        if self.pads is not None:
+            like = F.pad(like, self.pads)
+        gx = torch.ops.aten.convolution_backward(
+            g, like, w, None, self.stride, self.padding, self.dilation, False, self.zeros,
+            self.groups, [True, False, False])[0]
+        if self.pads is not None:
+            gx = F.pad(gx, [-p for p in self.pads])
+        return gx
+
+
+def _pos(t: Tensor | None) -> Tensor | None:
+    return None if t is None else t.clamp(min=0)
+
+
+def _neg(t: Tensor | None) -> Tensor | None:
+    return None if t is None else t.clamp(max=0)
+
+
+def _nonnegative(x: Tensor) -> bool:
+    """True when ``x`` has no negative entry (ReLU outputs): the ``x-`` terms then vanish
+    exactly, which halves the work of the sign-splitting rules."""
+    return bool((x.amin() >= 0).item()) if x.numel() else True
+
+
+# --- layer rules ----------------------------------------------------------------------------
+
+@dataclass(frozen=True, eq=False)
+class LayerRule:
+    """One of zennit's layer rules with its parameters (see the module docstring)."""
+
+    name: str
+    epsilon: float = 1e-6  # the stabiliser (zennit: ``epsilon`` for Epsilon, else ``stabilizer``)
+    alpha: float = 2.0
+    beta: float = 1.0
+    gamma: float = 0.25
+    low: Any = None
+    high: Any = None
+
+    @property
+    def needs_z(self) -> bool:
+        return self.name in ("epsilon", "gamma", "zbox")
+
+    def relevance(self, layer: _Affine, x: Tensor, z: Tensor | None, r: Tensor) -> Tensor:
+        """The relevance of the layer input ``x`` given the relevance ``r`` of its output
+        ``z`` (``z`` only for rules with ``needs_z``)."""
+        layer.align(x)
+        return getattr(self, "_" + self.name)(layer, x, z, r)
+
+    # Each method below is zennit's BasicHook for that rule, in closed form; ``T`` is the
+    # transposed layer. Tensors returned by ``layer.transpose`` are fresh, so they are scaled
+    # in place.
+    def _epsilon(self, layer, x, z, r):
+        return layer.transpose(ratio(r, z, self.epsilon), layer.weight, x).mul_(x)
+
+    def _zplus(self, layer, x, z, r):
+        w, b, eps = layer.weight, layer.bias, self.epsilon
+        wp = w.clamp(min=0)
+        if _nonnegative(x):
+            s = ratio(r, layer.forward(x, wp, _pos(b)), eps)
+            return layer.transpose(s, wp, x).mul_(x)
+        wn, xp, xn = w.clamp(max=0), x.clamp(min=0), x.clamp(max=0)
+        s = ratio(r, layer.forward(xp, wp, _pos(b)) + layer.forward(xn, wn, None), eps)
+        return layer.transpose(s, wp, x).mul_(xp).add_(layer.transpose(s, wn, x).mul_(xn))
+
+    def _alpha_beta(self, layer, x, z, r):
+        w, b, eps = layer.weight, layer.bias, self.epsilon
+        wp, wn = w.clamp(min=0), w.clamp(max=0)
+        if _nonnegative(x):
+            sp = ratio(r, layer.forward(x, wp, _pos(b)), eps)
+            sn = ratio(r, layer.forward(x, wn, _neg(b)), eps)
+            positive = layer.transpose(sp, wp, x).mul_(self.alpha)
+            return positive.sub_(layer.transpose(sn, wn, x).mul_(self.beta)).mul_(x)
+        xp, xn = x.clamp(min=0), x.clamp(max=0)
+        sp = ratio(r, layer.forward(xp, wp, _pos(b)) + layer.forward(xn, wn, None), eps)
+        sn = ratio(r, layer.forward(xp, wn, _neg(b)) + layer.forward(xn, wp, None), eps)
+        positive = layer.transpose(sp, wp, x).mul_(xp).add_(layer.transpose(sp, wn, x).mul_(xn))
+        negative = layer.transpose(sn, wn, x).mul_(xp).add_(layer.transpose(sn, wp, x).mul_(xn))
+        return positive.mul_(self.alpha).sub_(negative.mul_(self.beta))
+
+    def _gamma(self, layer, x, z, r):
+        w, b, g, eps = layer.weight, layer.bias, self.gamma, self.epsilon
+        wp, wn = w + g * w.clamp(min=0), w + g * w.clamp(max=0)
+        bp = None if b is None else b + g * b.clamp(min=0)
+        bn = None if b is None else b + g * b.clamp(max=0)
+        # zennit: the positive (negative) part of the relevance goes only to outputs z > 0 (< 0)
+        rp, rn = (z > 0).to(r.dtype).mul_(r), (z < 0).to(r.dtype).mul_(r)
+        if _nonnegative(x):
+            gp = ratio(rp, layer.forward(x, wp, bp), eps)
+            gn = ratio(rn, layer.forward(x, wn, bn), eps)
+            return layer.transpose(gp, wp, x).add_(layer.transpose(gn, wn, x)).mul_(x)
+        xp, xn = x.clamp(min=0), x.clamp(max=0)
+        gp = ratio(rp, layer.forward(xp, wp, bp) + layer.forward(xn, wn, None), eps)
+        gn = ratio(rn, layer.forward(xp, wn, bn) + layer.forward(xn, wp, None), eps)
+        inputs_pos = layer.transpose(gp, wp, x).add_(layer.transpose(gn, wn, x)).mul_(xp)
+        inputs_neg = layer.transpose(gp, wn, x).add_(layer.transpose(gn, wp, x)).mul_(xn)
+        return inputs_pos.add_(inputs_neg)
+
+    def _zbox(self, layer, x, z, r):
+        w, b = layer.weight, layer.bias
+        wp, wn = w.clamp(min=0), w.clamp(max=0)
+        low, high = _bound(self.low, x), _bound(self.high, x)
+        zz = z - (layer.forward(low, wp, _pos(b)) + layer.forward(high, wn, _neg(b)))
+        s = ratio(r, zz, self.epsilon)
+        bounds = layer.transpose(s, wp, x).mul_(low).add_(layer.transpose(s, wn, x).mul_(high))
+        return layer.transpose(s, w, x).mul_(x).sub_(bounds)
+
+    def _wsquare(self, layer, x, z, r):
+        w2 = layer.weight * layer.weight
+        b2 = None if layer.bias is None else layer.bias * layer.bias
+        ones = torch.ones_like(x)
+        return layer.transpose(ratio(r, layer.forward(ones, w2, b2), self.epsilon), w2, ones)
+
+    def _flat(self, layer, x, z, r):
+        w1 = torch.ones_like(layer.weight)
+        ones = torch.ones_like(x)
+        return layer.transpose(ratio(r, layer.forward(ones, w1, None), self.epsilon), w1, ones)
+
+
+def _bound(value: Any, x: Tensor) -> Tensor:
+    """A ZBox bound broadcast to ``x``: a number, a per-channel vector ``(C,)``, or a tensor
+    that broadcasts to one sample (e.g. ``(1, C, 1, 1)``) or to the batch."""
+    t = torch.as_tensor(value, dtype=x.dtype, device=x.device)
+    if t.dim() == 1 and t.numel() == x.shape[1] and x.dim() > 2:
+        t = t.reshape(1, -1, *([1] * (x.dim() - 2)))
+    try:
+        return torch.broadcast_to(t, x.shape)
+    except RuntimeError:
+        raise InvalidInputError(
+            f"the ZBox bound of shape {tuple(t.shape)} does not broadcast to the first layer's "
+            f"input {tuple(x.shape)}; give a number, one value per channel, or a tensor like "
+            "(1, C, 1, 1).") from None
+
+
+# --- autograd functions: the value passes, the backward is the relevance rule -----------------
+
+class _LayerRelevance(torch.autograd.Function):
+    """Output of a conv / dense layer; backward: its layer rule."""
+
+    @staticmethod
+    def forward(ctx, x, holder, spec):  # type: ignore[override]
+        value = holder[0]
+        ctx.set_materialize_grads(False)
+        ctx.spec = spec
+        rule = spec.rule
+        ctx.save_for_backward(x, value if rule.needs_z else None)
+        return value
+
+    @staticmethod
+    def backward(ctx, r):  # type: ignore[override]
+        if r is None:  # merged into the BatchNorm that follows: nothing comes through here
+            return None, None, None
+        x, z = ctx.saved_tensors
+        spec = ctx.spec
+        return spec.rule.relevance(_Affine(spec.op), x, z, r), None, None
+
+
+class _MergedRelevance(torch.autograd.Function):
+    """Output of a BatchNorm that follows a conv / dense layer: the layer rule runs on the
+    merged weights from the layer's input ``x``, if the layer's output feeds only this
+    BatchNorm (checked on the complete graph at backward time); otherwise the BatchNorm
+    passes the relevance (zennit's ``Pass``) and the layer applies its own rule."""
+
+    @staticmethod
+    def forward(ctx, x, layer_out, holder, spec):  # type: ignore[override]
+        value = holder[0]
+        ctx.spec = spec
+        rule = spec.rule
+        ctx.save_for_backward(x, value if rule.needs_z else None)
+        return value
+
+    @staticmethod
+    def backward(ctx, r):  # type: ignore[override]
+        spec = ctx.spec
+        node = spec.bn.inputs[0]
+        if node is None or len(node.consumers) != 1:
+            return None, r, None, None
+        x, z = ctx.saved_tensors
+        return spec.rule.relevance(_Affine(spec.op, spec.bn), x, z, r), None, None, None
+
+
+class _Pass(torch.autograd.Function):
+    """zennit's ``Pass``: the relevance goes to the input unchanged (unmerged BatchNorm)."""
+
+    @staticmethod
+    def forward(ctx, x, holder):  # type: ignore[override]
+        return holder[0]
+
+    @staticmethod
+    def backward(ctx, r):  # type: ignore[override]
+        return r, None
+
+
+class _SumNorm(torch.autograd.Function):
+    """zennit's ``Norm`` on ``z = ca*a + cb*b``: ``R_a = ca a R / s(z)``, likewise ``R_b``."""
+
+    @staticmethod
+    def forward(ctx, a, b, holder, coefficients, eps):  # type: ignore[override]
+        value = holder[0]
+        ctx.coefficients, ctx.eps = coefficients, eps
+        ctx.save_for_backward(a, b, value)
+        return value
+
+    @staticmethod
+    def backward(ctx, r):  # type: ignore[override]
+        a, b, z = ctx.saved_tensors
+        s = ratio(r, z, ctx.eps)
+        ca, cb = ctx.coefficients
+        ra = a * s if ca == 1 else (ca * a) * s
+        rb = b * s if cb == 1 else (cb * b) * s
+        return ra, rb, None, None, None
+
+
+class _GlobalPoolNorm(torch.autograd.Function):
+    """``Norm`` on a global average pool: ``R_x = x * (R / s(z)) / n``."""
+
+    @staticmethod
+    def forward(ctx, x, holder, eps):  # type: ignore[override]
+        value = holder[0]
+        ctx.eps = eps
+        ctx.save_for_backward(x, value)
+        return value
+
+    @staticmethod
+    def backward(ctx, r):  # type: ignore[override]
+        x, z = ctx.saved_tensors
+        n, c = x.shape[:2]
+        positions = math.prod(x.shape[2:])
+        s = ratio(r, z, ctx.eps).reshape(n, c, *([1] * (x.dim() - 2))).div_(positions)
+        return x * s, None, None
+
+
+class _GraphNorm(torch.autograd.Function):
+    """``Norm`` on any linear op (average pooling): ``R_x = x * J^T (R / s(z))`` with ``J^T``
+    the op's own backward, from the original (undetached) output's graph."""
+
+    @staticmethod
+    def forward(ctx, x, holder, eps):  # type: ignore[override]
+        value, original = holder
+        ctx.eps, ctx.original = eps, original
+        ctx.save_for_backward(x, value)
+        return value
+
+    @staticmethod
+    def backward(ctx, r):  # type: ignore[override]
+        x, z = ctx.saved_tensors
+        original, ctx.original = ctx.original, None
+        s = ratio(r, z, ctx.eps)
+        with torch.enable_grad():
+            (jt,) = torch.autograd.grad(original, x, s)
+        return jt.mul_(x), None, None
+
+
+# --- the rule on the engine -----------------------------------------------------------------
+
+@dataclass
+class _LayerSpec:
+    op: Any
+    rule: LayerRule
+    bn: Any = None
+
+
+@dataclass
+class LRPConfig:
+    """Which layer rule goes where (see :class:`LRPComposite`)."""
+
+    conv: LayerRule
+    dense: LayerRule
+    first: LayerRule | None = None
+    stabilizer: float = 1e-6  # for Norm (average pooling, residual sums)
+
+
+class LRPRule(Rule):
+    """LRP on the engine: activations pass relevance, linear ops get their layer rules."""
+
+    wants_linear_ops = True
+    keeps_pfv_values = False
+
+    def __init__(self, config: LRPConfig):
+        self.config = config
+        self._first_seen = False
+        # id(conv / dense op) -> (its input, its rule), for a BatchNorm that follows; forward only
+        self._layers: dict[int, tuple[Tensor, LayerRule]] = {}
+
+    def reset(self) -> None:
+        """Forget the forward pass's tensors (call after it, and on errors)."""
+        self._layers.clear()
+
+    def activation_backward(self, node, z, v, grad, fn):
+        return grad
+
+    def on_linear_op(self, op, inputs, out):
+        with torch._C.DisableTorchFunction():
+            return self._wrap(op, inputs, out)
+
+    def _wrap(self, op: ops.LinearOp, inputs: list[Tensor | None], out: Tensor) -> Tensor:
+        cfg = self.config
+        if isinstance(op, ops.ConvOp | ops.LinearLayerOp):
+            x = inputs[0]
+            if x is None:
+                return out
+            rule = cfg.conv if isinstance(op, ops.ConvOp) else cfg.dense
+            if not self._first_seen:
+                self._first_seen = True
+                rule = cfg.first or rule
+            self._layers[id(op)] = (x, rule)
+            return _LayerRelevance.apply(x, [out.detach()], _LayerSpec(op, rule))
+        if isinstance(op, ops.BatchNormOp):
+            x = inputs[0]
+            src = op.inputs[0]
+            layer = None if src is None else src.producer
+            if x is None:
+                return out
+            if layer is not None and id(layer) in self._layers:
+                layer_x, rule = self._layers[id(layer)]
+                return _MergedRelevance.apply(layer_x, x, [out.detach()],
+                                              _LayerSpec(layer, rule, op))
+            return _Pass.apply(x, [out.detach()])
+        if isinstance(op, ops.AddOp):
+            a, b = inputs
+            if a is None or b is None:
+                return out
+            return _SumNorm.apply(a, b, [out.detach()], tuple(op.coefficients), cfg.stabilizer)
+        if isinstance(op, ops.GlobalAvgPoolOp):
+            if inputs[0] is None:
+                return out
+            return _GlobalPoolNorm.apply(inputs[0], [out.detach()], cfg.stabilizer)
+        if isinstance(op, ops.AvgPoolOp):
+            if inputs[0] is None:
+                return out
+            return _GraphNorm.apply(inputs[0], [out.detach(), out], cfg.stabilizer)
+        return out  # max pooling, views, padding, dropout, constant scales: the gradient
+
+
+# --- the methods ----------------------------------------------------------------------------
+
+class LRPComposite(Method):
+    """Shared machinery of the LRP composites; subclasses set the layer rules.
+
+    Options: ``epsilon`` (the Epsilon rule's stabiliser, default 1e-6 as zennit),
+    ``stabilizer`` (every other rule's, 1e-6), ``gamma`` (0.25), ``alpha``/``beta`` (2, 1),
+    ``first_layer`` (``"zbox"``, ``"flat"``, ``"wsquare"`` or None: the rule of the first
+    conv / dense layer the input meets), ``low``/``high`` (ZBox bounds in the first layer's
+    input space: numbers, one value per channel or a broadcastable tensor; default the
+    ImageNet-normalised pixel range ``((0 - mean) / std, (1 - mean) / std)`` per channel),
+    ``channel_reduce`` (``"sum"``: (N, H, W); ``"none"``: (N, C, H, W)).
+
+    A callable target is seeded with ``d objective / d output * output``.
+    """
+
+    conv_rule = "zplus"
+    dense_rule = "epsilon"
+    default_first_layer: str | None = None
+    signed = True
+
+    def __init__(self, model, epsilon: float = 1e-6, stabilizer: float = 1e-6,
+                 gamma: float = 0.25, alpha: float = 2.0, beta: float = 1.0,
+                 first_layer: str | None = "default", low: Any = None, high: Any = None,
+                 channel_reduce: str | None = None, batch_size: int | None = None,
+                 channels_last: bool | None = None):
+        super().__init__(model, batch_size=batch_size, channels_last=channels_last)
+        reduce = channel_reduce or "sum"
+        if reduce not in REDUCTIONS:
+            raise InvalidInputError(
+                f"channel_reduce must be one of {REDUCTIONS}, got {channel_reduce!r}.")
+        if first_layer == "default":
+            first_layer = self.default_first_layer
+        if first_layer is not None and first_layer not in FIRST_LAYER_RULES:
+            raise InvalidInputError(
+                f"first_layer must be one of {FIRST_LAYER_RULES} or None, got {first_layer!r}.")
+        if not epsilon >= 0:
+            raise InvalidInputError(f"epsilon must be >= 0, got {epsilon}.")
+        if not stabilizer > 0:
+            raise InvalidInputError(f"stabilizer must be > 0, got {stabilizer}.")
+        if not gamma >= 0:
+            raise InvalidInputError(f"gamma must be >= 0, got {gamma}.")
+        if alpha < 0 or beta < 0 or abs(alpha - beta - 1) > 1e-12:
+            raise InvalidInputError(
+                f"alpha and beta must be >= 0 with alpha - beta = 1, got {alpha}, {beta}.")
+        if (low is None) != (high is None):
+            raise InvalidInputError("give both low and high for the ZBox rule, or neither.")
+        self.channel_reduce = reduce
+        self.first_layer = first_layer
+        self.epsilon, self.stabilizer = epsilon, stabilizer
+        self.gamma, self.alpha, self.beta = gamma, alpha, beta
+        self.low, self.high = low, high
+
+    def _layer_rule(self, name: str, low: Any = None, high: Any = None) -> LayerRule:
+        eps = self.epsilon if name == "epsilon" else self.stabilizer
+        return LayerRule(name, epsilon=eps, alpha=self.alpha, beta=self.beta, gamma=self.gamma,
+                         low=low, high=high)
+
+    def _config(self, x: Tensor) -> LRPConfig:
+        first = None
+        if self.first_layer is not None:
+            low, high = self.low, self.high
+            if self.first_layer == "zbox" and low is None:
+                if x.shape[1] != 3:
+                    raise InvalidInputError(
+                        "the ZBox rule needs the input range: pass low= and high= (the default "
+                        "is the ImageNet-normalised range of 3-channel images).")
+                mean = torch.tensor(IMAGENET_MEAN, dtype=x.dtype, device=x.device)
+                std = torch.tensor(IMAGENET_STD, dtype=x.dtype, device=x.device)
+                low, high = (0 - mean) / std, (1 - mean) / std
+            first = self._layer_rule(self.first_layer, low, high)
+        return LRPConfig(conv=self._layer_rule(self.conv_rule),
+                         dense=self._layer_rule(self.dense_rule), first=first,
+                         stabilizer=self.stabilizer)
+
+    def _reduce(self, relevance: Tensor) -> Tensor:
+        if self.channel_reduce == "none":
+            return relevance.contiguous()
+        return relevance.sum(1).contiguous()
+
+    def relevance(self, x: Tensor, target: Target) -> Tensor:
+        """Input relevance ``(N, C, ...)`` for one chunk (no batching, no reduction)."""
+        config = self._config(x)
+
+        def run(leaf: Tensor) -> Tensor:
+            rule = LRPRule(config)
+            try:
+                with self._guard(), torch.enable_grad(), Trace(self.model, leaf, rule) as trace:
+                    out = trace.forward()
+                    rule.reset()
+                    grad_out, _ = self._target_gradient(out, target)
+                    seed = grad_out * out.detach()
+                    (rel,) = torch.autograd.grad(out, leaf, seed, allow_unused=True)
+                    del out
+            finally:
+                rule.reset()
+            if rel is None:
+                return torch.zeros_like(leaf).contiguous()
+            return rel.detach().contiguous()
+
+        return self._with_layout(x, run)
+
+    def attribute(self, inputs: Tensor, target: Target = None) -> Tensor:
+        return self._batched(inputs, target,
+                             lambda x, t: self._reduce(self.relevance(x, t)))
+
+
+@register("lrp_epsilon_plus")
+class LRPEpsilonPlus(LRPComposite):
+    """LRP EpsilonPlus (zennit's composite): z+ for convolutions, epsilon for dense layers.
+
+    Rules per layer type: convolutions z+; dense layers epsilon (``epsilon``, 1e-6); average
+    pooling and residual sums Norm; activations and unmerged BatchNorm Pass (a BatchNorm
+    after a conv / dense layer is merged into it); max pooling, views and padding the
+    gradient. ``first_layer="flat"`` gives zennit's EpsilonPlusFlat. Signed; channels summed
+    to (N, H, W) (``channel_reduce="none"``: (N, C, H, W)).
+    """
+
+    conv_rule = "zplus"
+    dense_rule = "epsilon"
+
+
+@register("lrp_epsilon_gamma_box")
+class LRPEpsilonGammaBox(LRPComposite):
+    """LRP EpsilonGammaBox (zennit's composite): ZBox first layer, gamma convs, epsilon dense.
+
+    Rules per layer type: the first conv / dense layer ZBox (``low``, ``high``: default the
+    ImageNet-normalised pixel range); other convolutions gamma (``gamma``, 0.25); dense layers
+    epsilon (``epsilon``, 1e-6); average pooling and residual sums Norm; activations and
+    unmerged BatchNorm Pass (a BatchNorm after a conv / dense layer is merged into it); max
+    pooling, views and padding the gradient. Signed; channels summed to (N, H, W)
+    (``channel_reduce="none"``: (N, C, H, W)).
+    """
+
+    conv_rule = "gamma"
+    dense_rule = "epsilon"
+    default_first_layer = "zbox"
+
+
+@register("lrp_zplus")
+class LRPZPlus(LRPComposite):
+    """LRP-z+ (the SRD paper's baseline): z+ for every convolution and dense layer.
+
+    Rules per layer type: convolutions and dense layers z+ (zennit's ``ZPlus`` hook on both;
+    zennit ships no such composite); average pooling and residual sums Norm; activations and
+    unmerged BatchNorm Pass (a BatchNorm after a conv / dense layer is merged into it); max
+    pooling, views and padding the gradient. Signed (negative only through negative inputs of
+    the first layer or a negative target logit); channels summed to (N, H, W)
+    (``channel_reduce="none"``: (N, C, H, W)).
+    """
+
+    conv_rule = "zplus"
+    dense_rule = "zplus"
+
+
+@register("lrp_alpha_beta")
+class LRPAlphaBeta(LRPComposite):
+    """LRP alpha-beta (zennit's EpsilonAlpha2Beta1): alpha-beta convs, epsilon dense layers.
+
+    Rules per layer type: convolutions alpha-beta (``alpha=2``, ``beta=1``; alpha - beta must
+    be 1); dense layers epsilon (``epsilon``, 1e-6); average pooling and residual sums Norm;
+    activations and unmerged BatchNorm Pass (a BatchNorm after a conv / dense layer is merged
+    into it); max pooling, views and padding the gradient. Signed; channels summed to
+    (N, H, W) (``channel_reduce="none"``: (N, C, H, W)).
+    """
+
+    conv_rule = "alpha_beta"
+    dense_rule = "epsilon"
+
+
+@register("lrp_epsilon")
+class LRPEpsilon(LRPComposite):
+    """LRP-epsilon with layer rules: epsilon for every convolution and dense layer.
+
+    Rules per layer type: convolutions and dense layers epsilon (``epsilon``, 1e-6; a
+    BatchNorm after a conv / dense layer is merged into it, so its shift counts as bias);
+    average pooling and residual sums Norm; activations and unmerged BatchNorm Pass; max
+    pooling, views and padding the gradient. Unlike ``epsilon_lrp`` (the modified chain rule,
+    which stabilises at the activations) this is zennit's per-layer Epsilon hook. Signed;
+    channels summed to (N, H, W) (``channel_reduce="none"``: (N, C, H, W)).
+    """
+
+    conv_rule = "epsilon"
+    dense_rule = "epsilon"
