@@ -1,6 +1,7 @@
 """Attribution methods, each a small rule on the shared engine."""
 
 from .base import METHODS, Method, get_method, register
+from .cam import AblationCAM, FullGrad, GradCAM, GradCAMPlusPlus, LayerCAM, ScoreCAM, XGradCAM
 from .chain_rule import (
     DeepLiftRescale,
     EpsilonLRP,
@@ -18,4 +19,5 @@ from .srd import SRD
 __all__ = ["METHODS", "Method", "get_method", "register", "SRD", "Gradient", "Saliency",
            "GradientXInput", "IntegratedGradients", "EpsilonLRP", "DeepLiftRescale",
            "SmoothGrad", "GuidedBackprop", "Occlusion", "LRPAlphaBeta", "LRPEpsilon",
-           "LRPEpsilonGammaBox", "LRPEpsilonPlus", "LRPZPlus"]
+           "LRPEpsilonGammaBox", "LRPEpsilonPlus", "LRPZPlus", "GradCAM", "GradCAMPlusPlus",
+           "XGradCAM", "LayerCAM", "ScoreCAM", "AblationCAM", "FullGrad"]

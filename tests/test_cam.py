@@ -1,0 +1,441 @@
+"""CAM methods: cross-checks against pytorch-grad-cam, invariances, ablation at any PFV layer,
+clear errors.
+
+Cross-checks compare ``normalize=True`` maps with pytorch-grad-cam's on the same model, inputs,
+targets and target layer (pytorch-grad-cam's target layer is the module whose output is our PFV
+layer, e.g. ``model.layer4[-1]`` for ResNet ``"low"``). The measure is
+``max |ours - theirs| / max |theirs|`` and must stay below 1e-5: our maps are float64,
+pytorch-grad-cam casts each layer map to float32 before resizing (relative rounding 6e-8; its
+FullGrad sums thousands of such maps, then min-max scales a map with a large offset, see
+:func:`fullgrad_amplification`) and computes Score-CAM and Ablation-CAM scores in float32.
+
+Intended differences, tested separately here rather than against pytorch-grad-cam:
+* Ablation-CAM always ablates a channel to 0 (the paper). pytorch-grad-cam does so only when the
+  layer's minimum is 0 (the ReLU layers used in the cross-check, asserted there) and otherwise
+  writes ``min - 1e7`` values; :func:`test_ablationcam_non_relu_layer_zeroes_channels` checks
+  ours against an independent hook-based ablation on a SiLU layer.
+* FullGrad: pytorch-grad-cam pairs bias vectors with the gradients it recorded by position,
+  which goes wrong when a block runs its modules in another order than it registered them
+  (our ResNet18 BasicBlock computes the shortcut first, unlike torchvision's): there it gives a
+  different map (``ResNetLike``'s shortcut order even makes it crash on a shape mismatch).
+  :func:`test_fullgrad_matches_grad_cam_only_when_forward_order_matches_registration` shows
+  both.
+"""
+
+from __future__ import annotations
+
+import copy
+
+import pytest
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+import srdxai
+import srdxai.methods.cam  # noqa: F401  registers the CAM methods
+from small_models import build_model, randomize_bn
+from srdxai.errors import InvalidInputError
+from srdxai.methods.base import METHODS
+from srdxai.methods.cam import _minmax
+from srdxai.models.torchvision_arch import BasicBlock, resnet18, resnet50
+
+CAMS = ("gradcam", "gradcam_pp", "xgradcam", "layercam", "scorecam", "ablationcam", "fullgrad")
+GRADIENT_CAMS = {"gradcam": "GradCAM", "gradcam_pp": "GradCAMPlusPlus", "xgradcam": "XGradCAM",
+                 "layercam": "LayerCAM"}
+TOLERANCE = 1e-5
+
+
+# --- pytorch-grad-cam ------------------------------------------------------------------------
+
+@pytest.fixture(scope="module")
+def pgc():
+    """pytorch_grad_cam, imported after the torchvision shim (skip if unavailable)."""
+    try:
+        from _compat import import_torchvision
+
+        import_torchvision()
+        import pytorch_grad_cam
+        from pytorch_grad_cam.utils.model_targets import ClassifierOutputTarget  # noqa: F401
+    except ImportError as error:
+        pytest.skip(f"pytorch-grad-cam (package grad-cam) is not usable here: {error}")
+    return pytorch_grad_cam
+
+
+def theirs(pgc, cls_name: str, model: nn.Module, layers: list[nn.Module], x: torch.Tensor,
+           targets: list[int], batch_size: int | None = None) -> torch.Tensor:
+    from pytorch_grad_cam.utils.model_targets import ClassifierOutputTarget
+
+    model = copy.deepcopy(model)  # pytorch-grad-cam accumulates parameter gradients
+    layers = [model.get_submodule(name) for name in layers]
+    cam = getattr(pgc, cls_name)(model=model, target_layers=layers)
+    if batch_size is not None:
+        cam.batch_size = batch_size  # Score-CAM's / Ablation-CAM's chunk (speed only)
+    try:
+        maps = cam(input_tensor=x.clone(), targets=[ClassifierOutputTarget(int(t))
+                                                    for t in targets])
+    finally:
+        cam.activations_and_grads.release()
+    return torch.from_numpy(maps)
+
+
+def ours(name: str, model: nn.Module, x: torch.Tensor, targets, **options) -> torch.Tensor:
+    return METHODS[name](model, normalize=True, **options).attribute(x, targets)
+
+
+def relative(a: torch.Tensor, b: torch.Tensor) -> float:
+    return float((a - b.to(a.dtype)).abs().max() / b.abs().max())
+
+
+def small(name: str, act: str = "relu", seed: int = 3) -> nn.Module:
+    return build_model(name, act=act, seed=seed)
+
+
+def torchvision_resnet(arch=resnet18, seed: int = 0) -> nn.Module:
+    torch.manual_seed(seed)
+    return randomize_bn(arch(10), seed + 1).double().eval()
+
+
+def inputs(n: int, h: int, w: int, seed: int = 0) -> torch.Tensor:
+    g = torch.Generator().manual_seed(seed)
+    return torch.randn(n, 3, h, w, generator=g, dtype=torch.float64)
+
+
+# (model factory, our layer, pytorch-grad-cam's target module, input size); non-square inputs
+# catch height/width swaps in the resizing.
+GRADIENT_CASES = {
+    "resnet18-low": (torchvision_resnet, "low", "layer4.1", (64, 80)),
+    "resnet18-high": (torchvision_resnet, "high", "layer3.1", (64, 80)),
+    "resnet18-module-name": (torchvision_resnet, "layer4", "layer4.1", (64, 80)),
+    "poolnet-act4": (lambda: small("PoolNet"), "act4", "act4", (12, 16)),
+    "poolnet-high": (lambda: small("PoolNet"), "high", "act3", (12, 16)),
+    "resnetlike-low": (lambda: small("ResNetLike"), "low", "layer2", (12, 16)),
+    "depthwise-low-silu": (lambda: small("DepthwiseNet", "silu"), "low", "act3", (12, 16)),
+}
+
+
+@pytest.mark.parametrize("case", sorted(GRADIENT_CASES))
+@pytest.mark.parametrize("name", sorted(GRADIENT_CAMS))
+def test_gradient_cams_match_grad_cam(pgc, name, case):
+    factory, layer, module, (h, w) = GRADIENT_CASES[case]
+    model = factory()
+    x = inputs(3, h, w)
+    targets = [1, 4, 2]
+    a = ours(name, model, x, targets, layer=layer)
+    b = theirs(pgc, GRADIENT_CAMS[name], model, [module], x, targets)
+    assert a.shape == b.shape == (3, h, w)
+    assert relative(a, b) < TOLERANCE
+
+
+def test_layer_can_be_given_as_a_module():
+    model = torchvision_resnet()
+    x = inputs(2, 32, 32)
+    by_module = METHODS["gradcam"](model, layer=model.layer3).attribute(x, [0, 1])
+    by_name = METHODS["gradcam"](model, layer="high").attribute(x, [0, 1])
+    torch.testing.assert_close(by_module, by_name, rtol=0, atol=0)
+
+
+@pytest.mark.parametrize("case", ["PoolNet", "PlainNet", "ResNetLike", "resnet18"])
+def test_scorecam_matches_grad_cam(pgc, case):
+    if case == "resnet18":  # 'high': layer3, 256 channels, so 256 masked passes
+        model, layer, module, x = torchvision_resnet(), "high", "layer3.1", inputs(1, 32, 40)
+    else:
+        model, layer = small(case), "low"
+        module = {"PoolNet": "act4", "PlainNet": "act2", "ResNetLike": "layer2"}[case]
+        x = inputs(3, 12, 16)
+    targets = [1, 4, 2][: x.shape[0]]
+    a = ours("scorecam", model, x, targets, layer=layer)
+    b = theirs(pgc, "ScoreCAM", model, [module], x, targets, batch_size=64)
+    assert relative(a, b) < TOLERANCE
+
+
+def _activation(model: nn.Module, module: str, x: torch.Tensor) -> torch.Tensor:
+    seen = []
+    handle = model.get_submodule(module).register_forward_hook(
+        lambda m, i, o: seen.append(o.detach().clone()))
+    with torch.no_grad():
+        model(x)
+    handle.remove()
+    return seen[-1]
+
+
+@pytest.mark.parametrize("case", ["PoolNet", "PlainNet", "ResNetLike", "resnet18"])
+def test_ablationcam_matches_grad_cam_on_relu_layers(pgc, case):
+    if case == "resnet18":  # 'high': layer3, 256 channels, so 256 ablated passes
+        model, layer, module, x = torchvision_resnet(), "high", "layer3.1", inputs(1, 32, 40)
+    else:
+        model, layer = small(case), "low"
+        module = {"PoolNet": "act4", "PlainNet": "act2", "ResNetLike": "layer2"}[case]
+        x = inputs(3, 12, 16)
+    targets = [1, 4, 2][: x.shape[0]]
+    # pytorch-grad-cam ablates to 0 only where a sample's activation has minimum 0.
+    a_layer = _activation(model, module, x)
+    assert (a_layer.flatten(1).amin(1) == 0).all()
+    a = ours("ablationcam", model, x, targets, layer=layer)
+    b = theirs(pgc, "AblationCAM", model, [module], x, targets, batch_size=64)
+    assert relative(a, b) < TOLERANCE
+
+
+@pytest.mark.parametrize("case", ["PoolNet", "PlainNet", "AvgPoolNet", "DepthwiseNet",
+                                  "resnet50"])
+def test_fullgrad_matches_grad_cam(pgc, case):
+    if case == "resnet50":  # Bottleneck: forward order = registration order
+        model, x = torchvision_resnet(resnet50), inputs(1, 32, 40)
+    else:
+        model, x = small(case), inputs(3, 12, 16)
+    targets = [1, 4, 2][: x.shape[0]]
+    a = ours("fullgrad", model, x, targets)
+    b = theirs(pgc, "FullGrad", model, [], x, targets)
+    assert relative(a, b) < TOLERANCE * fullgrad_amplification(model, x, targets)
+
+
+def fullgrad_amplification(model, x, targets) -> float:
+    """How much the final min-max scaling magnifies pytorch-grad-cam's float32 rounding.
+
+    Its FullGrad map is a float32 sum of one [0, 1] map per channel of every bias layer
+    (26k on ResNet50) with a large common offset (there: values 6548..7629), and the min-max
+    divides by the range, so relative errors grow by ``max / (max - min)`` (7 there; our own
+    float32 run differs from our float64 run by the same 1.5e-5 as pytorch-grad-cam).
+    """
+    raw = METHODS["fullgrad"](model).attribute(x, targets).flatten(1)
+    return max(1.0, float((raw.amax(1) / (raw.amax(1) - raw.amin(1))).max()))
+
+
+class TorchvisionOrderBasicBlock(BasicBlock):
+    """Our BasicBlock computed in torchvision's order (shortcut after the main branch)."""
+
+    def forward(self, x):
+        out = self.relu(self.bn1(self.conv1(x)))
+        out = self.bn2(self.conv2(out))
+        identity = x if self.downsample is None else self.downsample(x)
+        out += identity
+        return self.relu(out)
+
+
+def test_fullgrad_matches_grad_cam_only_when_forward_order_matches_registration(pgc):
+    model = torchvision_resnet()
+    x = inputs(1, 32, 32)
+    a = ours("fullgrad", model, x, [3])
+    b = theirs(pgc, "FullGrad", model, [], x, [3])
+    # Our BasicBlock runs the downsample branch first: pytorch-grad-cam then multiplies
+    # bn1's bias with the downsample BatchNorm's gradient (same shapes, silently).
+    assert relative(a, b) > 1e-4
+    reordered = copy.deepcopy(model)
+    for block in reordered.modules():
+        if isinstance(block, BasicBlock):
+            block.__class__ = TorchvisionOrderBasicBlock
+    a2 = ours("fullgrad", reordered, x, [3])
+    torch.testing.assert_close(a2, a, rtol=1e-9, atol=1e-12)  # the same function
+    b2 = theirs(pgc, "FullGrad", reordered, [], x, [3])
+    assert relative(a2, b2) < TOLERANCE
+
+
+# --- definitions checked without pytorch-grad-cam --------------------------------------------
+
+class Edited(nn.Module):
+    """A small CNN whose activations include a module called twice (``act@0``, ``act@1``) and
+    a functional relu (``relu``); ``edit`` lets a test replace a chosen activation."""
+
+    def __init__(self, act=nn.ReLU):
+        super().__init__()
+        self.conv1 = nn.Conv2d(3, 5, 3, padding=1)
+        self.act = act()
+        self.conv2 = nn.Conv2d(5, 6, 3, padding=1)
+        self.conv3 = nn.Conv2d(6, 7, 3, padding=1, stride=2)
+        self.fc = nn.Linear(7, 4)
+        self.edit: dict | None = None
+
+    def _maybe(self, name, h):
+        return self.edit[name](h) if self.edit and name in self.edit else h
+
+    def forward(self, x):
+        h = self._maybe("act@0", self.act(self.conv1(x)))
+        h = self._maybe("act@1", self.act(self.conv2(h)))
+        h = self._maybe("relu", F.relu(self.conv3(h) - 0.05))
+        return self.fc(h.mean((2, 3)))
+
+
+def edited(act=nn.ReLU) -> nn.Module:
+    torch.manual_seed(5)
+    return Edited(act).double().eval()
+
+
+def reference_ablationcam(model: Edited, layer: str, x: torch.Tensor, targets) -> torch.Tensor:
+    """Ablation-CAM from its definition: one plain forward per (sample, channel)."""
+    store = {}
+    model.edit = {layer: lambda h: store.setdefault("a", h)}
+    with torch.no_grad():
+        full = model(x)
+    a = store["a"]
+    maps = []
+    for i, t in enumerate(targets):
+        s = full[i, t]
+        weights = []
+        for c in range(a.shape[1]):
+            def ablate(h, c=c, i=i):
+                h = a[i:i + 1].clone()
+                h[:, c] = 0
+                return h
+
+            model.edit = {layer: ablate}
+            with torch.no_grad():
+                weights.append((s - model(x[i:i + 1])[0, t]) / s)
+        cam = (torch.stack(weights)[:, None, None] * a[i]).sum(0).clamp_min(0)
+        maps.append(F.interpolate(cam[None, None], size=x.shape[2:], mode="bilinear",
+                                  align_corners=False)[0, 0])
+    model.edit = None
+    return torch.stack(maps)
+
+
+@pytest.mark.parametrize("layer", ["act@0", "act@1", "relu"])
+def test_ablationcam_at_any_pfv_layer_matches_definition(layer):
+    """Layers that are no module output (a module's first of two calls, a functional relu)."""
+    model = edited()
+    x = inputs(2, 8, 10)
+    got = METHODS["ablationcam"](model, layer=layer, internal_batch_size=3).attribute(x, [1, 2])
+    want = reference_ablationcam(model, layer, x, [1, 2])
+    torch.testing.assert_close(got, want, rtol=1e-9, atol=1e-12)
+
+
+def test_ablationcam_non_relu_layer_zeroes_channels():
+    """On a SiLU layer (negative values) channels are still ablated to 0, as in the paper."""
+    model = edited(nn.SiLU)
+    x = inputs(2, 8, 10)
+    got = METHODS["ablationcam"](model, layer="act@1").attribute(x, [0, 3])
+    want = reference_ablationcam(model, "act@1", x, [0, 3])
+    torch.testing.assert_close(got, want, rtol=1e-9, atol=1e-12)
+
+
+@pytest.mark.parametrize("name", CAMS)
+def test_normalize_is_per_sample_min_max_of_the_raw_map(name):
+    model = small("PoolNet")
+    x = inputs(3, 12, 16)
+    raw = METHODS[name](model).attribute(x, [0, 1, 2])
+    norm = METHODS[name](model, normalize=True).attribute(x, [0, 1, 2])
+    assert (raw >= 0).all() and raw.amax() > 0
+    # 1 at each map's maximum; a map that the relu zeroes everywhere stays 0
+    peak = (raw.flatten(1).amax(1) > 0).to(raw.dtype)
+    torch.testing.assert_close(norm.flatten(1).amax(1), peak, rtol=0, atol=1e-5)
+    # normalize=True also scales the layer map first; only the 1e-7 guards can differ.
+    scale = raw.flatten(1).amax(1)
+    assert ((norm - _minmax(raw)).abs().flatten(1).amax(1) <= 1e-6 / scale.clamp_max(1)).all()
+
+
+def test_layer_maps_through_explain():
+    model = torchvision_resnet()
+    x = inputs(2, 32, 48)
+    low = srdxai.explain(model, x, [1, 2], "layercam", layer="low", upsample=False)
+    assert low.shape == (2, 1, 2)
+    up = srdxai.explain(model, x, [1, 2], "layercam", layer="low")
+    torch.testing.assert_close(up, METHODS["layercam"](model).attribute(x, [1, 2]))
+    high = srdxai.explain(model, x, [1, 2], "gradcam", layer="high", upsample=False)
+    assert high.shape == (2, 2, 3)
+
+
+# --- invariances -----------------------------------------------------------------------------
+
+def state(m: nn.Module):
+    return ({k: v.clone() for k, v in m.state_dict().items()},
+            [x.training for x in m.modules()], [p.requires_grad for p in m.parameters()],
+            [(len(x._forward_hooks), len(x._forward_pre_hooks), len(x._backward_hooks),
+              len(x._backward_pre_hooks)) for x in m.modules()])
+
+
+def assert_unchanged(m: nn.Module, before) -> None:
+    after = state(m)
+    for k in before[0]:
+        assert torch.equal(before[0][k], after[0][k]), k
+    assert before[1:] == after[1:]
+
+
+def train_mode_model() -> nn.Module:
+    model = small("ResNetLike").train()  # methods must evaluate in eval mode, give it back
+    model.layer1.conv2.register_forward_hook(lambda m, i, o: None)  # a user's hook stays
+    return model
+
+
+@pytest.mark.parametrize("name", CAMS)
+def test_batch_versus_single_and_model_unchanged(name):
+    model = train_mode_model()
+    before = state(model)
+    x = inputs(3, 10, 12, seed=7)
+    targets = [1, 0, 3]
+    opts = {"internal_batch_size": 5} if name in ("scorecam", "ablationcam") else {}
+    batch = srdxai.explain(model, x, targets, name, **opts)
+    assert batch.shape == (3, 10, 12) and batch.dtype == torch.float64
+    assert torch.isfinite(batch).all() and (batch >= 0).all()
+    single = torch.cat([srdxai.explain(model, x[i:i + 1], targets[i], name, **opts)
+                        for i in range(3)])
+    torch.testing.assert_close(batch, single, rtol=1e-7, atol=1e-10)
+    chunked = srdxai.explain(model, x, targets, name, batch_size=2, **opts)
+    torch.testing.assert_close(batch, chunked, rtol=1e-7, atol=1e-10)
+    nchw = METHODS[name](model, channels_last=False, **opts).attribute(x, targets)
+    torch.testing.assert_close(batch, nchw, rtol=1e-7, atol=1e-10)
+    # a callable target gives the same map as the class it selects
+    by_callable = srdxai.explain(model, x, lambda out: out[:, 3], name, **opts)
+    torch.testing.assert_close(by_callable, srdxai.explain(model, x, 3, name, **opts))
+    assert_unchanged(model, before)
+
+
+# --- errors ----------------------------------------------------------------------------------
+
+class Flat(nn.Module):
+    """Conv features, then a hidden fully connected layer with its own activation."""
+
+    def __init__(self):
+        super().__init__()
+        self.conv = nn.Conv2d(3, 4, 3, padding=1)
+        self.act = nn.ReLU()
+        self.fc1 = nn.Linear(4 * 6 * 6, 8)
+        self.hidden = nn.ReLU()
+        self.fc2 = nn.Linear(8, 3)
+
+    def forward(self, x):
+        return self.fc2(self.hidden(self.fc1(self.act(self.conv(x)).flatten(1))))
+
+
+class MLP(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.fc1 = nn.Linear(3 * 6, 8)
+        self.act = nn.ReLU()
+        self.fc2 = nn.Linear(8, 3)
+
+    def forward(self, x):
+        return self.fc2(self.act(self.fc1(x.flatten(1))))
+
+
+LAYER_CAMS = [n for n in CAMS if n != "fullgrad"]
+
+
+@pytest.mark.parametrize("name", LAYER_CAMS)
+def test_unknown_layer_is_a_clear_error_and_leaves_the_model_alone(name):
+    model = train_mode_model()
+    before = state(model)
+    with pytest.raises(InvalidInputError, match="unknown layer 'layer9'.*layer1"):
+        METHODS[name](model, layer="layer9").attribute(inputs(1, 8, 8), 0)
+    assert_unchanged(model, before)
+
+
+@pytest.mark.parametrize("name", LAYER_CAMS)
+def test_layer_without_spatial_dims_is_a_clear_error(name):
+    torch.manual_seed(0)
+    model = Flat().double()
+    x = torch.randn(2, 3, 6, 6, dtype=torch.float64)
+    with pytest.raises(InvalidInputError, match="'hidden'.*no spatial dimensions"):
+        METHODS[name](model, layer="hidden").attribute(x)
+    assert METHODS[name](model, layer="act").attribute(x).shape == (2, 6, 6)
+    mlp = MLP().double()
+    with pytest.raises(InvalidInputError, match="no activation layer with spatial dimensions"):
+        METHODS[name](mlp).attribute(torch.randn(2, 3, 6, dtype=torch.float64))
+
+
+def test_option_errors():
+    model = small("PlainNet")
+    with pytest.raises(InvalidInputError, match="no target layer"):
+        METHODS["fullgrad"](model, layer="low")
+    with pytest.raises(InvalidInputError, match="has no layer maps"):
+        srdxai.explain(model, inputs(1, 8, 8), 0, "fullgrad", layer="low")
+    with pytest.raises(InvalidInputError, match="internal_batch_size"):
+        METHODS["scorecam"](model, internal_batch_size=0)
+    with pytest.raises(InvalidInputError, match="not part of the model"):
+        METHODS["gradcam"](model, layer=nn.ReLU())
