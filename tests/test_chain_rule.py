@@ -182,3 +182,13 @@ def test_occlusion_1_is_sensitivity_1():
     x2 = x.clone()
     x2[0, :, 4, 7] = 0
     torch.testing.assert_close(ours[0, 4, 7], (y - model(x2)[0, 2]).detach())
+
+
+def test_gradcam_matches_captum_layer_gradcam():
+    model, x = make(), inputs()
+    theirs = captum_attr.LayerGradCam(model, model.act3).attribute(x, target=TARGETS)
+    theirs = torch.nn.functional.interpolate(theirs.clamp_min(0), size=x.shape[2:],
+                                             mode="bilinear", align_corners=False)[:, 0]
+    ours = srdxai.explain(model, x, TARGETS, "gradcam", layer="act3")
+    close(ours, theirs)
+    assert (ours >= 0).all()

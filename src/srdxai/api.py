@@ -32,8 +32,8 @@ def explain(
         target: None (predicted class), an int, one int per sample, or a callable on the
             output returning one scalar per sample.
         method: a registered method name (``srdxai.methods.METHODS``), default ``"srd"``.
-        layer: for SRD, return the relevance of this layer's PFVs instead of the pixels
-            (``"low"``, ``"high"`` or a layer name; see ``SRD.layers``).
+        layer: for SRD and the CAM methods, the layer to map (``"low"``, ``"high"`` or a
+            layer name; see ``SRD.layers``); SRD then returns that layer's PFV relevance.
         upsample: upsample a layer map bilinearly to the input size.
         batch_size: explain at most this many samples at a time.
         **options: the method's own options (e.g. ``seed``, ``contrastive`` for SRD).

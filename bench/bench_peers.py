@@ -1,0 +1,119 @@
+"""Every peer comparison issue 3 asks for, in one run, one table.
+
+    python bench/bench_peers.py [--batch 8] [--size 224] [--rounds 1] [--steps 50]
+
+Integrated gradients (50 steps) and SmoothGrad (25 samples) against Captum, LRP EpsilonPlus
+against zennit, and Score-CAM against pytorch-grad-cam, on ResNet50 / VGG16 architectures with
+random weights, batch 8. Prints our time / the peer's time (targets: <= 1.0x for IG, SmoothGrad
+and LRP; Score-CAM >= 3x faster, i.e. <= 0.33x).
+"""
+
+from __future__ import annotations
+
+import argparse
+import statistics
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+import srdxai
+from srdxai.models.torchvision_arch import resnet50, vgg16
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "tests"))
+
+
+def median_time(fn, rounds: int) -> float:
+    fn()
+    times = []
+    for _ in range(rounds):
+        t0 = time.perf_counter()
+        fn()
+        times.append(time.perf_counter() - t0)
+    return statistics.median(times)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--batch", type=int, default=8)
+    parser.add_argument("--size", type=int, default=224)
+    parser.add_argument("--rounds", type=int, default=1)
+    parser.add_argument("--steps", type=int, default=50)
+    parser.add_argument("--samples", type=int, default=25)
+    parser.add_argument("--internal-batch-size", type=int, default=64)
+    args = parser.parse_args()
+    from _compat import import_torchvision
+
+    tv = import_torchvision()
+    from captum.attr import IntegratedGradients, NoiseTunnel, Saliency
+    from pytorch_grad_cam import ScoreCAM
+    from zennit.attribution import Gradient
+    from zennit.composites import EpsilonPlus
+    from zennit.torchvision import ResNetCanonizer
+
+    torch.manual_seed(0)
+    model = resnet50().eval()
+    x = torch.randn(args.batch, 3, args.size, args.size)
+    target = torch.randint(0, 1000, (args.batch,))
+    ibs, rounds = args.internal_batch_size, args.rounds
+    rows = []
+
+    ours = median_time(lambda: srdxai.explain(
+        model, x, target, "integrated_gradients", steps=args.steps, internal_batch_size=ibs),
+        rounds)
+    theirs = median_time(lambda: IntegratedGradients(model).attribute(
+        x, target=target, n_steps=args.steps, internal_batch_size=ibs), rounds)
+    rows.append((f"IG {args.steps} steps vs Captum", "resnet50", ours, theirs, 1.0))
+
+    ours = median_time(lambda: srdxai.explain(
+        model, x, target, "smoothgrad", samples=args.samples, stdev=0.15,
+        internal_batch_size=ibs), rounds)
+    theirs = median_time(lambda: NoiseTunnel(Saliency(model)).attribute(
+        x, target=target, nt_type="smoothgrad", nt_samples=args.samples, stdevs=0.15,
+        nt_samples_batch_size=max(1, ibs // args.batch), abs=False), rounds)
+    rows.append((f"SmoothGrad {args.samples} vs Captum", "resnet50", ours, theirs, 1.0))
+
+    twin = tv.models.resnet50().eval()
+    twin.load_state_dict(model.state_dict())
+    onehot = torch.nn.functional.one_hot(target, 1000).to(x.dtype)
+
+    def zennit_call():
+        with Gradient(twin, EpsilonPlus(canonizers=[ResNetCanonizer()])) as attributor:
+            attributor(x.clone().requires_grad_(True), lambda out: out * onehot)
+
+    ours = median_time(lambda: srdxai.explain(model, x, target, "lrp_epsilon_plus"), rounds)
+    theirs = median_time(zennit_call, rounds)
+    rows.append(("LRP EpsilonPlus vs zennit", "resnet50", ours, theirs, 1.0))
+
+    torch.manual_seed(0)
+    small = vgg16().eval()
+    layer = small.features[29]
+    ours = median_time(lambda: srdxai.explain(small, x, target, "scorecam",
+                                              internal_batch_size=ibs), rounds)
+
+    class Target:
+        def __init__(self, c):
+            self.c = c
+
+        def __call__(self, out):
+            return out[..., self.c] if out.dim() == 1 else out[:, self.c]
+
+    def gradcam_call():
+        with ScoreCAM(model=small, target_layers=[layer]) as cam:
+            cam.batch_size = ibs
+            cam(input_tensor=x, targets=[Target(int(c)) for c in target])
+
+    theirs = median_time(gradcam_call, rounds)
+    rows.append(("Score-CAM vs pytorch-grad-cam", "vgg16", ours, theirs, 1 / 3))
+
+    print(f"batch={args.batch} size={args.size} threads={torch.get_num_threads()} "
+          f"internal_batch_size={ibs} rounds={rounds} (median seconds)")
+    print(f"{'comparison':32s} {'model':9s} {'srdxai':>8s} {'peer':>8s} {'ours/peer':>10s} "
+          f"{'target':>8s}")
+    for name, m, a, b, goal in rows:
+        print(f"{name:32s} {m:9s} {a:8.2f} {b:8.2f} {a / b:9.2f}x {'<=' + format(goal, '.2f'):>8s}")
+
+
+if __name__ == "__main__":
+    main()
