@@ -13,28 +13,17 @@ differences.
 from __future__ import annotations
 
 import argparse
-import statistics
 import sys
-import time
 from pathlib import Path
 
 import torch
 
 import srdxai
 import srdxai.methods.lrp  # noqa: F401  (registers the LRP methods)
+from _timing import median_time  # noqa: E402
 from srdxai.models.torchvision_arch import resnet18, resnet50, vgg16
 
 MODELS = {"resnet50": resnet50, "resnet18": resnet18, "vgg16": vgg16}
-
-
-def median_time(fn, rounds: int) -> tuple[float, object]:
-    result = fn()
-    times = []
-    for _ in range(rounds):
-        t0 = time.perf_counter()
-        fn()
-        times.append(time.perf_counter() - t0)
-    return statistics.median(times), result
 
 
 def main() -> None:

@@ -11,9 +11,7 @@ and LRP; Score-CAM >= 3x faster, i.e. <= 0.33x).
 from __future__ import annotations
 
 import argparse
-import statistics
 import sys
-import time
 from pathlib import Path
 
 import torch
@@ -22,16 +20,12 @@ import srdxai
 from srdxai.models.torchvision_arch import resnet50, vgg16
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "tests"))
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+import _timing  # noqa: E402
 
 
 def median_time(fn, rounds: int) -> float:
-    fn()
-    times = []
-    for _ in range(rounds):
-        t0 = time.perf_counter()
-        fn()
-        times.append(time.perf_counter() - t0)
-    return statistics.median(times)
+    return _timing.median_time(fn, rounds)[0]
 
 
 def main() -> None:
