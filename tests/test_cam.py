@@ -134,15 +134,21 @@ def test_layer_can_be_given_as_a_module():
     torch.testing.assert_close(by_module, by_name, rtol=0, atol=0)
 
 
-@pytest.mark.parametrize("case", ["PoolNet", "PlainNet", "ResNetLike", "resnet18"])
-def test_scorecam_matches_grad_cam(pgc, case):
-    if case == "resnet18":  # 'high': layer3, 256 channels, so 256 masked passes
+def perturbation_case(case: str):
+    """Model, our layer name, pytorch-grad-cam's module, inputs and targets for the Score-CAM /
+    Ablation-CAM cross-checks; ResNet18 uses 'high' (layer3: 256 channels, 256 extra passes)."""
+    if case == "resnet18":
         model, layer, module, x = torchvision_resnet(), "high", "layer3.1", inputs(1, 32, 40)
     else:
         model, layer = small(case), "low"
         module = {"PoolNet": "act4", "PlainNet": "act2", "ResNetLike": "layer2"}[case]
         x = inputs(3, 12, 16)
-    targets = [1, 4, 2][: x.shape[0]]
+    return model, layer, module, x, [1, 4, 2][: x.shape[0]]
+
+
+@pytest.mark.parametrize("case", ["PoolNet", "PlainNet", "ResNetLike", "resnet18"])
+def test_scorecam_matches_grad_cam(pgc, case):
+    model, layer, module, x, targets = perturbation_case(case)
     a = ours("scorecam", model, x, targets, layer=layer)
     b = theirs(pgc, "ScoreCAM", model, [module], x, targets, batch_size=64)
     assert relative(a, b) < TOLERANCE
@@ -160,13 +166,7 @@ def _activation(model: nn.Module, module: str, x: torch.Tensor) -> torch.Tensor:
 
 @pytest.mark.parametrize("case", ["PoolNet", "PlainNet", "ResNetLike", "resnet18"])
 def test_ablationcam_matches_grad_cam_on_relu_layers(pgc, case):
-    if case == "resnet18":  # 'high': layer3, 256 channels, so 256 ablated passes
-        model, layer, module, x = torchvision_resnet(), "high", "layer3.1", inputs(1, 32, 40)
-    else:
-        model, layer = small(case), "low"
-        module = {"PoolNet": "act4", "PlainNet": "act2", "ResNetLike": "layer2"}[case]
-        x = inputs(3, 12, 16)
-    targets = [1, 4, 2][: x.shape[0]]
+    model, layer, module, x, targets = perturbation_case(case)
     # pytorch-grad-cam ablates to 0 only where a sample's activation has minimum 0.
     a_layer = _activation(model, module, x)
     assert (a_layer.flatten(1).amin(1) == 0).all()

@@ -229,33 +229,19 @@ class Trace:
             slot.node = node
         self._name_layers(pfv)
         self.pfv_layers = pfv
-        if not isinstance(out, Tensor):
-            raise InvalidInputError(
-                f"the model returned {type(out).__name__}; srdxai needs a tensor of logits.")
-        out = recorder._resolve(out)
+        out = recorder._resolve(_check_output(out))
         out_node = recorder.node_of(out)
         if out_node is None:
             raise UnsupportedOperationError(
                 "the model output does not depend on the input through operations the engine "
                 "recorded (was the input detached or converted to numpy inside the model?).")
-        if out.dim() != 2:
-            raise InvalidInputError(
-                f"the model output has shape {tuple(out.shape)}; srdxai expects (batch, "
-                "classes) logits. Wrap the model so it returns them.")
         self.output = out
         self.output_node = out_node
         self.head_ops, self.head_sources = self._head(out_node)
         return out
 
     def _plain_forward(self) -> Tensor:
-        out = self.model(self.x)
-        if not isinstance(out, Tensor):
-            raise InvalidInputError(
-                f"the model returned {type(out).__name__}; srdxai needs a tensor of logits.")
-        if out.dim() != 2:
-            raise InvalidInputError(
-                f"the model output has shape {tuple(out.shape)}; srdxai expects (batch, "
-                "classes) logits. Wrap the model so it returns them.")
+        out = _check_output(self.model(self.x))
         self.output = out
         self.pfv_layers, self.head_ops, self.head_sources = [], set(), []
         return out
@@ -321,6 +307,18 @@ class Trace:
             "output is an activation output also work, and 'low' / 'high').")
 
 
+def _check_output(out: Any) -> Tensor:
+    """The model output must be a (batch, classes) tensor of logits."""
+    if not isinstance(out, Tensor):
+        raise InvalidInputError(
+            f"the model returned {type(out).__name__}; srdxai needs a tensor of logits.")
+    if out.dim() != 2:
+        raise InvalidInputError(
+            f"the model output has shape {tuple(out.shape)}; srdxai expects (batch, "
+            "classes) logits. Wrap the model so it returns them.")
+    return out
+
+
 def _positions(node: Node) -> int:
     n = 1
     for s in node.spatial:
@@ -362,7 +360,7 @@ def target_gradient(output: Tensor, target: Target) -> tuple[Tensor, Tensor | No
     scalar objective per sample (N,).
     """
     n, k = output.shape
-    if callable(target) and not isinstance(target, Tensor):
+    if is_callable_target(target):
         with torch.enable_grad():
             out = output.detach().requires_grad_(True)
             objective = target(out)
@@ -386,12 +384,9 @@ def target_gradient(output: Tensor, target: Target) -> tuple[Tensor, Tensor | No
         if classes.is_floating_point() or classes.dtype == torch.bool:
             raise InvalidTargetError(f"target classes must be integers, got {classes.dtype}.")
         classes = classes.long().flatten()
+        check_target_count(classes, n)
         if classes.numel() == 1:
             classes = classes.expand(n).clone()
-        if classes.numel() != n:
-            raise InvalidTargetError(
-                f"got {classes.numel()} targets for a batch of {n}; give one per sample, a "
-                "single int, or None for the predicted class.")
     if (classes < 0).any() or (classes >= k).any():
         bad = classes[(classes < 0) | (classes >= k)].tolist()
         raise InvalidTargetError(f"target class(es) {bad} out of range: the model has {k} "
@@ -400,13 +395,33 @@ def target_gradient(output: Tensor, target: Target) -> tuple[Tensor, Tensor | No
     return grad.detach(), classes
 
 
-def slice_target(target: Target, start: int, stop: int) -> Target:
-    """The part of a per-sample target that belongs to samples ``start:stop``."""
-    if target is None or isinstance(target, int) or callable(target) and not isinstance(
-        target, Tensor
-    ):
+def check_target_count(target: Target, n: int) -> None:
+    """A per-sample target must hold one class per sample (or a single class)."""
+    if target is None or isinstance(target, int) or is_callable_target(target):
+        return
+    count = torch.as_tensor(target).numel()
+    if count not in (1, n):
+        raise InvalidTargetError(
+            f"got {count} targets for a batch of {n}; give one per sample, a single int, or "
+            "None for the predicted class.")
+
+
+def is_callable_target(target: Target) -> bool:
+    return callable(target) and not isinstance(target, Tensor)
+
+
+def map_target(target: Target, per_sample: Callable[[Tensor], Tensor]) -> Target:
+    """Re-lay a per-sample class tensor (``per_sample``: e.g. slice it for a chunk, repeat it
+    for copies of the batch); None, ints, single classes and callables apply to every row
+    as they are."""
+    if target is None or isinstance(target, int) or is_callable_target(target):
         return target
-    t = torch.as_tensor(target)
+    t = torch.as_tensor(target).flatten()
     if t.numel() == 1:
         return t
-    return t.flatten()[start:stop]
+    return per_sample(t)
+
+
+def slice_target(target: Target, start: int, stop: int) -> Target:
+    """The part of a per-sample target that belongs to samples ``start:stop``."""
+    return map_target(target, lambda t: t[start:stop])

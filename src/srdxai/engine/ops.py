@@ -310,11 +310,15 @@ class ConvOp(_WindowOp):
         # The part of the output due to kernel offset k: a 1x1 convolution of the input
         # positions that offset reads, at output resolution. ``scale`` (per output channel)
         # folds a following BatchNorm into the weights.
+        w = self._offset_weight(k, scale)
+        return self._conv(self._shifted(x, k), w.reshape(*w.shape, *([1] * len(k))),
+                          groups=self.groups)
+
+    def _offset_weight(self, k: Component, scale: torch.Tensor | None) -> torch.Tensor:
+        """The (C_out, C_in/groups) weights of kernel offset ``k``, times ``scale`` per output
+        channel if given."""
         w = self.weight[(slice(None), slice(None), *k)]
-        if scale is not None:
-            w = w * scale.reshape(-1, 1)
-        w = w.reshape(*w.shape, *([1] * len(k)))
-        return self._conv(self._shifted(x, k), w, groups=self.groups)
+        return w if scale is None else w * scale.reshape(-1, 1)
 
     # -- all offsets at once (the common "PFV -> conv [-> BN]" bias split) ------------------
     def offset_norms(self, x: torch.Tensor, scale: torch.Tensor | None = None) -> torch.Tensor:
@@ -332,9 +336,7 @@ class ConvOp(_WindowOp):
         cout, cin_g = self.weight.shape[:2]
         cout_g = cout // self.groups
         ones = (1,) * len(self.kernel)
-        w = self.weight[(slice(None), slice(None), *k)]  # (C_out, C_in/groups)
-        if scale is not None:
-            w = w * scale.reshape(-1, 1)
+        w = self._offset_weight(k, scale)
         xs = self._shifted(x, k)
         if cin_g == 1:
             per_in = (w * w).reshape(self.groups, cout_g).sum(1)  # one weight per channel

@@ -13,7 +13,14 @@ from typing import Any
 import torch
 from torch import nn
 
-from ..engine.core import Target, check_inputs, model_guard, slice_target
+from ..engine.core import (
+    Target,
+    check_inputs,
+    check_target_count,
+    model_guard,
+    slice_target,
+    target_gradient,
+)
 from ..errors import InvalidInputError, UnknownMethodError
 
 Tensor = torch.Tensor
@@ -91,8 +98,6 @@ class Method:
         return check_inputs(inputs, self.model)
 
     def _target_gradient(self, out: Tensor, target: Target):
-        from ..engine.core import target_gradient
-
         return target_gradient(out, target)
 
     def _batched(
@@ -101,14 +106,7 @@ class Method:
         """Run ``fn`` over chunks of at most ``batch_size`` samples and concatenate."""
         x = self._check(inputs)
         n = x.shape[0]
-        if target is not None and not isinstance(target, int) and not callable(target):
-            t = torch.as_tensor(target)
-            if t.numel() not in (1, n):
-                from ..errors import InvalidTargetError
-
-                raise InvalidTargetError(
-                    f"got {t.numel()} targets for a batch of {n}; give one per sample, a "
-                    "single int, or None for the predicted class.")
+        check_target_count(target, n)  # before the batch is cut into chunks
         step = self.batch_size or n
         parts = [fn(x[i:i + step], slice_target(target, i, i + step)) for i in range(0, n, step)]
         return parts[0] if len(parts) == 1 else torch.cat(parts)

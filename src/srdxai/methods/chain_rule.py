@@ -31,7 +31,14 @@ from collections.abc import Callable
 import numpy as np
 import torch
 
-from ..engine.core import PlainGradientRule, Rule, Target, Trace, true_activation_gradient
+from ..engine.core import (
+    PlainGradientRule,
+    Rule,
+    Target,
+    Trace,
+    map_target,
+    true_activation_gradient,
+)
 from ..errors import InvalidInputError
 from .base import Method, register
 
@@ -213,7 +220,7 @@ class DeepLiftRescale(ChainRuleMethod):
                 base = base.expand_as(x)
             n = x.shape[0]
             both = torch.cat([x, base])
-            doubled = _double_target(_resolve_predicted(self, x, t), n)
+            doubled = _double_target(_resolve_predicted(self, x, t))
             grad = self._modified_gradient(both, doubled, rescale_slope(n))[:n]
             return self._reduce((x - base) * grad)
 
@@ -228,14 +235,9 @@ def _resolve_predicted(method: Method, x: Tensor, target: Target) -> Target:
         return method.model(x).argmax(1)
 
 
-def _double_target(target: Target, n: int) -> Target:
+def _double_target(target: Target) -> Target:
     """Targets for [x; baseline]: the baseline rows use the same classes as their inputs."""
-    if isinstance(target, int) or callable(target) and not isinstance(target, Tensor):
-        return target
-    t = torch.as_tensor(target).flatten()
-    if t.numel() == 1:
-        return t
-    return torch.cat([t, t])
+    return map_target(target, lambda t: torch.cat([t, t]))
 
 
 # --- path and noise integrals ---------------------------------------------------------------
@@ -290,12 +292,8 @@ class _SampledGradients(ChainRuleMethod):
 
 
 def _target_rows(target: Target, rows: Tensor, n: int) -> Target:
-    if isinstance(target, int) or callable(target) and not isinstance(target, Tensor):
-        return target
-    t = torch.as_tensor(target, device=rows.device).flatten()
-    if t.numel() == 1:
-        return t
-    return t[rows % n]
+    """Targets for the points ``rows`` (point ``r`` belongs to sample ``r % n``)."""
+    return map_target(target, lambda t: t.to(rows.device)[rows % n])
 
 
 @register("integrated_gradients")

@@ -9,13 +9,13 @@ whole window). All occluded copies run batched, ``internal_batch_size`` at a tim
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 
 import torch
 import torch.nn.functional as F
 from tqdm import tqdm
 
-from ..engine.core import Target, target_gradient
+from ..engine.core import Target, is_callable_target, target_gradient
 from ..errors import InvalidInputError
 from .base import Method, register
 from .chain_rule import _baseline
@@ -51,11 +51,12 @@ class Occlusion(Method):
     def attribute(self, inputs: Tensor, target: Target = None) -> Tensor:
         return self._batched(inputs, target, self._occlude)
 
-    def _objective(self, out: Tensor, target: Target) -> Tensor:
-        grad, _ = target_gradient(out, target)
-        if callable(target) and not isinstance(target, Tensor):
+    @staticmethod
+    def _objective(out: Tensor, target: Tensor | Callable[[Tensor], Tensor]) -> Tensor:
+        """One score per row: a callable target's objective, or the logit of the class."""
+        if is_callable_target(target):
             return target(out)
-        return (out * grad).sum(1)
+        return out.gather(1, target[:, None])[:, 0]
 
     @torch.no_grad()
     def _occlude(self, x: Tensor, target: Target) -> Tensor:
@@ -74,8 +75,9 @@ class Occlusion(Method):
         n, p = x.shape[0], starts.shape[0]
         with self._guard():
             out = self.model(x)
-            if target is None:
-                target = out.argmax(1)
+            _, classes = target_gradient(out, target)  # checks the target once
+            if classes is not None:
+                target = classes
             reference = self._objective(out, target)
             drops = x.new_empty(n, p)
             per_chunk = max(1, self.internal_batch_size // n)
@@ -86,7 +88,7 @@ class Occlusion(Method):
                 masks = _window_masks(block, window, spatial, x.dtype)
                 occluded = x.unsqueeze(0) * (1 - masks) + base.unsqueeze(0) * masks
                 flat = occluded.reshape(-1, *x.shape[1:])
-                rows = _repeat_rows(target, block.shape[0], n)
+                rows = target if is_callable_target(target) else target.repeat(block.shape[0])
                 value = self._objective(self.model(flat), rows).reshape(block.shape[0], n)
                 drops[:, start:start + block.shape[0]] = (reference.unsqueeze(0) - value).T
         # Spread each window's drop over its pixels and average by coverage.
@@ -115,12 +117,3 @@ def _window_masks(corners: Tensor, window: tuple[int, ...], spatial: tuple[int, 
         mask = inside if mask is None else mask & inside
     return mask.unsqueeze(1).unsqueeze(1).to(dtype)
 
-
-def _repeat_rows(target: Target, copies: int, n: int) -> Target:
-    """Targets for ``copies`` occluded copies of a batch of ``n`` laid out copy-major."""
-    if isinstance(target, int) or callable(target) and not isinstance(target, Tensor):
-        return target
-    t = torch.as_tensor(target).flatten()
-    if t.numel() == 1:
-        return t
-    return t.repeat(copies)

@@ -144,12 +144,8 @@ class SRDRule(Rule):
             for src, steps, _, valid in self._paths(out_node, need_values=False):
                 yield src, steps, None, valid
             return
-        op = out_node.producer
-        conv, scale, tail = None, None, ()
-        if isinstance(op, ops.BatchNormOp) and _conv_before(op) is not None:
-            conv, scale, tail = _conv_before(op), op.scale.reshape(-1), ((op, 0, 0),)
-        elif isinstance(op, ops.ConvOp):
-            conv = op
+        conv, scale = _entry_conv(out_node.producer)
+        tail = ((out_node.producer, 0, 0),) if scale is not None else ()
         if conv is None or conv.inputs[0] is None:
             for src, steps, value, valid in self._paths(out_node, need_values=True):
                 yield src, steps, torch.linalg.vector_norm(value, dim=1), valid
@@ -167,16 +163,8 @@ class SRDRule(Rule):
         Same result as the general path walk (tested against it); returns False when the
         block has another shape.
         """
-        op = out_node.producer
-        scale = None
-        if isinstance(op, ops.BatchNormOp):
-            conv = _conv_before(op)
-            if conv is None:
-                return False
-            scale = op.scale.reshape(-1)
-        elif isinstance(op, ops.ConvOp):
-            conv = op
-        else:
+        conv, scale = _entry_conv(out_node.producer)
+        if conv is None:
             return False
         src = conv.inputs[0]
         if src is None or not src.is_pfv:
@@ -272,6 +260,18 @@ def _conv_before(bn: ops.BatchNormOp) -> ops.ConvOp | None:
     if src is not None and isinstance(src.producer, ops.ConvOp) and len(src.consumers) == 1:
         return src.producer
     return None
+
+
+def _entry_conv(op: ops.LinearOp) -> tuple[ops.ConvOp | None, Tensor | None]:
+    """The convolution whose offsets carry a bias entry op's paths, and the per-channel scale
+    of a BatchNorm folded into it: (conv, None) for a conv, (conv, BN scale) for a BN right
+    after its conv, (None, None) otherwise."""
+    if isinstance(op, ops.BatchNormOp):
+        conv = _conv_before(op)
+        return (conv, op.scale.reshape(-1)) if conv is not None else (None, None)
+    if isinstance(op, ops.ConvOp):
+        return op, None
+    return None, None
 
 
 def _contrast(relevance: Tensor) -> Tensor:
