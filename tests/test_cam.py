@@ -154,6 +154,48 @@ def test_scorecam_matches_grad_cam(pgc, case):
     assert relative(a, b) < TOLERANCE
 
 
+class DeadChannelNet(nn.Module):
+    """Conv -> ReLU whose channels 0, 2, 4 are dead on every input (bias -1e3), then a head."""
+
+    def __init__(self):
+        super().__init__()
+        torch.manual_seed(3)
+        self.conv = nn.Conv2d(3, 6, 3, padding=1)
+        with torch.no_grad():
+            self.conv.bias[::2] = -1e3
+        self.act = nn.ReLU()
+        self.head = nn.Linear(6, 5)
+
+    def forward(self, x):
+        return self.head(self.act(self.conv(x)).mean((2, 3)))
+
+
+def test_scorecam_runs_dead_channels_once_and_still_matches_grad_cam(pgc):
+    """Dead channels have the zero mask: one forward pass on the zero image serves them all."""
+    model = DeadChannelNet().eval().double()
+    x = inputs(3, 12, 16)
+    seen_rows = []
+    handle = model.conv.register_forward_hook(lambda m, i, o: seen_rows.append(i[0].shape[0]))
+    try:
+        a = ours("scorecam", model, x, [1, 4, 2], layer="act")
+    finally:
+        handle.remove()
+    # one recorded pass for the activations, 3 samples x 3 live channels, one zero image
+    assert sum(seen_rows) == 3 + 3 * 3 + 1
+    b = theirs(pgc, "ScoreCAM", model, ["act"], x, [1, 4, 2], batch_size=64)
+    assert relative(a, b) < TOLERANCE
+
+
+def test_scorecam_reduced_precision_is_close_but_not_the_full_map():
+    """bfloat16 masked passes: same map up to the scores' rounding (a speed option)."""
+    model = small("PoolNet").float()
+    x = inputs(2, 12, 16).float()
+    full = ours("scorecam", model, x, [1, 4], layer="low")
+    half = ours("scorecam", model, x, [1, 4], layer="low", precision="bfloat16")
+    assert full.dtype == half.dtype == torch.float32
+    assert 0 < relative(half, full) < 0.1
+
+
 def _activation(model: nn.Module, module: str, x: torch.Tensor) -> torch.Tensor:
     seen = []
     handle = model.get_submodule(module).register_forward_hook(
@@ -437,5 +479,7 @@ def test_option_errors():
         srdxai.explain(model, inputs(1, 8, 8), 0, "fullgrad", layer="low")
     with pytest.raises(InvalidInputError, match="internal_batch_size"):
         METHODS["scorecam"](model, internal_batch_size=0)
+    with pytest.raises(InvalidInputError, match="precision must be one of"):
+        METHODS["scorecam"](model, precision="half")
     with pytest.raises(InvalidInputError, match="not part of the model"):
         METHODS["gradcam"](model, layer=nn.ReLU())
