@@ -7,9 +7,16 @@ PIP = $(PYTHON) -m pip
 STAMP = $(VENV)/.installed
 DEMO_DIR = out/demo
 
-.PHONY: venv demo test lint bench clean
+.PHONY: venv data demo test lint bench clean
 
 venv: $(STAMP)
+
+# Debian's Fashion-MNIST (the cluttered data set and the zoo's training data). Installed with apt
+# when missing and possible; otherwise the tests that need it skip and say why.
+FASHION_MNIST = /usr/share/datasets/fashion-mnist/t10k-images-idx3-ubyte.gz
+data:
+	@test -f $(FASHION_MNIST) || $(SHELL) scripts/install_fashion_mnist.sh || \
+		echo "note: Fashion-MNIST not installed; its tests will skip (see README)"
 
 # Re-run the installs when the project metadata or the constraints change.
 $(STAMP): pyproject.toml constraints.txt
@@ -24,7 +31,7 @@ demo: venv
 	$(BIN)/srdxai explain $(DEMO_DIR)/images/*.png --out $(DEMO_DIR)
 	@echo "Explanation figures are in $(DEMO_DIR)/ (inputs in $(DEMO_DIR)/images/)."
 
-test: venv
+test: venv data
 	HF_HUB_OFFLINE=1 $(PYTHON) -m pytest -q -m "not slow" tests
 
 lint: venv

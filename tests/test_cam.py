@@ -463,11 +463,11 @@ def test_layer_without_spatial_dims_is_a_clear_error(name):
     torch.manual_seed(0)
     model = Flat().double()
     x = torch.randn(2, 3, 6, 6, dtype=torch.float64)
-    with pytest.raises(InvalidInputError, match="'hidden'.*no spatial dimensions"):
+    with pytest.raises(InvalidInputError, match="'hidden'.*is not a feature map"):
         METHODS[name](model, layer="hidden").attribute(x)
     assert METHODS[name](model, layer="act").attribute(x).shape == (2, 6, 6)
     mlp = MLP().double()
-    with pytest.raises(InvalidInputError, match="no activation layer with spatial dimensions"):
+    with pytest.raises(InvalidInputError, match="no activation layer with the input's spatial"):
         METHODS[name](mlp).attribute(torch.randn(2, 3, 6, dtype=torch.float64))
 
 
@@ -483,3 +483,17 @@ def test_option_errors():
         METHODS["scorecam"](model, precision="half")
     with pytest.raises(InvalidInputError, match="not part of the model"):
         METHODS["gradcam"](model, layer=nn.ReLU())
+
+
+@pytest.mark.parametrize("name", CAMS)
+def test_vision_transformer_token_layers_are_a_clear_error(name):
+    """(N, tokens, dim) tensors look like conv1d maps to shape checks; CAMs must refuse them."""
+    from srdxai.models.zoo import small_vit
+
+    torch.manual_seed(0)
+    vit = small_vit(5).eval()
+    with pytest.raises(InvalidInputError, match="transformer|input's"):
+        srdxai.explain(vit, torch.randn(1, 3, 64, 64), 0, name)
+    with pytest.raises(InvalidInputError):
+        srdxai.explain(vit, torch.randn(1, 3, 64, 64), 0, name, layer="blocks.0.mlp.act") \
+            if name != "fullgrad" else srdxai.explain(vit, torch.randn(1, 3, 64, 64), 0, name)

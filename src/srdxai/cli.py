@@ -333,6 +333,67 @@ def demo_images_command(directory: Path) -> None:
         click.echo(str(path))
 
 
+@cli.command("models")
+@click.option("--markdown", is_flag=True, help="A markdown table of the shipped zoo.")
+def models_command(markdown: bool) -> None:
+    """List the registered models (the shipped zoo with its cards' test accuracy)."""
+    from srdxai.models import list_models, model_info, shipped
+
+    cards = shipped.cards()
+    if markdown:
+        click.echo("| model | architecture | activation | parameters | cluttered test accuracy "
+                   "| training |")
+        click.echo("|---|---|---|---|---|---|")
+        for name, card in cards.items():
+            t = card["training"]
+            click.echo(f"| `{name}` | {card['architecture']} | {card['activation']} | "
+                       f"{card['parameters']:,} | {card['test_accuracy']:.3f} | "
+                       f"{t['epochs']} epochs x {card['data']['train_size']}, "
+                       f"{t['seconds']:.0f} s |")
+        return
+    for name in list_models():
+        click.echo(f"{name:24s} {model_info(name).description}")
+
+
+# ----------------------------------------------------------------------------------------- train
+
+
+@cli.command("train")
+@click.option("--arch", type=click.Choice(["vgg", "resnet", "vit"]), default="resnet",
+              show_default=True, help="Zoo architecture.")
+@click.option("--activation", default=None,
+              help="relu, elu, leaky_relu, silu (swish), gelu or tanh [default: relu for the "
+                   "CNNs, gelu for the ViT].")
+@click.option("--epochs", type=int, default=5, show_default=True)
+@click.option("--train-size", type=int, default=55000, show_default=True,
+              help="How many cluttered training samples (of 55000).")
+@click.option("--batch-size", type=int, default=128, show_default=True)
+@click.option("--lr", type=float, default=3e-3, show_default=True, help="Peak learning rate.")
+@click.option("--seed", type=int, default=0, show_default=True,
+              help="Seed of the initial weights and the shuffling.")
+@click.option("--data-seed", type=int, default=0, show_default=True,
+              help="Seed of the cluttered canvases.")
+@click.option("--test-size", type=int, default=None,
+              help="Evaluate on the first N test samples [default: all 10000].")
+@click.option("--out", "out_dir", type=click.Path(path_type=Path), default=Path("out/models"),
+              show_default=True, help="Folder for NAME.pt and the card NAME.json.")
+@click.option("--quiet", is_flag=True, help="No progress bars.")
+@_errors_as_one_line
+def train_command(arch: str, activation: str | None, epochs: int, train_size: int,
+                  batch_size: int, lr: float, seed: int, data_seed: int, test_size: int | None,
+                  out_dir: Path, quiet: bool) -> None:
+    """Train a zoo model on cluttered Fashion-MNIST; write its weights and model card."""
+    from srdxai.training import TrainConfig, train
+
+    config = TrainConfig(arch=arch, activation=activation, epochs=epochs, train_size=train_size,
+                         batch_size=batch_size, lr=lr, seed=seed, data_seed=data_seed,
+                         test_size=test_size)
+    _, card = train(config, out_dir, progress=not quiet)
+    click.echo(f"{card['name']}: test accuracy {card['test_accuracy']:.4f} "
+               f"({card['training']['seconds']} s); wrote {out_dir / card['weights']} and "
+               f"{out_dir / (card['name'] + '.json')}")
+
+
 def main(argv: Sequence[str] | None = None) -> None:
     """Console-script entry point (``srdxai``)."""
     cli.main(args=list(argv) if argv is not None else None, prog_name="srdxai")

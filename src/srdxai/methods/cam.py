@@ -93,18 +93,25 @@ def _layer_name(model: nn.Module, layer: str | nn.Module) -> str:
         f"layer must be a layer name, 'low', 'high' or a module of the model; got {layer!r}.")
 
 
-def _layer_node(trace: Trace, layer: str) -> Node:
-    """The PFV node of ``layer``, which must have spatial dimensions."""
-    if layer in ("low", "high") and not any(n.spatial for n in trace.pfv_layers[1:]):
+def _layer_node(trace: Trace, layer: str, input_dim: int) -> Node:
+    """The PFV node of ``layer``: a feature map with the input's number of dimensions."""
+
+    def is_map(n: Node) -> bool:
+        return n.spatial and len(n.shape) == input_dim
+
+    if layer in ("low", "high") and not any(is_map(n) for n in trace.pfv_layers[1:]):
         raise InvalidInputError(
-            f"layer='{layer}': the model has no activation layer with spatial dimensions, so "
-            "there is no feature map for a CAM. CAM methods need a convolutional network.")
+            f"layer='{layer}': the model has no activation layer with the input's spatial "
+            "layout, so there is no feature map for a CAM. CAM methods need a convolutional "
+            "network (a vision transformer's (N, tokens, dim) tensors are not feature maps; "
+            "use a gradient or LRP method there).")
     node = trace.find_layer(layer)
-    if not node.spatial:
+    if not is_map(node):
         raise InvalidInputError(
-            f"layer '{layer}' (PFV layer '{node.name}', shape {tuple(node.shape)}) has no "
-            "spatial dimensions; CAM methods need a feature map (N, C, H, W) such as a "
-            "convolutional layer's activation, e.g. layer='low'.")
+            f"layer '{layer}' (PFV layer '{node.name}', shape {tuple(node.shape)}) is not a "
+            f"feature map with the input's {input_dim - 2} spatial dimension(s); CAM methods "
+            "need one, (N, C, H, W) for images, such as a convolutional layer's activation, "
+            "e.g. layer='low'.")
     return node
 
 
@@ -215,7 +222,7 @@ class _LayerCAM(Method):
         rule = _ActivationRule()
         with self._guard(), torch.set_grad_enabled(grad), Trace(self.model, x, rule) as trace:
             out = trace.forward()
-            node = _layer_node(trace, layer)
+            node = _layer_node(trace, layer, x.dim())
             a = node.tensor
             grad_out, classes = target_gradient(out, target)
             g = None
@@ -460,7 +467,7 @@ class AblationCAM(_PerturbationCAM):
         rule = _ActivationRule()
         with self._guard(), torch.no_grad(), Trace(self.model, x, rule) as trace:
             out = trace.forward()
-            node = _layer_node(trace, layer)
+            node = _layer_node(trace, layer, x.dim())
             position = trace.pfv_layers.index(node) - 1  # -1: the input is not an activation
             a = node.tensor.detach()
             _, classes = target_gradient(out, target)
@@ -499,11 +506,15 @@ class _BiasGradientRule(Rule):
 
     wants_bias_ops = True
 
-    def __init__(self) -> None:
+    def __init__(self, input_dim: int) -> None:
         self.maps: dict[tuple[int, ...], Tensor] = {}  # spatial size -> summed channel maps
+        self.input_dim = input_dim
+        self.unmapped: list[tuple[int, ...]] = []  # biases on tensors that are not maps
 
     def on_bias_op(self, op: ops.LinearOp, out: Tensor) -> Tensor:
-        if out.dim() > 2 and out.requires_grad:
+        if out.dim() > 2 and out.dim() != self.input_dim:
+            self.unmapped.append(tuple(out.shape))
+        elif out.dim() > 2 and out.requires_grad:
             out.register_hook(lambda g, op=op: self._collect(op, g))
         return out
 
@@ -556,9 +567,15 @@ class FullGrad(Method):
         return self._batched(inputs, target, one)
 
     def _map(self, x: Tensor, target: Target) -> Tensor:
-        rule = _BiasGradientRule()
+        rule = _BiasGradientRule(x.dim())
         with self._guard(), torch.enable_grad(), Trace(self.model, x, rule) as trace:
             out = trace.forward()
+            if rule.unmapped:
+                raise InvalidInputError(
+                    f"FullGrad needs every bias to act on a feature map shaped like the input "
+                    f"(N, C, H, W); this model adds biases to tensors of shape "
+                    f"{rule.unmapped[0]} (e.g. a vision transformer's tokens), whose bias "
+                    "gradients have no place in the image. Use a gradient or LRP method.")
             grad_out, _ = target_gradient(out, target)
             (gx,) = torch.autograd.grad(out, x, grad_out)
             del out

@@ -2,9 +2,10 @@
 
 Example::
 
-    from srdxai.models import load_model, preprocess
+    from srdxai.models import load, preprocess
 
-    model = load_model("efficientnet-lite0")
+    model = load("efficientnet-lite0")          # real ImageNet weights, checksum verified
+    small = load("fmnist-resnet-relu")          # trained on cluttered Fashion-MNIST (shipped)
     x = preprocess(image_uint8_hwc, "efficientnet-lite0")  # (1, 3, 224, 224)
 """
 
@@ -16,7 +17,7 @@ import numpy as np
 import torch
 
 from srdxai.errors import UnknownModelError
-from srdxai.models import efficientnet
+from srdxai.models import efficientnet, shipped
 from srdxai.models.base import ModelInfo, ModelSpec, normalize, resize_image
 
 __all__ = [
@@ -24,6 +25,7 @@ __all__ = [
     "ModelInfo",
     "class_names",
     "list_models",
+    "load",
     "load_model",
     "model_info",
     "prepare_image",
@@ -32,20 +34,22 @@ __all__ = [
 
 DEFAULT_MODEL = efficientnet.NAME
 
-_REGISTRY: dict[str, ModelSpec] = {efficientnet.NAME: efficientnet.SPEC}
+def _registry() -> dict[str, ModelSpec]:
+    return {efficientnet.NAME: efficientnet.SPEC, **shipped.specs()}
 
 
 def list_models() -> list[str]:
     """Names accepted by :func:`load_model`."""
-    return sorted(_REGISTRY)
+    return sorted(_registry())
 
 
 def _spec(name: str) -> ModelSpec:
-    if not isinstance(name, str) or name not in _REGISTRY:
+    registry = _registry()
+    if not isinstance(name, str) or name not in registry:
         raise UnknownModelError(
             f"unknown model {name!r}; available models: {', '.join(list_models())}"
         )
-    return _REGISTRY[name]
+    return registry[name]
 
 
 def model_info(name: str = DEFAULT_MODEL) -> ModelInfo:
@@ -64,6 +68,10 @@ def load_model(
     file.
     """
     return _spec(name).load(weights_path)
+
+
+#: ``srdxai.models.load(name)``: the registry's loader (same as :func:`load_model`).
+load = load_model
 
 
 def prepare_image(image: np.ndarray, name: str = DEFAULT_MODEL) -> np.ndarray:
@@ -92,4 +100,8 @@ def class_names(name: str = DEFAULT_MODEL) -> list[str]:
         from srdxai.data import imagenet_class_names
 
         return imagenet_class_names()
-    return [str(i) for i in range(info.num_classes)]  # pragma: no cover - no such model yet
+    if info.labels == "fashion-mnist":
+        from srdxai.data.fashion import CLASS_NAMES
+
+        return list(CLASS_NAMES)
+    return [str(i) for i in range(info.num_classes)]

