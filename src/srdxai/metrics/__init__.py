@@ -1,0 +1,56 @@
+"""Evaluation metrics for attribution maps: pure, batched torch functions.
+
+Every metric has the same call::
+
+    metric(model, x, y, attributions, masks=None, explain=None, **options)
+
+and returns float64 scores of shape (N,), except the curve metrics (``insertion``,
+``deletion``, ``pixel_flipping``: :class:`CurveResult`), ``sensitivity_n``
+(:class:`SensitivityNResult`) and ``gae`` (:class:`GAEResult`, one score per group of four).
+``explain(model, x, y) -> maps`` is needed by the robustness metrics and GAE, e.g.
+``lambda m, x, y: srdxai.explain(m, x, y, "saliency")``. Inputs may be tensors or Quantus-style
+numpy arrays. See docs/metrics.md for exact definitions and the differences from Quantus.
+"""
+
+from .complexity import complexity, sparseness
+from .faithfulness import (
+    CurveResult,
+    SensitivityNResult,
+    deletion,
+    faithfulness_correlation,
+    insertion,
+    pixel_flipping,
+    random_permutations,
+    random_subsets,
+    sensitivity_n,
+    sensitivity_n_grid,
+)
+from .gae import GAEResult, gae, make_mosaics
+from .localisation import attribution_localisation, pointing_game
+from .quantus_adapter import quantus_explain_func
+from .robustness import NoiseDraws, avg_sensitivity, local_lipschitz_estimate, max_sensitivity
+
+__all__ = [
+    "pointing_game",
+    "attribution_localisation",
+    "sparseness",
+    "complexity",
+    "faithfulness_correlation",
+    "insertion",
+    "deletion",
+    "pixel_flipping",
+    "sensitivity_n",
+    "local_lipschitz_estimate",
+    "max_sensitivity",
+    "avg_sensitivity",
+    "gae",
+    "quantus_explain_func",
+    "CurveResult",
+    "SensitivityNResult",
+    "GAEResult",
+    "NoiseDraws",
+    "random_subsets",
+    "random_permutations",
+    "sensitivity_n_grid",
+    "make_mosaics",
+]

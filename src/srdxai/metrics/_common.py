@@ -1,0 +1,466 @@
+"""Plumbing shared by every metric: input checks, attribution preprocessing, batched forwards.
+
+Conventions the metrics rely on (docs/metrics.md explains them for users):
+
+* Inputs ``x`` are image batches (N, C, H, W); numpy arrays are converted to the model's device
+  and dtype, tensors must already match (the same rule as ``srdxai.explain``).
+* Attribution maps are (N, H, W) "pixel maps" or (N, C, H, W) "element maps"; (N, 1, H, W) is
+  read as a pixel map. A pixel map's feature is a pixel (perturbing it changes every channel),
+  an element map's feature is one input value.
+* Every normalisation is per sample. Statistics are computed in float64; forward passes run in
+  the model's dtype.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import math
+from collections.abc import Callable, Iterator
+from typing import Any, Literal
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch import nn
+from tqdm.auto import tqdm
+
+from ..engine.core import model_guard
+from ..errors import InvalidInputError, InvalidTargetError
+
+Tensor = torch.Tensor
+Explain = Callable[[nn.Module, Tensor, Tensor], Tensor]
+Normalise = Literal["max", "sum"] | bool | None
+Baseline = float | int | str | Tensor | np.ndarray
+EmptyMaskPolicy = Literal["nan", "raise"]
+
+#: Default forward-pass budget: a chunk holds at most this many input elements. On a CPU, 2 Mi
+#: elements (13 images at 3x224x224, 2730 at 3x16x16): larger chunks fall out of the caches and
+#: run slower per image. On a GPU, 32 Mi elements (222 images at 3x224x224).
+CPU_ELEMENT_BUDGET = 2**21
+GPU_ELEMENT_BUDGET = 2**25
+#: Explanations also keep the backward graph: on a GPU their chunks get an 8 times smaller
+#: budget (27 images at 3x224x224).
+GPU_EXPLAIN_ELEMENT_BUDGET = 2**22
+
+NAMED_BASELINES = ("black", "white", "mean", "zero", "blur")
+
+
+# --- conversions and checks -----------------------------------------------------------------
+
+def model_device_dtype(model: nn.Module | None) -> tuple[torch.device, torch.dtype] | None:
+    """Where the model's floating parameters (or buffers) live; None for a model without any
+    (it then takes inputs as they come)."""
+    if model is not None:
+        for tensor in (*model.parameters(), *model.buffers()):
+            if tensor.is_floating_point():
+                return tensor.device, tensor.dtype
+    return None
+
+
+def to_tensor(value: Any, name: str) -> Tensor:
+    """Accept Quantus-style numpy arrays (and nested lists) as well as tensors."""
+    if isinstance(value, Tensor):
+        return value.detach()
+    if isinstance(value, np.ndarray | list | tuple):
+        try:
+            array = np.asarray(value)
+            if not array.flags.writeable:  # e.g. np.broadcast_to views; torch wants to own it
+                array = array.copy()
+            return torch.as_tensor(array)
+        except (TypeError, ValueError, RuntimeError) as error:
+            raise InvalidInputError(f"{name} cannot be converted to a tensor: {error}") from None
+    raise InvalidInputError(
+        f"{name} must be a torch.Tensor or a numpy array, got {type(value).__name__}.")
+
+
+def check_model(model: Any) -> nn.Module:
+    if not isinstance(model, nn.Module):
+        raise InvalidInputError(f"model must be a torch.nn.Module, got {type(model).__name__}.")
+    return model
+
+
+def check_inputs(x: Any, model: nn.Module | None) -> Tensor:
+    """A finite floating (N, C, H, W) batch on the model's device and dtype."""
+    numpy_given = not isinstance(x, Tensor)
+    x = to_tensor(x, "x")
+    if x.dim() != 4:
+        raise InvalidInputError(
+            f"x must have shape (N, C, H, W); got {tuple(x.shape)}. The metrics are defined for "
+            "image batches; add a batch dimension with x[None] if needed.")
+    if x.shape[0] == 0:
+        raise InvalidInputError("x holds an empty batch.")
+    reference = model_device_dtype(model)
+    device, dtype = reference or (torch.device("cpu"), torch.get_default_dtype())
+    if numpy_given:
+        if not (x.is_floating_point() or x.dtype in (torch.uint8, torch.int32, torch.int64)):
+            raise InvalidInputError(f"x must hold numbers, got {x.dtype}.")
+        x = x.to(device=device, dtype=dtype if reference or not x.is_floating_point() else x.dtype)
+    elif not x.is_floating_point():
+        raise InvalidInputError(f"x must be floating point, got {x.dtype}.")
+    elif reference is not None and (x.device != device or x.dtype != dtype):
+        raise InvalidInputError(
+            f"x is {x.dtype} on {x.device} but the model's parameters are {dtype} on {device}; "
+            "move one of them (e.g. x.to(next(model.parameters())))")
+    if not torch.isfinite(x).all():
+        raise InvalidInputError(
+            f"x contains NaN or Inf (samples {nonfinite_samples(x)}); clean it first.")
+    return x
+
+
+def nonfinite_samples(t: Tensor) -> list[int]:
+    return (~torch.isfinite(t)).flatten(1).any(1).nonzero().flatten().tolist()
+
+
+def check_targets(y: Any, n: int, device: torch.device) -> Tensor | None:
+    """One class index per sample as a long tensor (N,); None stays None (predicted class)."""
+    if y is None:
+        return None
+    if isinstance(y, int | np.integer) and not isinstance(y, bool):
+        return torch.full((n,), int(y), dtype=torch.long, device=device)
+    t = to_tensor(y, "y").reshape(-1)
+    if t.is_floating_point():
+        if not torch.equal(t, t.round()):
+            raise InvalidTargetError("y must hold integer class indices.")
+    elif t.dtype == torch.bool:
+        raise InvalidTargetError("y must hold integer class indices, got booleans.")
+    if t.numel() != n:
+        raise InvalidTargetError(f"y must have one class per sample ({n}); got {t.numel()}.")
+    if (t < 0).any():
+        raise InvalidTargetError(f"y holds negative class indices: {t[t < 0].tolist()}.")
+    return t.to(device=device, dtype=torch.long)
+
+
+def check_attributions(a: Any, x: Tensor | None, name: str = "attributions") -> Tensor:
+    """Finite (N, H, W) pixel maps or (N, C, H, W) element maps matching ``x``.
+
+    (N, 1, H, W) becomes (N, H, W): Quantus' layout for one-channel maps is a pixel map.
+    """
+    a = to_tensor(a, name)
+    if not (a.is_floating_point() or a.dtype in (torch.int32, torch.int64, torch.uint8)):
+        raise InvalidInputError(f"{name} must hold numbers, got {a.dtype}.")
+    if a.dim() == 4 and a.shape[1] == 1:
+        a = a[:, 0]
+    if a.dim() not in (3, 4):
+        raise InvalidInputError(
+            f"{name} must have shape (N, H, W) or (N, C, H, W); got {tuple(a.shape)}.")
+    if x is not None:
+        if a.shape[0] != x.shape[0]:
+            raise InvalidInputError(
+                f"{name} hold {a.shape[0]} maps but x holds {x.shape[0]} samples.")
+        if a.shape[-2:] != x.shape[-2:]:
+            raise InvalidInputError(
+                f"{name} have spatial size {tuple(a.shape[-2:])} but x has "
+                f"{tuple(x.shape[-2:])}; upsample layer maps first (explain(..., upsample=True)).")
+        if a.dim() == 4 and a.shape[1] != x.shape[1]:
+            raise InvalidInputError(
+                f"{name} have {a.shape[1]} channels but x has {x.shape[1]}; pass (N, H, W) "
+                "maps or one channel per input channel.")
+        a = a.to(x.device)
+    if a.shape[0] == 0:
+        raise InvalidInputError(f"{name} hold an empty batch.")
+    a = a.to(torch.float64)
+    if not torch.isfinite(a).all():
+        raise InvalidInputError(
+            f"{name} contain NaN or Inf (samples {nonfinite_samples(a)}); the explanation "
+            "method failed on them.")
+    return a
+
+
+def check_masks(masks: Any, a: Tensor) -> Tensor:
+    """Binary (N, H, W) masks for the maps ``a``, as a bool tensor."""
+    if masks is None:
+        raise InvalidInputError("this metric needs masks= (binary (N, H, W) ground-truth masks).")
+    m = to_tensor(masks, "masks")
+    if m.dim() == 4 and m.shape[1] == 1:
+        m = m[:, 0]
+    if m.dim() != 3:
+        raise InvalidInputError(
+            f"masks must have shape (N, H, W) or (N, 1, H, W); got {tuple(m.shape)}.")
+    if m.shape[0] != a.shape[0] or m.shape[-2:] != a.shape[-2:]:
+        raise InvalidInputError(
+            f"masks have shape {tuple(m.shape)} but the attributions {tuple(a.shape)}; they "
+            "must share the batch size and the spatial size.")
+    if m.dtype != torch.bool:
+        if m.is_floating_point() and not torch.isfinite(m).all():
+            raise InvalidInputError("masks contain NaN or Inf.")
+        if not ((m == 0) | (m == 1)).all():
+            raise InvalidInputError(
+                "masks must be binary (0/1 or bool); got other values, e.g. "
+                f"{m[(m != 0) & (m != 1)][:3].tolist()}.")
+        m = m != 0
+    return m.to(a.device)
+
+
+def empty_mask_nan(scores: Tensor, masks: Tensor, policy: EmptyMaskPolicy) -> Tensor:
+    """Apply the empty-mask policy: NaN for samples whose mask has no pixel, or raise."""
+    if policy not in ("nan", "raise"):
+        raise InvalidInputError(f"empty_mask must be 'nan' or 'raise', got {policy!r}.")
+    empty = ~masks.flatten(1).any(1)
+    if empty.any():
+        if policy == "raise":
+            raise InvalidInputError(
+                f"masks of samples {empty.nonzero().flatten().tolist()} are empty.")
+        scores = scores.masked_fill(empty, math.nan)
+    return scores
+
+
+def check_positive_int(value: Any, name: str, minimum: int = 1) -> int:
+    if isinstance(value, bool) or not isinstance(value, int | np.integer) or value < minimum:
+        raise InvalidInputError(f"{name} must be an int >= {minimum}, got {value!r}.")
+    return int(value)
+
+
+def check_explain(explain: Any, metric: str) -> Explain:
+    if explain is None or not callable(explain):
+        raise InvalidInputError(
+            f"{metric} re-runs the explanation method: pass explain=callable(model, x, y) -> maps, "
+            "e.g. lambda m, x, y: srdxai.explain(m, x, y, 'saliency').")
+    return explain
+
+
+# --- attribution preprocessing --------------------------------------------------------------
+
+def normalise_attributions(a: Tensor, normalise: Normalise) -> Tensor:
+    """Per-sample normalisation: ``"max"`` (or True) divides by max|a|, ``"sum"`` by sum|a|.
+
+    All-zero maps stay zero (as Quantus' ``normalise_by_max``). Never across the batch: Quantus
+    0.5+ divides by one maximum over the whole batch, which makes a sample's score depend on
+    the other samples.
+    """
+    if normalise is None or normalise is False:
+        return a
+    mode = "max" if normalise is True else normalise
+    if mode not in ("max", "sum"):
+        raise InvalidInputError(f"normalise must be 'max', 'sum', True, False or None; got "
+                                f"{normalise!r}.")
+    flat = a.flatten(1).abs()
+    scale = flat.amax(1) if mode == "max" else flat.sum(1)
+    scale = torch.where(scale > 0, scale, torch.ones_like(scale))
+    return a / scale.view(-1, *([1] * (a.dim() - 1)))
+
+
+def preprocess_attributions(a: Tensor, normalise: Normalise, abs: bool) -> Tensor:
+    """Normalise, then take |a| (Quantus' order)."""
+    a = normalise_attributions(a, normalise)
+    return a.abs() if abs else a
+
+
+# --- features, baselines and perturbations --------------------------------------------------
+
+def feature_count(a: Tensor) -> int:
+    """Pixels of a pixel map, elements of an element map."""
+    return a[0].numel()
+
+
+def features_to_input(feature_mask: Tensor, a_dim: int, x_shape: torch.Size) -> Tensor:
+    """Expand a (B, F) feature mask to the input layout (B, C, H, W)."""
+    b = feature_mask.shape[0]
+    _, c, h, w = x_shape
+    if a_dim == 3:
+        return feature_mask.view(b, 1, h, w).expand(b, c, h, w)
+    return feature_mask.view(b, c, h, w)
+
+
+def gaussian_blur(x: Tensor, kernel_size: int = 11, sigma: float = 5.0) -> Tensor:
+    """RISE's insertion substrate: a per-channel Gaussian blur with zero padding."""
+    radius = kernel_size // 2
+    offsets = torch.arange(kernel_size, dtype=torch.float64, device=x.device) - radius
+    kernel_1d = torch.exp(-(offsets**2) / (2 * sigma**2))
+    kernel_2d = torch.outer(kernel_1d, kernel_1d)
+    kernel_2d = (kernel_2d / kernel_2d.sum()).to(x.dtype)
+    c = x.shape[1]
+    weight = kernel_2d.expand(c, 1, kernel_size, kernel_size)
+    return F.conv2d(x, weight, padding=radius, groups=c)
+
+
+def baseline_values(baseline: Baseline, x: Tensor) -> Tensor:
+    """The replacement values, as a tensor of x's shape.
+
+    Named baselines are per sample: ``"black"``/``"white"`` the sample's minimum/maximum over all
+    its elements (Quantus' meaning, which in a normalised input space is the darkest value, not
+    0), ``"mean"`` its mean, ``"zero"`` 0, ``"blur"`` a Gaussian-blurred copy (RISE). A number is
+    used everywhere; a tensor or array must broadcast to x's shape (e.g. (C, 1, 1)).
+    """
+    if isinstance(baseline, bool):
+        raise InvalidInputError("baseline must be a number, a name or a tensor, not a bool.")
+    if isinstance(baseline, int | float | np.floating | np.integer):
+        return torch.full_like(x, float(baseline))
+    if isinstance(baseline, str):
+        flat = x.flatten(1)
+        per_sample = {
+            "black": lambda: flat.amin(1),
+            "white": lambda: flat.amax(1),
+            "mean": lambda: flat.mean(1),
+            "zero": lambda: torch.zeros(x.shape[0], dtype=x.dtype, device=x.device),
+        }
+        if baseline == "blur":
+            return gaussian_blur(x)
+        if baseline not in per_sample:
+            raise InvalidInputError(
+                f"unknown baseline {baseline!r}; use a number, a tensor or one of "
+                f"{', '.join(NAMED_BASELINES)}.")
+        return per_sample[baseline]().view(-1, 1, 1, 1).expand_as(x).contiguous()
+    values = to_tensor(baseline, "baseline").to(device=x.device, dtype=x.dtype)
+    try:
+        return torch.broadcast_to(values, x.shape).contiguous()
+    except RuntimeError:
+        raise InvalidInputError(
+            f"baseline of shape {tuple(values.shape)} does not broadcast to x's shape "
+            f"{tuple(x.shape)}.") from None
+
+
+# --- model outputs --------------------------------------------------------------------------
+
+def default_batch_size(x: Tensor, batch_size: int | None, explain: bool = False) -> int:
+    """``batch_size`` if given, else as many images as the device's element budget allows."""
+    if batch_size is not None:
+        return check_positive_int(batch_size, "batch_size")
+    if x.device.type == "cpu":
+        budget = CPU_ELEMENT_BUDGET
+    else:
+        budget = GPU_EXPLAIN_ELEMENT_BUDGET if explain else GPU_ELEMENT_BUDGET
+    return max(1, budget // max(1, x[0].numel()))
+
+
+def class_scores(model: Callable[[Tensor], Tensor], inputs: Tensor, targets: Tensor,
+                 softmax: bool) -> Tensor:
+    """The target class's logit (or softmax probability) per input, in float64."""
+    out = model(inputs)
+    if not isinstance(out, Tensor) or out.dim() != 2 or out.shape[0] != inputs.shape[0]:
+        raise InvalidInputError(
+            "the model must return logits of shape (N, classes); got "
+            f"{getattr(out, 'shape', type(out).__name__)}.")
+    if (targets >= out.shape[1]).any():
+        raise InvalidTargetError(
+            f"y holds classes >= the model's {out.shape[1]} outputs: "
+            f"{targets[targets >= out.shape[1]].unique().tolist()}.")
+    if softmax:
+        out = out.softmax(1)
+    return out.gather(1, targets[:, None])[:, 0].to(torch.float64)
+
+
+def chunks(total: int, size: int, progress: bool, desc: str) -> Iterator[tuple[int, int]]:
+    """(start, stop) ranges of at most ``size`` items, with a tqdm bar only if ``progress``."""
+    with tqdm(total=total, disable=not progress, desc=desc, unit="img", leave=False) as bar:
+        for start in range(0, total, size):
+            stop = min(total, start + size)
+            yield start, stop
+            bar.update(stop - start)
+
+
+def predicted_classes(model: nn.Module, x: Tensor, batch_size: int) -> Tensor:
+    parts = []
+    with torch.no_grad():
+        for start, stop in chunks(x.shape[0], batch_size, False, ""):
+            parts.append(model(x[start:stop]).argmax(1))
+    return torch.cat(parts)
+
+
+class _LayoutForward:
+    """Call the model on channels-last copies of 4-D inputs.
+
+    oneDNN (CPU) runs convolutions, depthwise ones above all, much faster in channels-last
+    layout (EfficientNet-Lite0: about 1.5x); values are identical up to float rounding. Models
+    whose code depends on the layout (``.view`` on a 4-D activation) raise a RuntimeError in
+    it: the call is then repeated, and all later ones made, in the ordinary layout.
+    """
+
+    def __init__(self, model: nn.Module):
+        self.model = model
+        self.channels_last = True
+
+    def __call__(self, inputs: Tensor) -> Tensor:
+        if self.channels_last and inputs.dim() == 4:
+            try:
+                return self.model(inputs.contiguous(memory_format=torch.channels_last))
+            except RuntimeError as error:
+                if "view" not in str(error) and "stride" not in str(error):
+                    raise
+                self.channels_last = False
+        return self.model(inputs.contiguous())
+
+
+def scores_in_batches(
+    model: nn.Module,
+    make_inputs: Callable[[int, int], tuple[Tensor, Tensor]],
+    total: int,
+    batch_size: int,
+    softmax: bool,
+    progress: bool,
+    desc: str,
+) -> Tensor:
+    """Class scores of ``total`` perturbed inputs built chunk by chunk by ``make_inputs``.
+
+    Only one chunk of perturbed inputs exists at a time, so memory is bounded by
+    ``batch_size`` whatever the number of perturbations.
+    """
+    out = torch.empty(total, dtype=torch.float64)
+    forward = _LayoutForward(model)
+    with torch.no_grad():
+        for start, stop in chunks(total, batch_size, progress, desc):
+            inputs, targets = make_inputs(start, stop)
+            out[start:stop] = class_scores(forward, inputs, targets, softmax).cpu()
+    return out
+
+
+def explain_checked(explain: Explain, model: nn.Module, x: Tensor, y: Tensor,
+                    like: Tensor | None) -> Tensor:
+    """Run the user's explanation method and check its maps like given attributions."""
+    maps = explain(model, x, y)
+    maps = check_attributions(maps, x, name="explain(...) maps")
+    if like is not None and maps.shape[1:] != like.shape[1:]:
+        raise InvalidInputError(
+            f"explain returned maps of shape {tuple(maps.shape[1:])} per sample but the "
+            f"attributions have {tuple(like.shape[1:])}; use the same method and channel "
+            "reduction for both.")
+    return maps
+
+
+# --- randomness -----------------------------------------------------------------------------
+
+def make_generator(seed: int | None, generator: torch.Generator | None) -> torch.Generator:
+    """A CPU generator: draws are then the same on every device (and cheap to move)."""
+    if generator is not None:
+        if not isinstance(generator, torch.Generator):
+            raise InvalidInputError(
+                f"generator must be a torch.Generator, got {type(generator).__name__}.")
+        return generator
+    g = torch.Generator()
+    if seed is None:
+        g.seed()
+    else:
+        if isinstance(seed, bool) or not isinstance(seed, int | np.integer):
+            raise InvalidInputError(f"seed must be an int or None, got {seed!r}.")
+        g.manual_seed(int(seed))
+    return g
+
+
+# --- statistics -----------------------------------------------------------------------------
+
+def pearson(a: Tensor, b: Tensor) -> Tensor:
+    """Pearson correlation along the last axis, in float64; NaN where either side is constant
+    (scipy.stats.pearsonr returns NaN there too)."""
+    a = a.to(torch.float64)
+    b = b.to(torch.float64)
+    a = a - a.mean(-1, keepdim=True)
+    b = b - b.mean(-1, keepdim=True)
+    norm_a = a.norm(dim=-1)
+    norm_b = b.norm(dim=-1)
+    denominator = norm_a * norm_b
+    r = (a * b).sum(-1) / torch.where(denominator > 0, denominator, torch.ones_like(denominator))
+    r = r.clamp(-1.0, 1.0)
+    return torch.where(denominator > 0, r, torch.full_like(r, math.nan))
+
+
+def trapezoid(curve: Tensor, x: Tensor | None = None) -> Tensor:
+    """Area under each row of ``curve`` (unit spacing, or the points ``x``)."""
+    if curve.shape[-1] < 2:
+        return torch.zeros(curve.shape[:-1], dtype=curve.dtype, device=curve.device)
+    if x is None:
+        return torch.trapezoid(curve, dim=-1)
+    return torch.trapezoid(curve, x.to(curve), dim=-1)
+
+
+def guarded(model: nn.Module | None):
+    """Eval mode and frozen parameters during the metric, restored afterwards."""
+    return model_guard(model) if model is not None else contextlib.nullcontext()

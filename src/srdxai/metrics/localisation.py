@@ -1,0 +1,141 @@
+"""Localisation metrics: does the attribution fall on the object (a ground-truth mask)?
+
+Both metrics only read the maps and the masks; ``model``, ``x`` and ``y`` are accepted for the
+common signature (``x``, when given, is used to check the map shapes).
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from ..errors import InvalidInputError
+from ._common import (
+    EmptyMaskPolicy,
+    Explain,
+    Normalise,
+    check_attributions,
+    check_inputs,
+    check_masks,
+    empty_mask_nan,
+    preprocess_attributions,
+)
+
+Tensor = torch.Tensor
+
+__all__ = ["pointing_game", "attribution_localisation"]
+
+
+def _maps_and_masks(model: nn.Module | None, x: Any, attributions: Any,
+                    masks: Any) -> tuple[Tensor, Tensor]:
+    x_checked = check_inputs(x, model) if x is not None else None
+    if attributions is None:
+        raise InvalidInputError("this metric scores given maps: pass attributions=.")
+    a = check_attributions(attributions, x_checked)
+    return a, check_masks(masks, a)
+
+
+def _dilate(masks: Tensor, radius: int) -> Tensor:
+    """Grow each mask by a disk of ``radius`` pixels (Euclidean distance <= radius)."""
+    offsets = torch.arange(-radius, radius + 1, device=masks.device, dtype=torch.float32)
+    disk = (offsets[:, None] ** 2 + offsets[None, :] ** 2 <= radius**2).to(torch.float32)
+    grown = F.conv2d(masks[:, None].to(torch.float32), disk[None, None], padding=radius)
+    return grown[:, 0] > 0.5
+
+
+def pointing_game(
+    model: nn.Module | None,
+    x: Any,
+    y: Any,
+    attributions: Any,
+    masks: Any = None,
+    explain: Explain | None = None,
+    *,
+    tolerance: int = 0,
+    weighted: bool = False,
+    abs: bool = False,
+    normalise: Normalise = True,
+    empty_mask: EmptyMaskPolicy = "nan",
+) -> Tensor:
+    """Pointing game (Zhang et al., IJCV 2018): 1 if the map's maximum lies in the mask, else 0.
+
+    Ties count as a hit if any maximal position is in the mask (Quantus' rule). Element maps
+    (N, C, H, W) take the maximum over all elements; the mask covers every channel.
+
+    Args:
+        tolerance: the original game's tolerance in pixels (15 in the paper): a hit if the
+            maximum lies within this Euclidean distance of the mask. 0 (default) is Quantus'
+            ``PointingGame``, which has no tolerance.
+        weighted: a hit scores ``1 - mask_area / image_area`` instead of 1, which rewards hits
+            on small objects (Quantus' ``weighted=True``, without its v0.6.0 bool-cast bug).
+        abs: take |a| first (so strongly negative evidence can also "point").
+        normalise: per-sample normalisation (does not move the maximum; kept for parity).
+        empty_mask: ``"nan"`` scores a sample with an empty mask NaN, ``"raise"`` raises.
+
+    Returns:
+        float64 scores (N,): 1.0 hit, 0.0 miss, NaN for empty masks.
+    """
+    if isinstance(tolerance, bool) or not isinstance(tolerance, int) or tolerance < 0:
+        raise InvalidInputError(f"tolerance must be an int >= 0 (pixels), got {tolerance!r}.")
+    a, m = _maps_and_masks(model, x, attributions, masks)
+    a = preprocess_attributions(a, normalise, abs)
+    target = _dilate(m, tolerance) if tolerance > 0 else m
+    if a.dim() == 4:
+        target = target[:, None].expand_as(a)
+    flat = a.flatten(1)
+    at_max = flat == flat.amax(1, keepdim=True)
+    hit = (at_max & target.reshape(flat.shape)).any(1).to(torch.float64)
+    if weighted:
+        area = m.flatten(1).sum(1).to(torch.float64) / m[0].numel()
+        hit = hit * (1.0 - area)
+    return empty_mask_nan(hit, m, empty_mask)
+
+
+def attribution_localisation(
+    model: nn.Module | None,
+    x: Any,
+    y: Any,
+    attributions: Any,
+    masks: Any = None,
+    explain: Explain | None = None,
+    *,
+    weighted: bool = False,
+    positive_only: bool = False,
+    abs: bool = True,
+    normalise: Normalise = True,
+    empty_mask: EmptyMaskPolicy = "nan",
+) -> Tensor:
+    """Attribution localisation (Kohlbrenner et al., 2020): the share of attribution mass that
+    falls inside the mask, ``sum_mask(a) / (sum(a) + 1e-9)``.
+
+    The defaults are Quantus' (``abs=True``: the mass of |a|). Kohlbrenner's "positive
+    relevance" variant is ``abs=False, positive_only=True``. A ratio above 1 can only come from
+    negative mass outside the mask; it is NaN, as in Quantus.
+
+    Args:
+        weighted: multiply by ``mask_area / image_area`` (Quantus' ``weighted=True`` as in
+            v0.4.2; v0.6.0 divides by a batch-dependent size, a bug).
+        positive_only: clip the map at 0 first (Quantus' ``positive_attributions``), after
+            normalisation and ``abs``.
+        abs: take |a| first (Quantus' default).
+        normalise: per-sample normalisation (the ratio is scale-free; kept for parity).
+        empty_mask: ``"nan"`` scores a sample with an empty mask NaN, ``"raise"`` raises.
+
+    Returns:
+        float64 scores (N,) in [0, 1] (NaN for empty masks and ratios above 1).
+    """
+    a, m = _maps_and_masks(model, x, attributions, masks)
+    a = preprocess_attributions(a, normalise, abs)
+    if positive_only:
+        a = a.clamp_min(0)
+    inside_mask = m[:, None].expand_as(a) if a.dim() == 4 else m
+    inside = (a * inside_mask).flatten(1).sum(1)
+    total = a.flatten(1).sum(1)
+    ratio = inside / (total + 1e-9)
+    ratio = ratio.masked_fill(ratio > 1, float("nan"))
+    if weighted:
+        ratio = ratio * m.flatten(1).sum(1).to(torch.float64) / m[0].numel()
+    return empty_mask_nan(ratio, m, empty_mask)

@@ -1,0 +1,287 @@
+"""Robustness metrics: how much does the explanation move when the input moves a little?
+
+The explanation method is re-run on ``nr_samples`` noisy copies of every input. All copies are
+explained in chunks of ``batch_size`` images (one ``explain`` call per chunk, samples and noise
+draws mixed in one batch), never one call per noise draw.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable
+from typing import Any, Literal
+
+import torch
+from torch import nn
+
+from ..errors import InvalidInputError
+from ._common import (
+    Explain,
+    Normalise,
+    check_attributions,
+    check_explain,
+    check_inputs,
+    check_model,
+    check_positive_int,
+    check_targets,
+    chunks,
+    default_batch_size,
+    explain_checked,
+    guarded,
+    make_generator,
+    predicted_classes,
+    preprocess_attributions,
+    to_tensor,
+)
+
+Tensor = torch.Tensor
+Score = Callable[[Tensor, Tensor, Tensor, Tensor], Tensor]
+
+__all__ = ["local_lipschitz_estimate", "max_sensitivity", "avg_sensitivity", "NoiseDraws"]
+
+
+class NoiseDraws:
+    """The noise of the robustness metrics, drawn step by step: step s is one (N, C, H, W)
+    tensor, as Quantus draws one batch-shaped array per step.
+
+    Rows are handed out in the flat order (step, sample), so the draws depend on the generator
+    only, not on how the work is chunked. ``explicit`` (S, N, C, H, W) replaces the generator.
+    """
+
+    def __init__(self, shape: torch.Size, steps: int, kind: Literal["gaussian", "uniform"],
+                 low_or_mean: float, high_or_std: float, generator: torch.Generator | None,
+                 explicit: Tensor | None = None):
+        self.shape = shape
+        self.steps = steps
+        self.kind = kind
+        self.a, self.b = low_or_mean, high_or_std
+        self.generator = generator
+        self.explicit = explicit
+        self._cache: dict[int, Tensor] = {}
+
+    def _step(self, step: int) -> Tensor:
+        if self.explicit is not None:
+            return self.explicit[step]
+        if step not in self._cache:
+            # Steps are requested in increasing order, so earlier ones can be dropped.
+            self._cache = {k: v for k, v in self._cache.items() if k >= step - 1}
+            for missing in range(max(self._cache, default=-1) + 1, step + 1):
+                if self.kind == "gaussian":
+                    draw = torch.randn(self.shape, generator=self.generator, dtype=torch.float64)
+                    draw = draw * self.b + self.a
+                else:
+                    draw = torch.rand(self.shape, generator=self.generator, dtype=torch.float64)
+                    draw = draw * (self.b - self.a) + self.a
+                self._cache[missing] = draw
+        return self._cache[step]
+
+    def rows(self, start: int, stop: int) -> Tensor:
+        """Noise for flat items [start, stop) of the (step, sample) order."""
+        n = self.shape[0]
+        parts = []
+        item = start
+        while item < stop:
+            step, sample = divmod(item, n)
+            take = min(stop - item, n - sample)
+            parts.append(self._step(step)[sample:sample + take])
+            item += take
+        return torch.cat(parts)
+
+
+def _robustness(model, x, y, attributions, explain, *, metric: str, nr_samples: int,
+                noise: tuple[Literal["gaussian", "uniform"], float, float], normalise: Normalise,
+                abs: bool, seed, generator, draws, batch_size, progress,
+                nan_when_prediction_changes: bool, score: Score, reduce: str) -> Tensor:
+    model = check_model(model)
+    explain = check_explain(explain, metric)
+    with guarded(model):
+        x = check_inputs(x, model)
+        n = x.shape[0]
+        size = default_batch_size(x, batch_size, explain=True)
+        targets = check_targets(y, n, x.device)
+        if targets is None:
+            targets = predicted_classes(model, x, size)
+        if attributions is None:
+            a = explain_checked(explain, model, x, targets, None)
+        else:
+            a = check_attributions(attributions, x)
+        reference = preprocess_attributions(a, normalise, abs).flatten(1)
+        x64 = x.to(torch.float64)
+        clean_classes = predicted_classes(model, x, size) if nan_when_prediction_changes else None
+
+        if draws is None:
+            steps = check_positive_int(nr_samples, "nr_samples")
+            source = NoiseDraws(x.shape, steps, noise[0], noise[1], noise[2],
+                                make_generator(seed, generator))
+        else:
+            explicit = to_tensor(draws, "draws").to(torch.float64)
+            if explicit.dim() != 5 or explicit.shape[1:] != x.shape:
+                raise InvalidInputError(
+                    f"draws must be noise of shape (nr_samples, *x.shape) = (S, "
+                    f"{', '.join(map(str, x.shape))}); got {tuple(explicit.shape)}.")
+            steps = explicit.shape[0]
+            source = NoiseDraws(x.shape, steps, noise[0], noise[1], noise[2], None, explicit)
+
+        values = torch.empty(steps * n, dtype=torch.float64)
+        for start, stop in chunks(steps * n, size, progress, metric):
+            sample = torch.arange(start, stop) % n
+            sample_dev = sample.to(x.device)
+            perturbed64 = x64[sample_dev] + source.rows(start, stop).to(x.device)
+            perturbed = perturbed64.to(x.dtype)
+            maps = explain_checked(explain, model, perturbed, targets[sample_dev], a)
+            maps = preprocess_attributions(maps, normalise, abs).flatten(1)
+            chunk = score(reference[sample_dev], maps, x64[sample_dev].flatten(1),
+                          perturbed64.flatten(1))
+            if clean_classes is not None:
+                with torch.no_grad():
+                    changed = model(perturbed).argmax(1) != clean_classes[sample_dev]
+                chunk = chunk.masked_fill(changed, math.nan)
+            values[start:stop] = chunk.cpu()
+        values = values.view(steps, n)
+        if reduce == "max":
+            # Quantus: nanmax, or max (NaN wins) when NaN marks a changed prediction.
+            out = values.max(0).values if nan_when_prediction_changes else _nanmax(values)
+        else:
+            out = values.mean(0) if nan_when_prediction_changes else torch.nanmean(values, 0)
+        return out.to(x.device)
+
+
+def _nanmax(values: Tensor) -> Tensor:
+    filled = torch.nan_to_num(values, nan=-math.inf)
+    best = filled.max(0).values
+    return torch.where(values.isnan().all(0), torch.full_like(best, math.nan), best)
+
+
+def _lipschitz(a: Tensor, b: Tensor, x: Tensor, x_perturbed: Tensor) -> Tensor:
+    return (a - b).norm(dim=1) / ((x - x_perturbed).norm(dim=1) + 1e-10)
+
+
+def _relative_change(a: Tensor, b: Tensor, x: Tensor, x_perturbed: Tensor) -> Tensor:
+    return (a - b).norm(dim=1) / a.norm(dim=1)
+
+
+def local_lipschitz_estimate(
+    model: nn.Module,
+    x: Any,
+    y: Any,
+    attributions: Any = None,
+    masks: Any = None,
+    explain: Explain | None = None,
+    *,
+    nr_samples: int = 200,
+    perturb_mean: float = 0.0,
+    perturb_std: float = 0.1,
+    normalise: Normalise = True,
+    abs: bool = False,
+    nan_when_prediction_changes: bool = False,
+    seed: int | None = 0,
+    generator: torch.Generator | None = None,
+    draws: Any = None,
+    batch_size: int | None = None,
+    progress: bool = False,
+) -> Tensor:
+    """Local Lipschitz estimate (Alvarez-Melis and Jaakkola, 2018; "Sta." in SRD's table).
+
+    ``max_k ||a(x) - a(x + d_k)||_2 / (||d_k||_2 + 1e-10)`` over ``nr_samples`` Gaussian
+    perturbations ``d_k ~ N(perturb_mean, perturb_std^2)`` of every input element (Quantus'
+    defaults: 200 draws, std 0.1 in the model's input space). Both maps are normalised per
+    sample (Quantus 0.5+ normalises over the whole batch). Lower is more stable.
+
+    Args:
+        nr_samples: noise draws per input.
+        perturb_mean, perturb_std: the Gaussian noise.
+        normalise, abs: preprocessing of both the given and the re-computed maps.
+        nan_when_prediction_changes: a draw that changes the predicted class scores NaN, and
+            the result is NaN if any did (Quantus' ``return_nan_when_prediction_changes``);
+            otherwise NaN draws are skipped.
+        seed, generator: the noise source (see :class:`NoiseDraws`).
+        draws: explicit noise (nr_samples, N, C, H, W), e.g. Quantus' draws.
+        batch_size: perturbed inputs per explain call (default: 2 Mi input elements on a CPU,
+            4 Mi on a GPU).
+        progress: show a tqdm bar.
+
+    Returns:
+        float64 estimates (N,).
+    """
+    return _robustness(
+        model, x, y, attributions, explain, metric="local_lipschitz_estimate",
+        nr_samples=nr_samples, noise=("gaussian", perturb_mean, perturb_std),
+        normalise=normalise, abs=abs, seed=seed, generator=generator, draws=draws,
+        batch_size=batch_size, progress=progress,
+        nan_when_prediction_changes=nan_when_prediction_changes, score=_lipschitz, reduce="max")
+
+
+def _uniform_bounds(lower_bound: float, upper_bound: float | None) -> tuple[float, float]:
+    if upper_bound is None:
+        return -lower_bound, lower_bound
+    if upper_bound <= lower_bound:
+        raise InvalidInputError(
+            f"upper_bound ({upper_bound}) must be larger than lower_bound ({lower_bound}).")
+    return lower_bound, upper_bound
+
+
+def max_sensitivity(
+    model: nn.Module,
+    x: Any,
+    y: Any,
+    attributions: Any = None,
+    masks: Any = None,
+    explain: Explain | None = None,
+    *,
+    nr_samples: int = 200,
+    lower_bound: float = 0.2,
+    upper_bound: float | None = None,
+    normalise: Normalise = False,
+    abs: bool = False,
+    nan_when_prediction_changes: bool = False,
+    seed: int | None = 0,
+    generator: torch.Generator | None = None,
+    draws: Any = None,
+    batch_size: int | None = None,
+    progress: bool = False,
+) -> Tensor:
+    """Max-sensitivity (Yeh et al., NeurIPS 2019), as Quantus' ``MaxSensitivity``.
+
+    ``max_k ||a(x) - a(x + d_k)||_2 / ||a(x)||_2`` with uniform noise ``d_k`` on every element:
+    ``U(-lower_bound, lower_bound)`` when ``upper_bound`` is None (Quantus' default, 0.2),
+    else ``U(lower_bound, upper_bound)``. No normalisation by default (Quantus). Lower is
+    better. Other arguments as :func:`local_lipschitz_estimate`.
+    """
+    low, high = _uniform_bounds(lower_bound, upper_bound)
+    return _robustness(
+        model, x, y, attributions, explain, metric="max_sensitivity", nr_samples=nr_samples,
+        noise=("uniform", low, high), normalise=normalise, abs=abs, seed=seed,
+        generator=generator, draws=draws, batch_size=batch_size, progress=progress,
+        nan_when_prediction_changes=nan_when_prediction_changes, score=_relative_change,
+        reduce="max")
+
+
+def avg_sensitivity(
+    model: nn.Module,
+    x: Any,
+    y: Any,
+    attributions: Any = None,
+    masks: Any = None,
+    explain: Explain | None = None,
+    *,
+    nr_samples: int = 200,
+    lower_bound: float = 0.2,
+    upper_bound: float | None = None,
+    normalise: Normalise = False,
+    abs: bool = False,
+    nan_when_prediction_changes: bool = False,
+    seed: int | None = 0,
+    generator: torch.Generator | None = None,
+    draws: Any = None,
+    batch_size: int | None = None,
+    progress: bool = False,
+) -> Tensor:
+    """Avg-sensitivity (Yeh et al., NeurIPS 2019): as :func:`max_sensitivity` with the mean
+    over the noise draws instead of the maximum."""
+    low, high = _uniform_bounds(lower_bound, upper_bound)
+    return _robustness(
+        model, x, y, attributions, explain, metric="avg_sensitivity", nr_samples=nr_samples,
+        noise=("uniform", low, high), normalise=normalise, abs=abs, seed=seed,
+        generator=generator, draws=draws, batch_size=batch_size, progress=progress,
+        nan_when_prediction_changes=nan_when_prediction_changes, score=_relative_change,
+        reduce="mean")
