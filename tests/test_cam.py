@@ -492,8 +492,9 @@ def test_vision_transformer_token_layers_are_a_clear_error(name):
 
     torch.manual_seed(0)
     vit = small_vit(5).eval()
+    x = torch.randn(1, 3, 64, 64)
     with pytest.raises(InvalidInputError, match="transformer|input's"):
-        srdxai.explain(vit, torch.randn(1, 3, 64, 64), 0, name)
-    with pytest.raises(InvalidInputError):
-        srdxai.explain(vit, torch.randn(1, 3, 64, 64), 0, name, layer="blocks.0.mlp.act") \
-            if name != "fullgrad" else srdxai.explain(vit, torch.randn(1, 3, 64, 64), 0, name)
+        srdxai.explain(vit, x, 0, name)
+    if name != "fullgrad":  # FullGrad has no layer option
+        with pytest.raises(InvalidInputError, match="is not a feature map"):
+            srdxai.explain(vit, x, 0, name, layer="blocks.0.mlp.act")

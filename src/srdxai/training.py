@@ -13,7 +13,6 @@ torch version and thread count reproduces the same weights.
 
 from __future__ import annotations
 
-import hashlib
 import json
 import math
 import os
@@ -28,6 +27,7 @@ from tqdm import tqdm
 
 from srdxai.data.fashion import MEAN, STD, ClutteredFashionMNIST, normalize
 from srdxai.errors import InvalidInputError
+from srdxai.models.checkpoint import sha256_file
 from srdxai.models.zoo import SmallResNet, SmallVGG, canonical_activation, small_vit
 
 __all__ = ["ARCHITECTURES", "TrainConfig", "build", "evaluate", "model_name", "sha256_file",
@@ -83,14 +83,6 @@ class TrainConfig:
         if cfg.lr <= 0:
             raise InvalidInputError(f"lr must be positive, got {cfg.lr!r}")
         return cfg
-
-
-def sha256_file(path: str | Path) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            digest.update(block)
-    return digest.hexdigest()
 
 
 def _render(dataset: ClutteredFashionMNIST, count: int, desc: str, progress: bool):

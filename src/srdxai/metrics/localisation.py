@@ -46,6 +46,16 @@ def _dilate(masks: Tensor, radius: int) -> Tensor:
     return grown[:, 0] > 0.5
 
 
+def _over_channels(masks: Tensor, a: Tensor) -> Tensor:
+    """The (N, H, W) masks shaped like the maps: broadcast over channels for (N, C, H, W)."""
+    return masks[:, None].expand_as(a) if a.dim() == 4 else masks
+
+
+def _area_fraction(masks: Tensor) -> Tensor:
+    """Each mask's share of the image, float64 (N,)."""
+    return masks.flatten(1).sum(1).to(torch.float64) / masks[0].numel()
+
+
 def pointing_game(
     model: nn.Module | None,
     x: Any,
@@ -82,15 +92,12 @@ def pointing_game(
         raise InvalidInputError(f"tolerance must be an int >= 0 (pixels), got {tolerance!r}.")
     a, m = _maps_and_masks(model, x, attributions, masks)
     a = preprocess_attributions(a, normalise, abs)
-    target = _dilate(m, tolerance) if tolerance > 0 else m
-    if a.dim() == 4:
-        target = target[:, None].expand_as(a)
+    target = _over_channels(_dilate(m, tolerance) if tolerance > 0 else m, a)
     flat = a.flatten(1)
     at_max = flat == flat.amax(1, keepdim=True)
     hit = (at_max & target.reshape(flat.shape)).any(1).to(torch.float64)
     if weighted:
-        area = m.flatten(1).sum(1).to(torch.float64) / m[0].numel()
-        hit = hit * (1.0 - area)
+        hit = hit * (1.0 - _area_fraction(m))
     return empty_mask_nan(hit, m, empty_mask)
 
 
@@ -131,11 +138,10 @@ def attribution_localisation(
     a = preprocess_attributions(a, normalise, abs)
     if positive_only:
         a = a.clamp_min(0)
-    inside_mask = m[:, None].expand_as(a) if a.dim() == 4 else m
-    inside = (a * inside_mask).flatten(1).sum(1)
+    inside = (a * _over_channels(m, a)).flatten(1).sum(1)
     total = a.flatten(1).sum(1)
     ratio = inside / (total + 1e-9)
     ratio = ratio.masked_fill(ratio > 1, float("nan"))
     if weighted:
-        ratio = ratio * m.flatten(1).sum(1).to(torch.float64) / m[0].numel()
+        ratio = ratio * _area_fraction(m)
     return empty_mask_nan(ratio, m, empty_mask)

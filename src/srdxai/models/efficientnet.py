@@ -20,13 +20,13 @@ Preprocessing (checked on this checkpoint):
 
 from __future__ import annotations
 
-from collections.abc import Mapping
 from pathlib import Path
 
 import torch
 
-from srdxai.errors import MissingDependencyError, SrdxaiError
+from srdxai.errors import MissingDependencyError
 from srdxai.models.base import ModelInfo, ModelSpec
+from srdxai.models.checkpoint import first_line, load_checkpoint, verify_sha256
 
 __all__ = ["INFO", "NAME", "SPEC", "default_weights_path", "load"]
 
@@ -57,16 +57,10 @@ INFO = ModelInfo(
 )
 
 
-def _first_line(exc: BaseException) -> str:
-    text = str(exc).strip()
-    line = text.splitlines()[0] if text else ""
-    return f"{type(exc).__name__}: {line}" if line else type(exc).__name__
-
-
 def _missing(package: str, exc: ImportError) -> MissingDependencyError:
     return MissingDependencyError(
         f"model {NAME!r} needs the packages {_ARCH_PACKAGE} and {_WEIGHTS_PACKAGE} "
-        f"({package} is not installed: {_first_line(exc)}); {_INSTALL_HINT}"
+        f"({package} is not installed: {first_line(exc)}); {_INSTALL_HINT}"
     )
 
 
@@ -91,36 +85,9 @@ def load(weights_path: str | Path | None = None) -> torch.nn.Module:
     path = Path(weights_path) if weights_path is not None else default_weights_path()
 
     model = EfficientNet.from_name(NAME)
-    if not path.is_file():
-        raise SrdxaiError(f"the weight file for {NAME!r} is missing: {path}; {_REINSTALL_HINT}")
     if weights_path is None:  # the packaged file: verify it (a user's own file has no checksum)
-        from srdxai.models.shipped import verify_sha256
-
         verify_sha256(path, SHA256, repr(NAME), _REINSTALL_HINT)
-    try:
-        state = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as exc:  # torch raises many types for damaged files
-        raise SrdxaiError(
-            f"cannot read the weight file for {NAME!r} ({path}): {_first_line(exc)}; "
-            f"the file is probably corrupt; {_REINSTALL_HINT}"
-        ) from exc
-    if not isinstance(state, Mapping) or not all(
-        isinstance(v, torch.Tensor) for v in state.values()
-    ):
-        raise SrdxaiError(
-            f"the weight file for {NAME!r} ({path}) does not hold a state dict of tensors; "
-            f"{_REINSTALL_HINT}"
-        )
-    try:
-        model.load_state_dict(state, strict=True)
-    except RuntimeError as exc:
-        raise SrdxaiError(
-            f"the weight file for {NAME!r} ({path}) does not match the EfficientNet-Lite0 "
-            f"architecture ({_first_line(exc)}); {_REINSTALL_HINT}"
-        ) from exc
-    model = model.to(dtype=torch.float32)
-    model.eval()
-    return model
+    return load_checkpoint(model, path, repr(NAME), _REINSTALL_HINT).to(dtype=torch.float32)
 
 
 SPEC = ModelSpec(info=INFO, load=load)

@@ -8,9 +8,7 @@ dict strictly into the architecture the card names.
 
 from __future__ import annotations
 
-import hashlib
 import json
-from collections.abc import Mapping
 from functools import lru_cache
 from importlib import resources
 from pathlib import Path
@@ -19,50 +17,15 @@ import torch
 
 from srdxai.errors import SrdxaiError
 from srdxai.models.base import ModelInfo, ModelSpec
+from srdxai.models.checkpoint import load_checkpoint, verify_sha256
 
-__all__ = ["WEIGHTS_DIR", "load_checkpoint", "read_card", "specs", "verify_sha256"]
+__all__ = ["WEIGHTS_DIR", "cards", "read_card", "specs"]
 
 WEIGHTS_DIR = Path(str(resources.files("srdxai.models").joinpath("weights")))
 
 
 _RESTORE_HINT = ("restore it from the repository (git checkout) or retrain it with "
                  "'srdxai train'")
-
-
-def verify_sha256(path: Path, expected: str, what: str, hint: str = _RESTORE_HINT) -> None:
-    """Raise a clear :class:`SrdxaiError` unless ``path`` exists and has the sha256 ``expected``."""
-    if not path.is_file():
-        raise SrdxaiError(f"the weight file for {what} is missing: {path}")
-    digest = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            digest.update(block)
-    if digest.hexdigest() != expected:
-        raise SrdxaiError(
-            f"the weight file for {what} ({path}) fails its checksum (sha256 "
-            f"{digest.hexdigest()[:16]}..., expected {expected[:16]}...): it is corrupt or not "
-            f"the file its card describes; {hint}")
-
-
-def load_checkpoint(model: torch.nn.Module, path: Path, what: str) -> torch.nn.Module:
-    """Load a state-dict file into ``model`` (strict, ``weights_only=True``) with clear errors."""
-    try:
-        state = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as exc:  # torch raises many types for damaged files
-        raise SrdxaiError(f"cannot read the weight file for {what} ({path}): "
-                          f"{str(exc).strip().splitlines()[0] if str(exc).strip() else exc!r}; "
-                          "the file is probably corrupt") from exc
-    if not isinstance(state, Mapping) or not all(isinstance(v, torch.Tensor)
-                                                 for v in state.values()):
-        raise SrdxaiError(f"the weight file for {what} ({path}) does not hold a state dict "
-                          "of tensors")
-    try:
-        model.load_state_dict(state, strict=True)
-    except RuntimeError as exc:
-        first = str(exc).strip().splitlines()
-        raise SrdxaiError(f"the weight file for {what} ({path}) does not match its "
-                          f"architecture: {' '.join(first[:3])}") from exc
-    return model.eval()
 
 
 def read_card(path: Path) -> dict:
@@ -87,9 +50,9 @@ def _spec(card_path: Path) -> ModelSpec:
         path = Path(weights_path) if weights_path is not None else \
             card_path.with_name(card["weights"])
         if weights_path is None:  # a user's own file has no card to check against
-            verify_sha256(path, card["sha256"], repr(name))
+            verify_sha256(path, card["sha256"], repr(name), _RESTORE_HINT)
         model = build(card["architecture"], card["activation"], card["num_classes"])
-        return load_checkpoint(model, path, repr(name))
+        return load_checkpoint(model, path, repr(name), _RESTORE_HINT)
 
     info = ModelInfo(
         name=name, input_size=int(card["input_size"]), mean=tuple(card["mean"]),

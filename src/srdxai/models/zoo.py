@@ -26,6 +26,7 @@ __all__ = [
     "SmallResNet",
     "SmallVGG",
     "VisionTransformer",
+    "canonical_activation",
     "make_activation",
     "small_vit",
     "vit_base_patch16_224",
@@ -43,19 +44,18 @@ ACTIVATIONS: dict[str, Callable[[], nn.Module]] = {
 _ALIASES = {"swish": "silu", "leakyrelu": "leaky_relu"}
 
 
-def make_activation(name: str) -> nn.Module:
-    """A fresh activation module for ``name`` (``swish`` is accepted for ``silu``)."""
+def canonical_activation(name: str) -> str:
+    """The :data:`ACTIVATIONS` key for ``name`` (case-insensitive; ``swish`` means ``silu``)."""
     key = _ALIASES.get(str(name).lower(), str(name).lower())
     if key not in ACTIVATIONS:
         raise InvalidInputError(
             f"unknown activation {name!r}; use one of {', '.join(ACTIVATIONS)}")
-    return ACTIVATIONS[key]()
-
-
-def canonical_activation(name: str) -> str:
-    key = _ALIASES.get(str(name).lower(), str(name).lower())
-    make_activation(key)
     return key
+
+
+def make_activation(name: str) -> nn.Module:
+    """A fresh activation module for ``name`` (see :func:`canonical_activation`)."""
+    return ACTIVATIONS[canonical_activation(name)]()
 
 
 class SmallVGG(nn.Module):
