@@ -1,5 +1,6 @@
 """Attribution methods, each a small rule on the shared engine."""
 
+from .abslrp import AbsLRP
 from .base import METHODS, Method, get_method, register
 from .cam import AblationCAM, FullGrad, GradCAM, GradCAMPlusPlus, LayerCAM, ScoreCAM, XGradCAM
 from .chain_rule import (
@@ -20,4 +21,4 @@ __all__ = ["METHODS", "Method", "get_method", "register", "SRD", "Gradient", "Sa
            "GradientXInput", "IntegratedGradients", "EpsilonLRP", "DeepLiftRescale",
            "SmoothGrad", "GuidedBackprop", "Occlusion", "LRPAlphaBeta", "LRPEpsilon",
            "LRPEpsilonGammaBox", "LRPEpsilonPlus", "LRPZPlus", "GradCAM", "GradCAMPlusPlus",
-           "XGradCAM", "LayerCAM", "ScoreCAM", "AblationCAM", "FullGrad"]
+           "XGradCAM", "LayerCAM", "ScoreCAM", "AblationCAM", "FullGrad", "AbsLRP"]

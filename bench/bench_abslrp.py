@@ -1,0 +1,71 @@
+"""absLRP cost relative to one plain gradient, measured in one run.
+
+    python bench/bench_abslrp.py [--models vgg16,vit_b16] [--batch 8] [--rounds 3]
+
+Random weights in the VGG16 / ResNet50 architectures of ``srdxai.models.torchvision_arch`` and
+the ViT-B/16 of ``srdxai.models.zoo`` (timm's ``vit_base_patch16_224`` shapes), 224 x 224.
+Prints, per model, the median wall time of a plain PyTorch input gradient (no srdxai), of
+absLRP with its default contrastive output relevance (one forward, two backward passes) and
+of absLRP with ``contrastive=False`` (one forward, one backward), and their ratios to the
+plain gradient (target for absLRP: <= 3.0x).
+"""
+
+from __future__ import annotations
+
+import argparse
+import statistics
+
+import torch
+from bench_srd import randomize_bn, timed_blocks
+
+import srdxai
+from srdxai.models.torchvision_arch import resnet50, vgg16
+from srdxai.models.zoo import vit_base_patch16_224
+
+MODELS = {"vgg16": vgg16, "resnet50": resnet50, "vit_b16": vit_base_patch16_224}
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--models", default="vgg16,vit_b16")
+    parser.add_argument("--batch", type=int, default=8)
+    parser.add_argument("--rounds", type=int, default=3)
+    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    args = parser.parse_args()
+    sync = torch.cuda.synchronize if args.device.startswith("cuda") else (lambda: None)
+    print(f"batch={args.batch} size=224 device={args.device} threads={torch.get_num_threads()}"
+          f" rounds={args.rounds} (median seconds; ratio to the plain gradient)")
+    for name in args.models.split(","):
+        torch.manual_seed(0)
+        model = MODELS[name]().eval().to(args.device)
+        randomize_bn(model)
+        x = torch.randn(args.batch, 3, 224, 224, device=args.device)
+        target = torch.randint(0, 1000, (args.batch,), device=args.device)
+
+        def plain_gradient():
+            xx = x.clone().requires_grad_(True)
+            out = model(xx)
+            torch.autograd.grad(out.gather(1, target[:, None]).sum(), xx)
+            sync()
+
+        def abslrp():
+            srdxai.explain(model, x, target=target, method="abslrp")
+            sync()
+
+        def abslrp_single():
+            srdxai.explain(model, x, target=target, method="abslrp", contrastive=False)
+            sync()
+
+        times = timed_blocks({"plain gradient (torch)": plain_gradient,
+                              "absLRP (contrastive)": abslrp,
+                              "absLRP (contrastive=False)": abslrp_single}, args.rounds)
+        base = statistics.median(times["plain gradient (torch)"])
+        for label, ts in times.items():
+            med = statistics.median(ts)
+            print(f"{name:9s} {label:28s} {med:8.3f} s {med / base:6.2f}x")
+        del model
+    print("target: absLRP <= 3.0x the plain gradient")
+
+
+if __name__ == "__main__":
+    main()

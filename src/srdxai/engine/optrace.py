@@ -1,0 +1,518 @@
+"""Operation-level tracing for relevance rules that act on every computing call.
+
+The PFV engine (``graph.py``) decomposes CNN layers into the components SRD needs. Rules of
+the LRP family for transformers (absLRP, AttnLRP, CP-LRP) need less structure but more
+coverage: every call that computes something (convolution, dense layer, matrix product of two
+activations, softmax, LayerNorm, activation, pooling, sums and products) gets the rule's own
+backward, and calls that only move values (views, permutes, indexing, concatenation) keep
+autograd's, which moves the backward signal the same way.
+
+:class:`OpTrace` runs a model under :class:`OpTracer`, a ``TorchFunctionMode``. Each computing
+call whose inputs depend on the model input becomes an :class:`OpCall` (its kind, the module
+it ran in, and a recipe to run it again on other inputs or with modified parameters) and its
+output is produced by :class:`_OpFunction`, whose backward asks the :class:`OpRule`. The
+forward values are the model's own (computed by the original call).
+
+In-place calls on traced tensors run out of place (the old tensor becomes an alias of the
+result, as in the PFV engine); writing into a traced tensor by index is refused.
+"""
+
+from __future__ import annotations
+
+import math
+import weakref
+from collections.abc import Callable, Sequence
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+from torch.overrides import TorchFunctionMode
+from torch.utils._pytree import tree_flatten, tree_map
+
+from ..errors import InvalidInputError, UnsupportedOperationError
+from .core import _check_output
+from .graph import ACTIVATIONS, INPLACE_ACTIVATIONS, _func_name
+
+Tensor = torch.Tensor
+
+# --- which calls compute and which only move values -------------------------------------------
+
+CONV = {F.conv1d, F.conv2d, F.conv3d}
+LINEAR = {F.linear}
+MATMUL = {torch.matmul, Tensor.matmul, Tensor.__matmul__, Tensor.__rmatmul__, torch.bmm,
+          Tensor.bmm, torch.einsum}
+BATCH_NORM = {F.batch_norm}
+LAYER_NORM = {F.layer_norm}
+SOFTMAX = {F.softmax, torch.softmax, Tensor.softmax}
+ADD = {torch.add, Tensor.add, Tensor.__add__, Tensor.__radd__}
+SUB = {torch.sub, Tensor.sub, Tensor.__sub__, Tensor.__rsub__}
+MUL = {torch.mul, Tensor.mul, Tensor.__mul__, Tensor.__rmul__}
+DIV = {torch.div, Tensor.div, Tensor.__truediv__, Tensor.__rtruediv__}
+NEG = {torch.neg, Tensor.neg, Tensor.__neg__}
+INPLACE = {Tensor.add_: Tensor.add, Tensor.__iadd__: Tensor.add,
+           Tensor.sub_: Tensor.sub, Tensor.__isub__: Tensor.sub,
+           Tensor.mul_: Tensor.mul, Tensor.__imul__: Tensor.mul,
+           Tensor.div_: Tensor.div, Tensor.__itruediv__: Tensor.div}
+MAX_POOL = {F.max_pool1d, F.max_pool2d, F.max_pool3d, F.adaptive_max_pool1d,
+            F.adaptive_max_pool2d, torch.amax, Tensor.amax}
+AVG_POOL = {F.avg_pool1d, F.avg_pool2d, F.avg_pool3d, F.adaptive_avg_pool1d,
+            F.adaptive_avg_pool2d, F.adaptive_avg_pool3d, torch.mean, Tensor.mean,
+            torch.sum, Tensor.sum}
+SDPA = {F.scaled_dot_product_attention}
+DROPOUT = {F.dropout, F.dropout1d, F.dropout2d, F.dropout3d, F.alpha_dropout,
+           F.feature_alpha_dropout}
+MOVE = {
+    Tensor.view, Tensor.view_as, Tensor.reshape, Tensor.reshape_as, torch.reshape,
+    torch.flatten, Tensor.flatten, Tensor.unflatten, torch.unflatten, Tensor.squeeze,
+    torch.squeeze, Tensor.unsqueeze, torch.unsqueeze, Tensor.permute, torch.permute,
+    Tensor.transpose, torch.transpose, Tensor.swapaxes, torch.swapaxes, Tensor.t, torch.t,
+    Tensor.movedim, torch.movedim, Tensor.__getitem__, Tensor.select, torch.select,
+    Tensor.narrow, torch.narrow, Tensor.index_select, torch.index_select, Tensor.expand,
+    Tensor.expand_as, Tensor.repeat, torch.cat, torch.concat, torch.concatenate, torch.stack,
+    Tensor.unbind, torch.unbind, Tensor.chunk, torch.chunk, Tensor.split, torch.split,
+    Tensor.tensor_split, torch.tensor_split, Tensor.contiguous, Tensor.clone, torch.clone,
+    Tensor.to, Tensor.float, Tensor.double, Tensor.half, Tensor.bfloat16, Tensor.type_as,
+    Tensor.flip, torch.flip, Tensor.roll, torch.roll, Tensor.requires_grad_,
+}
+MOVE_PROPERTIES = {"T", "mT", "H", "mH"}
+# Calls that read a traced tensor but return something that does not depend on its values.
+CONSTANT = {torch.zeros_like, torch.ones_like, torch.empty_like, torch.full_like,
+            torch.rand_like, torch.randn_like, Tensor.new_zeros, Tensor.new_ones,
+            Tensor.new_empty, Tensor.new_full, Tensor.new_tensor, Tensor.detach}
+
+#: the kinds of computing calls, in the words of the rules
+KINDS = ("conv", "linear", "matmul", "batch_norm", "layer_norm", "activation", "softmax",
+         "add", "sub", "mul", "div", "max_pool", "avg_pool", "scale")
+
+
+def detached_layer_norm(x: Tensor, normalized_shape: Sequence[int], weight: Tensor | None = None,
+                        bias: Tensor | None = None, eps: float = 1e-5) -> Tensor:
+    """LayerNorm whose mean and variance are constants for autograd (linear in ``x``)."""
+    dims = tuple(range(-len(normalized_shape), 0))
+    mean = x.mean(dims, keepdim=True).detach()
+    var = x.var(dims, keepdim=True, unbiased=False).detach()
+    y = (x - mean) / (var + eps).sqrt()
+    if weight is not None:
+        y = y * weight
+    if bias is not None:
+        y = y + bias
+    return y
+
+
+def detached_softmax(x: Tensor, dim: int | None = None, *args: Any, **kwargs: Any) -> Tensor:
+    """Softmax whose maximum and denominator are constants for autograd."""
+    if dim is None:
+        dim = kwargs.get("dim", -1)
+    e = (x - x.amax(dim, keepdim=True).detach()).exp()
+    return e / e.sum(dim, keepdim=True).detach()
+
+
+def _is_number(obj: Any) -> bool:
+    if isinstance(obj, bool):
+        return False
+    if isinstance(obj, int | float):
+        return True
+    return isinstance(obj, Tensor) and obj.dim() == 0
+
+
+class _Input:
+    """Placeholder for the ``index``-th traced input of a recorded call."""
+
+    __slots__ = ("index",)
+
+    def __init__(self, index: int):
+        self.index = index
+
+
+class _Keep:
+    """A tensor argument that is not a parameter (BatchNorm's running statistics): kept as it
+    is when the rule modifies parameters."""
+
+    __slots__ = ("tensor",)
+
+    def __init__(self, tensor: Tensor):
+        self.tensor = tensor
+
+
+class OpCall:
+    """One computing call of the forward pass: its kind, where it ran, and how to run it again.
+
+    ``run(inputs, param=f)`` repeats the call on other values of its traced inputs, with
+    ``f`` applied to every parameter tensor (weights, biases, position embeddings; not
+    BatchNorm's running statistics). LayerNorm and softmax run again in their *detached* form
+    (statistics, maximum and denominator constant), the form every LRP rule differentiates.
+    """
+
+    __slots__ = ("kind", "name", "func", "args", "kwargs", "n_inputs", "index", "meta")
+
+    def __init__(self, kind: str, name: str, func: Callable, args: tuple, kwargs: dict,
+                 n_inputs: int, index: int):
+        self.kind, self.name, self.func = kind, name, func
+        self.args, self.kwargs, self.n_inputs, self.index = args, kwargs, n_inputs, index
+        self.meta: dict[str, Any] = {}
+
+    def __repr__(self) -> str:
+        return f"OpCall({self.kind}, {_func_name(self.func)}, in '{self.name}')"
+
+    def run(self, inputs: Sequence[Tensor], param: Callable[[Tensor], Tensor] | None = None
+            ) -> Tensor:
+        def fill(obj: Any) -> Any:
+            if isinstance(obj, _Input):
+                return inputs[obj.index]
+            if isinstance(obj, _Keep):
+                return obj.tensor
+            if param is not None and isinstance(obj, Tensor) and obj.is_floating_point():
+                return param(obj)
+            return obj
+
+        args = tuple(fill(a) for a in self.args)
+        kwargs = {k: fill(v) for k, v in self.kwargs.items()}
+        with torch._C.DisableTorchFunction():
+            return self.func(*args, **kwargs)
+
+    def vjp(self, inputs: Sequence[Tensor], grad: Tensor,
+            param: Callable[[Tensor], Tensor] | None = None) -> list[Tensor]:
+        """``J^T grad`` for each input, the Jacobian taken at ``inputs`` (autograd)."""
+        leaves = [x.detach().requires_grad_(True) for x in inputs]
+        with torch.enable_grad():
+            out = self.run(leaves, param)
+            grads = torch.autograd.grad(out, leaves, grad, allow_unused=True)
+        return [torch.zeros_like(x) if g is None else g for x, g in zip(leaves, grads,
+                                                                         strict=True)]
+
+    def argument(self, position: int, name: str, default: Any = None) -> Any:
+        """An argument of the original call, by position or keyword (placeholders as such)."""
+        if name in self.kwargs:
+            return self.kwargs[name]
+        return self.args[position] if len(self.args) > position else default
+
+
+class OpRule:
+    """What a method does at each computing call (subclass and override).
+
+    ``kinds``: the kinds whose backward the rule replaces; calls of other kinds keep
+    autograd's backward. ``op_backward`` returns, for each traced input of the call, what flows
+    to it. ``on_call`` sees every computing call in the forward pass with its inputs and
+    output (and may return a replacement output).
+    """
+
+    kinds: frozenset[str] = frozenset()
+    #: ``"error"``: a computing call the tracer has no kind for raises; ``"gradient"``: it
+    #: keeps autograd's backward
+    unknown: str = "error"
+
+    def op_backward(self, call: OpCall, inputs: Sequence[Tensor], output: Tensor,
+                    grad: Tensor) -> Sequence[Tensor | None]:
+        return call.vjp(inputs, grad)
+
+    def on_call(self, call: OpCall, inputs: Sequence[Tensor], output: Tensor) -> Tensor:
+        return output
+
+
+class _OpNode:
+    """What an :class:`_OpFunction` needs in its backward."""
+
+    __slots__ = ("call", "rule", "output")
+
+    def __init__(self, call: OpCall, rule: OpRule, output: Tensor):
+        self.call, self.rule, self.output = call, rule, output
+
+
+class _OpFunction(torch.autograd.Function):
+    """The output of a computing call; backward: the rule's ``op_backward``."""
+
+    @staticmethod
+    def forward(ctx, node, *inputs):  # type: ignore[override]
+        ctx.set_materialize_grads(False)
+        ctx.call, ctx.rule = node.call, node.rule
+        ctx.save_for_backward(*inputs, node.output)
+        return node.output
+
+    @staticmethod
+    def backward(ctx, grad):  # type: ignore[override]
+        saved = ctx.saved_tensors
+        inputs, output = saved[:-1], saved[-1]
+        if grad is None:
+            return (None,) * (len(inputs) + 1)
+        grads = ctx.rule.op_backward(ctx.call, inputs, output, grad)
+        return (None, *grads)
+
+
+class _Relevance(torch.autograd.Function):
+    """Multiplication by a number in a relevance-space rule: the signal passes unchanged."""
+
+    @staticmethod
+    def forward(ctx, x, output):  # type: ignore[override]
+        return output
+
+    @staticmethod
+    def backward(ctx, grad):  # type: ignore[override]
+        return grad, None
+
+
+class OpTracer(TorchFunctionMode):
+    """The mode behind :class:`OpTrace` (see the module docstring)."""
+
+    def __init__(self, x: Tensor, rule: OpRule, where: Callable[[], str]):
+        super().__init__()
+        self.rule = rule
+        self.where = where
+        self.calls: list[OpCall] = []
+        self.traced: dict[int, weakref.ref] = {}
+        self.aliases: dict[int, tuple[Tensor, Tensor]] = {}
+        self._track(x)
+
+    # -- bookkeeping -----------------------------------------------------------------------------
+    def _track(self, t: Tensor) -> None:
+        key = id(t)
+
+        def forget(_ref: weakref.ref, key: int = key) -> None:
+            if self.traced.get(key) is _ref:
+                del self.traced[key]
+
+        self.traced[key] = weakref.ref(t, forget)
+
+    def is_traced(self, obj: Any) -> bool:
+        if not isinstance(obj, Tensor):
+            return False
+        ref = self.traced.get(id(obj))
+        return ref is not None and ref() is obj
+
+    def _resolve(self, obj: Any) -> Any:
+        while isinstance(obj, Tensor):
+            entry = self.aliases.get(id(obj))
+            if entry is None or entry[0] is not obj:
+                return obj
+            obj = entry[1]
+        return obj
+
+    def _track_outputs(self, out: Any) -> Any:
+        for t in tree_flatten(out)[0]:
+            if isinstance(t, Tensor) and t.is_floating_point():
+                self._track(t)
+        return out
+
+    def _unsupported(self, what: str) -> UnsupportedOperationError:
+        return UnsupportedOperationError(
+            f"{type(self.rule).__name__} has no rule for {what} (in module '{self.where()}'). "
+            "Supported: convolutions, dense layers, matrix products, eval BatchNorm, "
+            "LayerNorm, elementwise activations, softmax, +, -, *, /, max/average pooling, "
+            "means and sums, scaled dot-product attention, and calls that only move values "
+            "(views, permutes, indexing, concatenation). Rewrite the model with these, or "
+            "explain it with a gradient method.")
+
+    # -- the mode --------------------------------------------------------------------------------
+    def __torch_function__(self, func, types, args=(), kwargs=None):
+        kwargs = kwargs or {}
+        args = tree_map(self._resolve, args)
+        kwargs = tree_map(self._resolve, kwargs)
+        flat = tree_flatten((args, kwargs))[0]
+        if func in CONSTANT or not any(self.is_traced(t) for t in flat):
+            return func(*args, **kwargs)
+        if func in INPLACE or func in INPLACE_ACTIVATIONS or (
+                func in ACTIVATIONS and kwargs.get("inplace")):
+            return self._inplace(func, args, kwargs)
+        if func is Tensor.__setitem__ and self.is_traced(args[0]):
+            raise self._unsupported("writing into a traced tensor by index")
+        return self._dispatch(func, args, kwargs)
+
+    def _inplace(self, func, args, kwargs):
+        if func in INPLACE:
+            out = self._dispatch(INPLACE[func], args, kwargs)
+        elif func in INPLACE_ACTIVATIONS:
+            out = self._dispatch(INPLACE_ACTIVATIONS[func], args, kwargs)
+        else:
+            out = self._dispatch(func, args, {**kwargs, "inplace": False})
+        self.aliases[id(args[0])] = (args[0], out)
+        return out
+
+    def _dispatch(self, func, args, kwargs):
+        name = getattr(func, "__name__", "")
+        if name == "__get__":  # a property such as .T or .mT
+            prop = getattr(getattr(func, "__self__", None), "__name__", "")
+            out = func(*args, **kwargs)
+            return self._track_outputs(out) if prop in MOVE_PROPERTIES else out
+        if func in MOVE:
+            return self._track_outputs(func(*args, **kwargs))
+        if func in DROPOUT:
+            training = kwargs.get("training", args[2] if len(args) > 2 else True)
+            if training:
+                raise self._unsupported("dropout in training mode (call model.eval() first)")
+            return self._track_outputs(func(*args, **kwargs))
+        if func is F.pad:
+            mode = kwargs.get("mode", args[2] if len(args) > 2 else "constant")
+            value = kwargs.get("value", args[3] if len(args) > 3 else None)
+            if mode != "constant" or value not in (None, 0, 0.0):
+                raise self._unsupported(f"padding with mode '{mode}' and value {value}")
+            return self._track_outputs(func(*args, **kwargs))
+        if func in SDPA:
+            return self._attention(args, kwargs)
+        kind = self._kind(func, args, kwargs)
+        if kind is None:
+            out = func(*args, **kwargs)
+            if not any(isinstance(t, Tensor) and t.is_floating_point()
+                       for t in tree_flatten(out)[0]):
+                return out  # sizes, comparisons, indices ...
+            if self.rule.unknown == "gradient":
+                return self._track_outputs(out)
+            raise self._unsupported(f"the operation '{_func_name(func)}'")
+        return self._record(kind, func, args, kwargs)
+
+    def _kind(self, func, args, kwargs) -> str | None:
+        if func in CONV:
+            return "conv"
+        if func in LINEAR:
+            return "linear"
+        if func in MATMUL:
+            return "matmul"
+        if func in BATCH_NORM:
+            training = kwargs.get("training", args[5] if len(args) > 5 else False)
+            if training:
+                raise self._unsupported("BatchNorm in training mode (call model.eval() first)")
+            return "batch_norm"
+        if func in LAYER_NORM:
+            return "layer_norm"
+        if func in ACTIVATIONS:
+            return "activation"
+        if func in SOFTMAX:
+            return "softmax"
+        if func in MAX_POOL:
+            if kwargs.get("return_indices") or (func in (F.max_pool1d, F.max_pool2d,
+                                                         F.max_pool3d) and len(args) > 6
+                                                and args[6]):
+                raise self._unsupported("max pooling that returns indices")
+            return "max_pool"
+        if func in AVG_POOL:
+            return "avg_pool"
+        if func in NEG:
+            return "scale"
+        operands = [a for a in args[:2]]
+        if func in MUL or func in DIV:
+            traced = [self.is_traced(a) for a in operands]
+            other = operands[1] if traced[0] else operands[0]
+            if sum(traced) == 1 and _is_number(other) and (func in MUL or traced[0]):
+                return "scale"
+            return "mul" if func in MUL else "div"
+        if func in ADD:
+            return "add"
+        if func in SUB:
+            return "sub"
+        return None
+
+    def _record(self, kind: str, func, args, kwargs) -> Any:
+        inputs: list[Tensor] = []
+
+        def place(obj: Any) -> Any:
+            if self.is_traced(obj):
+                inputs.append(obj)
+                return _Input(len(inputs) - 1)
+            return obj
+
+        call_args = tuple(tree_map(place, a) if isinstance(a, list | tuple) else place(a)
+                          for a in args)
+        call_kwargs = {k: place(v) for k, v in kwargs.items()}
+        differentiable = func
+        if kind == "batch_norm":
+            call_args = tuple(_Keep(a) if i in (1, 2) and isinstance(a, Tensor) else a
+                              for i, a in enumerate(call_args))
+            for key in ("running_mean", "running_var"):
+                if isinstance(call_kwargs.get(key), Tensor):
+                    call_kwargs[key] = _Keep(call_kwargs[key])
+        elif kind == "layer_norm":
+            differentiable = detached_layer_norm
+        elif kind == "softmax":
+            differentiable = _softmax_form(func)
+        call = OpCall(kind, self.where(), differentiable, call_args, call_kwargs,
+                      len(inputs), len(self.calls))
+        self.calls.append(call)
+        with torch.no_grad():
+            value = func(*args, **kwargs)
+        if not isinstance(value, Tensor):
+            raise self._unsupported(f"'{_func_name(func)}' returning several tensors")
+        if kind == "scale" and "scale" in self.rule.kinds:
+            out = _Relevance.apply(inputs[0], value)
+        elif kind in self.rule.kinds:
+            out = _OpFunction.apply(_OpNode(call, self.rule, value), *inputs)
+        else:
+            out = func(*args, **kwargs)
+        out = self.rule.on_call(call, inputs, out)
+        self._track(out)
+        return out
+
+    def _attention(self, args, kwargs):
+        """``F.scaled_dot_product_attention`` as its three steps, each a call of its own."""
+        names = ("query", "key", "value", "attn_mask", "dropout_p", "is_causal", "scale")
+        bound = dict(zip(names, args, strict=False)) | kwargs
+        if bound.get("attn_mask") is not None or bound.get("is_causal"):
+            raise self._unsupported("masked or causal scaled dot-product attention")
+        if bound.get("dropout_p", 0.0):
+            raise self._unsupported("attention dropout in training mode (call model.eval())")
+        q, k, v = bound["query"], bound["key"], bound["value"]
+        scale = bound.get("scale")
+        if scale is None:
+            scale = 1.0 / math.sqrt(q.shape[-1])
+        q = self.__torch_function__(Tensor.__mul__, (), (q, scale))
+        kt = self.__torch_function__(Tensor.transpose, (), (k, -2, -1))
+        scores = self.__torch_function__(torch.matmul, (), (q, kt))
+        attn = self.__torch_function__(torch.softmax, (), (scores, -1))
+        return self.__torch_function__(torch.matmul, (), (attn, v))
+
+
+def _softmax_form(func: Callable) -> Callable:
+    """The detached softmax with the calling convention of ``func`` (``Tensor.softmax`` takes
+    the tensor as ``self``; all take ``dim`` second)."""
+    del func
+    return detached_softmax
+
+
+class OpTrace:
+    """One forward pass of ``model`` on ``x`` under an :class:`OpRule` (a context manager).
+
+    ``forward()`` returns the model output; ``calls`` lists the computing calls in forward
+    order. Module hooks added for naming are removed when ``forward`` returns.
+    """
+
+    def __init__(self, model: nn.Module, x: Tensor, rule: OpRule):
+        self.model, self.x, self.rule = model, x, rule
+        self.calls: list[OpCall] = []
+
+    def __enter__(self) -> OpTrace:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.calls = []
+
+    def forward(self) -> Tensor:
+        stack: list[str] = []
+        names = {m: n for n, m in self.model.named_modules()}
+
+        def where() -> str:
+            return stack[-1] if stack else "<model>"
+
+        tracer = OpTracer(self.x, self.rule, where)
+        handles = []
+
+        def pre_hook(module, args):
+            stack.append(names.get(module, "?") or type(module).__name__)
+
+        def post_hook(module, args, output):
+            if stack:
+                stack.pop()
+
+        for module in names:
+            handles.append(module.register_forward_pre_hook(pre_hook))
+            handles.append(module.register_forward_hook(post_hook))
+        try:
+            with tracer:
+                out = self.model(self.x)
+        finally:
+            for h in handles:
+                h.remove()
+        out = tracer._resolve(_check_output(out))
+        self.calls = tracer.calls
+        if not tracer.is_traced(out):
+            raise InvalidInputError(
+                "the model output does not depend on the input through calls the engine "
+                "traced (was the input detached or converted to numpy inside the model?).")
+        return out

@@ -1,0 +1,289 @@
+"""absLRP (relative absolute magnitude LRP, "RAMP"; Vukadin et al., ACM TIST 2024) on the
+operation-level engine (``engine/optrace.py``), for CNNs and Vision Transformers.
+
+The kernel, for every computing call ``y = f(x_1, ..., x_n; theta)`` of the forward pass::
+
+    g     = R_y / (|y| + 1e-9)
+    R_x_i = N1( x_i * J_i^T g  +  |x_i| * Jabs_i^T g )
+
+with ``J_i`` the Jacobian of ``f`` w.r.t. ``x_i``, ``Jabs_i`` that of ``f_abs`` (the same call
+with every parameter replaced by its absolute value) at ``|x|``, and ``N1(v) = v / (sum |v| +
+1e-9)`` per sample. This is the reference implementation's ``x * grad(y + f_abs(|x|))`` with
+``R / |y|`` as the output gradient, written without the extra forward pass of ``f_abs``. Every
+input is normalised separately, so a residual ``a + b`` weights its branch and its shortcut 1:1
+and ``q @ k^T`` gives ``q`` and ``k`` one unit each.
+
+Per call (what ``f_abs`` means):
+
+* convolution, dense layer: ``|W|``, ``|b|`` (closed form: two transposed products);
+* BatchNorm (eval): ``|gamma|``, ``|beta|``, running statistics as they are;
+* LayerNorm: mean and variance constant (detached); ``f_abs`` normalises ``|x|`` with its own
+  detached statistics and ``|gamma|``, ``|beta|``;
+* softmax: maximum and denominator constant; ``f_abs`` is the same softmax of ``|x|``;
+* matrix product of two activations (``q @ k^T``, ``attn @ v``; also inside
+  ``F.scaled_dot_product_attention``, which is split into its three steps): ``|a| @ |b|``;
+* ``+`` / ``-`` / ``*`` / ``/`` of activations or of an activation and a parameter (position
+  embedding, LayerScale): the same call on absolute values (a parameter gets no relevance);
+* elementwise activations (ReLU, GELU, ...): ``f(|x|)``, so ``R_x = N1((x f'(x) + |x|
+  f'(|x|)) g)``;
+* max pooling: without the division by ``|y|`` (the reference's VGG rule,
+  ``max_pool_divide=True`` divides); average / adaptive pooling, means and sums: the kernel.
+
+Calls that only move values (views, permutes, indexing, concatenation, eval dropout) pass the
+relevance as it is, and so does multiplication by a number (``q * scale``).
+
+**Differences from the reference code** (``abslrp_gae/``, HEAD 130e4e1), on purpose:
+
+* the reference applies the kernel to every parameter-free leaf module, including timm's
+  ``nn.Identity`` placeholders (``q_norm``, ``ls1``, ``fc_norm``, ...), eval ``Dropout`` and its
+  class-token selection ``x[:, 0]``. On an identity the kernel gives ``2 R`` where the value is
+  positive and ``0`` where it is negative, so the reference's ViT maps drop the relevance of
+  negative GELU outputs, of negative ``q`` / ``k`` entries and of negative class-token
+  channels, and the result depends on whether a model's code contains a no-op placeholder.
+  An identity should pass relevance unchanged; here it does.
+* the reference sets ``max_pool_divide=False`` only in its VGG rule (ResNet's stem max pool
+  divides); here one option holds for every max pool.
+
+The output relevance is contrastive by default, as in the reference (CLRP):
+``R = N1(explain(onehot(t))) - N1(explain(uniform over the other classes))``, one forward pass
+and two backward passes. ``contrastive=False`` returns the first term. The reference then
+divides each map by its maximum absolute value; here the raw difference is returned (a
+positive per-sample scale, which changes no ranking).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import torch
+import torch.nn.functional as F
+
+from ..engine.core import Target
+from ..engine.optrace import KINDS, OpCall, OpRule, OpTrace
+from ..engine.optrace import _Keep as _KEEP
+from ..errors import InvalidInputError
+from .base import Method, register
+
+Tensor = torch.Tensor
+
+#: the reference's only stabiliser
+EPS = 1e-9
+REDUCTIONS = ("sum", "none")
+
+
+def unit_mass(v: Tensor) -> Tensor:
+    """``v / (sum |v| + 1e-9)`` per sample (the reference's ``SUM_TO_ONE``), in place."""
+    if v.dim() == 0:
+        return v
+    dims = tuple(range(1, v.dim()))
+    total = torch.linalg.vector_norm(v, 1, dim=dims, keepdim=True) if dims else v.abs()
+    return v.div_(total.add_(EPS))
+
+
+def _conv_transpose(call: OpCall, g: Tensor, like: Tensor, weight: Tensor) -> Tensor | None:
+    """``J^T g`` of a recorded convolution with ``weight``; None for string padding."""
+    stride = call.argument(3, "stride", 1)
+    padding = call.argument(4, "padding", 0)
+    dilation = call.argument(5, "dilation", 1)
+    groups = call.argument(6, "groups", 1)
+    if isinstance(padding, str):
+        return None
+    dims = like.dim() - 2
+
+    def tup(v):
+        return list(v) if isinstance(v, list | tuple) else [v] * dims
+
+    return torch.ops.aten.convolution_backward(
+        g, like, weight, None, tup(stride), tup(padding), tup(dilation), False, [0] * dims,
+        groups, [True, False, False])[0]
+
+
+def _nonnegative(x: Tensor) -> bool:
+    """True when ``x`` has no negative entry (ReLU outputs): then ``x * J^T g + |x| * Jabs^T
+    g = 2 x * J+^T g`` with the positive part of the weights, one product instead of two."""
+    return bool((x.amin() >= 0).item()) if x.numel() else True
+
+
+def _channel_shape(x: Tensor, v: Tensor) -> Tensor:
+    return v.reshape(1, -1, *([1] * (x.dim() - 2))) if x.dim() > 1 else v
+
+
+class AbsLRPRule(OpRule):
+    """The absLRP kernel at every computing call (see the module docstring)."""
+
+    kinds = frozenset(KINDS)
+    #: False: every term from autograd (the tests compare the closed forms with it)
+    closed_forms = True
+
+    def __init__(self, max_pool_divide: bool = False):
+        self.max_pool_divide = max_pool_divide
+        # (id(weight), variant, layout) -> (weight, derived weight), for the rule's lifetime
+        # (one explain call: the contrastive passes share it)
+        self._weights: dict[tuple, tuple[Tensor, Tensor]] = {}
+
+    def _weight(self, w: Tensor, variant: str, like: Tensor | None = None) -> Tensor:
+        """``w``, ``|w|`` or ``w+`` (``variant``), laid out like a 4-D channels-last input
+        (oneDNN then needs no conversion in every backward convolution)."""
+        nhwc = (like is not None and like.dim() == 4 and w.dim() == 4
+                and not like.is_contiguous()
+                and like.is_contiguous(memory_format=torch.channels_last))
+        key = (id(w), variant, nhwc)
+        entry = self._weights.get(key)
+        if entry is None or entry[0] is not w:
+            v = w.abs() if variant == "abs" else w.clamp(min=0) if variant == "pos" else w
+            if nhwc:
+                v = v.contiguous(memory_format=torch.channels_last)
+            entry = (w, v)
+            self._weights[key] = entry
+        return entry[1]
+
+    def reset(self) -> None:
+        self._weights.clear()
+
+    def op_backward(self, call: OpCall, inputs: Sequence[Tensor], output: Tensor,
+                    grad: Tensor) -> list[Tensor]:
+        if call.kind == "max_pool" and not self.max_pool_divide:
+            g = grad
+        else:
+            g = grad / output.abs().add_(EPS)
+        return [unit_mass(t) for t in self._terms(call, inputs, output, g)]
+
+    def _terms(self, call: OpCall, inputs: Sequence[Tensor], output: Tensor,
+               g: Tensor) -> list[Tensor]:
+        """``x * J^T g + |x| * Jabs^T g`` for each input (closed forms for the common
+        calls, autograd for the rest)."""
+        if not self.closed_forms:
+            return self._autograd_terms(call, inputs, g)
+        x = inputs[0]
+        kind = call.kind
+        if kind in ("linear", "conv") and len(inputs) == 1 and isinstance(call.args[1], Tensor):
+            w = call.args[1]
+            if kind == "linear":
+                if _nonnegative(x):
+                    return [(g @ self._weight(w, "pos")).mul_(x).mul_(2)]
+                return [torch.addcmul((g @ w).mul_(x), x.abs(), g @ self._weight(w, "abs"))]
+            if _nonnegative(x):
+                term = _conv_transpose(call, g, x, self._weight(w, "pos", x))
+                if term is not None:
+                    return [term.mul_(x).mul_(2)]
+            else:
+                direct = _conv_transpose(call, g, x, self._weight(w, "plain", x))
+                if direct is not None:
+                    absolute = _conv_transpose(call, g, x, self._weight(w, "abs", x))
+                    return [direct.mul_(x).addcmul_(x.abs(), absolute)]
+        elif kind == "activation" and call.func in (F.relu, torch.relu, Tensor.relu):
+            # f'(x) = [x > 0] and |x| f'(|x|) = |x|
+            return [x.clamp(min=0).add_(x.abs()).mul_(g)]
+        elif kind == "batch_norm":
+            var = call.argument(2, "running_var")
+            weight = call.argument(3, "weight")
+            eps = call.argument(7, "eps", 1e-5)
+            if isinstance(var, _KEEP) and (weight is None or isinstance(weight, Tensor)):
+                inv = (var.tensor + eps).rsqrt()
+                a = inv if weight is None else weight * inv
+                a_abs = inv if weight is None else weight.abs() * inv
+                a, a_abs = _channel_shape(x, a), _channel_shape(x, a_abs)
+                return [torch.addcmul(x * a, x.abs(), a_abs).mul_(g)]
+        elif kind == "layer_norm":
+            shape = call.argument(1, "normalized_shape")
+            weight = call.argument(2, "weight")
+            eps = call.argument(4, "eps", 1e-5)
+            if weight is None or isinstance(weight, Tensor):
+                dims = tuple(range(-len(shape), 0))
+                ax = x.abs()
+                inv = (x.var(dims, keepdim=True, unbiased=False) + eps).rsqrt_()
+                inv_abs = (ax.var(dims, keepdim=True, unbiased=False) + eps).rsqrt_()
+                direct = x * inv
+                absolute = ax * inv_abs
+                if weight is not None:
+                    direct.mul_(weight)
+                    absolute.mul_(weight.abs())
+                return [direct.add_(absolute).mul_(g)]
+        elif kind == "softmax":
+            dim = call.argument(1, "dim")
+            if isinstance(dim, int):
+                ax = x.abs()
+                return [torch.addcmul(x * output, ax, torch.softmax(ax, dim)).mul_(g)]
+        elif kind == "matmul" and len(inputs) == 2 and call.func is not torch.einsum and (
+                x.dim() >= 3 and x.dim() == inputs[1].dim()):
+            a, b = inputs  # a @ b, both activations, same batch dimensions
+            ra = (g @ b.mT).mul_(a).addcmul_(a.abs(), g @ b.abs().mT)
+            rb = (a.mT @ g).mul_(b).addcmul_(b.abs(), a.abs().mT @ g)
+            return [ra, rb]
+        return self._autograd_terms(call, inputs, g)
+
+    @staticmethod
+    def _autograd_terms(call: OpCall, inputs: Sequence[Tensor], g: Tensor) -> list[Tensor]:
+        """The kernel's terms from autograd: the definition, for every kind of call."""
+        direct = call.vjp(inputs, g)
+        absolute = call.vjp([t.abs() for t in inputs], g, param=torch.abs)
+        return [d.mul_(t).addcmul_(t.abs(), a) for t, d, a in zip(inputs, direct, absolute,
+                                                                  strict=True)]
+
+
+@register("abslrp")
+class AbsLRP(Method):
+    """absLRP / RAMP (Vukadin et al. 2024): relative absolute magnitude LRP, contrastive.
+
+    Works on CNNs (conv, BatchNorm, pooling, residual sums, dense heads) and Vision
+    Transformers (patch embedding, LayerNorm, attention as ``q @ k^T``, softmax and
+    ``attn @ v``, GELU MLPs, class-token pooling); ViT maps are pixel-level through the
+    patch-embedding convolution. Options: ``contrastive`` (default True: the reference's
+    CLRP difference), ``max_pool_divide`` (default False, the reference's VGG rule),
+    ``channel_reduce`` (``"sum"``: (N, H, W); ``"none"``: (N, C, H, W)). Signed; each pass's
+    input relevance has unit mass per sample. See ``docs/methods.md`` for the rule and the
+    deliberate differences from the reference code.
+    """
+
+    signed = True
+
+    def __init__(self, model, contrastive: bool = True, max_pool_divide: bool = False,
+                 channel_reduce: str | None = None, batch_size: int | None = None,
+                 channels_last: bool | None = None):
+        super().__init__(model, batch_size=batch_size, channels_last=channels_last)
+        reduce = channel_reduce or "sum"
+        if reduce not in REDUCTIONS:
+            raise InvalidInputError(
+                f"channel_reduce must be one of {REDUCTIONS}, got {channel_reduce!r}.")
+        self.contrastive = bool(contrastive)
+        self.max_pool_divide = bool(max_pool_divide)
+        self.channel_reduce = reduce
+
+    def output_relevance(self, out: Tensor, target: Target) -> list[Tensor]:
+        """The relevance at the logits: the target's (one-hot, or ``|d objective / d out|``
+        for a callable target, each with unit mass) and, when contrastive, the uniform
+        relevance of the other outputs."""
+        grad_out, _ = self._target_gradient(out, target)
+        seeds = [unit_mass(grad_out.abs())]
+        if self.contrastive:
+            seeds.append(unit_mass((grad_out == 0).to(out.dtype)))
+        return seeds
+
+    def relevance(self, x: Tensor, target: Target) -> Tensor:
+        """Input relevance ``(N, C, ...)`` for one chunk (no batching, no reduction)."""
+
+        def run(leaf: Tensor) -> Tensor:
+            rule = AbsLRPRule(self.max_pool_divide)
+            try:
+                with self._guard(), torch.enable_grad(), OpTrace(self.model, leaf, rule) as tr:
+                    out = tr.forward()
+                    seeds = self.output_relevance(out, target)
+                    maps = []
+                    for i, seed in enumerate(seeds):
+                        (rel,) = torch.autograd.grad(out, leaf, seed, allow_unused=True,
+                                                     retain_graph=i + 1 < len(seeds))
+                        maps.append(torch.zeros_like(leaf) if rel is None else rel.detach())
+                    del out
+            finally:
+                rule.reset()
+            result = maps[0] if len(maps) == 1 else maps[0] - maps[1]
+            return result.contiguous()
+
+        return self._with_layout(x, run)
+
+    def attribute(self, inputs: Tensor, target: Target = None) -> Tensor:
+        def one(x: Tensor, t: Target) -> Tensor:
+            rel = self.relevance(x, t)
+            return rel.contiguous() if self.channel_reduce == "none" else rel.sum(1).contiguous()
+
+        return self._batched(inputs, target, one)
