@@ -16,13 +16,43 @@ import argparse
 import statistics
 
 import torch
-from bench_srd import randomize_bn, timed_blocks
 
 import srdxai
+from bench_srd import randomize_bn, timed_blocks
 from srdxai.models.torchvision_arch import resnet50, vgg16
 from srdxai.models.zoo import vit_base_patch16_224
 
 MODELS = {"vgg16": vgg16, "resnet50": resnet50, "vit_b16": vit_base_patch16_224}
+
+
+def bench_model(name: str, args: argparse.Namespace, sync) -> None:
+    torch.manual_seed(0)
+    model = MODELS[name]().eval().to(args.device)
+    randomize_bn(model)
+    x = torch.randn(args.batch, 3, 224, 224, device=args.device)
+    target = torch.randint(0, 1000, (args.batch,), device=args.device)
+
+    def plain_gradient():
+        xx = x.clone().requires_grad_(True)
+        out = model(xx)
+        torch.autograd.grad(out.gather(1, target[:, None]).sum(), xx)
+        sync()
+
+    def abslrp():
+        srdxai.explain(model, x, target=target, method="abslrp")
+        sync()
+
+    def abslrp_single():
+        srdxai.explain(model, x, target=target, method="abslrp", contrastive=False)
+        sync()
+
+    times = timed_blocks({"plain gradient (torch)": plain_gradient,
+                          "absLRP (contrastive)": abslrp,
+                          "absLRP (contrastive=False)": abslrp_single}, args.rounds)
+    base = statistics.median(times["plain gradient (torch)"])
+    for label, ts in times.items():
+        med = statistics.median(ts)
+        print(f"{name:9s} {label:28s} {med:8.3f} s {med / base:6.2f}x")
 
 
 def main() -> None:
@@ -36,34 +66,7 @@ def main() -> None:
     print(f"batch={args.batch} size=224 device={args.device} threads={torch.get_num_threads()}"
           f" rounds={args.rounds} (median seconds; ratio to the plain gradient)")
     for name in args.models.split(","):
-        torch.manual_seed(0)
-        model = MODELS[name]().eval().to(args.device)
-        randomize_bn(model)
-        x = torch.randn(args.batch, 3, 224, 224, device=args.device)
-        target = torch.randint(0, 1000, (args.batch,), device=args.device)
-
-        def plain_gradient():
-            xx = x.clone().requires_grad_(True)
-            out = model(xx)
-            torch.autograd.grad(out.gather(1, target[:, None]).sum(), xx)
-            sync()
-
-        def abslrp():
-            srdxai.explain(model, x, target=target, method="abslrp")
-            sync()
-
-        def abslrp_single():
-            srdxai.explain(model, x, target=target, method="abslrp", contrastive=False)
-            sync()
-
-        times = timed_blocks({"plain gradient (torch)": plain_gradient,
-                              "absLRP (contrastive)": abslrp,
-                              "absLRP (contrastive=False)": abslrp_single}, args.rounds)
-        base = statistics.median(times["plain gradient (torch)"])
-        for label, ts in times.items():
-            med = statistics.median(ts)
-            print(f"{name:9s} {label:28s} {med:8.3f} s {med / base:6.2f}x")
-        del model
+        bench_model(name, args, sync)
     print("target: absLRP <= 3.0x the plain gradient")
 
 

@@ -10,10 +10,10 @@ from __future__ import annotations
 import pytest
 import torch
 import torch.nn.functional as F
-from small_models import build_model
 from torch import nn
 
 import srdxai
+from small_models import build_model
 from srdxai.errors import UnsupportedOperationError
 from srdxai.methods import abslrp as A
 from srdxai.models.zoo import SmallResNet, SmallVGG, VisionTransformer, small_vit

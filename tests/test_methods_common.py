@@ -8,6 +8,7 @@ from torch import nn
 
 import srdxai
 from srdxai.methods import METHODS
+from srdxai.models.zoo import small_vit
 
 # Options that keep the sampled methods fast here; their full defaults are tested elsewhere.
 FAST_OPTIONS = {
@@ -34,8 +35,15 @@ class Small(nn.Module):
         return self.fc(self.gap(self.relu2(self.conv2(h))).flatten(1))
 
 
-def model() -> nn.Module:
+# Methods that explain Vision Transformers only (they read attention maps): the shared checks
+# run them on a small ViT instead of the CNN.
+VIT_ONLY = {"attention_rollout", "transformer_attribution"}
+
+
+def model(name: str = "") -> nn.Module:
     torch.manual_seed(0)
+    if name in VIT_ONLY:
+        return small_vit(num_classes=4, image_size=16).double().train()
     m = Small().double()
     with torch.no_grad():
         m.bn1.running_mean.uniform_(-0.3, 0.3)
@@ -53,14 +61,15 @@ def state(m: nn.Module):
 
 @pytest.mark.parametrize("name", sorted(METHODS))
 def test_shape_batch_versus_single_and_model_restored(name):
-    m = model()
+    m = model(name)
     before = state(m)
     g = torch.Generator().manual_seed(3)
-    x = torch.randn(3, 3, 10, 12, generator=g, dtype=torch.float64)
+    shape = (3, 3, 16, 16) if name in VIT_ONLY else (3, 3, 10, 12)
+    x = torch.randn(*shape, generator=g, dtype=torch.float64)
     targets = [1, 0, 3]
     opts = FAST_OPTIONS.get(name, {})
     batch = srdxai.explain(m, x, targets, name, **opts)
-    assert batch.shape == (3, 10, 12) and batch.dtype == torch.float64
+    assert batch.shape == (3, *shape[2:]) and batch.dtype == torch.float64
     assert torch.isfinite(batch).all()
     single = torch.cat([srdxai.explain(m, x[i:i + 1], targets[i], name, **opts)
                         for i in range(3)])
@@ -75,9 +84,10 @@ def test_shape_batch_versus_single_and_model_restored(name):
 
 @pytest.mark.parametrize("name", sorted(METHODS))
 def test_bad_target_is_a_clear_error_and_leaves_the_model_alone(name):
-    m = model()
+    m = model(name)
     before = state(m)
+    size = 16 if name in VIT_ONLY else 8
     with pytest.raises(srdxai.SrdxaiError, match="out of range"):
-        srdxai.explain(m, torch.randn(2, 3, 8, 8, dtype=torch.float64), 9, name,
+        srdxai.explain(m, torch.randn(2, 3, size, size, dtype=torch.float64), 9, name,
                        **FAST_OPTIONS.get(name, {}))
     assert before[1:] == state(m)[1:]

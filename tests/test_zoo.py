@@ -192,6 +192,7 @@ def test_loaded_model_on_its_data_predicts_well():
 CAM_METHODS = {"gradcam", "gradcam_pp", "xgradcam", "layercam", "scorecam", "ablationcam",
                "fullgrad"}
 NOT_FOR_VIT = CAM_METHODS | {"srd"}
+VIT_ONLY = {"attention_rollout", "transformer_attribution"}  # they read attention maps
 
 
 @pytest.mark.parametrize("name", SHIPPED)
@@ -202,6 +203,10 @@ def test_srd_and_the_baselines_run_on_every_shipped_model(name):
     for method in sorted(METHODS):
         if vit and method in NOT_FOR_VIT:
             with pytest.raises(srdxai.SrdxaiError, match="transformer|linear layer on a tensor"):
+                srdxai.explain(model, x, [0, 3], method)
+            continue
+        if not vit and method in VIT_ONLY:
+            with pytest.raises(srdxai.SrdxaiError, match="Vision Transformers only"):
                 srdxai.explain(model, x, [0, 3], method)
             continue
         maps = srdxai.explain(model, x, [0, 3], method, **FAST_OPTIONS.get(method, {}))

@@ -426,16 +426,17 @@ class OpTracer(TorchFunctionMode):
         call = OpCall(kind, self.where(), differentiable, call_args, call_kwargs,
                       len(inputs), len(self.calls))
         self.calls.append(call)
-        with torch.no_grad():
-            value = func(*args, **kwargs)
-        if not isinstance(value, Tensor):
-            raise self._unsupported(f"'{_func_name(func)}' returning several tensors")
-        if kind == "scale" and "scale" in self.rule.kinds:
-            out = _Relevance.apply(inputs[0], value)
-        elif kind in self.rule.kinds:
-            out = _OpFunction.apply(_OpNode(call, self.rule, value), *inputs)
+        if kind not in self.rule.kinds:
+            out = func(*args, **kwargs)  # autograd's backward
         else:
-            out = func(*args, **kwargs)
+            with torch.no_grad():
+                value = func(*args, **kwargs)
+            if not isinstance(value, Tensor):
+                raise self._unsupported(f"'{_func_name(func)}' returning several tensors")
+            if kind == "scale":
+                out = _Relevance.apply(inputs[0], value)
+            else:
+                out = _OpFunction.apply(_OpNode(call, self.rule, value), *inputs)
         out = self.rule.on_call(call, inputs, out)
         self._track(out)
         return out

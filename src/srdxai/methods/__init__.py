@@ -16,9 +16,11 @@ from .gradient import Gradient
 from .lrp import LRPAlphaBeta, LRPEpsilon, LRPEpsilonGammaBox, LRPEpsilonPlus, LRPZPlus
 from .occlusion import Occlusion
 from .srd import SRD
+from .transformer import AttentionRollout, TransformerAttribution
 
 __all__ = ["METHODS", "Method", "get_method", "register", "SRD", "Gradient", "Saliency",
            "GradientXInput", "IntegratedGradients", "EpsilonLRP", "DeepLiftRescale",
            "SmoothGrad", "GuidedBackprop", "Occlusion", "LRPAlphaBeta", "LRPEpsilon",
            "LRPEpsilonGammaBox", "LRPEpsilonPlus", "LRPZPlus", "GradCAM", "GradCAMPlusPlus",
-           "XGradCAM", "LayerCAM", "ScoreCAM", "AblationCAM", "FullGrad", "AbsLRP"]
+           "XGradCAM", "LayerCAM", "ScoreCAM", "AblationCAM", "FullGrad", "AbsLRP",
+           "AttentionRollout", "TransformerAttribution"]

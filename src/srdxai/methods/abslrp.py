@@ -98,6 +98,15 @@ def _conv_transpose(call: OpCall, g: Tensor, like: Tensor, weight: Tensor) -> Te
         groups, [True, False, False])[0]
 
 
+def _combine(direct: Tensor, absolute: Tensor) -> Tensor:
+    """``x * J^T g + |x| * Jabs^T g`` from its two products, each rounded on its own (no fused
+    multiply-add): where ``J = Jabs`` and ``x < 0`` the two cancel to exactly 0, as in the
+    reference's single autograd call. A fused ``addcmul`` leaves ~1e-17 there, which the
+    per-layer renormalisation can inflate into a whole unit of relevance when nothing else
+    reaches that tensor."""
+    return direct.add_(absolute)
+
+
 def _nonnegative(x: Tensor) -> bool:
     """True when ``x`` has no negative entry (ReLU outputs): then ``x * J^T g + |x| * Jabs^T
     g = 2 x * J+^T g`` with the positive part of the weights, one product instead of two."""
@@ -161,7 +170,7 @@ class AbsLRPRule(OpRule):
             if kind == "linear":
                 if _nonnegative(x):
                     return [(g @ self._weight(w, "pos")).mul_(x).mul_(2)]
-                return [torch.addcmul((g @ w).mul_(x), x.abs(), g @ self._weight(w, "abs"))]
+                return [_combine((g @ w).mul_(x), x.abs().mul_(g @ self._weight(w, "abs")))]
             if _nonnegative(x):
                 term = _conv_transpose(call, g, x, self._weight(w, "pos", x))
                 if term is not None:
@@ -170,7 +179,7 @@ class AbsLRPRule(OpRule):
                 direct = _conv_transpose(call, g, x, self._weight(w, "plain", x))
                 if direct is not None:
                     absolute = _conv_transpose(call, g, x, self._weight(w, "abs", x))
-                    return [direct.mul_(x).addcmul_(x.abs(), absolute)]
+                    return [_combine(direct.mul_(x), absolute.mul_(x.abs()))]
         elif kind == "activation" and call.func in (F.relu, torch.relu, Tensor.relu):
             # f'(x) = [x > 0] and |x| f'(|x|) = |x|
             return [x.clamp(min=0).add_(x.abs()).mul_(g)]
@@ -183,7 +192,7 @@ class AbsLRPRule(OpRule):
                 a = inv if weight is None else weight * inv
                 a_abs = inv if weight is None else weight.abs() * inv
                 a, a_abs = _channel_shape(x, a), _channel_shape(x, a_abs)
-                return [torch.addcmul(x * a, x.abs(), a_abs).mul_(g)]
+                return [_combine(x * a, x.abs().mul_(a_abs)).mul_(g)]
         elif kind == "layer_norm":
             shape = call.argument(1, "normalized_shape")
             weight = call.argument(2, "weight")
@@ -203,12 +212,12 @@ class AbsLRPRule(OpRule):
             dim = call.argument(1, "dim")
             if isinstance(dim, int):
                 ax = x.abs()
-                return [torch.addcmul(x * output, ax, torch.softmax(ax, dim)).mul_(g)]
+                return [_combine(x * output, torch.softmax(ax, dim).mul_(ax)).mul_(g)]
         elif kind == "matmul" and len(inputs) == 2 and call.func is not torch.einsum and (
                 x.dim() >= 3 and x.dim() == inputs[1].dim()):
             a, b = inputs  # a @ b, both activations, same batch dimensions
-            ra = (g @ b.mT).mul_(a).addcmul_(a.abs(), g @ b.abs().mT)
-            rb = (a.mT @ g).mul_(b).addcmul_(b.abs(), a.abs().mT @ g)
+            ra = _combine((g @ b.mT).mul_(a), (g @ b.abs().mT).mul_(a.abs()))
+            rb = _combine((a.mT @ g).mul_(b), (a.abs().mT @ g).mul_(b.abs()))
             return [ra, rb]
         return self._autograd_terms(call, inputs, g)
 
@@ -217,8 +226,9 @@ class AbsLRPRule(OpRule):
         """The kernel's terms from autograd: the definition, for every kind of call."""
         direct = call.vjp(inputs, g)
         absolute = call.vjp([t.abs() for t in inputs], g, param=torch.abs)
-        return [d.mul_(t).addcmul_(t.abs(), a) for t, d, a in zip(inputs, direct, absolute,
-                                                                  strict=True)]
+        # out of place: autograd may hand back ``g`` itself, or one tensor for two inputs
+        return [_combine(d * t, a * t.abs()) for t, d, a in zip(inputs, direct, absolute,
+                                                           strict=True)]
 
 
 @register("abslrp")
