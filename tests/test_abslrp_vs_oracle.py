@@ -64,4 +64,4 @@ def test_engine_equals_the_slow_reference(case, contrastive):
     got = srdxai.explain(model, x, target, "abslrp", contrastive=contrastive,
                          channel_reduce="none")
     assert expected.abs().sum() > 0
-    torch.testing.assert_close(got, expected, rtol=1e-6, atol=1e-9 * expected.abs().max())
+    torch.testing.assert_close(got, expected, rtol=1e-6, atol=1e-9 * float(expected.abs().max()))

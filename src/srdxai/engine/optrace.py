@@ -141,22 +141,23 @@ class OpCall:
     ``run(inputs, param=f)`` repeats the call on other values of its traced inputs, with
     ``f`` applied to every parameter tensor (weights, biases, position embeddings; not
     BatchNorm's running statistics). LayerNorm and softmax run again in their *detached* form
-    (statistics, maximum and denominator constant), the form every LRP rule differentiates.
+    (statistics, maximum and denominator constant), absLRP's; ``func=call.original`` runs what
+    the model called.
     """
 
-    __slots__ = ("kind", "name", "func", "args", "kwargs", "n_inputs", "index", "meta")
+    __slots__ = ("kind", "name", "func", "original", "args", "kwargs", "n_inputs", "index")
 
     def __init__(self, kind: str, name: str, func: Callable, args: tuple, kwargs: dict,
-                 n_inputs: int, index: int):
+                 n_inputs: int, index: int, original: Callable | None = None):
         self.kind, self.name, self.func = kind, name, func
+        self.original = original or func  # what the model called (``func``: the LRP form)
         self.args, self.kwargs, self.n_inputs, self.index = args, kwargs, n_inputs, index
-        self.meta: dict[str, Any] = {}
 
     def __repr__(self) -> str:
         return f"OpCall({self.kind}, {_func_name(self.func)}, in '{self.name}')"
 
-    def run(self, inputs: Sequence[Tensor], param: Callable[[Tensor], Tensor] | None = None
-            ) -> Tensor:
+    def run(self, inputs: Sequence[Tensor], param: Callable[[Tensor], Tensor] | None = None,
+            func: Callable | None = None) -> Tensor:
         def fill(obj: Any) -> Any:
             if isinstance(obj, _Input):
                 return inputs[obj.index]
@@ -169,14 +170,16 @@ class OpCall:
         args = tuple(fill(a) for a in self.args)
         kwargs = {k: fill(v) for k, v in self.kwargs.items()}
         with torch._C.DisableTorchFunction():
-            return self.func(*args, **kwargs)
+            return (func or self.func)(*args, **kwargs)
 
     def vjp(self, inputs: Sequence[Tensor], grad: Tensor,
-            param: Callable[[Tensor], Tensor] | None = None) -> list[Tensor]:
-        """``J^T grad`` for each input, the Jacobian taken at ``inputs`` (autograd)."""
+            param: Callable[[Tensor], Tensor] | None = None,
+            func: Callable | None = None) -> list[Tensor]:
+        """``J^T grad`` for each input, the Jacobian of ``func`` (default: :attr:`func`, the
+        detached LRP form) taken at ``inputs`` (autograd)."""
         leaves = [x.detach().requires_grad_(True) for x in inputs]
         with torch.enable_grad():
-            out = self.run(leaves, param)
+            out = self.run(leaves, param, func)
             grads = torch.autograd.grad(out, leaves, grad, allow_unused=True)
         return [torch.zeros_like(x) if g is None else g for x, g in zip(leaves, grads,
                                                                          strict=True)]
@@ -424,7 +427,7 @@ class OpTracer(TorchFunctionMode):
         elif kind == "softmax":
             differentiable = _softmax_form(func)
         call = OpCall(kind, self.where(), differentiable, call_args, call_kwargs,
-                      len(inputs), len(self.calls))
+                      len(inputs), len(self.calls), original=func)
         self.calls.append(call)
         if kind not in self.rule.kinds:
             out = func(*args, **kwargs)  # autograd's backward

@@ -1,6 +1,7 @@
 """Attribution methods, each a small rule on the shared engine."""
 
 from .abslrp import AbsLRP
+from .attnlrp import CPLRP, AttnLRP
 from .base import METHODS, Method, get_method, register
 from .cam import AblationCAM, FullGrad, GradCAM, GradCAMPlusPlus, LayerCAM, ScoreCAM, XGradCAM
 from .chain_rule import (
@@ -23,4 +24,4 @@ __all__ = ["METHODS", "Method", "get_method", "register", "SRD", "Gradient", "Sa
            "SmoothGrad", "GuidedBackprop", "Occlusion", "LRPAlphaBeta", "LRPEpsilon",
            "LRPEpsilonGammaBox", "LRPEpsilonPlus", "LRPZPlus", "GradCAM", "GradCAMPlusPlus",
            "XGradCAM", "LayerCAM", "ScoreCAM", "AblationCAM", "FullGrad", "AbsLRP",
-           "AttentionRollout", "TransformerAttribution"]
+           "AttentionRollout", "TransformerAttribution", "AttnLRP", "CPLRP"]

@@ -12,10 +12,10 @@ the input: ``(N, H, W)``, non-negative.
 * ``attention_rollout`` (Abnar & Zuidema 2020): per block the heads are fused (mean, max or
   min), the identity added for the residual path, ``A' = (A + I) / 2``, rows renormalised,
   and the blocks multiplied, ``A'_L ... A'_1``. It does not depend on the target class.
-* ``transformer_attribution`` (Chefer, Gur & Wolf 2021, in the gradient-weighted form of their
-  follow-up "Generic attention-model explainability", ICCV 2021): per block
-  ``Abar = mean_heads((dy_t/dA * A)+)``, and ``R = I``, ``R <- R + Abar R`` block by block.
-  Class-specific.
+* ``transformer_attribution`` (Chefer, Gur & Wolf, CVPR 2021): per block
+  ``Abar = mean_heads((dy_t/dA * R_A)+)`` with ``R_A`` the attention map's relevance (AttnLRP's
+  here; ``relevance="attention"``: ``R_A = A``, their ICCV 2021 follow-up), and ``R = I``,
+  ``R <- R + Abar R`` block by block. Class-specific.
 """
 
 from __future__ import annotations
@@ -29,6 +29,7 @@ import torch.nn.functional as F
 from ..engine.core import Target
 from ..engine.optrace import OpCall, OpRule, OpTrace
 from ..errors import InvalidInputError, UnsupportedOperationError
+from .attnlrp import AttnLRPRule
 from .base import Method, register
 
 Tensor = torch.Tensor
@@ -123,32 +124,70 @@ class AttentionRollout(_AttentionMethod):
         return self._batched(inputs, target, one)
 
 
+class _AttnLRPMaps(AttentionMaps):
+    """The AttnLRP rule that also keeps the attention maps (their gradient times themselves is
+    their AttnLRP relevance)."""
+
+    kinds = AttnLRPRule.kinds
+    unknown = "error"
+
+    def __init__(self) -> None:
+        super().__init__()
+        self._rule = AttnLRPRule()
+
+    def op_backward(self, call, inputs, output, grad):
+        return self._rule.op_backward(call, inputs, output, grad)
+
+
+RELEVANCES = ("attnlrp", "attention")
+
+
 @register("transformer_attribution")
 class TransformerAttribution(_AttentionMethod):
-    """Chefer et al.'s gradient-weighted attention rollout for Vision Transformers.
+    """Chefer et al.'s transformer attribution: gradient-weighted attention relevance, rolled
+    out over the blocks, for Vision Transformers.
 
-    Per block ``Abar = mean over heads of (dy/dA * A)+`` with ``y`` the target logit (a
-    callable target: its objective), accumulated as ``R <- R + Abar R`` from ``R = I``
-    (Chefer, Gur & Wolf, ICCV 2021). Class-specific; non-negative; one value per patch,
-    upsampled bilinearly to (N, H, W).
+    Per block ``Abar = mean over heads of (dy/dA * R_A)+`` with ``y`` the target logit (a
+    callable target: its objective), accumulated as ``R <- R + Abar R`` from ``R = I``.
+    ``relevance="attnlrp"`` (default; Chefer, Gur & Wolf, CVPR 2021): ``R_A`` is the
+    attention map's LRP relevance, here AttnLRP's (``A * grad_AttnLRP A``; the paper used its
+    own LRP rules), so two forward and two backward passes; ``relevance="attention"``
+    (their ICCV 2021 follow-up): ``R_A = A``, one pass. Class-specific; non-negative; one
+    value per patch, upsampled bilinearly to (N, H, W).
     """
+
+    def __init__(self, model, relevance: str = "attnlrp", prefix_tokens: int = 1,
+                 batch_size: int | None = None, channels_last: bool | None = None):
+        super().__init__(model, prefix_tokens, batch_size, channels_last)
+        if relevance not in RELEVANCES:
+            raise InvalidInputError(
+                f"relevance must be one of {RELEVANCES}, got {relevance!r}.")
+        self.relevance = relevance
+
+    def _pass(self, x: Tensor, t: Target, rule: AttentionMaps) -> tuple[list, tuple]:
+        leaf = x.detach().requires_grad_(True)  # the graph must reach the attention maps
+        with self._guard(), torch.enable_grad(), OpTrace(self.model, leaf, rule) as trace:
+            out = trace.forward()
+            seed, _ = self._target_gradient(out, t)
+            maps = self._maps(rule)
+            grads = torch.autograd.grad(out, maps, seed, allow_unused=True)
+        return [a.detach() for a in maps], grads
 
     def attribute(self, inputs: Tensor, target: Target = None) -> Tensor:
         def one(x: Tensor, t: Target) -> Tensor:
-            rule = AttentionMaps()
-            leaf = x.detach().requires_grad_(True)  # the graph must reach the attention maps
-            with self._guard(), torch.enable_grad(), OpTrace(self.model, leaf, rule) as trace:
-                out = trace.forward()
-                seed, _ = self._target_gradient(out, t)
-                maps = self._maps(rule)
-                grads = torch.autograd.grad(out, maps, seed, allow_unused=True)
+            maps, grads = self._pass(x, t, AttentionMaps())
+            if self.relevance == "attnlrp":
+                lrp_maps, lrp_grads = self._pass(x, t, _AttnLRPMaps())
+                weights = [None if g is None else a * g
+                           for a, g in zip(lrp_maps, lrp_grads, strict=True)]
+            else:
+                weights = list(maps)
             n, tokens = maps[0].shape[0], maps[0].shape[-1]
             r = torch.eye(tokens, dtype=x.dtype, device=x.device).expand(n, -1, -1)
-            for a, g in zip(maps, grads, strict=True):
-                if g is None:
+            for w, g in zip(weights, grads, strict=True):
+                if g is None or w is None:
                     continue
-                weighted = (g * a).clamp(min=0).mean(1).detach()
-                r = r + weighted @ r
+                r = r + (g * w).clamp(min=0).mean(1) @ r
             return _patch_map(r[:, 0], self.prefix_tokens, x)
 
         return self._batched(inputs, target, one)

@@ -1,0 +1,142 @@
+"""AttnLRP and CP-LRP for transformers (Achtibat et al., ICML 2024; Ali et al., ICML 2022), as
+published in LXT (``lxt`` 2.1, its "efficient" rules), on the operation-level engine.
+
+Both are modified gradients: the backward signal is a gradient whose product with each
+tensor is that tensor's relevance, and the map is ``x * grad`` at the input (the target
+logit's one-hot seed, so the output relevance is the logit). Per call:
+
+==============================  ===========================================================
+call                            backward
+==============================  ===========================================================
+dense layer, convolution,       the gradient (LXT's epsilon rule with epsilon = 0; the bias
+``+``, pooling, views, scaling  absorbs its share)
+LayerNorm                       the gradient with the standard deviation constant (the
+                                centring keeps its gradient): LXT's ``layer_norm_forward``
+elementwise activation (GELU)   identity rule: ``grad * f(x) / x``, so ``R_x = R_y``
+matrix product of two           uniform rule: each operand gets half, ``grad / 2`` (AttnLRP);
+activations (``q @ k^T``,       CP-LRP: the gradient
+``attn @ v``)
+product ``a * b`` of two        uniform rule, ``grad / 2`` each (gated MLPs)
+activations
+softmax                         AttnLRP: the gradient (``R_x = x (R - s sum R)``, the
+                                paper's Proposition 3.1); CP-LRP: nothing (the attention
+                                weights are constants, so relevance reaches only the values)
+==============================  ===========================================================
+
+The cross-check against LXT itself is ``tests/test_attnlrp.py`` (rule by rule, and a whole
+Hugging Face ViT in a subprocess, because LXT patches library classes process-wide).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import torch
+
+from ..engine.core import Target
+from ..engine.optrace import OpCall, OpRule, OpTrace
+from ..errors import InvalidInputError
+from .base import Method, register
+
+Tensor = torch.Tensor
+REDUCTIONS = ("sum", "none")
+#: the identity rule's stabiliser (LXT adds 1e-10; here with the sign of x, so that a
+#: pre-activation of -1e-10 does not divide by zero)
+IDENTITY_EPS = 1e-10
+
+
+def sigma_detached_layer_norm(x: Tensor, normalized_shape: Sequence[int],
+                              weight: Tensor | None = None, bias: Tensor | None = None,
+                              eps: float = 1e-5) -> Tensor:
+    """LayerNorm whose standard deviation is a constant for autograd (LXT's LayerNorm rule)."""
+    dims = tuple(range(-len(normalized_shape), 0))
+    centred = x - x.mean(dims, keepdim=True)
+    std = (x.var(dims, keepdim=True, unbiased=False) + eps).sqrt().detach()
+    y = centred / std
+    if weight is not None:
+        y = y * weight
+    if bias is not None:
+        y = y + bias
+    return y
+
+
+class AttnLRPRule(OpRule):
+    """LXT's AttnLRP (``cp=False``) or CP-LRP (``cp=True``) rules (see the module docstring)."""
+
+    kinds = frozenset({"layer_norm", "activation", "matmul", "mul", "softmax"})
+
+    def __init__(self, cp: bool = False):
+        self.cp = cp
+
+    def op_backward(self, call: OpCall, inputs: Sequence[Tensor], output: Tensor,
+                    grad: Tensor) -> Sequence[Tensor | None]:
+        kind = call.kind
+        if kind == "softmax":  # the true softmax gradient, not absLRP's detached form
+            if self.cp:
+                return [torch.zeros_like(inputs[0])]
+            return call.vjp(inputs, grad, func=call.original)
+        if kind == "layer_norm":
+            return call.vjp(inputs, grad, func=sigma_detached_layer_norm)
+        if kind == "activation":
+            x = inputs[0]
+            den = torch.where(x >= 0, x + IDENTITY_EPS, x - IDENTITY_EPS)
+            return [grad * output / den]
+        grads = call.vjp(inputs, grad, func=call.original)
+        if len(inputs) == 2 and (kind == "mul" or (kind == "matmul" and not self.cp)):
+            return [g / 2 for g in grads]  # the uniform rule
+        return grads
+
+
+class _LXTMethod(Method):
+    cp = False
+    signed = True
+
+    def __init__(self, model, channel_reduce: str | None = None, batch_size: int | None = None,
+                 channels_last: bool | None = None):
+        super().__init__(model, batch_size=batch_size, channels_last=channels_last)
+        reduce = channel_reduce or "sum"
+        if reduce not in REDUCTIONS:
+            raise InvalidInputError(
+                f"channel_reduce must be one of {REDUCTIONS}, got {channel_reduce!r}.")
+        self.channel_reduce = reduce
+
+    def relevance(self, x: Tensor, target: Target) -> Tensor:
+        """Input relevance ``(N, C, ...)`` for one chunk."""
+
+        def run(leaf: Tensor) -> Tensor:
+            rule = AttnLRPRule(cp=self.cp)
+            with self._guard(), torch.enable_grad(), OpTrace(self.model, leaf, rule) as trace:
+                out = trace.forward()
+                seed, _ = self._target_gradient(out, target)
+                (grad,) = torch.autograd.grad(out, leaf, seed, allow_unused=True)
+                del out
+            if grad is None:
+                return torch.zeros_like(leaf).contiguous()
+            return (grad * leaf).detach().contiguous()
+
+        return self._with_layout(x, run)
+
+    def attribute(self, inputs: Tensor, target: Target = None) -> Tensor:
+        def one(x: Tensor, t: Target) -> Tensor:
+            rel = self.relevance(x, t)
+            return rel if self.channel_reduce == "none" else rel.sum(1).contiguous()
+
+        return self._batched(inputs, target, one)
+
+
+@register("attnlrp")
+class AttnLRP(_LXTMethod):
+    """AttnLRP (Achtibat et al. 2024) with LXT's rules: uniform rule on attention products,
+    the softmax rule, identity rule on activations, LayerNorm with constant deviation, the
+    gradient (epsilon = 0) elsewhere. Signed; channels summed to (N, H, W)
+    (``channel_reduce="none"``: (N, C, H, W)). Any model; designed for transformers."""
+
+
+@register("cp_lrp")
+class CPLRP(_LXTMethod):
+    """CP-LRP (Ali et al. 2022) with LXT's rules: attention weights constant (relevance flows
+    through the values only), identity rule on activations, LayerNorm with constant deviation,
+    the gradient elsewhere. Signed; channels summed to (N, H, W)
+    (``channel_reduce="none"``: (N, C, H, W))."""
+
+    cp = True
