@@ -241,3 +241,51 @@ def test_vit_batch_versus_single_and_model_restored():
     torch.testing.assert_close(batch, single, rtol=1e-7, atol=1e-12)
     assert m.training
     assert all(torch.equal(v, m.state_dict()[k]) for k, v in params.items())
+
+
+def _intline_reference(m: nn.Module, x: torch.Tensor, target: int) -> torch.Tensor:
+    """The paper-era streams, written for a bias-free ``Linear -> ReLU -> Linear`` net by
+    hand: each stream normalised and scaled by its mass."""
+    lin1, lin2 = m[1], m[3]
+    h0 = x.flatten(1)
+    z1 = lin1(h0)
+    h1 = torch.relu(z1)
+    z2 = lin2(h1)
+
+    def terms(inp, w, g):  # x * W^T g + |x| * |W|^T g
+        return inp * (g @ w) + inp.abs() * (g @ w.abs())
+
+    def streams(inp, w, r, y, kernel):
+        out = torch.zeros_like(inp)
+        g = r / (y.abs() + 1e-9)
+        for part, mass in ((g.clamp(min=0), r.clamp(min=0).sum(1)),
+                           (g.clamp(max=0), r.clamp(max=0).sum(1).abs())):
+            t = kernel(inp, w, part)
+            out += t / (t.abs().sum(1, keepdim=True) + 1e-9) * mass[:, None]
+        return out
+
+    r2 = F.one_hot(torch.tensor([target] * len(x)), 3).double()
+    r_h1 = streams(h1, lin2.weight, r2, z2, terms)
+    relu_terms = streams(z1, None, r_h1, h1,
+                         lambda inp, _, g: (inp.clamp(min=0) + inp.abs()) * g)
+    return streams(h0, lin1.weight, relu_terms, z1, terms).reshape(x.shape)
+
+
+def test_intline_variant_keeps_positive_and_negative_streams():
+    torch.manual_seed(2)
+    m = nn.Sequential(nn.Flatten(), nn.Linear(12, 6, bias=False), nn.ReLU(),
+                      nn.Linear(6, 3, bias=False)).double()
+    x = torch.randn(2, 3, 2, 2, dtype=torch.float64)
+    ours = srdxai.explain(m, x, 1, "abslrp", variant="intline", contrastive=False,
+                          channel_reduce="none")
+    torch.testing.assert_close(ours, _intline_reference(m, x, 1))
+    # relevance that stays one-signed (a ReLU net seeded by one class) has no negative stream:
+    # both variants agree; a ViT's LayerNorms and softmaxes make it signed, and they differ
+    same = srdxai.explain(m, x, 1, "abslrp", variant="intline")
+    torch.testing.assert_close(same, srdxai.explain(m, x, 1, "abslrp"))
+    vit = _models()["vit"]
+    xv = _input(vit)
+    assert not torch.allclose(srdxai.explain(vit, xv, 1, "abslrp", variant="intline"),
+                              srdxai.explain(vit, xv, 1, "abslrp"))
+    with pytest.raises(srdxai.SrdxaiError, match="variant"):
+        srdxai.explain(m, x, 1, "abslrp", variant="ramp")

@@ -37,7 +37,7 @@ class Small(nn.Module):
 
 # Methods that explain Vision Transformers only (they read attention maps): the shared checks
 # run them on a small ViT instead of the CNN.
-VIT_ONLY = {"attention_rollout", "transformer_attribution"}
+VIT_ONLY = {"attention_rollout", "transformer_attribution", "srd_tokens"}
 
 
 def model(name: str = "") -> nn.Module:

@@ -192,7 +192,7 @@ def test_loaded_model_on_its_data_predicts_well():
 CAM_METHODS = {"gradcam", "gradcam_pp", "xgradcam", "layercam", "scorecam", "ablationcam",
                "fullgrad"}
 NOT_FOR_VIT = CAM_METHODS | {"srd"}
-VIT_ONLY = {"attention_rollout", "transformer_attribution"}  # they read attention maps
+VIT_ONLY = {"attention_rollout", "transformer_attribution", "srd_tokens"}  # token methods
 
 
 @pytest.mark.parametrize("name", SHIPPED)
@@ -206,7 +206,8 @@ def test_srd_and_the_baselines_run_on_every_shipped_model(name):
                 srdxai.explain(model, x, [0, 3], method)
             continue
         if not vit and method in VIT_ONLY:
-            with pytest.raises(srdxai.SrdxaiError, match="Vision Transformers only"):
+            refused = "Vision Transformers only|use method='srd'"
+            with pytest.raises(srdxai.SrdxaiError, match=refused):
                 srdxai.explain(model, x, [0, 3], method)
             continue
         maps = srdxai.explain(model, x, [0, 3], method, **FAST_OPTIONS.get(method, {}))

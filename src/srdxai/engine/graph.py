@@ -478,7 +478,8 @@ class Recorder(TorchFunctionMode):
                 f"a linear layer on a tensor of shape {tuple(x.shape)}",
                 "SRD here decomposes linear layers on (batch, features) vectors, e.g. a "
                 "classifier after global average pooling. For a flatten of a spatial map into "
-                "a linear layer (VGG-style heads) use seed='gradcam' with a conv layer.",
+                "a linear layer (VGG-style heads) use seed='gradcam' with a conv layer; for a "
+                "vision transformer's (batch, tokens, dim) tensors use method='srd_tokens'.",
             )
         with torch._C.DisableTorchFunction():
             out = F.linear(*args, **kwargs)

@@ -17,6 +17,7 @@ from .gradient import Gradient
 from .lrp import LRPAlphaBeta, LRPEpsilon, LRPEpsilonGammaBox, LRPEpsilonPlus, LRPZPlus
 from .occlusion import Occlusion
 from .srd import SRD
+from .srd_tokens import SRDTokens
 from .transformer import AttentionRollout, TransformerAttribution
 
 __all__ = ["METHODS", "Method", "get_method", "register", "SRD", "Gradient", "Saliency",
@@ -24,4 +25,5 @@ __all__ = ["METHODS", "Method", "get_method", "register", "SRD", "Gradient", "Sa
            "SmoothGrad", "GuidedBackprop", "Occlusion", "LRPAlphaBeta", "LRPEpsilon",
            "LRPEpsilonGammaBox", "LRPEpsilonPlus", "LRPZPlus", "GradCAM", "GradCAMPlusPlus",
            "XGradCAM", "LayerCAM", "ScoreCAM", "AblationCAM", "FullGrad", "AbsLRP",
-           "AttentionRollout", "TransformerAttribution", "AttnLRP", "CPLRP"]
+           "AttentionRollout", "TransformerAttribution", "AttnLRP", "CPLRP",
+           "SRDTokens"]

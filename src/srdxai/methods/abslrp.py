@@ -44,6 +44,15 @@ relevance as it is, and so does multiplication by a number (``q * scale``).
 * the reference sets ``max_pool_divide=False`` only in its VGG rule (ResNet's stem max pool
   divides); here one option holds for every max pool.
 
+``variant="intline"`` is the paper-era rule (``ramp_gae/``, ``new_intline_rule``): the same
+kernel, but the positive and the negative part of ``R_y`` travel as separate streams, each
+normalised and then given back its mass, ``R_x = sum(R_y+) N1(T(R_y+)) + |sum(R_y-)| N1(T(R_y-))``;
+the two inputs of a two-input call share each stream's mass in proportion to their summed raw
+terms instead of getting one unit each. Positive and negative mass are conserved per layer.
+Not reproduced from the paper-era code: its per-module absolute branches (LayerNorm
+``|(x - mu) / sigma| |gamma| + |beta|``, softmax with ``f_abs = f``, two-stage BatchNorm); both
+variants use the current ones. Its stabiliser was ``1e-9`` only where ``y == 0``.
+
 The output relevance is contrastive by default, as in the reference (CLRP):
 ``R = N1(explain(onehot(t))) - N1(explain(uniform over the other classes))``, one forward pass
 and two backward passes. ``contrastive=False`` returns the first term. The reference then
@@ -69,6 +78,7 @@ Tensor = torch.Tensor
 #: the reference's only stabiliser
 EPS = 1e-9
 REDUCTIONS = ("sum", "none")
+VARIANTS = ("abslrp", "intline")
 
 
 def unit_mass(v: Tensor) -> Tensor:
@@ -124,8 +134,9 @@ class AbsLRPRule(OpRule):
     #: False: every term from autograd (the tests compare the closed forms with it)
     closed_forms = True
 
-    def __init__(self, max_pool_divide: bool = False):
+    def __init__(self, max_pool_divide: bool = False, variant: str = "abslrp"):
         self.max_pool_divide = max_pool_divide
+        self.variant = variant
         # (id(weight), variant, layout) -> (weight, derived weight), for the rule's lifetime
         # (one explain call: the contrastive passes share it)
         self._weights: dict[tuple, tuple[Tensor, Tensor]] = {}
@@ -155,7 +166,26 @@ class AbsLRPRule(OpRule):
             g = grad
         else:
             g = grad / output.abs().add_(EPS)
+        if self.variant == "intline":
+            return self._intline(call, inputs, output, grad, g)
         return [unit_mass(t) for t in self._terms(call, inputs, output, g)]
+
+    def _intline(self, call: OpCall, inputs: Sequence[Tensor], output: Tensor, grad: Tensor,
+                 g: Tensor) -> list[Tensor]:
+        """The paper-era rule: the positive and the negative relevance travel as separate
+        streams, each normalised and given back its mass; two inputs share a stream's mass in
+        proportion to their summed raw relevance."""
+        dims = tuple(range(1, grad.dim()))
+        result: list[Tensor] = [torch.zeros_like(t) for t in inputs]
+        for part, mass in ((g.clamp(min=0), grad.clamp(min=0).sum(dims)),
+                           (g.clamp(max=0), grad.clamp(max=0).sum(dims).abs())):
+            terms = self._terms(call, inputs, output, part)
+            raw = [t.sum(tuple(range(1, t.dim()))) for t in terms]
+            total = sum(raw) if len(terms) > 1 else None
+            for i, t in enumerate(terms):
+                share = mass if total is None else mass * raw[i] / (total + EPS)
+                result[i] += unit_mass(t) * share.reshape(-1, *([1] * (t.dim() - 1)))
+        return result
 
     def _terms(self, call: OpCall, inputs: Sequence[Tensor], output: Tensor,
                g: Tensor) -> list[Tensor]:
@@ -240,6 +270,8 @@ class AbsLRP(Method):
     ``attn @ v``, GELU MLPs, class-token pooling); ViT maps are pixel-level through the
     patch-embedding convolution. Options: ``contrastive`` (default True: the reference's
     CLRP difference), ``max_pool_divide`` (default False, the reference's VGG rule),
+    ``variant`` (``"abslrp"``, the current reference rule; ``"intline"``, the paper-era rule
+    with separate positive and negative streams),
     ``channel_reduce`` (``"sum"``: (N, H, W); ``"none"``: (N, C, H, W)). Signed; each pass's
     input relevance has unit mass per sample. See ``docs/methods.md`` for the rule and the
     deliberate differences from the reference code.
@@ -248,9 +280,12 @@ class AbsLRP(Method):
     signed = True
 
     def __init__(self, model, contrastive: bool = True, max_pool_divide: bool = False,
-                 channel_reduce: str | None = None, batch_size: int | None = None,
-                 channels_last: bool | None = None):
+                 variant: str = "abslrp", channel_reduce: str | None = None,
+                 batch_size: int | None = None, channels_last: bool | None = None):
         super().__init__(model, batch_size=batch_size, channels_last=channels_last)
+        if variant not in VARIANTS:
+            raise InvalidInputError(f"variant must be one of {VARIANTS}, got {variant!r}.")
+        self.variant = variant
         reduce = channel_reduce or "sum"
         if reduce not in REDUCTIONS:
             raise InvalidInputError(
@@ -273,7 +308,7 @@ class AbsLRP(Method):
         """Input relevance ``(N, C, ...)`` for one chunk (no batching, no reduction)."""
 
         def run(leaf: Tensor) -> Tensor:
-            rule = AbsLRPRule(self.max_pool_divide)
+            rule = AbsLRPRule(self.max_pool_divide, self.variant)
             try:
                 with self._guard(), torch.enable_grad(), OpTrace(self.model, leaf, rule) as tr:
                     out = tr.forward()
