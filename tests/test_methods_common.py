@@ -91,3 +91,28 @@ def test_bad_target_is_a_clear_error_and_leaves_the_model_alone(name):
         srdxai.explain(m, torch.randn(2, 3, size, size, dtype=torch.float64), 9, name,
                        **FAST_OPTIONS.get(name, {}))
     assert before[1:] == state(m)[1:]
+
+
+# Everything that explains a Vision Transformer (the rest needs conv feature maps or SRD's
+# PFV engine and refuses a ViT with a clear error, tested in test_zoo.py).
+ON_VIT = sorted(VIT_ONLY | {"abslrp", "attnlrp", "cp_lrp", "gradient", "saliency",
+                            "gradient_x_input", "integrated_gradients", "smoothgrad",
+                            "occlusion"})
+
+
+@pytest.mark.parametrize("name", ON_VIT)
+def test_vit_batch_versus_single_and_model_restored(name):
+    m = model("attention_rollout")  # the small ViT, in train mode
+    before = state(m)
+    x = torch.randn(3, 3, 16, 16, generator=torch.Generator().manual_seed(5),
+                    dtype=torch.float64)
+    opts = FAST_OPTIONS.get(name, {})
+    batch = srdxai.explain(m, x, [1, 0, 3], name, **opts)
+    assert batch.shape == (3, 16, 16) and torch.isfinite(batch).all()
+    single = torch.cat([srdxai.explain(m, x[i:i + 1], t, name, **opts)
+                        for i, t in enumerate([1, 0, 3])])
+    torch.testing.assert_close(batch, single, rtol=1e-7, atol=1e-10)
+    after = state(m)
+    for k in before[0]:
+        assert torch.equal(before[0][k], after[0][k]), k
+    assert before[1:] == after[1:]
