@@ -394,6 +394,64 @@ def train_command(arch: str, activation: str | None, epochs: int, train_size: in
                f"{out_dir / (card['name'] + '.json')}")
 
 
+# --------------------------------------------------------------------------------------- bench
+
+
+@cli.command("bench")
+@click.argument("run_dir", type=click.Path(path_type=Path))
+@click.option("--experiments", default="table2,activation", show_default=True,
+              help="Comma-separated: table2, activation.")
+@click.option("--quick", is_flag=True, help="A few minutes on 2 CPU cores (fewer samples, "
+                                             "runs and noise draws; no EfficientNet).")
+@click.option("--samples", type=int, default=None,
+              help="Samples per model [default: 32 with --quick, else 256 (Fashion-MNIST) / "
+                   "96 (composites)].")
+@click.option("--batch-size", type=int, default=8, show_default=True,
+              help="Samples per unit of work (the unit a resumed run skips or redoes).")
+@click.option("--seed", type=int, default=0, show_default=True)
+@click.option("--device", default="cpu", show_default=True)
+@click.option("--quiet", is_flag=True, help="No progress bar.")
+@_errors_as_one_line
+def bench_command(run_dir: Path, experiments: str, quick: bool, samples: int | None,
+                  batch_size: int, seed: int, device: str, quiet: bool) -> None:
+    """Run the seeds' experiments into RUN_DIR (SQLite); resumes an interrupted run.
+
+    Scale out with torchrun: ``torchrun --nproc-per-node N -m srdxai bench RUN_DIR ...``
+    shards the work over the ranks; rank 0 merges their results.
+    """
+    from srdxai.experiments import BenchConfig, run
+
+    if batch_size < 1 or (samples is not None and samples < 1):
+        raise InvalidInputError("--batch-size and --samples must be positive.")
+    config = BenchConfig(experiments=[e.strip() for e in experiments.split(",") if e.strip()],
+                         quick=quick, seed=seed, batch_size=batch_size, samples=samples,
+                         device=device)
+    merged = run(run_dir, config, progress=not quiet)
+    if merged is not None:
+        click.echo(f"results: {merged}; write the report with: srdxai report {run_dir}")
+
+
+@cli.command("merge")
+@click.argument("run_dir", type=click.Path(path_type=Path, exists=True, file_okay=False))
+@_errors_as_one_line
+def merge_command(run_dir: Path) -> None:
+    """Merge the per-rank databases of RUN_DIR into results.sqlite."""
+    from srdxai.experiments import merge
+
+    click.echo(f"merged into {merge(run_dir)}")
+
+
+@cli.command("report")
+@click.argument("run_dir", type=click.Path(path_type=Path, exists=True, file_okay=False))
+@_errors_as_one_line
+def report_command(run_dir: Path) -> None:
+    """Write RUN_DIR/report.html (self-contained) and RUN_DIR/report.md from its results."""
+    from srdxai.report.render import build_report
+
+    html, md = build_report(run_dir)
+    click.echo(f"wrote {html} and {md}")
+
+
 def main(argv: Sequence[str] | None = None) -> None:
     """Console-script entry point (``srdxai``)."""
     cli.main(args=list(argv) if argv is not None else None, prog_name="srdxai")

@@ -1,0 +1,311 @@
+"""``srdxai bench``: the seeds' experiments on the offline models, resumable and sharded.
+
+A run is a list of *units* (experiment, model, method, batch of samples), enumerated in one
+fixed order from the configuration. Each process (``torchrun`` rank) takes every
+``world_size``-th unit, skips those its database already holds (resume), and writes each
+finished unit atomically (``store.py``). The random draws of a unit depend only on the run seed,
+the experiment, the model and the batch, never on the method or on which process runs it, so
+every method sees the same perturbations and a sharded run computes what one process does.
+When all ranks are done, rank 0 merges their databases into ``results.sqlite``.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import subprocess
+import time
+from collections.abc import Callable, Iterator
+from dataclasses import asdict, dataclass, field
+from functools import cache
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from ..errors import InvalidInputError
+from .store import ResultStore, Row, Unit, merge, rank_path
+
+Tensor = torch.Tensor
+
+#: Table 2's rows: (display name, srdxai method, options; ``layer`` goes to ``explain``)
+TABLE2_METHODS: list[tuple[str, str, dict[str, Any]]] = [
+    ("Saliency", "saliency", {}),
+    ("GuidedBackprop", "guided_backprop", {}),
+    ("GradInput", "gradient_x_input", {}),
+    ("IntegratedGradients", "integrated_gradients", {}),
+    ("LRP-z+", "lrp_zplus", {}),
+    ("SmoothGrad", "smoothgrad", {}),
+    ("FullGrad", "fullgrad", {}),
+    ("GradCAM", "gradcam", {}),
+    ("GradCAM++", "gradcam_pp", {}),
+    ("ScoreCAM", "scorecam", {}),
+    ("AblationCAM", "ablationcam", {}),
+    ("XGradCAM", "xgradcam", {}),
+    ("LayerCAM-low", "layercam", {"layer": "low"}),
+    ("LayerCAM-high", "layercam", {"layer": "high"}),
+    ("SRD-low", "srd", {"layer": "low"}),
+    ("SRD-high", "srd", {"layer": "high"}),
+    ("SRD-input", "srd", {}),
+    ("absLRP", "abslrp", {}),
+]
+#: method options that keep ``--quick`` quick (the full run uses each method's defaults)
+QUICK_OPTIONS = {"integrated_gradients": {"steps": 16}, "smoothgrad": {"samples": 8}}
+ACTIVATIONS = ("relu", "elu", "leaky_relu", "silu", "gelu", "tanh")
+EXPERIMENTS = ("table2", "activation")
+
+
+@dataclass
+class BenchConfig:
+    """Everything that determines a run's numbers (hashed; a resumed run must match)."""
+
+    experiments: list[str] = field(default_factory=lambda: list(EXPERIMENTS))
+    quick: bool = False
+    seed: int = 0
+    batch_size: int = 8
+    samples: int | None = None  # per model; default 32 (quick) / 256 (fashion), 96 (composites)
+    device: str = "cpu"
+
+    def sizes(self, dataset: str) -> int:
+        if self.samples is not None:
+            return self.samples
+        if self.quick:
+            return 32
+        return 96 if dataset == "composites" else 256
+
+    @property
+    def fidelity_runs(self) -> int:
+        return 50 if self.quick else 100
+
+    @property
+    def stability_samples(self) -> int:
+        return 4 if self.quick else 10
+
+    def hash(self) -> str:
+        return hashlib.sha256(json.dumps(self.public(), sort_keys=True).encode()).hexdigest()[:16]
+
+    def public(self) -> dict[str, Any]:
+        d = asdict(self)
+        d.pop("device")  # where it runs does not change what it computes
+        return d
+
+
+def code_version() -> str:
+    """The package version, plus the git commit when run from a checkout."""
+    from .. import __version__
+
+    try:
+        head = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True,
+                              text=True, timeout=5, cwd=Path(__file__).parent)
+        if head.returncode == 0 and head.stdout.strip():
+            return f"{__version__}+g{head.stdout.strip()}"
+    except (OSError, subprocess.SubprocessError):
+        pass
+    return __version__
+
+
+# --- data -----------------------------------------------------------------------------------
+
+@dataclass(frozen=True)
+class Source:
+    """A model and the masked data it is evaluated on."""
+
+    model: str
+    dataset: str  # "fashion" or "composites"
+
+
+@cache
+def _model(name: str, device: str) -> torch.nn.Module:
+    from ..models import load
+
+    return load(name).eval().to(device)
+
+
+@cache
+def _dataset(name: str) -> Any:
+    if name == "fashion":
+        from ..data.fashion import ClutteredFashionMNIST
+
+        return ClutteredFashionMNIST("test")
+    from ..data.composites import ImageNetComposites
+
+    return ImageNetComposites()
+
+
+def load_batch(source: Source, indices: list[int], device: str
+               ) -> tuple[Tensor, Tensor, Tensor]:
+    """Model inputs, labels and object masks of ``indices``."""
+    if source.dataset == "fashion":
+        from ..data.fashion import normalize
+
+        b = _dataset("fashion").batch(indices)
+        x, y, masks = normalize(b.images), b.labels, b.masks
+    else:
+        from ..models import preprocess
+
+        b = _dataset("composites").batch(indices)
+        x = torch.cat([preprocess(img, source.model) for img in b.images])
+        y, masks = b.labels, b.masks
+    return x.to(device), y.to(device), masks.to(device)
+
+
+def sources(experiment: str, config: BenchConfig) -> list[Source]:
+    if experiment == "table2":
+        found = [Source("fmnist-vgg-relu", "fashion"), Source("fmnist-resnet-relu", "fashion")]
+        if not config.quick:
+            found.append(Source("efficientnet-lite0", "composites"))
+        return found
+    if experiment == "activation":
+        return [Source(f"fmnist-resnet-{a}", "fashion") for a in ACTIVATIONS]
+    raise InvalidInputError(f"unknown experiment {experiment!r}; choose from {EXPERIMENTS}.")
+
+
+# --- units ----------------------------------------------------------------------------------
+
+@dataclass(frozen=True)
+class Job:
+    unit: Unit
+    source: Source
+    method: str  # srdxai method name ("-": the model's own accuracy)
+    options: tuple[tuple[str, Any], ...]
+    samples: tuple[int, ...]
+
+
+def jobs(config: BenchConfig) -> list[Job]:
+    """Every unit of the run, in the one fixed order all ranks agree on."""
+    out: list[Job] = []
+    for experiment in config.experiments:
+        for source in sources(experiment, config):
+            n = config.sizes(source.dataset)
+            batches = [tuple(range(i, min(i + config.batch_size, n)))
+                       for i in range(0, n, config.batch_size)]
+            methods = list(TABLE2_METHODS)
+            if experiment == "activation":
+                methods = [("-", "-", {})] + methods
+            for label, method, options in methods:
+                opts = dict(QUICK_OPTIONS.get(method, {})) if config.quick else {}
+                opts.update(options)
+                for k, samples in enumerate(batches):
+                    out.append(Job(Unit(experiment, source.model, label, k), source, method,
+                                   tuple(sorted(opts.items())), samples))
+    return out
+
+
+def unit_seed(config: BenchConfig, job: Job) -> int:
+    """The seed of a unit's random draws: the same for every method and every sharding."""
+    key = f"{config.seed}/{job.unit.experiment}/{job.unit.model}/{job.unit.unit}"
+    return int(hashlib.sha256(key.encode()).hexdigest()[:8], 16)
+
+
+def run_job(job: Job, config: BenchConfig) -> list[Row]:
+    """The metric rows of one unit."""
+    from .. import explain, metrics
+
+    model = _model(job.source.model, config.device)
+    x, y, masks = load_batch(job.source, list(job.samples), config.device)
+    if job.method == "-":  # the model's own accuracy on these samples
+        with torch.no_grad():
+            correct = (model(x).argmax(1) == y).double()
+        return [Row("accuracy", s, float(c)) for s, c in zip(job.samples, correct, strict=True)]
+    options = dict(job.options)
+
+    def method_fn(m: torch.nn.Module, xx: Tensor, yy: Tensor) -> Tensor:
+        return explain(m, xx, yy, job.method, **options)
+
+    maps = method_fn(model, x, y).detach()
+    seed = unit_seed(config, job)
+    scores: dict[str, Tensor] = {}
+    scores["fidelity"] = metrics.faithfulness_correlation(
+        model, x, y, maps, nr_runs=config.fidelity_runs,
+        subset_size=min(224, maps[0].numel() // 4), seed=seed)
+    if job.unit.experiment == "table2":
+        scores["pointing_game"] = metrics.pointing_game(model, x, y, maps, masks)
+        scores["attribution_localisation"] = metrics.attribution_localisation(
+            model, x, y, maps, masks)
+        scores["sparseness"] = metrics.sparseness(model, x, y, maps)
+        scores["stability"] = metrics.local_lipschitz_estimate(
+            model, x, y, maps, explain=method_fn, nr_samples=config.stability_samples,
+            seed=seed)
+    rows = []
+    for metric, values in scores.items():
+        for s, v in zip(job.samples, values.tolist(), strict=True):
+            rows.append(Row(metric, s, float(v)))
+    return rows
+
+
+# --- the run --------------------------------------------------------------------------------
+
+@dataclass
+class Distributed:
+    rank: int = 0
+    world_size: int = 1
+    initialised: bool = False
+
+
+def _distributed() -> Distributed:
+    """torchrun's rank and world size; a gloo process group when there are several ranks."""
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    rank = int(os.environ.get("RANK", "0"))
+    if world <= 1:
+        return Distributed()
+    import torch.distributed as dist
+
+    if not dist.is_initialized():
+        dist.init_process_group("gloo")
+    return Distributed(rank, world, True)
+
+
+def run(run_dir: Path, config: BenchConfig, progress: bool = True,
+        stop_after: int | None = None,
+        on_unit: Callable[[Job], None] | None = None) -> Path | None:
+    """Run (or resume) the benchmark into ``run_dir``; returns the merged database on rank 0.
+
+    ``stop_after``: finish at most that many new units and return without merging (used to
+    test resuming)."""
+    for experiment in config.experiments:
+        if experiment not in EXPERIMENTS:
+            raise InvalidInputError(
+                f"unknown experiment {experiment!r}; choose from {', '.join(EXPERIMENTS)}.")
+    run_dir = Path(run_dir)
+    dist = _distributed()
+    if dist.world_size > 1 and config.device == "cpu":
+        torch.set_num_threads(max(1, (os.cpu_count() or 1) // dist.world_size))
+    mine = [j for i, j in enumerate(jobs(config)) if i % dist.world_size == dist.rank]
+    with ResultStore(rank_path(run_dir, dist.rank), config.public(), config.hash(),
+                     code_version()) as store:
+        todo = [j for j in mine if not store.done(j.unit)]
+        done_now = 0
+        for job in _progress(todo, progress and dist.rank == 0, len(mine) - len(todo),
+                             len(mine)):
+            if stop_after is not None and done_now >= stop_after:
+                return None
+            start = time.perf_counter()
+            rows = run_job(job, config)
+            store.write_unit(job.unit, unit_seed(config, job), dist.rank,
+                             time.perf_counter() - start, rows)
+            done_now += 1
+            if on_unit is not None:
+                on_unit(job)
+    if dist.initialised:
+        import torch.distributed as tdist
+
+        tdist.barrier()
+    if dist.rank == 0:
+        return merge(run_dir)
+    return None
+
+
+def _progress(items: list[Job], show: bool, already: int, total: int) -> Iterator[Job]:
+    if not show:
+        yield from items
+        return
+    from tqdm import tqdm
+
+    with tqdm(total=total, initial=already, desc="srdxai bench", unit="unit",
+              dynamic_ncols=True) as bar:
+        for item in items:
+            bar.set_postfix_str(f"{item.unit.experiment} {item.unit.model} {item.unit.method}",
+                                refresh=False)
+            yield item
+            bar.update(1)

@@ -1,0 +1,135 @@
+"""``srdxai bench``: units, seeds, resuming after a kill, and a 2-process (gloo) run."""
+
+from __future__ import annotations
+
+import os
+import signal
+import sqlite3
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+from srdxai.errors import InvalidInputError
+from srdxai.experiments import BenchConfig, jobs, merge, run
+from srdxai.experiments.runner import unit_seed
+from srdxai.experiments.store import rank_path
+
+pytestmark = pytest.mark.skipif(
+    not Path("/usr/share/datasets/fashion-mnist/t10k-images-idx3-ubyte.gz").exists()
+    and not os.environ.get("SRDXAI_FASHION_MNIST"),
+    reason="Fashion-MNIST is not installed (make data)")
+
+# A small run: Table 2 on the two Fashion-MNIST CNNs, 4 samples each in units of 2.
+ARGS = ["--experiments", "table2", "--quick", "--samples", "4", "--batch-size", "2"]
+CONFIG = BenchConfig(experiments=["table2"], quick=True, samples=4, batch_size=2)
+
+
+def _bench(run_dir: Path, *extra: str, launcher: list[str] | None = None,
+           threads: str = "1") -> subprocess.Popen:
+    env = dict(os.environ, OMP_NUM_THREADS=threads, HF_HUB_OFFLINE="1")
+    cmd = (launcher or [sys.executable, "-m"]) + ["srdxai", "bench", str(run_dir), *ARGS,
+                                                   "--quiet", *extra]
+    return subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                            text=True)
+
+
+def _finish(proc: subprocess.Popen, timeout: float = 600) -> None:
+    out, err = proc.communicate(timeout=timeout)
+    assert proc.returncode == 0, err[-3000:]
+
+
+def _results(db: Path) -> list[tuple]:
+    con = sqlite3.connect(db)
+    try:
+        return sorted(con.execute(
+            "SELECT experiment, model, method, metric, sample, value, seed FROM results"))
+    finally:
+        con.close()
+
+
+def _units(db: Path) -> int:
+    con = sqlite3.connect(db)
+    try:
+        return con.execute("SELECT count(*) FROM units").fetchone()[0]
+    except sqlite3.OperationalError:
+        return 0
+    finally:
+        con.close()
+
+
+def _close(a: list[tuple], b: list[tuple], rel: float = 1e-6) -> None:
+    assert len(a) == len(b)
+    for ra, rb in zip(a, b, strict=True):
+        assert ra[:5] == rb[:5] and ra[6] == rb[6], (ra, rb)
+        if ra[5] is None or rb[5] is None:
+            assert ra[5] is None and rb[5] is None, (ra, rb)
+        else:
+            assert abs(ra[5] - rb[5]) <= rel * max(1.0, abs(rb[5])), (ra, rb)
+
+
+@pytest.fixture(scope="module")
+def reference(tmp_path_factory) -> list[tuple]:
+    """An uninterrupted one-process run."""
+    run_dir = tmp_path_factory.mktemp("uninterrupted")
+    _finish(_bench(run_dir))
+    return _results(run_dir / "results.sqlite")
+
+
+def test_units_and_seeds():
+    all_jobs = jobs(CONFIG)
+    assert len(all_jobs) == 2 * 18 * 2 and all_jobs == jobs(CONFIG)  # one fixed order
+    assert len({j.unit for j in all_jobs}) == len(all_jobs)
+    # every method of a batch sees the same random draws
+    seeds = {}
+    for j in all_jobs:
+        seeds.setdefault((j.unit.model, j.unit.unit), set()).add(unit_seed(CONFIG, j))
+    assert all(len(s) == 1 for s in seeds.values())
+    assert len({next(iter(s)) for s in seeds.values()}) == len(seeds)
+
+
+def test_a_killed_run_resumes_to_the_same_database(tmp_path, reference):
+    proc = _bench(tmp_path)
+    db = rank_path(tmp_path, 0)
+    deadline = time.monotonic() + 300
+    while _units(db) < 5:  # kill it between or inside units, whatever it is doing
+        assert proc.poll() is None, proc.communicate()[1][-3000:]
+        assert time.monotonic() < deadline
+        time.sleep(0.05)
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    done = _units(db)
+    assert 5 <= done < 72 and not (tmp_path / "results.sqlite").exists()
+    _finish(_bench(tmp_path))  # resume
+    assert _units(tmp_path / "results.sqlite") == 72
+    assert _results(tmp_path / "results.sqlite") == reference  # nothing lost, nothing twice
+
+
+def test_two_gloo_processes_give_the_one_process_table(tmp_path, reference):
+    launcher = [sys.executable, "-m", "torch.distributed.run", "--standalone",
+                "--nproc-per-node", "2", "-m"]
+    _finish(_bench(tmp_path, launcher=launcher))
+    assert rank_path(tmp_path, 0).exists() and rank_path(tmp_path, 1).exists()
+    merged = _results(tmp_path / "results.sqlite")
+    # both ranks did work, and together exactly the one-process run's
+    con = sqlite3.connect(tmp_path / "results.sqlite")
+    ranks = {r for (r,) in con.execute("SELECT DISTINCT rank FROM units")}
+    con.close()
+    assert ranks == {0, 1}
+    _close(merged, reference)
+
+
+def test_resuming_with_other_options_is_refused(tmp_path):
+    run(tmp_path, CONFIG, progress=False, stop_after=1)
+    other = BenchConfig(experiments=["table2"], quick=True, samples=6, batch_size=2)
+    with pytest.raises(InvalidInputError, match="another configuration"):
+        run(tmp_path, other, progress=False)
+
+
+def test_bad_requests_are_clear_errors(tmp_path):
+    with pytest.raises(InvalidInputError, match="unknown experiment"):
+        run(tmp_path, BenchConfig(experiments=["tabel2"]), progress=False)
+    with pytest.raises(InvalidInputError, match="no results.rank"):
+        merge(tmp_path)
