@@ -78,15 +78,16 @@ def test_gradcam_seed_matches_oracle_seeded_with_an_independent_gradcam(name):
     x = torch.randn(2, 3, 12, 12, generator=g, dtype=torch.float64)
     layers = [k for k in pfv_layer_names(model, x) if k != "input"]
     layer = layers[-1]
-    # Grad-CAM of the seed layer's pre-activation with plain autograd (torchray's formula)
+    # Grad-CAM of the seed layer's activation output with plain autograd (torchray's formula
+    # on the tensor the reference's in-place ReLU leaves in its probe)
     captured = {}
     module = dict(model.named_modules())[layer]
-    handle = module.register_forward_hook(lambda m, a, o: captured.update(z=a[0]))
+    handle = module.register_forward_hook(lambda m, a, o: captured.update(v=o))
     out = model(x)
     handle.remove()
-    z = captured["z"]
-    (gz,) = torch.autograd.grad(out[:, 3].sum(), z)
-    cam = (gz.mean((2, 3), keepdim=True) * z).sum(1).clamp_min(0).detach()
+    v = captured["v"]
+    (gv,) = torch.autograd.grad(out[:, 3].sum(), v)
+    cam = (gv.mean((2, 3), keepdim=True) * v).sum(1).clamp_min(0).detach()
     engine = srdxai.explain(model, x, target=3, seed="gradcam", seed_layer=layer)
     assert_maps_equal(engine, srd_oracle_layer_seed(model, x, layer, cam), f"{name} gradcam")
 

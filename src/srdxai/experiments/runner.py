@@ -53,7 +53,7 @@ TABLE2_METHODS: list[tuple[str, str, dict[str, Any]]] = [
 #: method options that keep ``--quick`` quick (the full run uses each method's defaults)
 QUICK_OPTIONS = {"integrated_gradients": {"steps": 16}, "smoothgrad": {"samples": 8}}
 ACTIVATIONS = ("relu", "elu", "leaky_relu", "silu", "gelu", "tanh")
-EXPERIMENTS = ("table2", "activation")
+EXPERIMENTS = ("table2", "activation", "grid")
 
 
 @dataclass
@@ -158,6 +158,8 @@ def sources(experiment: str, config: BenchConfig) -> list[Source]:
         return found
     if experiment == "activation":
         return [Source(f"fmnist-resnet-{a}", "fashion") for a in ACTIVATIONS]
+    if experiment == "grid":
+        return sources("table2", config)
     raise InvalidInputError(f"unknown experiment {experiment!r}; choose from {EXPERIMENTS}.")
 
 
@@ -177,6 +179,12 @@ def jobs(config: BenchConfig) -> list[Job]:
     out: list[Job] = []
     for experiment in config.experiments:
         for source in sources(experiment, config):
+            if experiment == "grid":  # one figure per image: every Table-2 method
+                for k in range(2 if config.quick else 4):
+                    out.append(Job(Unit(experiment, source.model, "all", k), source, "all",
+                                   tuple(sorted((QUICK_OPTIONS if config.quick else {})
+                                                .items())), (k,)))
+                continue
             n = config.sizes(source.dataset)
             batches = [tuple(range(i, min(i + config.batch_size, n)))
                        for i in range(0, n, config.batch_size)]
@@ -198,16 +206,19 @@ def unit_seed(config: BenchConfig, job: Job) -> int:
     return int(hashlib.sha256(key.encode()).hexdigest()[:8], 16)
 
 
-def run_job(job: Job, config: BenchConfig) -> list[Row]:
-    """The metric rows of one unit."""
+def run_job(job: Job, config: BenchConfig) -> tuple[list[Row], dict[str, bytes]]:
+    """The metric rows of one unit and its figures (PNG bytes by artifact name)."""
     from .. import explain, metrics
 
     model = _model(job.source.model, config.device)
     x, y, masks = load_batch(job.source, list(job.samples), config.device)
+    if job.method == "all":
+        return [], {f"grid/{job.source.model}/{job.samples[0]}": _grid(job, model, x, y)}
     if job.method == "-":  # the model's own accuracy on these samples
         with torch.no_grad():
             correct = (model(x).argmax(1) == y).double()
-        return [Row("accuracy", s, float(c)) for s, c in zip(job.samples, correct, strict=True)]
+        return [Row("accuracy", s, float(c))
+                for s, c in zip(job.samples, correct, strict=True)], {}
     options = dict(job.options)
 
     def method_fn(m: torch.nn.Module, xx: Tensor, yy: Tensor) -> Tensor:
@@ -231,7 +242,36 @@ def run_job(job: Job, config: BenchConfig) -> list[Row]:
     for metric, values in scores.items():
         for s, v in zip(job.samples, values.tolist(), strict=True):
             rows.append(Row(metric, s, float(v)))
-    return rows
+    return rows, {}
+
+
+def _grid(job: Job, model: torch.nn.Module, x: Tensor, y: Tensor) -> bytes:
+    """Every Table-2 method's map of one image, side by side, as PNG bytes."""
+    import tempfile
+
+    import numpy as np
+
+    from .. import explain
+    from ..methods import METHODS
+    from ..report.figures import save_method_grid
+
+    maps, signed = {}, {}
+    quick = dict(job.options)
+    for label, method, options in TABLE2_METHODS:
+        opts = {**({k: v for k, v in quick.items() if k in ("steps", "samples")}
+                   if method in QUICK_OPTIONS else {}), **options}
+        maps[label] = explain(model, x, y, method, **opts)[0].detach().float().cpu().numpy()
+        signed[label] = bool(getattr(METHODS[method], "signed", True))
+    if job.source.dataset == "fashion":
+        image = (_dataset("fashion").batch(list(job.samples)).images[0].permute(1, 2, 0)
+                 .numpy() * 255).round().clip(0, 255).astype(np.uint8)
+    else:
+        image = _dataset("composites").batch(list(job.samples)).images[0]
+    with tempfile.TemporaryDirectory() as tmp:
+        path = save_method_grid(Path(tmp) / "grid.png", image, maps,
+                                f"{job.source.model}, sample {job.samples[0]}, class "
+                                f"{int(y[0])}", signed=signed, columns=6, dpi=70)
+        return path.read_bytes()
 
 
 # --- the run --------------------------------------------------------------------------------
@@ -281,9 +321,9 @@ def run(run_dir: Path, config: BenchConfig, progress: bool = True,
             if stop_after is not None and done_now >= stop_after:
                 return None
             start = time.perf_counter()
-            rows = run_job(job, config)
+            rows, artifacts = run_job(job, config)
             store.write_unit(job.unit, unit_seed(config, job), dist.rank,
-                             time.perf_counter() - start, rows)
+                             time.perf_counter() - start, rows, artifacts=artifacts)
             done_now += 1
             if on_unit is not None:
                 on_unit(job)

@@ -125,8 +125,9 @@ class ResultStore:
         return unit in self._done
 
     def write_unit(self, unit: Unit, seed: int, rank: int, seconds: float,
-                   rows: Iterable[Row], curves: Iterable[Curve] = ()) -> None:
-        """Record a finished unit and all its rows atomically."""
+                   rows: Iterable[Row], curves: Iterable[Curve] = (),
+                   artifacts: dict[str, bytes] | None = None) -> None:
+        """Record a finished unit, all its rows and its figures (PNG) atomically."""
         e, m, meth = unit.experiment, unit.model, unit.method
         with self.db:
             self.db.executemany(
@@ -138,6 +139,8 @@ class ResultStore:
                 "INSERT INTO curves VALUES (?, ?, ?, ?, ?, ?, ?)",
                 [(e, m, meth, c.curve, int(c.sample), json.dumps([float(v) for v in c.x]),
                   json.dumps([float(v) for v in c.y])) for c in curves])
+            self.db.executemany("INSERT OR REPLACE INTO artifacts VALUES (?, 'png', ?)",
+                                (artifacts or {}).items())
             self.db.execute("INSERT INTO units VALUES (?, ?, ?, ?, ?, ?)",
                             (e, m, meth, unit.unit, rank, float(seconds)))
         self._done.add(unit)

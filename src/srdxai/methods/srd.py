@@ -290,7 +290,7 @@ class SRD(Method):
         model: any CNN built from the supported operations (see ``docs/engine.md``).
         seed: ``"logit"`` (global-average-pool + linear heads: ResNet, EfficientNet; the pixel
             map sums to the target logit), ``"gradcam"`` (the reference code's VGG16 seed: the
-            Grad-CAM map of ``seed_layer``'s pre-activation), or ``"auto"`` (logit when the
+            Grad-CAM map of ``seed_layer``'s activation output), or ``"auto"`` (logit when the
             head is global-average-pool + linear, else gradcam).
         seed_layer: the PFV layer where a ``gradcam`` seed starts (default ``"low"``: the last
             spatial activation layer).
@@ -440,16 +440,22 @@ class SRD(Method):
                 for src in trace.head_sources:
                     rule.transform[src.index] = _contrast
             return out, grad_out
-        # gradcam: true gradients down to the seed layer's pre-activation, then SRD below it.
+        # gradcam: true gradients down to the seed layer's output, then SRD below it. The
+        # reference calls torchray's grad_cam on VGG16's conv5_3 ('features.28'), but its VGG
+        # applies ReLU(inplace=True) right after: the probed tensor is overwritten, so its
+        # Grad-CAM is the one of the post-activation values (and, since torch 1.13 moves
+        # retained-gradient hooks along in-place ops, of their gradient). Taking the
+        # pre-activation literally lets strongly negative background responses times negative
+        # weights light up the background.
         node = trace.find_layer(self.seed_layer)
         if node.pre is None:
             raise InvalidInputError("the gradcam seed needs an activation layer, not the input.")
         rule.mode = "plain"
-        (gz,) = torch.autograd.grad(out, node.pre, grad_out, retain_graph=True)
+        (gv,) = torch.autograd.grad(out, node.tensor, grad_out, retain_graph=True)
         rule.mode = "srd"
-        z = node.pre.detach()
-        weights = gz.mean(dim=tuple(range(2, gz.dim())), keepdim=True)
-        cam = (weights * z).sum(1).clamp_min(0)
+        v = node.tensor.detach()
+        weights = gv.mean(dim=tuple(range(2, gv.dim())), keepdim=True)
+        cam = (weights * v).sum(1).clamp_min(0)
         rule.override[node.index] = cam
         if self.contrastive:
             rule.transform[node.index] = _contrast
