@@ -27,10 +27,13 @@ $(STAMP): pyproject.toml constraints.txt
 	$(PIP) install -c constraints.txt --no-deps lxt==2.1
 	@touch $(STAMP)
 
-demo: venv
+demo: venv data
 	$(BIN)/srdxai demo-images $(DEMO_DIR)/images
 	$(BIN)/srdxai explain $(DEMO_DIR)/images/*.png --out $(DEMO_DIR)
 	@echo "Explanation figures are in $(DEMO_DIR)/ (inputs in $(DEMO_DIR)/images/)."
+	$(BIN)/srdxai bench $(DEMO_DIR)/bench --quick
+	$(BIN)/srdxai report $(DEMO_DIR)/bench
+	@echo "Benchmark report (quick Table 2, activation table, grid): $(DEMO_DIR)/bench/report.html"
 
 test: venv data
 	HF_HUB_OFFLINE=1 $(PYTHON) -m pytest -q -m "not slow" tests

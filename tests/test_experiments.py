@@ -133,3 +133,25 @@ def test_bad_requests_are_clear_errors(tmp_path):
         run(tmp_path, BenchConfig(experiments=["tabel2"]), progress=False)
     with pytest.raises(InvalidInputError, match="no results.rank"):
         merge(tmp_path)
+
+
+def test_curve_and_gae_experiments_write_rows_curves_and_render(tmp_path):
+    from srdxai.report.render import build_report
+
+    config = BenchConfig(experiments=["sensitivity_n", "insertion_deletion", "gae"],
+                         quick=True, samples=4, batch_size=4)
+    db = run(tmp_path, config, progress=False)
+    con = sqlite3.connect(db)
+    metrics = {m for (m,) in con.execute("SELECT DISTINCT metric FROM results")}
+    curves = {c for (c,) in con.execute("SELECT DISTINCT curve FROM curves")}
+    models = {m for (m,) in con.execute(
+        "SELECT DISTINCT model FROM results WHERE experiment = 'gae'")}
+    con.close()
+    assert {"sensitivity_n_mean", "auc_insertion", "auc_deletion", "gae", "local_consistency",
+            "contrastiveness"} <= metrics
+    assert curves == {"sensitivity_n", "insertion", "deletion"}
+    assert "fmnist-vit-gelu" in models  # GAE also on the small ViT
+    html, md = build_report(tmp_path)
+    text = md.read_text()
+    for section in ("## Sensitivity-n", "## Insertion / deletion", "## GAE"):
+        assert section in text and f"{section} (not run)" not in text

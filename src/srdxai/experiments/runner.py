@@ -25,7 +25,7 @@ from typing import Any
 import torch
 
 from ..errors import InvalidInputError
-from .store import ResultStore, Row, Unit, merge, rank_path
+from .store import Curve, ResultStore, Row, Unit, merge, rank_path
 
 Tensor = torch.Tensor
 
@@ -53,7 +53,32 @@ TABLE2_METHODS: list[tuple[str, str, dict[str, Any]]] = [
 #: method options that keep ``--quick`` quick (the full run uses each method's defaults)
 QUICK_OPTIONS = {"integrated_gradients": {"steps": 16}, "smoothgrad": {"samples": 8}}
 ACTIVATIONS = ("relu", "elu", "leaky_relu", "silu", "gelu", "tanh")
-EXPERIMENTS = ("table2", "activation", "grid")
+#: Ancona et al.'s methods for Sensitivity-n (the occlusion window is set per dataset)
+SENSITIVITY_METHODS: list[tuple[str, str, dict[str, Any]]] = [
+    ("Saliency", "saliency", {}),
+    ("GradInput", "gradient_x_input", {}),
+    ("IntegratedGradients", "integrated_gradients", {}),
+    ("epsilon-LRP", "epsilon_lrp", {}),
+    ("DeepLIFT-Rescale", "deeplift_rescale", {}),
+    ("Occlusion", "occlusion", {}),
+    ("SRD-input", "srd", {}),
+    ("absLRP", "abslrp", {}),
+]
+GAE_CNN_METHODS = [m for m in TABLE2_METHODS if m[0] in (
+    "Saliency", "GradInput", "IntegratedGradients", "LRP-z+", "GradCAM", "LayerCAM-high",
+    "SRD-high", "SRD-input", "absLRP")]
+GAE_VIT_METHODS: list[tuple[str, str, dict[str, Any]]] = [
+    ("Saliency", "saliency", {}),
+    ("GradInput", "gradient_x_input", {}),
+    ("IntegratedGradients", "integrated_gradients", {}),
+    ("AttnLRP", "attnlrp", {}),
+    ("CP-LRP", "cp_lrp", {}),
+    ("AttentionRollout", "attention_rollout", {}),
+    ("TransformerAttribution", "transformer_attribution", {}),
+    ("SRD-tokens", "srd_tokens", {}),
+    ("absLRP", "abslrp", {}),
+]
+EXPERIMENTS = ("table2", "activation", "sensitivity_n", "insertion_deletion", "gae", "grid")
 
 
 @dataclass
@@ -158,8 +183,10 @@ def sources(experiment: str, config: BenchConfig) -> list[Source]:
         return found
     if experiment == "activation":
         return [Source(f"fmnist-resnet-{a}", "fashion") for a in ACTIVATIONS]
-    if experiment == "grid":
+    if experiment in ("grid", "sensitivity_n", "insertion_deletion"):
         return sources("table2", config)
+    if experiment == "gae":
+        return sources("table2", config) + [Source("fmnist-vit-gelu", "fashion")]
     raise InvalidInputError(f"unknown experiment {experiment!r}; choose from {EXPERIMENTS}.")
 
 
@@ -186,11 +213,13 @@ def jobs(config: BenchConfig) -> list[Job]:
                                                 .items())), (k,)))
                 continue
             n = config.sizes(source.dataset)
-            batches = [tuple(range(i, min(i + config.batch_size, n)))
-                       for i in range(0, n, config.batch_size)]
-            methods = list(TABLE2_METHODS)
-            if experiment == "activation":
-                methods = [("-", "-", {})] + methods
+            if experiment != "table2" and experiment != "activation":
+                n = max(4, n // 2)  # the curve experiments cost more per sample
+            step = config.batch_size
+            if experiment == "gae":  # groups of four images
+                n, step = n - n % 4, max(4, step - step % 4)
+            batches = [tuple(range(i, min(i + step, n))) for i in range(0, n, step)]
+            methods = methods_for(experiment, source)
             for label, method, options in methods:
                 opts = dict(QUICK_OPTIONS.get(method, {})) if config.quick else {}
                 opts.update(options)
@@ -200,32 +229,77 @@ def jobs(config: BenchConfig) -> list[Job]:
     return out
 
 
+def methods_for(experiment: str, source: Source) -> list[tuple[str, str, dict[str, Any]]]:
+    """The rows of an experiment on one model."""
+    if experiment == "activation":
+        return [("-", "-", {})] + list(TABLE2_METHODS)
+    if experiment == "sensitivity_n":
+        window = 4 if source.dataset == "fashion" else 16  # Occlusion-1 costs H*W passes
+        return [(label, m, {"window": window, "stride": window} if m == "occlusion" else o)
+                for label, m, o in SENSITIVITY_METHODS]
+    if experiment == "gae":
+        return list(GAE_VIT_METHODS if "vit" in source.model else GAE_CNN_METHODS)
+    return list(TABLE2_METHODS)
+
+
 def unit_seed(config: BenchConfig, job: Job) -> int:
     """The seed of a unit's random draws: the same for every method and every sharding."""
     key = f"{config.seed}/{job.unit.experiment}/{job.unit.model}/{job.unit.unit}"
     return int(hashlib.sha256(key.encode()).hexdigest()[:8], 16)
 
 
-def run_job(job: Job, config: BenchConfig) -> tuple[list[Row], dict[str, bytes]]:
-    """The metric rows of one unit and its figures (PNG bytes by artifact name)."""
+def run_job(job: Job, config: BenchConfig
+            ) -> tuple[list[Row], dict[str, bytes], list[Curve]]:
+    """The metric rows of one unit, its figures (PNG bytes by artifact name) and curves."""
     from .. import explain, metrics
 
     model = _model(job.source.model, config.device)
     x, y, masks = load_batch(job.source, list(job.samples), config.device)
     if job.method == "all":
-        return [], {f"grid/{job.source.model}/{job.samples[0]}": _grid(job, model, x, y)}
+        return [], {f"grid/{job.source.model}/{job.samples[0]}": _grid(job, model, x, y)}, []
     if job.method == "-":  # the model's own accuracy on these samples
         with torch.no_grad():
             correct = (model(x).argmax(1) == y).double()
         return [Row("accuracy", s, float(c))
-                for s, c in zip(job.samples, correct, strict=True)], {}
+                for s, c in zip(job.samples, correct, strict=True)], {}, []
     options = dict(job.options)
 
     def method_fn(m: torch.nn.Module, xx: Tensor, yy: Tensor) -> Tensor:
         return explain(m, xx, yy, job.method, **options)
 
-    maps = method_fn(model, x, y).detach()
     seed = unit_seed(config, job)
+    experiment = job.unit.experiment
+    if experiment == "gae":
+        result = metrics.gae(model, x, y, explain=method_fn, seed=seed)
+        firsts = job.samples[::4]
+        rows = []
+        for metric in ("gae", "local_consistency", "contrastiveness", "faithfulness",
+                       "robustness"):
+            values = getattr(result, metric).tolist()
+            name = metric if metric in ("gae", "local_consistency", "contrastiveness") else (
+                f"gae_{metric}")
+            rows += [Row(name, s, float(v)) for s, v in zip(firsts, values, strict=True)]
+        return rows, {}, []
+    maps = method_fn(model, x, y).detach()
+    if experiment == "sensitivity_n":
+        result = metrics.sensitivity_n(model, x, y, maps, nr_subsets=config.fidelity_runs,
+                                       seed=seed)
+        grid = result.n_grid.tolist()
+        curves = [Curve("sensitivity_n", s, grid, c)
+                  for s, c in zip(job.samples, result.curve.tolist(), strict=True)]
+        means = torch.nanmean(result.curve, dim=1).tolist()
+        return [Row("sensitivity_n_mean", s, float(v))
+                for s, v in zip(job.samples, means, strict=True)], {}, curves
+    if experiment == "insertion_deletion":
+        rows, curves = [], []
+        for name, fn in (("insertion", metrics.insertion), ("deletion", metrics.deletion)):
+            result = fn(model, x, y, maps)
+            fractions = result.fractions.tolist()
+            curves += [Curve(name, s, fractions, c)
+                       for s, c in zip(job.samples, result.curve.tolist(), strict=True)]
+            rows += [Row(f"auc_{name}", s, float(v))
+                     for s, v in zip(job.samples, result.auc.tolist(), strict=True)]
+        return rows, {}, curves
     scores: dict[str, Tensor] = {}
     scores["fidelity"] = metrics.faithfulness_correlation(
         model, x, y, maps, nr_runs=config.fidelity_runs,
@@ -242,7 +316,7 @@ def run_job(job: Job, config: BenchConfig) -> tuple[list[Row], dict[str, bytes]]
     for metric, values in scores.items():
         for s, v in zip(job.samples, values.tolist(), strict=True):
             rows.append(Row(metric, s, float(v)))
-    return rows, {}
+    return rows, {}, []
 
 
 def _grid(job: Job, model: torch.nn.Module, x: Tensor, y: Tensor) -> bytes:
@@ -321,9 +395,9 @@ def run(run_dir: Path, config: BenchConfig, progress: bool = True,
             if stop_after is not None and done_now >= stop_after:
                 return None
             start = time.perf_counter()
-            rows, artifacts = run_job(job, config)
+            rows, artifacts, curves = run_job(job, config)
             store.write_unit(job.unit, unit_seed(config, job), dist.rank,
-                             time.perf_counter() - start, rows, artifacts=artifacts)
+                             time.perf_counter() - start, rows, curves, artifacts=artifacts)
             done_now += 1
             if on_unit is not None:
                 on_unit(job)

@@ -1,0 +1,613 @@
+"""``srdxai report``: a run directory's ``results.sqlite`` as ``report.html`` and ``report.md``.
+
+The report is built once as a list of sections made of neutral blocks (text, tables, figures)
+and then written twice: as one self-contained HTML file (inline CSS, figures as base64 PNG data
+URIs) and as Markdown with its figures written to ``figures/`` next to it. Every file is written
+to a temporary name and renamed, so a reader never sees half a report. A section whose
+experiment has no rows says "not run" instead of failing, and experiments this module does not
+know still get a generic table, so new experiments show up without code changes.
+"""
+
+from __future__ import annotations
+
+import base64
+import html
+import io
+import json
+import math
+import os
+import re
+import uuid
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+
+from srdxai.experiments.store import merged_path
+from srdxai.report import paper, tables
+from srdxai.report.tables import CurveSet, MetricTable, RunInfo
+
+__all__ = ["build_report", "TABLE2_METRICS", "GAE_METRICS", "ROBUSTNESS_EXPERIMENTS"]
+
+TABLE2_METRICS = ("pointing_game", "attribution_localisation", "sparseness", "fidelity",
+                  "stability")
+GAE_METRICS = ("local_consistency", "contrastiveness", "gae")
+ROBUSTNESS_EXPERIMENTS = ("attack", "noise", "apop")
+CURVE_EXPERIMENTS = {"sensitivity_n": "Sensitivity-n", "insertion_deletion": "Insertion / deletion"}
+KNOWN_EXPERIMENTS = frozenset({"table2", "activation", "gae", *CURVE_EXPERIMENTS,
+                               *ROBUSTNESS_EXPERIMENTS})
+PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
+_MAX_LISTED = 12  # missing-value cells listed by name in a table's notes
+
+
+# --- blocks -----------------------------------------------------------------------------------
+
+@dataclass
+class Text:
+    text: str
+
+
+@dataclass
+class Code:
+    text: str
+
+
+@dataclass
+class Table:
+    title: str
+    header: list[str]
+    rows: list[list[tuple[str, bool]]]  # (text, bold)
+    notes: list[str] = field(default_factory=list)
+
+
+@dataclass
+class Figure:
+    title: str
+    filename: str  # under figures/ for the Markdown report
+    png: bytes
+
+
+@dataclass
+class Section:
+    title: str
+    anchor: str
+    blocks: list[Text | Code | Table | Figure | Section] = field(default_factory=list)
+    ran: bool = True
+
+
+def _slug(text: str) -> str:
+    return re.sub(r"[^A-Za-z0-9._-]+", "-", text).strip("-.") or "x"
+
+
+class _Names:
+    """Unique figure file names (two models may slug to the same text)."""
+
+    def __init__(self) -> None:
+        self.used: set[str] = set()
+
+    def __call__(self, stem: str) -> str:
+        base, k = _slug(stem), 1
+        name = f"{base}.png"
+        while name in self.used:
+            k += 1
+            name = f"{base}-{k}.png"
+        self.used.add(name)
+        return name
+
+
+def _not_run(title: str, anchor: str, experiments: Sequence[str]) -> Section:
+    which = ", ".join(f"'{e}'" for e in experiments)
+    return Section(title, anchor, [Text(f"Not run: results.sqlite has no rows for experiment "
+                                        f"{which}.")], ran=False)
+
+
+# --- metric tables ----------------------------------------------------------------------------
+
+def _arrow(metric: str) -> str:
+    return {"higher": " ↑", "lower": " ↓"}.get(tables.direction(metric) or "", "")
+
+
+def _n_note(typical: int) -> str:
+    return f"n = {typical} per cell (samples with a finite value; other counts are shown)."
+
+
+def _notes(table: MetricTable, model: str, metrics: Sequence[str]) -> list[str]:
+    notes = []
+    typical = table.typical_n(model)
+    if typical is not None:
+        notes.append(_n_note(typical))
+    missing = [(method, metric, c.missing) for method in table.methods
+               for metric in metrics
+               if (c := table.cell(model, method, metric)) is not None and c.missing]
+    if missing:
+        listed = "; ".join(f"{m} · {k}: {n}" for m, k, n in missing[:_MAX_LISTED])
+        more = f"; and {len(missing) - _MAX_LISTED} more" if len(missing) > _MAX_LISTED else ""
+        notes.append(f"NaN/NULL values left out of the statistics: {listed}{more}.")
+    return notes
+
+
+def _model_tables(table: MetricTable, title: str, metrics: Sequence[str] | None = None
+                  ) -> list[Table]:
+    """One methods x metrics table per model; ``metrics`` first, then any others present."""
+    out = []
+    for model in table.models:
+        present = table.metrics_for(model)
+        order = [m for m in (metrics or ()) if m in present]
+        order += [m for m in present if m not in order]
+        typical = table.typical_n(model)
+        rows = []
+        for method in table.methods_for(model, order):
+            row = [(method, False)]
+            for metric in order:
+                c = table.cell(model, method, metric)
+                row.append((tables.format_cell(c, typical), bool(c and c.best)))
+            rows.append(row)
+        out.append(Table(f"{title}: {model}", ["method"] + [m + _arrow(m) for m in order], rows,
+                         _notes(table, model, order)))
+    return out
+
+
+# --- figures ----------------------------------------------------------------------------------
+
+def _new_figure(width: float, height: float):  # -> matplotlib.figure.Figure
+    # The object-oriented API with the Agg canvas: no pyplot state, no GUI backend, and the
+    # figure is freed with its last reference (nothing registered that would need closing).
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+    from matplotlib.figure import Figure as MplFigure
+
+    fig = MplFigure(figsize=(width, height), dpi=100, layout="constrained")
+    FigureCanvasAgg(fig)
+    return fig
+
+
+def _png(fig) -> bytes:
+    buf = io.BytesIO()
+    fig.savefig(buf, format="png")
+    fig.clear()
+    return buf.getvalue()
+
+
+def _colours(n: int) -> list:
+    from matplotlib import colormaps
+
+    cmap = colormaps["tab10" if n <= 10 else "tab20"]
+    return [cmap(i % cmap.N) for i in range(n)]
+
+
+def _mean_curve(cs: CurveSet) -> tuple[np.ndarray, np.ndarray, int, bool] | None:
+    """(x, mean y, samples used, interpolated?) of one method's curves, None if unusable."""
+    pairs = [(np.asarray(x, float), np.asarray(y, float)) for x, y in zip(cs.xs, cs.ys,
+                                                                         strict=True)]
+    pairs = [(x, y) for x, y in pairs if x.size and x.size == y.size]
+    if not pairs:
+        return None
+    x0 = pairs[0][0]
+    if all(x.size == x0.size and np.allclose(x, x0, equal_nan=True) for x, _ in pairs):
+        with np.errstate(all="ignore"):
+            mean = np.nanmean(np.stack([y for _, y in pairs]), axis=0)
+        return x0, mean, len(pairs), False
+    # Samples on different x grids: average on the union of their x values inside the range
+    # every sample covers (np.interp would otherwise extend the ends flat).
+    lo = max(np.nanmin(x) for x, _ in pairs)
+    hi = min(np.nanmax(x) for x, _ in pairs)
+    grid = np.unique(np.concatenate([x[np.isfinite(x)] for x, _ in pairs]))
+    grid = grid[(grid >= lo) & (grid <= hi)]
+    if grid.size == 0:
+        return None
+    ys = []
+    for x, y in pairs:
+        order = np.argsort(x)
+        ys.append(np.interp(grid, x[order], y[order]))
+    with np.errstate(all="ignore"):
+        mean = np.nanmean(np.stack(ys), axis=0)
+    return grid, mean, len(pairs), True
+
+
+def _curve_figures(db: Path, experiment: str, names: _Names) -> list[Figure | Text]:
+    """Per model: one panel per curve name, the mean curve of every method."""
+    sets = tables.curves(db, experiment)
+    out: list[Figure | Text] = []
+    for model in dict.fromkeys(cs.model for cs in sets):
+        mine = [cs for cs in sets if cs.model == model]
+        curve_names = list(dict.fromkeys(cs.curve for cs in mine))
+        methods = list(dict.fromkeys(cs.method for cs in mine))
+        colour = dict(zip(methods, _colours(len(methods)), strict=True))
+        width = max(6.0, 4.8 * len(curve_names))
+        # Legend below the panels, as many ~2.6-inch columns as fit (method names are long).
+        ncols = max(1, min(len(methods), int(width // 2.6)))
+        fig = _new_figure(width, 3.8 + 0.22 * math.ceil(len(methods) / ncols))
+        axes = fig.subplots(1, len(curve_names), squeeze=False)[0]
+        interpolated = skipped = False
+        for ax, curve in zip(axes, curve_names, strict=True):
+            for cs in (c for c in mine if c.curve == curve):
+                got = _mean_curve(cs)
+                if got is None:
+                    skipped = True
+                    continue
+                x, y, n, interp = got
+                interpolated |= interp
+                ax.plot(x, y, color=colour[cs.method], label=f"{cs.method} (n={n})", lw=1.4)
+            ax.set_title(curve)
+            ax.set_xlabel("x")
+            ax.grid(alpha=0.3)
+        axes[0].set_ylabel("mean over samples")
+        handles, labels = axes[0].get_legend_handles_labels()
+        for ax in axes[1:]:
+            h, lab = ax.get_legend_handles_labels()
+            for hh, ll in zip(h, lab, strict=True):
+                if ll not in labels:
+                    handles.append(hh)
+                    labels.append(ll)
+        if handles:
+            fig.legend(handles, labels, loc="outside lower center", ncols=ncols,
+                       fontsize="small")
+        fig.suptitle(f"{experiment}: {model}")
+        title = f"{experiment}: mean curves per method, {model}"
+        out.append(Figure(title, names(f"{experiment}-{model}-curves"), _png(fig)))
+        if interpolated:
+            out.append(Text(f"{model}: samples were on different x grids; their curves were "
+                            "interpolated onto the x values common to all before averaging."))
+        if skipped:
+            out.append(Text(f"{model}: some curves were empty or had x and y of different "
+                            "lengths and were left out."))
+    return out
+
+
+def _bar_figures(table: MetricTable, metrics: Sequence[str], experiment: str, names: _Names
+                 ) -> list[Figure]:
+    """Per model: one bar panel per metric, bars = methods with their 95 % CI."""
+    out = []
+    for model in table.models:
+        present = [m for m in metrics if m in table.metrics_for(model)]
+        if not present:
+            continue
+        methods = table.methods_for(model, present)
+        width = max(4.0, 0.45 * len(methods) + 1.5)
+        # Side by side while narrow; one panel per row once the method names need the width.
+        if len(methods) <= 8:
+            fig = _new_figure(width * len(present), 4.2)
+            axes = fig.subplots(1, len(present), squeeze=False)[0]
+        else:
+            fig = _new_figure(width, 3.6 * len(present))
+            axes = fig.subplots(len(present), 1, squeeze=False)[:, 0]
+        for ax, metric in zip(axes, present, strict=True):
+            cells = [table.cell(model, m, metric) for m in methods]
+            means = [c.mean if c and c.n else math.nan for c in cells]
+            errs = [c.half_width if c and c.n > 1 else 0.0 for c in cells]
+            colours = ["tab:orange" if c and c.best else "tab:blue" for c in cells]
+            pos = np.arange(len(methods))
+            ax.bar(pos, np.nan_to_num(means), yerr=errs, color=colours, capsize=3)
+            ax.set_xticks(pos, methods, rotation=60, ha="right", fontsize="small")
+            ax.set_title(metric + _arrow(metric))
+            ax.grid(axis="y", alpha=0.3)
+        fig.suptitle(f"{experiment}: {model} (mean ± 95 % CI; best in orange)")
+        out.append(Figure(f"{experiment}: {model}", names(f"{experiment}-{model}-bars"),
+                          _png(fig)))
+    return out
+
+
+# --- sections ---------------------------------------------------------------------------------
+
+def _header(info: RunInfo, contents: list[Section]) -> Section:
+    blocks: list = [
+        Text(f"Results database: {info.path}"),
+        Text(f"Config hash: {info.config_hash} · code version: {info.code_version} · "
+             f"created: {info.created}"),
+        Text(f"Rows: {info.n_results} results, {info.n_curves} curves, {info.n_artifacts} "
+             f"artifacts."),
+    ]
+    others = [v for v in info.row_code_versions if v != info.code_version]
+    if others:
+        blocks.append(Text(f"Warning: result rows come from other code versions too: "
+                           f"{', '.join(info.row_code_versions)}."))
+    if info.rows_per_experiment:
+        blocks.append(Table("Result rows per experiment", ["experiment", "rows"],
+                            [[(e, False), (str(n), False)]
+                             for e, n in info.rows_per_experiment.items()]))
+    config = (json.dumps(info.config, indent=2, sort_keys=True) if info.config is not None
+              else info.config_text or "(no configuration stored)")
+    blocks.append(Text("Configuration:"))
+    blocks.append(Code(config))
+    blocks.append(Text(
+        "Cells are the mean over samples ± the half-width of its 95 % confidence interval "
+        "(Student's t with n−1 degrees of freedom); NaN/NULL values are left out and counted "
+        "in the notes; n=1 has no interval. Bold marks the best method per model and metric "
+        "(↑ higher is better, ↓ lower is better; ties are all bold; metrics without an arrow "
+        "have no declared direction and no mark)."))
+    blocks.append(Text("Sections: " + "; ".join(
+        f"{s.title}{'' if s.ran else ' (not run)'}" for s in contents) + "."))
+    return Section("Run", "run", blocks)
+
+
+def _paper_table2() -> list[Table | Text]:
+    header = ["method"] + [f"{model} {abbr}{_arrow(key)}" for model in paper.PAPER_MODELS
+                           for abbr, key in paper.PAPER_METRIC_KEYS.items()]
+    notes: list[str] = []
+    rows = []
+    for method in paper.PAPER_TABLE2_METHODS:
+        row = [(method + paper.PAPER_MARKS.get(method, ""), False)]
+        for model in paper.PAPER_MODELS:
+            for key in paper.PAPER_METRICS:
+                value = paper.PAPER_TABLE2[(model, method)][key]
+                text = "n/a" if math.isnan(value) else f"{value:.3f}"
+                note = paper.PAPER_TABLE2_NOTES.get((model, method, key))
+                if note:
+                    notes.append(f"[{len(notes) + 1}] {model}, {method}, {key}: {note}")
+                    text += f" [{len(notes)}]"
+                row.append((text, False))
+        rows.append(row)
+    renamed = [f"{p} → {s}" for p, s in paper.PAPER_TO_SRDXAI.items() if s and s != p]
+    notes += paper.PAPER_TABLE2_GENERAL_NOTES
+    notes.append("† / ‡: the paper's row marks, pairing CAM rows with SRD-low (†) and SRD-high "
+                 "(‡); the caption defining them is not in the transcribed text.")
+    notes.append("Paper names and our rows: " + ", ".join(renamed) + ".")
+    return [Table(f"Paper's Table 2 (not our numbers) — {paper.PAPER_SOURCE}", header, rows,
+                  notes)]
+
+
+def _paper_activation() -> list[Table]:
+    notes: list[str] = []
+    rows = []
+    for method in paper.PAPER_ACTIVATION_METHODS:
+        label = method
+        note = paper.PAPER_ACTIVATION_NOTES.get((method, "*"))
+        if note:
+            notes.append(f"[{len(notes) + 1}] {method}: {note}")
+            label += f" [{len(notes)}]"
+        values = paper.PAPER_ACTIVATION_FIDELITY[method]
+        rows.append([(label, False)] + [
+            ("-" if math.isnan(values[a]) else f"{values[a]:.3f}", False)
+            for a in paper.PAPER_ACTIVATIONS])
+    rows.append([("accuracy", False)] + [
+        (f"{paper.PAPER_ACTIVATION_ACCURACY[a]:.3f}", False) for a in paper.PAPER_ACTIVATIONS])
+    return [Table(f"Paper's activation table (not our numbers) — "
+                  f"{paper.PAPER_ACTIVATION_SOURCE}", ["method"] + list(paper.PAPER_ACTIVATIONS),
+                  rows, notes)]
+
+
+def _table2(db: Path, names: _Names) -> Section:
+    table = tables.metric_table(db, "table2")
+    if table.empty:
+        return _not_run("Table 2", "table2", ["table2"])
+    blocks: list = [Text("Ours: the models and data of this run (see the configuration), "
+                         "not the paper's ImageNet-S50 setup.")]
+    blocks += _model_tables(table, "Table 2 (ours)", TABLE2_METRICS)
+    blocks += _curve_figures(db, "table2", names)
+    blocks += _paper_table2()
+    return Section("Table 2", "table2", blocks)
+
+
+def _activation(db: Path, names: _Names) -> Section:
+    table = tables.metric_table(db, "activation")
+    if table.empty:
+        return _not_run("Activation functions", "activation", ["activation"])
+    suffix = {m: m.rsplit("-", 1)[-1] for m in table.models}
+    # The column is the activation named by the model; fall back to the whole model name when
+    # two models share an activation (e.g. a VGG and a ResNet with ReLU).
+    clash = len(set(suffix.values())) < len(suffix)
+    columns = {m: m if clash else paper.ACTIVATION_NAMES.get(a, a) for m, a in suffix.items()}
+    blocks: list = []
+    fid_models = [m for m in table.models if "fidelity" in table.metrics_for(m)]
+    rows = []
+    for method in table.methods:
+        cells = [table.cell(m, method, "fidelity") for m in fid_models]
+        if any(c is not None for c in cells):
+            rows.append([(method, False)] + [
+                (tables.format_cell(c, table.typical_n(m)), bool(c and c.best))
+                for c, m in zip(cells, fid_models, strict=True)])
+    acc_models = [m for m in table.models if "accuracy" in table.metrics_for(m)]
+    shown = list(dict.fromkeys(fid_models + acc_models))
+    if rows or acc_models:
+        accuracy = [("accuracy", False)]
+        for m in shown:
+            # The runner writes accuracy under method '-'; otherwise take the first method that
+            # has it (pooling methods would count the same samples several times).
+            with_acc = [meth for meth in table.methods if table.cell(m, meth, "accuracy")]
+            pick = "-" if "-" in with_acc else (with_acc[0] if with_acc else None)
+            c = table.cell(m, pick, "accuracy") if pick else None
+            accuracy.append((tables.format_cell(c, None), False))
+        rows = [r + [("—", False)] * (len(shown) - len(fid_models)) for r in rows]
+        notes = [f"Columns: {', '.join(f'{columns[m]} = {m}' for m in shown)}.",
+                 "Cells: fidelity (↑) mean ± 95 % CI, best per column in bold; last row: the "
+                 "model's accuracy (no mark)."]
+        typical = table.typical_n()
+        if typical is not None:
+            notes.append(_n_note(typical))
+        blocks.append(Table("Fidelity per activation function (ours)",
+                            ["method"] + [columns[m] for m in shown], rows + [accuracy], notes))
+    rest = [k for k in table.metrics if k not in ("fidelity", "accuracy")]
+    if rest:
+        blocks += _model_tables(tables.metric_table(db, "activation", rest),
+                                "Other metrics (ours)")
+    blocks += _curve_figures(db, "activation", names)
+    blocks += _paper_activation()
+    return Section("Activation functions", "activation", blocks)
+
+
+def _generic(db: Path, experiment: str, title: str, anchor: str, names: _Names,
+             metrics: Sequence[str] | None = None, bars: bool = False) -> Section:
+    table = tables.metric_table(db, experiment)
+    figures = _curve_figures(db, experiment, names)
+    if table.empty and not figures:
+        return _not_run(title, anchor, [experiment])
+    blocks: list = list(figures)
+    blocks += _model_tables(table, f"{title} (ours)", metrics)
+    if bars and metrics:
+        blocks += _bar_figures(table, metrics, experiment, names)
+    return Section(title, anchor, blocks)
+
+
+def _robustness(db: Path, names: _Names) -> Section:
+    subs = [_generic(db, e, f"Robustness: {e}", f"robustness-{e}", names)
+            for e in ROBUSTNESS_EXPERIMENTS]
+    if not any(s.ran for s in subs):
+        return _not_run("Robustness", "robustness", ROBUSTNESS_EXPERIMENTS)
+    return Section("Robustness", "robustness", list(subs))
+
+
+def _qualitative(db: Path, names: _Names) -> Section:
+    found = tables.artifacts(db, "png")
+    if not found:
+        return Section("Qualitative grid", "qualitative",
+                       [Text("Not run: results.sqlite holds no PNG artifacts.")], ran=False)
+    blocks: list = []
+    for name, data in found:
+        if data.startswith(PNG_SIGNATURE):
+            blocks.append(Figure(name, names(f"artifact-{name.removesuffix('.png')}"), data))
+        else:
+            blocks.append(Text(f"Artifact {name!r} is marked 'png' but is not a PNG; left out."))
+    return Section("Qualitative grid", "qualitative", blocks)
+
+
+def _sections(db: Path, info: RunInfo) -> list[Section]:
+    names = _Names()
+    body = [_table2(db, names), _activation(db, names)]
+    for experiment, title in CURVE_EXPERIMENTS.items():
+        body.append(_generic(db, experiment, title, _slug(experiment), names))
+    body.append(_generic(db, "gae", "GAE", "gae", names, GAE_METRICS, bars=True))
+    body.append(_robustness(db, names))
+    body.append(_qualitative(db, names))
+    for experiment in tables.experiments(db):
+        if experiment not in KNOWN_EXPERIMENTS:
+            body.append(_generic(db, experiment, f"Experiment '{experiment}'",
+                                 f"experiment-{_slug(experiment)}", names))
+    return [_header(info, body)] + body
+
+
+# --- writers ----------------------------------------------------------------------------------
+
+_CSS = """
+body { font-family: system-ui, sans-serif; margin: 2em auto; max-width: 80em; color: #222;
+       padding: 0 1em; }
+h1 { border-bottom: 2px solid #444; } h2 { border-bottom: 1px solid #aaa; margin-top: 2em; }
+table { border-collapse: collapse; margin: 1em 0; font-size: 0.9em; }
+caption { text-align: left; font-weight: 600; padding: 0.3em 0; }
+th, td { border: 1px solid #ccc; padding: 0.25em 0.6em; text-align: right; white-space: nowrap; }
+th:first-child, td:first-child { text-align: left; }
+thead th { background: #f0f0f0; }
+tbody tr:nth-child(even) { background: #fafafa; }
+pre { background: #f5f5f5; padding: 0.8em; overflow-x: auto; }
+.note { color: #555; font-size: 0.85em; margin: 0.2em 0; }
+.notrun { color: #999; font-style: italic; }
+figure { margin: 1em 0; } figure img { max-width: 100%; border: 1px solid #ddd; }
+figcaption { color: #555; font-size: 0.85em; }
+"""
+
+
+def _html_block(block: Text | Code | Table | Figure | Section, level: int) -> list[str]:
+    e = html.escape
+    if isinstance(block, Section):
+        out = [f'<section id="{e(block.anchor)}">', f"<h{level}>{e(block.title)}</h{level}>"]
+        for b in block.blocks:
+            out += _html_block(b, level + 1)
+        return out + ["</section>"]
+    if isinstance(block, Text):
+        cls = ' class="notrun"' if block.text.startswith("Not run") else ""
+        return [f"<p{cls}>{e(block.text)}</p>"]
+    if isinstance(block, Code):
+        return [f"<pre>{e(block.text)}</pre>"]
+    if isinstance(block, Figure):
+        data = base64.b64encode(block.png).decode("ascii")
+        return [f'<figure><img src="data:image/png;base64,{data}" alt="{e(block.title)}">'
+                f"<figcaption>{e(block.title)}</figcaption></figure>"]
+    head = "".join(f"<th>{e(h)}</th>" for h in block.header)
+    body = ["<tr>" + "".join(f"<td><b>{e(t)}</b></td>" if bold else f"<td>{e(t)}</td>"
+                             for t, bold in row) + "</tr>" for row in block.rows]
+    return ([f"<table><caption>{e(block.title)}</caption><thead><tr>{head}</tr></thead>"
+             "<tbody>"] + body + ["</tbody></table>"]
+            + [f'<p class="note">{e(n)}</p>' for n in block.notes])
+
+
+def _html(sections: list[Section]) -> str:
+    contents = "".join(
+        f'<li><a href="#{html.escape(s.anchor)}">{html.escape(s.title)}</a>'
+        f"{'' if s.ran else ' (not run)'}</li>" for s in sections)
+    parts = ["<!DOCTYPE html>", '<html lang="en"><head><meta charset="utf-8">',
+             "<title>srdxai benchmark report</title>", f"<style>{_CSS}</style></head><body>",
+             "<h1>srdxai benchmark report</h1>", f"<nav><ul>{contents}</ul></nav>"]
+    for s in sections:
+        parts += _html_block(s, 2)
+    return "\n".join(parts + ["</body></html>", ""])
+
+
+def _md_cell(text: str) -> str:
+    return text.replace("\\", "\\\\").replace("|", "\\|").replace("\n", " ")
+
+
+def _md_block(block: Text | Code | Table | Figure | Section, level: int) -> list[str]:
+    if isinstance(block, Section):
+        out = ["#" * level + " " + block.title, ""]
+        for b in block.blocks:
+            out += _md_block(b, level + 1)
+        return out
+    if isinstance(block, Text):
+        return [block.text if not block.text.startswith("Not run") else f"_{block.text}_", ""]
+    if isinstance(block, Code):
+        return ["```json", block.text, "```", ""]
+    if isinstance(block, Figure):
+        return [f"![{_md_cell(block.title)}](figures/{block.filename})", ""]
+    out = [f"**{_md_cell(block.title)}**", "",
+           "| " + " | ".join(_md_cell(h) for h in block.header) + " |",
+           "|" + "|".join(["---"] + ["---:"] * (len(block.header) - 1)) + "|"]
+    for row in block.rows:
+        out.append("| " + " | ".join(f"**{_md_cell(t)}**" if bold else _md_cell(t)
+                                     for t, bold in row) + " |")
+    out.append("")
+    for note in block.notes:
+        out += [note, ""]
+    return out
+
+
+def _markdown(sections: list[Section]) -> str:
+    lines = ["# srdxai benchmark report", ""]
+    for s in sections:
+        lines += _md_block(s, 2)
+    return "\n".join(lines)
+
+
+def _figures(blocks: Sequence) -> list[Figure]:
+    out = []
+    for b in blocks:
+        if isinstance(b, Section):
+            out += _figures(b.blocks)
+        elif isinstance(b, Figure):
+            out.append(b)
+    return out
+
+
+def _write_atomic(path: Path, data: bytes) -> None:
+    """Write ``data`` to ``path`` through a unique temporary file in the same folder and a
+    rename, so readers see the old file or the new one, never a partial one."""
+    tmp = path.parent / f".{path.name}.{os.getpid()}.{uuid.uuid4().hex[:12]}.tmp"
+    try:
+        with open(tmp, "xb") as handle:
+            handle.write(data)
+            handle.flush()
+            os.fsync(handle.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
+
+
+def build_report(run_dir: Path) -> tuple[Path, Path]:
+    """Write ``run_dir/report.html`` (self-contained) and ``run_dir/report.md`` (with its
+    figures in ``run_dir/figures/``) from ``run_dir/results.sqlite``; returns both paths.
+
+    Raises :class:`~srdxai.errors.InvalidInputError` when the database is missing, not a
+    results database, or empty, saying what to run.
+    """
+    run_dir = Path(run_dir)
+    db = merged_path(run_dir)
+    info = tables.run_info(db)
+    sections = _sections(db, info)
+    figures = _figures(sections)
+    if figures:
+        (run_dir / "figures").mkdir(exist_ok=True)
+    for fig in figures:
+        _write_atomic(run_dir / "figures" / fig.filename, fig.png)
+    md_path, html_path = run_dir / "report.md", run_dir / "report.html"
+    _write_atomic(md_path, _markdown(sections).encode("utf-8"))
+    _write_atomic(html_path, _html(sections).encode("utf-8"))
+    return html_path, md_path
