@@ -377,7 +377,9 @@ def test_a_failed_write_keeps_the_old_report_and_leaves_no_temp_files(tmp_path, 
     _full_run(tmp_path)
     build_report(tmp_path)
     before = (tmp_path / "report.html").read_bytes()
-    real_replace = render.os.replace
+    from srdxai.report import figures
+
+    real_replace = figures.os.replace
 
     def failing_replace(src, dst):
         if Path(dst).name == "report.html":
@@ -390,7 +392,7 @@ def test_a_failed_write_keeps_the_old_report_and_leaves_no_temp_files(tmp_path, 
                "'fidelity', 0, 0.9, 0, 'abc123', '0.test')")
     db.commit()
     db.close()
-    monkeypatch.setattr(render.os, "replace", failing_replace)
+    monkeypatch.setattr(figures.os, "replace", failing_replace)
     with pytest.raises(OSError, match="disk full"):
         build_report(tmp_path)
     assert (tmp_path / "report.html").read_bytes() == before

@@ -148,6 +148,18 @@ def _bind(args: tuple, kwargs: dict, names: list[str], defaults: dict[str, Any])
     return bound
 
 
+def resolve_alias(aliases: dict[int, tuple[Tensor, Tensor]], obj: Any) -> Any:
+    """What an in-place call that ran out of place turned ``obj`` into (``obj`` itself if
+    nothing did). ``aliases`` maps id(old tensor) -> (old tensor, its replacement); the old
+    tensor is held so that its id cannot be reused by an unrelated tensor."""
+    while isinstance(obj, Tensor):
+        entry = aliases.get(id(obj))
+        if entry is None or entry[0] is not obj:
+            return obj
+        obj = entry[1]
+    return obj
+
+
 class Recorder(TorchFunctionMode):
     """Records a forward pass; see the module docstring.
 
@@ -230,12 +242,7 @@ class Recorder(TorchFunctionMode):
         return UnsupportedOperationError(msg)
 
     def _resolve(self, obj: Any) -> Any:
-        while isinstance(obj, Tensor):
-            entry = self.aliases.get(id(obj))
-            if entry is None or entry[0] is not obj:
-                return obj
-            obj = entry[1]
-        return obj
+        return resolve_alias(self.aliases, obj)
 
     # -- the mode ----------------------------------------------------------------------------
     def __torch_function__(self, func, types, args=(), kwargs=None):

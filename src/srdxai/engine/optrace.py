@@ -32,7 +32,7 @@ from torch.utils._pytree import tree_flatten, tree_map
 
 from ..errors import InvalidInputError, UnsupportedOperationError
 from .core import _check_output
-from .graph import ACTIVATIONS, INPLACE_ACTIVATIONS, _func_name
+from .graph import ACTIVATIONS, INPLACE_ACTIVATIONS, _func_name, resolve_alias
 
 Tensor = torch.Tensor
 
@@ -283,12 +283,7 @@ class OpTracer(TorchFunctionMode):
         return ref is not None and ref() is obj
 
     def _resolve(self, obj: Any) -> Any:
-        while isinstance(obj, Tensor):
-            entry = self.aliases.get(id(obj))
-            if entry is None or entry[0] is not obj:
-                return obj
-            obj = entry[1]
-        return obj
+        return resolve_alias(self.aliases, obj)
 
     def _track_outputs(self, out: Any) -> Any:
         for t in tree_flatten(out)[0]:

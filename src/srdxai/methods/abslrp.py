@@ -71,7 +71,7 @@ from ..engine.core import Target
 from ..engine.optrace import KINDS, OpCall, OpRule, OpTrace
 from ..engine.optrace import _Keep as _KEEP
 from ..errors import InvalidInputError
-from .base import Method, register
+from .base import Method, checked_reduction, register
 
 Tensor = torch.Tensor
 
@@ -286,10 +286,7 @@ class AbsLRP(Method):
         if variant not in VARIANTS:
             raise InvalidInputError(f"variant must be one of {VARIANTS}, got {variant!r}.")
         self.variant = variant
-        reduce = channel_reduce or "sum"
-        if reduce not in REDUCTIONS:
-            raise InvalidInputError(
-                f"channel_reduce must be one of {REDUCTIONS}, got {channel_reduce!r}.")
+        reduce = checked_reduction(channel_reduce, REDUCTIONS, "sum")
         self.contrastive = bool(contrastive)
         self.max_pool_divide = bool(max_pool_divide)
         self.channel_reduce = reduce

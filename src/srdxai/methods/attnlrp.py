@@ -35,8 +35,7 @@ import torch
 
 from ..engine.core import Target
 from ..engine.optrace import OpCall, OpRule, OpTrace
-from ..errors import InvalidInputError
-from .base import Method, register
+from .base import Method, checked_reduction, register
 
 Tensor = torch.Tensor
 REDUCTIONS = ("sum", "none")
@@ -94,10 +93,7 @@ class _LXTMethod(Method):
     def __init__(self, model, channel_reduce: str | None = None, batch_size: int | None = None,
                  channels_last: bool | None = None):
         super().__init__(model, batch_size=batch_size, channels_last=channels_last)
-        reduce = channel_reduce or "sum"
-        if reduce not in REDUCTIONS:
-            raise InvalidInputError(
-                f"channel_reduce must be one of {REDUCTIONS}, got {channel_reduce!r}.")
+        reduce = checked_reduction(channel_reduce, REDUCTIONS, "sum")
         self.channel_reduce = reduce
 
     def relevance(self, x: Tensor, target: Target) -> Tensor:

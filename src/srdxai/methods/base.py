@@ -47,6 +47,16 @@ def get_method(name: str) -> type[Method]:
             f"unknown method '{name}'; available: {', '.join(sorted(METHODS))}.") from None
 
 
+def checked_reduction(channel_reduce: str | None, allowed: tuple[str, ...],
+                      default: str = "sum") -> str:
+    """A method's ``channel_reduce`` option, validated (None: ``default``)."""
+    reduce = channel_reduce or default
+    if reduce not in allowed:
+        raise InvalidInputError(
+            f"channel_reduce must be one of {allowed}, got {channel_reduce!r}.")
+    return reduce
+
+
 class Method:
     """Base of every attribution method: ``Method(model, **options).attribute(x, target)``."""
 

@@ -40,7 +40,7 @@ from ..engine.core import (
     true_activation_gradient,
 )
 from ..errors import InvalidInputError
-from .base import Method, register
+from .base import Method, checked_reduction, register
 
 Tensor = torch.Tensor
 Slope = Callable[[Tensor, Tensor, Callable[[Tensor], Tensor]], Tensor]
@@ -104,10 +104,7 @@ class ChainRuleMethod(Method):
 
     def __init__(self, model, batch_size=None, channels_last=None, channel_reduce=None):
         super().__init__(model, batch_size=batch_size, channels_last=channels_last)
-        reduce = channel_reduce or self.default_reduce
-        if reduce not in REDUCTIONS:
-            raise InvalidInputError(
-                f"channel_reduce must be one of {REDUCTIONS}, got {channel_reduce!r}.")
+        reduce = checked_reduction(channel_reduce, REDUCTIONS, self.default_reduce)
         self.channel_reduce = reduce
 
     def _reduce(self, attribution: Tensor) -> Tensor:

@@ -60,7 +60,7 @@ import torch.nn.functional as F
 from ..engine import ops
 from ..engine.core import Rule, Target, Trace
 from ..errors import InvalidInputError
-from .base import Method, register
+from .base import Method, checked_reduction, register
 
 Tensor = torch.Tensor
 
@@ -504,10 +504,7 @@ class LRPComposite(Method):
                  channel_reduce: str | None = None, batch_size: int | None = None,
                  channels_last: bool | None = None):
         super().__init__(model, batch_size=batch_size, channels_last=channels_last)
-        reduce = channel_reduce or "sum"
-        if reduce not in REDUCTIONS:
-            raise InvalidInputError(
-                f"channel_reduce must be one of {REDUCTIONS}, got {channel_reduce!r}.")
+        reduce = checked_reduction(channel_reduce, REDUCTIONS, "sum")
         if first_layer == "default":
             first_layer = self.default_first_layer
         if first_layer is not None and first_layer not in FIRST_LAYER_RULES:

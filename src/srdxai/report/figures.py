@@ -4,8 +4,9 @@ from __future__ import annotations
 
 import os
 import uuid
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
+from typing import BinaryIO
 
 import numpy as np
 
@@ -124,14 +125,16 @@ def save_explanation_figure(
     return _atomic_savefig(fig, out)
 
 
-def _atomic_savefig(fig: object, out: Path) -> Path:
-    """Save ``fig`` as PNG to ``out`` through a temporary file and an atomic rename."""
+def write_atomic(out: Path, write: Callable[[BinaryIO], object]) -> Path:
+    """Write ``out`` through ``write(handle)`` on a temporary file and an atomic rename, so
+    readers see the old file or the new one, never a partial one; nothing is left behind on
+    errors."""
     # A unique name in the target folder (same file system, so the rename is atomic); opened with
     # "xb" so the file gets the usual umask permissions, unlike tempfile.mkstemp's 0600.
     tmp = out.parent / f".{out.name}.{os.getpid()}.{uuid.uuid4().hex[:12]}.tmp"
     try:
         with open(tmp, "xb") as handle:
-            fig.savefig(handle, format="png")
+            write(handle)
             handle.flush()
             os.fsync(handle.fileno())
         os.replace(tmp, out)
@@ -139,6 +142,11 @@ def _atomic_savefig(fig: object, out: Path) -> Path:
         tmp.unlink(missing_ok=True)
         raise
     return out
+
+
+def _atomic_savefig(fig: object, out: Path) -> Path:
+    """Save ``fig`` as PNG to ``out`` atomically."""
+    return write_atomic(out, lambda handle: fig.savefig(handle, format="png"))
 
 
 def save_method_grid(

@@ -15,9 +15,7 @@ import html
 import io
 import json
 import math
-import os
 import re
-import uuid
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -26,6 +24,7 @@ import numpy as np
 
 from srdxai.experiments.store import merged_path
 from srdxai.report import paper, tables
+from srdxai.report.figures import write_atomic
 from srdxai.report.tables import CurveSet, MetricTable, RunInfo
 
 __all__ = ["build_report", "TABLE2_METRICS", "GAE_METRICS", "ROBUSTNESS_EXPERIMENTS"]
@@ -577,18 +576,7 @@ def _figures(blocks: Sequence) -> list[Figure]:
 
 
 def _write_atomic(path: Path, data: bytes) -> None:
-    """Write ``data`` to ``path`` through a unique temporary file in the same folder and a
-    rename, so readers see the old file or the new one, never a partial one."""
-    tmp = path.parent / f".{path.name}.{os.getpid()}.{uuid.uuid4().hex[:12]}.tmp"
-    try:
-        with open(tmp, "xb") as handle:
-            handle.write(data)
-            handle.flush()
-            os.fsync(handle.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        tmp.unlink(missing_ok=True)
-        raise
+    write_atomic(path, lambda handle: handle.write(data))
 
 
 def build_report(run_dir: Path) -> tuple[Path, Path]:
