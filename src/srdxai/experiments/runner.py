@@ -78,7 +78,8 @@ GAE_VIT_METHODS: list[tuple[str, str, dict[str, Any]]] = [
     ("SRD-tokens", "srd_tokens", {}),
     ("absLRP", "abslrp", {}),
 ]
-EXPERIMENTS = ("table2", "activation", "sensitivity_n", "insertion_deletion", "gae", "grid")
+EXPERIMENTS = ("table2", "activation", "sensitivity_n", "insertion_deletion", "gae", "apop",
+               "grid")
 
 
 @dataclass
@@ -187,6 +188,9 @@ def sources(experiment: str, config: BenchConfig) -> list[Source]:
         return sources("table2", config)
     if experiment == "gae":
         return sources("table2", config) + [Source("fmnist-vit-gelu", "fashion")]
+    if experiment == "apop":
+        found = sources("activation", config)
+        return found + [src for src in sources("table2", config) if src not in found]
     raise InvalidInputError(f"unknown experiment {experiment!r}; choose from {EXPERIMENTS}.")
 
 
@@ -239,6 +243,8 @@ def methods_for(experiment: str, source: Source) -> list[tuple[str, str, dict[st
                 for label, m, o in SENSITIVITY_METHODS]
     if experiment == "gae":
         return list(GAE_VIT_METHODS if "vit" in source.model else GAE_CNN_METHODS)
+    if experiment == "apop":
+        return [("-", "apop", {})]
     return list(TABLE2_METHODS)
 
 
@@ -257,6 +263,22 @@ def run_job(job: Job, config: BenchConfig
     x, y, masks = load_batch(job.source, list(job.samples), config.device)
     if job.method == "all":
         return [], {f"grid/{job.source.model}/{job.samples[0]}": _grid(job, model, x, y)}, []
+    if job.method == "apop":  # the model-level APOP experiment
+        from ..robustness import apop
+
+        seed = unit_seed(config, job)
+        rows = []
+        for baseline in ("zeros", "noise", "other"):
+            result = apop(model, x, y, baseline, seed=seed) if (
+                baseline != "other" or len(job.samples) > 1) else None
+            if result is None:
+                continue
+            if baseline == "zeros":
+                rows += [Row("accuracy", s, float(c))
+                         for s, c in zip(job.samples, result.correct.tolist(), strict=True)]
+            rows += [Row(f"apop_{baseline}", s, float(r))
+                     for s, r in zip(job.samples, result.recovered.tolist(), strict=True)]
+        return rows, {}, []
     if job.method == "-":  # the model's own accuracy on these samples
         with torch.no_grad():
             correct = (model(x).argmax(1) == y).double()
