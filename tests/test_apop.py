@@ -4,9 +4,9 @@ from __future__ import annotations
 
 import pytest
 import torch
-from small_models import build_model
 from torch import nn
 
+from small_models import build_model
 from srdxai.errors import InvalidInputError
 from srdxai.robustness import apop, apop_logits
 

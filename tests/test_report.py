@@ -449,3 +449,11 @@ def test_mean_curve_on_shared_and_on_different_grids():
     x, y, n, interpolated = render._mean_curve(mixed)
     assert interpolated and list(x) == [0.5, 1.0, 2.0]  # only where both samples have data
     assert list(y) == pytest.approx([0.5, 1.0, 2.0])
+
+
+def test_metric_families_named_per_setting_have_a_direction():
+    from srdxai.report.tables import direction
+
+    assert direction("ssim_noise_0.1") == "higher" and direction("pcc_noise_0.2") == "higher"
+    assert direction("sensitivity_n_mean") == "higher"
+    assert direction("apop_zeros") is None and direction("stability") == "lower"

@@ -78,8 +78,10 @@ GAE_VIT_METHODS: list[tuple[str, str, dict[str, Any]]] = [
     ("SRD-tokens", "srd_tokens", {}),
     ("absLRP", "abslrp", {}),
 ]
-EXPERIMENTS = ("table2", "activation", "sensitivity_n", "insertion_deletion", "gae", "apop",
-               "grid")
+EXPERIMENTS = ("table2", "activation", "sensitivity_n", "insertion_deletion", "gae", "noise",
+               "apop", "grid")
+#: Gaussian input noise of the ``noise`` experiment, in units of each image's value range
+NOISE_LEVELS = (0.05, 0.1, 0.2)
 
 
 @dataclass
@@ -184,7 +186,7 @@ def sources(experiment: str, config: BenchConfig) -> list[Source]:
         return found
     if experiment == "activation":
         return [Source(f"fmnist-resnet-{a}", "fashion") for a in ACTIVATIONS]
-    if experiment in ("grid", "sensitivity_n", "insertion_deletion"):
+    if experiment in ("grid", "sensitivity_n", "insertion_deletion", "noise"):
         return sources("table2", config)
     if experiment == "gae":
         return sources("table2", config) + [Source("fmnist-vit-gelu", "fashion")]
@@ -312,6 +314,8 @@ def run_job(job: Job, config: BenchConfig
         means = torch.nanmean(result.curve, dim=1).tolist()
         return [Row("sensitivity_n_mean", s, float(v))
                 for s, v in zip(job.samples, means, strict=True)], {}, curves
+    if experiment == "noise":
+        return _noise_rows(job, model, x, y, maps, method_fn, seed), {}, []
     if experiment == "insertion_deletion":
         rows, curves = [], []
         for name, fn in (("insertion", metrics.insertion), ("deletion", metrics.deletion)):
@@ -339,6 +343,26 @@ def run_job(job: Job, config: BenchConfig
         for s, v in zip(job.samples, values.tolist(), strict=True):
             rows.append(Row(metric, s, float(v)))
     return rows, {}, []
+
+
+def _noise_rows(job: Job, model: torch.nn.Module, x: Tensor, y: Tensor, maps: Tensor,
+                method_fn: Callable[[torch.nn.Module, Tensor, Tensor], Tensor],
+                seed: int) -> list[Row]:
+    """SSIM and Pearson correlation between the clean map and the map of a noisy copy, per
+    noise level (maps as the attack compares them: |map| summed over channels, unit sum)."""
+    from ..metrics.similarity import normalise_map, pearson, ssim
+
+    g = torch.Generator(device="cpu").manual_seed(seed)
+    span = (x.flatten(1).amax(1) - x.flatten(1).amin(1)).reshape(-1, *[1] * (x.dim() - 1))
+    clean = normalise_map(maps)
+    rows = []
+    for level in NOISE_LEVELS:
+        noise = torch.randn(x.shape, generator=g, dtype=x.dtype).to(x.device)
+        noisy = normalise_map(method_fn(model, x + level * span * noise, y).detach())
+        for name, values in (("ssim", ssim(clean, noisy)), ("pcc", pearson(clean, noisy))):
+            rows += [Row(f"{name}_noise_{level:g}", s, float(v))
+                     for s, v in zip(job.samples, values.tolist(), strict=True)]
+    return rows
 
 
 def _grid(job: Job, model: torch.nn.Module, x: Tensor, y: Tensor) -> bytes:

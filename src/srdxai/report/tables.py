@@ -45,6 +45,9 @@ HIGHER_IS_BETTER = frozenset({
     "pointing_game", "attribution_localisation", "sparseness", "fidelity", "accuracy", "gae",
     "local_consistency", "contrastiveness", "auc_insertion", "ssim_to_target", "pcc_to_target",
 })
+#: Families of metrics named per setting (``ssim_noise_0.1``: similarity to the clean map
+#: under noise of level 0.1; ``sensitivity_n_mean``), higher is better.
+HIGHER_IS_BETTER_PREFIXES = ("ssim_noise_", "pcc_noise_", "sensitivity_n")
 #: Metrics whose smaller values are better (marked best at the lowest mean).
 LOWER_IS_BETTER = frozenset({"stability", "auc_deletion", "mse_to_target"})
 
@@ -151,7 +154,7 @@ def cell_stats(values: Iterable[float | None], confidence: float = 0.95) -> Cell
 
 def direction(metric: str) -> Literal["higher", "lower"] | None:
     """Which way ``metric`` is better, or None when it has no declared direction."""
-    if metric in HIGHER_IS_BETTER:
+    if metric in HIGHER_IS_BETTER or metric.startswith(HIGHER_IS_BETTER_PREFIXES):
         return "higher"
     if metric in LOWER_IS_BETTER:
         return "lower"
