@@ -33,7 +33,7 @@ demo: venv data
 	@echo "Explanation figures are in $(DEMO_DIR)/ (inputs in $(DEMO_DIR)/images/)."
 	$(BIN)/srdxai bench $(DEMO_DIR)/bench --quick
 	$(BIN)/srdxai report $(DEMO_DIR)/bench
-	@echo "Benchmark report (quick Table 2, activation table, grid): $(DEMO_DIR)/bench/report.html"
+	@echo "Benchmark report (quick run of every experiment): $(DEMO_DIR)/bench/report.html"
 
 test: venv data
 	HF_HUB_OFFLINE=1 $(PYTHON) -m pytest -q -m "not slow" tests
