@@ -420,7 +420,7 @@ class OpTracer(TorchFunctionMode):
         elif kind == "layer_norm":
             differentiable = detached_layer_norm
         elif kind == "softmax":
-            differentiable = _softmax_form(func)
+            differentiable = detached_softmax
         call = OpCall(kind, self.where(), differentiable, call_args, call_kwargs,
                       len(inputs), len(self.calls), original=func)
         self.calls.append(call)
@@ -456,13 +456,6 @@ class OpTracer(TorchFunctionMode):
         scores = self.__torch_function__(torch.matmul, (), (q, kt))
         attn = self.__torch_function__(torch.softmax, (), (scores, -1))
         return self.__torch_function__(torch.matmul, (), (attn, v))
-
-
-def _softmax_form(func: Callable) -> Callable:
-    """The detached softmax with the calling convention of ``func`` (``Tensor.softmax`` takes
-    the tensor as ``self``; all take ``dim`` second)."""
-    del func
-    return detached_softmax
 
 
 class OpTrace:

@@ -417,8 +417,7 @@ def _distributed() -> Distributed:
 
 
 def run(run_dir: Path, config: BenchConfig, progress: bool = True,
-        stop_after: int | None = None,
-        on_unit: Callable[[Job], None] | None = None) -> Path | None:
+        stop_after: int | None = None) -> Path | None:
     """Run (or resume) the benchmark into ``run_dir``; returns the merged database on rank 0.
 
     ``stop_after``: finish at most that many new units and return without merging (used to
@@ -445,8 +444,6 @@ def run(run_dir: Path, config: BenchConfig, progress: bool = True,
             store.write_unit(job.unit, unit_seed(config, job), dist.rank,
                              time.perf_counter() - start, rows, curves, artifacts=artifacts)
             done_now += 1
-            if on_unit is not None:
-                on_unit(job)
     if dist.initialised:
         import torch.distributed as tdist
 

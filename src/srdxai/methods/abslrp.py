@@ -68,7 +68,7 @@ import torch
 import torch.nn.functional as F
 
 from ..engine.core import Target
-from ..engine.optrace import KINDS, OpCall, OpRule, OpTrace
+from ..engine.optrace import KINDS, OpCall, OpRule
 from ..engine.optrace import _Keep as _KEEP
 from ..errors import InvalidInputError
 from .base import Method, checked_reduction, register
@@ -307,15 +307,8 @@ class AbsLRP(Method):
         def run(leaf: Tensor) -> Tensor:
             rule = AbsLRPRule(self.max_pool_divide, self.variant)
             try:
-                with self._guard(), torch.enable_grad(), OpTrace(self.model, leaf, rule) as tr:
-                    out = tr.forward()
-                    seeds = self.output_relevance(out, target)
-                    maps = []
-                    for i, seed in enumerate(seeds):
-                        (rel,) = torch.autograd.grad(out, leaf, seed, allow_unused=True,
-                                                     retain_graph=i + 1 < len(seeds))
-                        maps.append(torch.zeros_like(leaf) if rel is None else rel.detach())
-                    del out
+                maps = self._traced_gradients(
+                    leaf, rule, lambda out: self.output_relevance(out, target))
             finally:
                 rule.reset()
             result = maps[0] if len(maps) == 1 else maps[0] - maps[1]

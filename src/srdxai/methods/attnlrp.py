@@ -34,7 +34,7 @@ from collections.abc import Sequence
 import torch
 
 from ..engine.core import Target
-from ..engine.optrace import OpCall, OpRule, OpTrace
+from ..engine.optrace import OpCall, OpRule
 from .base import Method, checked_reduction, register
 
 Tensor = torch.Tensor
@@ -100,14 +100,9 @@ class _LXTMethod(Method):
         """Input relevance ``(N, C, ...)`` for one chunk."""
 
         def run(leaf: Tensor) -> Tensor:
-            rule = AttnLRPRule(cp=self.cp)
-            with self._guard(), torch.enable_grad(), OpTrace(self.model, leaf, rule) as trace:
-                out = trace.forward()
-                seed, _ = self._target_gradient(out, target)
-                (grad,) = torch.autograd.grad(out, leaf, seed, allow_unused=True)
-                del out
-            if grad is None:
-                return torch.zeros_like(leaf).contiguous()
+            (grad,) = self._traced_gradients(
+                leaf, AttnLRPRule(cp=self.cp),
+                lambda out: [self._target_gradient(out, target)[0]])
             return (grad * leaf).detach().contiguous()
 
         return self._with_layout(x, run)

@@ -21,6 +21,7 @@ from ..engine.core import (
     slice_target,
     target_gradient,
 )
+from ..engine.optrace import OpRule, OpTrace
 from ..errors import InvalidInputError, UnknownMethodError
 
 Tensor = torch.Tensor
@@ -109,6 +110,22 @@ class Method:
 
     def _target_gradient(self, out: Tensor, target: Target):
         return target_gradient(out, target)
+
+    def _traced_gradients(self, leaf: Tensor, rule: OpRule,
+                          seeds: Callable[[Tensor], list[Tensor]]) -> list[Tensor]:
+        """Run the model on ``leaf`` under an operation-level ``rule`` (``engine/optrace.py``)
+        and, for each backward seed ``seeds(output)`` gives, return what reaches ``leaf``
+        (zeros where nothing does); the graph is kept between seeds."""
+        with self._guard(), torch.enable_grad(), OpTrace(self.model, leaf, rule) as trace:
+            out = trace.forward()
+            seed_list = seeds(out)
+            grads = []
+            for i, seed in enumerate(seed_list):
+                (g,) = torch.autograd.grad(out, leaf, seed, allow_unused=True,
+                                           retain_graph=i + 1 < len(seed_list))
+                grads.append(torch.zeros_like(leaf) if g is None else g.detach())
+            del out
+        return grads
 
     def _batched(
         self, inputs: Tensor, target: Target, fn: Callable[[Tensor, Target], Tensor]

@@ -40,7 +40,7 @@ import torch
 import torch.nn.functional as F
 
 from ..engine.core import Target
-from ..engine.optrace import OpCall, OpRule, OpTrace
+from ..engine.optrace import OpCall, OpRule
 from ..errors import UnsupportedOperationError
 from .base import Method, register
 
@@ -192,13 +192,10 @@ class SRDTokens(Method):
         """Input relevance ``(N, C, H, W)`` (each pixel's relevance spread over its channels)."""
 
         def run(leaf: Tensor) -> Tensor:
-            rule = SRDTokenRule()
-            with self._guard(), torch.enable_grad(), OpTrace(self.model, leaf, rule) as trace:
-                out = trace.forward()
-                seed, _ = self._target_gradient(out, target)
-                (rel,) = torch.autograd.grad(out, leaf, seed * out.detach(), allow_unused=True)
-                del out
-            return torch.zeros_like(leaf) if rel is None else rel.detach().contiguous()
+            (rel,) = self._traced_gradients(
+                leaf, SRDTokenRule(),
+                lambda out: [self._target_gradient(out, target)[0] * out.detach()])
+            return rel.contiguous()
 
         return self._with_layout(x, run)
 

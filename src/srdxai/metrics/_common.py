@@ -438,18 +438,20 @@ def make_generator(seed: int | None, generator: torch.Generator | None) -> torch
 # --- statistics -----------------------------------------------------------------------------
 
 def pearson(a: Tensor, b: Tensor) -> Tensor:
-    """Pearson correlation along the last axis, in float64; NaN where either side is constant
-    (scipy.stats.pearsonr returns NaN there too)."""
+    """Pearson correlation along the last axis, in float64, clipped to [-1, 1] against
+    rounding; NaN where either side is constant (scipy.stats.pearsonr and numpy.corrcoef
+    return NaN there too). Constancy is tested on the values themselves, as scipy does:
+    centring a constant vector such as 0.1s can leave rounding noise instead of zeros."""
     a = a.to(torch.float64)
     b = b.to(torch.float64)
+    constant = (a == a[..., :1]).all(-1) | (b == b[..., :1]).all(-1)
     a = a - a.mean(-1, keepdim=True)
     b = b - b.mean(-1, keepdim=True)
-    norm_a = a.norm(dim=-1)
-    norm_b = b.norm(dim=-1)
-    denominator = norm_a * norm_b
-    r = (a * b).sum(-1) / torch.where(denominator > 0, denominator, torch.ones_like(denominator))
+    denominator = a.norm(dim=-1) * b.norm(dim=-1)
+    undefined = constant | (denominator == 0)
+    r = (a * b).sum(-1) / torch.where(undefined, torch.ones_like(denominator), denominator)
     r = r.clamp(-1.0, 1.0)
-    return torch.where(denominator > 0, r, torch.full_like(r, math.nan))
+    return torch.where(undefined, torch.full_like(r, math.nan), r)
 
 
 def trapezoid(curve: Tensor, x: Tensor | None = None) -> Tensor:

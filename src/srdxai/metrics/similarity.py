@@ -26,6 +26,7 @@ import torch
 import torch.nn.functional as F
 
 from ..errors import InvalidInputError
+from ._common import pearson as pearson_along_last
 
 Tensor = torch.Tensor
 NormaliseMode = Literal["sum_abs", "max_abs"] | None
@@ -115,16 +116,7 @@ def pearson(a: Tensor, b: Tensor) -> Tensor:
         correlation is undefined there (0/0), as in ``numpy.corrcoef``.
     """
     a64, b64 = _check_pair(a, b)
-    x = a64.flatten(1)
-    y = b64.flatten(1)
-    xc = x - x.mean(1, keepdim=True)
-    yc = y - y.mean(1, keepdim=True)
-    # Test constancy on the values themselves: centring a constant map can leave rounding noise.
-    constant = (x == x[:, :1]).all(1) | (y == y[:, :1]).all(1)
-    denominator = torch.sqrt((xc * xc).sum(1) * (yc * yc).sum(1))
-    safe = torch.where(constant, torch.ones_like(denominator), denominator)
-    r = ((xc * yc).sum(1) / safe).clamp(-1.0, 1.0)
-    return torch.where(constant, torch.full_like(r, math.nan), r)
+    return pearson_along_last(a64.flatten(1), b64.flatten(1))
 
 
 def mse(a: Tensor, b: Tensor) -> Tensor:
