@@ -155,3 +155,14 @@ def test_curve_and_gae_experiments_write_rows_curves_and_render(tmp_path):
     text = md.read_text()
     for section in ("## Sensitivity-n", "## Insertion / deletion", "## GAE"):
         assert section in text and f"{section} (not run)" not in text
+
+
+def test_quick_options_reach_every_row():
+    from srdxai.experiments.runner import method_options
+
+    assert method_options("integrated_gradients", {}, quick=True) == {"steps": 16}
+    assert method_options("integrated_gradients", {}, quick=False) == {}
+    assert method_options("layercam", {"layer": "low"}, quick=True) == {"layer": "low"}
+    quick_jobs = jobs(BenchConfig(experiments=["table2"], quick=True, samples=2))
+    ig = next(j for j in quick_jobs if j.method == "integrated_gradients")
+    assert dict(ig.options) == {"steps": 16}

@@ -207,6 +207,11 @@ class Job:
     samples: tuple[int, ...]
 
 
+def method_options(method: str, options: dict[str, Any], quick: bool) -> dict[str, Any]:
+    """A row's options for ``explain``: its own, over the ``--quick`` ones of its method."""
+    return {**(QUICK_OPTIONS.get(method, {}) if quick else {}), **options}
+
+
 def jobs(config: BenchConfig) -> list[Job]:
     """Every unit of the run, in the one fixed order all ranks agree on."""
     out: list[Job] = []
@@ -215,8 +220,7 @@ def jobs(config: BenchConfig) -> list[Job]:
             if experiment == "grid":  # one figure per image: every Table-2 method
                 for k in range(2 if config.quick else 4):
                     out.append(Job(Unit(experiment, source.model, "all", k), source, "all",
-                                   tuple(sorted((QUICK_OPTIONS if config.quick else {})
-                                                .items())), (k,)))
+                                   (), (k,)))
                 continue
             n = config.sizes(source.dataset)
             if experiment != "table2" and experiment != "activation":
@@ -227,8 +231,7 @@ def jobs(config: BenchConfig) -> list[Job]:
             batches = [tuple(range(i, min(i + step, n))) for i in range(0, n, step)]
             methods = methods_for(experiment, source)
             for label, method, options in methods:
-                opts = dict(QUICK_OPTIONS.get(method, {})) if config.quick else {}
-                opts.update(options)
+                opts = method_options(method, options, config.quick)
                 for k, samples in enumerate(batches):
                     out.append(Job(Unit(experiment, source.model, label, k), source, method,
                                    tuple(sorted(opts.items())), samples))
@@ -264,7 +267,8 @@ def run_job(job: Job, config: BenchConfig
     model = _model(job.source.model, config.device)
     x, y, masks = load_batch(job.source, list(job.samples), config.device)
     if job.method == "all":
-        return [], {f"grid/{job.source.model}/{job.samples[0]}": _grid(job, model, x, y)}, []
+        grid = _grid(job, model, x, y, config.quick)
+        return [], {f"grid/{job.source.model}/{job.samples[0]}": grid}, []
     if job.method == "apop":  # the model-level APOP experiment
         from ..robustness import apop
 
@@ -365,7 +369,7 @@ def _noise_rows(job: Job, model: torch.nn.Module, x: Tensor, y: Tensor, maps: Te
     return rows
 
 
-def _grid(job: Job, model: torch.nn.Module, x: Tensor, y: Tensor) -> bytes:
+def _grid(job: Job, model: torch.nn.Module, x: Tensor, y: Tensor, quick: bool) -> bytes:
     """Every Table-2 method's map of one image, side by side, as PNG bytes."""
     import tempfile
 
@@ -376,10 +380,8 @@ def _grid(job: Job, model: torch.nn.Module, x: Tensor, y: Tensor) -> bytes:
     from ..report.figures import save_method_grid
 
     maps, signed = {}, {}
-    quick = dict(job.options)
     for label, method, options in TABLE2_METHODS:
-        opts = {**({k: v for k, v in quick.items() if k in ("steps", "samples")}
-                   if method in QUICK_OPTIONS else {}), **options}
+        opts = method_options(method, options, quick)
         maps[label] = explain(model, x, y, method, **opts)[0].detach().float().cpu().numpy()
         signed[label] = bool(getattr(METHODS[method], "signed", True))
     if job.source.dataset == "fashion":
