@@ -400,10 +400,12 @@ def train_command(arch: str, activation: str | None, epochs: int, train_size: in
 @cli.command("bench")
 @click.argument("run_dir", type=click.Path(path_type=Path))
 @click.option("--experiments",
-              default="table2,activation,sensitivity_n,insertion_deletion,gae,noise,apop,grid",
+              default="table2,activation,sensitivity_n,insertion_deletion,gae,noise,apop,"
+                      "attack,grid",
               show_default=True,
               help="Comma-separated: table2, activation, sensitivity_n, insertion_deletion, "
-                   "gae, noise, apop, grid (the qualitative grid).")
+                   "gae, noise, apop, attack (explanation manipulation), grid (the "
+                   "qualitative grid).")
 @click.option("--quick", is_flag=True, help="A few minutes on 2 CPU cores (fewer samples, "
                                              "runs and noise draws; no EfficientNet).")
 @click.option("--samples", type=int, default=None,

@@ -1,6 +1,15 @@
 """The attribution engine: traced forward pass, rules, targets and the model guard."""
 
-from .core import Rule, Trace, check_inputs, model_guard, target_gradient
+from .core import (
+    Rule,
+    Trace,
+    check_inputs,
+    differentiable,
+    is_differentiable,
+    model_guard,
+    target_gradient,
+)
 from .graph import Recorder
 
-__all__ = ["Rule", "Trace", "Recorder", "check_inputs", "model_guard", "target_gradient"]
+__all__ = ["Rule", "Trace", "Recorder", "check_inputs", "differentiable", "is_differentiable",
+           "model_guard", "target_gradient"]

@@ -23,6 +23,29 @@ def channel_dot(a: Tensor, b: Tensor) -> Tensor:
     return (a * b).sum(1)
 
 
+def channel_norm(t: Tensor) -> Tensor:
+    """``|| t[:, :, ...] ||_2`` over channels: (N, *spatial).
+
+    While a differentiable map is built (grad mode on inside a backward pass) the square root
+    has derivative 0 at the zero vector (padding), not NaN; values are the same.
+    """
+    if torch.is_grad_enabled() and t.requires_grad:
+        return safe_sqrt(channel_dot(t, t))
+    return torch.linalg.vector_norm(t, dim=1)
+
+
+def safe_sqrt(sq: Tensor) -> Tensor:
+    """``sqrt(max(sq, 0))`` whose derivative at 0 is 0 instead of infinite."""
+    positive = sq > 0
+    return torch.where(positive, torch.where(positive, sq, 1).sqrt(), 0)
+
+
+def safe_divide(num: Tensor, den: Tensor) -> Tensor:
+    """``num / den`` where ``den > 0``, else 0 (no inf or NaN in either value or derivative)."""
+    positive = den > 0
+    return torch.where(positive, num / torch.where(positive, den, 1), 0)
+
+
 def channel_weighted_sum(t: Tensor, weights: Tensor) -> Tensor:
     """``sum_c weights[c] * t[:, c]`` for a per-channel weight vector broadcast as
     (1, C, 1, ...) or anything broadcastable to ``t``: (N, *spatial)."""

@@ -8,6 +8,7 @@ resolves targets, and undoes every change to the user's model.
 from __future__ import annotations
 
 import contextlib
+import contextvars
 from collections.abc import Callable, Iterator, Sequence
 from typing import Any
 
@@ -58,10 +59,56 @@ def model_guard(model: nn.Module) -> Iterator[nn.Module]:
             p.requires_grad_(flag)
 
 
+# --- differentiable maps ---------------------------------------------------------------------
+
+_DIFFERENTIABLE: contextvars.ContextVar[bool] = contextvars.ContextVar(
+    "srdxai_differentiable", default=False)
+
+
+@contextlib.contextmanager
+def differentiable(enabled: bool = True) -> Iterator[None]:
+    """Inside this context every method returns a map that is differentiable with respect to
+    its input (``map.grad_fn`` leads back to ``inputs``), as the explanation-manipulation
+    attack needs.
+
+    The map is computed as usual (its backward pass runs with ``create_graph=True``), then
+    every rule the method installed switches to the plain gradient (:meth:`Rule.to_gradient`),
+    so that differentiating the map sees the model's true Jacobians: a rule replaces the
+    backward of the forward graph's nodes, and the second differentiation runs through those
+    same nodes. Costs about three times the memory of an ordinary call.
+    """
+    token = _DIFFERENTIABLE.set(bool(enabled))
+    try:
+        yield
+    finally:
+        _DIFFERENTIABLE.reset(token)
+
+
+def is_differentiable() -> bool:
+    """True inside :func:`differentiable` (read it in forward code, not in a backward hook)."""
+    return _DIFFERENTIABLE.get()
+
+
+def keep_graph(t: Tensor) -> Tensor:
+    """``t`` itself inside :func:`differentiable`, else ``t.detach()``."""
+    return t if _DIFFERENTIABLE.get() else t.detach()
+
+
 # --- rules -----------------------------------------------------------------------------------
 
 class Rule:
-    """What a method changes in the backward pass. The default is the plain gradient."""
+    """What a method changes in the backward pass. The default is the plain gradient.
+
+    ``plain`` (set by :meth:`to_gradient`): every replaced backward is the true gradient
+    again; rules must honour it in every backward function and tensor hook they install.
+    """
+
+    plain = False
+
+    def to_gradient(self) -> None:
+        """From now on the recorded graph differentiates as the unmodified model (see
+        :func:`differentiable`)."""
+        self.plain = True
 
     def activation_backward(
         self, node: Node, z: Tensor, v: Tensor, grad: Tensor, fn: Callable[[Tensor], Tensor]
@@ -94,7 +141,15 @@ class PlainGradientRule(Rule):
 
 
 def true_activation_gradient(z: Tensor, grad: Tensor, fn: Callable[[Tensor], Tensor]) -> Tensor:
-    """The ordinary chain rule through an elementwise activation."""
+    """The ordinary chain rule through an elementwise activation.
+
+    Inside a backward pass run with ``create_graph=True`` (grad mode on) the result stays
+    differentiable with respect to ``z`` and ``grad``.
+    """
+    if torch.is_grad_enabled() and (z.requires_grad or grad.requires_grad):
+        zz = z.view_as(z) if z.requires_grad else z.detach().requires_grad_(True)
+        (gz,) = torch.autograd.grad(fn(zz), zz, grad, create_graph=True)
+        return gz
     with torch.enable_grad():
         zz = z.detach().requires_grad_(True)
         (gz,) = torch.autograd.grad(fn(zz), zz, grad)
@@ -127,6 +182,8 @@ class RuleActivation(torch.autograd.Function):
     def backward(ctx, grad):  # type: ignore[override]
         saved = ctx.saved_tensors
         z, v = saved if len(saved) == 2 else (saved[0], None)
+        if ctx.rule.plain:
+            return true_activation_gradient(z, grad, ctx.fn), None, None, None
         return ctx.rule.activation_backward(ctx.slot.node, z, v, grad, ctx.fn), None, None, None
 
 
@@ -162,6 +219,10 @@ class Trace:
         cannot see the C++ edges of that cycle, so without this every call would leak its
         activations (~0.8 GB per ResNet50 batch of 8).
         """
+        if is_differentiable():
+            # the map the method returns keeps this graph: from now on it must
+            # differentiate as the model does (see ``differentiable``)
+            self.rule.to_gradient()
         for slot in getattr(self, "_slots", ()):
             slot.node = None
         recorder = getattr(self, "recorder", None)

@@ -29,7 +29,7 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 
-from .channels import channel_dot
+from .channels import channel_dot, channel_norm, safe_sqrt
 
 Component = Any
 
@@ -348,8 +348,8 @@ class ConvOp(_WindowOp):
                                         groups=self.groups), xs)
         else:
             out = self._conv(xs, w.reshape(*w.shape, *ones), groups=self.groups)
-            return torch.linalg.vector_norm(out, dim=1)
-        return sq.clamp_min(0).sqrt()
+            return channel_norm(out)
+        return safe_sqrt(sq)
 
     def offset_inside(self, dtype: torch.dtype) -> torch.Tensor:
         """1 where an offset reads inside the input: (1, K, *out)."""

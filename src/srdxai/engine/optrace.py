@@ -19,6 +19,7 @@ result, as in the PFV engine); writing into a traced tensor by index is refused.
 
 from __future__ import annotations
 
+import functools
 import math
 import weakref
 from collections.abc import Callable, Sequence
@@ -31,7 +32,7 @@ from torch.overrides import TorchFunctionMode
 from torch.utils._pytree import tree_flatten, tree_map
 
 from ..errors import InvalidInputError, UnsupportedOperationError
-from .core import _check_output
+from .core import _check_output, is_differentiable
 from .graph import ACTIVATIONS, INPLACE_ACTIVATIONS, _func_name, resolve_alias
 
 Tensor = torch.Tensor
@@ -87,11 +88,17 @@ KINDS = ("conv", "linear", "matmul", "batch_norm", "layer_norm", "activation", "
 
 
 def detached_layer_norm(x: Tensor, normalized_shape: Sequence[int], weight: Tensor | None = None,
-                        bias: Tensor | None = None, eps: float = 1e-5) -> Tensor:
-    """LayerNorm whose mean and variance are constants for autograd (linear in ``x``)."""
+                        bias: Tensor | None = None, eps: float = 1e-5, *,
+                        statistics_of: Tensor | None = None) -> Tensor:
+    """LayerNorm whose mean and variance are constants for autograd (linear in ``x``).
+
+    ``statistics_of``: take them from this tensor, undetached (how :meth:`OpCall.vjp` keeps
+    a differentiable map's dependence on them; see ``constant_statistics``).
+    """
     dims = tuple(range(-len(normalized_shape), 0))
-    mean = x.mean(dims, keepdim=True).detach()
-    var = x.var(dims, keepdim=True, unbiased=False).detach()
+    source = x.detach() if statistics_of is None else statistics_of
+    mean = source.mean(dims, keepdim=True)
+    var = source.var(dims, keepdim=True, unbiased=False)
     y = (x - mean) / (var + eps).sqrt()
     if weight is not None:
         y = y * weight
@@ -100,12 +107,27 @@ def detached_layer_norm(x: Tensor, normalized_shape: Sequence[int], weight: Tens
     return y
 
 
-def detached_softmax(x: Tensor, dim: int | None = None, *args: Any, **kwargs: Any) -> Tensor:
+def detached_softmax(x: Tensor, dim: int | None = None, *args: Any,
+                     statistics_of: Tensor | None = None, **kwargs: Any) -> Tensor:
     """Softmax whose maximum and denominator are constants for autograd."""
     if dim is None:
         dim = kwargs.get("dim", -1)
-    e = (x - x.amax(dim, keepdim=True).detach()).exp()
-    return e / e.sum(dim, keepdim=True).detach()
+    if statistics_of is None:
+        e = (x - x.amax(dim, keepdim=True).detach()).exp()
+        return e / e.sum(dim, keepdim=True).detach()
+    shift = statistics_of.amax(dim, keepdim=True).detach()  # cancels out: any constant will do
+    return (x - shift).exp() / (statistics_of - shift).exp().sum(dim, keepdim=True)
+
+
+def constant_statistics(func: Callable) -> Callable:
+    """Mark ``func`` as an LRP form whose statistics are autograd constants, computed from its
+    first input unless the keyword ``statistics_of`` names another tensor."""
+    func.constant_statistics = True  # type: ignore[attr-defined]
+    return func
+
+
+constant_statistics(detached_layer_norm)
+constant_statistics(detached_softmax)
 
 
 def _is_number(obj: Any) -> bool:
@@ -176,11 +198,28 @@ class OpCall:
             param: Callable[[Tensor], Tensor] | None = None,
             func: Callable | None = None) -> list[Tensor]:
         """``J^T grad`` for each input, the Jacobian of ``func`` (default: :attr:`func`, the
-        detached LRP form) taken at ``inputs`` (autograd)."""
-        leaves = [x.detach().requires_grad_(True) for x in inputs]
-        with torch.enable_grad():
+        detached LRP form) taken at ``inputs`` (autograd).
+
+        In a backward pass run with ``create_graph=True`` the result stays differentiable with
+        respect to ``inputs`` and ``grad``; the statistics of a ``constant_statistics`` form are
+        then computed from the undetached input, so they are constant for this Jacobian but
+        not for the derivative of the result.
+        """
+        func = func or self.func
+        if torch.is_grad_enabled() and (grad.requires_grad or any(x.requires_grad
+                                                                  for x in inputs)):
+            leaves = [x.view_as(x) if x.requires_grad else x.detach().requires_grad_(True)
+                      for x in inputs]
+            if getattr(func, "constant_statistics", False):
+                first = inputs[0]
+                func = functools.partial(func, statistics_of=first)
             out = self.run(leaves, param, func)
-            grads = torch.autograd.grad(out, leaves, grad, allow_unused=True)
+            grads = torch.autograd.grad(out, leaves, grad, allow_unused=True, create_graph=True)
+        else:
+            leaves = [x.detach().requires_grad_(True) for x in inputs]
+            with torch.enable_grad():
+                out = self.run(leaves, param, func)
+                grads = torch.autograd.grad(out, leaves, grad, allow_unused=True)
         return [torch.zeros_like(x) if g is None else g for x, g in zip(leaves, grads,
                                                                          strict=True)]
 
@@ -201,6 +240,8 @@ class OpRule:
     """
 
     kinds: frozenset[str] = frozenset()
+    #: every replaced backward is autograd's again (see ``engine.core.differentiable``)
+    plain: bool = False
     #: ``"error"``: a computing call the tracer has no kind for raises; ``"gradient"``: it
     #: keeps autograd's backward
     unknown: str = "error"
@@ -211,6 +252,10 @@ class OpRule:
 
     def on_call(self, call: OpCall, inputs: Sequence[Tensor], output: Tensor) -> Tensor:
         return output
+
+    def to_gradient(self) -> None:
+        """From now on the traced graph differentiates as the unmodified model."""
+        self.plain = True
 
 
 class _OpNode:
@@ -238,6 +283,8 @@ class _OpFunction(torch.autograd.Function):
         inputs, output = saved[:-1], saved[-1]
         if grad is None:
             return (None,) * (len(inputs) + 1)
+        if ctx.rule.plain:
+            return (None, *ctx.call.vjp(inputs, grad, func=ctx.call.original))
         grads = ctx.rule.op_backward(ctx.call, inputs, output, grad)
         return (None, *grads)
 
@@ -246,12 +293,17 @@ class _Relevance(torch.autograd.Function):
     """Multiplication by a number in a relevance-space rule: the signal passes unchanged."""
 
     @staticmethod
-    def forward(ctx, x, output):  # type: ignore[override]
-        return output
+    def forward(ctx, node, x):  # type: ignore[override]
+        ctx.call, ctx.rule = node.call, node.rule
+        ctx.save_for_backward(x)
+        return node.output
 
     @staticmethod
     def backward(ctx, grad):  # type: ignore[override]
-        return grad, None
+        if ctx.rule.plain:
+            (x,) = ctx.saved_tensors
+            return None, ctx.call.vjp([x], grad, func=ctx.call.original)[0]
+        return None, grad
 
 
 class OpTracer(TorchFunctionMode):
@@ -432,7 +484,7 @@ class OpTracer(TorchFunctionMode):
             if not isinstance(value, Tensor):
                 raise self._unsupported(f"'{_func_name(func)}' returning several tensors")
             if kind == "scale":
-                out = _Relevance.apply(inputs[0], value)
+                out = _Relevance.apply(_OpNode(call, self.rule, value), inputs[0])
             else:
                 out = _OpFunction.apply(_OpNode(call, self.rule, value), *inputs)
         out = self.rule.on_call(call, inputs, out)
@@ -473,6 +525,8 @@ class OpTrace:
         return self
 
     def __exit__(self, *exc: object) -> None:
+        if is_differentiable():
+            self.rule.to_gradient()  # the returned map keeps this graph
         self.calls = []
 
     def forward(self) -> Tensor:

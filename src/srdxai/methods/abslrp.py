@@ -82,11 +82,14 @@ VARIANTS = ("abslrp", "intline")
 
 
 def unit_mass(v: Tensor) -> Tensor:
-    """``v / (sum |v| + 1e-9)`` per sample (the reference's ``SUM_TO_ONE``), in place."""
+    """``v / (sum |v| + 1e-9)`` per sample (the reference's ``SUM_TO_ONE``), in place
+    (out of place while a differentiable map is built)."""
     if v.dim() == 0:
         return v
     dims = tuple(range(1, v.dim()))
     total = torch.linalg.vector_norm(v, 1, dim=dims, keepdim=True) if dims else v.abs()
+    if torch.is_grad_enabled() and v.requires_grad:
+        return v / (total + EPS)  # building a differentiable map: ``total`` read ``v``
     return v.div_(total.add_(EPS))
 
 
@@ -242,7 +245,8 @@ class AbsLRPRule(OpRule):
             dim = call.argument(1, "dim")
             if isinstance(dim, int):
                 ax = x.abs()
-                return [_combine(x * output, torch.softmax(ax, dim).mul_(ax)).mul_(g)]
+                # out of place: softmax keeps its output for a differentiable map
+                return [_combine(x * output, torch.softmax(ax, dim) * ax).mul_(g)]
         elif kind == "matmul" and len(inputs) == 2 and call.func is not torch.einsum and (
                 x.dim() >= 3 and x.dim() == inputs[1].dim()):
             a, b = inputs  # a @ b, both activations, same batch dimensions

@@ -33,8 +33,8 @@ from collections.abc import Sequence
 
 import torch
 
-from ..engine.core import Target
-from ..engine.optrace import OpCall, OpRule
+from ..engine.core import Target, keep_graph
+from ..engine.optrace import OpCall, OpRule, constant_statistics
 from .base import Method, checked_reduction, register
 
 Tensor = torch.Tensor
@@ -44,13 +44,17 @@ REDUCTIONS = ("sum", "none")
 IDENTITY_EPS = 1e-10
 
 
+@constant_statistics
 def sigma_detached_layer_norm(x: Tensor, normalized_shape: Sequence[int],
                               weight: Tensor | None = None, bias: Tensor | None = None,
-                              eps: float = 1e-5) -> Tensor:
-    """LayerNorm whose standard deviation is a constant for autograd (LXT's LayerNorm rule)."""
+                              eps: float = 1e-5, *,
+                              statistics_of: Tensor | None = None) -> Tensor:
+    """LayerNorm whose standard deviation is a constant for autograd (LXT's LayerNorm rule);
+    ``statistics_of``: as :func:`~srdxai.engine.optrace.detached_layer_norm`."""
     dims = tuple(range(-len(normalized_shape), 0))
     centred = x - x.mean(dims, keepdim=True)
-    std = (x.var(dims, keepdim=True, unbiased=False) + eps).sqrt().detach()
+    source = x.detach() if statistics_of is None else statistics_of
+    std = (source.var(dims, keepdim=True, unbiased=False) + eps).sqrt()
     y = centred / std
     if weight is not None:
         y = y * weight
@@ -103,7 +107,7 @@ class _LXTMethod(Method):
             (grad,) = self._traced_gradients(
                 leaf, AttnLRPRule(cp=self.cp),
                 lambda out: [self._target_gradient(out, target)[0]])
-            return (grad * leaf).detach().contiguous()
+            return keep_graph(grad * leaf).contiguous()
 
         return self._with_layout(x, run)
 

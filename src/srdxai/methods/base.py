@@ -7,7 +7,7 @@ checks and the model guard come from :class:`Method`.
 from __future__ import annotations
 
 import contextlib
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Sequence
 from typing import Any
 
 import torch
@@ -17,12 +17,14 @@ from ..engine.core import (
     Target,
     check_inputs,
     check_target_count,
+    is_differentiable,
+    keep_graph,
     model_guard,
     slice_target,
     target_gradient,
 )
 from ..engine.optrace import OpRule, OpTrace
-from ..errors import InvalidInputError, UnknownMethodError
+from ..errors import InvalidInputError, UnknownMethodError, UnsupportedOperationError
 
 Tensor = torch.Tensor
 
@@ -63,6 +65,12 @@ class Method:
 
     name = "method"
     signed = True
+    #: the map can be made differentiable with respect to the input
+    #: (``srdxai.engine.differentiable``); False: such a call raises a clear error
+    differentiable = True
+    #: the map's input gradient vanishes or is uninformative through ReLU (ReLU'' = 0): the
+    #: manipulation attack smooths ReLUs into softplus for it (Dombrowski et al.)
+    needs_smooth_activations = False
 
     def __init__(self, model: nn.Module, batch_size: int | None = None,
                  channels_last: bool | None = None):
@@ -90,7 +98,7 @@ class Method:
         """
         want = self.channels_last if self.channels_last is not None else x.dim() == 4
         if want and x.dim() == 4:
-            leaf = x.detach().clone(memory_format=torch.channels_last).requires_grad_(True)
+            leaf = _leaf_copy(x, torch.channels_last)
             try:
                 return fn(leaf)
             except RuntimeError as error:
@@ -98,7 +106,15 @@ class Method:
                     error
                 ):
                     raise
-        return fn(x.detach().clone(memory_format=torch.contiguous_format).requires_grad_(True))
+        return fn(_leaf_copy(x, torch.contiguous_format))
+
+    @staticmethod
+    def _grad(output: Tensor, inputs: Tensor | Sequence[Tensor], seed: Tensor | None,
+              **kwargs: Any) -> tuple[Tensor | None, ...]:
+        """``torch.autograd.grad``, keeping the graph of the result inside
+        :func:`~srdxai.engine.core.differentiable` (``create_graph``)."""
+        return torch.autograd.grad(output, inputs, seed, create_graph=is_differentiable(),
+                                   **kwargs)
 
     @contextlib.contextmanager
     def _guard(self) -> Iterator[nn.Module]:
@@ -106,6 +122,11 @@ class Method:
             yield m
 
     def _check(self, inputs: Tensor) -> Tensor:
+        if is_differentiable() and not self.differentiable:
+            raise UnsupportedOperationError(
+                f"method '{self.name}' cannot give a map differentiable with respect to its "
+                "input (srdxai.engine.differentiable); attack a gradient, LRP, SRD, absLRP or "
+                "CAM method instead.")
         return check_inputs(inputs, self.model)
 
     def _target_gradient(self, out: Tensor, target: Target):
@@ -121,9 +142,9 @@ class Method:
             seed_list = seeds(out)
             grads = []
             for i, seed in enumerate(seed_list):
-                (g,) = torch.autograd.grad(out, leaf, seed, allow_unused=True,
-                                           retain_graph=i + 1 < len(seed_list))
-                grads.append(torch.zeros_like(leaf) if g is None else g.detach())
+                (g,) = self._grad(out, leaf, seed, allow_unused=True,
+                                  retain_graph=i + 1 < len(seed_list) or is_differentiable())
+                grads.append(torch.zeros_like(leaf) if g is None else keep_graph(g))
             del out
         return grads
 
@@ -137,3 +158,12 @@ class Method:
         step = self.batch_size or n
         parts = [fn(x[i:i + step], slice_target(target, i, i + step)) for i in range(0, n, step)]
         return parts[0] if len(parts) == 1 else torch.cat(parts)
+
+
+def _leaf_copy(x: Tensor, layout: torch.memory_format) -> Tensor:
+    """A copy of ``x`` in ``layout`` that requires grad: a fresh leaf, or, inside
+    :func:`~srdxai.engine.core.differentiable` when ``x`` requires grad, a differentiable copy
+    (so the map's graph leads back to the caller's ``x``)."""
+    if is_differentiable() and x.requires_grad:
+        return x.clone(memory_format=layout)
+    return x.detach().clone(memory_format=layout).requires_grad_(True)

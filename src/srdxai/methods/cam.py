@@ -41,7 +41,7 @@ from torch import nn
 from tqdm import tqdm
 
 from ..engine import ops
-from ..engine.core import Rule, Target, Trace, target_gradient
+from ..engine.core import Rule, Target, Trace, is_differentiable, keep_graph, target_gradient
 from ..engine.graph import Node
 from ..errors import InvalidInputError, UnsupportedOperationError
 from .base import Method, register
@@ -178,6 +178,7 @@ class _LayerCAM(Method):
     """Shared constructor, layer lookup and post-processing of the layer CAMs."""
 
     signed = False
+    needs_smooth_activations = True  # gradients (or scores) through ReLUs above the layer
 
     def __init__(self, model: nn.Module, layer: str | nn.Module = "low",
                  batch_size: int | None = None, channels_last: bool | None = None,
@@ -215,21 +216,22 @@ class _LayerCAM(Method):
             cam = _upsample(cam, size)
         if self.normalize:
             cam = _minmax(cam)
-        return cam.detach().contiguous()
+        return keep_graph(cam).contiguous()
 
     def _activations(self, x: Tensor, target: Target, layer: str, grad: bool):
         """(A, dS/dA or None, model output, target classes or None) at ``layer``."""
         rule = _ActivationRule()
-        with self._guard(), torch.set_grad_enabled(grad), Trace(self.model, x, rule) as trace:
+        with self._guard(), torch.set_grad_enabled(grad or is_differentiable()), Trace(
+                self.model, x, rule) as trace:
             out = trace.forward()
             node = _layer_node(trace, layer, x.dim())
             a = node.tensor
             grad_out, classes = target_gradient(out, target)
             g = None
             if grad:
-                (g,) = torch.autograd.grad(out, a, grad_out)
-                g = g.detach()
-            return a.detach(), g, out.detach(), classes
+                (g,) = self._grad(out, a, grad_out)
+                g = keep_graph(g)
+            return keep_graph(a), g, keep_graph(out), classes
 
 
 class _GradientCAM(_LayerCAM):
@@ -420,10 +422,10 @@ class ScoreCAM(_PerturbationCAM):
         n, c = a.shape[:2]
         spatial = tuple(x.shape[2:])
         scores = x.new_empty(n, c)
-        xd = x.detach()
+        xd = keep_graph(x)
         flat = a.flatten(2)
         live = (flat.amax(2) > flat.amin(2)).flatten()
-        with self._guard(), torch.no_grad():
+        with self._guard(), torch.set_grad_enabled(is_differentiable()):
             if not bool(live.all()):
                 zero_out = self._score_pass(torch.zeros_like(xd[:1]))
                 zero_score = _objective(zero_out.expand(n, *zero_out.shape[1:]), target,
@@ -465,18 +467,19 @@ class AblationCAM(_PerturbationCAM):
     def _map(self, x: Tensor, target: Target, layer: str,
              size: tuple[int, ...] | None) -> Tensor:
         rule = _ActivationRule()
-        with self._guard(), torch.no_grad(), Trace(self.model, x, rule) as trace:
+        grad = is_differentiable()
+        with self._guard(), torch.set_grad_enabled(grad), Trace(self.model, x, rule) as trace:
             out = trace.forward()
             node = _layer_node(trace, layer, x.dim())
             position = trace.pfv_layers.index(node) - 1  # -1: the input is not an activation
-            a = node.tensor.detach()
+            a = keep_graph(node.tensor)
             _, classes = target_gradient(out, target)
-            original = _objective(out.detach(), target, classes)
+            original = _objective(keep_graph(out), target, classes)
             del out
         n, c = a.shape[:2]
         ablated = x.new_empty(n, c)
-        xd = x.detach()
-        with self._guard(), torch.no_grad():
+        xd = keep_graph(x)
+        with self._guard(), torch.set_grad_enabled(grad):
             for rows, channels in self._chunks(n, c, x):
                 value = a[rows].clone()
                 value[torch.arange(rows.numel(), device=x.device), channels] = 0
@@ -519,12 +522,14 @@ class _BiasGradientRule(Rule):
         return out
 
     def _collect(self, op: ops.LinearOp, grad: Tensor) -> None:
-        with torch.no_grad():
-            bias_grad = (op.bias.to(grad.dtype) * grad).abs()
-            summed = _minmax(bias_grad, dims=2).sum(1)  # per channel, then over channels
-            key = tuple(summed.shape[1:])
-            prev = self.maps.get(key)
-            self.maps[key] = summed if prev is None else prev + summed
+        # grad mode is on here only while building a differentiable map (create_graph)
+        if self.plain:
+            return None
+        bias_grad = (op.bias.to(grad.dtype) * grad).abs()
+        summed = _minmax(bias_grad, dims=2).sum(1)  # per channel, then over channels
+        key = tuple(summed.shape[1:])
+        prev = self.maps.get(key)
+        self.maps[key] = summed if prev is None else prev + summed
         return None
 
 
@@ -549,6 +554,7 @@ class FullGrad(Method):
     """
 
     signed = False
+    needs_smooth_activations = True
 
     def __init__(self, model: nn.Module, layer: str | None = None,
                  batch_size: int | None = None, channels_last: bool | None = None,
@@ -577,13 +583,13 @@ class FullGrad(Method):
                     f"{rule.unmapped[0]} (e.g. a vision transformer's tokens), whose bias "
                     "gradients have no place in the image. Use a gradient or LRP method.")
             grad_out, _ = target_gradient(out, target)
-            (gx,) = torch.autograd.grad(out, x, grad_out)
+            (gx,) = self._grad(out, x, grad_out)
             del out
         size = tuple(x.shape[2:])
-        with torch.no_grad():
+        with torch.set_grad_enabled(is_differentiable()):
             cam = _minmax((gx * x).abs(), dims=2).sum(1)
             for summed in rule.maps.values():  # each size's sum, upsampled once (linear)
                 cam = cam + _upsample(summed, size)
             if self.normalize:
                 cam = _minmax(cam)
-        return cam.detach().contiguous()
+        return keep_graph(cam).contiguous()

@@ -36,6 +36,7 @@ from ..engine.core import (
     Rule,
     Target,
     Trace,
+    keep_graph,
     map_target,
     true_activation_gradient,
 )
@@ -101,6 +102,7 @@ class ChainRuleMethod(Method):
     """Shared machinery: the modified input gradient under a slope, and channel reduction."""
 
     default_reduce = "sum"
+    needs_smooth_activations = True  # slopes of a ReLU network are piecewise constant
 
     def __init__(self, model, batch_size=None, channels_last=None, channel_reduce=None):
         super().__init__(model, batch_size=batch_size, channels_last=channels_last)
@@ -123,9 +125,9 @@ class ChainRuleMethod(Method):
             with self._guard(), torch.enable_grad(), Trace(self.model, leaf, rule) as trace:
                 out = trace.forward()
                 grad_out, _ = self._target_gradient(out, target)
-                (gx,) = torch.autograd.grad(out, leaf, grad_out)
+                (gx,) = self._grad(out, leaf, grad_out)
                 del out
-            return gx.detach().contiguous()
+            return keep_graph(gx).contiguous()
 
         return self._with_layout(x, run)
 

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import torch
 
-from ..engine.core import PlainGradientRule, Target, Trace
+from ..engine.core import PlainGradientRule, Target, Trace, keep_graph
 from .base import Method, register
 
 Tensor = torch.Tensor
@@ -18,15 +18,17 @@ class Gradient(Method):
     with the plain rule, which records nothing, so it costs what ``torch.autograd.grad`` does.
     """
 
+    needs_smooth_activations = True
+
     def attribute(self, inputs: Tensor, target: Target = None) -> Tensor:
         def run(x: Tensor, t: Target) -> Tensor:
             rule = PlainGradientRule()
             with self._guard(), torch.enable_grad(), Trace(self.model, x, rule) as trace:
                 out = trace.forward()
                 grad_out, _ = self._target_gradient(out, t)
-                (gx,) = torch.autograd.grad(out, x, grad_out)
+                (gx,) = self._grad(out, x, grad_out)
                 del out
-            return gx.sum(1).detach().contiguous()
+            return keep_graph(gx.sum(1)).contiguous()
 
         def one(x: Tensor, t: Target) -> Tensor:
             return self._with_layout(x, lambda leaf: run(leaf, t))

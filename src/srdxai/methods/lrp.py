@@ -51,6 +51,7 @@ operations, and the model guard restores the train/eval flags and ``requires_gra
 from __future__ import annotations
 
 import math
+from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -58,7 +59,7 @@ import torch
 import torch.nn.functional as F
 
 from ..engine import ops
-from ..engine.core import Rule, Target, Trace
+from ..engine.core import Rule, Target, Trace, is_differentiable, keep_graph
 from ..errors import InvalidInputError
 from .base import Method, checked_reduction, register
 
@@ -83,6 +84,8 @@ def ratio(r: Tensor, z: Tensor, eps: float) -> Tensor:
     ``0 * -2 eps + eps`` are exact)."""
     den = (z < 0).to(z.dtype)
     den.mul_(-2 * eps).add_(eps).add_(z)
+    if torch.is_grad_enabled() and (r.requires_grad or z.requires_grad):
+        return r / den  # building a differentiable map: no out= (same values)
     return torch.div(r, den, out=den)
 
 
@@ -279,16 +282,49 @@ def _bound(value: Any, x: Tensor) -> Tensor:
 
 # --- autograd functions: the value passes, the backward is the relevance rule -----------------
 
+class _Held:
+    """What an LRP autograd function outputs and keeps (not a tensor argument, so autograd
+    does not track it): the op's value (detached; handed over once by :meth:`take`, since the
+    function's context must not hold its own output), its ``original`` output with the true
+    graph (inside ``engine.differentiable`` only), and the rule that says which backward runs."""
+
+    __slots__ = ("value", "original", "owner")
+
+    def __init__(self, out: Tensor, owner: LRPRule, always_original: bool = False):
+        self.value: Tensor | None = out.detach()
+        self.original = out if always_original or is_differentiable() else None
+        self.owner = owner
+
+    def take(self) -> Tensor:
+        value, self.value = self.value, None
+        assert value is not None
+        return value
+
+    def true_vjp(self, inputs: Sequence[Tensor | None], r: Tensor) -> list[Tensor | None]:
+        """The model's own backward (``differentiable``'s second differentiation). With one
+        input only: for several, ``autograd.grad`` gives total derivatives, and an input that
+        depends on another would be counted twice."""
+        wanted = [t for t in inputs if t is not None and t.requires_grad]
+        # retain: a rule that read ``original`` put its graph into the map's graph as well
+        grads = iter(torch.autograd.grad(self.original, wanted, r, allow_unused=True,
+                                         retain_graph=True,
+                                         create_graph=torch.is_grad_enabled()))
+        return [next(grads) if t is not None and t.requires_grad else None for t in inputs]
+
+    def z(self, saved: Tensor | None) -> Tensor | None:
+        """The output for a rule that reads it: with its graph when there is one."""
+        return saved if saved is None or self.original is None else self.original
+
+
 class _LayerRelevance(torch.autograd.Function):
     """Output of a conv / dense layer; backward: its layer rule."""
 
     @staticmethod
-    def forward(ctx, x, holder, spec):  # type: ignore[override]
-        value = holder[0]
+    def forward(ctx, x, held, spec):  # type: ignore[override]
         ctx.set_materialize_grads(False)
-        ctx.spec = spec
-        rule = spec.rule
-        ctx.save_for_backward(x, value if rule.needs_z else None)
+        ctx.spec, ctx.held = spec, held
+        value = held.take()
+        ctx.save_for_backward(x, value if spec.rule.needs_z else None)
         return value
 
     @staticmethod
@@ -296,8 +332,10 @@ class _LayerRelevance(torch.autograd.Function):
         if r is None:  # merged into the BatchNorm that follows: nothing comes through here
             return None, None, None
         x, z = ctx.saved_tensors
-        spec = ctx.spec
-        return spec.rule.relevance(_Affine(spec.op), x, z, r), None, None
+        held, spec = ctx.held, ctx.spec
+        if held.owner.plain:
+            return held.true_vjp([x], r)[0], None, None
+        return spec.rule.relevance(_Affine(spec.op), x, held.z(z), r), None, None
 
 
 class _MergedRelevance(torch.autograd.Function):
@@ -307,32 +345,37 @@ class _MergedRelevance(torch.autograd.Function):
     passes the relevance (zennit's ``Pass``) and the layer applies its own rule."""
 
     @staticmethod
-    def forward(ctx, x, layer_out, holder, spec):  # type: ignore[override]
-        value = holder[0]
-        ctx.spec = spec
-        rule = spec.rule
-        ctx.save_for_backward(x, value if rule.needs_z else None)
+    def forward(ctx, x, layer_out, held, spec):  # type: ignore[override]
+        ctx.spec, ctx.held = spec, held
+        value = held.take()
+        ctx.save_for_backward(x, layer_out, value if spec.rule.needs_z else None)
         return value
 
     @staticmethod
     def backward(ctx, r):  # type: ignore[override]
-        spec = ctx.spec
+        spec, held = ctx.spec, ctx.held
+        x, layer_out, z = ctx.saved_tensors
+        if held.owner.plain:
+            return None, held.true_vjp([layer_out], r)[0], None, None
         node = spec.bn.inputs[0]
         if node is None or len(node.consumers) != 1:
             return None, r, None, None
-        x, z = ctx.saved_tensors
-        return spec.rule.relevance(_Affine(spec.op, spec.bn), x, z, r), None, None, None
+        return spec.rule.relevance(_Affine(spec.op, spec.bn), x, held.z(z), r), None, None, None
 
 
 class _Pass(torch.autograd.Function):
     """zennit's ``Pass``: the relevance goes to the input unchanged (unmerged BatchNorm)."""
 
     @staticmethod
-    def forward(ctx, x, holder):  # type: ignore[override]
-        return holder[0]
+    def forward(ctx, x, held):  # type: ignore[override]
+        ctx.held = held
+        ctx.save_for_backward(x)
+        return held.take()
 
     @staticmethod
     def backward(ctx, r):  # type: ignore[override]
+        if ctx.held.owner.plain:
+            return ctx.held.true_vjp(ctx.saved_tensors, r)[0], None
         return r, None
 
 
@@ -340,17 +383,22 @@ class _SumNorm(torch.autograd.Function):
     """zennit's ``Norm`` on ``z = ca*a + cb*b``: ``R_a = ca a R / s(z)``, likewise ``R_b``."""
 
     @staticmethod
-    def forward(ctx, a, b, holder, coefficients, eps):  # type: ignore[override]
-        value = holder[0]
-        ctx.coefficients, ctx.eps = coefficients, eps
+    def forward(ctx, a, b, held, coefficients, eps):  # type: ignore[override]
+        ctx.coefficients, ctx.eps, ctx.held = coefficients, eps, held
+        value = held.take()
         ctx.save_for_backward(a, b, value)
         return value
 
     @staticmethod
     def backward(ctx, r):  # type: ignore[override]
         a, b, z = ctx.saved_tensors
-        s = ratio(r, z, ctx.eps)
+        held = ctx.held
         ca, cb = ctx.coefficients
+        if held.owner.plain:
+            # the partial derivatives (autograd.grad of the sum w.r.t. [a, b] would give
+            # total ones: a may depend on b, as a residual branch on its shortcut)
+            return ca * r, cb * r, None, None, None
+        s = ratio(r, held.z(z), ctx.eps)
         ra = a * s if ca == 1 else (ca * a) * s
         rb = b * s if cb == 1 else (cb * b) * s
         return ra, rb, None, None, None
@@ -360,18 +408,21 @@ class _GlobalPoolNorm(torch.autograd.Function):
     """``Norm`` on a global average pool: ``R_x = x * (R / s(z)) / n``."""
 
     @staticmethod
-    def forward(ctx, x, holder, eps):  # type: ignore[override]
-        value = holder[0]
-        ctx.eps = eps
+    def forward(ctx, x, held, eps):  # type: ignore[override]
+        ctx.eps, ctx.held = eps, held
+        value = held.take()
         ctx.save_for_backward(x, value)
         return value
 
     @staticmethod
     def backward(ctx, r):  # type: ignore[override]
         x, z = ctx.saved_tensors
+        held = ctx.held
+        if held.owner.plain:
+            return held.true_vjp([x], r)[0], None, None
         n, c = x.shape[:2]
         positions = math.prod(x.shape[2:])
-        s = ratio(r, z, ctx.eps).reshape(n, c, *([1] * (x.dim() - 2))).div_(positions)
+        s = ratio(r, held.z(z), ctx.eps).reshape(n, c, *([1] * (x.dim() - 2))).div_(positions)
         return x * s, None, None
 
 
@@ -380,20 +431,23 @@ class _GraphNorm(torch.autograd.Function):
     the op's own backward, from the original (undetached) output's graph."""
 
     @staticmethod
-    def forward(ctx, x, holder, eps):  # type: ignore[override]
-        value, original = holder
-        ctx.eps, ctx.original = eps, original
+    def forward(ctx, x, held, eps):  # type: ignore[override]
+        ctx.eps, ctx.held = eps, held
+        value = held.take()
         ctx.save_for_backward(x, value)
         return value
 
     @staticmethod
     def backward(ctx, r):  # type: ignore[override]
         x, z = ctx.saved_tensors
-        original, ctx.original = ctx.original, None
-        s = ratio(r, z, ctx.eps)
-        with torch.enable_grad():
-            (jt,) = torch.autograd.grad(original, x, s)
-        return jt.mul_(x), None, None
+        held = ctx.held
+        if held.owner.plain:
+            return held.true_vjp([x], r)[0], None, None
+        s = ratio(r, held.z(z), ctx.eps)
+        (jt,) = held.true_vjp([x], s)
+        if not torch.is_grad_enabled():  # not building a differentiable map: free the graph
+            held.original = None
+        return jt * x, None, None
 
 
 # --- the rule on the engine -----------------------------------------------------------------
@@ -449,7 +503,7 @@ class LRPRule(Rule):
                 self._first_seen = True
                 rule = cfg.first or rule
             self._layers[id(op)] = (x, rule)
-            return _LayerRelevance.apply(x, [out.detach()], _LayerSpec(op, rule))
+            return _LayerRelevance.apply(x, _Held(out, self), _LayerSpec(op, rule))
         if isinstance(op, ops.BatchNormOp):
             x = inputs[0]
             src = op.inputs[0]
@@ -458,22 +512,24 @@ class LRPRule(Rule):
                 return out
             if layer is not None and id(layer) in self._layers:
                 layer_x, rule = self._layers[id(layer)]
-                return _MergedRelevance.apply(layer_x, x, [out.detach()],
+                return _MergedRelevance.apply(layer_x, x, _Held(out, self),
                                               _LayerSpec(layer, rule, op))
-            return _Pass.apply(x, [out.detach()])
+            return _Pass.apply(x, _Held(out, self))
         if isinstance(op, ops.AddOp):
             a, b = inputs
             if a is None or b is None:
                 return out
-            return _SumNorm.apply(a, b, [out.detach()], tuple(op.coefficients), cfg.stabilizer)
+            return _SumNorm.apply(a, b, _Held(out, self), tuple(op.coefficients),
+                                  cfg.stabilizer)
         if isinstance(op, ops.GlobalAvgPoolOp):
             if inputs[0] is None:
                 return out
-            return _GlobalPoolNorm.apply(inputs[0], [out.detach()], cfg.stabilizer)
+            return _GlobalPoolNorm.apply(inputs[0], _Held(out, self), cfg.stabilizer)
         if isinstance(op, ops.AvgPoolOp):
             if inputs[0] is None:
                 return out
-            return _GraphNorm.apply(inputs[0], [out.detach(), out], cfg.stabilizer)
+            return _GraphNorm.apply(inputs[0], _Held(out, self, always_original=True),
+                                    cfg.stabilizer)
         return out  # max pooling, views, padding, dropout, constant scales: the gradient
 
 
@@ -565,14 +621,14 @@ class LRPComposite(Method):
                     out = trace.forward()
                     rule.reset()
                     grad_out, _ = self._target_gradient(out, target)
-                    seed = grad_out * out.detach()
-                    (rel,) = torch.autograd.grad(out, leaf, seed, allow_unused=True)
+                    seed = grad_out * keep_graph(out)
+                    (rel,) = self._grad(out, leaf, seed, allow_unused=True)
                     del out
             finally:
                 rule.reset()
             if rel is None:
                 return torch.zeros_like(leaf).contiguous()
-            return rel.detach().contiguous()
+            return keep_graph(rel).contiguous()
 
         return self._with_layout(x, run)
 

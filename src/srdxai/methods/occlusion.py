@@ -15,7 +15,7 @@ import torch
 import torch.nn.functional as F
 from tqdm import tqdm
 
-from ..engine.core import Target, is_callable_target, target_gradient
+from ..engine.core import Target, is_callable_target, is_differentiable, target_gradient
 from ..errors import InvalidInputError
 from .base import Method, register
 from .chain_rule import _baseline
@@ -58,8 +58,12 @@ class Occlusion(Method):
             return target(out)
         return out.gather(1, target[:, None])[:, 0]
 
-    @torch.no_grad()
     def _occlude(self, x: Tensor, target: Target) -> Tensor:
+        # no graph, unless a differentiable map is asked for (engine.differentiable)
+        with torch.set_grad_enabled(is_differentiable()):
+            return self._occlusion_map(x, target)
+
+    def _occlusion_map(self, x: Tensor, target: Target) -> Tensor:
         dims = x.dim() - 2
         window = _pair(self.window, dims, "window")
         stride = _pair(self.stride if self.stride is not None else window, dims, "stride")

@@ -22,8 +22,8 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..engine import ops
-from ..engine.channels import channel_dot, channel_weighted_sum
-from ..engine.core import Rule, Target, Trace, true_activation_gradient
+from ..engine.channels import channel_dot, channel_norm, channel_weighted_sum, safe_divide
+from ..engine.core import Rule, Target, Trace, keep_graph
 from ..engine.graph import Node
 from ..errors import InvalidInputError, UnsupportedOperationError
 from .base import Method, register
@@ -40,7 +40,8 @@ class SRDRule(Rule):
     keeps_pfv_values = True
 
     def __init__(self, max_paths: int = 4096):
-        self.mode = "srd"  # "plain" while computing a Grad-CAM seed with true gradients
+        # ``plain`` (the base class's flag) is also set while a Grad-CAM seed is computed
+        # with true gradients
         self.max_paths = max_paths
         self.bias_relevance: dict[int, Tensor] = {}
         self.override: dict[int, Tensor] = {}
@@ -50,10 +51,14 @@ class SRDRule(Rule):
         self.trace: Trace | None = None
         self._values: dict[int, Tensor] = {}
 
+    def clear(self) -> None:
+        """Drop every tensor the rule holds (seeds, recorded and pending relevance)."""
+        for store in (self.bias_relevance, self.override, self.transform, self.recorded,
+                      self._values):
+            store.clear()
+
     # -- activations --------------------------------------------------------------------------
     def activation_backward(self, node, z, v, grad, fn):
-        if self.mode == "plain":
-            return true_activation_gradient(z, grad, fn)
         relevance = channel_dot(v, grad)
         self._values.pop(node.index, None)  # every bias op reading this layer is done
         bias = self.bias_relevance.pop(node.index, None)
@@ -64,12 +69,12 @@ class SRDRule(Rule):
         if node.index in self.transform:
             relevance = self.transform[node.index](relevance)
         if node.index in self.record:
-            self.recorded[node.index] = relevance.detach()
+            self.recorded[node.index] = relevance
         return share_onto(z, relevance)
 
     def on_opaque(self, op: ops.OpaqueOp, out: Tensor) -> None:
         def check(grad: Tensor) -> None:
-            if self.mode == "srd":
+            if not self.plain:
                 raise op.error
 
         if out.requires_grad:
@@ -82,7 +87,7 @@ class SRDRule(Rule):
         return out
 
     def _bias_backward(self, op: ops.LinearOp, grad: Tensor) -> None:
-        if self.mode != "srd":
+        if self.plain:
             return None
         bias = op.bias
         if isinstance(op, ops.ConvOp) and _fused_bn(op) is not None:
@@ -125,8 +130,7 @@ class SRDRule(Rule):
             weights = [torch.where(dead, v.to(w.dtype), w) for w, v in zip(weights, valids,
                                                                           strict=True)]
             total = torch.where(dead, valid_total.to(total.dtype), total)
-        scale = torch.where(total > 0, rho / total.clamp_min(torch.finfo(rho.dtype).tiny),
-                            torch.zeros_like(rho))
+        scale = safe_divide(rho, total)
         for (src, steps), w in zip(routes, weights, strict=True):
             share = scale * w
             for op, i, k in reversed(steps):
@@ -148,7 +152,7 @@ class SRDRule(Rule):
         tail = ((out_node.producer, 0, 0),) if scale is not None else ()
         if conv is None or conv.inputs[0] is None:
             for src, steps, value, valid in self._paths(out_node, need_values=True):
-                yield src, steps, torch.linalg.vector_norm(value, dim=1), valid
+                yield src, steps, channel_norm(value), valid
             return
         for src, steps, value, valid in self._paths(conv.inputs[0], need_values=True):
             for k in conv.components(0):
@@ -177,8 +181,7 @@ class SRDRule(Rule):
         if torch.any(dead):
             norms = torch.where(dead, inside.expand_as(norms), norms)
             total = torch.where(dead, inside.sum(1, keepdim=True), total)
-        share = torch.where(total > 0, rho.unsqueeze(1) / total.clamp_min(
-            torch.finfo(rho.dtype).tiny), torch.zeros_like(total)) * norms
+        share = safe_divide(rho.unsqueeze(1), total) * norms
         spread = conv.scatter_offsets(share)
         prev = self.bias_relevance.get(src.index)
         self.bias_relevance[src.index] = spread if prev is None else prev + spread
@@ -192,7 +195,9 @@ class SRDRule(Rule):
         """
         value = self._values.get(node.index)
         if value is None:
-            value = node.tensor.detach()
+            # not detached: in a backward pass with create_graph=True (a differentiable map)
+            # the bias shares must depend on the activations; otherwise grad mode is off here
+            value = node.tensor
             if value.dim() == 4:
                 value = value.contiguous(memory_format=torch.channels_last)
             self._values[node.index] = value
@@ -243,9 +248,7 @@ class SRDRule(Rule):
 def share_onto(z: Tensor, relevance: Tensor) -> Tensor:
     """``z * R / |z|^2`` per position (0 where ``z`` is the zero vector)."""
     sq = channel_dot(z, z)
-    ratio = torch.where(sq > 0, relevance / sq.clamp_min(torch.finfo(z.dtype).tiny),
-                        torch.zeros_like(relevance))
-    return z * ratio.unsqueeze(1)
+    return z * safe_divide(relevance, sq).unsqueeze(1)
 
 
 def _fused_bn(conv: ops.ConvOp) -> ops.BatchNormOp | None:
@@ -402,11 +405,11 @@ class SRD(Method):
                 else:
                     grad_out, _ = self._target_gradient(out, target)
                     start, start_grad = self._seed(trace, rule, out, grad_out)
-                (gx,) = torch.autograd.grad(start, x, start_grad, allow_unused=True)
+                (gx,) = self._grad(start, x, start_grad, allow_unused=True)
                 del out, start, start_grad
             if gx is None:
                 gx = torch.zeros_like(x)
-            pixel = (x.detach() * gx).sum(1)
+            pixel = (keep_graph(x) * gx).sum(1)
             bias = rule.bias_relevance.get(trace.recorder.input_node.index)
             if bias is not None:
                 pixel = pixel + bias
@@ -419,8 +422,9 @@ class SRD(Method):
                 else:
                     layers[name] = torch.zeros((x.shape[0], *node.spatial), dtype=x.dtype,
                                                device=x.device)
-        return pixel.detach().contiguous(), {k: v.detach().contiguous() for k, v in
-                                             layers.items()}
+            rule.clear()  # a differentiable map's graph reaches the rule: no cycles through it
+        return keep_graph(pixel).contiguous(), {k: keep_graph(v).contiguous() for k, v in
+                                                layers.items()}
 
     def _seed(self, trace: Trace, rule: SRDRule, out: Tensor, grad_out: Tensor):
         seed = self.seed
@@ -450,10 +454,10 @@ class SRD(Method):
         node = trace.find_layer(self.seed_layer)
         if node.pre is None:
             raise InvalidInputError("the gradcam seed needs an activation layer, not the input.")
-        rule.mode = "plain"
-        (gv,) = torch.autograd.grad(out, node.tensor, grad_out, retain_graph=True)
-        rule.mode = "srd"
-        v = node.tensor.detach()
+        rule.plain = True
+        (gv,) = self._grad(out, node.tensor, grad_out, retain_graph=True)
+        rule.plain = False
+        v = keep_graph(node.tensor)
         weights = gv.mean(dim=tuple(range(2, gv.dim())), keepdim=True)
         cam = (weights * v).sum(1).clamp_min(0)
         rule.override[node.index] = cam

@@ -39,7 +39,7 @@ from collections.abc import Sequence
 import torch
 import torch.nn.functional as F
 
-from ..engine.core import Target
+from ..engine.core import Target, keep_graph
 from ..engine.optrace import OpCall, OpRule
 from ..errors import UnsupportedOperationError
 from .base import Method, register
@@ -194,7 +194,7 @@ class SRDTokens(Method):
         def run(leaf: Tensor) -> Tensor:
             (rel,) = self._traced_gradients(
                 leaf, SRDTokenRule(),
-                lambda out: [self._target_gradient(out, target)[0] * out.detach()])
+                lambda out: [self._target_gradient(out, target)[0] * keep_graph(out)])
             return rel.contiguous()
 
         return self._with_layout(x, run)

@@ -69,6 +69,7 @@ class _AttentionMethod(Method):
     """Shared: options, the traced forward pass and the check that attention was found."""
 
     signed = False
+    differentiable = False  # the attention maps are read detached
 
     def __init__(self, model, prefix_tokens: int = 1, batch_size: int | None = None,
                  channels_last: bool | None = None):

@@ -198,3 +198,44 @@ def save_method_grid(
         ax.set_axis_off()
     fig.suptitle(title)
     return _atomic_savefig(fig, out)
+
+
+def save_attack_figure(
+    path: str | os.PathLike[str],
+    image_uint8_hwc: object,
+    original_map: object,
+    target_map: object,
+    adversarial_uint8_hwc: object,
+    adversarial_map: object,
+    title: str,
+    *,
+    dpi: int = 80,
+) -> Path:
+    """The manipulation attack's figure (Dombrowski et al.'s layout): original image, its
+    map, the target map, the manipulated image and its map. Maps are non-negative (unit-sum
+    ``|map|``) and share one colour scale. Written atomically."""
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+    from matplotlib.figure import Figure
+
+    img = _check_inputs(image_uint8_hwc, np.zeros((1, 1)))[0]
+    adv = _check_inputs(adversarial_uint8_hwc, np.zeros((1, 1)))[0]
+    maps = [_check_inputs(img, m)[1] for m in (original_map, target_map, adversarial_map)]
+    limit = max(float(np.nanpercentile(np.abs(m), 99.5)) for m in maps) or 1.0
+    out = Path(path)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    fig = Figure(figsize=(15.0, 3.4), dpi=dpi, layout="constrained")
+    FigureCanvasAgg(fig)
+    axes = fig.subplots(1, 5)
+    panels = [("image", img, None), ("original map", None, maps[0]),
+              ("target map", None, maps[1]), ("manipulated image", adv, None),
+              ("manipulated map", None, maps[2])]
+    for ax, (name, picture, heat) in zip(axes, panels, strict=True):
+        if picture is not None:
+            ax.imshow(picture)
+        else:
+            ax.imshow(np.nan_to_num(heat, nan=0.0), cmap="inferno", vmin=0, vmax=limit,
+                      interpolation="nearest")
+        ax.set_title(name)
+        ax.set_axis_off()
+    fig.suptitle(title)
+    return _atomic_savefig(fig, out)

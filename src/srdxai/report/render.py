@@ -437,26 +437,49 @@ def _generic(db: Path, experiment: str, title: str, anchor: str, names: _Names,
     return Section(title, anchor, blocks)
 
 
+#: artifacts under this prefix are the attack's figures (shown with its table)
+ATTACK_FIGURES = "attack/"
+ATTACK_NOTE = (
+    "Explanation-manipulation attack (Dombrowski et al. 2019): each image is optimised so that "
+    "the method's map approaches another image's map while the softmax output stays put. "
+    "Best (bold) = most robust method: its manipulated map least like the target "
+    "(ssim/pcc_to_target low, mse_to_target high) and most like the original map. "
+    "output_mse, prediction_kept and target_probability_change say how well the output was "
+    "kept; linf and psnr how much the image changed (model-input units; PSNR in dB over each "
+    "image's value range).")
+
+
 def _robustness(db: Path, names: _Names) -> Section:
     subs = [_generic(db, e, f"Robustness: {e}", f"robustness-{e}", names)
             for e in ROBUSTNESS_EXPERIMENTS]
+    attack = subs[ROBUSTNESS_EXPERIMENTS.index("attack")]
+    if attack.ran:
+        attack.blocks.insert(0, Text(ATTACK_NOTE))
+        attack.blocks += _png_figures(
+            [(n, d) for n, d in tables.artifacts(db, "png") if n.startswith(ATTACK_FIGURES)],
+            names)
     if not any(s.ran for s in subs):
         return _not_run("Robustness", "robustness", ROBUSTNESS_EXPERIMENTS)
     return Section("Robustness", "robustness", list(subs))
 
 
-def _qualitative(db: Path, names: _Names) -> Section:
-    found = tables.artifacts(db, "png")
-    if not found:
-        return Section("Qualitative grid", "qualitative",
-                       [Text("Not run: results.sqlite holds no PNG artifacts.")], ran=False)
+def _png_figures(found: list[tuple[str, bytes]], names: _Names) -> list:
     blocks: list = []
     for name, data in found:
         if data.startswith(PNG_SIGNATURE):
             blocks.append(Figure(name, names(f"artifact-{name.removesuffix('.png')}"), data))
         else:
             blocks.append(Text(f"Artifact {name!r} is marked 'png' but is not a PNG; left out."))
-    return Section("Qualitative grid", "qualitative", blocks)
+    return blocks
+
+
+def _qualitative(db: Path, names: _Names) -> Section:
+    found = [(n, d) for n, d in tables.artifacts(db, "png")
+             if not n.startswith(ATTACK_FIGURES)]
+    if not found:
+        return Section("Qualitative grid", "qualitative",
+                       [Text("Not run: results.sqlite holds no PNG artifacts.")], ran=False)
+    return Section("Qualitative grid", "qualitative", _png_figures(found, names))
 
 
 def _sections(db: Path, info: RunInfo) -> list[Section]:

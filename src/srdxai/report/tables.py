@@ -43,13 +43,16 @@ __all__ = [
 #: Metrics whose larger values are better (marked best at the highest mean).
 HIGHER_IS_BETTER = frozenset({
     "pointing_game", "attribution_localisation", "sparseness", "fidelity", "accuracy", "gae",
-    "local_consistency", "contrastiveness", "auc_insertion", "ssim_to_target", "pcc_to_target",
+    "local_consistency", "contrastiveness", "auc_insertion",
+    # the manipulation attack, from the method's side: a robust map stays like the original
+    "mse_to_target", "ssim_to_original", "pcc_to_original",
 })
 #: Families of metrics named per setting (``ssim_noise_0.1``: similarity to the clean map
 #: under noise of level 0.1; ``sensitivity_n_mean``), higher is better.
 HIGHER_IS_BETTER_PREFIXES = ("ssim_noise_", "pcc_noise_", "sensitivity_n")
 #: Metrics whose smaller values are better (marked best at the lowest mean).
-LOWER_IS_BETTER = frozenset({"stability", "auc_deletion", "mse_to_target"})
+LOWER_IS_BETTER = frozenset({"stability", "auc_deletion",
+                             "ssim_to_target", "pcc_to_target", "mse_to_original"})
 
 # Beyond this many degrees of freedom the exact series (one term per two degrees of freedom)
 # is replaced by Fisher's asymptotic expansion, whose error there is far below 1e-9.
