@@ -98,30 +98,22 @@ def _check_directional_derivative(model, x, method, options, target=1, h=1e-6, r
                                rtol=0, atol=0)
 
 
-@pytest.mark.parametrize("method", sorted(CNN_METHODS))
-def test_cnn_map_derivative_matches_finite_differences(method):
-    model = _resnet()
-    x = torch.randn(2, 3, 10, 10, generator=torch.Generator().manual_seed(4),
-                    dtype=torch.float64)
-    _check_directional_derivative(model, x, method, CNN_METHODS[method])
+# (model, input shape) per architecture: a BatchNorm ResNet (GAP + linear head); a flatten +
+# dense head, where SRD starts from its Grad-CAM seed; the small ViT, where LayerNorm and
+# softmax statistics are constants for the rules but not for the map
+ARCHITECTURES = {"resnet": (_resnet, (2, 3, 10, 10)), "vgg": (_vgg, (2, 3, 8, 8)),
+                 "vit": (_vit, (1, 3, 16, 16))}
+CASES = ([("resnet", m, o) for m, o in sorted(CNN_METHODS.items())]
+         + [("vgg", m, {}) for m in ("srd", "gradcam", "lrp_epsilon_plus", "abslrp")]
+         + [("vit", m, o) for m, o in sorted(VIT_METHODS.items())])
 
 
-@pytest.mark.parametrize("method", ["srd", "gradcam", "lrp_epsilon_plus", "abslrp"])
-def test_vgg_head_map_derivative(method):
-    """A flatten + dense head: SRD starts from its Grad-CAM seed here."""
-    model = _vgg()
-    x = torch.randn(2, 3, 8, 8, generator=torch.Generator().manual_seed(5),
-                    dtype=torch.float64)
-    _check_directional_derivative(model, x, method, {})
-
-
-@pytest.mark.parametrize("method", sorted(VIT_METHODS))
-def test_vit_map_derivative(method):
-    """LayerNorm and softmax statistics are constants for the rules, not for the map."""
-    model = _vit()
-    x = torch.randn(1, 3, 16, 16, generator=torch.Generator().manual_seed(6),
-                    dtype=torch.float64)
-    _check_directional_derivative(model, x, method, VIT_METHODS[method])
+@pytest.mark.parametrize(("architecture", "method", "options"), CASES,
+                         ids=[f"{a}-{m}" for a, m, _ in CASES])
+def test_map_derivative_matches_finite_differences(architecture, method, options):
+    build, shape = ARCHITECTURES[architecture]
+    x = torch.randn(shape, generator=torch.Generator().manual_seed(4), dtype=torch.float64)
+    _check_directional_derivative(build(), x, method, options)
 
 
 def test_relu_model_and_batching():
