@@ -41,8 +41,8 @@ test: venv data
 lint: venv
 	$(BIN)/ruff check src tests bench
 
-bench: venv
-	$(PYTHON) bench/bench_srd.py
+bench: venv  # every speed comparison, one table: out/bench/bench.md (about 1.5 h on 2 CPU cores)
+	$(PYTHON) bench/bench_all.py --out out/bench/bench.md
 
 clean:
 	rm -rf $(DEMO_DIR) build dist src/*.egg-info .pytest_cache .ruff_cache

@@ -43,17 +43,30 @@ def relative_difference(ours: torch.Tensor, theirs: torch.Tensor) -> float:
     return float((ours - theirs).abs().max() / theirs.abs().max().clamp_min(1e-30))
 
 
-def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--batch", type=int, default=8)
-    parser.add_argument("--size", type=int, default=224)
-    parser.add_argument("--rounds", type=int, default=1)
+def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--steps", type=int, default=50)
     parser.add_argument("--samples", type=int, default=25)
     parser.add_argument("--internal-batch-size", type=int, default=64)
     parser.add_argument("--only", default="ig,smoothgrad,lrp,scorecam",
                         help="comma-separated subset of ig, smoothgrad, lrp, scorecam")
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--batch", type=int, default=8)
+    parser.add_argument("--size", type=int, default=224)
+    parser.add_argument("--rounds", type=int, default=1)
+    add_arguments(parser)
     args = parser.parse_args()
+    rows = peer_rows(args)
+    print(f"batch={args.batch} size={args.size} threads={torch.get_num_threads()} "
+          f"internal_batch_size={args.internal_batch_size} rounds={args.rounds} "
+          "(median seconds)")
+    print(_timing.text_table(rows))
+
+
+def peer_rows(args: argparse.Namespace) -> list[_timing.Row]:
+    """The peer comparisons ``args.only`` names, at ``args.batch`` x ``args.size``."""
     only = set(args.only.split(","))
     from _compat import import_torchvision
 
@@ -77,8 +90,8 @@ def main() -> None:
             internal_batch_size=ibs), rounds)
         theirs, b = median_time(lambda: IntegratedGradients(model).attribute(
             x, target=target, n_steps=args.steps, internal_batch_size=ibs), rounds)
-        rows.append((f"IG {args.steps} steps vs Captum", "resnet50", ours, theirs, 1.0,
-                     relative_difference(a, b)))
+        rows.append(_timing.Row(f"IG {args.steps} steps", "resnet50", ours, theirs, "Captum",
+                                1.0, relative_difference(a, b)))
 
     if "smoothgrad" in only:
         ours, a = median_time(lambda: srdxai.explain(
@@ -87,8 +100,8 @@ def main() -> None:
         theirs, b = median_time(lambda: NoiseTunnel(Saliency(model)).attribute(
             x, target=target, nt_type="smoothgrad", nt_samples=args.samples, stdevs=0.15,
             nt_samples_batch_size=max(1, ibs // args.batch), abs=False), rounds)
-        rows.append((f"SmoothGrad {args.samples} vs Captum", "resnet50", ours, theirs, 1.0,
-                     relative_difference(a, b)))
+        rows.append(_timing.Row(f"SmoothGrad {args.samples} samples", "resnet50", ours,
+                                theirs, "Captum", 1.0, relative_difference(a, b)))
 
     if "lrp" in only:
         twin = tv.models.resnet50().eval()
@@ -103,8 +116,8 @@ def main() -> None:
         ours, a = median_time(lambda: srdxai.explain(model, x, target, "lrp_epsilon_plus"),
                               rounds)
         theirs, b = median_time(zennit_call, rounds)
-        rows.append(("LRP EpsilonPlus vs zennit", "resnet50", ours, theirs, 1.0,
-                     relative_difference(a, b)))
+        rows.append(_timing.Row("LRP EpsilonPlus", "resnet50", ours, theirs, "zennit", 1.0,
+                                relative_difference(a, b)))
 
     if "scorecam" in only:
         torch.manual_seed(0)
@@ -128,16 +141,9 @@ def main() -> None:
             ours, a = median_time(lambda p=precision: srdxai.explain(
                 small, x, target, "scorecam", internal_batch_size=ibs, normalize=True,
                 precision=p), rounds)
-            rows.append((f"Score-CAM ({precision}) vs grad-cam", "vgg16", ours, theirs, 1 / 3,
-                         relative_difference(a, b)))
-
-    print(f"batch={args.batch} size={args.size} threads={torch.get_num_threads()} "
-          f"internal_batch_size={ibs} rounds={rounds} (median seconds)")
-    print(f"{'comparison':34s} {'model':9s} {'srdxai':>8s} {'peer':>8s} {'ours/peer':>10s} "
-          f"{'target':>8s} {'max diff':>9s}")
-    for name, m, a, b, goal, diff in rows:
-        print(f"{name:34s} {m:9s} {a:8.2f} {b:8.2f} {a / b:9.2f}x "
-              f"{'<=' + format(goal, '.2f'):>8s} {diff:9.1e}")
+            rows.append(_timing.Row(f"Score-CAM ({precision})", "vgg16", ours, theirs,
+                                    "pytorch-grad-cam", 1 / 3, relative_difference(a, b)))
+    return rows
 
 
 if __name__ == "__main__":

@@ -1,0 +1,146 @@
+"""``make bench``: every speed comparison in one run, one table (also written as Markdown).
+
+    python bench/bench_all.py [--quick] [--rounds 3] [--out out/bench/bench.md]
+                              [--only srd,abslrp,peers,metrics] [--device cpu]
+
+Rows, each timed in this run (median over ``--rounds`` calls after a warm-up):
+
+* SRD (ResNet50, VGG16) and absLRP (VGG16, ResNet50, ViT-B/16) against one plain
+  ``torch.autograd.grad`` of the target logit (targets 2.0x and 3.0x);
+* integrated gradients (50 steps) and SmoothGrad (25 samples) against Captum, LRP EpsilonPlus
+  against zennit (targets 1.0x), Score-CAM against pytorch-grad-cam (target: 3x faster);
+* faithfulness correlation, local Lipschitz estimate and pixel flipping against Quantus
+  (target: 10x faster), on a small CNN and EfficientNet-Lite0;
+
+on random-weight torchvision-architecture models, batch 8, 224 x 224 (``--quick``: batch 2,
+64 x 64, fewer steps: a smoke run of a few minutes). The max difference column is the largest
+difference between the two outputs relative to the reference's largest value (SmoothGrad's noise
+and the metrics' random draws differ by design; the plain-gradient rows have none).
+
+Not in the table yet: AttnLRP against LXT (LXT patches ``torch.nn.LayerNorm`` process-wide, so
+it needs a process of its own; ``tests/test_attnlrp.py`` checks the values) and GAE's cost.
+"""
+
+from __future__ import annotations
+
+import argparse
+import statistics
+import sys
+from pathlib import Path
+
+import torch
+
+import srdxai
+from srdxai.models.torchvision_arch import resnet50, vgg16
+from srdxai.models.zoo import vit_base_patch16_224
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "tests"))
+import _timing  # noqa: E402
+
+ARCHITECTURES = {"resnet50": resnet50, "vgg16": vgg16, "vit_b16": vit_base_patch16_224}
+
+
+def plain_gradient_rows(args: argparse.Namespace, method: str, models: list[str],
+                        target: float, **options) -> list[_timing.Row]:
+    """``method`` against one plain input gradient of the target logit, per model."""
+    from bench_srd import randomize_bn, timed_blocks
+
+    rows = []
+    for name in models:
+        torch.manual_seed(0)
+        model = ARCHITECTURES[name]().eval().to(args.device)
+        randomize_bn(model)
+        size = 224 if name == "vit_b16" else args.size  # the ViT's patch grid is fixed
+        x = torch.randn(args.batch, 3, size, size, device=args.device)
+        classes = torch.randint(0, 1000, (args.batch,), device=args.device)
+
+        def plain(model=model, x=x, classes=classes):
+            xx = x.clone().requires_grad_(True)
+            torch.autograd.grad(model(xx).gather(1, classes[:, None]).sum(), xx)
+            _sync(args.device)
+
+        opts = dict(options)
+        if method == "srd":
+            opts["seed"] = "gradcam" if name.startswith("vgg") else "logit"
+
+        def ours(model=model, x=x, classes=classes, opts=opts):
+            srdxai.explain(model, x, classes, method, **opts)
+            _sync(args.device)
+
+        times = timed_blocks({"plain": plain, "ours": ours}, args.rounds)
+        label = {"srd": "SRD", "abslrp": "absLRP"}.get(method, method)
+        rows.append(_timing.Row(label, name, statistics.median(times["ours"]),
+                                statistics.median(times["plain"]), "plain gradient", target))
+        del model
+    return rows
+
+
+def metric_rows(args: argparse.Namespace) -> list[_timing.Row]:
+    import bench_metrics
+
+    settings = argparse.Namespace(
+        rounds=args.rounds, runs=100, lle_samples=10 if args.quick else 200,
+        flip_steps=48 if args.quick else 192)
+    quantus = bench_metrics.import_quantus()
+    rows = []
+    torch.manual_seed(0)
+    for key, size in (("small", 16 if args.quick else 32), ("effnet", 64 if args.quick else 224)):
+        if key == "small":
+            model, label = bench_metrics.SmallCNN().eval(), f"small CNN {size}px"
+        else:
+            from srdxai.models import load
+
+            model, label = load("efficientnet-lite0").eval(), f"EfficientNet-Lite0 {size}px"
+        x = torch.randn(4 if args.quick else 16, 3, size, size)
+        for _, metric, ours, theirs, difference in bench_metrics.bench_model(
+                label, model, x, settings, quantus):
+            rows.append(_timing.Row(metric, label, ours, theirs, "Quantus", 0.1,
+                                    float(difference) if difference else None))
+    return rows
+
+
+def _sync(device: str) -> None:
+    if device.startswith("cuda"):
+        torch.cuda.synchronize()
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--quick", action="store_true", help="small sizes: a smoke run")
+    parser.add_argument("--rounds", type=int, default=3)
+    parser.add_argument("--only", default="srd,abslrp,peers,metrics")
+    parser.add_argument("--out", type=Path, default=Path("out/bench/bench.md"))
+    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    args = parser.parse_args()
+    args.batch, args.size = (2, 64) if args.quick else (8, 224)
+    only = set(args.only.split(","))
+    rows: list[_timing.Row] = []
+    if "srd" in only:
+        rows += plain_gradient_rows(args, "srd", ["resnet50", "vgg16"], 2.0)
+    if "abslrp" in only:
+        rows += plain_gradient_rows(args, "abslrp", ["vgg16", "resnet50", "vit_b16"], 3.0)
+    if "peers" in only:
+        import bench_peers
+
+        peer_args = argparse.Namespace(
+            batch=args.batch, size=args.size, rounds=args.rounds,
+            steps=8 if args.quick else 50, samples=4 if args.quick else 25,
+            internal_batch_size=64, only="ig,smoothgrad,lrp,scorecam")
+        rows += bench_peers.peer_rows(peer_args)
+    if "metrics" in only:
+        rows += metric_rows(args)
+    setting = (f"batch {args.batch}, {args.size} x {args.size} (ViT 224), device {args.device}, "
+               f"{torch.get_num_threads()} threads, median of {args.rounds} calls"
+               f"{', --quick' if args.quick else ''}; torch {torch.__version__}")
+    print(setting)
+    print(_timing.text_table(rows))
+    args.out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = args.out.with_suffix(".tmp")
+    tmp.write_text(f"# srdxai speed comparisons\n\n{setting}\n\n{_timing.markdown_table(rows)}\n")
+    tmp.replace(args.out)
+    print(f"written: {args.out}")
+
+
+if __name__ == "__main__":
+    main()
