@@ -10,6 +10,7 @@ from .core import (
     target_gradient,
 )
 from .graph import Recorder
+from .memory import OutOfMemoryError, memory_budget
 
-__all__ = ["Rule", "Trace", "Recorder", "check_inputs", "differentiable", "is_differentiable",
-           "model_guard", "target_gradient"]
+__all__ = ["Rule", "Trace", "Recorder", "OutOfMemoryError", "check_inputs", "differentiable",
+           "is_differentiable", "memory_budget", "model_guard", "target_gradient"]

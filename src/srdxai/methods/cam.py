@@ -43,6 +43,7 @@ from tqdm import tqdm
 from ..engine import ops
 from ..engine.core import Rule, Target, Trace, is_differentiable, keep_graph, target_gradient
 from ..engine.graph import Node
+from ..engine.memory import budget_chunk, run_in_chunks
 from ..errors import InvalidInputError, UnsupportedOperationError
 from .base import Method, register
 
@@ -353,17 +354,25 @@ class _PerturbationCAM(_LayerCAM):
             return ACCELERATOR_PASSES
         return max(1, min(CPU_MAX_PASSES, CPU_VALUES_PER_PASS // x[0].numel()))
 
-    def _chunks(self, n: int, c: int, x: Tensor, pairs: Tensor | None = None):
-        """(sample, channel) index pairs, sample-major, one forward pass's worth at a time.
+    def _for_chunks(self, n: int, c: int, x: Tensor,
+                    run: Callable[[Tensor, Tensor], None], pairs: Tensor | None = None) -> None:
+        """``run(rows, channels)`` on (sample, channel) index pairs, sample-major, one forward
+        pass's worth at a time: ``internal_batch_size`` copies, capped by a
+        :func:`~srdxai.engine.memory.memory_budget` and halved when a pass runs out of memory.
 
         ``pairs``: the flat ``sample * c + channel`` indices to visit (default: all)."""
         if pairs is None:
             pairs = torch.arange(n * c, device=x.device)
-        step = self._passes(x)
-        starts = range(0, pairs.numel(), step)
-        for start in tqdm(starts, desc=self.name, disable=not self.progress, unit="pass"):
-            flat = pairs[start:start + step]
-            yield flat // c, flat % c
+        step = budget_chunk(self.model, x, self._passes(x), backward=is_differentiable())
+        with tqdm(total=pairs.numel(), desc=self.name, disable=not self.progress,
+                  unit="copy") as bar:
+
+            def one(start: int, stop: int) -> None:
+                flat = pairs[start:stop]
+                run(flat // c, flat % c)
+                bar.update(stop - start)
+
+            run_in_chunks(pairs.numel(), step, one, self.name)
 
 
 _SCORE_PRECISIONS = {"full": None, "bfloat16": torch.bfloat16, "float16": torch.float16}
@@ -432,13 +441,16 @@ class ScoreCAM(_PerturbationCAM):
                                         classes).to(x.dtype)
                 scores[:] = zero_score[:, None]
             pairs = live.nonzero()[:, 0]
-            for rows, channels in self._chunks(n, c, x, pairs):
+
+            def masked_scores(rows: Tensor, channels: Tensor) -> None:
                 up = _upsample(a[rows, channels], spatial, align_corners=True)
                 low = up.flatten(1).amin(1).reshape(-1, *([1] * len(spatial)))
                 high = up.flatten(1).amax(1).reshape(low.shape)
                 mask = (up - low) / (high - low + 1e-8)
                 out = self._score_pass(xd[rows] * mask.unsqueeze(1))
                 scores[rows, channels] = _objective(out, target, classes, rows).to(x.dtype)
+
+            self._for_chunks(n, c, x, masked_scores, pairs)
         w = torch.softmax(scores, dim=1)
         cam = (w.reshape(n, c, *([1] * len(spatial))) * a).sum(1)
         return self._finish(cam, size)
@@ -480,7 +492,8 @@ class AblationCAM(_PerturbationCAM):
         ablated = x.new_empty(n, c)
         xd = keep_graph(x)
         with self._guard(), torch.set_grad_enabled(grad):
-            for rows, channels in self._chunks(n, c, x):
+
+            def ablated_scores(rows: Tensor, channels: Tensor) -> None:
                 value = a[rows].clone()
                 value[torch.arange(rows.numel(), device=x.device), channels] = 0
                 if position < 0:  # the layer is the input itself
@@ -495,6 +508,8 @@ class AblationCAM(_PerturbationCAM):
                                 "the model's control flow depends on the input.")
                 ablated[rows, channels] = _objective(out, target, classes, rows).to(x.dtype)
                 del out
+
+            self._for_chunks(n, c, x, ablated_scores)
         drop = original[:, None] - ablated
         scale = torch.where(original != 0, original, torch.ones_like(original))[:, None]
         w = drop / scale

@@ -40,6 +40,7 @@ from ..engine.core import (
     map_target,
     true_activation_gradient,
 )
+from ..engine.memory import budget_chunk, run_in_chunks
 from ..errors import InvalidInputError
 from .base import Method, checked_reduction, register
 
@@ -277,16 +278,24 @@ class _SampledGradients(ChainRuleMethod):
 
     def _weighted_gradient_sum(self, points: Tensor, weights: Tensor, target: Target,
                                n: int) -> Tensor:
-        """``sum_k w_k grad(points[k])`` for points laid out (K*N, ...) step-major."""
+        """``sum_k w_k grad(points[k])`` for points laid out (K*N, ...) step-major.
+
+        Chunks of ``internal_batch_size`` points (default: all), capped by a
+        :func:`~srdxai.engine.memory.memory_budget`; a chunk that runs out of memory is
+        split (``engine/memory.py``)."""
         total = torch.zeros_like(points[:n])
-        chunk = self.internal_batch_size or points.shape[0]
-        for start in range(0, points.shape[0], chunk):
-            part = points[start:start + chunk]
-            rows = torch.arange(start, start + part.shape[0], device=points.device)
+        chunk = budget_chunk(self.model, points, self.internal_batch_size or points.shape[0],
+                             backward=True)
+
+        def run(start: int, stop: int) -> None:
+            nonlocal total
+            rows = torch.arange(start, stop, device=points.device)
             t = _target_rows(target, rows, n)
-            grad = self._modified_gradient(part, t, gradient_slope)
+            grad = self._modified_gradient(points[start:stop], t, gradient_slope)
             w = weights.to(points.device, points.dtype)[rows // n]
-            total.index_add_(0, rows % n, grad * w.view(-1, *([1] * (grad.dim() - 1))))
+            total = total.index_add(0, rows % n, grad * w.view(-1, *([1] * (grad.dim() - 1))))
+
+        run_in_chunks(points.shape[0], chunk, run, self.name)
         return total
 
 

@@ -16,6 +16,7 @@ import torch.nn.functional as F
 from tqdm import tqdm
 
 from ..engine.core import Target, is_callable_target, is_differentiable, target_gradient
+from ..engine.memory import budget_chunk, run_in_chunks
 from ..errors import InvalidInputError
 from .base import Method, register
 from .chain_rule import _baseline
@@ -84,17 +85,25 @@ class Occlusion(Method):
                 target = classes
             reference = self._objective(out, target)
             drops = x.new_empty(n, p)
-            per_chunk = max(1, self.internal_batch_size // n)
-            chunks = range(0, p, per_chunk)
-            for start in tqdm(chunks, desc="occlusion", disable=not self.progress,
-                              unit="chunk"):
-                block = starts[start:start + per_chunk].to(x.device)
-                masks = _window_masks(block, window, spatial, x.dtype)
-                occluded = x.unsqueeze(0) * (1 - masks) + base.unsqueeze(0) * masks
-                flat = occluded.reshape(-1, *x.shape[1:])
-                rows = target if is_callable_target(target) else target.repeat(block.shape[0])
-                value = self._objective(self.model(flat), rows).reshape(block.shape[0], n)
-                drops[:, start:start + block.shape[0]] = (reference.unsqueeze(0) - value).T
+            # windows per forward pass: internal_batch_size occluded copies, capped by a
+            # memory budget and halved when a pass runs out of memory (engine/memory.py)
+            copies = budget_chunk(self.model, x, self.internal_batch_size,
+                                  backward=is_differentiable())
+            with tqdm(total=p, desc="occlusion", disable=not self.progress,
+                      unit="window") as bar:
+
+                def one(start: int, stop: int) -> None:
+                    block = starts[start:stop].to(x.device)
+                    masks = _window_masks(block, window, spatial, x.dtype)
+                    occluded = x.unsqueeze(0) * (1 - masks) + base.unsqueeze(0) * masks
+                    flat = occluded.reshape(-1, *x.shape[1:])
+                    rows = (target if is_callable_target(target)
+                            else target.repeat(block.shape[0]))
+                    value = self._objective(self.model(flat), rows).reshape(block.shape[0], n)
+                    drops[:, start:stop] = (reference.unsqueeze(0) - value).T
+                    bar.update(stop - start)
+
+                run_in_chunks(p, max(1, copies // n), one, "occlusion")
         # Spread each window's drop over its pixels and average by coverage.
         shape = [len(g) for g in grid]
         ones = x.new_ones((1, 1, *window))

@@ -25,6 +25,7 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from ..engine.core import model_guard
+from ..engine.memory import budget_chunk, run_in_chunks
 from ..errors import InvalidInputError, InvalidTargetError
 
 Tensor = torch.Tensor
@@ -311,15 +312,33 @@ def baseline_values(baseline: Baseline, x: Tensor) -> Tensor:
 
 # --- model outputs --------------------------------------------------------------------------
 
-def default_batch_size(x: Tensor, batch_size: int | None, explain: bool = False) -> int:
-    """``batch_size`` if given, else as many images as the device's element budget allows."""
+def default_batch_size(x: Tensor, batch_size: int | None, explain: bool = False,
+                       model: nn.Module | None = None) -> int:
+    """``batch_size`` if given, else as many images as the device's element budget allows,
+    capped by a :func:`~srdxai.engine.memory.memory_budget` when one is set (the memory of one
+    ``model`` pass is estimated once)."""
     if batch_size is not None:
         return check_positive_int(batch_size, "batch_size")
     if x.device.type == "cpu":
         budget = CPU_ELEMENT_BUDGET
     else:
         budget = GPU_EXPLAIN_ELEMENT_BUDGET if explain else GPU_ELEMENT_BUDGET
-    return max(1, budget // max(1, x[0].numel()))
+    size = max(1, budget // max(1, x[0].numel()))
+    return size if model is None else budget_chunk(model, x, size, backward=explain)
+
+
+def adaptive_chunks(total: int, size: int, progress: bool, desc: str,
+                    run: Callable[[int, int], None]) -> None:
+    """``run(start, stop)`` over ``0..total`` in chunks of ``size`` (a tqdm bar if
+    ``progress``); a chunk that runs out of memory is retried in halves
+    (:func:`~srdxai.engine.memory.run_in_chunks`)."""
+    with tqdm(total=total, disable=not progress, desc=desc, unit="img", leave=False) as bar:
+
+        def one(start: int, stop: int) -> None:
+            run(start, stop)
+            bar.update(stop - start)
+
+        run_in_chunks(total, size, one, desc or "metric")
 
 
 def class_scores(model: Callable[[Tensor], Tensor], inputs: Tensor, targets: Tensor,
@@ -396,10 +415,13 @@ def scores_in_batches(
     """
     out = torch.empty(total, dtype=torch.float64)
     forward = _LayoutForward(model)
+
+    def run(start: int, stop: int) -> None:
+        inputs, targets = make_inputs(start, stop)
+        out[start:stop] = class_scores(forward, inputs, targets, softmax).cpu()
+
     with torch.no_grad():
-        for start, stop in chunks(total, batch_size, progress, desc):
-            inputs, targets = make_inputs(start, stop)
-            out[start:stop] = class_scores(forward, inputs, targets, softmax).cpu()
+        adaptive_chunks(total, batch_size, progress, desc, run)
     return out
 
 

@@ -98,7 +98,7 @@ class _Setup:
         self.model = check_model(model)
         self.x = check_inputs(x, self.model)
         self.n = self.x.shape[0]
-        self.batch_size = default_batch_size(self.x, batch_size)
+        self.batch_size = default_batch_size(self.x, batch_size, model=self.model)
         targets = check_targets(y, self.n, self.x.device)
         if targets is None:
             targets = predicted_classes(self.model, self.x, self.batch_size)

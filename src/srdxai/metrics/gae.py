@@ -213,7 +213,7 @@ def gae(
         if height < 4 or width < 4:
             raise InvalidInputError(f"gae needs images of at least 4x4 pixels, got {height}x"
                                     f"{width}.")
-        size = default_batch_size(x, batch_size, explain=True)
+        size = default_batch_size(x, batch_size, explain=True, model=model)
         logits = _outputs(model, x, size)
         predicted = logits.argmax(1)
         labels = check_targets(y, n, x.device)

@@ -18,13 +18,13 @@ from ..errors import InvalidInputError
 from ._common import (
     Explain,
     Normalise,
+    adaptive_chunks,
     check_attributions,
     check_explain,
     check_inputs,
     check_model,
     check_positive_int,
     check_targets,
-    chunks,
     default_batch_size,
     explain_checked,
     guarded,
@@ -58,14 +58,15 @@ class NoiseDraws:
         self.generator = generator
         self.explicit = explicit
         self._cache: dict[int, Tensor] = {}
+        self._drawn = -1  # the last step drawn from the generator
 
     def _step(self, step: int) -> Tensor:
         if self.explicit is not None:
             return self.explicit[step]
         if step not in self._cache:
-            # Steps are requested in increasing order, so earlier ones can be dropped.
-            self._cache = {k: v for k, v in self._cache.items() if k >= step - 1}
-            for missing in range(max(self._cache, default=-1) + 1, step + 1):
+            if step <= self._drawn:
+                raise RuntimeError(f"noise step {step} was dropped (internal error)")
+            for missing in range(self._drawn + 1, step + 1):
                 if self.kind == "gaussian":
                     draw = torch.randn(self.shape, generator=self.generator, dtype=torch.float64)
                     draw = draw * self.b + self.a
@@ -73,11 +74,17 @@ class NoiseDraws:
                     draw = torch.rand(self.shape, generator=self.generator, dtype=torch.float64)
                     draw = draw * (self.b - self.a) + self.a
                 self._cache[missing] = draw
+            self._drawn = step
         return self._cache[step]
 
     def rows(self, start: int, stop: int) -> Tensor:
-        """Noise for flat items [start, stop) of the (step, sample) order."""
+        """Noise for flat items [start, stop) of the (step, sample) order.
+
+        Ranges come in increasing order, except that a range that ran out of memory is asked
+        for again in parts: steps before this range's first one are dropped, no others."""
         n = self.shape[0]
+        first = start // n
+        self._cache = {k: v for k, v in self._cache.items() if k >= first}
         parts = []
         item = start
         while item < stop:
@@ -97,7 +104,7 @@ def _robustness(model, x, y, attributions, explain, *, metric: str, nr_samples: 
     with guarded(model):
         x = check_inputs(x, model)
         n = x.shape[0]
-        size = default_batch_size(x, batch_size, explain=True)
+        size = default_batch_size(x, batch_size, explain=True, model=model)
         targets = check_targets(y, n, x.device)
         if targets is None:
             targets = predicted_classes(model, x, size)
@@ -123,7 +130,8 @@ def _robustness(model, x, y, attributions, explain, *, metric: str, nr_samples: 
             source = NoiseDraws(x.shape, steps, noise[0], noise[1], noise[2], None, explicit)
 
         values = torch.empty(steps * n, dtype=torch.float64)
-        for start, stop in chunks(steps * n, size, progress, metric):
+
+        def run(start: int, stop: int) -> None:
             sample = torch.arange(start, stop) % n
             sample_dev = sample.to(x.device)
             perturbed64 = x64[sample_dev] + source.rows(start, stop).to(x.device)
@@ -137,6 +145,8 @@ def _robustness(model, x, y, attributions, explain, *, metric: str, nr_samples: 
                     changed = model(perturbed).argmax(1) != clean_classes[sample_dev]
                 chunk = chunk.masked_fill(changed, math.nan)
             values[start:stop] = chunk.cpu()
+
+        adaptive_chunks(steps * n, size, progress, metric, run)
         values = values.view(steps, n)
         if reduce == "max":
             # Quantus: nanmax, or max (NaN wins) when NaN marks a changed prediction.

@@ -1,0 +1,179 @@
+"""Memory: a budget for the methods and metrics that run many forward passes, and a fallback
+when a chunk does not fit.
+
+Integrated gradients, SmoothGrad, Score-/Ablation-CAM, occlusion and the metrics run their
+model on many inputs (path points, noisy copies, masked images, perturbations) in chunks.
+
+* ``memory_budget("2GB")`` (a context manager) caps every chunk so that its estimated memory
+  stays under the budget. The estimate comes from one probe pass of a single input: the bytes
+  of every module output (what autograd keeps for a backward pass), or the largest ones for a
+  forward pass without gradients.
+* Whatever the chunk size, a chunk that runs out of memory (CUDA, or the CPU allocator) is
+  split in half and retried, down to one input at a time: an input that fits alone never fails
+  for lack of memory. Only a single input that does not fit raises, with a clear message.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import contextvars
+import gc
+import re
+import weakref
+from collections.abc import Callable, Iterator
+
+import torch
+from torch import nn
+
+from ..errors import InvalidInputError, SrdxaiError
+
+Tensor = torch.Tensor
+
+_BUDGET: contextvars.ContextVar[int | None] = contextvars.ContextVar(
+    "srdxai_memory_budget", default=None)
+_UNITS = {"": 1, "B": 1, "KB": 10**3, "MB": 10**6, "GB": 10**9, "TB": 10**12,
+          "KIB": 2**10, "MIB": 2**20, "GIB": 2**30, "TIB": 2**40}
+_OOM_MESSAGES = ("out of memory", "can't allocate memory", "cannot allocate memory",
+                 "defaultcpuallocator")
+
+
+class OutOfMemoryError(SrdxaiError, MemoryError):
+    """A single input does not fit in memory."""
+
+
+def parse_size(size: int | float | str) -> int:
+    """Bytes from ``2_000_000_000``, ``"2GB"``, ``"1.5 GiB"`` or ``"512MB"``."""
+    if isinstance(size, bool):
+        raise InvalidInputError(f"a memory size must be bytes or text like '2GB', got {size!r}.")
+    if isinstance(size, int | float):
+        value = float(size)
+    else:
+        match = re.fullmatch(r"\s*([0-9]*\.?[0-9]+)\s*([A-Za-z]*)\s*", str(size))
+        unit = match.group(2).upper() if match else None
+        if match is None or unit not in _UNITS:
+            raise InvalidInputError(
+                f"cannot read the memory size {size!r}; write e.g. '2GB', '512MB' or '1.5GiB'.")
+        value = float(match.group(1)) * _UNITS[unit]
+    if not value >= 1:
+        raise InvalidInputError(f"a memory budget must be at least one byte, got {size!r}.")
+    return int(value)
+
+
+@contextlib.contextmanager
+def memory_budget(limit: int | float | str | None) -> Iterator[None]:
+    """Inside this context, chunks of many-forward methods and metrics are sized to stay under
+    ``limit`` (bytes or text such as ``"2GB"``; None: no budget, the defaults)."""
+    token = _BUDGET.set(None if limit is None else parse_size(limit))
+    try:
+        yield
+    finally:
+        _BUDGET.reset(token)
+
+
+def current_budget() -> int | None:
+    """The budget in bytes set by :func:`memory_budget`, or None."""
+    return _BUDGET.get()
+
+
+# --- estimates ------------------------------------------------------------------------------
+
+#: model -> {(input shape, dtype, device): (sum, max)}; forgotten with the model
+_ESTIMATES: weakref.WeakKeyDictionary[nn.Module, dict[tuple, tuple[int, int]]] = (
+    weakref.WeakKeyDictionary())
+
+
+def activation_bytes(model: nn.Module, x: Tensor) -> tuple[int, int]:
+    """(sum, max) of the bytes of every leaf module's output for one input ``x[:1]``: what a
+    backward pass keeps, and the largest single activation. Measured once per model, input
+    shape, dtype and device (a no-grad probe pass)."""
+    key = (tuple(x.shape[1:]), x.dtype, x.device)
+    known = _ESTIMATES.setdefault(model, {})
+    found = known.get(key)
+    if found is not None:
+        return found
+    sizes: list[int] = []
+
+    def record(module: nn.Module, args: object, out: object) -> None:
+        if isinstance(out, Tensor):
+            sizes.append(out.numel() * out.element_size())
+
+    handles = [m.register_forward_hook(record) for m in model.modules()
+               if next(m.children(), None) is None]
+    was_training = model.training
+    try:
+        model.eval()
+        with torch.no_grad():
+            model(x[:1])
+    finally:
+        model.train(was_training)
+        for h in handles:
+            h.remove()
+    one = x[:1].numel() * x.element_size()
+    found = (sum(sizes) + one, max(sizes, default=0) + one)
+    known[key] = found
+    return found
+
+
+def budget_chunk(model: nn.Module, x: Tensor, default: int, backward: bool) -> int:
+    """``default`` (inputs per chunk), capped by the :func:`memory_budget` if one is set.
+
+    Per input: twice the sum of activations for a pass with a backward (kept activations and
+    their gradients), three times the largest activation for a forward pass without gradients.
+    """
+    budget = current_budget()
+    if budget is None:
+        return default
+    total, largest = activation_bytes(model, x)
+    per_input = 2 * total if backward else 3 * largest
+    return max(1, min(default, budget // max(1, per_input)))
+
+
+# --- the fallback ---------------------------------------------------------------------------
+
+def is_out_of_memory(error: BaseException) -> bool:
+    """A CUDA out-of-memory error or a failed CPU allocation."""
+    if isinstance(error, torch.OutOfMemoryError | MemoryError):
+        return True
+    return isinstance(error, RuntimeError) and any(
+        text in str(error).lower() for text in _OOM_MESSAGES)
+
+
+def run_in_chunks(total: int, size: int, run: Callable[[int, int], None], what: str,
+                  on_split: Callable[[int], None] | None = None) -> int:
+    """Call ``run(start, stop)`` on consecutive ranges of at most ``size`` items covering
+    ``0..total``. A range that runs out of memory is retried in halves (and every later range
+    is that small too), down to one item; one item that does not fit raises
+    :class:`OutOfMemoryError`. ``run`` must not keep partial results of a failed range.
+    Returns the chunk size that was used last. ``on_split(new_size)`` is told of each split.
+    """
+    size = max(1, int(size))
+    start = 0
+    while start < total:
+        stop = min(total, start + size)
+        try:
+            run(start, stop)
+        except Exception as error:  # noqa: BLE001 - re-raised unless it is out of memory
+            if not is_out_of_memory(error):
+                raise
+            del error
+            _release()
+            if stop - start == 1:
+                raise OutOfMemoryError(
+                    f"{what}: a single input does not fit in memory. Free memory, use a "
+                    "smaller input, or run on a device with more memory.") from None
+            size = max(1, (stop - start) // 2)
+            if on_split is not None:
+                on_split(size)
+            continue
+        start = stop
+    return size
+
+
+def _release() -> None:
+    gc.collect()
+    if torch.cuda.is_available():
+        torch.cuda.empty_cache()
+
+
+__all__ = ["OutOfMemoryError", "activation_bytes", "budget_chunk", "current_budget",
+           "is_out_of_memory", "memory_budget", "parse_size", "run_in_chunks"]

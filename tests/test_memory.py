@@ -1,0 +1,153 @@
+"""Memory budget and the out-of-memory fallback of the many-forward methods and metrics."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from torch import nn
+
+import small_models as sm
+import srdxai
+from srdxai import metrics
+from srdxai.engine.memory import (
+    OutOfMemoryError,
+    activation_bytes,
+    is_out_of_memory,
+    memory_budget,
+    parse_size,
+    run_in_chunks,
+)
+from srdxai.errors import InvalidInputError
+
+CPU_OOM = ("[enforce fail at alloc_cpu.cpp:117] data. DefaultCPUAllocator: can't allocate "
+           "memory: you tried to allocate 1073741824 bytes. Error code 12 (Cannot allocate "
+           "memory)")
+
+
+class Limited(nn.Module):
+    """``inner``, failing like the CPU allocator on batches larger than ``limit`` (a machine
+    where only ``limit`` inputs fit at a time); records the batch sizes it ran."""
+
+    def __init__(self, inner: nn.Module, limit: int):
+        super().__init__()
+        self.inner, self.limit = inner, limit
+        self.seen: list[int] = []
+
+    def forward(self, x):
+        if x.shape[0] > self.limit:
+            raise RuntimeError(CPU_OOM)
+        self.seen.append(x.shape[0])
+        return self.inner(x)
+
+
+def test_sizes_parse_and_bad_ones_are_refused():
+    assert parse_size("2GB") == 2 * 10**9
+    assert parse_size("1.5 GiB") == int(1.5 * 2**30)
+    assert parse_size("512MB") == 512 * 10**6
+    assert parse_size(4096) == 4096
+    for bad in ("lots", "2 parsecs", 0, -5, True):
+        with pytest.raises(InvalidInputError):
+            parse_size(bad)
+
+
+def test_out_of_memory_errors_are_recognised():
+    assert is_out_of_memory(RuntimeError(CPU_OOM))
+    assert is_out_of_memory(RuntimeError("CUDA out of memory. Tried to allocate 2.00 GiB"))
+    assert is_out_of_memory(torch.OutOfMemoryError("x"))
+    assert not is_out_of_memory(RuntimeError("shape mismatch"))
+
+
+def test_chunks_split_until_they_fit_and_cover_everything_once():
+    done: list[tuple[int, int]] = []
+
+    def run(start, stop):
+        if stop - start > 3:
+            raise RuntimeError(CPU_OOM)
+        done.append((start, stop))
+
+    splits: list[int] = []
+    last = run_in_chunks(20, 16, run, "test", on_split=splits.append)
+    covered = [i for a, b in done for i in range(a, b)]
+    assert covered == list(range(20))
+    assert splits == [8, 4, 2] and last == 2
+
+    with pytest.raises(OutOfMemoryError, match="single input"):
+        run_in_chunks(3, 2, lambda a, b: (_ for _ in ()).throw(RuntimeError(CPU_OOM)), "t")
+    with pytest.raises(ValueError, match="other"):
+        run_in_chunks(3, 2, lambda a, b: (_ for _ in ()).throw(ValueError("other")), "t")
+
+
+# method -> options: every method that runs the model on many inputs
+MANY_FORWARDS = {
+    "integrated_gradients": {"steps": 8},
+    "smoothgrad": {"samples": 6},
+    "scorecam": {},
+    "ablationcam": {},
+    "occlusion": {"window": 4, "stride": 4},
+}
+
+
+@pytest.mark.parametrize("method", sorted(MANY_FORWARDS))
+def test_methods_survive_out_of_memory_when_one_input_fits(method):
+    inner = sm.build_model("PoolNet", "relu", seed=0, num_classes=3)
+    x = torch.randn(2, 3, 12, 12, generator=torch.Generator().manual_seed(0),
+                    dtype=torch.float64)
+    expected = srdxai.explain(inner, x, [0, 2], method, **MANY_FORWARDS[method])
+    limited = Limited(inner, limit=2)
+    got = srdxai.explain(limited, x, [0, 2], method, **MANY_FORWARDS[method])
+    torch.testing.assert_close(got, expected)
+    assert max(limited.seen) <= 2
+
+
+def test_metrics_survive_out_of_memory_when_one_input_fits():
+    inner = sm.build_model("PoolNet", "relu", seed=0, num_classes=3)
+    x = torch.randn(3, 3, 12, 12, generator=torch.Generator().manual_seed(1),
+                    dtype=torch.float64)
+    y = torch.tensor([0, 1, 2])
+    a = srdxai.explain(inner, x, y, "saliency")
+
+    def explain(m, xx, yy):
+        return srdxai.explain(m, xx, yy, "saliency")
+
+    for fn, kwargs in ((metrics.faithfulness_correlation, {"nr_runs": 10, "subset_size": 20}),
+                       (metrics.local_lipschitz_estimate, {"explain": explain,
+                                                           "nr_samples": 4})):
+        expected = fn(inner, x, y, a, seed=0, **kwargs)
+        limited = Limited(inner, limit=3)
+        got = fn(limited, x, y, a, seed=0, batch_size=None, **kwargs)
+        torch.testing.assert_close(got, expected, equal_nan=True)
+
+
+def test_a_memory_budget_caps_the_chunks():
+    inner = sm.build_model("PoolNet", "relu", seed=0, num_classes=3)
+    x = torch.randn(2, 3, 12, 12, dtype=torch.float64)
+    total, largest = activation_bytes(inner, x)
+    assert total > largest > x[0].numel() * 8
+    free = Limited(inner, limit=10**6)
+    srdxai.explain(free, x, 0, "integrated_gradients", steps=8)
+    assert max(free.seen) == 16  # all path points in one pass by default
+    capped = Limited(inner, limit=10**6)
+    with memory_budget(4 * total):  # two points per pass (2x the activations each)
+        got = srdxai.explain(capped, x, 0, "integrated_gradients", steps=8)
+    assert max(capped.seen) == 2
+    torch.testing.assert_close(got, srdxai.explain(inner, x, 0, "integrated_gradients",
+                                                   steps=8))
+    scored = Limited(inner, limit=10**6)
+    with memory_budget(1):  # below one input: one at a time
+        srdxai.explain(scored, x, 0, "scorecam")
+    assert max(scored.seen[1:]) == 1  # after the activation pass on the batch
+
+
+def test_noise_draws_do_not_depend_on_chunks_or_retries():
+    from srdxai.metrics.robustness import NoiseDraws
+
+    def draws() -> NoiseDraws:
+        return NoiseDraws(torch.Size((3, 1, 2, 2)), 4, "gaussian", 0.0, 1.0,
+                          torch.Generator().manual_seed(0))
+
+    whole = draws().rows(0, 12)
+    d = draws()
+    first = d.rows(0, 3)      # exactly one step: the next range starts a new step
+    d.rows(3, 12)             # a range that "ran out of memory" ...
+    again = [d.rows(3, 7), d.rows(7, 12)]  # ... asked for again in halves
+    torch.testing.assert_close(torch.cat([first, *again]), whole, rtol=0, atol=0)
