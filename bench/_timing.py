@@ -30,7 +30,7 @@ class Row:
     ours: float
     reference: float
     reference_name: str
-    target: float  # the ratio ours / reference must not exceed this
+    target: float | None  # the ratio ours / reference must not exceed this (None: reported)
     max_difference: float | None = None  # relative to the reference's largest value
 
     @property
@@ -38,8 +38,8 @@ class Row:
         return self.ours / self.reference
 
     @property
-    def met(self) -> bool:
-        return self.ratio <= self.target
+    def met(self) -> bool | None:
+        return None if self.target is None else self.ratio <= self.target
 
 
 HEADER = ("comparison", "model", "srdxai [s]", "reference [s]", "reference", "ratio",
@@ -48,9 +48,10 @@ HEADER = ("comparison", "model", "srdxai [s]", "reference [s]", "reference", "ra
 
 def cells(row: Row) -> list[str]:
     diff = "-" if row.max_difference is None else f"{row.max_difference:.1e}"
+    target = "-" if row.target is None else f"<= {row.target:.2f}x"
+    met = "-" if row.met is None else "yes" if row.met else "NO"
     return [row.comparison, row.model, f"{row.ours:.3f}", f"{row.reference:.3f}",
-            row.reference_name, f"{row.ratio:.2f}x", f"<= {row.target:.2f}x",
-            "yes" if row.met else "NO", diff]
+            row.reference_name, f"{row.ratio:.2f}x", target, met, diff]
 
 
 def text_table(rows: list[Row]) -> str:

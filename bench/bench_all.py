@@ -11,14 +11,17 @@ Rows, each timed in this run (median over ``--rounds`` calls after a warm-up):
   against zennit (targets 1.0x), Score-CAM against pytorch-grad-cam (target: 3x faster);
 * faithfulness correlation, local Lipschitz estimate and pixel flipping against Quantus
   (target: 10x faster), on a small CNN and EfficientNet-Lite0;
+* AttnLRP against LXT 2.1 on a Hugging Face ViT-B/16 (target 1.0x; each side in a process of
+  its own, since LXT patches ``torch.nn.LayerNorm`` process-wide);
 
 on random-weight torchvision-architecture models, batch 8, 224 x 224 (``--quick``: batch 2,
 64 x 64, fewer steps: a smoke run of a few minutes). The max difference column is the largest
 difference between the two outputs relative to the reference's largest value (SmoothGrad's noise
 and the metrics' random draws differ by design; the plain-gradient rows have none).
 
-Not in the table yet: AttnLRP against LXT (LXT patches ``torch.nn.LayerNorm`` process-wide, so
-it needs a process of its own; ``tests/test_attnlrp.py`` checks the values) and GAE's cost.
+GAE (saliency maps, groups of four images, ResNet50) is reported against one plain gradient
+of the same batch, without a target: its cost is set by its definition (mosaics, masking
+sequences, re-explained inputs).
 """
 
 from __future__ import annotations
@@ -76,6 +79,33 @@ def plain_gradient_rows(args: argparse.Namespace, method: str, models: list[str]
     return rows
 
 
+def gae_row(args: argparse.Namespace) -> _timing.Row:
+    """GAE of saliency maps on ResNet50 against one plain gradient of the same batch."""
+    from bench_srd import randomize_bn, timed_blocks
+    from srdxai import metrics
+
+    torch.manual_seed(0)
+    model = resnet50().eval().to(args.device)
+    randomize_bn(model)
+    n = 4 if args.quick else 8  # groups of four images
+    x = torch.randn(n, 3, args.size, args.size, device=args.device)
+    y = torch.randint(0, 1000, (n,), device=args.device)
+
+    def plain():
+        xx = x.clone().requires_grad_(True)
+        torch.autograd.grad(model(xx).gather(1, y[:, None]).sum(), xx)
+        _sync(args.device)
+
+    def ours():
+        metrics.gae(model, x, y, explain=lambda m, xx, yy: srdxai.explain(m, xx, yy,
+                                                                          "saliency"), seed=0)
+        _sync(args.device)
+
+    times = timed_blocks({"plain": plain, "ours": ours}, args.rounds)
+    return _timing.Row("GAE (saliency)", "resnet50", statistics.median(times["ours"]),
+                       statistics.median(times["plain"]), "plain gradient", None)
+
+
 def metric_rows(args: argparse.Namespace) -> list[_timing.Row]:
     import bench_metrics
 
@@ -109,7 +139,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--quick", action="store_true", help="small sizes: a smoke run")
     parser.add_argument("--rounds", type=int, default=3)
-    parser.add_argument("--only", default="srd,abslrp,peers,metrics")
+    parser.add_argument("--only", default="srd,abslrp,gae,peers,lxt,metrics")
     parser.add_argument("--out", type=Path, default=Path("out/bench/bench.md"))
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     args = parser.parse_args()
@@ -120,6 +150,8 @@ def main() -> None:
         rows += plain_gradient_rows(args, "srd", ["resnet50", "vgg16"], 2.0)
     if "abslrp" in only:
         rows += plain_gradient_rows(args, "abslrp", ["vgg16", "resnet50", "vit_b16"], 3.0)
+    if "gae" in only:
+        rows.append(gae_row(args))
     if "peers" in only:
         import bench_peers
 
@@ -128,6 +160,12 @@ def main() -> None:
             steps=8 if args.quick else 50, samples=4 if args.quick else 25,
             internal_batch_size=64, only="ig,smoothgrad,lrp,scorecam")
         rows += bench_peers.peer_rows(peer_args)
+    if "lxt" in only:
+        import bench_lxt
+
+        ours, theirs, diff = bench_lxt.compare(args.batch, args.size if args.quick else 224,
+                                               args.rounds)
+        rows.append(_timing.Row("AttnLRP", "vit_b16 (HF)", ours, theirs, "LXT", 1.0, diff))
     if "metrics" in only:
         rows += metric_rows(args)
     setting = (f"batch {args.batch}, {args.size} x {args.size} (ViT 224), device {args.device}, "

@@ -40,7 +40,7 @@ from ..engine.core import (
     map_target,
     true_activation_gradient,
 )
-from ..engine.memory import budget_chunk, run_in_chunks
+from ..engine.memory import budget_chunk, element_chunk, run_in_chunks
 from ..errors import InvalidInputError
 from .base import Method, checked_reduction, register
 
@@ -280,11 +280,13 @@ class _SampledGradients(ChainRuleMethod):
                                n: int) -> Tensor:
         """``sum_k w_k grad(points[k])`` for points laid out (K*N, ...) step-major.
 
-        Chunks of ``internal_batch_size`` points (default: all), capped by a
+        Chunks of ``internal_batch_size`` points (default: the device's element budget, 13
+        points of 3x224x224 on a CPU), capped by a
         :func:`~srdxai.engine.memory.memory_budget`; a chunk that runs out of memory is
         split (``engine/memory.py``)."""
         total = torch.zeros_like(points[:n])
-        chunk = budget_chunk(self.model, points, self.internal_batch_size or points.shape[0],
+        chunk = budget_chunk(self.model, points,
+                             self.internal_batch_size or element_chunk(points, backward=True),
                              backward=True)
 
         def run(start: int, stop: int) -> None:
@@ -309,8 +311,9 @@ class IntegratedGradients(_SampledGradients):
     """Sundararajan et al.: ``(x - x_bar) * integral_0^1 grad(x_bar + a (x - x_bar)) da``.
 
     Signed, channels summed. ``steps`` points per sample, ``method`` the quadrature
-    (``gausslegendre`` as Captum, or ``riemann_right`` as DeepExplain, ...); all points are
-    batched, ``internal_batch_size`` caps how many run at once. Completeness:
+    (``gausslegendre`` as Captum, or ``riemann_right`` as DeepExplain, ...); the points of all
+    samples run in chunks of ``internal_batch_size`` (default: about 2 Mi input values per
+    pass on a CPU, 13 points of 3x224x224). Completeness:
     ``sum(map) -> f(x) - f(x_bar)`` as ``steps`` grows.
     """
 

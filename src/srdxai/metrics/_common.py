@@ -25,7 +25,7 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from ..engine.core import model_guard
-from ..engine.memory import budget_chunk, run_in_chunks
+from ..engine.memory import budget_chunk, element_chunk, run_in_chunks
 from ..errors import InvalidInputError, InvalidTargetError
 
 Tensor = torch.Tensor
@@ -34,14 +34,6 @@ Normalise = Literal["max", "sum"] | bool | None
 Baseline = float | int | str | Tensor | np.ndarray
 EmptyMaskPolicy = Literal["nan", "raise"]
 
-#: Default forward-pass budget: a chunk holds at most this many input elements. On a CPU, 2 Mi
-#: elements (13 images at 3x224x224, 2730 at 3x16x16): larger chunks fall out of the caches and
-#: run slower per image. On a GPU, 32 Mi elements (222 images at 3x224x224).
-CPU_ELEMENT_BUDGET = 2**21
-GPU_ELEMENT_BUDGET = 2**25
-#: Explanations also keep the backward graph: on a GPU their chunks get an 8 times smaller
-#: budget (27 images at 3x224x224).
-GPU_EXPLAIN_ELEMENT_BUDGET = 2**22
 
 NAMED_BASELINES = ("black", "white", "mean", "zero", "blur")
 
@@ -319,11 +311,7 @@ def default_batch_size(x: Tensor, batch_size: int | None, explain: bool = False,
     ``model`` pass is estimated once)."""
     if batch_size is not None:
         return check_positive_int(batch_size, "batch_size")
-    if x.device.type == "cpu":
-        budget = CPU_ELEMENT_BUDGET
-    else:
-        budget = GPU_EXPLAIN_ELEMENT_BUDGET if explain else GPU_ELEMENT_BUDGET
-    size = max(1, budget // max(1, x[0].numel()))
+    size = element_chunk(x, backward=explain)
     return size if model is None else budget_chunk(model, x, size, backward=explain)
 
 
