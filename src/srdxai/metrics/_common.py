@@ -355,12 +355,24 @@ def chunks(total: int, size: int, progress: bool, desc: str) -> Iterator[tuple[i
             bar.update(stop - start)
 
 
+def concat_in_chunks(total: int, size: int, fn: Callable[[int, int], Tensor],
+                     what: str) -> Tensor:
+    """``torch.cat`` of ``fn(start, stop)`` over ``0..total`` in chunks of ``size``; a chunk
+    that runs out of memory is retried in halves (:func:`~srdxai.engine.memory.run_in_chunks`).
+    """
+    parts: dict[int, Tensor] = {}
+
+    def run(start: int, stop: int) -> None:
+        parts[start] = fn(start, stop)
+
+    run_in_chunks(total, size, run, what)
+    return torch.cat([parts[k] for k in sorted(parts)])
+
+
 def predicted_classes(model: nn.Module, x: Tensor, batch_size: int) -> Tensor:
-    parts = []
     with torch.no_grad():
-        for start, stop in chunks(x.shape[0], batch_size, False, ""):
-            parts.append(model(x[start:stop]).argmax(1))
-    return torch.cat(parts)
+        return concat_in_chunks(x.shape[0], batch_size,
+                                lambda a, b: model(x[a:b]).argmax(1), "predicted classes")
 
 
 class _LayoutForward:

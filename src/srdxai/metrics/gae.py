@@ -33,6 +33,7 @@ from ._common import (
     check_positive_int,
     check_targets,
     chunks,
+    concat_in_chunks,
     default_batch_size,
     explain_checked,
     guarded,
@@ -101,7 +102,7 @@ def _dice(a: Tensor, b: Tensor) -> Tensor:
 
 def _outputs(model: nn.Module, x: Tensor, size: int) -> Tensor:
     with torch.no_grad():
-        return torch.cat([model(x[s:e]) for s, e in chunks(x.shape[0], size, False, "")])
+        return concat_in_chunks(x.shape[0], size, lambda s, e: model(x[s:e]), "gae")
 
 
 def _masking_sequences(model: nn.Module, x: Tensor, targets: Tensor, steps: int,
@@ -266,10 +267,9 @@ def gae(
             # Maps of the masked inputs of steps 1..S-1, both orders, in explain chunks.
             masked = torch.cat(inputs[1:])  # ((S-1) * 2c, C, H, W), step-major
             masked_targets = torch.cat([py, py]).repeat(steps - 1)
-            masked_maps = torch.cat([
-                _positive_map(explain_checked(explain, model, masked[s:e], masked_targets[s:e],
-                                              None))
-                for s, e in chunks(masked.shape[0], size, False, "")])
+            masked_maps = concat_in_chunks(
+                masked.shape[0], size, lambda s, e, xs=masked, ts=masked_targets: _positive_map(
+                    explain_checked(explain, model, xs[s:e], ts[s:e], None)), "gae")
             masked_maps = masked_maps.view(steps - 1, 2, c, *masked_maps.shape[1:])
             r_rows = r.flatten(1)
             map_change = torch.stack([
