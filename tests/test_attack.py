@@ -186,3 +186,15 @@ def test_attack_experiment_in_bench_and_report(tmp_path, monkeypatch):
     assert "figures/artifact-attack-fmnist-vgg-relu-SRD-input-0.png" in text
     assert "## Qualitative grid (not run)" in text or "attack/" not in text.split(
         "## Qualitative grid")[1]
+
+
+def test_relu6_is_smoothed_too():
+    model = nn.Sequential(nn.Conv2d(3, 4, 3), nn.ReLU6(), nn.Flatten(), nn.LazyLinear(2))
+    x = torch.randn(1, 3, 6, 6) * 10
+    expected = model(x)
+    with SmoothActivations(model, beta=1e4) as s:
+        assert s.replaced == 1 and not isinstance(model[1], nn.ReLU6)
+        torch.testing.assert_close(model(x), expected, rtol=1e-4, atol=1e-3)
+        s.beta = 1.0
+        assert not torch.allclose(model(x), expected)
+    assert type(model[1]) is nn.ReLU6

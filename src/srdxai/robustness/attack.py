@@ -62,13 +62,25 @@ class _Softplus(nn.Module):
         return f"beta={self._schedule[0].beta:g}"
 
 
+class _SoftplusReLU6(_Softplus):
+    """``(softplus(beta z) - softplus(beta (z - 6))) / beta``: ReLU6 smoothed at both kinks."""
+
+    def forward(self, z: Tensor) -> Tensor:
+        beta = self._schedule[0].beta
+        return F.softplus(z, beta=beta) - F.softplus(z - 6.0, beta=beta)
+
+
+#: the modules :class:`SmoothActivations` replaces, and by what
+SMOOTHED = {nn.ReLU: _Softplus, nn.ReLU6: _SoftplusReLU6}
+
+
 class SmoothActivations:
     """Context manager: every ``nn.ReLU`` of ``model`` becomes a softplus of slope ``beta``
-    (settable while inside); the original modules are put back on exit, also on errors.
+    (settable while inside), every ``nn.ReLU6`` the difference of two such softplus (as in
+    EfficientNet-Lite); the original modules are put back on exit, also on errors.
 
-    Only ``nn.ReLU`` *modules* are replaced (torchvision's and timm's models use them);
-    ``F.relu`` calls inside a ``forward`` stay ReLUs, and ``replaced`` says how many modules
-    were swapped.
+    Only these *modules* are replaced (torchvision's and timm's models use them); ``F.relu``
+    calls inside a ``forward`` stay ReLUs, and ``replaced`` says how many modules were swapped.
     """
 
     def __init__(self, model: nn.Module, beta: float = BETA_RANGE[0]):
@@ -81,9 +93,10 @@ class SmoothActivations:
         try:
             for parent in self.model.modules():
                 for name, child in list(parent.named_children()):
-                    if type(child) is nn.ReLU:
+                    smooth = SMOOTHED.get(type(child))
+                    if smooth is not None:
                         self._swapped.append((parent, name, child))
-                        setattr(parent, name, _Softplus(self))
+                        setattr(parent, name, smooth(self))
         except BaseException:
             self._restore()
             raise
