@@ -140,6 +140,8 @@ def main() -> None:
     parser.add_argument("--quick", action="store_true", help="small sizes: a smoke run")
     parser.add_argument("--rounds", type=int, default=3)
     parser.add_argument("--only", default="srd,abslrp,gae,peers,lxt,metrics")
+    parser.add_argument("--peers", default="ig,smoothgrad,lrp,scorecam",
+                        help="the peer rows (Score-CAM alone takes about 50 min on 2 cores)")
     parser.add_argument("--out", type=Path, default=Path("out/bench/bench.md"))
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     args = parser.parse_args()
@@ -158,7 +160,7 @@ def main() -> None:
         peer_args = argparse.Namespace(
             batch=args.batch, size=args.size, rounds=args.rounds,
             steps=8 if args.quick else 50, samples=4 if args.quick else 25,
-            internal_batch_size=64, only="ig,smoothgrad,lrp,scorecam")
+            internal_batch_size=64, only=args.peers)
         rows += bench_peers.peer_rows(peer_args)
     if "lxt" in only:
         import bench_lxt
