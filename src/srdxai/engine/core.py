@@ -75,7 +75,8 @@ def differentiable(enabled: bool = True) -> Iterator[None]:
     every rule the method installed switches to the plain gradient (:meth:`Rule.to_gradient`),
     so that differentiating the map sees the model's true Jacobians: a rule replaces the
     backward of the forward graph's nodes, and the second differentiation runs through those
-    same nodes. Costs about three times the memory of an ordinary call.
+    same nodes. The map keeps the forward graph and the graph of its own backward pass
+    alive until it is freed, where an ordinary call frees both.
     """
     token = _DIFFERENTIABLE.set(bool(enabled))
     try:
