@@ -8,6 +8,8 @@ from __future__ import annotations
 
 import torch
 
+from .gradmode import building_graph
+
 Tensor = torch.Tensor
 
 
@@ -29,7 +31,7 @@ def channel_norm(t: Tensor) -> Tensor:
     While a differentiable map is built (grad mode on inside a backward pass) the square root
     has derivative 0 at the zero vector (padding), not NaN; values are the same.
     """
-    if torch.is_grad_enabled() and t.requires_grad:
+    if building_graph(t):
         return safe_sqrt(channel_dot(t, t))
     return torch.linalg.vector_norm(t, dim=1)
 

@@ -17,6 +17,7 @@ from torch import nn
 
 from ..errors import InvalidInputError, InvalidTargetError, UnsupportedOperationError
 from . import ops
+from .gradmode import building_graph
 from .graph import Node, Recorder
 
 Tensor = torch.Tensor
@@ -147,7 +148,7 @@ def true_activation_gradient(z: Tensor, grad: Tensor, fn: Callable[[Tensor], Ten
     Inside a backward pass run with ``create_graph=True`` (grad mode on) the result stays
     differentiable with respect to ``z`` and ``grad``.
     """
-    if torch.is_grad_enabled() and (z.requires_grad or grad.requires_grad):
+    if building_graph(z, grad):
         zz = z.view_as(z) if z.requires_grad else z.detach().requires_grad_(True)
         (gz,) = torch.autograd.grad(fn(zz), zz, grad, create_graph=True)
         return gz

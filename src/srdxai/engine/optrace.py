@@ -33,6 +33,7 @@ from torch.utils._pytree import tree_flatten, tree_map
 
 from ..errors import InvalidInputError, UnsupportedOperationError
 from .core import _check_output, is_differentiable
+from .gradmode import building_graph
 from .graph import ACTIVATIONS, INPLACE_ACTIVATIONS, _func_name, resolve_alias
 
 Tensor = torch.Tensor
@@ -206,8 +207,7 @@ class OpCall:
         not for the derivative of the result.
         """
         func = func or self.func
-        if torch.is_grad_enabled() and (grad.requires_grad or any(x.requires_grad
-                                                                  for x in inputs)):
+        if building_graph(grad, *inputs):
             leaves = [x.view_as(x) if x.requires_grad else x.detach().requires_grad_(True)
                       for x in inputs]
             if getattr(func, "constant_statistics", False):

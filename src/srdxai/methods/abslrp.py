@@ -68,6 +68,7 @@ import torch
 import torch.nn.functional as F
 
 from ..engine.core import Target
+from ..engine.gradmode import building_graph
 from ..engine.optrace import KINDS, OpCall, OpRule
 from ..engine.optrace import _Keep as _KEEP
 from ..errors import InvalidInputError
@@ -88,7 +89,7 @@ def unit_mass(v: Tensor) -> Tensor:
         return v
     dims = tuple(range(1, v.dim()))
     total = torch.linalg.vector_norm(v, 1, dim=dims, keepdim=True) if dims else v.abs()
-    if torch.is_grad_enabled() and v.requires_grad:
+    if building_graph(v):
         return v / (total + EPS)  # building a differentiable map: ``total`` read ``v``
     return v.div_(total.add_(EPS))
 

@@ -60,6 +60,7 @@ import torch.nn.functional as F
 
 from ..engine import ops
 from ..engine.core import Rule, Target, Trace, is_differentiable, keep_graph
+from ..engine.gradmode import building_graph
 from ..errors import InvalidInputError
 from .base import Method, checked_reduction, register
 
@@ -84,7 +85,7 @@ def ratio(r: Tensor, z: Tensor, eps: float) -> Tensor:
     ``0 * -2 eps + eps`` are exact)."""
     den = (z < 0).to(z.dtype)
     den.mul_(-2 * eps).add_(eps).add_(z)
-    if torch.is_grad_enabled() and (r.requires_grad or z.requires_grad):
+    if building_graph(r, z):
         return r / den  # building a differentiable map: no out= (same values)
     return torch.div(r, den, out=den)
 
