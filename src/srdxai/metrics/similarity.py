@@ -31,7 +31,7 @@ from ._common import pearson as pearson_along_last
 Tensor = torch.Tensor
 NormaliseMode = Literal["sum_abs", "max_abs"] | None
 
-__all__ = ["normalise_map", "pearson", "mse", "ssim"]
+__all__ = ["normalise_map", "scaled_abs_map", "pearson", "mse", "ssim"]
 
 #: skimage's Gaussian window reaches ``int(GAUSSIAN_TRUNCATE * sigma + 0.5)`` pixels each side.
 GAUSSIAN_TRUNCATE = 3.5
@@ -93,14 +93,20 @@ def normalise_map(a: Tensor, mode: NormaliseMode = "sum_abs") -> Tensor:
         return a64
     if mode not in ("sum_abs", "max_abs"):
         raise InvalidInputError(f"mode must be 'sum_abs', 'max_abs' or None, got {mode!r}.")
-    m = a64.abs()
+    return scaled_abs_map(a64, mode)
+
+
+def scaled_abs_map(a: Tensor, mode: NormaliseMode = "sum_abs") -> Tensor:
+    """:func:`normalise_map`'s ``"sum_abs"`` / ``"max_abs"`` step without its checks: keeps
+    ``a``'s dtype and autograd graph (the manipulation attack's loss differentiates it)."""
+    m = a.abs()
     if m.dim() == 4:
         m = m.sum(1)
     flat = m.flatten(1)
     scale = flat.sum(1) if mode == "sum_abs" else flat.amax(1)
     # An all-zero map has scale 0: divide it by 1 instead, which leaves it zero.
     scale = torch.where(scale > 0, scale, torch.ones_like(scale))
-    return m / scale[:, None, None]
+    return m / scale.reshape(-1, *([1] * (m.dim() - 1)))
 
 
 # --- measures -------------------------------------------------------------------------------

@@ -34,7 +34,7 @@ from tqdm.auto import tqdm
 from ..engine.core import Target, check_inputs, differentiable, model_guard
 from ..errors import InvalidInputError
 from ..methods.base import Method, get_method
-from ..metrics.similarity import mse, normalise_map, pearson, ssim
+from ..metrics.similarity import mse, normalise_map, pearson, scaled_abs_map, ssim
 
 Tensor = torch.Tensor
 
@@ -145,11 +145,7 @@ def _accepts(cls: type, name: str) -> bool:
 def unit_map(m: Tensor) -> Tensor:
     """``|m|`` summed over channels (4-D maps), scaled to sum 1 per sample; differentiable,
     an all-zero map stays zero."""
-    a = m.abs()
-    if a.dim() == 4:
-        a = a.sum(1)
-    total = a.flatten(1).sum(1).reshape(-1, *([1] * (a.dim() - 1)))
-    return a / torch.where(total > 0, total, torch.ones_like(total))
+    return scaled_abs_map(m, "sum_abs")
 
 
 # --- the attack ------------------------------------------------------------------------------
