@@ -290,12 +290,11 @@ class _SampledGradients(ChainRuleMethod):
                              backward=True)
 
         def run(start: int, stop: int) -> None:
-            nonlocal total
             rows = torch.arange(start, stop, device=points.device)
             t = _target_rows(target, rows, n)
             grad = self._modified_gradient(points[start:stop], t, gradient_slope)
             w = weights.to(points.device, points.dtype)[rows // n]
-            total = total.index_add(0, rows % n, grad * w.view(-1, *([1] * (grad.dim() - 1))))
+            total.index_add_(0, rows % n, grad * w.view(-1, *([1] * (grad.dim() - 1))))
 
         run_in_chunks(points.shape[0], chunk, run, self.name)
         return total
