@@ -13,11 +13,9 @@ from __future__ import annotations
 
 import argparse
 import os
-import statistics
 import subprocess
 import sys
 import tempfile
-import time
 from pathlib import Path
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
@@ -26,6 +24,8 @@ sys.path.insert(0, str(HERE))
 sys.path.insert(0, str(HERE.parent / "tests"))
 
 import torch  # noqa: E402
+
+import _timing  # noqa: E402
 
 
 def _model(size: int):
@@ -71,13 +71,8 @@ def _side(side: str, out: Path, batch: int, size: int, rounds: int) -> None:
         def call() -> torch.Tensor:
             return srdxai.explain(wrapped, x, target, "attnlrp", channel_reduce="none")
 
-    result = call()
-    times = []
-    for _ in range(rounds):
-        start = time.perf_counter()
-        result = call()
-        times.append(time.perf_counter() - start)
-    torch.save({"seconds": statistics.median(times), "relevance": result.detach()}, out)
+    seconds, result = _timing.median_time(call, rounds)
+    torch.save({"seconds": seconds, "relevance": result.detach()}, out)
 
 
 def compare(batch: int, size: int, rounds: int) -> tuple[float, float, float]:
