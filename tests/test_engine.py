@@ -487,3 +487,42 @@ def test_channels_last_and_ordinary_layout_agree():
     b = srdxai.explain(model, x, target=1, channels_last=False)
     torch.testing.assert_close(a, b)
     assert a.is_contiguous()
+
+
+@pytest.mark.parametrize("cin, cout, kernel, padding, dilation, size", [
+    (3, 8, (3, 3), (1, 1), 1, (9, 7)),      # C_in < C_out: Gram form
+    (8, 4, (3, 3), (1, 1), 1, (6, 6)),      # C_in > C_out: direct form
+    (5, 5, (3, 3), (2, 2), 2, (7, 8)),      # dilation
+    (4, 6, (3, 5), (1, 2), 1, (10, 5)),     # non-square kernel and padding
+    (6, 6, (2, 2), (0, 0), 1, (5, 5)),      # even kernel, no padding
+])
+@pytest.mark.parametrize("block", [None, 50, 2000])
+def test_offset_norms_at_input_positions_equal_per_offset_norms(
+        monkeypatch, cin, cout, kernel, padding, dilation, size, block):
+    # The stride-1 path computes every offset's norm once per input position and gathers;
+    # the per-offset path convolves shifted copies. ``block`` forces row blocks (50) and
+    # several images per block (2000).
+    from srdxai.engine import ops
+
+    if block is not None:
+        monkeypatch.setattr(ops, "_NORM_BLOCK", block)
+    g = torch.Generator().manual_seed(cin * 100 + cout)
+    weight = torch.randn(cout, cin, *kernel, generator=g, dtype=torch.float64)
+    x = torch.randn(3, cin, *size, generator=g, dtype=torch.float64)
+    out = F.conv2d(x, weight, padding=padding, dilation=dilation)
+    op = ops.ConvOp("conv", weight, None, (1, 1), padding, (dilation, dilation), 1, size,
+                    out.shape[2:])
+    assert op._norms_at_inputs_apply(x)
+    for scale in (None, torch.rand(cout, generator=g, dtype=torch.float64)):
+        per_offset = torch.stack([op.offset_norm(x, k, scale) for k in op.offsets], 1)
+        torch.testing.assert_close(op.offset_norms(x, scale), per_offset, rtol=1e-12,
+                                   atol=1e-12)
+        # and the definition: the norm of the offset's share of the real convolution output
+        for j, k in enumerate(op.offsets):
+            w = torch.zeros_like(weight)
+            w[(slice(None), slice(None), *k)] = weight[(slice(None), slice(None), *k)]
+            part = F.conv2d(x, w, padding=padding, dilation=dilation)
+            if scale is not None:
+                part = part * scale.reshape(1, -1, 1, 1)
+            torch.testing.assert_close(op.offset_norms(x, scale)[:, j],
+                                       part.norm(dim=1), rtol=1e-12, atol=1e-12)

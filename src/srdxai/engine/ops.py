@@ -281,6 +281,10 @@ class _WindowOp(LinearOp):
         return canvas.reshape(m.shape[0], *self.in_spatial)
 
 
+#: output values per block of :meth:`ConvOp._offset_norms_at_inputs` (16 MB of float32)
+_NORM_BLOCK = 1 << 22
+
+
 class ConvOp(_WindowOp):
     """Convolution (1-D or 2-D, any stride, zero padding, dilation, groups / depthwise)."""
 
@@ -328,7 +332,62 @@ class ConvOp(_WindowOp):
         position), or the quadratic form with the offset's Gram matrix W_k^T W_k (C_in^2).
         For depthwise kernels the quadratic form is a channel sum of x^2 * w^2.
         """
+        if self._norms_at_inputs_apply(x):
+            return self._offset_norms_at_inputs(x, scale)
         return torch.stack([self.offset_norm(x, k, scale) for k in self.offsets], 1)
+
+    def _norms_at_inputs_apply(self, x: torch.Tensor) -> bool:
+        # A stride-1 2-D convolution reads every input position with every offset, so the
+        # norms can be computed once per input position and then shifted (below). Strided or
+        # grouped convolutions keep the per-offset path (it computes only what is read).
+        return (x.dim() == 4 and self.groups == 1 and len(self.offsets) > 1
+                and all(s == 1 for s in self.stride))
+
+    def _offset_norms_at_inputs(self, x: torch.Tensor,
+                                scale: torch.Tensor | None) -> torch.Tensor:
+        """:meth:`offset_norms` for stride-1 convolutions, all offsets in one 1x1 convolution.
+
+        Offset ``k``'s contribution at output position ``p`` is ``W_k x(q)`` with ``q`` the
+        input position it reads, so its norm is a function of ``q`` alone. One 1x1
+        convolution with the offsets' weights stacked (or their Gram matrices, when C_in <
+        C_out) gives every offset's norm at every input position; a gather then moves each
+        offset's norms to the output positions that read them (0 where they read padding).
+        Per-offset shifted copies of the input cost several times more (memory traffic).
+        The convolution runs in blocks of rows of about ``_NORM_BLOCK`` output values so the
+        (K*C)-channel intermediate stays in cache.
+        """
+        n, cin, height, width = x.shape
+        weights = torch.stack([self._offset_weight(k, scale) for k in self.offsets])  # K,Co,Ci
+        n_off, cout = weights.shape[:2]
+        gram = cin < cout
+        if gram:
+            weights = weights.transpose(1, 2) @ weights  # K, Ci, Ci
+        stacked = weights.reshape(-1, cin, 1, 1).to(x.dtype)
+        width_out = stacked.shape[0]
+        x = x.contiguous(memory_format=torch.channels_last)
+
+        def squared_norms(xb: torch.Tensor) -> torch.Tensor:  # (n, h, w, K)
+            y = F.conv2d(xb, stacked).permute(0, 2, 3, 1).unflatten(-1, (n_off, -1))
+            if gram:
+                return (y * xb.permute(0, 2, 3, 1).unsqueeze(-2)).sum(-1)
+            return (y * y).sum(-1)
+
+        per_image = height * width * width_out
+        if per_image <= _NORM_BLOCK:
+            step = _NORM_BLOCK // per_image
+            sq_in = torch.cat([squared_norms(x[i:i + step]) for i in range(0, n, step)], 0)
+        else:
+            rows = max(1, _NORM_BLOCK // (width * width_out))
+            sq_in = torch.cat([
+                torch.cat([squared_norms(x[i:i + 1, :, r:r + rows])
+                           for r in range(0, height, rows)], 1)
+                for i in range(n)], 0)
+        # (N, H, W, K) -> (N, K, H*W), then each offset's input positions at output positions
+        sq_in = sq_in.permute(0, 3, 1, 2).reshape(n, n_off, -1)
+        index = torch.stack([self._flat_index[k] for k in self.offsets])
+        inside = torch.stack([self._inside[k] for k in self.offsets]).to(sq_in.dtype)
+        sq_out = sq_in.gather(2, index.unsqueeze(0).expand(n, -1, -1)) * inside
+        return safe_sqrt(sq_out).reshape(n, n_off, *self.out_spatial)
 
     def offset_norm(self, x: torch.Tensor, k: Component,
                     scale: torch.Tensor | None = None) -> torch.Tensor:

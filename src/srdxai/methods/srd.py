@@ -142,7 +142,7 @@ class SRDRule(Rule):
         """(source, steps, contribution norm at ``out_node``, inside-map) for every path.
 
         When the entry op is a convolution (possibly with its BatchNorm folded in), the last
-        step's norm comes from :meth:`ConvOp.offset_norm` (cheapest formula per layer).
+        step's norms come from :meth:`ConvOp.offset_norms` (cheapest formula per layer).
         """
         if even:
             for src, steps, _, valid in self._paths(out_node, need_values=False):
@@ -155,11 +155,11 @@ class SRDRule(Rule):
                 yield src, steps, channel_norm(value), valid
             return
         for src, steps, value, valid in self._paths(conv.inputs[0], need_values=True):
-            for k in conv.components(0):
-                norm = conv.offset_norm(value, k, scale)
-                yield src, steps + ((conv, 0, k),) + tail, norm, conv.component_positions(
-                    valid, 0, k)
+            norms = conv.offset_norms(value, scale)  # all offsets at once: (N, K, *out)
             conv._padded = None
+            for j, k in enumerate(conv.components(0)):
+                yield src, steps + ((conv, 0, k),) + tail, norms[:, j], conv.component_positions(
+                    valid, 0, k)
 
     def _split_conv_offsets(self, out_node: Node, rho: Tensor) -> bool:
         """Fast path for the usual block ``PFV -> conv [-> BN]``: all offsets at once.
