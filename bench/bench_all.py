@@ -27,6 +27,8 @@ sequences, re-explained inputs).
 from __future__ import annotations
 
 import argparse
+import concurrent.futures
+import multiprocessing
 import statistics
 import sys
 from pathlib import Path
@@ -46,37 +48,49 @@ ARCHITECTURES = {"resnet50": resnet50, "vgg16": vgg16, "vit_b16": vit_base_patch
 
 def plain_gradient_rows(args: argparse.Namespace, method: str, models: list[str],
                         target: float, **options) -> list[_timing.Row]:
-    """``method`` against one plain input gradient of the target logit, per model."""
+    """``method`` against one plain input gradient of the target logit, per model, each model
+    in a fresh process: what one model's run leaves in the C allocator's heap (fragments of
+    VGG16's 100 MB activations) otherwise slows the next model's first-touch page faults, on
+    both sides of the ratio but not evenly."""
+    rows = []
+    spawn = multiprocessing.get_context("spawn")
+    for name in models:
+        with concurrent.futures.ProcessPoolExecutor(1, mp_context=spawn) as pool:
+            ours, plain = pool.submit(_time_against_plain_gradient, vars(args), method, name,
+                                      options).result()
+        label = {"srd": "SRD", "abslrp": "absLRP"}.get(method, method)
+        rows.append(_timing.Row(label, name, ours, plain, "plain gradient", target))
+    return rows
+
+
+def _time_against_plain_gradient(settings: dict, method: str, name: str,
+                                 options: dict) -> tuple[float, float]:
+    """(median time of ``method``, median time of a plain gradient) on model ``name``."""
     from bench_srd import randomize_bn, timed_blocks
 
-    rows = []
-    for name in models:
-        torch.manual_seed(0)
-        model = ARCHITECTURES[name]().eval().to(args.device)
-        randomize_bn(model)
-        size = 224 if name == "vit_b16" else args.size  # the ViT's patch grid is fixed
-        x = torch.randn(args.batch, 3, size, size, device=args.device)
-        classes = torch.randint(0, 1000, (args.batch,), device=args.device)
+    args = argparse.Namespace(**settings)
+    torch.manual_seed(0)
+    model = ARCHITECTURES[name]().eval().to(args.device)
+    randomize_bn(model)
+    size = 224 if name == "vit_b16" else args.size  # the ViT's patch grid is fixed
+    x = torch.randn(args.batch, 3, size, size, device=args.device)
+    classes = torch.randint(0, 1000, (args.batch,), device=args.device)
 
-        def plain(model=model, x=x, classes=classes):
-            xx = x.clone().requires_grad_(True)
-            torch.autograd.grad(model(xx).gather(1, classes[:, None]).sum(), xx)
-            _sync(args.device)
+    def plain():
+        xx = x.clone().requires_grad_(True)
+        torch.autograd.grad(model(xx).gather(1, classes[:, None]).sum(), xx)
+        _sync(args.device)
 
-        opts = dict(options)
-        if method == "srd":
-            opts["seed"] = "gradcam" if name.startswith("vgg") else "logit"
+    opts = dict(options)
+    if method == "srd":
+        opts["seed"] = "gradcam" if name.startswith("vgg") else "logit"
 
-        def ours(model=model, x=x, classes=classes, opts=opts):
-            srdxai.explain(model, x, classes, method, **opts)
-            _sync(args.device)
+    def ours():
+        srdxai.explain(model, x, classes, method, **opts)
+        _sync(args.device)
 
-        times = timed_blocks({"plain": plain, "ours": ours}, args.rounds)
-        label = {"srd": "SRD", "abslrp": "absLRP"}.get(method, method)
-        rows.append(_timing.Row(label, name, statistics.median(times["ours"]),
-                                statistics.median(times["plain"]), "plain gradient", target))
-        del model
-    return rows
+    times = timed_blocks({"plain": plain, "ours": ours}, args.rounds)
+    return statistics.median(times["ours"]), statistics.median(times["plain"])
 
 
 def gae_row(args: argparse.Namespace) -> _timing.Row:

@@ -7,6 +7,8 @@ The comparison with the independent slow reference (``abslrp_oracle.py``) is in
 
 from __future__ import annotations
 
+import types
+
 import pytest
 import torch
 import torch.nn.functional as F
@@ -43,7 +45,17 @@ def _models() -> dict[str, nn.Module]:
         "vgg": _double(SmallVGG(num_classes=5)),
         "plain": _double(build_model("PoolNet")),
         "depthwise": _double(build_model("DepthwiseNet", act="gelu")),
+        "silu": _double(build_model("DepthwiseNet", act="silu")),
+        "gelu_tanh": _double(_with_tanh_gelu(build_model("PoolNet", act="gelu"))),
     }
+
+
+def _with_tanh_gelu(model: nn.Module) -> nn.Module:
+    for name, child in list(model.named_modules()):
+        if isinstance(child, nn.GELU):
+            parent = model.get_submodule(name.rpartition(".")[0]) if "." in name else model
+            setattr(parent, name.rpartition(".")[2], nn.GELU(approximate="tanh"))
+    return model
 
 
 def _input(m: nn.Module, n: int = 2, seed: int = 4) -> torch.Tensor:
@@ -57,7 +69,8 @@ class _AutogradRule(A.AbsLRPRule):
     closed_forms = False
 
 
-@pytest.mark.parametrize("name", ["vit", "resnet", "vgg", "plain", "depthwise"])
+@pytest.mark.parametrize("name", ["vit", "resnet", "vgg", "plain", "depthwise", "silu",
+                                  "gelu_tanh"])
 def test_closed_forms_equal_the_autograd_definition(name, monkeypatch):
     m = _models()[name]
     x = _input(m)
@@ -289,3 +302,22 @@ def test_intline_variant_keeps_positive_and_negative_streams():
                               srdxai.explain(vit, xv, 1, "abslrp"))
     with pytest.raises(srdxai.SrdxaiError, match="variant"):
         srdxai.explain(m, x, 1, "abslrp", variant="ramp")
+
+
+@pytest.mark.parametrize("func, kwargs", [(F.gelu, {}), (F.gelu, {"approximate": "tanh"}),
+                                          (F.silu, {})])
+def test_self_gated_activation_factor_equals_both_derivatives(func, kwargs):
+    # x f'(x) + |x| f'(|x|) from autograd at x and at |x|, against the one-derivative form,
+    # including x = 0, large |x| and both signs
+    x = torch.cat([torch.linspace(-12, 12, 241, dtype=torch.float64), torch.zeros(1,
+                                                                               dtype=torch.float64)])
+
+    def derivative(at):
+        at = at.clone().requires_grad_(True)
+        (d,) = torch.autograd.grad(func(at, **kwargs).sum(), at)
+        return d
+
+    expected = x * derivative(x) + x.abs() * derivative(x.abs())
+    call = types.SimpleNamespace(func=func, argument=lambda i, n, d=None: kwargs.get(n, d))
+    torch.testing.assert_close(A._self_gated_factor(call, x), expected, rtol=1e-12,
+                               atol=1e-14)

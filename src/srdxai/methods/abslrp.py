@@ -69,7 +69,7 @@ import torch.nn.functional as F
 
 from ..engine.core import Target
 from ..engine.gradmode import building_graph
-from ..engine.optrace import KINDS, OpCall, OpRule
+from ..engine.optrace import ADD, KINDS, OpCall, OpRule
 from ..engine.optrace import _Keep as _KEEP
 from ..errors import InvalidInputError
 from .base import Method, checked_reduction, register
@@ -131,6 +131,95 @@ def _channel_shape(x: Tensor, v: Tensor) -> Tensor:
     return v.reshape(1, -1, *([1] * (x.dim() - 2))) if x.dim() > 1 else v
 
 
+def _unit_grad(x: Tensor) -> Tensor:
+    return torch.ones((), dtype=x.dtype, device=x.device).expand_as(x)
+
+
+def _gelu_derivative(x: Tensor, call: OpCall) -> Tensor:
+    return torch.ops.aten.gelu_backward(_unit_grad(x), x,
+                                        approximate=call.argument(1, "approximate", "none"))
+
+
+def _silu_derivative(x: Tensor, call: OpCall) -> Tensor:
+    if building_graph(x):  # aten's silu_backward has no derivative of its own
+        s = torch.sigmoid(x)
+        return s * (1 + x * (1 - s))
+    return torch.ops.aten.silu_backward(_unit_grad(x), x)
+
+
+#: activations ``f(x) = x s(x)`` with ``s(-a) = 1 - s(a)``, and ``f'`` for each
+_SELF_GATED = {F.gelu: _gelu_derivative, F.silu: _silu_derivative}
+_RELU = (F.relu, torch.relu, Tensor.relu)
+#: calls whose rule is ``factor(x, y) * g`` (diagonal Jacobians given detached statistics)
+ELEMENTWISE = frozenset({"activation", "batch_norm", "layer_norm", "softmax"})
+
+
+def _self_gated_factor(call: OpCall, x: Tensor) -> Tensor:
+    """``x f'(x) + |x| f'(|x|)`` for ``f(x) = x s(x)`` with ``s(-a) = 1 - s(a)`` (GELU,
+    exact or tanh, and SiLU), with one derivative evaluation instead of two forward and two
+    backward passes through autograd.
+
+    With ``a = |x|``, ``f'(x) = s(x) + x s'(x)`` and ``s'`` even: for ``x >= 0`` the sum is
+    ``2 a f'(a)``; for ``x < 0`` it is ``-a (1 - s(a) - a s'(a)) + a f'(a) = 2 a f'(a) - a``.
+    So it is ``2 a f'(a) + min(x, 0)``, exactly, for every ``x``."""
+    a = x.abs()
+    derivative = _SELF_GATED[call.func](a, call)
+    if building_graph(derivative, x):  # out of place: autograd keeps the operands
+        return derivative * a * 2 + x.clamp(max=0)
+    return derivative.mul_(a).mul_(2).add_(x.clamp(max=0))
+
+
+def _plain_sum(call: OpCall, inputs: Sequence[Tensor], output: Tensor) -> bool:
+    """``a + b`` without ``alpha`` and without broadcasting any traced input."""
+    return (call.func in ADD and "alpha" not in call.kwargs and len(call.args) <= 2
+            and all(t.shape == output.shape for t in inputs))
+
+
+def _elementwise_factor(call: OpCall, x: Tensor, output: Tensor) -> Tensor | None:
+    """``factor`` with ``x * J^T g + |x| * Jabs^T g = factor * g`` for the calls whose
+    Jacobians (with LayerNorm's and softmax's statistics detached) are diagonal; None for
+    the other calls of the :data:`ELEMENTWISE` kinds (they go through autograd)."""
+    kind = call.kind
+    if kind == "activation":
+        if call.func in _RELU:
+            # f'(x) = [x > 0] and |x| f'(|x|) = |x|
+            return x.clamp(min=0).add_(x.abs())
+        if call.func in _SELF_GATED:
+            return _self_gated_factor(call, x)
+    elif kind == "batch_norm":
+        var = call.argument(2, "running_var")
+        weight = call.argument(3, "weight")
+        eps = call.argument(7, "eps", 1e-5)
+        if isinstance(var, _KEEP) and (weight is None or isinstance(weight, Tensor)):
+            inv = (var.tensor + eps).rsqrt()
+            a = inv if weight is None else weight * inv
+            a_abs = inv if weight is None else weight.abs() * inv
+            a, a_abs = _channel_shape(x, a), _channel_shape(x, a_abs)
+            return _combine(x * a, x.abs().mul_(a_abs))
+    elif kind == "layer_norm":
+        shape = call.argument(1, "normalized_shape")
+        weight = call.argument(2, "weight")
+        eps = call.argument(4, "eps", 1e-5)
+        if weight is None or isinstance(weight, Tensor):
+            dims = tuple(range(-len(shape), 0))
+            ax = x.abs()
+            inv = (x.var(dims, keepdim=True, unbiased=False) + eps).rsqrt_()
+            inv_abs = (ax.var(dims, keepdim=True, unbiased=False) + eps).rsqrt_()
+            direct = x * inv
+            absolute = ax * inv_abs
+            if weight is not None:
+                direct.mul_(weight)
+                absolute.mul_(weight.abs())
+            return direct.add_(absolute)
+    elif kind == "softmax":
+        dim = call.argument(1, "dim")
+        if isinstance(dim, int):
+            ax = x.abs()
+            # out of place: softmax keeps its output for a differentiable map
+            return _combine(x * output, torch.softmax(ax, dim) * ax)
+    return None
+
+
 class AbsLRPRule(OpRule):
     """The absLRP kernel at every computing call (see the module docstring)."""
 
@@ -138,12 +227,20 @@ class AbsLRPRule(OpRule):
     #: False: every term from autograd (the tests compare the closed forms with it)
     closed_forms = True
 
-    def __init__(self, max_pool_divide: bool = False, variant: str = "abslrp"):
+    def __init__(self, max_pool_divide: bool = False, variant: str = "abslrp",
+                 passes: int = 1):
         self.max_pool_divide = max_pool_divide
         self.variant = variant
         # (id(weight), variant, layout) -> (weight, derived weight), for the rule's lifetime
         # (one explain call: the contrastive passes share it)
         self._weights: dict[tuple, tuple[Tensor, Tensor]] = {}
+        # With two backward passes over one forward (contrastive), the first keeps what
+        # depends on the forward values only, for the second: per elementwise call its
+        # ``factor / (|y| + eps)`` (one tensor the size of its output until the second pass
+        # has used it), and per input whether it is non-negative.
+        self.passes = passes
+        self._scaled_factors: dict[int, Tensor] = {}
+        self._signs: dict[tuple[int, int], bool] = {}
 
     def _weight(self, w: Tensor, variant: str, like: Tensor | None = None) -> Tensor:
         """``w``, ``|w|`` or ``w+`` (``variant``), laid out like a 4-D channels-last input
@@ -163,13 +260,44 @@ class AbsLRPRule(OpRule):
 
     def reset(self) -> None:
         self._weights.clear()
+        self._scaled_factors.clear()
+        self._signs.clear()
+
+    def _nonnegative(self, call: OpCall, i: int, x: Tensor) -> bool:
+        """Whether input ``i`` of ``call`` has no negative entry (checked once per call)."""
+        key = (call.index, i)
+        known = self._signs.get(key)
+        if known is None:
+            known = _nonnegative(x)
+            if self.passes > 1:
+                self._signs[key] = known
+        return known
 
     def op_backward(self, call: OpCall, inputs: Sequence[Tensor], output: Tensor,
                     grad: Tensor) -> list[Tensor]:
+        if (call.kind in ELEMENTWISE and self.variant == "abslrp" and self.closed_forms
+                and len(inputs) == 1):
+            scaled = self._scaled_factors.pop(call.index, None)
+            if scaled is None:
+                factor = _elementwise_factor(call, inputs[0], output)
+                if factor is not None:
+                    denominator = output.abs().add_(EPS)
+                    if building_graph(factor, denominator):
+                        scaled = factor / denominator
+                    else:
+                        scaled = factor.div_(denominator)
+                        if self.passes > 1:
+                            self._scaled_factors[call.index] = scaled
+            if scaled is not None:
+                return [unit_mass(scaled * grad)]
         if call.kind == "max_pool" and not self.max_pool_divide:
             g = grad
         else:
-            g = grad / output.abs().add_(EPS)
+            denominator = output.abs().add_(EPS)
+            if building_graph(grad, denominator):
+                g = grad / denominator
+            else:
+                g = torch.div(grad, denominator, out=denominator)  # one buffer, not two
         if self.variant == "intline":
             return self._intline(call, inputs, output, grad, g)
         return [unit_mass(t) for t in self._terms(call, inputs, output, g)]
@@ -202,10 +330,10 @@ class AbsLRPRule(OpRule):
         if kind in ("linear", "conv") and len(inputs) == 1 and isinstance(call.args[1], Tensor):
             w = call.args[1]
             if kind == "linear":
-                if _nonnegative(x):
+                if self._nonnegative(call, 0, x):
                     return [(g @ self._weight(w, "pos")).mul_(x).mul_(2)]
-                return [_combine((g @ w).mul_(x), x.abs().mul_(g @ self._weight(w, "abs")))]
-            if _nonnegative(x):
+                return [_combine((g @ w).mul_(x), (g @ self._weight(w, "abs")).mul_(x.abs()))]
+            if self._nonnegative(call, 0, x):
                 term = _conv_transpose(call, g, x, self._weight(w, "pos", x))
                 if term is not None:
                     return [term.mul_(x).mul_(2)]
@@ -214,43 +342,26 @@ class AbsLRPRule(OpRule):
                 if direct is not None:
                     absolute = _conv_transpose(call, g, x, self._weight(w, "abs", x))
                     return [_combine(direct.mul_(x), absolute.mul_(x.abs()))]
-        elif kind == "activation" and call.func in (F.relu, torch.relu, Tensor.relu):
-            # f'(x) = [x > 0] and |x| f'(|x|) = |x|
-            return [x.clamp(min=0).add_(x.abs()).mul_(g)]
-        elif kind == "batch_norm":
-            var = call.argument(2, "running_var")
-            weight = call.argument(3, "weight")
-            eps = call.argument(7, "eps", 1e-5)
-            if isinstance(var, _KEEP) and (weight is None or isinstance(weight, Tensor)):
-                inv = (var.tensor + eps).rsqrt()
-                a = inv if weight is None else weight * inv
-                a_abs = inv if weight is None else weight.abs() * inv
-                a, a_abs = _channel_shape(x, a), _channel_shape(x, a_abs)
-                return [_combine(x * a, x.abs().mul_(a_abs)).mul_(g)]
-        elif kind == "layer_norm":
-            shape = call.argument(1, "normalized_shape")
-            weight = call.argument(2, "weight")
-            eps = call.argument(4, "eps", 1e-5)
-            if weight is None or isinstance(weight, Tensor):
-                dims = tuple(range(-len(shape), 0))
-                ax = x.abs()
-                inv = (x.var(dims, keepdim=True, unbiased=False) + eps).rsqrt_()
-                inv_abs = (ax.var(dims, keepdim=True, unbiased=False) + eps).rsqrt_()
-                direct = x * inv
-                absolute = ax * inv_abs
-                if weight is not None:
-                    direct.mul_(weight)
-                    absolute.mul_(weight.abs())
-                return [direct.add_(absolute).mul_(g)]
-        elif kind == "softmax":
-            dim = call.argument(1, "dim")
-            if isinstance(dim, int):
-                ax = x.abs()
-                # out of place: softmax keeps its output for a differentiable map
-                return [_combine(x * output, torch.softmax(ax, dim) * ax).mul_(g)]
+        elif kind == "add" and _plain_sum(call, inputs, output):
+            # J = Jabs = identity for every traced input: x g + |x| g = 2 x+ g
+            if building_graph(g, *inputs):
+                return [2 * t.clamp(min=0) * g for t in inputs]
+            return [t.clamp(min=0).mul_(2).mul_(g) for t in inputs]
+        elif kind in ELEMENTWISE:
+            factor = _elementwise_factor(call, x, output)
+            if factor is not None:
+                return [factor * g if building_graph(factor, g) else factor.mul_(g)]
         elif kind == "matmul" and len(inputs) == 2 and call.func is not torch.einsum and (
                 x.dim() >= 3 and x.dim() == inputs[1].dim()):
             a, b = inputs  # a @ b, both activations, same batch dimensions
+            # A non-negative operand (softmax attention) halves the products: with a >= 0,
+            # a (g b^T) + |a| (g |b|^T) = 2 a (g b+^T) and b (a^T g) + |b| (a^T g) = 2 b+ (a^T g)
+            if self._nonnegative(call, 0, a):
+                bp = b.clamp(min=0)
+                return [(g @ bp.mT).mul_(a).mul_(2), (a.mT @ g).mul_(bp).mul_(2)]
+            if self._nonnegative(call, 1, b):
+                ap = a.clamp(min=0)
+                return [(g @ b.mT).mul_(ap).mul_(2), (ap.mT @ g).mul_(b).mul_(2)]
             ra = _combine((g @ b.mT).mul_(a), (g @ b.abs().mT).mul_(a.abs()))
             rb = _combine((a.mT @ g).mul_(b), (a.abs().mT @ g).mul_(b.abs()))
             return [ra, rb]
@@ -310,7 +421,8 @@ class AbsLRP(Method):
         """Input relevance ``(N, C, ...)`` for one chunk (no batching, no reduction)."""
 
         def run(leaf: Tensor) -> Tensor:
-            rule = AbsLRPRule(self.max_pool_divide, self.variant)
+            rule = AbsLRPRule(self.max_pool_divide, self.variant,
+                              passes=2 if self.contrastive else 1)
             try:
                 maps = self._traced_gradients(
                     leaf, rule, lambda out: self.output_relevance(out, target))
