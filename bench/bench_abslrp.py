@@ -16,6 +16,8 @@ from __future__ import annotations
 
 import argparse
 import statistics
+import subprocess
+import sys
 
 import torch
 
@@ -65,13 +67,27 @@ def main() -> None:
     parser.add_argument("--batch", type=int, default=8)
     parser.add_argument("--rounds", type=int, default=3)
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    parser.add_argument("--rows-only", action="store_true", help=argparse.SUPPRESS)
     args = parser.parse_args()
     sync = torch.cuda.synchronize if args.device.startswith("cuda") else (lambda: None)
+    if args.rows_only:
+        bench_model(args.models, args, sync)
+        return
     print(f"batch={args.batch} size=224 device={args.device} threads={torch.get_num_threads()}"
           f" rounds={args.rounds} (seconds; ratios to the plain gradient)")
     print(f"{'':38s} {'min':>8s} {'median':>8s} {'ratio(min)':>11s} {'ratio(median)':>14s}")
-    for name in args.models.split(","):
-        bench_model(name, args, sync)
+    names = args.models.split(",")
+    if len(names) == 1:
+        bench_model(names[0], args, sync)
+    else:
+        # one process per model: what a model's run leaves in the C allocator's heap slows
+        # the next model's page faults unevenly (see bench_all.plain_gradient_rows)
+        for name in names:
+            done = subprocess.run(
+                [sys.executable, __file__, "--models", name, "--batch", str(args.batch),
+                 "--rounds", str(args.rounds), "--device", args.device, "--rows-only"],
+                check=True, capture_output=True, text=True)
+            print(done.stdout, end="")
     print("target: absLRP <= 3.0x the plain gradient")
 
 
