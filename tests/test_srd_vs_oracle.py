@@ -101,3 +101,19 @@ def test_fast_conv_split_equals_general_path_walk(monkeypatch):
     monkeypatch.setattr(SRDRule, "_split_conv_offsets", lambda self, node, rho: False)
     general = srdxai.explain(model, x, target=1)
     torch.testing.assert_close(fast, general, rtol=1e-12, atol=1e-14)
+
+
+def test_device_path_without_host_checks_gives_the_same_map(monkeypatch):
+    # On a GPU the bias split skips its "anything to do?" checks (they would read a value back
+    # to the host once per layer); the map must not change. Zero biases and an all-zero input
+    # row make both checks matter on the CPU path.
+    from srdxai.methods import srd as srd_module
+
+    model = build_model("PoolNet", act="relu", seed=2)
+    model.conv3.bias.data.zero_()
+    x = torch.randn(2, 3, 12, 10, dtype=torch.float64)
+    x[:, :, :3] = 0.0
+    checked = srdxai.explain(model, x, target=1)
+    monkeypatch.setattr(srd_module, "_may_hold", lambda mask: True)
+    unchecked = srdxai.explain(model, x, target=1)
+    torch.testing.assert_close(unchecked, checked, rtol=1e-12, atol=1e-14)

@@ -97,7 +97,7 @@ class SRDRule(Rule):
             if conv is not None and conv.bias is not None:
                 bias = bias + conv.bias * op.scale
         rho = channel_weighted_sum(grad, bias)
-        if not torch.any(rho != 0):
+        if not _may_hold(rho != 0):
             return None
         even = self.trace is not None and op in self.trace.head_ops
         self._split(op.output, rho, even)
@@ -124,7 +124,7 @@ class SRDRule(Rule):
         total = sum(weights)
         valid_total = sum(valids)
         dead = total == 0
-        if torch.any(dead):
+        if _may_hold(dead):
             # No contribution reaches these positions: split evenly over the paths that read
             # inside the input, which keeps relevance conserved (the reference gets NaN).
             weights = [torch.where(dead, v.to(w.dtype), w) for w, v in zip(weights, valids,
@@ -178,7 +178,7 @@ class SRDRule(Rule):
         inside = conv.offset_inside(norms.dtype)
         total = norms.sum(1, keepdim=True)
         dead = total == 0
-        if torch.any(dead):
+        if _may_hold(dead):
             norms = torch.where(dead, inside.expand_as(norms), norms)
             total = torch.where(dead, inside.sum(1, keepdim=True), total)
         share = safe_divide(rho.unsqueeze(1), total) * norms
@@ -243,6 +243,12 @@ class SRDRule(Rule):
                         valid, i, k)
                 if isinstance(op, ops._WindowOp):
                     op._padded = None  # drop the cached padded input (memory)
+
+
+def _may_hold(mask: Tensor) -> bool:
+    """``mask.any()`` on a CPU; True elsewhere, where reading the answer would stall the
+    device queue once per layer (the guarded work is correct for an all-False mask too)."""
+    return bool(torch.any(mask)) if mask.device.type == "cpu" else True
 
 
 def share_onto(z: Tensor, relevance: Tensor) -> Tensor:
