@@ -281,8 +281,10 @@ class _WindowOp(LinearOp):
         return canvas.reshape(m.shape[0], *self.in_spatial)
 
 
-#: output values per block of :meth:`ConvOp._offset_norms_at_inputs` (16 MB of float32)
+#: output values per block of :meth:`ConvOp._offset_norms_at_inputs`: 16 MB of float32 on a
+#: CPU (cache-sized), 256 MB on a GPU (few, large launches)
 _NORM_BLOCK = 1 << 22
+_NORM_BLOCK_GPU = 1 << 26
 
 
 class ConvOp(_WindowOp):
@@ -372,12 +374,13 @@ class ConvOp(_WindowOp):
                 return (y * xb.permute(0, 2, 3, 1).unsqueeze(-2)).sum(-1)
             return (y * y).sum(-1)
 
+        block = _NORM_BLOCK if x.device.type == "cpu" else _NORM_BLOCK_GPU
         per_image = height * width * width_out
-        if per_image <= _NORM_BLOCK:
-            step = _NORM_BLOCK // per_image
+        if per_image <= block:
+            step = block // per_image
             sq_in = torch.cat([squared_norms(x[i:i + step]) for i in range(0, n, step)], 0)
         else:
-            rows = max(1, _NORM_BLOCK // (width * width_out))
+            rows = max(1, block // (width * width_out))
             sq_in = torch.cat([
                 torch.cat([squared_norms(x[i:i + 1, :, r:r + rows])
                            for r in range(0, height, rows)], 1)
