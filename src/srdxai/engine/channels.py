@@ -56,3 +56,10 @@ def channel_weighted_sum(t: Tensor, weights: Tensor) -> Tensor:
     if per_channel and _channels_last(t):
         return t.permute(0, 2, 3, 1) @ weights.reshape(-1).to(t.dtype)
     return (t * weights).sum(1)
+
+
+def nonnegative(x: Tensor) -> bool:
+    """True when ``x`` has no negative entry (ReLU or softmax outputs): rules that split by
+    sign then skip the terms of ``x-``, which vanish exactly. Reads one value back from the
+    device."""
+    return bool((x.amin() >= 0).item()) if x.numel() else True

@@ -67,6 +67,7 @@ from collections.abc import Sequence
 import torch
 import torch.nn.functional as F
 
+from ..engine.channels import nonnegative
 from ..engine.core import Target
 from ..engine.gradmode import building_graph
 from ..engine.optrace import ADD, KINDS, OpCall, OpRule
@@ -119,12 +120,6 @@ def _combine(direct: Tensor, absolute: Tensor) -> Tensor:
     per-layer renormalisation can inflate into a whole unit of relevance when nothing else
     reaches that tensor."""
     return direct.add_(absolute)
-
-
-def _nonnegative(x: Tensor) -> bool:
-    """True when ``x`` has no negative entry (ReLU outputs): then ``x * J^T g + |x| * Jabs^T
-    g = 2 x * J+^T g`` with the positive part of the weights, one product instead of two."""
-    return bool((x.amin() >= 0).item()) if x.numel() else True
 
 
 def _channel_shape(x: Tensor, v: Tensor) -> Tensor:
@@ -263,12 +258,14 @@ class AbsLRPRule(OpRule):
         self._scaled_factors.clear()
         self._signs.clear()
 
-    def _nonnegative(self, call: OpCall, i: int, x: Tensor) -> bool:
-        """Whether input ``i`` of ``call`` has no negative entry (checked once per call)."""
+    def _input_nonnegative(self, call: OpCall, i: int, x: Tensor) -> bool:
+        """Whether input ``i`` of ``call`` has no negative entry, checked once per call. Then
+        ``x * J^T g + |x| * Jabs^T g = 2 x * J+^T g`` with the positive part of the weights:
+        one product instead of two."""
         key = (call.index, i)
         known = self._signs.get(key)
         if known is None:
-            known = _nonnegative(x)
+            known = nonnegative(x)
             if self.passes > 1:
                 self._signs[key] = known
         return known
@@ -330,10 +327,10 @@ class AbsLRPRule(OpRule):
         if kind in ("linear", "conv") and len(inputs) == 1 and isinstance(call.args[1], Tensor):
             w = call.args[1]
             if kind == "linear":
-                if self._nonnegative(call, 0, x):
+                if self._input_nonnegative(call, 0, x):
                     return [(g @ self._weight(w, "pos")).mul_(x).mul_(2)]
                 return [_combine((g @ w).mul_(x), (g @ self._weight(w, "abs")).mul_(x.abs()))]
-            if self._nonnegative(call, 0, x):
+            if self._input_nonnegative(call, 0, x):
                 term = _conv_transpose(call, g, x, self._weight(w, "pos", x))
                 if term is not None:
                     return [term.mul_(x).mul_(2)]
@@ -356,10 +353,10 @@ class AbsLRPRule(OpRule):
             a, b = inputs  # a @ b, both activations, same batch dimensions
             # A non-negative operand (softmax attention) halves the products: with a >= 0,
             # a (g b^T) + |a| (g |b|^T) = 2 a (g b+^T) and b (a^T g) + |b| (a^T g) = 2 b+ (a^T g)
-            if self._nonnegative(call, 0, a):
+            if self._input_nonnegative(call, 0, a):
                 bp = b.clamp(min=0)
                 return [(g @ bp.mT).mul_(a).mul_(2), (a.mT @ g).mul_(bp).mul_(2)]
-            if self._nonnegative(call, 1, b):
+            if self._input_nonnegative(call, 1, b):
                 ap = a.clamp(min=0)
                 return [(g @ b.mT).mul_(ap).mul_(2), (ap.mT @ g).mul_(b).mul_(2)]
             ra = _combine((g @ b.mT).mul_(a), (g @ b.abs().mT).mul_(a.abs()))

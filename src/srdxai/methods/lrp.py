@@ -59,6 +59,7 @@ import torch
 import torch.nn.functional as F
 
 from ..engine import ops
+from ..engine.channels import nonnegative
 from ..engine.core import Rule, Target, Trace, is_differentiable, keep_graph
 from ..engine.gradmode import building_graph
 from ..errors import InvalidInputError
@@ -166,12 +167,6 @@ def _neg(t: Tensor | None) -> Tensor | None:
     return None if t is None else t.clamp(max=0)
 
 
-def _nonnegative(x: Tensor) -> bool:
-    """True when ``x`` has no negative entry (ReLU outputs): the ``x-`` terms then vanish
-    exactly, which halves the work of the sign-splitting rules."""
-    return bool((x.amin() >= 0).item()) if x.numel() else True
-
-
 # --- layer rules ----------------------------------------------------------------------------
 
 @dataclass(frozen=True, eq=False)
@@ -205,7 +200,7 @@ class LayerRule:
     def _zplus(self, layer, x, z, r):
         w, b, eps = layer.weight, layer.bias, self.epsilon
         wp = w.clamp(min=0)
-        if _nonnegative(x):
+        if nonnegative(x):
             s = ratio(r, layer.forward(x, wp, _pos(b)), eps)
             return layer.transpose(s, wp, x).mul_(x)
         wn, xp, xn = w.clamp(max=0), x.clamp(min=0), x.clamp(max=0)
@@ -215,7 +210,7 @@ class LayerRule:
     def _alpha_beta(self, layer, x, z, r):
         w, b, eps = layer.weight, layer.bias, self.epsilon
         wp, wn = w.clamp(min=0), w.clamp(max=0)
-        if _nonnegative(x):
+        if nonnegative(x):
             sp = ratio(r, layer.forward(x, wp, _pos(b)), eps)
             sn = ratio(r, layer.forward(x, wn, _neg(b)), eps)
             positive = layer.transpose(sp, wp, x).mul_(self.alpha)
@@ -234,7 +229,7 @@ class LayerRule:
         bn = None if b is None else b + g * b.clamp(max=0)
         # zennit: the positive (negative) part of the relevance goes only to outputs z > 0 (< 0)
         rp, rn = (z > 0).to(r.dtype).mul_(r), (z < 0).to(r.dtype).mul_(r)
-        if _nonnegative(x):
+        if nonnegative(x):
             gp = ratio(rp, layer.forward(x, wp, bp), eps)
             gn = ratio(rn, layer.forward(x, wn, bn), eps)
             return layer.transpose(gp, wp, x).add_(layer.transpose(gn, wn, x)).mul_(x)
