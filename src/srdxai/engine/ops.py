@@ -388,9 +388,9 @@ class ConvOp(_WindowOp):
         # (N, H, W, K) -> (N, K, H*W), then each offset's input positions at output positions
         sq_in = sq_in.permute(0, 3, 1, 2).reshape(n, n_off, -1)
         index = torch.stack([self._flat_index[k] for k in self.offsets])
-        inside = torch.stack([self._inside[k] for k in self.offsets]).to(sq_in.dtype)
-        sq_out = sq_in.gather(2, index.unsqueeze(0).expand(n, -1, -1)) * inside
-        return safe_sqrt(sq_out).reshape(n, n_off, *self.out_spatial)
+        sq_out = sq_in.gather(2, index.unsqueeze(0).expand(n, -1, -1)).reshape(
+            n, n_off, *self.out_spatial) * self.offset_inside(sq_in.dtype)
+        return safe_sqrt(sq_out)
 
     def offset_norm(self, x: torch.Tensor, k: Component,
                     scale: torch.Tensor | None = None) -> torch.Tensor:
