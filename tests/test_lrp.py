@@ -16,12 +16,9 @@ Intended differences, handled here rather than hidden by tolerances:
   ``Bottleneck`` (``ResNetCanonizer``); the small test models get an equivalent canonizer
   here (``stack`` + ``Sum``, as zennit's). We treat every recorded ``a + b`` of two
   input-dependent tensors as such a sum (Norm rule).
-* At inputs smaller than 224 px, VGG's ``AdaptiveAvgPool2d((7, 7))`` *upsamples* (1x1 -> 7x7)
-  and the engine records it as an opaque op, through which relevance flows as the gradient;
-  zennit applies its Norm rule there (``x R / s(x)``: equal up to the stabiliser where
-  ``x != 0``, and where ``x == 0`` the relevance arriving is 0 under both). The VGG16
-  cross-check gives zennit no rule on that module. (At 224 px both apply Norm; checked in
-  float64 while developing: 3.6e-14.)
+* At inputs smaller than 224 px, VGG's ``AdaptiveAvgPool2d((7, 7))`` *upsamples* (1x1 -> 7x7);
+  the engine records it as a resampling op and, like zennit, applies the Norm rule there
+  (``x R / s(x)``), so the VGG16 cross-check runs both libraries with their own rules on it.
 """
 
 from __future__ import annotations
@@ -248,8 +245,8 @@ def test_resnet18_matches_zennit_resnet_canonizer():
 @needs_zennit
 def test_vgg16_matches_zennit():
     """torchvision-architecture VGG16 at 32 px. zennit runs on the same module (its VGG
-    canonizer is only the BatchNorm merge, which needs no torchvision class); the upsampling
-    adaptive average pool gets no rule in zennit (see the module docstring)."""
+    canonizer is only the BatchNorm merge, which needs no torchvision class); both apply Norm
+    to the upsampling adaptive average pool (see the module docstring)."""
     torch.manual_seed(0)
     previous = torch.get_default_dtype()
     torch.set_default_dtype(torch.float64)  # build in float64: no copy of 120M weights
@@ -258,8 +255,7 @@ def test_vgg16_matches_zennit():
     finally:
         torch.set_default_dtype(previous)
     x = torch.randn(1, 3, 32, 32, dtype=torch.float64)
-    cases = zennit_composites(lambda: [SequentialMergeBatchNorm()],
-                              skip=[(nn.AdaptiveAvgPool2d, None)])
+    cases = zennit_composites(lambda: [SequentialMergeBatchNorm()])
     # (z+ on VGG's 25088 x 4096 dense layer would copy its float64 weights several times over;
     # the dense z+ rule is covered by the small models and ResNet18.)
     for case in ("epsilon_plus", "epsilon_gamma_box"):

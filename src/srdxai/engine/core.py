@@ -132,6 +132,11 @@ class Rule:
 
     wants_bias_ops = False
     wants_linear_ops = False
+    #: a product of two input-dependent tensors where one is a gate (squeeze-excitation,
+    #: ``z * sigmoid(z)``) is recorded as a linear op of the signal with the gate a constant
+    #: weight, and the rule's backward gives the gate nothing (docs/srd.md); False: such
+    #: products are not decomposed (the plain gradient flows through them)
+    gate_products = False
     keeps_pfv_values = False  # the rule reads PFV values after the forward pass
     needs_graph = True  # False: nothing is replaced, run the model as it is (fastest)
 
@@ -187,6 +192,24 @@ class RuleActivation(torch.autograd.Function):
         if ctx.rule.plain:
             return true_activation_gradient(z, grad, ctx.fn), None, None, None
         return ctx.rule.activation_backward(ctx.slot.node, z, v, grad, ctx.fn), None, None, None
+
+
+class GateProduct(torch.autograd.Function):
+    """``signal * gate`` whose backward sends nothing to the gate while the rule is not plain
+    (the gate is a constant weight for the rule; the true product rule otherwise)."""
+
+    @staticmethod
+    def forward(ctx, signal, gate, rule):  # type: ignore[override]
+        ctx.save_for_backward(signal, gate)
+        ctx.rule = rule
+        return signal * gate
+
+    @staticmethod
+    def backward(ctx, grad):  # type: ignore[override]
+        signal, gate = ctx.saved_tensors
+        g_signal = (grad * gate).sum_to_size(signal.shape)
+        g_gate = (grad * signal).sum_to_size(gate.shape) if ctx.rule.plain else None
+        return g_signal, g_gate, None
 
 
 # --- the traced forward pass -----------------------------------------------------------------
@@ -260,6 +283,8 @@ class Trace:
             on_opaque=self.rule.on_opaque,
             keep_pfv_values=self.rule.keeps_pfv_values,
             on_linear_op=self.rule.on_linear_op if self.rule.wants_linear_ops else None,
+            gate_apply=(lambda signal, gate: GateProduct.apply(signal, gate, self.rule))
+            if self.rule.gate_products else None,
         )
         self.recorder = recorder
         handles = []
@@ -338,6 +363,27 @@ class Trace:
             head.add(node.producer)
             stack.extend(n for n in node.producer.inputs if n is not None)
         return head, sources
+
+    def opaque_on_paths(self) -> list[ops.OpaqueOp]:
+        """The undecomposed operations on some path from the input to the output (through
+        activations too), in forward order; an opaque op off every such path gets no
+        backward signal and does not matter."""
+        recorder = self.recorder
+        stack, seen, found = [self.output_node], set(), []
+        while stack:
+            node = stack.pop()
+            if id(node) in seen:
+                continue
+            seen.add(id(node))
+            if node.is_pfv:
+                pre = recorder.node_of(node.pre) if node.pre is not None else None
+                if pre is not None:
+                    stack.append(pre)
+                continue
+            if node.producer.kind == "opaque":
+                found.append(node.producer)
+            stack.extend(n for n in node.producer.inputs if n is not None)
+        return sorted(found, key=lambda op: op.output.index)
 
     # -- layer lookup ---------------------------------------------------------------------------
     def layer_names(self) -> list[str]:

@@ -121,6 +121,27 @@ VIEW_FUNCS = {Tensor.view, Tensor.reshape, torch.reshape, torch.flatten, Tensor.
               Tensor.squeeze, torch.squeeze, Tensor.unsqueeze, torch.unsqueeze}
 IDENTITY_FUNCS = {Tensor.contiguous, Tensor.clone, torch.clone}
 MEAN_FUNCS = {torch.mean, Tensor.mean}
+CAT_FUNCS = {torch.cat, torch.concat, torch.concatenate}
+SPLIT_FUNCS = {Tensor.split, torch.split, Tensor.chunk, torch.chunk, Tensor.tensor_split,
+               torch.tensor_split}
+NARROW_FUNCS = {Tensor.narrow, torch.narrow}
+INTERPOLATE_FUNCS = {F.interpolate, F.upsample}
+# Calls that only move values: when the engine cannot decompose one (e.g. flattening a spatial
+# map), the plain gradient through it is still exact for rules that only need values moved.
+MOVING_FUNCS = {Tensor.view, Tensor.view_as, Tensor.reshape, Tensor.reshape_as, torch.reshape,
+                torch.flatten, Tensor.flatten, Tensor.unflatten, torch.unflatten,
+                Tensor.squeeze, torch.squeeze, Tensor.unsqueeze, torch.unsqueeze,
+                Tensor.permute, torch.permute, Tensor.transpose, torch.transpose, Tensor.t,
+                torch.t, Tensor.movedim, torch.movedim, Tensor.__getitem__, Tensor.select,
+                torch.select, Tensor.narrow, torch.narrow, Tensor.index_select,
+                torch.index_select, Tensor.expand, Tensor.expand_as, Tensor.repeat, torch.cat,
+                torch.concat, torch.concatenate, torch.stack, Tensor.unbind, torch.unbind,
+                Tensor.chunk, torch.chunk, Tensor.split, torch.split, Tensor.tensor_split,
+                torch.tensor_split, Tensor.contiguous, Tensor.flip, torch.flip, Tensor.roll,
+                torch.roll, F.pad, F.pixel_shuffle, F.pixel_unshuffle, torch.swapaxes,
+                Tensor.swapaxes}
+# Products whose factor produced directly by one of these activations is a gate (docs/srd.md).
+GATE_ACTIVATIONS = {"sigmoid", "hardsigmoid"}
 # Calls that read a tracked tensor but give back a tensor that does not depend on its values.
 CONSTANT_FUNCS = {torch.zeros_like, torch.ones_like, torch.empty_like, torch.full_like,
                   torch.rand_like, torch.randn_like, Tensor.new_zeros, Tensor.new_ones,
@@ -176,8 +197,13 @@ class Recorder(TorchFunctionMode):
         strict: bool = False,
         keep_pfv_values: bool = True,
         on_linear_op: Callable[[ops.LinearOp, list, Tensor], Tensor] | None = None,
+        gate_apply: Callable[[Tensor, Tensor], Tensor] | None = None,
     ):
         super().__init__()
+        # ``gate_apply(signal, gate)``: ``signal * gate`` with the gate a constant for the
+        # rule (its backward gives the gate nothing unless the rule is plain); None: products
+        # of two input-dependent tensors are not decomposed
+        self.gate_apply = gate_apply
         self.on_linear_op = on_linear_op
         self.keep_pfv_values = keep_pfv_values
         self.on_opaque = on_opaque
@@ -230,8 +256,12 @@ class Recorder(TorchFunctionMode):
         name, module = self.module_stack[-1]
         return name or f"{type(module).__name__} (the model's own forward)"
 
-    def _unsupported(self, what: str, advice: str = "") -> UnsupportedOperationError:
-        msg = f"SRD cannot decompose {what} (in module '{self.where}')."
+    def _unsupported(self, what: str, advice: str = "",
+                     moves_values: bool = False) -> UnsupportedOperationError:
+        """The error for an operation the engine cannot decompose. ``moves_values``: the
+        operation only moves values (a view, a permute), so a plain gradient through it is
+        still exact for rules that do not need its decomposition."""
+        msg = f"The engine cannot decompose {what} (in module '{self.where}')."
         if advice:
             msg += " " + advice
         else:
@@ -239,7 +269,9 @@ class Recorder(TorchFunctionMode):
                     " residual '+', zero padding, flatten/view of pooled maps, eval dropout and"
                     " elementwise activations. Rewrite the model with these, or explain with a"
                     " gradient method.")
-        return UnsupportedOperationError(msg)
+        error = UnsupportedOperationError(msg)
+        error.moves_values = moves_values  # type: ignore[attr-defined]
+        return error
 
     def _resolve(self, obj: Any) -> Any:
         return resolve_alias(self.aliases, obj)
@@ -273,6 +305,7 @@ class Recorder(TorchFunctionMode):
         for t in tree_flatten(out)[0]:
             if isinstance(t, Tensor) and t.is_floating_point() and id(t) not in self.nodes:
                 op = ops.OpaqueOp(self.where, error)
+                op.moves_values = bool(getattr(error, "moves_values", False))
                 op.inputs = []
                 self.opaque_ops.append(op)
                 if self.on_opaque is not None:
@@ -319,6 +352,16 @@ class Recorder(TorchFunctionMode):
             return self._mean(func, args, kwargs)
         if func in VIEW_FUNCS:
             return self._view(func, args, kwargs)
+        if func in CAT_FUNCS:
+            return self._cat(args, kwargs)
+        if func is Tensor.__getitem__:
+            return self._getitem(args)
+        if func in NARROW_FUNCS:
+            return self._narrow(args, kwargs)
+        if func in SPLIT_FUNCS:
+            return self._split(func, args, kwargs)
+        if func in INTERPOLATE_FUNCS:
+            return self._interpolate(func, args, kwargs)
         if func is F.pad:
             return self._pad(args, kwargs)
         if func is F.dropout or func in (F.dropout1d, F.dropout2d, F.alpha_dropout):
@@ -331,7 +374,20 @@ class Recorder(TorchFunctionMode):
         out = func(*args, **kwargs)
         if not any(isinstance(t, Tensor) for t in tree_flatten(out)[0]):
             return out  # sizes, dtypes, shapes, comparisons to Python values ...
-        raise self._unsupported(f"the operation '{_func_name(func)}'")
+        if func in (F.layer_norm, F.group_norm):
+            raise self._unsupported(
+                f"a {'LayerNorm' if func is F.layer_norm else 'GroupNorm'} (its statistics "
+                "depend on the input)",
+                "For vision transformers use method='srd_tokens', 'abslrp' or 'attnlrp'; for "
+                "other models a gradient method.")
+        if func in (F.softmax, torch.softmax, Tensor.softmax, F.log_softmax, torch.log_softmax,
+                    Tensor.log_softmax):
+            raise self._unsupported(
+                f"a {getattr(func, '__name__', 'softmax')} (not linear between activations)",
+                "If the model ends in a softmax, explain its logits: drop the softmax (the "
+                "classifier's last layer gives them).")
+        raise self._unsupported(f"the operation '{_func_name(func)}'",
+                                moves_values=func in MOVING_FUNCS)
 
     # -- handlers ----------------------------------------------------------------------------
     def _record(self, op: ops.LinearOp, inputs: list[Any], out: Tensor) -> Tensor:
@@ -419,6 +475,8 @@ class Recorder(TorchFunctionMode):
     def _mul(self, func, args, kwargs):
         a, b = args[0], args[1]
         if self.node_of(a) is not None and self.node_of(b) is not None:
+            if self.gate_apply is not None:
+                return self._gate(a, b)
             raise self._unsupported(
                 "a product of two input-dependent tensors (e.g. attention or a gating "
                 "'sigmoid(x) * x' / squeeze-excitation)",
@@ -579,9 +637,13 @@ class Recorder(TorchFunctionMode):
                                      device=x.device)
             op = ops.AvgPoolOp(self.where, coefficient, kernel, kernel, (0,) * d, in_sp, size)
             return self._record(op, [x], out)
-        raise self._unsupported(
-            f"adaptive average pooling from {in_sp} to {size} (overlapping windows)",
-            "Use an input size divisible by the output size.")
+        # windows that overlap or differ in size (e.g. 4x4 -> 7x7)
+        axes = [ops.adaptive_pool_axis(i, s, x.device, x.dtype)
+                for i, s in zip(in_sp, size, strict=True)]
+        op = ops.ResampleOp(self.where, axes, in_sp, size)
+        op.kind = "adaptive_avgpool"
+        self._check_resample(op, x, out, "adaptive average pooling")
+        return self._record(op, [x], out)
 
     def _mean(self, func, args, kwargs):
         x = args[0]
@@ -615,6 +677,7 @@ class Recorder(TorchFunctionMode):
                 "Only views that keep batch and channels (e.g. flattening a 1x1 pooled map) "
                 "keep pointwise feature vectors intact. For flatten+linear heads use "
                 "seed='gradcam' with a conv layer.",
+                moves_values=True,
             )
         op = ops.ReshapeOp(self.where, in_sp, out_sp)
         return self._record(op, [x], out)
@@ -625,7 +688,8 @@ class Recorder(TorchFunctionMode):
         if b["mode"] != "constant" or (b["value"] not in (None, 0, 0.0)):
             raise self._unsupported(
                 f"padding with mode '{b['mode']}' and value {b['value']}",
-                "Only zero padding is linear without a bias.")
+                "Only zero padding is linear without a bias.",
+                moves_values=b["mode"] != "constant")
         x = b["input"]
         if len(b["pad"]) > 2 * (x.dim() - 2):
             raise self._unsupported("padding of the batch or channel dimension")
@@ -637,3 +701,154 @@ class Recorder(TorchFunctionMode):
         with torch._C.DisableTorchFunction():
             out = x.view_as(x)
         return self._record(ops.IdentityOp(self.where), [x], out)
+
+    # -- operations that move values, resampling, gates ---------------------------------------
+    def _spatial_dim(self, x: Tensor, dim: int, what: str) -> int:
+        """``dim`` as a non-negative dimension of ``x``; refuse the batch dimension."""
+        d = dim % x.dim()
+        if d == 0:
+            raise self._unsupported(f"{what} along the batch dimension",
+                                    "Explain the samples separately instead.",
+                                    moves_values=True)
+        return d
+
+    def _cat(self, args, kwargs):
+        tensors = kwargs.get("tensors", args[0] if args else None)
+        dim = kwargs.get("dim", kwargs.get("axis", args[1] if len(args) > 1 else 0))
+        tensors = [self._resolve(t) for t in tensors]
+        with torch._C.DisableTorchFunction():
+            out = torch.cat(tensors, dim)
+        if any(self.node_of(t) is None for t in tensors):
+            raise self._unsupported(
+                "a concatenation with a tensor that does not depend on the input (e.g. a "
+                "class token or a constant map)", moves_values=True)
+        d = self._spatial_dim(out, dim, "a concatenation")
+        starts, sizes, start = [], [], 0
+        for t in tensors:
+            starts.append(start)
+            sizes.append(t.shape[d])
+            start += t.shape[d]
+        op = ops.CatOp(self.where, d, starts, sizes, tuple(out.shape[2:]),
+                       [tuple(t.shape[2:]) for t in tensors])
+        return self._record(op, list(tensors), out)
+
+    def _slice(self, x: Tensor, slices: list[slice], out: Tensor) -> Tensor:
+        op = ops.SliceOp(self.where, slices, tuple(x.shape[2:]), tuple(out.shape[2:]))
+        return self._record(op, [x], out)
+
+    def _full_slices(self, x: Tensor) -> list[slice]:
+        return [slice(None)] * (x.dim() - 1)
+
+    def _getitem(self, args):
+        x, index = args[0], args[1]
+        with torch._C.DisableTorchFunction():
+            out = x[index]
+        items = list(index) if isinstance(index, tuple) else [index]
+        if any(item is Ellipsis for item in items):
+            at = items.index(Ellipsis)
+            fill = x.dim() - (len(items) - 1)
+            items = items[:at] + [slice(None)] * fill + items[at + 1:]
+        if len(items) > x.dim() or not all(isinstance(i, slice) for i in items) or any(
+            isinstance(v, Tensor) for i in items for v in (i.start, i.stop, i.step)
+        ):
+            raise self._unsupported(
+                f"indexing with {index!r}",
+                "Only basic slicing (start:stop:step, '...') keeps the tensor's dimensions; "
+                "integer, boolean or tensor indices are not decomposed.", moves_values=True)
+        items += [slice(None)] * (x.dim() - len(items))
+        if items[0] != slice(None):
+            self._spatial_dim(x, 0, "slicing")
+        return self._slice(x, items[1:], out)
+
+    def _narrow(self, args, kwargs):
+        b = _bind(args, kwargs, ["input", "dim", "start", "length"], {})
+        x = b["input"]
+        d = self._spatial_dim(x, int(b["dim"]), "narrow")
+        start = int(b["start"]) % x.shape[d]
+        with torch._C.DisableTorchFunction():
+            out = x.narrow(d, start, int(b["length"]))
+        slices = self._full_slices(x)
+        slices[d - 1] = slice(start, start + int(b["length"]))
+        return self._slice(x, slices, out)
+
+    def _split(self, func, args, kwargs):
+        x = args[0]
+        name = getattr(func, "__name__", "split")
+        default_dim = 0
+        dim = kwargs.get("dim", args[2] if len(args) > 2 else default_dim)
+        d = self._spatial_dim(x, int(dim), f"'{name}'")
+        with torch._C.DisableTorchFunction():
+            parts = func(*args, **kwargs)
+        outs, start = [], 0
+        for part in parts:  # consecutive blocks along d, in order
+            slices = self._full_slices(x)
+            slices[d - 1] = slice(start, start + part.shape[d])
+            start += part.shape[d]
+            outs.append(self._slice(x, slices, part))
+        return tuple(outs)
+
+    def _interpolate(self, func, args, kwargs):
+        b = _bind(args, kwargs, ["input", "size", "scale_factor", "mode", "align_corners",
+                                 "recompute_scale_factor", "antialias"],
+                  {"size": None, "scale_factor": None, "mode": "nearest", "align_corners": None,
+                   "recompute_scale_factor": None, "antialias": False})
+        x, mode = b["input"], b["mode"]
+        with torch._C.DisableTorchFunction():
+            out = func(*args, **kwargs)
+        if mode not in ("nearest", "nearest-exact", "linear", "bilinear", "trilinear") or b[
+            "antialias"
+        ]:
+            raise self._unsupported(f"interpolation with mode '{mode}'",
+                                    "Supported: nearest, nearest-exact, (bi/tri)linear.")
+        in_sp, out_sp = tuple(x.shape[2:]), tuple(out.shape[2:])
+        scales = b["scale_factor"]
+        if scales is None or b["recompute_scale_factor"]:
+            scales = [None] * len(in_sp)
+        elif not isinstance(scales, list | tuple):
+            scales = [float(scales)] * len(in_sp)
+        axes = [ops.interpolate_axis(i, o, mode, b["align_corners"], s, x.device, x.dtype)
+                for i, o, s in zip(in_sp, out_sp, scales, strict=True)]
+        op = ops.ResampleOp(self.where, axes, in_sp, out_sp)
+        self._check_resample(op, x, out, f"interpolation with mode '{mode}'")
+        return self._record(op, [x], out)
+
+    def _check_resample(self, op: ops.ResampleOp, x: Tensor, out: Tensor, what: str) -> None:
+        """The tables must reproduce what the model computed; otherwise refuse (never a
+        silently wrong decomposition)."""
+        with torch._C.DisableTorchFunction(), torch.no_grad():
+            again = op.forward(x.detach())
+            scale = out.detach().abs().max().clamp_min(1e-30)
+            tol = 1e-4 if x.dtype in (torch.float16, torch.bfloat16, torch.float32) else 1e-9
+            if not bool(((again - out.detach()).abs().max() / scale) <= tol):
+                raise self._unsupported(
+                    f"{what} from {tuple(x.shape[2:])} to {tuple(out.shape[2:])}",
+                    "Its sampling positions could not be reproduced exactly.")
+
+    def _gate(self, a: Tensor, b: Tensor) -> Tensor:
+        """``a * b`` with both factors input-dependent: the gate (docs/srd.md) is a constant
+        weight and the other factor the signal; refused when neither is a gate."""
+        na, nb = self.node_of(a), self.node_of(b)
+        out_shape = torch.broadcast_shapes(a.shape, b.shape)
+        gate = signal = None
+        if a.shape != b.shape:
+            if tuple(b.shape) != tuple(out_shape) and tuple(a.shape) == tuple(out_shape):
+                signal, gate = a, b
+            elif tuple(a.shape) != tuple(out_shape) and tuple(b.shape) == tuple(out_shape):
+                signal, gate = b, a
+        else:
+            gate_a = na.activation in GATE_ACTIVATIONS
+            gate_b = nb.activation in GATE_ACTIVATIONS
+            if gate_a != gate_b:
+                signal, gate = (b, a) if gate_a else (a, b)
+        if gate is None or signal.dim() < 2:
+            raise self._unsupported(
+                f"a product of two input-dependent tensors of shapes {tuple(a.shape)} and "
+                f"{tuple(b.shape)} where neither is a gate",
+                "A gate is a factor broadcast over the other (squeeze-excitation, spatial "
+                "attention) or, with equal shapes, the direct output of a sigmoid or "
+                "hard-sigmoid; its value is then a constant weight (docs/srd.md). Attention "
+                "products are not decomposed by this engine.")
+        out = self.gate_apply(signal, gate)
+        op = ops.PointwiseScale(self.where, gate.detach())
+        op.kind = "gate"
+        return self._record(op, [signal], out)

@@ -529,9 +529,182 @@ class OpaqueOp(LinearOp):
     def __init__(self, name: str, error: Exception):
         super().__init__(name=name)
         self.error = error
+        #: it only moves values (a view, a permute): the plain gradient through it is exact
+        self.moves_values = False
 
     def components(self, i):
         raise self.error
 
     def component_forward(self, x, i, k):
         raise self.error
+
+
+# --- operations that only move values, and resampling ---------------------------------------
+
+def _block_index(dim: int, start: int, stop: int, ndim: int) -> tuple:
+    """The index ``[:, ..., start:stop, ...]`` at dimension ``dim`` of an ``ndim``-D tensor."""
+    return (slice(None),) * dim + (slice(start, stop),) + (slice(None),) * (ndim - dim - 1)
+
+
+class CatOp(LinearOp):
+    """``torch.cat`` along channels or a spatial dimension: input ``i`` fills its own block
+    ``starts[i] : starts[i] + sizes[i]`` of the output (one component per input)."""
+
+    kind = "cat"
+
+    def __init__(self, name: str, dim: int, starts: Sequence[int], sizes: Sequence[int],
+                 out_spatial: tuple[int, ...], in_spatials: Sequence[tuple[int, ...]]):
+        super().__init__(name=name)
+        self.dim = dim  # 1 (channels) or a spatial dimension >= 2
+        self.starts, self.sizes = list(starts), list(sizes)
+        self.out_spatial, self.in_spatials = out_spatial, list(in_spatials)
+
+    def _place(self, x: torch.Tensor, i: int, channels: int | None) -> torch.Tensor:
+        shape = list(x.shape)
+        if channels is None:  # a scalar map (B, *spatial): only a spatial cat moves it
+            shape[1:] = self.out_spatial
+            dim = self.dim - 1
+        else:
+            shape[1] = channels
+            shape[2:] = self.out_spatial
+            dim = self.dim
+        canvas = x.new_zeros(shape)
+        canvas[_block_index(dim, self.starts[i], self.starts[i] + self.sizes[i],
+                            len(shape))] = x
+        return canvas
+
+    def component_forward(self, x, i, k):
+        channels = x.shape[1] if self.dim != 1 else sum(self.sizes)
+        return self._place(x, i, channels)
+
+    def component_positions(self, m, i, k):
+        return m if self.dim == 1 else self._place(m, i, None)
+
+    def component_scatter(self, m, i, k):
+        if self.dim == 1:
+            return m
+        dim = self.dim - 1
+        return m[_block_index(dim, self.starts[i], self.starts[i] + self.sizes[i], m.dim())]
+
+
+class SliceOp(LinearOp):
+    """Basic slicing of every dimension but the batch (``x[:, a:b]``, ``narrow``, ``split``,
+    ``chunk``): ``slices[d - 1]`` selects along dimension ``d``."""
+
+    kind = "slice"
+
+    def __init__(self, name: str, slices: Sequence[slice], in_spatial: tuple[int, ...],
+                 out_spatial: tuple[int, ...]):
+        super().__init__(name=name)
+        self.slices = tuple(slices)
+        self.in_spatial, self.out_spatial = in_spatial, out_spatial
+
+    def component_forward(self, x, i, k):
+        return x[(slice(None), *self.slices)]
+
+    def component_positions(self, m, i, k):
+        return m[(slice(None), *self.slices[1:])]
+
+    def component_scatter(self, m, i, k):
+        canvas = m.new_zeros((m.shape[0], *self.in_spatial))
+        canvas[(slice(None), *self.slices[1:])] = m
+        return canvas
+
+
+class ResampleOp(LinearOp):
+    """Each output position is a weighted sum of a few input positions, with the same weights
+    for every channel: adaptive average pooling with overlapping windows, upsampling.
+
+    Separable per axis: ``axes[d] = (index, weight)``, both (out_size, K_d): output index ``o``
+    reads input index ``index[o, j]`` with weight ``weight[o, j]`` (0: not a path). A component
+    is one choice of ``j`` per axis; it reaches an output position where its weight is not 0.
+    """
+
+    kind = "resample"
+
+    def __init__(self, name: str, axes: Sequence[tuple[torch.Tensor, torch.Tensor]],
+                 in_spatial: tuple[int, ...], out_spatial: tuple[int, ...]):
+        super().__init__(name=name)
+        self.in_spatial, self.out_spatial = tuple(in_spatial), tuple(out_spatial)
+        self.n_in = math.prod(self.in_spatial)
+        self.offsets = list(itertools.product(*(range(idx.shape[1]) for idx, _ in axes)))
+        self._flat: dict[Component, torch.Tensor] = {}
+        self._weight: dict[Component, torch.Tensor] = {}
+        for k in self.offsets:
+            cols = [idx[:, j] for (idx, _), j in zip(axes, k, strict=True)]
+            ws = [w[:, j] for (_, w), j in zip(axes, k, strict=True)]
+            mesh = torch.meshgrid(*cols, indexing="ij") if len(cols) > 1 else cols
+            wmesh = torch.meshgrid(*ws, indexing="ij") if len(ws) > 1 else ws
+            flat = torch.zeros(self.out_spatial, dtype=torch.long, device=cols[0].device)
+            weight = torch.ones(self.out_spatial, dtype=ws[0].dtype, device=ws[0].device)
+            for c, w, size in zip(mesh, wmesh, self.in_spatial, strict=True):
+                flat = flat * size + c
+                weight = weight * w
+            self._flat[k], self._weight[k] = flat.reshape(-1), weight
+
+    def components(self, i):
+        return self.offsets
+
+    def _gather(self, x: torch.Tensor, k: Component) -> torch.Tensor:
+        lead = x.shape[: x.dim() - len(self.in_spatial)]
+        out = x.reshape(*lead, self.n_in).index_select(-1, self._flat[k])
+        return out.reshape(*lead, *self.out_spatial)
+
+    def component_forward(self, x, i, k):
+        return self._gather(x, k) * self._weight[k].to(x.dtype)
+
+    def component_positions(self, m, i, k):
+        return self._gather(m, k) * (self._weight[k] != 0).to(m.dtype)
+
+    def component_scatter(self, m, i, k):
+        flat_out = m.reshape(m.shape[0], -1) * (self._weight[k] != 0).reshape(1, -1).to(m.dtype)
+        canvas = m.new_zeros(m.shape[0], self.n_in)
+        canvas.index_add_(1, self._flat[k], flat_out)
+        return canvas.reshape(m.shape[0], *self.in_spatial)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """The whole op (every component) on ``x``: used to check the tables against the
+        function the model called."""
+        return sum(self.component_forward(x, 0, k) for k in self.offsets)
+
+
+def adaptive_pool_axis(size_in: int, size_out: int, device: torch.device,
+                       dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
+    """Adaptive average pooling along one axis: output ``o`` averages inputs
+    ``floor(o*I/S) .. ceil((o+1)*I/S) - 1`` (PyTorch's windows)."""
+    o = torch.arange(size_out, device=device)
+    start = (o * size_in) // size_out
+    end = -((-(o + 1) * size_in) // size_out)
+    length = end - start
+    width = int(length.max())
+    j = torch.arange(width, device=device)
+    index = (start[:, None] + j).clamp_max(size_in - 1)
+    weight = torch.where(j[None, :] < length[:, None], 1.0 / length[:, None].to(dtype),
+                         torch.zeros((), dtype=dtype, device=device))
+    return index, weight.to(dtype)
+
+
+def interpolate_axis(size_in: int, size_out: int, mode: str, align_corners: bool | None,
+                     scale: float | None, device: torch.device,
+                     dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
+    """PyTorch's source indices and weights of ``F.interpolate`` along one axis.
+
+    ``scale``: the scale factor the caller gave (PyTorch then uses 1/scale as the step unless
+    the size is recomputed); None: size_in / size_out.
+    """
+    o = torch.arange(size_out, device=device, dtype=torch.float64)
+    step = (1.0 / scale) if scale else size_in / size_out
+    if mode in ("nearest", "nearest-exact"):
+        src = o * step if mode == "nearest" else (o + 0.5) * step
+        index = src.floor().long().clamp(0, size_in - 1)[:, None]
+        return index, torch.ones((size_out, 1), dtype=dtype, device=device)
+    if align_corners:
+        src = o * ((size_in - 1) / (size_out - 1)) if size_out > 1 else o * 0
+    else:
+        src = ((o + 0.5) * step - 0.5).clamp_min(0)
+    i0 = src.floor().long().clamp(0, size_in - 1)
+    i1 = (i0 + 1).clamp_max(size_in - 1)
+    frac = (src - i0.to(torch.float64)).clamp(0, 1)
+    index = torch.stack([i0, i1], 1)
+    weight = torch.stack([1 - frac, frac], 1).to(dtype)
+    return index, weight

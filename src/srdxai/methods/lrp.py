@@ -62,7 +62,7 @@ from ..engine import ops
 from ..engine.channels import nonnegative
 from ..engine.core import Rule, Target, Trace, is_differentiable, keep_graph
 from ..engine.gradmode import building_graph
-from ..errors import InvalidInputError
+from ..errors import InvalidInputError, UnsupportedOperationError
 from .base import Method, checked_reduction, register
 
 Tensor = torch.Tensor
@@ -470,6 +470,7 @@ class LRPRule(Rule):
 
     wants_linear_ops = True
     keeps_pfv_values = False
+    gate_products = True  # a gate is a constant weight: its signal takes all the relevance
 
     def __init__(self, config: LRPConfig):
         self.config = config
@@ -521,12 +522,34 @@ class LRPRule(Rule):
             if inputs[0] is None:
                 return out
             return _GlobalPoolNorm.apply(inputs[0], _Held(out, self), cfg.stabilizer)
-        if isinstance(op, ops.AvgPoolOp):
+        if isinstance(op, ops.AvgPoolOp | ops.ResampleOp):
             if inputs[0] is None:
                 return out
             return _GraphNorm.apply(inputs[0], _Held(out, self, always_original=True),
                                     cfg.stabilizer)
-        return out  # max pooling, views, padding, dropout, constant scales: the gradient
+        if isinstance(op, ops.PointwiseScale) and op.kind in ("scale", "gate"):
+            # y = s * x elementwise: each y carries one x's relevance, whatever s is (the
+            # gradient would multiply the relevance by s)
+            if inputs[0] is None:
+                return out
+            return _Pass.apply(inputs[0], _Held(out, self))
+        return out  # max pooling, views, slices, concatenation, padding, dropout: the gradient
+
+    def on_opaque(self, op: ops.OpaqueOp, out: Tensor) -> None:
+        """An operation that computes something the rules cannot decompose (a softmax, a
+        matrix product, a LayerNorm) would get the plain gradient, which is not relevance:
+        refuse when the backward pass reaches it. Operations that only move values are fine."""
+        if op.moves_values or not out.requires_grad:
+            return
+
+        def check(grad: Tensor) -> None:
+            if not self.plain:
+                raise UnsupportedOperationError(
+                    f"{type(self).__name__.replace('Rule', '')} has no layer rule for an "
+                    f"operation in '{op.name}': {op.error} For vision transformers use "
+                    "method='abslrp' or 'attnlrp'.")
+
+        out.register_hook(check)
 
 
 # --- the methods ----------------------------------------------------------------------------

@@ -38,6 +38,7 @@ class SRDRule(Rule):
 
     wants_bias_ops = True
     keeps_pfv_values = True
+    gate_products = True
 
     def __init__(self, max_paths: int = 4096):
         # ``plain`` (the base class's flag) is also set while a Grad-CAM seed is computed
@@ -297,10 +298,12 @@ class SRD(Method):
 
     Args:
         model: any CNN built from the supported operations (see ``docs/engine.md``).
-        seed: ``"logit"`` (global-average-pool + linear heads: ResNet, EfficientNet; the pixel
-            map sums to the target logit), ``"gradcam"`` (the reference code's VGG16 seed: the
-            Grad-CAM map of ``seed_layer``'s activation output), or ``"auto"`` (logit when the
-            head is global-average-pool + linear, else gradcam).
+        seed: ``"logit"`` (any head the engine decomposes: global pooling + dense layers,
+            1x1-conv heads; the pixel map sums to the target logit), ``"gradcam"`` (the
+            reference code's VGG16 seed: the Grad-CAM map of ``seed_layer``'s activation
+            output), or ``"auto"`` (logit when the head is decomposed; gradcam when it only
+            flattens a spatial map into dense layers, as VGG16's; any other operation the
+            engine cannot decompose raises ``UnsupportedOperationError``).
         seed_layer: the PFV layer where a ``gradcam`` seed starts (default ``"low"``: the last
             spatial activation layer).
         contrastive: subtract each sample's mean from the seed map first (the reference code's
@@ -434,18 +437,18 @@ class SRD(Method):
 
     def _seed(self, trace: Trace, rule: SRDRule, out: Tensor, grad_out: Tensor):
         seed = self.seed
+        opaque = trace.opaque_on_paths()
         if seed == "auto":
-            seed = "logit" if _has_gap_linear_head(trace) else "gradcam"
+            # the Grad-CAM seed is for models whose only undecomposed operation is a flatten of
+            # a spatial map into dense layers (VGG16); any other operation the engine cannot
+            # decompose is an error, never a silent change of seed
+            computing = [op for op in opaque if not op.moves_values]
+            if computing:
+                raise computing[0].error
+            seed = "gradcam" if opaque else "logit"
         if seed == "logit":
-            opaque = sorted((op for op in trace.head_ops if op.kind == "opaque"),
-                            key=lambda op: op.output.index)
             if opaque:
                 raise opaque[0].error
-            if not _has_gap_linear_head(trace):
-                raise UnsupportedOperationError(
-                    "seed='logit' needs a global-average-pool + linear head (ResNet, "
-                    "EfficientNet); for flatten + fully-connected heads such as VGG use "
-                    "seed='gradcam'.")
             if self.contrastive:
                 for src in trace.head_sources:
                     rule.transform[src.index] = _contrast
@@ -470,12 +473,3 @@ class SRD(Method):
         if self.contrastive:
             rule.transform[node.index] = _contrast
         return node.tensor, torch.zeros_like(node.tensor)
-
-
-def _has_gap_linear_head(trace: Trace) -> bool:
-    kinds = {op.kind for op in trace.head_ops}
-    if "opaque" in kinds:
-        return False
-    has_pool = "gap" in kinds
-    return has_pool and "fc" in kinds and all(
-        len(src.spatial) > 0 for src in trace.head_sources)

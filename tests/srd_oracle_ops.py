@@ -1,0 +1,1116 @@
+"""Slow reference implementation ("oracle") of SRD for operations beyond plain CNNs.
+
+Covers channel / spatial concatenation, channel / spatial slices and chunks, gating products
+(squeeze-excitation, same-shape sigmoid gates, CBAM-style broadcast gates, a written-out SiLU),
+adaptive average pooling with overlapping/variable windows, and ``F.interpolate`` (nearest,
+nearest-exact, bilinear with and without ``align_corners``), on the small float64 test models
+defined here. Written from docs/srd.md only (sections "Objects", "Operations beyond plain CNNs",
+"Bias shares", "Sharing ratio and relevance", "Seeds"), independently of ``srdxai.engine``.
+
+How it works (everything explicit, float64, no autograd, no modified gradient):
+
+* For each model class a builder recomputes the forward pass op by op and records the PFV layers
+  (the model input ``"input"`` and the output of every activation module, named by the module's
+  qualified name) and, for every activation module, its affine block: a small DAG of linear
+  *nodes* (conv with optionally fused BN, standalone BN, sum, concatenation, slice, gate product
+  with the gate fixed to its forward value, global mean, adaptive avg-pool, interpolation) whose
+  leaves are PFV layers and whose root is the activation's pre-activation ``z``.
+* Every node lists, for an output position ``u``, its *components* ``(input index, offset,
+  input position)`` and pushes a vector living at such an input position through its linear part
+  (``apply``). A path is a chain of components from a leaf position ``p`` to the block output
+  position ``q``; its contribution ``c_π(q)`` is ``v(p)`` pushed along the chain.
+* A node with a bias is an entry op: its bias ``b(r)`` at its output position ``r`` is split over
+  all path prefixes that reach ``r`` (from every leaf, through every input of a multi-input node)
+  in proportion to ``||c_π(r)||`` measured at the entry op's output, evenly when all those norms
+  are 0. Shares are carried along with their path through the later nodes' linear parts.
+* Per block output position: assert ``Σ_π (c_π(q) + b_π(q)) == z(q)``, then
+  ``µ_π = <c_π(q) + b_π(q), z(q)> / ||z(q)||²`` (0 where z(q) = 0) and ``R(p) += µ_π R(q)``.
+  Activations are transparent. Gate factors are constants, so a gate's own branch (its sigmoid
+  PFV layer and everything only feeding it) receives no relevance.
+* Logit seed: the last PFV layer's position q gets ``(w_c · v(q) + b_c) / n`` (GAP + Linear head,
+  head bias split evenly).
+"""
+
+from __future__ import annotations
+
+import copy
+import math
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+try:  # works both when tests/ is a package and when it is only on sys.path
+    from . import small_models as sm  # type: ignore[no-redef]
+    from .srd_oracle import _contrast, _ConvOp, _targets  # type: ignore[no-redef]
+except ImportError:  # pragma: no cover - depends on how pytest imports the tests
+    import small_models as sm  # type: ignore[no-redef]
+    from srd_oracle import _contrast, _ConvOp, _targets  # type: ignore[no-redef]
+
+Pos = tuple[int, int]
+Target = int | Sequence[int] | torch.Tensor
+
+_Z_RTOL = 1e-9
+_Z_ATOL = 1e-10
+
+
+# ==============================================================================================
+# Models
+# ==============================================================================================
+
+
+def _act(act: str) -> nn.Module:
+    if act == "sigmoid":
+        # a sigmoid signal activation would make "the factor produced by a sigmoid" ambiguous in
+        # the same-shape gates of GateNet; keep sigmoids for gates only
+        raise ValueError("the ops models use sigmoid only for gates; choose another activation")
+    return sm.make_act(act)
+
+
+class CatNet(nn.Module):
+    """conv1(3->6, 3x3, bias)+bn1 -> act1;
+    branch a: conv_a(6->4, 3x3, bias) -> act_a; branch b: conv_b(6->3, 1x1, bias)+bn_b -> act_b;
+    cat([act_a, act_b, act1], 1) (13 ch) -> conv2(13->6, 3x3, stride 2, bias)+bn2 -> act2;
+    dense: cat([act2, conv_d(act2)], 1) (6+4 ch; conv_d 3x3, bias) -> bn_d -> act_d;
+    conv3(10->8, 1x1, bias) -> act3 -> GAP -> fc(8 -> num_classes)."""
+
+    def __init__(self, act: str = "relu", num_classes: int = 4) -> None:
+        super().__init__()
+        self.conv1 = nn.Conv2d(3, 6, 3, padding=1, bias=True)
+        self.bn1 = nn.BatchNorm2d(6)
+        self.act1 = _act(act)
+        self.conv_a = nn.Conv2d(6, 4, 3, padding=1, bias=True)
+        self.act_a = _act(act)
+        self.conv_b = nn.Conv2d(6, 3, 1, bias=True)
+        self.bn_b = nn.BatchNorm2d(3)
+        self.act_b = _act(act)
+        self.conv2 = nn.Conv2d(13, 6, 3, stride=2, padding=1, bias=True)
+        self.bn2 = nn.BatchNorm2d(6)
+        self.act2 = _act(act)
+        self.conv_d = nn.Conv2d(6, 4, 3, padding=1, bias=True)
+        self.bn_d = nn.BatchNorm2d(10)
+        self.act_d = _act(act)
+        self.conv3 = nn.Conv2d(10, 8, 1, bias=True)
+        self.act3 = _act(act)
+        self.pool = nn.AdaptiveAvgPool2d(1)
+        self.fc = nn.Linear(8, num_classes)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        h = self.act1(self.bn1(self.conv1(x)))
+        a = self.act_a(self.conv_a(h))
+        b = self.act_b(self.bn_b(self.conv_b(h)))
+        h2 = self.act2(self.bn2(self.conv2(torch.cat([a, b, h], 1))))
+        d = self.act_d(self.bn_d(torch.cat([h2, self.conv_d(h2)], 1)))
+        y = self.act3(self.conv3(d))
+        return self.fc(torch.flatten(self.pool(y), 1))
+
+
+class SliceNet(nn.Module):
+    """conv1(3->8, 3x3, bias)+bn1 -> act1; act1[:, :5] -> conv2(5->6, 3x3, bias) -> act2;
+    a, b = act2.chunk(2, 1); conv3a(a)(3->6, 3x3, bias) + bn3b(conv3b(b))(3->6, 1x1, bias) -> act3;
+    act3[:, :, 1:, :-1] -> conv_g(6->4, 3x3, bias)+bn_g -> act_g (GhostNet primary);
+    conv_h(4->4, 3x3, depthwise, bias)+bn_h on act_g -> act_h (GhostNet cheap op);
+    cat([act_g, act_h], 1)[:, :6] -> [:, :, ::2] -> (spatial_cat: cat([y[..., 3:], y[..., :3]], 3))
+    -> conv5(6->8, 3x3, bias) -> act5 -> GAP -> fc."""
+
+    def __init__(self, act: str = "relu", num_classes: int = 4, spatial_cat: bool = True) -> None:
+        super().__init__()
+        self.spatial_cat = spatial_cat
+        self.conv1 = nn.Conv2d(3, 8, 3, padding=1, bias=True)
+        self.bn1 = nn.BatchNorm2d(8)
+        self.act1 = _act(act)
+        self.conv2 = nn.Conv2d(5, 6, 3, padding=1, bias=True)
+        self.act2 = _act(act)
+        self.conv3a = nn.Conv2d(3, 6, 3, padding=1, bias=True)
+        self.conv3b = nn.Conv2d(3, 6, 1, bias=True)
+        self.bn3b = nn.BatchNorm2d(6)
+        self.act3 = _act(act)
+        self.conv_g = nn.Conv2d(6, 4, 3, padding=1, bias=True)
+        self.bn_g = nn.BatchNorm2d(4)
+        self.act_g = _act(act)
+        self.conv_h = nn.Conv2d(4, 4, 3, padding=1, groups=4, bias=True)
+        self.bn_h = nn.BatchNorm2d(4)
+        self.act_h = _act(act)
+        self.conv5 = nn.Conv2d(6, 8, 3, padding=1, bias=True)
+        self.act5 = _act(act)
+        self.pool = nn.AdaptiveAvgPool2d(1)
+        self.fc = nn.Linear(8, num_classes)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        h1 = self.act1(self.bn1(self.conv1(x)))
+        h2 = self.act2(self.conv2(h1[:, :5]))
+        a, b = h2.chunk(2, dim=1)
+        h3 = self.act3(self.conv3a(a) + self.bn3b(self.conv3b(b)))
+        s = h3[:, :, 1:, :-1]
+        g = self.act_g(self.bn_g(self.conv_g(s)))
+        c = self.act_h(self.bn_h(self.conv_h(g)))
+        y = torch.cat([g, c], 1)[:, :6]
+        y = y[:, :, ::2]
+        if self.spatial_cat:
+            y = torch.cat([y[..., 3:], y[..., :3]], dim=3)
+        h5 = self.act5(self.conv5(y))
+        return self.fc(torch.flatten(self.pool(h5), 1))
+
+
+class GateNet(nn.Module):
+    """conv1(3->6, 3x3, bias)+bn1 -> act1;
+    squeeze-excitation: se_sig(se_fc2(se_act(se_fc1(act1.mean((2, 3), keepdim=True))))), (N,6,1,1);
+    act1 * se-gate -> conv2(6->6, 3x3, bias)+bn2 -> act2;
+    same-shape gate: t = act2 * sp_sig(sp_conv(act2)) (sp_conv 6->6, 3x3, bias);
+    z3 = conv3(t) (6->6, 3x3, bias); written-out SiLU y = z3 * silu_sig(z3);
+    conv4(y)(6->8, 3x3, bias)+bn4 -> act4;
+    CBAM-style broadcast spatial gate: cb_sig(cb_conv(act4)) (8->1, 3x3, bias) * act4
+    -> conv5(8->8, 3x3, bias) -> act5 -> GAP -> fc.
+    Gate PFV layers (sigmoid outputs): se_sig, sp_sig, silu_sig, cb_sig; se_act feeds only a
+    gate."""
+
+    def __init__(self, act: str = "relu", num_classes: int = 4) -> None:
+        super().__init__()
+        self.conv1 = nn.Conv2d(3, 6, 3, padding=1, bias=True)
+        self.bn1 = nn.BatchNorm2d(6)
+        self.act1 = _act(act)
+        self.se_fc1 = nn.Conv2d(6, 3, 1, bias=True)
+        self.se_act = _act(act)
+        self.se_fc2 = nn.Conv2d(3, 6, 1, bias=True)
+        self.se_sig = nn.Sigmoid()
+        self.conv2 = nn.Conv2d(6, 6, 3, padding=1, bias=True)
+        self.bn2 = nn.BatchNorm2d(6)
+        self.act2 = _act(act)
+        self.sp_conv = nn.Conv2d(6, 6, 3, padding=1, bias=True)
+        self.sp_sig = nn.Sigmoid()
+        self.conv3 = nn.Conv2d(6, 6, 3, padding=1, bias=True)
+        self.silu_sig = nn.Sigmoid()
+        self.conv4 = nn.Conv2d(6, 8, 3, padding=1, bias=True)
+        self.bn4 = nn.BatchNorm2d(8)
+        self.act4 = _act(act)
+        self.cb_conv = nn.Conv2d(8, 1, 3, padding=1, bias=True)
+        self.cb_sig = nn.Sigmoid()
+        self.conv5 = nn.Conv2d(8, 8, 3, padding=1, bias=True)
+        self.act5 = _act(act)
+        self.pool = nn.AdaptiveAvgPool2d(1)
+        self.fc = nn.Linear(8, num_classes)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        h1 = self.act1(self.bn1(self.conv1(x)))
+        gate = self.se_sig(self.se_fc2(self.se_act(self.se_fc1(h1.mean((2, 3), keepdim=True)))))
+        h2 = self.act2(self.bn2(self.conv2(h1 * gate)))
+        t = h2 * self.sp_sig(self.sp_conv(h2))
+        z3 = self.conv3(t)
+        y = z3 * self.silu_sig(z3)
+        h4 = self.act4(self.bn4(self.conv4(y)))
+        h5 = self.act5(self.conv5(self.cb_sig(self.cb_conv(h4)) * h4))
+        return self.fc(torch.flatten(self.pool(h5), 1))
+
+
+class AdaptivePoolNet(nn.Module):
+    """conv1(3->6, 3x3, bias)+bn1 -> act1 (H x W, e.g. 8x10);
+    F.adaptive_avg_pool2d(., (5, 4)) -> conv2(6->6, 3x3, bias)+bn2 -> act2 (5x4);
+    F.adaptive_avg_pool2d(., (3, 7)) (5->3 overlapping, 4->7 overlapping/variable)
+    -> conv3(6->8, 3x3, bias) -> act3 -> GAP -> fc."""
+
+    def __init__(self, act: str = "relu", num_classes: int = 4) -> None:
+        super().__init__()
+        self.conv1 = nn.Conv2d(3, 6, 3, padding=1, bias=True)
+        self.bn1 = nn.BatchNorm2d(6)
+        self.act1 = _act(act)
+        self.conv2 = nn.Conv2d(6, 6, 3, padding=1, bias=True)
+        self.bn2 = nn.BatchNorm2d(6)
+        self.act2 = _act(act)
+        self.conv3 = nn.Conv2d(6, 8, 3, padding=1, bias=True)
+        self.act3 = _act(act)
+        self.pool = nn.AdaptiveAvgPool2d(1)
+        self.fc = nn.Linear(8, num_classes)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        h1 = self.act1(self.bn1(self.conv1(x)))
+        h2 = self.act2(self.bn2(self.conv2(F.adaptive_avg_pool2d(h1, (5, 4)))))
+        h3 = self.act3(self.conv3(F.adaptive_avg_pool2d(h2, (3, 7))))
+        return self.fc(torch.flatten(self.pool(h3), 1))
+
+
+class UpsampleNet(nn.Module):
+    """conv1(3->6, 3x3, bias)+bn1 -> act1 (H x W, even, e.g. 8x10);
+    conv2(6->6, 3x3, stride 2, no bias)+bn2 -> act2 (H/2 x W/2);
+    F.interpolate(act2, scale_factor=2, nearest) -> conv3(6->6, 3x3, bias), + act1 (skip) -> act3;
+    F.interpolate(act3, size=(5, 7), bilinear, align_corners=True) -> conv4(3x3, bias)+bn4 -> act4;
+    F.interpolate(act4, size=(7, 9), bilinear, align_corners=False) -> conv5(6->8, 3x3, bias)
+    -> act5 -> GAP -> fc."""
+
+    def __init__(self, act: str = "relu", num_classes: int = 4) -> None:
+        super().__init__()
+        self.conv1 = nn.Conv2d(3, 6, 3, padding=1, bias=True)
+        self.bn1 = nn.BatchNorm2d(6)
+        self.act1 = _act(act)
+        self.conv2 = nn.Conv2d(6, 6, 3, stride=2, padding=1, bias=False)
+        self.bn2 = nn.BatchNorm2d(6)
+        self.act2 = _act(act)
+        self.conv3 = nn.Conv2d(6, 6, 3, padding=1, bias=True)
+        self.act3 = _act(act)
+        self.conv4 = nn.Conv2d(6, 6, 3, padding=1, bias=True)
+        self.bn4 = nn.BatchNorm2d(6)
+        self.act4 = _act(act)
+        self.conv5 = nn.Conv2d(6, 8, 3, padding=1, bias=True)
+        self.act5 = _act(act)
+        self.pool = nn.AdaptiveAvgPool2d(1)
+        self.fc = nn.Linear(8, num_classes)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        h1 = self.act1(self.bn1(self.conv1(x)))
+        h2 = self.act2(self.bn2(self.conv2(h1)))
+        up = F.interpolate(h2, scale_factor=2, mode="nearest")
+        h3 = self.act3(self.conv3(up) + h1)
+        u4 = F.interpolate(h3, size=(5, 7), mode="bilinear", align_corners=True)
+        h4 = self.act4(self.bn4(self.conv4(u4)))
+        u5 = F.interpolate(h4, size=(7, 9), mode="bilinear", align_corners=False)
+        h5 = self.act5(self.conv5(u5))
+        return self.fc(torch.flatten(self.pool(h5), 1))
+
+
+class TinyCatGateNet(nn.Module):
+    """Toy for hand-checked values (1 input channel): t = x * sig(gconv(x)) (gconv 1x1, bias;
+    same-shape gate from a sigmoid); cat([x, t], 1) -> conv (2 -> 1, kernel (1, 2), no padding,
+    bias) -> act -> GAP -> Linear(1, 1). The conv bias is split over the paths from both
+    concatenated inputs; ``sig`` gets no relevance."""
+
+    def __init__(self, act: str = "relu", num_classes: int = 1) -> None:
+        super().__init__()
+        self.gconv = nn.Conv2d(1, 1, 1, bias=True)
+        self.sig = nn.Sigmoid()
+        self.conv = nn.Conv2d(2, 1, (1, 2), bias=True)
+        self.act = _act(act)
+        self.pool = nn.AdaptiveAvgPool2d(1)
+        self.fc = nn.Linear(1, num_classes)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        t = x * self.sig(self.gconv(x))
+        y = self.act(self.conv(torch.cat([x, t], 1)))
+        return self.fc(torch.flatten(self.pool(y), 1))
+
+
+OPS_MODEL_CLASSES: dict[str, type[nn.Module]] = {
+    "CatNet": CatNet,
+    "SliceNet": SliceNet,
+    "GateNet": GateNet,
+    "AdaptivePoolNet": AdaptivePoolNet,
+    "UpsampleNet": UpsampleNet,
+}
+
+# Toys for hand-checked values (not in OPS_MODEL_CLASSES; build_ops_model knows them too).
+TINY_MODEL_CLASSES: dict[str, type[nn.Module]] = {"TinyCatGateNet": TinyCatGateNet}
+
+# The input shape each model is meant to be tested with (others work too where noted above).
+OPS_INPUT_SHAPES: dict[str, tuple[int, int, int, int]] = {
+    "CatNet": (2, 3, 8, 8),
+    "SliceNet": (2, 3, 8, 10),
+    "GateNet": (2, 3, 8, 8),
+    "AdaptivePoolNet": (2, 3, 8, 10),
+    "UpsampleNet": (2, 3, 8, 10),
+}
+
+# PFV layers that only feed gate factors: by the definition they receive no relevance.
+GATE_BRANCH_LAYERS: dict[str, tuple[str, ...]] = {
+    "GateNet": ("se_act", "se_sig", "sp_sig", "silu_sig", "cb_sig"),
+}
+
+
+def build_ops_model(
+    name: str, act: str = "relu", seed: int = 0, num_classes: int = 4, **kwargs: object
+) -> nn.Module:
+    """``OPS_MODEL_CLASSES[name](act, num_classes, **kwargs)`` with weights drawn under
+    ``torch.manual_seed(seed)``, random non-trivial BN statistics/affine parameters and random
+    non-zero biases; float64, eval mode."""
+    cls = {**OPS_MODEL_CLASSES, **TINY_MODEL_CLASSES}[name]
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        model = cls(act=act, num_classes=num_classes, **kwargs)
+    sm.randomize_bn(model, seed + 1)
+    sm.randomize_biases(model, seed + 2)
+    return model.double().eval()
+
+
+def ops_input(name: str, seed: int = 0, shape: tuple[int, ...] | None = None) -> torch.Tensor:
+    """Deterministic float64 input of ``OPS_INPUT_SHAPES[name]`` (or ``shape``)."""
+    shape = OPS_INPUT_SHAPES[name] if shape is None else shape
+    g = torch.Generator().manual_seed(seed)
+    return torch.randn(*shape, generator=g, dtype=torch.float64)
+
+
+# ==============================================================================================
+# Nodes of an affine block
+# ==============================================================================================
+
+
+class _Node:
+    """A linear operation inside an affine block.
+
+    ``inputs``: the input nodes; ``ref``: the output tensor (N, C, H, W) computed with the real
+    torch operation; ``bias``: the entry-op bias vector (C,) added at every output position, or
+    None. ``sources(u)`` lists the components ``(input index, offset, input position)`` of output
+    position ``u``; ``apply`` pushes a vector living at such an input position to ``u``."""
+
+    inputs: list[_Node]
+    ref: torch.Tensor
+    bias: torch.Tensor | None = None
+
+    def sources(self, u: Pos) -> list[tuple[int, object, Pos]]:
+        raise NotImplementedError
+
+    def apply(self, n: int, i: int, off: object, p: Pos, u: Pos, vec: torch.Tensor) -> torch.Tensor:
+        raise NotImplementedError
+
+
+class _Leaf(_Node):
+    """A PFV layer used as the input of a block."""
+
+    def __init__(self, name: str, ref: torch.Tensor):
+        self.name = name
+        self.inputs = []
+        self.ref = ref
+
+
+def _hw(t: torch.Tensor) -> Pos:
+    return (int(t.shape[2]), int(t.shape[3]))
+
+
+class _ConvNode(_Node):
+    """Conv2d, optionally fused with the BatchNorm2d that is its only consumer (one entry op:
+    bias ``s·b_conv + β − s·µ``, contributions measured after the BN scale)."""
+
+    def __init__(self, inp: _Node, conv: nn.Conv2d, bn: nn.BatchNorm2d | None):
+        self.inputs = [inp]
+        self.op = _ConvOp(conv, bn, _hw(inp.ref))
+        self.bias = self.op.bias
+        ref = conv(inp.ref)
+        self.ref = bn(ref) if bn is not None else ref
+
+    def sources(self, u: Pos) -> list[tuple[int, object, Pos]]:
+        return [(0, off, p) for off, p in self.op.sources(u)]
+
+    def apply(self, n: int, i: int, off: object, p: Pos, u: Pos, vec: torch.Tensor) -> torch.Tensor:
+        return self.op.mats[off] @ vec  # type: ignore[index]
+
+
+class _BNNode(_Node):
+    """A BatchNorm2d that does not directly follow a conv: scale ``s = γ/√(σ²+ε)``, entry-op bias
+    ``β − s·µ``."""
+
+    def __init__(self, inp: _Node, bn: nn.BatchNorm2d):
+        assert isinstance(bn, nn.BatchNorm2d) and not bn.training
+        self.inputs = [inp]
+        self.scale = bn.weight.detach().double() / torch.sqrt(bn.running_var.double() + bn.eps)
+        self.bias = bn.bias.detach().double() - self.scale * bn.running_mean.double()
+        self.ref = bn(inp.ref)
+
+    def sources(self, u: Pos) -> list[tuple[int, object, Pos]]:
+        return [(0, None, u)]
+
+    def apply(self, n: int, i: int, off: object, p: Pos, u: Pos, vec: torch.Tensor) -> torch.Tensor:
+        return self.scale * vec
+
+
+class _AddNode(_Node):
+    """Elementwise sum of same-shape tensors: each summand is one branch."""
+
+    def __init__(self, inputs: Sequence[_Node]):
+        self.inputs = list(inputs)
+        ref = self.inputs[0].ref
+        for t in self.inputs[1:]:
+            assert t.ref.shape == ref.shape
+            ref = ref + t.ref
+        self.ref = ref
+
+    def sources(self, u: Pos) -> list[tuple[int, object, Pos]]:
+        return [(i, None, u) for i in range(len(self.inputs))]
+
+    def apply(self, n: int, i: int, off: object, p: Pos, u: Pos, vec: torch.Tensor) -> torch.Tensor:
+        return vec
+
+
+class _CatNode(_Node):
+    """torch.cat along channels (dim 1: each input's vector goes to its own channel block, zeros
+    elsewhere) or along a spatial dim (2 or 3: input i's position moves by the offset of i)."""
+
+    def __init__(self, inputs: Sequence[_Node], dim: int):
+        assert dim in (1, 2, 3)
+        self.inputs = list(inputs)
+        self.dim = dim
+        self.ref = torch.cat([t.ref for t in self.inputs], dim)
+        sizes = [int(t.ref.shape[dim]) for t in self.inputs]
+        self.starts = [sum(sizes[:i]) for i in range(len(sizes))]
+        self.sizes = sizes
+        self.cout = int(self.ref.shape[1])
+
+    def sources(self, u: Pos) -> list[tuple[int, object, Pos]]:
+        if self.dim == 1:
+            return [(i, None, u) for i in range(len(self.inputs))]
+        ax = self.dim - 2
+        for i, (s, k) in enumerate(zip(self.starts, self.sizes, strict=True)):
+            if s <= u[ax] < s + k:
+                p = (u[0] - s, u[1]) if ax == 0 else (u[0], u[1] - s)
+                return [(i, None, p)]
+        raise AssertionError("position outside the concatenation")
+
+    def apply(self, n: int, i: int, off: object, p: Pos, u: Pos, vec: torch.Tensor) -> torch.Tensor:
+        if self.dim != 1:
+            return vec
+        out = vec.new_zeros(self.cout)
+        out[self.starts[i] : self.starts[i] + self.sizes[i]] = vec
+        return out
+
+
+class _SliceNode(_Node):
+    """``x[:, a:b:s]`` (dim 1: selected channels) or a slice along a spatial dim (2 or 3: the
+    output position reads input position start + u*step; unselected positions start no path).
+    ``chunk``/``split`` are channel slices."""
+
+    def __init__(self, inp: _Node, dim: int, sl: slice):
+        assert dim in (1, 2, 3)
+        self.inputs = [inp]
+        self.dim = dim
+        size = int(inp.ref.shape[dim])
+        self.index = list(range(*sl.indices(size)))
+        idx = [slice(None)] * 4
+        idx[dim] = sl
+        self.ref = inp.ref[tuple(idx)]
+
+    def sources(self, u: Pos) -> list[tuple[int, object, Pos]]:
+        if self.dim == 1:
+            return [(0, None, u)]
+        if self.dim == 2:
+            return [(0, None, (self.index[u[0]], u[1]))]
+        return [(0, None, (u[0], self.index[u[1]]))]
+
+    def apply(self, n: int, i: int, off: object, p: Pos, u: Pos, vec: torch.Tensor) -> torch.Tensor:
+        if self.dim == 1:
+            return vec[self.index]
+        return vec
+
+
+class _GateNode(_Node):
+    """``signal * gate`` with the gate fixed to its forward value (per sample): a diagonal linear
+    map of the signal. ``gate`` is (N, Cg, Hg, Wg) with Cg in {1, C}, Hg in {1, H}, Wg in {1, W}.
+    The gate's own branch is not an input of this node (it gets no relevance)."""
+
+    def __init__(self, signal: _Node, gate: torch.Tensor):
+        self.inputs = [signal]
+        self.gate = gate.detach()
+        self.ref = signal.ref * self.gate
+        assert self.ref.shape == signal.ref.shape, "the gate must broadcast to the signal"
+
+    def sources(self, u: Pos) -> list[tuple[int, object, Pos]]:
+        return [(0, None, u)]
+
+    def apply(self, n: int, i: int, off: object, p: Pos, u: Pos, vec: torch.Tensor) -> torch.Tensor:
+        gh = u[0] if self.gate.shape[2] > 1 else 0
+        gw = u[1] if self.gate.shape[3] > 1 else 0
+        return vec * self.gate[n, :, gh, gw]
+
+
+class _MeanNode(_Node):
+    """``x.mean((2, 3), keepdim=True)``: every input position contributes v(p) / (H*W)."""
+
+    def __init__(self, inp: _Node):
+        self.inputs = [inp]
+        self.in_hw = _hw(inp.ref)
+        self.ref = inp.ref.mean((2, 3), keepdim=True)
+
+    def sources(self, u: Pos) -> list[tuple[int, object, Pos]]:
+        assert u == (0, 0)
+        return [(0, None, (i, j)) for i in range(self.in_hw[0]) for j in range(self.in_hw[1])]
+
+    def apply(self, n: int, i: int, off: object, p: Pos, u: Pos, vec: torch.Tensor) -> torch.Tensor:
+        return vec / float(self.in_hw[0] * self.in_hw[1])
+
+
+def adaptive_windows(in_size: int, out_size: int) -> list[list[int]]:
+    """Input indices averaged by each output index o of an adaptive avg-pool axis:
+    floor(o*I/S) .. ceil((o+1)*I/S) - 1 (docs/srd.md)."""
+    out = []
+    for o in range(out_size):
+        start = (o * in_size) // out_size
+        end = -((-(o + 1) * in_size) // out_size)  # ceil
+        out.append(list(range(start, end)))
+    return out
+
+
+class _AdaptiveAvgPoolNode(_Node):
+    """F.adaptive_avg_pool2d: each window position is a component with weight
+    1/(window height * window width)."""
+
+    def __init__(self, inp: _Node, size: Pos):
+        self.inputs = [inp]
+        h, w = _hw(inp.ref)
+        self.win = (adaptive_windows(h, size[0]), adaptive_windows(w, size[1]))
+        self.ref = F.adaptive_avg_pool2d(inp.ref, size)
+
+    def sources(self, u: Pos) -> list[tuple[int, object, Pos]]:
+        return [(0, None, (a, b)) for a in self.win[0][u[0]] for b in self.win[1][u[1]]]
+
+    def apply(self, n: int, i: int, off: object, p: Pos, u: Pos, vec: torch.Tensor) -> torch.Tensor:
+        return vec / float(len(self.win[0][u[0]]) * len(self.win[1][u[1]]))
+
+
+def interp_weights(
+    in_size: int,
+    out_size: int,
+    mode: str,
+    align_corners: bool | None,
+    scale_factor: float | None = None,
+) -> list[dict[int, float]]:
+    """Per output index of one axis: {input index: weight} with the non-zero weights that
+    ``F.interpolate`` uses (PyTorch's formulas; a position named twice has its weights added).
+
+    nearest:       src = min(floor(o * scale), I - 1)
+    nearest-exact: src = min(floor((o + 0.5) * scale), I - 1)
+    linear:        align_corners: x = o * (I-1)/(S-1) (0 when S == 1);
+                   else x = max((o + 0.5) * scale - 0.5, 0);
+                   i0 = floor(x), i1 = min(i0 + 1, I - 1), weights (1 - (x - i0), x - i0).
+    ``scale`` is 1/scale_factor when a scale factor was given (and not recomputed), else I/S."""
+    scale = (1.0 / scale_factor) if scale_factor is not None else in_size / out_size
+    out: list[dict[int, float]] = []
+    for o in range(out_size):
+        w: dict[int, float] = {}
+        if mode in ("nearest", "nearest-exact"):
+            x = o * scale if mode == "nearest" else (o + 0.5) * scale
+            w[min(int(math.floor(x)), in_size - 1)] = 1.0
+        elif mode in ("linear", "bilinear"):
+            if align_corners:
+                x = o * ((in_size - 1) / (out_size - 1)) if out_size > 1 else 0.0
+            else:
+                x = max((o + 0.5) * scale - 0.5, 0.0)
+            i0 = int(math.floor(x))
+            i0 = min(i0, in_size - 1)
+            i1 = min(i0 + 1, in_size - 1)
+            lam1 = x - i0
+            lam0 = 1.0 - lam1
+            w[i0] = w.get(i0, 0.0) + lam0
+            w[i1] = w.get(i1, 0.0) + lam1
+        else:
+            raise ValueError(f"interpolation mode {mode!r} not supported by the oracle")
+        out.append({k: v for k, v in w.items() if v != 0.0})
+    return out
+
+
+class _InterpNode(_Node):
+    """F.interpolate (nearest, nearest-exact, bilinear): each input position with a non-zero
+    weight (product of the per-axis weights) is a component."""
+
+    def __init__(
+        self,
+        inp: _Node,
+        *,
+        size: Pos | None = None,
+        scale_factor: float | None = None,
+        mode: str = "nearest",
+        align_corners: bool | None = None,
+    ):
+        self.inputs = [inp]
+        kw: dict[str, object] = {"mode": mode}
+        if mode not in ("nearest", "nearest-exact"):
+            kw["align_corners"] = align_corners
+        if size is not None:
+            self.ref = F.interpolate(inp.ref, size=size, **kw)  # type: ignore[arg-type]
+        else:
+            self.ref = F.interpolate(inp.ref, scale_factor=scale_factor, **kw)  # type: ignore[arg-type]
+        h, w = _hw(inp.ref)
+        ho, wo = _hw(self.ref)
+        self.w = (
+            interp_weights(h, ho, mode, align_corners, scale_factor),
+            interp_weights(w, wo, mode, align_corners, scale_factor),
+        )
+
+    def sources(self, u: Pos) -> list[tuple[int, object, Pos]]:
+        return [(0, None, (a, b)) for a in self.w[0][u[0]] for b in self.w[1][u[1]]]
+
+    def apply(self, n: int, i: int, off: object, p: Pos, u: Pos, vec: torch.Tensor) -> torch.Tensor:
+        return vec * (self.w[0][u[0]][p[0]] * self.w[1][u[1]][p[1]])
+
+
+# ==============================================================================================
+# Graph description per model
+# ==============================================================================================
+
+
+@dataclass
+class _Block:
+    """An affine block: ``root.ref`` is the pre-activation z of the activation ``out_layer``."""
+
+    out_layer: str
+    root: _Node
+
+
+@dataclass
+class _Graph:
+    layers: dict[str, torch.Tensor]
+    blocks: list[_Block]  # forward order
+    head_layer: str
+    head_weight: torch.Tensor  # (K, C)
+    head_bias: torch.Tensor  # (K,)
+    logits: torch.Tensor  # (N, K)
+
+
+class _Recorder:
+    """Recomputes a model's forward node by node and collects PFV layers and blocks."""
+
+    def __init__(self, model: nn.Module, x: torch.Tensor):
+        self.modules = dict(model.named_modules())
+        self.layers: dict[str, torch.Tensor] = {"input": x}
+        self.blocks: list[_Block] = []
+
+    def leaf(self, name: str) -> _Leaf:
+        return _Leaf(name, self.layers[name])
+
+    def act(self, name: str, root: _Node) -> _Leaf:
+        """Apply the activation module ``name`` to ``root.ref``; record the PFV layer and block."""
+        assert name not in self.layers, f"activation {name} used twice"
+        self.layers[name] = self.modules[name](root.ref)
+        self.blocks.append(_Block(name, root))
+        return self.leaf(name)
+
+    def head(self, layer: str, fc: nn.Linear) -> _Graph:
+        v = self.layers[layer]
+        w = fc.weight.detach().double()
+        b = fc.bias.detach().double() if fc.bias is not None else w.new_zeros(w.shape[0])
+        logits = torch.einsum("kc,nc->nk", w, v.mean(dim=(2, 3))) + b
+        return _Graph(self.layers, self.blocks, layer, w, b, logits)
+
+
+def _graph_catnet(m: CatNet, R: _Recorder) -> _Graph:
+    h = R.act("act1", _ConvNode(R.leaf("input"), m.conv1, m.bn1))
+    a = R.act("act_a", _ConvNode(R.leaf("act1"), m.conv_a, None))
+    b = R.act("act_b", _ConvNode(R.leaf("act1"), m.conv_b, m.bn_b))
+    cat = _CatNode([a, b, h], 1)
+    h2 = R.act("act2", _ConvNode(cat, m.conv2, m.bn2))
+    dense = _CatNode([h2, _ConvNode(R.leaf("act2"), m.conv_d, None)], 1)
+    d = R.act("act_d", _BNNode(dense, m.bn_d))
+    R.act("act3", _ConvNode(d, m.conv3, None))
+    return R.head("act3", m.fc)
+
+
+def _graph_slicenet(m: SliceNet, R: _Recorder) -> _Graph:
+    h1 = R.act("act1", _ConvNode(R.leaf("input"), m.conv1, m.bn1))
+    h2 = R.act("act2", _ConvNode(_SliceNode(h1, 1, slice(None, 5)), m.conv2, None))
+    c = int(h2.ref.shape[1])
+    k = -(-c // 2)  # chunk(2): first ceil(C/2) channels, then the rest
+    a = _SliceNode(h2, 1, slice(0, k))
+    b = _SliceNode(R.leaf("act2"), 1, slice(k, c))
+    z3 = _AddNode([_ConvNode(a, m.conv3a, None), _ConvNode(b, m.conv3b, m.bn3b)])
+    h3 = R.act("act3", z3)
+    s = _SliceNode(_SliceNode(h3, 2, slice(1, None)), 3, slice(None, -1))
+    g = R.act("act_g", _ConvNode(s, m.conv_g, m.bn_g))
+    ch = R.act("act_h", _ConvNode(g, m.conv_h, m.bn_h))
+    y: _Node = _SliceNode(_CatNode([R.leaf("act_g"), ch], 1), 1, slice(None, 6))
+    y = _SliceNode(y, 2, slice(None, None, 2))
+    if m.spatial_cat:
+        y = _CatNode([_SliceNode(y, 3, slice(3, None)), _SliceNode(y, 3, slice(None, 3))], 3)
+    R.act("act5", _ConvNode(y, m.conv5, None))
+    return R.head("act5", m.fc)
+
+
+def _graph_gatenet(m: GateNet, R: _Recorder) -> _Graph:
+    h1 = R.act("act1", _ConvNode(R.leaf("input"), m.conv1, m.bn1))
+    se = R.act("se_act", _ConvNode(_MeanNode(h1), m.se_fc1, None))
+    gate = R.act("se_sig", _ConvNode(se, m.se_fc2, None))
+    h2 = R.act("act2", _ConvNode(_GateNode(R.leaf("act1"), gate.ref), m.conv2, m.bn2))
+    sp = R.act("sp_sig", _ConvNode(h2, m.sp_conv, None))
+    t = _GateNode(R.leaf("act2"), sp.ref)
+    # silu_sig's pre-activation is z3 = conv3(t); the product z3 * silu_sig(z3) is one more
+    # (gate) step of act4's block, whose pre-activation is bn4(conv4(.))
+    z3 = _ConvNode(t, m.conv3, None)
+    silu = R.act("silu_sig", z3)
+    y = _GateNode(z3, silu.ref)
+    h4 = R.act("act4", _ConvNode(y, m.conv4, m.bn4))
+    cb = R.act("cb_sig", _ConvNode(h4, m.cb_conv, None))
+    R.act("act5", _ConvNode(_GateNode(R.leaf("act4"), cb.ref), m.conv5, None))
+    return R.head("act5", m.fc)
+
+
+def _graph_adaptivepoolnet(m: AdaptivePoolNet, R: _Recorder) -> _Graph:
+    h1 = R.act("act1", _ConvNode(R.leaf("input"), m.conv1, m.bn1))
+    h2 = R.act("act2", _ConvNode(_AdaptiveAvgPoolNode(h1, (5, 4)), m.conv2, m.bn2))
+    R.act("act3", _ConvNode(_AdaptiveAvgPoolNode(h2, (3, 7)), m.conv3, None))
+    return R.head("act3", m.fc)
+
+
+def _graph_upsamplenet(m: UpsampleNet, R: _Recorder) -> _Graph:
+    h1 = R.act("act1", _ConvNode(R.leaf("input"), m.conv1, m.bn1))
+    h2 = R.act("act2", _ConvNode(h1, m.conv2, m.bn2))
+    up = _InterpNode(h2, scale_factor=2, mode="nearest")
+    h3 = R.act("act3", _AddNode([_ConvNode(up, m.conv3, None), R.leaf("act1")]))
+    u4 = _InterpNode(h3, size=(5, 7), mode="bilinear", align_corners=True)
+    h4 = R.act("act4", _ConvNode(u4, m.conv4, m.bn4))
+    u5 = _InterpNode(h4, size=(7, 9), mode="bilinear", align_corners=False)
+    R.act("act5", _ConvNode(u5, m.conv5, None))
+    return R.head("act5", m.fc)
+
+
+def _graph_tinycatgatenet(m: TinyCatGateNet, R: _Recorder) -> _Graph:
+    sig = R.act("sig", _ConvNode(R.leaf("input"), m.gconv, None))
+    cat = _CatNode([R.leaf("input"), _GateNode(R.leaf("input"), sig.ref)], 1)
+    R.act("act", _ConvNode(cat, m.conv, None))
+    return R.head("act", m.fc)
+
+
+def _graph_resnetlike(m: sm.ResNetLike, R: _Recorder) -> _Graph:
+    """small_models.ResNetLike described with the general nodes (cross-check against the plain
+    CNN oracle of srd_oracle.py)."""
+    a0 = R.act("act", _ConvNode(R.leaf("input"), m.conv1, m.bn1))
+    l1 = m.layer1
+    a11 = R.act("layer1.act1", _ConvNode(a0, l1.conv1, l1.bn1))
+    a12 = R.act("layer1.act2", _ConvNode(a11, l1.conv2, l1.bn2))
+    a13 = R.act("layer1.act3", _AddNode([_ConvNode(a12, l1.conv3, l1.bn3), R.leaf("act")]))
+    l2 = m.layer2
+    a21 = R.act("layer2.act1", _ConvNode(a13, l2.conv1, l2.bn1))
+    a22 = R.act("layer2.act2", _ConvNode(a21, l2.conv2, l2.bn2))
+    main = _ConvNode(a22, l2.conv3, l2.bn3)
+    short = _ConvNode(R.leaf("layer1.act3"), l2.downsample[0], l2.downsample[1])
+    R.act("layer2.act3", _AddNode([main, short]))
+    return R.head("layer2.act3", m.fc)
+
+
+_BUILDERS: dict[type, Callable[[nn.Module, _Recorder], _Graph]] = {
+    CatNet: _graph_catnet,  # type: ignore[dict-item]
+    SliceNet: _graph_slicenet,  # type: ignore[dict-item]
+    GateNet: _graph_gatenet,  # type: ignore[dict-item]
+    AdaptivePoolNet: _graph_adaptivepoolnet,  # type: ignore[dict-item]
+    UpsampleNet: _graph_upsamplenet,  # type: ignore[dict-item]
+    TinyCatGateNet: _graph_tinycatgatenet,  # type: ignore[dict-item]
+    sm.ResNetLike: _graph_resnetlike,  # type: ignore[dict-item]
+}
+
+
+_ACT_TYPES = (
+    nn.ReLU,
+    nn.ReLU6,
+    nn.LeakyReLU,
+    nn.ELU,
+    nn.SiLU,
+    nn.GELU,
+    nn.Tanh,
+    nn.Sigmoid,
+    nn.Hardswish,
+)
+
+
+def _hooked_forward(
+    model: nn.Module, x: torch.Tensor, names: Sequence[str]
+) -> tuple[torch.Tensor, dict[str, tuple[torch.Tensor, torch.Tensor]]]:
+    """Run the model's own forward; capture (input, output) of every named activation module."""
+    mods = dict(model.named_modules())
+    seen: dict[str, tuple[torch.Tensor, torch.Tensor]] = {}
+    handles = []
+    for name in names:
+
+        def hook(mod: nn.Module, args: tuple, out: torch.Tensor, name: str = name) -> None:
+            assert name not in seen, f"activation module {name} called twice"
+            seen[name] = (args[0].detach().clone(), out.detach().clone())
+
+        handles.append(mods[name].register_forward_hook(hook))
+    try:
+        out = model(x)
+    finally:
+        for hd in handles:
+            hd.remove()
+    return out, seen
+
+
+@torch.no_grad()
+def _build_graph(model: nn.Module, x: torch.Tensor) -> _Graph:
+    """Record the forward pass of a float64 eval copy of ``model`` on ``x`` and check it against
+    the model's own forward: every pre-activation and PFV layer (captured by hooks on the
+    activation modules) and the logits."""
+    builder = _BUILDERS.get(type(model))
+    if builder is None:
+        raise TypeError(f"srd_oracle_ops knows no description for {type(model).__name__}")
+    m = copy.deepcopy(model).double().eval()
+    xd = x.detach().to(torch.float64)
+    g = builder(m, _Recorder(m, xd))
+    names = [b.out_layer for b in g.blocks]
+    ref, hooked = _hooked_forward(m, xd, names)
+    assert set(hooked) == set(names), (sorted(hooked), sorted(names))
+    all_acts = [k for k, mod in m.named_modules() if isinstance(mod, _ACT_TYPES)]
+    assert sorted(all_acts) == sorted(names), "an activation module is missing from the graph"
+    for b in g.blocks:
+        zin, vout = hooked[b.out_layer]
+        torch.testing.assert_close(b.root.ref, zin, rtol=1e-12, atol=1e-12)
+        torch.testing.assert_close(g.layers[b.out_layer], vout, rtol=1e-12, atol=1e-12)
+    torch.testing.assert_close(g.logits, ref, rtol=1e-12, atol=1e-12)
+    return g
+
+
+# ==============================================================================================
+# Paths, bias shares, relevance
+# ==============================================================================================
+
+# One step of a path: (node, input index, offset, input position, output position).
+_Step = tuple[_Node, int, object, Pos, Pos]
+# A path (or prefix): (leaf layer name, start position, steps in forward order).
+_Path = tuple[str, Pos, tuple[_Step, ...]]
+
+
+class _PathMemo:
+    def __init__(self) -> None:
+        self.memo: dict[tuple[int, Pos], list[_Path]] = {}
+
+    def paths(self, node: _Node, u: Pos) -> list[_Path]:
+        """Every path from a leaf position to ``node``'s output position ``u``."""
+        key = (id(node), u)
+        hit = self.memo.get(key)
+        if hit is not None:
+            return hit
+        if isinstance(node, _Leaf):
+            res: list[_Path] = [(node.name, u, ())]
+        else:
+            res = []
+            for i, off, p in node.sources(u):
+                step = (node, i, off, p, u)
+                for name, p0, steps in self.paths(node.inputs[i], p):
+                    res.append((name, p0, steps + (step,)))
+        self.memo[key] = res
+        return res
+
+
+def _contribution(layers: dict[str, torch.Tensor], n: int, path: _Path) -> torch.Tensor:
+    """c_π: the leaf PFV v(p) pushed through the linear parts along ``path``."""
+    name, p0, steps = path
+    c = layers[name][n, :, p0[0], p0[1]]
+    for node, i, off, p, u in steps:
+        c = node.apply(n, i, off, p, u, c)
+    return c
+
+
+class _Shares:
+    """Bias shares b_π(r) per (entry node, sample n, entry output position r)."""
+
+    def __init__(self, layers: dict[str, torch.Tensor], memo: _PathMemo):
+        self.layers = layers
+        self.memo = memo
+        self.cache: dict[tuple[int, int, Pos], dict[_Path, torch.Tensor]] = {}
+        self.even_splits = 0
+
+    def get(self, node: _Node, n: int, r: Pos) -> dict[_Path, torch.Tensor]:
+        key = (id(node), n, r)
+        hit = self.cache.get(key)
+        if hit is not None:
+            return hit
+        assert node.bias is not None
+        prefixes = self.memo.paths(node, r)
+        if not prefixes:
+            raise AssertionError("a bias entry position is reached by no path; bias would be lost")
+        norms = [
+            float(torch.linalg.vector_norm(_contribution(self.layers, n, pr))) for pr in prefixes
+        ]
+        total = math.fsum(norms)
+        if total == 0.0:
+            self.even_splits += 1
+        out = {
+            pr: node.bias * (nm / total if total > 0.0 else 1.0 / len(prefixes))
+            for pr, nm in zip(prefixes, norms, strict=True)
+        }
+        self.cache[key] = out
+        return out
+
+
+def _path_vector(
+    layers: dict[str, torch.Tensor], shares: _Shares, n: int, path: _Path
+) -> torch.Tensor:
+    """c_π(q) + b_π(q): the contribution plus every bias share the path picked up at an entry op
+    on the way, carried through the later nodes' linear parts."""
+    name, p0, steps = path
+    c = layers[name][n, :, p0[0], p0[1]]
+    b: torch.Tensor | None = None
+    for j, (node, i, off, p, u) in enumerate(steps):
+        c = node.apply(n, i, off, p, u, c)
+        if b is not None:
+            b = node.apply(n, i, off, p, u, b)
+        if node.bias is not None:
+            s = shares.get(node, n, u)[(name, p0, steps[: j + 1])]
+            b = s if b is None else b + s
+    return c if b is None else c + b
+
+
+def _block_items(
+    g: _Graph, block: _Block, memo: _PathMemo, shares: _Shares, n: int, q: Pos
+) -> list[tuple[str, Pos, torch.Tensor]]:
+    """(leaf layer, start position, c_π(q) + b_π(q)) of every path of ``block`` into ``q``;
+    asserts that they add up to z(q)."""
+    items = [
+        (path[0], path[1], _path_vector(g.layers, shares, n, path))
+        for path in memo.paths(block.root, q)
+    ]
+    zq = block.root.ref[n, :, q[0], q[1]]
+    zsum = torch.stack([v for _, _, v in items]).sum(0) if items else torch.zeros_like(zq)
+    if not torch.allclose(zsum, zq, rtol=_Z_RTOL, atol=_Z_ATOL):
+        raise AssertionError(
+            f"paths do not add up to z at block {block.out_layer}, n={n}, q={q}: "
+            f"{zsum.tolist()} vs {zq.tolist()}"
+        )
+    return items
+
+
+def _propagate(
+    g: _Graph, seeds: dict[str, torch.Tensor], stats: dict[str, int] | None = None
+) -> dict[str, torch.Tensor]:
+    """Share relevance down through every block (reverse forward order); returns the relevance
+    (N, h, w) of every PFV layer. ``stats`` (if given) receives ``dropped`` (positions with
+    R(q) != 0 and z(q) = 0) and ``even_splits`` (entry positions where all norms were 0)."""
+    R = {
+        k: torch.zeros(t.shape[0], t.shape[2], t.shape[3], dtype=torch.float64)
+        for k, t in g.layers.items()
+    }
+    for k, s in seeds.items():
+        R[k] = R[k] + s
+    memo = _PathMemo()
+    shares = _Shares(g.layers, memo)
+    dropped = 0
+    for block in reversed(g.blocks):
+        r_out = R[block.out_layer]
+        nb, _, ho, wo = block.root.ref.shape
+        for n in range(nb):
+            for qi in range(ho):
+                for qj in range(wo):
+                    rq = float(r_out[n, qi, qj])
+                    if rq == 0.0:
+                        continue
+                    items = _block_items(g, block, memo, shares, n, (qi, qj))
+                    zq = block.root.ref[n, :, qi, qj]
+                    zz = float(zq @ zq)
+                    if zz == 0.0:
+                        dropped += 1
+                        continue
+                    for layer, p, vec in items:
+                        R[layer][n, p[0], p[1]] += float(vec @ zq) / zz * rq
+    if stats is not None:
+        stats["dropped"] = dropped
+        stats["even_splits"] = shares.even_splits
+    return R
+
+
+# ==============================================================================================
+# Public API
+# ==============================================================================================
+
+
+def _logit_seed(g: _Graph, target: Target) -> torch.Tensor:
+    v = g.layers[g.head_layer]
+    t = _targets(target, v.shape[0])
+    w = g.head_weight[t]
+    b = g.head_bias[t]
+    n_pos = v.shape[2] * v.shape[3]
+    return (torch.einsum("nc,nchw->nhw", w, v) + b[:, None, None]) / n_pos
+
+
+def ops_logit_seed(model: nn.Module, x: torch.Tensor, target: Target) -> tuple[str, torch.Tensor]:
+    """(last PFV layer name, (N, h, w) logit seed (w_c · v(q) + b_c) / n)."""
+    g = _build_graph(model, x)
+    return g.head_layer, _logit_seed(g, target)
+
+
+def srd_oracle_ops_relevance(
+    model: nn.Module,
+    x: torch.Tensor,
+    target: Target | None = None,
+    *,
+    seeds: dict[str, torch.Tensor] | None = None,
+    contrastive: bool = False,
+    stats: dict[str, int] | None = None,
+) -> dict[str, torch.Tensor]:
+    """Relevance (N, h, w) of every PFV layer. Seed: the logit seed of ``target`` (optionally
+    contrastive) or the given ``seeds`` {layer name: (N, h, w)} (exactly one of the two)."""
+    g = _build_graph(model, x)
+    if (target is None) == (seeds is None):
+        raise ValueError("give either target or seeds")
+    if seeds is None:
+        seed = _logit_seed(g, target)  # type: ignore[arg-type]
+        seeds = {g.head_layer: _contrast(seed) if contrastive else seed}
+    else:
+        checked = {}
+        for k, s in seeds.items():
+            if k not in g.layers:
+                raise KeyError(f"{k!r} is not a PFV layer; known: {sorted(g.layers)}")
+            t = g.layers[k]
+            s = torch.as_tensor(s).to(torch.float64)
+            expected = (t.shape[0], t.shape[2], t.shape[3])
+            if tuple(s.shape) != expected:
+                raise ValueError(f"seed shape {tuple(s.shape)} != {expected} of layer {k!r}")
+            checked[k] = _contrast(s) if contrastive else s
+        seeds = checked
+    return _propagate(g, seeds, stats)
+
+
+def srd_oracle_ops(
+    model: nn.Module, x: torch.Tensor, target: Target, *, contrastive: bool = False
+) -> torch.Tensor:
+    """SRD pixel map (N, H, W), float64, logit seed (sums to the target logit per sample when
+    not contrastive and no z(q) = 0)."""
+    return srd_oracle_ops_relevance(model, x, target, contrastive=contrastive)["input"]
+
+
+def srd_oracle_ops_layer_seed(
+    model: nn.Module,
+    x: torch.Tensor,
+    layer_name: str,
+    seed_map: torch.Tensor,
+    *,
+    contrastive: bool = False,
+) -> torch.Tensor:
+    """SRD pixel map (N, H, W) when the PFV layer ``layer_name`` (activation module name or
+    ``"input"``) is seeded with ``seed_map`` (N, h, w). A one-hot seed gives the ERF."""
+    return srd_oracle_ops_relevance(
+        model, x, seeds={layer_name: seed_map}, contrastive=contrastive
+    )["input"]
+
+
+def pfv_layers(model: nn.Module, x: torch.Tensor) -> dict[str, tuple[int, int, int]]:
+    """PFV layer name -> (C, h, w), in forward order (``"input"`` first)."""
+    g = _build_graph(model, x)
+    return {k: (int(v.shape[1]), int(v.shape[2]), int(v.shape[3])) for k, v in g.layers.items()}
+
+
+def check_forward(model: nn.Module, x: torch.Tensor) -> dict[str, int]:
+    """Brute checks of the description (raise on failure): the recorded pre-activations, PFV
+    layers and logits equal the model's own forward (done in the graph build); every node's
+    output recomputed from its components (``Σ apply(v(p)) + bias`` at every position) equals the
+    torch op's output; and at every block output position the path vectors (contributions + bias
+    shares) add up to z(q). Returns counts {"nodes", "positions", "even_splits"}."""
+    g = _build_graph(model, x)
+    seen: set[int] = set()
+    count = 0
+
+    def check_node(node: _Node) -> None:
+        nonlocal count
+        if id(node) in seen or isinstance(node, _Leaf):
+            return
+        seen.add(id(node))
+        for inp in node.inputs:
+            check_node(inp)
+        nb, _, ho, wo = node.ref.shape
+        for n in range(nb):
+            for ui in range(ho):
+                for uj in range(wo):
+                    acc = node.ref.new_zeros(node.ref.shape[1])
+                    for i, off, p in node.sources((ui, uj)):
+                        vin = node.inputs[i].ref[n, :, p[0], p[1]]
+                        acc = acc + node.apply(n, i, off, p, (ui, uj), vin)
+                    if node.bias is not None:
+                        acc = acc + node.bias
+                    if not torch.allclose(acc, node.ref[n, :, ui, uj], rtol=1e-10, atol=1e-12):
+                        raise AssertionError(
+                            f"{type(node).__name__} output differs at n={n}, u={(ui, uj)}"
+                        )
+        count += 1
+
+    memo = _PathMemo()
+    shares = _Shares(g.layers, memo)
+    positions = 0
+    for block in g.blocks:
+        check_node(block.root)
+        nb, _, ho, wo = block.root.ref.shape
+        for n in range(nb):
+            for qi in range(ho):
+                for qj in range(wo):
+                    _block_items(g, block, memo, shares, n, (qi, qj))
+                    positions += 1
+    return {"nodes": count, "positions": positions, "even_splits": shares.even_splits}

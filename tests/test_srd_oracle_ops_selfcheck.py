@@ -1,0 +1,260 @@
+"""Self-checks of the SRD oracle for operations beyond plain CNNs (tests/srd_oracle_ops.py),
+independent of the engine: brute forward checks, conservation, ERF sums, gate branches, a
+hand-computed toy, interpolation / adaptive-pool weights against torch, and agreement with the
+plain-CNN oracle (tests/srd_oracle.py) on a model both describe."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+try:
+    from . import small_models as sm  # type: ignore[no-redef]
+    from . import srd_oracle_ops as so  # type: ignore[no-redef]
+    from .srd_oracle import srd_oracle  # type: ignore[no-redef]
+except ImportError:  # tests/ is not a package: pytest put it on sys.path
+    import small_models as sm  # type: ignore[no-redef]
+    import srd_oracle_ops as so  # type: ignore[no-redef]
+    from srd_oracle import srd_oracle  # type: ignore[no-redef]
+
+MODELS = list(so.OPS_MODEL_CLASSES)
+
+
+@pytest.mark.parametrize("name", MODELS)
+def test_forward_brute(name: str) -> None:
+    """Recomputed pre-activations / PFV layers / logits equal the model's own forward (hooks),
+    every node recomputed from its components equals the torch op, and at every block output
+    position the path vectors (contributions + bias shares) add up to z(q)."""
+    model = so.build_ops_model(name, seed=3)
+    x = so.ops_input(name, seed=1)
+    counts = so.check_forward(model, x)
+    assert counts["nodes"] > 0 and counts["positions"] > 0
+
+
+def test_forward_brute_non_relu_and_no_spatial_cat() -> None:
+    so.check_forward(so.build_ops_model("GateNet", act="silu", seed=4), so.ops_input("GateNet", 2))
+    m = so.build_ops_model("SliceNet", act="gelu", seed=4, spatial_cat=False)
+    so.check_forward(m, so.ops_input("SliceNet", 2))
+
+
+@pytest.mark.parametrize("act", ["relu", "leaky_relu", "gelu"])
+@pytest.mark.parametrize("name", MODELS)
+def test_conservation(name: str, act: str) -> None:
+    """The logit-seeded pixel map sums to the target logit per sample; no relevance dropped."""
+    model = so.build_ops_model(name, act=act, seed=11)
+    x = so.ops_input(name, seed=5)
+    target = torch.tensor([1, 3])
+    stats: dict[str, int] = {}
+    rel = so.srd_oracle_ops_relevance(model, x, target, stats=stats)
+    rmap = rel["input"]
+    assert rmap.shape == (x.shape[0], x.shape[2], x.shape[3]) and rmap.dtype == torch.float64
+    assert stats["dropped"] == 0
+    with torch.no_grad():
+        logits = model(x)[torch.arange(2), target]
+    torch.testing.assert_close(rmap.sum(dim=(1, 2)), logits, rtol=1e-9, atol=1e-12)
+    assert rmap.abs().sum() > 0
+    torch.testing.assert_close(so.srd_oracle_ops(model, x, target), rmap, rtol=0, atol=0)
+
+
+@pytest.mark.parametrize("name", MODELS)
+def test_contrastive_map_sums_to_zero(name: str) -> None:
+    model = so.build_ops_model(name, seed=2)
+    x = so.ops_input(name, seed=3)
+    rmap = so.srd_oracle_ops(model, x, 0, contrastive=True)
+    layer, seed = so.ops_logit_seed(model, x, 0)
+    scale = float(seed.abs().sum())
+    assert rmap.sum(dim=(1, 2)).abs().max().item() < 1e-9 * scale
+    same = so.srd_oracle_ops_layer_seed(model, x, layer, seed - seed.mean((1, 2), keepdim=True))
+    torch.testing.assert_close(rmap, same, rtol=1e-12, atol=1e-14)
+
+
+@pytest.mark.parametrize("name", MODELS)
+def test_erf_of_one_hot_sums_to_one(name: str) -> None:
+    """Every PFV layer, two positions (one per batch row of a duplicated input): the ERF sums to
+    1 (no z(q) = 0 is met, asserted)."""
+    model = so.build_ops_model(name, act="relu", seed=6)
+    x1 = so.ops_input(name, seed=7)[:1]
+    x = torch.cat([x1, x1], 0)
+    for layer, (_, h, w) in so.pfv_layers(model, x).items():
+        if layer == "input":
+            continue
+        seed = torch.zeros(2, h, w, dtype=torch.float64)
+        seed[0, h // 2, w - 1] = 1.0
+        seed[1, 0, 0] = 1.0
+        stats: dict[str, int] = {}
+        erf = so.srd_oracle_ops_relevance(model, x, seeds={layer: seed}, stats=stats)["input"]
+        assert stats["dropped"] == 0, layer
+        torch.testing.assert_close(
+            erf.sum(dim=(1, 2)), torch.ones(2, dtype=torch.float64), rtol=0, atol=1e-9
+        )
+        assert erf[0].abs().sum() > 0, layer
+
+
+@pytest.mark.parametrize("act", ["relu", "silu"])
+def test_gate_branches_get_exactly_zero_relevance(act: str) -> None:
+    """The gate is a constant weight: its sigmoid PFV layers (and se_act, which only feeds the
+    SE gate) receive exactly 0; the signal layers receive relevance."""
+    model = so.build_ops_model("GateNet", act=act, seed=8)
+    x = so.ops_input("GateNet", seed=9)
+    rel = so.srd_oracle_ops_relevance(model, x, [0, 2])
+    for layer in so.GATE_BRANCH_LAYERS["GateNet"]:
+        assert torch.equal(rel[layer], torch.zeros_like(rel[layer])), layer
+    for layer in ("act1", "act2", "act4", "act5", "input"):
+        assert rel[layer].abs().sum() > 0, layer
+    # and in the toy
+    m = so.build_ops_model("TinyCatGateNet", seed=1, num_classes=1)
+    r = so.srd_oracle_ops_relevance(m, torch.randn(1, 1, 3, 4, dtype=torch.float64), 0)
+    assert torch.equal(r["sig"], torch.zeros_like(r["sig"]))
+
+
+def test_hand_computed_cat_gate_toy() -> None:
+    """x = (1, -2) (1 channel, 1x2). Gate g_i = σ(0.5·x_i + 0.1), t = x·g.
+    conv over cat([x, t]) with kernel (1, 2): ch0 weights (1, 0.5), ch1 weights (3, -1), bias 0.45.
+    One output position q, four paths (all start at input positions):
+    x0·1 = 1, x1·0.5 = -1, t0·3 = 3·g0, t1·(-1) = 2·g1. The bias is split over all four by |c|.
+    ReLU, head 1.5·v - 0.2 (one position: R(q) = logit)."""
+    m = so.TinyCatGateNet("relu").double().eval()
+    with torch.no_grad():
+        m.gconv.weight.fill_(0.5)
+        m.gconv.bias.fill_(0.1)
+        m.conv.weight.copy_(torch.tensor([[[[1.0, 0.5]], [[3.0, -1.0]]]], dtype=torch.float64))
+        m.conv.bias.fill_(0.45)
+        m.fc.weight.fill_(1.5)
+        m.fc.bias.fill_(-0.2)
+    x = torch.tensor([1.0, -2.0], dtype=torch.float64).reshape(1, 1, 1, 2)
+
+    def sig(a: float) -> float:
+        return 1.0 / (1.0 + math.exp(-a))
+
+    g0, g1 = sig(0.5 * 1 + 0.1), sig(0.5 * -2 + 0.1)
+    c = [1.0, -1.0, 3.0 * g0, 2.0 * g1]  # paths: x0 direct, x1 direct, x0 gated, x1 gated
+    tot = sum(abs(v) for v in c)
+    b = [0.45 * abs(v) / tot for v in c]
+    z = sum(c) + 0.45
+    assert z > 0
+    logit = 1.5 * z - 0.2
+    mu = [(ci + bi) / z for ci, bi in zip(c, b, strict=True)]
+    expected = torch.tensor([(mu[0] + mu[2]) * logit, (mu[1] + mu[3]) * logit], dtype=torch.float64)
+    got = so.srd_oracle_ops(m, x, 0)
+    torch.testing.assert_close(got[0, 0], expected, rtol=1e-12, atol=1e-12)
+    with torch.no_grad():
+        assert abs(float(m(x)[0, 0]) - logit) < 1e-12
+    assert abs(float(got.sum()) - logit) < 1e-12
+
+
+def test_even_split_where_all_norms_are_zero() -> None:
+    """A zero region of the input: conv1's bias at positions whose whole window is zero is split
+    evenly; conservation still holds and the zero pixels receive relevance through it."""
+    model = so.build_ops_model("CatNet", seed=12)
+    x = so.ops_input("CatNet", seed=13)
+    x[:, :, 2:7, 1:6] = 0.0
+    stats: dict[str, int] = {}
+    rel = so.srd_oracle_ops_relevance(model, x, [2, 0], stats=stats)
+    assert stats["even_splits"] >= 2 * 9  # conv1: the 3x3 interior of the 5x5 zero square
+    with torch.no_grad():
+        logits = model(x)[torch.arange(2), torch.tensor([2, 0])]
+    torch.testing.assert_close(rel["input"].sum((1, 2)), logits, rtol=1e-9, atol=1e-12)
+    assert (rel["input"][:, 3:6, 2:5].abs() > 0).all()
+
+
+@pytest.mark.parametrize(
+    "size,kw",
+    [
+        ((4, 5), {"scale_factor": 2, "mode": "nearest"}),
+        ((5, 7), {"size": (7, 9), "mode": "nearest"}),
+        ((5, 7), {"size": (3, 4), "mode": "nearest"}),
+        ((5, 7), {"size": (7, 9), "mode": "nearest-exact"}),
+        ((5, 7), {"size": (7, 9), "mode": "bilinear", "align_corners": False}),
+        ((5, 7), {"size": (7, 9), "mode": "bilinear", "align_corners": True}),
+        ((8, 10), {"size": (5, 7), "mode": "bilinear", "align_corners": False}),
+        ((8, 10), {"size": (5, 7), "mode": "bilinear", "align_corners": True}),
+        ((4, 5), {"scale_factor": 2, "mode": "bilinear", "align_corners": False}),
+        ((4, 6), {"scale_factor": 1.5, "mode": "bilinear", "align_corners": False}),
+        ((3, 1), {"size": (1, 4), "mode": "bilinear", "align_corners": True}),
+    ],
+)
+def test_interpolation_components_match_torch(size, kw) -> None:
+    g = torch.Generator().manual_seed(0)
+    v = torch.randn(2, 3, *size, generator=g, dtype=torch.float64)
+    node = so._InterpNode(so._Leaf("v", v), **kw)
+    mode = kw["mode"]
+    torch_kw = {k: a for k, a in kw.items() if k != "mode"}
+    ref = F.interpolate(v, mode=mode, **torch_kw)
+    assert torch.equal(node.ref, ref)
+    out = torch.zeros_like(ref)
+    for n in range(2):
+        for ui in range(ref.shape[2]):
+            for uj in range(ref.shape[3]):
+                srcs = node.sources((ui, uj))
+                assert 1 <= len(srcs) <= 4
+                for i, off, p in srcs:
+                    out[n, :, ui, uj] += node.apply(n, i, off, p, (ui, uj), v[n, :, p[0], p[1]])
+    torch.testing.assert_close(out, ref, rtol=1e-12, atol=1e-13)
+
+
+def test_adaptive_windows_match_torch() -> None:
+    g = torch.Generator().manual_seed(1)
+    cases = [((5, 4), (3, 7)), ((8, 10), (5, 4)), ((7, 3), (4, 3)), ((4, 4), (7, 7))]
+    for (h, w), (oh, ow) in cases:
+        v = torch.randn(1, 2, h, w, generator=g, dtype=torch.float64)
+        wins = (so.adaptive_windows(h, oh), so.adaptive_windows(w, ow))
+        ref = F.adaptive_avg_pool2d(v, (oh, ow))
+        for i in range(oh):
+            for j in range(ow):
+                block = v[0, :, wins[0][i]][:, :, wins[1][j]]
+                torch.testing.assert_close(
+                    block.mean((1, 2)), ref[0, :, i, j], rtol=1e-12, atol=1e-13
+                )
+    assert so.adaptive_windows(5, 3) == [[0, 1], [1, 2, 3], [3, 4]]
+    assert so.adaptive_windows(4, 7) == [[0], [0, 1], [1], [1, 2], [2], [2, 3], [3]]
+
+
+def test_agrees_with_plain_cnn_oracle_on_resnetlike() -> None:
+    """The general DAG machinery reproduces tests/srd_oracle.py on small_models.ResNetLike
+    (conv+BN fusion, identity and downsample shortcuts)."""
+    model = sm.build_model("ResNetLike", act="silu", seed=3)
+    x = torch.randn(2, 3, 9, 11, dtype=torch.float64, generator=torch.Generator().manual_seed(4))
+    torch.testing.assert_close(
+        so.srd_oracle_ops(model, x, [1, 4]), srd_oracle(model, x, [1, 4]), rtol=1e-12, atol=1e-12
+    )
+
+
+def test_float32_model_is_handled_in_float64() -> None:
+    model = so.build_ops_model("UpsampleNet", seed=4)
+    x = so.ops_input("UpsampleNet", seed=3)
+    torch.testing.assert_close(
+        so.srd_oracle_ops(model.float(), x.float(), 1),
+        so.srd_oracle_ops(so.build_ops_model("UpsampleNet", seed=4), x.float().double(), 1),
+        rtol=1e-12,
+        atol=1e-12,
+    )
+
+
+def test_layer_names_and_errors() -> None:
+    model = so.build_ops_model("GateNet", seed=0)
+    x = so.ops_input("GateNet")
+    layers = so.pfv_layers(model, x)
+    assert list(layers) == [
+        "input",
+        "act1",
+        "se_act",
+        "se_sig",
+        "act2",
+        "sp_sig",
+        "silu_sig",
+        "act4",
+        "cb_sig",
+        "act5",
+    ]
+    assert layers["se_sig"] == (6, 1, 1) and layers["cb_sig"] == (1, 8, 8)
+    with pytest.raises(KeyError):
+        so.srd_oracle_ops_layer_seed(model, x, "conv1", torch.zeros(2, 8, 8))
+    with pytest.raises(ValueError):
+        so.srd_oracle_ops_layer_seed(model, x, "act1", torch.zeros(2, 4, 4))
+    with pytest.raises(TypeError):
+        so.srd_oracle_ops(sm.build_model("PlainNet"), torch.zeros(1, 3, 8, 8), 0)
+    with pytest.raises(ValueError):
+        so.build_ops_model("GateNet", act="sigmoid")
