@@ -370,7 +370,10 @@ class Recorder(TorchFunctionMode):
                 raise self._unsupported("dropout in training mode", "Call model.eval() first.")
             return self._identity(args[0])
         if func in IDENTITY_FUNCS:
-            return self._identity(args[0])
+            # contiguous() and clone() must give what they promise (code may .view() next)
+            with torch._C.DisableTorchFunction():
+                out = func(*args, **kwargs)
+            return self._identity(args[0], out)
         out = func(*args, **kwargs)
         if not any(isinstance(t, Tensor) for t in tree_flatten(out)[0]):
             return out  # sizes, dtypes, shapes, comparisons to Python values ...
@@ -697,9 +700,10 @@ class Recorder(TorchFunctionMode):
             out = F.pad(*args, **kwargs)
         return self._record(ops.PadOp(self.where, b["pad"]), [x], out)
 
-    def _identity(self, x: Tensor) -> Tensor:
+    def _identity(self, x: Tensor, out: Tensor | None = None) -> Tensor:
         with torch._C.DisableTorchFunction():
-            out = x.view_as(x)
+            if out is None or out is x:
+                out = x.view_as(x)  # a tensor of its own, so that it gets a node of its own
         return self._record(ops.IdentityOp(self.where), [x], out)
 
     # -- operations that move values, resampling, gates ---------------------------------------

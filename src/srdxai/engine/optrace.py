@@ -60,7 +60,10 @@ MAX_POOL = {F.max_pool1d, F.max_pool2d, F.max_pool3d, F.adaptive_max_pool1d,
             F.adaptive_max_pool2d, torch.amax, Tensor.amax}
 AVG_POOL = {F.avg_pool1d, F.avg_pool2d, F.avg_pool3d, F.adaptive_avg_pool1d,
             F.adaptive_avg_pool2d, F.adaptive_avg_pool3d, torch.mean, Tensor.mean,
-            torch.sum, Tensor.sum}
+            torch.sum, Tensor.sum,
+            # upsampling (nearest, (bi)linear): a weighted mean of input positions with
+            # non-negative weights, linear like the averages above
+            F.interpolate, F.upsample}
 SDPA = {F.scaled_dot_product_attention}
 DROPOUT = {F.dropout, F.dropout1d, F.dropout2d, F.dropout3d, F.alpha_dropout,
            F.feature_alpha_dropout}

@@ -524,13 +524,16 @@ class _BiasGradientRule(Rule):
 
     wants_bias_ops = True
 
-    def __init__(self, input_dim: int) -> None:
+    def __init__(self, input_dim: int, batch: int) -> None:
         self.maps: dict[tuple[int, ...], Tensor] = {}  # spatial size -> summed channel maps
         self.input_dim = input_dim
+        self.batch = batch
         self.unmapped: list[tuple[int, ...]] = []  # biases on tensors that are not maps
 
     def on_bias_op(self, op: ops.LinearOp, out: Tensor) -> Tensor:
-        if out.dim() > 2 and out.dim() != self.input_dim:
+        # a map of another rank, or one whose first dimension is not the batch (windows or
+        # patches folded into it, as Swin and MobileViT do), has no place in the image
+        if out.dim() > 2 and (out.dim() != self.input_dim or out.shape[0] != self.batch):
             self.unmapped.append(tuple(out.shape))
         elif out.dim() > 2 and out.requires_grad:
             out.register_hook(lambda g, op=op: self._collect(op, g))
@@ -588,14 +591,14 @@ class FullGrad(Method):
         return self._batched(inputs, target, one)
 
     def _map(self, x: Tensor, target: Target) -> Tensor:
-        rule = _BiasGradientRule(x.dim())
+        rule = _BiasGradientRule(x.dim(), x.shape[0])
         with self._guard(), torch.enable_grad(), Trace(self.model, x, rule) as trace:
             out = trace.forward()
             if rule.unmapped:
                 raise InvalidInputError(
                     f"FullGrad needs every bias to act on a feature map shaped like the input "
                     f"(N, C, H, W); this model adds biases to tensors of shape "
-                    f"{rule.unmapped[0]} (e.g. a vision transformer's tokens), whose bias "
+                    f"{rule.unmapped[0]} (e.g. a vision transformer's tokens or windows), whose bias "
                     "gradients have no place in the image. Use a gradient or LRP method.")
             grad_out, _ = target_gradient(out, target)
             (gx,) = self._grad(out, x, grad_out)

@@ -41,7 +41,7 @@ from ..engine.core import (
     true_activation_gradient,
 )
 from ..engine.memory import budget_chunk, element_chunk, run_in_chunks
-from ..errors import InvalidInputError
+from ..errors import InvalidInputError, UnsupportedOperationError
 from .base import Method, checked_reduction, register
 
 Tensor = torch.Tensor
@@ -87,6 +87,12 @@ def rescale_slope(n: int, threshold: float = 1e-10) -> Slope:
     """
 
     def slope(z, grad, fn):
+        if z.shape[0] != 2 * n:
+            raise UnsupportedOperationError(
+                f"DeepLIFT pairs each sample with its baseline by batch row, but this model "
+                f"folds other dimensions into the batch (an activation of shape "
+                f"{tuple(z.shape)} for {n} samples and their baselines; e.g. MobileViT's or "
+                "Swin's patch unfolding). Use integrated gradients or a gradient method.")
         z_in, z_ref = z[:n], z[n:]
         delta_in = z_in - z_ref
         delta_out = fn(z_in) - fn(z_ref)

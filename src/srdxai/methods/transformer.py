@@ -80,11 +80,18 @@ class _AttentionMethod(Method):
                 f"{prefix_tokens!r}.")
         self.prefix_tokens = prefix_tokens
 
-    def _maps(self, rule: AttentionMaps) -> list[Tensor]:
+    def _maps(self, rule: AttentionMaps, batch: int) -> list[Tensor]:
         if not rule.maps:
             raise UnsupportedOperationError(
                 f"{self.name} found no attention maps (softmax over (N, heads, T, T) scores) in "
                 "the model: it explains Vision Transformers only.")
+        shapes = {(a.shape[0], a.shape[-1]) for a in rule.maps}
+        if len(shapes) != 1 or next(iter(shapes))[0] != batch:
+            raise UnsupportedOperationError(
+                f"{self.name} needs one global attention over the same tokens in every block; "
+                f"this model attends within windows or at several scales (attention maps of "
+                f"shapes {sorted({tuple(a.shape) for a in rule.maps})} for a batch of {batch}, "
+                "e.g. Swin or MobileViT). Use a gradient, absLRP or AttnLRP method.")
         return rule.maps
 
 
@@ -112,7 +119,7 @@ class AttentionRollout(_AttentionMethod):
                 out = trace.forward()
                 self._target_gradient(out, t)  # validates the target
                 rollout = None
-                for a in self._maps(rule):
+                for a in self._maps(rule, x.shape[0]):
                     fused = getattr(a, self.head_fusion)(1)
                     fused = fused.values if not isinstance(fused, Tensor) else fused
                     eye = torch.eye(fused.shape[-1], dtype=fused.dtype, device=fused.device)
@@ -170,7 +177,7 @@ class TransformerAttribution(_AttentionMethod):
         with self._guard(), torch.enable_grad(), OpTrace(self.model, leaf, rule) as trace:
             out = trace.forward()
             seed, _ = self._target_gradient(out, t)
-            maps = self._maps(rule)
+            maps = self._maps(rule, x.shape[0])
             grads = torch.autograd.grad(out, maps, seed, allow_unused=True)
         return [a.detach() for a in maps], grads
 

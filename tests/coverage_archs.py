@@ -1,0 +1,126 @@
+"""The architecture coverage suite: timm classifiers of every family, random weights, small
+inputs, and what every registered method does on each.
+
+Used by ``tests/test_coverage.py`` (the checks) and ``scripts/coverage_table.py`` (the table in
+the README). Each cell is either a finite map of the input's size or a clear srdxai refusal;
+``EXPECTED_REFUSALS`` states which, so that a method that starts or stops working on an
+architecture is noticed.
+"""
+
+from __future__ import annotations
+
+import copy
+from dataclasses import dataclass, field
+
+import torch
+
+import srdxai
+from srdxai.errors import InvalidInputError, UnsupportedOperationError
+from srdxai.methods import METHODS
+
+try:
+    from ._compat import import_torchvision  # type: ignore[no-redef]
+except ImportError:  # pragma: no cover - depends on how pytest imports the tests
+    from _compat import import_torchvision  # type: ignore[no-redef]
+
+
+@dataclass(frozen=True)
+class Arch:
+    name: str  # timm model name
+    family: str  # what it adds to the suite
+    size: int = 64  # input side
+    options: dict = field(default_factory=dict)  # timm.create_model keyword arguments
+    slow: bool = False  # only in the slow suite (heavy for CI)
+
+
+_SMALL_SWIN = dict(img_size=32, window_size=2, depths=(1, 1, 1, 1), embed_dim=24,
+                   num_heads=(1, 1, 2, 2))
+_SMALL_VIT = dict(img_size=32, patch_size=8, depth=2)
+
+ARCHS: list[Arch] = [
+    Arch("resnet18", "residual CNN"),
+    Arch("resnext26ts", "grouped convolutions, SiLU", slow=True),
+    Arch("repvgg_a0", "re-parameterised plain CNN"),
+    Arch("vgg11", "plain CNN, conv-MLP head", size=32, slow=True),
+    Arch("densenet121", "dense concatenation"),
+    Arch("dla34", "tree aggregation (concatenation)"),
+    Arch("ghostnet_100", "ghost modules (slices, concatenation), SE"),
+    Arch("mobilenetv3_small_050", "depthwise, hard-swish, SE with hard-sigmoid gates"),
+    Arch("efficientnet_b0", "depthwise, SiLU, squeeze-excitation"),
+    Arch("regnety_002", "group convolutions, squeeze-excitation"),
+    Arch("mixnet_s", "mixed kernel sizes (channel split + concatenation)"),
+    Arch("rexnet_100", "channel-padding residuals (slices), SE"),
+    Arch("lcnet_050", "hard-swish, SE"),
+    Arch("ese_vovnet19b_dw", "one-shot aggregation, effective SE"),
+    Arch("hrnet_w18_small", "multi-resolution branches, upsampling", slow=True),
+    Arch("cspresnet50", "cross-stage partial (split + concatenation)", slow=True),
+    Arch("xception41", "separable convolutions", slow=True),
+    Arch("convnext_atto", "LayerNorm, 7x7 depthwise, layer scale"),
+    Arch("vit_tiny_patch16_224", "vision transformer", size=32, options=_SMALL_VIT),
+    Arch("deit_tiny_patch16_224", "vision transformer (DeiT)", size=32, options=_SMALL_VIT),
+    Arch("swin_tiny_patch4_window7_224", "shifted-window transformer", size=32,
+         options=_SMALL_SWIN),
+    Arch("mobilevit_xxs", "hybrid CNN-transformer", size=32),
+]
+
+# Options that keep the many-pass methods fast here (their defaults are tested elsewhere).
+FAST_OPTIONS = {
+    "integrated_gradients": {"steps": 4},
+    "smoothgrad": {"samples": 2},
+    "occlusion": {"window": 8, "stride": 8},
+}
+
+# Methods that explain Vision Transformers only, and refuse everything else.
+_VIT_ONLY = {"attention_rollout", "transformer_attribution", "srd_tokens"}
+_CAMS = {"gradcam", "gradcam_pp", "xgradcam", "layercam", "scorecam", "ablationcam"}
+_LRP = {m for m in METHODS if m.startswith("lrp_")}
+_CNN_REFUSES = _VIT_ONLY
+# What each architecture refuses today (a clear srdxai error); every other method must give a
+# finite map. Shrinking these sets is the work of the one-engine issue.
+EXPECTED_REFUSALS: dict[str, set[str]] = {
+    **{a.name: set(_CNN_REFUSES) for a in ARCHS},
+    "convnext_atto": _CNN_REFUSES | _LRP | {"srd"},
+    "vit_tiny_patch16_224": _CAMS | _LRP | {"srd", "fullgrad"},
+    "deit_tiny_patch16_224": _CAMS | _LRP | {"srd", "fullgrad"},
+    "swin_tiny_patch4_window7_224": _CAMS | _LRP | {"srd", "fullgrad", "srd_tokens",
+                                                    "attention_rollout",
+                                                    "transformer_attribution"},
+    "mobilevit_xxs": _LRP | {"srd", "srd_tokens", "attention_rollout", "transformer_attribution",
+                             "deeplift_rescale"},
+}
+
+
+def build(arch: Arch) -> torch.nn.Module:
+    import_torchvision()
+    import timm
+
+    torch.manual_seed(0)
+    return timm.create_model(arch.name, pretrained=False, num_classes=5, **arch.options).eval()
+
+
+def inputs(arch: Arch, n: int = 2) -> torch.Tensor:
+    g = torch.Generator().manual_seed(1)
+    return torch.randn(n, 3, arch.size, arch.size, generator=g)
+
+
+@dataclass
+class Cell:
+    status: str  # "ok" or "refused"
+    detail: str = ""
+    map: torch.Tensor | None = None
+
+
+def run_cell(model: torch.nn.Module, x: torch.Tensor, method: str, target=1) -> Cell:
+    """One method on one model: a map, or a clear refusal. Any other exception propagates."""
+    try:
+        m = srdxai.explain(model, x, target=target, method=method,
+                           **FAST_OPTIONS.get(method, {}))
+    except (UnsupportedOperationError, InvalidInputError) as error:
+        return Cell("refused", str(error).split(". ")[0])
+    return Cell("ok", map=m)
+
+
+def state(model: torch.nn.Module):
+    return copy.deepcopy(model.state_dict()), [m.training for m in model.modules()], [
+        (len(m._forward_hooks), len(m._forward_pre_hooks), len(m._backward_hooks))
+        for m in model.modules()]
