@@ -598,8 +598,9 @@ class FullGrad(Method):
                 raise InvalidInputError(
                     f"FullGrad needs every bias to act on a feature map shaped like the input "
                     f"(N, C, H, W); this model adds biases to tensors of shape "
-                    f"{rule.unmapped[0]} (e.g. a vision transformer's tokens or windows), whose bias "
-                    "gradients have no place in the image. Use a gradient or LRP method.")
+                    f"{rule.unmapped[0]} (e.g. a vision transformer's tokens or windows), "
+                    "whose bias gradients have no place in the image. Use a gradient or LRP "
+                    "method.")
             grad_out, _ = target_gradient(out, target)
             (gx,) = self._grad(out, x, grad_out)
             del out
