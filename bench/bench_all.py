@@ -28,6 +28,7 @@ from __future__ import annotations
 
 import argparse
 import concurrent.futures
+import math
 import multiprocessing
 import statistics
 import sys
@@ -36,6 +37,7 @@ from pathlib import Path
 import torch
 
 import srdxai
+from srdxai.errors import UnsupportedOperationError
 from srdxai.models.torchvision_arch import resnet50, vgg16
 from srdxai.models.zoo import vit_base_patch16_224
 
@@ -43,7 +45,26 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "tests"))
 import _timing  # noqa: E402
 
-ARCHITECTURES = {"resnet50": resnet50, "vgg16": vgg16, "vit_b16": vit_base_patch16_224}
+
+def _timm(name: str, **options):
+    """A random-weight timm classifier (timm needs torchvision: imported through the tests'
+    compatibility shim on CPU-only torch)."""
+
+    def build() -> torch.nn.Module:
+        from _compat import import_torchvision
+
+        import_torchvision()
+        import timm
+
+        return timm.create_model(name, pretrained=False, **options)
+
+    return build
+
+
+ARCHITECTURES = {"resnet50": resnet50, "vgg16": vgg16, "vit_b16": vit_base_patch16_224,
+                 "efficientnet_b0": _timm("efficientnet_b0"),
+                 "convnext_tiny": _timm("convnext_tiny"),
+                 "swin_t": _timm("swin_tiny_patch4_window7_224")}
 
 
 def plain_gradient_rows(args: argparse.Namespace, method: str, models: list[str],
@@ -55,10 +76,17 @@ def plain_gradient_rows(args: argparse.Namespace, method: str, models: list[str]
     rows = []
     spawn = multiprocessing.get_context("spawn")
     for name in models:
-        with concurrent.futures.ProcessPoolExecutor(1, mp_context=spawn) as pool:
-            ours, plain = pool.submit(_time_against_plain_gradient, vars(args), method, name,
-                                      options).result()
         label = {"srd": "SRD", "abslrp": "absLRP"}.get(method, method)
+        with concurrent.futures.ProcessPoolExecutor(1, mp_context=spawn) as pool:
+            try:
+                ours, plain = pool.submit(_time_against_plain_gradient, vars(args), method,
+                                          name, options).result()
+            except UnsupportedOperationError as error:
+                print(f"{label} on {name}: refused ({str(error).split('. ')[0]})")
+                rows.append(_timing.Row(label, name, math.nan, math.nan,
+                                        "plain gradient (the method refuses this model)",
+                                        target))
+                continue
         rows.append(_timing.Row(label, name, ours, plain, "plain gradient", target))
     return rows
 
@@ -72,7 +100,8 @@ def _time_against_plain_gradient(settings: dict, method: str, name: str,
     torch.manual_seed(0)
     model = ARCHITECTURES[name]().eval().to(args.device)
     randomize_bn(model)
-    size = 224 if name == "vit_b16" else args.size  # the ViT's patch grid is fixed
+    # the transformers' patch grids (and Swin's windows) are fixed
+    size = 224 if name in ("vit_b16", "swin_t") else args.size
     x = torch.randn(args.batch, 3, size, size, device=args.device)
     classes = torch.randint(0, 1000, (args.batch,), device=args.device)
 
@@ -164,6 +193,8 @@ def main() -> None:
     rows: list[_timing.Row] = []
     if "srd" in only:
         rows += plain_gradient_rows(args, "srd", ["resnet50", "vgg16"], 2.0)
+        rows += plain_gradient_rows(args, "srd", ["efficientnet_b0", "convnext_tiny", "swin_t"],
+                                    2.5)
     if "abslrp" in only:
         rows += plain_gradient_rows(args, "abslrp", ["vgg16", "resnet50", "vit_b16"], 3.0)
     if "gae" in only:

@@ -2,10 +2,13 @@
 
 Covers channel / spatial concatenation, channel / spatial slices and chunks, gating products
 (squeeze-excitation, same-shape sigmoid gates, CBAM-style broadcast gates, a written-out SiLU),
-adaptive average pooling with overlapping/variable windows, and ``F.interpolate`` (nearest,
-nearest-exact, bilinear with and without ``align_corners``), on the small float64 test models
-defined here. Written from docs/srd.md only (sections "Objects", "Operations beyond plain CNNs",
-"Bias shares", "Sharing ratio and relevance", "Seeds"), independently of ``srdxai.engine``.
+adaptive average pooling with overlapping/variable windows, ``F.interpolate`` (nearest,
+nearest-exact, bilinear with and without ``align_corners``), and GroupNorm / LayerNorm with
+statistics fixed to their forward values (channels-first ``LayerNorm2d`` and ConvNeXt's
+channels-last ``permute -> LayerNorm -> Linear -> act -> Linear -> layer scale -> permute``, a
+LayerNorm in the head), on the small float64 test models defined here. Written from docs/srd.md
+only (sections "Objects", "Operations beyond plain CNNs", "Bias shares", "Sharing ratio and
+relevance", "Seeds"), independently of ``srdxai.engine``.
 
 How it works (everything explicit, float64, no autograd, no modified gradient):
 
@@ -13,8 +16,10 @@ How it works (everything explicit, float64, no autograd, no modified gradient):
   (the model input ``"input"`` and the output of every activation module, named by the module's
   qualified name) and, for every activation module, its affine block: a small DAG of linear
   *nodes* (conv with optionally fused BN, standalone BN, sum, concatenation, slice, gate product
-  with the gate fixed to its forward value, global mean, adaptive avg-pool, interpolation) whose
-  leaves are PFV layers and whose root is the activation's pre-activation ``z``.
+  with the gate fixed to its forward value, global mean, adaptive avg-pool, interpolation,
+  GroupNorm / LayerNorm with fixed statistics, dense layer on the channel axis = 1x1 conv,
+  per-channel constant scale) whose leaves are PFV layers and whose root is the activation's
+  pre-activation ``z``. Tensors are kept channels-first; permutes are layout changes only.
 * Every node lists, for an output position ``u``, its *components* ``(input index, offset,
   input position)`` and pushes a vector living at such an input position through its linear part
   (``apply``). A path is a chain of components from a leaf position ``p`` to the block output
@@ -22,13 +27,17 @@ How it works (everything explicit, float64, no autograd, no modified gradient):
 * A node with a bias is an entry op: its bias ``b(r)`` at its output position ``r`` is split over
   all path prefixes that reach ``r`` (from every leaf, through every input of a multi-input node)
   in proportion to ``||c_π(r)||`` measured at the entry op's output, evenly when all those norms
-  are 0. Shares are carried along with their path through the later nodes' linear parts.
+  are 0. Shares are carried along with their path through the later nodes' linear parts. A norm's
+  bias ``β − γ ⊙ µ/σ`` differs per sample (GroupNorm) or per sample and position (LayerNorm over
+  channels); its paths' norms are measured after the scale ``γ/σ``.
 * Per block output position: assert ``Σ_π (c_π(q) + b_π(q)) == z(q)``, then
   ``µ_π = <c_π(q) + b_π(q), z(q)> / ||z(q)||²`` (0 where z(q) = 0) and ``R(p) += µ_π R(q)``.
   Activations are transparent. Gate factors are constants, so a gate's own branch (its sigmoid
   PFV layer and everything only feeding it) receives no relevance.
 * Logit seed: the last PFV layer's position q gets ``(w_c · v(q) + b_c) / n`` (GAP + Linear head,
-  head bias split evenly).
+  head bias split evenly). With a LayerNorm between GAP and Linear (fixed statistics per sample),
+  ``w_c`` is the per-sample ``W diag(γ/σ)`` row and ``b_c`` includes ``W (β − γ µ/σ)``, also split
+  evenly (a head bias).
 """
 
 from __future__ import annotations
@@ -289,16 +298,118 @@ class TinyCatGateNet(nn.Module):
         return self.fc(torch.flatten(self.pool(y), 1))
 
 
+class LayerNorm2d(nn.Module):
+    """Channels-first LayerNorm over the channel dimension at every position (ConvNeXt's
+    ``LayerNorm2d``): permute to channels-last, ``F.layer_norm`` over (C,), permute back."""
+
+    def __init__(self, num_channels: int, eps: float = 1e-6) -> None:
+        super().__init__()
+        self.num_channels = num_channels
+        self.eps = eps
+        self.weight = nn.Parameter(torch.ones(num_channels))
+        self.bias = nn.Parameter(torch.zeros(num_channels))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = x.permute(0, 2, 3, 1)
+        x = F.layer_norm(x, (self.num_channels,), self.weight, self.bias, self.eps)
+        return x.permute(0, 3, 1, 2)
+
+
+class NormNet(nn.Module):
+    """conv1(3->6, 3x3, bias) -> gn1 (GroupNorm, 2 groups, affine) -> act1;
+    conv2(6->8, 3x3, bias) -> ln2 (LayerNorm2d over channels, affine) -> act2 -> GAP -> fc.
+    Neither conv is fused with its norm: the conv bias and the norm shift are two entry ops."""
+
+    def __init__(self, act: str = "relu", num_classes: int = 4) -> None:
+        super().__init__()
+        self.conv1 = nn.Conv2d(3, 6, 3, padding=1, bias=True)
+        self.gn1 = nn.GroupNorm(2, 6, affine=True)
+        self.act1 = _act(act)
+        self.conv2 = nn.Conv2d(6, 8, 3, padding=1, bias=True)
+        self.ln2 = LayerNorm2d(8)
+        self.act2 = _act(act)
+        self.pool = nn.AdaptiveAvgPool2d(1)
+        self.fc = nn.Linear(8, num_classes)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        h = self.act1(self.gn1(self.conv1(x)))
+        h = self.act2(self.ln2(self.conv2(h)))
+        return self.fc(torch.flatten(self.pool(h), 1))
+
+
+class ConvNeXtLike(nn.Module):
+    """stem(3->8, kernel 2, stride 2, bias) -> stem_norm (LayerNorm2d); no activation, so the
+    stem output is not a PFV layer. One ConvNeXt block on it, h:
+    t = dwconv(h) (7x7, padding 3, groups 8, bias); t.permute(0, 2, 3, 1) -> norm (nn.LayerNorm(8))
+    -> pwconv1 (Linear 8->16) -> act (``block_act``, GELU by default; a PFV layer) -> pwconv2
+    (Linear 16->8) -> * gamma (layer scale, (8,)) -> permute(0, 3, 1, 2); h + t -> act_out
+    (``act``) -> GAP -> head_norm (nn.LayerNorm(8) on the pooled (N, 8)) -> fc (Linear 8->K).
+    PFV layers: input, act, act_out."""
+
+    def __init__(self, act: str = "relu", num_classes: int = 4, block_act: str = "gelu") -> None:
+        super().__init__()
+        self.stem = nn.Conv2d(3, 8, 2, stride=2, bias=True)
+        self.stem_norm = LayerNorm2d(8)
+        self.dwconv = nn.Conv2d(8, 8, 7, padding=3, groups=8, bias=True)
+        self.norm = nn.LayerNorm(8, eps=1e-6)
+        self.pwconv1 = nn.Linear(8, 16)
+        self.act = _act(block_act)
+        self.pwconv2 = nn.Linear(16, 8)
+        self.gamma = nn.Parameter(0.8 * torch.randn(8))
+        self.act_out = _act(act)
+        self.pool = nn.AdaptiveAvgPool2d(1)
+        self.head_norm = nn.LayerNorm(8)
+        self.fc = nn.Linear(8, num_classes)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        h = self.stem_norm(self.stem(x))
+        shortcut = h
+        t = self.dwconv(h)
+        t = t.permute(0, 2, 3, 1)
+        t = self.norm(t)
+        t = self.pwconv1(t)
+        t = self.act(t)
+        t = self.pwconv2(t)
+        t = t * self.gamma
+        t = t.permute(0, 3, 1, 2)
+        h = shortcut + t
+        y = self.act_out(h)
+        return self.fc(self.head_norm(torch.flatten(self.pool(y), 1)))
+
+
+class TinyNormNet(nn.Module):
+    """Toy for hand-checked values (3 input channels, 1 x 2 input): conv (3 -> 3, kernel (1, 2),
+    no padding, bias) -> ln (LayerNorm2d(3), eps 1e-5) -> act -> GAP -> Linear(3, 1).
+    One output position, two paths (the two kernel offsets)."""
+
+    def __init__(self, act: str = "relu", num_classes: int = 1) -> None:
+        super().__init__()
+        self.conv = nn.Conv2d(3, 3, (1, 2), bias=True)
+        self.ln = LayerNorm2d(3, eps=1e-5)
+        self.act = _act(act)
+        self.pool = nn.AdaptiveAvgPool2d(1)
+        self.fc = nn.Linear(3, num_classes)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        y = self.act(self.ln(self.conv(x)))
+        return self.fc(torch.flatten(self.pool(y), 1))
+
+
 OPS_MODEL_CLASSES: dict[str, type[nn.Module]] = {
     "CatNet": CatNet,
     "SliceNet": SliceNet,
     "GateNet": GateNet,
     "AdaptivePoolNet": AdaptivePoolNet,
     "UpsampleNet": UpsampleNet,
+    "NormNet": NormNet,
+    "ConvNeXtLike": ConvNeXtLike,
 }
 
 # Toys for hand-checked values (not in OPS_MODEL_CLASSES; build_ops_model knows them too).
-TINY_MODEL_CLASSES: dict[str, type[nn.Module]] = {"TinyCatGateNet": TinyCatGateNet}
+TINY_MODEL_CLASSES: dict[str, type[nn.Module]] = {
+    "TinyCatGateNet": TinyCatGateNet,
+    "TinyNormNet": TinyNormNet,
+}
 
 # The input shape each model is meant to be tested with (others work too where noted above).
 OPS_INPUT_SHAPES: dict[str, tuple[int, int, int, int]] = {
@@ -307,6 +418,8 @@ OPS_INPUT_SHAPES: dict[str, tuple[int, int, int, int]] = {
     "GateNet": (2, 3, 8, 8),
     "AdaptivePoolNet": (2, 3, 8, 10),
     "UpsampleNet": (2, 3, 8, 10),
+    "NormNet": (2, 3, 8, 10),
+    "ConvNeXtLike": (2, 3, 8, 8),
 }
 
 # PFV layers that only feed gate factors: by the definition they receive no relevance.
@@ -319,15 +432,35 @@ def build_ops_model(
     name: str, act: str = "relu", seed: int = 0, num_classes: int = 4, **kwargs: object
 ) -> nn.Module:
     """``OPS_MODEL_CLASSES[name](act, num_classes, **kwargs)`` with weights drawn under
-    ``torch.manual_seed(seed)``, random non-trivial BN statistics/affine parameters and random
-    non-zero biases; float64, eval mode."""
+    ``torch.manual_seed(seed)``, random non-trivial BN statistics/affine parameters, random
+    non-trivial GroupNorm / LayerNorm affine parameters and random non-zero biases; float64,
+    eval mode."""
     cls = {**OPS_MODEL_CLASSES, **TINY_MODEL_CLASSES}[name]
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
         model = cls(act=act, num_classes=num_classes, **kwargs)
     sm.randomize_bn(model, seed + 1)
     sm.randomize_biases(model, seed + 2)
+    randomize_norms(model, seed + 3)
     return model.double().eval()
+
+
+@torch.no_grad()
+def randomize_norms(model: nn.Module, seed: int) -> nn.Module:
+    """Give every GroupNorm / LayerNorm / LayerNorm2d with affine parameters a random weight
+    (either sign, |γ| in [0.6, 1.4]) and bias (0.6·N(0, 1)). In place; returns ``model``."""
+    g = torch.Generator().manual_seed(seed)
+    for m in model.modules():
+        if isinstance(m, (nn.GroupNorm, nn.LayerNorm, LayerNorm2d)) and m.weight is not None:
+            shape = m.weight.shape
+            flip = torch.rand(shape, generator=g, dtype=torch.float64) < 0.15
+            sign = torch.where(flip, -1.0, 1.0)
+            gamma = sign * (0.6 + 0.8 * torch.rand(shape, generator=g, dtype=torch.float64))
+            m.weight.copy_(gamma.to(m.weight.dtype))
+            if m.bias is not None:
+                beta = 0.6 * torch.randn(m.bias.shape, generator=g, dtype=torch.float64)
+                m.bias.copy_(beta.to(m.bias.dtype))
+    return model
 
 
 def ops_input(name: str, seed: int = 0, shape: tuple[int, ...] | None = None) -> torch.Tensor:
@@ -347,12 +480,19 @@ class _Node:
 
     ``inputs``: the input nodes; ``ref``: the output tensor (N, C, H, W) computed with the real
     torch operation; ``bias``: the entry-op bias vector (C,) added at every output position, or
-    None. ``sources(u)`` lists the components ``(input index, offset, input position)`` of output
-    position ``u``; ``apply`` pushes a vector living at such an input position to ``u``."""
+    None (a node whose bias differs per sample / position, such as a norm with fixed statistics,
+    overrides ``bias_at``). ``sources(u)`` lists the components ``(input index, offset, input
+    position)`` of output position ``u``; ``apply`` pushes a vector living at such an input
+    position to ``u``."""
 
     inputs: list[_Node]
     ref: torch.Tensor
     bias: torch.Tensor | None = None
+
+    def bias_at(self, n: int, u: Pos) -> torch.Tensor:
+        """The entry-op bias vector (C,) at output position ``u`` of sample ``n``."""
+        assert self.bias is not None
+        return self.bias
 
     def sources(self, u: Pos) -> list[tuple[int, object, Pos]]:
         raise NotImplementedError
@@ -628,6 +768,133 @@ class _InterpNode(_Node):
         return vec * (self.w[0][u[0]][p[0]] * self.w[1][u[1]][p[1]])
 
 
+def _to_cl(t: torch.Tensor) -> torch.Tensor:
+    """(N, C, H, W) -> channels-last (N, H, W, C)."""
+    return t.permute(0, 2, 3, 1)
+
+
+def _to_cf(t: torch.Tensor) -> torch.Tensor:
+    """channels-last (N, H, W, C) -> (N, C, H, W)."""
+    return t.permute(0, 3, 1, 2)
+
+
+# Layout: every node's ``ref`` is kept channels-first (N, C, H, W). A channels-last segment of a
+# model (``permute(0, 2, 3, 1)`` ... ``permute(0, 3, 1, 2)``) is described by nodes built with
+# ``channels_last=True``: they compute their ``ref`` by applying the model's module to the
+# channels-last tensor and permuting the result back. The permutes themselves are layout changes
+# only: a PFV / contribution vector is still "all channels at one spatial position".
+
+
+class _NormNode(_Node):
+    """GroupNorm / LayerNorm over the channels at every position, with the statistics fixed to
+    their forward values per sample (docs/srd.md, "LayerNorm and GroupNorm").
+
+    µ and σ = √(var + ε) (biased variance) are computed here from the input:
+    LayerNorm over channels: per sample and position, over the C channels;
+    GroupNorm with G groups: per sample and group, over the group's channels and all positions.
+    Then y = x ⊙ γ/σ + (β − γ ⊙ µ/σ): a pointwise map with the per-sample (and, for LayerNorm,
+    per-position) scale ``γ/σ`` and the entry-op bias ``β − γ ⊙ µ/σ``, split over the paths into
+    each output position by their norms measured after the scale. Not fused with a preceding
+    conv.
+
+    ``module``: ``nn.GroupNorm``, ``LayerNorm2d`` (channels-first), or ``nn.LayerNorm`` over the
+    last dimension applied to the channels-last tensor (``channels_last=True``)."""
+
+    def __init__(self, inp: _Node, module: nn.Module, *, channels_last: bool = False):
+        self.inputs = [inp]
+        x = inp.ref
+        nb, c, h, w = x.shape
+        if isinstance(module, nn.GroupNorm):
+            assert not channels_last and module.num_channels == c
+            groups = module.num_groups
+            xg = x.reshape(nb, groups, (c // groups) * h * w)
+            mu_g = xg.mean(dim=2)
+            var_g = ((xg - mu_g[:, :, None]) ** 2).mean(dim=2)
+            sig_g = torch.sqrt(var_g + module.eps)
+            mu = mu_g.repeat_interleave(c // groups, dim=1)[:, :, None, None].expand(nb, c, h, w)
+            sig = sig_g.repeat_interleave(c // groups, dim=1)[:, :, None, None].expand(nb, c, h, w)
+            eps = module.eps
+            ref = module(x)
+        elif isinstance(module, (LayerNorm2d, nn.LayerNorm)):
+            if isinstance(module, nn.LayerNorm):
+                assert channels_last and tuple(module.normalized_shape) == (c,)
+                ref = _to_cf(module(_to_cl(x)))
+            else:
+                assert not channels_last and module.num_channels == c
+                ref = module(x)
+            eps = module.eps
+            mu1 = x.mean(dim=1, keepdim=True)
+            var1 = ((x - mu1) ** 2).mean(dim=1, keepdim=True)
+            mu = mu1.expand(nb, c, h, w)
+            sig = torch.sqrt(var1 + eps).expand(nb, c, h, w)
+        else:
+            raise TypeError(f"not a supported norm: {type(module).__name__}")
+        assert eps > 0.0
+        gamma = (
+            module.weight.detach().double()
+            if getattr(module, "weight", None) is not None
+            else x.new_ones(c)
+        )
+        beta = (
+            module.bias.detach().double()
+            if getattr(module, "bias", None) is not None
+            else x.new_zeros(c)
+        )
+        self.scale = (gamma[None, :, None, None] / sig).contiguous()
+        g4 = gamma[None, :, None, None]
+        self.shift = (beta[None, :, None, None] - g4 * mu / sig).contiguous()
+        self.bias = self.shift  # marks the entry op; per sample / position via bias_at
+        self.ref = ref
+
+    def bias_at(self, n: int, u: Pos) -> torch.Tensor:
+        return self.shift[n, :, u[0], u[1]]
+
+    def sources(self, u: Pos) -> list[tuple[int, object, Pos]]:
+        return [(0, None, u)]
+
+    def apply(self, n: int, i: int, off: object, p: Pos, u: Pos, vec: torch.Tensor) -> torch.Tensor:
+        return vec * self.scale[n, :, u[0], u[1]]
+
+
+class _LinearNode(_Node):
+    """``nn.Linear`` on the channel axis of a channels-last map: a 1x1 convolution (contribution
+    ``W v(p)``; its bias is an entry op, one path per position so it goes to that path whole)."""
+
+    def __init__(self, inp: _Node, linear: nn.Linear):
+        assert isinstance(linear, nn.Linear)
+        self.inputs = [inp]
+        self.mat = linear.weight.detach().double()
+        assert self.mat.shape[1] == inp.ref.shape[1]
+        self.bias = linear.bias.detach().double() if linear.bias is not None else None
+        self.ref = _to_cf(linear(_to_cl(inp.ref)))
+
+    def sources(self, u: Pos) -> list[tuple[int, object, Pos]]:
+        return [(0, None, u)]
+
+    def apply(self, n: int, i: int, off: object, p: Pos, u: Pos, vec: torch.Tensor) -> torch.Tensor:
+        return self.mat @ vec
+
+
+class _ChannelScaleNode(_Node):
+    """Multiplication by a per-channel constant (ConvNeXt's layer scale ``t * gamma`` on the
+    channels-last map, or ``(C, 1, 1)`` on a channels-first one): a per-channel scale, no bias."""
+
+    def __init__(self, inp: _Node, gamma: torch.Tensor, *, channels_last: bool = True):
+        self.inputs = [inp]
+        self.gamma = gamma.detach().double().reshape(-1)
+        assert self.gamma.numel() == inp.ref.shape[1]
+        if channels_last:
+            self.ref = _to_cf(_to_cl(inp.ref) * gamma.detach())
+        else:
+            self.ref = inp.ref * gamma.detach().reshape(-1, 1, 1)
+
+    def sources(self, u: Pos) -> list[tuple[int, object, Pos]]:
+        return [(0, None, u)]
+
+    def apply(self, n: int, i: int, off: object, p: Pos, u: Pos, vec: torch.Tensor) -> torch.Tensor:
+        return vec * self.gamma
+
+
 # ==============================================================================================
 # Graph description per model
 # ==============================================================================================
@@ -635,10 +902,13 @@ class _InterpNode(_Node):
 
 @dataclass
 class _Block:
-    """An affine block: ``root.ref`` is the pre-activation z of the activation ``out_layer``."""
+    """An affine block: ``root.ref`` is the pre-activation z of the activation ``out_layer``
+    (channels-first; ``channels_last``: the model applies the activation to the channels-last
+    permutation of it)."""
 
     out_layer: str
     root: _Node
+    channels_last: bool = False
 
 
 @dataclass
@@ -646,8 +916,10 @@ class _Graph:
     layers: dict[str, torch.Tensor]
     blocks: list[_Block]  # forward order
     head_layer: str
-    head_weight: torch.Tensor  # (K, C)
-    head_bias: torch.Tensor  # (K,)
+    # (K, C) and (K,) for GAP + Linear; per sample (N, K, C) and (N, K) when the head has a
+    # LayerNorm with fixed statistics between GAP and Linear
+    head_weight: torch.Tensor
+    head_bias: torch.Tensor
     logits: torch.Tensor  # (N, K)
 
 
@@ -662,11 +934,15 @@ class _Recorder:
     def leaf(self, name: str) -> _Leaf:
         return _Leaf(name, self.layers[name])
 
-    def act(self, name: str, root: _Node) -> _Leaf:
-        """Apply the activation module ``name`` to ``root.ref``; record the PFV layer and block."""
+    def act(self, name: str, root: _Node, *, channels_last: bool = False) -> _Leaf:
+        """Apply the activation module ``name`` to ``root.ref`` (to its channels-last permutation
+        when ``channels_last``); record the PFV layer (channels-first) and the block."""
         assert name not in self.layers, f"activation {name} used twice"
-        self.layers[name] = self.modules[name](root.ref)
-        self.blocks.append(_Block(name, root))
+        if channels_last:
+            self.layers[name] = _to_cf(self.modules[name](_to_cl(root.ref)))
+        else:
+            self.layers[name] = self.modules[name](root.ref)
+        self.blocks.append(_Block(name, root, channels_last))
         return self.leaf(name)
 
     def head(self, layer: str, fc: nn.Linear) -> _Graph:
@@ -675,6 +951,30 @@ class _Recorder:
         b = fc.bias.detach().double() if fc.bias is not None else w.new_zeros(w.shape[0])
         logits = torch.einsum("kc,nc->nk", w, v.mean(dim=(2, 3))) + b
         return _Graph(self.layers, self.blocks, layer, w, b, logits)
+
+    def head_norm(self, layer: str, ln: nn.LayerNorm, fc: nn.Linear) -> _Graph:
+        """GAP -> LayerNorm over the pooled channels -> Linear. The LayerNorm's statistics are
+        fixed per sample (µ, σ = √(var + ε) of the pooled vector), so the head is affine per
+        sample: logits = W (s ⊙ pooled) + W (β − γ µ/σ) + b with s = γ/σ. Per-sample head weight
+        ``W diag(s)`` (N, K, C) and head bias ``W (β − γ µ/σ) + b`` (N, K); both biases are head
+        biases, split evenly over the n positions of the last PFV layer by the logit seed."""
+        v = self.layers[layer]
+        pooled = v.mean(dim=(2, 3))  # (N, C)
+        c = pooled.shape[1]
+        assert tuple(ln.normalized_shape) == (c,)
+        mu = pooled.mean(dim=1, keepdim=True)
+        var = ((pooled - mu) ** 2).mean(dim=1, keepdim=True)
+        sig = torch.sqrt(var + ln.eps)
+        gamma = ln.weight.detach().double() if ln.weight is not None else pooled.new_ones(c)
+        beta = ln.bias.detach().double() if ln.bias is not None else pooled.new_zeros(c)
+        scale = gamma[None, :] / sig  # (N, C)
+        shift = beta[None, :] - gamma[None, :] * mu / sig  # (N, C)
+        w = fc.weight.detach().double()
+        b = fc.bias.detach().double() if fc.bias is not None else w.new_zeros(w.shape[0])
+        w_eff = w[None, :, :] * scale[:, None, :]  # (N, K, C)
+        b_eff = shift @ w.T + b[None, :]  # (N, K)
+        logits = torch.einsum("nkc,nc->nk", w_eff, pooled) + b_eff
+        return _Graph(self.layers, self.blocks, layer, w_eff, b_eff, logits)
 
 
 def _graph_catnet(m: CatNet, R: _Recorder) -> _Graph:
@@ -753,6 +1053,33 @@ def _graph_tinycatgatenet(m: TinyCatGateNet, R: _Recorder) -> _Graph:
     return R.head("act", m.fc)
 
 
+def _graph_normnet(m: NormNet, R: _Recorder) -> _Graph:
+    # conv bias and norm shift are separate entry ops (no fusion with GroupNorm / LayerNorm)
+    h1 = R.act("act1", _NormNode(_ConvNode(R.leaf("input"), m.conv1, None), m.gn1))
+    R.act("act2", _NormNode(_ConvNode(h1, m.conv2, None), m.ln2))
+    return R.head("act2", m.fc)
+
+
+def _graph_convnextlike(m: ConvNeXtLike, R: _Recorder) -> _Graph:
+    # the stem output is not a PFV layer: the block's first affine part runs from the input
+    # through stem conv, stem LayerNorm2d, depthwise conv, LayerNorm, pwconv1 up to act's z
+    stem = _NormNode(_ConvNode(R.leaf("input"), m.stem, None), m.stem_norm)
+    t: _Node = _ConvNode(stem, m.dwconv, None)
+    t = _NormNode(t, m.norm, channels_last=True)
+    t = _LinearNode(t, m.pwconv1)
+    a = R.act("act", t, channels_last=True)
+    t = _ChannelScaleNode(_LinearNode(a, m.pwconv2), m.gamma, channels_last=True)
+    # residual: (input -> stem -> stem_norm) + (act -> pwconv2 -> gamma); the stem node is shared
+    # with act's block (its bias shares are the same paths' shares)
+    R.act("act_out", _AddNode([stem, t]))
+    return R.head_norm("act_out", m.head_norm, m.fc)
+
+
+def _graph_tinynormnet(m: TinyNormNet, R: _Recorder) -> _Graph:
+    R.act("act", _NormNode(_ConvNode(R.leaf("input"), m.conv, None), m.ln))
+    return R.head("act", m.fc)
+
+
 def _graph_resnetlike(m: sm.ResNetLike, R: _Recorder) -> _Graph:
     """small_models.ResNetLike described with the general nodes (cross-check against the plain
     CNN oracle of srd_oracle.py)."""
@@ -777,6 +1104,9 @@ _BUILDERS: dict[type, Callable[[nn.Module, _Recorder], _Graph]] = {
     AdaptivePoolNet: _graph_adaptivepoolnet,  # type: ignore[dict-item]
     UpsampleNet: _graph_upsamplenet,  # type: ignore[dict-item]
     TinyCatGateNet: _graph_tinycatgatenet,  # type: ignore[dict-item]
+    NormNet: _graph_normnet,  # type: ignore[dict-item]
+    ConvNeXtLike: _graph_convnextlike,  # type: ignore[dict-item]
+    TinyNormNet: _graph_tinynormnet,  # type: ignore[dict-item]
     sm.ResNetLike: _graph_resnetlike,  # type: ignore[dict-item]
 }
 
@@ -834,6 +1164,8 @@ def _build_graph(model: nn.Module, x: torch.Tensor) -> _Graph:
     assert sorted(all_acts) == sorted(names), "an activation module is missing from the graph"
     for b in g.blocks:
         zin, vout = hooked[b.out_layer]
+        if b.channels_last:
+            zin, vout = _to_cf(zin), _to_cf(vout)
         torch.testing.assert_close(b.root.ref, zin, rtol=1e-12, atol=1e-12)
         torch.testing.assert_close(g.layers[b.out_layer], vout, rtol=1e-12, atol=1e-12)
     torch.testing.assert_close(g.logits, ref, rtol=1e-12, atol=1e-12)
@@ -905,8 +1237,9 @@ class _Shares:
         total = math.fsum(norms)
         if total == 0.0:
             self.even_splits += 1
+        bias = node.bias_at(n, r)
         out = {
-            pr: node.bias * (nm / total if total > 0.0 else 1.0 / len(prefixes))
+            pr: bias * (nm / total if total > 0.0 else 1.0 / len(prefixes))
             for pr, nm in zip(prefixes, norms, strict=True)
         }
         self.cache[key] = out
@@ -996,8 +1329,13 @@ def _propagate(
 def _logit_seed(g: _Graph, target: Target) -> torch.Tensor:
     v = g.layers[g.head_layer]
     t = _targets(target, v.shape[0])
-    w = g.head_weight[t]
-    b = g.head_bias[t]
+    if g.head_weight.dim() == 3:  # per-sample head (LayerNorm between GAP and Linear)
+        rows = torch.arange(v.shape[0])
+        w = g.head_weight[rows, t]
+        b = g.head_bias[rows, t]
+    else:
+        w = g.head_weight[t]
+        b = g.head_bias[t]
     n_pos = v.shape[2] * v.shape[3]
     return (torch.einsum("nc,nchw->nhw", w, v) + b[:, None, None]) / n_pos
 
@@ -1095,7 +1433,7 @@ def check_forward(model: nn.Module, x: torch.Tensor) -> dict[str, int]:
                         vin = node.inputs[i].ref[n, :, p[0], p[1]]
                         acc = acc + node.apply(n, i, off, p, (ui, uj), vin)
                     if node.bias is not None:
-                        acc = acc + node.bias
+                        acc = acc + node.bias_at(n, (ui, uj))
                     if not torch.allclose(acc, node.ref[n, :, ui, uj], rtol=1e-10, atol=1e-12):
                         raise AssertionError(
                             f"{type(node).__name__} output differs at n={n}, u={(ui, uj)}"

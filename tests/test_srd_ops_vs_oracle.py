@@ -61,7 +61,7 @@ def test_erf_matches_oracle(name):
         assert_maps_equal(srd.erf(x, layer, pos), srd_oracle_ops_layer_seed(model, x, layer, seed),
                           f"{name} ERF of {layer}{pos}")
         checked += 1
-    assert checked >= 3
+    assert checked >= min(3, len(layers) - 1)
 
 
 def test_gate_branches_receive_no_relevance():

@@ -258,3 +258,216 @@ def test_layer_names_and_errors() -> None:
         so.srd_oracle_ops(sm.build_model("PlainNet"), torch.zeros(1, 3, 8, 8), 0)
     with pytest.raises(ValueError):
         so.build_ops_model("GateNet", act="sigmoid")
+
+
+# ----------------------------------------------------------------------------------------------
+# GroupNorm / LayerNorm with fixed statistics (NormNet, ConvNeXtLike, TinyNormNet)
+# ----------------------------------------------------------------------------------------------
+
+
+def test_norm_models_layer_names_and_random_norm_params() -> None:
+    m = so.build_ops_model("NormNet", seed=0)
+    x = so.ops_input("NormNet")
+    assert so.pfv_layers(m, x) == {"input": (3, 8, 10), "act1": (6, 8, 10), "act2": (8, 8, 10)}
+    c = so.build_ops_model("ConvNeXtLike", seed=0)
+    xc = so.ops_input("ConvNeXtLike")
+    assert so.pfv_layers(c, xc) == {"input": (3, 8, 8), "act": (16, 4, 4), "act_out": (8, 4, 4)}
+    assert isinstance(c.act, torch.nn.GELU) and isinstance(c.act_out, torch.nn.ReLU)
+    # non-trivial affine parameters of every norm, non-zero biases, random layer scale
+    for mod in (m.gn1, m.ln2, c.stem_norm, c.norm, c.head_norm):
+        assert (mod.weight - 1).abs().min() > 0 and mod.bias.abs().min() > 0
+    for mod in (m.conv1, m.conv2, c.stem, c.dwconv, c.pwconv1, c.pwconv2, c.fc):
+        assert mod.bias.abs().min() > 0
+    assert c.gamma.abs().min() > 0 and c.gamma.std() > 0
+
+
+@pytest.mark.parametrize("act,block_act", [("relu", "relu"), ("gelu", "gelu"), ("silu", "relu")])
+def test_convnext_block_act_conservation_and_brute(act: str, block_act: str) -> None:
+    """The block activation of ConvNeXtLike is configurable too: brute forward check and
+    conservation to 1e-9 with it."""
+    model = so.build_ops_model("ConvNeXtLike", act=act, seed=13, block_act=block_act)
+    x = so.ops_input("ConvNeXtLike", seed=14)
+    so.check_forward(model, x)
+    target = torch.tensor([2, 0])
+    stats: dict[str, int] = {}
+    rel = so.srd_oracle_ops_relevance(model, x, target, stats=stats)
+    assert stats["dropped"] == 0
+    with torch.no_grad():
+        logits = model(x)[torch.arange(2), target]
+    torch.testing.assert_close(rel["input"].sum((1, 2)), logits, rtol=1e-9, atol=1e-12)
+    # every PFV layer conserves what its seed gave it (one-block chain: act_out -> act -> input)
+    torch.testing.assert_close(rel["act_out"].sum((1, 2)), logits, rtol=1e-9, atol=1e-12)
+
+
+def test_norm_nodes_reproduce_torch() -> None:
+    """Each norm node recomputed from its components (scale γ/σ on the input vector at the same
+    position, plus the per-sample / per-position bias β − γµ/σ) equals torch's GroupNorm
+    (several group counts), LayerNorm2d and the channels-last nn.LayerNorm; the GroupNorm scale
+    is constant over positions, the LayerNorm scale is not."""
+    g = torch.Generator().manual_seed(5)
+    v = 1.5 * torch.randn(2, 6, 3, 4, generator=g, dtype=torch.float64) + 0.7
+    leaf = so._Leaf("v", v)
+    mods = [torch.nn.GroupNorm(k, 6).double() for k in (1, 2, 3, 6)]
+    mods += [so.LayerNorm2d(6, eps=1e-5).double(), torch.nn.LayerNorm(6).double()]
+    for mod in mods:
+        so.randomize_norms(mod, 3)
+        cl = isinstance(mod, torch.nn.LayerNorm)
+        node = so._NormNode(leaf, mod, channels_last=cl)
+        with torch.no_grad():
+            ref = mod(v.permute(0, 2, 3, 1)).permute(0, 3, 1, 2) if cl else mod(v)
+        torch.testing.assert_close(node.ref, ref, rtol=0, atol=0)
+        out = torch.zeros_like(ref)
+        for n in range(2):
+            for i in range(3):
+                for j in range(4):
+                    ((k, off, p),) = node.sources((i, j))
+                    assert k == 0 and p == (i, j)
+                    out[n, :, i, j] = node.apply(n, 0, off, p, (i, j), v[n, :, i, j])
+                    out[n, :, i, j] += node.bias_at(n, (i, j))
+        torch.testing.assert_close(out, ref, rtol=1e-12, atol=1e-12)
+        per_pos = (node.scale - node.scale[:, :, :1, :1]).abs().max()
+        if isinstance(mod, torch.nn.GroupNorm):
+            assert per_pos == 0
+        else:
+            assert per_pos > 1e-3
+        assert (node.scale[0] - node.scale[1]).abs().max() > 1e-3  # per sample
+
+
+def test_hand_computed_layernorm_toy() -> None:
+    """TinyNormNet, x (1, 3, 1, 2): conv (kernel (1, 2), bias b) -> LayerNorm2d (γ, β, ε=1e-5)
+    -> ReLU -> Linear(3, 1). Two paths k = 0, 1 with c_k = W_k x_k. The conv bias is split by
+    ||c_k|| (at the conv output: no fusion); the LayerNorm fixes µ, σ of y = c_0 + c_1 + b,
+    scales by s = γ/σ and splits its bias β − γµ/σ by ||s ⊙ c_k|| (measured after the scale);
+    the conv shares are carried through s. One output position: R(q) = logit."""
+    W0 = [[1.0, -0.5, 0.25], [0.3, 0.8, -1.2], [-0.7, 0.2, 0.6]]
+    W1 = [[0.4, 1.1, -0.3], [-0.9, 0.5, 0.2], [0.1, -0.6, 1.3]]
+    b = [0.35, -0.2, 0.5]
+    gam = [1.3, -0.6, 0.9]
+    bet = [0.2, -0.4, 0.7]
+    fw, fb = [0.8, -1.1, 0.5], 0.15
+    x0, x1 = [0.9, -1.4, 0.3], [-0.2, 0.7, 1.6]
+    eps = 1e-5
+
+    m = so.TinyNormNet("relu").double().eval()
+    with torch.no_grad():
+        f64 = torch.float64
+        w = torch.stack([torch.tensor(W0, dtype=f64), torch.tensor(W1, dtype=f64)], -1)
+        m.conv.weight.copy_(w[:, :, None, :])
+        m.conv.bias.copy_(torch.tensor(b, dtype=f64))
+        m.ln.weight.copy_(torch.tensor(gam, dtype=f64))
+        m.ln.bias.copy_(torch.tensor(bet, dtype=f64))
+        m.fc.weight.copy_(torch.tensor([fw], dtype=f64))
+        m.fc.bias.fill_(fb)
+    x = torch.tensor([x0, x1], dtype=torch.float64).T.reshape(1, 3, 1, 2)
+
+    def mv(A, v):
+        return [sum(a * e for a, e in zip(row, v, strict=True)) for row in A]
+
+    def norm(v):
+        return math.sqrt(sum(e * e for e in v))
+
+    def dot(a, c):
+        return sum(e * f for e, f in zip(a, c, strict=True))
+
+    def solve(measure_after_scale: bool) -> list[float]:
+        c = [mv(W0, x0), mv(W1, x1)]
+        nc = [norm(ck) for ck in c]
+        bk = [[bi * nk / sum(nc) for bi in b] for nk in nc]
+        y = [c[0][i] + c[1][i] + b[i] for i in range(3)]
+        mu = sum(y) / 3
+        sig = math.sqrt(sum((e - mu) ** 2 for e in y) / 3 + eps)
+        s = [gi / sig for gi in gam]
+        shift = [bet[i] - gam[i] * mu / sig for i in range(3)]
+        sc = [[s[i] * ck[i] for i in range(3)] for ck in c]
+        ns = [norm(v) for v in sc] if measure_after_scale else nc
+        P = [
+            [sc[k][i] + s[i] * bk[k][i] + shift[i] * ns[k] / sum(ns) for i in range(3)]
+            for k in range(2)
+        ]
+        z = [P[0][i] + P[1][i] for i in range(3)]
+        logit = dot(fw, [max(e, 0.0) for e in z]) + fb
+        zz = dot(z, z)
+        return [dot(P[k], z) / zz * logit for k in range(2)] + [logit]
+
+    r0, r1, logit = solve(True)
+    with torch.no_grad():
+        assert abs(float(m(x)[0, 0]) - logit) < 1e-12
+    got = so.srd_oracle_ops(m, x, 0)
+    torch.testing.assert_close(
+        got[0, 0], torch.tensor([r0, r1], dtype=torch.float64), rtol=1e-12, atol=1e-12
+    )
+    # the toy discriminates: measuring the norm split before the scale gives another map
+    a0, a1, _ = solve(False)
+    assert abs(a0 - r0) > 1e-4 and abs(a1 - r1) > 1e-4
+    so.check_forward(m, x)
+
+
+def test_head_layernorm_seed() -> None:
+    """ConvNeXtLike's head GAP -> LayerNorm -> Linear with the LayerNorm statistics fixed per
+    sample: position q's seed is fc(γ ⊙ (v(q) − µ)/σ + β) / n with µ, σ those of the pooled
+    vector (head biases split evenly), and the seed sums to the logit."""
+    model = so.build_ops_model("ConvNeXtLike", seed=21)
+    x = so.ops_input("ConvNeXtLike", seed=22)
+    layer, seed = so.ops_logit_seed(model, x, [3, 1])
+    assert layer == "act_out"
+    with torch.no_grad():
+        h = model.stem_norm(model.stem(x))
+        t = model.dwconv(h).permute(0, 2, 3, 1)
+        t = model.pwconv2(model.act(model.pwconv1(model.norm(t)))) * model.gamma
+        v = model.act_out(h + t.permute(0, 3, 1, 2))  # (N, 8, 4, 4)
+        pooled = v.mean((2, 3))
+        var, mu = torch.var_mean(pooled, dim=1, unbiased=False, keepdim=True)
+        sig = torch.sqrt(var + model.head_norm.eps)
+        ln = model.head_norm
+        per_pos = (v - mu[:, :, None, None]) / sig[:, :, None, None]
+        per_pos = per_pos * ln.weight[:, None, None] + ln.bias[:, None, None]
+        out = torch.einsum("kc,nchw->nkhw", model.fc.weight, per_pos)
+        out = (out + model.fc.bias[None, :, None, None]) / 16
+        expected = out[torch.arange(2), torch.tensor([3, 1])]
+        logits = model(x)[torch.arange(2), torch.tensor([3, 1])]
+    torch.testing.assert_close(seed, expected, rtol=1e-12, atol=1e-13)
+    torch.testing.assert_close(seed.sum((1, 2)), logits, rtol=1e-12, atol=1e-13)
+
+
+def test_convnext_shortcut_and_block_paths() -> None:
+    """The stem output is not a PFV layer: act's block starts at the input (through stem conv,
+    stem LayerNorm2d, depthwise conv, LayerNorm, pwconv1), and act_out's block has the input
+    (through stem, stem_norm) and act (through pwconv2, gamma) as leaves; relevance seeded at
+    act_out reaches the input both directly and through act."""
+    model = so.build_ops_model("ConvNeXtLike", seed=23)
+    x = so.ops_input("ConvNeXtLike", seed=24)
+    g = so._build_graph(model, x)
+    assert [b.out_layer for b in g.blocks] == ["act", "act_out"]
+    memo = so._PathMemo()
+    leaves_act = {p[0] for p in memo.paths(g.blocks[0].root, (1, 2))}
+    leaves_out = {p[0] for p in memo.paths(g.blocks[1].root, (1, 2))}
+    assert leaves_act == {"input"} and leaves_out == {"input", "act"}
+    # act at (1, 2): 4x4 map, 7x7 depthwise with padding 3 reads all 16 stem positions, each
+    # from 4 input positions (2x2 stride-2 stem): 64 paths; act_out: 4 (shortcut) + 1 (act)
+    assert len(memo.paths(g.blocks[0].root, (1, 2))) == 64
+    assert len(memo.paths(g.blocks[1].root, (1, 2))) == 5
+    seed = torch.zeros(2, 4, 4, dtype=torch.float64)
+    seed[:, 1, 2] = 1.0
+    rel = so.srd_oracle_ops_relevance(model, x, seeds={"act_out": seed})
+    through_act = rel["act"].sum((1, 2))
+    torch.testing.assert_close(
+        rel["input"].sum((1, 2)), torch.ones(2, dtype=torch.float64), rtol=0, atol=1e-12
+    )
+    assert (through_act.abs() > 1e-3).all() and ((1 - through_act).abs() > 1e-3).all()
+    assert (rel["act"][:, 1, 2] == rel["act"].sum((1, 2))).all()  # pointwise: only q itself
+
+
+def test_norm_even_split_where_all_norms_are_zero() -> None:
+    """A zero square in NormNet's input: at the 3x3 interior of the 5x5 square conv1's paths all
+    have zero contributions, so conv1's bias and gn1's bias are both split evenly there (2 entry
+    ops x 9 positions x 2 samples); conservation still holds."""
+    model = so.build_ops_model("NormNet", seed=12)
+    x = so.ops_input("NormNet", seed=13)
+    x[:, :, 2:7, 1:6] = 0.0
+    stats: dict[str, int] = {}
+    rel = so.srd_oracle_ops_relevance(model, x, [2, 0], stats=stats)
+    assert stats["even_splits"] >= 2 * 9 * 2
+    with torch.no_grad():
+        logits = model(x)[torch.arange(2), torch.tensor([2, 0])]
+    torch.testing.assert_close(rel["input"].sum((1, 2)), logits, rtol=1e-9, atol=1e-12)
+    assert (rel["input"][:, 3:6, 2:5].abs() > 0).all()

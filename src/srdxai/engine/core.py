@@ -137,6 +137,10 @@ class Rule:
     #: weight, and the rule's backward gives the gate nothing (docs/srd.md); False: such
     #: products are not decomposed (the plain gradient flows through them)
     gate_products = False
+    #: LayerNorm and GroupNorm are recorded as pointwise affine maps with their statistics
+    #: constant, and the rule's backward treats them so (docs/srd.md); False: they are not
+    #: decomposed (the plain gradient flows through them)
+    constant_statistics = False
     keeps_pfv_values = False  # the rule reads PFV values after the forward pass
     needs_graph = True  # False: nothing is replaced, run the model as it is (fastest)
 
@@ -212,6 +216,26 @@ class GateProduct(torch.autograd.Function):
         return g_signal, g_gate, None
 
 
+class ConstantStatisticsNorm(torch.autograd.Function):
+    """A LayerNorm / GroupNorm ``fn(x)`` whose backward is ``grad * scale`` (its statistics
+    constant) while the rule is not plain, and the true Jacobian otherwise. ``scale`` comes
+    from the undetached input inside :func:`differentiable`, so a differentiable map still
+    depends on the statistics."""
+
+    @staticmethod
+    def forward(ctx, x, scale, fn, rule):  # type: ignore[override]
+        ctx.save_for_backward(x, scale)
+        ctx.fn, ctx.rule = fn, rule
+        return fn(x)
+
+    @staticmethod
+    def backward(ctx, grad):  # type: ignore[override]
+        x, scale = ctx.saved_tensors
+        if ctx.rule.plain:
+            return true_activation_gradient(x, grad, ctx.fn), None, None, None
+        return (grad * scale).sum_to_size(x.shape), None, None, None
+
+
 # --- the traced forward pass -----------------------------------------------------------------
 
 class Trace:
@@ -285,6 +309,9 @@ class Trace:
             on_linear_op=self.rule.on_linear_op if self.rule.wants_linear_ops else None,
             gate_apply=(lambda signal, gate: GateProduct.apply(signal, gate, self.rule))
             if self.rule.gate_products else None,
+            norm_apply=(lambda x, scale, fn: ConstantStatisticsNorm.apply(x, scale, fn,
+                                                                          self.rule))
+            if self.rule.constant_statistics else None,
         )
         self.recorder = recorder
         handles = []

@@ -17,7 +17,7 @@ from __future__ import annotations
 
 import math
 import weakref
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from typing import Any
 
 import torch
@@ -35,7 +35,7 @@ class Node:
     """A recorded tensor that depends on the explained input."""
 
     __slots__ = ("tensor", "shape", "producer", "is_pfv", "name", "consumers", "pre",
-                 "activation", "index", "ref", "__weakref__")
+                 "activation", "index", "ref", "perm", "__weakref__")
 
     def __init__(self, tensor: Tensor | None, producer: ops.LinearOp | None, index: int,
                  shape: tuple[int, ...]):
@@ -49,6 +49,10 @@ class Node:
         self.pre: Tensor | None = None  # pre-activation value, for PFV layers of activations
         self.activation = ""
         self.index = index
+        # None: the tensor is laid out (batch, channels, *spatial), as every recorded op
+        # assumes; else the permutation that gives the tensor the model sees from that
+        # canonical layout (channels last: ConvNeXt's ``permute(0, 2, 3, 1)``)
+        self.perm: tuple[int, ...] | None = None
 
     @property
     def spatial(self) -> tuple[int, ...]:
@@ -140,6 +144,27 @@ MOVING_FUNCS = {Tensor.view, Tensor.view_as, Tensor.reshape, Tensor.reshape_as, 
                 torch.tensor_split, Tensor.contiguous, Tensor.flip, torch.flip, Tensor.roll,
                 torch.roll, F.pad, F.pixel_shuffle, F.pixel_unshuffle, torch.swapaxes,
                 Tensor.swapaxes}
+PERMUTE_FUNCS = {Tensor.permute, torch.permute}
+NORM_FUNCS = {F.layer_norm, F.group_norm}
+# Calls the recorder runs on the canonical (batch, channels, *spatial) view of a channels-last
+# tensor, giving the model the result in the channels-last layout again.
+LAYOUT_AWARE = (set(ACTIVATIONS) | ADD_FUNCS | SUB_FUNCS | MUL_FUNCS | DIV_FUNCS
+                | {F.linear, F.layer_norm, F.dropout, F.dropout1d, F.dropout2d,
+                   F.alpha_dropout} | IDENTITY_FUNCS)
+
+
+def _inverse(perm: Sequence[int]) -> tuple[int, ...]:
+    inv = [0] * len(perm)
+    for i, p in enumerate(perm):
+        inv[p] = i
+    return tuple(inv)
+
+
+def channels_last_perm(ndim: int) -> tuple[int, ...]:
+    """(0, 2, ..., ndim - 1, 1): (N, C, *S) -> (N, *S, C)."""
+    return (0, *range(2, ndim), 1)
+
+
 # Products whose factor produced directly by one of these activations is a gate (docs/srd.md).
 GATE_ACTIVATIONS = {"sigmoid", "hardsigmoid"}
 # Calls that read a tracked tensor but give back a tensor that does not depend on its values.
@@ -198,8 +223,12 @@ class Recorder(TorchFunctionMode):
         keep_pfv_values: bool = True,
         on_linear_op: Callable[[ops.LinearOp, list, Tensor], Tensor] | None = None,
         gate_apply: Callable[[Tensor, Tensor], Tensor] | None = None,
+        norm_apply: Callable[[Tensor, Tensor, Callable[[Tensor], Tensor]], Tensor] | None = None,
     ):
         super().__init__()
+        # ``norm_apply(x, scale, fn)``: ``fn(x)`` (a LayerNorm / GroupNorm) whose backward, for
+        # the rule, is ``grad * scale`` (statistics constant); None: norms are not decomposed
+        self.norm_apply = norm_apply
         # ``gate_apply(signal, gate)``: ``signal * gate`` with the gate a constant for the
         # rule (its backward gives the gate nothing unless the rule is plain); None: products
         # of two input-dependent tensors are not decomposed
@@ -315,6 +344,14 @@ class Recorder(TorchFunctionMode):
         return out
 
     def _dispatch(self, func, args, kwargs):
+        perms = {n.perm for n in (self.node_of(t) for t in tree_flatten((args, kwargs))[0])
+                 if n is not None}
+        if func in PERMUTE_FUNCS:
+            return self._permute(func, args, kwargs)
+        if perms != {None}:
+            return self._in_canonical_layout(func, args, kwargs, perms)
+        if func in NORM_FUNCS:
+            return self._norm(func, args, kwargs)
         if func in INPLACE_ACTIVATIONS:
             out = self._activation(INPLACE_ACTIVATIONS[func], args, kwargs, "inplace")
             self.aliases[id(args[0])] = (args[0], out)
@@ -852,7 +889,175 @@ class Recorder(TorchFunctionMode):
                 "attention) or, with equal shapes, the direct output of a sigmoid or "
                 "hard-sigmoid; its value is then a constant weight (docs/srd.md). Attention "
                 "products are not decomposed by this engine.")
+        from .core import is_differentiable  # core imports this module
+
         out = self.gate_apply(signal, gate)
-        op = ops.PointwiseScale(self.where, gate.detach())
+        # inside ``differentiable`` the bias shares must depend on the gate's value too
+        op = ops.PointwiseScale(self.where, gate if is_differentiable() else gate.detach())
         op.kind = "gate"
         return self._record(op, [signal], out)
+
+    # -- channels-last tensors and normalisation -----------------------------------------------
+    def _layout_node(self, x: Tensor, out: Tensor, perm: tuple[int, ...] | None) -> Tensor:
+        """Record ``out`` (a permuted view of ``x``, same values) with layout ``perm``."""
+        op = ops.IdentityOp(self.where)
+        op.kind = "layout"
+        out = self._record(op, [x], out)
+        self.node_of(out).perm = perm
+        return out
+
+    def _permute(self, func, args, kwargs):
+        x = args[0]
+        dims = kwargs.get("dims", args[1:] if len(args) > 2 or not isinstance(
+            args[1] if len(args) > 1 else None, list | tuple) else args[1])
+        dims = tuple(int(d) % x.dim() for d in dims)
+        with torch._C.DisableTorchFunction():
+            out = x.permute(dims)
+        current = self.node_of(x).perm or tuple(range(x.dim()))
+        new = tuple(current[d] for d in dims)
+        if new == tuple(range(x.dim())):
+            return self._layout_node(x, out, None)
+        if x.dim() >= 3 and new == channels_last_perm(x.dim()):
+            return self._layout_node(x, out, new)
+        raise self._unsupported(
+            f"a permute {dims} of a tensor of shape {tuple(x.shape)}",
+            "Only moving the channel axis last and back keeps pointwise feature vectors "
+            "(ConvNeXt's channels-last blocks).", moves_values=True)
+
+    def _in_canonical_layout(self, func, args, kwargs, perms: set) -> Any:
+        """Run a call on a channels-last tensor in the canonical layout and give the model
+        the result channels-last again."""
+        if len(perms) != 1:
+            raise self._unsupported(f"'{_func_name(func)}' on tensors of different layouts")
+        perm = next(iter(perms))
+        if perm is None or func not in LAYOUT_AWARE or kwargs.get("inplace") or (
+            func in INPLACE_ACTIVATIONS
+        ):
+            raise self._unsupported(
+                f"'{_func_name(func)}' on a channels-last tensor",
+                "Channels-last blocks may hold dense layers, LayerNorm, activations, sums "
+                "and per-channel scales.", moves_values=func in MOVING_FUNCS)
+        inv = _inverse(perm)
+        ndim = len(perm)
+
+        def canonical(obj: Any) -> Any:
+            if not isinstance(obj, Tensor):
+                return obj
+            node = self.node_of(obj)
+            if node is not None:
+                with torch._C.DisableTorchFunction():
+                    view = obj.permute(inv)
+                return self._layout_node(obj, view, None)
+            if obj.dim() == 0:
+                return obj
+            # a constant broadcast against the channels-last tensor (layer scale, a bias)
+            with torch._C.DisableTorchFunction():
+                full = obj.reshape((1,) * (ndim - obj.dim()) + tuple(obj.shape))
+                return full.permute(inv)
+
+        if func is F.linear:
+            out = self._dense_as_conv(args, kwargs, canonical)
+        elif func is F.layer_norm:
+            b = _bind(args, kwargs, ["input", "normalized_shape", "weight", "bias", "eps"],
+                      {"weight": None, "bias": None, "eps": 1e-5})
+            x = b["input"]
+            if tuple(b["normalized_shape"]) != (x.shape[-1],):
+                raise self._unsupported(
+                    f"a LayerNorm over {tuple(b['normalized_shape'])} of a channels-last "
+                    f"tensor of shape {tuple(x.shape)}")
+            out = self._layer_norm_channels(canonical(x), b["weight"], b["bias"], b["eps"])
+        else:
+            c_args = tuple(canonical(a) for a in args)
+            c_kwargs = {k: canonical(v) for k, v in kwargs.items()}
+            out = self._dispatch(func, c_args, c_kwargs)
+        with torch._C.DisableTorchFunction():
+            view = out.permute(perm)
+        return self._layout_node(out, view, perm)
+
+    def _dense_as_conv(self, args, kwargs, canonical) -> Tensor:
+        """A dense layer on the channel axis of a channels-last map: a 1x1 convolution."""
+        b = _bind(args, kwargs, ["input", "weight", "bias"], {"bias": None})
+        x = canonical(b["input"])
+        d = x.dim() - 2
+        weight = b["weight"].detach()
+        weight = weight.reshape(*weight.shape, *([1] * d))
+        bias = None if b["bias"] is None else b["bias"].detach()
+        conv = {1: F.conv1d, 2: F.conv2d, 3: F.conv3d}[d]
+        with torch._C.DisableTorchFunction():
+            out = conv(x, weight, bias)
+        op = ops.ConvOp(self.where, weight,
+                        None if bias is None else bias.reshape(1, -1, *([1] * d)),
+                        (1,) * d, (0,) * d, (1,) * d, 1, x.shape[2:], out.shape[2:])
+        return self._record(op, [x], out)
+
+    def _norm(self, func, args, kwargs):
+        if func is F.layer_norm:
+            b = _bind(args, kwargs, ["input", "normalized_shape", "weight", "bias", "eps"],
+                      {"weight": None, "bias": None, "eps": 1e-5})
+            x = b["input"]
+            if x.dim() != 2 or tuple(b["normalized_shape"]) != (x.shape[1],):
+                raise self._unsupported(
+                    f"a LayerNorm over {tuple(b['normalized_shape'])} of a tensor of shape "
+                    f"{tuple(x.shape)}",
+                    "A LayerNorm over the channels of a (batch, channels) vector or of a "
+                    "channels-last map is decomposed. For vision transformers use "
+                    "method='srd_tokens', 'abslrp' or 'attnlrp'.")
+            return self._layer_norm_channels(x, b["weight"], b["bias"], b["eps"])
+        b = _bind(args, kwargs, ["input", "num_groups", "weight", "bias", "eps"],
+                  {"weight": None, "bias": None, "eps": 1e-5})
+        x, groups = b["input"], int(b["num_groups"])
+        n, c = x.shape[:2]
+        dims = (1,) * (x.dim() - 2)
+
+        def statistics(t: Tensor) -> tuple[Tensor, Tensor]:
+            flat = t.reshape(n, groups, -1)
+            mean = flat.mean(-1, keepdim=True)
+            var = flat.var(-1, unbiased=False, keepdim=True)
+            expand = (lambda s: s.expand(n, groups, c // groups).reshape(n, c, *dims))
+            return expand(mean), expand(var)
+
+        def fn(t: Tensor) -> Tensor:
+            return F.group_norm(t, groups, b["weight"], b["bias"], b["eps"])
+
+        return self._constant_statistics(x, statistics, b["weight"], b["bias"], b["eps"], fn,
+                                         "groupnorm")
+
+    def _layer_norm_channels(self, x: Tensor, weight, bias, eps) -> Tensor:
+        """LayerNorm over the channel axis of a canonical (N, C, *S) tensor."""
+        c = x.shape[1]
+
+        def statistics(t: Tensor) -> tuple[Tensor, Tensor]:
+            return t.mean(1, keepdim=True), t.var(1, unbiased=False, keepdim=True)
+
+        def fn(t: Tensor) -> Tensor:
+            return F.layer_norm(t.movedim(1, -1), (c,), weight, bias, eps).movedim(-1, 1)
+
+        return self._constant_statistics(x, statistics, weight, bias, eps, fn, "layernorm")
+
+    def _constant_statistics(self, x, statistics, weight, bias, eps, fn, kind) -> Tensor:
+        """A norm as the pointwise affine map ``x * scale + shift`` with its statistics fixed
+        (docs/srd.md): ``scale = weight / sqrt(var + eps)``, ``shift = bias - mean * scale``."""
+        if self.norm_apply is None:
+            raise self._unsupported(
+                f"a {'LayerNorm' if kind == 'layernorm' else 'GroupNorm'} (its statistics "
+                "depend on the input)",
+                "For vision transformers use method='srd_tokens', 'abslrp' or 'attnlrp'; for "
+                "other models a gradient method.")
+        from .core import is_differentiable  # core imports this module
+
+        with torch._C.DisableTorchFunction():
+            source = x if is_differentiable() else x.detach()
+            mean, var = statistics(source)
+            shape = (1, -1) + (1,) * (x.dim() - 2)
+            scale = torch.rsqrt(var + eps)
+            if weight is not None:
+                scale = scale * weight.detach().reshape(shape)
+            shift = -mean * scale
+            if bias is not None:
+                shift = shift + bias.detach().reshape(shape)
+            out = self.norm_apply(x, scale, fn)
+        # inside ``differentiable`` the bias shares must depend on the statistics too
+        keep = (lambda t: t) if is_differentiable() else (lambda t: t.detach())
+        op = ops.PointwiseScale(self.where, keep(scale), bias=keep(shift))
+        op.kind = kind
+        return self._record(op, [x], out)

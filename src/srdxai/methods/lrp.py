@@ -471,6 +471,7 @@ class LRPRule(Rule):
     wants_linear_ops = True
     keeps_pfv_values = False
     gate_products = True  # a gate is a constant weight: its signal takes all the relevance
+    constant_statistics = True  # LayerNorm / GroupNorm pass relevance unchanged (AttnLRP's)
 
     def __init__(self, config: LRPConfig):
         self.config = config
@@ -527,7 +528,8 @@ class LRPRule(Rule):
                 return out
             return _GraphNorm.apply(inputs[0], _Held(out, self, always_original=True),
                                     cfg.stabilizer)
-        if isinstance(op, ops.PointwiseScale) and op.kind in ("scale", "gate"):
+        if isinstance(op, ops.PointwiseScale) and op.kind in ("scale", "gate", "layernorm",
+                                                                "groupnorm"):
             # y = s * x elementwise: each y carries one x's relevance, whatever s is (the
             # gradient would multiply the relevance by s)
             if inputs[0] is None:

@@ -39,6 +39,7 @@ class SRDRule(Rule):
     wants_bias_ops = True
     keeps_pfv_values = True
     gate_products = True
+    constant_statistics = True
 
     def __init__(self, max_paths: int = 4096):
         # ``plain`` (the base class's flag) is also set while a Grad-CAM seed is computed
@@ -117,9 +118,12 @@ class SRDRule(Rule):
             weights.append(valid if even else norm)
             if len(routes) > self.max_paths:
                 raise UnsupportedOperationError(
-                    f"more than {self.max_paths} paths feed the bias of '{out_node.producer.name}'"
-                    " (a long chain of convolutions without an activation in between). Raise "
-                    "max_paths if you can afford it.")
+                    f"more than {self.max_paths} paths feed the bias of "
+                    f"'{out_node.producer.name}': SRD splits every bias over the paths into it, "
+                    "and here a long chain of linear operations without an activation in "
+                    "between (a residual stream without activations, as in ConvNeXt and "
+                    "transformers) multiplies them. Raise max_paths if you can afford it, or "
+                    "explain this model with absLRP, an LRP composite or a gradient method.")
         if not routes:
             return
         total = sum(weights)
