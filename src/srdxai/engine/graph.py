@@ -1013,8 +1013,8 @@ class Recorder(TorchFunctionMode):
             flat = t.reshape(n, groups, -1)
             mean = flat.mean(-1, keepdim=True)
             var = flat.var(-1, unbiased=False, keepdim=True)
-            expand = (lambda s: s.expand(n, groups, c // groups).reshape(n, c, *dims))
-            return expand(mean), expand(var)
+            return tuple(s.expand(n, groups, c // groups).reshape(n, c, *dims)
+                         for s in (mean, var))
 
         def fn(t: Tensor) -> Tensor:
             return F.group_norm(t, groups, b["weight"], b["bias"], b["eps"])
