@@ -252,3 +252,41 @@ def test_contiguous_after_permute_keeps_its_promise():
     model = Windows().eval()
     for method in ("gradient", "guided_backprop", "deeplift_rescale", "epsilon_lrp"):
         assert torch.isfinite(srdxai.explain(model, torch.randn(2, 3, 8, 8), 0, method)).all()
+
+
+def test_the_public_activation_hook_replaces_an_activation_output():
+    """``Trace(..., on_activation=...)``: what Ablation-CAM uses instead of reaching into the
+    recorder; the replaced value is what every later operation sees."""
+    from srdxai.engine import Rule, Trace
+
+    torch.manual_seed(0)
+    model = Case("none").double().eval()
+    x = torch.randn(2, 3, 8, 8, dtype=torch.float64)
+    seen = []
+
+    def zero_second(index, name, value):
+        seen.append((index, name))
+        return torch.zeros_like(value) if index == 1 else None
+
+    with Trace(model, x, Rule(), on_activation=zero_second) as trace:
+        out = trace.forward()
+    assert [i for i, _ in seen] == [0, 1]
+    expected = model.fc(F.relu(model.c1(x)).mean((2, 3)))  # b = relu(c2(x)) zeroed: unused
+    torch.testing.assert_close(out, expected)
+
+    class Chain(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.c = nn.Conv2d(3, 4, 3, padding=1)
+            self.fc = nn.Linear(4, 2)
+
+        def forward(self, x):
+            return self.fc(F.relu(self.c(x)).mean((2, 3)))
+
+    chain = Chain().double().eval()
+    with Trace(chain, x, Rule(), on_activation=lambda i, n, v: torch.ones_like(v)) as trace:
+        out = trace.forward()
+    torch.testing.assert_close(out, chain.fc(torch.ones(2, 4, dtype=torch.float64)))
+    with pytest.raises(srdxai.SrdxaiError, match="on_activation returned shape"):
+        with Trace(chain, x, Rule(), on_activation=lambda i, n, v: v[:1]) as trace:
+            trace.forward()

@@ -246,10 +246,16 @@ class Trace:
     between the last PFV layers and the output), ``module_outputs`` (module name -> node).
     """
 
-    def __init__(self, model: nn.Module, x: Tensor, rule: Rule):
+    def __init__(self, model: nn.Module, x: Tensor, rule: Rule,
+                 on_activation: Callable[[int, str, Tensor], Tensor | None] | None = None):
+        """``on_activation(index, name, value)``: called with every activation output in
+        forward order (``index`` 0 is ``pfv_layers[1]``, the first layer after the input);
+        returning a tensor of the same shape replaces that output for everything downstream
+        (Ablation-CAM's ablated channels), None keeps it."""
         self.model = model
         self.x = x
         self.rule = rule
+        self.on_activation = on_activation
         self.output: Tensor | None = None
         self.module_outputs: dict[str, Node] = {}
         self.block_outputs: set[int] = set()  # PFV layers that end a container module
@@ -298,7 +304,16 @@ class Trace:
         def activation_apply(z: Tensor, fn: Callable[[Tensor], Tensor], name: str) -> Tensor:
             slot = _Slot()
             slots.append(slot)
-            return RuleActivation.apply(z, fn, self.rule, slot)
+            v = RuleActivation.apply(z, fn, self.rule, slot)
+            if self.on_activation is not None:
+                replacement = self.on_activation(len(slots) - 1, name, v)
+                if replacement is not None:
+                    if replacement.shape != v.shape:
+                        raise InvalidInputError(
+                            f"on_activation returned shape {tuple(replacement.shape)} for the "
+                            f"activation '{name}' of shape {tuple(v.shape)}.")
+                    v = replacement.to(dtype=v.dtype)
+            return v
 
         recorder = Recorder(
             self.x,

@@ -32,7 +32,6 @@ Ablation-CAM's extra forward passes are batched, ``internal_batch_size`` at a ti
 
 from __future__ import annotations
 
-import itertools
 from collections.abc import Callable
 
 import torch
@@ -125,54 +124,6 @@ def _objective(out: Tensor, target: Target, classes: Tensor | None,
         return target(out)
     c = classes if rows is None else classes[rows]
     return out.gather(1, c[:, None])[:, 0]
-
-
-class _ReplacingTrace(Trace):
-    """A :class:`Trace` whose ``position``-th activation output is replaced by ``value``.
-
-    Ablation-CAM needs the network after the target layer run on modified activations. The
-    layer is an activation *output*, which is not always a module output (a module called
-    several times, a functional ``relu`` inside a block), so module forward hooks cannot reach
-    it in general. The engine's recorder already numbers every activation call: the k-th call
-    of ``activation_apply`` produces ``pfv_layers[k + 1]``. This trace wraps that callable on
-    its recorder (the engine assigns ``self.recorder`` before running the model, which the
-    property setter below sees) and returns ``value`` from the wanted call. Downstream
-    operations, including in-place ones, then see ``value`` through the engine's ordinary
-    tracking. The engine has no public hook for this; see the report for the one it needs.
-    """
-
-    def __init__(self, model: nn.Module, x: Tensor, rule: Rule, position: int, value: Tensor):
-        self._recorder_ref = None
-        super().__init__(model, x, rule)
-        self._position = position
-        self._value = value
-        self.replaced = False
-
-    @property
-    def recorder(self):  # type: ignore[override]
-        return self._recorder_ref
-
-    @recorder.setter
-    def recorder(self, recorder) -> None:
-        self._recorder_ref = recorder
-        if recorder is None:
-            return
-        apply = recorder.activation_apply
-        counter = itertools.count()
-
-        def replacing(z: Tensor, fn: Callable[[Tensor], Tensor], name: str) -> Tensor:
-            v = apply(z, fn, name)
-            if next(counter) != self._position:
-                return v
-            if v.shape != self._value.shape:
-                raise UnsupportedOperationError(
-                    f"the activation at the ablated layer has shape {tuple(v.shape)} in the "
-                    f"ablation pass but {tuple(self._value.shape)} was expected; the model's "
-                    "control flow depends on the input.")
-            self.replaced = True
-            return self._value.to(dtype=v.dtype)
-
-        recorder.activation_apply = replacing
 
 
 class _LayerCAM(Method):
@@ -471,8 +422,9 @@ class AblationCAM(_PerturbationCAM):
     (``min - 1e7``, accumulating over its batch), so the two differ on such layers.
 
     The N*C ablated copies run ``internal_batch_size`` at a time. Each pass is a
-    recorded forward pass of the whole model whose activation at the layer is replaced (see
-    :class:`_ReplacingTrace`), so the part before the layer is recomputed, as in
+    recorded forward pass of the whole model whose activation at the layer is replaced (the
+    engine's ``Trace(..., on_activation=...)`` hook), so the part before the layer is
+    recomputed, as in
     pytorch-grad-cam.
     """
 
@@ -499,10 +451,23 @@ class AblationCAM(_PerturbationCAM):
                 if position < 0:  # the layer is the input itself
                     out = self.model(value)
                 else:
-                    with _ReplacingTrace(self.model, xd[rows], Rule(), position,
-                                         value) as rt:
+                    replaced = []
+
+                    def replace(index: int, name: str, v: Tensor) -> Tensor | None:
+                        if index != position:
+                            return None
+                        if v.shape != value.shape:
+                            raise UnsupportedOperationError(
+                                f"the activation at the ablated layer has shape "
+                                f"{tuple(v.shape)} in the ablation pass but "
+                                f"{tuple(value.shape)} was expected; the model's control "
+                                "flow depends on the input.")
+                        replaced.append(True)
+                        return value
+
+                    with Trace(self.model, xd[rows], Rule(), on_activation=replace) as rt:
                         out = rt.forward()
-                        if not rt.replaced:
+                        if not replaced:
                             raise UnsupportedOperationError(
                                 f"layer '{layer}' was not reached in the ablation pass; "
                                 "the model's control flow depends on the input.")
