@@ -72,7 +72,6 @@ FAST_OPTIONS = {
 
 # Methods that explain Vision Transformers only, and refuse everything else.
 _VIT_ONLY = {"attention_rollout", "transformer_attribution", "srd_tokens"}
-_CAMS = {"gradcam", "gradcam_pp", "xgradcam", "layercam", "scorecam", "ablationcam"}
 _LRP = {m for m in METHODS if m.startswith("lrp_")}
 _CNN_REFUSES = _VIT_ONLY
 # What each architecture refuses today (a clear srdxai error); every other method must give a
@@ -82,11 +81,10 @@ EXPECTED_REFUSALS: dict[str, set[str]] = {
     # SRD: the residual stream has no activation, so the paths into a bias multiply with
     # depth (docs/srd.md); the LRP composites pass relevance through LayerNorm unchanged
     "convnext_atto": _CNN_REFUSES | {"srd"},
-    "vit_tiny_patch16_224": _CAMS | _LRP | {"srd", "fullgrad"},
-    "deit_tiny_patch16_224": _CAMS | _LRP | {"srd", "fullgrad"},
-    "swin_tiny_patch4_window7_224": _CAMS | _LRP | {"srd", "fullgrad", "srd_tokens",
-                                                    "attention_rollout",
-                                                    "transformer_attribution"},
+    "vit_tiny_patch16_224": _LRP | {"srd", "fullgrad"},
+    "deit_tiny_patch16_224": _LRP | {"srd", "fullgrad"},
+    "swin_tiny_patch4_window7_224": _LRP | {"srd", "fullgrad", "srd_tokens",
+                                            "attention_rollout", "transformer_attribution"},
     "mobilevit_xxs": _LRP | {"srd", "srd_tokens", "attention_rollout", "transformer_attribution",
                              "deeplift_rescale"},
 }

@@ -486,15 +486,124 @@ def test_option_errors():
 
 
 @pytest.mark.parametrize("name", CAMS)
-def test_vision_transformer_token_layers_are_a_clear_error(name):
-    """(N, tokens, dim) tensors look like conv1d maps to shape checks; CAMs must refuse them."""
+def test_vision_transformer_token_layers(name):
+    """The default layer is the patch tokens of the LayerNorm feeding the last attention, on
+    their grid; an activation's (N, tokens, dim) output is not a feature map and is refused
+    (it looks like a conv1d map to shape checks); FullGrad refuses token biases."""
     from srdxai.models.zoo import small_vit
 
     torch.manual_seed(0)
     vit = small_vit(5).eval()
     x = torch.randn(1, 3, 64, 64)
-    with pytest.raises(InvalidInputError, match="transformer|input's"):
-        srdxai.explain(vit, x, 0, name)
-    if name != "fullgrad":  # FullGrad has no layer option
-        with pytest.raises(InvalidInputError, match="is not a feature map"):
-            srdxai.explain(vit, x, 0, name, layer="blocks.0.mlp.act")
+    if name == "fullgrad":
+        with pytest.raises(InvalidInputError, match="transformer"):
+            srdxai.explain(vit, x, 0, name)
+        return
+    m = srdxai.explain(vit, x, 0, name, internal_batch_size=64) if name in (
+        "scorecam", "ablationcam") else srdxai.explain(vit, x, 0, name)
+    assert m.shape == (1, 64, 64) and torch.isfinite(m).all()
+    with pytest.raises(InvalidInputError, match="is not a feature map"):
+        srdxai.explain(vit, x, 0, name, layer="blocks.0.mlp.act")
+
+
+# --- transformers: token layers read as feature maps -----------------------------------------
+
+def _timm(name: str, **options) -> nn.Module:
+    try:
+        from _compat import import_torchvision
+
+        import_torchvision()
+        import timm
+    except ImportError as error:  # pragma: no cover
+        pytest.skip(f"timm is not usable here: {error}")
+    torch.manual_seed(0)
+    return timm.create_model(name, pretrained=False, num_classes=5, **options).eval()
+
+
+def _tokens_to_map(prefix: int, h: int, w: int):
+    def reshape(t):  # pytorch-grad-cam's reshape_transform for ViTs
+        return t[:, prefix:].reshape(t.shape[0], h, w, t.shape[2]).permute(0, 3, 1, 2)
+
+    return reshape
+
+
+def theirs_reshaped(pgc, cls_name, model, layer, x, targets, reshape):
+    from pytorch_grad_cam.utils.model_targets import ClassifierOutputTarget
+
+    model = copy.deepcopy(model)
+    cam = getattr(pgc, cls_name)(model=model, target_layers=[model.get_submodule(layer)],
+                                 reshape_transform=reshape)
+    try:
+        maps = cam(input_tensor=x.clone(), targets=[ClassifierOutputTarget(int(t))
+                                                    for t in targets])
+    finally:
+        cam.activations_and_grads.release()
+    return torch.from_numpy(maps)
+
+
+@pytest.mark.parametrize("method", [*GRADIENT_CAMS, "scorecam"])
+def test_vit_cams_match_grad_cam_with_its_reshape_transform(pgc, method):
+    """No reshape_transform needed: 'low' is the LayerNorm feeding the last attention
+    (timm's ``blocks[-1].norm1``, pytorch-grad-cam's recommended ViT layer), the class token
+    is dropped and the patch tokens are laid out on their grid."""
+    model = _timm("vit_tiny_patch16_224", img_size=32, patch_size=8, depth=2)
+    x = torch.randn(2, 3, 32, 32, generator=torch.Generator().manual_seed(1))
+    ours = srdxai.explain(model, x, [1, 3], method, normalize=True)
+    cls_name = GRADIENT_CAMS.get(method, "ScoreCAM")
+    ref = theirs_reshaped(pgc, cls_name, model, "blocks.1.norm1", x, [1, 3],
+                          _tokens_to_map(1, 4, 4))
+    assert ((ours - ref).abs().max() / ref.abs().max()).item() < TOLERANCE
+
+
+def test_swin_cam_matches_grad_cam_on_its_channels_last_layer(pgc):
+    """Swin's blocks keep (N, h, w, C) maps: read channels-last, no reshape_transform."""
+    model = _timm("swin_tiny_patch4_window7_224", img_size=64, window_size=2,
+                  depths=(1, 1, 1, 1), embed_dim=24, num_heads=(1, 1, 2, 2))
+    x = torch.randn(2, 3, 64, 64, generator=torch.Generator().manual_seed(2))
+    layer = "layers.2.blocks.0.norm1"  # 4x4 windows of 2x2 at 64 px
+    ours = srdxai.explain(model, x, [0, 4], "gradcam", normalize=True, layer=layer)
+    ref = theirs_reshaped(pgc, "GradCAM", model, layer, x, [0, 4],
+                          lambda t: t.permute(0, 3, 1, 2))
+    assert ref.abs().max() > 0
+    assert ((ours - ref).abs().max() / ref.abs().max()).item() < TOLERANCE
+    low = srdxai.explain(model, x, [0, 4], "gradcam")  # the LayerNorm of the last attention
+    assert low.shape == (2, 64, 64) and torch.isfinite(low).all()
+
+
+def test_prefix_tokens_are_found_from_the_token_count():
+    """DeiT-distilled has a class and a distillation token: 2 + 4x4 tokens."""
+    model = _timm("deit_tiny_distilled_patch16_224", img_size=32, patch_size=8, depth=2)
+    x = torch.randn(1, 3, 32, 32, generator=torch.Generator().manual_seed(3))
+    auto = srdxai.explain(model, x, 0, "gradcam")
+    torch.testing.assert_close(auto, srdxai.explain(model, x, 0, "gradcam", prefix_tokens=2))
+    with pytest.raises(InvalidInputError, match="prefix_tokens"):
+        srdxai.explain(model, x, 0, "gradcam", prefix_tokens=5)
+
+
+def test_vit_ablationcam_equals_an_independent_hook_ablation():
+    model = _timm("vit_tiny_patch16_224", img_size=32, patch_size=8, depth=2).double()
+    x = torch.randn(1, 3, 32, 32, generator=torch.Generator().manual_seed(4),
+                    dtype=torch.float64)
+    ours = srdxai.explain(model, x, 2, "ablationcam")
+    layer = model.blocks[1].norm1
+    captured = []
+    handle = layer.register_forward_hook(lambda m, a, o: captured.append(o))
+    with torch.no_grad():
+        score = model(x)[0, 2]
+    handle.remove()
+    a = captured[0][:, 1:].reshape(1, 4, 4, -1).permute(0, 3, 1, 2)
+    weights = []
+    for c in range(a.shape[1]):
+        def zero(m, args, out, c=c):
+            out = out.clone()
+            out[:, 1:, c] = 0
+            return out
+
+        handle = layer.register_forward_hook(zero)
+        with torch.no_grad():
+            weights.append((score - model(x)[0, 2]) / score)
+        handle.remove()
+    cam = (torch.stack(weights)[None, :, None, None] * a).sum(1).clamp_min(0)
+    expected = F.interpolate(cam[:, None], size=(32, 32), mode="bilinear",
+                             align_corners=False)[:, 0]
+    torch.testing.assert_close(ours, expected)

@@ -20,6 +20,16 @@ output is one), ``"low"`` (the last spatial activation layer: ResNet ``layer4``,
 model is accepted too. In pytorch-grad-cam terms the target layer is the module whose output is
 that activation (``model.layer4[-1]`` for ``"low"`` on a ResNet).
 
+Transformers (ViT, DeiT, Swin, no ``reshape_transform`` needed): when the model has no
+convolutional feature map at ``layer``, ``"low"`` is the LayerNorm that feeds the last attention
+(timm ViT ``blocks[-1].norm1``, the layer pytorch-grad-cam recommends: the final norm's patch
+tokens get no gradient from a class-token head) and ``"high"`` the one feeding the attention
+before; a module name whose output is tokens works too. Tokens ``(N, T, D)`` lose their
+``prefix_tokens`` leading non-patch tokens (class, distillation, registers: found as the fewest
+that leave a patch grid with the image's aspect ratio, or given) and are laid out on that
+grid; Swin's channels-last ``(N, h, w, D)`` maps are read as they are. Ablation-CAM ablates a
+channel of the patch tokens through a forward hook on that module.
+
 Maps are not normalised by default. ``normalize=True`` gives pytorch-grad-cam's per-sample
 min-max scaling ``(m - min m) / (max(m - min m) + 1e-7)``, applied where it applies it (for the
 layer CAMs: on the layer map, and again after upsampling; the first is a positive affine map per
@@ -115,6 +125,111 @@ def _layer_node(trace: Trace, layer: str, input_dim: int) -> Node:
     return node
 
 
+class _TokenLayer:
+    """A transformer layer read as a feature map: the output of module ``name``, tokens
+    ``(N, T, D)`` with ``prefix`` leading non-patch tokens (class, distillation, register
+    tokens) and a ``grid`` of patches, or a channels-last map ``(N, h, w, D)`` (Swin).
+
+    ``to_map`` gives ``(N, D, h, w)``; ``to_tokens`` puts such a map back into a copy of the
+    module output (Ablation-CAM's ablated channels)."""
+
+    def __init__(self, name: str, module: nn.Module, prefix: int, grid: tuple[int, ...] | None):
+        self.name, self.module, self.prefix, self.grid = name, module, prefix, grid
+
+    def to_map(self, t: Tensor) -> Tensor:
+        if self.grid is None:  # channels-last map
+            return t.movedim(-1, 1)
+        n, _, d = t.shape
+        return t[:, self.prefix:].reshape(n, *self.grid, d).movedim(-1, 1)
+
+    def to_tokens(self, m: Tensor, like: Tensor) -> Tensor:
+        if self.grid is None:
+            return m.movedim(1, -1).to(like.dtype)
+        out = like.clone()
+        out[:, self.prefix:] = m.movedim(1, -1).reshape(m.shape[0], -1, m.shape[1])
+        return out
+
+
+def _token_grid(tokens: int, size: tuple[int, ...],
+                prefix: int | None) -> tuple[int, tuple[int, ...]] | None:
+    """(prefix tokens, patch grid) for ``tokens`` tokens of an image of ``size``: the grid
+    has the image's aspect ratio; without ``prefix`` the fewest leading tokens (0-8) that
+    leave such a grid."""
+    candidates = [prefix] if prefix is not None else range(min(tokens, 9))
+    for p in candidates:
+        patches = tokens - p
+        if len(size) != 2 or patches <= 0:
+            continue
+        h, w = size
+        for rows in range(1, patches + 1):
+            if patches % rows == 0 and rows * w == (patches // rows) * h:
+                return p, (rows, patches // rows)
+    return None
+
+
+def _find_token_layer(model: nn.Module, x: Tensor, layer: str,
+                      prefix: int | None) -> _TokenLayer:
+    """The transformer layer a CAM reads: ``"low"``, the LayerNorm that feeds the last
+    attention (timm ViT ``blocks[-1].norm1``, the layer pytorch-grad-cam recommends: the
+    final norm's patch tokens get no gradient from a class-token head); ``"high"`` the one
+    feeding the attention before; or a module name whose output is tokens or a channels-last
+    map."""
+    from ..engine.optrace import OpRule, OpTrace
+
+    class Calls(OpRule):
+        unknown = "gradient"
+
+    modules = dict(model.named_modules())
+    if layer in ("low", "high"):
+        with torch.no_grad(), OpTrace(model, x.detach(), Calls()) as trace:
+            trace.forward()
+            calls = [(c.kind, c.name) for c in trace.calls]
+        feeding = []
+        last_norm = None
+        for kind, name in calls:
+            if kind == "layer_norm":
+                last_norm = name
+            elif kind == "softmax" and last_norm is not None:
+                if not feeding or feeding[-1] != last_norm:
+                    feeding.append(last_norm)
+        want = 1 if layer == "low" else 2
+        if len(feeding) < want:
+            raise InvalidInputError(
+                f"layer='{layer}': the model has no activation layer with the input's spatial "
+                "layout and no LayerNorm feeding an attention, so there is no feature map for "
+                "a CAM; pass layer= a module whose output is tokens (N, T, D) or a "
+                "channels-last map (N, h, w, D).")
+        name = feeding[-want]
+    else:
+        name = layer
+    if name not in modules:
+        raise InvalidInputError(f"unknown layer '{name}': not a module of the model.")
+    captured: list[Tensor] = []
+    handle = modules[name].register_forward_hook(lambda m, a, out: captured.append(out))
+    try:
+        with torch.no_grad():
+            model(x[:1].detach())
+    finally:
+        handle.remove()
+    out = captured[0] if captured else None
+    size = tuple(x.shape[2:])
+    if isinstance(out, Tensor) and out.dim() == 3:
+        found = _token_grid(out.shape[1], size, prefix)
+        if found is not None:
+            return _TokenLayer(name, modules[name], found[0], found[1])
+    if isinstance(out, Tensor) and out.dim() == 4 and len(size) == 2 and (
+            out.shape[1] * size[1] == out.shape[2] * size[0]):
+        return _TokenLayer(name, modules[name], 0, None)
+    raise InvalidInputError(
+        f"layer '{name}' gives {getattr(out, 'shape', type(out).__name__)}, not tokens "
+        f"(N, T, D) forming a patch grid of a {size} image after a few prefix tokens, nor a "
+        "channels-last map (N, h, w, D); set prefix_tokens= or choose another layer.")
+
+
+def _has_feature_map(trace: Trace, input_dim: int) -> bool:
+    return any(n.spatial and len(n.shape) == input_dim for n in trace.pfv_layers[1:])
+
+
 def _objective(out: Tensor, target: Target, classes: Tensor | None,
                rows: Tensor | None = None) -> Tensor:
     """One score per row of ``out``: the target logit, or a callable target's objective.
@@ -134,10 +249,17 @@ class _LayerCAM(Method):
 
     def __init__(self, model: nn.Module, layer: str | nn.Module = "low",
                  batch_size: int | None = None, channels_last: bool | None = None,
-                 normalize: bool = False):
+                 normalize: bool = False, prefix_tokens: int | None = None):
         super().__init__(model, batch_size=batch_size, channels_last=channels_last)
         self.layer = _layer_name(model, layer)
         self.normalize = bool(normalize)
+        if prefix_tokens is not None and (not isinstance(prefix_tokens, int)
+                                          or isinstance(prefix_tokens, bool)
+                                          or prefix_tokens < 0):
+            raise InvalidInputError(
+                f"prefix_tokens must be None (found from the token count) or an int >= 0, "
+                f"got {prefix_tokens!r}.")
+        self.prefix_tokens = prefix_tokens
 
     def attribute(self, inputs: Tensor, target: Target = None) -> Tensor:
         """The CAM of ``self.layer``, upsampled to the input size: (N, H, W)."""
@@ -170,20 +292,53 @@ class _LayerCAM(Method):
             cam = _minmax(cam)
         return keep_graph(cam).contiguous()
 
+    def _token_layer(self, trace: Trace, x: Tensor, layer: str) -> _TokenLayer | None:
+        """The transformer layer to read when ``trace`` (the recorded pass) has no
+        convolutional feature map for ``layer`` (ViT, DeiT, Swin), else None."""
+        if layer in ("low", "high"):
+            if _has_feature_map(trace, x.dim()):
+                return None
+        elif layer in {n.name for n in trace.pfv_layers} or layer in trace.module_outputs:
+            return None
+        elif layer not in dict(self.model.named_modules()):
+            return None  # find_layer's error lists the layers
+        return _find_token_layer(self.model, x, layer, self.prefix_tokens)
+
+    def _token_activations(self, x: Tensor, target: Target, tokens: _TokenLayer,
+                           grad: bool):
+        captured: list[Tensor] = []
+        with self._guard(), torch.set_grad_enabled(grad or is_differentiable()):
+            handle = tokens.module.register_forward_hook(lambda m, a, o: captured.append(o))
+            try:
+                out = self.model(x)
+            finally:
+                handle.remove()
+            t = captured[-1]
+            grad_out, classes = target_gradient(out, target)
+            g = None
+            if grad:
+                (g,) = self._grad(out, t, grad_out)
+                g = keep_graph(tokens.to_map(g))
+            return keep_graph(tokens.to_map(t)), g, keep_graph(out), classes
+
     def _activations(self, x: Tensor, target: Target, layer: str, grad: bool):
         """(A, dS/dA or None, model output, target classes or None) at ``layer``."""
         rule = _ActivationRule()
         with self._guard(), torch.set_grad_enabled(grad or is_differentiable()), Trace(
                 self.model, x, rule) as trace:
             out = trace.forward()
-            node = _layer_node(trace, layer, x.dim())
-            a = node.tensor
-            grad_out, classes = target_gradient(out, target)
-            g = None
-            if grad:
-                (g,) = self._grad(out, a, grad_out)
-                g = keep_graph(g)
-            return keep_graph(a), g, keep_graph(out), classes
+            tokens = self._token_layer(trace, x, layer)
+            if tokens is None:
+                node = _layer_node(trace, layer, x.dim())
+                a = node.tensor
+                grad_out, classes = target_gradient(out, target)
+                g = None
+                if grad:
+                    (g,) = self._grad(out, a, grad_out)
+                    g = keep_graph(g)
+                return keep_graph(a), g, keep_graph(out), classes
+            del out
+        return self._token_activations(x, target, tokens, grad)
 
 
 class _GradientCAM(_LayerCAM):
@@ -287,9 +442,10 @@ class _PerturbationCAM(_LayerCAM):
     def __init__(self, model: nn.Module, layer: str | nn.Module = "low",
                  batch_size: int | None = None, channels_last: bool | None = None,
                  normalize: bool = False, internal_batch_size: int | None = None,
-                 progress: bool = False):
+                 progress: bool = False, prefix_tokens: int | None = None):
         super().__init__(model, layer=layer, batch_size=batch_size,
-                         channels_last=channels_last, normalize=normalize)
+                         channels_last=channels_last, normalize=normalize,
+                         prefix_tokens=prefix_tokens)
         if internal_batch_size is not None and (
             not isinstance(internal_batch_size, int) or internal_batch_size < 1
         ):
@@ -360,10 +516,12 @@ class ScoreCAM(_PerturbationCAM):
     def __init__(self, model: nn.Module, layer: str | nn.Module = "low",
                  batch_size: int | None = None, channels_last: bool | None = None,
                  normalize: bool = False, internal_batch_size: int | None = None,
-                 progress: bool = False, precision: str = "full"):
+                 progress: bool = False, precision: str = "full",
+                 prefix_tokens: int | None = None):
         super().__init__(model, layer=layer, batch_size=batch_size,
                          channels_last=channels_last, normalize=normalize,
-                         internal_batch_size=internal_batch_size, progress=progress)
+                         internal_batch_size=internal_batch_size, progress=progress,
+                         prefix_tokens=prefix_tokens)
         if precision not in _SCORE_PRECISIONS:
             raise InvalidInputError(f"precision must be one of {', '.join(_SCORE_PRECISIONS)}, "
                                     f"got {precision!r}")
@@ -434,6 +592,11 @@ class AblationCAM(_PerturbationCAM):
         grad = is_differentiable()
         with self._guard(), torch.set_grad_enabled(grad), Trace(self.model, x, rule) as trace:
             out = trace.forward()
+            tokens = self._token_layer(trace, x, layer)
+            if tokens is not None:
+                del out
+                trace.close()
+                return self._token_map(x, target, tokens, size)
             node = _layer_node(trace, layer, x.dim())
             position = trace.pfv_layers.index(node) - 1  # -1: the input is not an activation
             a = keep_graph(node.tensor)
@@ -475,11 +638,44 @@ class AblationCAM(_PerturbationCAM):
                 del out
 
             self._for_chunks(n, c, x, ablated_scores)
+        return self._weighted(a, original, ablated, size)
+
+    def _weighted(self, a: Tensor, original: Tensor, ablated: Tensor,
+                  size: tuple[int, ...] | None) -> Tensor:
+        n, c = a.shape[:2]
         drop = original[:, None] - ablated
         scale = torch.where(original != 0, original, torch.ones_like(original))[:, None]
         w = drop / scale
         cam = (w.reshape(n, c, *([1] * (a.dim() - 2))) * a).sum(1)
         return self._finish(cam, size)
+
+    def _token_map(self, x: Tensor, target: Target, tokens: _TokenLayer,
+                   size: tuple[int, ...] | None) -> Tensor:
+        """Ablation-CAM on a transformer layer: the module's output with one channel of the
+        patch tokens zeroed replaces the real one (a forward hook) in each ablated pass."""
+        a, _, out, classes = self._token_activations(x, target, tokens, grad=False)
+        original = _objective(out, target, classes)
+        n, c = a.shape[:2]
+        ablated = x.new_empty(n, c)
+        xd = keep_graph(x)
+        with self._guard(), torch.set_grad_enabled(is_differentiable()):
+
+            def ablated_scores(rows: Tensor, channels: Tensor) -> None:
+                value = a[rows].clone()
+                value[torch.arange(rows.numel(), device=x.device), channels] = 0
+
+                def replace(module, args, output):
+                    return tokens.to_tokens(value, output)
+
+                handle = tokens.module.register_forward_hook(replace)
+                try:
+                    result = self.model(xd[rows])
+                finally:
+                    handle.remove()
+                ablated[rows, channels] = _objective(result, target, classes, rows).to(x.dtype)
+
+            self._for_chunks(n, c, x, ablated_scores)
+        return self._weighted(a, original, ablated, size)
 
 
 # --- FullGrad --------------------------------------------------------------------------------
