@@ -17,6 +17,7 @@ from torch import nn
 
 from ..errors import InvalidInputError, InvalidTargetError, UnsupportedOperationError
 from . import ops
+from .catalogue import check_output, module_names
 from .gradmode import building_graph
 from .graph import Node, Recorder
 
@@ -329,37 +330,26 @@ class Trace:
             if self.rule.constant_statistics else None,
         )
         self.recorder = recorder
-        handles = []
-        names = {m: n for n, m in self.model.named_modules()}
 
-        def pre_hook(module, args):
-            recorder.module_stack.append((names.get(module, "?"), module))
-
-        def post_hook(module, args, output):
-            name = recorder.module_stack.pop()[0] if recorder.module_stack else "?"
+        def on_output(name: str, module: nn.Module, output: Any) -> None:
             if isinstance(output, Tensor):
-                node = recorder.node_of(recorder._resolve(output))
+                node = recorder.node_of(recorder.resolve(output))
                 if node is not None and node.is_pfv:
                     self.module_outputs[name] = node
                     if any(True for _ in module.children()):
                         self.block_outputs.add(node.index)
 
-        for module in names:
-            handles.append(module.register_forward_pre_hook(pre_hook))
-            handles.append(module.register_forward_hook(post_hook))
-        try:
+        with module_names(self.model, on_output) as stack:
+            recorder.module_stack = stack
             with recorder:
                 out = self.model(self.x)
-        finally:
-            for h in handles:
-                h.remove()
         pfv = [n for n in recorder.order if n.is_pfv]
         # Activation outputs were created before their node existed: connect the slots.
         for slot, node in zip(slots, pfv[1:], strict=True):
             slot.node = node
         self._name_layers(pfv)
         self.pfv_layers = pfv
-        out = recorder._resolve(_check_output(out))
+        out = recorder.resolve(check_output(out))
         out_node = recorder.node_of(out)
         if out_node is None:
             raise UnsupportedOperationError(
@@ -371,7 +361,7 @@ class Trace:
         return out
 
     def _plain_forward(self) -> Tensor:
-        out = _check_output(self.model(self.x))
+        out = check_output(self.model(self.x))
         self.output = out
         self.pfv_layers, self.head_ops, self.head_sources = [], set(), []
         return out
@@ -456,18 +446,6 @@ class Trace:
             f"unknown layer '{name}'. SRD layers are activation outputs; this model has: "
             f"{available}{' ...' if len(self.pfv_layers) > 40 else ''} (module names whose "
             "output is an activation output also work, and 'low' / 'high').")
-
-
-def _check_output(out: Any) -> Tensor:
-    """The model output must be a (batch, classes) tensor of logits."""
-    if not isinstance(out, Tensor):
-        raise InvalidInputError(
-            f"the model returned {type(out).__name__}; srdxai needs a tensor of logits.")
-    if out.dim() != 2:
-        raise InvalidInputError(
-            f"the model output has shape {tuple(out.shape)}; srdxai expects (batch, "
-            "classes) logits. Wrap the model so it returns them.")
-    return out
 
 
 def _positions(node: Node) -> int:

@@ -27,6 +27,17 @@ from torch.utils._pytree import tree_flatten, tree_map
 
 from ..errors import UnsupportedOperationError
 from . import ops
+from .catalogue import (
+    ACTIVATIONS,
+    CONSTANT,
+    DROPOUT,
+    INPLACE_ACTIVATIONS,
+    MOVING,
+    SOFTMAX,
+    dropout_in_training,
+    func_name,
+    resolve_alias,
+)
 
 Tensor = torch.Tensor
 
@@ -62,52 +73,6 @@ class Node:
         return f"Node({self.name or self.activation or 'tensor'}, {self.shape})"
 
 
-# --- the activation catalogue --------------------------------------------------------------
-
-def _hardtanh(x, min_val=-1.0, max_val=1.0, inplace=False):
-    return F.hardtanh(x, min_val, max_val)
-
-
-ACTIVATIONS: dict[Any, str] = {
-    F.relu: "relu",
-    torch.relu: "relu",
-    Tensor.relu: "relu",
-    F.relu6: "relu6",
-    F.hardtanh: "hardtanh",
-    F.leaky_relu: "leaky_relu",
-    F.elu: "elu",
-    F.selu: "selu",
-    F.celu: "celu",
-    F.silu: "silu",
-    F.gelu: "gelu",
-    F.mish: "mish",
-    F.softplus: "softplus",
-    torch.tanh: "tanh",
-    Tensor.tanh: "tanh",
-    F.tanh: "tanh",
-    torch.sigmoid: "sigmoid",
-    Tensor.sigmoid: "sigmoid",
-    F.sigmoid: "sigmoid",
-    F.hardswish: "hardswish",
-    F.hardsigmoid: "hardsigmoid",
-    torch.clamp: "clamp",
-    Tensor.clamp: "clamp",
-    torch.clip: "clamp",
-    Tensor.clip: "clamp",
-}
-INPLACE_ACTIVATIONS: dict[Any, Any] = {
-    torch.relu_: torch.relu,
-    Tensor.relu_: torch.relu,
-    F.relu_: torch.relu,
-    torch.sigmoid_: torch.sigmoid,
-    Tensor.sigmoid_: torch.sigmoid,
-    torch.tanh_: torch.tanh,
-    Tensor.tanh_: torch.tanh,
-    F.leaky_relu_: F.leaky_relu,
-    F.elu_: F.elu,
-    F.hardtanh_: _hardtanh,
-}
-
 ADD_FUNCS = {torch.add, Tensor.add, Tensor.__add__, Tensor.__radd__}
 INPLACE_ADD = {Tensor.add_, Tensor.__iadd__}
 SUB_FUNCS = {torch.sub, Tensor.sub, Tensor.__sub__, Tensor.__rsub__}
@@ -132,25 +97,13 @@ NARROW_FUNCS = {Tensor.narrow, torch.narrow}
 INTERPOLATE_FUNCS = {F.interpolate, F.upsample}
 # Calls that only move values: when the engine cannot decompose one (e.g. flattening a spatial
 # map), the plain gradient through it is still exact for rules that only need values moved.
-MOVING_FUNCS = {Tensor.view, Tensor.view_as, Tensor.reshape, Tensor.reshape_as, torch.reshape,
-                torch.flatten, Tensor.flatten, Tensor.unflatten, torch.unflatten,
-                Tensor.squeeze, torch.squeeze, Tensor.unsqueeze, torch.unsqueeze,
-                Tensor.permute, torch.permute, Tensor.transpose, torch.transpose, Tensor.t,
-                torch.t, Tensor.movedim, torch.movedim, Tensor.__getitem__, Tensor.select,
-                torch.select, Tensor.narrow, torch.narrow, Tensor.index_select,
-                torch.index_select, Tensor.expand, Tensor.expand_as, Tensor.repeat, torch.cat,
-                torch.concat, torch.concatenate, torch.stack, Tensor.unbind, torch.unbind,
-                Tensor.chunk, torch.chunk, Tensor.split, torch.split, Tensor.tensor_split,
-                torch.tensor_split, Tensor.contiguous, Tensor.flip, torch.flip, Tensor.roll,
-                torch.roll, F.pad, F.pixel_shuffle, F.pixel_unshuffle, torch.swapaxes,
-                Tensor.swapaxes}
+MOVING_FUNCS = MOVING | {F.pad}
 PERMUTE_FUNCS = {Tensor.permute, torch.permute}
 NORM_FUNCS = {F.layer_norm, F.group_norm}
 # Calls the recorder runs on the canonical (batch, channels, *spatial) view of a channels-last
 # tensor, giving the model the result in the channels-last layout again.
 LAYOUT_AWARE = (set(ACTIVATIONS) | ADD_FUNCS | SUB_FUNCS | MUL_FUNCS | DIV_FUNCS
-                | {F.linear, F.layer_norm, F.dropout, F.dropout1d, F.dropout2d,
-                   F.alpha_dropout} | IDENTITY_FUNCS)
+                | {F.linear, F.layer_norm} | DROPOUT | IDENTITY_FUNCS)
 
 
 def _inverse(perm: Sequence[int]) -> tuple[int, ...]:
@@ -167,23 +120,7 @@ def channels_last_perm(ndim: int) -> tuple[int, ...]:
 
 # Products whose factor produced directly by one of these activations is a gate (docs/srd.md).
 GATE_ACTIVATIONS = {"sigmoid", "hardsigmoid"}
-# Calls that read a tracked tensor but give back a tensor that does not depend on its values.
-CONSTANT_FUNCS = {torch.zeros_like, torch.ones_like, torch.empty_like, torch.full_like,
-                  torch.rand_like, torch.randn_like, Tensor.new_zeros, Tensor.new_ones,
-                  Tensor.new_empty, Tensor.new_full, Tensor.new_tensor}
-
-
-def _func_name(func: Any) -> str:
-    name = getattr(func, "__name__", None) or repr(func)
-    owner = getattr(func, "__objclass__", None)
-    if owner is not None and owner.__name__ in ("TensorBase", "Tensor"):
-        return f"Tensor.{name}"
-    module = getattr(func, "__module__", None) or ""
-    if module.startswith("torch.nn.functional"):
-        return f"F.{name}"
-    if module in ("torch", "torch._C._nn", "torch._C._VariableFunctions") or name in dir(torch):
-        return f"torch.{name}"
-    return name
+CONSTANT_FUNCS = CONSTANT
 
 
 def _bind(args: tuple, kwargs: dict, names: list[str], defaults: dict[str, Any]) -> dict:
@@ -192,18 +129,6 @@ def _bind(args: tuple, kwargs: dict, names: list[str], defaults: dict[str, Any])
         bound[n] = a
     bound.update(kwargs)
     return bound
-
-
-def resolve_alias(aliases: dict[int, tuple[Tensor, Tensor]], obj: Any) -> Any:
-    """What an in-place call that ran out of place turned ``obj`` into (``obj`` itself if
-    nothing did). ``aliases`` maps id(old tensor) -> (old tensor, its replacement); the old
-    tensor is held so that its id cannot be reused by an unrelated tensor."""
-    while isinstance(obj, Tensor):
-        entry = aliases.get(id(obj))
-        if entry is None or entry[0] is not obj:
-            return obj
-        obj = entry[1]
-    return obj
 
 
 class Recorder(TorchFunctionMode):
@@ -302,14 +227,15 @@ class Recorder(TorchFunctionMode):
         error.moves_values = moves_values  # type: ignore[attr-defined]
         return error
 
-    def _resolve(self, obj: Any) -> Any:
+    def resolve(self, obj: Any) -> Any:
+        """What ``obj`` became through in-place calls that ran out of place."""
         return resolve_alias(self.aliases, obj)
 
     # -- the mode ----------------------------------------------------------------------------
     def __torch_function__(self, func, types, args=(), kwargs=None):
         kwargs = kwargs or {}
-        args = tree_map(self._resolve, args)
-        kwargs = tree_map(self._resolve, kwargs)
+        args = tree_map(self.resolve, args)
+        kwargs = tree_map(self.resolve, kwargs)
         flat, _ = tree_flatten((args, kwargs))
         tracked = [t for t in flat if isinstance(t, Tensor) and id(t) in self.nodes]
         if not tracked or func in CONSTANT_FUNCS:
@@ -401,9 +327,8 @@ class Recorder(TorchFunctionMode):
             return self._interpolate(func, args, kwargs)
         if func is F.pad:
             return self._pad(args, kwargs)
-        if func is F.dropout or func in (F.dropout1d, F.dropout2d, F.alpha_dropout):
-            training = kwargs.get("training", args[2] if len(args) > 2 else True)
-            if training:
+        if func in DROPOUT:
+            if dropout_in_training(func, args, kwargs):
                 raise self._unsupported("dropout in training mode", "Call model.eval() first.")
             return self._identity(args[0])
         if func in IDENTITY_FUNCS:
@@ -414,19 +339,12 @@ class Recorder(TorchFunctionMode):
         out = func(*args, **kwargs)
         if not any(isinstance(t, Tensor) for t in tree_flatten(out)[0]):
             return out  # sizes, dtypes, shapes, comparisons to Python values ...
-        if func in (F.layer_norm, F.group_norm):
-            raise self._unsupported(
-                f"a {'LayerNorm' if func is F.layer_norm else 'GroupNorm'} (its statistics "
-                "depend on the input)",
-                "For vision transformers use method='srd_tokens', 'abslrp' or 'attnlrp'; for "
-                "other models a gradient method.")
-        if func in (F.softmax, torch.softmax, Tensor.softmax, F.log_softmax, torch.log_softmax,
-                    Tensor.log_softmax):
+        if func in SOFTMAX:
             raise self._unsupported(
                 f"a {getattr(func, '__name__', 'softmax')} (not linear between activations)",
                 "If the model ends in a softmax, explain its logits: drop the softmax (the "
                 "classifier's last layer gives them).")
-        raise self._unsupported(f"the operation '{_func_name(func)}'",
+        raise self._unsupported(f"the operation '{func_name(func)}'",
                                 moves_values=func in MOVING_FUNCS)
 
     # -- handlers ----------------------------------------------------------------------------
@@ -555,8 +473,8 @@ class Recorder(TorchFunctionMode):
         ):
             raise self._unsupported("a convolution whose weights depend on the input")
         d = CONV_FUNCS[func]
-        stride = ops._as_tuple(b["stride"], d)
-        dilation = ops._as_tuple(b["dilation"], d)
+        stride = ops.as_tuple(b["stride"], d)
+        dilation = ops.as_tuple(b["dilation"], d)
         kernel = weight.shape[2:]
         if isinstance(b["padding"], str):
             if b["padding"] == "valid":
@@ -565,7 +483,7 @@ class Recorder(TorchFunctionMode):
                 pad_before = tuple(dl * (k - 1) // 2 for dl, k in zip(dilation, kernel,
                                                                        strict=True))
         else:
-            pad_before = ops._as_tuple(b["padding"], d)
+            pad_before = ops.as_tuple(b["padding"], d)
         with torch._C.DisableTorchFunction():
             out = func(*args, **kwargs)
         op = ops.ConvOp(self.where, weight.detach(),
@@ -620,10 +538,10 @@ class Recorder(TorchFunctionMode):
                   {"stride": None, "padding": 0, "dilation": 1, "ceil_mode": False,
                    "return_indices": False})
         x = b["input"]
-        kernel = ops._as_tuple(b["kernel_size"], d)
-        stride = ops._as_tuple(b["stride"], d) if b["stride"] not in (None, []) else kernel
-        padding = ops._as_tuple(b["padding"], d)
-        dilation = ops._as_tuple(b["dilation"], d)
+        kernel = ops.as_tuple(b["kernel_size"], d)
+        stride = ops.as_tuple(b["stride"], d) if b["stride"] not in (None, []) else kernel
+        padding = ops.as_tuple(b["padding"], d)
+        dilation = ops.as_tuple(b["dilation"], d)
         pool = F.max_pool1d_with_indices if d == 1 else F.max_pool2d_with_indices
         with torch._C.DisableTorchFunction():
             out, indices = pool(x, kernel, stride, padding, dilation, ceil_mode=b["ceil_mode"],
@@ -642,9 +560,9 @@ class Recorder(TorchFunctionMode):
         b = _bind(args, kwargs, names, {"stride": None, "padding": 0, "ceil_mode": False,
                                         "count_include_pad": True, "divisor_override": None})
         x = b["input"]
-        kernel = ops._as_tuple(b["kernel_size"], d)
-        stride = ops._as_tuple(b["stride"], d) if b["stride"] not in (None, []) else kernel
-        padding = ops._as_tuple(b["padding"], d)
+        kernel = ops.as_tuple(b["kernel_size"], d)
+        stride = ops.as_tuple(b["stride"], d) if b["stride"] not in (None, []) else kernel
+        padding = ops.as_tuple(b["padding"], d)
         with torch._C.DisableTorchFunction():
             out = func(*args, **kwargs)
             # 1/divisor per output position: the pooled ones-map divided by how many inside
@@ -654,7 +572,7 @@ class Recorder(TorchFunctionMode):
         op = ops.AvgPoolOp(self.where, torch.ones(out.shape[2:], dtype=x.dtype,
                                                   device=x.device),
                            kernel, stride, padding, x.shape[2:], out.shape[2:])
-        count = sum(op._inside[k].reshape(out.shape[2:]).to(x.dtype) for k in op.offsets)
+        count = sum(op.inside_map(k).reshape(out.shape[2:]).to(x.dtype) for k in op.offsets)
         op.coefficient = torch.where(count > 0, pooled_ones / count.clamp_min(1),
                                      torch.zeros_like(pooled_ones))
         return self._record(op, [x], out)
@@ -663,7 +581,7 @@ class Recorder(TorchFunctionMode):
         d = ADAPTIVE_AVG_FUNCS[func]
         x = args[0]
         size = kwargs.get("output_size", args[1] if len(args) > 1 else None)
-        size = ops._as_tuple(size, d)
+        size = ops.as_tuple(size, d)
         in_sp = tuple(x.shape[2:])
         size = tuple(i if s is None else s for s, i in zip(size, in_sp, strict=True))
         with torch._C.DisableTorchFunction():
@@ -713,7 +631,7 @@ class Recorder(TorchFunctionMode):
             out_sp
         ):
             raise self._unsupported(
-                f"'{_func_name(func)}' from {tuple(x.shape)} to {tuple(out.shape)}",
+                f"'{func_name(func)}' from {tuple(x.shape)} to {tuple(out.shape)}",
                 "Only views that keep batch and channels (e.g. flattening a 1x1 pooled map) "
                 "keep pointwise feature vectors intact. For flatten+linear heads use "
                 "seed='gradcam' with a conv layer.",
@@ -756,7 +674,7 @@ class Recorder(TorchFunctionMode):
     def _cat(self, args, kwargs):
         tensors = kwargs.get("tensors", args[0] if args else None)
         dim = kwargs.get("dim", kwargs.get("axis", args[1] if len(args) > 1 else 0))
-        tensors = [self._resolve(t) for t in tensors]
+        tensors = [self.resolve(t) for t in tensors]
         with torch._C.DisableTorchFunction():
             out = torch.cat(tensors, dim)
         if any(self.node_of(t) is None for t in tensors):
@@ -928,13 +846,13 @@ class Recorder(TorchFunctionMode):
         """Run a call on a channels-last tensor in the canonical layout and give the model
         the result channels-last again."""
         if len(perms) != 1:
-            raise self._unsupported(f"'{_func_name(func)}' on tensors of different layouts")
+            raise self._unsupported(f"'{func_name(func)}' on tensors of different layouts")
         perm = next(iter(perms))
         if perm is None or func not in LAYOUT_AWARE or kwargs.get("inplace") or (
             func in INPLACE_ACTIVATIONS
         ):
             raise self._unsupported(
-                f"'{_func_name(func)}' on a channels-last tensor",
+                f"'{func_name(func)}' on a channels-last tensor",
                 "Channels-last blocks may hold dense layers, LayerNorm, activations, sums "
                 "and per-channel scales.", moves_values=func in MOVING_FUNCS)
         inv = _inverse(perm)

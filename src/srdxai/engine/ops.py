@@ -34,7 +34,7 @@ from .channels import channel_dot, channel_norm, safe_sqrt
 Component = Any
 
 
-def _as_tuple(value: int | Sequence[int], dims: int) -> tuple[int, ...]:
+def as_tuple(value: int | Sequence[int], dims: int) -> tuple[int, ...]:
     if isinstance(value, int):
         return (value,) * dims
     value = tuple(int(v) for v in value)
@@ -179,7 +179,7 @@ def _build_index_tables(in_spatial, out_spatial, offsets, stride, dilation, pad_
     return flat_index, inside_map
 
 
-class _WindowOp(LinearOp):
+class WindowOp(LinearOp):
     """Shared position arithmetic of convolutions and pooling windows.
 
     Output position ``q`` reads input position ``stride*q + offset*dilation - pad_before`` per
@@ -242,6 +242,14 @@ class _WindowOp(LinearOp):
     def _inside(self) -> dict:
         return self._index_tables()[1]
 
+    def inside_map(self, k: Component) -> torch.Tensor:
+        """Flat (out positions,) mask: where offset ``k`` reads inside the input."""
+        return self._inside[k]
+
+    def release(self) -> None:
+        """Drop the cached padded input (memory) once a rule is done with this call."""
+        self._padded = None
+
     def _shifted(self, x: torch.Tensor, k: Component) -> torch.Tensor:
         """The input positions offset ``k`` reads, as a strided view of the padded input."""
         if self._trivial:
@@ -287,7 +295,7 @@ _NORM_BLOCK = 1 << 22
 _NORM_BLOCK_GPU = 1 << 26
 
 
-class ConvOp(_WindowOp):
+class ConvOp(WindowOp):
     """Convolution (1-D or 2-D, any stride, zero padding, dilation, groups / depthwise)."""
 
     kind = "conv"
@@ -428,7 +436,7 @@ class ConvOp(_WindowOp):
         return canvas.reshape(n, *self.in_spatial)
 
 
-class MaxPoolOp(_WindowOp):
+class MaxPoolOp(WindowOp):
     """Max pooling, linear given the arg-max routing recorded in the forward pass."""
 
     kind = "maxpool"
@@ -463,7 +471,7 @@ class MaxPoolOp(_WindowOp):
         return shifted * won
 
 
-class AvgPoolOp(_WindowOp):
+class AvgPoolOp(WindowOp):
     """Average pooling; ``coefficient`` is 1/divisor per output position (PyTorch's rules)."""
 
     kind = "avgpool"

@@ -32,9 +32,20 @@ from torch.overrides import TorchFunctionMode
 from torch.utils._pytree import tree_flatten, tree_map
 
 from ..errors import InvalidInputError, UnsupportedOperationError
-from .core import _check_output, is_differentiable
+from .catalogue import (
+    ACTIVATIONS,
+    DROPOUT,
+    INPLACE_ACTIVATIONS,
+    MOVING,
+    check_output,
+    dropout_in_training,
+    func_name,
+    module_names,
+    resolve_alias,
+)
+from .catalogue import CONSTANT as _VALUE_FREE
+from .core import is_differentiable
 from .gradmode import building_graph
-from .graph import ACTIVATIONS, INPLACE_ACTIVATIONS, _func_name, resolve_alias
 
 Tensor = torch.Tensor
 
@@ -65,26 +76,10 @@ AVG_POOL = {F.avg_pool1d, F.avg_pool2d, F.avg_pool3d, F.adaptive_avg_pool1d,
             # non-negative weights, linear like the averages above
             F.interpolate, F.upsample}
 SDPA = {F.scaled_dot_product_attention}
-DROPOUT = {F.dropout, F.dropout1d, F.dropout2d, F.dropout3d, F.alpha_dropout,
-           F.feature_alpha_dropout}
-MOVE = {
-    Tensor.view, Tensor.view_as, Tensor.reshape, Tensor.reshape_as, torch.reshape,
-    torch.flatten, Tensor.flatten, Tensor.unflatten, torch.unflatten, Tensor.squeeze,
-    torch.squeeze, Tensor.unsqueeze, torch.unsqueeze, Tensor.permute, torch.permute,
-    Tensor.transpose, torch.transpose, Tensor.swapaxes, torch.swapaxes, Tensor.t, torch.t,
-    Tensor.movedim, torch.movedim, Tensor.__getitem__, Tensor.select, torch.select,
-    Tensor.narrow, torch.narrow, Tensor.index_select, torch.index_select, Tensor.expand,
-    Tensor.expand_as, Tensor.repeat, torch.cat, torch.concat, torch.concatenate, torch.stack,
-    Tensor.unbind, torch.unbind, Tensor.chunk, torch.chunk, Tensor.split, torch.split,
-    Tensor.tensor_split, torch.tensor_split, Tensor.contiguous, Tensor.clone, torch.clone,
-    Tensor.to, Tensor.float, Tensor.double, Tensor.half, Tensor.bfloat16, Tensor.type_as,
-    Tensor.flip, torch.flip, Tensor.roll, torch.roll, Tensor.requires_grad_,
-}
+MOVE = MOVING
 MOVE_PROPERTIES = {"T", "mT", "H", "mH"}
 # Calls that read a traced tensor but return something that does not depend on its values.
-CONSTANT = {torch.zeros_like, torch.ones_like, torch.empty_like, torch.full_like,
-            torch.rand_like, torch.randn_like, Tensor.new_zeros, Tensor.new_ones,
-            Tensor.new_empty, Tensor.new_full, Tensor.new_tensor, Tensor.detach}
+CONSTANT = _VALUE_FREE | {Tensor.detach}
 
 #: the kinds of computing calls, in the words of the rules
 KINDS = ("conv", "linear", "matmul", "batch_norm", "layer_norm", "activation", "softmax",
@@ -180,7 +175,7 @@ class OpCall:
         self.args, self.kwargs, self.n_inputs, self.index = args, kwargs, n_inputs, index
 
     def __repr__(self) -> str:
-        return f"OpCall({self.kind}, {_func_name(self.func)}, in '{self.name}')"
+        return f"OpCall({self.kind}, {func_name(self.func)}, in '{self.name}')"
 
     def run(self, inputs: Sequence[Tensor], param: Callable[[Tensor], Tensor] | None = None,
             func: Callable | None = None) -> Tensor:
@@ -337,7 +332,8 @@ class OpTracer(TorchFunctionMode):
         ref = self.traced.get(id(obj))
         return ref is not None and ref() is obj
 
-    def _resolve(self, obj: Any) -> Any:
+    def resolve(self, obj: Any) -> Any:
+        """What ``obj`` became through in-place calls that ran out of place."""
         return resolve_alias(self.aliases, obj)
 
     def _track_outputs(self, out: Any) -> Any:
@@ -358,8 +354,8 @@ class OpTracer(TorchFunctionMode):
     # -- the mode --------------------------------------------------------------------------------
     def __torch_function__(self, func, types, args=(), kwargs=None):
         kwargs = kwargs or {}
-        args = tree_map(self._resolve, args)
-        kwargs = tree_map(self._resolve, kwargs)
+        args = tree_map(self.resolve, args)
+        kwargs = tree_map(self.resolve, kwargs)
         flat = tree_flatten((args, kwargs))[0]
         if func in CONSTANT or not any(self.is_traced(t) for t in flat):
             return func(*args, **kwargs)
@@ -389,8 +385,7 @@ class OpTracer(TorchFunctionMode):
         if func in MOVE:
             return self._track_outputs(func(*args, **kwargs))
         if func in DROPOUT:
-            training = kwargs.get("training", args[2] if len(args) > 2 else True)
-            if training:
+            if dropout_in_training(func, args, kwargs):
                 raise self._unsupported("dropout in training mode (call model.eval() first)")
             return self._track_outputs(func(*args, **kwargs))
         if func is F.pad:
@@ -409,7 +404,7 @@ class OpTracer(TorchFunctionMode):
                 return out  # sizes, comparisons, indices ...
             if self.rule.unknown == "gradient":
                 return self._track_outputs(out)
-            raise self._unsupported(f"the operation '{_func_name(func)}'")
+            raise self._unsupported(f"the operation '{func_name(func)}'")
         return self._record(kind, func, args, kwargs)
 
     def _kind(self, func, args, kwargs) -> str | None:
@@ -485,7 +480,7 @@ class OpTracer(TorchFunctionMode):
             with torch.no_grad():
                 value = func(*args, **kwargs)
             if not isinstance(value, Tensor):
-                raise self._unsupported(f"'{_func_name(func)}' returning several tensors")
+                raise self._unsupported(f"'{func_name(func)}' returning several tensors")
             if kind == "scale":
                 out = _Relevance.apply(_OpNode(call, self.rule, value), inputs[0])
             else:
@@ -533,32 +528,20 @@ class OpTrace:
         self.calls = []
 
     def forward(self) -> Tensor:
-        stack: list[str] = []
-        names = {m: n for n, m in self.model.named_modules()}
+        stack: list[tuple[str, nn.Module]] = []
 
         def where() -> str:
-            return stack[-1] if stack else "<model>"
+            if not stack:
+                return "<model>"
+            name, module = stack[-1]
+            return name or type(module).__name__
 
         tracer = OpTracer(self.x, self.rule, where)
-        handles = []
-
-        def pre_hook(module, args):
-            stack.append(names.get(module, "?") or type(module).__name__)
-
-        def post_hook(module, args, output):
-            if stack:
-                stack.pop()
-
-        for module in names:
-            handles.append(module.register_forward_pre_hook(pre_hook))
-            handles.append(module.register_forward_hook(post_hook))
-        try:
+        with module_names(self.model) as names:
+            stack = names
             with tracer:
                 out = self.model(self.x)
-        finally:
-            for h in handles:
-                h.remove()
-        out = tracer._resolve(_check_output(out))
+        out = tracer.resolve(check_output(out))
         self.calls = tracer.calls
         if not tracer.is_traced(out):
             raise InvalidInputError(

@@ -139,7 +139,7 @@ class ChainRuleMethod(Method):
         return self._with_layout(x, run)
 
 
-def _baseline(baseline: Tensor | float | None, x: Tensor) -> Tensor:
+def baseline_tensor(baseline: Tensor | float | None, x: Tensor) -> Tensor:
     if baseline is None:
         return torch.zeros_like(x)
     if isinstance(baseline, int | float):
@@ -221,7 +221,7 @@ class DeepLiftRescale(ChainRuleMethod):
 
     def attribute(self, inputs: Tensor, target: Target = None) -> Tensor:
         def one(x: Tensor, t: Target) -> Tensor:
-            base = _baseline(self.baseline, x)
+            base = baseline_tensor(self.baseline, x)
             if base.shape[0] != x.shape[0]:
                 base = base.expand_as(x)
             n = x.shape[0]
@@ -331,7 +331,7 @@ class IntegratedGradients(_SampledGradients):
     def attribute(self, inputs: Tensor, target: Target = None) -> Tensor:
         def one(x: Tensor, t: Target) -> Tensor:
             n = x.shape[0]
-            base = _baseline(self.baseline, x)
+            base = baseline_tensor(self.baseline, x)
             alphas = self.alphas.to(x.device, x.dtype).view(-1, 1, *([1] * (x.dim() - 1)))
             points = (base.unsqueeze(0) + alphas * (x - base).unsqueeze(0)).reshape(
                 -1, *x.shape[1:])

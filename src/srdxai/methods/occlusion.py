@@ -19,7 +19,7 @@ from ..engine.core import Target, is_callable_target, is_differentiable, target_
 from ..engine.memory import budget_chunk, run_in_chunks
 from ..errors import InvalidInputError
 from .base import Method, register
-from .chain_rule import _baseline
+from .chain_rule import baseline_tensor
 
 Tensor = torch.Tensor
 
@@ -71,7 +71,7 @@ class Occlusion(Method):
         spatial = tuple(x.shape[2:])
         if any(w > s for w, s in zip(window, spatial, strict=True)):
             raise InvalidInputError(f"window {window} is larger than the input {spatial}.")
-        base = _baseline(self.baseline, x)
+        base = baseline_tensor(self.baseline, x)
         # Window corners every ``stride``; a last, border-clipped window is added where the
         # stride does not land exactly on the end, so every pixel is covered (as Captum).
         grid = [range(0, st * (-(-(s - w) // st)) + 1, st)

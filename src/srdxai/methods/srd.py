@@ -161,7 +161,7 @@ class SRDRule(Rule):
             return
         for src, steps, value, valid in self._paths(conv.inputs[0], need_values=True):
             norms = conv.offset_norms(value, scale)  # all offsets at once: (N, K, *out)
-            conv._padded = None
+            conv.release()
             for j, k in enumerate(conv.components(0)):
                 yield src, steps + ((conv, 0, k),) + tail, norms[:, j], conv.component_positions(
                     valid, 0, k)
@@ -179,7 +179,7 @@ class SRDRule(Rule):
         if src is None or not src.is_pfv:
             return False
         norms = conv.offset_norms(self._source_value(src), scale)
-        conv._padded = None
+        conv.release()
         inside = conv.offset_inside(norms.dtype)
         total = norms.sum(1, keepdim=True)
         dead = total == 0
@@ -246,8 +246,8 @@ class SRDRule(Rule):
                                 new_value = new_value * fold
                     yield src, steps + ((op, i, k),), new_value, op.component_positions(
                         valid, i, k)
-                if isinstance(op, ops._WindowOp):
-                    op._padded = None  # drop the cached padded input (memory)
+                if isinstance(op, ops.WindowOp):
+                    op.release()
 
 
 def _may_hold(mask: Tensor) -> bool:
