@@ -61,6 +61,7 @@ ARCHS: list[Arch] = [
     Arch("swin_tiny_patch4_window7_224", "shifted-window transformer", size=32,
          options=_SMALL_SWIN),
     Arch("mobilevit_xxs", "hybrid CNN-transformer", size=32),
+    Arch("levit_128s", "hybrid CNN-transformer (LeViT)", options={"img_size": 64}),
 ]
 
 # Options that keep the many-pass methods fast here (their defaults are tested elsewhere).
@@ -80,13 +81,17 @@ EXPECTED_REFUSALS: dict[str, set[str]] = {
     **{a.name: set(_CNN_REFUSES) for a in ARCHS},
     # SRD: the residual stream has no activation, so the paths into a bias multiply with
     # depth (docs/srd.md); the LRP composites pass relevance through LayerNorm unchanged
-    "convnext_atto": _CNN_REFUSES | {"srd"},
+    "convnext_atto": _CNN_REFUSES | {"srd", "fullgrad"},
     "vit_tiny_patch16_224": _LRP | {"srd", "fullgrad"},
     "deit_tiny_patch16_224": _LRP | {"srd", "fullgrad"},
     "swin_tiny_patch4_window7_224": _LRP | {"srd", "fullgrad", "srd_tokens",
                                             "attention_rollout", "transformer_attribution"},
     "mobilevit_xxs": _LRP | {"srd", "srd_tokens", "attention_rollout", "transformer_attribution",
-                             "deeplift_rescale"},
+                             "deeplift_rescale", "fullgrad"},
+    # the CAMs' "low" is the last activation, an MLP's (N, tokens, dim) output here
+    "levit_128s": _LRP | {"srd", "srd_tokens", "attention_rollout", "transformer_attribution",
+                          "fullgrad", "gradcam", "gradcam_pp", "xgradcam", "layercam",
+                          "scorecam", "ablationcam"},
 }
 
 

@@ -607,3 +607,28 @@ def test_vit_ablationcam_equals_an_independent_hook_ablation():
     expected = F.interpolate(cam[:, None], size=(32, 32), mode="bilinear",
                              align_corners=False)[:, 0]
     torch.testing.assert_close(ours, expected)
+
+
+@pytest.mark.parametrize("token_layer", ["linear", "batchnorm"])
+def test_fullgrad_refuses_biases_it_cannot_place(token_layer):
+    """A dense layer with a bias on (N, T, D) tokens (not decomposed) or a BatchNorm on the
+    flattened (N*T, D) tokens (LeViT): their bias gradients have no place in the image, and
+    FullGrad must not silently leave them out of its sum."""
+
+    class Tokens(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.embed = nn.Conv2d(3, 4, 4, stride=4)
+            self.linear = nn.Linear(4, 4, bias=token_layer == "linear")
+            self.bn = nn.BatchNorm1d(4)
+            self.head = nn.Linear(4, 2)
+
+        def forward(self, x):
+            t = self.embed(x).flatten(2).transpose(1, 2)  # (N, T, D)
+            t = self.linear(t)
+            if token_layer == "batchnorm":
+                t = self.bn(t.flatten(0, 1)).reshape_as(t)
+            return self.head(F.relu(t).mean(1))
+
+    with pytest.raises(InvalidInputError, match="FullGrad needs every bias"):
+        srdxai.explain(Tokens().eval(), torch.randn(2, 3, 8, 8), 0, "fullgrad")

@@ -131,6 +131,24 @@ def _bind(args: tuple, kwargs: dict, names: list[str], defaults: dict[str, Any])
     return bound
 
 
+# Where the bias of a call that may carry one sits: (position, keyword).
+_BIAS_ARGUMENT = {F.linear: (2, "bias"), F.conv1d: (2, "bias"), F.conv2d: (2, "bias"),
+                  F.conv3d: (2, "bias"), F.batch_norm: (4, "bias"), F.layer_norm: (3, "bias"),
+                  F.group_norm: (3, "bias")}
+
+
+def _bias_argument(func: Any, args: tuple, kwargs: dict) -> bool:
+    """The call adds a bias (a tensor argument), or may shift its output (a norm)."""
+    if func in (F.batch_norm, F.layer_norm, F.group_norm):
+        return True  # shifts by -mean * scale even without a bias parameter
+    where = _BIAS_ARGUMENT.get(func)
+    if where is None:
+        return False
+    position, name = where
+    bias = kwargs.get(name, args[position] if len(args) > position else None)
+    return isinstance(bias, Tensor)
+
+
 class Recorder(TorchFunctionMode):
     """Records a forward pass; see the module docstring.
 
@@ -261,6 +279,7 @@ class Recorder(TorchFunctionMode):
             if isinstance(t, Tensor) and t.is_floating_point() and id(t) not in self.nodes:
                 op = ops.OpaqueOp(self.where, error)
                 op.moves_values = bool(getattr(error, "moves_values", False))
+                op.has_bias = _bias_argument(func, args, kwargs)
                 op.inputs = []
                 self.opaque_ops.append(op)
                 if self.on_opaque is not None:

@@ -539,6 +539,8 @@ class OpaqueOp(LinearOp):
         self.error = error
         #: it only moves values (a view, a permute): the plain gradient through it is exact
         self.moves_values = False
+        #: it adds a bias the engine did not record (a dense layer on tokens, a LayerNorm)
+        self.has_bias = False
 
     def components(self, i):
         raise self.error

@@ -691,10 +691,17 @@ class _BiasGradientRule(Rule):
         self.batch = batch
         self.unmapped: list[tuple[int, ...]] = []  # biases on tensors that are not maps
 
+    def on_opaque(self, op: ops.OpaqueOp, out: Tensor) -> None:
+        # a bias inside an operation the engine does not decompose (a dense layer on a
+        # transformer's tokens): its bias gradient cannot be placed, and leaving it out would
+        # silently drop a term of the sum
+        if op.has_bias:
+            self.unmapped.append(tuple(out.shape))
+
     def on_bias_op(self, op: ops.LinearOp, out: Tensor) -> Tensor:
         # a map of another rank, or one whose first dimension is not the batch (windows or
         # patches folded into it, as Swin and MobileViT do), has no place in the image
-        if out.dim() > 2 and (out.dim() != self.input_dim or out.shape[0] != self.batch):
+        if out.shape[0] != self.batch or out.dim() > 2 and out.dim() != self.input_dim:
             self.unmapped.append(tuple(out.shape))
         elif out.dim() > 2 and out.requires_grad:
             out.register_hook(lambda g, op=op: self._collect(op, g))
