@@ -378,43 +378,36 @@ class Trace:
                 seen[node.name] = k + 1
                 node.name = f"{node.name}@{k}"
 
-    @staticmethod
-    def _head(out_node: Node) -> tuple[set[ops.LinearOp], list[Node]]:
-        head: set[ops.LinearOp] = set()
-        sources: list[Node] = []
-        stack = [out_node]
-        seen: set[int] = set()
+    def _walk(self, start: Node, through_activations: bool):
+        """Every node from ``start`` back towards the input, each once: through the
+        producers' inputs, and through activations to their pre-activations if asked (else
+        PFV nodes end the walk)."""
+        stack, seen = [start], set()
         while stack:
             node = stack.pop()
             if id(node) in seen:
                 continue
             seen.add(id(node))
+            yield node
             if node.is_pfv:
-                sources.append(node)
+                if through_activations and node.pre is not None:
+                    pre = self.recorder.node_of(node.pre)
+                    if pre is not None:
+                        stack.append(pre)
                 continue
-            head.add(node.producer)
             stack.extend(n for n in node.producer.inputs if n is not None)
-        return head, sources
+
+    def _head(self, out_node: Node) -> tuple[set[ops.LinearOp], list[Node]]:
+        nodes = list(self._walk(out_node, through_activations=False))
+        return ({n.producer for n in nodes if not n.is_pfv},
+                [n for n in nodes if n.is_pfv])
 
     def opaque_on_paths(self) -> list[ops.OpaqueOp]:
         """The undecomposed operations on some path from the input to the output (through
         activations too), in forward order; an opaque op off every such path gets no
         backward signal and does not matter."""
-        recorder = self.recorder
-        stack, seen, found = [self.output_node], set(), []
-        while stack:
-            node = stack.pop()
-            if id(node) in seen:
-                continue
-            seen.add(id(node))
-            if node.is_pfv:
-                pre = recorder.node_of(node.pre) if node.pre is not None else None
-                if pre is not None:
-                    stack.append(pre)
-                continue
-            if node.producer.kind == "opaque":
-                found.append(node.producer)
-            stack.extend(n for n in node.producer.inputs if n is not None)
+        found = [n.producer for n in self._walk(self.output_node, through_activations=True)
+                 if not n.is_pfv and n.producer.kind == "opaque"]
         return sorted(found, key=lambda op: op.output.index)
 
     # -- layer lookup ---------------------------------------------------------------------------
