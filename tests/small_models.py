@@ -334,3 +334,17 @@ def build_model(name: str, act: str = "relu", seed: int = 0, num_classes: int = 
     randomize_bn(model, seed + 1)
     randomize_biases(model, seed + 2)
     return model.double().eval()
+
+
+# The activation modules the oracles treat as PFV layers.
+ACTIVATION_TYPES = (
+    nn.ReLU,
+    nn.ReLU6,
+    nn.LeakyReLU,
+    nn.ELU,
+    nn.SiLU,
+    nn.GELU,
+    nn.Tanh,
+    nn.Sigmoid,
+    nn.Hardswish,
+)

@@ -713,3 +713,10 @@ def pfv_layer_names(model: nn.Module, x: torch.Tensor) -> dict[str, tuple[int, i
     """PFV layer name -> (C, h, w) of every PFV layer the oracle knows for ``model`` on ``x``."""
     g = _build_graph(model, x)
     return {k: (int(v.shape[1]), int(v.shape[2]), int(v.shape[3])) for k, v in g.layers.items()}
+
+
+# The pieces other oracles in tests/ build on (the conv + BatchNorm entry op of a path, the
+# per-sample targets, the contrastive seed), under public names.
+ConvEntryOp = _ConvOp
+per_sample_targets = _targets
+contrast_seed = _contrast

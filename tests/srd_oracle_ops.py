@@ -53,10 +53,10 @@ import torch.nn.functional as F
 
 try:  # works both when tests/ is a package and when it is only on sys.path
     from . import small_models as sm  # type: ignore[no-redef]
-    from .srd_oracle import _contrast, _ConvOp, _targets  # type: ignore[no-redef]
+    from .srd_oracle import ConvEntryOp, contrast_seed, per_sample_targets  # type: ignore
 except ImportError:  # pragma: no cover - depends on how pytest imports the tests
     import small_models as sm  # type: ignore[no-redef]
-    from srd_oracle import _contrast, _ConvOp, _targets  # type: ignore[no-redef]
+    from srd_oracle import ConvEntryOp, contrast_seed, per_sample_targets  # type: ignore
 
 Pos = tuple[int, int]
 Target = int | Sequence[int] | torch.Tensor
@@ -520,7 +520,7 @@ class _ConvNode(_Node):
 
     def __init__(self, inp: _Node, conv: nn.Conv2d, bn: nn.BatchNorm2d | None):
         self.inputs = [inp]
-        self.op = _ConvOp(conv, bn, _hw(inp.ref))
+        self.op = ConvEntryOp(conv, bn, _hw(inp.ref))
         self.bias = self.op.bias
         ref = conv(inp.ref)
         self.ref = bn(ref) if bn is not None else ref
@@ -1111,17 +1111,6 @@ _BUILDERS: dict[type, Callable[[nn.Module, _Recorder], _Graph]] = {
 }
 
 
-_ACT_TYPES = (
-    nn.ReLU,
-    nn.ReLU6,
-    nn.LeakyReLU,
-    nn.ELU,
-    nn.SiLU,
-    nn.GELU,
-    nn.Tanh,
-    nn.Sigmoid,
-    nn.Hardswish,
-)
 
 
 def _hooked_forward(
@@ -1160,7 +1149,7 @@ def _build_graph(model: nn.Module, x: torch.Tensor) -> _Graph:
     names = [b.out_layer for b in g.blocks]
     ref, hooked = _hooked_forward(m, xd, names)
     assert set(hooked) == set(names), (sorted(hooked), sorted(names))
-    all_acts = [k for k, mod in m.named_modules() if isinstance(mod, _ACT_TYPES)]
+    all_acts = [k for k, mod in m.named_modules() if isinstance(mod, sm.ACTIVATION_TYPES)]
     assert sorted(all_acts) == sorted(names), "an activation module is missing from the graph"
     for b in g.blocks:
         zin, vout = hooked[b.out_layer]
@@ -1328,7 +1317,7 @@ def _propagate(
 
 def _logit_seed(g: _Graph, target: Target) -> torch.Tensor:
     v = g.layers[g.head_layer]
-    t = _targets(target, v.shape[0])
+    t = per_sample_targets(target, v.shape[0])
     if g.head_weight.dim() == 3:  # per-sample head (LayerNorm between GAP and Linear)
         rows = torch.arange(v.shape[0])
         w = g.head_weight[rows, t]
@@ -1362,7 +1351,7 @@ def srd_oracle_ops_relevance(
         raise ValueError("give either target or seeds")
     if seeds is None:
         seed = _logit_seed(g, target)  # type: ignore[arg-type]
-        seeds = {g.head_layer: _contrast(seed) if contrastive else seed}
+        seeds = {g.head_layer: contrast_seed(seed) if contrastive else seed}
     else:
         checked = {}
         for k, s in seeds.items():
@@ -1373,7 +1362,7 @@ def srd_oracle_ops_relevance(
             expected = (t.shape[0], t.shape[2], t.shape[3])
             if tuple(s.shape) != expected:
                 raise ValueError(f"seed shape {tuple(s.shape)} != {expected} of layer {k!r}")
-            checked[k] = _contrast(s) if contrastive else s
+            checked[k] = contrast_seed(s) if contrastive else s
         seeds = checked
     return _propagate(g, seeds, stats)
 

@@ -285,17 +285,6 @@ class _Wrapped(nn.Module):
         return _Rank1.apply(z, self.inner(z))
 
 
-_ACT_TYPES = (
-    nn.ReLU,
-    nn.ReLU6,
-    nn.LeakyReLU,
-    nn.ELU,
-    nn.SiLU,
-    nn.GELU,
-    nn.Tanh,
-    nn.Sigmoid,
-    nn.Hardswish,
-)
 
 
 @pytest.mark.parametrize("act", ["relu", "gelu"])
@@ -318,7 +307,7 @@ def test_bias_free_models_match_rank1_chain_rule(name: str, act: str) -> None:
 
     ref = copy.deepcopy(model)
     for qual, mod in list(ref.named_modules()):
-        if isinstance(mod, _ACT_TYPES):
+        if isinstance(mod, sm.ACTIVATION_TYPES):
             parent_name, _, attr = qual.rpartition(".")
             parent = ref.get_submodule(parent_name) if parent_name else ref
             setattr(parent, attr, _Wrapped(mod))
