@@ -51,6 +51,7 @@ ARCHS: list[Arch] = [
     Arch("mixnet_s", "mixed kernel sizes (channel split + concatenation)"),
     Arch("rexnet_100", "channel-padding residuals (slices), SE"),
     Arch("lcnet_050", "hard-swish, SE"),
+    Arch("ecaresnet26t", "efficient channel attention (expanded gates)"),
     Arch("ese_vovnet19b_dw", "one-shot aggregation, effective SE"),
     Arch("hrnet_w18_small", "multi-resolution branches, upsampling", slow=True),
     Arch("cspresnet50", "cross-stage partial (split + concatenation)", slow=True),

@@ -290,3 +290,30 @@ def test_the_public_activation_hook_replaces_an_activation_output():
     with pytest.raises(srdxai.SrdxaiError, match="on_activation returned shape"):
         with Trace(chain, x, Rule(), on_activation=lambda i, n, v: v[:1]) as trace:
             trace.forward()
+
+
+def test_an_expanded_gate_is_still_a_gate():
+    """ECA (timm's EcaModule): ``x * y.expand_as(x)`` with ``y`` a sigmoid's output viewed
+    to (N, C, 1, 1); the expanded factor has the signal's shape but is still the gate."""
+
+    class Eca(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.c = nn.Conv2d(3, 4, 3, padding=1)
+            self.bn = nn.BatchNorm2d(4)
+            self.k = nn.Conv1d(1, 1, 3, padding=1)
+            self.fc = nn.Linear(4, 2)
+
+        def forward(self, x):
+            h = self.bn(F.relu(self.c(x)))
+            y = self.k(h.mean((2, 3)).view(x.shape[0], 1, -1))
+            y = torch.sigmoid(y).view(x.shape[0], -1, 1, 1)
+            return self.fc(F.relu(h * y.expand_as(h)).mean((2, 3)))
+
+    model = _randomised(Eca())
+    x = torch.randn(2, 3, 8, 8, dtype=torch.float64)
+    for method in ("srd", "lrp_epsilon_plus"):
+        m = srdxai.explain(model, x, 1, method)
+        assert torch.isfinite(m).all() and m.abs().sum() > 0
+    m = srdxai.explain(model, x, 1, "srd")
+    torch.testing.assert_close(m.sum((1, 2)), model(x)[:, 1].detach(), rtol=1e-9, atol=1e-12)

@@ -131,6 +131,20 @@ def _bind(args: tuple, kwargs: dict, names: list[str], defaults: dict[str, Any])
     return bound
 
 
+def _is_gate(node: Node) -> bool:
+    """The node is a sigmoid's (hard-sigmoid's) output, possibly moved: expanded, viewed,
+    reshaped or re-laid (ECA's ``x * y.expand_as(x)``)."""
+    while not node.is_pfv:
+        op = node.producer
+        moved = op.kind in ("reshape", "identity", "layout") or (
+            op.kind == "opaque" and op.moves_values)
+        # the moved tensor is the first argument (``expand_as``'s second only gives a shape)
+        if not moved or not op.inputs or op.inputs[0] is None:
+            return False
+        node = op.inputs[0]
+    return node.activation in GATE_ACTIVATIONS
+
+
 # Where the bias of a call that may carry one sits: (position, keyword).
 _BIAS_ARGUMENT = {F.linear: (2, "bias"), F.conv1d: (2, "bias"), F.conv2d: (2, "bias"),
                   F.conv3d: (2, "bias"), F.batch_norm: (4, "bias"), F.layer_norm: (3, "bias"),
@@ -814,8 +828,7 @@ class Recorder(TorchFunctionMode):
             elif tuple(a.shape) != tuple(out_shape) and tuple(b.shape) == tuple(out_shape):
                 signal, gate = b, a
         else:
-            gate_a = na.activation in GATE_ACTIVATIONS
-            gate_b = nb.activation in GATE_ACTIVATIONS
+            gate_a, gate_b = _is_gate(na), _is_gate(nb)
             if gate_a != gate_b:
                 signal, gate = (b, a) if gate_a else (a, b)
         if gate is None or signal.dim() < 2:

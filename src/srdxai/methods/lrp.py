@@ -545,7 +545,8 @@ class LRPRule(Rule):
             return
 
         def check(grad: Tensor) -> None:
-            if not self.plain:
+            # zeros (a gate's branch, which the rule gives nothing) need no rule
+            if not self.plain and grad is not None and bool(torch.any(grad != 0)):
                 raise UnsupportedOperationError(
                     f"{type(self).__name__.replace('Rule', '')} has no layer rule for an "
                     f"operation in '{op.name}': {op.error} For vision transformers use "
