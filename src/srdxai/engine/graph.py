@@ -251,10 +251,12 @@ class Recorder(TorchFunctionMode):
         if advice:
             msg += " " + advice
         else:
-            msg += (" Supported: conv, linear, eval BatchNorm, max/avg/adaptive-avg pooling,"
-                    " residual '+', zero padding, flatten/view of pooled maps, eval dropout and"
-                    " elementwise activations. Rewrite the model with these, or explain with a"
-                    " gradient method.")
+            msg += (" Supported: conv, linear, eval BatchNorm, LayerNorm/GroupNorm over"
+                    " channels, max/avg/adaptive-avg pooling, upsampling, residual '+',"
+                    " concatenation, slices and splits, sigmoid gates, zero padding,"
+                    " flatten/view of pooled maps, eval dropout and elementwise activations"
+                    " (docs/srd.md). Rewrite the model with these, or explain it with absLRP"
+                    " or a gradient method.")
         error = UnsupportedOperationError(msg)
         error.moves_values = moves_values  # type: ignore[attr-defined]
         return error
