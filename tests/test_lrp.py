@@ -434,3 +434,15 @@ def test_zbox_default_bounds_need_three_channels():
                          low=-2.0, high=2.0)
     assert rel.shape == (1, 8, 8)
     assert lrp.LRPEpsilonGammaBox.default_first_layer == "zbox"
+
+
+def test_zbox_bounds_must_be_ordered():
+    model = sm.build_model("PlainNet", "relu", seed=1)
+    x = torch.rand(1, 3, 8, 8, dtype=torch.float64)
+    with pytest.raises(srdxai.SrdxaiError, match="low <= high"):
+        srdxai.explain(model, x, 0, "lrp_epsilon_gamma_box", low=1.0, high=-1.0)
+    with pytest.raises(srdxai.SrdxaiError, match="low <= high"):
+        srdxai.explain(model, x, 0, "lrp_epsilon_gamma_box", low=torch.tensor([0.0, 2.0, 0.0]),
+                       high=torch.tensor([1.0, 1.0, 1.0]))
+    assert torch.isfinite(srdxai.explain(model, x, 0, "lrp_epsilon_gamma_box", low=-1.0,
+                                         high=1.0)).all()

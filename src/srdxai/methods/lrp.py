@@ -599,6 +599,17 @@ class LRPComposite(Method):
                 f"alpha and beta must be >= 0 with alpha - beta = 1, got {alpha}, {beta}.")
         if (low is None) != (high is None):
             raise InvalidInputError("give both low and high for the ZBox rule, or neither.")
+        if low is not None:
+            try:
+                inverted = bool(torch.any(torch.as_tensor(low) > torch.as_tensor(high)))
+            except (TypeError, ValueError, RuntimeError) as error:
+                raise InvalidInputError(
+                    f"low and high must be numbers or tensors that broadcast together: "
+                    f"{error}") from None
+            if inverted:
+                raise InvalidInputError(
+                    "the ZBox bounds need low <= high (the input range, e.g. the normalised "
+                    f"pixel range); got low={low!r}, high={high!r}.")
         self.channel_reduce = reduce
         self.first_layer = first_layer
         self.epsilon, self.stabilizer = epsilon, stabilizer
