@@ -192,3 +192,17 @@ def test_gradcam_matches_captum_layer_gradcam():
     ours = srdxai.explain(model, x, TARGETS, "gradcam", layer="act3")
     close(ours, theirs)
     assert (ours >= 0).all()
+
+
+@pytest.mark.parametrize("options, message", [
+    ({"method": "integrated_gradients", "steps": 2.5}, "steps must be an int"),
+    ({"method": "smoothgrad", "noise_level": float("nan")}, "noise_level must be a finite"),
+    ({"method": "smoothgrad", "stdev": -1.0}, "stdev must be a finite number >= 0"),
+    ({"method": "smoothgrad", "samples": 2.0}, "samples must be an int"),
+    ({"method": ["srd"]}, "method must be a method's name"),
+])
+def test_options_that_make_no_sense_are_clear_errors(options, message):
+    model = nn.Sequential(nn.Conv2d(3, 4, 3), nn.ReLU(), nn.AdaptiveAvgPool2d(1), nn.Flatten(),
+                          nn.Linear(4, 2)).eval()
+    with pytest.raises(srdxai.SrdxaiError, match=message):
+        srdxai.explain(model, torch.randn(1, 3, 8, 8), 0, **options)

@@ -43,6 +43,10 @@ def register(name: str) -> Callable[[type[Method]], type[Method]]:
 
 
 def get_method(name: str) -> type[Method]:
+    if not isinstance(name, str):
+        raise UnknownMethodError(
+            f"method must be a method's name (a str), got {name!r}; available: "
+            f"{', '.join(sorted(METHODS))}.")
     try:
         return METHODS[name]
     except KeyError:

@@ -25,6 +25,8 @@ default is the maximum of ``|gradient|`` over channels (Simonyan et al.).
 
 from __future__ import annotations
 
+import math
+import numbers
 import zlib
 from collections.abc import Callable
 
@@ -251,8 +253,8 @@ def _double_target(target: Target) -> Target:
 def riemann_alphas(steps: int, method: str) -> tuple[Tensor, Tensor]:
     """Points ``alpha_k`` in [0, 1] and weights ``w_k`` approximating the integral over
     [0, 1]: Riemann (left, right, middle, trapezoid) or Gauss-Legendre (Captum's default)."""
-    if steps < 1:
-        raise InvalidInputError(f"steps must be >= 1, got {steps}.")
+    if not isinstance(steps, numbers.Integral) or isinstance(steps, bool) or steps < 1:
+        raise InvalidInputError(f"steps must be an int >= 1, got {steps!r}.")
     if method == "gausslegendre":
         nodes, weights = np.polynomial.legendre.leggauss(steps)
         return torch.from_numpy(0.5 * (nodes + 1)), torch.from_numpy(0.5 * weights)
@@ -355,8 +357,13 @@ class SmoothGrad(_SampledGradients):
                  stdev: float | None = None, seed: int | None = 0,
                  noise: Tensor | None = None, multiply_by_input: bool = False, **kw):
         super().__init__(model, **kw)
-        if samples < 1:
-            raise InvalidInputError(f"samples must be >= 1, got {samples}.")
+        if not isinstance(samples, numbers.Integral) or isinstance(samples, bool) or samples < 1:
+            raise InvalidInputError(f"samples must be an int >= 1, got {samples!r}.")
+        for name, value in (("noise_level", noise_level), ("stdev", stdev)):
+            if value is not None and not (isinstance(value, numbers.Real)
+                                          and math.isfinite(value) and value >= 0):
+                raise InvalidInputError(
+                    f"{name} must be a finite number >= 0, got {value!r}.")
         self.samples, self.noise_level, self.stdev = samples, noise_level, stdev
         self.seed, self.noise, self.multiply_by_input = seed, noise, multiply_by_input
 
