@@ -8,7 +8,6 @@ resolves targets, and undoes every change to the user's model.
 from __future__ import annotations
 
 import contextlib
-import contextvars
 from collections.abc import Callable, Iterator, Sequence
 from typing import Any
 
@@ -19,6 +18,9 @@ from ..errors import InvalidInputError, InvalidTargetError, UnsupportedOperation
 from . import ops
 from .catalogue import check_output, module_names
 from .gradmode import building_graph
+from .gradmode import differentiable as differentiable  # re-exported: the engine's API
+from .gradmode import is_differentiable as is_differentiable
+from .gradmode import keep_graph as keep_graph
 from .graph import Node, Recorder
 
 Tensor = torch.Tensor
@@ -59,42 +61,6 @@ def model_guard(model: nn.Module) -> Iterator[nn.Module]:
                     current.update(content)
         for p, flag in requires:
             p.requires_grad_(flag)
-
-
-# --- differentiable maps ---------------------------------------------------------------------
-
-_DIFFERENTIABLE: contextvars.ContextVar[bool] = contextvars.ContextVar(
-    "srdxai_differentiable", default=False)
-
-
-@contextlib.contextmanager
-def differentiable(enabled: bool = True) -> Iterator[None]:
-    """Inside this context every method returns a map that is differentiable with respect to
-    its input (``map.grad_fn`` leads back to ``inputs``), as the explanation-manipulation
-    attack needs.
-
-    The map is computed as usual (its backward pass runs with ``create_graph=True``), then
-    every rule the method installed switches to the plain gradient (:meth:`Rule.to_gradient`),
-    so that differentiating the map sees the model's true Jacobians: a rule replaces the
-    backward of the forward graph's nodes, and the second differentiation runs through those
-    same nodes. The map keeps the forward graph and the graph of its own backward pass
-    alive until it is freed, where an ordinary call frees both.
-    """
-    token = _DIFFERENTIABLE.set(bool(enabled))
-    try:
-        yield
-    finally:
-        _DIFFERENTIABLE.reset(token)
-
-
-def is_differentiable() -> bool:
-    """True inside :func:`differentiable` (read it in forward code, not in a backward hook)."""
-    return _DIFFERENTIABLE.get()
-
-
-def keep_graph(t: Tensor) -> Tensor:
-    """``t`` itself inside :func:`differentiable`, else ``t.detach()``."""
-    return t if _DIFFERENTIABLE.get() else t.detach()
 
 
 # --- rules -----------------------------------------------------------------------------------

@@ -38,6 +38,7 @@ from .catalogue import (
     func_name,
     resolve_alias,
 )
+from .gradmode import is_differentiable
 
 Tensor = torch.Tensor
 
@@ -275,6 +276,9 @@ class Recorder(TorchFunctionMode):
         if not tracked or func in CONSTANT_FUNCS:
             return func(*args, **kwargs)
         try:
+            perms = {self.nodes[id(t)].perm for t in tracked}
+            if perms != {None} and func not in PERMUTE_FUNCS:
+                return self._in_canonical_layout(func, args, kwargs, perms)
             return self._dispatch(func, args, kwargs)
         except UnsupportedOperationError as error:
             if self.strict:
@@ -305,12 +309,9 @@ class Recorder(TorchFunctionMode):
         return out
 
     def _dispatch(self, func, args, kwargs):
-        perms = {n.perm for n in (self.node_of(t) for t in tree_flatten((args, kwargs))[0])
-                 if n is not None}
+        """A call on canonical-layout tensors (``__torch_function__`` re-lays the others)."""
         if func in PERMUTE_FUNCS:
             return self._permute(func, args, kwargs)
-        if perms != {None}:
-            return self._in_canonical_layout(func, args, kwargs, perms)
         if func in NORM_FUNCS:
             return self._norm(func, args, kwargs)
         if func in INPLACE_ACTIVATIONS:
@@ -841,8 +842,6 @@ class Recorder(TorchFunctionMode):
                 "attention) or, with equal shapes, the direct output of a sigmoid or "
                 "hard-sigmoid; its value is then a constant weight (docs/srd.md). Attention "
                 "products are not decomposed by this engine.")
-        from .core import is_differentiable  # core imports this module
-
         out = self.gate_apply(signal, gate)
         # inside ``differentiable`` the bias shares must depend on the gate's value too
         op = ops.PointwiseScale(self.where, gate if is_differentiable() else gate.detach())
@@ -995,8 +994,6 @@ class Recorder(TorchFunctionMode):
                 "depend on the input)",
                 "For vision transformers use method='srd_tokens', 'abslrp' or 'attnlrp'; for "
                 "other models a gradient method.")
-        from .core import is_differentiable  # core imports this module
-
         with torch._C.DisableTorchFunction():
             source = x if is_differentiable() else x.detach()
             mean, var = statistics(source)

@@ -44,8 +44,7 @@ from .catalogue import (
     resolve_alias,
 )
 from .catalogue import CONSTANT as _VALUE_FREE
-from .core import is_differentiable
-from .gradmode import building_graph
+from .gradmode import building_graph, is_differentiable
 
 Tensor = torch.Tensor
 
