@@ -16,7 +16,6 @@ import torch
 
 import srdxai
 from srdxai.errors import InvalidInputError, UnsupportedOperationError
-from srdxai.methods import METHODS
 
 try:
     from ._compat import import_torchvision  # type: ignore[no-redef]
@@ -74,25 +73,24 @@ FAST_OPTIONS = {
 
 # Methods that explain Vision Transformers only, and refuse everything else.
 _VIT_ONLY = {"attention_rollout", "transformer_attribution", "srd_tokens"}
-_LRP = {m for m in METHODS if m.startswith("lrp_")}
 _CNN_REFUSES = _VIT_ONLY
 # What each architecture refuses today (a clear srdxai error); every other method must give a
 # finite map. Shrinking these sets is the work of the one-engine issue.
 EXPECTED_REFUSALS: dict[str, set[str]] = {
     **{a.name: set(_CNN_REFUSES) for a in ARCHS},
     # SRD: the residual stream has no activation, so the paths into a bias multiply with
-    # depth (docs/srd.md); the LRP composites pass relevance through LayerNorm unchanged
+    # depth (docs/srd.md)
     "convnext_atto": _CNN_REFUSES | {"srd", "fullgrad"},
-    "vit_tiny_patch16_224": _LRP | {"srd", "fullgrad"},
-    "deit_tiny_patch16_224": _LRP | {"srd", "fullgrad"},
-    "swin_tiny_patch4_window7_224": _LRP | {"srd", "fullgrad", "srd_tokens",
-                                            "attention_rollout", "transformer_attribution"},
-    "mobilevit_xxs": _LRP | {"srd", "srd_tokens", "attention_rollout", "transformer_attribution",
-                             "deeplift_rescale", "fullgrad"},
+    "vit_tiny_patch16_224": {"srd", "fullgrad"},
+    "deit_tiny_patch16_224": {"srd", "fullgrad"},
+    "swin_tiny_patch4_window7_224": {"srd", "fullgrad", "srd_tokens", "attention_rollout",
+                                     "transformer_attribution"},
+    "mobilevit_xxs": {"srd", "srd_tokens", "attention_rollout", "transformer_attribution",
+                      "deeplift_rescale", "fullgrad"},
     # the CAMs' "low" is the last activation, an MLP's (N, tokens, dim) output here
-    "levit_128s": _LRP | {"srd", "srd_tokens", "attention_rollout", "transformer_attribution",
-                          "fullgrad", "gradcam", "gradcam_pp", "xgradcam", "layercam",
-                          "scorecam", "ablationcam"},
+    "levit_128s": {"srd", "srd_tokens", "attention_rollout", "transformer_attribution",
+                   "fullgrad", "gradcam", "gradcam_pp", "xgradcam", "layercam", "scorecam",
+                   "ablationcam"},
 }
 
 

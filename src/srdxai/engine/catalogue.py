@@ -1,7 +1,8 @@
-"""The one catalogue of torch calls both tracers sort calls by (``graph.py``'s PFV recorder
-and ``optrace.py``'s operation tracer): which calls are elementwise activations, which only
-move values, which read a tensor without depending on its values; plus the pieces of tracing
-both need (in-place aliasing, names of calls for error messages, the module-name stack, the
+"""The one catalogue of torch calls the tracing core (``tracer.py``) and its two views
+(``graph.py``'s PFV decomposition, ``optrace.py``'s operation records) sort calls by: which
+calls are elementwise activations, which run in place and what their out-of-place form is,
+which only move values, which read a tensor without depending on its values; plus the
+pieces of tracing they need (names of calls for error messages, the module-name stack, the
 dropout and output checks).
 """
 
@@ -51,6 +52,7 @@ ACTIVATIONS: dict[Any, str] = {
     Tensor.clamp: "clamp",
     torch.clip: "clamp",
     Tensor.clip: "clamp",
+    hardtanh_out_of_place: "hardtanh",  # what ``F.hardtanh_`` runs as
 }
 INPLACE_ACTIVATIONS: dict[Any, Any] = {
     torch.relu_: torch.relu,
@@ -63,7 +65,51 @@ INPLACE_ACTIVATIONS: dict[Any, Any] = {
     F.leaky_relu_: F.leaky_relu,
     F.elu_: F.elu,
     F.hardtanh_: hardtanh_out_of_place,
+    Tensor.clamp_: torch.clamp,
+    torch.clamp_: torch.clamp,
+    Tensor.clip_: torch.clamp,
+    torch.clip_: torch.clamp,
 }
+
+# In-place arithmetic and its out-of-place form (the tracer runs the latter and makes the old
+# tensor an alias of the result).
+INPLACE_ARITHMETIC: dict[Any, Any] = {
+    Tensor.add_: Tensor.add, Tensor.__iadd__: Tensor.add,
+    Tensor.sub_: Tensor.sub, Tensor.__isub__: Tensor.sub,
+    Tensor.mul_: Tensor.mul, Tensor.__imul__: Tensor.mul,
+    Tensor.div_: Tensor.div, Tensor.__itruediv__: Tensor.div,
+}
+
+
+AUGMENTED_ASSIGNMENTS = {"__iadd__", "__isub__", "__imul__", "__itruediv__", "__ifloordiv__",
+                         "__imod__", "__ipow__", "__imatmul__", "__iand__", "__ior__",
+                         "__ixor__", "__ilshift__", "__irshift__"}
+
+
+def out_of_place(func: Any, kwargs: dict) -> tuple[Any, dict] | None:
+    """``(function, kwargs)`` that computes what the in-place call ``func`` writes, or None
+    when ``func`` is not one of the in-place calls the tracers run out of place."""
+    if func in INPLACE_ARITHMETIC:
+        return INPLACE_ARITHMETIC[func], kwargs
+    if func in INPLACE_ACTIVATIONS:
+        return INPLACE_ACTIVATIONS[func], kwargs
+    if func in ACTIVATIONS and kwargs.get("inplace"):
+        return func, {**kwargs, "inplace": False}
+    return None
+
+
+def writes_in_place(func: Any) -> bool:
+    """An in-place call with no out-of-place form in the catalogue (``x[i] = v``,
+    ``masked_fill_``, ``copy_``, ``**=``): its write would not be recorded."""
+    if func in MOVING or func in CONSTANT:
+        return False  # ``requires_grad_`` changes no value
+    name = getattr(func, "__name__", "") or ""
+    if name == "__setitem__":
+        return True
+    if name in AUGMENTED_ASSIGNMENTS:
+        return True  # __ipow__, __iand__, ... (``+=`` and friends are in the catalogue)
+    return name.endswith("_") and not name.startswith("_")
+
 
 # Calls that only move values (their plain gradient moves the backward signal the same way).
 MOVING = {
@@ -84,6 +130,9 @@ MOVING = {
 CONSTANT = {torch.zeros_like, torch.ones_like, torch.empty_like, torch.full_like,
             torch.rand_like, torch.randn_like, Tensor.new_zeros, Tensor.new_ones,
             Tensor.new_empty, Tensor.new_full, Tensor.new_tensor}
+# What the tracer never tracks: value-free calls, and ``detach`` (the model itself declares the
+# result a constant: no backward signal, hence no relevance, flows through it).
+UNTRACKED = CONSTANT | {Tensor.detach, torch.detach}
 DROPOUT = {F.dropout, F.dropout1d, F.dropout2d, F.dropout3d, F.alpha_dropout,
            F.feature_alpha_dropout}
 SOFTMAX = {F.softmax, torch.softmax, Tensor.softmax, F.log_softmax, torch.log_softmax,

@@ -14,9 +14,9 @@ from typing import Any
 import torch
 from torch import nn
 
-from ..errors import InvalidInputError, InvalidTargetError, UnsupportedOperationError
+from ..errors import InvalidInputError, InvalidTargetError
 from . import ops
-from .catalogue import check_output, module_names
+from .catalogue import check_output
 from .gradmode import building_graph
 from .gradmode import differentiable as differentiable  # re-exported: the engine's API
 from .gradmode import is_differentiable as is_differentiable
@@ -253,8 +253,7 @@ class Trace:
                 node.tensor = node.pre = None
                 node.producer = None
                 node.consumers = []
-            recorder.nodes.clear()
-            recorder.aliases.clear()
+            recorder.forget_all()
             recorder.order.clear()
         self.module_outputs.clear()
         self.output = None
@@ -305,22 +304,14 @@ class Trace:
                     if any(True for _ in module.children()):
                         self.block_outputs.add(node.index)
 
-        with module_names(self.model, on_output) as stack:
-            recorder.module_stack = stack
-            with recorder:
-                out = self.model(self.x)
+        out = recorder.run(self.model, self.x, on_output)
         pfv = [n for n in recorder.order if n.is_pfv]
         # Activation outputs were created before their node existed: connect the slots.
         for slot, node in zip(slots, pfv[1:], strict=True):
             slot.node = node
         self._name_layers(pfv)
         self.pfv_layers = pfv
-        out = recorder.resolve(check_output(out))
         out_node = recorder.node_of(out)
-        if out_node is None:
-            raise UnsupportedOperationError(
-                "the model output does not depend on the input through operations the engine "
-                "recorded (was the input detached or converted to numpy inside the model?).")
         self.output = out
         self.output_node = out_node
         self.head_ops, self.head_sources = self._head(out_node)

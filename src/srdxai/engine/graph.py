@@ -1,7 +1,8 @@
 """Recording a model's forward pass as a graph of PFV layers and linear operations.
 
-The :class:`Recorder` is a ``TorchFunctionMode``: while it is active every torch call is seen
-here. Calls that depend on the explained input are sorted into three kinds:
+The :class:`Recorder` is the PFV view of the tracing core (``tracer.py``: tracking, in-place
+calls, module names and checks live there). Calls that depend on the explained input are
+sorted into three kinds:
 
 * elementwise activations: replaced by a rule-specific autograd function (the method's rule);
   their outputs are the PFV layers;
@@ -9,36 +10,32 @@ here. Calls that depend on the explained input are sorted into three kinds:
   and recorded with their component structure (:mod:`srdxai.engine.ops`);
 * anything else: a clear :class:`UnsupportedOperationError` naming the call and the module.
 
-In-place calls (``relu_``, ``inplace=True``, ``+=``) are run out of place; the old tensor is then
-an alias of the result, so code that ignores the return value still sees the right value.
+In-place calls (``relu_``, ``inplace=True``, ``+=``) reach the view out of place (the core
+makes the old tensor an alias of the result).
 """
 
 from __future__ import annotations
 
 import math
-import weakref
 from collections.abc import Callable, Sequence
 from typing import Any
 
 import torch
 import torch.nn.functional as F
-from torch.overrides import TorchFunctionMode
-from torch.utils._pytree import tree_flatten, tree_map
+from torch.utils._pytree import tree_flatten
 
 from ..errors import UnsupportedOperationError
 from . import ops
 from .catalogue import (
     ACTIVATIONS,
-    CONSTANT,
     DROPOUT,
-    INPLACE_ACTIVATIONS,
     MOVING,
     SOFTMAX,
     dropout_in_training,
     func_name,
-    resolve_alias,
 )
 from .gradmode import is_differentiable
+from .tracer import Tracer
 
 Tensor = torch.Tensor
 
@@ -47,13 +44,12 @@ class Node:
     """A recorded tensor that depends on the explained input."""
 
     __slots__ = ("tensor", "shape", "producer", "is_pfv", "name", "consumers", "pre",
-                 "activation", "index", "ref", "perm", "__weakref__")
+                 "activation", "index", "perm", "__weakref__")
 
     def __init__(self, tensor: Tensor | None, producer: ops.LinearOp | None, index: int,
                  shape: tuple[int, ...]):
         self.tensor = tensor  # kept for PFV layers when the rule needs their values
         self.shape = shape
-        self.ref: weakref.ref | None = None
         self.producer = producer
         self.is_pfv = producer is None
         self.name = ""
@@ -75,13 +71,9 @@ class Node:
 
 
 ADD_FUNCS = {torch.add, Tensor.add, Tensor.__add__, Tensor.__radd__}
-INPLACE_ADD = {Tensor.add_, Tensor.__iadd__}
 SUB_FUNCS = {torch.sub, Tensor.sub, Tensor.__sub__, Tensor.__rsub__}
-INPLACE_SUB = {Tensor.sub_, Tensor.__isub__}
 MUL_FUNCS = {torch.mul, Tensor.mul, Tensor.__mul__, Tensor.__rmul__}
-INPLACE_MUL = {Tensor.mul_, Tensor.__imul__}
 DIV_FUNCS = {torch.div, Tensor.div, Tensor.__truediv__}
-INPLACE_DIV = {Tensor.div_, Tensor.__itruediv__}
 CONV_FUNCS = {F.conv1d: 1, F.conv2d: 2, F.conv3d: 3}
 MAXPOOL_FUNCS = {F.max_pool1d: 1, F.max_pool2d: 2, F.max_pool1d_with_indices: 1,
                  F.max_pool2d_with_indices: 2}
@@ -121,7 +113,6 @@ def channels_last_perm(ndim: int) -> tuple[int, ...]:
 
 # Products whose factor produced directly by one of these activations is a gate (docs/srd.md).
 GATE_ACTIVATIONS = {"sigmoid", "hardsigmoid"}
-CONSTANT_FUNCS = CONSTANT
 
 
 def _bind(args: tuple, kwargs: dict, names: list[str], defaults: dict[str, Any]) -> dict:
@@ -164,8 +155,8 @@ def _bias_argument(func: Any, args: tuple, kwargs: dict) -> bool:
     return isinstance(bias, Tensor)
 
 
-class Recorder(TorchFunctionMode):
-    """Records a forward pass; see the module docstring.
+class Recorder(Tracer):
+    """The PFV view of the tracing core; see the module docstring.
 
     ``make_activation(z, func, fn_kwargs, node_factory)`` is supplied by the engine: it returns
     the activation output computed with the method's autograd rule.
@@ -184,6 +175,7 @@ class Recorder(TorchFunctionMode):
         norm_apply: Callable[[Tensor, Tensor, Callable[[Tensor], Tensor]], Tensor] | None = None,
     ):
         super().__init__()
+        self.verb = "decompose"
         # ``norm_apply(x, scale, fn)``: ``fn(x)`` (a LayerNorm / GroupNorm) whose backward, for
         # the rule, is ``grad * scale`` (statistics constant); None: norms are not decomposed
         self.norm_apply = norm_apply
@@ -196,13 +188,7 @@ class Recorder(TorchFunctionMode):
         self.on_opaque = on_opaque
         self.strict = strict
         self.opaque_ops: list[ops.LinearOp] = []
-        self.nodes: dict[int, Node] = {}
         self.order: list[Node] = []
-        # id(old tensor) -> (old tensor, its replacement); the old one is held so its id
-        # cannot be reused by an unrelated tensor.
-        self.aliases: dict[int, tuple[Tensor, Tensor]] = {}
-        self.module_stack: list[tuple[str, torch.nn.Module]] = []
-        self.module_outputs: dict[str, list[Tensor]] = {}
         self.activation_apply = activation_apply
         self.on_bias_op = on_bias_op
         self.input_node = self._add_node(input_tensor, None, keep=True)
@@ -214,15 +200,7 @@ class Recorder(TorchFunctionMode):
         """Register ``tensor``. Only PFV values the rule needs are held; every other tensor is
         tracked through a weak reference, so the trace costs no memory beyond autograd's."""
         node = Node(tensor if keep else None, producer, len(self.order), tuple(tensor.shape))
-        key = id(tensor)
-
-        def forget(_ref: weakref.ref, key: int = key, node: Node = node) -> None:
-            if self.nodes.get(key) is node:
-                del self.nodes[key]
-
-        if not keep:
-            node.ref = weakref.ref(tensor, forget)
-        self.nodes[key] = node
+        self.track(tensor, node)
         self.order.append(node)
         if producer is not None:
             producer.output = node
@@ -232,56 +210,33 @@ class Recorder(TorchFunctionMode):
         return node
 
     def node_of(self, obj: Any) -> Node | None:
-        if isinstance(obj, Tensor):
-            return self.nodes.get(id(obj))
-        return None
+        return self.entry_of(obj)
 
-    @property
-    def where(self) -> str:
-        if not self.module_stack:
-            return "<outside any module>"
-        name, module = self.module_stack[-1]
-        return name or f"{type(module).__name__} (the model's own forward)"
+    def input_entry(self, x: Tensor) -> Node:
+        return self.input_node
 
-    def _unsupported(self, what: str, advice: str = "",
-                     moves_values: bool = False) -> UnsupportedOperationError:
+    def unsupported(self, what: str, advice: str = "", fatal: bool = False,
+                    moves_values: bool = False) -> UnsupportedOperationError:
         """The error for an operation the engine cannot decompose. ``moves_values``: the
         operation only moves values (a view, a permute), so a plain gradient through it is
         still exact for rules that do not need its decomposition."""
-        msg = f"The engine cannot decompose {what} (in module '{self.where}')."
-        if advice:
-            msg += " " + advice
-        else:
-            msg += (" Supported: conv, linear, eval BatchNorm, LayerNorm/GroupNorm over"
+        return super().unsupported(what, advice or (
+                    "Supported: conv, linear, eval BatchNorm, LayerNorm/GroupNorm over"
                     " channels, max/avg/adaptive-avg pooling, upsampling, residual '+',"
                     " concatenation, slices and splits, sigmoid gates, zero padding,"
                     " flatten/view of pooled maps, eval dropout and elementwise activations"
                     " (docs/srd.md). Rewrite the model with these, or explain it with absLRP"
-                    " or a gradient method.")
-        error = UnsupportedOperationError(msg)
-        error.moves_values = moves_values  # type: ignore[attr-defined]
-        return error
+                    " or a gradient method."), fatal, moves_values)
 
-    def resolve(self, obj: Any) -> Any:
-        """What ``obj`` became through in-place calls that ran out of place."""
-        return resolve_alias(self.aliases, obj)
-
-    # -- the mode ----------------------------------------------------------------------------
-    def __torch_function__(self, func, types, args=(), kwargs=None):
-        kwargs = kwargs or {}
-        args = tree_map(self.resolve, args)
-        kwargs = tree_map(self.resolve, kwargs)
-        flat, _ = tree_flatten((args, kwargs))
-        tracked = [t for t in flat if isinstance(t, Tensor) and id(t) in self.nodes]
-        if not tracked or func in CONSTANT_FUNCS:
-            return func(*args, **kwargs)
+    # -- the view ----------------------------------------------------------------------------
+    def handle(self, func, args, kwargs, tracked):
         try:
-            perms = {self.nodes[id(t)].perm for t in tracked}
+            perms = {self.node_of(t).perm for t in tracked}
             if perms != {None} and func not in PERMUTE_FUNCS:
                 return self._in_canonical_layout(func, args, kwargs, perms)
             return self._dispatch(func, args, kwargs)
         except UnsupportedOperationError as error:
-            if self.strict:
+            if self.strict or getattr(error, "fatal", False):
                 raise
             return self._opaque(func, args, kwargs, error)
 
@@ -294,9 +249,9 @@ class Recorder(TorchFunctionMode):
         """
         out = func(*args, **kwargs)
         flat_in, _ = tree_flatten((args, kwargs))
-        inputs = [t for t in flat_in if isinstance(t, Tensor) and id(t) in self.nodes]
+        inputs = [t for t in flat_in if self.is_tracked(t)]
         for t in tree_flatten(out)[0]:
-            if isinstance(t, Tensor) and t.is_floating_point() and id(t) not in self.nodes:
+            if isinstance(t, Tensor) and t.is_floating_point() and not self.is_tracked(t):
                 op = ops.OpaqueOp(self.where, error)
                 op.moves_values = bool(getattr(error, "moves_values", False))
                 op.has_bias = _bias_argument(func, args, kwargs)
@@ -314,27 +269,12 @@ class Recorder(TorchFunctionMode):
             return self._permute(func, args, kwargs)
         if func in NORM_FUNCS:
             return self._norm(func, args, kwargs)
-        if func in INPLACE_ACTIVATIONS:
-            out = self._activation(INPLACE_ACTIVATIONS[func], args, kwargs, "inplace")
-            self.aliases[id(args[0])] = (args[0], out)
-            return out
         if func in ACTIVATIONS:
-            inplace = bool(kwargs.get("inplace", False))
-            out = self._activation(func, args, kwargs, ACTIVATIONS[func])
-            if inplace:
-                self.aliases[id(args[0])] = (args[0], out)
-            return out
-        for funcs, inplace_funcs, handler in (
-            (ADD_FUNCS, INPLACE_ADD, self._add),
-            (SUB_FUNCS, INPLACE_SUB, self._sub),
-            (MUL_FUNCS, INPLACE_MUL, self._mul),
-            (DIV_FUNCS, INPLACE_DIV, self._div),
-        ):
-            if func in funcs or func in inplace_funcs:
-                out = handler(func, args, kwargs)
-                if func in inplace_funcs:
-                    self.aliases[id(args[0])] = (args[0], out)
-                return out
+            return self._activation(func, args, kwargs, ACTIVATIONS[func])
+        for funcs, handler in ((ADD_FUNCS, self._add), (SUB_FUNCS, self._sub),
+                               (MUL_FUNCS, self._mul), (DIV_FUNCS, self._div)):
+            if func in funcs:
+                return handler(func, args, kwargs)
         if func in CONV_FUNCS:
             return self._conv(func, args, kwargs)
         if func is F.linear:
@@ -365,7 +305,7 @@ class Recorder(TorchFunctionMode):
             return self._pad(args, kwargs)
         if func in DROPOUT:
             if dropout_in_training(func, args, kwargs):
-                raise self._unsupported("dropout in training mode", "Call model.eval() first.")
+                raise self.unsupported("dropout in training mode", "Call model.eval() first.")
             return self._identity(args[0])
         if func in IDENTITY_FUNCS:
             # contiguous() and clone() must give what they promise (code may .view() next)
@@ -376,18 +316,18 @@ class Recorder(TorchFunctionMode):
         if not any(isinstance(t, Tensor) for t in tree_flatten(out)[0]):
             return out  # sizes, dtypes, shapes, comparisons to Python values ...
         if func in SOFTMAX:
-            raise self._unsupported(
+            raise self.unsupported(
                 f"a {getattr(func, '__name__', 'softmax')} (not linear between activations)",
                 "If the model ends in a softmax, explain its logits: drop the softmax (the "
                 "classifier's last layer gives them).")
-        raise self._unsupported(f"the operation '{func_name(func)}'",
+        raise self.unsupported(f"the operation '{func_name(func)}'",
                                 moves_values=func in MOVING_FUNCS)
 
     # -- handlers ----------------------------------------------------------------------------
     def _record(self, op: ops.LinearOp, inputs: list[Any], out: Tensor) -> Tensor:
         op.inputs = [self.node_of(t) for t in inputs]
         if out.dim() < 2:
-            raise self._unsupported(
+            raise self.unsupported(
                 f"'{op.kind}' producing a tensor of shape {tuple(out.shape)}",
                 "SRD needs (batch, channels, ...) tensors throughout the network.",
             )
@@ -414,10 +354,10 @@ class Recorder(TorchFunctionMode):
                 return func(t, *extra_args, **fn_kwargs)
 
         if z.dim() < 2:
-            raise self._unsupported(f"an activation on a tensor of shape {tuple(z.shape)}")
+            raise self.unsupported(f"an activation on a tensor of shape {tuple(z.shape)}")
         if act_name == "clamp" and any(isinstance(a, Tensor) for a in (*extra_args,
                                                                      *fn_kwargs.values())):
-            raise self._unsupported("a clamp with tensor bounds")
+            raise self.unsupported("a clamp with tensor bounds")
         module_name, module = self.module_stack[-1] if self.module_stack else ("", None)
         leaf = module is not None and not any(True for _ in module.children())
         name = module_name if leaf else f"{module_name}:{act_name}".lstrip(":")
@@ -449,7 +389,7 @@ class Recorder(TorchFunctionMode):
         na, nb = self.node_of(a), self.node_of(b)
         if na is not None and nb is not None:
             if a.shape != out.shape or b.shape != out.shape:
-                raise self._unsupported(
+                raise self.unsupported(
                     f"a broadcasting '+' of shapes {tuple(a.shape)} and {tuple(b.shape)}")
             op = ops.AddOp(self.where, [ca, cb])
             return self._record(op, [a, b], out)
@@ -457,7 +397,7 @@ class Recorder(TorchFunctionMode):
         if isinstance(const, Tensor) and torch.broadcast_shapes(const.shape, tracked.shape) != (
             tracked.shape
         ):
-            raise self._unsupported(
+            raise self.unsupported(
                 f"adding a constant of shape {tuple(const.shape)} that broadcasts the input-"
                 f"dependent tensor {tuple(tracked.shape)}")
         bias = const * cc if isinstance(const, Tensor) else torch.full(
@@ -471,7 +411,7 @@ class Recorder(TorchFunctionMode):
         if self.node_of(a) is not None and self.node_of(b) is not None:
             if self.gate_apply is not None:
                 return self._gate(a, b)
-            raise self._unsupported(
+            raise self.unsupported(
                 "a product of two input-dependent tensors (e.g. attention or a gating "
                 "'sigmoid(x) * x' / squeeze-excitation)",
                 "SRD's sharing ratios are defined for affine maps between activations only.",
@@ -482,15 +422,15 @@ class Recorder(TorchFunctionMode):
     def _div(self, func, args, kwargs):
         a, b = args[0], args[1]
         if self.node_of(b) is not None:
-            raise self._unsupported("a division by an input-dependent tensor")
+            raise self.unsupported("a division by an input-dependent tensor")
         if kwargs.get("rounding_mode") is not None:
-            raise self._unsupported("a rounding division")
+            raise self.unsupported("a rounding division")
         return self._scale(func, a, 1.0 / b, lambda t, c: t * c)
 
     def _scale(self, func, tracked: Tensor, const: Any, apply) -> Tensor:
         if isinstance(const, Tensor):
             if torch.broadcast_shapes(const.shape, tracked.shape) != tracked.shape:
-                raise self._unsupported(
+                raise self.unsupported(
                     f"a product with a constant of shape {tuple(const.shape)} that changes the "
                     f"shape of {tuple(tracked.shape)}")
             const = const.detach()
@@ -507,7 +447,7 @@ class Recorder(TorchFunctionMode):
         if self.node_of(weight) is not None or (
             b["bias"] is not None and self.node_of(b["bias"]) is not None
         ):
-            raise self._unsupported("a convolution whose weights depend on the input")
+            raise self.unsupported("a convolution whose weights depend on the input")
         d = CONV_FUNCS[func]
         stride = ops.as_tuple(b["stride"], d)
         dilation = ops.as_tuple(b["dilation"], d)
@@ -533,7 +473,7 @@ class Recorder(TorchFunctionMode):
         b = _bind(args, kwargs, ["input", "weight", "bias"], {"bias": None})
         x = b["input"]
         if x.dim() != 2:
-            raise self._unsupported(
+            raise self.unsupported(
                 f"a linear layer on a tensor of shape {tuple(x.shape)}",
                 "SRD here decomposes linear layers on (batch, features) vectors, e.g. a "
                 "classifier after global average pooling. For a flatten of a spatial map into "
@@ -553,7 +493,7 @@ class Recorder(TorchFunctionMode):
                    "eps": 1e-5})
         x = b["input"]
         if b["training"] or b["running_mean"] is None:
-            raise self._unsupported(
+            raise self.unsupported(
                 "BatchNorm with batch statistics (training mode or no running statistics)",
                 "Call model.eval() so BatchNorm is an affine map.")
         with torch._C.DisableTorchFunction():
@@ -644,11 +584,11 @@ class Recorder(TorchFunctionMode):
         dims = kwargs.get("dim", args[1] if len(args) > 1 else None)
         keepdim = kwargs.get("keepdim", args[2] if len(args) > 2 else False)
         if dims is None or kwargs.get("dtype") is not None:
-            raise self._unsupported("a mean over all dimensions")
+            raise self.unsupported("a mean over all dimensions")
         dims = (dims,) if isinstance(dims, int) else tuple(dims)
         dims = tuple(sorted(d % x.dim() for d in dims))
         if dims != tuple(range(2, x.dim())):
-            raise self._unsupported(
+            raise self.unsupported(
                 f"a mean over dimensions {dims} of a tensor of shape {tuple(x.shape)}",
                 "Only a mean over all spatial dimensions (global average pooling) is linear "
                 "per position.")
@@ -666,7 +606,7 @@ class Recorder(TorchFunctionMode):
         if out.dim() < 2 or out.shape[:2] != x.shape[:2] or math.prod(in_sp) != math.prod(
             out_sp
         ):
-            raise self._unsupported(
+            raise self.unsupported(
                 f"'{func_name(func)}' from {tuple(x.shape)} to {tuple(out.shape)}",
                 "Only views that keep batch and channels (e.g. flattening a 1x1 pooled map) "
                 "keep pointwise feature vectors intact. For flatten+linear heads use "
@@ -680,13 +620,13 @@ class Recorder(TorchFunctionMode):
         b = _bind(args, kwargs, ["input", "pad", "mode", "value"],
                   {"mode": "constant", "value": None})
         if b["mode"] != "constant" or (b["value"] not in (None, 0, 0.0)):
-            raise self._unsupported(
+            raise self.unsupported(
                 f"padding with mode '{b['mode']}' and value {b['value']}",
                 "Only zero padding is linear without a bias.",
                 moves_values=b["mode"] != "constant")
         x = b["input"]
         if len(b["pad"]) > 2 * (x.dim() - 2):
-            raise self._unsupported("padding of the batch or channel dimension")
+            raise self.unsupported("padding of the batch or channel dimension")
         with torch._C.DisableTorchFunction():
             out = F.pad(*args, **kwargs)
         return self._record(ops.PadOp(self.where, b["pad"]), [x], out)
@@ -702,7 +642,7 @@ class Recorder(TorchFunctionMode):
         """``dim`` as a non-negative dimension of ``x``; refuse the batch dimension."""
         d = dim % x.dim()
         if d == 0:
-            raise self._unsupported(f"{what} along the batch dimension",
+            raise self.unsupported(f"{what} along the batch dimension",
                                     "Explain the samples separately instead.",
                                     moves_values=True)
         return d
@@ -714,7 +654,7 @@ class Recorder(TorchFunctionMode):
         with torch._C.DisableTorchFunction():
             out = torch.cat(tensors, dim)
         if any(self.node_of(t) is None for t in tensors):
-            raise self._unsupported(
+            raise self.unsupported(
                 "a concatenation with a tensor that does not depend on the input (e.g. a "
                 "class token or a constant map)", moves_values=True)
         d = self._spatial_dim(out, dim, "a concatenation")
@@ -746,7 +686,7 @@ class Recorder(TorchFunctionMode):
         if len(items) > x.dim() or not all(isinstance(i, slice) for i in items) or any(
             isinstance(v, Tensor) for i in items for v in (i.start, i.stop, i.step)
         ):
-            raise self._unsupported(
+            raise self.unsupported(
                 f"indexing with {index!r}",
                 "Only basic slicing (start:stop:step, '...') keeps the tensor's dimensions; "
                 "integer, boolean or tensor indices are not decomposed.", moves_values=True)
@@ -793,7 +733,7 @@ class Recorder(TorchFunctionMode):
         if mode not in ("nearest", "nearest-exact", "linear", "bilinear", "trilinear") or b[
             "antialias"
         ]:
-            raise self._unsupported(f"interpolation with mode '{mode}'",
+            raise self.unsupported(f"interpolation with mode '{mode}'",
                                     "Supported: nearest, nearest-exact, (bi/tri)linear.")
         in_sp, out_sp = tuple(x.shape[2:]), tuple(out.shape[2:])
         scales = b["scale_factor"]
@@ -815,7 +755,7 @@ class Recorder(TorchFunctionMode):
             scale = out.detach().abs().max().clamp_min(1e-30)
             tol = 1e-4 if x.dtype in (torch.float16, torch.bfloat16, torch.float32) else 1e-9
             if not bool(((again - out.detach()).abs().max() / scale) <= tol):
-                raise self._unsupported(
+                raise self.unsupported(
                     f"{what} from {tuple(x.shape[2:])} to {tuple(out.shape[2:])}",
                     "Its sampling positions could not be reproduced exactly.")
 
@@ -835,7 +775,7 @@ class Recorder(TorchFunctionMode):
             if gate_a != gate_b:
                 signal, gate = (b, a) if gate_a else (a, b)
         if gate is None or signal.dim() < 2:
-            raise self._unsupported(
+            raise self.unsupported(
                 f"a product of two input-dependent tensors of shapes {tuple(a.shape)} and "
                 f"{tuple(b.shape)} where neither is a gate",
                 "A gate is a factor broadcast over the other (squeeze-excitation, spatial "
@@ -870,7 +810,7 @@ class Recorder(TorchFunctionMode):
             return self._layout_node(x, out, None)
         if x.dim() >= 3 and new == channels_last_perm(x.dim()):
             return self._layout_node(x, out, new)
-        raise self._unsupported(
+        raise self.unsupported(
             f"a permute {dims} of a tensor of shape {tuple(x.shape)}",
             "Only moving the channel axis last and back keeps pointwise feature vectors "
             "(ConvNeXt's channels-last blocks).", moves_values=True)
@@ -879,12 +819,10 @@ class Recorder(TorchFunctionMode):
         """Run a call on a channels-last tensor in the canonical layout and give the model
         the result channels-last again."""
         if len(perms) != 1:
-            raise self._unsupported(f"'{func_name(func)}' on tensors of different layouts")
+            raise self.unsupported(f"'{func_name(func)}' on tensors of different layouts")
         perm = next(iter(perms))
-        if perm is None or func not in LAYOUT_AWARE or kwargs.get("inplace") or (
-            func in INPLACE_ACTIVATIONS
-        ):
-            raise self._unsupported(
+        if perm is None or func not in LAYOUT_AWARE:
+            raise self.unsupported(
                 f"'{func_name(func)}' on a channels-last tensor",
                 "Channels-last blocks may hold dense layers, LayerNorm, activations, sums "
                 "and per-channel scales.", moves_values=func in MOVING_FUNCS)
@@ -913,7 +851,7 @@ class Recorder(TorchFunctionMode):
                       {"weight": None, "bias": None, "eps": 1e-5})
             x = b["input"]
             if tuple(b["normalized_shape"]) != (x.shape[-1],):
-                raise self._unsupported(
+                raise self.unsupported(
                     f"a LayerNorm over {tuple(b['normalized_shape'])} of a channels-last "
                     f"tensor of shape {tuple(x.shape)}")
             out = self._layer_norm_channels(canonical(x), b["weight"], b["bias"], b["eps"])
@@ -939,6 +877,7 @@ class Recorder(TorchFunctionMode):
         op = ops.ConvOp(self.where, weight,
                         None if bias is None else bias.reshape(1, -1, *([1] * d)),
                         (1,) * d, (0,) * d, (1,) * d, 1, x.shape[2:], out.shape[2:])
+        op.dense = True  # the model's dense layer (LRP composites give it the dense rule)
         return self._record(op, [x], out)
 
     def _norm(self, func, args, kwargs):
@@ -947,7 +886,7 @@ class Recorder(TorchFunctionMode):
                       {"weight": None, "bias": None, "eps": 1e-5})
             x = b["input"]
             if x.dim() != 2 or tuple(b["normalized_shape"]) != (x.shape[1],):
-                raise self._unsupported(
+                raise self.unsupported(
                     f"a LayerNorm over {tuple(b['normalized_shape'])} of a tensor of shape "
                     f"{tuple(x.shape)}",
                     "A LayerNorm over the channels of a (batch, channels) vector or of a "
@@ -989,7 +928,7 @@ class Recorder(TorchFunctionMode):
         """A norm as the pointwise affine map ``x * scale + shift`` with its statistics fixed
         (docs/srd.md): ``scale = weight / sqrt(var + eps)``, ``shift = bias - mean * scale``."""
         if self.norm_apply is None:
-            raise self._unsupported(
+            raise self.unsupported(
                 f"a {'LayerNorm' if kind == 'layernorm' else 'GroupNorm'} (its statistics "
                 "depend on the input)",
                 "For vision transformers use method='srd_tokens', 'abslrp' or 'attnlrp'; for "

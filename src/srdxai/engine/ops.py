@@ -299,6 +299,9 @@ class ConvOp(WindowOp):
     """Convolution (1-D or 2-D, any stride, zero padding, dilation, groups / depthwise)."""
 
     kind = "conv"
+    #: the model's dense layer on the channel axis of a channels-last map, recorded as this
+    #: 1x1 convolution (rules that tell layer types apart treat it as dense)
+    dense = False
 
     def __init__(
         self,

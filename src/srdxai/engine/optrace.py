@@ -7,44 +7,39 @@ activations, softmax, LayerNorm, activation, pooling, sums and products) gets th
 backward, and calls that only move values (views, permutes, indexing, concatenation) keep
 autograd's, which moves the backward signal the same way.
 
-:class:`OpTrace` runs a model under :class:`OpTracer`, a ``TorchFunctionMode``. Each computing
+:class:`OpTrace` runs a model under :class:`OpTracer`, the operation view of the tracing core
+(``tracer.py``: tracking, in-place calls, module names and checks live there). Each computing
 call whose inputs depend on the model input becomes an :class:`OpCall` (its kind, the module
 it ran in, and a recipe to run it again on other inputs or with modified parameters) and its
 output is produced by :class:`_OpFunction`, whose backward asks the :class:`OpRule`. The
 forward values are the model's own (computed by the original call).
 
-In-place calls on traced tensors run out of place (the old tensor becomes an alias of the
-result, as in the PFV engine); writing into a traced tensor by index is refused.
+In-place calls on traced tensors run out of place (the core makes the old tensor an alias of
+the result); writing into a traced tensor by index is refused.
 """
 
 from __future__ import annotations
 
 import functools
 import math
-import weakref
 from collections.abc import Callable, Sequence
 from typing import Any
 
 import torch
 import torch.nn.functional as F
 from torch import nn
-from torch.overrides import TorchFunctionMode
 from torch.utils._pytree import tree_flatten, tree_map
 
-from ..errors import InvalidInputError, UnsupportedOperationError
+from ..errors import UnsupportedOperationError
 from .catalogue import (
     ACTIVATIONS,
     DROPOUT,
-    INPLACE_ACTIVATIONS,
     MOVING,
-    check_output,
     dropout_in_training,
     func_name,
-    module_names,
-    resolve_alias,
 )
-from .catalogue import CONSTANT as _VALUE_FREE
 from .gradmode import building_graph, is_differentiable
+from .tracer import Tracer
 
 Tensor = torch.Tensor
 
@@ -62,10 +57,6 @@ SUB = {torch.sub, Tensor.sub, Tensor.__sub__, Tensor.__rsub__}
 MUL = {torch.mul, Tensor.mul, Tensor.__mul__, Tensor.__rmul__}
 DIV = {torch.div, Tensor.div, Tensor.__truediv__, Tensor.__rtruediv__}
 NEG = {torch.neg, Tensor.neg, Tensor.__neg__}
-INPLACE = {Tensor.add_: Tensor.add, Tensor.__iadd__: Tensor.add,
-           Tensor.sub_: Tensor.sub, Tensor.__isub__: Tensor.sub,
-           Tensor.mul_: Tensor.mul, Tensor.__imul__: Tensor.mul,
-           Tensor.div_: Tensor.div, Tensor.__itruediv__: Tensor.div}
 MAX_POOL = {F.max_pool1d, F.max_pool2d, F.max_pool3d, F.adaptive_max_pool1d,
             F.adaptive_max_pool2d, torch.amax, Tensor.amax}
 AVG_POOL = {F.avg_pool1d, F.avg_pool2d, F.avg_pool3d, F.adaptive_avg_pool1d,
@@ -77,8 +68,6 @@ AVG_POOL = {F.avg_pool1d, F.avg_pool2d, F.avg_pool3d, F.adaptive_avg_pool1d,
 SDPA = {F.scaled_dot_product_attention}
 MOVE = MOVING
 MOVE_PROPERTIES = {"T", "mT", "H", "mH"}
-# Calls that read a traced tensor but return something that does not depend on its values.
-CONSTANT = _VALUE_FREE | {Tensor.detach}
 
 #: the kinds of computing calls, in the words of the rules
 KINDS = ("conv", "linear", "matmul", "batch_norm", "layer_norm", "activation", "softmax",
@@ -226,6 +215,16 @@ class OpCall:
             return self.kwargs[name]
         return self.args[position] if len(self.args) > position else default
 
+    def is_input(self, position: int, name: str) -> bool:
+        """The argument at ``position`` (or keyword ``name``) depends on the model input."""
+        return isinstance(self.argument(position, name), _Input)
+
+    def kept_argument(self, position: int, name: str) -> Tensor | None:
+        """A tensor argument that is not a parameter (BatchNorm's running statistics), or
+        None if the call has none there."""
+        value = self.argument(position, name)
+        return value.tensor if isinstance(value, _Keep) else None
+
 
 class OpRule:
     """What a method does at each computing call (subclass and override).
@@ -303,77 +302,34 @@ class _Relevance(torch.autograd.Function):
         return None, grad
 
 
-class OpTracer(TorchFunctionMode):
-    """The mode behind :class:`OpTrace` (see the module docstring)."""
+class OpTracer(Tracer):
+    """The operation view of the tracing core (see the module docstring)."""
 
-    def __init__(self, x: Tensor, rule: OpRule, where: Callable[[], str]):
+    def __init__(self, rule: OpRule):
         super().__init__()
         self.rule = rule
-        self.where = where
         self.calls: list[OpCall] = []
-        self.traced: dict[int, weakref.ref] = {}
-        self.aliases: dict[int, tuple[Tensor, Tensor]] = {}
-        self._track(x)
-
-    # -- bookkeeping -----------------------------------------------------------------------------
-    def _track(self, t: Tensor) -> None:
-        key = id(t)
-
-        def forget(_ref: weakref.ref, key: int = key) -> None:
-            if self.traced.get(key) is _ref:
-                del self.traced[key]
-
-        self.traced[key] = weakref.ref(t, forget)
-
-    def is_traced(self, obj: Any) -> bool:
-        if not isinstance(obj, Tensor):
-            return False
-        ref = self.traced.get(id(obj))
-        return ref is not None and ref() is obj
-
-    def resolve(self, obj: Any) -> Any:
-        """What ``obj`` became through in-place calls that ran out of place."""
-        return resolve_alias(self.aliases, obj)
 
     def _track_outputs(self, out: Any) -> Any:
         for t in tree_flatten(out)[0]:
             if isinstance(t, Tensor) and t.is_floating_point():
-                self._track(t)
+                self.track(t)
         return out
 
-    def _unsupported(self, what: str) -> UnsupportedOperationError:
-        return UnsupportedOperationError(
-            f"{type(self.rule).__name__} has no rule for {what} (in module '{self.where()}'). "
-            "Supported: convolutions, dense layers, matrix products, eval BatchNorm, "
-            "LayerNorm, elementwise activations, softmax, +, -, *, /, max/average pooling, "
-            "means and sums, scaled dot-product attention, and calls that only move values "
-            "(views, permutes, indexing, concatenation). Rewrite the model with these, or "
-            "explain it with a gradient method.")
+    def unsupported(self, what: str, advice: str = "", fatal: bool = False,
+                    moves_values: bool = False) -> UnsupportedOperationError:
+        return super().unsupported(
+            what, advice or (
+                f"{type(self.rule).__name__} has rules for convolutions, dense layers, matrix "
+                "products, eval BatchNorm, LayerNorm, elementwise activations, softmax, +, -, "
+                "*, /, max/average pooling, means and sums, scaled dot-product attention, and "
+                "calls that only move values (views, permutes, indexing, concatenation). "
+                "Rewrite the model with these, or explain it with a gradient method."),
+            fatal, moves_values)
 
-    # -- the mode --------------------------------------------------------------------------------
-    def __torch_function__(self, func, types, args=(), kwargs=None):
-        kwargs = kwargs or {}
-        args = tree_map(self.resolve, args)
-        kwargs = tree_map(self.resolve, kwargs)
-        flat = tree_flatten((args, kwargs))[0]
-        if func in CONSTANT or not any(self.is_traced(t) for t in flat):
-            return func(*args, **kwargs)
-        if func in INPLACE or func in INPLACE_ACTIVATIONS or (
-                func in ACTIVATIONS and kwargs.get("inplace")):
-            return self._inplace(func, args, kwargs)
-        if func is Tensor.__setitem__ and self.is_traced(args[0]):
-            raise self._unsupported("writing into a traced tensor by index")
+    # -- the view --------------------------------------------------------------------------------
+    def handle(self, func, args, kwargs, tracked):
         return self._dispatch(func, args, kwargs)
-
-    def _inplace(self, func, args, kwargs):
-        if func in INPLACE:
-            out = self._dispatch(INPLACE[func], args, kwargs)
-        elif func in INPLACE_ACTIVATIONS:
-            out = self._dispatch(INPLACE_ACTIVATIONS[func], args, kwargs)
-        else:
-            out = self._dispatch(func, args, {**kwargs, "inplace": False})
-        self.aliases[id(args[0])] = (args[0], out)
-        return out
 
     def _dispatch(self, func, args, kwargs):
         name = getattr(func, "__name__", "")
@@ -385,13 +341,13 @@ class OpTracer(TorchFunctionMode):
             return self._track_outputs(func(*args, **kwargs))
         if func in DROPOUT:
             if dropout_in_training(func, args, kwargs):
-                raise self._unsupported("dropout in training mode (call model.eval() first)")
+                raise self.unsupported("dropout in training mode (call model.eval() first)")
             return self._track_outputs(func(*args, **kwargs))
         if func is F.pad:
             mode = kwargs.get("mode", args[2] if len(args) > 2 else "constant")
             value = kwargs.get("value", args[3] if len(args) > 3 else None)
             if mode != "constant" or value not in (None, 0, 0.0):
-                raise self._unsupported(f"padding with mode '{mode}' and value {value}")
+                raise self.unsupported(f"padding with mode '{mode}' and value {value}")
             return self._track_outputs(func(*args, **kwargs))
         if func in SDPA:
             return self._attention(args, kwargs)
@@ -403,7 +359,7 @@ class OpTracer(TorchFunctionMode):
                 return out  # sizes, comparisons, indices ...
             if self.rule.unknown == "gradient":
                 return self._track_outputs(out)
-            raise self._unsupported(f"the operation '{func_name(func)}'")
+            raise self.unsupported(f"the operation '{func_name(func)}'")
         return self._record(kind, func, args, kwargs)
 
     def _kind(self, func, args, kwargs) -> str | None:
@@ -416,7 +372,7 @@ class OpTracer(TorchFunctionMode):
         if func in BATCH_NORM:
             training = kwargs.get("training", args[5] if len(args) > 5 else False)
             if training:
-                raise self._unsupported("BatchNorm in training mode (call model.eval() first)")
+                raise self.unsupported("BatchNorm in training mode (call model.eval() first)")
             return "batch_norm"
         if func in LAYER_NORM:
             return "layer_norm"
@@ -428,7 +384,7 @@ class OpTracer(TorchFunctionMode):
             if kwargs.get("return_indices") or (func in (F.max_pool1d, F.max_pool2d,
                                                          F.max_pool3d) and len(args) > 6
                                                 and args[6]):
-                raise self._unsupported("max pooling that returns indices")
+                raise self.unsupported("max pooling that returns indices")
             return "max_pool"
         if func in AVG_POOL:
             return "avg_pool"
@@ -436,7 +392,7 @@ class OpTracer(TorchFunctionMode):
             return "scale"
         operands = [a for a in args[:2]]
         if func in MUL or func in DIV:
-            traced = [self.is_traced(a) for a in operands]
+            traced = [self.is_tracked(a) for a in operands]
             other = operands[1] if traced[0] else operands[0]
             if sum(traced) == 1 and _is_number(other) and (func in MUL or traced[0]):
                 return "scale"
@@ -451,7 +407,7 @@ class OpTracer(TorchFunctionMode):
         inputs: list[Tensor] = []
 
         def place(obj: Any) -> Any:
-            if self.is_traced(obj):
+            if self.is_tracked(obj):
                 inputs.append(obj)
                 return _Input(len(inputs) - 1)
             return obj
@@ -470,7 +426,7 @@ class OpTracer(TorchFunctionMode):
             differentiable = detached_layer_norm
         elif kind == "softmax":
             differentiable = detached_softmax
-        call = OpCall(kind, self.where(), differentiable, call_args, call_kwargs,
+        call = OpCall(kind, self.where, differentiable, call_args, call_kwargs,
                       len(inputs), len(self.calls), original=func)
         self.calls.append(call)
         if kind not in self.rule.kinds:
@@ -479,13 +435,13 @@ class OpTracer(TorchFunctionMode):
             with torch.no_grad():
                 value = func(*args, **kwargs)
             if not isinstance(value, Tensor):
-                raise self._unsupported(f"'{func_name(func)}' returning several tensors")
+                raise self.unsupported(f"'{func_name(func)}' returning several tensors")
             if kind == "scale":
                 out = _Relevance.apply(_OpNode(call, self.rule, value), inputs[0])
             else:
                 out = _OpFunction.apply(_OpNode(call, self.rule, value), *inputs)
         out = self.rule.on_call(call, inputs, out)
-        self._track(out)
+        self.track(out)
         return out
 
     def _attention(self, args, kwargs):
@@ -493,9 +449,9 @@ class OpTracer(TorchFunctionMode):
         names = ("query", "key", "value", "attn_mask", "dropout_p", "is_causal", "scale")
         bound = dict(zip(names, args, strict=False)) | kwargs
         if bound.get("attn_mask") is not None or bound.get("is_causal"):
-            raise self._unsupported("masked or causal scaled dot-product attention")
+            raise self.unsupported("masked or causal scaled dot-product attention")
         if bound.get("dropout_p", 0.0):
-            raise self._unsupported("attention dropout in training mode (call model.eval())")
+            raise self.unsupported("attention dropout in training mode (call model.eval())")
         q, k, v = bound["query"], bound["key"], bound["value"]
         scale = bound.get("scale")
         if scale is None:
@@ -527,23 +483,8 @@ class OpTrace:
         self.calls = []
 
     def forward(self) -> Tensor:
-        stack: list[tuple[str, nn.Module]] = []
-
-        def where() -> str:
-            if not stack:
-                return "<model>"
-            name, module = stack[-1]
-            return name or type(module).__name__
-
-        tracer = OpTracer(self.x, self.rule, where)
-        with module_names(self.model) as names:
-            stack = names
-            with tracer:
-                out = self.model(self.x)
-        out = tracer.resolve(check_output(out))
-        self.calls = tracer.calls
-        if not tracer.is_traced(out):
-            raise InvalidInputError(
-                "the model output does not depend on the input through calls the engine "
-                "traced (was the input detached or converted to numpy inside the model?).")
-        return out
+        tracer = OpTracer(self.rule)
+        try:
+            return tracer.run(self.model, self.x)
+        finally:
+            self.calls = tracer.calls

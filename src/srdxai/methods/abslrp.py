@@ -71,7 +71,6 @@ from ..engine.channels import nonnegative
 from ..engine.core import Target
 from ..engine.gradmode import building_graph
 from ..engine.optrace import ADD, KINDS, OpCall, OpRule
-from ..engine.optrace import _Keep as _KEEP
 from ..errors import InvalidInputError
 from .base import Method, checked_reduction, register
 
@@ -182,11 +181,11 @@ def _elementwise_factor(call: OpCall, x: Tensor, output: Tensor) -> Tensor | Non
         if call.func in _SELF_GATED:
             return _self_gated_factor(call, x)
     elif kind == "batch_norm":
-        var = call.argument(2, "running_var")
+        var = call.kept_argument(2, "running_var")
         weight = call.argument(3, "weight")
         eps = call.argument(7, "eps", 1e-5)
-        if isinstance(var, _KEEP) and (weight is None or isinstance(weight, Tensor)):
-            inv = (var.tensor + eps).rsqrt()
+        if var is not None and (weight is None or isinstance(weight, Tensor)):
+            inv = (var + eps).rsqrt()
             a = inv if weight is None else weight * inv
             a_abs = inv if weight is None else weight.abs() * inv
             a, a_abs = _channel_shape(x, a), _channel_shape(x, a_abs)

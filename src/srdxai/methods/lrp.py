@@ -51,18 +51,21 @@ operations, and the model guard restores the train/eval flags and ``requires_gra
 from __future__ import annotations
 
 import math
-from collections.abc import Sequence
-from dataclasses import dataclass
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
 from typing import Any
 
 import torch
 import torch.nn.functional as F
+from torch import nn
 
 from ..engine import ops
 from ..engine.channels import nonnegative
 from ..engine.core import Rule, Target, Trace, is_differentiable, keep_graph
 from ..engine.gradmode import building_graph
+from ..engine.optrace import KINDS, OpCall, OpRule
 from ..errors import InvalidInputError, UnsupportedOperationError
+from .attnlrp import sigma_detached_layer_norm
 from .base import Method, checked_reduction, register
 
 Tensor = torch.Tensor
@@ -455,14 +458,39 @@ class _LayerSpec:
     bn: Any = None
 
 
+LayerKey = str | type
+"""A key of ``layer_rules``: a module's qualified name (``"features.0"``, ``"head"``) or a
+module class (``torch.nn.Conv2d``: every module of that class or a subclass)."""
+
+
 @dataclass
 class LRPConfig:
-    """Which layer rule goes where (see :class:`LRPComposite`)."""
+    """Which layer rule goes where (see :class:`LRPComposite`): ``overrides`` first (a
+    module's name, then its class, in the order given), then the ``first`` layer's rule, then
+    ``conv`` / ``dense`` by layer type."""
 
     conv: LayerRule
     dense: LayerRule
     first: LayerRule | None = None
     stabilizer: float = 1e-6  # for Norm (average pooling, residual sums)
+    overrides: Sequence[tuple[LayerKey, LayerRule]] = ()
+    modules: Mapping[str, nn.Module] = field(default_factory=dict)  # name -> module
+
+    def choose(self, where: str, dense: bool, first: bool) -> LayerRule:
+        """The rule of a conv (``dense`` False) or dense layer that ran in module ``where``
+        (the qualified name the engine records), ``first`` if no layer ran before it."""
+        if self.overrides:
+            for key, rule in self.overrides:
+                if isinstance(key, str) and key == where:
+                    return rule
+            module = self.modules.get(where)
+            if module is not None:
+                for key, rule in self.overrides:
+                    if isinstance(key, type) and isinstance(module, key):
+                        return rule
+        if first and self.first is not None:
+            return self.first
+        return self.dense if dense else self.conv
 
 
 class LRPRule(Rule):
@@ -496,10 +524,9 @@ class LRPRule(Rule):
             x = inputs[0]
             if x is None:
                 return out
-            rule = cfg.conv if isinstance(op, ops.ConvOp) else cfg.dense
-            if not self._first_seen:
-                self._first_seen = True
-                rule = cfg.first or rule
+            dense = not isinstance(op, ops.ConvOp) or op.dense
+            rule = cfg.choose(op.name, dense, first=not self._first_seen)
+            self._first_seen = True
             self._layers[id(op)] = (x, rule)
             return _LayerRelevance.apply(x, _Held(out, self), _LayerSpec(op, rule))
         if isinstance(op, ops.BatchNormOp):
@@ -549,10 +576,105 @@ class LRPRule(Rule):
             if not self.plain and grad is not None and bool(torch.any(grad != 0)):
                 raise UnsupportedOperationError(
                     f"{type(self).__name__.replace('Rule', '')} has no layer rule for an "
-                    f"operation in '{op.name}': {op.error} For vision transformers use "
-                    "method='abslrp' or 'attnlrp'.")
+                    f"operation in '{op.name}': {op.error} Leave transformer_rules at its "
+                    "default (or set it True) for the rules on attention and LayerNorm.")
 
         out.register_hook(check)
+
+
+# --- the transformer rules: every computing call (engine/optrace.py) --------------------------
+
+class _CallLayer:
+    """A recorded conv / dense call as the layer the :class:`LayerRule` formulas need (the
+    same interface as :class:`_Affine`): run it with other weights, apply its transpose."""
+
+    def __init__(self, call: OpCall):
+        self.call = call
+        self.weight = call.argument(1, "weight")
+        self.bias = call.argument(2, "bias")
+        self.conv = call.kind == "conv"
+
+    def align(self, x: Tensor) -> None:
+        pass
+
+    def _params(self, w: Tensor, b: Tensor | None):
+        weight, bias = self.weight, self.bias
+
+        def swap(t: Tensor) -> Tensor:
+            if t is weight:
+                return w
+            if t is bias:
+                return torch.zeros_like(t) if b is None else b
+            return t
+
+        return swap
+
+    def forward(self, x: Tensor, w: Tensor, b: Tensor | None) -> Tensor:
+        return self.call.run([x], param=self._params(w, b), func=self.call.original)
+
+    def transpose(self, g: Tensor, w: Tensor, like: Tensor) -> Tensor:
+        if not self.conv:
+            return g @ w  # F.linear: y = x W^T over the last axis
+        return self.call.vjp([like], g, param=self._params(w, None),
+                             func=self.call.original)[0]
+
+
+class TransformerLRPRule(OpRule):
+    """The LRP composites on every computing call, for models the CNN rules cannot decompose
+    (attention, LayerNorm over tokens). Relevance is the backward signal; per call kind
+    (``s(z)``: the stabiliser, ``J``: the call's Jacobian, ``y``: its output):
+
+    * conv / dense layer: the composite's layer rule (``LRPConfig.choose``);
+    * LayerNorm: ``R_x = x * J^T (R / s(y))`` with the standard deviation constant and the
+      centring kept (AttnLRP's LayerNorm rule);
+    * softmax: ``R_x = x * J^T (R / s(y))``, the true Jacobian (AttnLRP's softmax rule);
+    * matrix product or elementwise product of two input-dependent tensors: each operand
+      ``x_i * J_i^T (R / s(y)) / 2`` (AttnLRP's uniform rule);
+    * sums, differences, means, average pooling, upsampling, products with constants:
+      ``R_x = x * J^T (R / s(y))`` (zennit's ``Norm``: a constant added keeps its share);
+    * elementwise activations, multiplication by a number, BatchNorm: ``R`` passes unchanged;
+    * max pooling and calls that only move values: the gradient (relevance moves with them).
+
+    A division by an input-dependent tensor has no rule and is refused.
+    """
+
+    kinds = frozenset(KINDS)
+
+    def __init__(self, config: LRPConfig):
+        self.config = config
+        self.first_layer: int | None = None  # index of the first conv / dense call
+
+    def on_call(self, call: OpCall, inputs: Sequence[Tensor], output: Tensor) -> Tensor:
+        if call.kind in ("conv", "linear") and self.first_layer is None:
+            self.first_layer = call.index
+        divisor = 0 if call.original is Tensor.__rtruediv__ else 1
+        if call.kind == "div" and call.is_input(divisor, "other"):
+            raise UnsupportedOperationError(
+                f"the LRP composites have no rule for a division by an input-dependent tensor "
+                f"(in module '{call.name}'). Use method='abslrp' or a gradient method.")
+        return output
+
+    def op_backward(self, call: OpCall, inputs: Sequence[Tensor], output: Tensor,
+                    grad: Tensor) -> Sequence[Tensor | None]:
+        kind, r = call.kind, grad
+        if kind in ("conv", "linear"):
+            if len(inputs) != 1 or not call.is_input(0, "input"):
+                raise UnsupportedOperationError(
+                    f"the LRP composites have no rule for a {kind} layer whose weights depend "
+                    f"on the input (in module '{call.name}').")
+            rule = self.config.choose(call.name, dense=kind == "linear",
+                                      first=call.index == self.first_layer)
+            return [rule.relevance(_CallLayer(call), inputs[0], output, r)]
+        if kind in ("activation", "batch_norm", "scale"):
+            return [r]
+        if kind == "max_pool":
+            return call.vjp(inputs, r, func=call.original)
+        func = sigma_detached_layer_norm if kind == "layer_norm" else call.original
+        grads = call.vjp(inputs, ratio(r, output, self.config.stabilizer), func=func)
+        relevance = [x * g for x, g in zip(inputs, grads, strict=True)]
+        if len(inputs) == 2 and kind in ("matmul", "mul"):
+            relevance = [t / 2 for t in relevance]
+        return relevance
 
 
 # --- the methods ----------------------------------------------------------------------------
@@ -566,7 +688,15 @@ class LRPComposite(Method):
     conv / dense layer the input meets), ``low``/``high`` (ZBox bounds in the first layer's
     input space: numbers, one value per channel or a broadcastable tensor; default the
     ImageNet-normalised pixel range ``((0 - mean) / std, (1 - mean) / std)`` per channel),
-    ``channel_reduce`` (``"sum"``: (N, H, W); ``"none"``: (N, C, H, W)).
+    ``channel_reduce`` (``"sum"``: (N, H, W); ``"none"``: (N, C, H, W)),
+    ``layer_rules`` (overrides: ``{key: rule name}``, a key a module's qualified name or a
+    module class, a rule one of ``LAYER_RULES``; e.g. ``{"head": "zplus", nn.Conv2d:
+    "gamma"}``; a name beats a class, classes are tried in the order given),
+    ``transformer_rules`` (None: automatic; True: :class:`TransformerLRPRule` on every
+    computing call, the rules for attention and LayerNorm over tokens; False: the CNN rules,
+    refusing what they cannot decompose). Automatic picks the transformer rules when a
+    computing operation the CNN rules cannot decompose lies on a path from the input to the
+    output (a vision transformer's attention), decided once per input shape.
 
     A callable target is seeded with ``d objective / d output * output``.
     """
@@ -579,10 +709,19 @@ class LRPComposite(Method):
     def __init__(self, model, epsilon: float = 1e-6, stabilizer: float = 1e-6,
                  gamma: float = 0.25, alpha: float = 2.0, beta: float = 1.0,
                  first_layer: str | None = "default", low: Any = None, high: Any = None,
-                 channel_reduce: str | None = None, batch_size: int | None = None,
+                 channel_reduce: str | None = None,
+                 layer_rules: Mapping[LayerKey, str] | None = None,
+                 transformer_rules: bool | None = None, batch_size: int | None = None,
                  channels_last: bool | None = None):
         super().__init__(model, batch_size=batch_size, channels_last=channels_last)
         reduce = checked_reduction(channel_reduce, REDUCTIONS, "sum")
+        if transformer_rules not in (None, True, False):
+            raise InvalidInputError(
+                f"transformer_rules must be None (automatic), True or False, got "
+                f"{transformer_rules!r}.")
+        self.transformer_rules = transformer_rules
+        self._routes: dict[tuple, bool] = {}  # input shape -> transformer rules?
+        self.layer_rules = self._checked_layer_rules(model, layer_rules)
         if first_layer == "default":
             first_layer = self.default_first_layer
         if first_layer is not None and first_layer not in FIRST_LAYER_RULES:
@@ -616,38 +755,99 @@ class LRPComposite(Method):
         self.gamma, self.alpha, self.beta = gamma, alpha, beta
         self.low, self.high = low, high
 
+    @staticmethod
+    def _checked_layer_rules(model: nn.Module, layer_rules: Mapping[LayerKey, str] | None
+                             ) -> list[tuple[LayerKey, str]]:
+        if layer_rules is None:
+            return []
+        if not isinstance(layer_rules, Mapping):
+            raise InvalidInputError(
+                "layer_rules must be a dict {module name or module class: rule name}, got "
+                f"{type(layer_rules).__name__}.")
+        names = {n for n, _ in model.named_modules()} if isinstance(model, nn.Module) else set()
+        checked = []
+        for key, rule in layer_rules.items():
+            if rule not in LAYER_RULES:
+                raise InvalidInputError(
+                    f"layer_rules[{key!r}] = {rule!r} is not a layer rule; choose one of "
+                    f"{LAYER_RULES}.")
+            if isinstance(key, str):
+                if key not in names:
+                    close = sorted(n for n in names if n and (key in n or n in key))[:8]
+                    raise InvalidInputError(
+                        f"layer_rules names the module '{key}', which the model does not have"
+                        + (f" (did you mean one of {close}?)" if close else "")
+                        + "; use the qualified names of model.named_modules().")
+            elif not (isinstance(key, type) and issubclass(key, nn.Module)):
+                raise InvalidInputError(
+                    f"a layer_rules key must be a module name (str) or a module class "
+                    f"(e.g. torch.nn.Conv2d), got {key!r}.")
+            checked.append((key, rule))
+        return checked
+
     def _layer_rule(self, name: str, low: Any = None, high: Any = None) -> LayerRule:
         eps = self.epsilon if name == "epsilon" else self.stabilizer
         return LayerRule(name, epsilon=eps, alpha=self.alpha, beta=self.beta, gamma=self.gamma,
                          low=low, high=high)
 
+    def _bounds(self, x: Tensor) -> tuple[Any, Any]:
+        """The ZBox bounds: the user's, or the ImageNet-normalised pixel range."""
+        if self.low is not None:
+            return self.low, self.high
+        if x.shape[1] != 3:
+            raise InvalidInputError(
+                "the ZBox rule needs the input range: pass low= and high= (the default is the "
+                "ImageNet-normalised range of 3-channel images).")
+        mean = torch.tensor(IMAGENET_MEAN, dtype=x.dtype, device=x.device)
+        std = torch.tensor(IMAGENET_STD, dtype=x.dtype, device=x.device)
+        return (0 - mean) / std, (1 - mean) / std
+
     def _config(self, x: Tensor) -> LRPConfig:
-        first = None
-        if self.first_layer is not None:
-            low, high = self.low, self.high
-            if self.first_layer == "zbox" and low is None:
-                if x.shape[1] != 3:
-                    raise InvalidInputError(
-                        "the ZBox rule needs the input range: pass low= and high= (the default "
-                        "is the ImageNet-normalised range of 3-channel images).")
-                mean = torch.tensor(IMAGENET_MEAN, dtype=x.dtype, device=x.device)
-                std = torch.tensor(IMAGENET_STD, dtype=x.dtype, device=x.device)
-                low, high = (0 - mean) / std, (1 - mean) / std
-            first = self._layer_rule(self.first_layer, low, high)
-        return LRPConfig(conv=self._layer_rule(self.conv_rule),
-                         dense=self._layer_rule(self.dense_rule), first=first,
-                         stabilizer=self.stabilizer)
+        def rule(name: str) -> LayerRule:
+            if name == "zbox":
+                return self._layer_rule(name, *self._bounds(x))
+            return self._layer_rule(name)
+
+        modules = dict(self.model.named_modules())
+        # a call in the model's own forward is recorded under this name (engine/tracer.py)
+        modules[f"{type(self.model).__name__} (the model's own forward)"] = self.model
+        return LRPConfig(conv=rule(self.conv_rule), dense=rule(self.dense_rule),
+                         first=None if self.first_layer is None else rule(self.first_layer),
+                         stabilizer=self.stabilizer,
+                         overrides=[(key, rule(name)) for key, name in self.layer_rules],
+                         modules=modules)
 
     def _reduce(self, relevance: Tensor) -> Tensor:
         if self.channel_reduce == "none":
             return relevance.contiguous()
         return relevance.sum(1).contiguous()
 
+    def _use_transformer_rules(self, leaf: Tensor) -> bool:
+        """Whether a computing operation the CNN rules cannot decompose lies on a path from
+        the input to the output (one probe pass on one sample, once per input shape)."""
+        if self.transformer_rules is not None:
+            return self.transformer_rules
+        key = (tuple(leaf.shape[1:]), leaf.dtype, leaf.device, leaf.is_contiguous())
+        if key not in self._routes:
+            probe = Rule()
+            probe.gate_products = probe.constant_statistics = True  # as LRPRule
+            with self._guard(), torch.no_grad(), Trace(self.model, leaf[:1].detach(),
+                                                       probe) as trace:
+                trace.forward()
+                self._routes[key] = any(not op.moves_values
+                                        for op in trace.opaque_on_paths())
+        return self._routes[key]
+
     def relevance(self, x: Tensor, target: Target) -> Tensor:
         """Input relevance ``(N, C, ...)`` for one chunk (no batching, no reduction)."""
         config = self._config(x)
 
         def run(leaf: Tensor) -> Tensor:
+            if self._use_transformer_rules(leaf):
+                (rel,) = self._traced_gradients(
+                    leaf, TransformerLRPRule(config),
+                    lambda out: [self._target_gradient(out, target)[0] * keep_graph(out)])
+                return keep_graph(rel).contiguous()
             rule = LRPRule(config)
             try:
                 with self._guard(), torch.enable_grad(), Trace(self.model, leaf, rule) as trace:

@@ -1,0 +1,145 @@
+"""The tracing core (``engine/tracer.py``): what both views of it (the PFV recorder behind SRD,
+the LRP composites, the CAMs and the chain rule; the operation tracer behind absLRP, AttnLRP
+and the token methods) get from it: in-place calls run out of place, in-place writes the
+trace cannot see are refused, ``detach`` makes a constant, module names in errors."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+import srdxai
+from srdxai.engine.graph import Recorder
+from srdxai.engine.optrace import OpTracer
+from srdxai.engine.tracer import Tracer
+from srdxai.errors import UnsupportedOperationError
+
+# one method per view, and one rule family each
+PFV_METHODS = ("srd", "lrp_epsilon", "guided_backprop")
+OP_METHODS = ("abslrp", "attnlrp")
+
+
+class Body(nn.Module):
+    def __init__(self, write: str):
+        super().__init__()
+        self.write = write
+        self.conv1 = nn.Conv2d(3, 6, 3, padding=1)
+        self.conv2 = nn.Conv2d(6, 6, 3, padding=1)
+
+    def forward(self, x):
+        h = F.gelu(self.conv1(x))  # (GELU's backward does not need h: autograd allows writes)
+        if self.write == "setitem":
+            h[:, 0] = 0.0
+        elif self.write == "into_constant":
+            buf = torch.zeros_like(h)
+            buf[:, :3] = h[:, :3]
+            h = buf
+        elif self.write == "masked_fill_":
+            h.masked_fill_(h > 1.0, 1.0)
+        elif self.write == "constant_add_":
+            c = torch.ones_like(h)
+            c.add_(h)
+            h = c
+        return F.relu(self.conv2(h))
+
+
+class Net(nn.Module):
+    def __init__(self, write: str = "none"):
+        super().__init__()
+        self.body = Body(write)
+        self.fc = nn.Linear(6, 4)
+
+    def forward(self, x):
+        return self.fc(self.body(x).mean((2, 3)))
+
+
+def test_both_views_are_the_one_core():
+    assert issubclass(Recorder, Tracer) and issubclass(OpTracer, Tracer)
+    # neither view keeps its own tracking, aliasing or module stack
+    for view in (Recorder, OpTracer):
+        for name in ("__torch_function__", "resolve", "track", "entry_of", "run", "where"):
+            assert name not in view.__dict__, (view.__name__, name)
+
+
+@pytest.mark.parametrize("write", ["setitem", "into_constant", "masked_fill_",
+                                   "constant_add_"])
+@pytest.mark.parametrize("method", PFV_METHODS + OP_METHODS)
+def test_in_place_writes_the_trace_cannot_see_are_refused(write, method):
+    torch.manual_seed(0)
+    model = Net(write).double().eval()
+    x = torch.randn(2, 3, 8, 8, dtype=torch.float64)
+    with pytest.raises(UnsupportedOperationError, match=r"in module 'body'"):
+        srdxai.explain(model, x, method=method, target=1)
+    # the plain gradient runs the model untraced: autograd sees every write
+    assert torch.isfinite(srdxai.explain(model, x, method="gradient", target=1)).all()
+
+
+class InplaceBlock(nn.Module):
+    """In-place calls whose return values are ignored, also on a channels-last tensor."""
+
+    def __init__(self, inplace: bool):
+        super().__init__()
+        self.inplace = inplace
+        self.conv = nn.Conv2d(3, 8, 3, padding=1)
+        self.dense = nn.Linear(8, 8)
+        self.scale = nn.Parameter(torch.rand(8) + 0.5)
+        self.fc = nn.Linear(8, 5)
+
+    def forward(self, x):
+        h = self.conv(x)
+        if self.inplace:
+            torch.relu_(h)
+        else:
+            h = torch.relu(h)
+        t = self.dense(h.permute(0, 2, 3, 1))  # channels last
+        if self.inplace:
+            F.relu(t, inplace=True)
+            t.mul_(self.scale)
+            t += 0.5
+        else:
+            t = F.relu(t) * self.scale + 0.5
+        h = t.permute(0, 3, 1, 2)
+        return self.fc(h.mean((2, 3)))
+
+
+@pytest.mark.parametrize("method", PFV_METHODS + OP_METHODS)
+def test_in_place_calls_give_the_out_of_place_map(method):
+    torch.manual_seed(0)
+    a = InplaceBlock(True).double().eval()
+    b = InplaceBlock(False).double().eval()
+    b.load_state_dict(a.state_dict())
+    x = torch.randn(2, 3, 6, 7, dtype=torch.float64)
+    torch.testing.assert_close(a(x), b(x))
+    ma = srdxai.explain(a, x, method=method, target=2)
+    mb = srdxai.explain(b, x, method=method, target=2)
+    torch.testing.assert_close(ma, mb, rtol=1e-10, atol=1e-12)
+    if method == "srd":  # conservation through the in-place channels-last block
+        torch.testing.assert_close(ma.sum((1, 2)), a(x)[:, 2], rtol=1e-9, atol=1e-12)
+
+
+class DetachedGate(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.conv = nn.Conv2d(3, 6, 3, padding=1)
+        self.fc = nn.Linear(6, 3)
+
+    def forward(self, x):
+        h = F.relu(self.conv(x))
+        h = h * torch.sigmoid(h).detach()  # the model declares the factor a constant
+        return self.fc(h.mean((2, 3)))
+
+
+def test_detach_makes_a_constant_in_both_views():
+    torch.manual_seed(0)
+    model = DetachedGate().double().eval()
+    x = torch.randn(2, 3, 6, 6, dtype=torch.float64)
+    logit = model(x)[:, 0].detach()
+    srd = srdxai.explain(model, x, method="srd", target=0)
+    torch.testing.assert_close(srd.sum((1, 2)), logit, rtol=1e-9, atol=1e-12)
+    # attnlrp is the gradient here but for its identity rule on ReLU: x * grad sums to the
+    # logit minus the biases' shares, and the detached factor is a constant weight for it
+    grad = srdxai.explain(model, x, method="gradient_x_input", target=0)
+    att = srdxai.explain(model, x, method="attnlrp", target=0)
+    assert torch.isfinite(att).all() and torch.isfinite(grad).all()
