@@ -56,7 +56,19 @@ def _timm(name: str, **options):
         import_torchvision()
         import timm
 
-        return timm.create_model(name, pretrained=False, **options)
+        model = timm.create_model(name, pretrained=False, **options)
+        # timm initialises biases (and ConvNeXt's layer scales) to zero or 1e-6, which would
+        # let SRD skip most bias shares; trained weights have neither
+        generator = torch.Generator().manual_seed(0)
+        with torch.no_grad():
+            for module in model.modules():
+                bias = getattr(module, "bias", None)
+                if isinstance(bias, torch.nn.Parameter):
+                    bias.add_(0.1 * torch.randn(bias.shape, generator=generator))
+                gamma = getattr(module, "gamma", None)
+                if isinstance(gamma, torch.nn.Parameter):
+                    gamma.fill_(0.5)
+        return model
 
     return build
 

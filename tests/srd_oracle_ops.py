@@ -13,8 +13,10 @@ relevance", "Seeds"), independently of ``srdxai.engine``.
 How it works (everything explicit, float64, no autograd, no modified gradient):
 
 * For each model class a builder recomputes the forward pass op by op and records the PFV layers
-  (the model input ``"input"`` and the output of every activation module, named by the module's
-  qualified name) and, for every activation module, its affine block: a small DAG of linear
+  (the model input ``"input"``, the output of every activation module, named by the module's
+  qualified name, and, with ``sum_layers=True`` (the default), the output of every residual sum
+  ``a + b`` of two input-dependent tensors, see "Sum layers" below) and, for every PFV layer but
+  the input, its affine block: a small DAG of linear
   *nodes* (conv with optionally fused BN, standalone BN, sum, concatenation, slice, gate product
   with the gate fixed to its forward value, global mean, adaptive avg-pool, interpolation,
   GroupNorm / LayerNorm with fixed statistics, dense layer on the channel axis = 1x1 conv,
@@ -38,18 +40,43 @@ How it works (everything explicit, float64, no autograd, no modified gradient):
   head bias split evenly). With a LayerNorm between GAP and Linear (fixed statistics per sample),
   ``w_c`` is the per-sample ``W diag(γ/σ)`` row and ``b_c`` includes ``W (β − γ µ/σ)``, also split
   evenly (a head bias).
+
+Sum layers (``sum_layers=True``, the default; ``False`` gives the earlier definition): the output
+of every sum ``a + b`` of two input-dependent tensors is a PFV layer whose activation is the
+identity (its z is the sum, v = z). Its affine block is the sum node with its two inputs'
+sub-DAGs (leaves: the nearest PFV layers upstream); its relevance is shared like any other block's.
+Name: ``"<qualified name of the module whose forward did the sum>:sum"`` (``"sum"`` for the
+top-level model's own forward), with ``@0``, ``@1`` ... appended in forward order to all of them
+when one forward does several sums. The graph build checks names and values against the model's
+own forward: a ``TorchFunctionMode`` records every addition of two tensors that depend on the
+input (the input requires grad, the parameters are frozen) together with the innermost module
+whose forward is running (module pre/post hooks keep the stack). Where a sum feeds an activation
+directly (ResNet's ``act(x + f(x))``) the extra layer changes nothing: relevance projected on z(q)
+and then again on the same z(q) is the same (µ = 1).
+
+Without sum layers the head input of a model whose residual stream has no activation (StreamNet)
+is not a PFV layer. Then the head is one more affine block, from the PFV layers upstream to the
+target logit (one position, one channel; seeded with R = logit, so µ_π = (c_π + b_π) / logit and
+R(p) = Σ_π (c_π + b_π)): GAP is a mean node, the target's (per-sample) head row a linear node whose
+bias (fc bias, head LayerNorm shift) is a head bias, split evenly over all its paths (docs/srd.md,
+"Head block"). On StreamNet every earlier entry op of that block also lies in some activation's
+block or has a single path, so its split stays the usual one by norm. ``ops_logit_seed`` and
+``contrastive`` (both need a seed map on the last PFV layer) are refused there.
 """
 
 from __future__ import annotations
 
 import copy
+import dataclasses
 import math
+from collections import Counter
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
+from torch.overrides import TorchFunctionMode
 
 try:  # works both when tests/ is a package and when it is only on sys.path
     from . import small_models as sm  # type: ignore[no-redef]
@@ -395,6 +422,54 @@ class TinyNormNet(nn.Module):
         return self.fc(torch.flatten(self.pool(y), 1))
 
 
+class StreamBlock(nn.Module):
+    """One ConvNeXt-like block on a channels-first map h, with NO activation after the sum:
+    t = dwconv(h) (3x3, padding 1, groups C, bias); t.permute(0, 2, 3, 1) -> norm
+    (nn.LayerNorm(C)) -> pwconv1 (Linear C->2C) -> act (a PFV layer) -> pwconv2 (Linear 2C->C)
+    -> * gamma (layer scale, (C,)) -> permute(0, 3, 1, 2); returns h + t (a sum layer
+    ``"<this block's name>:sum"``)."""
+
+    def __init__(self, dim: int, act: str) -> None:
+        super().__init__()
+        self.dwconv = nn.Conv2d(dim, dim, 3, padding=1, groups=dim, bias=True)
+        self.norm = nn.LayerNorm(dim, eps=1e-6)
+        self.pwconv1 = nn.Linear(dim, 2 * dim)
+        self.act = _act(act)
+        self.pwconv2 = nn.Linear(2 * dim, dim)
+        self.gamma = nn.Parameter(0.8 * torch.randn(dim))
+
+    def forward(self, h: torch.Tensor) -> torch.Tensor:
+        t = self.dwconv(h).permute(0, 2, 3, 1)
+        t = self.pwconv2(self.act(self.pwconv1(self.norm(t)))) * self.gamma
+        return h + t.permute(0, 3, 1, 2)
+
+
+class StreamNet(nn.Module):
+    """A ConvNeXt-like residual stream without any activation after the sums:
+    stem (Conv2d 3->8, kernel 2, stride 2, bias) -> stem_norm (LayerNorm2d) -> blocks.0, blocks.1
+    (StreamBlock, h = h + block(h)) -> downsample (LayerNorm2d -> Conv2d 8->8, kernel 2, stride 2,
+    bias) -> blocks2.0 (StreamBlock) -> GAP -> head_norm (nn.LayerNorm(8)) -> fc (Linear 8->K).
+    PFV layers (sum layers on): input, blocks.0.act, blocks.0:sum, blocks.1.act, blocks.1:sum,
+    blocks2.0.act, blocks2.0:sum (the head input); without sum layers only input and the three
+    ``.act`` layers, and the head input is the stream (an affine function of all of them)."""
+
+    def __init__(self, act: str = "relu", num_classes: int = 4) -> None:
+        super().__init__()
+        self.stem = nn.Conv2d(3, 8, 2, stride=2, bias=True)
+        self.stem_norm = LayerNorm2d(8)
+        self.blocks = nn.Sequential(StreamBlock(8, act), StreamBlock(8, act))
+        self.downsample = nn.Sequential(LayerNorm2d(8), nn.Conv2d(8, 8, 2, stride=2, bias=True))
+        self.blocks2 = nn.Sequential(StreamBlock(8, act))
+        self.pool = nn.AdaptiveAvgPool2d(1)
+        self.head_norm = nn.LayerNorm(8)
+        self.fc = nn.Linear(8, num_classes)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        h = self.blocks(self.stem_norm(self.stem(x)))
+        h = self.blocks2(self.downsample(h))
+        return self.fc(self.head_norm(torch.flatten(self.pool(h), 1)))
+
+
 OPS_MODEL_CLASSES: dict[str, type[nn.Module]] = {
     "CatNet": CatNet,
     "SliceNet": SliceNet,
@@ -403,6 +478,7 @@ OPS_MODEL_CLASSES: dict[str, type[nn.Module]] = {
     "UpsampleNet": UpsampleNet,
     "NormNet": NormNet,
     "ConvNeXtLike": ConvNeXtLike,
+    "StreamNet": StreamNet,
 }
 
 # Toys for hand-checked values (not in OPS_MODEL_CLASSES; build_ops_model knows them too).
@@ -420,6 +496,7 @@ OPS_INPUT_SHAPES: dict[str, tuple[int, int, int, int]] = {
     "UpsampleNet": (2, 3, 8, 10),
     "NormNet": (2, 3, 8, 10),
     "ConvNeXtLike": (2, 3, 8, 8),
+    "StreamNet": (2, 3, 8, 8),
 }
 
 # PFV layers that only feed gate factors: by the definition they receive no relevance.
@@ -488,6 +565,8 @@ class _Node:
     inputs: list[_Node]
     ref: torch.Tensor
     bias: torch.Tensor | None = None
+    # a head bias: split evenly over all the paths into it, not by norm (docs/srd.md)
+    even_split: bool = False
 
     def bias_at(self, n: int, u: Pos) -> torch.Tensor:
         """The entry-op bias vector (C,) at output position ``u`` of sample ``n``."""
@@ -895,6 +974,33 @@ class _ChannelScaleNode(_Node):
         return vec * self.gamma
 
 
+class _HeadNode(_Node):
+    """The target logit of every sample as a linear map of the pooled vector
+    (N, C, 1, 1) -> (N, 1, 1, 1): ``w[n] · vec + b[n]`` with ``w`` (N, C) the target's row of the
+    (per-sample) head weight and ``b`` (N,) its head bias, an entry op split evenly over all its
+    paths (a head bias). Used only where the head input is not a PFV layer."""
+
+    even_split = True
+
+    def __init__(self, inp: _Node, w: torch.Tensor, b: torch.Tensor):
+        assert _hw(inp.ref) == (1, 1) and w.shape == inp.ref.shape[:2] and b.shape == w.shape[:1]
+        self.inputs = [inp]
+        self.w = w
+        self.b = b
+        self.bias = b  # marks the entry op; per sample via bias_at
+        self.ref = (torch.einsum("nc,nc->n", w, inp.ref[:, :, 0, 0]) + b)[:, None, None, None]
+
+    def bias_at(self, n: int, u: Pos) -> torch.Tensor:
+        return self.b[n : n + 1]
+
+    def sources(self, u: Pos) -> list[tuple[int, object, Pos]]:
+        assert u == (0, 0)
+        return [(0, None, u)]
+
+    def apply(self, n: int, i: int, off: object, p: Pos, u: Pos, vec: torch.Tensor) -> torch.Tensor:
+        return (self.w[n] @ vec).reshape(1)
+
+
 # ==============================================================================================
 # Graph description per model
 # ==============================================================================================
@@ -904,32 +1010,42 @@ class _ChannelScaleNode(_Node):
 class _Block:
     """An affine block: ``root.ref`` is the pre-activation z of the activation ``out_layer``
     (channels-first; ``channels_last``: the model applies the activation to the channels-last
-    permutation of it)."""
+    permutation of it). ``is_sum``: ``out_layer`` is a sum layer, ``root`` the sum node, and the
+    activation the identity (v = z)."""
 
     out_layer: str
     root: _Node
     channels_last: bool = False
+    is_sum: bool = False
 
 
 @dataclass
 class _Graph:
     layers: dict[str, torch.Tensor]
     blocks: list[_Block]  # forward order
-    head_layer: str
+    # the PFV layer feeding GAP; None where the head input is not a PFV layer (then head_root)
+    head_layer: str | None
     # (K, C) and (K,) for GAP + Linear; per sample (N, K, C) and (N, K) when the head has a
     # LayerNorm with fixed statistics between GAP and Linear
     head_weight: torch.Tensor
     head_bias: torch.Tensor
     logits: torch.Tensor  # (N, K)
+    # the node feeding GAP when it is not a PFV layer (a residual stream's last sum without sum
+    # layers); the head is then an affine block of its own (see the module docstring)
+    head_root: _Node | None = None
+    # every sum of two input-dependent tensors, by sum-layer name (PFV layers or not)
+    sums: dict[str, torch.Tensor] = field(default_factory=dict)
 
 
 class _Recorder:
     """Recomputes a model's forward node by node and collects PFV layers and blocks."""
 
-    def __init__(self, model: nn.Module, x: torch.Tensor):
+    def __init__(self, model: nn.Module, x: torch.Tensor, sum_layers: bool = True):
         self.modules = dict(model.named_modules())
         self.layers: dict[str, torch.Tensor] = {"input": x}
         self.blocks: list[_Block] = []
+        self.sum_layers = sum_layers
+        self.sums: dict[str, torch.Tensor] = {}
 
     def leaf(self, name: str) -> _Leaf:
         return _Leaf(name, self.layers[name])
@@ -945,20 +1061,42 @@ class _Recorder:
         self.blocks.append(_Block(name, root, channels_last))
         return self.leaf(name)
 
-    def head(self, layer: str, fc: nn.Linear) -> _Graph:
-        v = self.layers[layer]
+    def add(self, name: str, inputs: Sequence[_Node]) -> _Node:
+        """A sum of input-dependent tensors, named ``name`` (see the module docstring). With sum
+        layers: record the PFV layer ``name`` (identity activation, v = z = the sum) and its
+        block, and return its leaf; without: return the sum node itself."""
+        node = _AddNode(inputs)
+        assert name not in self.sums and name not in self.layers, f"sum {name} used twice"
+        self.sums[name] = node.ref
+        if not self.sum_layers:
+            return node
+        self.layers[name] = node.ref
+        self.blocks.append(_Block(name, node, is_sum=True))
+        return self.leaf(name)
+
+    def _head_input(self, inp: str | _Node) -> tuple[str | None, _Node | None, torch.Tensor]:
+        if isinstance(inp, str):
+            return inp, None, self.layers[inp]
+        if isinstance(inp, _Leaf):
+            return inp.name, None, self.layers[inp.name]
+        return None, inp, inp.ref
+
+    def head(self, inp: str | _Node, fc: nn.Linear) -> _Graph:
+        layer, root, v = self._head_input(inp)
         w = fc.weight.detach().double()
         b = fc.bias.detach().double() if fc.bias is not None else w.new_zeros(w.shape[0])
         logits = torch.einsum("kc,nc->nk", w, v.mean(dim=(2, 3))) + b
-        return _Graph(self.layers, self.blocks, layer, w, b, logits)
+        return _Graph(self.layers, self.blocks, layer, w, b, logits, root, self.sums)
 
-    def head_norm(self, layer: str, ln: nn.LayerNorm, fc: nn.Linear) -> _Graph:
+    def head_norm(self, inp: str | _Node, ln: nn.LayerNorm, fc: nn.Linear) -> _Graph:
         """GAP -> LayerNorm over the pooled channels -> Linear. The LayerNorm's statistics are
         fixed per sample (µ, σ = √(var + ε) of the pooled vector), so the head is affine per
         sample: logits = W (s ⊙ pooled) + W (β − γ µ/σ) + b with s = γ/σ. Per-sample head weight
         ``W diag(s)`` (N, K, C) and head bias ``W (β − γ µ/σ) + b`` (N, K); both biases are head
-        biases, split evenly over the n positions of the last PFV layer by the logit seed."""
-        v = self.layers[layer]
+        biases, split evenly over the n positions of the last PFV layer by the logit seed.
+        ``inp``: the PFV layer (name or leaf) feeding GAP, or a node that is not one (then the
+        head is a block of its own, see the module docstring)."""
+        layer, root, v = self._head_input(inp)
         pooled = v.mean(dim=(2, 3))  # (N, C)
         c = pooled.shape[1]
         assert tuple(ln.normalized_shape) == (c,)
@@ -974,7 +1112,7 @@ class _Recorder:
         w_eff = w[None, :, :] * scale[:, None, :]  # (N, K, C)
         b_eff = shift @ w.T + b[None, :]  # (N, K)
         logits = torch.einsum("nkc,nc->nk", w_eff, pooled) + b_eff
-        return _Graph(self.layers, self.blocks, layer, w_eff, b_eff, logits)
+        return _Graph(self.layers, self.blocks, layer, w_eff, b_eff, logits, root, self.sums)
 
 
 def _graph_catnet(m: CatNet, R: _Recorder) -> _Graph:
@@ -996,7 +1134,7 @@ def _graph_slicenet(m: SliceNet, R: _Recorder) -> _Graph:
     k = -(-c // 2)  # chunk(2): first ceil(C/2) channels, then the rest
     a = _SliceNode(h2, 1, slice(0, k))
     b = _SliceNode(R.leaf("act2"), 1, slice(k, c))
-    z3 = _AddNode([_ConvNode(a, m.conv3a, None), _ConvNode(b, m.conv3b, m.bn3b)])
+    z3 = R.add("sum", [_ConvNode(a, m.conv3a, None), _ConvNode(b, m.conv3b, m.bn3b)])
     h3 = R.act("act3", z3)
     s = _SliceNode(_SliceNode(h3, 2, slice(1, None)), 3, slice(None, -1))
     g = R.act("act_g", _ConvNode(s, m.conv_g, m.bn_g))
@@ -1038,7 +1176,7 @@ def _graph_upsamplenet(m: UpsampleNet, R: _Recorder) -> _Graph:
     h1 = R.act("act1", _ConvNode(R.leaf("input"), m.conv1, m.bn1))
     h2 = R.act("act2", _ConvNode(h1, m.conv2, m.bn2))
     up = _InterpNode(h2, scale_factor=2, mode="nearest")
-    h3 = R.act("act3", _AddNode([_ConvNode(up, m.conv3, None), R.leaf("act1")]))
+    h3 = R.act("act3", R.add("sum", [_ConvNode(up, m.conv3, None), R.leaf("act1")]))
     u4 = _InterpNode(h3, size=(5, 7), mode="bilinear", align_corners=True)
     h4 = R.act("act4", _ConvNode(u4, m.conv4, m.bn4))
     u5 = _InterpNode(h4, size=(7, 9), mode="bilinear", align_corners=False)
@@ -1071,7 +1209,7 @@ def _graph_convnextlike(m: ConvNeXtLike, R: _Recorder) -> _Graph:
     t = _ChannelScaleNode(_LinearNode(a, m.pwconv2), m.gamma, channels_last=True)
     # residual: (input -> stem -> stem_norm) + (act -> pwconv2 -> gamma); the stem node is shared
     # with act's block (its bias shares are the same paths' shares)
-    R.act("act_out", _AddNode([stem, t]))
+    R.act("act_out", R.add("sum", [stem, t]))
     return R.head_norm("act_out", m.head_norm, m.fc)
 
 
@@ -1087,14 +1225,37 @@ def _graph_resnetlike(m: sm.ResNetLike, R: _Recorder) -> _Graph:
     l1 = m.layer1
     a11 = R.act("layer1.act1", _ConvNode(a0, l1.conv1, l1.bn1))
     a12 = R.act("layer1.act2", _ConvNode(a11, l1.conv2, l1.bn2))
-    a13 = R.act("layer1.act3", _AddNode([_ConvNode(a12, l1.conv3, l1.bn3), R.leaf("act")]))
+    z13 = R.add("layer1:sum", [_ConvNode(a12, l1.conv3, l1.bn3), R.leaf("act")])
+    a13 = R.act("layer1.act3", z13)
     l2 = m.layer2
     a21 = R.act("layer2.act1", _ConvNode(a13, l2.conv1, l2.bn1))
     a22 = R.act("layer2.act2", _ConvNode(a21, l2.conv2, l2.bn2))
     main = _ConvNode(a22, l2.conv3, l2.bn3)
     short = _ConvNode(R.leaf("layer1.act3"), l2.downsample[0], l2.downsample[1])
-    R.act("layer2.act3", _AddNode([main, short]))
+    R.act("layer2.act3", R.add("layer2:sum", [main, short]))
     return R.head("layer2.act3", m.fc)
+
+
+def _stream_block(R: _Recorder, blk: StreamBlock, name: str, h: _Node) -> _Node:
+    """StreamBlock ``name`` on the stream node ``h``: act's block runs from h's leaves through
+    dwconv, LayerNorm, pwconv1; the sum's block is h (shortcut) + (act -> pwconv2 -> gamma)."""
+    t: _Node = _ConvNode(h, blk.dwconv, None)
+    t = _NormNode(t, blk.norm, channels_last=True)
+    t = _LinearNode(t, blk.pwconv1)
+    a = R.act(f"{name}.act", t, channels_last=True)
+    t = _ChannelScaleNode(_LinearNode(a, blk.pwconv2), blk.gamma, channels_last=True)
+    return R.add(f"{name}:sum", [h, t])
+
+
+def _graph_streamnet(m: StreamNet, R: _Recorder) -> _Graph:
+    h: _Node = _NormNode(_ConvNode(R.leaf("input"), m.stem, None), m.stem_norm)
+    for i, blk in enumerate(m.blocks):
+        h = _stream_block(R, blk, f"blocks.{i}", h)  # type: ignore[arg-type]
+    h = _ConvNode(_NormNode(h, m.downsample[0]), m.downsample[1], None)  # type: ignore[arg-type]
+    for i, blk in enumerate(m.blocks2):
+        h = _stream_block(R, blk, f"blocks2.{i}", h)  # type: ignore[arg-type]
+    # sum layers: h is the leaf "blocks2.0:sum"; without: the stream's last sum node
+    return R.head_norm(h, m.head_norm, m.fc)
 
 
 _BUILDERS: dict[type, Callable[[nn.Module, _Recorder], _Graph]] = {
@@ -1108,17 +1269,68 @@ _BUILDERS: dict[type, Callable[[nn.Module, _Recorder], _Graph]] = {
     ConvNeXtLike: _graph_convnextlike,  # type: ignore[dict-item]
     TinyNormNet: _graph_tinynormnet,  # type: ignore[dict-item]
     sm.ResNetLike: _graph_resnetlike,  # type: ignore[dict-item]
+    StreamNet: _graph_streamnet,  # type: ignore[dict-item]
 }
 
 
+_ADD_FUNCS = frozenset(
+    {
+        torch.add,
+        torch.Tensor.add,
+        torch.Tensor.add_,
+        torch.Tensor.__add__,
+        torch.Tensor.__radd__,
+        torch.Tensor.__iadd__,
+    }
+)
+
+
+class _SumCatcher(TorchFunctionMode):
+    """Records every addition of two input-dependent tensors (both require grad: the input does,
+    the parameters are frozen) with the qualified name of the innermost module whose forward is
+    running (``stack``, kept by module pre/post hooks)."""
+
+    def __init__(self, stack: list[str]):
+        super().__init__()
+        self.stack = stack
+        self.found: list[tuple[str, torch.Tensor]] = []
+
+    def __torch_function__(self, func, types, args=(), kwargs=None):  # type: ignore[no-untyped-def]
+        out = func(*args, **(kwargs or {}))
+        if (
+            func in _ADD_FUNCS
+            and len(args) >= 2
+            and all(isinstance(a, torch.Tensor) and a.requires_grad for a in args[:2])
+        ):
+            self.found.append((self.stack[-1], out.detach().clone()))
+        return out
+
+
+def sum_layer_names(modules: Sequence[str]) -> list[str]:
+    """Sum-layer names for sums done, in forward order, by the forwards of ``modules``
+    (qualified names, ``""`` = the top-level model): ``"<module>:sum"`` (``"sum"`` for the top
+    level), with ``@0``, ``@1`` ... appended to all of a module's sums when it does several."""
+    counts = Counter(modules)
+    seen: Counter[str] = Counter()
+    names = []
+    for mod in modules:
+        base = f"{mod}:sum" if mod else "sum"
+        if counts[mod] > 1:
+            base = f"{base}@{seen[mod]}"
+            seen[mod] += 1
+        names.append(base)
+    return names
 
 
 def _hooked_forward(
     model: nn.Module, x: torch.Tensor, names: Sequence[str]
-) -> tuple[torch.Tensor, dict[str, tuple[torch.Tensor, torch.Tensor]]]:
-    """Run the model's own forward; capture (input, output) of every named activation module."""
+) -> tuple[torch.Tensor, dict[str, tuple[torch.Tensor, torch.Tensor]], dict[str, torch.Tensor]]:
+    """Run the model's own forward; capture (input, output) of every named activation module,
+    and every sum of two input-dependent tensors by sum-layer name (forward order). Freezes the
+    model's parameters (call it on a copy)."""
     mods = dict(model.named_modules())
     seen: dict[str, tuple[torch.Tensor, torch.Tensor]] = {}
+    stack: list[str] = []
     handles = []
     for name in names:
 
@@ -1127,36 +1339,67 @@ def _hooked_forward(
             seen[name] = (args[0].detach().clone(), out.detach().clone())
 
         handles.append(mods[name].register_forward_hook(hook))
+    for qn, mod in mods.items():
+
+        def push(mod: nn.Module, args: tuple, qn: str = qn) -> None:
+            stack.append(qn)
+
+        def pop(mod: nn.Module, args: tuple, out: object, qn: str = qn) -> None:
+            assert stack.pop() == qn
+
+        handles.append(mod.register_forward_pre_hook(push))
+        handles.append(mod.register_forward_hook(pop))
+    for prm in model.parameters():
+        prm.requires_grad_(False)
+    catcher = _SumCatcher(stack)
     try:
-        out = model(x)
+        with torch.enable_grad(), catcher:
+            out = model(x.detach().clone().requires_grad_(True)).detach()
     finally:
         for hd in handles:
             hd.remove()
-    return out, seen
+    assert not stack
+    mod_names = [mod for mod, _ in catcher.found]
+    sums = dict(zip(sum_layer_names(mod_names), [t for _, t in catcher.found], strict=True))
+    return out, seen, sums
 
 
 @torch.no_grad()
-def _build_graph(model: nn.Module, x: torch.Tensor) -> _Graph:
+def _build_graph(model: nn.Module, x: torch.Tensor, sum_layers: bool = True) -> _Graph:
     """Record the forward pass of a float64 eval copy of ``model`` on ``x`` and check it against
     the model's own forward: every pre-activation and PFV layer (captured by hooks on the
-    activation modules) and the logits."""
+    activation modules), every sum of two input-dependent tensors (names and values, caught by
+    a torch-function mode; PFV layers exactly when ``sum_layers``) and the logits."""
     builder = _BUILDERS.get(type(model))
     if builder is None:
         raise TypeError(f"srd_oracle_ops knows no description for {type(model).__name__}")
     m = copy.deepcopy(model).double().eval()
     xd = x.detach().to(torch.float64)
-    g = builder(m, _Recorder(m, xd))
-    names = [b.out_layer for b in g.blocks]
-    ref, hooked = _hooked_forward(m, xd, names)
+    g = builder(m, _Recorder(m, xd, sum_layers))
+    names = [b.out_layer for b in g.blocks if not b.is_sum]
+    ref, hooked, sums = _hooked_forward(m, xd, names)
     assert set(hooked) == set(names), (sorted(hooked), sorted(names))
     all_acts = [k for k, mod in m.named_modules() if isinstance(mod, sm.ACTIVATION_TYPES)]
     assert sorted(all_acts) == sorted(names), "an activation module is missing from the graph"
     for b in g.blocks:
+        if b.is_sum:
+            continue
         zin, vout = hooked[b.out_layer]
         if b.channels_last:
             zin, vout = _to_cf(zin), _to_cf(vout)
         torch.testing.assert_close(b.root.ref, zin, rtol=1e-12, atol=1e-12)
         torch.testing.assert_close(g.layers[b.out_layer], vout, rtol=1e-12, atol=1e-12)
+    # the sums: same names in the same (forward) order, same values; PFV layers iff sum_layers
+    assert list(sums) == list(g.sums), (list(sums), list(g.sums))
+    for k, t in sums.items():
+        torch.testing.assert_close(g.sums[k], t, rtol=1e-12, atol=1e-12)
+    sum_blocks = [b.out_layer for b in g.blocks if b.is_sum]
+    assert sum_blocks == (list(sums) if sum_layers else []), sum_blocks
+    for k in sums:
+        assert (k in g.layers) == sum_layers, k
+        if sum_layers:
+            assert g.layers[k] is g.sums[k]  # identity activation: v = z
+    assert (g.head_layer is None) == (g.head_root is not None)
     torch.testing.assert_close(g.logits, ref, rtol=1e-12, atol=1e-12)
     return g
 
@@ -1220,9 +1463,13 @@ class _Shares:
         prefixes = self.memo.paths(node, r)
         if not prefixes:
             raise AssertionError("a bias entry position is reached by no path; bias would be lost")
-        norms = [
-            float(torch.linalg.vector_norm(_contribution(self.layers, n, pr))) for pr in prefixes
-        ]
+        if node.even_split:  # a head bias: evenly over its paths
+            norms = [1.0] * len(prefixes)
+        else:
+            norms = [
+                float(torch.linalg.vector_norm(_contribution(self.layers, n, pr)))
+                for pr in prefixes
+            ]
         total = math.fsum(norms)
         if total == 0.0:
             self.even_splits += 1
@@ -1316,6 +1563,11 @@ def _propagate(
 
 
 def _logit_seed(g: _Graph, target: Target) -> torch.Tensor:
+    if g.head_layer is None:
+        raise ValueError(
+            "the head input is not a PFV layer (sum_layers=False on a residual stream without "
+            "activations): there is no logit seed map; the head is a block of its own"
+        )
     v = g.layers[g.head_layer]
     t = per_sample_targets(target, v.shape[0])
     if g.head_weight.dim() == 3:  # per-sample head (LayerNorm between GAP and Linear)
@@ -1329,10 +1581,46 @@ def _logit_seed(g: _Graph, target: Target) -> torch.Tensor:
     return (torch.einsum("nc,nchw->nhw", w, v) + b[:, None, None]) / n_pos
 
 
-def ops_logit_seed(model: nn.Module, x: torch.Tensor, target: Target) -> tuple[str, torch.Tensor]:
-    """(last PFV layer name, (N, h, w) logit seed (w_c · v(q) + b_c) / n)."""
-    g = _build_graph(model, x)
-    return g.head_layer, _logit_seed(g, target)
+def _logit_block_relevance(
+    g: _Graph, target: Target, stats: dict[str, int] | None = None
+) -> dict[str, torch.Tensor]:
+    """Relevance of every PFV layer with the head as an affine block of its own: GAP of
+    ``g.head_root`` (or of the head layer's leaf when ``head_root`` is None) -> the target's head
+    row with its head bias split evenly over all its paths; the block's one output (the target
+    logit) is seeded with R = logit (see the module docstring). Where the head input is a PFV
+    layer this is the ordinary logit seed."""
+    root = g.head_root
+    if root is None:
+        assert g.head_layer is not None
+        root = _Leaf(g.head_layer, g.layers[g.head_layer])
+    nb = int(root.ref.shape[0])
+    t = per_sample_targets(target, nb)
+    rows = torch.arange(nb)
+    if g.head_weight.dim() == 3:
+        w, b = g.head_weight[rows, t], g.head_bias[rows, t]
+    else:
+        w, b = g.head_weight[t], g.head_bias[t]
+    node = _HeadNode(_MeanNode(root), w, b)
+    logit = node.ref[:, 0, 0, 0]
+    torch.testing.assert_close(logit, g.logits[rows, t], rtol=1e-12, atol=1e-12)
+    assert "logit" not in g.layers
+    hg = dataclasses.replace(
+        g, layers={**g.layers, "logit": node.ref}, blocks=[*g.blocks, _Block("logit", node)]
+    )
+    rel = _propagate(hg, {"logit": logit[:, None, None]}, stats)
+    del rel["logit"]
+    return rel
+
+
+def ops_logit_seed(
+    model: nn.Module, x: torch.Tensor, target: Target, *, sum_layers: bool = True
+) -> tuple[str, torch.Tensor]:
+    """(last PFV layer name, (N, h, w) logit seed (w_c · v(q) + b_c) / n). ValueError where the
+    head input is not a PFV layer (StreamNet with ``sum_layers=False``)."""
+    g = _build_graph(model, x, sum_layers)
+    seed = _logit_seed(g, target)
+    assert g.head_layer is not None
+    return g.head_layer, seed
 
 
 def srd_oracle_ops_relevance(
@@ -1343,15 +1631,23 @@ def srd_oracle_ops_relevance(
     seeds: dict[str, torch.Tensor] | None = None,
     contrastive: bool = False,
     stats: dict[str, int] | None = None,
+    sum_layers: bool = True,
 ) -> dict[str, torch.Tensor]:
     """Relevance (N, h, w) of every PFV layer. Seed: the logit seed of ``target`` (optionally
-    contrastive) or the given ``seeds`` {layer name: (N, h, w)} (exactly one of the two)."""
-    g = _build_graph(model, x)
+    contrastive) or the given ``seeds`` {layer name: (N, h, w)} (exactly one of the two).
+    ``sum_layers``: sums of two input-dependent tensors are PFV layers (default; False = the
+    earlier definition, where a head input that is not a PFV layer makes the head a block of
+    its own, seeded with the logit, and ``contrastive`` is refused for want of a seed map)."""
+    g = _build_graph(model, x, sum_layers)
     if (target is None) == (seeds is None):
         raise ValueError("give either target or seeds")
     if seeds is None:
+        if g.head_root is not None:
+            if contrastive:
+                raise ValueError("contrastive needs a seed map on a PFV layer feeding the head")
+            return _logit_block_relevance(g, target, stats)  # type: ignore[arg-type]
         seed = _logit_seed(g, target)  # type: ignore[arg-type]
-        seeds = {g.head_layer: contrast_seed(seed) if contrastive else seed}
+        seeds = {g.head_layer: contrast_seed(seed) if contrastive else seed}  # type: ignore[dict-item]
     else:
         checked = {}
         for k, s in seeds.items():
@@ -1368,11 +1664,18 @@ def srd_oracle_ops_relevance(
 
 
 def srd_oracle_ops(
-    model: nn.Module, x: torch.Tensor, target: Target, *, contrastive: bool = False
+    model: nn.Module,
+    x: torch.Tensor,
+    target: Target,
+    *,
+    contrastive: bool = False,
+    sum_layers: bool = True,
 ) -> torch.Tensor:
     """SRD pixel map (N, H, W), float64, logit seed (sums to the target logit per sample when
     not contrastive and no z(q) = 0)."""
-    return srd_oracle_ops_relevance(model, x, target, contrastive=contrastive)["input"]
+    return srd_oracle_ops_relevance(
+        model, x, target, contrastive=contrastive, sum_layers=sum_layers
+    )["input"]
 
 
 def srd_oracle_ops_layer_seed(
@@ -1382,27 +1685,39 @@ def srd_oracle_ops_layer_seed(
     seed_map: torch.Tensor,
     *,
     contrastive: bool = False,
+    sum_layers: bool = True,
 ) -> torch.Tensor:
-    """SRD pixel map (N, H, W) when the PFV layer ``layer_name`` (activation module name or
-    ``"input"``) is seeded with ``seed_map`` (N, h, w). A one-hot seed gives the ERF."""
+    """SRD pixel map (N, H, W) when the PFV layer ``layer_name`` (activation module name, sum
+    layer name or ``"input"``) is seeded with ``seed_map`` (N, h, w). A one-hot seed gives the
+    ERF."""
     return srd_oracle_ops_relevance(
-        model, x, seeds={layer_name: seed_map}, contrastive=contrastive
+        model, x, seeds={layer_name: seed_map}, contrastive=contrastive, sum_layers=sum_layers
     )["input"]
 
 
-def pfv_layers(model: nn.Module, x: torch.Tensor) -> dict[str, tuple[int, int, int]]:
+def pfv_layers(
+    model: nn.Module, x: torch.Tensor, *, sum_layers: bool = True
+) -> dict[str, tuple[int, int, int]]:
     """PFV layer name -> (C, h, w), in forward order (``"input"`` first)."""
-    g = _build_graph(model, x)
+    g = _build_graph(model, x, sum_layers)
     return {k: (int(v.shape[1]), int(v.shape[2]), int(v.shape[3])) for k, v in g.layers.items()}
 
 
-def check_forward(model: nn.Module, x: torch.Tensor) -> dict[str, int]:
+def sum_layers_of(model: nn.Module, x: torch.Tensor) -> dict[str, tuple[int, int, int]]:
+    """Every sum of two input-dependent tensors of the model's forward, by sum-layer name ->
+    (C, h, w), in forward order (the PFV layers that ``sum_layers=True`` adds)."""
+    g = _build_graph(model, x, True)
+    return {k: (int(v.shape[1]), int(v.shape[2]), int(v.shape[3])) for k, v in g.sums.items()}
+
+
+def check_forward(model: nn.Module, x: torch.Tensor, *, sum_layers: bool = True) -> dict[str, int]:
     """Brute checks of the description (raise on failure): the recorded pre-activations, PFV
-    layers and logits equal the model's own forward (done in the graph build); every node's
+    layers, sums and logits equal the model's own forward (done in the graph build); every node's
     output recomputed from its components (``Σ apply(v(p)) + bias`` at every position) equals the
-    torch op's output; and at every block output position the path vectors (contributions + bias
-    shares) add up to z(q). Returns counts {"nodes", "positions", "even_splits"}."""
-    g = _build_graph(model, x)
+    torch op's output; and at every block output position (and, where the head input is not a
+    PFV layer, at every head input position) the path vectors (contributions + bias shares) add
+    up to z(q). Returns counts {"nodes", "positions", "even_splits"}."""
+    g = _build_graph(model, x, sum_layers)
     seen: set[int] = set()
     count = 0
 
@@ -1432,7 +1747,10 @@ def check_forward(model: nn.Module, x: torch.Tensor) -> dict[str, int]:
     memo = _PathMemo()
     shares = _Shares(g.layers, memo)
     positions = 0
-    for block in g.blocks:
+    blocks = list(g.blocks)
+    if g.head_root is not None:
+        blocks.append(_Block("<head input>", g.head_root))
+    for block in blocks:
         check_node(block.root)
         nb, _, ho, wo = block.root.ref.shape
         for n in range(nb):

@@ -132,11 +132,18 @@ def test_a_constant_scale_compensated_in_the_next_layer_changes_nothing(method):
 
 
 @pytest.mark.parametrize("method", ["lrp_epsilon", "lrp_epsilon_plus"])
-def test_lrp_composites_refuse_a_vision_transformer(method):
+def test_lrp_composites_on_a_vision_transformer(method):
+    """They used to sum to -1e5 here (the gradient through LayerNorm, softmax and matmul).
+    The CNN rules refuse it; the default picks the transformer rules (tests/test_lrp_rules.py
+    checks those against an oracle)."""
     torch.manual_seed(0)
     vit = small_vit(num_classes=4, image_size=16).double().eval()
-    with pytest.raises(UnsupportedOperationError, match="no layer rule.*abslrp"):
-        srdxai.explain(vit, torch.randn(1, 3, 16, 16, dtype=torch.float64), 0, method)
+    x = torch.randn(1, 3, 16, 16, dtype=torch.float64)
+    with pytest.raises(UnsupportedOperationError, match="no layer rule.*transformer_rules"):
+        srdxai.explain(vit, x, 0, method, transformer_rules=False)
+    rel = srdxai.explain(vit, x, 0, method)
+    logit = float(vit(x)[0, 0])
+    assert torch.isfinite(rel).all() and abs(float(rel.sum())) < 10 * abs(logit) + 1
 
 
 class ChannelsLastBlock(nn.Module):
@@ -179,7 +186,9 @@ def _randomised(module: nn.Module) -> nn.Module:
     return module.double().eval()
 
 
-@pytest.mark.parametrize("method", ["srd", "lrp_epsilon_plus", "guided_backprop", "gradcam"])
+# (lrp_epsilon: a composite with one rule for convolutions and dense layers, since the
+# channels-last form's Linear gets the dense rule and the other form's 1x1 conv the conv rule)
+@pytest.mark.parametrize("method", ["srd", "lrp_epsilon", "guided_backprop", "gradcam"])
 def test_channels_last_blocks_equal_their_channels_first_form(method):
     torch.manual_seed(0)
     last = _randomised(ChannelsLastBlock(True))

@@ -82,3 +82,28 @@ def test_float32_close_to_oracle():
         oracle = srd_oracle_ops(model.double(), x, 2)
         err = ((engine.double() - oracle).abs().max() / oracle.abs().max()).item()
         assert err < 1e-4, (name, err)
+
+
+def test_pointwise_chain_split_equals_general_path_walk(monkeypatch):
+    """The fast bias split through per-channel / per-position scales (ConvNeXt's LayerNorm
+    shift and first dense layer after the depthwise convolution) is the general walk."""
+    from srdxai.methods.srd import SRDRule
+
+    model = build_ops_model("StreamNet", act="gelu", seed=3)
+    x = ops_input("StreamNet", seed=2)
+    taken = []
+    original = SRDRule._split_through_pointwise
+
+    def counting(self, node, rho):
+        done = original(self, node, rho)
+        taken.append(done)
+        return done
+
+    monkeypatch.setattr(SRDRule, "_split_through_pointwise", counting)
+    fast = srdxai.explain(model, x, target=[1, 2])
+    # per block the LayerNorm shift and the first dense layer (blocks reading the stem or
+    # the downsampling convolution through a LayerNorm: the two-convolution case)
+    assert sum(taken) >= 6
+    monkeypatch.setattr(SRDRule, "_split_through_pointwise", lambda self, node, rho: False)
+    general = srdxai.explain(model, x, target=[1, 2])
+    torch.testing.assert_close(fast, general, rtol=1e-12, atol=1e-14)

@@ -1,7 +1,9 @@
 """Self-checks of the SRD oracle for operations beyond plain CNNs (tests/srd_oracle_ops.py),
 independent of the engine: brute forward checks, conservation, ERF sums, gate branches, a
-hand-computed toy, interpolation / adaptive-pool weights against torch, and agreement with the
-plain-CNN oracle (tests/srd_oracle.py) on a model both describe."""
+hand-computed toy, interpolation / adaptive-pool weights against torch, agreement with the
+plain-CNN oracle (tests/srd_oracle.py) on a model both describe, and the sum layers (residual
+sums as identity PFV layers): their names, that they change nothing where a sum feeds an
+activation, and what they change on a residual stream without activations (StreamNet)."""
 
 from __future__ import annotations
 
@@ -21,6 +23,15 @@ except ImportError:  # tests/ is not a package: pytest put it on sys.path
     from srd_oracle import srd_oracle  # type: ignore[no-redef]
 
 MODELS = list(so.OPS_MODEL_CLASSES)
+
+
+@pytest.fixture(autouse=True, scope="module")
+def _one_thread():
+    """The oracle does tiny tensor ops one at a time: threads only add overhead."""
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
 
 
 @pytest.mark.parametrize("name", MODELS)
@@ -271,7 +282,17 @@ def test_norm_models_layer_names_and_random_norm_params() -> None:
     assert so.pfv_layers(m, x) == {"input": (3, 8, 10), "act1": (6, 8, 10), "act2": (8, 8, 10)}
     c = so.build_ops_model("ConvNeXtLike", seed=0)
     xc = so.ops_input("ConvNeXtLike")
-    assert so.pfv_layers(c, xc) == {"input": (3, 8, 8), "act": (16, 4, 4), "act_out": (8, 4, 4)}
+    assert so.pfv_layers(c, xc) == {
+        "input": (3, 8, 8),
+        "act": (16, 4, 4),
+        "sum": (8, 4, 4),
+        "act_out": (8, 4, 4),
+    }
+    assert so.pfv_layers(c, xc, sum_layers=False) == {
+        "input": (3, 8, 8),
+        "act": (16, 4, 4),
+        "act_out": (8, 4, 4),
+    }
     assert isinstance(c.act, torch.nn.GELU) and isinstance(c.act_out, torch.nn.ReLU)
     # non-trivial affine parameters of every norm, non-zero biases, random layer scale
     for mod in (m.gn1, m.ln2, c.stem_norm, c.norm, c.head_norm):
@@ -436,7 +457,7 @@ def test_convnext_shortcut_and_block_paths() -> None:
     act_out reaches the input both directly and through act."""
     model = so.build_ops_model("ConvNeXtLike", seed=23)
     x = so.ops_input("ConvNeXtLike", seed=24)
-    g = so._build_graph(model, x)
+    g = so._build_graph(model, x, sum_layers=False)
     assert [b.out_layer for b in g.blocks] == ["act", "act_out"]
     memo = so._PathMemo()
     leaves_act = {p[0] for p in memo.paths(g.blocks[0].root, (1, 2))}
@@ -446,6 +467,18 @@ def test_convnext_shortcut_and_block_paths() -> None:
     # from 4 input positions (2x2 stride-2 stem): 64 paths; act_out: 4 (shortcut) + 1 (act)
     assert len(memo.paths(g.blocks[0].root, (1, 2))) == 64
     assert len(memo.paths(g.blocks[1].root, (1, 2))) == 5
+    # with sum layers the sum takes act_out's old block; act_out's block is the identity on it
+    gs = so._build_graph(model, x)
+    assert [(b.out_layer, b.is_sum) for b in gs.blocks] == [
+        ("act", False),
+        ("sum", True),
+        ("act_out", False),
+    ]
+    memo = so._PathMemo()
+    assert len(memo.paths(gs.blocks[0].root, (1, 2))) == 64
+    assert {p[0] for p in memo.paths(gs.blocks[1].root, (1, 2))} == {"input", "act"}
+    assert len(memo.paths(gs.blocks[1].root, (1, 2))) == 5
+    assert memo.paths(gs.blocks[2].root, (1, 2)) == [("sum", (1, 2), ())]
     seed = torch.zeros(2, 4, 4, dtype=torch.float64)
     seed[:, 1, 2] = 1.0
     rel = so.srd_oracle_ops_relevance(model, x, seeds={"act_out": seed})
@@ -471,3 +504,218 @@ def test_norm_even_split_where_all_norms_are_zero() -> None:
         logits = model(x)[torch.arange(2), torch.tensor([2, 0])]
     torch.testing.assert_close(rel["input"].sum((1, 2)), logits, rtol=1e-9, atol=1e-12)
     assert (rel["input"][:, 3:6, 2:5].abs() > 0).all()
+
+
+# ----------------------------------------------------------------------------------------------
+# Sum layers: every sum of two input-dependent tensors is a PFV layer (identity activation)
+# ----------------------------------------------------------------------------------------------
+
+# the models of OPS_MODEL_CLASSES (and ResNetLike) whose sums each feed an activation directly
+SUMS_BEFORE_ACT = {
+    "SliceNet": ["sum"],
+    "UpsampleNet": ["sum"],
+    "ConvNeXtLike": ["sum"],
+    "ResNetLike": ["layer1:sum", "layer2:sum"],
+}
+STREAM_SUMS = ["blocks.0:sum", "blocks.1:sum", "blocks2.0:sum"]
+
+
+def _model_and_input(name: str, seed: int) -> tuple[torch.nn.Module, torch.Tensor]:
+    if name == "ResNetLike":
+        model = sm.build_model("ResNetLike", act="silu", seed=seed)
+        g = torch.Generator().manual_seed(seed + 1)
+        return model, torch.randn(2, 3, 9, 11, dtype=torch.float64, generator=g)
+    return so.build_ops_model(name, seed=seed), so.ops_input(name, seed=seed + 1)
+
+
+def test_sum_layer_names_follow_the_modules_forward() -> None:
+    """The torch-function mode of the graph build names the sums by the module whose forward did
+    them: one sum -> "<module>:sum", several -> "@0", "@1", ... in forward order, the top level
+    -> "sum"; sums with a constant, a parameter or a scalar are not sums of two input-dependent
+    tensors; torch.add, +, += and Tensor.add all count."""
+
+    class Inner(torch.nn.Module):
+        def forward(self, h: torch.Tensor) -> torch.Tensor:
+            return torch.add(h, 2 * h)
+
+    class Outer(torch.nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.w = torch.nn.Parameter(torch.ones(3, 1, 1))
+            self.inner = torch.nn.Sequential(Inner(), Inner())
+
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            h = x + 1.0  # scalar
+            h = h + self.w  # parameter
+            h = h + torch.ones_like(h)  # constant: does not depend on the input
+            h = h + x  # sum@0
+            h = self.inner(h)  # inner.0:sum, inner.1:sum
+            h += x * 0.5  # sum@1
+            return h.add(x)  # sum@2
+
+    x = torch.randn(1, 3, 2, 2, dtype=torch.float64)
+    m = Outer().double()
+    out, _, sums = so._hooked_forward(m, x, [])
+    assert list(sums) == ["sum@0", "inner.0:sum", "inner.1:sum", "sum@1", "sum@2"]
+    h = x + 1.0 + 1.0 + 1.0 + x
+    torch.testing.assert_close(sums["sum@0"], h, rtol=0, atol=0)
+    h1 = h + 2 * h
+    torch.testing.assert_close(sums["inner.1:sum"], h1 + 2 * h1, rtol=0, atol=0)
+    torch.testing.assert_close(sums["sum@2"], out, rtol=0, atol=0)
+    assert so.sum_layer_names(["a", "", "a", "b"]) == ["a:sum@0", "sum", "a:sum@1", "b:sum"]
+
+
+def test_streamnet_layers_and_parameters() -> None:
+    model = so.build_ops_model("StreamNet", seed=0)
+    x = so.ops_input("StreamNet")
+    assert so.pfv_layers(model, x) == {
+        "input": (3, 8, 8),
+        "blocks.0.act": (16, 4, 4),
+        "blocks.0:sum": (8, 4, 4),
+        "blocks.1.act": (16, 4, 4),
+        "blocks.1:sum": (8, 4, 4),
+        "blocks2.0.act": (16, 2, 2),
+        "blocks2.0:sum": (8, 2, 2),
+    }
+    assert list(so.pfv_layers(model, x)) == [
+        "input",
+        "blocks.0.act",
+        "blocks.0:sum",
+        "blocks.1.act",
+        "blocks.1:sum",
+        "blocks2.0.act",
+        "blocks2.0:sum",
+    ]  # forward order
+    assert list(so.pfv_layers(model, x, sum_layers=False)) == [
+        "input",
+        "blocks.0.act",
+        "blocks.1.act",
+        "blocks2.0.act",
+    ]
+    assert list(so.sum_layers_of(model, x)) == STREAM_SUMS
+    mods = dict(model.named_modules())
+    for b in ("blocks.0", "blocks.1", "blocks2.0"):
+        assert isinstance(mods[b], so.StreamBlock) and isinstance(mods[b + ".act"], torch.nn.ReLU)
+        assert mods[b].gamma.abs().min() > 0 and mods[b].gamma.std() > 0
+    for mod in model.modules():
+        if isinstance(mod, (torch.nn.Conv2d, torch.nn.Linear)):
+            assert mod.bias.abs().min() > 0
+        if isinstance(mod, (torch.nn.LayerNorm, so.LayerNorm2d)):
+            assert (mod.weight - 1).abs().min() > 0 and mod.bias.abs().min() > 0
+    # no activation anywhere on the stream: the activations are exactly the three block ones
+    acts = [k for k, m in model.named_modules() if isinstance(m, sm.ACTIVATION_TYPES)]
+    assert acts == ["blocks.0.act", "blocks.1.act", "blocks2.0.act"]
+    layer, seed = so.ops_logit_seed(model, x, 1)
+    assert layer == "blocks2.0:sum" and seed.shape == (2, 2, 2)
+
+
+@pytest.mark.parametrize("sum_layers", [True, False])
+def test_streamnet_forward_brute(sum_layers: bool) -> None:
+    """Both definitions: the recomputed blocks, sums and logits equal the model's forward, every
+    node recomputed from its components equals the torch op, and the path vectors add up to z(q)
+    at every block output position (and, without sum layers, at every head input position)."""
+    model = so.build_ops_model("StreamNet", act="gelu", seed=3)
+    x = so.ops_input("StreamNet", seed=1)
+    counts = so.check_forward(model, x, sum_layers=sum_layers)
+    # blocks' output positions: 3 acts (16+16+4) + 3 sums (16+16+4) with sum layers, x 2 samples;
+    # without: 3 acts + the head input (4)
+    assert counts["positions"] == (144 if sum_layers else 80)
+
+
+@pytest.mark.parametrize("act", ["relu", "gelu"])
+def test_streamnet_conservation_and_the_definitions_differ(act: str) -> None:
+    """Both definitions conserve (the pixel map sums to the target logit, 1e-9 relative), but
+    they give different maps: on a stream without activations the sum layers change which
+    paths the biases and the relevance take. With sum layers every sum layer is a cut of the
+    graph: each carries the whole logit; without them the block activations are bypassed by the
+    stream, so no layer but the input does."""
+    model = so.build_ops_model("StreamNet", act=act, seed=11)
+    x = so.ops_input("StreamNet", seed=5)
+    target = torch.tensor([1, 3])
+    with torch.no_grad():
+        logits = model(x)[torch.arange(2), target]
+    rels = {}
+    for sum_layers in (True, False):
+        stats: dict[str, int] = {}
+        rel = so.srd_oracle_ops_relevance(model, x, target, stats=stats, sum_layers=sum_layers)
+        assert stats == {"dropped": 0, "even_splits": 0}
+        torch.testing.assert_close(rel["input"].sum((1, 2)), logits, rtol=1e-9, atol=0)
+        rels[sum_layers] = rel
+    for layer in STREAM_SUMS:
+        torch.testing.assert_close(rels[True][layer].sum((1, 2)), logits, rtol=1e-9, atol=0)
+    a, b = rels[True]["input"], rels[False]["input"]
+    rel_l1 = float((a - b).abs().sum() / a.abs().sum())
+    assert rel_l1 > 0.05, rel_l1
+    for layer in ("blocks.0.act", "blocks.1.act", "blocks2.0.act"):
+        assert (rels[True][layer] - rels[False][layer]).abs().max() > 1e-3, layer
+
+
+def test_streamnet_seeding_a_sum_layer_with_its_own_relevance_gives_the_map() -> None:
+    """Every path from the head to the input runs through each sum layer: seeding a sum layer
+    with its own relevance (of the logit seed, and of the contrastive seed) gives the same pixel
+    map (1e-12), as does seeding the head layer with the logit seed map."""
+    model = so.build_ops_model("StreamNet", act="silu", seed=2)
+    x = so.ops_input("StreamNet", seed=3)
+    for contrastive in (False, True):
+        rel = so.srd_oracle_ops_relevance(model, x, [0, 2], contrastive=contrastive)
+        for layer in STREAM_SUMS:
+            got = so.srd_oracle_ops_layer_seed(model, x, layer, rel[layer])
+            torch.testing.assert_close(got, rel["input"], rtol=1e-12, atol=1e-13)
+    layer, seed = so.ops_logit_seed(model, x, [0, 2])
+    rel = so.srd_oracle_ops_relevance(model, x, [0, 2])
+    torch.testing.assert_close(rel[layer], seed, rtol=0, atol=0)
+    # the head seen as a block of its own (GAP -> target row, head bias split evenly over its
+    # paths; what sum_layers=False uses on StreamNet) is the same as the logit seed map
+    g = so._build_graph(model, x)
+    assert g.head_root is None
+    for k, v in so._logit_block_relevance(g, [0, 2]).items():
+        torch.testing.assert_close(v, rel[k], rtol=1e-12, atol=1e-13)
+
+
+@pytest.mark.parametrize("sum_layers", [True, False])
+def test_streamnet_batch_is_per_sample(sum_layers: bool) -> None:
+    model = so.build_ops_model("StreamNet", seed=7)
+    x = so.ops_input("StreamNet", seed=8, shape=(3, 3, 8, 8))
+    target = [3, 0, 2]
+    batch = so.srd_oracle_ops(model, x, target, sum_layers=sum_layers)
+    for n in range(3):
+        one = so.srd_oracle_ops(model, x[n : n + 1], target[n], sum_layers=sum_layers)
+        torch.testing.assert_close(batch[n : n + 1], one, rtol=1e-12, atol=1e-13)
+
+
+def test_streamnet_without_sum_layers_has_no_seed_map() -> None:
+    model = so.build_ops_model("StreamNet", seed=0)
+    x = so.ops_input("StreamNet")
+    with pytest.raises(ValueError):
+        so.ops_logit_seed(model, x, 0, sum_layers=False)
+    with pytest.raises(ValueError):
+        so.srd_oracle_ops(model, x, 0, contrastive=True, sum_layers=False)
+    with pytest.raises(KeyError):
+        so.srd_oracle_ops_layer_seed(
+            model, x, "blocks.0:sum", torch.zeros(2, 4, 4), sum_layers=False
+        )
+
+
+@pytest.mark.parametrize("name", [n for n in MODELS if n != "StreamNet"] + ["ResNetLike"])
+def test_sum_layers_change_nothing_where_a_sum_feeds_an_activation(name: str) -> None:
+    """Every sum of these models feeds an activation directly: the sum layer's z is that
+    activation's z, so relevance projected on it twice is the same. The two definitions give the
+    same relevance on every common layer (1e-12), logit seeded and contrastive, and the PFV
+    layers differ by exactly the sum layers (none for the models without sums)."""
+    model, x = _model_and_input(name, seed=4)
+    new = so.pfv_layers(model, x)
+    old = so.pfv_layers(model, x, sum_layers=False)
+    sums = SUMS_BEFORE_ACT.get(name, [])
+    assert list(so.sum_layers_of(model, x)) == sums
+    if not sums:
+        assert new == old
+        return
+    assert [k for k in new if k not in old] == sums and all(k in new for k in old)
+    for contrastive in (False, True):
+        a = so.srd_oracle_ops_relevance(model, x, [1, 0], contrastive=contrastive)
+        b = so.srd_oracle_ops_relevance(model, x, [1, 0], contrastive=contrastive, sum_layers=False)
+        for k in old:
+            torch.testing.assert_close(a[k], b[k], rtol=1e-12, atol=1e-13)
+    for k in sums:  # the sum layer holds what the activation after it holds
+        act = list(new)[list(new).index(k) + 1]
+        torch.testing.assert_close(a[k], a[act], rtol=1e-12, atol=1e-13)

@@ -108,6 +108,9 @@ class Rule:
     #: constant, and the rule's backward treats them so (docs/srd.md); False: they are not
     #: decomposed (the plain gradient flows through them)
     constant_statistics = False
+    #: the output of every sum of two input-dependent tensors is a PFV layer too, with the
+    #: identity as its activation (SRD: a residual stream without activations, docs/srd.md)
+    sum_layers = False
     keeps_pfv_values = False  # the rule reads PFV values after the forward pass
     needs_graph = True  # False: nothing is replaced, run the model as it is (fastest)
 
@@ -293,6 +296,7 @@ class Trace:
             norm_apply=(lambda x, scale, fn: ConstantStatisticsNorm.apply(x, scale, fn,
                                                                           self.rule))
             if self.rule.constant_statistics else None,
+            sum_layers=self.rule.sum_layers,
         )
         self.recorder = recorder
 

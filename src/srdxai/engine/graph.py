@@ -115,6 +115,12 @@ def channels_last_perm(ndim: int) -> tuple[int, ...]:
 GATE_ACTIVATIONS = {"sigmoid", "hardsigmoid"}
 
 
+def identity_activation(t: Tensor) -> Tensor:
+    """The activation of a sum layer: the identity (a new tensor object, so that the layer
+    gets a node of its own)."""
+    return t.view_as(t)
+
+
 def _bind(args: tuple, kwargs: dict, names: list[str], defaults: dict[str, Any]) -> dict:
     bound = dict(defaults)
     for n, a in zip(names, args, strict=False):
@@ -173,8 +179,11 @@ class Recorder(Tracer):
         on_linear_op: Callable[[ops.LinearOp, list, Tensor], Tensor] | None = None,
         gate_apply: Callable[[Tensor, Tensor], Tensor] | None = None,
         norm_apply: Callable[[Tensor, Tensor, Callable[[Tensor], Tensor]], Tensor] | None = None,
+        sum_layers: bool = False,
     ):
         super().__init__()
+        # every sum of two input-dependent tensors is also a PFV layer (identity activation)
+        self.sum_layers = sum_layers
         self.verb = "decompose"
         # ``norm_apply(x, scale, fn)``: ``fn(x)`` (a LayerNorm / GroupNorm) whose backward, for
         # the rule, is ``grad * scale`` (statistics constant); None: norms are not decomposed
@@ -368,6 +377,18 @@ class Recorder(Tracer):
         node.name = name
         return v
 
+    def _sum_layer(self, z: Tensor) -> Tensor:
+        """The output of a sum of two input-dependent tensors as a PFV layer with the
+        identity as its activation (docs/srd.md: the residual stream's PFV layers)."""
+        module_name = self.module_stack[-1][0] if self.module_stack else ""
+        name = f"{module_name}:sum".lstrip(":")
+        v = self.activation_apply(z, identity_activation, name)
+        node = self._add_node(v, None, keep=self.keep_pfv_values)
+        node.pre = z
+        node.activation = "identity"
+        node.name = name
+        return v
+
     def _add(self, func, args, kwargs):
         a, b = args[0], args[1]
         alpha = kwargs.get("alpha", args[2] if len(args) > 2 else 1)
@@ -392,7 +413,8 @@ class Recorder(Tracer):
                 raise self.unsupported(
                     f"a broadcasting '+' of shapes {tuple(a.shape)} and {tuple(b.shape)}")
             op = ops.AddOp(self.where, [ca, cb])
-            return self._record(op, [a, b], out)
+            out = self._record(op, [a, b], out)
+            return self._sum_layer(out) if self.sum_layers else out
         tracked, const, ct, cc = (a, b, ca, cb) if na is not None else (b, a, cb, ca)
         if isinstance(const, Tensor) and torch.broadcast_shapes(const.shape, tracked.shape) != (
             tracked.shape
@@ -937,7 +959,8 @@ class Recorder(Tracer):
             source = x if is_differentiable() else x.detach()
             mean, var = statistics(source)
             shape = (1, -1) + (1,) * (x.dim() - 2)
-            scale = torch.rsqrt(var + eps)
+            inv_std = torch.rsqrt(var + eps)
+            scale = inv_std
             if weight is not None:
                 scale = scale * weight.detach().reshape(shape)
             shift = -mean * scale
@@ -948,4 +971,7 @@ class Recorder(Tracer):
         keep = (lambda t: t) if is_differentiable() else (lambda t: t.detach())
         op = ops.PointwiseScale(self.where, keep(scale), bias=keep(shift))
         op.kind = kind
+        if kind == "layernorm":  # weight per channel times 1 / std per sample and position
+            op.factors = (None if weight is None else weight.detach().reshape(-1),
+                          keep(inv_std))
         return self._record(op, [x], out)

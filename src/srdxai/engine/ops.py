@@ -75,6 +75,10 @@ class PointwiseScale(LinearOp):
     def __init__(self, name: str, scale: torch.Tensor | float, bias: torch.Tensor | None = None):
         super().__init__(name=name, bias=bias)
         self.scale = scale
+        # ``scale`` as (per-channel vector (C,), per-sample-and-position scalar (N, 1, *S)),
+        # either None for 1, when it factors so (a LayerNorm over channels: weight / std);
+        # rules use it to carry the scale through per-offset norms without the full tensor
+        self.factors: tuple[torch.Tensor | None, torch.Tensor | None] | None = None
 
     def component_forward(self, x, i, k):
         return x * self.scale
@@ -250,6 +254,11 @@ class WindowOp(LinearOp):
         """Drop the cached padded input (memory) once a rule is done with this call."""
         self._padded = None
 
+    def input_at_offset(self, x: torch.Tensor, k: Component) -> torch.Tensor:
+        """The input values offset ``k`` reads for every output position, (N, C, *out)
+        (zero where it reads padding)."""
+        return self._shifted(x, k)
+
     def _shifted(self, x: torch.Tensor, k: Component) -> torch.Tensor:
         """The input positions offset ``k`` reads, as a strided view of the padded input."""
         if self._trivial:
@@ -366,15 +375,35 @@ class ConvOp(WindowOp):
         C_out) gives every offset's norm at every input position; a gather then moves each
         offset's norms to the output positions that read them (0 where they read padding).
         Per-offset shifted copies of the input cost several times more (memory traffic).
-        The convolution runs in blocks of rows of about ``_NORM_BLOCK`` output values so the
-        (K*C)-channel intermediate stays in cache.
         """
-        n, cin, height, width = x.shape
         weights = torch.stack([self._offset_weight(k, scale) for k in self.offsets])  # K,Co,Ci
-        n_off, cout = weights.shape[:2]
-        gram = cin < cout
-        if gram:
+        return self.stacked_norms(x, weights)
+
+    def stacked_norms(self, x: torch.Tensor, weights: torch.Tensor,
+                      grams: bool = False) -> torch.Tensor:
+        """``|| M_k x(q_k(p)) ||`` over output channels for every offset ``k`` at every output
+        position ``p``, (N, K, *out): ``weights`` (K, C_out', C_in) holds one matrix ``M_k``
+        per offset (the offset's weights, possibly followed by more linear maps), ``q_k(p)``
+        the input position offset ``k`` reads for output ``p`` (0 where it reads padding).
+
+        Stride-1 2-D convolutions: one 1x1 convolution at the input positions, then a gather
+        (in blocks of rows of about ``_NORM_BLOCK`` output values, so the (K*C)-channel
+        intermediate stays in cache); otherwise per offset on the shifted input.
+        ``grams``: ``weights`` already holds the Gram matrices ``M_k^T M_k`` (K, C_in, C_in).
+        """
+        n_off, cout, cin = weights.shape
+        gram = grams or cin < cout
+        if gram and not grams:
             weights = weights.transpose(1, 2) @ weights  # K, Ci, Ci
+        if not self._norms_at_inputs_apply_full(x):
+            ones = (1,) * len(self.kernel)
+            norms = []
+            for j, k in enumerate(self.offsets):
+                xs = self._shifted(x, k)
+                y = self._conv(xs, weights[j].reshape(*weights[j].shape, *ones).to(x.dtype))
+                norms.append(safe_sqrt(channel_dot(y, xs)) if gram else channel_norm(y))
+            return torch.stack(norms, 1)
+        n, _, height, width = x.shape
         stacked = weights.reshape(-1, cin, 1, 1).to(x.dtype)
         width_out = stacked.shape[0]
         x = x.contiguous(memory_format=torch.channels_last)
@@ -396,12 +425,53 @@ class ConvOp(WindowOp):
                 torch.cat([squared_norms(x[i:i + 1, :, r:r + rows])
                            for r in range(0, height, rows)], 1)
                 for i in range(n)], 0)
-        # (N, H, W, K) -> (N, K, H*W), then each offset's input positions at output positions
-        sq_in = sq_in.permute(0, 3, 1, 2).reshape(n, n_off, -1)
+        return self._gather_offsets(sq_in.permute(0, 3, 1, 2).reshape(n, n_off, -1), safe_sqrt)
+
+    def diagonal_norms(self, x: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
+        """:meth:`stacked_norms` for diagonal ``M_k = diag(weights[k])`` ((K, C) weights: a
+        depthwise convolution followed by per-channel scales)."""
+        sq_w = (weights * weights).to(x.dtype)
+        if not self._norms_at_inputs_apply_full(x):
+            ones = (1,) * len(self.kernel)
+            return torch.stack([
+                safe_sqrt(self._conv(self._shifted(x, k) ** 2,
+                                     sq_w[j].reshape(1, -1, *ones))[:, 0])
+                for j, k in enumerate(self.offsets)], 1)
+        n = x.shape[0]
+        sq_in = F.conv2d(x * x, sq_w.reshape(*sq_w.shape, 1, 1))  # N, K, H, W
+        return self._gather_offsets(sq_in.reshape(n, len(self.offsets), -1), safe_sqrt)
+
+    def scaled_quadratic_norms(self, x: torch.Tensor, d: torch.Tensor,
+                               g: torch.Tensor) -> torch.Tensor:
+        """:meth:`stacked_norms` for ``M_k^T M_k = diag(d_k) G diag(d_k)`` ((K, C) ``d``, one
+        (C, C) ``G``: a depthwise convolution, per-channel scales, then a dense layer with
+        Gram matrix ``G``), as ``(d_k * x) G (d_k * x)`` per input position: cheaper in memory
+        than K Gram matrices when the map has fewer positions than channels."""
+        if not self._norms_at_inputs_apply_full(x):
+            return self.stacked_norms(x, g.unsqueeze(0) * (d.unsqueeze(2) * d.unsqueeze(1)),
+                                      grams=True)
+        n, c = x.shape[:2]
+        flat = x.reshape(n, c, -1).transpose(1, 2).reshape(-1, c)  # (N * P, C)
+        g, d = g.to(x.dtype), d.to(x.dtype)
+        rows = []
+        for dk in d:  # one offset at a time: (N * P, C) intermediates only
+            y = flat * dk
+            rows.append(((y @ g) * y).sum(-1))
+        sq_in = torch.stack(rows, 0).reshape(len(self.offsets), n, -1).transpose(0, 1)
+        return self._gather_offsets(sq_in, safe_sqrt)
+
+    def _norms_at_inputs_apply_full(self, x: torch.Tensor) -> bool:
+        """Every input position is read by every offset (stride 1, 2-D), several offsets."""
+        return x.dim() == 4 and len(self.offsets) > 1 and all(s == 1 for s in self.stride)
+
+    def _gather_offsets(self, sq_in: torch.Tensor, finish) -> torch.Tensor:
+        """(N, K, in positions) -> (N, K, *out): each offset's values at the output positions
+        that read them, 0 where they read padding."""
+        n, n_off = sq_in.shape[:2]
         index = torch.stack([self._flat_index[k] for k in self.offsets])
         sq_out = sq_in.gather(2, index.unsqueeze(0).expand(n, -1, -1)).reshape(
             n, n_off, *self.out_spatial) * self.offset_inside(sq_in.dtype)
-        return safe_sqrt(sq_out)
+        return finish(sq_out)
 
     def offset_norm(self, x: torch.Tensor, k: Component,
                     scale: torch.Tensor | None = None) -> torch.Tensor:

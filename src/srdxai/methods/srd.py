@@ -14,6 +14,7 @@ model) is the engine's.
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable, Iterator, Sequence
 from typing import Any
 
@@ -40,6 +41,7 @@ class SRDRule(Rule):
     keeps_pfv_values = True
     gate_products = True
     constant_statistics = True
+    sum_layers = True
 
     def __init__(self, max_paths: int = 4096):
         # ``plain`` (the base class's flag) is also set while a Grad-CAM seed is computed
@@ -109,7 +111,8 @@ class SRDRule(Rule):
 
     def _split(self, out_node: Node, rho: Tensor, even: bool) -> None:
         """Split the bias relevance ``rho`` (N, *spatial) over the paths into ``out_node``."""
-        if not even and self._split_conv_offsets(out_node, rho):
+        if not even and (self._split_conv_offsets(out_node, rho)
+                         or self._split_through_pointwise(out_node, rho)):
             return
         weights: list[Tensor] = []
         valids: list[Tensor] = []
@@ -190,6 +193,145 @@ class SRDRule(Rule):
             total = torch.where(dead, inside.sum(1, keepdim=True), total)
         share = safe_divide(rho.unsqueeze(1), total) * norms
         spread = conv.scatter_offsets(share)
+        prev = self.bias_relevance.get(src.index)
+        self.bias_relevance[src.index] = spread if prev is None else prev + spread
+        return True
+
+    def _split_through_pointwise(self, out_node: Node, rho: Tensor) -> bool:
+        """Fast path for a bias whose paths leave a PFV layer through one convolution and
+        then pass only per-channel / per-position scales (and, at the entry, at most one 1x1
+        convolution): ConvNeXt's LayerNorm shift and first dense layer after its depthwise
+        convolution (``PFV -> dwconv -> LayerNorm -> Linear``).
+
+        A LayerNorm over channels scales by ``weight / std(q)``: a channel vector times one
+        number per position. So every offset ``k`` of the convolution contributes
+        ``r(q) M_k v(p)`` at the entry op's output, ``M_k`` = (1x1 conv) diag(channel scales)
+        (offset ``k``'s weights), and its norm is ``|r(q)| ||M_k v(p)||``: all offsets in one
+        pass of :meth:`~srdxai.engine.ops.ConvOp.stacked_norms` instead of one full-size
+        tensor per path. Same result as the general walk (tested against it); returns False
+        when the block has another shape.
+        """
+        entry = out_node.producer
+        post = None  # the 1x1 convolution's (C_out, C_in) matrix at the entry
+        node = out_node
+        if isinstance(entry, ops.ConvOp):
+            if len(entry.offsets) > 1 and _plain_or_depthwise(entry):
+                # a depthwise convolution reading another convolution through scales
+                return self._split_through_two_convs(entry, None, None, None, rho)
+            if (len(entry.offsets) != 1 or entry.groups != 1 or entry.inputs[0] is None
+                    or tuple(entry.in_spatial) != tuple(entry.out_spatial)):
+                return False
+            post = entry.weight.reshape(entry.weight.shape[0], -1)
+            node = entry.inputs[0]
+        walked = _walk_pointwise(node)
+        if walked is None:
+            return False
+        node, channel, position = walked
+        if node.is_pfv:
+            return False  # no convolution: a single path, the general walk is as cheap
+        conv = node.producer
+        src = conv.inputs[0]
+        if src is None or not _plain_or_depthwise(conv):
+            return False
+        if tuple(conv.out_spatial) != tuple(out_node.spatial):
+            return False
+        if not src.is_pfv:
+            return self._split_through_two_convs(conv, post, channel, position, rho)
+        norms = _chain_norms(conv, self._source_value(src), post, channel)
+        conv.release()
+        if position is not None:
+            norms = norms * position.abs()
+        inside = conv.offset_inside(norms.dtype)
+        total = norms.sum(1, keepdim=True)
+        dead = total == 0
+        if _may_hold(dead):
+            norms = torch.where(dead, inside.expand_as(norms), norms)
+            total = torch.where(dead, inside.sum(1, keepdim=True), total)
+        share = safe_divide(rho.unsqueeze(1), total) * norms
+        spread = conv.scatter_offsets(share)
+        prev = self.bias_relevance.get(src.index)
+        self.bias_relevance[src.index] = spread if prev is None else prev + spread
+        return True
+
+    def _split_through_two_convs(self, conv: ops.ConvOp, post: Tensor | None,
+                                 channel: Tensor | None, position: Tensor | None,
+                                 rho: Tensor) -> bool:
+        """:meth:`_split_through_pointwise` when the depthwise ``conv`` reads, through more
+        per-channel / per-position scales, another convolution ``first`` (groups 1) that
+        reads a PFV layer (possibly through scales too): the first block of a ConvNeXt stage
+        (stem, or LayerNorm -> downsampling conv; then LayerNorm -> depthwise conv ->
+        LayerNorm -> dense). A path is a pair of offsets
+        ``(j, k)``; per offset ``j`` of ``first``, the norms of all ``k`` come from one pass of
+        :func:`_chain_norms`, either on ``first``'s offset-``j`` output (cost per position
+        ~ K C_mid^2) or, when the input has few channels (the stem's 3), on the input itself
+        with the composed weights' Gram matrices (~ K C_in^2)."""
+        if conv.groups == 1:
+            return False
+        walked = _walk_pointwise(conv.inputs[0])
+        if walked is None or walked[0].is_pfv:
+            return False
+        node, channel1, position1 = walked
+        first = node.producer
+        if first.groups != 1 or first.inputs[0] is None:
+            return False
+        # the first convolution may read its PFV layer through scales too (a LayerNorm)
+        walked = _walk_pointwise(first.inputs[0])
+        if walked is None or not walked[0].is_pfv:
+            return False
+        src, channel0, position0 = walked
+        value = self._source_value(src)
+        if channel0 is not None:
+            value = value * channel0.to(value.dtype).reshape(1, -1, *([1] * (value.dim() - 2)))
+        if position0 is not None:
+            value = value * position0
+        cmid, cin = first.weight.shape[:2]
+        k1, k2 = len(first.offsets), len(conv.offsets)
+        positions = math.prod(conv.in_spatial) * value.shape[0]
+        dense = post is not None
+        compose_cost = k1 * k2 * (cmid * cin * (cmid if dense else cin) + positions * cin * cin)
+        direct_cost = k1 * positions * (cmid * cin + k2 * (cmid * cmid if dense else cmid))
+        depth = torch.stack([conv.weight[(slice(None), 0, *k)] for k in conv.offsets])  # K2, C
+        if channel is not None:
+            depth = depth * channel.to(depth.dtype)
+        gram_post = post.transpose(0, 1) @ post if dense else None
+        parts = []
+        for j in first.offsets:
+            if compose_cost < direct_cost:
+                x = first.input_at_offset(value, j)
+                if position1 is not None:
+                    x = x * position1
+                w1 = first.weight[(slice(None), slice(None), *j)]  # C_mid, C_in
+                if channel1 is not None:
+                    w1 = w1 * channel1.to(w1.dtype).reshape(-1, 1)
+                inner = (depth * depth).unsqueeze(2) if not dense else (
+                    gram_post.unsqueeze(0) * (depth.unsqueeze(2) * depth.unsqueeze(1)))
+                if not dense:  # diag(d_k^2) between w1^T and w1
+                    grams = w1.transpose(0, 1).unsqueeze(0) @ (inner * w1.unsqueeze(0))
+                else:
+                    grams = w1.transpose(0, 1).unsqueeze(0) @ inner @ w1.unsqueeze(0)
+                parts.append(conv.stacked_norms(x, grams, grams=True))
+            else:
+                z = first.component_forward(value, 0, j, scale=channel1)
+                if position1 is not None:
+                    z = z * position1
+                parts.append(_chain_norms(conv, z, post, channel))
+        first.release()
+        conv.release()
+        norms = torch.cat(parts, 1)  # (N, K1 * K2, *out), offsets of ``first`` outer
+        if position is not None:
+            norms = norms * position.abs()
+        inside = conv.offset_inside(norms.dtype).repeat(1, k1, *([1] * (norms.dim() - 2)))
+        total = norms.sum(1, keepdim=True)
+        dead = total == 0
+        if _may_hold(dead):
+            norms = torch.where(dead, inside.expand_as(norms), norms)
+            total = torch.where(dead, inside.sum(1, keepdim=True), total)
+        share = safe_divide(rho.unsqueeze(1), total) * norms
+        spread = None
+        for i, j in enumerate(first.offsets):
+            mid = conv.scatter_offsets(share[:, i * k2:(i + 1) * k2])
+            part = first.component_scatter(mid, 0, j)
+            spread = part if spread is None else spread + part
         prev = self.bias_relevance.get(src.index)
         self.bias_relevance[src.index] = spread if prev is None else prev + spread
         return True
@@ -275,6 +417,81 @@ def _conv_before(bn: ops.BatchNormOp) -> ops.ConvOp | None:
     src = bn.inputs[0]
     if src is not None and isinstance(src.producer, ops.ConvOp) and len(src.consumers) == 1:
         return src.producer
+    return None
+
+
+def _walk_pointwise(node: Node) -> tuple[Node, Tensor | None, Tensor | None] | None:
+    """From ``node`` back through ops that scale each value in place, to the first PFV
+    layer or convolution: (that node, product of the per-channel scales, product of the
+    per-position scales); None if another op is in the way."""
+    channel: Tensor | None = None
+    position: Tensor | None = None
+    while not node.is_pfv and not isinstance(node.producer, ops.ConvOp):
+        op = node.producer
+        factors = _pointwise_factors(op)
+        if factors is None or len(op.inputs) != 1 or op.inputs[0] is None:
+            return None
+        c, r = factors
+        if c is not None:
+            channel = c if channel is None else channel * c
+        if r is not None:
+            position = r if position is None else position * r
+        node = op.inputs[0]
+    return node, channel, position
+
+
+def _plain_or_depthwise(conv: ops.ConvOp) -> bool:
+    cout, cin_g = conv.weight.shape[:2]
+    return conv.groups == 1 or (cin_g == 1 and conv.groups == cout)
+
+
+def _chain_norms(conv: ops.ConvOp, value: Tensor, post: Tensor | None,
+                 channel: Tensor | None) -> Tensor:
+    """``|| post diag(channel) W_k v(p_k(q)) ||`` for every offset ``k`` of ``conv`` (groups 1
+    or depthwise) at every output position ``q``: (N, K, *out). ``post`` (C_out', C) and
+    ``channel`` (C,) may be None (identity). When the quadratic form is cheaper, the Gram
+    matrix of ``post`` is formed once and each offset's is ``G`` scaled by its weights."""
+    w = torch.stack([conv.weight[(slice(None), slice(None), *k)] for k in conv.offsets])
+    if channel is not None:
+        w = w * channel.to(w.dtype).reshape(1, -1, 1)
+    if conv.groups > 1:  # depthwise: M_k = post diag(d_k)
+        d = w[:, :, 0]  # (K, C)
+        if post is None:
+            return conv.diagonal_norms(value, d)
+        cout, c = post.shape
+        if c < cout:
+            g = post.transpose(0, 1) @ post
+            if value.shape[0] * math.prod(value.shape[2:]) < c:  # few positions, many channels
+                return conv.scaled_quadratic_norms(value, d, g)
+            return conv.stacked_norms(value, g.unsqueeze(0) * (d.unsqueeze(2) * d.unsqueeze(1)),
+                                      grams=True)
+        return conv.stacked_norms(value, post.unsqueeze(0) * d.unsqueeze(1))
+    if post is None:
+        return conv.stacked_norms(value, w)
+    if w.shape[2] < post.shape[0]:
+        g = post.transpose(0, 1) @ post
+        return conv.stacked_norms(value, w.transpose(1, 2) @ g @ w, grams=True)
+    return conv.stacked_norms(value, post @ w)
+
+
+def _pointwise_factors(op: ops.LinearOp) -> tuple[Tensor | None, Tensor | None] | None:
+    """An op that scales each value in place, as (per-channel vector, per-position scalar),
+    either None for 1; None if it is not such an op (or its scale does not factor so)."""
+    if isinstance(op, ops.IdentityOp):
+        return None, None
+    if isinstance(op, ops.BatchNormOp):
+        return torch.as_tensor(op.scale).reshape(-1), None
+    if not isinstance(op, ops.PointwiseScale):
+        return None
+    if op.factors is not None:
+        return op.factors
+    if op.kind not in ("scale", "add_constant"):
+        return None
+    t = torch.as_tensor(op.scale)
+    if t.numel() == 1:
+        return None, t.reshape(())
+    if t.dim() >= 2 and t.shape[1] == t.numel():
+        return t.reshape(-1), None
     return None
 
 
