@@ -620,3 +620,35 @@ def test_fullgrad_refuses_biases_it_cannot_place(token_layer):
 
     with pytest.raises(InvalidInputError, match="FullGrad needs every bias"):
         srdxai.explain(Tokens().eval(), torch.randn(2, 3, 8, 8), 0, "fullgrad")
+
+
+class _HybridTokens(nn.Module):
+    """A conv stem (4-D activations), then tokens (N, T, D) through an MLP with an
+    activation and a BatchNorm, no LayerNorm or attention (LeViT's pattern)."""
+
+    def __init__(self):
+        super().__init__()
+        self.stem = nn.Conv2d(3, 8, 4, stride=4)
+        self.act = nn.Hardswish()
+        self.fc1 = nn.Linear(8, 16)
+        self.mlp_act = nn.Hardswish()
+        self.fc2 = nn.Linear(16, 8)
+        self.head = nn.Linear(8, 3)
+
+    def forward(self, x):
+        t = self.act(self.stem(x)).flatten(2).transpose(1, 2)
+        t = t + self.fc2(self.mlp_act(self.fc1(t)))
+        return self.head(t.mean(1))
+
+
+@pytest.mark.parametrize("method", ["gradcam", "scorecam", "ablationcam"])
+def test_low_layer_of_a_hybrid_is_a_feature_map_like_the_input(method):
+    """'low' skips activations laid out as tokens (N, T, D) (LeViT's MLPs used to be picked,
+    and every CAM refused): it is the last activation shaped like the input, the stem's."""
+    torch.manual_seed(0)
+    model = _HybridTokens().eval()
+    x = torch.randn(2, 3, 16, 16)
+    ours = srdxai.explain(model, x, target=1, method=method)
+    by_name = srdxai.explain(model, x, target=1, method=method, layer="act")
+    torch.testing.assert_close(ours, by_name)
+    assert ours.shape == (2, 16, 16) and torch.isfinite(ours).all()

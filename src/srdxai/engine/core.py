@@ -381,7 +381,10 @@ class Trace:
                 return node
         if name in self.module_outputs:
             return self.module_outputs[name]
-        spatial = [n for n in self.pfv_layers[1:] if len(n.spatial) > 0]
+        # 'low' / 'high' are feature maps laid out like the input: (N, C, H, W) for images,
+        # not a hybrid model's (N, tokens, dim) activations (LeViT's MLPs)
+        ndim = len(self.pfv_layers[0].shape) if self.pfv_layers else 0
+        spatial = [n for n in self.pfv_layers[1:] if len(n.spatial) > 0 and len(n.shape) == ndim]
         if name in ("low", "high") and spatial:
             low = spatial[-1]
             if name == "low":
