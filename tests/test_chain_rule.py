@@ -7,6 +7,7 @@ import torch
 from torch import nn
 
 import srdxai
+from srdxai.errors import UnsupportedOperationError
 
 captum_attr = pytest.importorskip("captum.attr", reason="captum is a test dependency")
 
@@ -206,3 +207,59 @@ def test_options_that_make_no_sense_are_clear_errors(options, message):
                           nn.Linear(4, 2)).eval()
     with pytest.raises(srdxai.SrdxaiError, match=message):
         srdxai.explain(model, torch.randn(1, 3, 8, 8), 0, **options)
+
+
+class _FoldsPatchesIntoTheBatch(nn.Module):
+    """MobileViT / Swin style: 2x2 patches folded into the batch, processed, unfolded."""
+
+    def __init__(self):
+        super().__init__()
+        self.conv1 = nn.Conv2d(3, 4, 3, padding=1)
+        self.conv2 = nn.Conv2d(4, 4, 3, padding=1)
+        self.fc = nn.Linear(4, 3)
+
+    def forward(self, x):
+        n, _, h, w = x.shape
+        h1 = torch.relu(self.conv1(x))
+        p = h1.reshape(n, 4, 2, h // 2, 2, w // 2).permute(0, 2, 4, 1, 3, 5)
+        p = p.reshape(n * 4, 4, h // 2, w // 2)  # patches in the batch dimension
+        p = torch.relu(self.conv2(p))
+        back = p.reshape(n, 2, 2, 4, h // 2, w // 2).permute(0, 3, 1, 4, 2, 5)
+        return self.fc(back.reshape(n, 4, h, w).mean((2, 3)))
+
+
+def test_deeplift_on_a_model_that_folds_patches_into_the_batch():
+    """The baseline runs in a pass of its own, paired activation by activation: models that
+    fold other dimensions into the batch are explained (they used to be refused), with
+    DeepLIFT's summation to delta and batch = per sample."""
+    torch.manual_seed(0)
+    model = _FoldsPatchesIntoTheBatch().double().eval()
+    x = torch.randn(3, 3, 8, 8, dtype=torch.float64)
+    base = 0.3 * torch.randn(1, 3, 8, 8, dtype=torch.float64)
+    target = [0, 2, 1]
+    dl = srdxai.explain(model, x, target, "deeplift_rescale", baseline=base)
+    delta = model(x) - model(base.expand_as(x))
+    torch.testing.assert_close(dl.sum((1, 2)), delta[torch.arange(3), torch.tensor(target)],
+                               rtol=1e-9, atol=1e-12)
+    single = torch.cat([srdxai.explain(model, x[i:i + 1], target[i], "deeplift_rescale",
+                                       baseline=base) for i in range(3)])
+    torch.testing.assert_close(dl, single, rtol=1e-10, atol=1e-12)
+
+
+class _InputDependentControlFlow(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.conv = nn.Conv2d(3, 4, 3, padding=1)
+        self.fc = nn.Linear(4, 2)
+
+    def forward(self, x):
+        h = torch.relu(self.conv(x))
+        if float(x.abs().sum()) > 0:  # the zero baseline skips this activation
+            h = torch.tanh(h)
+        return self.fc(h.mean((2, 3)))
+
+
+def test_deeplift_refuses_passes_that_run_different_activations():
+    model = _InputDependentControlFlow().eval()
+    with pytest.raises(UnsupportedOperationError, match="control flow depends on its input"):
+        srdxai.explain(model, torch.randn(1, 3, 6, 6), 0, "deeplift_rescale")

@@ -81,30 +81,40 @@ def guided_slope(z: Tensor, grad: Tensor, fn: Callable[[Tensor], Tensor]) -> Ten
     return true_activation_gradient(z, grad.clamp_min(0), fn)
 
 
-def rescale_slope(n: int, threshold: float = 1e-10) -> Slope:
-    """DeepLIFT-Rescale on a batch whose rows ``n:`` are the baselines of rows ``:n``.
+class RescaleRule(Rule):
+    """DeepLIFT-Rescale: at each activation the slope ``(f(z) - f(z_bar)) / (z - z_bar)``,
+    ``z_bar`` the same activation's pre-activation in the baseline's forward pass.
 
-    Where the pre-activation barely moves (``|z - z_bar| < threshold``) the true gradient is
-    used, as Captum does; the baseline half gets no gradient.
+    The two passes are paired activation by activation in forward order (:meth:`match`), not
+    by batch row, so models that fold other dimensions into the batch (MobileViT's and
+    Swin's patch unfolding) are explained too. Where the pre-activation barely moves
+    (``|z - z_bar| < threshold``) the true gradient is used, as Captum does.
     """
 
-    def slope(z, grad, fn):
-        if z.shape[0] != 2 * n:
-            raise UnsupportedOperationError(
-                f"DeepLIFT pairs each sample with its baseline by batch row, but this model "
-                f"folds other dimensions into the batch (an activation of shape "
-                f"{tuple(z.shape)} for {n} samples and their baselines; e.g. MobileViT's or "
-                "Swin's patch unfolding). Use integrated gradients or a gradient method.")
-        z_in, z_ref = z[:n], z[n:]
-        delta_in = z_in - z_ref
-        delta_out = fn(z_in) - fn(z_ref)
-        plain = true_activation_gradient(z_in, grad[:n], fn)
-        ratio = delta_out / torch.where(delta_in.abs() < threshold, torch.ones_like(delta_in),
-                                        delta_in)
-        modified = torch.where(delta_in.abs() < threshold, plain, grad[:n] * ratio)
-        return torch.cat([modified, torch.zeros_like(grad[n:])])
+    def __init__(self, references: list[Tensor], threshold: float = 1e-10):
+        self.references = references
+        self.threshold = threshold
+        self.order: dict[int, int] = {}  # graph node index -> position in forward order
 
-    return slope
+    def match(self, layers: list) -> None:
+        """Pair the input pass's activations (``Trace.pfv_layers[1:]``) with the baseline's."""
+        shapes = [tuple(n.shape) for n in layers]
+        expected = [tuple(r.shape) for r in self.references]
+        if shapes != expected:
+            raise UnsupportedOperationError(
+                "DeepLIFT pairs the activations of the input's and the baseline's forward "
+                f"passes in order, but they differ ({len(shapes)} activations against "
+                f"{len(expected)}, or other shapes): the model's control flow depends on its "
+                "input. Use integrated gradients.")
+        self.order = {n.index: k for k, n in enumerate(layers)}
+
+    def activation_backward(self, node, z, v, grad, fn):
+        z_ref = self.references[self.order[node.index]]
+        delta_in = z - z_ref
+        delta_out = fn(z) - fn(z_ref)
+        small = delta_in.abs() < self.threshold
+        ratio = delta_out / torch.where(small, torch.ones_like(delta_in), delta_in)
+        return torch.where(small, true_activation_gradient(z, grad, fn), grad * ratio)
 
 
 class ChainRuleMethod(Method):
@@ -212,9 +222,11 @@ class DeepLiftRescale(ChainRuleMethod):
     """DeepLIFT with the Rescale rule: finite-difference slopes against a baseline, times
     ``x - baseline``. Signed, channels summed.
 
-    The input and its baseline run as one batch of 2N (the model must treat samples
-    independently, as every eval-mode CNN does). Max-pooling keeps its ordinary gradient
-    (Ancona's chain-rule formulation; Captum applies a rescale rule to max-pool too).
+    The baseline runs in a forward pass of its own and each activation's slope uses the
+    same activation of that pass (paired in forward order; Captum runs input and baseline as
+    one batch of 2N, which needs a model that keeps samples in their batch rows). Max-pooling
+    keeps its ordinary gradient (Ancona's chain-rule formulation; Captum applies a rescale
+    rule to max-pool too).
     """
 
     def __init__(self, model, baseline: Tensor | float | None = None, **kw):
@@ -226,13 +238,30 @@ class DeepLiftRescale(ChainRuleMethod):
             base = baseline_tensor(self.baseline, x)
             if base.shape[0] != x.shape[0]:
                 base = base.expand_as(x)
-            n = x.shape[0]
-            both = torch.cat([x, base])
-            doubled = _double_target(_resolve_predicted(self, x, t))
-            grad = self._modified_gradient(both, doubled, rescale_slope(n))[:n]
-            return self._reduce((x - base) * grad)
+            return self._reduce((x - base) * self._rescaled_gradient(x, base, t))
 
         return self._batched(inputs, target, one)
+
+    def _rescaled_gradient(self, x: Tensor, base: Tensor, target: Target) -> Tensor:
+        def run(leaf: Tensor) -> Tensor:
+            channels_last = leaf.dim() == 4 and not leaf.is_contiguous() and (
+                leaf.is_contiguous(memory_format=torch.channels_last))
+            layout = torch.channels_last if channels_last else torch.contiguous_format
+            reference = base.detach().clone(memory_format=layout)
+            with self._guard(), torch.no_grad(), Trace(self.model, reference, Rule()) as trace:
+                trace.forward()
+                references = [n.pre.detach() for n in trace.pfv_layers[1:]]
+            rule = RescaleRule(references)
+            with self._guard(), torch.enable_grad(), Trace(self.model, leaf, rule) as trace:
+                out = trace.forward()
+                rule.match(trace.pfv_layers[1:])
+                grad_out, _ = self._target_gradient(out, target)
+                (gx,) = self._grad(out, leaf, grad_out)
+                del out
+            rule.references = []
+            return keep_graph(gx).contiguous()
+
+        return self._with_layout(x, run)
 
 
 def _resolve_predicted(method: Method, x: Tensor, target: Target) -> Target:
@@ -241,11 +270,6 @@ def _resolve_predicted(method: Method, x: Tensor, target: Target) -> Target:
         return target
     with torch.no_grad(), method._guard():
         return method.model(x).argmax(1)
-
-
-def _double_target(target: Target) -> Target:
-    """Targets for [x; baseline]: the baseline rows use the same classes as their inputs."""
-    return map_target(target, lambda t: torch.cat([t, t]))
 
 
 # --- path and noise integrals ---------------------------------------------------------------
