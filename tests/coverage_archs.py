@@ -78,8 +78,6 @@ _CNN_REFUSES = _VIT_ONLY
 # finite map. Shrinking these sets is the work of the one-engine issue.
 EXPECTED_REFUSALS: dict[str, set[str]] = {
     **{a.name: set(_CNN_REFUSES) for a in ARCHS},
-    # FullGrad: a LayerNorm's shift depends on the input (no bias gradient to place)
-    "convnext_atto": _CNN_REFUSES | {"fullgrad"},
     "vit_tiny_patch16_224": {"srd", "fullgrad"},
     "deit_tiny_patch16_224": {"srd", "fullgrad"},
     "swin_tiny_patch4_window7_224": {"srd", "fullgrad", "srd_tokens", "attention_rollout",

@@ -652,3 +652,57 @@ def test_low_layer_of_a_hybrid_is_a_feature_map_like_the_input(method):
     by_name = srdxai.explain(model, x, target=1, method=method, layer="act")
     torch.testing.assert_close(ours, by_name)
     assert ours.shape == (2, 16, 16) and torch.isfinite(ours).all()
+
+
+class _LayerNormNet(nn.Module):
+    """conv -> LayerNorm over channels (channels-last, ConvNeXt's) -> relu -> strided conv."""
+
+    def __init__(self):
+        super().__init__()
+        self.conv1 = nn.Conv2d(3, 6, 3, padding=1)
+        self.norm = nn.LayerNorm(6)
+        self.conv2 = nn.Conv2d(6, 5, 3, stride=2, padding=1)
+        self.fc = nn.Linear(5, 3)
+
+    def forward(self, x):
+        h = self.conv1(x)
+        h = self.norm(h.permute(0, 2, 3, 1)).permute(0, 3, 1, 2)
+        h = self.conv2(torch.relu(h))
+        return self.fc(h.mean((2, 3)))
+
+
+def test_fullgrad_counts_a_layernorm_shift_as_a_bias():
+    """Written out by hand: the input term plus, per bias, |b * dS/d(output)| min-max scaled
+    per channel, summed, upsampled. A LayerNorm's bias is its shift beta - mean * gamma / std
+    per position (as BatchNorm's is beta - mean * gamma / std per channel); it used to be
+    refused ("adds biases to tensors of shape (N, H, W, C)")."""
+    torch.manual_seed(0)
+    model = _LayerNormNet().double().eval()
+    with torch.no_grad():
+        model.norm.bias.add_(0.5)
+    x = torch.randn(2, 3, 8, 8, dtype=torch.float64)
+
+    xx = x.clone().requires_grad_(True)
+    h1 = model.conv1(xx)
+    h1.retain_grad()
+    t = h1.permute(0, 2, 3, 1)
+    mean = t.mean(-1, keepdim=True)
+    std = (t.var(-1, unbiased=False, keepdim=True) + model.norm.eps).sqrt()
+    n1 = model.norm(t).permute(0, 3, 1, 2)
+    n1.retain_grad()
+    h2 = model.conv2(torch.relu(n1))
+    h2.retain_grad()
+    out = model.fc(h2.mean((2, 3)))
+    out[:, 1].sum().backward()
+    shift = (model.norm.bias - mean * model.norm.weight / std).permute(0, 3, 1, 2).detach()
+
+    def term(bias, grad):
+        return _minmax((bias * grad).abs(), dims=2).sum(1)
+
+    expected = _minmax((xx.grad * x).abs(), dims=2).sum(1)
+    expected = expected + term(model.conv1.bias[:, None, None], h1.grad)
+    expected = expected + term(shift, n1.grad)
+    expected = expected + F.interpolate(term(model.conv2.bias[:, None, None], h2.grad)[:, None],
+                                        size=(8, 8), mode="bilinear", align_corners=False)[:, 0]
+    ours = srdxai.explain(model, x, target=1, method="fullgrad")
+    torch.testing.assert_close(ours, expected.detach(), rtol=1e-10, atol=1e-12)

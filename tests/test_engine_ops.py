@@ -188,7 +188,8 @@ def _randomised(module: nn.Module) -> nn.Module:
 
 # (lrp_epsilon: a composite with one rule for convolutions and dense layers, since the
 # channels-last form's Linear gets the dense rule and the other form's 1x1 conv the conv rule)
-@pytest.mark.parametrize("method", ["srd", "lrp_epsilon", "guided_backprop", "gradcam"])
+@pytest.mark.parametrize("method", ["srd", "lrp_epsilon", "guided_backprop", "gradcam",
+                                    "fullgrad"])
 def test_channels_last_blocks_equal_their_channels_first_form(method):
     torch.manual_seed(0)
     last = _randomised(ChannelsLastBlock(True))

@@ -681,15 +681,25 @@ class AblationCAM(_PerturbationCAM):
 # --- FullGrad --------------------------------------------------------------------------------
 
 class _BiasGradientRule(Rule):
-    """Plain gradients; collects the FullGrad bias maps of every spatial bias operation."""
+    """Plain gradients; collects the FullGrad bias maps of every spatial bias operation.
+
+    LayerNorm / GroupNorm are recorded with their shift ``beta - mean * gamma / std`` as a
+    bias (as BatchNorm's), gates as products: the rule is plain from the start, so every
+    backward is the true gradient."""
 
     wants_bias_ops = True
+    gate_products = True
+    constant_statistics = True
+    plain = True
 
     def __init__(self, input_dim: int, batch: int) -> None:
         self.maps: dict[tuple[int, ...], Tensor] = {}  # spatial size -> summed channel maps
         self.input_dim = input_dim
         self.batch = batch
         self.unmapped: list[tuple[int, ...]] = []  # biases on tensors that are not maps
+        # set once the map's gradient is taken: a later differentiation of a differentiable
+        # map runs through the same tensors and must not add to the maps again
+        self.closed = False
 
     def on_opaque(self, op: ops.OpaqueOp, out: Tensor) -> None:
         # a bias inside an operation the engine does not decompose (a dense layer on a
@@ -708,8 +718,7 @@ class _BiasGradientRule(Rule):
         return out
 
     def _collect(self, op: ops.LinearOp, grad: Tensor) -> None:
-        # grad mode is on here only while building a differentiable map (create_graph)
-        if self.plain:
+        if self.closed:
             return None
         bias_grad = (op.bias.to(grad.dtype) * grad).abs()
         summed = _minmax(bias_grad, dims=2).sum(1)  # per channel, then over channels
@@ -725,8 +734,10 @@ class FullGrad(Method):
 
     ``M = sum_c psi(|x * dS/dx|_c) + sum_l sum_c upsample(psi(|b_lc * dS/db_lc|))``:
     the input-gradient term plus, for every operation with a bias and a spatial output
-    (convolutions and BatchNorm, whose bias is ``beta - mean * gamma / sqrt(var + eps)``; also
-    constant shifts the engine records), the bias-gradient map ``b * dS/d(output)``. ``psi``
+    (convolutions, dense layers on a channels-last map, BatchNorm, whose bias is
+    ``beta - mean * gamma / sqrt(var + eps)``, LayerNorm / GroupNorm, whose bias is their
+    shift ``beta - mean * gamma / std`` per position or group; also constant shifts the engine
+    records), the bias-gradient map ``b * dS/d(output)``. ``psi``
     is the absolute value followed by min-max scaling per sample *and channel* (eps 1e-7);
     maps are upsampled bilinearly (``align_corners=False``). Not signed, summed over channels
     and layers, (N, H, W); ``normalize=True`` scales each map to [0, 1] as pytorch-grad-cam.
@@ -771,6 +782,7 @@ class FullGrad(Method):
                     "method.")
             grad_out, _ = target_gradient(out, target)
             (gx,) = self._grad(out, x, grad_out)
+            rule.closed = True
             del out
         size = tuple(x.shape[2:])
         with torch.set_grad_enabled(is_differentiable()):
