@@ -134,6 +134,42 @@ def _time_against_plain_gradient(settings: dict, method: str, name: str,
     return statistics.median(times["ours"]), statistics.median(times["plain"])
 
 
+def srd_floor_row(args: argparse.Namespace) -> _timing.Row:
+    """The floor of SRD's definition on ConvNeXt-Tiny against one plain gradient: the bias of
+    each block's first dense layer is split over the depthwise convolution's 49 offsets by the
+    norms of their contributions at that layer's output, ``||W1 diag(d_k) v(p)||``: K C^2
+    multiply-adds per position and block whatever the formulation (``W1`` has full rank C).
+    Timed as the bare matrix products of that size (random values), nothing else of SRD."""
+    from bench_srd import timed_blocks
+
+    torch.manual_seed(0)
+    model = ARCHITECTURES["convnext_tiny"]().eval().to(args.device)
+    x = torch.randn(args.batch, 3, args.size, args.size, device=args.device)
+    classes = torch.randint(0, 1000, (args.batch,), device=args.device)
+    blocks = []  # (positions, channels) per block
+    for i, stage in enumerate(model.stages):
+        side = args.size // (4 * 2 ** i)
+        blocks += [(args.batch * side * side, stage.blocks[0].conv_dw.in_channels)] * len(
+            stage.blocks)
+    operands = [(torch.randn(p, c, device=args.device),
+                 torch.randn(c, 49 * c, device=args.device)) for p, c in blocks]
+
+    def plain():
+        xx = x.clone().requires_grad_(True)
+        torch.autograd.grad(model(xx).gather(1, classes[:, None]).sum(), xx)
+        _sync(args.device)
+
+    def floor():
+        for a, b in operands:
+            a @ b
+        _sync(args.device)
+
+    times = timed_blocks({"plain": plain, "floor": floor}, args.rounds)
+    return _timing.Row("SRD's bias-split floor", "convnext_tiny",
+                       statistics.median(times["floor"]), statistics.median(times["plain"]),
+                       "plain gradient", None)
+
+
 def gae_row(args: argparse.Namespace) -> _timing.Row:
     """GAE of saliency maps on ResNet50 against one plain gradient of the same batch."""
     from bench_srd import randomize_bn, timed_blocks
@@ -207,6 +243,7 @@ def main() -> None:
         rows += plain_gradient_rows(args, "srd", ["resnet50", "vgg16"], 2.0)
         rows += plain_gradient_rows(args, "srd", ["efficientnet_b0", "convnext_tiny", "swin_t"],
                                     2.5)
+        rows.append(srd_floor_row(args))
     if "abslrp" in only:
         rows += plain_gradient_rows(args, "abslrp", ["vgg16", "resnet50", "vit_b16"], 3.0)
     if "gae" in only:

@@ -1,4 +1,5 @@
-"""The attribution engine: traced forward pass, rules, targets and the model guard."""
+"""The attribution engine: one tracing core (``tracer.Tracer``) with its two views (the PFV
+``Recorder`` and the operation-level ``OpTracer``), rules, targets and the model guard."""
 
 from .core import (
     Rule,
@@ -11,6 +12,9 @@ from .core import (
 )
 from .graph import Recorder
 from .memory import OutOfMemoryError, memory_budget
+from .optrace import OpCall, OpRule, OpTrace, OpTracer
+from .tracer import Tracer
 
-__all__ = ["Rule", "Trace", "Recorder", "OutOfMemoryError", "check_inputs", "differentiable",
-           "is_differentiable", "memory_budget", "model_guard", "target_gradient"]
+__all__ = ["Rule", "Trace", "Recorder", "Tracer", "OpTracer", "OpTrace", "OpRule", "OpCall",
+           "OutOfMemoryError", "check_inputs", "differentiable", "is_differentiable",
+           "memory_budget", "model_guard", "target_gradient"]
