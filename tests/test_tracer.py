@@ -143,3 +143,32 @@ def test_detach_makes_a_constant_in_both_views():
     grad = srdxai.explain(model, x, method="gradient_x_input", target=0)
     att = srdxai.explain(model, x, method="attnlrp", target=0)
     assert torch.isfinite(att).all() and torch.isfinite(grad).all()
+
+
+VIT_ONLY = {"attention_rollout", "transformer_attribution", "srd_tokens"}
+FAST = {"integrated_gradients": {"steps": 4}, "smoothgrad": {"samples": 2},
+        "occlusion": {"window": 4, "stride": 4}}
+
+
+def test_no_op_hooks_on_the_model_change_no_method():
+    """A module's full backward hook runs ``view_as`` on its inputs and outputs inside the
+    traced pass; it used to be an undecomposed op, so SRD's automatic seed fell back from the
+    logit seed to Grad-CAM's (the map moved and no longer summed to the logit)."""
+    from small_models import build_model
+    from srdxai.methods import METHODS
+
+    model = build_model("ResNetLike", act="relu", seed=0)
+    x = torch.randn(2, 3, 12, 12, dtype=torch.float64)
+    plain = {m: srdxai.explain(model, x, 1, m, **FAST.get(m, {}))
+             for m in sorted(METHODS) if m not in VIT_ONLY}
+    head = [m for m in model.modules() if isinstance(m, nn.Linear)][-1]
+    handles = [head.register_full_backward_hook(lambda *a: None),
+               head.register_forward_hook(lambda *a: None),
+               model.register_full_backward_hook(lambda *a: None)]
+    try:
+        for method, expected in plain.items():
+            hooked = srdxai.explain(model, x, 1, method, **FAST.get(method, {}))
+            torch.testing.assert_close(hooked, expected, rtol=1e-10, atol=1e-12, msg=method)
+    finally:
+        for h in handles:
+            h.remove()

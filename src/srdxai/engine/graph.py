@@ -79,8 +79,10 @@ MAXPOOL_FUNCS = {F.max_pool1d: 1, F.max_pool2d: 2, F.max_pool1d_with_indices: 1,
                  F.max_pool2d_with_indices: 2}
 AVGPOOL_FUNCS = {F.avg_pool1d: 1, F.avg_pool2d: 2}
 ADAPTIVE_AVG_FUNCS = {F.adaptive_avg_pool1d: 1, F.adaptive_avg_pool2d: 2}
+# (``view_as``: also what a module's full backward hook runs on its inputs and outputs)
 VIEW_FUNCS = {Tensor.view, Tensor.reshape, torch.reshape, torch.flatten, Tensor.flatten,
-              Tensor.squeeze, torch.squeeze, Tensor.unsqueeze, torch.unsqueeze}
+              Tensor.squeeze, torch.squeeze, Tensor.unsqueeze, torch.unsqueeze, Tensor.view_as,
+              Tensor.reshape_as}
 IDENTITY_FUNCS = {Tensor.contiguous, Tensor.clone, torch.clone}
 MEAN_FUNCS = {torch.mean, Tensor.mean}
 CAT_FUNCS = {torch.cat, torch.concat, torch.concatenate}
