@@ -172,3 +172,47 @@ def test_no_op_hooks_on_the_model_change_no_method():
     finally:
         for h in handles:
             h.remove()
+
+
+class _CustomReLU(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, x):
+        ctx.save_for_backward(x)
+        return x.clamp(min=0)
+
+    @staticmethod
+    def backward(ctx, grad):
+        (x,) = ctx.saved_tensors
+        return grad * (x > 0).to(grad.dtype)
+
+
+class _CustomActivationNet(nn.Module):
+    def __init__(self, no_grad_block: bool = False):
+        super().__init__()
+        self.no_grad_block = no_grad_block
+        self.conv = nn.Conv2d(3, 4, 3, padding=1)
+        self.fc = nn.Linear(4, 2)
+
+    def forward(self, x):
+        h = self.conv(x)
+        if self.no_grad_block:
+            with torch.no_grad():
+                h = h * 2.0 + torch.relu(h)
+        else:
+            h = _CustomReLU.apply(h)
+        return self.fc(h.mean((2, 3)))
+
+
+@pytest.mark.parametrize("no_grad_block", [False, True])
+@pytest.mark.parametrize("method", PFV_METHODS + OP_METHODS + ("epsilon_lrp",
+                                                               "deeplift_rescale"))
+def test_activations_computed_with_autograd_off_are_refused(method, no_grad_block):
+    """A ReLU written as a custom autograd Function (its own backward replaces the method's
+    rule) or computed under torch.no_grad() used to be skipped silently: SRD, guided
+    backprop, DeepLIFT and epsilon-LRP gave other maps than for nn.ReLU without a word."""
+    torch.manual_seed(0)
+    model = _CustomActivationNet(no_grad_block).eval()
+    x = torch.randn(2, 3, 6, 6)
+    with pytest.raises(UnsupportedOperationError, match="autograd off"):
+        srdxai.explain(model, x, method=method, target=1)
+    assert all(not m._forward_hooks and not m._forward_pre_hooks for m in model.modules())

@@ -35,6 +35,7 @@ from torch.utils._pytree import tree_flatten, tree_map
 
 from ..errors import UnsupportedOperationError
 from .catalogue import (
+    MOVING,
     UNTRACKED,
     check_output,
     func_name,
@@ -61,6 +62,9 @@ class Tracer(TorchFunctionMode):
         self.module_stack: list[tuple[str, nn.Module]] = []
         self.refs: dict[int, weakref.ref] = {}  # the weak references behind ``tracked``
         self.verb = "trace"  # in errors: "The engine cannot <verb> <what>"
+        # whether the pass started with autograd on (a pass run under no_grad on purpose,
+        # Ablation-CAM's, is not the model turning it off)
+        self.grad_at_start = False
 
     # -- tracking ----------------------------------------------------------------------------
     def track(self, tensor: Tensor, entry: Any = True) -> None:
@@ -132,6 +136,18 @@ class Tracer(TorchFunctionMode):
             out = self.handle(replaced[0], args, replaced[1], tracked)
             self.aliases[id(args[0])] = (args[0], out)
             return out
+        if (self.grad_at_start and not torch.is_grad_enabled() and func not in MOVING
+                and getattr(func, "__name__", "") != "__get__"
+                and any(t.requires_grad for t in tracked)):
+            # model code computing on input-dependent tensors with autograd off: the body of
+            # a custom torch.autograd.Function (whose own backward replaces the method's rule)
+            # or a torch.no_grad() block; either way the rule would be skipped there
+            raise self.unsupported(
+                f"'{func_name(func)}' computed with autograd off (inside a custom "
+                "torch.autograd.Function or a torch.no_grad() block in the model)",
+                "The method's rule cannot act there. Write the operation with standard torch "
+                "calls (e.g. torch.relu instead of a custom Function), or use a method that "
+                "needs no rule (occlusion).", fatal=True)
         if writes_in_place(func):
             raise self.unsupported(
                 f"the in-place write '{func_name(func)}' involving an input-dependent tensor",
@@ -164,6 +180,7 @@ class Tracer(TorchFunctionMode):
         checked: ``(batch, classes)`` and dependent on ``x`` through traced calls."""
         if not self.is_tracked(x):
             self.track(x, self.input_entry(x))
+        self.grad_at_start = torch.is_grad_enabled()
         with module_names(model, on_output) as stack:
             self.module_stack = stack
             try:
