@@ -2,9 +2,22 @@
 
 import os
 
+import pytest
+import torch
+
 # Fail at once, instead of after long retries, if anything tries to reach the Hugging Face hub.
 os.environ["HF_HUB_OFFLINE"] = "1"
 
 
 def pytest_configure(config):
     config.addinivalue_line("markers", "slow: long-running tests (deselect with -m 'not slow')")
+
+
+@pytest.fixture(scope="module")
+def one_thread():
+    """For modules of tiny tensor operations (the slow oracles): intra-op threads only add
+    overhead, a lot on a busy machine. Use with ``pytestmark = pytest.mark.usefixtures(...)``."""
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)

@@ -26,13 +26,7 @@ DT = torch.float64
 CONFIGS = [("cls", True), ("mean", True), ("mean", False)]
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    """The tensors here are tiny: intra-op threads only cost time (a lot on a busy machine)."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_thread")  # tiny tensors (conftest.py)
 
 
 def _gen(seed: int) -> torch.Generator:

@@ -25,13 +25,7 @@ except ImportError:  # tests/ is not a package: pytest put it on sys.path
 MODELS = list(so.OPS_MODEL_CLASSES)
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    """The oracle does tiny tensor ops one at a time: threads only add overhead."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_thread")  # tiny tensors (conftest.py)
 
 
 @pytest.mark.parametrize("name", MODELS)

@@ -185,16 +185,8 @@ class SRDRule(Rule):
             return False
         norms = conv.offset_norms(self._source_value(src), scale)
         conv.release()
-        inside = conv.offset_inside(norms.dtype)
-        total = norms.sum(1, keepdim=True)
-        dead = total == 0
-        if _may_hold(dead):
-            norms = torch.where(dead, inside.expand_as(norms), norms)
-            total = torch.where(dead, inside.sum(1, keepdim=True), total)
-        share = safe_divide(rho.unsqueeze(1), total) * norms
-        spread = conv.scatter_offsets(share)
-        prev = self.bias_relevance.get(src.index)
-        self.bias_relevance[src.index] = spread if prev is None else prev + spread
+        share = _shares(norms, conv.offset_inside(norms.dtype), rho)
+        self._add_bias_relevance(src, conv.scatter_offsets(share))
         return True
 
     def _split_through_pointwise(self, out_node: Node, rho: Tensor) -> bool:
@@ -241,16 +233,8 @@ class SRDRule(Rule):
         conv.release()
         if position is not None:
             norms = norms * position.abs()
-        inside = conv.offset_inside(norms.dtype)
-        total = norms.sum(1, keepdim=True)
-        dead = total == 0
-        if _may_hold(dead):
-            norms = torch.where(dead, inside.expand_as(norms), norms)
-            total = torch.where(dead, inside.sum(1, keepdim=True), total)
-        share = safe_divide(rho.unsqueeze(1), total) * norms
-        spread = conv.scatter_offsets(share)
-        prev = self.bias_relevance.get(src.index)
-        self.bias_relevance[src.index] = spread if prev is None else prev + spread
+        share = _shares(norms, conv.offset_inside(norms.dtype), rho)
+        self._add_bias_relevance(src, conv.scatter_offsets(share))
         return True
 
     def _split_through_two_convs(self, conv: ops.ConvOp, post: Tensor | None,
@@ -321,20 +305,15 @@ class SRDRule(Rule):
         if position is not None:
             norms = norms * position.abs()
         inside = conv.offset_inside(norms.dtype).repeat(1, k1, *([1] * (norms.dim() - 2)))
-        total = norms.sum(1, keepdim=True)
-        dead = total == 0
-        if _may_hold(dead):
-            norms = torch.where(dead, inside.expand_as(norms), norms)
-            total = torch.where(dead, inside.sum(1, keepdim=True), total)
-        share = safe_divide(rho.unsqueeze(1), total) * norms
-        spread = None
+        share = _shares(norms, inside, rho)
         for i, j in enumerate(first.offsets):
             mid = conv.scatter_offsets(share[:, i * k2:(i + 1) * k2])
-            part = first.component_scatter(mid, 0, j)
-            spread = part if spread is None else spread + part
+            self._add_bias_relevance(src, first.component_scatter(mid, 0, j))
+        return True
+
+    def _add_bias_relevance(self, src: Node, spread: Tensor) -> None:
         prev = self.bias_relevance.get(src.index)
         self.bias_relevance[src.index] = spread if prev is None else prev + spread
-        return True
 
     def _source_value(self, node: Node) -> Tensor:
         """A PFV layer's value in channels-last layout, cached until its own backward runs.
@@ -418,6 +397,18 @@ def _conv_before(bn: ops.BatchNormOp) -> ops.ConvOp | None:
     if src is not None and isinstance(src.producer, ops.ConvOp) and len(src.consumers) == 1:
         return src.producer
     return None
+
+
+def _shares(norms: Tensor, inside: Tensor, rho: Tensor) -> Tensor:
+    """``rho`` split over the paths (dim 1 of ``norms``, (N, paths, *out)) in proportion to
+    their norms; where every norm is 0, evenly over the paths that read inside the input
+    (``inside``, 1 there), which keeps relevance conserved."""
+    total = norms.sum(1, keepdim=True)
+    dead = total == 0
+    if _may_hold(dead):
+        norms = torch.where(dead, inside.expand_as(norms), norms)
+        total = torch.where(dead, inside.sum(1, keepdim=True), total)
+    return safe_divide(rho.unsqueeze(1), total) * norms
 
 
 def _walk_pointwise(node: Node) -> tuple[Node, Tensor | None, Tensor | None] | None:
