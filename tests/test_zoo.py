@@ -193,7 +193,8 @@ def test_loaded_model_on_its_data_predicts_well():
 # (yet): they refuse a ViT instead of returning the gradient there.
 CAM_METHODS = {"gradcam", "gradcam_pp", "xgradcam", "layercam", "scorecam", "ablationcam",
                "fullgrad"}
-NOT_FOR_VIT = {"fullgrad", "srd"} | {m for m in METHODS if m.startswith("lrp_")}
+# (the LRP composites run on the shipped ViT with their transformer rules since 2026-12-05)
+NOT_FOR_VIT = {"fullgrad", "srd"}
 VIT_ONLY = {"attention_rollout", "transformer_attribution", "srd_tokens"}  # token methods
 
 
