@@ -15,6 +15,7 @@ __all__ = [
     "InvalidInputError",
     "InvalidTargetError",
     "MissingDependencyError",
+    "NonFiniteError",
 ]
 
 
@@ -40,6 +41,10 @@ class InvalidInputError(SrdxaiError):
 
 class InvalidTargetError(SrdxaiError):
     """A target class that is out of range, of the wrong type, or of the wrong length."""
+
+
+class NonFiniteError(SrdxaiError):
+    """A result (a map, the model's output, a target's objective) holds NaN or Inf."""
 
 
 class MissingDependencyError(SrdxaiError, ImportError):

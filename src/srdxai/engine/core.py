@@ -14,7 +14,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from ..errors import InvalidInputError, InvalidTargetError
+from ..errors import InvalidInputError, InvalidTargetError, NonFiniteError
 from . import ops
 from .catalogue import check_output
 from .gradmode import building_graph
@@ -446,6 +446,7 @@ def target_gradient(output: Tensor, target: Target) -> tuple[Tensor, Tensor | No
     scalar objective per sample (N,).
     """
     n, k = output.shape
+    check_finite_output(output)
     if is_callable_target(target):
         with torch.enable_grad():
             out = output.detach().requires_grad_(True)
@@ -454,6 +455,18 @@ def target_gradient(output: Tensor, target: Target) -> tuple[Tensor, Tensor | No
                 raise InvalidTargetError(
                     "a callable target must return one scalar per sample, shape "
                     f"({n},); got {getattr(objective, 'shape', type(objective).__name__)}.")
+            if not objective.is_floating_point() or not objective.requires_grad:
+                why = ("does not depend on the output" if objective.is_floating_point()
+                       else "is not floating point")
+                raise InvalidTargetError(
+                    "a callable target must compute its objective from the output it is given "
+                    f"with torch operations (a float tensor that depends on it); got a "
+                    f"{objective.dtype} tensor that {why}.")
+            bad = ~torch.isfinite(objective.detach())
+            if bool(bad.any()):
+                raise NonFiniteError(
+                    f"the callable target returned NaN or Inf for samples "
+                    f"{bad.nonzero().flatten().tolist()[:20]}; it must give a finite objective.")
             (grad,) = torch.autograd.grad(objective.sum(), out)
         return grad.detach(), None
     if target is None:
@@ -479,6 +492,23 @@ def target_gradient(output: Tensor, target: Target) -> tuple[Tensor, Tensor | No
                                  "outputs (valid classes 0..{}).".format(k - 1))
     grad = torch.zeros_like(output).scatter_(1, classes[:, None], 1.0)
     return grad.detach(), classes
+
+
+def check_finite_output(output: Tensor) -> None:
+    """The model's logits must be finite: inputs that overflow inside the model give NaN or
+    Inf there, and every map computed from them would be meaningless."""
+    bad = ~torch.isfinite(output.detach())
+    if bool(bad.any()):
+        samples = bad.flatten(1).any(1).nonzero().flatten().tolist()
+        error = NonFiniteError(non_finite_output_message(samples))
+        error.samples = samples  # type: ignore[attr-defined]  # rows of this batch
+        raise error
+
+
+def non_finite_output_message(samples: list[int], where: str = "") -> str:
+    return (f"the model's output is NaN or Inf for samples {samples[:20]}"
+            f"{' ...' if len(samples) > 20 else ''}{where}: the inputs overflow inside the "
+            "model (check their scale: images are usually normalised to about [-3, 3]).")
 
 
 def check_target_count(target: Target, n: int) -> None:

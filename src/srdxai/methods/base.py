@@ -20,11 +20,17 @@ from ..engine.core import (
     is_differentiable,
     keep_graph,
     model_guard,
+    non_finite_output_message,
     slice_target,
     target_gradient,
 )
 from ..engine.optrace import OpRule, OpTrace
-from ..errors import InvalidInputError, UnknownMethodError, UnsupportedOperationError
+from ..errors import (
+    InvalidInputError,
+    NonFiniteError,
+    UnknownMethodError,
+    UnsupportedOperationError,
+)
 
 Tensor = torch.Tensor
 
@@ -160,8 +166,37 @@ class Method:
         n = x.shape[0]
         check_target_count(target, n)  # before the batch is cut into chunks
         step = self.batch_size or n
-        parts = [fn(x[i:i + step], slice_target(target, i, i + step)) for i in range(0, n, step)]
-        return parts[0] if len(parts) == 1 else torch.cat(parts)
+        parts = []
+        for i in range(0, n, step):
+            try:
+                parts.append(fn(x[i:i + step], slice_target(target, i, i + step)))
+            except NonFiniteError as error:
+                rows = getattr(error, "samples", None)
+                if rows is None or i == 0:
+                    raise
+                # the model's output checked on this chunk: name the caller's samples
+                where = getattr(error, "where", "")
+                raised = NonFiniteError(non_finite_output_message([i + r for r in rows], where))
+                raise raised from None
+        result = parts[0] if len(parts) == 1 else torch.cat(parts)
+        check_finite_map(result, self.name)
+        return result
+
+
+def check_finite_map(result: Tensor, method: str) -> None:
+    """A map with NaN or Inf is never returned: raise naming the samples. (The model's output
+    and a callable target's objective are checked where they are read, with their own
+    causes, so what reaches here is the method's own arithmetic.)"""
+    bad = ~torch.isfinite(result.detach())
+    if result.dim() > 1:
+        bad = bad.flatten(1).any(1)
+    if bool(bad.any()):
+        samples = bad.nonzero().flatten().tolist()
+        raise NonFiniteError(
+            f"method '{method}' gave a map with NaN or Inf for samples {samples[:20]}"
+            f"{' ...' if len(samples) > 20 else ''}: its arithmetic overflowed (values beyond "
+            "the dtype's range: try float64 inputs and model, or a smaller input scale) or a "
+            "NaN option reached it (a baseline, a noise level).")
 
 
 def _leaf_copy(x: Tensor, layout: torch.memory_format) -> Tensor:

@@ -40,10 +40,11 @@ from ..engine.core import (
     Trace,
     keep_graph,
     map_target,
+    non_finite_output_message,
     true_activation_gradient,
 )
 from ..engine.memory import budget_chunk, element_chunk, run_in_chunks
-from ..errors import InvalidInputError, UnsupportedOperationError
+from ..errors import InvalidInputError, NonFiniteError, UnsupportedOperationError
 from .base import Method, checked_reduction, register
 
 Tensor = torch.Tensor
@@ -152,14 +153,20 @@ class ChainRuleMethod(Method):
 
 
 def baseline_tensor(baseline: Tensor | float | None, x: Tensor) -> Tensor:
+    """The baseline broadcast to ``x``: None (zeros), a number, or a broadcastable tensor;
+    it must be finite (a NaN baseline made every map NaN without a word)."""
     if baseline is None:
         return torch.zeros_like(x)
-    if isinstance(baseline, int | float):
+    if isinstance(baseline, int | float) and not isinstance(baseline, bool):
+        if not math.isfinite(baseline):
+            raise InvalidInputError(f"baseline must be finite, got {baseline}.")
         return torch.full_like(x, float(baseline))
     if not isinstance(baseline, Tensor):
         raise InvalidInputError(f"baseline must be None, a number or a tensor, got "
                                 f"{type(baseline).__name__}.")
     baseline = baseline.to(device=x.device, dtype=x.dtype)
+    if not bool(torch.isfinite(baseline).all()):
+        raise InvalidInputError("the baseline holds NaN or Inf; give a finite one.")
     try:
         return torch.broadcast_to(baseline, x.shape)
     except RuntimeError:
@@ -324,7 +331,17 @@ class _SampledGradients(ChainRuleMethod):
         def run(start: int, stop: int) -> None:
             rows = torch.arange(start, stop, device=points.device)
             t = _target_rows(target, rows, n)
-            grad = self._modified_gradient(points[start:stop], t, gradient_slope)
+            try:
+                grad = self._modified_gradient(points[start:stop], t, gradient_slope)
+            except NonFiniteError as error:
+                rows_hit = getattr(error, "samples", None)
+                if rows_hit is None:
+                    raise
+                samples = sorted({(start + r) % n for r in rows_hit})
+                where = f" (at some of the {self.name} points around them)"
+                raised = NonFiniteError(non_finite_output_message(samples, where))
+                raised.samples, raised.where = samples, where  # type: ignore[attr-defined]
+                raise raised from None
             w = weights.to(points.device, points.dtype)[rows // n]
             total.index_add_(0, rows % n, grad * w.view(-1, *([1] * (grad.dim() - 1))))
 
