@@ -322,7 +322,9 @@ class Trace:
         return out
 
     def _plain_forward(self) -> Tensor:
-        out = check_output(self.model(self.x))
+        # a copy that is not a leaf: a model that edits its input in place (``x.add_``) would
+        # otherwise fail on the leaf that requires grad (the gradient flows through the copy)
+        out = check_output(self.model(self.x.clone()))
         self.output = out
         self.pfv_layers, self.head_ops, self.head_sources = [], set(), []
         return out

@@ -162,6 +162,13 @@ class Method:
         self, inputs: Tensor, target: Target, fn: Callable[[Tensor, Target], Tensor]
     ) -> Tensor:
         """Run ``fn`` over chunks of at most ``batch_size`` samples and concatenate."""
+        if torch.is_inference_mode_enabled():
+            # every method needs autograd (or at least ordinary tensors): run outside the
+            # caller's inference mode, on an ordinary copy of an inference tensor
+            with torch.inference_mode(False):
+                if isinstance(inputs, Tensor) and inputs.is_inference():
+                    inputs = inputs.clone()
+                return self._batched(inputs, target, fn)
         x = self._check(inputs)
         n = x.shape[0]
         check_target_count(target, n)  # before the batch is cut into chunks

@@ -79,7 +79,7 @@ class Occlusion(Method):
         starts = torch.cartesian_prod(*[torch.tensor(list(g)) for g in grid]).reshape(-1, dims)
         n, p = x.shape[0], starts.shape[0]
         with self._guard():
-            out = self.model(x)
+            out = self.model(x.clone())  # a copy: a model may edit its input in place
             _, classes = target_gradient(out, target)  # checks the target once
             if classes is not None:
                 target = classes
