@@ -10,12 +10,9 @@ import torch.nn.functional as F
 from torch import nn
 
 import srdxai
-from srdxai.methods import METHODS
+from method_sets import CNN_METHODS, fast_options
 
-VIT_ONLY = {"attention_rollout", "transformer_attribution", "srd_tokens"}
-FAST = {"integrated_gradients": {"steps": 4}, "smoothgrad": {"samples": 2, "seed": 0},
-        "occlusion": {"window": 4, "stride": 4}}
-CNN_METHODS = sorted(set(METHODS) - VIT_ONLY)
+FAST = fast_options(8)
 
 
 class EditsItsInput(nn.Module):

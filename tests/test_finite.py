@@ -10,12 +10,11 @@ import torch.nn.functional as F
 from torch import nn
 
 import srdxai
+from method_sets import VIT_ONLY, fast_options
 from srdxai.errors import InvalidInputError, InvalidTargetError, NonFiniteError
 from srdxai.methods import METHODS
 
-VIT_ONLY = {"attention_rollout", "transformer_attribution", "srd_tokens"}
-FAST = {"integrated_gradients": {"steps": 4}, "smoothgrad": {"samples": 2},
-        "occlusion": {"window": 4, "stride": 4}}
+FAST = fast_options(8)
 
 
 class SmallCNN(nn.Module):

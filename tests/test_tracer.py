@@ -11,6 +11,7 @@ import torch.nn.functional as F
 from torch import nn
 
 import srdxai
+from method_sets import VIT_ONLY, fast_options
 from srdxai.engine.graph import Recorder
 from srdxai.engine.optrace import OpTracer
 from srdxai.engine.tracer import Tracer
@@ -145,9 +146,7 @@ def test_detach_makes_a_constant_in_both_views():
     assert torch.isfinite(att).all() and torch.isfinite(grad).all()
 
 
-VIT_ONLY = {"attention_rollout", "transformer_attribution", "srd_tokens"}
-FAST = {"integrated_gradients": {"steps": 4}, "smoothgrad": {"samples": 2},
-        "occlusion": {"window": 4, "stride": 4}}
+FAST = fast_options(8)
 
 
 def test_no_op_hooks_on_the_model_change_no_method():
