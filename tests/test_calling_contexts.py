@@ -60,3 +60,47 @@ def test_every_method_runs_under_inference_mode(method):
         xi = x.clone()
         ours = srdxai.explain(model, xi, 1, method, **FAST.get(method, {}))
     torch.testing.assert_close(ours, expected)
+
+
+class _Detaches(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.conv = nn.Conv2d(3, 4, 3, padding=1)
+        self.fc = nn.Linear(4, 3)
+
+    def forward(self, x):
+        return self.fc(F.relu(self.conv(x)).detach().mean((2, 3)))
+
+
+@pytest.mark.parametrize("method", CNN_METHODS)
+def test_a_forward_that_detaches_is_a_clear_error(method):
+    """The plain-gradient methods used to fail with torch's 'element 0 of tensors does not
+    require grad'; occlusion needs no gradient and still explains the model."""
+    torch.manual_seed(0)
+    model = _Detaches().eval()
+    x = torch.randn(2, 3, 8, 8)
+    if method == "occlusion":
+        assert torch.isfinite(srdxai.explain(model, x, 0, method, **FAST["occlusion"])).all()
+        return
+    with pytest.raises(srdxai.SrdxaiError, match="does not depend on the input"):
+        srdxai.explain(model, x, 0, method, **FAST.get(method, {}))
+
+
+@pytest.mark.parametrize("method", CNN_METHODS)
+def test_torchscript_models(method):
+    """A scripted model runs compiled code the tracer cannot see: the traced methods say so
+    (they used to fail with 'register_forward_pre_hook is not supported on ScriptModules');
+    the methods that need no tracing give the eager model's map."""
+    torch.manual_seed(0)
+    eager = EditsItsInput(False).eval()
+    scripted = torch.jit.script(eager)
+    x = torch.randn(2, 3, 8, 8)
+    try:
+        expected = srdxai.explain(eager, x, 1, method, **FAST.get(method, {}))
+        ours = srdxai.explain(scripted, x, 1, method, **FAST.get(method, {}))
+    except srdxai.SrdxaiError as error:
+        assert "TorchScript" in str(error), str(error)
+        assert method not in {"gradient", "saliency", "gradient_x_input",
+                              "integrated_gradients", "smoothgrad", "occlusion"}
+        return
+    torch.testing.assert_close(ours, expected)

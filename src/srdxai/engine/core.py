@@ -14,7 +14,12 @@ from typing import Any
 import torch
 from torch import nn
 
-from ..errors import InvalidInputError, InvalidTargetError, NonFiniteError
+from ..errors import (
+    InvalidInputError,
+    InvalidTargetError,
+    NonFiniteError,
+    UnsupportedOperationError,
+)
 from . import ops
 from .catalogue import check_output
 from .gradmode import building_graph
@@ -325,6 +330,11 @@ class Trace:
         # a copy that is not a leaf: a model that edits its input in place (``x.add_``) would
         # otherwise fail on the leaf that requires grad (the gradient flows through the copy)
         out = check_output(self.model(self.x.clone()))
+        if self.x.requires_grad and torch.is_grad_enabled() and not out.requires_grad:
+            raise UnsupportedOperationError(
+                "the model output does not depend on the input through autograd (the forward "
+                "detaches it, runs under torch.no_grad() or converts it to numpy): there is no "
+                "gradient to explain. Occlusion needs none.")
         self.output = out
         self.pfv_layers, self.head_ops, self.head_sources = [], set(), []
         return out

@@ -178,6 +178,12 @@ class Tracer(TorchFunctionMode):
         """``model(x)`` under this tracer with module names (hooks removed afterwards);
         ``on_output(name, module, output)`` sees each module's output. Returns the output,
         checked: ``(batch, classes)`` and dependent on ``x`` through traced calls."""
+        if isinstance(model, torch.jit.ScriptModule):
+            raise UnsupportedOperationError(
+                "this is a TorchScript model: its compiled code runs without the torch calls "
+                "the engine traces. Pass the original torch.nn.Module, or use a method that "
+                "needs no tracing (gradient, saliency, gradient_x_input, integrated_gradients, "
+                "smoothgrad, occlusion).")
         if not self.is_tracked(x):
             self.track(x, self.input_entry(x))
         self.grad_at_start = torch.is_grad_enabled()
