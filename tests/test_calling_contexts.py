@@ -104,3 +104,38 @@ def test_torchscript_models(method):
                               "integrated_gradients", "smoothgrad", "occlusion"}
         return
     torch.testing.assert_close(ours, expected)
+
+
+class _Outputs(nn.Module):
+    def __init__(self, mode: str):
+        super().__init__()
+        self.mode = mode
+        self.conv = nn.Conv2d(3, 4, 3, padding=1)
+        self.fc = nn.Linear(4, 3)
+
+    def forward(self, x):
+        out = self.fc(F.relu(self.conv(x)).mean((2, 3)))
+        return (out, out) if self.mode == "tuple" else out[:, 0] if self.mode == "1d" else out
+
+
+BAD_CALLS = {  # name: (model mode, input, target), each a clear srdxai error for every method
+    "tuple output": ("tuple", lambda: torch.randn(2, 3, 8, 8), 0),
+    "1-D logits": ("1d", lambda: torch.randn(2, 3, 8, 8), 0),
+    "None targets": ("", lambda: torch.randn(3, 3, 8, 8), [None] * 3),
+    "zero-size input": ("", lambda: torch.randn(2, 3, 0, 8), 0),
+    "meta input": ("", lambda: torch.randn(2, 3, 8, 8, device="meta"), 0),
+    "sparse input": ("", lambda: torch.randn(2, 3, 8, 8).to_sparse(), 0),
+}
+
+
+@pytest.mark.parametrize("case", sorted(BAD_CALLS))
+def test_bad_calls_are_clear_errors_for_every_method(case):
+    """They used to end in torch's own errors ('Could not infer dtype of NoneType', 'Tensor.
+    item() cannot be called on meta tensors', "'tuple' object has no attribute 'shape'" in
+    occlusion, ...)."""
+    mode, make, target = BAD_CALLS[case]
+    torch.manual_seed(0)
+    model = _Outputs(mode).eval()
+    for method in CNN_METHODS:
+        with pytest.raises(srdxai.SrdxaiError):
+            srdxai.explain(model, make(), target, method, **FAST.get(method, {}))

@@ -430,6 +430,12 @@ def check_inputs(x: Any, model: nn.Module | None = None) -> Tensor:
     """Validate the batch to explain: a float tensor (N, C, *spatial), finite."""
     if not isinstance(x, Tensor):
         raise InvalidInputError(f"inputs must be a torch.Tensor, got {type(x).__name__}.")
+    if x.layout != torch.strided:
+        raise InvalidInputError(
+            f"inputs must be a dense tensor, got layout {x.layout}; call x.to_dense().")
+    if x.device.type == "meta":
+        raise InvalidInputError("inputs are on the meta device (shapes without values); "
+                                "explain real tensors.")
     if x.dim() < 3:
         raise InvalidInputError(
             f"inputs must have shape (batch, channels, height, width) (or (batch, channels, "
@@ -438,6 +444,9 @@ def check_inputs(x: Any, model: nn.Module | None = None) -> Tensor:
         raise InvalidInputError(f"inputs must be floating point, got {x.dtype}.")
     if x.shape[0] == 0:
         raise InvalidInputError("inputs hold an empty batch.")
+    if x.numel() == 0:
+        raise InvalidInputError(f"inputs of shape {tuple(x.shape)} hold no values (a zero-size "
+                                "channel or spatial dimension).")
     if not torch.isfinite(x).all():
         bad = (~torch.isfinite(x)).flatten(1).any(1).nonzero().flatten().tolist()
         raise InvalidInputError(f"inputs contain NaN or Inf (samples {bad}); clean them first.")
@@ -488,10 +497,7 @@ def target_gradient(output: Tensor, target: Target) -> tuple[Tensor, Tensor | No
     elif isinstance(target, int):
         classes = torch.full((n,), target, dtype=torch.long, device=output.device)
     else:
-        try:
-            classes = torch.as_tensor(target, device=output.device)
-        except (TypeError, ValueError) as exc:
-            raise InvalidTargetError(f"cannot read target {target!r}: {exc}") from None
+        classes = _target_tensor(target).to(output.device)
         if classes.is_floating_point() or classes.dtype == torch.bool:
             raise InvalidTargetError(f"target classes must be integers, got {classes.dtype}.")
         classes = classes.long().flatten()
@@ -523,11 +529,21 @@ def non_finite_output_message(samples: list[int], where: str = "") -> str:
             "model (check their scale: images are usually normalised to about [-3, 3]).")
 
 
+def _target_tensor(target: Any) -> Tensor:
+    """A target sequence or tensor as a tensor; anything else is an InvalidTargetError."""
+    try:
+        return torch.as_tensor(target)
+    except (TypeError, ValueError, RuntimeError) as exc:
+        raise InvalidTargetError(
+            f"cannot read target {target!r} as class indices: {exc}. Give an int, one int per "
+            "sample, None for the predicted classes, or a callable.") from None
+
+
 def check_target_count(target: Target, n: int) -> None:
     """A per-sample target must hold one class per sample (or a single class)."""
     if target is None or isinstance(target, int) or is_callable_target(target):
         return
-    count = torch.as_tensor(target).numel()
+    count = _target_tensor(target).numel()
     if count not in (1, n):
         raise InvalidTargetError(
             f"got {count} targets for a batch of {n}; give one per sample, a single int, or "

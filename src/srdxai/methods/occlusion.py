@@ -15,6 +15,7 @@ import torch
 import torch.nn.functional as F
 from tqdm import tqdm
 
+from ..engine.catalogue import check_output
 from ..engine.core import Target, is_callable_target, is_differentiable, target_gradient
 from ..engine.memory import budget_chunk, run_in_chunks
 from ..errors import InvalidInputError
@@ -79,7 +80,7 @@ class Occlusion(Method):
         starts = torch.cartesian_prod(*[torch.tensor(list(g)) for g in grid]).reshape(-1, dims)
         n, p = x.shape[0], starts.shape[0]
         with self._guard():
-            out = self.model(x.clone())  # a copy: a model may edit its input in place
+            out = check_output(self.model(x.clone()))  # a copy: it may edit its input
             _, classes = target_gradient(out, target)  # checks the target once
             if classes is not None:
                 target = classes
