@@ -447,8 +447,8 @@ def check_inputs(x: Any, model: nn.Module | None = None) -> Tensor:
     if x.numel() == 0:
         raise InvalidInputError(f"inputs of shape {tuple(x.shape)} hold no values (a zero-size "
                                 "channel or spatial dimension).")
-    if not torch.isfinite(x).all():
-        bad = (~torch.isfinite(x)).flatten(1).any(1).nonzero().flatten().tolist()
+    bad = non_finite_samples(x)
+    if bad:
         raise InvalidInputError(f"inputs contain NaN or Inf (samples {bad}); clean them first.")
     if model is not None:
         p = next(model.parameters(), None)
@@ -483,11 +483,11 @@ def target_gradient(output: Tensor, target: Target) -> tuple[Tensor, Tensor | No
                     "a callable target must compute its objective from the output it is given "
                     f"with torch operations (a float tensor that depends on it); got a "
                     f"{objective.dtype} tensor that {why}.")
-            bad = ~torch.isfinite(objective.detach())
-            if bool(bad.any()):
+            bad = non_finite_samples(objective)
+            if bad:
                 raise NonFiniteError(
-                    f"the callable target returned NaN or Inf for samples "
-                    f"{bad.nonzero().flatten().tolist()[:20]}; it must give a finite objective.")
+                    f"the callable target returned NaN or Inf for samples {bad[:20]}; it must "
+                    "give a finite objective.")
             (grad,) = torch.autograd.grad(objective.sum(), out)
         return grad.detach(), None
     if target is None:
@@ -512,12 +512,19 @@ def target_gradient(output: Tensor, target: Target) -> tuple[Tensor, Tensor | No
     return grad.detach(), classes
 
 
+def non_finite_samples(t: Tensor) -> list[int]:
+    """The samples (rows of dimension 0) of ``t`` that hold NaN or Inf."""
+    bad = ~torch.isfinite(t.detach())
+    if bad.dim() > 1:
+        bad = bad.flatten(1).any(1)
+    return bad.nonzero().flatten().tolist() if bool(bad.any()) else []
+
+
 def check_finite_output(output: Tensor) -> None:
     """The model's logits must be finite: inputs that overflow inside the model give NaN or
     Inf there, and every map computed from them would be meaningless."""
-    bad = ~torch.isfinite(output.detach())
-    if bool(bad.any()):
-        samples = bad.flatten(1).any(1).nonzero().flatten().tolist()
+    samples = non_finite_samples(output)
+    if samples:
         error = NonFiniteError(non_finite_output_message(samples))
         error.samples = samples  # type: ignore[attr-defined]  # rows of this batch
         raise error

@@ -362,8 +362,7 @@ class ConvOp(WindowOp):
         # A stride-1 2-D convolution reads every input position with every offset, so the
         # norms can be computed once per input position and then shifted (below). Strided or
         # grouped convolutions keep the per-offset path (it computes only what is read).
-        return (x.dim() == 4 and self.groups == 1 and len(self.offsets) > 1
-                and all(s == 1 for s in self.stride))
+        return self.groups == 1 and self._norms_at_inputs_apply_full(x)
 
     def _offset_norms_at_inputs(self, x: torch.Tensor,
                                 scale: torch.Tensor | None) -> torch.Tensor:

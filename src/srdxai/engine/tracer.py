@@ -54,13 +54,13 @@ class Tracer(TorchFunctionMode):
 
     def __init__(self) -> None:
         super().__init__()
-        # id(tensor) -> what the view attached to it (a graph node, or True)
-        self.tracked: dict[int, Any] = {}
+        # id(tensor) -> (weak reference to it, what the view attached to it: a graph node,
+        # or True)
+        self.tracked: dict[int, tuple[weakref.ref, Any]] = {}
         # id(old tensor) -> (old tensor, its replacement); the old one is held so that its id
         # cannot be reused by an unrelated tensor
         self.aliases: dict[int, tuple[Tensor, Tensor]] = {}
         self.module_stack: list[tuple[str, nn.Module]] = []
-        self.refs: dict[int, weakref.ref] = {}  # the weak references behind ``tracked``
         self.verb = "trace"  # in errors: "The engine cannot <verb> <what>"
         # whether the pass started with autograd on (a pass run under no_grad on purpose,
         # Ablation-CAM's, is not the model turning it off)
@@ -73,22 +73,20 @@ class Tracer(TorchFunctionMode):
         key = id(tensor)
 
         def forget(ref: weakref.ref, key: int = key) -> None:
-            if self.refs.get(key) is ref:
-                del self.refs[key]
-                self.tracked.pop(key, None)
+            item = self.tracked.get(key)
+            if item is not None and item[0] is ref:
+                del self.tracked[key]
 
-        self.refs[key] = weakref.ref(tensor, forget)
-        self.tracked[key] = entry
+        self.tracked[key] = (weakref.ref(tensor, forget), entry)
 
     def entry_of(self, obj: Any) -> Any:
         """What the view attached to ``obj`` (None if ``obj`` is not a tracked tensor)."""
         if not isinstance(obj, Tensor):
             return None
-        key = id(obj)
-        ref = self.refs.get(key)
-        if ref is None or ref() is not obj:
+        item = self.tracked.get(id(obj))
+        if item is None or item[0]() is not obj:
             return None
-        return self.tracked.get(key)
+        return item[1]
 
     def is_tracked(self, obj: Any) -> bool:
         return self.entry_of(obj) is not None
@@ -100,7 +98,6 @@ class Tracer(TorchFunctionMode):
     def forget_all(self) -> None:
         """Drop every entry and alias (after the pass: breaks reference cycles)."""
         self.tracked.clear()
-        self.refs.clear()
         self.aliases.clear()
 
     # -- module names ------------------------------------------------------------------------
@@ -111,11 +108,6 @@ class Tracer(TorchFunctionMode):
             return "<outside any module>"
         name, module = self.module_stack[-1]
         return name or f"{type(module).__name__} (the model's own forward)"
-
-    @property
-    def module(self) -> nn.Module | None:
-        """The innermost module running, if any."""
-        return self.module_stack[-1][1] if self.module_stack else None
 
     # -- the mode ----------------------------------------------------------------------------
     def __torch_function__(self, func, types, args=(), kwargs=None):

@@ -21,6 +21,7 @@ from ..engine.core import (
     keep_graph,
     model_guard,
     non_finite_output_message,
+    non_finite_samples,
     slice_target,
     target_gradient,
 )
@@ -194,11 +195,8 @@ def check_finite_map(result: Tensor, method: str) -> None:
     """A map with NaN or Inf is never returned: raise naming the samples. (The model's output
     and a callable target's objective are checked where they are read, with their own
     causes, so what reaches here is the method's own arithmetic.)"""
-    bad = ~torch.isfinite(result.detach())
-    if result.dim() > 1:
-        bad = bad.flatten(1).any(1)
-    if bool(bad.any()):
-        samples = bad.nonzero().flatten().tolist()
+    samples = non_finite_samples(result)
+    if samples:
         raise NonFiniteError(
             f"method '{method}' gave a map with NaN or Inf for samples {samples[:20]}"
             f"{' ...' if len(samples) > 20 else ''}: its arithmetic overflowed (values beyond "

@@ -277,18 +277,20 @@ class SRDRule(Rule):
         depth = torch.stack([conv.weight[(slice(None), 0, *k)] for k in conv.offsets])  # K2, C
         if channel is not None:
             depth = depth * channel.to(depth.dtype)
-        gram_post = post.transpose(0, 1) @ post if dense else None
+        compose = compose_cost < direct_cost
+        gram_post = post.transpose(0, 1) @ post if dense else None  # once for every offset
+        if compose:  # what sits between w1^T and w1 in each composed Gram matrix
+            inner = (depth * depth).unsqueeze(2) if not dense else (
+                gram_post.unsqueeze(0) * (depth.unsqueeze(2) * depth.unsqueeze(1)))
         parts = []
         for j in first.offsets:
-            if compose_cost < direct_cost:
+            if compose:
                 x = first.input_at_offset(value, j)
                 if position1 is not None:
                     x = x * position1
                 w1 = first.weight[(slice(None), slice(None), *j)]  # C_mid, C_in
                 if channel1 is not None:
                     w1 = w1 * channel1.to(w1.dtype).reshape(-1, 1)
-                inner = (depth * depth).unsqueeze(2) if not dense else (
-                    gram_post.unsqueeze(0) * (depth.unsqueeze(2) * depth.unsqueeze(1)))
                 if not dense:  # diag(d_k^2) between w1^T and w1
                     grams = w1.transpose(0, 1).unsqueeze(0) @ (inner * w1.unsqueeze(0))
                 else:
@@ -298,7 +300,7 @@ class SRDRule(Rule):
                 z = first.component_forward(value, 0, j, scale=channel1)
                 if position1 is not None:
                     z = z * position1
-                parts.append(_chain_norms(conv, z, post, channel))
+                parts.append(_chain_norms(conv, z, post, channel, gram_post))
         first.release()
         conv.release()
         norms = torch.cat(parts, 1)  # (N, K1 * K2, *out), offsets of ``first`` outer
@@ -437,11 +439,12 @@ def _plain_or_depthwise(conv: ops.ConvOp) -> bool:
 
 
 def _chain_norms(conv: ops.ConvOp, value: Tensor, post: Tensor | None,
-                 channel: Tensor | None) -> Tensor:
+                 channel: Tensor | None, gram: Tensor | None = None) -> Tensor:
     """``|| post diag(channel) W_k v(p_k(q)) ||`` for every offset ``k`` of ``conv`` (groups 1
     or depthwise) at every output position ``q``: (N, K, *out). ``post`` (C_out', C) and
     ``channel`` (C,) may be None (identity). When the quadratic form is cheaper, the Gram
-    matrix of ``post`` is formed once and each offset's is ``G`` scaled by its weights."""
+    matrix of ``post`` (``gram``, if the caller already has it) is formed once and each
+    offset's is ``G`` scaled by its weights."""
     w = torch.stack([conv.weight[(slice(None), slice(None), *k)] for k in conv.offsets])
     if channel is not None:
         w = w * channel.to(w.dtype).reshape(1, -1, 1)
@@ -451,7 +454,7 @@ def _chain_norms(conv: ops.ConvOp, value: Tensor, post: Tensor | None,
             return conv.diagonal_norms(value, d)
         cout, c = post.shape
         if c < cout:
-            g = post.transpose(0, 1) @ post
+            g = post.transpose(0, 1) @ post if gram is None else gram
             if value.shape[0] * math.prod(value.shape[2:]) < c:  # few positions, many channels
                 return conv.scaled_quadratic_norms(value, d, g)
             return conv.stacked_norms(value, g.unsqueeze(0) * (d.unsqueeze(2) * d.unsqueeze(1)),
@@ -460,7 +463,7 @@ def _chain_norms(conv: ops.ConvOp, value: Tensor, post: Tensor | None,
     if post is None:
         return conv.stacked_norms(value, w)
     if w.shape[2] < post.shape[0]:
-        g = post.transpose(0, 1) @ post
+        g = post.transpose(0, 1) @ post if gram is None else gram
         return conv.stacked_norms(value, w.transpose(1, 2) @ g @ w, grams=True)
     return conv.stacked_norms(value, post @ w)
 
