@@ -525,15 +525,19 @@ def check_finite_output(output: Tensor) -> None:
     Inf there, and every map computed from them would be meaningless."""
     samples = non_finite_samples(output)
     if samples:
-        error = NonFiniteError(non_finite_output_message(samples))
-        error.samples = samples  # type: ignore[attr-defined]  # rows of this batch
-        raise error
+        raise non_finite_output_error(samples)
 
 
-def non_finite_output_message(samples: list[int], where: str = "") -> str:
-    return (f"the model's output is NaN or Inf for samples {samples[:20]}"
-            f"{' ...' if len(samples) > 20 else ''}{where}: the inputs overflow inside the "
-            "model (check their scale: images are usually normalised to about [-3, 3]).")
+def non_finite_output_error(samples: list[int], where: str = "") -> NonFiniteError:
+    """The error for a model output with NaN or Inf at ``samples`` (rows of the batch the
+    model ran on; ``samples`` and ``where`` are kept on the error so that a caller that ran
+    a part of its batch, or points around it, can name its own samples instead)."""
+    error = NonFiniteError(
+        f"the model's output is NaN or Inf for samples {samples[:20]}"
+        f"{' ...' if len(samples) > 20 else ''}{where}: the inputs overflow inside the model "
+        "(check their scale: images are usually normalised to about [-3, 3]).")
+    error.samples, error.where = samples, where  # type: ignore[attr-defined]
+    return error
 
 
 def _target_tensor(target: Any) -> Tensor:

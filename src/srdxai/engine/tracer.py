@@ -48,6 +48,12 @@ from .catalogue import (
 Tensor = torch.Tensor
 
 
+def module_label(name: str, module: nn.Module) -> str:
+    """How a module is named where a call ran (``OpCall.name``, ``LinearOp.name``, errors):
+    its qualified name, or for the top-level model its class."""
+    return name or f"{type(module).__name__} (the model's own forward)"
+
+
 class Tracer(TorchFunctionMode):
     """The tracing core (see the module docstring); a view subclasses it and implements
     :meth:`handle` (what a call on tracked tensors does) and :meth:`unsupported` (its error)."""
@@ -106,8 +112,7 @@ class Tracer(TorchFunctionMode):
         """The qualified name of the innermost module running (for names and errors)."""
         if not self.module_stack:
             return "<outside any module>"
-        name, module = self.module_stack[-1]
-        return name or f"{type(module).__name__} (the model's own forward)"
+        return module_label(*self.module_stack[-1])
 
     # -- the mode ----------------------------------------------------------------------------
     def __torch_function__(self, func, types, args=(), kwargs=None):

@@ -20,7 +20,7 @@ from ..engine.core import (
     is_differentiable,
     keep_graph,
     model_guard,
-    non_finite_output_message,
+    non_finite_output_error,
     non_finite_samples,
     slice_target,
     target_gradient,
@@ -183,9 +183,8 @@ class Method:
                 if rows is None or i == 0:
                     raise
                 # the model's output checked on this chunk: name the caller's samples
-                where = getattr(error, "where", "")
-                raised = NonFiniteError(non_finite_output_message([i + r for r in rows], where))
-                raise raised from None
+                raise non_finite_output_error([i + r for r in rows],
+                                              getattr(error, "where", "")) from None
         result = parts[0] if len(parts) == 1 else torch.cat(parts)
         check_finite_map(result, self.name)
         return result

@@ -40,7 +40,7 @@ from ..engine.core import (
     Trace,
     keep_graph,
     map_target,
-    non_finite_output_message,
+    non_finite_output_error,
     true_activation_gradient,
 )
 from ..engine.memory import budget_chunk, element_chunk, run_in_chunks
@@ -251,10 +251,7 @@ class DeepLiftRescale(ChainRuleMethod):
 
     def _rescaled_gradient(self, x: Tensor, base: Tensor, target: Target) -> Tensor:
         def run(leaf: Tensor) -> Tensor:
-            channels_last = leaf.dim() == 4 and not leaf.is_contiguous() and (
-                leaf.is_contiguous(memory_format=torch.channels_last))
-            layout = torch.channels_last if channels_last else torch.contiguous_format
-            reference = base.detach().clone(memory_format=layout)
+            reference = torch.empty_like(leaf).copy_(base.detach())  # in the leaf's layout
             with self._guard(), torch.no_grad(), Trace(self.model, reference, Rule()) as trace:
                 trace.forward()
                 references = [n.pre.detach() for n in trace.pfv_layers[1:]]
@@ -338,10 +335,8 @@ class _SampledGradients(ChainRuleMethod):
                 if rows_hit is None:
                     raise
                 samples = sorted({(start + r) % n for r in rows_hit})
-                where = f" (at some of the {self.name} points around them)"
-                raised = NonFiniteError(non_finite_output_message(samples, where))
-                raised.samples, raised.where = samples, where  # type: ignore[attr-defined]
-                raise raised from None
+                raise non_finite_output_error(
+                    samples, f" (at some of the {self.name} points around them)") from None
             w = weights.to(points.device, points.dtype)[rows // n]
             total.index_add_(0, rows % n, grad * w.view(-1, *([1] * (grad.dim() - 1))))
 

@@ -64,6 +64,7 @@ from ..engine.channels import nonnegative
 from ..engine.core import Rule, Target, Trace, is_differentiable, keep_graph
 from ..engine.gradmode import building_graph
 from ..engine.optrace import KINDS, OpCall, OpRule
+from ..engine.tracer import module_label
 from ..errors import InvalidInputError, UnsupportedOperationError
 from .attnlrp import sigma_detached_layer_norm
 from .base import Method, checked_reduction, register
@@ -808,9 +809,8 @@ class LRPComposite(Method):
                 return self._layer_rule(name, *self._bounds(x))
             return self._layer_rule(name)
 
-        modules = dict(self.model.named_modules())
-        # a call in the model's own forward is recorded under this name (engine/tracer.py)
-        modules[f"{type(self.model).__name__} (the model's own forward)"] = self.model
+        # every module under the label the engine records its calls with
+        modules = {module_label(name, m): m for name, m in self.model.named_modules()}
         return LRPConfig(conv=rule(self.conv_rule), dense=rule(self.dense_rule),
                          first=None if self.first_layer is None else rule(self.first_layer),
                          stabilizer=self.stabilizer,
@@ -830,7 +830,9 @@ class LRPComposite(Method):
         key = (tuple(leaf.shape[1:]), leaf.dtype, leaf.device, leaf.is_contiguous())
         if key not in self._routes:
             probe = Rule()
-            probe.gate_products = probe.constant_statistics = True  # as LRPRule
+            # the CNN rules' recording, without their layer rules
+            probe.gate_products = LRPRule.gate_products
+            probe.constant_statistics = LRPRule.constant_statistics
             with self._guard(), torch.no_grad(), Trace(self.model, leaf[:1].detach(),
                                                        probe) as trace:
                 trace.forward()
