@@ -51,7 +51,11 @@ def _results(db: Path) -> list[tuple]:
 
 
 def _units(db: Path) -> int:
-    con = sqlite3.connect(db)
+    # read-only: a plain connect would create an empty file, which bench then refuses
+    try:
+        con = sqlite3.connect(f"file:{db}?mode=ro", uri=True)
+    except sqlite3.OperationalError:  # not created yet
+        return 0
     try:
         return con.execute("SELECT count(*) FROM units").fetchone()[0]
     except sqlite3.OperationalError:

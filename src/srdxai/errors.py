@@ -16,6 +16,7 @@ __all__ = [
     "InvalidTargetError",
     "MissingDependencyError",
     "NonFiniteError",
+    "RunDirectoryError",
 ]
 
 
@@ -45,6 +46,16 @@ class InvalidTargetError(SrdxaiError):
 
 class NonFiniteError(SrdxaiError):
     """A result (a map, the model's output, a target's objective) holds NaN or Inf."""
+
+
+class RunDirectoryError(InvalidInputError):
+    """A benchmark run directory or one of its results databases cannot be used: damaged, not
+    a srdxai results database, locked, not writable, or the disk is full.
+
+    The message names the file, what is wrong and what to do. It is an
+    :class:`InvalidInputError` (the run directory is the command's input), so code that caught
+    that for a bad database keeps working.
+    """
 
 
 class MissingDependencyError(SrdxaiError, ImportError):

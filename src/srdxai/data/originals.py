@@ -17,15 +17,15 @@ The paper's preprocessing: resize the shorter side to 256 (bilinear; masks neare
 
 **CIFAR-100** (the activation table's data): the python version,
 ``ROOT/cifar-100-python/{train,test}`` (or ``ROOT`` being that folder). The pickles are read
-with an unpickler that only admits numpy arrays and plain containers, so a tampered file cannot
-run code. Images are normalised with the CIFAR-100 mean/std; ``fine`` (100) or ``coarse`` (20)
+by ``srdxai.data.safe_pickle``, which only admits numpy arrays of plain numeric dtypes and plain
+containers and bounds the memory and time a file can cost, so a tampered file can neither run
+code nor exhaust the machine; the structure is then checked by type before any conversion.
+Images are normalised with the CIFAR-100 mean/std; ``fine`` (100) or ``coarse`` (20)
 labels.
 """
 
 from __future__ import annotations
 
-import io
-import pickle
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -33,6 +33,7 @@ import numpy as np
 import torch
 from torch import Tensor
 
+from srdxai.data.safe_pickle import PickledArray, load_pickle
 from srdxai.errors import InvalidInputError, SrdxaiError
 
 __all__ = ["CIFAR100", "CIFAR100_MEAN", "CIFAR100_STD", "IMAGENET_MEAN", "IMAGENET_STD",
@@ -139,20 +140,39 @@ class ImageNetS:
                                str(image_path))
 
 
-class _ArrayUnpickler(pickle.Unpickler):
-    """Admits only what a CIFAR pickle holds: numpy arrays/dtypes and builtin containers."""
+def _cifar_fields(entry: object, path: Path, labels: str) -> tuple[np.ndarray, list]:
+    """The image array and the label list of a CIFAR-100 pickle, checked by type first.
 
-    _ALLOWED = {
-        ("numpy.core.multiarray", "_reconstruct"), ("numpy._core.multiarray", "_reconstruct"),
-        ("numpy", "ndarray"), ("numpy", "dtype"), ("numpy.core.multiarray", "scalar"),
-        ("numpy._core.multiarray", "scalar"), ("builtins", "list"), ("builtins", "dict"),
-        ("_codecs", "encode"),
-    }
+    Nothing is converted before its type is known: a list of lists handed to numpy is walked
+    element by element, and a few hundred bytes of memo references can alias one 2**60 times."""
+    if not isinstance(entry, dict):
+        raise InvalidInputError(f"{path} is not a CIFAR-100 python pickle: it holds a "
+                                f"{type(entry).__name__}, not a dict")
 
-    def find_class(self, module: str, name: str):
-        if (module, name) not in self._ALLOWED:
-            raise pickle.UnpicklingError(f"refusing to load {module}.{name} from a data file")
-        return super().find_class(module, name)
+    def field(name: str) -> object:
+        # the originals were pickled by Python 2: their str keys read as bytes
+        return entry.get(name.encode(), entry.get(name))
+
+    key = "fine_labels" if labels == "fine" else "coarse_labels"
+    data, label_list = field("data"), field(key)
+    if data is None or label_list is None:
+        raise InvalidInputError(f"{path} is not a CIFAR-100 python pickle (no data / "
+                                f"{key.encode()!r})")
+    if not isinstance(data, PickledArray):
+        raise InvalidInputError(f"{path}: data is a {type(data).__name__}, not a numpy array")
+    images = data.array()
+    if images.dtype != np.uint8 or images.ndim != 2 or images.shape[1] != 3072:
+        raise InvalidInputError(f"{path}: data of shape {images.shape} and dtype {images.dtype} "
+                                "is not N x 3072 uint8")
+    if not isinstance(label_list, list) or len(label_list) != len(images):
+        count = len(label_list) if isinstance(label_list, list) else type(label_list).__name__
+        raise InvalidInputError(f"{path}: {key} must be a list of one label per image "
+                                f"({len(images)}), found {count}")
+    for value in label_list:
+        if type(value) is not int and not isinstance(value, np.integer):
+            raise InvalidInputError(f"{path}: {key} holds a {type(value).__name__}; a CIFAR-100 "
+                                    "file has one integer label per image")
+    return images, label_list
 
 
 class CIFAR100:
@@ -170,20 +190,19 @@ class CIFAR100:
         if not path.is_file():
             raise SrdxaiError(f"CIFAR-100 file {path} does not exist; expected "
                               "ROOT/cifar-100-python/{train,test} (the python version)")
+        entry = load_pickle(path, "CIFAR-100 file")
+        data, label_list = _cifar_fields(entry, path, labels)
+        classes = 100 if labels == "fine" else 20
         try:
-            entry = _ArrayUnpickler(io.BytesIO(path.read_bytes()), encoding="bytes").load()
-        except (pickle.UnpicklingError, EOFError, ValueError, TypeError, AttributeError) as exc:
-            raise SrdxaiError(f"cannot read CIFAR-100 file {path}: {exc}") from exc
-        key = b"fine_labels" if labels == "fine" else b"coarse_labels"
-        if not isinstance(entry, dict) or b"data" not in entry or key not in entry:
-            raise SrdxaiError(f"{path} is not a CIFAR-100 python pickle (no data / {key!r})")
-        data = np.asarray(entry[b"data"], dtype=np.uint8)
-        if data.ndim != 2 or data.shape[1] != 3072 or len(entry[key]) != len(data):
-            raise SrdxaiError(f"{path}: data of shape {data.shape} is not N x 3072 with one "
-                              "label per row")
+            label_array = np.array(label_list, dtype=np.int64)  # plain integers: checked above
+        except OverflowError:
+            label_array = None
+        if label_array is None or (label_array.size and not (
+                0 <= label_array.min() and label_array.max() < classes)):
+            raise InvalidInputError(f"{path}: {labels} labels must lie in 0..{classes - 1}")
         x = torch.from_numpy(data.reshape(-1, 3, 32, 32).astype(np.float32) / 255.0)
         self.images = _normalize(x, CIFAR100_MEAN, CIFAR100_STD)
-        self.labels = torch.as_tensor(np.asarray(entry[key]), dtype=torch.int64)
+        self.labels = torch.from_numpy(label_array)
 
     def __len__(self) -> int:
         return len(self.labels)

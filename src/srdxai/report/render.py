@@ -11,6 +11,7 @@ know still get a generic table, so new experiments show up without code changes.
 from __future__ import annotations
 
 import base64
+import errno
 import html
 import io
 import json
@@ -22,7 +23,8 @@ from pathlib import Path
 
 import numpy as np
 
-from srdxai.experiments.store import merged_path
+from srdxai.errors import RunDirectoryError
+from srdxai.experiments.store import check_writable, merged_path
 from srdxai.report import paper, tables
 from srdxai.report.figures import write_atomic
 from srdxai.report.tables import CurveSet, MetricTable, RunInfo
@@ -50,6 +52,7 @@ class Text:
 @dataclass
 class Code:
     text: str
+    lang: str = ""  # "json": the text is JSON (the Markdown writer relies on it)
 
 
 @dataclass
@@ -304,10 +307,15 @@ def _header(info: RunInfo, contents: list[Section]) -> Section:
         blocks.append(Table("Result rows per experiment", ["experiment", "rows"],
                             [[(e, False), (str(n), False)]
                              for e, n in info.rows_per_experiment.items()]))
-    config = (json.dumps(info.config, indent=2, sort_keys=True) if info.config is not None
-              else info.config_text or "(no configuration stored)")
-    blocks.append(Text("Configuration:"))
-    blocks.append(Code(config))
+    if info.config is not None:
+        blocks += [Text("Configuration:"),
+                   Code(json.dumps(info.config, indent=2, sort_keys=True), "json")]
+    elif info.config_text:
+        # Shown as a JSON string: exact, and safe to put in either report whatever it holds.
+        blocks += [Text("Configuration (stored text that is not a JSON object):"),
+                   Code(json.dumps(info.config_text), "json")]
+    else:
+        blocks += [Text("Configuration:"), Code("(no configuration stored)")]
     blocks.append(Text(
         "Cells are the mean over samples ± the half-width of its 95 % confidence interval "
         "(Student's t with n−1 degrees of freedom); NaN/NULL values are left out and counted "
@@ -553,31 +561,77 @@ def _html(sections: list[Section]) -> str:
     return "\n".join(parts + ["</body></html>", ""])
 
 
-def _md_cell(text: str) -> str:
-    return text.replace("\\", "\\\\").replace("|", "\\|").replace("\n", " ")
+# Markdown: everything the report shows is literal text (most of it comes from the database:
+# names of experiments, models, methods, metrics and artifacts, the configuration), so a name
+# can neither break a table nor add markup, HTML or links. CommonMark backslash escapes cover
+# the markup; HTML's three characters become entities (which also defeats <autolinks>).
+_MD_CONTROL = re.compile(r"[\x00-\x1f\x7f\u2028\u2029]+")  # newlines end a table row or line
+_MD_ALWAYS = re.compile(r"[\\`*#|~$@]")
+_MD_UNDERSCORE = re.compile(r"(?<![A-Za-z0-9])_|_(?![A-Za-z0-9])")  # intraword _ is no markup
+_MD_LINK_END = re.compile(r"\](?=[(\[:])")  # ](url), ][ref], [ref]: definitions
+_MD_AUTOLINK = re.compile(r"(?i)(?<=:)//|(?<=\bwww)\.")  # GitHub links bare URLs
+_MD_BLOCK_START = re.compile(r"([-+=])|\d{1,9}([.)])(?=\s|$)")  # a list, rule or setext line
+
+
+def _md_text(text: str, brackets: bool = False) -> str:
+    """``text`` as literal Markdown inline text on one line; ``brackets``: inside ``[...]``
+    (an image's text), where every bracket must be escaped to keep the brackets balanced."""
+    text = html.escape(_MD_CONTROL.sub(" ", str(text)).strip(), quote=False)
+    text = _MD_ALWAYS.sub(lambda m: "\\" + m.group(), text)
+    text = _MD_UNDERSCORE.sub(r"\\_", text)
+    if brackets:
+        text = text.replace("[", "\\[").replace("]", "\\]")
+    else:
+        text = _MD_LINK_END.sub(r"\\]", text)
+    return _MD_AUTOLINK.sub(lambda m: "\\" + m.group(), text)
+
+
+def _md_line(text: str) -> str:
+    """``text`` as a paragraph line: also nothing at its start may open a block."""
+    out = _md_text(text)
+    start = _MD_BLOCK_START.match(out)
+    if start is None:
+        return out
+    if start.group(1):
+        return "\\" + out
+    cut = start.end() - 1
+    return out[:cut] + "\\" + out[cut:]
+
+
+def _md_code(block: Code) -> list[str]:
+    text = block.text
+    if block.lang == "json":
+        # In JSON these characters occur only inside strings, where the \u escapes mean the
+        # same: the configuration stays valid, equal JSON with no HTML and no fence in it.
+        text = text.translate({ord(c): f"\\u{ord(c):04x}" for c in "<>&`"})
+    longest = max((len(run) for run in re.findall(r"`+", text)), default=0)
+    fence = "`" * max(3, longest + 1)
+    return [fence + block.lang, text, fence, ""]
 
 
 def _md_block(block: Text | Code | Table | Figure | Section, level: int) -> list[str]:
     if isinstance(block, Section):
-        out = ["#" * level + " " + block.title, ""]
+        out = ["#" * level + " " + _md_text(block.title), ""]
         for b in block.blocks:
             out += _md_block(b, level + 1)
         return out
     if isinstance(block, Text):
-        return [block.text if not block.text.startswith("Not run") else f"_{block.text}_", ""]
+        if block.text.startswith("Not run"):
+            return [f"_{_md_text(block.text)}_", ""]
+        return [_md_line(block.text), ""]
     if isinstance(block, Code):
-        return ["```json", block.text, "```", ""]
-    if isinstance(block, Figure):
-        return [f"![{_md_cell(block.title)}](figures/{block.filename})", ""]
-    out = [f"**{_md_cell(block.title)}**", "",
-           "| " + " | ".join(_md_cell(h) for h in block.header) + " |",
+        return _md_code(block)
+    if isinstance(block, Figure):  # the file name is a slug: [A-Za-z0-9._-]
+        return [f"![{_md_text(block.title, brackets=True)}](figures/{block.filename})", ""]
+    out = [f"**{_md_text(block.title)}**", "",
+           "| " + " | ".join(_md_text(h) for h in block.header) + " |",
            "|" + "|".join(["---"] + ["---:"] * (len(block.header) - 1)) + "|"]
     for row in block.rows:
-        out.append("| " + " | ".join(f"**{_md_cell(t)}**" if bold else _md_cell(t)
+        out.append("| " + " | ".join(f"**{_md_text(t)}**" if bold else _md_text(t)
                                      for t, bold in row) + " |")
     out.append("")
     for note in block.notes:
-        out += [note, ""]
+        out += [_md_line(note), ""]
     return out
 
 
@@ -598,8 +652,28 @@ def _figures(blocks: Sequence) -> list[Figure]:
     return out
 
 
-def _write_atomic(path: Path, data: bytes) -> None:
-    write_atomic(path, lambda handle: handle.write(data))
+#: errno values meaning "cannot write here" (as opposed to a bug or a vanished file)
+_NO_WRITE = frozenset({errno.EACCES, errno.EPERM, errno.EROFS, errno.ENOSPC, errno.EDQUOT})
+
+
+def _cannot_write(target: Path, run_dir: Path, exc: OSError) -> RunDirectoryError:
+    if exc.errno in (errno.ENOSPC, errno.EDQUOT):
+        todo = "free some space and run `srdxai report` again"
+    else:
+        todo = (f"make {target.parent} writable (`chmod u+w {target.parent}`), or copy "
+                f"{run_dir} somewhere writable and run `srdxai report` on the copy")
+    return RunDirectoryError(f"cannot write the report file {target}: "
+                             f"{exc.strerror or exc}; {todo}. No report file is left "
+                             "half-written.")
+
+
+def _write_atomic(path: Path, data: bytes, run_dir: Path) -> None:
+    try:
+        write_atomic(path, lambda handle: handle.write(data))
+    except OSError as exc:
+        if exc.errno in _NO_WRITE:
+            raise _cannot_write(path, run_dir, exc) from exc
+        raise
 
 
 def build_report(run_dir: Path) -> tuple[Path, Path]:
@@ -607,18 +681,27 @@ def build_report(run_dir: Path) -> tuple[Path, Path]:
     figures in ``run_dir/figures/``) from ``run_dir/results.sqlite``; returns both paths.
 
     Raises :class:`~srdxai.errors.InvalidInputError` when the database is missing, not a
-    results database, or empty, saying what to run.
+    results database, or empty, saying what to run, and its subclass
+    :class:`~srdxai.errors.RunDirectoryError` when the database is damaged or a report file
+    cannot be written (naming the file; reports already there stay as they were).
     """
     run_dir = Path(run_dir)
     db = merged_path(run_dir)
     info = tables.run_info(db)
+    # Before the figures are drawn: an unwritable run directory is one line, not lost work.
+    check_writable(run_dir, f"write report.html, report.md and figures/ into {run_dir}")
     sections = _sections(db, info)
     figures = _figures(sections)
     if figures:
-        (run_dir / "figures").mkdir(exist_ok=True)
+        try:
+            (run_dir / "figures").mkdir(exist_ok=True)
+        except OSError as exc:
+            if exc.errno in _NO_WRITE:
+                raise _cannot_write(run_dir / "figures", run_dir, exc) from exc
+            raise
     for fig in figures:
-        _write_atomic(run_dir / "figures" / fig.filename, fig.png)
+        _write_atomic(run_dir / "figures" / fig.filename, fig.png, run_dir)
     md_path, html_path = run_dir / "report.md", run_dir / "report.html"
-    _write_atomic(md_path, _markdown(sections).encode("utf-8"))
-    _write_atomic(html_path, _html(sections).encode("utf-8"))
+    _write_atomic(md_path, _markdown(sections).encode("utf-8"), run_dir)
+    _write_atomic(html_path, _html(sections).encode("utf-8"), run_dir)
     return html_path, md_path

@@ -11,7 +11,8 @@ from __future__ import annotations
 import json
 import math
 import sqlite3
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable, Iterator, Sequence
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from functools import lru_cache
 from pathlib import Path
@@ -19,6 +20,7 @@ from statistics import NormalDist
 from typing import Literal, NamedTuple
 
 from srdxai.errors import InvalidInputError
+from srdxai.experiments.store import database_error, open_database
 
 __all__ = [
     "HIGHER_IS_BETTER",
@@ -246,8 +248,17 @@ class MetricTable:
         return max(counts, key=lambda k: (counts[k], k)) if counts else None
 
 
-def _connect(db_path: Path) -> sqlite3.Connection:
-    """Open a results database read-only (a missing file is an error, never created)."""
+def _merged_hint(db_path: Path) -> str:
+    run_dir = Path(db_path).parent
+    return (f"srdxai leaves it untouched. If the run's results.rank*.sqlite files are intact, "
+            f"rebuild it with `srdxai merge {run_dir}`; otherwise run `srdxai bench {run_dir}` "
+            "(or a new run directory) to write one")
+
+
+def _connect(db_path: Path, integrity: bool = False) -> sqlite3.Connection:
+    """Open a results database read-only (a missing file is an error, never created) and check
+    its tables (and, with ``integrity``, SQLite's quick_check); problems are one-line
+    :class:`~srdxai.errors.RunDirectoryError` (an :class:`InvalidInputError`)."""
     db_path = Path(db_path)
     if not db_path.is_file():
         hint = f"run `srdxai bench {db_path.parent}` first"
@@ -256,28 +267,26 @@ def _connect(db_path: Path) -> sqlite3.Connection:
                     f"`srdxai merge {db_path.parent}` (or resume `srdxai bench "
                     f"{db_path.parent}`)")
         raise InvalidInputError(f"no results database at {db_path}; {hint}.")
+    return open_database(db_path, "ro", ("meta", "results", "curves", "artifacts"),
+                         _merged_hint(db_path), integrity)
+
+
+@contextmanager
+def _reading(db_path: Path, integrity: bool = False) -> Iterator[sqlite3.Connection]:
+    """A checked read-only connection; SQLite errors while reading (damage found by a query)
+    become :class:`~srdxai.errors.RunDirectoryError`."""
+    conn = _connect(db_path, integrity)
     try:
-        conn = sqlite3.connect(f"file:{db_path.resolve().as_posix()}?mode=ro", uri=True)
-        names = {r[0] for r in conn.execute("SELECT name FROM sqlite_master WHERE type='table'")}
-    except sqlite3.DatabaseError as exc:
-        raise InvalidInputError(
-            f"{db_path} is not a readable SQLite results database ({exc}); run "
-            f"`srdxai bench {db_path.parent}` to write one.") from exc
-    lacking = {"meta", "results", "curves", "artifacts"} - names
-    if lacking:
+        yield conn
+    except sqlite3.Error as exc:
+        raise database_error(exc, Path(db_path), "read", _merged_hint(db_path)) from exc
+    finally:
         conn.close()
-        raise InvalidInputError(
-            f"{db_path} is not a srdxai results database (no {', '.join(sorted(lacking))} "
-            f"table); run `srdxai bench {db_path.parent}` to write one.")
-    return conn
 
 
 def _query(db_path: Path, sql: str, params: Sequence[object] = ()) -> list[tuple]:
-    conn = _connect(db_path)
-    try:
+    with _reading(db_path) as conn:
         return conn.execute(sql, params).fetchall()
-    finally:
-        conn.close()
 
 
 def _first_seen(items: Iterable[str]) -> list[str]:
@@ -353,9 +362,11 @@ class RunInfo:
 
 
 def run_info(db_path: Path) -> RunInfo:
-    """The run's metadata and row counts; an empty database is an error naming what to run."""
-    conn = _connect(db_path)
-    try:
+    """The run's metadata and row counts; an empty database is an error naming what to run.
+
+    The only reader that runs SQLite's quick_check (the report starts here): a damaged file is
+    refused once, up front, rather than found half-way through the report."""
+    with _reading(db_path, integrity=True) as conn:
         meta = dict(conn.execute("SELECT key, value FROM meta"))
         n_results = conn.execute("SELECT COUNT(*) FROM results").fetchone()[0]
         n_curves = conn.execute("SELECT COUNT(*) FROM curves").fetchone()[0]
@@ -365,8 +376,6 @@ def run_info(db_path: Path) -> RunInfo:
             "ORDER BY MIN(rowid)").fetchall())
         versions = [r[0] for r in conn.execute(
             "SELECT DISTINCT code_version FROM results ORDER BY code_version")]
-    finally:
-        conn.close()
     if n_results + n_curves + n_artifacts == 0:
         raise InvalidInputError(
             f"{db_path} holds no results yet; run (or resume) `srdxai bench "
@@ -384,14 +393,11 @@ def run_info(db_path: Path) -> RunInfo:
 
 def experiments(db_path: Path) -> list[str]:
     """Experiments with result rows or curves, in order of first appearance (results first)."""
-    conn = _connect(db_path)
-    try:
+    with _reading(db_path) as conn:
         found = [r[0] for r in conn.execute(
             "SELECT experiment FROM results GROUP BY experiment ORDER BY MIN(rowid)")]
         found += [r[0] for r in conn.execute(
             "SELECT experiment FROM curves GROUP BY experiment ORDER BY MIN(rowid)")]
-    finally:
-        conn.close()
     return _first_seen(found)
 
 
