@@ -5,7 +5,7 @@
 
 Rows, each timed in this run (median over ``--rounds`` calls after a warm-up):
 
-* SRD (ResNet50, VGG16) and absLRP (VGG16, ResNet50, ViT-B/16) against one plain
+* SRD (ResNet50, VGG16, ViT-B/16) and absLRP (VGG16, ResNet50, ViT-B/16) against one plain
   ``torch.autograd.grad`` of the target logit (targets 2.0x and 3.0x);
 * integrated gradients (50 steps) and SmoothGrad (25 samples) against Captum, LRP EpsilonPlus
   against zennit (targets 1.0x), Score-CAM against pytorch-grad-cam (target: 3x faster);
@@ -240,7 +240,7 @@ def main() -> None:
     only = set(args.only.split(","))
     rows: list[_timing.Row] = []
     if "srd" in only:
-        rows += plain_gradient_rows(args, "srd", ["resnet50", "vgg16"], 2.0)
+        rows += plain_gradient_rows(args, "srd", ["resnet50", "vgg16", "vit_b16"], 2.0)
         rows += plain_gradient_rows(args, "srd", ["efficientnet_b0", "convnext_tiny", "swin_t"],
                                     2.5)
         rows.append(srd_floor_row(args))

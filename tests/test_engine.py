@@ -221,8 +221,10 @@ def test_model_unchanged_after_call_and_after_exception():
         raise RuntimeError("user code failed")
 
     model.forward = bad_forward
-    with pytest.raises(RuntimeError, match="user code failed"):
+    # the model fails by itself too: a clear srdxai error with the model's own chained
+    with pytest.raises(InvalidInputError, match="fails by itself.*user code failed") as info:
         srdxai.explain(model, torch.randn(1, 3, 8, 8))
+    assert isinstance(info.value.__cause__, RuntimeError)
     del model.forward
     del model.boom
     assert_same(before, snapshot(model))

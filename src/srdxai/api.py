@@ -8,7 +8,7 @@ import torch
 from torch import nn
 
 from .engine.core import Target
-from .methods.base import get_method
+from .methods.base import get_method, method_options
 
 Tensor = torch.Tensor
 
@@ -42,7 +42,17 @@ def explain(
         A (N, H, W) tensor (signed for SRD; see each method's docstring).
     """
     cls = get_method(method)
-    explainer = cls(model, batch_size=batch_size, **options)
+    try:
+        explainer = cls(model, batch_size=batch_size, **options)
+    except TypeError as error:
+        unknown = [k for k in options if k not in method_options(cls)]
+        if not unknown:
+            raise
+        from .errors import InvalidInputError
+
+        raise InvalidInputError(
+            f"method '{method}' has no option {', '.join(map(repr, unknown))}; its options: "
+            f"{', '.join(method_options(cls)) or 'none'}.") from error
     if layer is not None:
         if not hasattr(explainer, "attribute_layer"):
             from .errors import InvalidInputError

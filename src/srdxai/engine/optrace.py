@@ -117,6 +117,13 @@ constant_statistics(detached_layer_norm)
 constant_statistics(detached_softmax)
 
 
+def func_arg(args: tuple, kwargs: dict, position: int, name: str, default: Any = None) -> Any:
+    """An argument of a call by keyword or position."""
+    if name in kwargs:
+        return kwargs[name]
+    return args[position] if len(args) > position else default
+
+
 def _is_number(obj: Any) -> bool:
     if isinstance(obj, bool):
         return False
@@ -154,13 +161,18 @@ class OpCall:
     the model called.
     """
 
-    __slots__ = ("kind", "name", "func", "original", "args", "kwargs", "n_inputs", "index")
+    __slots__ = ("kind", "name", "func", "original", "args", "kwargs", "n_inputs", "index",
+                 "constant")
 
     def __init__(self, kind: str, name: str, func: Callable, args: tuple, kwargs: dict,
                  n_inputs: int, index: int, original: Callable | None = None):
         self.kind, self.name, self.func = kind, name, func
         self.original = original or func  # what the model called (``func``: the LRP form)
         self.args, self.kwargs, self.n_inputs, self.index = args, kwargs, n_inputs, index
+        #: with a rule that asks for them (``OpRule.constant_parts``): per traced input, a
+        #: bool mask of its entries that do not depend on the model input (a class token
+        #: concatenated to the patch tokens), or None where every entry depends on it
+        self.constant: tuple[Tensor | None, ...] = (None,) * n_inputs
 
     def __repr__(self) -> str:
         return f"OpCall({self.kind}, {func_name(self.func)}, in '{self.name}')"
@@ -241,6 +253,11 @@ class OpRule:
     #: ``"error"``: a computing call the tracer has no kind for raises; ``"gradient"``: it
     #: keeps autograd's backward
     unknown: str = "error"
+    #: follow which entries of traced tensors do not depend on the input (parameters
+    #: concatenated to input-dependent ones: class, distillation and register tokens) and
+    #: hand them to the rule as ``OpCall.constant``; rules that treat such parts as constant
+    #: terms (SRD) need it, the others skip its cost
+    constant_parts: bool = False
 
     def op_backward(self, call: OpCall, inputs: Sequence[Tensor], output: Tensor,
                     grad: Tensor) -> Sequence[Tensor | None]:
@@ -252,6 +269,22 @@ class OpRule:
     def to_gradient(self) -> None:
         """From now on the traced graph differentiates as the unmodified model."""
         self.plain = True
+
+
+class PartlyConstant:
+    """What the operation view attaches to a traced tensor some of whose entries do not
+    depend on the input: ``mask`` (bool, the tensor's shape) is True at those entries."""
+
+    __slots__ = ("mask",)
+
+    def __init__(self, mask: Tensor):
+        self.mask = mask
+
+
+def _any_dependent(mask: Tensor, dims: Sequence[int], shape: Sequence[int]) -> Tensor:
+    """Constant where every entry over ``dims`` is: the mask of an output computed from
+    whole vectors along ``dims`` (a dense layer, a LayerNorm), broadcast to ``shape``."""
+    return mask.all(dim=tuple(dims), keepdim=True).expand(*shape)
 
 
 class _OpNode:
@@ -310,11 +343,80 @@ class OpTracer(Tracer):
         self.rule = rule
         self.calls: list[OpCall] = []
 
-    def _track_outputs(self, out: Any) -> Any:
-        for t in tree_flatten(out)[0]:
+    def _track_outputs(self, out: Any, masks: Any = None) -> Any:
+        flat = tree_flatten(out)[0]
+        flat_masks = tree_flatten(masks)[0] if masks is not None else [None] * len(flat)
+        if len(flat_masks) != len(flat):
+            flat_masks = [None] * len(flat)
+        for t, m in zip(flat, flat_masks, strict=True):
             if isinstance(t, Tensor) and t.is_floating_point():
-                self.track(t)
+                partly = (isinstance(m, Tensor) and m.shape == t.shape and bool(m.any()))
+                self.track(t, PartlyConstant(m) if partly else True)
         return out
+
+    # -- entries that do not depend on the input (``OpRule.constant_parts``) --------------------
+    def constant_mask(self, obj: Any) -> Tensor | None:
+        """The constant-entries mask of a traced tensor (None: every entry depends on the
+        input)."""
+        entry = self.entry_of(obj)
+        return entry.mask if isinstance(entry, PartlyConstant) else None
+
+    def _moved_masks(self, func, args, kwargs) -> Any:
+        """The masks of a value-moving call's outputs: the same call on the masks (True for
+        an untracked floating tensor, such as a class token concatenated to the patches).
+        None when no argument holds a constant entry."""
+        flat = tree_flatten((args, kwargs))[0]
+        if not any(isinstance(t, Tensor) and t.is_floating_point()
+                   and (not self.is_tracked(t) or self.constant_mask(t) is not None)
+                   for t in flat):
+            return None
+
+        def as_mask(obj: Any) -> Any:
+            if not isinstance(obj, Tensor) or not obj.is_floating_point():
+                return obj
+            if not self.is_tracked(obj):
+                return torch.ones(obj.shape, dtype=torch.bool, device=obj.device)
+            mask = self.constant_mask(obj)
+            return mask if mask is not None else torch.zeros(obj.shape, dtype=torch.bool,
+                                                             device=obj.device)
+
+        try:
+            with torch._C.DisableTorchFunction():
+                return func(*tree_map(as_mask, args), **tree_map(as_mask, kwargs))
+        except (RuntimeError, TypeError, ValueError):
+            return None  # a call that does not take bool tensors: treated as input-dependent
+
+    def _computed_mask(self, kind: str, func, args, kwargs, inputs: list[Tensor],
+                       out: Tensor) -> Tensor | None:
+        """Which entries of a computing call's output do not depend on the input."""
+        masks = [self.constant_mask(t) for t in inputs]
+        if all(m is None for m in masks):
+            return None
+        full = [m if m is not None else torch.zeros(t.shape, dtype=torch.bool,
+                                                    device=t.device)
+                for m, t in zip(masks, inputs, strict=True)]
+        shape = out.shape
+        if kind in ("activation", "scale", "batch_norm") or (
+                kind in ("add", "sub", "mul", "div") and len(inputs) == 1):
+            mask = full[0]  # elementwise (per channel for BatchNorm)
+            return mask.expand(shape) if mask.shape != shape else mask
+        if kind in ("add", "sub", "mul", "div"):
+            return (full[0] & full[1]).expand(shape)
+        if kind in ("linear", "softmax"):
+            return _any_dependent(full[0], (-1,), shape)
+        if kind == "layer_norm":
+            normalized = func_arg(args, kwargs, 1, "normalized_shape")
+            dims = len(normalized) if isinstance(normalized, list | tuple) else 1
+            return _any_dependent(full[0], tuple(range(-dims, 0)), shape)
+        if kind == "matmul" and func is not torch.einsum and len(args) >= 2:
+            a, b = args[0], args[1]
+            ma = full[0] if self.is_tracked(a) else torch.ones(a.shape, dtype=torch.bool)
+            mb = full[-1] if self.is_tracked(b) else torch.ones(b.shape, dtype=torch.bool)
+            if ma.dim() >= 2 and mb.dim() >= 2:
+                k = ma.shape[-1]
+                both = ma.to(torch.float64) @ mb.to(torch.float64)
+                return (both == k).expand(shape)
+        return None  # other kinds: treated as input-dependent
 
     def unsupported(self, what: str, advice: str = "", fatal: bool = False,
                     moves_values: bool = False) -> UnsupportedOperationError:
@@ -338,11 +440,14 @@ class OpTracer(Tracer):
             out = func(*args, **kwargs)
             return self._track_outputs(out) if prop in MOVE_PROPERTIES else out
         if func in MOVE:
-            return self._track_outputs(func(*args, **kwargs))
+            masks = self._moved_masks(func, args, kwargs) if self.rule.constant_parts else None
+            return self._track_outputs(func(*args, **kwargs), masks)
         if func in DROPOUT:
             if dropout_in_training(func, args, kwargs):
                 raise self.unsupported("dropout in training mode (call model.eval() first)")
-            return self._track_outputs(func(*args, **kwargs))
+            # the identity in eval mode: constant entries stay constant
+            masks = self.constant_mask(args[0]) if args else None
+            return self._track_outputs(func(*args, **kwargs), masks)
         if func is F.pad:
             mode = kwargs.get("mode", args[2] if len(args) > 2 else "constant")
             value = kwargs.get("value", args[3] if len(args) > 3 else None)
@@ -440,8 +545,14 @@ class OpTracer(Tracer):
                 out = _Relevance.apply(_OpNode(call, self.rule, value), inputs[0])
             else:
                 out = _OpFunction.apply(_OpNode(call, self.rule, value), *inputs)
+        mask = None
+        if self.rule.constant_parts:
+            call.constant = tuple(self.constant_mask(t) for t in inputs)
+            if isinstance(out, Tensor):
+                mask = self._computed_mask(kind, func, args, kwargs, inputs, out)
         out = self.rule.on_call(call, inputs, out)
-        self.track(out)
+        self.track(out, PartlyConstant(mask) if mask is not None and bool(mask.any())
+                   else True)
         return out
 
     def _attention(self, args, kwargs):

@@ -72,6 +72,7 @@ from ..engine.core import Target
 from ..engine.gradmode import building_graph
 from ..engine.optrace import ADD, KINDS, OpCall, OpRule
 from ..errors import InvalidInputError
+from . import options
 from .base import Method, checked_reduction, register
 
 Tensor = torch.Tensor
@@ -395,12 +396,12 @@ class AbsLRP(Method):
                  variant: str = "abslrp", channel_reduce: str | None = None,
                  batch_size: int | None = None, channels_last: bool | None = None):
         super().__init__(model, batch_size=batch_size, channels_last=channels_last)
-        if variant not in VARIANTS:
+        if not isinstance(variant, str) or variant not in VARIANTS:
             raise InvalidInputError(f"variant must be one of {VARIANTS}, got {variant!r}.")
         self.variant = variant
         reduce = checked_reduction(channel_reduce, REDUCTIONS, "sum")
-        self.contrastive = bool(contrastive)
-        self.max_pool_divide = bool(max_pool_divide)
+        self.contrastive = options.flag(contrastive, "contrastive")
+        self.max_pool_divide = options.flag(max_pool_divide, "max_pool_divide")
         self.channel_reduce = reduce
 
     def output_relevance(self, out: Tensor, target: Target) -> list[Tensor]:

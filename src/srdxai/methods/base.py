@@ -7,12 +7,14 @@ checks and the model guard come from :class:`Method`.
 from __future__ import annotations
 
 import contextlib
+import inspect
 from collections.abc import Callable, Iterator, Sequence
 from typing import Any
 
 import torch
 from torch import nn
 
+from ..engine.catalogue import check_output
 from ..engine.core import (
     Target,
     check_inputs,
@@ -29,9 +31,11 @@ from ..engine.optrace import OpRule, OpTrace
 from ..errors import (
     InvalidInputError,
     NonFiniteError,
+    SrdxaiError,
     UnknownMethodError,
     UnsupportedOperationError,
 )
+from . import options
 
 Tensor = torch.Tensor
 
@@ -61,6 +65,26 @@ def get_method(name: str) -> type[Method]:
             f"unknown method '{name}'; available: {', '.join(sorted(METHODS))}.") from None
 
 
+def method_options(cls: type[Method]) -> list[str]:
+    """The keyword options a method's constructor accepts (besides the model), following
+    ``**kwargs`` up to the base classes that receive them."""
+    names: list[str] = []
+    for klass in cls.__mro__:
+        init = klass.__dict__.get("__init__")
+        if init is None:
+            continue
+        forwards = False
+        for p in inspect.signature(init).parameters.values():
+            if p.kind is inspect.Parameter.VAR_KEYWORD:
+                forwards = True
+            elif p.kind is not inspect.Parameter.VAR_POSITIONAL and p.name not in (
+                    "self", "model") and p.name not in names:
+                names.append(p.name)
+        if not forwards:
+            break
+    return names
+
+
 def checked_reduction(channel_reduce: str | None, allowed: tuple[str, ...],
                       default: str = "sum") -> str:
     """A method's ``channel_reduce`` option, validated (None: ``default``)."""
@@ -88,11 +112,9 @@ class Method:
         if not isinstance(model, nn.Module):
             raise InvalidInputError(
                 f"model must be a torch.nn.Module, got {type(model).__name__}.")
-        if batch_size is not None and (not isinstance(batch_size, int) or batch_size < 1):
-            raise InvalidInputError(f"batch_size must be a positive int, got {batch_size!r}.")
         self.model = model
-        self.batch_size = batch_size
-        self.channels_last = channels_last
+        self.batch_size = options.integer(batch_size, "batch_size", optional=True)
+        self.channels_last = options.flag(channels_last, "channels_last", optional=True)
 
     def attribute(self, inputs: Tensor, target: Target = None) -> Tensor:
         raise NotImplementedError
@@ -185,9 +207,38 @@ class Method:
                 # the model's output checked on this chunk: name the caller's samples
                 raise non_finite_output_error([i + r for r in rows],
                                               getattr(error, "where", "")) from None
+            except SrdxaiError:
+                raise
+            except (MemoryError, torch.OutOfMemoryError):
+                raise
+            except Exception as error:
+                self._blame_the_input(x[i:i + step], error)
+                raise
         result = parts[0] if len(parts) == 1 else torch.cat(parts)
         check_finite_map(result, self.name)
         return result
+
+
+    def _blame_the_input(self, x: Tensor, error: Exception) -> None:
+        """After an exception from outside srdxai (torch's, the model's own): if the model
+        cannot run on this input by itself (a plain forward of one sample without autograd,
+        the model's state guarded), or returns something other than logits, raise a clear
+        :class:`InvalidInputError` saying so, the original exception chained. Otherwise the
+        failure is the method's: return, and the caller re-raises the original unchanged.
+        Costs nothing unless something already failed."""
+        try:
+            with model_guard(self.model), torch.no_grad():
+                out = self.model(x[:1].clone())
+        except SrdxaiError:
+            raise
+        except Exception as plain:
+            raise InvalidInputError(
+                f"the model fails by itself (without srdxai) on x of shape {tuple(x.shape)} "
+                f"({x.dtype}): {type(plain).__name__}: {plain}. If x is not the input it "
+                "expects, pass (N, C, H, W) with a batch dimension, its number of channels "
+                "and an image size it accepts; otherwise the error is in the model (the "
+                "original exception is chained).") from plain
+        check_output(out)  # a tuple or 1-D output: the typed error for that
 
 
 def check_finite_map(result: Tensor, method: str) -> None:

@@ -54,6 +54,7 @@ from ..engine.core import Rule, Target, Trace, is_differentiable, keep_graph, ta
 from ..engine.graph import Node
 from ..engine.memory import budget_chunk, run_in_chunks
 from ..errors import InvalidInputError, UnsupportedOperationError
+from . import options
 from .base import Method, register
 
 Tensor = torch.Tensor
@@ -252,14 +253,10 @@ class _LayerCAM(Method):
                  normalize: bool = False, prefix_tokens: int | None = None):
         super().__init__(model, batch_size=batch_size, channels_last=channels_last)
         self.layer = _layer_name(model, layer)
-        self.normalize = bool(normalize)
-        if prefix_tokens is not None and (not isinstance(prefix_tokens, int)
-                                          or isinstance(prefix_tokens, bool)
-                                          or prefix_tokens < 0):
-            raise InvalidInputError(
-                f"prefix_tokens must be None (found from the token count) or an int >= 0, "
-                f"got {prefix_tokens!r}.")
-        self.prefix_tokens = prefix_tokens
+        self.normalize = options.flag(normalize, "normalize")
+        # None: found from the token count
+        self.prefix_tokens = options.integer(prefix_tokens, "prefix_tokens", minimum=0,
+                                             optional=True)
 
     def attribute(self, inputs: Tensor, target: Target = None) -> Tensor:
         """The CAM of ``self.layer``, upsampled to the input size: (N, H, W)."""
@@ -446,13 +443,9 @@ class _PerturbationCAM(_LayerCAM):
         super().__init__(model, layer=layer, batch_size=batch_size,
                          channels_last=channels_last, normalize=normalize,
                          prefix_tokens=prefix_tokens)
-        if internal_batch_size is not None and (
-            not isinstance(internal_batch_size, int) or internal_batch_size < 1
-        ):
-            raise InvalidInputError(
-                f"internal_batch_size must be a positive int, got {internal_batch_size!r}.")
-        self.internal_batch_size = internal_batch_size
-        self.progress = progress
+        self.internal_batch_size = options.integer(internal_batch_size, "internal_batch_size",
+                                                   optional=True)
+        self.progress = options.flag(progress, "progress")
 
     def _passes(self, x: Tensor) -> int:
         if self.internal_batch_size is not None:
@@ -522,7 +515,7 @@ class ScoreCAM(_PerturbationCAM):
                          channels_last=channels_last, normalize=normalize,
                          internal_batch_size=internal_batch_size, progress=progress,
                          prefix_tokens=prefix_tokens)
-        if precision not in _SCORE_PRECISIONS:
+        if not isinstance(precision, str) or precision not in _SCORE_PRECISIONS:
             raise InvalidInputError(f"precision must be one of {', '.join(_SCORE_PRECISIONS)}, "
                                     f"got {precision!r}")
         self.precision = precision
@@ -761,7 +754,7 @@ class FullGrad(Method):
             raise InvalidInputError(
                 "FullGrad uses the bias gradients of every layer and has no target layer; "
                 "leave layer=None.")
-        self.normalize = bool(normalize)
+        self.normalize = options.flag(normalize, "normalize")
 
     def attribute(self, inputs: Tensor, target: Target = None) -> Tensor:
         def one(x: Tensor, t: Target) -> Tensor:

@@ -33,11 +33,13 @@ from collections.abc import Callable
 import numpy as np
 import torch
 
+from ..engine.catalogue import check_output
 from ..engine.core import (
     PlainGradientRule,
     Rule,
     Target,
     Trace,
+    check_finite_output,
     keep_graph,
     map_target,
     non_finite_output_error,
@@ -45,6 +47,7 @@ from ..engine.core import (
 )
 from ..engine.memory import budget_chunk, element_chunk, run_in_chunks
 from ..errors import InvalidInputError, NonFiniteError, UnsupportedOperationError
+from . import options
 from .base import Method, checked_reduction, register
 
 Tensor = torch.Tensor
@@ -205,9 +208,7 @@ class EpsilonLRP(ChainRuleMethod):
 
     def __init__(self, model, epsilon: float = 1e-4, **kw):
         super().__init__(model, **kw)
-        if not epsilon > 0:
-            raise InvalidInputError(f"epsilon must be > 0, got {epsilon}.")
-        self.epsilon = epsilon
+        self.epsilon = options.real(epsilon, "epsilon", 0, above=True)
 
     def attribute(self, inputs: Tensor, target: Target = None) -> Tensor:
         return self._batched(inputs, target, lambda x, t: self._reduce(
@@ -273,7 +274,9 @@ def _resolve_predicted(method: Method, x: Tensor, target: Target) -> Target:
     if target is not None:
         return target
     with torch.no_grad(), method._guard():
-        return method.model(x).argmax(1)
+        out = check_output(method.model(x.clone()))  # a copy: the model may edit its input
+    check_finite_output(out)  # the arg-max of NaN is no prediction
+    return out.argmax(1)
 
 
 # --- path and noise integrals ---------------------------------------------------------------
@@ -308,9 +311,8 @@ class _SampledGradients(ChainRuleMethod):
 
     def __init__(self, model, internal_batch_size: int | None = None, **kw):
         super().__init__(model, **kw)
-        if internal_batch_size is not None and internal_batch_size < 1:
-            raise InvalidInputError("internal_batch_size must be >= 1.")
-        self.internal_batch_size = internal_batch_size
+        self.internal_batch_size = options.integer(internal_batch_size, "internal_batch_size",
+                                                   optional=True)
 
     def _weighted_gradient_sum(self, points: Tensor, weights: Tensor, target: Target,
                                n: int) -> Tensor:
@@ -363,7 +365,8 @@ class IntegratedGradients(_SampledGradients):
     def __init__(self, model, steps: int = 50, baseline: Tensor | float | None = None,
                  integration: str = "gausslegendre", **kw):
         super().__init__(model, **kw)
-        self.alphas, self.weights = riemann_alphas(steps, integration)
+        self.alphas, self.weights = riemann_alphas(
+            steps, integration if isinstance(integration, str) else repr(integration))
         self.baseline = baseline
 
     def attribute(self, inputs: Tensor, target: Target = None) -> Tensor:
@@ -393,15 +396,20 @@ class SmoothGrad(_SampledGradients):
                  stdev: float | None = None, seed: int | None = 0,
                  noise: Tensor | None = None, multiply_by_input: bool = False, **kw):
         super().__init__(model, **kw)
-        if not isinstance(samples, numbers.Integral) or isinstance(samples, bool) or samples < 1:
-            raise InvalidInputError(f"samples must be an int >= 1, got {samples!r}.")
-        for name, value in (("noise_level", noise_level), ("stdev", stdev)):
-            if value is not None and not (isinstance(value, numbers.Real)
-                                          and math.isfinite(value) and value >= 0):
-                raise InvalidInputError(
-                    f"{name} must be a finite number >= 0, got {value!r}.")
+        samples = options.integer(samples, "samples")
+        stdev = options.real(stdev, "stdev", 0, optional=True)
+        # noise_level is unused (and may be None) when an absolute stdev is given
+        noise_level = options.real(noise_level, "noise_level", 0, optional=stdev is not None)
+        if noise is not None and not isinstance(noise, Tensor):
+            raise InvalidInputError(
+                f"noise must be a tensor (samples, N, C, H, W) or None, got "
+                f"{type(noise).__name__}.")
+        if noise is not None and not bool(torch.isfinite(noise).all()):
+            raise InvalidInputError("noise contains NaN or Inf.")
         self.samples, self.noise_level, self.stdev = samples, noise_level, stdev
-        self.seed, self.noise, self.multiply_by_input = seed, noise, multiply_by_input
+        self.seed = options.integer(seed, "seed", minimum=0, optional=True)
+        self.noise = noise
+        self.multiply_by_input = options.flag(multiply_by_input, "multiply_by_input")
 
     def _draw(self, x: Tensor) -> Tensor:
         if self.noise is not None:

@@ -66,6 +66,7 @@ from ..engine.gradmode import building_graph
 from ..engine.optrace import KINDS, OpCall, OpRule
 from ..engine.tracer import module_label
 from ..errors import InvalidInputError, UnsupportedOperationError
+from . import options
 from .attnlrp import sigma_detached_layer_norm
 from .base import Method, checked_reduction, register
 
@@ -725,16 +726,15 @@ class LRPComposite(Method):
         self.layer_rules = self._checked_layer_rules(model, layer_rules)
         if first_layer == "default":
             first_layer = self.default_first_layer
-        if first_layer is not None and first_layer not in FIRST_LAYER_RULES:
+        if first_layer is not None and (not isinstance(first_layer, str)
+                                        or first_layer not in FIRST_LAYER_RULES):
             raise InvalidInputError(
                 f"first_layer must be one of {FIRST_LAYER_RULES} or None, got {first_layer!r}.")
-        if not epsilon >= 0:
-            raise InvalidInputError(f"epsilon must be >= 0, got {epsilon}.")
-        if not stabilizer > 0:
-            raise InvalidInputError(f"stabilizer must be > 0, got {stabilizer}.")
-        if not gamma >= 0:
-            raise InvalidInputError(f"gamma must be >= 0, got {gamma}.")
-        if alpha < 0 or beta < 0 or abs(alpha - beta - 1) > 1e-12:
+        epsilon = options.real(epsilon, "epsilon", 0)
+        stabilizer = options.real(stabilizer, "stabilizer", 0, above=True)
+        gamma = options.real(gamma, "gamma", 0)
+        alpha, beta = options.real(alpha, "alpha", 0), options.real(beta, "beta", 0)
+        if abs(alpha - beta - 1) > 1e-12:
             raise InvalidInputError(
                 f"alpha and beta must be >= 0 with alpha - beta = 1, got {alpha}, {beta}.")
         if (low is None) != (high is None):

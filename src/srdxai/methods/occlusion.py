@@ -19,6 +19,7 @@ from ..engine.catalogue import check_output
 from ..engine.core import Target, is_callable_target, is_differentiable, target_gradient
 from ..engine.memory import budget_chunk, run_in_chunks
 from ..errors import InvalidInputError
+from . import options
 from .base import Method, register
 from .chain_rule import baseline_tensor
 
@@ -44,11 +45,11 @@ class Occlusion(Method):
                  batch_size: int | None = None, channels_last: bool | None = None,
                  progress: bool = False):
         super().__init__(model, batch_size=batch_size, channels_last=channels_last)
-        self.window, self.stride, self.baseline = window, stride, baseline
-        if internal_batch_size < 1:
-            raise InvalidInputError("internal_batch_size must be >= 1.")
-        self.internal_batch_size = internal_batch_size
-        self.progress = progress
+        self.window = options.sizes(window, "window")
+        self.stride = options.sizes(stride, "stride", optional=True)
+        self.baseline = baseline
+        self.internal_batch_size = options.integer(internal_batch_size, "internal_batch_size")
+        self.progress = options.flag(progress, "progress")
 
     def attribute(self, inputs: Tensor, target: Target = None) -> Tensor:
         return self._batched(inputs, target, self._occlude)

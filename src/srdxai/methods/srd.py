@@ -27,7 +27,9 @@ from ..engine.channels import channel_dot, channel_norm, channel_weighted_sum, s
 from ..engine.core import Rule, Target, Trace, keep_graph
 from ..engine.graph import Node
 from ..errors import InvalidInputError, UnsupportedOperationError
+from . import options
 from .base import Method, register
+from .srd_tokens import has_attention, token_relevance
 
 Tensor = torch.Tensor
 
@@ -514,7 +516,9 @@ class SRD(Method):
     """Sharing Ratio Decomposition.
 
     Args:
-        model: any CNN built from the supported operations (see ``docs/engine.md``).
+        model: any CNN built from the supported operations (see ``docs/engine.md``), or a
+            Vision Transformer (a model with attention), explained on token vectors
+            (``methods/srd_tokens.py``: pixel maps only, logit seed).
         seed: ``"logit"`` (any head the engine decomposes: global pooling + dense layers,
             1x1-conv heads; the pixel map sums to the target logit), ``"gradcam"`` (the
             reference code's VGG16 seed: the Grad-CAM map of ``seed_layer``'s activation
@@ -546,17 +550,48 @@ class SRD(Method):
         channels_last: bool | None = None,
     ):
         super().__init__(model, batch_size=batch_size, channels_last=channels_last)
-        if seed not in SEEDS:
+        if not isinstance(seed, str) or seed not in SEEDS:
             raise InvalidInputError(f"unknown SRD seed '{seed}'; choose one of {SEEDS}.")
         self.seed = seed
+        if not isinstance(seed_layer, str):
+            raise InvalidInputError(
+                f"seed_layer must be 'low', 'high' or a layer name (a str), got {seed_layer!r}.")
         self.seed_layer = seed_layer
-        self.contrastive = contrastive
-        self.max_paths = max_paths
+        self.contrastive = options.flag(contrastive, "contrastive")
+        self.max_paths = options.integer(max_paths, "max_paths")
+        self._routes: dict[tuple, bool] = {}  # input shape -> token vectors (attention)?
 
     # -- public API ----------------------------------------------------------------------------
     def attribute(self, inputs: Tensor, target: Target = None) -> Tensor:
-        """SRD-input: the pixel relevance map (N, H, W)."""
-        return self._batched(inputs, target, lambda x, t: self._explain(x, t)[0])
+        """SRD-input: the pixel relevance map (N, H, W). Models with attention (Vision
+        Transformers) are explained on token vectors (``methods/srd_tokens.py``)."""
+
+        def one(x: Tensor, t: Target) -> Tensor:
+            if self._on_tokens(x):
+                return token_relevance(self, x, t).sum(1)
+            return self._explain(x, t)[0]
+
+        return self._batched(inputs, target, one)
+
+    def _on_tokens(self, x: Tensor) -> bool:
+        """Whether the model has attention (probed once per input shape); then SRD runs on
+        token vectors, where only the logit seed is defined."""
+        key = (tuple(x.shape[1:]), x.dtype, x.device)
+        if key not in self._routes:
+            self._routes[key] = has_attention(self, x)
+        if self._routes[key] and (self.seed == "gradcam" or self.contrastive):
+            raise UnsupportedOperationError(
+                "SRD on a transformer's token vectors starts from the target logit: "
+                "seed='gradcam' and contrastive=True are defined for CNNs only; use "
+                "seed='auto' or 'logit' and contrastive=False.")
+        return self._routes[key]
+
+    def _refuse_token_layers(self, x: Tensor) -> None:
+        if self._on_tokens(x):
+            raise UnsupportedOperationError(
+                "SRD's layer maps and effective receptive fields are defined here for CNN "
+                "layers; on a transformer's token vectors only the pixel map is implemented "
+                "(srdxai.explain(model, x, method='srd')).")
 
     def attribute_layer(
         self, inputs: Tensor, target: Target = None, layer: str = "low", upsample: bool = True
@@ -565,6 +600,7 @@ class SRD(Method):
         size unless ``upsample=False`` (the paper's SRD-low / SRD-high rows)."""
 
         def one(x: Tensor, t: Target) -> Tensor:
+            self._refuse_token_layers(x)
             _, layers = self._explain(x, t, record=[layer])
             rel = layers[layer]
             if upsample and rel.dim() >= 2 and tuple(rel.shape[1:]) != tuple(x.shape[2:]):
@@ -581,6 +617,8 @@ class SRD(Method):
         position = tuple(int(p) for p in position)
 
         def one(x: Tensor, t: Target) -> Tensor:
+            self._refuse_token_layers(x)
+
             def seed(trace: Trace, node: Node) -> Tensor:
                 if len(position) != len(node.spatial) or any(
                     not 0 <= p < s for p, s in zip(position, node.spatial, strict=True)
@@ -599,6 +637,7 @@ class SRD(Method):
     def layers(self, inputs: Tensor) -> list[tuple[str, tuple[int, ...]]]:
         """Names and shapes of the PFV layers SRD sees on ``inputs`` (forward order)."""
         x = self._check(inputs[:1])
+        self._refuse_token_layers(x)
         with self._guard(), Trace(self.model, x, SRDRule(self.max_paths)) as trace:
             trace.forward()
             return [(n.name, tuple(n.shape[1:])) for n in trace.pfv_layers]

@@ -1,46 +1,54 @@
 """SRD on token vectors: sharing ratio decomposition for Vision Transformers.
 
-Each token's hidden vector is a pointwise feature vector (PFV), as each spatial position's
-channel vector is in a CNN (``docs/srd.md``). Relevance is one number per PFV and flows by
-sharing ratios, the projection of each source's contribution on the output vector::
+Each token's feature vector is a pointwise feature vector (PFV), as each spatial position's
+channel vector is in a CNN (``docs/srd.md``); inside attention each head's vector is one.
+Relevance is one number per PFV. Every computing call is a layer: the relevance of each
+output vector ``y(t)`` is shared among the call's input vectors by sharing ratios, the
+projection of each source's contribution (plus its share of the call's constant term) on
+the output::
 
-    mu_{s -> t} = <c_{s -> t} (+ its bias share), z(t)> / ||z(t)||^2,   R(s) = sum_t mu R(t)
+    mu_{s -> t} = <c_{s -> t} + beta_{s -> t}, y(t)> / ||y(t)||^2,   R(s) = sum_t mu R(t)
 
-What that means for each call of a ViT (the operation-level tracer, ``engine/optrace.py``):
+``beta`` splits the constant term (a bias; a source that does not depend on the image) among
+the input-dependent sources of ``y(t)`` by the norms of their contributions, so the ratios of
+every output sum to 1 and the pixel map sums to the target logit. What that means per call:
 
 * **per-token calls** (dense layers, LayerNorm, activations, scalings, adding a parameter such
-  as the position embedding): one source per output vector, so ``mu = 1`` (its bias share goes
-  to it too) and the token keeps its relevance. Activations are transparent, as in SRD.
-* **residual sums** ``z = a + b``: two sources per token, ``mu_a = <a, z> / ||z||^2`` and
-  ``mu_b = <b, z> / ||z||^2`` (they sum to 1).
-* **attention** ``o = A @ v``: the attention weights are the (input-dependent) mixing kernel and
-  the value vectors the sources, like a convolution whose weights depend on the image:
-  ``c_{s -> t} = A(t, s) v(s)`` per head, each head's output vector being a PFV. The weights
-  themselves are not PFVs, so ``q @ k^T`` and the softmax pass no relevance: queries and keys
-  get none (as in CP-LRP). SRD has no definition for relevance *through* the attention
-  weights; this is the choice made here.
-* **patch embedding** (a convolution with stride = kernel, no padding): every pixel's RGB vector
-  is a source of one token, ``c_p = W_k x(p)``; the bias is split over the patch's pixels by the
-  norms of their contributions (SRD's bias share), so the map is pixel-level.
-* **class-token pooling** ``x[:, 0]`` and the head: the head is a per-token dense layer, so the
-  class token of the last layer starts with the logit. A token-average head (``x.mean(1)``)
-  shares it by ``mu_t = <x(t) / T, z> / ||z||^2``.
+  as the position embedding, BatchNorm per channel): one source, ``mu = 1``.
+* **sums** ``y = a + b``: ``mu_a = <a, y> / ||y||^2`` per token; a vector that does not depend
+  on the image (the class token before the first attention) is a constant term and its share
+  goes to the other operand. At the logits ((N, K): DeiT's mean of two heads) the explained
+  target logit is its own PFV: each head gets its contribution to it.
+* **attention** ``o = A @ v`` per head: the value vectors are the sources,
+  ``c_{s -> t} = A(t, s) v(s)``; the attention weights are the call's input-dependent weights
+  (as a squeeze-excitation gate is in the CNN engine), so queries, keys and the softmax get no
+  relevance. The value of a constant token is a constant term of every output.
+* **token averages** ``y = mean_t x(t)`` (and global average pooling of a map):
+  ``c_t = x(t) / T``.
+* **patch embedding** (a convolution with stride = kernel, no padding): the patch's pixels are
+  the sources, ``c_p = W_offset x(p)``, the bias split by their norms: a pixel-level map.
+* **calls that only move values** (views, permutes, window partitions and shifts, indexing,
+  concatenation) keep autograd's backward. The relevance of a vector is carried on its
+  entries in proportion to their squares (:func:`_spread`), so where such calls regroup
+  entries (heads split and concatenated, 2x2 tokens merged by Swin's patch merging, a class
+  token concatenated to the patches) each part of a vector gets ``||x_k||^2 / ||x||^2`` of
+  its relevance: SRD's ratio for a concatenation, whose parts contribute in disjoint slots.
 
-The class token's own relevance at the embedding (it is a parameter, not derived from pixels)
-is dropped, so the map sums to the logit minus that share. Convolutions other than patch
-embeddings, BatchNorm and pooling over space raise ``UnsupportedOperationError``: use ``srd``
-for CNNs.
+Which entries do not depend on the image is followed through the pass by the operation view
+(``OpRule.constant_parts``). Convolutions other than a patch embedding and max pooling raise
+``UnsupportedOperationError``: hybrid CNN-transformers (MobileViT, LeViT) are not covered.
 """
 
 from __future__ import annotations
 
+import math
 from collections.abc import Sequence
 
 import torch
 import torch.nn.functional as F
 
 from ..engine.core import Target, keep_graph
-from ..engine.optrace import OpCall, OpRule
+from ..engine.optrace import OpCall, OpRule, OpTrace
 from ..errors import UnsupportedOperationError
 from .base import Method, register
 
@@ -53,23 +61,68 @@ def _ratio(num: Tensor, den: Tensor) -> Tensor:
     return torch.where(den > 0, num / safe, torch.zeros_like(num))
 
 
-def _spread(per_vector: Tensor, like: Tensor) -> Tensor:
-    """One relevance per vector (over the last dim of ``like``) laid out over its entries."""
-    return (per_vector / like.shape[-1]).unsqueeze(-1).expand(like.shape).contiguous()
+def _spread(per_vector: Tensor, like: Tensor, dims: int = 1) -> Tensor:
+    """One relevance per vector (the last ``dims`` dimensions of ``like``) carried on the
+    vector's entries in proportion to their squares (evenly over an all-zero vector).
+
+    Why squares: where value-moving calls regroup entries between two operations (heads
+    split from a token vector or concatenated back, 2x2 tokens merged into one vector, a
+    class token concatenated to the patches), the next operation sees a vector made of
+    parts x_k, and SRD's sharing ratio of a part, whose contribution is x_k in its own slots,
+    is ``||x_k||^2 / ||x||^2``: summing the carried relevance over a part's entries gives
+    exactly that."""
+    reduce = tuple(range(-dims, 0))
+    squares = like * like
+    total = squares.sum(reduce, keepdim=True)
+    size = math.prod(like.shape[-dims:])
+    weights = torch.where(total > 0, squares / torch.where(total > 0, total, 1.0),
+                          torch.full_like(squares, 1.0 / size))
+    return per_vector.reshape(*per_vector.shape, *([1] * dims)) * weights
+
+
+def _vector_constant(mask: Tensor | None, like: Tensor, dims: int = 1) -> Tensor | None:
+    """Which vectors (last ``dims`` dimensions) of an input do not depend on the model input
+    at all (None: every vector does)."""
+    if mask is None:
+        return None
+    per_vector = mask.expand(like.shape).flatten(-dims).all(-1) if dims > 1 else (
+        mask.expand(like.shape).all(-1))
+    return per_vector if bool(per_vector.any()) else None
+
+
+def _share_constants(mu: Tensor, constant: Tensor | None, norms: Tensor) -> Tensor:
+    """Sharing ratios ``mu (..., T, S)`` with the shares of constant sources (``constant``:
+    (..., S) bool) handed to the input-dependent sources of the same output in proportion to
+    the norms of their contributions ``norms (..., T, S)`` (evenly if those are all 0): a
+    source that does not depend on the input is a constant term, as a bias is in SRD."""
+    if constant is None:
+        return mu
+    const = constant.unsqueeze(-2).to(mu.dtype)
+    dependent = 1.0 - const
+    constant_share = (mu * const).sum(-1, keepdim=True)
+    weights = norms * dependent
+    total = weights.sum(-1, keepdim=True)
+    even = dependent / dependent.sum(-1, keepdim=True).clamp_min(1.0)
+    split = torch.where(total > 0, weights / torch.where(total > 0, total, 1.0), even)
+    return mu * dependent + constant_share * split
 
 
 class SRDTokenRule(OpRule):
-    """Sharing ratios between token vectors (see the module docstring); the backward signal
-    is the relevance, whose sum over a vector's entries is that vector's relevance."""
+    """Sharing ratios between token vectors, every computing call a layer (see the module
+    docstring). The backward signal is the relevance itself, carried on each vector's
+    entries (:func:`_spread`), so its sum over a vector is that vector's relevance."""
 
     kinds = frozenset({"conv", "linear", "matmul", "layer_norm", "activation", "softmax",
                        "add", "sub", "mul", "div", "avg_pool", "scale", "batch_norm",
                        "max_pool"})
+    constant_parts = True
 
     def _unsupported(self, call: OpCall, why: str) -> UnsupportedOperationError:
         return UnsupportedOperationError(
-            f"srd_tokens cannot decompose {why} (call {call}). It explains Vision Transformers "
-            "(token vectors); use method='srd' for CNNs.")
+            f"SRD on token vectors cannot decompose {why} (call {call}). It explains Vision "
+            "Transformers (token vectors) whose only convolution is the patch embedding; "
+            "for a CNN use method='srd', which decomposes it with its PFV engine "
+            "(docs/srd.md).")
 
     def op_backward(self, call: OpCall, inputs: Sequence[Tensor], output: Tensor,
                     grad: Tensor) -> list[Tensor | None]:
@@ -78,20 +131,31 @@ class SRDTokenRule(OpRule):
             return [torch.zeros_like(x)]
         if kind == "conv":
             return [self._patch_embedding(call, x, output, grad)]
-        if kind in ("batch_norm", "max_pool"):
-            raise self._unsupported(call, f"'{kind}'")
+        if kind == "max_pool":
+            raise self._unsupported(call, "max pooling")
         if kind == "avg_pool":
             return [self._token_mean(call, x, output, grad)]
+        if kind == "batch_norm":  # per channel (dim 1): one source per vector
+            moved = grad.movedim(1, -1)
+            return [_spread(moved.sum(-1), x.movedim(1, -1)).movedim(-1, 1)]
         if len(inputs) == 2:
             if kind in ("add", "sub"):
                 return self._residual(call, inputs, output, grad)
             if kind == "matmul":
-                return self._attention(inputs, output, grad)
-            raise self._unsupported(call, f"'{kind}' of two activations")
-        if kind in ("linear", "layer_norm", "matmul"):  # per-token: mu = 1
+                return self._attention(call, inputs, output, grad)
+            raise self._unsupported(call, f"'{kind}' of two input-dependent tensors (a gate)")
+        if kind == "layer_norm":
+            normalized = call.argument(1, "normalized_shape")
+            dims = len(normalized) if isinstance(normalized, list | tuple) else 1
+            return [_spread(grad.sum(tuple(range(-dims, 0))), x, dims)]
+        if kind in ("linear", "matmul"):  # per token: one source, mu = 1 (its bias too)
+            if kind == "matmul" and not call.is_input(0, "input"):
+                raise self._unsupported(call, "a constant matrix mixing input-dependent rows")
             return [_spread(grad.sum(-1), x)]
         if x.shape == grad.shape:  # elementwise: activations, scalings, + a parameter
             return [grad]
+        if kind in ("add", "sub", "mul", "div"):  # broadcast against a parameter
+            return [_reduce_to(grad, x)]
         raise self._unsupported(call, f"'{kind}' changing the shape {tuple(x.shape)} -> "
                                       f"{tuple(grad.shape)}")
 
@@ -100,37 +164,101 @@ class SRDTokenRule(OpRule):
         a, b = inputs
         if call.kind == "sub":
             b = -b
-        if a.shape != z.shape or b.shape != z.shape:
-            a, b = a.expand(z.shape), b.expand(z.shape)
+        a, b = a.expand(z.shape), b.expand(z.shape)
+        const_a = _vector_constant(call.constant[0], a)
+        const_b = _vector_constant(call.constant[1], b)
+        if z.dim() == 2:
+            # (N, K): the logits (DeiT's mean of two heads) or a pooled vector; the explained
+            # target logit is its own PFV, so each entry is shared by its two parts
+            ra = torch.where(z != 0, r * a / torch.where(z != 0, z, 1.0), r / 2)
+            rb = r - ra
+            for mine, other, const in ((ra, rb, call.constant[0]), (rb, ra, call.constant[1])):
+                if const is not None:  # a constant part is a constant term of the sum
+                    moved = torch.where(const.expand(z.shape), mine, torch.zeros_like(mine))
+                    mine.sub_(moved)
+                    other.add_(moved)
+            return [_reduce_to(ra, inputs[0]), _reduce_to(rb, inputs[1])]
         norm2 = (z * z).sum(-1)
         total = r.sum(-1)
-        ra = _spread(_ratio((a * z).sum(-1), norm2) * total, z)
-        rb = _spread(_ratio((b * z).sum(-1), norm2) * total, z)
+        mu_a = _ratio((a * z).sum(-1), norm2)
+        mu_b = _ratio((b * z).sum(-1), norm2)
+        if const_a is not None:  # a constant vector is a constant term: its share goes to b
+            mu_b = torch.where(const_a, mu_a + mu_b, mu_b)
+            mu_a = torch.where(const_a, torch.zeros_like(mu_a), mu_a)
+        if const_b is not None:
+            mu_a = torch.where(const_b, mu_a + mu_b, mu_a)
+            mu_b = torch.where(const_b, torch.zeros_like(mu_b), mu_b)
+        ra = _spread(mu_a * total, a)
+        rb = _spread(mu_b * total, b)
         return [_reduce_to(ra, inputs[0]), _reduce_to(rb, inputs[1])]
 
     @staticmethod
-    def _attention(inputs: Sequence[Tensor], o: Tensor, r: Tensor) -> list[Tensor]:
+    def _attention(call: OpCall, inputs: Sequence[Tensor], o: Tensor,
+                   r: Tensor) -> list[Tensor]:
         a, v = inputs  # o = a @ v: a mixes the rows of v
         if not bool(r.any()):  # q @ k^T: nothing comes back through the softmax
             return [torch.zeros_like(a), torch.zeros_like(v)]
+        v = v.expand(*o.shape[:-2], *v.shape[-2:])
         per_out = r.sum(-1)  # (..., T): one relevance per (head, token) output vector
         mu = _ratio(a * (o @ v.mT), (o * o).sum(-1, keepdim=True))  # (..., T, S)
+        constant = _vector_constant(call.constant[1], v)
+        if constant is not None:
+            norms = a.abs() * torch.linalg.vector_norm(v, dim=-1).unsqueeze(-2)
+            mu = _share_constants(mu, constant, norms)
         per_source = (mu * per_out.unsqueeze(-1)).sum(-2)  # (..., S)
-        return [torch.zeros_like(a), _spread(per_source, v)]
+        return [torch.zeros_like(a), _reduce_to(_spread(per_source, v), inputs[1])]
 
     def _token_mean(self, call: OpCall, x: Tensor, z: Tensor, r: Tensor) -> Tensor:
+        """Averages (or sums) of token vectors: ``z = scale * sum_t x(t)``, each token a source
+        with ``c_t = scale * x(t)``. Global average pooling of an (N, C, ...) map is the same
+        with the channel vectors as tokens."""
+        func = call.original
+        if func in (F.adaptive_avg_pool1d, F.adaptive_avg_pool2d, F.adaptive_avg_pool3d):
+            size = call.argument(1, "output_size")
+            sizes = size if isinstance(size, list | tuple) else (size,)
+            if any(s not in (1, None) for s in sizes):
+                raise self._unsupported(call, "adaptive pooling to more than one position")
+            moved = self._token_mean_last(call, x.movedim(1, -1), z.movedim(1, -1),
+                                          r.movedim(1, -1), tuple(range(1, x.dim() - 1)),
+                                          mean=True, keepdim=True)
+            return moved.movedim(-1, 1)
+        if func not in (torch.mean, Tensor.mean, torch.sum, Tensor.sum):
+            raise self._unsupported(call, "pooling over windows of tokens")
         dim = call.argument(1, "dim")
-        if x.dim() != 3 or dim not in (1, -2, (1,), [1]):
-            raise self._unsupported(call, "averaging other than over the tokens of (N, T, D)")
-        tokens = x.shape[1]
-        mu = _ratio((x * z.unsqueeze(1)).sum(-1) / tokens, (z * z).sum(-1, keepdim=True))
-        return _spread(mu * r.sum(-1, keepdim=True), x)
+        if dim is None:
+            raise self._unsupported(call, "a mean over every dimension")
+        dims = tuple(d % x.dim() for d in (dim if isinstance(dim, list | tuple) else (dim,)))
+        if 0 in dims or x.dim() - 1 in dims:
+            raise self._unsupported(call, "an average over the batch or the feature vector")
+        keepdim = bool(call.argument(2, "keepdim", False))
+        return self._token_mean_last(call, x, z, r, dims,
+                                     mean=func in (torch.mean, Tensor.mean), keepdim=keepdim)
+
+    @staticmethod
+    def _token_mean_last(call: OpCall, x: Tensor, z: Tensor, r: Tensor, dims: tuple[int, ...],
+                         mean: bool, keepdim: bool) -> Tensor:
+        if not keepdim:
+            for d in sorted(dims):
+                z, r = z.unsqueeze(d), r.unsqueeze(d)
+        scale = 1.0 / math.prod(x.shape[d] for d in dims) if mean else 1.0
+        contribution = (x * z).sum(-1) * scale  # <c_t, z> per source token
+        norm2 = (z * z).sum(-1)
+        mu = _ratio(contribution, norm2)
+        constant = _vector_constant(call.constant[0], x)
+        if constant is not None:
+            # the constant tokens' shares go to the others of the same output, by norm
+            norms = torch.linalg.vector_norm(x, dim=-1) * scale
+            const_share = (mu * constant).sum(dims, keepdim=True)
+            weights = norms * ~constant
+            total = weights.sum(dims, keepdim=True)
+            mu = mu * ~constant + const_share * _ratio(weights, total)
+        return _spread(mu * r.sum(-1), x)
 
     def _patch_embedding(self, call: OpCall, x: Tensor, z: Tensor, r: Tensor) -> Tensor:
         weight, bias = call.args[1], call.argument(2, "bias")
         stride, padding = call.argument(3, "stride", 1), call.argument(4, "padding", 0)
         dilation, groups = call.argument(5, "dilation", 1), call.argument(6, "groups", 1)
-        k = tuple(weight.shape[2:])
+        k = tuple(weight.shape[2:]) if isinstance(weight, Tensor) else ()
 
         def pair(v):
             return tuple(v) if isinstance(v, list | tuple) else (v,) * len(k)
@@ -146,20 +274,22 @@ class SRDTokenRule(OpRule):
         per_token = r.sum(1)
         # <W_k x(p), z(t)> for every pixel, summed over its channels
         direct = (F.conv_transpose2d(z, weight, stride=k) * x).sum(1)  # (N, H, W)
-        # ||W_k x(p)|| from each offset's Gram matrix W_k^T W_k (C x C)
-        gram = torch.einsum("dcij,deij->ijce", weight, weight)
-        patches = x.reshape(n, c, ph, k[0], pw, k[1]).permute(0, 2, 4, 3, 5, 1)
-        norms = torch.einsum("nabijc,ijce,nabije->nabij", patches, gram, patches).clamp(min=0)
-        norms = norms.sqrt()  # (N, ph, pw, kh, kw)
         if bias is not None:
+            # ||W_k x(p)|| from each offset's Gram matrix W_k^T W_k (C x C)
+            gram = torch.einsum("dcij,deij->ijce", weight, weight)
+            patches = x.reshape(n, c, ph, k[0], pw, k[1]).permute(0, 2, 4, 3, 5, 1)
+            norms = torch.einsum("nabijc,ijce,nabije->nabij", patches, gram, patches)
+            norms = norms.clamp(min=0).sqrt()  # (N, ph, pw, kh, kw)
             bias_proj = (bias.reshape(1, -1, 1, 1) * z).sum(1)  # <b, z(t)>
-            share = _ratio(norms, norms.sum((-2, -1), keepdim=True))
+            total = norms.sum((-2, -1), keepdim=True)
+            even = torch.full_like(norms, 1.0 / (k[0] * k[1]))
+            share = torch.where(total > 0, norms / torch.where(total > 0, total, 1.0), even)
             bias_part = share * bias_proj[..., None, None]
             bias_part = bias_part.permute(0, 1, 3, 2, 4).reshape(n, h, w)
             direct = direct + bias_part
         mu = _ratio(direct, _tile(norm2, k))
         pixel = mu * _tile(per_token, k)
-        return (pixel / c).unsqueeze(1).expand(n, c, h, w).contiguous()
+        return _spread(pixel, x.movedim(1, -1)).movedim(-1, 1)
 
 
 def _tile(per_token: Tensor, k: tuple[int, ...]) -> Tensor:
@@ -171,33 +301,54 @@ def _reduce_to(r: Tensor, like: Tensor) -> Tensor:
     """Sum a relevance over the dimensions ``like`` was broadcast along."""
     if r.shape == like.shape:
         return r
-    dims = [i for i, (a, b) in enumerate(zip(r.shape[-like.dim():], like.shape, strict=True))
-            if b == 1 and a != 1]
     lead = r.dim() - like.dim()
     out = r.sum(tuple(range(lead))) if lead else r
-    return out.sum(tuple(dims), keepdim=True) if dims else out
+    dims = tuple(i for i, (a, b) in enumerate(zip(out.shape, like.shape, strict=True))
+                 if b == 1 and a != 1)
+    return out.sum(dims, keepdim=True) if dims else out
+
+
+def has_attention(method: Method, leaf: Tensor) -> bool:
+    """Whether the model multiplies two input-dependent tensors by a matrix product (an
+    attention): one probe pass on one sample, without autograd."""
+
+    class Calls(OpRule):
+        unknown = "gradient"
+
+    with method._guard(), torch.no_grad(), OpTrace(method.model, leaf[:1].detach(),
+                                                    Calls()) as trace:
+        trace.forward()
+        return any(c.kind == "matmul" and c.n_inputs == 2 for c in trace.calls)
+
+
+def token_relevance(method: Method, x: Tensor, target: Target) -> Tensor:
+    """Input relevance ``(N, C, H, W)`` of SRD on token vectors for one chunk: each pixel's
+    relevance carried on its channels (summing over them gives the pixel map)."""
+
+    def run(leaf: Tensor) -> Tensor:
+        (rel,) = method._traced_gradients(
+            leaf, SRDTokenRule(),
+            lambda out: [method._target_gradient(out, target)[0] * keep_graph(out)])
+        return rel.contiguous()
+
+    return method._with_layout(x, run)
 
 
 @register("srd_tokens")
 class SRDTokens(Method):
-    """SRD for Vision Transformers: token vectors as PFVs, sharing ratios at residual sums,
-    attention (values as sources, attention weights as the mixing kernel) and the patch
-    embedding (pixel sources with SRD's bias share). Signed; pixel-level (N, H, W); sums to the
-    target logit minus the class token's share at the embedding. See the module docstring for
-    what is and is not defined for attention."""
+    """SRD for Vision Transformers: token vectors as PFVs, every computing call a layer
+    (sharing ratios at residual sums, attention with the values as sources and the attention
+    weights as the mixing kernel, token averages and the patch embedding with SRD's bias
+    share); prefix tokens (class, distillation, registers) are constant terms. Signed;
+    pixel-level (N, H, W); sums to the target logit. ``method="srd"`` routes Vision
+    Transformers here; this name runs the token rule on any model (see the module
+    docstring and docs/srd.md)."""
 
     signed = True
 
     def relevance(self, x: Tensor, target: Target) -> Tensor:
-        """Input relevance ``(N, C, H, W)`` (each pixel's relevance spread over its channels)."""
-
-        def run(leaf: Tensor) -> Tensor:
-            (rel,) = self._traced_gradients(
-                leaf, SRDTokenRule(),
-                lambda out: [self._target_gradient(out, target)[0] * keep_graph(out)])
-            return rel.contiguous()
-
-        return self._with_layout(x, run)
+        """Input relevance ``(N, C, H, W)`` (each pixel's relevance on its channels)."""
+        return token_relevance(self, x, target)
 
     def attribute(self, inputs: Tensor, target: Target = None) -> Tensor:
         return self._batched(inputs, target, lambda x, t: self.relevance(x, t).sum(1))

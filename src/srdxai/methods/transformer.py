@@ -29,6 +29,7 @@ import torch.nn.functional as F
 from ..engine.core import Target
 from ..engine.optrace import OpCall, OpRule, OpTrace
 from ..errors import InvalidInputError, UnsupportedOperationError
+from . import options
 from .attnlrp import AttnLRPRule
 from .base import Method, register
 
@@ -74,11 +75,8 @@ class _AttentionMethod(Method):
     def __init__(self, model, prefix_tokens: int = 1, batch_size: int | None = None,
                  channels_last: bool | None = None):
         super().__init__(model, batch_size=batch_size, channels_last=channels_last)
-        if not isinstance(prefix_tokens, int) or prefix_tokens < 1:
-            raise InvalidInputError(
-                f"prefix_tokens must be an int >= 1 (the class token first), got "
-                f"{prefix_tokens!r}.")
-        self.prefix_tokens = prefix_tokens
+        # the class token first
+        self.prefix_tokens = options.integer(prefix_tokens, "prefix_tokens")
 
     def _maps(self, rule: AttentionMaps, batch: int) -> list[Tensor]:
         if not rule.maps:
@@ -107,7 +105,7 @@ class AttentionRollout(_AttentionMethod):
     def __init__(self, model, head_fusion: str = "mean", prefix_tokens: int = 1,
                  batch_size: int | None = None, channels_last: bool | None = None):
         super().__init__(model, prefix_tokens, batch_size, channels_last)
-        if head_fusion not in HEAD_FUSIONS:
+        if not isinstance(head_fusion, str) or head_fusion not in HEAD_FUSIONS:
             raise InvalidInputError(
                 f"head_fusion must be one of {HEAD_FUSIONS}, got {head_fusion!r}.")
         self.head_fusion = head_fusion
@@ -167,7 +165,7 @@ class TransformerAttribution(_AttentionMethod):
     def __init__(self, model, relevance: str = "attnlrp", prefix_tokens: int = 1,
                  batch_size: int | None = None, channels_last: bool | None = None):
         super().__init__(model, prefix_tokens, batch_size, channels_last)
-        if relevance not in RELEVANCES:
+        if not isinstance(relevance, str) or relevance not in RELEVANCES:
             raise InvalidInputError(
                 f"relevance must be one of {RELEVANCES}, got {relevance!r}.")
         self.relevance = relevance

@@ -26,7 +26,7 @@ from tqdm.auto import tqdm
 
 from ..engine.core import model_guard
 from ..engine.memory import budget_chunk, element_chunk, run_in_chunks
-from ..errors import InvalidInputError, InvalidTargetError
+from ..errors import InvalidInputError, InvalidTargetError, NonFiniteError
 
 Tensor = torch.Tensor
 Explain = Callable[[nn.Module, Tensor, Tensor], Tensor]
@@ -197,6 +197,18 @@ def empty_mask_nan(scores: Tensor, masks: Tensor, policy: EmptyMaskPolicy) -> Te
     return scores
 
 
+def check_finite_number(value: Any, name: str, positive: bool = False) -> float:
+    """A finite real number (``positive``: > 0), as a float: a NaN noise level or replacement
+    value would otherwise turn every score into NaN without a word."""
+    if isinstance(value, bool) or not isinstance(value, int | float | np.integer | np.floating):
+        raise InvalidInputError(f"{name} must be a number, got {value!r}.")
+    value = float(value)
+    if not math.isfinite(value) or (positive and value <= 0):
+        raise InvalidInputError(
+            f"{name} must be a finite number{' > 0' if positive else ''}, got {value!r}.")
+    return value
+
+
 def check_positive_int(value: Any, name: str, minimum: int = 1) -> int:
     if isinstance(value, bool) or not isinstance(value, int | np.integer) or value < minimum:
         raise InvalidInputError(f"{name} must be an int >= {minimum}, got {value!r}.")
@@ -277,7 +289,7 @@ def baseline_values(baseline: Baseline, x: Tensor) -> Tensor:
     if isinstance(baseline, bool):
         raise InvalidInputError("baseline must be a number, a name or a tensor, not a bool.")
     if isinstance(baseline, int | float | np.floating | np.integer):
-        return torch.full_like(x, float(baseline))
+        return torch.full_like(x, check_finite_number(baseline, "baseline"))
     if isinstance(baseline, str):
         flat = x.flatten(1)
         per_sample = {
@@ -294,6 +306,9 @@ def baseline_values(baseline: Baseline, x: Tensor) -> Tensor:
                 f"{', '.join(NAMED_BASELINES)}.")
         return per_sample[baseline]().view(-1, 1, 1, 1).expand_as(x).contiguous()
     values = to_tensor(baseline, "baseline").to(device=x.device, dtype=x.dtype)
+    if not torch.isfinite(values).all():
+        raise InvalidInputError("baseline contains NaN or Inf (in the model's dtype "
+                                f"{x.dtype}); pass finite replacement values.")
     try:
         return torch.broadcast_to(values, x.shape).contiguous()
     except RuntimeError:
@@ -329,14 +344,34 @@ def adaptive_chunks(total: int, size: int, progress: bool, desc: str,
         run_in_chunks(total, size, one, desc or "metric")
 
 
+def check_finite_logits(out: Tensor, what: str, samples: Tensor | None = None) -> Tensor:
+    """Refuse model outputs holding NaN or Inf, naming the samples they belong to (``samples``:
+    the original sample of each row, for rows that are perturbed copies)."""
+    bad = ~torch.isfinite(out.detach()).flatten(1).all(1)
+    if bool(bad.any()):
+        rows = bad.nonzero().flatten()
+        owners = rows if samples is None else samples.to(rows.device)[rows]
+        owners = sorted(set(owners.tolist()))
+        shown = ", ".join(map(str, owners[:10])) + (", ..." if len(owners) > 10 else "")
+        raise NonFiniteError(
+            f"{what}: the model's output holds NaN or Inf on {int(bad.sum())} of "
+            f"{out.shape[0]} inputs (of samples {shown}). The model overflows on them: for "
+            "perturbed inputs the replacement values (baseline, mask value or noise) are "
+            "probably far outside the data the model handles; choose values within the "
+            "input range (e.g. baseline='black' or 'mean').")
+    return out
+
+
 def class_scores(model: Callable[[Tensor], Tensor], inputs: Tensor, targets: Tensor,
-                 softmax: bool) -> Tensor:
-    """The target class's logit (or softmax probability) per input, in float64."""
+                 softmax: bool, what: str = "metric", samples: Tensor | None = None) -> Tensor:
+    """The target class's logit (or softmax probability) per input, in float64; non-finite
+    outputs raise :class:`~srdxai.errors.NonFiniteError` (see :func:`check_finite_logits`)."""
     out = model(inputs)
     if not isinstance(out, Tensor) or out.dim() != 2 or out.shape[0] != inputs.shape[0]:
         raise InvalidInputError(
             "the model must return logits of shape (N, classes); got "
             f"{getattr(out, 'shape', type(out).__name__)}.")
+    check_finite_logits(out, what, samples)
     if (targets >= out.shape[1]).any():
         raise InvalidTargetError(
             f"y holds classes >= the model's {out.shape[1]} outputs: "
@@ -369,10 +404,16 @@ def concat_in_chunks(total: int, size: int, fn: Callable[[int, int], Tensor],
     return torch.cat([parts[k] for k in sorted(parts)])
 
 
-def predicted_classes(model: nn.Module, x: Tensor, batch_size: int) -> Tensor:
+def predicted_classes(model: nn.Module, x: Tensor, batch_size: int,
+                      what: str = "metric") -> Tensor:
+    """The arg-max class per sample (of finite outputs: the arg-max of NaN is arbitrary)."""
+
+    def run(a: int, b: int) -> Tensor:
+        out = model(x[a:b])
+        return check_finite_logits(out, what, torch.arange(a, b)).argmax(1)
+
     with torch.no_grad():
-        return concat_in_chunks(x.shape[0], batch_size,
-                                lambda a, b: model(x[a:b]).argmax(1), "predicted classes")
+        return concat_in_chunks(x.shape[0], batch_size, run, "predicted classes")
 
 
 class _LayoutForward:
@@ -407,18 +448,24 @@ def scores_in_batches(
     softmax: bool,
     progress: bool,
     desc: str,
+    per_sample: int = 1,
+    sample_offset: int = 0,
 ) -> Tensor:
     """Class scores of ``total`` perturbed inputs built chunk by chunk by ``make_inputs``.
 
     Only one chunk of perturbed inputs exists at a time, so memory is bounded by
-    ``batch_size`` whatever the number of perturbations.
+    ``batch_size`` whatever the number of perturbations. Items are laid out sample-major,
+    ``per_sample`` per sample starting at sample ``sample_offset``: how a non-finite output is
+    traced back to the sample it perturbs in the error.
     """
     out = torch.empty(total, dtype=torch.float64)
     forward = _LayoutForward(model)
 
     def run(start: int, stop: int) -> None:
         inputs, targets = make_inputs(start, stop)
-        out[start:stop] = class_scores(forward, inputs, targets, softmax).cpu()
+        samples = torch.arange(start, stop) // per_sample + sample_offset
+        out[start:stop] = class_scores(forward, inputs, targets, softmax, desc or "metric",
+                                       samples).cpu()
 
     with torch.no_grad():
         adaptive_chunks(total, batch_size, progress, desc, run)

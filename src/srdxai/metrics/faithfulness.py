@@ -94,14 +94,16 @@ class _Setup:
     """Checked inputs shared by the model-based metrics."""
 
     def __init__(self, model: Any, x: Any, y: Any, attributions: Any,
-                 explain: Explain | None, batch_size: int | None, need_maps: bool = True):
+                 explain: Explain | None, batch_size: int | None, need_maps: bool = True,
+                 metric: str = "metric"):
+        self.metric = metric
         self.model = check_model(model)
         self.x = check_inputs(x, self.model)
         self.n = self.x.shape[0]
         self.batch_size = default_batch_size(self.x, batch_size, model=self.model)
         targets = check_targets(y, self.n, self.x.device)
         if targets is None:
-            targets = predicted_classes(self.model, self.x, self.batch_size)
+            targets = predicted_classes(self.model, self.x, self.batch_size, metric)
         self.y = targets
         self.a: Tensor | None = None
         if attributions is not None:
@@ -115,7 +117,7 @@ class _Setup:
         """Scores of the unperturbed inputs (N,)."""
         return scores_in_batches(
             self.model, lambda s, e: (self.x[s:e], self.y[s:e]), self.n, self.batch_size,
-            softmax, False, "")
+            softmax, False, f"{self.metric} (unperturbed inputs)")
 
 
 def _flat_views(x: Tensor, a_dim: int) -> Tensor:
@@ -189,7 +191,8 @@ def faithfulness_correlation(
         float64 correlations (N,) in [-1, 1]; NaN when the output or the sums do not vary.
     """
     with guarded(model):
-        s = _Setup(model, x, y, attributions, explain, batch_size)
+        s = _Setup(model, x, y, attributions, explain, batch_size,
+                   metric="faithfulness correlation")
         a = preprocess_attributions(s.a, normalise, abs)
         n_features = feature_count(a)
         if draws is None:
@@ -224,7 +227,8 @@ def faithfulness_correlation(
 
         clean = s.clean_scores(softmax)
         scores = scores_in_batches(s.model, perturbed, s.n * runs, s.batch_size, softmax,
-                                   progress, "faithfulness correlation").view(s.n, runs)
+                                   progress, "faithfulness correlation",
+                                   per_sample=runs).view(s.n, runs)
         drops = clean[:, None] - scores
         return pearson(attribution_sums.cpu(), drops).to(s.x.device)
 
@@ -257,7 +261,7 @@ def _ordered_curve(s: _Setup, a: Tensor, counts: Tensor, start_from: Tensor, rep
         return torch.where(chosen, replace_with[sample], start_from[sample]), s.y[sample]
 
     scores = scores_in_batches(s.model, perturbed, s.n * steps, s.batch_size, softmax, progress,
-                               desc)
+                               desc, per_sample=steps)
     return scores.view(s.n, steps)
 
 
@@ -296,7 +300,8 @@ def pixel_flipping(
         batch_size, progress: as in :func:`faithfulness_correlation`.
     """
     with guarded(model):
-        s = _Setup(model, x, y, attributions, explain, batch_size)
+        s = _Setup(model, x, y, attributions, explain, batch_size,
+                   metric="pixel flipping")
         a = preprocess_attributions(s.a, normalise, abs)
         n_features = feature_count(a)
         step = check_positive_int(features_in_step, "features_in_step")
@@ -311,7 +316,8 @@ def pixel_flipping(
 def _insertion_deletion(model, x, y, attributions, explain, step, baseline, softmax, abs,
                         normalise, batch_size, progress, insert: bool) -> CurveResult:
     with guarded(model):
-        s = _Setup(model, x, y, attributions, explain, batch_size)
+        s = _Setup(model, x, y, attributions, explain, batch_size,
+                   metric="insertion" if insert else "deletion")
         a = preprocess_attributions(s.a, normalise, abs)
         n_features = feature_count(a)
         if step is None:
@@ -451,7 +457,8 @@ def sensitivity_n(
         batch_size, progress: as in :func:`faithfulness_correlation`.
     """
     with guarded(model):
-        s = _Setup(model, x, y, attributions, explain, batch_size)
+        s = _Setup(model, x, y, attributions, explain, batch_size,
+                   metric="sensitivity-n")
         a = preprocess_attributions(s.a, normalise, abs)
         n_features = feature_count(a)
         grid = sensitivity_n_grid(n_features) if n_grid is None else to_tensor(n_grid, "n_grid")
@@ -500,7 +507,8 @@ def sensitivity_n(
                 return torch.where(removed, bi, xi), yi.expand(stop - start)
 
             scores = scores_in_batches(s.model, perturbed, points * subsets, s.batch_size,
-                                       softmax, progress, f"sensitivity-n sample {i}")
+                                       softmax, progress, f"sensitivity-n sample {i}",
+                                       per_sample=points * subsets, sample_offset=i)
             changes = clean[i] - scores.view(points, subsets)
             curve[i] = pearson(sums.cpu(), changes)
         return SensitivityNResult(curve=curve.to(s.x.device), n_grid=grid)

@@ -28,6 +28,8 @@ from ..errors import InvalidInputError, InvalidTargetError
 from ._common import (
     Explain,
     check_explain,
+    check_finite_logits,
+    check_finite_number,
     check_inputs,
     check_model,
     check_positive_int,
@@ -100,9 +102,11 @@ def _dice(a: Tensor, b: Tensor) -> Tensor:
     return (a - b).abs().sum(1) / (a.abs().sum(1) + b.abs().sum(1) + EPS)
 
 
-def _outputs(model: nn.Module, x: Tensor, size: int) -> Tensor:
+def _outputs(model: nn.Module, x: Tensor, size: int, what: str) -> Tensor:
     with torch.no_grad():
-        return concat_in_chunks(x.shape[0], size, lambda s, e: model(x[s:e]), "gae")
+        return concat_in_chunks(
+            x.shape[0], size,
+            lambda s, e: check_finite_logits(model(x[s:e]), what, torch.arange(s, e)), "gae")
 
 
 def _masking_sequences(model: nn.Module, x: Tensor, targets: Tensor, steps: int,
@@ -124,7 +128,8 @@ def _masking_sequences(model: nn.Module, x: Tensor, targets: Tensor, steps: int,
     for p in fractions:
         with torch.enable_grad():
             leaf = current.detach().requires_grad_(True)
-            out = model(leaf)
+            out = check_finite_logits(model(leaf), "gae (masked copies of the positives; "
+                                      "samples are counted within the chunk)")
             if softmax:
                 out = out.softmax(1)
             selected = out.gather(1, both_targets[:, None])[:, 0]
@@ -203,6 +208,7 @@ def gae(
     model = check_model(model)
     explain = check_explain(explain, "gae")
     steps = check_positive_int(num_masking_steps, "num_masking_steps", 2)
+    mask_value = check_finite_number(mask_value, "mask_value")
     with guarded(model):
         x = check_inputs(x, model)
         n = x.shape[0]
@@ -215,7 +221,7 @@ def gae(
             raise InvalidInputError(f"gae needs images of at least 4x4 pixels, got {height}x"
                                     f"{width}.")
         size = default_batch_size(x, batch_size, explain=True, model=model)
-        logits = _outputs(model, x, size)
+        logits = _outputs(model, x, size, "gae")
         predicted = logits.argmax(1)
         labels = check_targets(y, n, x.device)
         if labels is None:
@@ -224,7 +230,7 @@ def gae(
             raise InvalidTargetError(f"y holds classes >= the model's {logits.shape[1]} outputs.")
 
         mosaics = make_mosaics(F.interpolate(x, size=(height // 2, width // 2)))
-        mosaic_logits = _outputs(model, mosaics, size)
+        mosaic_logits = _outputs(model, mosaics, size, "gae (the mosaics: samples are groups)")
         tile_classes = predicted.view(m, 4)
         tile_weights = mosaic_logits.gather(1, tile_classes).to(torch.float64).softmax(1)
         if draws is None:

@@ -21,6 +21,8 @@ from ._common import (
     adaptive_chunks,
     check_attributions,
     check_explain,
+    check_finite_logits,
+    check_finite_number,
     check_inputs,
     check_model,
     check_positive_int,
@@ -107,14 +109,15 @@ def _robustness(model, x, y, attributions, explain, *, metric: str, nr_samples: 
         size = default_batch_size(x, batch_size, explain=True, model=model)
         targets = check_targets(y, n, x.device)
         if targets is None:
-            targets = predicted_classes(model, x, size)
+            targets = predicted_classes(model, x, size, metric)
         if attributions is None:
             a = explain_checked(explain, model, x, targets, None)
         else:
             a = check_attributions(attributions, x)
         reference = preprocess_attributions(a, normalise, abs).flatten(1)
         x64 = x.to(torch.float64)
-        clean_classes = predicted_classes(model, x, size) if nan_when_prediction_changes else None
+        clean_classes = (predicted_classes(model, x, size, metric) if nan_when_prediction_changes
+                         else None)
 
         if draws is None:
             steps = check_positive_int(nr_samples, "nr_samples")
@@ -126,6 +129,8 @@ def _robustness(model, x, y, attributions, explain, *, metric: str, nr_samples: 
                 raise InvalidInputError(
                     f"draws must be noise of shape (nr_samples, *x.shape) = (S, "
                     f"{', '.join(map(str, x.shape))}); got {tuple(explicit.shape)}.")
+            if not torch.isfinite(explicit).all():
+                raise InvalidInputError("draws contain NaN or Inf; pass finite noise.")
             steps = explicit.shape[0]
             source = NoiseDraws(x.shape, steps, noise[0], noise[1], noise[2], None, explicit)
 
@@ -142,7 +147,8 @@ def _robustness(model, x, y, attributions, explain, *, metric: str, nr_samples: 
                           perturbed64.flatten(1))
             if clean_classes is not None:
                 with torch.no_grad():
-                    changed = model(perturbed).argmax(1) != clean_classes[sample_dev]
+                    logits = check_finite_logits(model(perturbed), metric, sample)
+                    changed = logits.argmax(1) != clean_classes[sample_dev]
                 chunk = chunk.masked_fill(changed, math.nan)
             values[start:stop] = chunk.cpu()
 
@@ -167,7 +173,11 @@ def _lipschitz(a: Tensor, b: Tensor, x: Tensor, x_perturbed: Tensor) -> Tensor:
 
 
 def _relative_change(a: Tensor, b: Tensor, x: Tensor, x_perturbed: Tensor) -> Tensor:
-    return (a - b).norm(dim=1) / a.norm(dim=1)
+    # An all-zero reference map has no relative change: NaN (docs/metrics.md), not the 0/0 or
+    # x/0 that division gives (Quantus returns those, nan or inf).
+    norm = a.norm(dim=1)
+    change = (a - b).norm(dim=1) / torch.where(norm > 0, norm, torch.ones_like(norm))
+    return torch.where(norm > 0, change, torch.full_like(change, math.nan))
 
 
 def local_lipschitz_estimate(
@@ -213,6 +223,9 @@ def local_lipschitz_estimate(
     Returns:
         float64 estimates (N,).
     """
+    # std 0 would make ||d_k|| = 0: the estimate would be float rounding divided by 1e-10
+    perturb_mean = check_finite_number(perturb_mean, "perturb_mean")
+    perturb_std = check_finite_number(perturb_std, "perturb_std", positive=True)
     return _robustness(
         model, x, y, attributions, explain, metric="local_lipschitz_estimate",
         nr_samples=nr_samples, noise=("gaussian", perturb_mean, perturb_std),
@@ -223,7 +236,11 @@ def local_lipschitz_estimate(
 
 def _uniform_bounds(lower_bound: float, upper_bound: float | None) -> tuple[float, float]:
     if upper_bound is None:
+        # U(-b, b): b = 0 would perturb nothing and divide rounding noise by the map's norm
+        lower_bound = check_finite_number(lower_bound, "lower_bound", positive=True)
         return -lower_bound, lower_bound
+    lower_bound = check_finite_number(lower_bound, "lower_bound")
+    upper_bound = check_finite_number(upper_bound, "upper_bound")
     if upper_bound <= lower_bound:
         raise InvalidInputError(
             f"upper_bound ({upper_bound}) must be larger than lower_bound ({lower_bound}).")

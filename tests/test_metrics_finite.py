@@ -1,0 +1,138 @@
+"""Metrics never score a non-finite value silently: NaN/Inf options are refused, a model output
+that overflows raises NonFiniteError naming the metric and the samples, and NaN comes back only
+where docs/metrics.md defines it as the answer."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+from torch import nn
+
+import srdxai
+from srdxai import metrics as M
+from srdxai.errors import InvalidInputError, NonFiniteError
+
+torch.manual_seed(0)
+NET = nn.Sequential(nn.Conv2d(3, 4, 3, padding=1), nn.ReLU(), nn.AdaptiveAvgPool2d(1),
+                    nn.Flatten(), nn.Linear(4, 3)).eval()
+X = torch.randn(4, 3, 8, 8)
+Y = torch.tensor([0, 1, 2, 0])
+A = torch.rand(4, 8, 8)
+
+
+def explain(model, x, y):
+    return srdxai.explain(model, x, y, "gradient")
+
+
+class Overflows(nn.Module):
+    """NET, except that the logits become Inf wherever an input value exceeds ``limit`` and for
+    the samples listed in ``always``: a model that breaks on out-of-range inputs."""
+
+    def __init__(self, limit: float = 5.0, always: tuple[int, ...] = ()):
+        super().__init__()
+        self.net, self.limit, self.always = NET, limit, always
+
+    def forward(self, x):
+        out = self.net(x)
+        big = x.flatten(1).abs().amax(1) > self.limit
+        for i in self.always:
+            if i < len(big):
+                big = big.clone()
+                big[i] = True
+        return torch.where(big[:, None], torch.full_like(out, math.inf), out)
+
+
+BAD_OPTIONS = {
+    "faithfulness baseline nan": lambda: M.faithfulness_correlation(
+        NET, X, Y, A, baseline=math.nan, subset_size=4, nr_runs=3),
+    "faithfulness baseline -inf": lambda: M.faithfulness_correlation(
+        NET, X, Y, A, baseline=-math.inf, subset_size=4, nr_runs=3),
+    "pixel flipping baseline tensor nan": lambda: M.pixel_flipping(
+        NET, X, Y, A, baseline=torch.full((3, 1, 1), math.nan), features_in_step=16),
+    "insertion baseline nan": lambda: M.insertion(NET, X, Y, A, baseline=math.nan),
+    "deletion baseline string": lambda: M.deletion(NET, X, Y, A, baseline="nan"),
+    "sensitivity-n baseline inf": lambda: M.sensitivity_n(
+        NET, X, Y, A, baseline=math.inf, nr_subsets=3),
+    "gae mask_value nan": lambda: M.gae(NET, X, Y, explain=explain, mask_value=math.nan),
+    "lipschitz std nan": lambda: M.local_lipschitz_estimate(
+        NET, X, Y, A, explain=explain, nr_samples=2, perturb_std=math.nan),
+    "lipschitz std 0": lambda: M.local_lipschitz_estimate(
+        NET, X, Y, A, explain=explain, nr_samples=2, perturb_std=0.0),
+    "lipschitz mean inf": lambda: M.local_lipschitz_estimate(
+        NET, X, Y, A, explain=explain, nr_samples=2, perturb_mean=math.inf),
+    "max sensitivity bound nan": lambda: M.max_sensitivity(
+        NET, X, Y, A, explain=explain, nr_samples=2, lower_bound=math.nan),
+    "avg sensitivity bound 0": lambda: M.avg_sensitivity(
+        NET, X, Y, A, explain=explain, nr_samples=2, lower_bound=0.0),
+    "avg sensitivity upper inf": lambda: M.avg_sensitivity(
+        NET, X, Y, A, explain=explain, nr_samples=2, lower_bound=0.0, upper_bound=math.inf),
+    "robustness draws nan": lambda: M.max_sensitivity(
+        NET, X, Y, A, explain=explain, draws=torch.full((2, *X.shape), math.nan)),
+}
+
+
+@pytest.mark.parametrize("case", list(BAD_OPTIONS))
+def test_non_finite_options_are_refused(case):
+    with pytest.raises(InvalidInputError,
+                       match="NaN or Inf|finite number|must be a number|unknown baseline"):
+        BAD_OPTIONS[case]()
+
+
+OVERFLOWING = {
+    "faithfulness correlation": lambda m: M.faithfulness_correlation(
+        m, X, Y, A, baseline=100.0, subset_size=4, nr_runs=3),
+    "pixel flipping": lambda m: M.pixel_flipping(m, X, Y, A, baseline=100.0,
+                                                 features_in_step=16),
+    "insertion": lambda m: M.insertion(m, X, Y, A, baseline=100.0),
+    "deletion": lambda m: M.deletion(m, X, Y, A, baseline=100.0),
+    "sensitivity-n": lambda m: M.sensitivity_n(m, X, Y, A, baseline=100.0, nr_subsets=3),
+}
+
+
+@pytest.mark.parametrize("metric", list(OVERFLOWING))
+def test_overflow_on_perturbed_inputs_raises_naming_metric(metric):
+    # X stays within |5| (randn), so only the perturbed copies overflow
+    assert X.abs().max() < 5
+    with pytest.raises(NonFiniteError, match=rf"{metric}.*NaN or Inf.*samples 0.*baseline"):
+        OVERFLOWING[metric](Overflows())
+
+
+@pytest.mark.parametrize("metric", ["faithfulness correlation", "deletion", "sensitivity-n"])
+def test_overflow_on_the_clean_inputs_names_the_sample(metric):
+    # sample 2 overflows even unperturbed (the predicted class is needed first: y=None)
+    call = {"faithfulness correlation": lambda m: M.faithfulness_correlation(
+                m, X, None, A, baseline=0.0, subset_size=4, nr_runs=3),
+            "deletion": lambda m: M.deletion(m, X, None, A),
+            "sensitivity-n": lambda m: M.sensitivity_n(m, X, None, A, nr_subsets=3)}[metric]
+    with pytest.raises(NonFiniteError, match=r"of samples 2\)") as info:
+        call(Overflows(always=(2,)))
+    assert metric in str(info.value)
+
+
+def test_robustness_and_gae_check_model_outputs():
+    with pytest.raises(NonFiniteError, match="local_lipschitz_estimate.*samples 1"):
+        M.local_lipschitz_estimate(Overflows(always=(1,)), X, None, A, explain=explain,
+                                   nr_samples=2)
+    with pytest.raises(NonFiniteError, match="max_sensitivity"):
+        M.max_sensitivity(Overflows(limit=1.5), X, Y, A, explain=explain, nr_samples=2,
+                          lower_bound=4.0, nan_when_prediction_changes=True)
+    with pytest.raises(NonFiniteError, match="gae"):
+        M.gae(Overflows(always=(3,)), X, Y, explain=explain)
+
+
+def test_defined_nans_are_the_documented_ones():
+    zero = torch.zeros(4, 8, 8)
+    # a constant map has no correlation
+    assert M.faithfulness_correlation(NET, X, Y, zero, subset_size=4, nr_runs=3).isnan().all()
+    # an all-zero map has no distribution
+    assert M.complexity(NET, X, Y, zero).isnan().all()
+    # an all-zero reference map has no relative change (Quantus: NaN or Inf)
+    scores = M.max_sensitivity(NET, X, Y, zero, explain=explain, nr_samples=2)
+    assert scores.isnan().all()
+    assert not scores.isinf().any()
+    # the same metrics on ordinary maps are finite
+    assert torch.isfinite(M.faithfulness_correlation(NET, X, Y, A, subset_size=4,
+                                                     nr_runs=3)).all()
+    assert torch.isfinite(M.max_sensitivity(NET, X, Y, A, explain=explain, nr_samples=2)).all()

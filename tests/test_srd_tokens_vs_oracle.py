@@ -1,0 +1,76 @@
+"""SRD on token vectors equals the independent slow reference (``srd_token_oracle.py``,
+written from the definition in docs/srd.md with loops over tokens, heads and pixels, without
+reading the engine or ``methods/srd_tokens.py``), through ``srd_tokens`` and through ``srd``
+(which routes Vision Transformers to it); and the comparison is sharp enough to catch the
+rules that make it conservative."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+import srdxai
+from srd_token_oracle import VARIANTS, srd_token_oracle, tiny_input, tiny_token_vit
+from srdxai.errors import UnsupportedOperationError
+from srdxai.methods import srd_tokens
+
+DT = torch.float64
+
+
+def _oracle(model, x, targets):
+    return torch.cat([srd_token_oracle(model, x[i:i + 1], t) for i, t in enumerate(targets)])
+
+
+@pytest.mark.parametrize("variant", sorted(VARIANTS))
+@pytest.mark.parametrize("activation", ["gelu", "relu"])
+@pytest.mark.parametrize("method", ["srd_tokens", "srd"])
+def test_library_equals_the_slow_reference(variant, activation, method):
+    model = tiny_token_vit(variant, activation, seed=3)
+    x = tiny_input(seed=5)
+    targets = [1, 3]
+    expected = _oracle(model, x, targets)
+    got = srdxai.explain(model, x, targets, method)
+    assert got.shape == expected.shape == (2, 16, 16)
+    torch.testing.assert_close(got.to(DT), expected, rtol=1e-7,
+                               atol=1e-9 * float(expected.abs().max()))
+    logits = model(x)[[0, 1], targets]
+    torch.testing.assert_close(got.sum((1, 2)), logits.detach(), rtol=1e-9, atol=1e-12)
+
+
+def test_the_comparison_catches_a_dropped_constant_term(monkeypatch):
+    """Without the class token's share handed on (the rule before), the maps differ."""
+    model, x = tiny_token_vit("vit", seed=3), tiny_input(seed=5)
+    expected = _oracle(model, x, [1, 3])
+    monkeypatch.setattr(srd_tokens.SRDTokenRule, "constant_parts", False)
+    wrong = srdxai.explain(model, x, [1, 3], "srd_tokens")
+    assert (wrong - expected).abs().max() > 1e-3 * expected.abs().max()
+
+
+def test_the_comparison_catches_even_spreading(monkeypatch):
+    """Relevance spread evenly over a vector's entries instead of by their squares shares a
+    token's relevance among its heads by head count, not by ||o_h||^2 / ||o||^2."""
+    model, x = tiny_token_vit("vit", seed=3), tiny_input(seed=5)
+    expected = _oracle(model, x, [1, 3])
+    squares = srd_tokens._spread
+
+    def even(per_vector, like, dims=1):
+        return squares(per_vector, torch.ones_like(like), dims)
+
+    monkeypatch.setattr(srd_tokens, "_spread", even)
+    wrong = srdxai.explain(model, x, [1, 3], "srd_tokens")
+    assert (wrong - expected).abs().max() > 1e-3 * expected.abs().max()
+
+
+def test_srd_on_a_transformer_refuses_what_is_defined_for_cnns_only():
+    model, x = tiny_token_vit("vit", seed=3), tiny_input(seed=5)
+    for options in ({"seed": "gradcam"}, {"contrastive": True}):
+        with pytest.raises(UnsupportedOperationError, match="defined for CNNs only"):
+            srdxai.explain(model, x, 1, "srd", **options)
+    srd = srdxai.SRD(model)
+    for call in (lambda: srd.attribute_layer(x, 1, layer="low"),
+                 lambda: srd.erf(x, layer="low", position=(0, 0)),
+                 lambda: srd.layers(x)):
+        with pytest.raises(UnsupportedOperationError, match="only the pixel map"):
+            call()
+    # the pixel map itself works
+    assert srd.attribute(x, 1).shape == (2, 16, 16)
