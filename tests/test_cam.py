@@ -491,15 +491,18 @@ def test_option_errors():
 def test_vision_transformer_token_layers(name):
     """The default layer is the patch tokens of the LayerNorm feeding the last attention, on
     their grid; an activation's (N, tokens, dim) output is not a feature map and is refused
-    (it looks like a conv1d map to shape checks); FullGrad refuses token biases."""
+    (it looks like a conv1d map to shape checks); FullGrad places the token biases on the
+    patch grid (tests/test_fullgrad_vit.py) and has no layer."""
     from srdxai.models.zoo import small_vit
 
     torch.manual_seed(0)
     vit = small_vit(5).eval()
     x = torch.randn(1, 3, 64, 64)
     if name == "fullgrad":
-        with pytest.raises(InvalidInputError, match="transformer"):
-            srdxai.explain(vit, x, 0, name)
+        m = srdxai.explain(vit, x, 0, name)
+        assert m.shape == (1, 64, 64) and torch.isfinite(m).all()
+        with pytest.raises(InvalidInputError, match="no layer maps"):
+            srdxai.explain(vit, x, 0, name, layer="blocks.0.mlp.act")
         return
     m = srdxai.explain(vit, x, 0, name, internal_batch_size=64) if name in (
         "scorecam", "ablationcam") else srdxai.explain(vit, x, 0, name)

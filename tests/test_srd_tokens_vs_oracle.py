@@ -10,6 +10,7 @@ import pytest
 import torch
 
 import srdxai
+from srd_hybrid_oracle import srd_hybrid_oracle, tiny_hybrid, tiny_hybrid_input
 from srd_token_oracle import VARIANTS, srd_token_oracle, tiny_input, tiny_token_vit
 from srdxai.errors import UnsupportedOperationError
 from srdxai.methods import srd_tokens
@@ -74,3 +75,19 @@ def test_srd_on_a_transformer_refuses_what_is_defined_for_cnns_only():
             call()
     # the pixel map itself works
     assert srd.attribute(x, 1).shape == (2, 16, 16)
+
+
+@pytest.mark.parametrize("activation", ["silu", "relu"])
+@pytest.mark.parametrize("method", ["srd_tokens", "srd"])
+def test_hybrid_cnn_transformer_equals_the_slow_reference(activation, method):
+    """A stem convolution with padding and stride 2, BatchNorm, an inverted-residual block with
+    a depthwise convolution and an (N, C, H, W) residual sum, then a transformer block on the
+    flattened map (``srd_hybrid_oracle.py``, written from the definition)."""
+    model = tiny_hybrid(activation, seed=2)
+    x = tiny_hybrid_input(seed=4)
+    targets = [0, 3]
+    expected = torch.cat([srd_hybrid_oracle(model, x[i:i + 1], t)
+                          for i, t in enumerate(targets)])
+    got = srdxai.explain(model, x, targets, method)
+    torch.testing.assert_close(got.to(DT), expected, rtol=1e-7,
+                               atol=1e-9 * float(expected.abs().max()))

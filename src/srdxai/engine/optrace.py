@@ -162,7 +162,7 @@ class OpCall:
     """
 
     __slots__ = ("kind", "name", "func", "original", "args", "kwargs", "n_inputs", "index",
-                 "constant")
+                 "constant", "producers")
 
     def __init__(self, kind: str, name: str, func: Callable, args: tuple, kwargs: dict,
                  n_inputs: int, index: int, original: Callable | None = None):
@@ -173,6 +173,9 @@ class OpCall:
         #: bool mask of its entries that do not depend on the model input (a class token
         #: concatenated to the patch tokens), or None where every entry depends on it
         self.constant: tuple[Tensor | None, ...] = (None,) * n_inputs
+        #: with the same rules: per traced input, the kind of the computing call that made
+        #: it (through elementwise calls; None after calls that only move values)
+        self.producers: tuple[str | None, ...] = (None,) * n_inputs
 
     def __repr__(self) -> str:
         return f"OpCall({self.kind}, {func_name(self.func)}, in '{self.name}')"
@@ -271,14 +274,22 @@ class OpRule:
         self.plain = True
 
 
-class PartlyConstant:
-    """What the operation view attaches to a traced tensor some of whose entries do not
-    depend on the input: ``mask`` (bool, the tensor's shape) is True at those entries."""
+class TensorFacts:
+    """What the operation view attaches to a traced tensor for a rule with
+    ``constant_parts``: ``mask`` (bool, the tensor's shape, or None) is True at the entries
+    that do not depend on the input; ``producer`` is the kind of the computing call that made
+    it, through elementwise calls (None after a call that only moves values): a rule can tell
+    an (N, C, H, W) feature map made by a convolution from channels-last tokens."""
 
-    __slots__ = ("mask",)
+    __slots__ = ("mask", "producer")
 
-    def __init__(self, mask: Tensor):
+    def __init__(self, mask: Tensor | None, producer: str | None = None):
         self.mask = mask
+        self.producer = producer
+
+
+#: kinds whose output keeps the producer of their (first) input: elementwise calls
+_ELEMENTWISE = frozenset({"activation", "scale"})
 
 
 def _any_dependent(mask: Tensor, dims: Sequence[int], shape: Sequence[int]) -> Tensor:
@@ -351,15 +362,21 @@ class OpTracer(Tracer):
         for t, m in zip(flat, flat_masks, strict=True):
             if isinstance(t, Tensor) and t.is_floating_point():
                 partly = (isinstance(m, Tensor) and m.shape == t.shape and bool(m.any()))
-                self.track(t, PartlyConstant(m) if partly else True)
+                self.track(t, TensorFacts(m) if partly else True)
         return out
+
+    def producer_of(self, obj: Any) -> str | None:
+        """The kind of the computing call that made a traced tensor (see
+        :class:`TensorFacts`)."""
+        entry = self.entry_of(obj)
+        return entry.producer if isinstance(entry, TensorFacts) else None
 
     # -- entries that do not depend on the input (``OpRule.constant_parts``) --------------------
     def constant_mask(self, obj: Any) -> Tensor | None:
         """The constant-entries mask of a traced tensor (None: every entry depends on the
         input)."""
         entry = self.entry_of(obj)
-        return entry.mask if isinstance(entry, PartlyConstant) else None
+        return entry.mask if isinstance(entry, TensorFacts) else None
 
     def _moved_masks(self, func, args, kwargs) -> Any:
         """The masks of a value-moving call's outputs: the same call on the masks (True for
@@ -445,9 +462,13 @@ class OpTracer(Tracer):
         if func in DROPOUT:
             if dropout_in_training(func, args, kwargs):
                 raise self.unsupported("dropout in training mode (call model.eval() first)")
-            # the identity in eval mode: constant entries stay constant
-            masks = self.constant_mask(args[0]) if args else None
-            return self._track_outputs(func(*args, **kwargs), masks)
+            out = func(*args, **kwargs)
+            # the identity in eval mode: what is known about the input holds for the output
+            entry = self.entry_of(args[0]) if args else None
+            if isinstance(out, Tensor) and entry is not None:
+                self.track(out, entry)
+                return out
+            return self._track_outputs(out)
         if func is F.pad:
             mode = kwargs.get("mode", args[2] if len(args) > 2 else "constant")
             value = kwargs.get("value", args[3] if len(args) > 3 else None)
@@ -545,14 +566,24 @@ class OpTracer(Tracer):
                 out = _Relevance.apply(_OpNode(call, self.rule, value), inputs[0])
             else:
                 out = _OpFunction.apply(_OpNode(call, self.rule, value), *inputs)
-        mask = None
+        facts: Any = True
         if self.rule.constant_parts:
             call.constant = tuple(self.constant_mask(t) for t in inputs)
+            call.producers = tuple(self.producer_of(t) for t in inputs)
+            mask = None
             if isinstance(out, Tensor):
                 mask = self._computed_mask(kind, func, args, kwargs, inputs, out)
+            producer: str | None = kind
+            if kind in _ELEMENTWISE or (kind in ("add", "sub", "mul", "div")
+                                        and len(inputs) == 1):
+                producer = call.producers[0]
+            elif kind in ("add", "sub") and len(inputs) == 2:
+                known = {p for p in call.producers if p is not None}
+                producer = known.pop() if len(known) == 1 else None
+            facts = TensorFacts(mask if mask is not None and bool(mask.any()) else None,
+                                producer)
         out = self.rule.on_call(call, inputs, out)
-        self.track(out, PartlyConstant(mask) if mask is not None and bool(mask.any())
-                   else True)
+        self.track(out, facts)
         return out
 
     def _attention(self, args, kwargs):

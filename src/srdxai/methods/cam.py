@@ -56,6 +56,7 @@ from ..engine.memory import budget_chunk, run_in_chunks
 from ..errors import InvalidInputError, UnsupportedOperationError
 from . import options
 from .base import Method, register
+from .srd_tokens import has_attention
 
 Tensor = torch.Tensor
 
@@ -721,6 +722,105 @@ class _BiasGradientRule(Rule):
         return None
 
 
+class _TokenBiasGradients:
+    """FullGrad's bias maps on the operation view, for Vision Transformers: every dense
+    layer, LayerNorm (its shift ``beta - mean * gamma / std`` per token, as the CNN rule
+    records it), convolution and BatchNorm whose output is tokens ``(N, T, D)`` of the input's
+    patch grid, a channels-last map ``(N, h, w, D)`` or an ``(N, C, h, w)`` map gets
+    ``psi(|b * dS/d(output)|)`` on that grid (prefix tokens, which have no place in the image,
+    are dropped). Biases on tensors without a place (windows or patches folded into the
+    batch, as Swin and MobileViT do) are listed in ``unmapped``."""
+
+    def __init__(self, size: tuple[int, ...], batch: int):
+        self.size, self.batch = size, batch
+        self.maps: dict[tuple[int, ...], Tensor] = {}
+        self.unmapped: list[tuple[int, ...]] = []
+        self.closed = False
+
+    def rule(self):
+        from ..engine.optrace import OpRule
+
+        collector = self
+
+        class Rule(OpRule):
+            unknown = "gradient"  # every backward is autograd's: plain gradients
+
+            def on_call(self, call, inputs, output):
+                collector.on_call(call, inputs, output)
+                return output
+
+        return Rule()
+
+    def on_call(self, call, inputs, out: Tensor) -> None:
+        bias = self._bias(call, inputs)
+        if bias is None or not out.requires_grad:
+            return
+        if out.dim() <= 2 and out.shape[0] == self.batch:
+            return  # a pooled vector or the logits: no spatial map (as in the CNN rule)
+        if out.shape[0] != self.batch or self._layout(call, out) is None:
+            self.unmapped.append(tuple(out.shape))
+            return
+        out.register_hook(lambda g, b=bias, c=call: self._collect(c, b, g))
+
+    @staticmethod
+    def _bias(call, inputs) -> Tensor | None:
+        if call.kind == "linear":
+            return call.argument(2, "bias")
+        if call.kind == "conv":
+            bias = call.argument(2, "bias")
+            if bias is None:
+                return None
+            return bias.reshape(1, -1, *([1] * (inputs[0].dim() - 2)))
+        if call.kind == "layer_norm":
+            weight, beta = call.argument(2, "weight"), call.argument(3, "bias")
+            eps = call.argument(4, "eps", 1e-5)
+            normalized = call.argument(1, "normalized_shape")
+            dims = tuple(range(-len(normalized), 0)) if isinstance(
+                normalized, list | tuple) else (-1,)
+            x = inputs[0].detach()
+            mean = x.mean(dims, keepdim=True)
+            std = (x.var(dims, keepdim=True, unbiased=False) + eps).sqrt()
+            shift = -mean / std * (weight if weight is not None else 1.0)
+            return shift + beta if beta is not None else shift
+        if call.kind == "batch_norm":
+            mean, var = call.kept_argument(1, "running_mean"), call.kept_argument(2, "running_var")
+            weight, beta = call.argument(3, "weight"), call.argument(4, "bias")
+            eps = call.argument(7, "eps", 1e-5)
+            if mean is None or var is None:
+                return None
+            scale = (weight if weight is not None else 1.0) / (var + eps).sqrt()
+            shift = -mean * scale
+            shift = shift + beta if beta is not None else shift
+            return shift.reshape(1, -1, *([1] * (inputs[0].dim() - 2)))
+        return None
+
+    def _layout(self, call, out: Tensor) -> str | None:
+        if call.kind in ("conv", "batch_norm"):
+            return "map" if out.dim() == len(self.size) + 2 else None
+        if out.dim() == 3 and _token_grid(out.shape[1], self.size, None) is not None:
+            return "tokens"
+        if out.dim() == len(self.size) + 2:
+            return "channels_last"
+        return None
+
+    def _collect(self, call, bias: Tensor, grad: Tensor) -> None:
+        if self.closed:
+            return None
+        bias_grad = (bias.to(grad.dtype) * grad).abs()
+        layout = self._layout(call, grad)
+        if layout == "tokens":
+            prefix, grid = _token_grid(grad.shape[1], self.size, None)
+            bias_grad = bias_grad[:, prefix:].reshape(grad.shape[0], *grid, -1)
+            layout = "channels_last"
+        if layout == "channels_last":
+            bias_grad = bias_grad.movedim(-1, 1)
+        summed = _minmax(bias_grad, dims=2).sum(1)
+        key = tuple(summed.shape[1:])
+        prev = self.maps.get(key)
+        self.maps[key] = summed if prev is None else prev + summed
+        return None
+
+
 @register("fullgrad")
 class FullGrad(Method):
     """FullGrad (Srinivas & Fleuret, NeurIPS 2019), post-processed as pytorch-grad-cam.
@@ -755,6 +855,7 @@ class FullGrad(Method):
                 "FullGrad uses the bias gradients of every layer and has no target layer; "
                 "leave layer=None.")
         self.normalize = options.flag(normalize, "normalize")
+        self._routes: dict[tuple, bool] = {}  # input shape -> the model has attention
 
     def attribute(self, inputs: Tensor, target: Target = None) -> Tensor:
         def one(x: Tensor, t: Target) -> Tensor:
@@ -763,6 +864,11 @@ class FullGrad(Method):
         return self._batched(inputs, target, one)
 
     def _map(self, x: Tensor, target: Target) -> Tensor:
+        key = (tuple(x.shape[1:]), x.dtype, x.device)
+        if key not in self._routes:
+            self._routes[key] = has_attention(self, x)
+        if self._routes[key]:
+            return self._token_map(x, target)
         rule = _BiasGradientRule(x.dim(), x.shape[0])
         with self._guard(), torch.enable_grad(), Trace(self.model, x, rule) as trace:
             out = trace.forward()
@@ -777,10 +883,35 @@ class FullGrad(Method):
             (gx,) = self._grad(out, x, grad_out)
             rule.closed = True
             del out
+        return self._combine(x, gx, rule.maps)
+
+    def _token_map(self, x: Tensor, target: Target) -> Tensor:
+        """FullGrad of a Vision Transformer on the operation view (:class:`_TokenBiasGradients`)."""
+        from ..engine.optrace import OpTrace
+
+        collector = _TokenBiasGradients(tuple(x.shape[2:]), x.shape[0])
+        with self._guard(), torch.enable_grad(), OpTrace(self.model, x,
+                                                         collector.rule()) as trace:
+            out = trace.forward()
+            if collector.unmapped:
+                raise InvalidInputError(
+                    f"FullGrad needs every bias to act on the image's tokens or a feature map; "
+                    f"this model adds biases to tensors of shape {collector.unmapped[0]} "
+                    "(windows, patches or tokens folded into the batch, as Swin, MobileViT and "
+                    "LeViT do), "
+                    "whose bias gradients have no place in the image. Use a gradient or LRP "
+                    "method.")
+            grad_out, _ = target_gradient(out, target)
+            (gx,) = self._grad(out, x, grad_out)
+            collector.closed = True
+            del out
+        return self._combine(x, gx, collector.maps)
+
+    def _combine(self, x: Tensor, gx: Tensor, maps: dict[tuple[int, ...], Tensor]) -> Tensor:
         size = tuple(x.shape[2:])
         with torch.set_grad_enabled(is_differentiable()):
             cam = _minmax((gx * x).abs(), dims=2).sum(1)
-            for summed in rule.maps.values():  # each size's sum, upsampled once (linear)
+            for summed in maps.values():  # each size's sum, upsampled once (linear)
                 cam = cam + _upsample(summed, size)
             if self.normalize:
                 cam = _minmax(cam)

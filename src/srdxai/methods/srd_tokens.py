@@ -25,8 +25,12 @@ every output sum to 1 and the pixel map sums to the target logit. What that mean
   relevance. The value of a constant token is a constant term of every output.
 * **token averages** ``y = mean_t x(t)`` (and global average pooling of a map):
   ``c_t = x(t) / T``.
-* **patch embedding** (a convolution with stride = kernel, no padding): the patch's pixels are
-  the sources, ``c_p = W_offset x(p)``, the bias split by their norms: a pixel-level map.
+* **convolutions** (the patch embedding; the stems and inverted-residual blocks of hybrid
+  CNN-transformers such as MobileViT and LeViT): the input vectors in the window are the
+  sources, ``c_p = W_offset x(p)``, the bias split by their norms (padding is no source); the
+  image's pixels are the sources of the first one, so the map is pixel-level. On
+  (N, C, H, W) maps the vectors lie along dim 1; a sum of two maps made by convolutions shares
+  by the channel vectors (the operation view records which call made each tensor).
 * **calls that only move values** (views, permutes, window partitions and shifts, indexing,
   concatenation) keep autograd's backward. The relevance of a vector is carried on its
   entries in proportion to their squares (:func:`_spread`), so where such calls regroup
@@ -35,8 +39,9 @@ every output sum to 1 and the pixel map sums to the target logit. What that mean
   its relevance: SRD's ratio for a concatenation, whose parts contribute in disjoint slots.
 
 Which entries do not depend on the image is followed through the pass by the operation view
-(``OpRule.constant_parts``). Convolutions other than a patch embedding and max pooling raise
-``UnsupportedOperationError``: hybrid CNN-transformers (MobileViT, LeViT) are not covered.
+(``OpRule.constant_parts``). Max pooling and products of two input-dependent tensors other
+than attention (gates) raise ``UnsupportedOperationError``; models without attention are
+refused too (``method="srd"`` explains CNNs with its PFV engine).
 """
 
 from __future__ import annotations
@@ -46,6 +51,7 @@ from collections.abc import Sequence
 
 import torch
 import torch.nn.functional as F
+from torch import nn
 
 from ..engine.core import Target, keep_graph
 from ..engine.optrace import OpCall, OpRule, OpTrace
@@ -120,7 +126,7 @@ class SRDTokenRule(OpRule):
     def _unsupported(self, call: OpCall, why: str) -> UnsupportedOperationError:
         return UnsupportedOperationError(
             f"SRD on token vectors cannot decompose {why} (call {call}). It explains Vision "
-            "Transformers (token vectors) whose only convolution is the patch embedding; "
+            "Transformers and hybrid CNN-transformers (docs/methods.md lists its operations); "
             "for a CNN use method='srd', which decomposes it with its PFV engine "
             "(docs/srd.md).")
 
@@ -130,7 +136,11 @@ class SRDTokenRule(OpRule):
         if kind == "softmax":  # attention weights are not PFVs
             return [torch.zeros_like(x)]
         if kind == "conv":
-            return [self._patch_embedding(call, x, output, grad)]
+            if call.constant[0] is not None:
+                raise self._unsupported(call, "a convolution over partly constant input")
+            if self._is_patch_embedding(call, x):
+                return [self._patch_embedding(call, x, output, grad)]
+            return [self._convolution(call, x, output, grad)]
         if kind == "max_pool":
             raise self._unsupported(call, "max pooling")
         if kind == "avg_pool":
@@ -159,20 +169,36 @@ class SRDTokenRule(OpRule):
         raise self._unsupported(call, f"'{kind}' changing the shape {tuple(x.shape)} -> "
                                       f"{tuple(grad.shape)}")
 
+    @classmethod
+    def _residual(cls, call: OpCall, inputs: Sequence[Tensor], z: Tensor,
+                  r: Tensor) -> list[Tensor]:
+        feature_map = z.dim() >= 3 and any(p in _MAP_PRODUCERS for p in call.producers)
+        if feature_map:
+            # (N, C, ...) maps made by convolutions: the vectors lie along dim 1
+            moved = [t.movedim(1, -1) for t in inputs]
+            constant = tuple(None if m is None else m.expand(t.shape).movedim(1, -1)
+                             for m, t in zip(call.constant, inputs, strict=True))
+            ra, rb = cls._residual_last(call.kind, moved, constant, z.movedim(1, -1),
+                                        r.movedim(1, -1))
+            return [ra.movedim(-1, 1), rb.movedim(-1, 1)]
+        return cls._residual_last(call.kind, inputs, call.constant, z, r)
+
     @staticmethod
-    def _residual(call: OpCall, inputs: Sequence[Tensor], z: Tensor, r: Tensor) -> list[Tensor]:
+    def _residual_last(kind: str, inputs: Sequence[Tensor],
+                       constant: Sequence[Tensor | None], z: Tensor,
+                       r: Tensor) -> list[Tensor]:
         a, b = inputs
-        if call.kind == "sub":
+        if kind == "sub":
             b = -b
         a, b = a.expand(z.shape), b.expand(z.shape)
-        const_a = _vector_constant(call.constant[0], a)
-        const_b = _vector_constant(call.constant[1], b)
+        const_a = _vector_constant(constant[0], a)
+        const_b = _vector_constant(constant[1], b)
         if z.dim() == 2:
             # (N, K): the logits (DeiT's mean of two heads) or a pooled vector; the explained
             # target logit is its own PFV, so each entry is shared by its two parts
             ra = torch.where(z != 0, r * a / torch.where(z != 0, z, 1.0), r / 2)
             rb = r - ra
-            for mine, other, const in ((ra, rb, call.constant[0]), (rb, ra, call.constant[1])):
+            for mine, other, const in ((ra, rb, constant[0]), (rb, ra, constant[1])):
                 if const is not None:  # a constant part is a constant term of the sum
                     moved = torch.where(const.expand(z.shape), mine, torch.zeros_like(mine))
                     mine.sub_(moved)
@@ -222,8 +248,10 @@ class SRDTokenRule(OpRule):
                                           r.movedim(1, -1), tuple(range(1, x.dim() - 1)),
                                           mean=True, keepdim=True)
             return moved.movedim(-1, 1)
+        if func in (F.interpolate, F.upsample, F.avg_pool1d, F.avg_pool2d, F.avg_pool3d):
+            return self._positions_mixed(call, x, z, r)
         if func not in (torch.mean, Tensor.mean, torch.sum, Tensor.sum):
-            raise self._unsupported(call, "pooling over windows of tokens")
+            raise self._unsupported(call, "this average")
         dim = call.argument(1, "dim")
         if dim is None:
             raise self._unsupported(call, "a mean over every dimension")
@@ -233,6 +261,15 @@ class SRDTokenRule(OpRule):
         keepdim = bool(call.argument(2, "keepdim", False))
         return self._token_mean_last(call, x, z, r, dims,
                                      mean=func in (torch.mean, Tensor.mean), keepdim=keepdim)
+
+    @staticmethod
+    def _positions_mixed(call: OpCall, x: Tensor, z: Tensor, r: Tensor) -> Tensor:
+        """Resampling and average pooling of an (N, C, ...) map: a fixed non-negative mix of
+        input positions, ``c_{p -> t} = w_{t, p} x(p)``, no bias; the projections summed over
+        ``t`` are one input gradient, as for a convolution."""
+        g = z * _ratio(r.sum(1), (z * z).sum(1)).unsqueeze(1)
+        (jtg,) = call.vjp([x], g)
+        return _spread((x * jtg).sum(1), x.movedim(1, -1)).movedim(-1, 1)
 
     @staticmethod
     def _token_mean_last(call: OpCall, x: Tensor, z: Tensor, r: Tensor, dims: tuple[int, ...],
@@ -254,20 +291,56 @@ class SRDTokenRule(OpRule):
             mu = mu * ~constant + const_share * _ratio(weights, total)
         return _spread(mu * r.sum(-1), x)
 
-    def _patch_embedding(self, call: OpCall, x: Tensor, z: Tensor, r: Tensor) -> Tensor:
-        weight, bias = call.args[1], call.argument(2, "bias")
-        stride, padding = call.argument(3, "stride", 1), call.argument(4, "padding", 0)
-        dilation, groups = call.argument(5, "dilation", 1), call.argument(6, "groups", 1)
-        k = tuple(weight.shape[2:]) if isinstance(weight, Tensor) else ()
+    @staticmethod
+    def _is_patch_embedding(call: OpCall, x: Tensor) -> bool:
+        """A 2-D convolution whose windows tile the input (stride = kernel, no padding, no
+        dilation, one group): each pixel is a source of one token only."""
+        weight = call.args[1]
+        if x.dim() != 4 or not isinstance(weight, Tensor):
+            return False
+        k = tuple(weight.shape[2:])
 
         def pair(v):
             return tuple(v) if isinstance(v, list | tuple) else (v,) * len(k)
 
-        if (x.dim() != 4 or not isinstance(weight, Tensor) or pair(stride) != k
-                or pair(padding) != (0, 0) or pair(dilation) != (1, 1) or groups != 1
-                or x.shape[2] % k[0] or x.shape[3] % k[1]):
-            raise self._unsupported(call, "a convolution other than a patch embedding "
-                                          "(stride = kernel, no padding, no dilation, groups 1)")
+        return (pair(call.argument(3, "stride", 1)) == k
+                and pair(call.argument(4, "padding", 0)) == (0, 0)
+                and pair(call.argument(5, "dilation", 1)) == (1, 1)
+                and call.argument(6, "groups", 1) == 1
+                and not x.shape[2] % k[0] and not x.shape[3] % k[1])
+
+    def _convolution(self, call: OpCall, x: Tensor, z: Tensor, r: Tensor) -> Tensor:
+        """Any 2-D convolution as an SRD layer: the sources of output vector ``z(t)`` are the
+        input vectors ``x(p)`` in its window, ``c_{p -> t} = W_o x(p)`` for the offset ``o``
+        of ``p``; the bias is split among them by ``||W_o x(p)||`` (padding contributes
+        nothing). The projections summed over ``t`` are one input gradient:
+        ``sum_t <W_o x(p), g(t)> = <x(p), (J^T g)(p)>`` with ``g = z R / ||z||^2``."""
+        weight, bias = call.args[1], call.argument(2, "bias")
+        if x.dim() != 4 or not isinstance(weight, Tensor) or isinstance(
+                call.argument(4, "padding", 0), str):
+            raise self._unsupported(call, "a convolution other than a 2-D one with numeric "
+                                          "padding")
+        stride, padding = call.argument(3, "stride", 1), call.argument(4, "padding", 0)
+        dilation, groups = call.argument(5, "dilation", 1), call.argument(6, "groups", 1)
+        per_out = r.sum(1)  # (N, h, w)
+        g = z * _ratio(per_out, (z * z).sum(1)).unsqueeze(1)
+        (jtg,) = call.vjp([x], g)
+        pixel = (x * jtg).sum(1)  # (N, H, W): the contributions' projections
+        if bias is not None:
+            rho = (bias.reshape(1, -1, 1, 1) * g).sum(1)  # the bias's share of R(t)
+            norms, valid = _offset_norms(x, weight, stride, padding, dilation, groups)
+            total = norms.sum(1, keepdim=True)
+            count = valid.sum(1, keepdim=True).clamp_min(1.0)
+            share = torch.where(total > 0, norms / torch.where(total > 0, total, 1.0),
+                                valid / count)
+            spread = share * rho.flatten(1).unsqueeze(1)  # (N, K, L)
+            pixel = pixel + F.fold(spread, x.shape[2:], tuple(weight.shape[2:]),
+                                   dilation=dilation, padding=padding, stride=stride)[:, 0]
+        return _spread(pixel, x.movedim(1, -1)).movedim(-1, 1)
+
+    def _patch_embedding(self, call: OpCall, x: Tensor, z: Tensor, r: Tensor) -> Tensor:
+        weight, bias = call.args[1], call.argument(2, "bias")
+        k = tuple(weight.shape[2:])
         n, c, h, w = x.shape
         ph, pw = h // k[0], w // k[1]
         norm2 = (z * z).sum(1)  # (N, ph, pw)
@@ -290,6 +363,29 @@ class SRDTokenRule(OpRule):
         mu = _ratio(direct, _tile(norm2, k))
         pixel = mu * _tile(per_token, k)
         return _spread(pixel, x.movedim(1, -1)).movedim(-1, 1)
+
+
+#: producers of (N, C, ...) feature maps, whose vectors lie along dim 1
+_MAP_PRODUCERS = frozenset({"conv", "batch_norm", "avg_pool", "max_pool"})
+
+
+def _offset_norms(x: Tensor, weight: Tensor, stride, padding, dilation,
+                  groups: int) -> tuple[Tensor, Tensor]:
+    """``||W_o x(p)||`` for every output position and kernel offset, (N, K, L), from each
+    offset's (per group) Gram matrix ``W_o^T W_o``; and which offsets read the input rather
+    than padding (N, K, L)."""
+    kernel = tuple(weight.shape[2:])
+    n, c = x.shape[:2]
+    cg = c // groups
+    cols = F.unfold(x, kernel, dilation=dilation, padding=padding, stride=stride)
+    k = math.prod(kernel)
+    cols = cols.reshape(n, groups, cg, k, -1)  # (N, G, Cg, K, L)
+    w = weight.reshape(groups, -1, cg, k)  # (G, Dg, Cg, K)
+    gram = torch.einsum("gdck,gdek->gkce", w, w)  # (G, K, Cg, Cg)
+    squares = torch.einsum("ngckl,gkce,ngekl->nkl", cols, gram, cols)
+    ones = torch.ones(1, 1, *x.shape[2:], dtype=x.dtype, device=x.device)
+    valid = F.unfold(ones, kernel, dilation=dilation, padding=padding, stride=stride)
+    return squares.clamp_min(0).sqrt(), valid.expand(n, -1, -1)
 
 
 def _tile(per_token: Tensor, k: tuple[int, ...]) -> Tensor:
@@ -346,8 +442,21 @@ class SRDTokens(Method):
 
     signed = True
 
+    def __init__(self, model: nn.Module, batch_size: int | None = None,
+                 channels_last: bool | None = None):
+        super().__init__(model, batch_size=batch_size, channels_last=channels_last)
+        self._attention: dict[tuple, bool] = {}  # input shape -> the model has attention
+
     def relevance(self, x: Tensor, target: Target) -> Tensor:
         """Input relevance ``(N, C, H, W)`` (each pixel's relevance on its channels)."""
+        key = (tuple(x.shape[1:]), x.dtype, x.device)
+        if key not in self._attention:
+            self._attention[key] = has_attention(self, x)
+        if not self._attention[key]:
+            raise UnsupportedOperationError(
+                "srd_tokens explains models with attention (Vision Transformers and hybrids); "
+                "this model has none: use method='srd', which decomposes a CNN with its PFV "
+                "engine.")
         return token_relevance(self, x, target)
 
     def attribute(self, inputs: Tensor, target: Target = None) -> Tensor:

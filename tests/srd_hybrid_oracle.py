@@ -1,0 +1,540 @@
+"""Slow, independent reference ("oracle") of SRD (Sharing Ratio Decomposition) with every
+computing operation as its own layer, for a tiny CNN-transformer hybrid defined here
+(:class:`TinyHybrid`: a conv stem, a MobileNet-style inverted-residual block in (N, C, H, W)
+layout, then tokens through one pre-norm transformer block and a token-mean head).
+
+Written from the definition only: nothing under ``srdxai/engine`` or ``srdxai/methods`` was read.
+The transformer part reuses the token oracle (``tests/srd_token_oracle.py``: its sharing rule
+:func:`~srd_token_oracle.shares` and its per-token block forward / backward), which is written
+from the same definition and self-checked on its own. Everything else (convolutions, BatchNorm,
+activations, the NCHW residual sum, the relabelling to tokens) is recomputed here per sample in
+float64 from the parameters with explicit Python loops over positions, kernel offsets and
+sources; only sums over one vector's own channels are vector expressions. Slow; use 16 x 16
+inputs.
+
+Definition
+----------
+A pointwise feature vector (PFV) is, in an (N, C, H, W) map, the channel vector at a position;
+in tokens (N, T, D) a token's vector; inside attention one head's vector; at the input one
+pixel's RGB vector. Relevance is one number per PFV. For an operation's output vector ``y(t)``
+built from sources ``s``::
+
+    y(t)      = sum_s c_{s->t} + bias
+    mu_{s->t} = <c_{s->t} + beta_{s->t}, y(t)> / ||y(t)||^2        (0 when y(t) = 0)
+    R(s)      = sum_t mu_{s->t} R(t)
+
+with the bias split among the sources of ``y(t)`` in proportion to ``||c_{s->t}||`` (evenly
+among the real input positions if all those norms are 0). Per operation:
+
+* convolution (any stride, padding, dilation, groups): the sources of ``y(t)`` are the input
+  vectors at the window positions inside the image, ``c_{p->t} = W_o x(p)`` with ``W_o`` the
+  (block-diagonal by group) weight at p's offset; zero padding is no source and gets no bias;
+* BatchNorm (eval), activations, LayerNorm, Linear on the channel/feature axis: one source,
+  ``R`` passes unchanged (nothing where the output vector is 0);
+* residual ``y = a + b`` in (N, C, H, W): per position on channel vectors,
+  ``mu_a = <a(p), y(p)> / ||y(p)||^2``;
+* ``flatten(2).transpose(1, 2)``: token ``t = i * W + j`` *is* the channel vector at (i, j);
+* transformer block, final LayerNorm: as in the token oracle (all tokens image-dependent);
+* token mean ``y = sum_t x(t) / T``: ``c_t = x(t) / T``;
+* head Linear: one source (the pooled vector), which receives ``R = logit[target]``.
+
+So every "cut" through the network carries exactly the target logit and the pixel map sums to it.
+
+Resolved choices (stated so an implementation can align): a convolution and the BatchNorm after
+it are two layers, so a convolution's ratios use its own output (before BN) and its own bias
+(not the CNN engine's fused conv+BN entry op of docs/srd.md); all four convolutions of
+:class:`TinyHybrid` have a bias (``bias=True``), the 1x1 ones pass ``R`` unchanged anyway (one
+source each); the residual is ``branch + shortcut`` with the shortcut the block input (the stem
+activation's output), so the stem activation's output receives the shortcut's share plus what
+comes back through the branch.
+
+Public API
+----------
+:func:`srd_hybrid_oracle` (the (N, H, W) map), :func:`srd_hybrid_oracle_trace` (per sample:
+logits, forward intermediates, relevance at every cut), :func:`oracle_logits`, the building
+blocks :func:`conv_shares` / :func:`conv_relevance` / :func:`residual_relevance` (for hand
+checks), the model :class:`TinyHybrid` with :func:`tiny_hybrid` / :func:`tiny_hybrid_input`.
+``misread=`` (one of :data:`MISREADINGS`) computes the map under a plausible misreading of the
+definition; it exists only for the sensitivity self-check.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import torch
+from torch import Tensor, nn
+
+import srd_token_oracle as tok
+from srdxai.models.zoo import Block, make_activation
+
+__all__ = [
+    "MISREADINGS",
+    "InvertedResidual",
+    "TinyHybrid",
+    "conv_relevance",
+    "conv_shares",
+    "oracle_logits",
+    "randomize_batchnorm",
+    "residual_relevance",
+    "srd_hybrid_oracle",
+    "srd_hybrid_oracle_trace",
+    "tiny_hybrid",
+    "tiny_hybrid_input",
+]
+
+DT = torch.float64
+Pos = tuple[int, int]
+
+#: Misreadings of the definition the sensitivity self-check computes (never the definition):
+#: ``conv_bias_even``: a convolution's bias split evenly over its window's real sources instead
+#: of by contribution norms; ``residual_last_axis``: the NCHW residual's ratios taken on vectors
+#: along the last axis (W, as if the map were (N, T, D) tokens), averaged over channels;
+#: ``fuse_bn``: a convolution and its BatchNorm as one operation (contributions, bias and
+#: output measured after the BN).
+MISREADINGS = ("conv_bias_even", "residual_last_axis", "fuse_bn")
+
+
+# --------------------------------------------------------------------------- the model
+
+
+class InvertedResidual(nn.Module):
+    """1x1 expand -> BN -> act -> 3x3 depthwise -> BN -> act -> 1x1 project -> BN, ``+ x``."""
+
+    def __init__(self, dim: int, hidden: int, activation: str):
+        super().__init__()
+        self.expand = nn.Conv2d(dim, hidden, 1)
+        self.bn1 = nn.BatchNorm2d(hidden)
+        self.act1 = make_activation(activation)
+        self.dw = nn.Conv2d(hidden, hidden, 3, padding=1, groups=hidden)
+        self.bn2 = nn.BatchNorm2d(hidden)
+        self.act2 = make_activation(activation)
+        self.project = nn.Conv2d(hidden, dim, 1)
+        self.bn3 = nn.BatchNorm2d(dim)
+
+    def forward(self, x: Tensor) -> Tensor:
+        out = self.act1(self.bn1(self.expand(x)))
+        out = self.act2(self.bn2(self.dw(out)))
+        out = self.bn3(self.project(out))
+        return out + x
+
+
+class TinyHybrid(nn.Module):
+    """Conv stem (stride 2) + BN + act, an inverted-residual block, tokens, ``depth`` pre-norm
+    transformer blocks (zoo's :class:`~srdxai.models.zoo.Block`), LayerNorm, token mean,
+    Linear. Input (N, 3, 16, 16) -> 64 tokens of width 8 -> (N, 5)."""
+
+    def __init__(self, activation: str = "silu", *, depth: int = 1, dim: int = 8,
+                 heads: int = 2, num_classes: int = 5):
+        super().__init__()
+        self.stem_conv = nn.Conv2d(3, dim, 3, stride=2, padding=1, bias=True)
+        self.stem_bn = nn.BatchNorm2d(dim)
+        self.stem_act = make_activation(activation)
+        self.ir = InvertedResidual(dim, 2 * dim, activation)
+        self.blocks = nn.Sequential(*(Block(dim, heads, 2.0, activation, 1e-6)
+                                      for _ in range(depth)))
+        self.norm = nn.LayerNorm(dim, eps=1e-6)
+        self.head = nn.Linear(dim, num_classes)
+
+    def forward(self, x: Tensor) -> Tensor:
+        x = self.ir(self.stem_act(self.stem_bn(self.stem_conv(x))))
+        x = x.flatten(2).transpose(1, 2)  # (N, H*W, C)
+        x = self.norm(self.blocks(x))
+        return self.head(x.mean(1))
+
+
+def randomize_batchnorm(model: nn.Module, generator: torch.Generator) -> None:
+    """Non-trivial eval statistics: running_mean ~ N(0, 0.5), running_var ~ U(0.5, 2)."""
+    with torch.no_grad():
+        for m in model.modules():
+            if isinstance(m, nn.BatchNorm2d):
+                m.running_mean.normal_(0.0, 0.5, generator=generator)
+                m.running_var.uniform_(0.5, 2.0, generator=generator)
+
+
+def tiny_hybrid(activation: str = "silu", seed: int = 0, *, depth: int = 1,
+                dtype: torch.dtype = DT) -> TinyHybrid:
+    """A :class:`TinyHybrid` with every parameter at a scale where it matters, eval mode.
+
+    Weights ~ N(0, 1/fan_in); biases (conv, linear, BN shift, LayerNorm shift) ~ N(0, 0.5);
+    LayerNorm gains ~ U(0.5, 1.5); BatchNorm gains of magnitude U(0.5, 1.5), a quarter of them
+    negative; BatchNorm running statistics by :func:`randomize_batchnorm`.
+    """
+    torch.manual_seed(seed)
+    model = TinyHybrid(activation, depth=depth)
+    g = torch.Generator().manual_seed(seed + 2000)
+    bn_names = {n for n, m in model.named_modules() if isinstance(m, nn.BatchNorm2d)}
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            owner, leaf = name.rsplit(".", 1) if "." in name else ("", name)
+            if p.dim() >= 2:
+                p.normal_(0.0, 1.0 / math.sqrt(p[0].numel()), generator=g)
+            elif leaf == "weight" and owner in bn_names:
+                p.uniform_(0.5, 1.5, generator=g)
+                flip = torch.rand(p.shape, generator=g, dtype=p.dtype) < 0.25
+                p[flip] = -p[flip]
+            elif leaf == "weight":  # LayerNorm gains
+                p.uniform_(0.5, 1.5, generator=g)
+            else:
+                p.normal_(0.0, 0.5, generator=g)
+    randomize_batchnorm(model, g)
+    return model.to(dtype).eval()
+
+
+def tiny_hybrid_input(seed: int = 0, n: int = 2, dtype: torch.dtype = DT) -> Tensor:
+    return torch.randn(n, 3, 16, 16, dtype=dtype, generator=torch.Generator().manual_seed(seed))
+
+
+# --------------------------------------------------------------------------- per-vector forward
+
+
+def _d(t: Tensor) -> Tensor:
+    return t.detach().to(DT)
+
+
+def _act(mod: nn.Module, v: Tensor) -> Tensor:
+    """The activation by its formula (never the module's own forward)."""
+    if isinstance(mod, nn.ReLU):
+        return torch.where(v > 0, v, torch.zeros_like(v))
+    if isinstance(mod, nn.LeakyReLU):
+        return torch.where(v > 0, v, v * mod.negative_slope)
+    if isinstance(mod, nn.ELU):
+        return torch.where(v > 0, v, mod.alpha * torch.expm1(v))
+    if isinstance(mod, nn.SiLU):
+        return v / (1.0 + torch.exp(-v))
+    if isinstance(mod, nn.GELU):
+        assert mod.approximate == "none"
+        return 0.5 * v * (1.0 + torch.erf(v / math.sqrt(2.0)))
+    if isinstance(mod, nn.Tanh):
+        return torch.tanh(v)
+    raise TypeError(f"no formula for {type(mod).__name__}")
+
+
+def _bn_affine(bn: nn.BatchNorm2d) -> tuple[Tensor, Tensor]:
+    """Eval BatchNorm as ``scale * v + shift`` per channel."""
+    assert not bn.training and bn.track_running_stats
+    scale = _d(bn.weight) / torch.sqrt(_d(bn.running_var) + bn.eps)
+    return scale, _d(bn.bias) - scale * _d(bn.running_mean)
+
+
+def _map(f, m: Tensor) -> Tensor:
+    """Apply a vector function to the channel vector at every position of a (C, H, W) map."""
+    rows = []
+    for i in range(m.shape[1]):
+        rows.append(torch.stack([f(m[:, i, j]) for j in range(m.shape[2])], -1))
+    return torch.stack(rows, -2)
+
+
+def _bn_map(bn: nn.BatchNorm2d, m: Tensor) -> Tensor:
+    scale, shift = _bn_affine(bn)
+    return _map(lambda v: scale * v + shift, m)
+
+
+def _act_map(mod: nn.Module, m: Tensor) -> Tensor:
+    return _map(lambda v: _act(mod, v), m)
+
+
+# --------------------------------------------------------------------------- convolution
+
+
+def _pair(v) -> Pos:
+    return (v, v) if isinstance(v, int) else (int(v[0]), int(v[1]))
+
+
+def _offset_matrices(conv: nn.Conv2d) -> dict[Pos, Tensor]:
+    """``W_o`` per kernel offset as a full (C_out, C_in) matrix, block-diagonal by group."""
+    w = _d(conv.weight)
+    groups = conv.groups
+    c_out, cin_g = w.shape[0], w.shape[1]
+    cout_g = c_out // groups
+    mats = {}
+    for ki in range(w.shape[2]):
+        for kj in range(w.shape[3]):
+            m = torch.zeros(c_out, cin_g * groups, dtype=DT)
+            for g in range(groups):
+                m[g * cout_g:(g + 1) * cout_g, g * cin_g:(g + 1) * cin_g] = \
+                    w[g * cout_g:(g + 1) * cout_g, :, ki, kj]
+            mats[(ki, kj)] = m
+    return mats
+
+
+@dataclass
+class _ConvRec:
+    bias: Tensor                               # (C_out,), zeros without a bias
+    y: Tensor                                  # (C_out, H_out, W_out)
+    src: list[list[list[tuple[Pos, Tensor]]]]  # src[i][j]: (input position, c_{p->t})
+    in_hw: Pos
+
+
+def _conv_forward(conv: nn.Conv2d, x: Tensor) -> _ConvRec:
+    """The convolution of one sample (C_in, H, W), source by source."""
+    assert conv.padding_mode == "zeros" and not isinstance(conv.padding, str)
+    kh, kw = _pair(conv.kernel_size)
+    sh, sw = _pair(conv.stride)
+    ph, pw = _pair(conv.padding)
+    dh, dw = _pair(conv.dilation)
+    _, h, w = x.shape
+    h_out = (h + 2 * ph - dh * (kh - 1) - 1) // sh + 1
+    w_out = (w + 2 * pw - dw * (kw - 1) - 1) // sw + 1
+    mats = _offset_matrices(conv)
+    bias = _d(conv.bias) if conv.bias is not None else torch.zeros(conv.out_channels, dtype=DT)
+    y = torch.zeros(conv.out_channels, h_out, w_out, dtype=DT)
+    src = []
+    for i in range(h_out):
+        row = []
+        for j in range(w_out):
+            sources = []
+            out = bias.clone()
+            for ki in range(kh):
+                r = i * sh - ph + ki * dh
+                if not 0 <= r < h:
+                    continue  # zero padding: no source
+                for kj in range(kw):
+                    c = j * sw - pw + kj * dw
+                    if not 0 <= c < w:
+                        continue
+                    contrib = mats[(ki, kj)] @ x[:, r, c]
+                    sources.append(((r, c), contrib))
+                    out = out + contrib
+            y[:, i, j] = out
+            row.append(sources)
+        src.append(row)
+    return _ConvRec(bias, y, src, (h, w))
+
+
+def _even_shares(y: Tensor, contributions: list[Tensor], bias: Tensor) -> list[float]:
+    """Misreading ``conv_bias_even``: the bias split evenly over the sources."""
+    yy = float((y * y).sum())
+    if yy == 0.0 or not contributions:
+        return [0.0] * len(contributions)
+    beta = bias / len(contributions)
+    return [float(((c + beta) * y).sum()) / yy for c in contributions]
+
+
+def _conv_mu(rec: _ConvRec, i: int, j: int, *, even: bool = False,
+             bn: nn.BatchNorm2d | None = None) -> list[float]:
+    """Sharing ratios of output (i, j) over ``rec.src[i][j]``; ``bn`` fuses a BatchNorm into the
+    operation (misreading ``fuse_bn``), ``even`` splits the bias evenly (``conv_bias_even``)."""
+    cs = [c for _, c in rec.src[i][j]]
+    y, bias = rec.y[:, i, j], rec.bias
+    if bn is not None:
+        scale, shift = _bn_affine(bn)
+        cs = [scale * c for c in cs]
+        y, bias = scale * y + shift, scale * bias + shift
+    if even:
+        return _even_shares(y, cs, bias)
+    return tok.shares(y, cs, [True] * len(cs), bias)
+
+
+def _conv_backward(rec: _ConvRec, r_out: Tensor, stats: tok._Stats, *, even: bool = False,
+                   bn: nn.BatchNorm2d | None = None) -> Tensor:
+    r_in = torch.zeros(rec.in_hw, dtype=DT)
+    for i in range(r_out.shape[0]):
+        for j in range(r_out.shape[1]):
+            mu = _conv_mu(rec, i, j, even=even, bn=bn)
+            for (p, _), r in zip(rec.src[i][j], tok._pass(mu, float(r_out[i, j]), stats),
+                                 strict=True):
+                r_in[p] += r
+    return r_in
+
+
+def conv_shares(conv: nn.Conv2d, x: Tensor, i: int, j: int, *, even: bool = False
+                ) -> list[tuple[Pos, float]]:
+    """``(input position, mu)`` of the sources of output position (i, j) of ``conv`` on one
+    sample ``x`` (C_in, H, W), in window order (row-major offsets); padding is never listed."""
+    rec = _conv_forward(conv, _d(x))
+    mu = _conv_mu(rec, i, j, even=even)
+    return [(p, m) for (p, _), m in zip(rec.src[i][j], mu, strict=True)]
+
+
+def conv_relevance(conv: nn.Conv2d, x: Tensor, r_out: Tensor, *, even: bool = False
+                   ) -> Tensor:
+    """Relevance (H, W) of the input vectors of ``conv`` on one sample ``x`` (C_in, H, W) given
+    the relevance ``r_out`` (H_out, W_out) of its output vectors."""
+    rec = _conv_forward(conv, _d(x))
+    return _conv_backward(rec, _d(r_out), tok._Stats(), even=even)
+
+
+# --------------------------------------------------------------------------- residual sum
+
+
+def residual_relevance(a: Tensor, b: Tensor, r_out: Tensor, *, last_axis: bool = False,
+                       stats: tok._Stats | None = None) -> tuple[Tensor, Tensor]:
+    """``(R_a, R_b)`` (H, W) of ``y = a + b`` ((C, H, W) maps of one sample), per position on
+    channel vectors. ``last_axis`` is the misreading ``residual_last_axis``: ratios on the
+    vectors ``a[c, h, :]`` (along W), averaged over the channels, for every position of row h."""
+    stats = tok._Stats() if stats is None else stats
+    a, b, r_out = _d(a), _d(b), _d(r_out)
+    y = a + b
+    c_n, h_n, w_n = y.shape
+    r_a = torch.zeros(h_n, w_n, dtype=DT)
+    r_b = torch.zeros(h_n, w_n, dtype=DT)
+    if last_axis:
+        mu_rows = []
+        for h in range(h_n):
+            acc = [0.0, 0.0]
+            for c in range(c_n):
+                m = tok.shares(y[c, h, :], [a[c, h, :], b[c, h, :]], [True, True])
+                acc = [acc[0] + m[0] / c_n, acc[1] + m[1] / c_n]
+            mu_rows.append(acc)
+    for h in range(h_n):
+        for w in range(w_n):
+            if last_axis:
+                mu = mu_rows[h]
+            else:
+                mu = tok.shares(y[:, h, w], [a[:, h, w], b[:, h, w]], [True, True])
+            r_a[h, w], r_b[h, w] = tok._pass(mu, float(r_out[h, w]), stats)
+    return r_a, r_b
+
+
+def _one_source(y: Tensor, r: Tensor, stats: tok._Stats) -> Tensor:
+    """BN / activation on a (C, H, W) map: one source per output vector, ``mu = 1``, so ``R``
+    passes unchanged, also where ``y(p)`` is the zero vector (a ReLU that is off over all
+    channels): the whole of ``y(p)`` is that source's, as in the token oracle's one-source
+    calls and the CNN engine's transparent activations (``docs/srd.md``)."""
+    out = torch.zeros_like(r)
+    for i in range(r.shape[0]):
+        for j in range(r.shape[1]):
+            out[i, j] = tok._pass([1.0], float(r[i, j]), stats)[0]
+    return out
+
+
+# --------------------------------------------------------------------------- forward (per sample)
+
+
+@dataclass
+class _Forward:
+    x: Tensor
+    stem: _ConvRec
+    stem_bn: Tensor
+    stem_act: Tensor      # the inverted-residual block's input (its shortcut)
+    expand: _ConvRec
+    bn1: Tensor
+    act1: Tensor
+    dw: _ConvRec
+    bn2: Tensor
+    act2: Tensor
+    project: _ConvRec
+    bn3: Tensor           # the branch
+    ir_out: Tensor        # branch + shortcut
+    tokens: list[Tensor]  # transformer input, token t = ir_out[:, t // W, t % W]
+    blocks: list
+    block_out: list[Tensor]
+    normed: list[Tensor]
+    pooled: Tensor
+    logits: Tensor
+
+
+def _forward_sample(model: TinyHybrid, x: Tensor) -> _Forward:
+    assert isinstance(model, TinyHybrid), type(model).__name__
+    stem = _conv_forward(model.stem_conv, x)
+    stem_bn = _bn_map(model.stem_bn, stem.y)
+    stem_act = _act_map(model.stem_act, stem_bn)
+    ir = model.ir
+    expand = _conv_forward(ir.expand, stem_act)
+    bn1 = _bn_map(ir.bn1, expand.y)
+    act1 = _act_map(ir.act1, bn1)
+    dw = _conv_forward(ir.dw, act1)
+    bn2 = _bn_map(ir.bn2, dw.y)
+    act2 = _act_map(ir.act2, bn2)
+    project = _conv_forward(ir.project, act2)
+    bn3 = _bn_map(ir.bn3, project.y)
+    ir_out = bn3 + stem_act
+    _, h, w = ir_out.shape
+    tokens = [ir_out[:, i, j].clone() for i in range(h) for j in range(w)]
+    recs = []
+    cur, dep = tokens, [True] * len(tokens)
+    for blk in model.blocks:
+        rec, cur, dep = tok._block_forward(blk, cur, dep)
+        recs.append(rec)
+    normed = [tok._layer_norm(model.norm, v) for v in cur]
+    pooled = torch.zeros_like(normed[0])
+    for v in normed:
+        pooled = pooled + v / len(normed)
+    logits = tok._linear(model.head, pooled)
+    return _Forward(x, stem, stem_bn, stem_act, expand, bn1, act1, dw, bn2, act2, project, bn3,
+                    ir_out, tokens, recs, cur, normed, pooled, logits)
+
+
+# --------------------------------------------------------------------------- relevance
+
+
+def _backward(model: TinyHybrid, fw: _Forward, target: int, misread: str | None) -> dict:
+    if misread is not None and misread not in MISREADINGS:
+        raise ValueError(f"unknown misreading {misread!r}")
+    stats = tok._Stats()
+    even = misread == "conv_bias_even"
+    fuse = misread == "fuse_bn"
+    ir = model.ir
+    logit = float(fw.logits[target])
+
+    # head Linear: one source, the pooled vector, gets the target logit; then the token mean
+    n_tok = len(fw.normed)
+    r = tok._pass(tok.shares(fw.pooled, [v / n_tok for v in fw.normed], [True] * n_tok),
+                  logit, stats)
+    # final LayerNorm: one source per token
+    r = [r_t if bool((fw.normed[t] != 0).any()) else 0.0 for t, r_t in enumerate(r)]
+    tokens_out = list(r)
+    for rec in reversed(fw.blocks):
+        r = tok._block_backward(rec, r, stats)
+    tokens_in = list(r)
+
+    # tokens are the channel vectors of the NCHW sum, row-major
+    _, h, w = fw.ir_out.shape
+    r_sum = torch.zeros(h, w, dtype=DT)
+    for t, r_t in enumerate(tokens_in):
+        r_sum[t // w, t % w] = r_t
+    r_branch, r_short = residual_relevance(fw.bn3, fw.stem_act, r_sum,
+                                           last_axis=misread == "residual_last_axis",
+                                           stats=stats)
+    # bn3 (one source), project (1x1: one source), act2, bn2
+    r = _one_source(fw.bn3, r_branch, stats)
+    r = _conv_backward(fw.project, r, stats, even=even, bn=ir.bn3 if fuse else None)
+    r = _one_source(fw.act2, r, stats)
+    r_dw_out = _one_source(fw.bn2, r, stats)
+    r_dw_in = _conv_backward(fw.dw, r_dw_out, stats, even=even, bn=ir.bn2 if fuse else None)
+    r = _one_source(fw.act1, r_dw_in, stats)
+    r = _one_source(fw.bn1, r, stats)
+    r = _conv_backward(fw.expand, r, stats, even=even, bn=ir.bn1 if fuse else None)
+    r_ir_in = r + r_short
+    r = _one_source(fw.stem_act, r_ir_in, stats)
+    r_stem_out = _one_source(fw.stem_bn, r, stats)
+    pixel = _conv_backward(fw.stem, r_stem_out, stats, even=even,
+                           bn=model.stem_bn if fuse else None)
+    return {"tokens_out": tokens_out, "tokens_in": tokens_in, "sum": r_sum,
+            "branch": r_branch, "shortcut": r_short, "dw_out": r_dw_out, "dw_in": r_dw_in,
+            "ir_in": r_ir_in, "stem_out": r_stem_out, "pixel": pixel, "lost": stats.lost}
+
+
+def srd_hybrid_oracle_trace(model: TinyHybrid, x: Tensor, target: int, *,
+                            misread: str | None = None) -> list[dict]:
+    """Per sample: ``logits``; ``forward`` (``stem`` conv output, ``ir`` block output (C, H, W),
+    ``tokens`` transformer output (T, D)); the relevance at every cut (``tokens_out`` at the
+    final LayerNorm input, ``tokens_in`` at the transformer input, ``sum`` (H, W) at the NCHW
+    residual sum, its ``branch`` and ``shortcut`` shares, ``dw_out`` / ``dw_in`` at the depthwise
+    convolution's output / input, ``ir_in`` at the block input, ``stem_out`` at the stem conv
+    output), the (H, W) ``pixel`` map, and ``lost`` (relevance that reached a zero vector)."""
+    x = x.detach().to(DT)
+    out = []
+    for n in range(x.shape[0]):
+        fw = _forward_sample(model, x[n])
+        res = _backward(model, fw, target, misread)
+        res["logits"] = fw.logits
+        res["forward"] = {"stem": fw.stem.y, "ir": fw.ir_out,
+                          "tokens": torch.stack(fw.block_out)}
+        out.append(res)
+    return out
+
+
+def srd_hybrid_oracle(model: TinyHybrid, x: Tensor, target: int, *,
+                      misread: str | None = None) -> Tensor:
+    """SRD pixel map (N, H, W), float64, of ``target``'s logit for each sample of ``x``."""
+    return torch.stack([s["pixel"]
+                        for s in srd_hybrid_oracle_trace(model, x, target, misread=misread)])
+
+
+def oracle_logits(model: TinyHybrid, x: Tensor) -> Tensor:
+    """The oracle's own float64 forward, (N, classes)."""
+    x = x.detach().to(DT)
+    return torch.stack([_forward_sample(model, x[n]).logits for n in range(x.shape[0])])

@@ -1,0 +1,106 @@
+"""FullGrad on a Vision Transformer against a hand-written forward pass (no tracer): the input
+term plus, for every bias acting on the patch grid (the patch embedding, every dense layer on
+tokens, every LayerNorm with its shift ``beta - mean * gamma / std`` per token),
+``psi(|b * dS/d(output)|)`` on the patch grid, the class token dropped; psi is pytorch-grad-cam's
+per-sample, per-channel min-max scaling; maps upsampled bilinearly and summed."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+import srdxai
+from srdxai.errors import InvalidInputError
+from srdxai.models.zoo import small_vit
+
+EPS = 1e-7
+
+
+def _scale(m):
+    """Min-max per sample and channel over the positions: (N, C, h, w)."""
+    low = m.amin((2, 3), keepdim=True)
+    shifted = m - low
+    return shifted / (shifted.amax((2, 3), keepdim=True) + EPS)
+
+
+def _reference(model, x, target):
+    outputs = []  # (value, bias broadcast like it) of every bias on the grid
+
+    def keep(value, bias):
+        value.retain_grad()
+        outputs.append((value, bias))
+        return value
+
+    def ln(t, mod):
+        mean = t.mean(-1, keepdim=True)
+        std = (t.var(-1, keepdim=True, unbiased=False) + mod.eps).sqrt()
+        y = (t - mean) / std * mod.weight + mod.bias
+        return keep(y, mod.bias - mean / std * mod.weight)
+
+    def linear(t, mod):
+        return keep(F.linear(t, mod.weight, mod.bias), mod.bias)
+
+    x = x.clone().requires_grad_(True)
+    conv = model.patch_embed.proj
+    grid = keep(F.conv2d(x, conv.weight, conv.bias, stride=conv.stride),
+                conv.bias.reshape(1, -1, 1, 1))
+    h = grid.flatten(2).transpose(1, 2)
+    h = torch.cat([model.cls_token.expand(len(x), -1, -1), h], 1) + model.pos_embed
+    for blk in model.blocks:
+        a = blk.attn
+        n, tok, d = h.shape
+        qkv = linear(ln(h, blk.norm1), a.qkv).reshape(n, tok, 3, a.heads, d // a.heads)
+        q, k, v = (qkv[:, :, i].transpose(1, 2) for i in range(3))
+        att = torch.softmax(q * a.scale @ k.transpose(-2, -1), -1)
+        h = h + linear((att @ v).transpose(1, 2).reshape(n, tok, d), a.proj)
+        h = h + linear(blk.mlp.act(linear(ln(h, blk.norm2), blk.mlp.fc1)), blk.mlp.fc2)
+    logits = F.linear(ln(h, model.norm)[:, 0], model.head.weight, model.head.bias)
+    logits[torch.arange(len(x)), target].sum().backward()
+    size = x.shape[2:]
+    cam = _scale((x.grad * x).abs()).sum(1)
+    gh, gw = grid.shape[2:]
+    for value, bias in outputs:
+        m = (bias * value.grad).abs().detach()
+        if m.dim() == 3:  # tokens: drop the class token, lay the patches on their grid
+            m = m[:, 1:].reshape(len(x), gh, gw, -1).permute(0, 3, 1, 2)
+        cam = cam + F.interpolate(_scale(m).sum(1, keepdim=True), size=size, mode="bilinear",
+                                  align_corners=False)[:, 0]
+    return cam.detach()
+
+
+@pytest.mark.parametrize("activation", ["gelu", "relu"])
+def test_fullgrad_on_a_vit_equals_the_hand_written_definition(activation):
+    torch.manual_seed(0)
+    model = small_vit(num_classes=4, activation=activation, image_size=32).double().eval()
+    with torch.no_grad():  # biases and LayerNorm parameters that matter
+        for p in model.parameters():
+            if p.dim() == 1:
+                p.add_(0.3 * torch.randn_like(p))
+    x = torch.randn(2, 3, 32, 32, dtype=torch.float64)
+    target = torch.tensor([1, 3])
+    expected = _reference(model, x, target)
+    got = srdxai.explain(model, x, target, "fullgrad")
+    torch.testing.assert_close(got, expected, rtol=1e-8, atol=1e-10)
+
+
+def test_fullgrad_refuses_biases_folded_into_the_batch():
+    """A bias on windows or patches folded into the batch (Swin, MobileViT, LeViT) has no place
+    in the image: a clear error, never a map that silently leaves it out."""
+
+    class Windows(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.vit = small_vit(num_classes=3, image_size=16)
+            self.mix = torch.nn.Linear(64, 64)
+
+        def forward(self, x):
+            tokens = self.vit.patch_embed(x)  # (N, 4, 64)
+            folded = self.mix(tokens.reshape(-1, 2, 64))  # two tokens per "window"
+            h = tokens + folded.reshape(tokens.shape)
+            att = torch.softmax(h @ h.transpose(1, 2), -1) @ h
+            return self.vit.head(att.mean(1))
+
+    model = Windows().eval()
+    with pytest.raises(InvalidInputError, match="folded into the batch"):
+        srdxai.explain(model, torch.randn(2, 3, 16, 16), 0, "fullgrad")

@@ -1,0 +1,310 @@
+"""Self-checks of the hybrid-SRD oracle (tests/srd_hybrid_oracle.py), independent of srdxai's
+implementation: its forward equals the model's own (every stage, every activation), every cut
+through the network carries exactly the target logit (SiLU and ReLU, several seeds and targets),
+batches are per sample, the convolution and residual rules give hand-derived numbers (padding,
+stride, bias split by norms, depthwise groups), the loop code agrees with a vectorized
+(unfold / fold) form of the convolution rule, and plausible misreadings of the definition, which
+all conserve the logit too, change the map by far more than 1e-3."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+import srd_hybrid_oracle as ora
+
+pytestmark = pytest.mark.usefixtures("one_thread")  # tiny tensors (conftest.py)
+
+DT = torch.float64
+
+
+def _t(*v: float) -> torch.Tensor:
+    return torch.tensor(v, dtype=DT)
+
+
+def _rel(a: torch.Tensor, b: torch.Tensor) -> float:
+    return float((a - b).norm() / b.norm())
+
+
+# --------------------------------------------------------------------------- forward
+
+
+@pytest.mark.parametrize("activation", ["silu", "relu", "gelu", "elu", "leaky_relu", "tanh"])
+def test_forward_reproduces_model(activation: str) -> None:
+    """Stem conv output, inverted-residual output, transformer output and logits equal the
+    model's own forward (hooks) to 1e-12."""
+    model = ora.tiny_hybrid(activation, seed=2)
+    x = ora.tiny_hybrid_input(seed=3)
+    seen: dict[str, torch.Tensor] = {}
+    hooks = [mod.register_forward_hook(lambda m, i, o, k=k: seen.__setitem__(k, o))
+             for k, mod in [("stem", model.stem_conv), ("ir", model.ir),
+                            ("tokens", model.blocks)]]
+    try:
+        with torch.no_grad():
+            ref = model(x)
+    finally:
+        for h in hooks:
+            h.remove()
+    trace = ora.srd_hybrid_oracle_trace(model, x, 0)
+    for n, s in enumerate(trace):
+        assert torch.allclose(s["logits"], ref[n], rtol=1e-12, atol=1e-12)
+        for k in ("stem", "ir", "tokens"):
+            assert torch.allclose(s["forward"][k], seen[k][n], rtol=1e-12, atol=1e-12), k
+    assert torch.allclose(ora.oracle_logits(model, x), ref, rtol=1e-12, atol=1e-12)
+
+
+def test_builder_is_non_trivial() -> None:
+    """Biases, BN statistics and gains are at scales where a wrong rule shows."""
+    model = ora.tiny_hybrid("silu", seed=0)
+    assert next(model.parameters()).dtype == DT and not model.training
+    bns = [m for m in model.modules() if isinstance(m, nn.BatchNorm2d)]
+    assert len(bns) == 4
+    for bn in bns:
+        assert bool(((bn.running_var >= 0.5) & (bn.running_var <= 2.0)).all())
+        assert float(bn.running_mean.abs().max()) > 0.1
+        assert float(bn.bias.detach().abs().max()) > 0.1
+    assert any(bool((bn.weight < 0).any()) for bn in bns)
+    for conv in (model.stem_conv, model.ir.expand, model.ir.dw, model.ir.project):
+        assert float(conv.bias.detach().abs().max()) > 0.1
+    assert model.ir.dw.groups == 16 and model.stem_conv.stride == (2, 2)
+    assert ora.tiny_hybrid_input(0).shape == (2, 3, 16, 16)
+
+
+# --------------------------------------------------------------------------- conservation
+
+CUTS = ["tokens_out", "tokens_in", "sum", "branch+shortcut", "dw_out+shortcut",
+        "dw_in+shortcut", "ir_in", "stem_out", "pixel"]
+
+
+def _cut(s: dict, name: str) -> float:
+    return sum(float(torch.as_tensor(s[k], dtype=DT).sum()) for k in name.split("+"))
+
+
+@pytest.mark.parametrize("activation", ["silu", "relu"])
+@pytest.mark.parametrize("seed", [0, 1, 2])
+def test_conservation(activation: str, seed: int) -> None:
+    """The pixel map, and every cut through the network, sums to the target logit per sample;
+    nothing is lost."""
+    model = ora.tiny_hybrid(activation, seed=seed)
+    x = ora.tiny_hybrid_input(seed=seed + 10)
+    with torch.no_grad():
+        logits = model(x)
+    for target in (0, 3):
+        trace = ora.srd_hybrid_oracle_trace(model, x, target)
+        for n, s in enumerate(trace):
+            want = float(logits[n, target])
+            assert s["pixel"].shape == (16, 16) and s["pixel"].dtype == DT
+            assert s["lost"] <= 1e-12 * max(abs(want), 1.0)
+            for cut in CUTS:
+                got = _cut(s, cut)
+                assert abs(got - want) <= 1e-9 * max(abs(want), 1e-3), (cut, got, want)
+
+
+def test_batch_is_per_sample() -> None:
+    model = ora.tiny_hybrid("silu", seed=6)
+    x = ora.tiny_hybrid_input(seed=7, n=3)
+    full = ora.srd_hybrid_oracle(model, x, 1)
+    assert full.shape == (3, 16, 16) and full.dtype == DT
+    for n in range(3):
+        assert torch.equal(full[n], ora.srd_hybrid_oracle(model, x[n:n + 1], 1)[0])
+
+
+# --------------------------------------------------------------------------- rules by hand
+
+
+def _conv(c_in: int, c_out: int, groups: int = 1, stride: int = 1) -> nn.Conv2d:
+    return nn.Conv2d(c_in, c_out, 3, stride=stride, padding=1, groups=groups).to(DT)
+
+
+def _padded_bias_conv() -> tuple[nn.Conv2d, torch.Tensor]:
+    conv = _conv(1, 2)
+    with torch.no_grad():
+        conv.weight.fill_(9.0)  # every offset that reads padding at output (0, 0)
+        conv.weight[:, 0, 1, 1] = _t(3, 0)
+        conv.weight[:, 0, 1, 2] = _t(0, 2)
+        conv.weight[:, 0, 2, 1] = _t(5, -5)
+        conv.weight[:, 0, 2, 2] = _t(-1, 0)
+        conv.bias.copy_(_t(8, 8))
+    return conv, _t(1, 2, 0, 1).view(1, 2, 2)
+
+
+def test_conv_bias_split_by_norms_with_padding_by_hand() -> None:
+    """Conv2d(1, 2, 3, padding=1), bias b = (8, 8), on the 2 x 2 image x = [[1, 2], [0, 1]].
+
+    Output (0, 0) reads offsets (1, 1) (1, 2) (2, 1) (2, 2) at pixels (0, 0) (0, 1) (1, 0) (1, 1);
+    its five other offsets (weight 9) read zero padding: not sources, no bias share.
+    W_(1,1) = (3, 0), W_(1,2) = (0, 2), W_(2,1) = (5, -5), W_(2,2) = (-1, 0), so
+    c_00 = (3, 0), c_01 = 2 (0, 2) = (0, 4), c_10 = 0 (x = 0), c_11 = (-1, 0).
+    Norms 3, 4, 0, 1 (sum 8): beta = (3, 3), (4, 4), (0, 0), (1, 1).
+    y = (3, 0) + (0, 4) + (-1, 0) + (8, 8) = (10, 12), ||y||^2 = 244.
+    mu_00 = <(6, 3), y>/244 = 96/244 = 24/61; mu_01 = <(4, 8), y>/244 = 136/244 = 34/61;
+    mu_10 = <(0, 0), y>/244 = 0; mu_11 = <(0, 1), y>/244 = 12/244 = 3/61 (sum 1).
+    Misreading (bias split evenly over the 4 sources, beta = (2, 2) each):
+    mu = <(5, 2), y>, <(2, 6), y>, <(2, 2), y>, <(1, 2), y> over 244
+       = 74, 92, 44, 34 over 244 = 37/122, 23/61, 11/61, 17/122.
+    """
+    conv, x = _padded_bias_conv()
+    with torch.no_grad():
+        assert torch.allclose(conv(x[None])[0, :, 0, 0], _t(10, 12), atol=1e-14)
+    got = ora.conv_shares(conv, x, 0, 0)
+    assert [p for p, _ in got] == [(0, 0), (0, 1), (1, 0), (1, 1)]
+    assert [m for _, m in got] == pytest.approx([24 / 61, 34 / 61, 0.0, 3 / 61], abs=1e-15)
+    even = ora.conv_shares(conv, x, 0, 0, even=True)
+    assert [m for _, m in even] == pytest.approx([37 / 122, 23 / 61, 11 / 61, 17 / 122],
+                                                 abs=1e-15)
+
+
+def test_conv_zero_window_splits_evenly_over_real_positions() -> None:
+    """Conv2d(1, 2, 3, padding=1) with bias (1, -2) on a 2 x 2 zero image: every output is
+    y = b (non-zero) and every window holds the same 4 pixels (norms all 0), so each pixel gets
+    mu = 1/4 of every output (1/9 if the 5 padding offsets counted). R_out = [[1, 2], [3, 4]]:
+    every pixel gets 10/4 = 2.5, the map sums to 10."""
+    conv = _conv(1, 2)
+    with torch.no_grad():
+        conv.bias.copy_(_t(1, -2))
+    x = torch.zeros(1, 2, 2, dtype=DT)
+    r_in = ora.conv_relevance(conv, x, _t(1, 2, 3, 4).view(2, 2))
+    assert torch.allclose(r_in, torch.full((2, 2), 2.5, dtype=DT), atol=1e-15)
+
+
+def test_conv_stride_two_windows_by_hand() -> None:
+    """Conv2d(1, 1, 3, stride=2, padding=1), all weights 1, bias 2, on a 4 x 4 image of ones
+    (the stem's geometry). Output (i, j) reads rows/cols 2i-1 .. 2i+1 inside 0..3: windows
+    W00 = {0,1}x{0,1} (4 pixels), W01 = {0,1}x{1,2,3} (6), W10 = {1,2,3}x{0,1} (6),
+    W11 = {1,2,3}x{1,2,3} (9). All contributions are 1 (equal norms), so the bias splits evenly
+    and mu = (1 + 2/k) / (k + 2) = 1/k for a window of k pixels. With R_out = 1 everywhere,
+    R(p) = sum over the windows holding p of 1/k:
+        row 0: 1/4, 1/4+1/6 = 5/12, 1/6, 1/6
+        row 1: 5/12, 1/4+1/6+1/6+1/9 = 25/36, 1/6+1/9 = 5/18, 5/18
+        rows 2, 3: 1/6, 5/18, 1/9, 1/9
+    (row sums 1, 5/3, 2/3, 2/3: total 4 = 4 outputs x 1)."""
+    conv = nn.Conv2d(1, 1, 3, stride=2, padding=1).to(DT)
+    with torch.no_grad():
+        conv.weight.fill_(1.0)
+        conv.bias.fill_(2.0)
+    x = torch.ones(1, 4, 4, dtype=DT)
+    got = ora.conv_shares(conv, x, 0, 1)
+    assert [p for p, _ in got] == [(0, 1), (0, 2), (0, 3), (1, 1), (1, 2), (1, 3)]
+    assert [m for _, m in got] == pytest.approx([1 / 6] * 6, abs=1e-15)
+    low = [1 / 6, 5 / 18, 1 / 9, 1 / 9]
+    want = torch.tensor([[1 / 4, 5 / 12, 1 / 6, 1 / 6], [5 / 12, 25 / 36, 5 / 18, 5 / 18],
+                         low, low], dtype=DT)
+    r_in = ora.conv_relevance(conv, x, torch.ones(2, 2, dtype=DT))
+    assert torch.allclose(r_in, want, atol=1e-15)
+
+
+def test_depthwise_conv_by_hand() -> None:
+    """Depthwise Conv2d(2, 2, 3, padding=1, groups=2), bias (17, 0), on the 1 x 2 image
+    x(0, 0) = (3, 2), x(0, 1) = (0, 3); all weights 5 except W_(1,1) = diag(1, 2),
+    W_(1,2) = diag(7, 4) (block-diagonal: channel k only sees channel k).
+    Output (0, 0): sources (0, 0) at offset (1, 1) and (0, 1) at offset (1, 2) (the other seven
+    offsets read padding). c_00 = (1*3, 2*2) = (3, 4), norm 5; c_01 = (7*0, 4*3) = (0, 12),
+    norm 12. beta = 5/17 (17, 0) = (5, 0) and 12/17 (17, 0) = (12, 0).
+    y = (20, 16), ||y||^2 = 656; mu_00 = <(8, 4), y>/656 = 224/656 = 14/41,
+    mu_01 = <(12, 12), y>/656 = 432/656 = 27/41."""
+    conv = _conv(2, 2, groups=2)
+    with torch.no_grad():
+        conv.weight.fill_(5.0)
+        conv.weight[:, 0, 1, 1] = _t(1, 2)
+        conv.weight[:, 0, 1, 2] = _t(7, 4)
+        conv.bias.copy_(_t(17, 0))
+    x = torch.tensor([[[3.0, 0.0]], [[2.0, 3.0]]], dtype=DT)
+    with torch.no_grad():
+        assert torch.allclose(conv(x[None])[0, :, 0, 0], _t(20, 16), atol=1e-14)
+    got = ora.conv_shares(conv, x, 0, 0)
+    assert [p for p, _ in got] == [(0, 0), (0, 1)]
+    assert [m for _, m in got] == pytest.approx([14 / 41, 27 / 41], abs=1e-15)
+
+
+def test_residual_nchw_by_hand() -> None:
+    """y = a + b on a (C=2, H=1, W=2) map; the PFVs are the channel vectors per position.
+    (0, 0): a = (1, 0), b = (1, 1), y = (2, 1): mu_a = 2/5, mu_b = 3/5.
+    (0, 1): a = (0, 1), b = (2, 0), y = (2, 1): mu_a = 1/5, mu_b = 4/5.
+    Misreading (vectors along W as if tokens, averaged over channels):
+    channel 0: a = (1, 0), b = (1, 2), y = (2, 2): mu_a = 2/8; channel 1: a = (0, 1),
+    b = (1, 0), y = (1, 1): mu_a = 1/2; mean mu_a = 3/8 at both positions."""
+    a = torch.tensor([[[1.0, 0.0]], [[0.0, 1.0]]], dtype=DT)
+    b = torch.tensor([[[1.0, 2.0]], [[1.0, 0.0]]], dtype=DT)
+    r = torch.ones(1, 2, dtype=DT)
+    r_a, r_b = ora.residual_relevance(a, b, r)
+    assert torch.allclose(r_a, _t(2 / 5, 1 / 5).view(1, 2), atol=1e-15)
+    assert torch.allclose(r_b, _t(3 / 5, 4 / 5).view(1, 2), atol=1e-15)
+    m_a, m_b = ora.residual_relevance(a, b, r, last_axis=True)
+    assert torch.allclose(m_a, _t(3 / 8, 3 / 8).view(1, 2), atol=1e-15)
+    assert torch.allclose(m_b, _t(5 / 8, 5 / 8).view(1, 2), atol=1e-15)
+
+
+# --------------------------------------------------------------------------- vectorized form
+
+
+def _vectorized_conv_relevance(conv: nn.Conv2d, x: torch.Tensor, r_out: torch.Tensor
+                               ) -> torch.Tensor:
+    """The convolution rule for a batch with unfold / fold, no loops over positions."""
+    n, c_in, h, w = x.shape
+    k = conv.kernel_size
+    kk = k[0] * k[1]
+    g = conv.groups
+    args = dict(kernel_size=k, padding=conv.padding, stride=conv.stride)
+    cols = F.unfold(x, **args)                                    # (N, C_in*K, L)
+    cols = cols.view(n, g, c_in // g, kk, -1)
+    wt = conv.weight.view(g, conv.out_channels // g, c_in // g, kk)
+    c = torch.einsum("gock,ngckl->nklgo", wt, cols).flatten(-2)  # (N, K, L, C_out)
+    real = F.unfold(torch.ones(1, 1, h, w, dtype=x.dtype), **args)[0] > 0  # (K, L)
+    y = conv(x).flatten(2).transpose(1, 2)                        # (N, L, C_out)
+    norms = c.norm(dim=-1)                                        # (N, K, L)
+    total = norms.sum(1, keepdim=True)
+    assert bool((total > 0).all())
+    beta = conv.bias * (norms / total)[..., None]
+    mu = ((c + beta) * y[:, None]).sum(-1) / (y * y).sum(-1)[:, None]
+    mu = mu * real
+    r = mu * r_out.flatten(1)[:, None]                            # (N, K, L)
+    return F.fold(r, (h, w), **args)[:, 0]
+
+
+def test_conv_loops_match_vectorized_form() -> None:
+    """The stem conv (stride 2, padding 1, 3 -> 8 channels) and the depthwise conv (groups 16):
+    given the relevance the oracle puts on their outputs, the relevance it puts on their
+    inputs equals a vectorized form of the rule fed by the model's own tensors (hooks)."""
+    model = ora.tiny_hybrid("silu", seed=4)
+    x = ora.tiny_hybrid_input(seed=5)
+    seen: dict[str, torch.Tensor] = {}
+    hooks = [model.ir.dw.register_forward_hook(lambda m, i, o: seen.__setitem__("dw", i[0]))]
+    try:
+        with torch.no_grad():
+            model(x)
+    finally:
+        for hk in hooks:
+            hk.remove()
+    trace = ora.srd_hybrid_oracle_trace(model, x, 2)
+    with torch.no_grad():
+        px = _vectorized_conv_relevance(model.stem_conv, x,
+                                        torch.stack([s["stem_out"] for s in trace]))
+        dw = _vectorized_conv_relevance(model.ir.dw, seen["dw"],
+                                        torch.stack([s["dw_out"] for s in trace]))
+    assert torch.allclose(torch.stack([s["pixel"] for s in trace]), px, rtol=1e-10, atol=1e-13)
+    assert torch.allclose(torch.stack([s["dw_in"] for s in trace]), dw, rtol=1e-10, atol=1e-13)
+
+
+# --------------------------------------------------------------------------- sensitivity
+
+
+@pytest.mark.parametrize("misread", ora.MISREADINGS)
+def test_misreadings_change_the_map(misread: str) -> None:
+    """Each misreading conserves the logit just as well (so conservation tests cannot see it)
+    but moves the map by more than 1e-3 relative: the oracle can tell them apart."""
+    model = ora.tiny_hybrid("silu", seed=0)
+    x = ora.tiny_hybrid_input(seed=1, n=1)
+    with torch.no_grad():
+        logit = float(model(x)[0, 2])
+    ref = ora.srd_hybrid_oracle(model, x, 2)
+    alt = ora.srd_hybrid_oracle(model, x, 2, misread=misread)
+    assert float(alt.sum()) == pytest.approx(logit, rel=1e-9)
+    assert _rel(alt, ref) > 1e-3
+
+
+def test_unknown_misreading_is_refused() -> None:
+    model = ora.tiny_hybrid("relu", seed=0)
+    with pytest.raises(ValueError):
+        ora.srd_hybrid_oracle(model, ora.tiny_hybrid_input(0, n=1), 0, misread="nope")
