@@ -327,13 +327,13 @@ def _conv_mu(rec: _ConvRec, i: int, j: int, *, even: bool = False,
     return tok.shares(y, cs, [True] * len(cs), bias)
 
 
-def _conv_backward(rec: _ConvRec, r_out: Tensor, stats: tok._Stats, *, even: bool = False,
+def _conv_backward(rec: _ConvRec, r_out: Tensor, stats: tok.Stats, *, even: bool = False,
                    bn: nn.BatchNorm2d | None = None) -> Tensor:
     r_in = torch.zeros(rec.in_hw, dtype=DT)
     for i in range(r_out.shape[0]):
         for j in range(r_out.shape[1]):
             mu = _conv_mu(rec, i, j, even=even, bn=bn)
-            for (p, _), r in zip(rec.src[i][j], tok._pass(mu, float(r_out[i, j]), stats),
+            for (p, _), r in zip(rec.src[i][j], tok.pass_relevance(mu, float(r_out[i, j]), stats),
                                  strict=True):
                 r_in[p] += r
     return r_in
@@ -353,18 +353,18 @@ def conv_relevance(conv: nn.Conv2d, x: Tensor, r_out: Tensor, *, even: bool = Fa
     """Relevance (H, W) of the input vectors of ``conv`` on one sample ``x`` (C_in, H, W) given
     the relevance ``r_out`` (H_out, W_out) of its output vectors."""
     rec = _conv_forward(conv, _d(x))
-    return _conv_backward(rec, _d(r_out), tok._Stats(), even=even)
+    return _conv_backward(rec, _d(r_out), tok.Stats(), even=even)
 
 
 # --------------------------------------------------------------------------- residual sum
 
 
 def residual_relevance(a: Tensor, b: Tensor, r_out: Tensor, *, last_axis: bool = False,
-                       stats: tok._Stats | None = None) -> tuple[Tensor, Tensor]:
+                       stats: tok.Stats | None = None) -> tuple[Tensor, Tensor]:
     """``(R_a, R_b)`` (H, W) of ``y = a + b`` ((C, H, W) maps of one sample), per position on
     channel vectors. ``last_axis`` is the misreading ``residual_last_axis``: ratios on the
     vectors ``a[c, h, :]`` (along W), averaged over the channels, for every position of row h."""
-    stats = tok._Stats() if stats is None else stats
+    stats = tok.Stats() if stats is None else stats
     a, b, r_out = _d(a), _d(b), _d(r_out)
     y = a + b
     c_n, h_n, w_n = y.shape
@@ -384,11 +384,11 @@ def residual_relevance(a: Tensor, b: Tensor, r_out: Tensor, *, last_axis: bool =
                 mu = mu_rows[h]
             else:
                 mu = tok.shares(y[:, h, w], [a[:, h, w], b[:, h, w]], [True, True])
-            r_a[h, w], r_b[h, w] = tok._pass(mu, float(r_out[h, w]), stats)
+            r_a[h, w], r_b[h, w] = tok.pass_relevance(mu, float(r_out[h, w]), stats)
     return r_a, r_b
 
 
-def _one_source(y: Tensor, r: Tensor, stats: tok._Stats) -> Tensor:
+def _one_source(y: Tensor, r: Tensor, stats: tok.Stats) -> Tensor:
     """BN / activation on a (C, H, W) map: one source per output vector, ``mu = 1``, so ``R``
     passes unchanged, also where ``y(p)`` is the zero vector (a ReLU that is off over all
     channels): the whole of ``y(p)`` is that source's, as in the token oracle's one-source
@@ -396,7 +396,7 @@ def _one_source(y: Tensor, r: Tensor, stats: tok._Stats) -> Tensor:
     out = torch.zeros_like(r)
     for i in range(r.shape[0]):
         for j in range(r.shape[1]):
-            out[i, j] = tok._pass([1.0], float(r[i, j]), stats)[0]
+            out[i, j] = tok.pass_relevance([1.0], float(r[i, j]), stats)[0]
     return out
 
 
@@ -446,13 +446,13 @@ def _forward_sample(model: TinyHybrid, x: Tensor) -> _Forward:
     recs = []
     cur, dep = tokens, [True] * len(tokens)
     for blk in model.blocks:
-        rec, cur, dep = tok._block_forward(blk, cur, dep)
+        rec, cur, dep = tok.block_forward(blk, cur, dep)
         recs.append(rec)
-    normed = [tok._layer_norm(model.norm, v) for v in cur]
+    normed = [tok.layer_norm(model.norm, v) for v in cur]
     pooled = torch.zeros_like(normed[0])
     for v in normed:
         pooled = pooled + v / len(normed)
-    logits = tok._linear(model.head, pooled)
+    logits = tok.linear(model.head, pooled)
     return _Forward(x, stem, stem_bn, stem_act, expand, bn1, act1, dw, bn2, act2, project, bn3,
                     ir_out, tokens, recs, cur, normed, pooled, logits)
 
@@ -463,7 +463,7 @@ def _forward_sample(model: TinyHybrid, x: Tensor) -> _Forward:
 def _backward(model: TinyHybrid, fw: _Forward, target: int, misread: str | None) -> dict:
     if misread is not None and misread not in MISREADINGS:
         raise ValueError(f"unknown misreading {misread!r}")
-    stats = tok._Stats()
+    stats = tok.Stats()
     even = misread == "conv_bias_even"
     fuse = misread == "fuse_bn"
     ir = model.ir
@@ -471,13 +471,13 @@ def _backward(model: TinyHybrid, fw: _Forward, target: int, misread: str | None)
 
     # head Linear: one source, the pooled vector, gets the target logit; then the token mean
     n_tok = len(fw.normed)
-    r = tok._pass(tok.shares(fw.pooled, [v / n_tok for v in fw.normed], [True] * n_tok),
+    r = tok.pass_relevance(tok.shares(fw.pooled, [v / n_tok for v in fw.normed], [True] * n_tok),
                   logit, stats)
     # final LayerNorm: one source per token
     r = [r_t if bool((fw.normed[t] != 0).any()) else 0.0 for t, r_t in enumerate(r)]
     tokens_out = list(r)
     for rec in reversed(fw.blocks):
-        r = tok._block_backward(rec, r, stats)
+        r = tok.block_backward(rec, r, stats)
     tokens_in = list(r)
 
     # tokens are the channel vectors of the NCHW sum, row-major

@@ -192,11 +192,11 @@ def _d(t: Tensor) -> Tensor:
     return t.detach().to(DT)
 
 
-def _linear(layer: nn.Linear, v: Tensor) -> Tensor:
+def linear(layer: nn.Linear, v: Tensor) -> Tensor:
     return _d(layer.weight) @ v + _d(layer.bias)
 
 
-def _layer_norm(ln: nn.LayerNorm, v: Tensor) -> Tensor:
+def layer_norm(ln: nn.LayerNorm, v: Tensor) -> Tensor:
     mean = v.mean()
     var = ((v - mean) ** 2).mean()  # biased variance, as LayerNorm uses
     return (v - mean) / math.sqrt(float(var) + ln.eps) * _d(ln.weight) + _d(ln.bias)
@@ -278,35 +278,35 @@ def _forward_sample(model: VisionTransformer, x: Tensor) -> _Forward:
     fw = _Forward(kind, len(prefix), contribs, pixels, embed)
 
     for blk in model.blocks:
-        rec, tokens, dep = _block_forward(blk, tokens, dep)
+        rec, tokens, dep = block_forward(blk, tokens, dep)
         fw.blocks.append(rec)
 
-    fw.normed = [_layer_norm(model.norm, v) for v in tokens]
+    fw.normed = [layer_norm(model.norm, v) for v in tokens]
     if kind == "vit":
-        fw.head_out = _linear(model.head, fw.normed[0])
+        fw.head_out = linear(model.head, fw.normed[0])
         fw.logits = fw.head_out
     elif kind == "mean":
         pooled = torch.zeros_like(fw.normed[0])
         for v in fw.normed:
             pooled = pooled + v / len(fw.normed)
         fw.pooled = pooled
-        fw.head_out = _linear(model.head, pooled)
+        fw.head_out = linear(model.head, pooled)
         fw.logits = fw.head_out
     else:
-        fw.head_out = _linear(model.head, fw.normed[0])
-        fw.dist_out = _linear(model.head_dist, fw.normed[1])
+        fw.head_out = linear(model.head, fw.normed[0])
+        fw.dist_out = linear(model.head_dist, fw.normed[1])
         fw.logits = (fw.head_out + fw.dist_out) / 2
     return fw
 
 
-def _block_forward(blk: nn.Module, x: list[Tensor], dep_x: list[bool]
+def block_forward(blk: nn.Module, x: list[Tensor], dep_x: list[bool]
                    ) -> tuple[_BlockRec, list[Tensor], list[bool]]:
     att = blk.attn
     n_tok, dim = len(x), x[0].shape[0]
     heads = att.heads
     dh = dim // heads
-    n1 = [_layer_norm(blk.norm1, v) for v in x]
-    qkv = [_linear(att.qkv, v) for v in n1]
+    n1 = [layer_norm(blk.norm1, v) for v in x]
+    qkv = [linear(att.qkv, v) for v in n1]
     # zoo reshapes qkv to (3, heads, dh): q, k, v blocks of D, each head dh consecutive
     q = [[qkv[t][0 * dim + h * dh:0 * dim + (h + 1) * dh] for t in range(n_tok)]
          for h in range(heads)]
@@ -332,10 +332,10 @@ def _block_forward(blk: nn.Module, x: list[Tensor], dep_x: list[bool]
         o.append(o_h)
     # keys of image-dependent tokens make every softmax row depend on the image
     dep_o = [any(dep_x)] * n_tok
-    p = [_linear(att.proj, torch.cat([o[h][t] for h in range(heads)])) for t in range(n_tok)]
+    p = [linear(att.proj, torch.cat([o[h][t] for h in range(heads)])) for t in range(n_tok)]
     x1 = [x[t] + p[t] for t in range(n_tok)]
     dep_x1 = [dep_x[t] or dep_o[t] for t in range(n_tok)]
-    f = [_linear(blk.mlp.fc2, blk.mlp.act(_linear(blk.mlp.fc1, _layer_norm(blk.norm2, v))))
+    f = [linear(blk.mlp.fc2, blk.mlp.act(linear(blk.mlp.fc1, layer_norm(blk.norm2, v))))
          for v in x1]
     x2 = [x1[t] + f[t] for t in range(n_tok)]
     rec = _BlockRec(x, list(dep_x), v, attn, o, dep_o, p, x1, f, x2)
@@ -346,18 +346,18 @@ def _block_forward(blk: nn.Module, x: list[Tensor], dep_x: list[bool]
 
 
 @dataclass
-class _Stats:
+class Stats:
     lost: float = 0.0  # |relevance| that reached a vector with no way back to the image
 
 
-def _pass(mu: list[float], r: float, stats: _Stats) -> list[float]:
+def pass_relevance(mu: list[float], r: float, stats: Stats) -> list[float]:
     """Relevance ``r`` of one output vector shared by ``mu``; record anything not passed."""
     out = [m * r for m in mu]
     stats.lost += abs(r - sum(out)) if r != 0.0 else 0.0
     return out
 
 
-def _block_backward(rec: _BlockRec, r_out: list[float], stats: _Stats) -> list[float]:
+def block_backward(rec: _BlockRec, r_out: list[float], stats: Stats) -> list[float]:
     n_tok = len(rec.x)
     heads = len(rec.o)
     dep_x1 = [rec.dep_x[t] or rec.dep_o[t] for t in range(n_tok)]
@@ -366,7 +366,7 @@ def _block_backward(rec: _BlockRec, r_out: list[float], stats: _Stats) -> list[f
     r_x1 = [0.0] * n_tok
     for t in range(n_tok):
         mu = shares(rec.x2[t], [rec.x1[t], rec.f[t]], [dep_x1[t], dep_x1[t]])
-        r_skip, r_mlp = _pass(mu, r_out[t], stats)
+        r_skip, r_mlp = pass_relevance(mu, r_out[t], stats)
         # fc2, activation, fc1, norm2: one source each, so r_mlp reaches x1(t) unchanged
         r_x1[t] = r_skip + r_mlp
 
@@ -375,7 +375,7 @@ def _block_backward(rec: _BlockRec, r_out: list[float], stats: _Stats) -> list[f
     r_p = [0.0] * n_tok
     for t in range(n_tok):
         mu = shares(rec.x1[t], [rec.x[t], rec.p[t]], [rec.dep_x[t], rec.dep_o[t]])
-        r_x[t], r_p[t] = _pass(mu, r_x1[t], stats)
+        r_x[t], r_p[t] = pass_relevance(mu, r_x1[t], stats)
 
     # proj: one source; then the concatenation of the heads, each head in its own slots
     r_o = [[0.0] * n_tok for _ in range(heads)]
@@ -388,7 +388,7 @@ def _block_backward(rec: _BlockRec, r_out: list[float], stats: _Stats) -> list[f
             padded[h * dh:(h + 1) * dh] = rec.o[h][t]
             parts.append(padded)
         mu = shares(y, parts, [rec.dep_o[t]] * heads)
-        for h, r in enumerate(_pass(mu, r_p[t], stats)):
+        for h, r in enumerate(pass_relevance(mu, r_p[t], stats)):
             r_o[h][t] = r
 
     # attention per head: sources are the value vectors, A are weights
@@ -397,7 +397,7 @@ def _block_backward(rec: _BlockRec, r_out: list[float], stats: _Stats) -> list[f
         for t in range(n_tok):
             parts = [rec.attn[h][t][s] * rec.v[h][s] for s in range(n_tok)]
             mu = shares(rec.o[h][t], parts, rec.dep_x)
-            for s, r in enumerate(_pass(mu, r_o[h][t], stats)):
+            for s, r in enumerate(pass_relevance(mu, r_o[h][t], stats)):
                 r_v[h][s] += r
 
     # qkv output: only its v parts hold relevance, summed per token; qkv Linear and norm1 are
@@ -416,7 +416,7 @@ def srd_token_oracle_trace(model: VisionTransformer, x: Tensor, target: int) -> 
     out = []
     for n in range(x.shape[0]):
         fw = _forward_sample(model, x[n])
-        stats = _Stats()
+        stats = Stats()
         n_tok = len(fw.normed)
 
         # seed at the final LayerNorm output, then through that LayerNorm (one source)
@@ -426,7 +426,7 @@ def srd_token_oracle_trace(model: VisionTransformer, x: Tensor, target: int) -> 
             r[0] = logit  # head Linear: one source, the selected class token
         elif fw.kind == "mean":
             parts = [v / n_tok for v in fw.normed]
-            r = _pass(shares(fw.pooled, parts, [True] * n_tok), logit, stats)
+            r = pass_relevance(shares(fw.pooled, parts, [True] * n_tok), logit, stats)
         else:
             # the explained scalar is the target logit itself: each head's part of it
             r[0] = float(fw.head_out[target]) / 2
@@ -434,7 +434,7 @@ def srd_token_oracle_trace(model: VisionTransformer, x: Tensor, target: int) -> 
 
         stream = [list(r)]
         for rec in reversed(fw.blocks):
-            r = _block_backward(rec, r, stats)
+            r = block_backward(rec, r, stats)
             stream.insert(0, list(r))
 
         # + pos_embed is one source; the prefix rows are parameters (cannot reach the image)
@@ -447,7 +447,8 @@ def srd_token_oracle_trace(model: VisionTransformer, x: Tensor, target: int) -> 
         for t, r_t in enumerate(embed):
             cs = fw.patch_contrib[t]
             mu = shares(fw.embed[t], cs, [True] * len(cs), bias)
-            for (hh, ww), r_p in zip(fw.patch_pixels[t], _pass(mu, r_t, stats), strict=True):
+            passed = pass_relevance(mu, r_t, stats)
+            for (hh, ww), r_p in zip(fw.patch_pixels[t], passed, strict=True):
                 pixel[hh, ww] += r_p
         out.append({"logits": fw.logits, "pixel": pixel, "stream": stream, "prefix": prefix,
                     "embed": embed, "lost": stats.lost})
