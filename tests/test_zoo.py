@@ -188,9 +188,8 @@ def test_loaded_model_on_its_data_predicts_well():
 # --- every method on every shipped model -----------------------------------------------------
 
 # On the ViT: the CAMs read the patch tokens of the LayerNorm feeding the last attention;
-# FullGrad needs spatial biases (a clear error, tested here); SRD refuses the residual stream
-# without activations; the LRP composites have no rules for softmax and attention products
-# (yet): they refuse a ViT instead of returning the gradient there.
+# FullGrad places the token biases on the patch grid; SRD explains token vectors; the LRP
+# composites use their transformer rules.
 CAM_METHODS = {"gradcam", "gradcam_pp", "xgradcam", "layercam", "scorecam", "ablationcam",
                "fullgrad"}
 # (the LRP composites run on the shipped ViT with their transformer rules since 2026-12-05)

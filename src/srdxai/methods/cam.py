@@ -43,6 +43,7 @@ Ablation-CAM's extra forward passes are batched, ``internal_batch_size`` at a ti
 from __future__ import annotations
 
 from collections.abc import Callable
+from typing import Any
 
 import torch
 import torch.nn.functional as F
@@ -867,40 +868,26 @@ class FullGrad(Method):
         key = (tuple(x.shape[1:]), x.dtype, x.device)
         if key not in self._routes:
             self._routes[key] = has_attention(self, x)
-        if self._routes[key]:
-            return self._token_map(x, target)
-        rule = _BiasGradientRule(x.dim(), x.shape[0])
-        with self._guard(), torch.enable_grad(), Trace(self.model, x, rule) as trace:
-            out = trace.forward()
-            if rule.unmapped:
-                raise InvalidInputError(
-                    f"FullGrad needs every bias to act on a feature map shaped like the input "
-                    f"(N, C, H, W); this model adds biases to tensors of shape "
-                    f"{rule.unmapped[0]} (e.g. a vision transformer's tokens or windows), "
-                    "whose bias gradients have no place in the image. Use a gradient or LRP "
-                    "method.")
-            grad_out, _ = target_gradient(out, target)
-            (gx,) = self._grad(out, x, grad_out)
-            rule.closed = True
-            del out
-        return self._combine(x, gx, rule.maps)
+        if self._routes[key]:  # a transformer: the operation view, biases on the patch grid
+            from ..engine.optrace import OpTrace
 
-    def _token_map(self, x: Tensor, target: Target) -> Tensor:
-        """FullGrad of a Vision Transformer on the operation view (:class:`_TokenBiasGradients`)."""
-        from ..engine.optrace import OpTrace
-
-        collector = _TokenBiasGradients(tuple(x.shape[2:]), x.shape[0])
-        with self._guard(), torch.enable_grad(), OpTrace(self.model, x,
-                                                         collector.rule()) as trace:
+            collector: Any = _TokenBiasGradients(tuple(x.shape[2:]), x.shape[0])
+            trace: Any = OpTrace(self.model, x, collector.rule())
+            places = "the image's tokens or a feature map"
+            example = ("windows, patches or tokens folded into the batch, as Swin, MobileViT "
+                       "and LeViT do")
+        else:
+            collector = _BiasGradientRule(x.dim(), x.shape[0])
+            trace = Trace(self.model, x, collector)
+            places = "a feature map shaped like the input (N, C, H, W)"
+            example = "e.g. patches folded into the batch"
+        with self._guard(), torch.enable_grad(), trace:
             out = trace.forward()
             if collector.unmapped:
                 raise InvalidInputError(
-                    f"FullGrad needs every bias to act on the image's tokens or a feature map; "
-                    f"this model adds biases to tensors of shape {collector.unmapped[0]} "
-                    "(windows, patches or tokens folded into the batch, as Swin, MobileViT and "
-                    "LeViT do), "
-                    "whose bias gradients have no place in the image. Use a gradient or LRP "
-                    "method.")
+                    f"FullGrad needs every bias to act on {places}; this model adds biases to "
+                    f"tensors of shape {collector.unmapped[0]} ({example}), whose bias "
+                    "gradients have no place in the image. Use a gradient or LRP method.")
             grad_out, _ = target_gradient(out, target)
             (gx,) = self._grad(out, x, grad_out)
             collector.closed = True
