@@ -436,9 +436,9 @@ class SRDTokens(Method):
     (sharing ratios at residual sums, attention with the values as sources and the attention
     weights as the mixing kernel, token averages and the patch embedding with SRD's bias
     share); prefix tokens (class, distillation, registers) are constant terms. Signed;
-    pixel-level (N, H, W); sums to the target logit. ``method="srd"`` routes Vision
-    Transformers here; this name runs the token rule on any model (see the module
-    docstring and docs/srd.md)."""
+    pixel-level (N, H, W); sums to the target logit. ``method="srd"`` routes every model with
+    attention here (Vision Transformers and hybrids); models without attention are refused
+    (see the module docstring and docs/methods.md)."""
 
     signed = True
 
