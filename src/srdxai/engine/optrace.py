@@ -427,8 +427,10 @@ class OpTracer(Tracer):
             return _any_dependent(full[0], tuple(range(-dims, 0)), shape)
         if kind == "matmul" and func is not torch.einsum and len(args) >= 2:
             a, b = args[0], args[1]
-            ma = full[0] if self.is_tracked(a) else torch.ones(a.shape, dtype=torch.bool)
-            mb = full[-1] if self.is_tracked(b) else torch.ones(b.shape, dtype=torch.bool)
+            ma = full[0] if self.is_tracked(a) else torch.ones(a.shape, dtype=torch.bool,
+                                                                 device=a.device)
+            mb = full[-1] if self.is_tracked(b) else torch.ones(b.shape, dtype=torch.bool,
+                                                                device=b.device)
             if ma.dim() >= 2 and mb.dim() >= 2:
                 k = ma.shape[-1]
                 both = ma.to(torch.float64) @ mb.to(torch.float64)
