@@ -567,16 +567,30 @@ class SRD(Method):
         Transformers) are explained on token vectors (``methods/srd_tokens.py``)."""
 
         def one(x: Tensor, t: Target) -> Tensor:
-            if self._on_tokens(x):
-                return token_relevance(self, x, t).sum(1)
-            return self._explain(x, t)[0]
+            logit_seed = self.seed != "gradcam" and not self.contrastive
+            if logit_seed and not self._routes.get(self._route_key(x)):
+                # the PFV engine first, so that a CNN pays no probe: with the logit seed it
+                # refuses any attention on the way (UnsupportedOperationError), and only then
+                # is the model probed for it
+                try:
+                    return self._explain(x, t)[0]
+                except UnsupportedOperationError:
+                    if not self._on_tokens(x):
+                        raise
+            elif not self._on_tokens(x):  # probed first: a transformer refuses these options
+                return self._explain(x, t)[0]
+            return token_relevance(self, x, t).sum(1)
 
         return self._batched(inputs, target, one)
+
+    @staticmethod
+    def _route_key(x: Tensor) -> tuple:
+        return (tuple(x.shape[1:]), x.dtype, x.device)
 
     def _on_tokens(self, x: Tensor) -> bool:
         """Whether the model has attention (probed once per input shape); then SRD runs on
         token vectors, where only the logit seed is defined."""
-        key = (tuple(x.shape[1:]), x.dtype, x.device)
+        key = self._route_key(x)
         if key not in self._routes:
             self._routes[key] = has_attention(self, x)
         if self._routes[key] and (self.seed == "gradcam" or self.contrastive):
@@ -587,6 +601,8 @@ class SRD(Method):
         return self._routes[key]
 
     def _refuse_token_layers(self, x: Tensor) -> None:
+        """Layer maps, ERFs and layer lists are the PFV engine's (probed first: the engine
+        could read a transformer's token activations as 1-D maps)."""
         if self._on_tokens(x):
             raise UnsupportedOperationError(
                 "SRD's layer maps and effective receptive fields are defined here for CNN "
