@@ -117,13 +117,6 @@ constant_statistics(detached_layer_norm)
 constant_statistics(detached_softmax)
 
 
-def func_arg(args: tuple, kwargs: dict, position: int, name: str, default: Any = None) -> Any:
-    """An argument of a call by keyword or position."""
-    if name in kwargs:
-        return kwargs[name]
-    return args[position] if len(args) > position else default
-
-
 def _is_number(obj: Any) -> bool:
     if isinstance(obj, bool):
         return False
@@ -288,8 +281,12 @@ class TensorFacts:
         self.producer = producer
 
 
-#: kinds whose output keeps the producer of their (first) input: elementwise calls
-_ELEMENTWISE = frozenset({"activation", "scale"})
+def _elementwise(kind: str, n_inputs: int) -> bool:
+    """A call whose output entry depends on the same entry of its one traced input only
+    (activations, scalings, arithmetic with a parameter): it keeps its input's constant
+    entries and producer."""
+    return kind in ("activation", "scale") or (kind in ("add", "sub", "mul", "div")
+                                                and n_inputs == 1)
 
 
 def _any_dependent(mask: Tensor, dims: Sequence[int], shape: Sequence[int]) -> Tensor:
@@ -403,7 +400,7 @@ class OpTracer(Tracer):
         except (RuntimeError, TypeError, ValueError):
             return None  # a call that does not take bool tensors: treated as input-dependent
 
-    def _computed_mask(self, kind: str, func, args, kwargs, inputs: list[Tensor],
+    def _computed_mask(self, call: OpCall, args, inputs: list[Tensor],
                        out: Tensor) -> Tensor | None:
         """Which entries of a computing call's output do not depend on the input."""
         masks = [self.constant_mask(t) for t in inputs]
@@ -412,9 +409,8 @@ class OpTracer(Tracer):
         full = [m if m is not None else torch.zeros(t.shape, dtype=torch.bool,
                                                     device=t.device)
                 for m, t in zip(masks, inputs, strict=True)]
-        shape = out.shape
-        if kind in ("activation", "scale", "batch_norm") or (
-                kind in ("add", "sub", "mul", "div") and len(inputs) == 1):
+        shape, kind = out.shape, call.kind
+        if _elementwise(kind, len(inputs)) or kind == "batch_norm":
             mask = full[0]  # elementwise (per channel for BatchNorm)
             return mask.expand(shape) if mask.shape != shape else mask
         if kind in ("add", "sub", "mul", "div"):
@@ -422,10 +418,10 @@ class OpTracer(Tracer):
         if kind in ("linear", "softmax"):
             return _any_dependent(full[0], (-1,), shape)
         if kind == "layer_norm":
-            normalized = func_arg(args, kwargs, 1, "normalized_shape")
+            normalized = call.argument(1, "normalized_shape")
             dims = len(normalized) if isinstance(normalized, list | tuple) else 1
             return _any_dependent(full[0], tuple(range(-dims, 0)), shape)
-        if kind == "matmul" and func is not torch.einsum and len(args) >= 2:
+        if kind == "matmul" and call.original is not torch.einsum and len(args) >= 2:
             a, b = args[0], args[1]
             ma = full[0] if self.is_tracked(a) else torch.ones(a.shape, dtype=torch.bool,
                                                                  device=a.device)
@@ -574,10 +570,9 @@ class OpTracer(Tracer):
             call.producers = tuple(self.producer_of(t) for t in inputs)
             mask = None
             if isinstance(out, Tensor):
-                mask = self._computed_mask(kind, func, args, kwargs, inputs, out)
+                mask = self._computed_mask(call, args, inputs, out)
             producer: str | None = kind
-            if kind in _ELEMENTWISE or (kind in ("add", "sub", "mul", "div")
-                                        and len(inputs) == 1):
+            if _elementwise(kind, len(inputs)):
                 producer = call.producers[0]
             elif kind in ("add", "sub") and len(inputs) == 2:
                 known = {p for p in call.producers if p is not None}

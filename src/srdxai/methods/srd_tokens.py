@@ -53,18 +53,13 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from ..engine.channels import safe_divide
 from ..engine.core import Target, keep_graph
 from ..engine.optrace import OpCall, OpRule, OpTrace
 from ..errors import UnsupportedOperationError
 from .base import Method, register
 
 Tensor = torch.Tensor
-
-
-def _ratio(num: Tensor, den: Tensor) -> Tensor:
-    """``num / den`` with 0 where ``den == 0`` (an all-zero output vector has no sources)."""
-    safe = torch.where(den > 0, den, torch.ones_like(den))
-    return torch.where(den > 0, num / safe, torch.zeros_like(num))
 
 
 def _spread(per_vector: Tensor, like: Tensor, dims: int = 1) -> Tensor:
@@ -206,8 +201,8 @@ class SRDTokenRule(OpRule):
             return [_reduce_to(ra, inputs[0]), _reduce_to(rb, inputs[1])]
         norm2 = (z * z).sum(-1)
         total = r.sum(-1)
-        mu_a = _ratio((a * z).sum(-1), norm2)
-        mu_b = _ratio((b * z).sum(-1), norm2)
+        mu_a = safe_divide((a * z).sum(-1), norm2)
+        mu_b = safe_divide((b * z).sum(-1), norm2)
         if const_a is not None:  # a constant vector is a constant term: its share goes to b
             mu_b = torch.where(const_a, mu_a + mu_b, mu_b)
             mu_a = torch.where(const_a, torch.zeros_like(mu_a), mu_a)
@@ -226,7 +221,7 @@ class SRDTokenRule(OpRule):
             return [torch.zeros_like(a), torch.zeros_like(v)]
         v = v.expand(*o.shape[:-2], *v.shape[-2:])
         per_out = r.sum(-1)  # (..., T): one relevance per (head, token) output vector
-        mu = _ratio(a * (o @ v.mT), (o * o).sum(-1, keepdim=True))  # (..., T, S)
+        mu = safe_divide(a * (o @ v.mT), (o * o).sum(-1, keepdim=True))  # (..., T, S)
         constant = _vector_constant(call.constant[1], v)
         if constant is not None:
             norms = a.abs() * torch.linalg.vector_norm(v, dim=-1).unsqueeze(-2)
@@ -267,7 +262,7 @@ class SRDTokenRule(OpRule):
         """Resampling and average pooling of an (N, C, ...) map: a fixed non-negative mix of
         input positions, ``c_{p -> t} = w_{t, p} x(p)``, no bias; the projections summed over
         ``t`` are one input gradient, as for a convolution."""
-        g = z * _ratio(r.sum(1), (z * z).sum(1)).unsqueeze(1)
+        g = z * safe_divide(r.sum(1), (z * z).sum(1)).unsqueeze(1)
         (jtg,) = call.vjp([x], g)
         return _spread((x * jtg).sum(1), x.movedim(1, -1)).movedim(-1, 1)
 
@@ -280,7 +275,7 @@ class SRDTokenRule(OpRule):
         scale = 1.0 / math.prod(x.shape[d] for d in dims) if mean else 1.0
         contribution = (x * z).sum(-1) * scale  # <c_t, z> per source token
         norm2 = (z * z).sum(-1)
-        mu = _ratio(contribution, norm2)
+        mu = safe_divide(contribution, norm2)
         constant = _vector_constant(call.constant[0], x)
         if constant is not None:
             # the constant tokens' shares go to the others of the same output, by norm
@@ -288,7 +283,7 @@ class SRDTokenRule(OpRule):
             const_share = (mu * constant).sum(dims, keepdim=True)
             weights = norms * ~constant
             total = weights.sum(dims, keepdim=True)
-            mu = mu * ~constant + const_share * _ratio(weights, total)
+            mu = mu * ~constant + const_share * safe_divide(weights, total)
         return _spread(mu * r.sum(-1), x)
 
     @staticmethod
@@ -323,7 +318,7 @@ class SRDTokenRule(OpRule):
         stride, padding = call.argument(3, "stride", 1), call.argument(4, "padding", 0)
         dilation, groups = call.argument(5, "dilation", 1), call.argument(6, "groups", 1)
         per_out = r.sum(1)  # (N, h, w)
-        g = z * _ratio(per_out, (z * z).sum(1)).unsqueeze(1)
+        g = z * safe_divide(per_out, (z * z).sum(1)).unsqueeze(1)
         (jtg,) = call.vjp([x], g)
         pixel = (x * jtg).sum(1)  # (N, H, W): the contributions' projections
         if bias is not None:
@@ -360,7 +355,7 @@ class SRDTokenRule(OpRule):
             bias_part = share * bias_proj[..., None, None]
             bias_part = bias_part.permute(0, 1, 3, 2, 4).reshape(n, h, w)
             direct = direct + bias_part
-        mu = _ratio(direct, _tile(norm2, k))
+        mu = safe_divide(direct, _tile(norm2, k))
         pixel = mu * _tile(per_token, k)
         return _spread(pixel, x.movedim(1, -1)).movedim(-1, 1)
 
