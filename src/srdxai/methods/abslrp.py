@@ -83,16 +83,71 @@ REDUCTIONS = ("sum", "none")
 VARIANTS = ("abslrp", "intline")
 
 
-def unit_mass(v: Tensor) -> Tensor:
+def unit_mass(v: Tensor, scratch: Scratch | None = None) -> Tensor:
     """``v / (sum |v| + 1e-9)`` per sample (the reference's ``SUM_TO_ONE``), in place
-    (out of place while a differentiable map is built)."""
+    (out of place while a differentiable map is built). ``scratch`` makes the sums faster."""
     if v.dim() == 0:
         return v
     dims = tuple(range(1, v.dim()))
-    total = torch.linalg.vector_norm(v, 1, dim=dims, keepdim=True) if dims else v.abs()
+    if not dims:
+        total = v.abs()
+    elif scratch is not None:
+        total = scratch.l1(v, dims)
+    else:
+        total = torch.linalg.vector_norm(v, 1, dim=dims, keepdim=True)
     if building_graph(v):
         return v / (total + EPS)  # building a differentiable map: ``total`` read ``v``
     return v.div_(total.add_(EPS))
+
+
+class Scratch:
+    """Reusable buffers for the rule's short-lived temporaries, one per named slot.
+
+    On CPU a fresh buffer per call costs page faults whenever it is larger than what the
+    allocator keeps (VGG16's first layers hold 100 MB per tensor at batch 8), and
+    ``torch.linalg.vector_norm(v, 1)`` is 2-5x slower than ``|v|`` written into a buffer and
+    summed. So the rule keeps one buffer per slot, as large as the largest tensor it held,
+    for its lifetime (one explain call). A slot's contents are valid until the slot is asked
+    for again; nothing returned to autograd may alias one."""
+
+    def __init__(self) -> None:
+        self._buffers: dict[str, Tensor] = {}
+
+    def like(self, slot: str, v: Tensor) -> Tensor | None:
+        """A tensor with ``v``'s shape, strides, dtype and device in the slot's buffer; None
+        when ``v`` is not dense (non-overlapping, contiguous or channels-last) or a
+        differentiable map is being built."""
+        dense = v.is_contiguous() or (v.dim() == 4 and v.is_contiguous(
+            memory_format=torch.channels_last))
+        if not dense or building_graph(v):
+            return None
+        buffer = self._buffers.get(slot)
+        if (buffer is None or buffer.numel() < v.numel() or buffer.dtype != v.dtype
+                or buffer.device != v.device):
+            buffer = self._buffers[slot] = torch.empty(v.numel(), dtype=v.dtype,
+                                                       device=v.device)
+        # the buffer's first numel entries, laid out as ``v`` is (both are dense)
+        return buffer[:v.numel()].as_strided(v.shape, v.stride())
+
+    def l1(self, v: Tensor, dims: tuple[int, ...]) -> Tensor:
+        """``sum |v|`` over ``dims`` (kept); float64 keeps ``vector_norm``, the faster there."""
+        view = None if v.dtype == torch.float64 else self.like("l1", v)
+        if view is None:
+            return torch.linalg.vector_norm(v, 1, dim=dims, keepdim=True)
+        return torch.abs(v, out=view).sum(dims, keepdim=True)
+
+    def denominator(self, output: Tensor, nonnegative: bool = False) -> Tensor:
+        """``|y| + eps`` (``y + eps`` for a ``nonnegative`` output: the same values), in the
+        ``denominator`` slot where it can be."""
+        view = self.like("denominator", output)
+        if view is None:
+            return (output if nonnegative else output.abs()).add(EPS)
+        if nonnegative:
+            return torch.add(output, EPS, out=view)
+        return torch.abs(output, out=view).add_(EPS)
+
+    def clear(self) -> None:
+        self._buffers.clear()
 
 
 def _conv_transpose(call: OpCall, g: Tensor, like: Tensor, weight: Tensor) -> Tensor | None:
@@ -120,6 +175,22 @@ def _combine(direct: Tensor, absolute: Tensor) -> Tensor:
     per-layer renormalisation can inflate into a whole unit of relevance when nothing else
     reaches that tensor."""
     return direct.add_(absolute)
+
+
+def _times(grad: Tensor, factor: Tensor, keep_factor: bool = False) -> Tensor:
+    """``grad * factor`` written into ``grad`` where that is safe, else into ``factor``
+    (unless ``keep_factor``), else into a new tensor.
+
+    The relevance reaching a call is the engine's own buffer, used by this call only (autograd
+    hands each backward its incoming gradient and drops it after), so overwriting it saves a
+    fresh buffer per call. It is written only when it is dense and owns its memory without
+    overlap (a contiguous tensor of the factor's shape); otherwise the product goes into
+    ``factor``, which this rule made."""
+    if grad.shape == factor.shape and grad.dtype == factor.dtype and grad.is_contiguous():
+        return grad.mul_(factor)
+    if not keep_factor and torch.broadcast_shapes(grad.shape, factor.shape) == factor.shape:
+        return factor.mul_(grad)
+    return factor * grad
 
 
 def _channel_shape(x: Tensor, v: Tensor) -> Tensor:
@@ -164,6 +235,13 @@ def _self_gated_factor(call: OpCall, x: Tensor) -> Tensor:
     return derivative.mul_(a).mul_(2).add_(x.clamp(max=0))
 
 
+def _worth_keeping(call: OpCall) -> bool:
+    """Whether the scaled factor of an elementwise call is worth keeping between the two
+    contrastive passes: it costs many operations (statistics, exponentials, a derivative)
+    to recompute, unlike ReLU's or BatchNorm's."""
+    return call.kind in ("layer_norm", "softmax") or call.func in _SELF_GATED
+
+
 def _plain_sum(call: OpCall, inputs: Sequence[Tensor], output: Tensor) -> bool:
     """``a + b`` without ``alpha`` and without broadcasting any traced input."""
     return (call.func in ADD and "alpha" not in call.kwargs and len(call.args) <= 2
@@ -177,8 +255,9 @@ def _elementwise_factor(call: OpCall, x: Tensor, output: Tensor) -> Tensor | Non
     kind = call.kind
     if kind == "activation":
         if call.func in _RELU:
-            # f'(x) = [x > 0] and |x| f'(|x|) = |x|
-            return x.clamp(min=0).add_(x.abs())
+            # f'(x) = [x > 0] and |x| f'(|x|) = |x|: x f'(x) + |x| = relu(x) + |x|, and the
+            # output is relu(x)
+            return x.abs().add_(output)
         if call.func in _SELF_GATED:
             return _self_gated_factor(call, x)
     elif kind == "batch_norm":
@@ -186,11 +265,17 @@ def _elementwise_factor(call: OpCall, x: Tensor, output: Tensor) -> Tensor | Non
         weight = call.argument(3, "weight")
         eps = call.argument(7, "eps", 1e-5)
         if var is not None and (weight is None or isinstance(weight, Tensor)):
+            # x a + |x| |a| with a = gamma / sqrt(var + eps) per channel is 2 |a| (x sign(a))+:
+            # the two terms cancel exactly where x and a differ in sign and are equal where
+            # they agree. Computed so, it takes one new tensor instead of two and gives the
+            # same floating-point numbers (every step but the product is exact).
             inv = (var + eps).rsqrt()
             a = inv if weight is None else weight * inv
-            a_abs = inv if weight is None else weight.abs() * inv
-            a, a_abs = _channel_shape(x, a), _channel_shape(x, a_abs)
-            return _combine(x * a, x.abs().mul_(a_abs))
+            doubled = _channel_shape(x, a.abs() * 2)
+            signed = x if weight is None else x * _channel_shape(x, a.sign())
+            if building_graph(signed, doubled):  # out of place: autograd keeps the operands
+                return signed.clamp(min=0) * doubled
+            return (signed.clamp(min=0) if signed is x else signed.clamp_(min=0)).mul_(doubled)
     elif kind == "layer_norm":
         shape = call.argument(1, "normalized_shape")
         weight = call.argument(2, "weight")
@@ -229,24 +314,30 @@ class AbsLRPRule(OpRule):
         # (id(weight), variant, layout) -> (weight, derived weight), for the rule's lifetime
         # (one explain call: the contrastive passes share it)
         self._weights: dict[tuple, tuple[Tensor, Tensor]] = {}
-        # With two backward passes over one forward (contrastive), the first keeps what
-        # depends on the forward values only, for the second: per elementwise call its
-        # ``factor / (|y| + eps)`` (one tensor the size of its output until the second pass
-        # has used it), and per input whether it is non-negative.
+        # With two backward passes over one forward (contrastive), the first keeps for the
+        # second, per input, whether it is non-negative (one number), and the scaled factor
+        # ``factor / (|y| + eps)`` of the calls whose factor costs many operations (LayerNorm,
+        # softmax, GELU/SiLU: see :func:`_worth_keeping`). ReLU's and BatchNorm's are
+        # recomputed: kept, they hold a copy of nearly every CNN activation through the first
+        # pass, and on CPU the fresh memory that takes (page faults) costs more than
+        # recomputing them (about 1.6x faster contrastive absLRP on ResNet50).
         self.passes = passes
         self._scaled_factors: dict[int, Tensor] = {}
         self._signs: dict[tuple[int, int], bool] = {}
+        self._scratch = Scratch()
 
     def _weight(self, w: Tensor, variant: str, like: Tensor | None = None) -> Tensor:
-        """``w``, ``|w|`` or ``w+`` (``variant``), laid out like a 4-D channels-last input
-        (oneDNN then needs no conversion in every backward convolution)."""
+        """``w``, ``|w|`` or ``2 w+`` (``variant``: plain, abs, pos2), laid out like a 4-D
+        channels-last input (oneDNN then needs no conversion in every backward convolution)."""
         nhwc = (like is not None and like.dim() == 4 and w.dim() == 4
                 and not like.is_contiguous()
                 and like.is_contiguous(memory_format=torch.channels_last))
         key = (id(w), variant, nhwc)
         entry = self._weights.get(key)
         if entry is None or entry[0] is not w:
-            v = w.abs() if variant == "abs" else w.clamp(min=0) if variant == "pos" else w
+            # "pos2" is 2 w+: the doubled positive part, exact (a power of two)
+            v = (w.abs() if variant == "abs" else w.clamp(min=0).mul_(2) if variant == "pos2"
+                 else w)
             if nhwc:
                 v = v.contiguous(memory_format=torch.channels_last)
             entry = (w, v)
@@ -257,6 +348,7 @@ class AbsLRPRule(OpRule):
         self._weights.clear()
         self._scaled_factors.clear()
         self._signs.clear()
+        self._scratch.clear()
 
     def _input_nonnegative(self, call: OpCall, i: int, x: Tensor) -> bool:
         """Whether input ``i`` of ``call`` has no negative entry, checked once per call. Then
@@ -278,26 +370,27 @@ class AbsLRPRule(OpRule):
             if scaled is None:
                 factor = _elementwise_factor(call, inputs[0], output)
                 if factor is not None:
-                    denominator = output.abs().add_(EPS)
-                    if building_graph(factor, denominator):
-                        scaled = factor / denominator
-                    else:
-                        scaled = factor.div_(denominator)
-                        if self.passes > 1:
-                            self._scaled_factors[call.index] = scaled
+                    if building_graph(factor, output, grad):
+                        return [unit_mass(factor / output.abs().add(EPS) * grad)]
+                    scaled = factor.div_(self._scratch.denominator(
+                        output, nonnegative=call.func in _RELU))
+                    if self.passes > 1 and _worth_keeping(call):
+                        self._scaled_factors[call.index] = scaled
+                        kept = _times(grad, scaled, keep_factor=True)
+                        return [unit_mass(kept, self._scratch)]
             if scaled is not None:
-                return [unit_mass(scaled * grad)]
+                return [unit_mass(_times(grad, scaled), self._scratch)]
         if call.kind == "max_pool" and not self.max_pool_divide:
             g = grad
+        elif building_graph(grad, output):
+            g = grad / output.abs().add(EPS)
         else:
-            denominator = output.abs().add_(EPS)
-            if building_graph(grad, denominator):
-                g = grad / denominator
-            else:
-                g = torch.div(grad, denominator, out=denominator)  # one buffer, not two
+            # in the scratch buffer: every term below is a new tensor, none a view of ``g``
+            denominator = self._scratch.denominator(output)
+            g = torch.div(grad, denominator, out=denominator)
         if self.variant == "intline":
             return self._intline(call, inputs, output, grad, g)
-        return [unit_mass(t) for t in self._terms(call, inputs, output, g)]
+        return [unit_mass(t, self._scratch) for t in self._terms(call, inputs, output, g)]
 
     def _intline(self, call: OpCall, inputs: Sequence[Tensor], output: Tensor, grad: Tensor,
                  g: Tensor) -> list[Tensor]:
@@ -328,12 +421,12 @@ class AbsLRPRule(OpRule):
             w = call.args[1]
             if kind == "linear":
                 if self._input_nonnegative(call, 0, x):
-                    return [(g @ self._weight(w, "pos")).mul_(x).mul_(2)]
+                    return [(g @ self._weight(w, "pos2")).mul_(x)]
                 return [_combine((g @ w).mul_(x), (g @ self._weight(w, "abs")).mul_(x.abs()))]
             if self._input_nonnegative(call, 0, x):
-                term = _conv_transpose(call, g, x, self._weight(w, "pos", x))
+                term = _conv_transpose(call, g, x, self._weight(w, "pos2", x))
                 if term is not None:
-                    return [term.mul_(x).mul_(2)]
+                    return [term.mul_(x)]
             else:
                 direct = _conv_transpose(call, g, x, self._weight(w, "plain", x))
                 if direct is not None:
