@@ -84,23 +84,82 @@ def test_fullgrad_on_a_vit_equals_the_hand_written_definition(activation):
     torch.testing.assert_close(got, expected, rtol=1e-8, atol=1e-10)
 
 
-def test_fullgrad_refuses_biases_folded_into_the_batch():
-    """A bias on windows or patches folded into the batch (Swin, MobileViT, LeViT) has no place
-    in the image: a clear error, never a map that silently leaves it out."""
+class _Folding(torch.nn.Module):
+    """Patch tokens, then a dense layer on them, either on the tokens as they are or on
+    windows of two tokens folded into the batch (after a cyclic shift, as Swin does): the same
+    function with the same bias gradients, so FullGrad must give the same map."""
 
-    class Windows(torch.nn.Module):
+    def __init__(self, fold: bool, shift: int = 0):
+        super().__init__()
+        torch.manual_seed(0)
+        self.vit = small_vit(num_classes=3, image_size=16)
+        self.mix = torch.nn.Linear(64, 64)
+        self.fold, self.shift = fold, shift
+
+    def forward(self, x):
+        tokens = self.vit.patch_embed(x)  # (N, 4, 64): a 2 x 2 grid
+        if self.fold:
+            shifted = torch.roll(tokens, self.shift, dims=1)
+            windows = self.mix(shifted.reshape(-1, 2, 64))  # two tokens per "window"
+            mixed = torch.roll(windows.reshape(tokens.shape), -self.shift, dims=1)
+        else:
+            mixed = self.mix(tokens)
+        h = tokens + mixed
+        att = torch.softmax(h @ h.transpose(1, 2), -1) @ h
+        return self.vit.head(att.mean(1))
+
+
+@pytest.mark.parametrize("shift", [0, 1])
+def test_fullgrad_puts_biases_folded_into_the_batch_back_in_place(shift):
+    """A bias on windows folded into the batch (Swin, MobileViT, LeViT) is placed where its
+    tokens came from: the map equals that of the unfolded model, also after a cyclic shift."""
+    x = torch.randn(2, 3, 16, 16, dtype=torch.float64)
+    plain = _Folding(fold=False).double().eval()
+    folded = _Folding(fold=True, shift=shift).double().eval()
+    folded.load_state_dict(plain.state_dict())
+    torch.testing.assert_close(folded(x), plain(x))
+    expected = srdxai.explain(plain, x, 0, "fullgrad")
+    got = srdxai.explain(folded, x, 0, "fullgrad")
+    torch.testing.assert_close(got, expected, rtol=1e-10, atol=1e-12)
+    # the shift matters: placing the windows' rows in folded order would differ
+    assert shift == 0 or not torch.allclose(got, srdxai.explain(
+        _Unrolled(folded).eval(), x, 0, "fullgrad"))
+
+
+class _Unrolled(torch.nn.Module):
+    """``folded`` with its windows put back without undoing the shift: a different model
+    whose map must differ (so the test above can tell a shift that was undone)."""
+
+    def __init__(self, folded: _Folding):
+        super().__init__()
+        self.inner = folded
+
+    def forward(self, x):
+        m = self.inner
+        tokens = m.vit.patch_embed(x)
+        shifted = torch.roll(tokens, m.shift, dims=1)
+        mixed = m.mix(shifted.reshape(-1, 2, 64)).reshape(tokens.shape)
+        h = tokens + mixed
+        att = torch.softmax(h @ h.transpose(1, 2), -1) @ h
+        return m.vit.head(att.mean(1))
+
+
+def test_fullgrad_refuses_biases_whose_place_is_unknown():
+    """A bias after a call the operation view has no kind for (a cumulative sum over the
+    tokens) has no known place: a clear error, never a map that leaves it out or puts it
+    elsewhere."""
+
+    class Unknown(torch.nn.Module):
         def __init__(self):
             super().__init__()
             self.vit = small_vit(num_classes=3, image_size=16)
             self.mix = torch.nn.Linear(64, 64)
 
         def forward(self, x):
-            tokens = self.vit.patch_embed(x)  # (N, 4, 64)
-            folded = self.mix(tokens.reshape(-1, 2, 64))  # two tokens per "window"
-            h = tokens + folded.reshape(tokens.shape)
+            tokens = self.vit.patch_embed(x)
+            h = tokens + self.mix(torch.cumsum(tokens, 1))
             att = torch.softmax(h @ h.transpose(1, 2), -1) @ h
             return self.vit.head(att.mean(1))
 
-    model = Windows().eval()
-    with pytest.raises(InvalidInputError, match="folded into the batch"):
-        srdxai.explain(model, torch.randn(2, 3, 16, 16), 0, "fullgrad")
+    with pytest.raises(InvalidInputError, match="known place in the image"):
+        srdxai.explain(Unknown().eval(), torch.randn(2, 3, 16, 16), 0, "fullgrad")

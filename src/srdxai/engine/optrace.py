@@ -262,6 +262,10 @@ class OpRule:
     def on_call(self, call: OpCall, inputs: Sequence[Tensor], output: Tensor) -> Tensor:
         return output
 
+    def on_move(self, func: Callable, args: tuple, kwargs: dict, output: Any) -> None:
+        """Sees every call that only moves values (views, permutes, indexing, concatenation,
+        padding, eval dropout) after it ran: ``func(*args, **kwargs)`` gave ``output``."""
+
     def to_gradient(self) -> None:
         """From now on the traced graph differentiates as the unmodified model."""
         self.plain = True
@@ -453,10 +457,16 @@ class OpTracer(Tracer):
         if name == "__get__":  # a property such as .T or .mT
             prop = getattr(getattr(func, "__self__", None), "__name__", "")
             out = func(*args, **kwargs)
-            return self._track_outputs(out) if prop in MOVE_PROPERTIES else out
+            if prop not in MOVE_PROPERTIES:
+                return out
+            self._track_outputs(out)
+            self.rule.on_move(func, args, kwargs, out)
+            return out
         if func in MOVE:
             masks = self._moved_masks(func, args, kwargs) if self.rule.constant_parts else None
-            return self._track_outputs(func(*args, **kwargs), masks)
+            out = self._track_outputs(func(*args, **kwargs), masks)
+            self.rule.on_move(func, args, kwargs, out)
+            return out
         if func in DROPOUT:
             if dropout_in_training(func, args, kwargs):
                 raise self.unsupported("dropout in training mode (call model.eval() first)")
@@ -465,14 +475,18 @@ class OpTracer(Tracer):
             entry = self.entry_of(args[0]) if args else None
             if isinstance(out, Tensor) and entry is not None:
                 self.track(out, entry)
-                return out
-            return self._track_outputs(out)
+            else:
+                self._track_outputs(out)
+            self.rule.on_move(func, args, kwargs, out)
+            return out
         if func is F.pad:
             mode = kwargs.get("mode", args[2] if len(args) > 2 else "constant")
             value = kwargs.get("value", args[3] if len(args) > 3 else None)
             if mode != "constant" or value not in (None, 0, 0.0):
                 raise self.unsupported(f"padding with mode '{mode}' and value {value}")
-            return self._track_outputs(func(*args, **kwargs))
+            out = self._track_outputs(func(*args, **kwargs))
+            self.rule.on_move(func, args, kwargs, out)
+            return out
         if func in SDPA:
             return self._attention(args, kwargs)
         kind = self._kind(func, args, kwargs)

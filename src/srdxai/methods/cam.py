@@ -42,6 +42,7 @@ Ablation-CAM's extra forward passes are batched, ``internal_batch_size`` at a ti
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable
 from typing import Any
 
@@ -54,6 +55,7 @@ from ..engine import ops
 from ..engine.core import Rule, Target, Trace, is_differentiable, keep_graph, target_gradient
 from ..engine.graph import Node
 from ..engine.memory import budget_chunk, run_in_chunks
+from ..engine.positions import PositionTags
 from ..errors import InvalidInputError, UnsupportedOperationError
 from . import options
 from .base import Method, register
@@ -724,16 +726,22 @@ class _BiasGradientRule(Rule):
 
 
 class _TokenBiasGradients:
-    """FullGrad's bias maps on the operation view, for Vision Transformers: every dense
-    layer, LayerNorm (its shift ``beta - mean * gamma / std`` per token, as the CNN rule
-    records it), convolution and BatchNorm whose output is tokens ``(N, T, D)`` of the input's
-    patch grid, a channels-last map ``(N, h, w, D)`` or an ``(N, C, h, w)`` map gets
-    ``psi(|b * dS/d(output)|)`` on that grid (prefix tokens, which have no place in the image,
-    are dropped). Biases on tensors without a place (windows or patches folded into the
-    batch, as Swin and MobileViT do) are listed in ``unmapped``."""
+    """FullGrad's bias maps on the operation view, for transformers: every dense layer,
+    LayerNorm (its shift ``beta - mean * gamma / std`` per token, as the CNN rule records it),
+    convolution and BatchNorm gets ``psi(|b * dS/d(output)|)`` on its own grid of the image.
+
+    Where each output entry sits comes from the position tags of ``engine/positions.py``,
+    which travel through the calls that move values, so windows (Swin, with its cyclic
+    shifts), patches (MobileViT) or tokens (LeViT's BatchNorm on ``(N * T, C)``) folded into
+    the batch are put back where they belong; prefix tokens (class, distillation, register),
+    which have no place in the image, are dropped. A layer's grid has the image's aspect
+    ratio and one cell per output position of a sample. Biases on entries whose place is
+    unknown (made by a call the operation view has no kind for), or whose positions do not
+    form such a grid, are listed in ``unmapped``."""
 
     def __init__(self, size: tuple[int, ...], batch: int):
         self.size, self.batch = size, batch
+        self.positions = PositionTags()
         self.maps: dict[tuple[int, ...], Tensor] = {}
         self.unmapped: list[tuple[int, ...]] = []
         self.closed = False
@@ -747,10 +755,17 @@ class _TokenBiasGradients:
             unknown = "gradient"  # every backward is autograd's: plain gradients
 
             def on_call(self, call, inputs, output):
+                collector.positions.on_call(call, inputs, output)
                 collector.on_call(call, inputs, output)
                 return output
 
+            def on_move(self, func, args, kwargs, output):
+                collector.positions.on_move(func, args, kwargs, output)
+
         return Rule()
+
+    def start(self, x: Tensor) -> None:
+        self.positions.start(x)
 
     def on_call(self, call, inputs, out: Tensor) -> None:
         bias = self._bias(call, inputs)
@@ -758,10 +773,44 @@ class _TokenBiasGradients:
             return
         if out.dim() <= 2 and out.shape[0] == self.batch:
             return  # a pooled vector or the logits: no spatial map (as in the CNN rule)
-        if out.shape[0] != self.batch or self._layout(call, out) is None:
+        channel = 1 if call.kind in ("conv", "batch_norm") else out.dim() - 1
+        placement = self._placement(out, channel)
+        if placement is None:
             self.unmapped.append(tuple(out.shape))
             return
-        out.register_hook(lambda g, b=bias, c=call: self._collect(c, b, g))
+        if placement == "nowhere":
+            return  # only entries without a place (prefix tokens)
+        out.register_hook(lambda g, b=bias, c=channel, p=placement: self._collect(b, g, c, p))
+
+    def _placement(self, out: Tensor, channel: int) -> tuple | str | None:
+        """(valid entries, their cells, grid) for the output's positions; "nowhere" when no
+        entry has a place; None when they cannot be placed."""
+        tags = self.positions.of(out)
+        if tags is None or len(self.size) != 2:
+            return None
+        sample, row, col = (t.movedim(channel, -1).mean(-1).reshape(-1) for t in tags)
+        if bool((sample.isneginf() | row.isneginf() | col.isneginf()).any()):
+            return None
+        valid = ~(sample.isnan() | row.isnan() | col.isnan())
+        if not bool(valid.any()):
+            return "nowhere"
+        index = valid.nonzero().squeeze(1)
+        sample, row, col = sample[index], row[index], col[index]
+        counts = torch.bincount(sample.round().long().clamp(min=0), minlength=self.batch)
+        count = int(counts[0])
+        if counts.numel() != self.batch or bool((counts != count).any()):
+            return None
+        height, width = self.size
+        rows = max(1, round(math.sqrt(count * height / width)))
+        cols = count // rows
+        if rows * cols != count:
+            return None
+        cell_y = (row / (height / rows)).floor().long().clamp(0, rows - 1)
+        cell_x = (col / (width / cols)).floor().long().clamp(0, cols - 1)
+        cells = (sample.round().long() * rows + cell_y) * cols + cell_x
+        if cells.unique().numel() != cells.numel():
+            return None  # two entries of one channel on one cell
+        return index, cells, (rows, cols)
 
     @staticmethod
     def _bias(call, inputs) -> Tensor | None:
@@ -795,27 +844,15 @@ class _TokenBiasGradients:
             return shift.reshape(1, -1, *([1] * (inputs[0].dim() - 2)))
         return None
 
-    def _layout(self, call, out: Tensor) -> str | None:
-        if call.kind in ("conv", "batch_norm"):
-            return "map" if out.dim() == len(self.size) + 2 else None
-        if out.dim() == 3 and _token_grid(out.shape[1], self.size, None) is not None:
-            return "tokens"
-        if out.dim() == len(self.size) + 2:
-            return "channels_last"
-        return None
-
-    def _collect(self, call, bias: Tensor, grad: Tensor) -> None:
+    def _collect(self, bias: Tensor, grad: Tensor, channel: int, placement: tuple) -> None:
         if self.closed:
             return None
-        bias_grad = (bias.to(grad.dtype) * grad).abs()
-        layout = self._layout(call, grad)
-        if layout == "tokens":
-            prefix, grid = _token_grid(grad.shape[1], self.size, None)
-            bias_grad = bias_grad[:, prefix:].reshape(grad.shape[0], *grid, -1)
-            layout = "channels_last"
-        if layout == "channels_last":
-            bias_grad = bias_grad.movedim(-1, 1)
-        summed = _minmax(bias_grad, dims=2).sum(1)
+        index, cells, (rows, cols) = placement
+        values = (bias.to(grad.dtype) * grad).abs().movedim(channel, -1)
+        values = values.reshape(-1, values.shape[-1])[index]
+        grid = values.new_zeros(self.batch * rows * cols, values.shape[-1])
+        grid = grid.index_copy(0, cells, values).reshape(self.batch, rows, cols, -1)
+        summed = _minmax(grid.movedim(-1, 1), dims=2).sum(1)
         key = tuple(summed.shape[1:])
         prev = self.maps.get(key)
         self.maps[key] = summed if prev is None else prev + summed
@@ -872,10 +909,11 @@ class FullGrad(Method):
             from ..engine.optrace import OpTrace
 
             collector: Any = _TokenBiasGradients(tuple(x.shape[2:]), x.shape[0])
+            collector.start(x)
             trace: Any = OpTrace(self.model, x, collector.rule())
-            places = "the image's tokens or a feature map"
-            example = ("windows, patches or tokens folded into the batch, as Swin, MobileViT "
-                       "and LeViT do")
+            places = "entries with a known place in the image"
+            example = ("made by a call the operation view does not know, or not one per "
+                       "position of a grid with the image's aspect ratio")
         else:
             collector = _BiasGradientRule(x.dim(), x.shape[0])
             trace = Trace(self.model, x, collector)
