@@ -59,7 +59,7 @@ from ..engine.positions import PositionTags
 from ..errors import InvalidInputError, UnsupportedOperationError
 from . import options
 from .base import Method, register
-from .srd_tokens import has_attention
+from .srd_tokens import model_has_attention
 
 Tensor = torch.Tensor
 
@@ -893,7 +893,6 @@ class FullGrad(Method):
                 "FullGrad uses the bias gradients of every layer and has no target layer; "
                 "leave layer=None.")
         self.normalize = options.flag(normalize, "normalize")
-        self._routes: dict[tuple, bool] = {}  # input shape -> the model has attention
 
     def attribute(self, inputs: Tensor, target: Target = None) -> Tensor:
         def one(x: Tensor, t: Target) -> Tensor:
@@ -902,10 +901,7 @@ class FullGrad(Method):
         return self._batched(inputs, target, one)
 
     def _map(self, x: Tensor, target: Target) -> Tensor:
-        key = (tuple(x.shape[1:]), x.dtype, x.device)
-        if key not in self._routes:
-            self._routes[key] = has_attention(self, x)
-        if self._routes[key]:  # a transformer: the operation view, biases on the patch grid
+        if model_has_attention(self, x):  # a transformer: the operation view, biases placed
             from ..engine.optrace import OpTrace
 
             collector: Any = _TokenBiasGradients(tuple(x.shape[2:]), x.shape[0])

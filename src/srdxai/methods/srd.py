@@ -29,7 +29,7 @@ from ..engine.graph import Node
 from ..errors import InvalidInputError, UnsupportedOperationError
 from . import options
 from .base import Method, register
-from .srd_tokens import has_attention, token_relevance
+from .srd_tokens import known_attention, model_has_attention, remember_attention, token_relevance
 
 Tensor = torch.Tensor
 
@@ -559,7 +559,6 @@ class SRD(Method):
         self.seed_layer = seed_layer
         self.contrastive = options.flag(contrastive, "contrastive")
         self.max_paths = options.integer(max_paths, "max_paths")
-        self._routes: dict[tuple, bool] = {}  # input shape -> token vectors (attention)?
 
     # -- public API ----------------------------------------------------------------------------
     def attribute(self, inputs: Tensor, target: Target = None) -> Tensor:
@@ -568,37 +567,36 @@ class SRD(Method):
 
         def one(x: Tensor, t: Target) -> Tensor:
             logit_seed = self.seed != "gradcam" and not self.contrastive
-            if logit_seed and not self._routes.get(self._route_key(x)):
+            known = known_attention(self.model, x)
+            if logit_seed and not known:
                 # the PFV engine first, so that a CNN pays no probe: with the logit seed it
                 # refuses any attention on the way (UnsupportedOperationError), and only then
-                # is the model probed for it
+                # is the model probed for it; what was found is kept for the next calls
                 try:
-                    return self._explain(x, t)[0]
+                    result = self._explain(x, t)[0]
                 except UnsupportedOperationError:
                     if not self._on_tokens(x):
                         raise
+                else:
+                    if known is None:
+                        remember_attention(self.model, x, False)
+                    return result
             elif not self._on_tokens(x):  # probed first: a transformer refuses these options
                 return self._explain(x, t)[0]
             return token_relevance(self, x, t).sum(1)
 
         return self._batched(inputs, target, one)
 
-    @staticmethod
-    def _route_key(x: Tensor) -> tuple:
-        return (tuple(x.shape[1:]), x.dtype, x.device)
-
     def _on_tokens(self, x: Tensor) -> bool:
-        """Whether the model has attention (probed once per input shape); then SRD runs on
+        """Whether the model has attention (probed once per model and input shape); then SRD runs on
         token vectors, where only the logit seed is defined."""
-        key = self._route_key(x)
-        if key not in self._routes:
-            self._routes[key] = has_attention(self, x)
-        if self._routes[key] and (self.seed == "gradcam" or self.contrastive):
+        attention = model_has_attention(self, x)
+        if attention and (self.seed == "gradcam" or self.contrastive):
             raise UnsupportedOperationError(
                 "SRD on a transformer's token vectors starts from the target logit: "
                 "seed='gradcam' and contrastive=True are defined for CNNs only; use "
                 "seed='auto' or 'logit' and contrastive=False.")
-        return self._routes[key]
+        return attention
 
     def _refuse_token_layers(self, x: Tensor) -> None:
         """Layer maps, ERFs and layer lists are the PFV engine's (probed first: the engine

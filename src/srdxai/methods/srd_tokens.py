@@ -47,6 +47,7 @@ refused too (``method="srd"`` explains CNNs with its PFV engine).
 from __future__ import annotations
 
 import math
+import weakref
 from collections.abc import Sequence
 
 import torch
@@ -410,6 +411,35 @@ def has_attention(method: Method, leaf: Tensor) -> bool:
                                                     Calls()) as trace:
         trace.forward()
         return any(c.kind == "matmul" and c.n_inputs == 2 for c in trace.calls)
+
+
+#: per model (weakly: the entry goes with the model), whether it has attention, by input
+#: (shape, dtype, device) and the model's module types: the probe, or a failed attempt of the
+#: PFV engine, costs a forward pass that every later call on the same model would repeat
+_ATTENTION: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
+
+
+def _attention_key(model: nn.Module, x: Tensor) -> tuple:
+    return (tuple(x.shape[1:]), x.dtype, x.device, tuple(type(m) for m in model.modules()))
+
+
+def known_attention(model: nn.Module, x: Tensor) -> bool | None:
+    """What an earlier call found out about ``model``'s attention for inputs like ``x`` (None:
+    nothing yet)."""
+    return _ATTENTION.get(model, {}).get(_attention_key(model, x))
+
+
+def remember_attention(model: nn.Module, x: Tensor, value: bool) -> None:
+    _ATTENTION.setdefault(model, {})[_attention_key(model, x)] = value
+
+
+def model_has_attention(method: Method, x: Tensor) -> bool:
+    """:func:`has_attention`, probed once per model, input shape and structure."""
+    known = known_attention(method.model, x)
+    if known is None:
+        known = has_attention(method, x)
+        remember_attention(method.model, x, known)
+    return known
 
 
 def token_relevance(method: Method, x: Tensor, target: Target) -> Tensor:
