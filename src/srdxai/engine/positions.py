@@ -16,10 +16,11 @@ entry summarises (pixel ``i``'s centre is ``i + 0.5``).
 * A computing call's output entry sits at the mean position of the entries it reads: a dense
   layer, LayerNorm or softmax averages over the dimensions it mixes (all of one token's
   channels share its place, and a patch-merging layer's 2 x 2 neighbours give their centre);
-  a convolution or pooling over its window (padding excluded); a matrix product ``a @ b``
-  takes the rows of ``a``; a mean, sum or interpolation runs on the tags and divides by the
-  same call on ones; elementwise calls, scalings and BatchNorm keep their input's tags; a sum
-  or product of two traced tensors keeps the tags where the two agree.
+  a convolution or pooling sits at its window's centre taps (padding excluded); a matrix
+  product ``a @ b`` takes the rows of ``a``; an upsampled map sits on its own grid of the
+  image; a mean or sum runs on the tags and divides by the same call on ones; elementwise
+  calls, scalings and BatchNorm keep their input's tags; a sum or product of two traced
+  tensors keeps the tags where the two agree (where one has no place, the other's).
 * A tensor made by a call the view does not know (traced, without tags) is *unknown*:
   :meth:`PositionTags.of` returns None for it, and outputs computed from it get ``-inf``, so a
   rule can refuse instead of placing values where they do not belong.
