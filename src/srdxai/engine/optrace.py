@@ -285,7 +285,7 @@ class TensorFacts:
         self.producer = producer
 
 
-def _elementwise(kind: str, n_inputs: int) -> bool:
+def is_elementwise(kind: str, n_inputs: int) -> bool:
     """A call whose output entry depends on the same entry of its one traced input only
     (activations, scalings, arithmetic with a parameter): it keeps its input's constant
     entries and producer."""
@@ -414,7 +414,7 @@ class OpTracer(Tracer):
                                                     device=t.device)
                 for m, t in zip(masks, inputs, strict=True)]
         shape, kind = out.shape, call.kind
-        if _elementwise(kind, len(inputs)) or kind == "batch_norm":
+        if is_elementwise(kind, len(inputs)) or kind == "batch_norm":
             mask = full[0]  # elementwise (per channel for BatchNorm)
             return mask.expand(shape) if mask.shape != shape else mask
         if kind in ("add", "sub", "mul", "div"):
@@ -586,7 +586,7 @@ class OpTracer(Tracer):
             if isinstance(out, Tensor):
                 mask = self._computed_mask(call, args, inputs, out)
             producer: str | None = kind
-            if _elementwise(kind, len(inputs)):
+            if is_elementwise(kind, len(inputs)):
                 producer = call.producers[0]
             elif kind in ("add", "sub") and len(inputs) == 2:
                 known = {p for p in call.producers if p is not None}

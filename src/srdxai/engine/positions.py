@@ -36,6 +36,8 @@ import torch.nn.functional as F
 from torch.utils._pytree import tree_flatten, tree_map
 from torch.utils.weak import WeakTensorKeyDictionary
 
+from .optrace import is_elementwise
+
 Tensor = torch.Tensor
 Tags = tuple[Tensor, Tensor, Tensor]  # sample, row, column
 
@@ -118,12 +120,6 @@ class PositionTags:
         for i, t in enumerate(outs):
             self._tags[t] = (moved[0][i], moved[1][i], moved[2][i])
 
-    def carry(self, source: Tensor, out: Tensor) -> None:
-        """``out`` holds ``source``'s values in place (an identity such as eval dropout)."""
-        tags = self.of(source)
-        if tags is not None and out.shape == source.shape:
-            self._tags[out] = tags
-
     # -- computing calls ------------------------------------------------------------------------
     def on_call(self, call: Any, inputs: Sequence[Tensor], out: Tensor) -> None:
         """Tag the output of a computing call (an ``OpCall`` of ``engine/optrace.py``)."""
@@ -169,8 +165,7 @@ class PositionTags:
                    out: Tensor, component: int = 0) -> Tensor | None:
         kind, shape = call.kind, out.shape
         first = tags[0]
-        if kind in ("activation", "scale", "batch_norm") or (
-                kind in ("add", "sub", "mul", "div") and len(inputs) == 1):
+        if is_elementwise(kind, len(inputs)) or kind == "batch_norm":
             return first.expand(shape) if _broadcasts(first.shape, shape) else None
         if kind in ("add", "sub", "mul", "div"):
             full = [t for t, x in zip(tags, inputs, strict=True) if x.shape == shape]
@@ -194,7 +189,7 @@ class PositionTags:
         if kind == "matmul":
             return self._matmul(call, tags, shape)
         if kind == "conv":
-            return _window_mean(call, first, shape)
+            return _conv_centre(call, first, shape)
         if kind == "avg_pool" and call.original in _POOL_DIMS:
             return _pool_centre(call, first, shape)
         if kind == "avg_pool" and call.original in (F.interpolate, F.upsample):
@@ -260,7 +255,7 @@ def _centre_of_windows(tags: Tensor, kernel: Sequence[int], dims: int, shape: to
     return (total / count).expand(shape)
 
 
-def _window_mean(call: Any, tags: Tensor, shape: torch.Size) -> Tensor | None:
+def _conv_centre(call: Any, tags: Tensor, shape: torch.Size) -> Tensor | None:
     """A convolution's output position: its window's centre."""
     dims = _CONV.get(call.original)
     weight = call.argument(1, "weight")
