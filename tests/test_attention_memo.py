@@ -43,12 +43,7 @@ def test_a_cnn_is_not_probed_and_a_changed_model_is():
     assert srd_tokens.known_attention(model, x) is None
 
 
-@pytest.mark.parametrize("method", [
-    pytest.param("srd", marks=pytest.mark.xfail(strict=True, reason=(
-        "known defect, also before the memo (7be6c34): after SRD's PFV engine refuses a "
-        "transformer, something outside the Python heap still reaches its traced graph, "
-        "which keeps the model alive"))),
-    "fullgrad"])
+@pytest.mark.parametrize("method", ["srd", "fullgrad"])
 def test_what_is_remembered_goes_with_the_model(method):
     import gc
     import weakref

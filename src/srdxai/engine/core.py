@@ -263,6 +263,10 @@ class Trace:
                 node.consumers = []
             recorder.forget_all()
             recorder.order.clear()
+            # the recorder's callbacks close over this trace: drop the recorder so that the
+            # two do not hold each other (and the input) until a full garbage collection
+            self.recorder = None
+        self._slots = []
         self.module_outputs.clear()
         self.output = None
         self.head_ops, self.head_sources, self.pfv_layers = set(), [], []

@@ -20,6 +20,7 @@ has one position (empty spatial shape).
 
 from __future__ import annotations
 
+import copy
 import itertools
 import math
 from collections.abc import Sequence
@@ -608,11 +609,21 @@ class OpaqueOp(LinearOp):
 
     def __init__(self, name: str, error: Exception):
         super().__init__(name=name)
-        self.error = error
+        # kept without its traceback and chained exceptions: those hold the frames of the
+        # forward pass (the model, the trace), and this op is reachable from a tensor hook
+        # that lives in autograd's C++ graph, where the garbage collector cannot see the cycle
+        self._error = error.with_traceback(None)
+        self._error.__context__ = self._error.__cause__ = None
         #: it only moves values (a view, a permute): the plain gradient through it is exact
         self.moves_values = False
         #: it adds a bias the engine did not record (a dense layer on tokens, a LayerNorm)
         self.has_bias = False
+
+    @property
+    def error(self) -> Exception:
+        """Why the engine cannot decompose the operation: a fresh copy per raise, so that no
+        raise leaves its frames on the stored error."""
+        return copy.copy(self._error)
 
     def components(self, i):
         raise self.error

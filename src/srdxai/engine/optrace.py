@@ -271,6 +271,13 @@ class OpRule:
         self.plain = True
 
 
+class RecordingRule(OpRule):
+    """Records the calls and changes nothing: every backward is autograd's, and a call the
+    tracer has no kind for is allowed (a probe of the model's structure)."""
+
+    unknown = "gradient"
+
+
 class TensorFacts:
     """What the operation view attaches to a traced tensor for a rule with
     ``constant_parts``: ``mask`` (bool, the tensor's shape, or None) is True at the entries

@@ -77,11 +77,17 @@ class Tracer(TorchFunctionMode):
         """Mark ``tensor`` as depending on the input, with ``entry`` attached to it. Only a
         weak reference is held: the entry goes away with the tensor."""
         key = id(tensor)
+        # the callback reaches the tracer through a weak reference too: a strong one makes a
+        # cycle (tracer -> entry -> weakref -> callback -> tracer) that keeps the tracer, its
+        # aliases and everything they hold alive until a full garbage collection, which on
+        # a ResNet50 batch of 8 piled up ~0.8 GB per call and page-faulted every call
+        tracer = weakref.ref(self)
 
         def forget(ref: weakref.ref, key: int = key) -> None:
-            item = self.tracked.get(key)
+            me = tracer()
+            item = None if me is None else me.tracked.get(key)
             if item is not None and item[0] is ref:
-                del self.tracked[key]
+                del me.tracked[key]
 
         self.tracked[key] = (weakref.ref(tensor, forget), entry)
 

@@ -55,6 +55,7 @@ from ..engine import ops
 from ..engine.core import Rule, Target, Trace, is_differentiable, keep_graph, target_gradient
 from ..engine.graph import Node
 from ..engine.memory import budget_chunk, run_in_chunks
+from ..engine.optrace import OpRule, OpTrace, RecordingRule
 from ..engine.positions import PositionTags
 from ..errors import InvalidInputError, UnsupportedOperationError
 from . import options
@@ -179,14 +180,9 @@ def _find_token_layer(model: nn.Module, x: Tensor, layer: str,
     final norm's patch tokens get no gradient from a class-token head); ``"high"`` the one
     feeding the attention before; or a module name whose output is tokens or a channels-last
     map."""
-    from ..engine.optrace import OpRule, OpTrace
-
-    class Calls(OpRule):
-        unknown = "gradient"
-
     modules = dict(model.named_modules())
     if layer in ("low", "high"):
-        with torch.no_grad(), OpTrace(model, x.detach(), Calls()) as trace:
+        with torch.no_grad(), OpTrace(model, x.detach(), RecordingRule()) as trace:
             trace.forward()
             calls = [(c.kind, c.name) for c in trace.calls]
         feeding = []
@@ -746,23 +742,8 @@ class _TokenBiasGradients:
         self.unmapped: list[tuple[int, ...]] = []
         self.closed = False
 
-    def rule(self):
-        from ..engine.optrace import OpRule
-
-        collector = self
-
-        class Rule(OpRule):
-            unknown = "gradient"  # every backward is autograd's: plain gradients
-
-            def on_call(self, call, inputs, output):
-                collector.positions.on_call(call, inputs, output)
-                collector.on_call(call, inputs, output)
-                return output
-
-            def on_move(self, func, args, kwargs, output):
-                collector.positions.on_move(func, args, kwargs, output)
-
-        return Rule()
+    def rule(self) -> _CollectingRule:
+        return _CollectingRule(self)
 
     def start(self, x: Tensor) -> None:
         self.positions.start(x)
@@ -859,6 +840,26 @@ class _TokenBiasGradients:
         return None
 
 
+class _CollectingRule(OpRule):
+    """The operation-view rule of :class:`_TokenBiasGradients`: every backward is autograd's
+    (plain gradients); each call is shown to the position tags and to the collector. A class
+    of the module, not one made per call: a class is a reference cycle, and one made in a
+    method would keep the collector's maps alive until a full garbage collection."""
+
+    unknown = "gradient"
+
+    def __init__(self, collector: _TokenBiasGradients):
+        self.collector = collector
+
+    def on_call(self, call, inputs, output):
+        self.collector.positions.on_call(call, inputs, output)
+        self.collector.on_call(call, inputs, output)
+        return output
+
+    def on_move(self, func, args, kwargs, output):
+        self.collector.positions.on_move(func, args, kwargs, output)
+
+
 @register("fullgrad")
 class FullGrad(Method):
     """FullGrad (Srinivas & Fleuret, NeurIPS 2019), post-processed as pytorch-grad-cam.
@@ -902,7 +903,6 @@ class FullGrad(Method):
 
     def _map(self, x: Tensor, target: Target) -> Tensor:
         if model_has_attention(self, x):  # a transformer: the operation view, biases placed
-            from ..engine.optrace import OpTrace
 
             collector: Any = _TokenBiasGradients(tuple(x.shape[2:]), x.shape[0])
             collector.start(x)

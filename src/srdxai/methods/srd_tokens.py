@@ -56,7 +56,7 @@ from torch import nn
 
 from ..engine.channels import safe_divide
 from ..engine.core import Target, keep_graph
-from ..engine.optrace import OpCall, OpRule, OpTrace
+from ..engine.optrace import OpCall, OpRule, OpTrace, RecordingRule
 from ..errors import UnsupportedOperationError
 from .base import Method, register
 
@@ -404,11 +404,8 @@ def has_attention(method: Method, leaf: Tensor) -> bool:
     """Whether the model multiplies two input-dependent tensors by a matrix product (an
     attention): one probe pass on one sample, without autograd."""
 
-    class Calls(OpRule):
-        unknown = "gradient"
-
     with method._guard(), torch.no_grad(), OpTrace(method.model, leaf[:1].detach(),
-                                                    Calls()) as trace:
+                                                    RecordingRule()) as trace:
         trace.forward()
         return any(c.kind == "matmul" and c.n_inputs == 2 for c in trace.calls)
 
