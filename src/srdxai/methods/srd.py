@@ -234,7 +234,7 @@ class SRDRule(Rule):
         norms = _chain_norms(conv, self._source_value(src), post, channel)
         conv.release()
         if position is not None:
-            norms = norms * position.abs()
+            norms = _times(norms, position.abs())
         share = _shares(norms, conv.offset_inside(norms.dtype), rho)
         self._add_bias_relevance(src, conv.scatter_offsets(share))
         return True
@@ -307,7 +307,7 @@ class SRDRule(Rule):
         conv.release()
         norms = torch.cat(parts, 1)  # (N, K1 * K2, *out), offsets of ``first`` outer
         if position is not None:
-            norms = norms * position.abs()
+            norms = _times(norms, position.abs())
         inside = conv.offset_inside(norms.dtype).repeat(1, k1, *([1] * (norms.dim() - 2)))
         share = _shares(norms, inside, rho)
         for i, j in enumerate(first.offsets):
@@ -403,16 +403,26 @@ def _conv_before(bn: ops.BatchNormOp) -> ops.ConvOp | None:
     return None
 
 
+def _times(norms: Tensor, factor: Tensor) -> Tensor:
+    """``norms * factor``, written into ``norms`` (a tensor the caller just made and owns)
+    unless a differentiable map is being built: with (N, K1 * K2, *out) path norms (784 paths
+    at ConvNeXt's stem block) every fresh full-size tensor costs its page faults."""
+    if norms.requires_grad or factor.requires_grad:
+        return norms * factor
+    return norms.mul_(factor)
+
+
 def _shares(norms: Tensor, inside: Tensor, rho: Tensor) -> Tensor:
     """``rho`` split over the paths (dim 1 of ``norms``, (N, paths, *out)) in proportion to
     their norms; where every norm is 0, evenly over the paths that read inside the input
-    (``inside``, 1 there), which keeps relevance conserved."""
+    (``inside``, 1 there), which keeps relevance conserved. ``norms`` is the caller's own
+    fresh tensor and may be overwritten."""
     total = norms.sum(1, keepdim=True)
     dead = total == 0
     if _may_hold(dead):
         norms = torch.where(dead, inside.expand_as(norms), norms)
         total = torch.where(dead, inside.sum(1, keepdim=True), total)
-    return safe_divide(rho.unsqueeze(1), total) * norms
+    return _times(norms, safe_divide(rho.unsqueeze(1), total))
 
 
 def _walk_pointwise(node: Node) -> tuple[Node, Tensor | None, Tensor | None] | None:
