@@ -1,0 +1,43 @@
+"""The files a user or a packager reads besides the code: the citation, the changelog and the
+typing marker agree with the package's version and ship with it."""
+
+from __future__ import annotations
+
+import tomllib
+from importlib import resources
+from pathlib import Path
+
+import yaml
+
+import srdxai
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+def _project_version() -> str:
+    return tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]["version"]
+
+
+def test_the_version_is_one_number_everywhere():
+    citation = yaml.safe_load((ROOT / "CITATION.cff").read_text(encoding="utf-8"))
+    assert srdxai.__version__ == _project_version() == str(citation["version"])
+    assert f"{_project_version()}" in (ROOT / "CHANGELOG.md").read_text(encoding="utf-8")
+
+
+def test_the_citation_file_cites_the_methods_papers():
+    citation = yaml.safe_load((ROOT / "CITATION.cff").read_text(encoding="utf-8"))
+    assert citation["cff-version"] == "1.2.0"
+    for key in ("message", "title", "authors", "type", "license"):
+        assert citation.get(key), key
+    titles = " ".join(ref["title"] for ref in citation["references"])
+    for words in ("Sharing Ratio Decomposition", "Relative Absolute Magnitude",
+                  "gradient-based attribution"):
+        assert words in titles, words
+    for ref in citation["references"]:
+        assert ref["authors"] and ref["year"], ref["title"]
+
+
+def test_the_package_is_marked_typed():
+    assert resources.files("srdxai").joinpath("py.typed").is_file()
+    data = tomllib.loads((ROOT / "pyproject.toml").read_text())["tool"]["setuptools"]
+    assert "py.typed" in data["package-data"]["srdxai"]
