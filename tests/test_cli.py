@@ -186,7 +186,13 @@ def test_explain_gradient_end_to_end(runner, needs_lite0, demo_dir, tmp_path):
     _check_output_line(lines[1], images[1], out / "coffee_gradient.png", "espresso")
     for name in ("chelsea_gradient.png", "coffee_gradient.png"):
         assert (out / name).read_bytes()[:8] == PNG_SIGNATURE
-    assert sorted(p.name for p in out.iterdir()) == ["chelsea_gradient.png", "coffee_gradient.png"]
+    assert sorted(p.name for p in out.iterdir()) == [
+        "chelsea_gradient.npy", "chelsea_gradient.png", "coffee_gradient.npy",
+        "coffee_gradient.png"]
+    for stem in ("chelsea", "coffee"):  # the map itself, at the model's input size
+        saved = np.load(out / f"{stem}_gradient.npy")
+        assert saved.shape == (224, 224) and saved.dtype == np.float32
+        assert np.isfinite(saved).all() and np.abs(saved).max() > 0
 
 
 def test_explain_explicit_target_and_repeated_stems(runner, needs_lite0, demo_dir, tmp_path):
@@ -204,8 +210,8 @@ def test_explain_explicit_target_and_repeated_stems(runner, needs_lite0, demo_di
     )  # fmt: skip
     assert result.exit_code == 0, (result.output, result.exception)
     assert sorted(p.name for p in out.iterdir()) == [
-        "chelsea-2_gradient.png",
-        "chelsea_gradient.png",
+        "chelsea-2_gradient.npy", "chelsea-2_gradient.png",
+        "chelsea_gradient.npy", "chelsea_gradient.png",
     ]
 
 

@@ -165,21 +165,128 @@ def _output_names(paths: Sequence[Path], method: str) -> list[str]:
 # --------------------------------------------------------------------------------------- explain
 
 
+def _triple(value: str | None, option: str) -> tuple[float, float, float] | None:
+    if value is None:
+        return None
+    try:
+        parts = tuple(float(v) for v in value.split(","))
+    except ValueError:
+        parts = ()
+    if len(parts) != 3:
+        raise InvalidInputError(f"{option} takes three comma-separated numbers (R,G,B), got "
+                                f"{value!r}")
+    return parts  # type: ignore[return-value]
+
+
+def _method_list(method: str) -> list[str]:
+    """``--method``: one name, ``a,b,c`` (one comparison grid), or ``all``."""
+    from srdxai.methods import METHODS
+
+    if method.strip() == "all":
+        return sorted(METHODS)
+    names = [m.strip() for m in method.split(",") if m.strip()]
+    if not names:
+        raise InvalidInputError("--method is empty; see `srdxai methods` for the names")
+    if len(set(names)) != len(names):
+        raise InvalidInputError(f"--method names a method twice: {method!r}")
+    return names
+
+
+class _Subject:
+    """The model an ``explain`` run explains: a bundled one, or the user's own (built from an
+    architecture name or a builder function, with a weight file and its preprocessing)."""
+
+    def __init__(self, model_name: str | None, arch: str | None, builder: str | None,
+                 weights: Path | None, num_classes: int | None, size: int | None,
+                 mean: str | None, std: str | None, classes: Path | None):
+        from srdxai import models
+
+        own = arch is not None or builder is not None
+        if own and model_name is not None:
+            raise InvalidInputError("--model names a bundled model; drop it when you give "
+                                    "--arch or --builder")
+        if not own and any(v is not None for v in (weights, num_classes, size, mean, std)):
+            raise InvalidInputError("--weights, --num-classes, --size, --mean and --std "
+                                    "describe your own model: give --arch or --builder too")
+        self.own = own
+        self.classes_file = classes
+        if own:
+            from srdxai.models import user
+
+            self.spec = user.image_spec(
+                size if size is not None else 224,
+                _triple(mean, "--mean") or user.IMAGENET_MEAN,
+                _triple(std, "--std") or user.IMAGENET_STD)
+            self.label = arch or builder
+            self._build = lambda: user.build_model(arch, builder, weights, num_classes)
+            self.num_classes = num_classes
+        else:
+            self.name = model_name or models.DEFAULT_MODEL
+            info = models.model_info(self.name)
+            self.label = self.name
+            self.num_classes = info.num_classes
+
+    def load(self) -> Any:
+        from srdxai import models
+
+        self.model = self._build() if self.own else models.load_model(self.name)
+        return self.model
+
+    def shown(self, picture: Any) -> Any:
+        from srdxai import models
+        from srdxai.models import user
+
+        return user.prepare(picture, self.spec) if self.own else models.prepare_image(
+            picture, self.name)
+
+    def input(self, picture: Any) -> Any:
+        from srdxai import models
+        from srdxai.models import user
+
+        return user.preprocess(picture, self.spec) if self.own else models.preprocess(
+            picture, self.name)
+
+    def labels(self, num_classes: int) -> list[str]:
+        from srdxai import models
+        from srdxai.models import user
+
+        if self.classes_file is not None:
+            return user.read_class_names(self.classes_file, num_classes)
+        if self.own:
+            return [f"class {i}" for i in range(num_classes)]
+        return models.class_names(self.name)
+
+
 @cli.command()
 @click.argument("images", nargs=-1, required=True, type=click.Path(path_type=Path))
-@click.option(
-    "--model",
-    "model_name",
-    default="efficientnet-lite0",
-    show_default=True,
-    help="Bundled model to explain.",
-)
+@click.option("--model", "model_name", default=None,
+              help="Bundled model to explain (`srdxai models`).  [default: efficientnet-lite0]")
+@click.option("--arch", default=None, metavar="[timm:|torchvision:]NAME",
+              help="Your model: a timm or torchvision architecture, built without "
+              "downloading anything; give its weights with --weights.")
+@click.option("--builder", default=None, metavar="MODULE:FUNCTION",
+              help="Your model: 'package.module:function' or 'path/to/file.py:function' "
+              "returning an nn.Module (called with num_classes= when --num-classes is given).")
+@click.option("--weights", type=click.Path(path_type=Path), default=None,
+              help="State dict of your model (a training checkpoint holding one under "
+              "'state_dict' or 'model' works too); read with weights_only=True.")
+@click.option("--num-classes", type=click.IntRange(min=1), default=None,
+              help="Outputs of your model, if not the architecture's default.")
+@click.option("--size", type=click.IntRange(min=8), default=None,
+              help="Your model's input size: the shorter side is resized to size/0.875 and "
+              "the central size x size square kept.  [default: 224]")
+@click.option("--mean", default=None, metavar="R,G,B",
+              help="Your model's normalisation mean on the [0, 1] scale.  [default: ImageNet's]")
+@click.option("--std", default=None, metavar="R,G,B",
+              help="Your model's normalisation std.  [default: ImageNet's]")
+@click.option("--classes", type=click.Path(path_type=Path), default=None,
+              help="Class names, one per line, one line per output.")
 @click.option(
     "--method",
     default="srd",
     show_default=True,
-    help="Attribution method (see `srdxai methods`), or 'all' for one grid PNG per image "
-    "comparing every method.",
+    help="Attribution method (see `srdxai methods`); several as 'a,b,c' or 'all' give one "
+    "comparison grid per image.",
 )
 @click.option(
     "--target",
@@ -188,13 +295,15 @@ def _output_names(paths: Sequence[Path], method: str) -> list[str]:
     metavar="auto|INT",
     help="Class to explain: 'auto' (the predicted class) or a class index.",
 )
+@click.option("--top-k", type=click.IntRange(min=1), default=5, show_default=True,
+              help="How many top classes to print and show.")
 @click.option(
     "--out",
     "out_dir",
     default="out",
     show_default=True,
     type=click.Path(path_type=Path),
-    help="Folder for the figures (created if missing).",
+    help="Folder for the figures and maps (created if missing).",
 )
 @click.option(
     "--contrastive/--no-contrastive",
@@ -205,65 +314,97 @@ def _output_names(paths: Sequence[Path], method: str) -> list[str]:
 @_errors_as_one_line
 def explain(
     images: tuple[Path, ...],
-    model_name: str,
+    model_name: str | None,
+    arch: str | None,
+    builder: str | None,
+    weights: Path | None,
+    num_classes: int | None,
+    size: int | None,
+    mean: str | None,
+    std: str | None,
+    classes: Path | None,
     method: str,
     target: str,
+    top_k: int,
     out_dir: Path,
     contrastive: bool | None,
 ) -> None:
-    """Explain the model's decision on each IMAGE and write <out>/<stem>_<method>.png.
+    """Explain the model's decision on each IMAGE: writes <out>/<stem>_<method>.png (the
+    image, the map over it with a colour bar, the top classes) and <stem>_<method>.npy (the
+    map, float32, the model's input size); several methods give one grid PNG and one .npy each.
 
-    Prints one line per image: the image, its top-5 classes with probabilities, and the figure.
+    Prints one line per image: the image, its top classes with probabilities, and the figure.
     """
-    from srdxai import models
-
     # Check everything that can be wrong with the request before any real work.
-    info = models.model_info(model_name)
-    target_class = _parse_target(target, info.num_classes)
-    _check_method(method, contrastive)
+    subject = _Subject(model_name, arch, builder, weights, num_classes, size, mean, std, classes)
+    methods = _method_list(method)
+    grid = len(methods) > 1
+    if grid and contrastive is not None:
+        raise InvalidInputError(f"--method {method.strip()} runs each method with its "
+                                "defaults; drop --contrastive/--no-contrastive")
+    for name in methods:
+        _check_method(name, contrastive)
+    if subject.num_classes is not None:
+        _parse_target(target, subject.num_classes)
+    if classes is not None and not classes.is_file():
+        raise InvalidInputError(f"class names file not found: {classes}")
     if out_dir.exists() and not out_dir.is_dir():
         raise InvalidInputError(f"--out {out_dir} exists and is not a folder")
     pictures = [_load_image(path) for path in images]
 
+    import numpy as np
     import torch
     from tqdm import tqdm
 
     import srdxai
     from srdxai.report import save_explanation_figure, save_method_grid
 
-    labels = models.class_names(model_name)
-    model = models.load_model(model_name)
+    model = subject.load()
     options: dict[str, Any] = {} if contrastive is None else {"contrastive": contrastive}
     out_dir.mkdir(parents=True, exist_ok=True)
-    names = _output_names(images, method)
+    label = "-".join(methods) if grid and method.strip() != "all" else method.strip()
+    names = _output_names(images, label)
 
+    labels: list[str] | None = None
+    target_class: int | None = None
     jobs = list(zip(images, pictures, names, strict=True))
     with tqdm(jobs, desc="explaining", unit="image", file=sys.stderr, disable=len(jobs) < 2) as bar:
         for path, picture, name in bar:
-            shown = models.prepare_image(picture, model_name)
-            x = models.preprocess(picture, model_name)
+            shown = subject.shown(picture)
+            x = subject.input(picture)
             with torch.no_grad():
-                probs = torch.softmax(model(x).float(), dim=-1)[0]
-            top_p, top_i = probs.topk(min(5, probs.numel()))
-            top5 = [(labels[int(i)], float(p)) for p, i in zip(top_p, top_i, strict=True)]
+                logits = model(x)
+            if not isinstance(logits, torch.Tensor) or logits.dim() != 2:
+                raise InvalidInputError(f"the model returned {type(logits).__name__} "
+                                        f"{tuple(getattr(logits, 'shape', ()))}; srdxai "
+                                        "explains classifiers returning (batch, classes) logits")
+            probs = torch.softmax(logits.float(), dim=-1)[0]
+            if labels is None:  # the first image tells how many outputs the model has
+                labels = subject.labels(probs.numel())
+                target_class = _parse_target(target, probs.numel())
+            top_p, top_i = probs.topk(min(top_k, probs.numel()))
+            top = [(labels[int(i)], float(p)) for p, i in zip(top_p, top_i, strict=True)]
             explained = int(top_i[0]) if target_class is None else target_class
 
             variant = " (contrastive)" if contrastive else ""
-            title = (
-                f"{path.name}: {method}{variant} for class {explained} '{labels[explained]}' "
-                f"(p={float(probs[explained]):.3f})"
-            )
-            if method == "all":
-                maps, signed = _all_methods(model, x, target_class)
+            what = "methods compared" if grid else f"{methods[0]}{variant}"
+            title = (f"{path.name}: {what} for '{labels[explained]}' (class {explained}, "
+                     f"p={float(probs[explained]):.3f})")
+            stem = out_dir / Path(name).stem
+            if grid:
+                maps, signed = _method_maps(model, x, target_class, methods)
+                for m, heat in maps.items():
+                    np.save(stem.with_name(f"{stem.name}.{m}.npy"), heat.astype(np.float32))
                 png = save_method_grid(out_dir / name, shown, maps, title, signed=signed)
             else:
-                relevance = srdxai.explain(model, x, target=target_class, method=method,
+                relevance = srdxai.explain(model, x, target=target_class, method=methods[0],
                                            **options)
                 heatmap = relevance.detach().float().cpu().reshape(-1, *relevance.shape[-2:])[0]
-                png = save_explanation_figure(out_dir / name, shown, heatmap.numpy(), top5,
+                np.save(stem.with_suffix(".npy"), heatmap.numpy())
+                png = save_explanation_figure(out_dir / name, shown, heatmap.numpy(), top,
                                               title)
 
-            ranked = " | ".join(f"{label} {p:.3f}" for label, p in top5)
+            ranked = " | ".join(f"{lab} {p:.3f}" for lab, p in top)
             line = f"{path}: {ranked} -> {png}"
             if bar.disable:
                 click.echo(line)
@@ -271,16 +412,17 @@ def explain(
                 tqdm.write(line, file=sys.stdout)
 
 
-def _all_methods(model: Any, x: Any, target: int | None) -> tuple[dict, dict]:
-    """Every registered method's map for one image, with each method's own defaults (an
-    occlusion window of 16 px, so the grid stays quick). Methods that cannot run on this model
-    are left out with a note on stderr."""
+def _method_maps(model: Any, x: Any, target: int | None,
+                 methods: Sequence[str]) -> tuple[dict, dict]:
+    """Each method's map for one image, with the method's own defaults (an occlusion window
+    of 16 px, so a grid stays quick). Methods that cannot run on this model are left out with
+    a note on stderr."""
     import srdxai
     from srdxai.methods import METHODS
 
     options = {"occlusion": {"window": 16, "stride": 8}}
     maps, signed = {}, {}
-    for name in sorted(METHODS):
+    for name in methods:
         try:
             rel = srdxai.explain(model, x, target=target, method=name, **options.get(name, {}))
         except srdxai.SrdxaiError as error:

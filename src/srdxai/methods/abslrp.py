@@ -34,13 +34,17 @@ relevance as it is, and so does multiplication by a number (``q * scale``).
 
 **Differences from the reference code** (``abslrp_gae/``, HEAD 130e4e1), on purpose:
 
-* the reference applies the kernel to every parameter-free leaf module, including timm's
-  ``nn.Identity`` placeholders (``q_norm``, ``ls1``, ``fc_norm``, ...), eval ``Dropout`` and its
-  class-token selection ``x[:, 0]``. On an identity the kernel gives ``2 R`` where the value is
-  positive and ``0`` where it is negative, so the reference's ViT maps drop the relevance of
-  negative GELU outputs, of negative ``q`` / ``k`` entries and of negative class-token
-  channels, and the result depends on whether a model's code contains a no-op placeholder.
-  An identity should pass relevance unchanged; here it does.
+* the reference applies the kernel to every leaf module its rule set does not claim: on its
+  ViT eval ``Dropout`` and the class-token pool ``x[:, 0]`` (a wrapper module; ``nn.Identity``
+  placeholders such as ``q_norm`` / ``ls1`` / ``fc_norm`` pass through there), on VGG and
+  ResNet also ``nn.Identity`` placeholders and the ``nn.Flatten`` around the classifier. On an
+  identity the kernel gives ``2 R`` where the value is positive and ``0`` where it is
+  negative, so the reference drops the relevance of negative entries at every dropout and of
+  negative class-token channels, and the result depends on whether a model's code contains a
+  no-op module. An identity should pass relevance unchanged; here it does.
+* residual sums use the local rule (each input its own term), as the paper-era code did by
+  detaching both inputs; the reference at HEAD takes one ``autograd.grad`` over both inputs,
+  so the shortcut also receives the gradient through the whole branch it feeds.
 * the reference sets ``max_pool_divide=False`` only in its VGG rule (ResNet's stem max pool
   divides); here one option holds for every max pool.
 

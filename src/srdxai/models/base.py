@@ -5,6 +5,7 @@ from __future__ import annotations
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Protocol
 
 import numpy as np
 import torch
@@ -89,7 +90,18 @@ def resize_image(image: np.ndarray, size: int) -> np.ndarray:
     return np.asarray(resized, dtype=np.uint8).copy()
 
 
-def normalize(image: np.ndarray, info: ModelInfo) -> torch.Tensor:
+class Normalisation(Protocol):
+    """Anything with per-channel ``mean`` and ``std`` (a :class:`ModelInfo`, a user model's
+    ``ImageSpec``)."""
+
+    @property
+    def mean(self) -> tuple[float, float, float]: ...
+
+    @property
+    def std(self) -> tuple[float, float, float]: ...
+
+
+def normalize(image: np.ndarray, info: Normalisation) -> torch.Tensor:
     """``uint8`` ``(H, W, 3)`` -> float32 ``(1, 3, H, W)``: ``(pixel / 255 - mean) / std``."""
     rgb = as_rgb_uint8(image)
     x = torch.from_numpy(rgb).to(torch.float32).div_(255.0)

@@ -55,6 +55,7 @@ def load_checkpoint(model: torch.nn.Module, path: Path, what: str, hint: str
     except Exception as exc:  # torch raises many types for damaged files
         raise SrdxaiError(f"cannot read the weight file for {what} ({path}): {first_line(exc)}; "
                           f"the file is probably corrupt; {hint}") from exc
+    state = _unwrapped(state)
     if not isinstance(state, Mapping) or not all(isinstance(v, torch.Tensor)
                                                  for v in state.values()):
         raise SrdxaiError(f"the weight file for {what} ({path}) does not hold a state dict of "
@@ -65,3 +66,24 @@ def load_checkpoint(model: torch.nn.Module, path: Path, what: str, hint: str
         raise SrdxaiError(f"the weight file for {what} ({path}) does not match its "
                           f"architecture ({first_line(exc)}); {hint}") from exc
     return model.eval()
+
+
+#: keys under which training scripts commonly store the state dict in a checkpoint
+_STATE_KEYS = ("state_dict", "model_state_dict", "model", "state_dict_ema", "model_ema")
+
+
+def _unwrapped(state: object) -> object:
+    """The state dict inside a training checkpoint (``{"state_dict": ...}``, ``{"model": ...}``),
+    with the ``module.`` prefix of ``DataParallel`` / DDP checkpoints removed."""
+    if isinstance(state, Mapping) and not all(isinstance(v, torch.Tensor)
+                                              for v in state.values()):
+        for key in _STATE_KEYS:
+            inner = state.get(key)
+            if isinstance(inner, Mapping) and inner and all(
+                    isinstance(v, torch.Tensor) for v in inner.values()):
+                state = inner
+                break
+    if isinstance(state, Mapping) and state and all(
+            isinstance(k, str) and k.startswith("module.") for k in state):
+        state = {k[len("module."):]: v for k, v in state.items()}
+    return state
