@@ -264,3 +264,28 @@ def test_composite_labels_are_efficientnet_predictions_and_it_finds_them():
         x = torch.cat([preprocess(image) for image in b.images])
         hits = (model(x).argmax(1) == b.labels).float().mean()
     assert hits >= 0.4, float(hits)
+
+
+def test_read_image_scales_16_bit_greyscale_and_refuses_unknown_ranges(tmp_path):
+    from PIL import Image
+
+    from srdxai.data import read_image
+    from srdxai.errors import InvalidInputError
+
+    ramp = np.linspace(0, 65535, 48 * 64).reshape(48, 64).astype(np.uint16)
+    Image.fromarray(ramp).save(tmp_path / "deep.png")  # Pillow's I;16: clipped to white by
+    rgb = read_image(tmp_path / "deep.png")             # convert("RGB")
+    assert rgb.shape == (48, 64, 3) and rgb.dtype == np.uint8
+    assert rgb[0, 0, 0] == 0 and rgb[-1, -1, 0] == 255
+    np.testing.assert_array_equal(rgb[..., 0], np.rint(ramp / 257.0).astype(np.uint8))
+    assert (rgb[..., 0] == rgb[..., 2]).all()
+
+    Image.fromarray(np.random.rand(8, 8).astype(np.float32)).save(tmp_path / "float.tiff")
+    with pytest.raises(InvalidInputError, match="floating-point"):
+        read_image(tmp_path / "float.tiff")
+    (tmp_path / "broken.png").write_bytes(b"not an image")
+    with pytest.raises(InvalidInputError, match="cannot read image"):
+        read_image(tmp_path / "broken.png")
+    eight = np.random.default_rng(0).integers(0, 256, (5, 7, 3), dtype=np.uint8)
+    Image.fromarray(eight).save(tmp_path / "rgb.png")
+    np.testing.assert_array_equal(read_image(tmp_path / "rgb.png"), eight)

@@ -131,25 +131,6 @@ def _check_method(method: str, contrastive: bool | None) -> None:
         )
 
 
-def _load_image(path: Path) -> Any:
-    """Read an image file as a uint8 RGB array (EXIF rotation applied)."""
-    import numpy as np
-    from PIL import Image, ImageOps
-
-    if not path.exists():
-        raise InvalidInputError(f"no such file: {path}")
-    if not path.is_file():
-        raise InvalidInputError(f"not a file: {path}")
-    try:
-        with Image.open(path) as img:
-            img.load()
-            rgb = ImageOps.exif_transpose(img).convert("RGB")
-    except Exception as exc:  # Pillow raises many types for damaged or unknown files
-        reason = " ".join(str(exc).split()) or type(exc).__name__
-        raise InvalidInputError(f"cannot read image {path}: {reason}") from exc
-    return np.asarray(rgb, dtype=np.uint8)
-
-
 def _output_names(paths: Sequence[Path], method: str) -> list[str]:
     """``<stem>_<method>.png`` per image; repeated stems get ``-2``, ``-3``, ... appended."""
     seen: dict[str, int] = {}
@@ -350,7 +331,9 @@ def explain(
         raise InvalidInputError(f"class names file not found: {classes}")
     if out_dir.exists() and not out_dir.is_dir():
         raise InvalidInputError(f"--out {out_dir} exists and is not a folder")
-    pictures = [_load_image(path) for path in images]
+    from srdxai.data import read_image
+
+    pictures = [read_image(path) for path in images]
 
     import numpy as np
     import torch

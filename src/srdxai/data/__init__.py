@@ -11,12 +11,14 @@ from __future__ import annotations
 
 from functools import lru_cache
 from importlib import resources
+from pathlib import Path
 
 import numpy as np
 
-from srdxai.errors import MissingDependencyError, SrdxaiError
+from srdxai.errors import InvalidInputError, MissingDependencyError, SrdxaiError
 
-__all__ = ["DEMO_IMAGE_NAMES", "NUM_IMAGENET_CLASSES", "demo_images", "imagenet_class_names"]
+__all__ = ["DEMO_IMAGE_NAMES", "NUM_IMAGENET_CLASSES", "demo_images", "imagenet_class_names",
+           "read_image"]
 
 NUM_IMAGENET_CLASSES = 1000
 
@@ -64,3 +66,49 @@ def demo_images() -> dict[str, np.ndarray]:
             image = np.stack([image] * 3, axis=-1)
         images[name] = np.ascontiguousarray(image[..., :3], dtype=np.uint8)
     return images
+
+
+#: Pillow modes of one-channel images with more than 8 bits per pixel, and their full scale
+_DEEP_GREY = {"I;16": 65535, "I;16L": 65535, "I;16B": 65535, "I;16N": 65535}
+
+
+def read_image(path: str | Path) -> np.ndarray:
+    """An image file as a ``uint8`` RGB array ``(H, W, 3)``, EXIF rotation applied.
+
+    16-bit greyscale files (PNG, TIFF) are scaled from their full range to 8 bits (Pillow's
+    own conversion would clip them to white); 16-bit colour PNGs are reduced to 8 bits by
+    Pillow. 32-bit integer and floating-point images have no agreed range and are refused
+    with :class:`~srdxai.errors.InvalidInputError`, as is anything Pillow cannot read.
+    """
+    from PIL import Image, ImageOps
+
+    path = Path(path)
+    if not path.exists():
+        raise InvalidInputError(f"no such file: {path}")
+    if not path.is_file():
+        raise InvalidInputError(f"not a file: {path}")
+    try:
+        with Image.open(path) as img:
+            img.load()
+            img = ImageOps.exif_transpose(img)
+            mode = img.mode
+            if mode in _DEEP_GREY:
+                deep = np.asarray(img).astype(np.float64)
+                grey = np.rint(deep * (255.0 / _DEEP_GREY[mode])).astype(np.uint8)
+                return np.repeat(grey[:, :, None], 3, axis=2)
+            if mode == "I":  # 32-bit ints: 16-bit files opened this way keep <= 65535
+                deep = np.asarray(img)
+                if deep.min() >= 0 and deep.max() <= 65535:
+                    grey = np.rint(deep.astype(np.float64) * (255.0 / 65535)).astype(np.uint8)
+                    return np.repeat(grey[:, :, None], 3, axis=2)
+            if mode in ("I", "F"):
+                raise InvalidInputError(
+                    f"{path} is a {'32-bit integer' if mode == 'I' else 'floating-point'} "
+                    "image, whose range srdxai cannot know; save it as an 8- or 16-bit image")
+            rgb = img.convert("RGB")
+    except InvalidInputError:
+        raise
+    except Exception as exc:  # Pillow raises many types for damaged or unknown files
+        reason = " ".join(str(exc).split()) or type(exc).__name__
+        raise InvalidInputError(f"cannot read image {path}: {reason}") from exc
+    return np.asarray(rgb, dtype=np.uint8)
