@@ -8,7 +8,7 @@ STAMP = $(VENV)/.installed
 DEMO_STAMP = $(VENV)/.installed-demo
 DEMO_DIR = out/demo
 
-.PHONY: venv data demo test lint bench clean
+.PHONY: venv data demo test lint docs bench clean
 
 venv: $(STAMP)
 
@@ -43,6 +43,9 @@ demo: $(DEMO_STAMP) data
 
 test: venv data
 	HF_HUB_OFFLINE=1 $(PYTHON) -m pytest -q -m "not slow" tests
+
+docs: venv  # the documentation site, warnings as errors: out/site/index.html
+	$(BIN)/mkdocs build --strict
 
 lint: venv
 	$(BIN)/ruff check src tests bench
