@@ -225,12 +225,18 @@ def test_explain_srd_default(runner, needs_lite0, demo_dir, tmp_path):
 
 
 def test_methods_lists_every_registered_method(runner):
-    from srdxai.methods import METHODS
+    from srdxai.methods import FAMILIES, METHODS, by_family
 
     result = runner.invoke(cli, ["methods"])
     assert result.exit_code == 0
-    listed = [line.split()[0] for line in result.stdout.strip().splitlines()]
-    assert listed == sorted(METHODS)
+    lines = result.stdout.strip().splitlines()
+    assert [line.split()[0] for line in lines] == by_family(list(METHODS))
+    assert sorted(by_family(list(METHODS))) == sorted(METHODS)
+    families = [METHODS[line.split()[0]].family for line in lines]
+    # every method declares a family, and the list runs family by family in FAMILIES' order
+    assert "other" not in families and all(f in FAMILIES for f in families)
+    assert [FAMILIES.index(f) for f in families] == sorted(FAMILIES.index(f) for f in families)
+    assert all(METHODS[line.split()[0]].family in line for line in lines)
 
 
 def test_method_all_refuses_method_options(runner, small_png, tmp_path, no_model_loading):

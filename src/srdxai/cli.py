@@ -161,10 +161,10 @@ def _triple(value: str | None, option: str) -> tuple[float, float, float] | None
 
 def _method_list(method: str) -> list[str]:
     """``--method``: one name, ``a,b,c`` (one comparison grid), or ``all``."""
-    from srdxai.methods import METHODS
+    from srdxai.methods import METHODS, by_family
 
     if method.strip() == "all":
-        return sorted(METHODS)
+        return by_family(list(METHODS))
     names = [m.strip() for m in method.split(",") if m.strip()]
     if not names:
         raise InvalidInputError("--method is empty; see `srdxai methods` for the names")
@@ -418,14 +418,14 @@ def _method_maps(model: Any, x: Any, target: int | None,
 
 @cli.command("methods")
 def methods_command() -> None:
-    """List the attribution methods, with whether their maps are signed."""
-    from srdxai.methods import METHODS
+    """List the attribution methods family by family, with whether their maps are signed."""
+    from srdxai.methods import METHODS, by_family
 
-    for name in sorted(METHODS):
+    for name in by_family(list(METHODS)):
         cls = METHODS[name]
         doc = (cls.__doc__ or "").strip().splitlines()[0] if cls.__doc__ else ""
         kind = "signed" if getattr(cls, "signed", True) else "unsigned"
-        click.echo(f"{name:22s} {kind:9s} {doc}")
+        click.echo(f"{name:22s} {cls.family:13s} {kind:9s} {doc}")
 
 
 # ----------------------------------------------------------------------------------- demo-images

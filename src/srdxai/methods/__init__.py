@@ -2,7 +2,7 @@
 
 from .abslrp import AbsLRP
 from .attnlrp import CPLRP, AttnLRP
-from .base import METHODS, Method, get_method, register
+from .base import FAMILIES, METHODS, Method, by_family, get_method, register
 from .cam import AblationCAM, FullGrad, GradCAM, GradCAMPlusPlus, LayerCAM, ScoreCAM, XGradCAM
 from .chain_rule import (
     DeepLiftRescale,
@@ -20,7 +20,8 @@ from .srd import SRD
 from .srd_tokens import SRDTokens
 from .transformer import AttentionRollout, TransformerAttribution
 
-__all__ = ["METHODS", "Method", "get_method", "register", "SRD", "Gradient", "Saliency",
+__all__ = ["FAMILIES", "METHODS", "Method", "by_family", "get_method", "register", "SRD",
+           "Gradient", "Saliency",
            "GradientXInput", "IntegratedGradients", "EpsilonLRP", "DeepLiftRescale",
            "SmoothGrad", "GuidedBackprop", "Occlusion", "LRPAlphaBeta", "LRPEpsilon",
            "LRPEpsilonGammaBox", "LRPEpsilonPlus", "LRPZPlus", "GradCAM", "GradCAMPlusPlus",

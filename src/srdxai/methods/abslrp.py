@@ -487,6 +487,8 @@ class AbsLRP(Method):
     deliberate differences from the reference code.
     """
 
+    family = "relevance"
+
     signed = True
 
     def __init__(self, model, contrastive: bool = True, max_pool_divide: bool = False,

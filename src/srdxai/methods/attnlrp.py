@@ -93,6 +93,7 @@ class AttnLRPRule(OpRule):
 class _LXTMethod(Method):
     cp = False
     signed = True
+    family = "relevance"
 
     def __init__(self, model, channel_reduce: str | None = None, batch_size: int | None = None,
                  channels_last: bool | None = None):

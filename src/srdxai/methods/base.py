@@ -95,11 +95,29 @@ def checked_reduction(channel_reduce: str | None, allowed: tuple[str, ...],
     return reduce
 
 
+#: method families in the order comparison grids show them: decompositions of the forward pass
+#: (SRD), relevance propagation (LRP, absLRP, AttnLRP), the modified chain rule (gradients,
+#: integrated gradients, DeepLIFT), class activation maps, attention maps, perturbation
+FAMILIES = ("decomposition", "relevance", "chain rule", "cam", "attention", "perturbation",
+            "other")
+
+
+def by_family(names: Sequence[str]) -> list[str]:
+    """Registered method names sorted family by family (``FAMILIES``), then by name."""
+    def key(name: str) -> tuple[int, str]:
+        family = getattr(METHODS.get(name), "family", "other")
+        return (FAMILIES.index(family) if family in FAMILIES else len(FAMILIES), name)
+
+    return sorted(names, key=key)
+
+
 class Method:
     """Base of every attribution method: ``Method(model, **options).attribute(x, target)``."""
 
     name = "method"
     signed = True
+    #: the family it belongs to (``FAMILIES``): comparison grids show methods family by family
+    family = "other"
     #: the map can be made differentiable with respect to the input
     #: (``srdxai.engine.differentiable``); False: such a call raises a clear error
     differentiable = True

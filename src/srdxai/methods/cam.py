@@ -341,6 +341,8 @@ class _LayerCAM(Method):
 class _GradientCAM(_LayerCAM):
     """CAMs computed from one forward and one backward pass to the layer."""
 
+    family = "cam"
+
     def _map(self, x: Tensor, target: Target, layer: str,
              size: tuple[int, ...] | None) -> Tensor:
         a, g, _, _ = self._activations(x, target, layer, grad=True)
@@ -435,6 +437,8 @@ class _PerturbationCAM(_LayerCAM):
     (default): 64 on an accelerator; on the CPU as many as hold about 2M input values (13 for
     3x224x224 inputs, at most 256), which ran fastest there.
     """
+
+    family = "cam"
 
     def __init__(self, model: nn.Module, layer: str | nn.Module = "low",
                  batch_size: int | None = None, channels_last: bool | None = None,
@@ -881,6 +885,8 @@ class FullGrad(Method):
     with gradients by order, which goes wrong when a block's forward order differs from its
     modules' registration order. FullGrad has no target layer: ``layer`` must be None.
     """
+
+    family = "cam"
 
     signed = False
     needs_smooth_activations = True

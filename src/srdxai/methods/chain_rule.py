@@ -124,6 +124,8 @@ class RescaleRule(Rule):
 class ChainRuleMethod(Method):
     """Shared machinery: the modified input gradient under a slope, and channel reduction."""
 
+    family = "chain rule"
+
     default_reduce = "sum"
     needs_smooth_activations = True  # slopes of a ReLU network are piecewise constant
 

@@ -18,6 +18,8 @@ class Gradient(Method):
     with the plain rule, which records nothing, so it costs what ``torch.autograd.grad`` does.
     """
 
+    family = "chain rule"
+
     needs_smooth_activations = True
 
     def attribute(self, inputs: Tensor, target: Target = None) -> Tensor:

@@ -703,6 +703,8 @@ class LRPComposite(Method):
     A callable target is seeded with ``d objective / d output * output``.
     """
 
+    family = "relevance"
+
     conv_rule = "zplus"
     dense_rule = "epsilon"
     default_first_layer: str | None = None

@@ -39,6 +39,8 @@ class Occlusion(Method):
     overlap; 1 for Occlusion-1), ``baseline`` (0, a number or a tensor). Windows that would
     run past the border are clipped there, so every pixel is covered."""
 
+    family = "perturbation"
+
     def __init__(self, model, window: int | Sequence[int] = 1,
                  stride: int | Sequence[int] | None = None,
                  baseline: Tensor | float | None = None, internal_batch_size: int = 256,

@@ -547,6 +547,8 @@ class SRD(Method):
     The map is signed and summed over channels: shape (N, H, W).
     """
 
+    family = "decomposition"
+
     signed = True
 
     def __init__(

@@ -462,6 +462,8 @@ class SRDTokens(Method):
     attention here (Vision Transformers and hybrids); models without attention are refused
     (see the module docstring and docs/methods.md)."""
 
+    family = "decomposition"
+
     signed = True
 
     def __init__(self, model: nn.Module, batch_size: int | None = None,

@@ -69,6 +69,8 @@ def _patch_map(rows: Tensor, prefix: int, x: Tensor) -> Tensor:
 class _AttentionMethod(Method):
     """Shared: options, the traced forward pass and the check that attention was found."""
 
+    family = "attention"
+
     signed = False
     differentiable = False  # the attention maps are read detached
 
