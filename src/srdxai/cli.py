@@ -35,7 +35,7 @@ class CliError(click.ClickException):
 
     def __init__(self, message: str, exit_code: int = EXIT_USAGE):
         super().__init__(" ".join(str(message).split()))
-        self.exit_code = exit_code
+        self.exit_code = exit_code  # type: ignore[misc]  # click declares it per class
 
     def show(self, file: Any = None) -> None:
         click.echo(f"srdxai: error: {self.format_message()}", file=file, err=file is None)
@@ -403,7 +403,7 @@ def _method_maps(model: Any, x: Any, target: int | None,
     import srdxai
     from srdxai.methods import METHODS
 
-    options = {"occlusion": {"window": 16, "stride": 8}}
+    options: dict[str, dict[str, Any]] = {"occlusion": {"window": 16, "stride": 8}}
     maps, signed = {}, {}
     for name in methods:
         try:

@@ -88,9 +88,9 @@ def read_image(path: str | Path) -> np.ndarray:
     if not path.is_file():
         raise InvalidInputError(f"not a file: {path}")
     try:
-        with Image.open(path) as img:
-            img.load()
-            img = ImageOps.exif_transpose(img)
+        with Image.open(path) as opened:
+            opened.load()
+            img = ImageOps.exif_transpose(opened)
             mode = img.mode
             if mode in _DEEP_GREY:
                 deep = np.asarray(img).astype(np.float64)

@@ -47,11 +47,9 @@ def as_rgb_uint8(image: object) -> np.ndarray:
     Accepts ``(H, W)`` grey, ``(H, W, 1)``, ``(H, W, 3)`` and ``(H, W, 4)`` (alpha dropped) arrays
     of dtype ``uint8``, and Pillow images (converted to RGB).
     """
-    try:
-        from PIL import Image
-    except ImportError:  # pragma: no cover - Pillow is a runtime dependency
-        Image = None
-    if Image is not None and isinstance(image, Image.Image):
+    from PIL import Image  # a runtime dependency
+
+    if isinstance(image, Image.Image):
         image = np.asarray(image.convert("RGB"))
     if not isinstance(image, np.ndarray):
         raise InvalidInputError(

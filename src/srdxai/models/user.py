@@ -24,6 +24,7 @@ import sys
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import torch
@@ -57,8 +58,11 @@ def build_model(arch: str | None = None, builder: str | None = None,
     if num_classes is not None and (isinstance(num_classes, bool) or not isinstance(
             num_classes, int) or num_classes < 1):
         raise InvalidInputError(f"num_classes must be a positive int, got {num_classes!r}")
-    model = _from_arch(arch, num_classes) if arch is not None else _from_builder(builder,
-                                                                                 num_classes)
+    if arch is not None:
+        model = _from_arch(arch, num_classes)
+    else:
+        assert builder is not None  # exactly one of the two, checked above
+        model = _from_builder(builder, num_classes)
     if weights is not None:
         what = arch or builder
         load_checkpoint(model, Path(weights), f"the model {what!r}",
@@ -72,7 +76,7 @@ def _from_arch(arch: str, num_classes: int | None) -> nn.Module:
     if source not in ("", "timm", "torchvision"):
         raise InvalidInputError(f"unknown architecture source {source!r} in {arch!r}: use "
                                 "'timm:NAME', 'torchvision:NAME' or a bare NAME")
-    options = {} if num_classes is None else {"num_classes": num_classes}
+    options: dict[str, Any] = {} if num_classes is None else {"num_classes": num_classes}
     tried = []
     if source in ("", "timm"):
         try:
