@@ -8,7 +8,7 @@ STAMP = $(VENV)/.installed
 DEMO_STAMP = $(VENV)/.installed-demo
 DEMO_DIR = out/demo
 
-.PHONY: venv data demo test lint docs bench clean
+.PHONY: venv data browser demo test lint docs bench clean
 
 venv: $(STAMP)
 
@@ -18,6 +18,11 @@ FASHION_MNIST = /usr/share/datasets/fashion-mnist/t10k-images-idx3-ubyte.gz
 data:
 	@test -f $(FASHION_MNIST) || $(SHELL) scripts/install_fashion_mnist.sh || \
 		echo "note: Fashion-MNIST not installed; its tests will skip (see README)"
+
+# Debian's chromium and its driver, for the ERF explorer's browser test; skipped without them.
+browser:
+	@command -v chromedriver >/dev/null 2>&1 || $(SHELL) scripts/install_browser.sh || \
+		echo "note: chromium not installed; the explorer's browser test will skip"
 
 # Re-run the installs when the project metadata or the constraints change. The demo needs only
 # the library and EfficientNet-Lite0 (no test extras: those are peers' packages, ~2 GB).
@@ -41,7 +46,7 @@ demo: $(DEMO_STAMP) data
 	$(BIN)/srdxai report $(DEMO_DIR)/bench
 	@echo "Benchmark report (quick run of the paper's two tables): $(DEMO_DIR)/bench/report.html"
 
-test: venv data
+test: venv data browser
 	HF_HUB_OFFLINE=1 $(PYTHON) -m pytest -q -m "not slow" tests
 
 docs: venv  # the documentation site, warnings as errors: out/site/index.html

@@ -416,6 +416,98 @@ def _method_maps(model: Any, x: Any, target: int | None,
     return maps, signed
 
 
+@cli.command("explore")
+@click.argument("image", type=click.Path(path_type=Path))
+@click.option("--model", "model_name", default=None,
+              help="Bundled model (`srdxai models`).  [default: efficientnet-lite0]")
+@click.option("--arch", default=None, metavar="[timm:|torchvision:]NAME",
+              help="Your model's architecture (as in `srdxai explain`).")
+@click.option("--builder", default=None, metavar="MODULE:FUNCTION",
+              help="Your model's builder (as in `srdxai explain`).")
+@click.option("--weights", type=click.Path(path_type=Path), default=None,
+              help="Your model's state dict.")
+@click.option("--num-classes", type=click.IntRange(min=1), default=None)
+@click.option("--size", type=click.IntRange(min=8), default=None,
+              help="Your model's input size.  [default: 224]")
+@click.option("--mean", default=None, metavar="R,G,B")
+@click.option("--std", default=None, metavar="R,G,B")
+@click.option("--classes", type=click.Path(path_type=Path), default=None,
+              help="Class names, one per line.")
+@click.option("--layers", default=None,
+              help="Comma-separated SRD layer names whose positions you can explore "
+              "(`srdxai explore --list-layers`); default: the deepest two resolutions.")
+@click.option("--list-layers", is_flag=True, help="Print SRD's layers with their shapes and exit.")
+@click.option("--methods", default="gradcam,integrated_gradients,abslrp", show_default=True,
+              help="Methods shown side by side ('' for none).")
+@click.option("--target", default="auto", show_default=True, metavar="auto|INT")
+@click.option("--resolution", type=click.IntRange(min=8, max=512), default=112,
+              show_default=True, help="Pixels per side of each stored ERF.")
+@click.option("--out", "out_file", type=click.Path(path_type=Path), default=None,
+              help="The HTML file.  [default: out/<image stem>_explorer.html]")
+@_errors_as_one_line
+def explore_command(image: Path, model_name: str | None, arch: str | None,
+                    builder: str | None, weights: Path | None, num_classes: int | None,
+                    size: int | None, mean: str | None, std: str | None,
+                    classes: Path | None, layers: str | None, list_layers: bool, methods: str,
+                    target: str, resolution: int, out_file: Path | None) -> None:
+    """Write one self-contained HTML page to explore IMAGE: the SRD map, SRD's layer maps, and
+    the effective receptive field of any position of the chosen layers (hover or click), with
+    other methods side by side. Opens from a file; needs no server or network."""
+    subject = _Subject(model_name, arch, builder, weights, num_classes, size, mean, std, classes)
+    shown_methods = [m.strip() for m in methods.split(",") if m.strip()]
+    for name in shown_methods:
+        _check_method(name, None)
+    from srdxai.data import read_image
+
+    picture = read_image(image)
+    out_file = out_file or Path("out") / f"{image.stem}_explorer.html"
+    if out_file.exists() and out_file.is_dir():
+        raise InvalidInputError(f"--out {out_file} is a folder; give the HTML file's name")
+
+    import torch
+    from tqdm import tqdm
+
+    import srdxai
+    from srdxai.methods import METHODS
+    from srdxai.report import explorer
+
+    model = subject.load()
+    x = subject.input(picture)
+    with torch.no_grad():
+        logits = model(x)
+    labels = subject.labels(logits.shape[-1])
+    target_class = _parse_target(target, logits.shape[-1])
+    explained = int(logits[0].argmax()) if target_class is None else target_class
+    shapes = srdxai.SRD(model).layers(x)
+    if list_layers:
+        for name, shape in shapes:
+            click.echo(f"{name:40s} {'x'.join(map(str, shape))}")
+        return
+    chosen = ([n.strip() for n in layers.split(",") if n.strip()] if layers
+              else explorer.default_layers(shapes))
+    if not chosen:
+        raise InvalidInputError("no spatial layer to explore; see --list-layers")
+    sizes = dict(shapes)
+    total = sum(sizes[n][1] * sizes[n][2] for n in chosen if n in sizes and len(sizes[n]) == 3)
+    with tqdm(total=total, desc="ERFs", unit="position", file=sys.stderr) as bar:
+        explored = explorer.explore(model, x, chosen, explained, resolution,
+                                    progress=bar.update)
+    srd_map = srdxai.explain(model, x, explained, "srd")[0].detach().double().numpy()
+    side = {}
+    for name in shown_methods:
+        try:
+            m = srdxai.explain(model, x, explained, name)[0].detach().double().numpy()
+        except srdxai.SrdxaiError as error:
+            click.echo(f"srdxai: note: {name} skipped: {error}", err=True)
+            continue
+        side[name] = (m, bool(getattr(METHODS[name], "signed", True)))
+    title = (f"{image.name}: {subject.label}, class {explained} '{labels[explained]}' "
+             f"(p={float(torch.softmax(logits.float(), -1)[0, explained]):.3f})")
+    page = explorer.write_explorer(out_file, subject.shown(picture), srd_map, explored, title,
+                                   side)
+    click.echo(f"{image}: {', '.join(chosen)} -> {page}")
+
+
 @cli.command("methods")
 def methods_command() -> None:
     """List the attribution methods family by family, with whether their maps are signed."""
