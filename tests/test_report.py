@@ -17,7 +17,7 @@ from srdxai.errors import InvalidInputError
 from srdxai.experiments.store import SCHEMA
 from srdxai.report import paper, render, tables
 from srdxai.report.render import build_report
-from srdxai.report.tables import cell_stats, format_cell, metric_table, t_quantile
+from srdxai.report.tables import Cell, cell_stats, format_cell, metric_table, t_quantile
 
 # --- synthetic databases ----------------------------------------------------------------------
 
@@ -161,12 +161,26 @@ def test_t_quantile_rejects_bad_degrees_of_freedom(df):
 
 def test_cell_stats_by_hand():
     # mean 3, sample sd sqrt(2.5), t(4) = 2.776445: half-width 2.776445 * sqrt(2.5 / 5)
-    mean, half, n = cell_stats([1.0, 2.0, 3.0, 4.0, 5.0])
-    assert (mean, n) == (3.0, 5)
+    mean, half, n, interval = cell_stats([1.0, 2.0, 3.0, 4.0, 5.0])
+    assert (mean, n, interval) == (3.0, 5, None)
     assert half == pytest.approx(2.776445 * math.sqrt(0.5), rel=1e-6)
     # two values: sd sqrt(2), t(1) = 12.706205, half-width 12.706205 * sqrt(2) / sqrt(2)
     assert cell_stats([2.0, 4.0]).half_width == pytest.approx(12.706205, rel=1e-6)
-    assert cell_stats([7.0, 7.0, 7.0]) == (7.0, 0.0, 3)
+    assert cell_stats([7.0, 7.0, 7.0]) == (7.0, 0.0, 3, None)
+
+
+def test_hits_and_misses_get_wilsons_interval():
+    # 3 of 4 at 95 %: z = 1.959964, centre (0.75 + z^2/8) / (1 + z^2/4) = 0.62752,
+    # spread z sqrt(0.75 * 0.25 / 4 + z^2 / 64) / (1 + z^2/4) = 0.32691
+    stats = cell_stats([1.0, 0.0, 1.0, 1.0])
+    assert stats.mean == 0.75
+    low, high = stats.interval
+    assert low == pytest.approx(0.30064, abs=1e-4) and high == pytest.approx(0.95443, abs=1e-4)
+    # all hits: the t interval collapses to 1 +- 0; Wilson's does not, and stays in [0, 1]
+    low, high = cell_stats([1.0] * 8).interval
+    assert high == 1.0 and low == pytest.approx(0.6756, abs=1e-4)
+    assert cell_stats([0.0, 0.5, 1.0]).interval is None  # not a proportion
+    assert format_cell(Cell(0.75, 0.5, 4, interval=(0.3006, 0.9544))) == "0.750 [0.301, 0.954]"
 
 
 def test_cell_stats_skips_nan_none_and_inf():
@@ -319,7 +333,7 @@ def test_activation_table_has_activation_columns_and_accuracy(full_report):
     rows = _md_table(md, "Fidelity per activation function (ours)")
     assert rows[0] == ["method", "ReLU", "Swish"]
     assert [r[0] for r in rows[1:]] == ["GradInput", "SRD-input", "accuracy"]
-    assert rows[-1][1].startswith("0.750 ± ")  # accuracy is not marked best
+    assert rows[-1][1].startswith("0.750 [0.301, 0.954]")  # accuracy (0/1): Wilson; not best
     srd = rows[2]
     assert srd[1].startswith("**0.115 ± ") and srd[2].startswith("**")
     assert rows[1][1].endswith("(n=3)")  # GradInput lost one NaN sample

@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import re
+from pathlib import Path
+
 import numpy as np
 import pytest
 import torch
@@ -75,3 +78,19 @@ def test_method_grid_is_a_png_with_signed_and_unsigned_panels(tmp_path):
                             columns=2)
     assert path.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     assert [p.name for p in tmp_path.iterdir()] == ["g.png"]
+
+
+def test_curves_have_their_real_axes_and_18_methods_stay_apart():
+    from srdxai.experiments.runner import TABLE2_METHODS
+    from srdxai.report.render import CURVE_AXES, line_styles
+
+    # every curve the runner records has labelled axes; Sensitivity-n's n on a log axis
+    runner_source = (Path(__file__).resolve().parent.parent / "src" / "srdxai" / "experiments"
+                     / "runner.py").read_text()
+    recorded = set(re.findall(r'Curve\("(\w+)"', runner_source)) | {"insertion", "deletion"}
+    assert recorded <= set(CURVE_AXES)
+    assert CURVE_AXES["sensitivity_n"][2] == "log" and "Pearson" in CURVE_AXES[
+        "sensitivity_n"][1]
+    n = len(TABLE2_METHODS)
+    styles = line_styles(n)
+    assert n >= 18 and len({(tuple(c), s) for c, s in styles}) == n

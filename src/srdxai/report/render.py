@@ -170,6 +170,24 @@ def _png(fig) -> bytes:
     return buf.getvalue()
 
 
+#: per curve the report draws: (x axis label, y axis label, x scale)
+CURVE_AXES = {
+    "sensitivity_n": ("n, features removed at random (log scale)",
+                      "Pearson r (map sum vs output change)", "log"),
+    "insertion": ("fraction of pixels inserted", "class probability", "linear"),
+    "deletion": ("fraction of pixels removed", "class probability", "linear"),
+}
+#: line styles cycled with the colours, so 18 methods stay apart in black and white too
+LINE_STYLES = ("-", "--", ":", "-.")
+
+
+def line_styles(n: int) -> list[tuple[object, str]]:
+    """(colour, line style) for ``n`` lines: ten colours, then the next style."""
+    colours = _colours(min(n, 10))
+    return [(colours[i % len(colours)], LINE_STYLES[(i // len(colours)) % len(LINE_STYLES)])
+            for i in range(n)]
+
+
 def _colours(n: int) -> list:
     from matplotlib import colormaps
 
@@ -214,7 +232,7 @@ def _curve_figures(db: Path, experiment: str, names: _Names) -> list[Figure | Te
         mine = [cs for cs in sets if cs.model == model]
         curve_names = list(dict.fromkeys(cs.curve for cs in mine))
         methods = list(dict.fromkeys(cs.method for cs in mine))
-        colour = dict(zip(methods, _colours(len(methods)), strict=True))
+        style = dict(zip(methods, line_styles(len(methods)), strict=True))
         width = max(6.0, 4.8 * len(curve_names))
         # Legend below the panels, as many ~2.6-inch columns as fit (method names are long).
         ncols = max(1, min(len(methods), int(width // 2.6)))
@@ -229,11 +247,15 @@ def _curve_figures(db: Path, experiment: str, names: _Names) -> list[Figure | Te
                     continue
                 x, y, n, interp = got
                 interpolated |= interp
-                ax.plot(x, y, color=colour[cs.method], label=f"{cs.method} (n={n})", lw=1.4)
-            ax.set_title(curve)
-            ax.set_xlabel("x")
+                colour, line = style[cs.method]
+                ax.plot(x, y, color=colour, linestyle=line, label=f"{cs.method} (n={n})",
+                        lw=1.5)
+            xlabel, ylabel, scale = CURVE_AXES.get(curve, (curve, "value", "linear"))
+            ax.set_title(curve.replace("_", "-"))
+            ax.set_xscale(scale)
+            ax.set_xlabel(xlabel)
+            ax.set_ylabel(f"{ylabel}, mean over samples")
             ax.grid(alpha=0.3)
-        axes[0].set_ylabel("mean over samples")
         handles, labels = axes[0].get_legend_handles_labels()
         for ax in axes[1:]:
             h, lab = ax.get_legend_handles_labels()
@@ -276,14 +298,20 @@ def _bar_figures(table: MetricTable, metrics: Sequence[str], experiment: str, na
         for ax, metric in zip(axes, present, strict=True):
             cells = [table.cell(model, m, metric) for m in methods]
             means = [c.mean if c and c.n else math.nan for c in cells]
-            errs = [c.half_width if c and c.n > 1 else 0.0 for c in cells]
+            # (below, above) the mean: Wilson's interval for 0/1 metrics, else +- t
+            errs = np.array([
+                (c.mean - c.interval[0], c.interval[1] - c.mean) if c and c.interval
+                else (c.half_width, c.half_width) if c and c.n > 1 else (0.0, 0.0)
+                for c in cells]).T
             colours = ["tab:orange" if c and c.best else "tab:blue" for c in cells]
             pos = np.arange(len(methods))
-            ax.bar(pos, np.nan_to_num(means), yerr=errs, color=colours, capsize=3)
+            ax.bar(pos, np.nan_to_num(means), yerr=np.nan_to_num(errs), color=colours,
+                   capsize=3)
             ax.set_xticks(pos, methods, rotation=60, ha="right", fontsize="small")
             ax.set_title(metric + _arrow(metric))
             ax.grid(axis="y", alpha=0.3)
-        fig.suptitle(f"{experiment}: {model} (mean ± 95 % CI; best in orange)")
+        fig.suptitle(f"{experiment}: {model} (mean and 95 % CI: t, or Wilson for 0/1 "
+                     "metrics; best in orange)")
         out.append(Figure(f"{experiment}: {model}", names(f"{experiment}-{model}-bars"),
                           _png(fig)))
     return out

@@ -1,7 +1,9 @@
 """Summary tables of a benchmark run's ``results.sqlite`` (schema: ``srdxai.experiments.store``).
 
 Pure functions: they only read the database. A cell is the mean over samples with a 95 %
-confidence interval from Student's t distribution; NULL (NaN) and infinite values are left out
+confidence interval: Wilson's score interval for metrics whose values are all 0 or 1 (the
+pointing game, accuracy: shown as ``[low, high]``), Student's t half-width otherwise, none for
+one sample; NULL (NaN) and infinite values are left out
 and counted separately, so a metric that failed on some samples is visible rather than silently
 averaged. The best method per (model, metric) is marked according to the metric's direction.
 """
@@ -32,6 +34,7 @@ __all__ = [
     "RunInfo",
     "artifacts",
     "cell_stats",
+    "wilson_interval",
     "curves",
     "direction",
     "experiments",
@@ -122,11 +125,14 @@ def t_quantile(df: int, confidence: float = 0.95) -> float:
 
 
 class CellStats(NamedTuple):
-    """Mean, 95 % confidence half-width and number of finite values of one cell."""
+    """Mean, 95 % confidence half-width and number of finite values of one cell; for a 0/1
+    metric also the Wilson interval ``(low, high)`` (asymmetric), which replaces the
+    half-width when shown."""
 
     mean: float
     half_width: float
     n: int
+    interval: tuple[float, float] | None = None
 
 
 def _finite(values: Iterable[float | None]) -> tuple[list[float], int]:
@@ -154,7 +160,20 @@ def cell_stats(values: Iterable[float | None], confidence: float = 0.95) -> Cell
     if n == 1:
         return CellStats(mean, math.nan, 1)
     sd = math.sqrt(math.fsum((v - mean) ** 2 for v in kept) / (n - 1))
-    return CellStats(mean, t_quantile(n - 1, confidence) * sd / math.sqrt(n), n)
+    half = t_quantile(n - 1, confidence) * sd / math.sqrt(n)
+    if all(v in (0.0, 1.0) for v in kept):  # hits and misses: a proportion
+        return CellStats(mean, half, n, wilson_interval(sum(kept), n, confidence))
+    return CellStats(mean, half, n)
+
+
+def wilson_interval(successes: float, n: int, confidence: float = 0.95) -> tuple[float, float]:
+    """Wilson's score interval for a proportion ``successes / n``: inside [0, 1] and not
+    empty at 0 or n successes, where the t interval of 0/1 values would be (0 +- 0)."""
+    z = NormalDist().inv_cdf(0.5 + confidence / 2)
+    p = successes / n
+    centre = (p + z * z / (2 * n)) / (1 + z * z / n)
+    spread = z * math.sqrt(p * (1 - p) / n + z * z / (4 * n * n)) / (1 + z * z / n)
+    return max(0.0, centre - spread), min(1.0, centre + spread)
 
 
 def direction(metric: str) -> Literal["higher", "lower"] | None:
@@ -193,6 +212,7 @@ class Cell:
     n: int
     missing: int = 0  # NULL / NaN / infinite values left out
     best: bool = False
+    interval: tuple[float, float] | None = None  # Wilson's, for 0/1 metrics
 
 
 def format_cell(cell: Cell | None, typical_n: int | None = None) -> str:
@@ -202,7 +222,11 @@ def format_cell(cell: Cell | None, typical_n: int | None = None) -> str:
         return "—" if cell is None or cell.missing == 0 else f"— ({cell.missing} NaN)"
     if cell.n == 1:
         return f"{format_number(cell.mean)} (n=1)"
-    text = f"{format_number(cell.mean)} ± {format_number(cell.half_width)}"
+    if cell.interval is not None:
+        low, high = cell.interval
+        text = f"{format_number(cell.mean)} [{format_number(low)}, {format_number(high)}]"
+    else:
+        text = f"{format_number(cell.mean)} ± {format_number(cell.half_width)}"
     if typical_n is not None and cell.n != typical_n:
         text += f" (n={cell.n})"
     return text
@@ -310,7 +334,7 @@ def _mark_best(cells: dict[tuple[str, str, str], Cell]) -> dict[tuple[str, str, 
         for k in keys:
             if cells[k].mean == best:  # fsum means: equal samples give bit-equal means
                 c = cells[k]
-                out[k] = Cell(c.mean, c.half_width, c.n, c.missing, True)
+                out[k] = Cell(c.mean, c.half_width, c.n, c.missing, True, c.interval)
     return out
 
 
@@ -335,7 +359,8 @@ def metric_table(db_path: Path, experiment: str,
     for key, vals in values.items():
         kept, missing = _finite(vals)
         stats = cell_stats(kept)
-        cells[key] = Cell(stats.mean, stats.half_width, stats.n, missing)
+        cells[key] = Cell(stats.mean, stats.half_width, stats.n, missing,
+                          interval=stats.interval)
     found = _first_seen(r[2] for r in rows)
     order = [m for m in metrics if m in found] if metrics is not None else found
     return MetricTable(experiment, _first_seen(r[0] for r in rows),
