@@ -471,3 +471,18 @@ def test_metric_families_named_per_setting_have_a_direction():
     assert direction("ssim_noise_0.1") == "higher" and direction("pcc_noise_0.2") == "higher"
     assert direction("sensitivity_n_mean") == "higher"
     assert direction("apop_zeros") is None and direction("stability") == "lower"
+
+
+def test_rows_that_are_the_same_computation_are_named(tmp_path):
+    db = Db(tmp_path / "run")
+    for metric, values in (("pointing_game", [1.0, 0.0, 1.0]), ("fidelity", [0.2, None, 0.4])):
+        db.add("table2", "vgg", "GradCAM", metric, values)
+        db.add("table2", "vgg", "SRD-low", metric, values)  # the same numbers, sample by sample
+        db.add("table2", "vgg", "Saliency", metric, [v if v is None else v + 0.1
+                                                      for v in values])
+        db.add("table2", "resnet", "GradCAM", metric, values)
+        db.add("table2", "resnet", "SRD-low", metric, [1.0, 1.0, 1.0][:len(values)])
+    assert tables.identical_methods(db.path, "table2") == [("vgg", "SRD-low", "GradCAM")]
+    html_text = build_report(tmp_path / "run")[0].read_text()
+    assert "vgg: SRD-low equals GradCAM on every metric and sample" in html_text
+    assert "resnet: SRD-low equals" not in html_text

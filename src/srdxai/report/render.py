@@ -401,6 +401,14 @@ def _paper_activation() -> list[Table]:
                   rows, notes)]
 
 
+def _identical_notes(db: Path, experiment: str) -> list[Text]:
+    """A note per method whose every value equals an earlier method's on the same model."""
+    return [Text(f"{model}: {method} equals {other} on every metric and sample of this run: "
+                 "the two are the same computation here (for example SRD-low seeded with "
+                 "Grad-CAM at its own layer is Grad-CAM), not two independent results.")
+            for model, method, other in tables.identical_methods(db, experiment)]
+
+
 def _table2(db: Path, names: _Names) -> Section:
     table = tables.metric_table(db, "table2")
     if table.empty:
@@ -408,6 +416,7 @@ def _table2(db: Path, names: _Names) -> Section:
     blocks: list = [Text("Ours: the models and data of this run (see the configuration), "
                          "not the paper's ImageNet-S50 setup.")]
     blocks += _model_tables(table, "Table 2 (ours)", TABLE2_METRICS)
+    blocks += _identical_notes(db, "table2")
     blocks += _curve_figures(db, "table2", names)
     blocks += _paper_table2()
     return Section("Table 2", "table2", blocks)
@@ -468,6 +477,7 @@ def _generic(db: Path, experiment: str, title: str, anchor: str, names: _Names,
         return _not_run(title, anchor, [experiment])
     blocks: list = list(figures)
     blocks += _model_tables(table, f"{title} (ours)", metrics)
+    blocks += _identical_notes(db, experiment)
     if bars and metrics:
         blocks += _bar_figures(table, metrics, experiment, names)
     return Section(title, anchor, blocks)

@@ -34,6 +34,7 @@ __all__ = [
     "RunInfo",
     "artifacts",
     "cell_stats",
+    "identical_methods",
     "wilson_interval",
     "curves",
     "direction",
@@ -365,6 +366,38 @@ def metric_table(db_path: Path, experiment: str,
     order = [m for m in metrics if m in found] if metrics is not None else found
     return MetricTable(experiment, _first_seen(r[0] for r in rows),
                        _first_seen(r[1] for r in rows), order, _mark_best(cells))
+
+
+def identical_methods(db_path: Path, experiment: str) -> list[tuple[str, str, str]]:
+    """``(model, method, earlier method)`` for every method whose value on every (metric,
+    sample) of ``experiment`` equals an earlier method's on the same model: rows that are the
+    same by construction (SRD-low seeded with Grad-CAM at its own layer is Grad-CAM), which the
+    report says rather than letting them pass for two results."""
+    rows = _query(db_path, "SELECT model, method, metric, sample, value FROM results "
+                           "WHERE experiment = ? ORDER BY rowid", (experiment,))
+    per: dict[tuple[str, str], dict[tuple[str, int], float | None]] = {}
+    for model, method, metric, sample, value in rows:
+        per.setdefault((model, method), {})[(metric, sample)] = value
+
+    def equal(va: float | None, vb: float | None) -> bool:
+        if va is None or vb is None:
+            return va is None and vb is None
+        if math.isnan(va) or math.isnan(vb):
+            return math.isnan(va) and math.isnan(vb)
+        return va == vb or abs(va - vb) <= 1e-9 * max(1.0, abs(va), abs(vb))
+
+    def same(a: dict, b: dict) -> bool:
+        return a.keys() == b.keys() and all(equal(v, b[k]) for k, v in a.items())
+
+    out = []
+    keys = list(per)
+    for i, (model, method) in enumerate(keys):
+        for other_model, other in keys[:i]:
+            if other_model == model and per[(model, method)] and same(per[(model, method)],
+                                                                     per[(model, other)]):
+                out.append((model, method, other))
+                break
+    return out
 
 
 # --- the rest of the database -----------------------------------------------------------------
