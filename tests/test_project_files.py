@@ -41,3 +41,24 @@ def test_the_package_is_marked_typed():
     assert resources.files("srdxai").joinpath("py.typed").is_file()
     data = tomllib.loads((ROOT / "pyproject.toml").read_text())["tool"]["setuptools"]
     assert "py.typed" in data["package-data"]["srdxai"]
+
+
+def _readme_table(first_cell: str) -> str:
+    text = (ROOT / "README.md").read_text(encoding="utf-8")
+    start = text.index(f"| {first_cell} |")
+    return text[start:text.index("\n\n", start)]
+
+
+def test_the_readmes_method_and_metric_tables_match_the_library():
+    import re
+
+    import srdxai.metrics
+    import srdxai.robustness
+    from srdxai.methods import METHODS
+
+    listed = re.findall(r"`(\w+)`", _readme_table("family"))
+    assert sorted(listed) == sorted(METHODS), "the README's method table is not METHODS"
+    metrics = re.findall(r"`(\w+)`", _readme_table("metric family"))
+    assert len(metrics) >= 12
+    for name in metrics:
+        assert hasattr(srdxai.metrics, name) or hasattr(srdxai.robustness, name), name
