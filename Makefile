@@ -16,12 +16,13 @@ venv: $(STAMP)
 # when missing and possible; otherwise the tests that need it skip and say why.
 FASHION_MNIST = /usr/share/datasets/fashion-mnist/t10k-images-idx3-ubyte.gz
 data:
-	@test -f $(FASHION_MNIST) || $(SHELL) scripts/install_fashion_mnist.sh || \
+	@test -f $(FASHION_MNIST) || $(SHELL) scripts/apt_install.sh dataset-fashion-mnist || \
 		echo "note: Fashion-MNIST not installed; its tests will skip (see README)"
 
 # Debian's chromium and its driver, for the ERF explorer's browser test; skipped without them.
 browser:
-	@command -v chromedriver >/dev/null 2>&1 || $(SHELL) scripts/install_browser.sh || \
+	@command -v chromedriver >/dev/null 2>&1 || \
+		$(SHELL) scripts/apt_install.sh chromium chromium-driver || \
 		echo "note: chromium not installed; the explorer's browser test will skip"
 
 # Re-run the installs when the project metadata or the constraints change. The demo needs only

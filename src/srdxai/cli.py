@@ -173,6 +173,41 @@ def _method_list(method: str) -> list[str]:
     return names
 
 
+def _model_options(command: F) -> F:
+    """The options that say which model to explain: a bundled one, or yours (``explain`` and
+    ``explore`` share them; see :class:`_Subject`)."""
+    path = click.Path(path_type=Path)
+    options = [
+        click.option("--model", "model_name", default=None,
+                     help="Bundled model (`srdxai models`).  [default: efficientnet-lite0]"),
+        click.option("--arch", default=None, metavar="[timm:|torchvision:]NAME",
+                     help="Your model: a timm or torchvision architecture, built without "
+                     "downloading anything; give its weights with --weights."),
+        click.option("--builder", default=None, metavar="MODULE:FUNCTION",
+                     help="Your model: 'package.module:function' or 'path/to/file.py:function' "
+                     "returning an nn.Module (called with num_classes= when --num-classes is "
+                     "given)."),
+        click.option("--weights", type=path, default=None,
+                     help="State dict of your model (a training checkpoint holding one under "
+                     "'state_dict' or 'model' works too); read with weights_only=True."),
+        click.option("--num-classes", type=click.IntRange(min=1), default=None,
+                     help="Outputs of your model, if not the architecture's default."),
+        click.option("--size", type=click.IntRange(min=8), default=None,
+                     help="Your model's input size: the shorter side is resized to size/0.875 "
+                     "and the central size x size square kept.  [default: 224]"),
+        click.option("--mean", default=None, metavar="R,G,B",
+                     help="Your model's normalisation mean on the [0, 1] scale.  "
+                     "[default: ImageNet's]"),
+        click.option("--std", default=None, metavar="R,G,B",
+                     help="Your model's normalisation std.  [default: ImageNet's]"),
+        click.option("--classes", type=path, default=None,
+                     help="Class names, one per line, one line per output."),
+    ]
+    for option in reversed(options):
+        command = option(command)
+    return command
+
+
 class _Subject:
     """The model an ``explain`` run explains: a bundled one, or the user's own (built from an
     architecture name or a builder function, with a weight file and its preprocessing)."""
@@ -240,28 +275,7 @@ class _Subject:
 
 @cli.command()
 @click.argument("images", nargs=-1, required=True, type=click.Path(path_type=Path))
-@click.option("--model", "model_name", default=None,
-              help="Bundled model to explain (`srdxai models`).  [default: efficientnet-lite0]")
-@click.option("--arch", default=None, metavar="[timm:|torchvision:]NAME",
-              help="Your model: a timm or torchvision architecture, built without "
-              "downloading anything; give its weights with --weights.")
-@click.option("--builder", default=None, metavar="MODULE:FUNCTION",
-              help="Your model: 'package.module:function' or 'path/to/file.py:function' "
-              "returning an nn.Module (called with num_classes= when --num-classes is given).")
-@click.option("--weights", type=click.Path(path_type=Path), default=None,
-              help="State dict of your model (a training checkpoint holding one under "
-              "'state_dict' or 'model' works too); read with weights_only=True.")
-@click.option("--num-classes", type=click.IntRange(min=1), default=None,
-              help="Outputs of your model, if not the architecture's default.")
-@click.option("--size", type=click.IntRange(min=8), default=None,
-              help="Your model's input size: the shorter side is resized to size/0.875 and "
-              "the central size x size square kept.  [default: 224]")
-@click.option("--mean", default=None, metavar="R,G,B",
-              help="Your model's normalisation mean on the [0, 1] scale.  [default: ImageNet's]")
-@click.option("--std", default=None, metavar="R,G,B",
-              help="Your model's normalisation std.  [default: ImageNet's]")
-@click.option("--classes", type=click.Path(path_type=Path), default=None,
-              help="Class names, one per line, one line per output.")
+@_model_options
 @click.option(
     "--method",
     default="srd",
@@ -418,21 +432,7 @@ def _method_maps(model: Any, x: Any, target: int | None,
 
 @cli.command("explore")
 @click.argument("image", type=click.Path(path_type=Path))
-@click.option("--model", "model_name", default=None,
-              help="Bundled model (`srdxai models`).  [default: efficientnet-lite0]")
-@click.option("--arch", default=None, metavar="[timm:|torchvision:]NAME",
-              help="Your model's architecture (as in `srdxai explain`).")
-@click.option("--builder", default=None, metavar="MODULE:FUNCTION",
-              help="Your model's builder (as in `srdxai explain`).")
-@click.option("--weights", type=click.Path(path_type=Path), default=None,
-              help="Your model's state dict.")
-@click.option("--num-classes", type=click.IntRange(min=1), default=None)
-@click.option("--size", type=click.IntRange(min=8), default=None,
-              help="Your model's input size.  [default: 224]")
-@click.option("--mean", default=None, metavar="R,G,B")
-@click.option("--std", default=None, metavar="R,G,B")
-@click.option("--classes", type=click.Path(path_type=Path), default=None,
-              help="Class names, one per line.")
+@_model_options
 @click.option("--layers", default=None,
               help="Comma-separated SRD layer names whose positions you can explore "
               "(`srdxai explore --list-layers`); default: the deepest two resolutions.")
