@@ -357,6 +357,9 @@ def test_html_is_self_contained_and_embeds_figures_and_artifacts(full_report):
     assert base64.b64encode(ARTIFACT).decode() in html
     # sensitivity-n, insertion/deletion, GAE bars and the artifact
     assert html.count('src="data:image/png;base64,') >= 4
+    # every table scrolls sideways inside its box instead of being cut at the page's edge
+    assert html.count("<table>") == html.count('<div class="scroll"><table>') > 0
+    assert ".scroll { overflow-x: auto" in html
 
 
 def test_markdown_figures_are_written_next_to_it(full_report):

@@ -556,6 +556,7 @@ th:first-child, td:first-child { text-align: left; }
 thead th { background: #f0f0f0; }
 tbody tr:nth-child(even) { background: #fafafa; }
 pre { background: #f5f5f5; padding: 0.8em; overflow-x: auto; }
+.scroll { overflow-x: auto; max-width: 100%; }
 .note { color: #555; font-size: 0.85em; margin: 0.2em 0; }
 .notrun { color: #999; font-style: italic; }
 figure { margin: 1em 0; } figure img { max-width: 100%; border: 1px solid #ddd; }
@@ -582,8 +583,9 @@ def _html_block(block: Text | Code | Table | Figure | Section, level: int) -> li
     head = "".join(f"<th>{e(h)}</th>" for h in block.header)
     body = ["<tr>" + "".join(f"<td><b>{e(t)}</b></td>" if bold else f"<td>{e(t)}</td>"
                              for t, bold in row) + "</tr>" for row in block.rows]
-    return ([f"<table><caption>{e(block.title)}</caption><thead><tr>{head}</tr></thead>"
-             "<tbody>"] + body + ["</tbody></table>"]
+    # wide tables (18 methods x many metrics) scroll sideways inside the page, never cut off
+    return ([f'<div class="scroll"><table><caption>{e(block.title)}</caption><thead><tr>'
+             f"{head}</tr></thead><tbody>"] + body + ["</tbody></table></div>"]
             + [f'<p class="note">{e(n)}</p>' for n in block.notes])
 
 
