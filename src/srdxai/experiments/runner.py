@@ -451,14 +451,20 @@ def _grid(job: Job, model: torch.nn.Module, x: Tensor, y: Tensor, quick: bool) -
         maps[label] = explain(model, x, y, method, **opts)[0].detach().float().cpu().numpy()
         signed[label] = bool(getattr(METHODS[method], "signed", True))
     if job.source.dataset == "fashion":
+        from ..data.fashion import CLASS_NAMES
+
         image = (_dataset("fashion").batch(list(job.samples)).images[0].permute(1, 2, 0)
                  .numpy() * 255).round().clip(0, 255).astype(np.uint8)
+        label = CLASS_NAMES[int(y[0])]
     else:
+        from ..data import imagenet_class_names
+
         image = _dataset("composites").batch(list(job.samples)).images[0]
+        label = imagenet_class_names()[int(y[0])]
     with tempfile.TemporaryDirectory() as tmp:
         path = save_method_grid(Path(tmp) / "grid.png", image, maps,
-                                f"{job.source.model}, sample {job.samples[0]}, class "
-                                f"{int(y[0])}", signed=signed, columns=6, dpi=70)
+                                f"{job.source.model}, sample {job.samples[0]}, '{label}' "
+                                f"(class {int(y[0])})", signed=signed, columns=6, dpi=70)
         return path.read_bytes()
 
 
