@@ -163,7 +163,8 @@ def save_method_grid(
 
     ``maps`` maps a method name to its (H, W) map. Signed maps are drawn red/blue centred at 0
     (limits at the 99th percentile of ``|map|``); unsigned ones (``signed[name] is False``) from
-    0 upwards. Written atomically like :func:`save_explanation_figure`.
+    0 upwards; each panel has its own colour bar. Written atomically like
+    :func:`save_explanation_figure`.
     """
     from matplotlib.backends.backend_agg import FigureCanvasAgg
     from matplotlib.figure import Figure
@@ -188,11 +189,14 @@ def save_method_grid(
         shown = np.nan_to_num(heat, nan=0.0, posinf=limit, neginf=-limit)
         ax.imshow(grey, cmap="gray", extent=extent, vmin=0, vmax=255)
         if signed.get(name, True):
-            ax.imshow(shown, cmap=CMAP, vmin=-limit, vmax=limit, alpha=0.7, extent=extent,
-                      interpolation="nearest")
+            drawn = ax.imshow(shown, cmap=CMAP, vmin=-limit, vmax=limit, alpha=0.7,
+                              extent=extent, interpolation="nearest")
         else:
-            ax.imshow(shown, cmap="inferno", vmin=0, vmax=limit, alpha=0.7, extent=extent,
-                      interpolation="nearest")
+            drawn = ax.imshow(shown, cmap="inferno", vmin=0, vmax=limit, alpha=0.7,
+                              extent=extent, interpolation="nearest")
+        # every panel its own scale: methods' units differ (logits, probabilities, unit mass)
+        bar = fig.colorbar(drawn, ax=ax, fraction=0.046, pad=0.02)
+        bar.ax.tick_params(labelsize="x-small")
         ax.set_title(name)
     for ax in axes:
         ax.set_axis_off()
