@@ -208,6 +208,19 @@ def _model_options(command: F) -> F:
     return command
 
 
+def _class_logits(model: Any, x: Any) -> Any:
+    """The model's logits on ``x`` (no autograd), checked to be ``(batch, classes)``."""
+    import torch
+
+    with torch.no_grad():
+        logits = model(x)
+    if not isinstance(logits, torch.Tensor) or logits.dim() != 2:
+        raise InvalidInputError(f"the model returned {type(logits).__name__} "
+                                f"{tuple(getattr(logits, 'shape', ()))}; srdxai explains "
+                                "classifiers returning (batch, classes) logits")
+    return logits
+
+
 class _Subject:
     """The model an ``explain`` run explains: a bundled one, or the user's own (built from an
     architecture name or a builder function, with a weight file and its preprocessing)."""
@@ -369,12 +382,7 @@ def explain(
         for path, picture, name in bar:
             shown = subject.shown(picture)
             x = subject.input(picture)
-            with torch.no_grad():
-                logits = model(x)
-            if not isinstance(logits, torch.Tensor) or logits.dim() != 2:
-                raise InvalidInputError(f"the model returned {type(logits).__name__} "
-                                        f"{tuple(getattr(logits, 'shape', ()))}; srdxai "
-                                        "explains classifiers returning (batch, classes) logits")
+            logits = _class_logits(model, x)
             probs = torch.softmax(logits.float(), dim=-1)[0]
             if labels is None:  # the first image tells how many outputs the model has
                 labels = subject.labels(probs.numel())
@@ -473,8 +481,7 @@ def explore_command(image: Path, model_name: str | None, arch: str | None,
 
     model = subject.load()
     x = subject.input(picture)
-    with torch.no_grad():
-        logits = model(x)
+    logits = _class_logits(model, x)
     labels = subject.labels(logits.shape[-1])
     target_class = _parse_target(target, logits.shape[-1])
     explained = int(logits[0].argmax()) if target_class is None else target_class

@@ -25,6 +25,7 @@ from torch import nn
 from ..engine import ops
 from ..engine.channels import channel_dot, channel_norm, channel_weighted_sum, safe_divide
 from ..engine.core import Rule, Target, Trace, keep_graph
+from ..engine.gradmode import building_graph
 from ..engine.graph import Node
 from ..errors import InvalidInputError, UnsupportedOperationError
 from . import options
@@ -407,7 +408,7 @@ def _times(norms: Tensor, factor: Tensor) -> Tensor:
     """``norms * factor``, written into ``norms`` (a tensor the caller just made and owns)
     unless a differentiable map is being built: with (N, K1 * K2, *out) path norms (784 paths
     at ConvNeXt's stem block) every fresh full-size tensor costs its page faults."""
-    if norms.requires_grad or factor.requires_grad:
+    if building_graph(norms, factor):
         return norms * factor
     return norms.mul_(factor)
 

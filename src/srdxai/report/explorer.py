@@ -26,6 +26,7 @@ import torch
 import torch.nn.functional as F
 
 from srdxai.errors import InvalidInputError
+from srdxai.report.figures import write_atomic
 
 __all__ = ["MAX_POSITIONS", "colour", "default_layers", "encode_erfs", "explore",
            "write_explorer"]
@@ -248,7 +249,5 @@ def write_explorer(path: str | os.PathLike[str], image_uint8: np.ndarray,
                  f"{json.dumps(payload)}</script><script>{_SCRIPT}</script></body></html>")
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(path.name + ".part")
-    tmp.write_text("".join(parts), encoding="utf-8")
-    os.replace(tmp, path)  # never a half-written page
-    return path
+    page = "".join(parts).encode("utf-8")
+    return write_atomic(path, lambda handle: handle.write(page))  # never a half-written page
