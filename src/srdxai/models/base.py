@@ -12,7 +12,7 @@ import torch
 
 from srdxai.errors import InvalidInputError
 
-__all__ = ["ModelInfo", "ModelSpec", "as_rgb_uint8", "normalize", "resize_image"]
+__all__ = ["ModelInfo", "ModelSpec", "as_rgb_uint8", "centre_crop", "normalize", "resize_image"]
 
 
 @dataclass(frozen=True)
@@ -20,7 +20,10 @@ class ModelInfo:
     """What a caller needs to feed a bundled model.
 
     ``mean`` and ``std`` are per-channel (RGB) values on the ``[0, 1]`` scale: the model input is
-    ``(pixel / 255 - mean) / std`` after the image has been resized as ``resize`` says.
+    ``(pixel / 255 - mean) / std`` after the image has been resized as ``resize`` says:
+    ``crop_fraction`` ``None`` resizes the whole image to the input size, a number resizes the
+    shorter side to ``input_size / crop_fraction`` and keeps the central square (see
+    :func:`resize_image`).
     """
 
     name: str
@@ -31,6 +34,7 @@ class ModelInfo:
     num_classes: int
     labels: str
     description: str
+    crop_fraction: float | None = None
 
 
 @dataclass(frozen=True)
@@ -74,16 +78,38 @@ def as_rgb_uint8(image: object) -> np.ndarray:
     return np.ascontiguousarray(image[:, :, :3])
 
 
-def resize_image(image: np.ndarray, size: int) -> np.ndarray:
-    """Resize a ``uint8`` RGB image to ``size x size`` with Pillow's antialiased bilinear filter.
+def centre_crop(image: np.ndarray, size: int, crop_fraction: float = 0.875) -> np.ndarray:
+    """``uint8`` ``(H, W, 3)`` -> ``(size, size, 3)``: the shorter side resized to
+    ``round(size / crop_fraction)`` (antialiased bilinear), then the central square."""
+    from PIL import Image
 
-    The whole image is kept (no crop), so its aspect ratio changes when it is not square.
+    rgb = as_rgb_uint8(image)
+    height, width = rgb.shape[:2]
+    short = round(size / crop_fraction)
+    scale = short / min(height, width)
+    new_w, new_h = max(size, round(width * scale)), max(size, round(height * scale))
+    resized = np.asarray(Image.fromarray(rgb).resize((new_w, new_h),
+                                                     Image.Resampling.BILINEAR), dtype=np.uint8)
+    top, left = (new_h - size) // 2, (new_w - size) // 2
+    return resized[top:top + size, left:left + size].copy()
+
+
+def resize_image(image: np.ndarray, size: int, crop_fraction: float | None = None) -> np.ndarray:
+    """A ``uint8`` RGB image as a model of input size ``size`` sees it.
+
+    ``crop_fraction`` ``None``: the whole image resized to ``size x size`` (Pillow's antialiased
+    bilinear filter; the aspect ratio changes when the image is not square). A number: as
+    :func:`centre_crop`, the evaluation preprocessing of timm, torchvision and TensorFlow's
+    EfficientNets. An image that is already ``size x size`` is taken to be prepared (e.g. the
+    composites, whose object masks are drawn at that size) and returned unchanged.
     """
     from PIL import Image
 
     rgb = as_rgb_uint8(image)
     if rgb.shape[:2] == (size, size):
         return rgb.copy()
+    if crop_fraction is not None:
+        return centre_crop(rgb, size, crop_fraction)
     resized = Image.fromarray(rgb).resize((size, size), Image.Resampling.BILINEAR)
     return np.asarray(resized, dtype=np.uint8).copy()
 

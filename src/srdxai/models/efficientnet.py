@@ -12,10 +12,14 @@ Preprocessing (checked on this checkpoint):
   the ``[0, 1]`` scale (about ``(x - 0.5) / 0.5``). Empirically, the statistics of the stem
   convolution's output under this normalisation match the stem BatchNorm's running statistics
   (median ``|log(var / running_var)|`` 0.32), far better than under ImageNet mean/std (1.30).
-* resize: the whole image is resized to 224 x 224 with Pillow's antialiased bilinear filter, no
-  crop. On scikit-image's ``chelsea`` this gives class 285 "Egyptian cat" with p = 0.79 and on
-  ``coffee`` class 967 "espresso" with p = 0.90; the usual "resize to 256 and centre-crop 224"
-  crops most of chelsea's head away and predicts 282 "tiger cat" (p = 0.38).
+* resize: as TensorFlow's EfficientNet evaluation (a central crop of 224 / (224 + 32) = 0.875 of
+  the shorter side, resized to 224): here the shorter side is resized to 256 with Pillow's
+  antialiased bilinear filter and the central 224 x 224 square is kept. On scikit-image's
+  ``chelsea`` this gives 282 "tiger cat" (p = 0.38) just ahead of 285 "Egyptian cat" (0.37), on
+  ``coffee`` 967 "espresso" (0.96) and on ``rocket`` 657 "missile" (0.38). Squashing the whole
+  image to 224 x 224 distorts the aspect ratio: it predicted
+  "Egyptian cat" (0.79) on chelsea but "drilling platform" (0.42) on rocket. Images that are
+  already 224 x 224 (the composites) are used as they are.
 """
 
 from __future__ import annotations
@@ -50,10 +54,12 @@ INFO = ModelInfo(
     input_size=224,
     mean=(127.0 / 255.0, 127.0 / 255.0, 127.0 / 255.0),
     std=(128.0 / 255.0, 128.0 / 255.0, 128.0 / 255.0),
-    resize="whole image resized to 224x224 (Pillow bilinear, antialiased), no crop",
+    resize="shorter side resized to 256 (Pillow bilinear, antialiased), central 224x224 crop "
+           "(TensorFlow EfficientNet evaluation); 224x224 images used as they are",
     num_classes=1000,
     labels="imagenet-1k",
     description="EfficientNet-Lite0, ImageNet-1k, 4.65M parameters, ReLU6 (TensorFlow weights)",
+    crop_fraction=0.875,
 )
 
 

@@ -13,7 +13,7 @@ Example::
 Nothing is downloaded: architectures are built with random weights and then given the weight
 file (read with ``weights_only=True``). Images are resized and centre-cropped as timm and
 torchvision evaluate ImageNet models: the shorter side to ``size / crop_fraction``, then the
-central ``size x size`` square.
+central ``size x size`` square; an image already ``size x size`` is used as it is.
 """
 
 from __future__ import annotations
@@ -31,7 +31,7 @@ import torch
 from torch import nn
 
 from srdxai.errors import InvalidInputError, MissingDependencyError, SrdxaiError
-from srdxai.models.base import as_rgb_uint8, normalize
+from srdxai.models.base import centre_crop, normalize, resize_image
 from srdxai.models.checkpoint import first_line, load_checkpoint
 
 __all__ = ["IMAGENET_MEAN", "IMAGENET_STD", "ImageSpec", "build_model", "centre_crop",
@@ -169,25 +169,9 @@ def image_spec(size: int = 224, mean: Sequence[float] = IMAGENET_MEAN,
     return ImageSpec(size, mean_t, std_t, float(crop_fraction))  # type: ignore[arg-type]
 
 
-def centre_crop(image: np.ndarray, size: int, crop_fraction: float = 0.875) -> np.ndarray:
-    """``uint8`` ``(H, W, 3)`` -> ``(size, size, 3)``: the shorter side resized to
-    ``round(size / crop_fraction)`` (antialiased bilinear), then the central square."""
-    from PIL import Image
-
-    rgb = as_rgb_uint8(image)
-    height, width = rgb.shape[:2]
-    short = round(size / crop_fraction)
-    scale = short / min(height, width)
-    new_w, new_h = max(size, round(width * scale)), max(size, round(height * scale))
-    resized = np.asarray(Image.fromarray(rgb).resize((new_w, new_h),
-                                                     Image.Resampling.BILINEAR), dtype=np.uint8)
-    top, left = (new_h - size) // 2, (new_w - size) // 2
-    return resized[top:top + size, left:left + size].copy()
-
-
 def prepare(image: np.ndarray, spec: ImageSpec) -> np.ndarray:
     """The ``uint8`` ``(size, size, 3)`` image the model sees (before normalisation)."""
-    return centre_crop(image, spec.input_size, spec.crop_fraction)
+    return resize_image(image, spec.input_size, spec.crop_fraction)
 
 
 def preprocess(image: np.ndarray, spec: ImageSpec) -> torch.Tensor:
