@@ -247,10 +247,12 @@ def test_cifar100_refuses_a_pickle_that_would_run_code(tmp_path):
 
 
 def test_composite_labels_are_efficientnet_predictions_and_it_finds_them():
-    """Each photo's label is EfficientNet-Lite0's top-1 class for the clean photo, and the
-    pasted photos are still recognised on the textures often enough to evaluate on."""
+    """Each photo's label is EfficientNet-Lite0's top-1 class for the whole clean photo resized
+    to 224 x 224 (how the labels were chosen; `preprocess` centre-crops instead), and the pasted
+    photos are still recognised on the textures often enough to evaluate on."""
     try:
-        from srdxai.models import load, preprocess
+        from srdxai.models import load, model_info, preprocess
+        from srdxai.models.base import normalize, resize_image
         model = load("efficientnet-lite0")
     except ImportError as error:
         pytest.skip(f"EfficientNet-Lite0 packages missing: {error}")
@@ -259,7 +261,8 @@ def test_composite_labels_are_efficientnet_predictions_and_it_finds_them():
     photos, _ = _sources()
     with torch.no_grad():
         for name, label in PHOTO_LABELS.items():
-            assert int(model(preprocess(photos[name])).argmax()) == label, name
+            whole = normalize(resize_image(photos[name], 224), model_info("efficientnet-lite0"))
+            assert int(model(whole).argmax()) == label, name
         b = ImageNetComposites(count=40).batch(range(40))
         x = torch.cat([preprocess(image) for image in b.images])
         hits = (model(x).argmax(1) == b.labels).float().mean()

@@ -6,11 +6,11 @@ keeping 80-100 % of each side, sometimes mirrored), scaled so their longer side 
 pasted at a random position on a 224 x 224 crop of one of scikit-image's textures (``brick``,
 ``grass``, ``gravel``, randomly tinted). The mask is the pasted rectangle.
 
-Each photo's label is the ImageNet class EfficientNet-Lite0 predicts for the clean photo
-(:data:`PHOTO_LABELS`, checked against the model in the tests): 285 Egyptian cat (p = 0.79),
-967 espresso (0.90), 872 tripod (0.94), 540 drilling platform (0.42; ImageNet has no rocket
-class), 665 moped (0.49). ``astronaut`` is left out: its top class, "bobsled" (0.29), names
-nothing in the photo.
+Each photo's label is the ImageNet class EfficientNet-Lite0 predicts for the whole clean photo
+resized to 224 x 224 (:data:`PHOTO_LABELS`, checked against the model in the tests): 285
+Egyptian cat (p = 0.79), 967 espresso (0.90), 872 tripod (0.94), 540 drilling platform (0.42;
+ImageNet has no rocket class), 665 moped (0.49). ``astronaut`` is left out: its top class,
+"bobsled" (0.29), names nothing in the photo.
 
 Sample ``i`` is drawn from its own random stream seeded by ``(seed, i)``: deterministic, and
 independent of which other samples are drawn.
