@@ -317,8 +317,9 @@ class _SampledGradients(ChainRuleMethod):
                                                    optional=True)
 
     def _weighted_gradient_sum(self, points: Tensor, weights: Tensor, target: Target,
-                               n: int) -> Tensor:
-        """``sum_k w_k grad(points[k])`` for points laid out (K*N, ...) step-major.
+                               n: int, absolute: bool = False) -> Tensor:
+        """``sum_k w_k grad(points[k])`` for points laid out (K*N, ...) step-major
+        (``|grad(points[k])|`` with ``absolute``).
 
         Chunks of ``internal_batch_size`` points (default: the device's element budget, 13
         points of 3x224x224 on a CPU), capped by a
@@ -342,6 +343,7 @@ class _SampledGradients(ChainRuleMethod):
                 raise non_finite_output_error(
                     samples, f" (at some of the {self.name} points around them)") from None
             w = weights.to(points.device, points.dtype)[rows // n]
+            grad = grad.abs() if absolute else grad
             total.index_add_(0, rows % n, grad * w.view(-1, *([1] * (grad.dim() - 1))))
 
         run_in_chunks(points.shape[0], chunk, run, self.name)
@@ -392,12 +394,19 @@ class SmoothGrad(_SampledGradients):
     absolute ``stdev``). Signed, channels summed. ``seed`` makes the noise reproducible and
     independent of batching (each sample's noise is drawn from ``seed`` and the sample
     itself; ``seed=None`` draws fresh noise); ``noise`` (samples, N, C, ...) supplies it.
+
+    ``absolute=True`` averages ``|gradient|`` instead (per input value, then channels summed):
+    Captum's ``NoiseTunnel(Saliency)``, whose ``Saliency`` takes the absolute value by
+    default; with ``samples=5, stdev=1.0`` (Captum 0.6's defaults) it is the SmoothGrad the
+    SRD paper most likely ran (reference/SRD.md section 8). The map is then unsigned.
     """
 
     def __init__(self, model, samples: int = 25, noise_level: float = 0.15,
                  stdev: float | None = None, seed: int | None = 0,
-                 noise: Tensor | None = None, multiply_by_input: bool = False, **kw):
+                 noise: Tensor | None = None, multiply_by_input: bool = False,
+                 absolute: bool = False, **kw):
         super().__init__(model, **kw)
+        self.absolute = options.flag(absolute, "absolute")
         samples = options.integer(samples, "samples")
         stdev = options.real(stdev, "stdev", 0, optional=True)
         # noise_level is unused (and may be None) when an absolute stdev is given
@@ -447,7 +456,7 @@ class SmoothGrad(_SampledGradients):
             points = (x.unsqueeze(0) + self._draw(x)).reshape(-1, *x.shape[1:])
             t = _resolve_predicted(self, x, t)
             weights = torch.full((self.samples,), 1.0 / self.samples, dtype=torch.float64)
-            avg = self._weighted_gradient_sum(points, weights, t, n)
+            avg = self._weighted_gradient_sum(points, weights, t, n, self.absolute)
             return self._reduce(x * avg if self.multiply_by_input else avg)
 
         return self._batched(inputs, target, one)

@@ -523,6 +523,31 @@ def pearson(a: Tensor, b: Tensor) -> Tensor:
     return torch.where(undefined, torch.full_like(r, math.nan), r)
 
 
+def average_ranks(a: Tensor) -> Tensor:
+    """Ranks (1 = smallest) along the last axis, float64; tied values share the mean of their
+    ranks (scipy.stats.rankdata's "average")."""
+    values, order = a.to(torch.float64).sort(-1)
+    n = values.shape[-1]
+    flat = values.reshape(-1, n)
+    starts = torch.ones_like(flat, dtype=torch.bool)
+    starts[:, 1:] = flat[:, 1:] != flat[:, :-1]
+    group = starts.cumsum(-1) - 1  # tie group of each sorted position, per row
+    group = group + torch.arange(flat.shape[0], device=a.device)[:, None] * n
+    positions = torch.arange(1, n + 1, dtype=torch.float64, device=a.device).expand_as(flat)
+    total = torch.zeros(flat.numel(), dtype=torch.float64, device=a.device)
+    count = torch.zeros_like(total)
+    total.index_add_(0, group.flatten(), positions.flatten())
+    count.index_add_(0, group.flatten(), torch.ones_like(positions).flatten())
+    mean_rank = (total / count.clamp(min=1))[group].reshape(values.shape)
+    return torch.empty_like(mean_rank).scatter_(-1, order, mean_rank)
+
+
+def spearman(a: Tensor, b: Tensor) -> Tensor:
+    """Spearman's rank correlation along the last axis (Pearson's of the average ranks, as
+    scipy.stats.spearmanr); NaN where either side is constant."""
+    return pearson(average_ranks(a), average_ranks(b))
+
+
 def trapezoid(curve: Tensor, x: Tensor | None = None) -> Tensor:
     """Area under each row of ``curve`` (unit spacing, or the points ``x``)."""
     if curve.shape[-1] < 2:

@@ -10,7 +10,7 @@ from __future__ import annotations
 import math
 from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Literal
 
 import numpy as np
 import torch
@@ -37,6 +37,7 @@ from ._common import (
     predicted_classes,
     preprocess_attributions,
     scores_in_batches,
+    spearman,
     to_tensor,
     trapezoid,
 )
@@ -47,6 +48,7 @@ __all__ = [
     "CurveResult",
     "SensitivityNResult",
     "faithfulness_correlation",
+    "mu_fidelity",
     "random_subsets",
     "pixel_flipping",
     "insertion",
@@ -152,11 +154,13 @@ def faithfulness_correlation(
     explain: Explain | None = None,
     *,
     nr_runs: int = 100,
-    subset_size: int = 224,
+    subset_size: int | float = 224,
     baseline: Baseline = "black",
     softmax: bool = False,
     abs: bool = False,
     normalise: Normalise = True,
+    correlation: Correlation = "pearson",
+    cell: int = 1,
     seed: int | None = 0,
     generator: torch.Generator | None = None,
     draws: Any = None,
@@ -174,7 +178,13 @@ def faithfulness_correlation(
         nr_runs: random subsets per sample.
         subset_size: features per subset (pixels for (N, H, W) maps, elements for
             (N, C, H, W) maps; Quantus 0.6 always draws elements; pass the map expanded to
-            (N, C, H, W) to reproduce it).
+            (N, C, H, W) to reproduce it), or a float in (0, 1): that fraction of the
+            features, rounded (at least 1).
+        correlation: ``"pearson"`` (Bhatt et al., Quantus) or ``"spearman"`` (xplique).
+        cell: features are square cells of ``cell x cell`` pixels (the last row and column
+            of cells may be smaller) instead of single pixels; a cell's attribution is the
+            map's sum over it (and over channels), removing it sets all its pixels and
+            channels to the baseline. 1 (default): pixels, or elements of an element map.
         baseline: replacement value: a number, "black", "white", "mean", "zero", "blur" or a
             tensor broadcasting to x.
         softmax: score the softmax probability instead of the logit.
@@ -194,10 +204,15 @@ def faithfulness_correlation(
         s = _Setup(model, x, y, attributions, explain, batch_size,
                    metric="faithfulness correlation")
         a = preprocess_attributions(s.a, normalise, abs)
-        n_features = feature_count(a)
+        correlate = _correlation(correlation)
+        cell = check_positive_int(cell, "cell")
+        cells = None
+        if cell > 1:
+            cells, a = _cells(a, cell)
+        n_features = a.shape[1] if cells is not None else feature_count(a)
         if draws is None:
             nr_runs = check_positive_int(nr_runs, "nr_runs", 2)
-            subset_size = check_positive_int(subset_size, "subset_size")
+            subset_size = _subset_count(subset_size, n_features)
             if subset_size >= n_features:
                 raise InvalidInputError(
                     f"subset_size ({subset_size}) must be smaller than the number of features "
@@ -213,24 +228,162 @@ def faithfulness_correlation(
             raise InvalidInputError(f"draws hold feature indices outside [0, {n_features}).")
         runs, size = indices.shape[1:]
         attribution_sums = a.flatten(1).gather(1, indices.flatten(1)).view(s.n, runs, size).sum(2)
+        base = baseline_values(baseline, s.x)
 
-        x_flat = _flat_views(s.x, a.dim())
-        base_flat = _flat_views(baseline_values(baseline, s.x), a.dim())
-        channels = x_flat.shape[1]
+        if cells is not None:
+            cell_of_pixel = cells.to(s.x.device)
 
-        def perturbed(start: int, stop: int) -> tuple[Tensor, Tensor]:
-            flat = torch.arange(start, stop, device=s.x.device)
-            sample, run = flat // runs, flat % runs
-            idx = indices[sample, run][:, None, :].expand(-1, channels, -1)
-            inputs = x_flat[sample].scatter(2, idx, base_flat[sample].gather(2, idx))
-            return inputs.view(-1, *s.x.shape[1:]), s.y[sample]
+            def perturbed(start: int, stop: int) -> tuple[Tensor, Tensor]:
+                flat = torch.arange(start, stop, device=s.x.device)
+                sample, run = flat // runs, flat % runs
+                chosen = torch.zeros(flat.numel(), n_features, dtype=torch.bool,
+                                     device=s.x.device).scatter_(1, indices[sample, run], True)
+                removed = chosen[:, cell_of_pixel].view(-1, 1, *s.x.shape[2:])
+                return torch.where(removed, base[sample], s.x[sample]), s.y[sample]
+        else:
+            x_flat = _flat_views(s.x, a.dim())
+            base_flat = _flat_views(base, a.dim())
+            channels = x_flat.shape[1]
+
+            def perturbed(start: int, stop: int) -> tuple[Tensor, Tensor]:
+                flat = torch.arange(start, stop, device=s.x.device)
+                sample, run = flat // runs, flat % runs
+                idx = indices[sample, run][:, None, :].expand(-1, channels, -1)
+                inputs = x_flat[sample].scatter(2, idx, base_flat[sample].gather(2, idx))
+                return inputs.view(-1, *s.x.shape[1:]), s.y[sample]
 
         clean = s.clean_scores(softmax)
         scores = scores_in_batches(s.model, perturbed, s.n * runs, s.batch_size, softmax,
                                    progress, "faithfulness correlation",
                                    per_sample=runs).view(s.n, runs)
         drops = clean[:, None] - scores
-        return pearson(attribution_sums.cpu(), drops).to(s.x.device)
+        return correlate(attribution_sums.cpu(), drops).to(s.x.device)
+
+
+
+def mu_fidelity(
+    model: nn.Module,
+    x: Any,
+    y: Any,
+    attributions: Any = None,
+    masks: Any = None,
+    explain: Explain | None = None,
+    *,
+    grid_size: int = 9,
+    subset_fraction: float = 0.2,
+    baseline: Baseline = 0.0,
+    nr_samples: int = 200,
+    softmax: bool = False,
+    abs: bool = False,
+    normalise: Normalise = None,
+    seed: int | None = 0,
+    generator: torch.Generator | None = None,
+    draws: Any = None,
+    batch_size: int | None = None,
+    progress: bool = False,
+) -> Tensor:
+    """MuFidelity as xplique defines it (``xplique.metrics.MuFidelity``; Bhatt et al. 2020).
+
+    The image is cut into ``grid_size x grid_size`` cells. Each of ``nr_samples`` draws removes
+    every cell independently with probability ``subset_fraction`` (so about that fraction of
+    the image), setting all its pixels and channels to ``baseline``; the score is Spearman's
+    correlation, over the draws, of the map's sum over the removed pixels and the drop of the
+    target's score. The draws are the same for every sample of the call. A cell covers the
+    pixels that nearest-neighbour upsampling of the grid to the image assigns to it (TF's
+    ``resize(method="nearest")``: source ``floor((i + 0.5) * grid_size / H)``). As xplique,
+    an undefined correlation (constant map sums or scores) counts as 0, not NaN.
+
+    Args:
+        grid_size: cells per side (xplique's default 9; the co-author's port of it, too).
+        subset_fraction: probability that a cell is removed (0.2).
+        baseline: replacement value (xplique: 0.0), as for :func:`faithfulness_correlation`.
+        nr_samples: draws per sample (200).
+        softmax: score the softmax probability instead of the logit.
+        abs, normalise: attribution preprocessing (per sample; Spearman ignores scaling).
+        seed, generator: the source of the draws (``generator`` wins).
+        draws: explicit removed-cell masks, bool ``(nr_samples, grid_size, grid_size)``.
+        batch_size, progress: as for :func:`faithfulness_correlation`.
+
+    Returns:
+        float64 correlations (N,) in [-1, 1].
+    """
+    with guarded(model):
+        s = _Setup(model, x, y, attributions, explain, batch_size, metric="MuFidelity")
+        a = preprocess_attributions(s.a, normalise, abs)
+        grid_size = check_positive_int(grid_size, "grid_size")
+        if draws is None:
+            nr_samples = check_positive_int(nr_samples, "nr_samples", 2)
+            fraction = float(subset_fraction)
+            if not 0.0 < fraction < 1.0:
+                raise InvalidInputError(
+                    f"subset_fraction must lie in (0, 1), got {subset_fraction!r}.")
+            keys = torch.rand(nr_samples, grid_size, grid_size,
+                              generator=make_generator(seed, generator))
+            draws = keys < fraction
+        removed_cells = to_tensor(draws, "draws").to(device=s.x.device, dtype=torch.bool)
+        if removed_cells.dim() != 3 or removed_cells.shape[1:] != (grid_size, grid_size) or (
+                removed_cells.shape[0] < 2):
+            raise InvalidInputError(
+                f"draws must have shape (nr_samples >= 2, {grid_size}, {grid_size}); got "
+                f"{tuple(removed_cells.shape)}.")
+        runs = removed_cells.shape[0]
+        height, width = s.x.shape[-2:]
+        rows = ((torch.arange(height, device=s.x.device) + 0.5) * grid_size / height).long()
+        cols = ((torch.arange(width, device=s.x.device) + 0.5) * grid_size / width).long()
+        removed = removed_cells[:, rows.clamp(max=grid_size - 1)][
+            :, :, cols.clamp(max=grid_size - 1)]  # (runs, H, W)
+        per_pixel = (a.sum(1) if a.dim() == 4 else a).to(torch.float64)
+        attribution_sums = torch.einsum("nhw,rhw->nr", per_pixel, removed.to(torch.float64))
+        base = baseline_values(baseline, s.x)
+
+        def perturbed(start: int, stop: int) -> tuple[Tensor, Tensor]:
+            flat = torch.arange(start, stop, device=s.x.device)
+            sample, run = flat // runs, flat % runs
+            hole = removed[run][:, None]
+            return torch.where(hole, base[sample], s.x[sample]), s.y[sample]
+
+        clean = s.clean_scores(softmax)
+        scores = scores_in_batches(s.model, perturbed, s.n * runs, s.batch_size, softmax,
+                                   progress, "MuFidelity", per_sample=runs).view(s.n, runs)
+        drops = clean[:, None] - scores
+        rho = spearman(attribution_sums.cpu(), drops.cpu())
+        return torch.nan_to_num(rho, nan=0.0).to(s.x.device)
+
+
+Correlation = Literal["pearson", "spearman"]
+
+
+def _correlation(name: object) -> Any:
+    if name == "pearson":
+        return pearson
+    if name == "spearman":
+        return spearman
+    raise InvalidInputError(f"correlation must be 'pearson' or 'spearman', got {name!r}.")
+
+
+def _subset_count(subset_size: object, n_features: int) -> int:
+    """A subset size given as a count, or as a float fraction of the features."""
+    if isinstance(subset_size, float):
+        if not 0.0 < subset_size < 1.0:
+            raise InvalidInputError(
+                f"a fractional subset_size must lie in (0, 1), got {subset_size}; give a "
+                "count as an int.")
+        return max(1, round(subset_size * n_features))
+    return check_positive_int(subset_size, "subset_size")
+
+
+def _cells(a: Tensor, cell: int) -> tuple[Tensor, Tensor]:
+    """Square cells of ``cell`` pixels: each pixel's cell index (H*W,) and the map summed per
+    cell (N, cells), over channels too for an element map."""
+    height, width = a.shape[-2:]
+    columns = -(-width // cell)
+    rows = torch.arange(height, device=a.device) // cell
+    cols = torch.arange(width, device=a.device) // cell
+    cell_of_pixel = (rows[:, None] * columns + cols[None, :]).flatten()
+    per_pixel = (a.sum(1) if a.dim() == 4 else a).flatten(1)
+    sums = torch.zeros(a.shape[0], -(-height // cell) * columns, dtype=per_pixel.dtype,
+                       device=a.device).index_add_(1, cell_of_pixel, per_pixel)
+    return cell_of_pixel, sums
 
 
 # --- ordered perturbation curves ------------------------------------------------------------

@@ -1,0 +1,172 @@
+"""The fidelity protocol's options (Spearman, fractional subsets, grid cells), MuFidelity and the
+absolute-value SmoothGrad: known answers and slow loop oracles written from the definitions."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import scipy.stats
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+import srdxai
+from srdxai import metrics
+from srdxai.errors import InvalidInputError
+from srdxai.metrics._common import average_ranks, spearman
+
+
+class Linear(nn.Module):
+    """f_k(x) = sum(w_k * x): removing a set S to a zero baseline drops f_y by sum_S w_y * x,
+    which is exactly gradient x input summed over S."""
+
+    def __init__(self, shape: tuple[int, int, int], classes: int = 3):
+        super().__init__()
+        self.w = nn.Parameter(torch.randn(classes, *shape, generator=torch.Generator()
+                                          .manual_seed(1), dtype=torch.float64))
+
+    def forward(self, x):
+        return torch.einsum("nchw,kchw->nk", x, self.w)
+
+
+@pytest.fixture
+def linear_case():
+    x = torch.randn(3, 2, 12, 10, generator=torch.Generator().manual_seed(0),
+                    dtype=torch.float64)
+    model = Linear(tuple(x.shape[1:]))
+    y = torch.tensor([0, 2, 1])
+    exact = x * model.w.detach()[y]  # per element
+    return model, x, y, exact.sum(1)  # pixel map
+
+
+def small_cnn():
+    torch.manual_seed(0)
+    return nn.Sequential(nn.Conv2d(3, 4, 3, padding=1), nn.ReLU(), nn.AdaptiveAvgPool2d(2),
+                         nn.Flatten(), nn.Linear(16, 3)).eval()
+
+
+def test_spearman_and_average_ranks_equal_scipy_with_ties():
+    g = torch.Generator().manual_seed(3)
+    a = torch.randint(0, 4, (5, 17), generator=g).double()
+    b = torch.randn(5, 17, generator=g)
+    assert np.allclose(average_ranks(a).numpy(), scipy.stats.rankdata(a.numpy(), axis=1))
+    expected = [scipy.stats.spearmanr(a[i], b[i])[0] for i in range(5)]
+    assert np.allclose(spearman(a, b).numpy(), expected)
+    assert torch.isnan(spearman(torch.ones(1, 5), b[:1, :5])).all()
+
+
+@pytest.mark.parametrize("correlation", ["pearson", "spearman"])
+@pytest.mark.parametrize("cell", [1, 3])
+def test_exact_map_scores_one_and_its_negative_minus_one(linear_case, correlation, cell):
+    model, x, y, exact = linear_case
+    kw = dict(nr_runs=12, subset_size=5 if cell == 1 else 3, baseline=0.0, normalise=None,
+              correlation=correlation, cell=cell)
+    assert np.allclose(metrics.faithfulness_correlation(model, x, y, exact, **kw), 1.0)
+    assert np.allclose(metrics.faithfulness_correlation(model, x, y, -exact, **kw), -1.0)
+
+
+def test_fractional_subset_size_is_the_rounded_count(linear_case):
+    model, x, y, exact = linear_case
+    noisy = exact + torch.randn_like(exact)
+    by_count = metrics.faithfulness_correlation(model, x, y, noisy, nr_runs=9, subset_size=12)
+    by_fraction = metrics.faithfulness_correlation(model, x, y, noisy, nr_runs=9,
+                                                   subset_size=0.1)  # 0.1 * 120 pixels
+    assert torch.equal(by_count, by_fraction)
+    for bad in (0.0, 1.0, 1.5):
+        with pytest.raises(InvalidInputError, match="fractional subset_size"):
+            metrics.faithfulness_correlation(model, x, y, noisy, subset_size=bad)
+    with pytest.raises(InvalidInputError, match="correlation"):
+        metrics.faithfulness_correlation(model, x, y, noisy, correlation="kendall")
+
+
+def test_grid_cells_equal_a_loop_over_runs():
+    """Cells of 4 px on a 14 x 13 image (edge cells smaller), element map, 'mean' baseline:
+    a loop over samples and runs, from the definition."""
+    model = small_cnn().double()
+    x = torch.randn(2, 3, 14, 13, generator=torch.Generator().manual_seed(5),
+                    dtype=torch.float64)
+    y = torch.tensor([1, 2])
+    a = torch.randn(2, 3, 14, 13, generator=torch.Generator().manual_seed(6),
+                    dtype=torch.float64)
+    cell_rows, cell_cols = 4, 4  # ceil(14 / 4) x ceil(13 / 4) cells
+    draws = torch.stack([torch.stack([torch.randperm(16, generator=torch.Generator()
+                                                     .manual_seed(10 * s + r))[:5]
+                                      for r in range(7)]) for s in range(2)])
+    got = metrics.faithfulness_correlation(model, x, y, a, draws=draws, cell=4,
+                                           baseline="mean", normalise=None)
+    expected = []
+    with torch.no_grad():
+        for s in range(2):
+            clean = model(x[s:s + 1])[0, y[s]]
+            sums, drops = [], []
+            for r in range(7):
+                hole = torch.zeros(14, 13, dtype=torch.bool)
+                for c in draws[s, r].tolist():
+                    row, col = divmod(c, cell_cols)
+                    hole[4 * row:4 * row + 4, 4 * col:4 * col + 4] = True
+                assert row < cell_rows
+                perturbed = x[s].clone()
+                perturbed[:, hole] = x[s].mean()
+                drops.append(float(clean - model(perturbed[None])[0, y[s]]))
+                sums.append(float(a[s][:, hole].sum()))
+            expected.append(np.corrcoef(sums, drops)[0, 1])
+    assert np.allclose(got.numpy(), expected, atol=1e-10)
+
+
+@pytest.mark.filterwarnings("ignore::scipy.stats.ConstantInputWarning")  # sample 2, on purpose
+def test_mu_fidelity_equals_a_loop_from_xpliques_definition():
+    model = small_cnn()
+    x = torch.randn(3, 3, 20, 23, generator=torch.Generator().manual_seed(7))
+    y = torch.tensor([0, 1, 2])
+    a = torch.randn(3, 20, 23, generator=torch.Generator().manual_seed(8))
+    a[2] = 0.0  # constant sums: xplique scores 0
+    draws = torch.rand(11, 9, 9, generator=torch.Generator().manual_seed(9)) < 0.2
+    got = metrics.mu_fidelity(model, x, y, a, draws=draws, baseline=0.0)
+    # upsampling the cell masks as TF's nearest resize with half-pixel centres does
+    holes = F.interpolate(draws[:, None].float(), size=(20, 23), mode="nearest-exact")[:, 0] > 0
+    expected = []
+    with torch.no_grad():
+        for s in range(3):
+            clean = float(model(x[s:s + 1])[0, y[s]])
+            drops = [clean - float(model(torch.where(h, 0.0, x[s])[None])[0, y[s]])
+                     for h in holes]
+            sums = [float(a[s][h].sum()) for h in holes]
+            rho = scipy.stats.spearmanr(drops, sums)[0]
+            expected.append(0.0 if np.isnan(rho) else rho)
+    assert np.allclose(got.numpy(), expected, atol=1e-6)
+    assert got[2] == 0.0
+
+
+def test_mu_fidelity_known_answer_and_options(linear_case):
+    model, x, y, exact = linear_case
+    score = metrics.mu_fidelity(model, x, y, exact, nr_samples=40, grid_size=4, seed=2)
+    assert np.allclose(score.numpy(), 1.0)
+    noisy = exact + 3 * torch.randn(exact.shape, generator=torch.Generator().manual_seed(3),
+                                    dtype=exact.dtype)
+    first = metrics.mu_fidelity(model, x, y, noisy, nr_samples=40, seed=2)
+    assert (first < 0.999).all()  # the noise shows
+    assert torch.equal(first, metrics.mu_fidelity(model, x, y, noisy, nr_samples=40, seed=2))
+    assert not torch.equal(first, metrics.mu_fidelity(model, x, y, noisy, nr_samples=40,
+                                                      seed=3))
+    with pytest.raises(InvalidInputError, match="subset_fraction"):
+        metrics.mu_fidelity(model, x, y, exact, subset_fraction=1.0)
+    with pytest.raises(InvalidInputError, match="draws must have shape"):
+        metrics.mu_fidelity(model, x, y, exact, draws=torch.zeros(5, 3, 3, dtype=torch.bool))
+
+
+def test_absolute_smoothgrad_is_the_mean_absolute_gradient():
+    """Captum's NoiseTunnel(Saliency): |gradient| at each noisy copy, averaged (per element),
+    then summed over channels here."""
+    model = small_cnn()
+    x = torch.randn(2, 3, 8, 8, generator=torch.Generator().manual_seed(4))
+    y = torch.tensor([2, 0])
+    noise = torch.randn(5, 2, 3, 8, 8, generator=torch.Generator().manual_seed(5))
+    got = srdxai.explain(model, x, y, "smoothgrad", samples=5, noise=noise, absolute=True)
+    total = torch.zeros_like(x)
+    for k in range(5):
+        point = (x + noise[k]).requires_grad_(True)
+        model(point).gather(1, y[:, None]).sum().backward()
+        total += point.grad.abs()
+    assert torch.allclose(got, (total / 5).sum(1), atol=1e-6)
+    signed = srdxai.explain(model, x, y, "smoothgrad", samples=5, noise=noise)
+    assert (got >= 0).all() and (signed < 0).any()
