@@ -23,8 +23,10 @@ pytestmark = pytest.mark.skipif(
     reason="Fashion-MNIST is not installed (make data)")
 
 # A small run: Table 2 on the two Fashion-MNIST CNNs, 4 samples each in units of 2.
-ARGS = ["--experiments", "table2", "--quick", "--samples", "4", "--batch-size", "2"]
-CONFIG = BenchConfig(experiments=["table2"], quick=True, samples=4, batch_size=2)
+ARGS = ["--experiments", "table2", "--quick", "--samples", "4", "--batch-size", "2",
+        "--models", "fmnist-*"]
+CONFIG = BenchConfig(experiments=["table2"], quick=True, samples=4, batch_size=2,
+                     models=["fmnist-*"])
 
 
 def _bench(run_dir: Path, *extra: str, launcher: list[str] | None = None,
@@ -84,7 +86,7 @@ def reference(tmp_path_factory) -> list[tuple]:
 
 def test_units_and_seeds():
     all_jobs = jobs(CONFIG)
-    assert len(all_jobs) == 2 * 18 * 2 and all_jobs == jobs(CONFIG)  # one fixed order
+    assert len(all_jobs) == 2 * 19 * 2 and all_jobs == jobs(CONFIG)  # one fixed order
     assert len({j.unit for j in all_jobs}) == len(all_jobs)
     # every method of a batch sees the same random draws
     seeds = {}
@@ -105,9 +107,9 @@ def test_a_killed_run_resumes_to_the_same_database(tmp_path, reference):
     proc.send_signal(signal.SIGKILL)
     proc.wait()
     done = _units(db)
-    assert 5 <= done < 72 and not (tmp_path / "results.sqlite").exists()
+    assert 5 <= done < len(jobs(CONFIG)) and not (tmp_path / "results.sqlite").exists()
     _finish(_bench(tmp_path))  # resume
-    assert _units(tmp_path / "results.sqlite") == 72
+    assert _units(tmp_path / "results.sqlite") == len(jobs(CONFIG))
     assert _results(tmp_path / "results.sqlite") == reference  # nothing lost, nothing twice
 
 
@@ -127,7 +129,8 @@ def test_two_gloo_processes_give_the_one_process_table(tmp_path, reference):
 
 def test_resuming_with_other_options_is_refused(tmp_path):
     run(tmp_path, CONFIG, progress=False, stop_after=1)
-    other = BenchConfig(experiments=["table2"], quick=True, samples=6, batch_size=2)
+    other = BenchConfig(experiments=["table2"], quick=True, samples=6, batch_size=2,
+                        models=["fmnist-*"])
     with pytest.raises(InvalidInputError, match="another configuration"):
         run(tmp_path, other, progress=False)
 
@@ -170,3 +173,28 @@ def test_quick_options_reach_every_row():
     quick_jobs = jobs(BenchConfig(experiments=["table2"], quick=True, samples=2))
     ig = next(j for j in quick_jobs if j.method == "integrated_gradients")
     assert dict(ig.options) == {"steps": 16}
+
+
+def test_quick_table2_includes_efficientnet_on_the_composites_without_the_costliest_rows():
+    from srdxai.experiments.runner import QUICK_SKIPPED_ON_IMAGENET, TABLE2_METHODS
+
+    quick = jobs(BenchConfig(experiments=["table2"], quick=True, batch_size=8))
+    lite = [j for j in quick if j.unit.model == "efficientnet-lite0"]
+    rows = {j.unit.method for j in lite}
+    assert rows == {m[0] for m in TABLE2_METHODS} - set(QUICK_SKIPPED_ON_IMAGENET)
+    assert {s for j in lite for s in j.samples} == set(range(32))
+    full = jobs(BenchConfig(experiments=["table2"], batch_size=8))
+    assert {j.unit.method for j in full if j.unit.model == "efficientnet-lite0"} == {
+        m[0] for m in TABLE2_METHODS}
+    narrowed = jobs(BenchConfig(experiments=["table2", "activation"], quick=True,
+                                models=["fmnist-resnet-*", "fmnist-vgg-relu"]))
+    assert {j.unit.model for j in narrowed} == {
+        "fmnist-vgg-relu", "fmnist-resnet-relu", "fmnist-resnet-elu", "fmnist-resnet-leaky_relu",
+        "fmnist-resnet-silu", "fmnist-resnet-gelu", "fmnist-resnet-tanh"}
+
+
+def test_a_model_filter_that_matches_nothing_is_an_error(tmp_path):
+    with pytest.raises(InvalidInputError, match="no model of table2 matches --models"):
+        run(tmp_path, BenchConfig(experiments=["table2"], models=["resnet9000"]),
+            progress=False)
+    assert not (tmp_path / "results.sqlite").exists()

@@ -170,3 +170,58 @@ def test_absolute_smoothgrad_is_the_mean_absolute_gradient():
     assert torch.allclose(got, (total / 5).sum(1), atol=1e-6)
     signed = srdxai.explain(model, x, y, "smoothgrad", samples=5, noise=noise)
     assert (got >= 0).all() and (signed < 0).any()
+
+
+# --- the protocol as configuration (srdxai.experiments.protocol) ------------------------------
+
+def test_protocol_validates_and_describes_its_choices():
+    from srdxai.experiments.protocol import FidelityProtocol, Protocol, parse_variants
+
+    assert FidelityProtocol().describe() == (
+        "black baseline, signed maps, subsets of 224 features (at most a quarter of them), "
+        "Pearson, pixels")
+    for bad in ({"baseline": "white"}, {"correlation": "kendall"}, {"subset": 1.0},
+                {"subset": 0}, {"grid": 1}, {"runs": 1}):
+        with pytest.raises(InvalidInputError):
+            FidelityProtocol(**bad)
+    with pytest.raises(InvalidInputError, match="unknown fidelity variant"):
+        Protocol(variants=("abs", "kendall"))
+    with pytest.raises(InvalidInputError, match="unknown fidelity variant"):
+        parse_variants("abs,nope")
+    assert parse_variants("none") == () and parse_variants("abs, spearman") == ("abs",
+                                                                                  "spearman")
+    stored = Protocol(variants=("abs",), pointing_tolerance=9, stability_draws=60).public()
+    assert Protocol.from_dict(stored) == Protocol(variants=("abs",), pointing_tolerance=9,
+                                                  stability_draws=60)
+    assert Protocol().draws(quick=True) == 10 and Protocol().draws(quick=False) == 50
+
+
+def test_protocol_scales_to_the_image_and_shares_forward_passes():
+    from srdxai.experiments.protocol import FidelityProtocol, Protocol, pixels_at
+
+    assert pixels_at(15, 224) == 15 and pixels_at(15, 64) == 4
+    small = FidelityProtocol().options(16, 16, quick=True)
+    assert small["subset_size"] == 64 and small["nr_runs"] == 50  # capped at a quarter
+    grid = FidelityProtocol(grid=14, subset=0.1).options(64, 64, quick=False)
+    assert grid["cell"] == 5 and grid["nr_runs"] == 100
+    groups = Protocol().fidelity_groups(64, 64, quick=True)
+    first = groups[0][1]
+    assert set(first) == {"fidelity", "fidelity[abs]", "fidelity[spearman]"}
+    assert sum(len(g[1]) for g in groups) == 1 + len(Protocol().variants)
+
+
+def test_readings_share_draws_and_equal_separate_calls():
+    model = small_cnn()
+    x = torch.randn(2, 3, 16, 16, generator=torch.Generator().manual_seed(1))
+    y = torch.tensor([0, 2])
+    a = srdxai.explain(model, x, y, "gradient_x_input")
+    together = metrics.faithfulness_correlations(
+        model, x, y, a, nr_runs=10, subset_size=20, seed=4,
+        readings={"plain": {}, "abs": {"abs": True}, "rank": {"correlation": "spearman"}})
+    for name, options in (("plain", {}), ("abs", {"abs": True}),
+                          ("rank", {"correlation": "spearman"})):
+        alone = metrics.faithfulness_correlation(model, x, y, a, nr_runs=10, subset_size=20,
+                                                 seed=4, **options)
+        assert torch.allclose(together[name], alone, equal_nan=True)
+    with pytest.raises(InvalidInputError, match="may set only"):
+        metrics.faithfulness_correlations(model, x, y, a, readings={"bad": {"baseline": 0}})

@@ -489,3 +489,55 @@ def test_rows_that_are_the_same_computation_are_named(tmp_path):
     html_text = build_report(tmp_path / "run")[0].read_text()
     assert "vgg: SRD-low equals GradCAM on every metric and sample" in html_text
     assert "resnet: SRD-low equals" not in html_text
+
+
+# --- the evaluation protocol (issue: the SRD paper's protocol) ----------------------------------
+
+def _protocol_run(run_dir: Path, config: dict | None = None) -> Path:
+    """Three methods on two samples' worth of draws: SRD-high beats Saliency by exactly 0.1
+    on every sample (a paired difference with zero spread), LRP-z+ ties SRD-high on average
+    only; the 'abs' variant reverses the order."""
+    from srdxai.experiments import BenchConfig
+
+    db = Db(run_dir, config if config is not None else BenchConfig(quick=True).public())
+    fid = {"SRD-high": [0.5, 0.2, 0.4, 0.3], "Saliency": [0.4, 0.1, 0.3, 0.2],
+           "LRP-z+": [0.7, 0.0, 0.6, 0.1], "absLRP": [0.0, 0.0, 0.1, 0.1]}
+    for method, values in fid.items():
+        db.add("table2", "fmnist-vgg-relu", method, "fidelity", values)
+        db.add("table2", "fmnist-vgg-relu", method, "fidelity[abs]", [1 - v for v in values])
+        db.add("table2", "fmnist-vgg-relu", method, "pointing_game", [1.0, 0.0, 1.0, 1.0])
+    return db.close()
+
+
+def test_paired_differences_pair_samples(tmp_path):
+    diffs = tables.paired_differences(_protocol_run(tmp_path), "table2", "fidelity", "SRD-high")
+    saliency = diffs[("fmnist-vgg-relu", "Saliency")]
+    assert saliency.mean == pytest.approx(0.1) and saliency.half_width == pytest.approx(0.0)
+    assert saliency.n == 4
+    lrp = diffs[("fmnist-vgg-relu", "LRP-z+")]
+    assert lrp.mean == pytest.approx(0.0) and lrp.half_width > 0.3  # same mean, wide spread
+    assert ("fmnist-vgg-relu", "SRD-high") not in diffs
+
+
+def test_table2_section_states_the_protocol_marks_rows_and_ranks_variants(tmp_path):
+    _protocol_run(tmp_path)
+    html_path, md_path = build_report(tmp_path)
+    md = md_path.read_text()
+    assert "faithfulness correlation with black baseline, signed maps" in md
+    assert "a lower bound" in md  # quick: 10 stability draws
+    assert "absLRP §" in md and "Saliency §" not in md
+    assert "SRD-high − method, fidelity (paired)" in md
+    row = next(line for line in md.splitlines() if line.startswith("| Saliency |")
+               and "0.100" in line)
+    assert "*" in row  # the interval (zero width) excludes 0
+    ranking = md[md.index("What decides the ranking: fmnist-vgg-relu"):]
+    lrp = next(line for line in ranking.splitlines() if line.startswith("| LRP-z+ |"))
+    cells = [c.strip() for c in lrp.strip("|").split("|")]
+    assert cells[1] == "**1 (0.350)**"  # tied with SRD-high for the best fidelity
+    assert cells[2] == "3 (0.650)"  # tied with SRD-high, below absLRP and Saliency on abs
+
+
+def test_protocol_of_an_older_run_is_said_to_be_unrecorded(tmp_path):
+    _protocol_run(tmp_path, {"quick": True})
+    _, md_path = build_report(tmp_path)
+    assert "Protocol: not recorded" in md_path.read_text()

@@ -639,22 +639,71 @@ def train_command(arch: str, activation: str | None, epochs: int, train_size: in
               help="Samples per unit of work (the unit a resumed run skips or redoes).")
 @click.option("--seed", type=int, default=0, show_default=True)
 @click.option("--device", default="cpu", show_default=True)
+@click.option("--fidelity-baseline", type=click.Choice(["black", "zero", "mean", "blur"]),
+              default="black", show_default=True,
+              help="Fidelity: what removed pixels become (black: each image's minimum, "
+                   "Quantus'; zero: 0 in model input units).")
+@click.option("--fidelity-abs/--fidelity-signed", default=False, show_default=True,
+              help="Fidelity: score |map| or the signed map.")
+@click.option("--fidelity-subset", default="224", show_default=True,
+              help="Fidelity: features per random subset, a count (at most a quarter of "
+                   "them) or a fraction such as 0.1.")
+@click.option("--fidelity-correlation", type=click.Choice(["pearson", "spearman"]),
+              default="pearson", show_default=True)
+@click.option("--fidelity-grid", type=click.IntRange(min=0), default=0, show_default=True,
+              help="Fidelity: 0 removes pixels, k removes cells of a k x k grid.")
+@click.option("--variants", default="default", show_default=True,
+              help="Fidelity protocol variants also scored, for the report's 'what decides "
+                   "the ranking': default, all, none, or names such as abs,zero-baseline "
+                   "(docs/experiments.md).")
+@click.option("--models", default=None,
+              help="Only these models: comma-separated names or patterns such as "
+                   "'fmnist-*' [default: every model of each experiment].")
+@click.option("--pointing-tolerance", type=click.IntRange(min=0), default=15,
+              show_default=True,
+              help="Tolerant pointing game: pixels at 224 x 224, scaled to the image (the "
+                   "strict game is scored too).")
+@click.option("--stability-draws", type=click.IntRange(min=1), default=None,
+              help="Noise draws of the stability estimate [default: 50, 10 with --quick; "
+                   "fewer than 50 is reported as a lower bound].")
 @click.option("--quiet", is_flag=True, help="No progress bar.")
 @_errors_as_one_line
 def bench_command(run_dir: Path, experiments: str, quick: bool, samples: int | None,
-                  batch_size: int, seed: int, device: str, quiet: bool) -> None:
+                  batch_size: int, seed: int, device: str, fidelity_baseline: str,
+                  fidelity_abs: bool, fidelity_subset: str, fidelity_correlation: str,
+                  fidelity_grid: int, variants: str, models: str | None,
+                  pointing_tolerance: int,
+                  stability_draws: int | None, quiet: bool) -> None:
     """Run the seeds' experiments into RUN_DIR (SQLite); resumes an interrupted run.
+
+    The --fidelity-*, --pointing-tolerance and --stability-draws options set Table 2's
+    evaluation protocol; it is stored with the results and shown in the report.
 
     Scale out with torchrun: ``torchrun --nproc-per-node N -m srdxai bench RUN_DIR ...``
     shards the work over the ranks; rank 0 merges their results.
     """
     from srdxai.experiments import BenchConfig, run
+    from srdxai.experiments.protocol import FidelityProtocol, Protocol, parse_variants
 
     if batch_size < 1 or (samples is not None and samples < 1):
         raise InvalidInputError("--batch-size and --samples must be positive.")
+    try:
+        subset: int | float = (int(fidelity_subset) if fidelity_subset.strip().isdigit()
+                               else float(fidelity_subset))
+    except ValueError:
+        raise InvalidInputError(
+            f"--fidelity-subset must be a count (224) or a fraction (0.1), got "
+            f"{fidelity_subset!r}.") from None
+    protocol = Protocol(
+        FidelityProtocol(fidelity_baseline, fidelity_abs, subset, fidelity_correlation,
+                         fidelity_grid),
+        variants=parse_variants(variants), pointing_tolerance=pointing_tolerance,
+        stability_draws=stability_draws)
     config = BenchConfig(experiments=[e.strip() for e in experiments.split(",") if e.strip()],
                          quick=quick, seed=seed, batch_size=batch_size, samples=samples,
-                         device=device)
+                         device=device, protocol=protocol,
+                         models=[m.strip() for m in models.split(",") if m.strip()]
+                         if models else None)
     merged = run(run_dir, config, progress=not quiet)
     if merged is not None:
         click.echo(f"results: {merged}; write the report with: srdxai report {run_dir}")

@@ -11,13 +11,14 @@ When all ranks are done, rank 0 merges their databases into ``results.sqlite``.
 
 from __future__ import annotations
 
+import fnmatch
 import hashlib
 import json
 import os
 import subprocess
 import time
 from collections.abc import Callable, Iterator
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from functools import cache
 from pathlib import Path
 from typing import Any
@@ -25,6 +26,7 @@ from typing import Any
 import torch
 
 from ..errors import InvalidInputError
+from .protocol import Protocol, pixels_at
 from .store import Curve, ResultStore, Row, Unit, merge, rank_path
 
 Tensor = torch.Tensor
@@ -36,7 +38,11 @@ TABLE2_METHODS: list[tuple[str, str, dict[str, Any]]] = [
     ("GradInput", "gradient_x_input", {}),
     ("IntegratedGradients", "integrated_gradients", {}),
     ("LRP-z+", "lrp_zplus", {}),
-    ("SmoothGrad", "smoothgrad", {}),
+    # Captum 0.6's NoiseTunnel(Saliency) defaults: |gradient|, 5 samples, sigma 1.0 in input
+    # units; the SmoothGrad the paper most likely ran (reference/SRD.md section 8)
+    ("SmoothGrad-abs", "smoothgrad", {"absolute": True, "samples": 5, "stdev": 1.0}),
+    # Smilkov et al.'s signed mean gradient (25 samples, 15 % noise): not the paper's row
+    ("SmoothGrad-signed", "smoothgrad", {}),
     ("FullGrad", "fullgrad", {}),
     ("GradCAM", "gradcam", {}),
     ("GradCAM++", "gradcam_pp", {}),
@@ -111,6 +117,11 @@ class BenchConfig:
     batch_size: int = 8
     samples: int | None = None  # per model; default 32 (quick) / 256 (fashion), 96 (composites)
     device: str = "cpu"
+    #: how Table 2 and the activation table score maps (fidelity protocol and its variants,
+    #: MuFidelity, pointing tolerance, stability draws)
+    protocol: Protocol = field(default_factory=Protocol)
+    #: only the models matching one of these names or fnmatch patterns (None: all)
+    models: list[str] | None = None
 
     def sizes(self, dataset: str) -> int:
         if self.samples is not None:
@@ -123,16 +134,13 @@ class BenchConfig:
     def fidelity_runs(self) -> int:
         return 50 if self.quick else 100
 
-    @property
-    def stability_samples(self) -> int:
-        return 4 if self.quick else 10
-
     def hash(self) -> str:
         return hashlib.sha256(json.dumps(self.public(), sort_keys=True).encode()).hexdigest()[:16]
 
     def public(self) -> dict[str, Any]:
         d = asdict(self)
         d.pop("device")  # where it runs does not change what it computes
+        d["protocol"] = self.protocol.public()
         return d
 
 
@@ -196,20 +204,40 @@ def load_batch(source: Source, indices: list[int], device: str
 
 
 def sources(experiment: str, config: BenchConfig) -> list[Source]:
-    if experiment == "table2":
-        found = [Source("fmnist-vgg-relu", "fashion"), Source("fmnist-resnet-relu", "fashion")]
-        if not config.quick:
-            found.append(Source("efficientnet-lite0", "composites"))
+    """The models (and data) of ``experiment``, narrowed to ``config.models``."""
+    found = _all_sources(experiment, config)
+    if config.models is None:
         return found
+    return [s for s in found if any(fnmatch.fnmatchcase(s.model, p) for p in config.models)]
+
+
+#: Table 2 rows left out on EfficientNet-Lite0 with ``--quick``: each map costs one forward
+#: pass per channel of the last convolution (1280), 10 minutes per 32 images on 2 cores
+QUICK_SKIPPED_ON_IMAGENET = ("ScoreCAM", "AblationCAM")
+
+
+def heavy_quick(config: BenchConfig, source: Source) -> bool:
+    """``--quick`` on the ImageNet composites: Table 2 scores the default fidelity, MuFidelity
+    and the localisation and complexity metrics, without variants, stability or the
+    :data:`QUICK_SKIPPED_ON_IMAGENET` rows, so that the quick run stays in minutes."""
+    return config.quick and source.dataset == "composites"
+
+
+def _all_sources(experiment: str, config: BenchConfig) -> list[Source]:
+    if experiment == "table2":
+        return [Source("fmnist-vgg-relu", "fashion"), Source("fmnist-resnet-relu", "fashion"),
+                Source("efficientnet-lite0", "composites")]
     if experiment == "activation":
         return [Source(f"fmnist-resnet-{a}", "fashion") for a in ACTIVATIONS]
     if experiment in ("grid", "sensitivity_n", "insertion_deletion", "noise", "attack"):
-        return sources("table2", config)
+        # the quick run keeps these on the two Fashion-MNIST CNNs
+        found = _all_sources("table2", config)
+        return [s for s in found if not heavy_quick(config, s)]
     if experiment == "gae":
-        return sources("table2", config) + [Source("fmnist-vit-gelu", "fashion")]
+        return _all_sources("grid", config) + [Source("fmnist-vit-gelu", "fashion")]
     if experiment == "apop":
-        found = sources("activation", config)
-        return found + [src for src in sources("table2", config) if src not in found]
+        found = _all_sources("activation", config)
+        return found + [src for src in _all_sources("grid", config) if src not in found]
     raise InvalidInputError(f"unknown experiment {experiment!r}; choose from {EXPERIMENTS}.")
 
 
@@ -250,6 +278,8 @@ def jobs(config: BenchConfig) -> list[Job]:
                 n, step = n - n % 4, max(4, step - step % 4)
             batches = [tuple(range(i, min(i + step, n))) for i in range(0, n, step)]
             methods = methods_for(experiment, source)
+            if experiment == "table2" and heavy_quick(config, source):
+                methods = [m for m in methods if m[0] not in QUICK_SKIPPED_ON_IMAGENET]
             for label, method, options in methods:
                 opts = method_options(method, options, config.quick)
                 for k, samples in enumerate(batches):
@@ -354,23 +384,50 @@ def run_job(job: Job, config: BenchConfig
             rows += [Row(f"auc_{name}", s, float(v))
                      for s, v in zip(job.samples, result.auc.tolist(), strict=True)]
         return rows, {}, curves
-    scores: dict[str, Tensor] = {}
-    scores["fidelity"] = metrics.faithfulness_correlation(
-        model, x, y, maps, nr_runs=config.fidelity_runs,
-        subset_size=min(224, maps[0].numel() // 4), seed=seed)
-    if job.unit.experiment == "table2":
-        scores["pointing_game"] = metrics.pointing_game(model, x, y, maps, masks)
-        scores["attribution_localisation"] = metrics.attribution_localisation(
-            model, x, y, maps, masks)
-        scores["sparseness"] = metrics.sparseness(model, x, y, maps)
-        scores["stability"] = metrics.local_lipschitz_estimate(
-            model, x, y, maps, explain=method_fn, nr_samples=config.stability_samples,
-            seed=seed)
+    scores = protocol_scores(config, experiment, model, x, y, maps, masks, method_fn, seed,
+                             heavy_quick(config, job.source))
     rows = []
     for metric, values in scores.items():
         for s, v in zip(job.samples, values.tolist(), strict=True):
             rows.append(Row(metric, s, float(v)))
     return rows, {}, []
+
+
+def protocol_scores(config: BenchConfig, experiment: str, model: torch.nn.Module, x: Tensor,
+                    y: Tensor, maps: Tensor, masks: Tensor,
+                    method_fn: Callable[[torch.nn.Module, Tensor, Tensor], Tensor],
+                    seed: int, reduced: bool = False) -> dict[str, Tensor]:
+    """Table 2's metrics (the activation table: its fidelity columns) under the run's protocol:
+    ``fidelity`` (the default protocol), ``fidelity[variant]`` for each variant and
+    ``mufidelity`` from the same maps; for Table 2 also the strict and the tolerant pointing
+    game, attribution localisation, sparseness and stability. ``reduced`` (see
+    :func:`heavy_quick`) leaves out the variants and stability."""
+    from .. import metrics
+
+    protocol = config.protocol
+    if reduced:
+        protocol = replace(protocol, variants=())
+    height, width = x.shape[-2:]
+    scores: dict[str, Tensor] = {}
+    for perturbation, readings in protocol.fidelity_groups(height, width, config.quick):
+        scores.update(metrics.faithfulness_correlations(model, x, y, maps, seed=seed,
+                                                        readings=readings, **perturbation))
+    scores["mufidelity"] = metrics.mu_fidelity(model, x, y, maps, seed=seed,
+                                               **protocol.mufidelity.options(config.quick))
+    if experiment == "table2":
+        scores["pointing_game"] = metrics.pointing_game(model, x, y, maps, masks)
+        tolerance = pixels_at(protocol.pointing_tolerance, max(height, width))
+        scores[f"pointing_game_{protocol.pointing_tolerance}px"] = metrics.pointing_game(
+            model, x, y, maps, masks, tolerance=tolerance)
+        scores["attribution_localisation"] = metrics.attribution_localisation(
+            model, x, y, maps, masks)
+        scores["sparseness"] = metrics.sparseness(model, x, y, maps)
+        if reduced:
+            return scores
+        scores["stability"] = metrics.local_lipschitz_estimate(
+            model, x, y, maps, explain=method_fn, nr_samples=protocol.draws(config.quick),
+            seed=seed)
+    return scores
 
 
 def _noise_rows(job: Job, model: torch.nn.Module, x: Tensor, y: Tensor, maps: Tensor,
@@ -504,7 +561,12 @@ def run(run_dir: Path, config: BenchConfig, progress: bool = True,
     dist = _distributed()
     if dist.world_size > 1 and config.device == "cpu":
         torch.set_num_threads(max(1, (os.cpu_count() or 1) // dist.world_size))
-    mine = [j for i, j in enumerate(jobs(config)) if i % dist.world_size == dist.rank]
+    every = jobs(config)
+    if not every:
+        raise InvalidInputError(
+            f"nothing to run: no model of {', '.join(config.experiments)} matches --models "
+            f"{','.join(config.models or [])}.")
+    mine = [j for i, j in enumerate(every) if i % dist.world_size == dist.rank]
     with ResultStore(rank_path(run_dir, dist.rank), config.public(), config.hash(),
                      code_version()) as store:
         todo = [j for j in mine if not store.done(j.unit)]

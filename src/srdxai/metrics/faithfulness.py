@@ -48,6 +48,7 @@ __all__ = [
     "CurveResult",
     "SensitivityNResult",
     "faithfulness_correlation",
+    "faithfulness_correlations",
     "mu_fidelity",
     "random_subsets",
     "pixel_flipping",
@@ -200,15 +201,61 @@ def faithfulness_correlation(
     Returns:
         float64 correlations (N,) in [-1, 1]; NaN when the output or the sums do not vary.
     """
+    reading = {"abs": abs, "normalise": normalise, "correlation": correlation}
+    return faithfulness_correlations(
+        model, x, y, attributions, masks, explain, readings={"": reading}, nr_runs=nr_runs,
+        subset_size=subset_size, baseline=baseline, softmax=softmax, cell=cell, seed=seed,
+        generator=generator, draws=draws, batch_size=batch_size, progress=progress)[""]
+
+
+def faithfulness_correlations(
+    model: nn.Module,
+    x: Any,
+    y: Any,
+    attributions: Any = None,
+    masks: Any = None,
+    explain: Explain | None = None,
+    *,
+    readings: dict[str, dict[str, Any]],
+    nr_runs: int = 100,
+    subset_size: int | float = 224,
+    baseline: Baseline = "black",
+    softmax: bool = False,
+    cell: int = 1,
+    seed: int | None = 0,
+    generator: torch.Generator | None = None,
+    draws: Any = None,
+    batch_size: int | None = None,
+    progress: bool = False,
+) -> dict[str, Tensor]:
+    """:func:`faithfulness_correlation` read several ways from the same perturbed inputs.
+
+    ``readings`` maps a name to the map-side options ``abs``, ``normalise`` and
+    ``correlation`` (defaults False, True, ``"pearson"``); they do not change which inputs are
+    scored, so all readings share one set of draws and forward passes. Returns the scores by
+    name. The other arguments are :func:`faithfulness_correlation`'s.
+    """
     with guarded(model):
         s = _Setup(model, x, y, attributions, explain, batch_size,
                    metric="faithfulness correlation")
-        a = preprocess_attributions(s.a, normalise, abs)
-        correlate = _correlation(correlation)
+        if not readings:
+            raise InvalidInputError("readings must name at least one way to read the drops.")
+        allowed = {"abs", "normalise", "correlation"}
+        for name, options in readings.items():
+            if not isinstance(options, dict) or set(options) - allowed:
+                raise InvalidInputError(
+                    f"reading {name!r} may set only {', '.join(sorted(allowed))}; got "
+                    f"{options!r}.")
+        correlate = {name: _correlation(r.get("correlation", "pearson"))
+                     for name, r in readings.items()}
+        maps = {name: preprocess_attributions(s.a, r.get("normalise", True), r.get("abs", False))
+                for name, r in readings.items()}
         cell = check_positive_int(cell, "cell")
         cells = None
         if cell > 1:
-            cells, a = _cells(a, cell)
+            for name, a in maps.items():
+                cells, maps[name] = _cells(a, cell)
+        a = next(iter(maps.values()))
         n_features = a.shape[1] if cells is not None else feature_count(a)
         if draws is None:
             nr_runs = check_positive_int(nr_runs, "nr_runs", 2)
@@ -227,7 +274,6 @@ def faithfulness_correlation(
         if indices.min() < 0 or indices.max() >= n_features:
             raise InvalidInputError(f"draws hold feature indices outside [0, {n_features}).")
         runs, size = indices.shape[1:]
-        attribution_sums = a.flatten(1).gather(1, indices.flatten(1)).view(s.n, runs, size).sum(2)
         base = baseline_values(baseline, s.x)
 
         if cells is not None:
@@ -257,8 +303,11 @@ def faithfulness_correlation(
                                    progress, "faithfulness correlation",
                                    per_sample=runs).view(s.n, runs)
         drops = clean[:, None] - scores
-        return correlate(attribution_sums.cpu(), drops).to(s.x.device)
-
+        out = {}
+        for name, a in maps.items():
+            sums = a.flatten(1).gather(1, indices.flatten(1)).view(s.n, runs, size).sum(2)
+            out[name] = correlate[name](sums.cpu(), drops).to(s.x.device)
+        return out
 
 
 def mu_fidelity(

@@ -71,7 +71,8 @@ PAPER_TO_SRDXAI: dict[str, str | None] = {
     "GradInput": "GradInput",
     "InteGrad": "IntegratedGradients",
     "LRPz+": "LRP-z+",
-    "Smoothgrad": "SmoothGrad",
+    # Captum 0.6's NoiseTunnel(Saliency): absolute values (reference/SRD.md section 8)
+    "Smoothgrad": "SmoothGrad-abs",
     "Fullgrad": "FullGrad",
     "GradCAM": "GradCAM",
     "GradCAM++": "GradCAM++",

@@ -23,7 +23,7 @@ from pathlib import Path
 
 import numpy as np
 
-from srdxai.errors import RunDirectoryError
+from srdxai.errors import RunDirectoryError, SrdxaiError
 from srdxai.experiments.store import check_writable, merged_path
 from srdxai.report import paper, tables
 from srdxai.report.figures import write_atomic
@@ -31,8 +31,13 @@ from srdxai.report.tables import CurveSet, MetricTable, RunInfo
 
 __all__ = ["build_report", "TABLE2_METRICS", "GAE_METRICS", "ROBUSTNESS_EXPERIMENTS"]
 
-TABLE2_METRICS = ("pointing_game", "attribution_localisation", "sparseness", "fidelity",
-                  "stability")
+TABLE2_METRICS = ("pointing_game", "pointing_game_15px", "attribution_localisation",
+                  "sparseness", "fidelity", "mufidelity", "stability")
+#: the SRD rows the paired differences are taken against: SRD-high is the paper's best
+#: fidelity row (.206 VGG16 / .142 ResNet50), SRD-input the pixel map of the headline method
+SRD_REFERENCES = ("SRD-high", "SRD-input")
+#: marks a row (or cell) the paper has no counterpart for
+BEYOND = " §"
 GAE_METRICS = ("local_consistency", "contrastiveness", "gae")
 ROBUSTNESS_EXPERIMENTS = ("attack", "noise", "apop")
 CURVE_EXPERIMENTS = {"sensitivity_n": "Sensitivity-n", "insertion_deletion": "Insertion / deletion"}
@@ -129,9 +134,11 @@ def _notes(table: MetricTable, model: str, metrics: Sequence[str]) -> list[str]:
     return notes
 
 
-def _model_tables(table: MetricTable, title: str, metrics: Sequence[str] | None = None
+def _model_tables(table: MetricTable, title: str, metrics: Sequence[str] | None = None,
+                  marks: dict[str, str] | None = None, notes: Sequence[str] = ()
                   ) -> list[Table]:
-    """One methods x metrics table per model; ``metrics`` first, then any others present."""
+    """One methods x metrics table per model; ``metrics`` first, then any others present;
+    ``marks`` appends a mark to a method's name, ``notes`` go under every table."""
     out = []
     for model in table.models:
         present = table.metrics_for(model)
@@ -140,13 +147,13 @@ def _model_tables(table: MetricTable, title: str, metrics: Sequence[str] | None 
         typical = table.typical_n(model)
         rows = []
         for method in table.methods_for(model, order):
-            row = [(method, False)]
+            row = [(method + (marks or {}).get(method, ""), False)]
             for metric in order:
                 c = table.cell(model, method, metric)
                 row.append((tables.format_cell(c, typical), bool(c and c.best)))
             rows.append(row)
         out.append(Table(f"{title}: {model}", ["method"] + [m + _arrow(m) for m in order], rows,
-                         _notes(table, model, order)))
+                         _notes(table, model, order) + list(notes)))
     return out
 
 
@@ -409,14 +416,151 @@ def _identical_notes(db: Path, experiment: str) -> list[Text]:
             for model, method, other in tables.identical_methods(db, experiment)]
 
 
-def _table2(db: Path, names: _Names) -> Section:
-    table = tables.metric_table(db, "table2")
-    if table.empty:
+def _is_variant(metric: str) -> bool:
+    return metric.startswith("fidelity[")
+
+
+def _protocol_text(config: dict | None) -> list[Text]:
+    """The evaluation protocol of the run, in words (from its stored configuration)."""
+    from srdxai.experiments.protocol import Protocol
+
+    stored = (config or {}).get("protocol")
+    if not isinstance(stored, dict):
+        return [Text("Protocol: not recorded in this run's configuration (a run of an older "
+                     "version: its fidelity is Quantus' default protocol).")]
+    try:
+        protocol = Protocol.from_dict(stored)
+    except (TypeError, ValueError, SrdxaiError) as exc:
+        return [Text(f"Protocol: the stored protocol could not be read ({exc}).")]
+    quick = bool((config or {}).get("quick"))
+    runs = protocol.fidelity.runs or (50 if quick else 100)
+    mu = protocol.mufidelity
+    draws = protocol.draws(quick)
+    stability = (f"the maximum over {draws} noise draws"
+                 + (", a lower bound: fewer than 50 draws underestimate the maximum "
+                    "(Quantus draws 200)" if draws < 50 else ""))
+    return [Text(
+        f"Protocol. fidelity: faithfulness correlation with {protocol.fidelity.describe()}, "
+        f"{runs} random subsets per sample. mufidelity: xplique's MuFidelity ({mu.grid}x"
+        f"{mu.grid} grid, each cell removed with probability {mu.fraction:g}, baseline "
+        f"{mu.baseline:g}, {mu.samples if not quick else min(mu.samples, 50)} draws, "
+        f"Spearman). pointing_game: strict (Quantus); pointing_game_"
+        f"{protocol.pointing_tolerance}px: a hit within {protocol.pointing_tolerance} px at "
+        f"224 x 224, scaled to the image (the co-author's Quantus copy). stability: local "
+        f"Lipschitz estimate, {stability}. Every method sees the same draws.")]
+
+
+def _beyond_marks(methods: Sequence[str]) -> dict[str, str]:
+    in_paper = {v for v in paper.PAPER_TO_SRDXAI.values() if v}
+    return {m: BEYOND for m in methods if m not in in_paper and m != "-"}
+
+
+def _paired_tables(db: Path, experiment: str, metrics: Sequence[str], title: str,
+                   columns: dict[str, str] | None = None) -> list[Table]:
+    """``SRD row - method`` per metric, paired by sample: rows methods, columns models."""
+    out = []
+    for metric in metrics:
+        for reference in SRD_REFERENCES:
+            diffs = tables.paired_differences(db, experiment, metric, reference)
+            if not diffs:
+                continue
+            models = list(dict.fromkeys(m for m, _ in diffs))
+            methods = list(dict.fromkeys(meth for _, meth in diffs))
+            rows = []
+            for method in methods:
+                row = [(method, False)]
+                for model in models:
+                    c = diffs.get((model, method))
+                    text = tables.format_cell(c, None) if c else "—"
+                    clear = bool(c and c.n > 1 and math.isfinite(c.half_width)
+                                 and abs(c.mean) > c.half_width)
+                    row.append((text + (" *" if clear else ""), False))
+                rows.append(row)
+            ns = sorted({c.n for c in diffs.values() if c.n})
+            widths = [2 * c.half_width for c in diffs.values()
+                      if c.n > 1 and math.isfinite(c.half_width)]
+            notes = [f"Cells: mean of {reference} − method over the same samples and draws, "
+                     "± the 95 % t half-width of the paired differences; positive: "
+                     f"{reference} scores higher. * the interval excludes 0.",
+                     f"n = {', '.join(map(str, ns))} pairs per cell; interval widths "
+                     f"{tables.format_number(min(widths)) if widths else 'nan'} to "
+                     f"{tables.format_number(max(widths)) if widths else 'nan'}."]
+            header = ["method"] + [(columns or {}).get(m, m) for m in models]
+            out.append(Table(f"{title}: {reference} − method, {metric} (paired)", header,
+                             rows, notes))
+    return out
+
+
+def _competition_ranks(means: dict[str, float]) -> dict[str, int]:
+    """1 + the number of strictly better (higher) means: ties share a rank."""
+    return {m: 1 + sum(other > v for other in means.values()) for m, v in means.items()}
+
+
+def _ranking_tables(table: MetricTable) -> list[Table]:
+    """Per model: each method's rank (1 = best) and mean under the default fidelity protocol,
+    every variant and MuFidelity."""
+    from srdxai.experiments.protocol import VARIANTS
+
+    out = []
+    for model in table.models:
+        protocols = [m for m in table.metrics_for(model)
+                     if m == "fidelity" or _is_variant(m) or m == "mufidelity"]
+        if len(protocols) < 2:
+            continue
+        methods = table.methods_for(model, protocols)
+        ranks: dict[tuple[str, str], int] = {}
+        for metric in protocols:
+            means = {m: c.mean for m in methods
+                     if (c := table.cell(model, m, metric)) is not None and c.n > 0
+                     and math.isfinite(c.mean)}
+            for m, rank in _competition_ranks(means).items():
+                ranks[(m, metric)] = rank
+        rows = []
+        for method in methods:
+            row = [(method, False)]
+            for metric in protocols:
+                c = table.cell(model, method, metric)
+                rank = ranks.get((method, metric))
+                text = "—" if c is None or rank is None else (
+                    f"{rank} ({tables.format_number(c.mean)})")
+                row.append((text, rank == 1))
+            rows.append(row)
+        defined = "; ".join(f"fidelity[{v}]: {', '.join(f'{k}={w}' for k, w in d.items())}"
+                            for v, d in VARIANTS.items() if f"fidelity[{v}]" in protocols)
+        notes = ["Cells: rank among the methods (1 = best, bold) and the mean. Each column "
+                 "changes one choice of the default protocol (fidelity), on the same maps: "
+                 + defined + "; mufidelity: xplique's MuFidelity."]
+        out.append(Table(f"What decides the ranking: {model}", ["method"] + protocols, rows,
+                         notes))
+    return out
+
+
+def _table2(db: Path, names: _Names, config: dict | None = None) -> Section:
+    everything = tables.metric_table(db, "table2")
+    if everything.empty:
         return _not_run("Table 2", "table2", ["table2"])
+    core = [m for m in everything.metrics if not _is_variant(m)]
+    table = tables.metric_table(db, "table2", core)
+    marks = _beyond_marks(table.methods)
     blocks: list = [Text("Ours: the models and data of this run (see the configuration), "
                          "not the paper's ImageNet-S50 setup.")]
-    blocks += _model_tables(table, "Table 2 (ours)", TABLE2_METRICS)
+    blocks += _protocol_text(config)
+    beyond_note = [f"{BEYOND.strip()}: a row the paper's Table 2 does not have (the paper's "
+                   "Smoothgrad is most likely SmoothGrad-abs, Captum's absolute value)."
+                   ] if marks else []
+    blocks += _model_tables(table, "Table 2 (ours)", TABLE2_METRICS, marks, beyond_note)
     blocks += _identical_notes(db, "table2")
+    blocks.append(Text("The paper's fidelity claim rests on SRD-high, its best-fidelity SRD row "
+                       "(.206 VGG16 / .142 ResNet50); SRD-input is its pixel map (.069 / .080). "
+                       "The tables below compare both with every other method on the same "
+                       "samples and draws."))
+    blocks += _paired_tables(db, "table2", ["fidelity", "mufidelity"], "Table 2 (ours)")
+    ranking = _ranking_tables(everything)
+    if ranking:
+        blocks.append(Text("What decides the ranking: the same maps scored under the protocol "
+                           "variants. A method whose rank moves a lot between columns owes its "
+                           "place to a protocol choice the paper leaves open."))
+        blocks += ranking
     blocks += _curve_figures(db, "table2", names)
     blocks += _paper_table2()
     return Section("Table 2", "table2", blocks)
@@ -434,12 +578,19 @@ def _activation(db: Path, names: _Names) -> Section:
     blocks: list = []
     fid_models = [m for m in table.models if "fidelity" in table.metrics_for(m)]
     rows = []
+    beyond = False
     for method in table.methods:
         cells = [table.cell(m, method, "fidelity") for m in fid_models]
         if any(c is not None for c in cells):
-            rows.append([(method, False)] + [
-                (tables.format_cell(c, table.typical_n(m)), bool(c and c.best))
-                for c, m in zip(cells, fid_models, strict=True)])
+            row = [(method, False)]
+            for c, m in zip(cells, fid_models, strict=True):
+                text = tables.format_cell(c, table.typical_n(m))
+                # the paper scores LRP-z+ on the ReLU model only (its rule assumes ReLUs)
+                if c is not None and method == "LRP-z+" and suffix[m] != "relu":
+                    text += BEYOND
+                    beyond = True
+                row.append((text, bool(c and c.best)))
+            rows.append(row)
     acc_models = [m for m in table.models if "accuracy" in table.metrics_for(m)]
     shown = list(dict.fromkeys(fid_models + acc_models))
     if rows or acc_models:
@@ -455,18 +606,52 @@ def _activation(db: Path, names: _Names) -> Section:
         notes = [f"Columns: {', '.join(f'{columns[m]} = {m}' for m in shown)}.",
                  "Cells: fidelity (↑) mean ± 95 % CI, best per column in bold; last row: the "
                  "model's accuracy (no mark)."]
+        if beyond:
+            notes.append(f"{BEYOND.strip()}: beyond the paper, which scores LRP-z+ on the ReLU "
+                         "model only.")
         typical = table.typical_n()
         if typical is not None:
             notes.append(_n_note(typical))
         blocks.append(Table("Fidelity per activation function (ours)",
                             ["method"] + [columns[m] for m in shown], rows + [accuracy], notes))
-    rest = [k for k in table.metrics if k not in ("fidelity", "accuracy")]
+    blocks += _paired_tables(db, "activation", ["fidelity"], "Activation functions (ours)",
+                             columns)
+    ranking = _activation_ranking(table, columns)
+    if ranking is not None:
+        blocks.append(ranking)
+    rest = [k for k in table.metrics
+            if k not in ("fidelity", "accuracy", "mufidelity") and not _is_variant(k)]
     if rest:
         blocks += _model_tables(tables.metric_table(db, "activation", rest),
                                 "Other metrics (ours)")
     blocks += _curve_figures(db, "activation", names)
     blocks += _paper_activation()
     return Section("Activation functions", "activation", blocks)
+
+
+def _activation_ranking(table: MetricTable, columns: dict[str, str]) -> Table | None:
+    """The SRD rows' ranks among the methods, per protocol (rows) and activation (columns)."""
+    models = [m for m in table.models if "fidelity" in table.metrics_for(m)]
+    protocols = [k for k in table.metrics if k == "fidelity" or _is_variant(k)
+                 or k == "mufidelity"]
+    if not models or len(protocols) < 2:
+        return None
+    rows = []
+    for metric in protocols:
+        row = [(metric, False)]
+        for model in models:
+            means = {m: c.mean for m in table.methods
+                     if (c := table.cell(model, m, metric)) is not None and c.n > 0
+                     and math.isfinite(c.mean) and m != "-"}
+            ranks = _competition_ranks(means)
+            parts = [f"{ref} {ranks[ref]}" for ref in SRD_REFERENCES if ref in ranks]
+            best = ", ".join(m for m, r in ranks.items() if r == 1) or "—"
+            row.append((f"{' / '.join(parts)} of {len(ranks)}; best {best}", False))
+        rows.append(row)
+    return Table("What decides the ranking (activation functions): the SRD rows' ranks",
+                 ["protocol"] + [columns[m] for m in models], rows,
+                 ["Rank 1 = best; each row scores the same maps under one protocol (see the "
+                  "Table 2 section for the variants' definitions)."])
 
 
 def _generic(db: Path, experiment: str, title: str, anchor: str, names: _Names,
@@ -530,7 +715,7 @@ def _qualitative(db: Path, names: _Names) -> Section:
 
 def _sections(db: Path, info: RunInfo) -> list[Section]:
     names = _Names()
-    body = [_table2(db, names), _activation(db, names)]
+    body = [_table2(db, names, info.config), _activation(db, names)]
     for experiment, title in CURVE_EXPERIMENTS.items():
         body.append(_generic(db, experiment, title, _slug(experiment), names))
     body.append(_generic(db, "gae", "GAE", "gae", names, GAE_METRICS, bars=True))

@@ -35,6 +35,7 @@ __all__ = [
     "artifacts",
     "cell_stats",
     "identical_methods",
+    "paired_differences",
     "wilson_interval",
     "curves",
     "direction",
@@ -48,14 +49,17 @@ __all__ = [
 
 #: Metrics whose larger values are better (marked best at the highest mean).
 HIGHER_IS_BETTER = frozenset({
-    "pointing_game", "attribution_localisation", "sparseness", "fidelity", "accuracy", "gae",
+    "pointing_game", "attribution_localisation", "sparseness", "fidelity", "mufidelity",
+    "accuracy", "gae",
     "local_consistency", "contrastiveness", "auc_insertion",
     # the manipulation attack, from the method's side: a robust map stays like the original
     "mse_to_target", "ssim_to_original", "pcc_to_original",
 })
 #: Families of metrics named per setting (``ssim_noise_0.1``: similarity to the clean map
-#: under noise of level 0.1; ``sensitivity_n_mean``), higher is better.
-HIGHER_IS_BETTER_PREFIXES = ("ssim_noise_", "pcc_noise_", "sensitivity_n")
+#: under noise of level 0.1; ``sensitivity_n_mean``; ``fidelity[abs]``: fidelity under a
+#: protocol variant; ``pointing_game_15px``: with a tolerance), higher is better.
+HIGHER_IS_BETTER_PREFIXES = ("ssim_noise_", "pcc_noise_", "sensitivity_n", "fidelity[",
+                             "pointing_game_")
 #: Metrics whose smaller values are better (marked best at the lowest mean).
 LOWER_IS_BETTER = frozenset({"stability", "auc_deletion",
                              "ssim_to_target", "pcc_to_target", "mse_to_original"})
@@ -397,6 +401,34 @@ def identical_methods(db_path: Path, experiment: str) -> list[tuple[str, str, st
                                                                      per[(model, other)]):
                 out.append((model, method, other))
                 break
+    return out
+
+
+def paired_differences(db_path: Path, experiment: str, metric: str, reference: str
+                       ) -> dict[tuple[str, str], Cell]:
+    """``reference - method`` on ``metric``, paired by sample, for every other method of every
+    model that has ``reference``: ``{(model, method): Cell}`` with the mean difference and its
+    95 % t interval over the samples where both are finite. Paired differences are what the
+    same samples and the same perturbation draws allow: their interval is much narrower than
+    the two cells' intervals side by side suggest."""
+    rows = _query(db_path, "SELECT model, method, sample, value FROM results "
+                           "WHERE experiment = ? AND metric = ? ORDER BY rowid",
+                  (experiment, metric))
+    per: dict[tuple[str, str], dict[int, float | None]] = {}
+    for model, method, sample, value in rows:
+        per.setdefault((model, method), {})[sample] = value
+    out: dict[tuple[str, str], Cell] = {}
+    for (model, method), values in per.items():
+        ref = per.get((model, reference))
+        if method == reference or ref is None:
+            continue
+        diffs: list[float | None] = []
+        for sample, value in values.items():
+            other = ref.get(sample)
+            diffs.append(None if value is None or other is None else other - value)
+        kept, missing = _finite(diffs)
+        stats = cell_stats(kept)
+        out[(model, method)] = Cell(stats.mean, stats.half_width, stats.n, missing)
     return out
 
 
