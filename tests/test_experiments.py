@@ -96,6 +96,25 @@ def test_units_and_seeds():
     assert len({next(iter(s)) for s in seeds.values()}) == len(seeds)
 
 
+def test_table2_scores_every_protocol_metric(reference):
+    from srdxai.experiments.protocol import DEFAULT_VARIANTS
+
+    metrics = {r[3] for r in reference}
+    assert metrics == {"pointing_game", "pointing_game_15px", "attribution_localisation",
+                       "sparseness", "fidelity", "mufidelity", "stability",
+                       *(f"fidelity[{v}]" for v in DEFAULT_VARIANTS)}
+    per_row = {}
+    for _, model, method, metric, _, value, _ in reference:
+        per_row.setdefault((model, method, metric), []).append(value)
+    assert all(len(v) == 4 for v in per_row.values())  # every sample of every row
+    # the absolute reading is the default's drops read against |map|: identical for the
+    # unsigned SmoothGrad-abs, different for the signed SmoothGrad
+    abs_row = per_row[("fmnist-resnet-relu", "SmoothGrad-abs", "fidelity[abs]")]
+    assert abs_row == per_row[("fmnist-resnet-relu", "SmoothGrad-abs", "fidelity")]
+    assert per_row[("fmnist-resnet-relu", "SmoothGrad-signed", "fidelity[abs]")] != (
+        per_row[("fmnist-resnet-relu", "SmoothGrad-signed", "fidelity")])
+
+
 def test_a_killed_run_resumes_to_the_same_database(tmp_path, reference):
     proc = _bench(tmp_path)
     db = rank_path(tmp_path, 0)

@@ -559,3 +559,33 @@ def test_gae_matches_the_step_by_step_definition(cnn, explain):
     assert result.robustness.item() == pytest.approx(robustness.item(), abs=1e-9)
     assert result.contrastiveness.item() == pytest.approx(contrastiveness.item(), abs=1e-9)
     assert result.gae.item() == pytest.approx(gae.item(), abs=1e-9)
+
+
+def test_blur_substrate_is_rises_scipy_filtered_delta():
+    """RISE: gaussian_filter(11x11 delta, sigma 5) with scipy's reflect mode as the kernel of a
+    zero-padded conv2d; the reflected tails make it flatter than a truncated Gaussian."""
+    scipy_ndimage = pytest.importorskip("scipy.ndimage")
+    from srdxai.metrics._common import baseline_values
+
+    delta = np.zeros((11, 11))
+    delta[5, 5] = 1.0
+    kernel = scipy_ndimage.gaussian_filter(delta, 5)
+    x = torch.rand(2, 3, 20, 17, generator=torch.Generator().manual_seed(0),
+                   dtype=torch.float64)
+    weight = torch.from_numpy(kernel).expand(3, 1, 11, 11)
+    expected = F.conv2d(x, weight, padding=5, groups=3)
+    assert torch.allclose(baseline_values("blur", x), expected, atol=1e-12)
+    truncated = np.exp(-((np.arange(11) - 5) ** 2) / 50.0)
+    truncated = np.outer(truncated, truncated) / np.outer(truncated, truncated).sum()
+    assert np.abs(truncated - kernel).max() > 1e-3  # the old substrate differed
+
+
+def test_max_sensitivity_keeps_an_infinite_value_infinite():
+    """A draw whose relative change is infinite stays inf (torch.nan_to_num would make it
+    1.8e308); NaN draws are skipped as before."""
+    from srdxai.metrics.robustness import _nanmax
+
+    values = torch.tensor([[1.0, math.nan, math.nan], [math.inf, 2.0, math.nan]],
+                          dtype=torch.float64)
+    out = _nanmax(values)
+    assert out[0] == math.inf and out[1] == 2.0 and math.isnan(out[2])

@@ -266,13 +266,32 @@ def features_to_input(feature_mask: Tensor, a_dim: int, x_shape: torch.Size) -> 
     return feature_mask.view(b, c, h, w)
 
 
+def rise_kernel(kernel_size: int = 11, sigma: float = 5.0) -> np.ndarray:
+    """RISE's blur kernel, one axis: scipy's ``gaussian_filter`` (``truncate=4``, ``mode=
+    "reflect"``) of a delta in the middle of ``kernel_size`` samples. The Gaussian reaches
+    ``4 sigma = 20`` samples beyond the 11, so reflection folds its tails back onto the kernel
+    (flatter than a truncated and renormalised Gaussian); the 2-D kernel is its outer
+    product, as ``gaussian_filter`` is separable. Written out here so scipy is not needed."""
+    radius = int(4.0 * sigma + 0.5)
+    offsets = np.arange(-radius, radius + 1)
+    taps = np.exp(-0.5 * (offsets / sigma) ** 2)
+    taps /= taps.sum()
+    centre, period = kernel_size // 2, 2 * kernel_size
+    kernel = np.zeros(kernel_size)
+    for i in range(kernel_size):  # 11 x 41 terms, once per call
+        q = (i + offsets) % period
+        index = np.where(q < kernel_size, q, period - 1 - q)  # half-sample reflection
+        kernel[i] = taps[index == centre].sum()
+    return kernel
+
+
 def gaussian_blur(x: Tensor, kernel_size: int = 11, sigma: float = 5.0) -> Tensor:
-    """RISE's insertion substrate: a per-channel Gaussian blur with zero padding."""
+    """RISE's insertion substrate: the image convolved with :func:`rise_kernel`'s 2-D kernel
+    per channel, zero padding (RISE's ``conv2d(x, kern, padding=klen // 2)``)."""
     radius = kernel_size // 2
-    offsets = torch.arange(kernel_size, dtype=torch.float64, device=x.device) - radius
-    kernel_1d = torch.exp(-(offsets**2) / (2 * sigma**2))
-    kernel_2d = torch.outer(kernel_1d, kernel_1d)
-    kernel_2d = (kernel_2d / kernel_2d.sum()).to(x.dtype)
+    kernel_1d = torch.as_tensor(rise_kernel(kernel_size, sigma), dtype=torch.float64,
+                                device=x.device)
+    kernel_2d = torch.outer(kernel_1d, kernel_1d).to(x.dtype)
     c = x.shape[1]
     weight = kernel_2d.expand(c, 1, kernel_size, kernel_size)
     return F.conv2d(x, weight, padding=radius, groups=c)

@@ -163,7 +163,8 @@ def _robustness(model, x, y, attributions, explain, *, metric: str, nr_samples: 
 
 
 def _nanmax(values: Tensor) -> Tensor:
-    filled = torch.nan_to_num(values, nan=-math.inf)
+    # not nan_to_num: it would also turn +inf into the largest float (1.8e308)
+    filled = torch.where(values.isnan(), torch.full_like(values, -math.inf), values)
     best = filled.max(0).values
     return torch.where(values.isnan().all(0), torch.full_like(best, math.nan), best)
 

@@ -184,7 +184,7 @@ CURVE_AXES = {
     "insertion": ("fraction of pixels inserted", "class probability", "linear"),
     "deletion": ("fraction of pixels removed", "class probability", "linear"),
 }
-#: line styles cycled with the colours, so 18 methods stay apart in black and white too
+#: line styles cycled with the colours, so 19 methods stay apart in black and white too
 LINE_STYLES = ("-", "--", ":", "-.")
 
 
@@ -545,6 +545,13 @@ def _table2(db: Path, names: _Names, config: dict | None = None) -> Section:
     blocks: list = [Text("Ours: the models and data of this run (see the configuration), "
                          "not the paper's ImageNet-S50 setup.")]
     blocks += _protocol_text(config)
+    if (config or {}).get("quick") and "efficientnet-lite0" in table.models:
+        from srdxai.experiments.runner import QUICK_SKIPPED_ON_IMAGENET
+
+        blocks.append(Text(
+            "--quick on EfficientNet-Lite0 (ImageNet composites): no stability, no protocol "
+            f"variants, and no {' or '.join(QUICK_SKIPPED_ON_IMAGENET)} (one forward pass per "
+            "channel of the last convolution: 1280 per map); the full run scores them."))
     beyond_note = [f"{BEYOND.strip()}: a row the paper's Table 2 does not have (the paper's "
                    "Smoothgrad is most likely SmoothGrad-abs, Captum's absolute value)."
                    ] if marks else []
@@ -768,7 +775,7 @@ def _html_block(block: Text | Code | Table | Figure | Section, level: int) -> li
     head = "".join(f"<th>{e(h)}</th>" for h in block.header)
     body = ["<tr>" + "".join(f"<td><b>{e(t)}</b></td>" if bold else f"<td>{e(t)}</td>"
                              for t, bold in row) + "</tr>" for row in block.rows]
-    # wide tables (18 methods x many metrics) scroll sideways inside the page, never cut off
+    # wide tables (19 methods x many metrics) scroll sideways inside the page, never cut off
     return ([f'<div class="scroll"><table><caption>{e(block.title)}</caption><thead><tr>'
              f"{head}</tr></thead><tbody>"] + body + ["</tbody></table></div>"]
             + [f'<p class="note">{e(n)}</p>' for n in block.notes])
