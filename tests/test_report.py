@@ -541,3 +541,23 @@ def test_protocol_of_an_older_run_is_said_to_be_unrecorded(tmp_path):
     _protocol_run(tmp_path, {"quick": True})
     _, md_path = build_report(tmp_path)
     assert "Protocol: not recorded" in md_path.read_text()
+
+
+def test_activation_table_marks_lrp_zplus_beyond_relu_and_pairs_srd(tmp_path):
+    db = Db(tmp_path, {"quick": True})
+    for model in ("fmnist-resnet-relu", "fmnist-resnet-elu"):
+        db.add("activation", model, "LRP-z+", "fidelity", [0.2, 0.3, 0.1])
+        db.add("activation", model, "SRD-input", "fidelity", [0.3, 0.4, 0.2])
+        db.add("activation", model, "absLRP", "fidelity", [0.0, 0.1, 0.1])
+    db.close()
+    _, md_path = build_report(tmp_path)
+    md = md_path.read_text()
+    table = md[md.index("**Fidelity per activation function (ours)**"):]
+    lrp = next(line for line in table.splitlines() if line.startswith("| LRP-z+ |"))
+    relu, elu = [c.strip() for c in lrp.strip("|").split("|")][1:3]
+    assert "§" not in relu and elu.endswith("§")
+    assert "| absLRP § |" in table
+    paired = md[md.index("SRD-input − method, fidelity (paired)"):]
+    row = next(line for line in paired.splitlines() if line.startswith("| LRP-z+ |"))
+    cells = [c.strip() for c in row.strip("|").split("|")][1:]
+    assert all(c.startswith("0.100 ± ") and c.endswith("\\*") for c in cells)  # +0.1 always

@@ -527,9 +527,11 @@ def _ranking_tables(table: MetricTable) -> list[Table]:
             rows.append(row)
         defined = "; ".join(f"fidelity[{v}]: {', '.join(f'{k}={w}' for k, w in d.items())}"
                             for v, d in VARIANTS.items() if f"fidelity[{v}]" in protocols)
-        notes = ["Cells: rank among the methods (1 = best, bold) and the mean. Each column "
-                 "changes one choice of the default protocol (fidelity), on the same maps: "
-                 + defined + "; mufidelity: xplique's MuFidelity."]
+        notes = ["Cells: rank among the methods (1 = best, bold) and the mean; ties share a "
+                 "rank. " + (f"Each variant changes one choice of the default protocol "
+                             f"(fidelity), on the same maps: {defined}. " if defined else
+                             "No protocol variants were scored for this model. ")
+                 + "mufidelity: xplique's MuFidelity."]
         out.append(Table(f"What decides the ranking: {model}", ["method"] + protocols, rows,
                          notes))
     return out
@@ -586,10 +588,11 @@ def _activation(db: Path, names: _Names) -> Section:
     fid_models = [m for m in table.models if "fidelity" in table.metrics_for(m)]
     rows = []
     beyond = False
+    marks = _beyond_marks(table.methods)
     for method in table.methods:
         cells = [table.cell(m, method, "fidelity") for m in fid_models]
         if any(c is not None for c in cells):
-            row = [(method, False)]
+            row = [(method + marks.get(method, ""), False)]
             for c, m in zip(cells, fid_models, strict=True):
                 text = tables.format_cell(c, table.typical_n(m))
                 # the paper scores LRP-z+ on the ReLU model only (its rule assumes ReLUs)
@@ -613,9 +616,10 @@ def _activation(db: Path, names: _Names) -> Section:
         notes = [f"Columns: {', '.join(f'{columns[m]} = {m}' for m in shown)}.",
                  "Cells: fidelity (↑) mean ± 95 % CI, best per column in bold; last row: the "
                  "model's accuracy (no mark)."]
-        if beyond:
-            notes.append(f"{BEYOND.strip()}: beyond the paper, which scores LRP-z+ on the ReLU "
-                         "model only.")
+        if beyond or any(m in marks for m in table.methods):
+            notes.append(f"{BEYOND.strip()}: beyond the paper: rows its Table 2 does not have, "
+                         "and LRP-z+ on models without ReLUs (the paper scores it on ReLU "
+                         "only).")
         typical = table.typical_n()
         if typical is not None:
             notes.append(_n_note(typical))
