@@ -527,6 +527,19 @@ def methods_command() -> None:
         click.echo(f"{name:22s} {cls.family:13s} {kind:9s} {doc}")
 
 
+@cli.command("metrics")
+def metrics_command() -> None:
+    """List the evaluation metrics family by family: which way is better, what each needs
+    besides the inputs, targets and maps, and what it is."""
+    from srdxai.metrics import by_family
+
+    for info in by_family():
+        better = f"{info.direction} is better" if info.direction else "no direction"
+        needs = ", ".join(info.needs) or "-"
+        click.echo(f"{info.name:25s} {info.family:13s} {better:17s} needs {needs:15s} "
+                   f"{info.summary}")
+
+
 # ----------------------------------------------------------------------------------- demo-images
 
 

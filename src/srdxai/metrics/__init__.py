@@ -10,6 +10,9 @@ and returns float64 scores of shape (N,), except the curve metrics (``insertion`
 ``explain(model, x, y) -> maps`` is needed by the robustness metrics and GAE, e.g.
 ``lambda m, x, y: srdxai.explain(m, x, y, "saliency")``. Inputs may be tensors or Quantus-style
 numpy arrays. See docs/metrics.md for exact definitions and the differences from Quantus.
+
+Every metric is registered with its family, direction and needs (:data:`METRICS`,
+``srdxai metrics``); a new one is one function with :func:`register_metric` plus its test.
 """
 
 from .complexity import complexity, sparseness
@@ -30,6 +33,7 @@ from .faithfulness import (
 from .gae import GAEResult, gae, make_mosaics
 from .localisation import attribution_localisation, pointing_game
 from .quantus_adapter import quantus_explain_func
+from .registry import FAMILIES, METRICS, MetricInfo, by_family, metric_info, register_metric
 from .robustness import NoiseDraws, avg_sensitivity, local_lipschitz_estimate, max_sensitivity
 
 __all__ = [
@@ -57,4 +61,10 @@ __all__ = [
     "random_permutations",
     "sensitivity_n_grid",
     "make_mosaics",
+    "FAMILIES",
+    "METRICS",
+    "MetricInfo",
+    "by_family",
+    "metric_info",
+    "register_metric",
 ]

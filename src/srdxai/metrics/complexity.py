@@ -9,6 +9,7 @@ from torch import nn
 
 from ..errors import InvalidInputError
 from ._common import Explain, Normalise, check_attributions, check_inputs, preprocess_attributions
+from .registry import register_metric
 
 Tensor = torch.Tensor
 
@@ -22,6 +23,7 @@ def _maps(model: nn.Module | None, x: Any, attributions: Any) -> Tensor:
     return check_attributions(attributions, x_checked)
 
 
+@register_metric(family="complexity", direction="higher", rows=("sparseness",))
 def sparseness(
     model: nn.Module | None,
     x: Any,
@@ -54,6 +56,7 @@ def sparseness(
     return (weights * values).sum(1) / (n * values.sum(1))
 
 
+@register_metric(family="complexity", direction="lower")
 def complexity(
     model: nn.Module | None,
     x: Any,

@@ -41,6 +41,7 @@ from ._common import (
     to_tensor,
     trapezoid,
 )
+from .registry import register_metric
 
 Tensor = torch.Tensor
 
@@ -146,6 +147,8 @@ def random_subsets(n_samples: int, n_features: int, nr_runs: int, subset_size: i
     return torch.stack(rows)
 
 
+@register_metric(family="faithfulness", direction="higher", needs=("model",),
+                 rows=("fidelity", "fidelity[*"))
 def faithfulness_correlation(
     model: nn.Module,
     x: Any,
@@ -310,6 +313,8 @@ def faithfulness_correlations(
         return out
 
 
+@register_metric(family="faithfulness", direction="higher", needs=("model",),
+                 rows=("mufidelity",))
 def mu_fidelity(
     model: nn.Module,
     x: Any,
@@ -331,7 +336,7 @@ def mu_fidelity(
     batch_size: int | None = None,
     progress: bool = False,
 ) -> Tensor:
-    """MuFidelity as xplique defines it (``xplique.metrics.MuFidelity``; Bhatt et al. 2020).
+    """MuFidelity as xplique defines it (``xplique.metrics.MuFidelity``; Bhatt et al., 2020).
 
     The image is cut into ``grid_size x grid_size`` cells. Each of ``nr_samples`` draws removes
     every cell independently with probability ``subset_fraction`` (so about that fraction of
@@ -467,6 +472,8 @@ def _ordered_curve(s: _Setup, a: Tensor, counts: Tensor, start_from: Tensor, rep
     return scores.view(s.n, steps)
 
 
+@register_metric(family="faithfulness", direction="lower", needs=("model",),
+                 returns="CurveResult (curve and area per sample)")
 def pixel_flipping(
     model: nn.Module,
     x: Any,
@@ -535,6 +542,8 @@ def _insertion_deletion(model, x, y, attributions, explain, step, baseline, soft
         return CurveResult(curve=curve, fractions=fractions, auc=trapezoid(curve, fractions))
 
 
+@register_metric(family="faithfulness", direction="higher", needs=("model",),
+                 returns="CurveResult (curve and area per sample)", rows=("auc_insertion",))
 def insertion(
     model: nn.Module,
     x: Any,
@@ -570,6 +579,8 @@ def insertion(
                                normalise, batch_size, progress, insert=True)
 
 
+@register_metric(family="faithfulness", direction="lower", needs=("model",),
+                 returns="CurveResult (curve and area per sample)", rows=("auc_deletion",))
 def deletion(
     model: nn.Module,
     x: Any,
@@ -613,6 +624,9 @@ def random_permutations(n_samples: int, n_features: int, nr_subsets: int,
                         for _ in range(n_samples)])
 
 
+@register_metric(family="faithfulness", direction="higher", needs=("model",),
+                 returns="SensitivityNResult (a correlation per n per sample)",
+                 rows=("sensitivity_n*",))
 def sensitivity_n(
     model: nn.Module,
     x: Any,

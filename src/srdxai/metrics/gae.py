@@ -42,6 +42,7 @@ from ._common import (
     make_generator,
     to_tensor,
 )
+from .registry import register_metric
 
 Tensor = torch.Tensor
 
@@ -150,6 +151,9 @@ def _masking_sequences(model: nn.Module, x: Tensor, targets: Tensor, steps: int,
     return inputs, torch.stack(scores, 1), impact_sum
 
 
+@register_metric(family="faithfulness", direction="higher", needs=("model", "explain"),
+                 returns="GAEResult (one score per group of four images)",
+                 rows=("gae", "local_consistency", "contrastiveness"))
 def gae(
     model: nn.Module,
     x: Any,

@@ -23,6 +23,7 @@ from ._common import (
     empty_mask_nan,
     preprocess_attributions,
 )
+from .registry import register_metric
 
 Tensor = torch.Tensor
 
@@ -56,6 +57,8 @@ def _area_fraction(masks: Tensor) -> Tensor:
     return masks.flatten(1).sum(1).to(torch.float64) / masks[0].numel()
 
 
+@register_metric(family="localisation", direction="higher", needs=("masks",),
+                 rows=("pointing_game", "pointing_game_*"))
 def pointing_game(
     model: nn.Module | None,
     x: Any,
@@ -101,6 +104,8 @@ def pointing_game(
     return empty_mask_nan(hit, m, empty_mask)
 
 
+@register_metric(family="localisation", direction="higher", needs=("masks",),
+                 rows=("attribution_localisation",))
 def attribution_localisation(
     model: nn.Module | None,
     x: Any,

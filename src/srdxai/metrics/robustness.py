@@ -35,6 +35,7 @@ from ._common import (
     preprocess_attributions,
     to_tensor,
 )
+from .registry import register_metric
 
 Tensor = torch.Tensor
 Score = Callable[[Tensor, Tensor, Tensor, Tensor], Tensor]
@@ -181,6 +182,8 @@ def _relative_change(a: Tensor, b: Tensor, x: Tensor, x_perturbed: Tensor) -> Te
     return torch.where(norm > 0, change, torch.full_like(change, math.nan))
 
 
+@register_metric(family="robustness", direction="lower", needs=("model", "explain"),
+                 rows=("stability",))
 def local_lipschitz_estimate(
     model: nn.Module,
     x: Any,
@@ -248,6 +251,7 @@ def _uniform_bounds(lower_bound: float, upper_bound: float | None) -> tuple[floa
     return lower_bound, upper_bound
 
 
+@register_metric(family="robustness", direction="lower", needs=("model", "explain"))
 def max_sensitivity(
     model: nn.Module,
     x: Any,
@@ -284,6 +288,7 @@ def max_sensitivity(
         reduce="max")
 
 
+@register_metric(family="robustness", direction="lower", needs=("model", "explain"))
 def avg_sensitivity(
     model: nn.Module,
     x: Any,

@@ -23,6 +23,7 @@ from typing import Literal, NamedTuple
 
 from srdxai.errors import InvalidInputError
 from srdxai.experiments.store import database_error, open_database
+from srdxai.metrics.registry import row_direction
 
 __all__ = [
     "HIGHER_IS_BETTER",
@@ -47,22 +48,19 @@ __all__ = [
     "t_quantile",
 ]
 
-#: Metrics whose larger values are better (marked best at the highest mean).
+#: Result rows that no registered metric writes (experiment-level measures) and whose larger
+#: values are better; every metric's own rows take their direction from the metric registry
+#: (``srdxai.metrics.registry``).
 HIGHER_IS_BETTER = frozenset({
-    "pointing_game", "attribution_localisation", "sparseness", "fidelity", "mufidelity",
-    "accuracy", "gae",
-    "local_consistency", "contrastiveness", "auc_insertion",
+    "accuracy",
     # the manipulation attack, from the method's side: a robust map stays like the original
     "mse_to_target", "ssim_to_original", "pcc_to_original",
 })
-#: Families of metrics named per setting (``ssim_noise_0.1``: similarity to the clean map
-#: under noise of level 0.1; ``sensitivity_n_mean``; ``fidelity[abs]``: fidelity under a
-#: protocol variant; ``pointing_game_15px``: with a tolerance), higher is better.
-HIGHER_IS_BETTER_PREFIXES = ("ssim_noise_", "pcc_noise_", "sensitivity_n", "fidelity[",
-                             "pointing_game_")
-#: Metrics whose smaller values are better (marked best at the lowest mean).
-LOWER_IS_BETTER = frozenset({"stability", "auc_deletion",
-                             "ssim_to_target", "pcc_to_target", "mse_to_original"})
+#: Experiment rows named per setting (``ssim_noise_0.1``: similarity to the clean map under
+#: noise of level 0.1), higher is better.
+HIGHER_IS_BETTER_PREFIXES = ("ssim_noise_", "pcc_noise_")
+#: Experiment rows whose smaller values are better (marked best at the lowest mean).
+LOWER_IS_BETTER = frozenset({"ssim_to_target", "pcc_to_target", "mse_to_original"})
 
 # Beyond this many degrees of freedom the exact series (one term per two degrees of freedom)
 # is replaced by Fisher's asymptotic expansion, whose error there is far below 1e-9.
@@ -182,7 +180,12 @@ def wilson_interval(successes: float, n: int, confidence: float = 0.95) -> tuple
 
 
 def direction(metric: str) -> Literal["higher", "lower"] | None:
-    """Which way ``metric`` is better, or None when it has no declared direction."""
+    """Which way the result row ``metric`` is better: the direction its metric declares in the
+    registry, else the experiment's own (accuracy, the attack, input noise); None when neither
+    declares one."""
+    declared = row_direction(metric)
+    if declared is not None:
+        return declared
     if metric in HIGHER_IS_BETTER or metric.startswith(HIGHER_IS_BETTER_PREFIXES):
         return "higher"
     if metric in LOWER_IS_BETTER:
