@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import os
 import signal
 import sqlite3
@@ -181,6 +182,34 @@ def test_curve_and_gae_experiments_write_rows_curves_and_render(tmp_path):
     text = md.read_text()
     for section in ("## Sensitivity-n", "## Insertion / deletion", "## GAE"):
         assert section in text and f"{section} (not run)" not in text
+
+
+def test_randomisation_experiment_writes_rows_curves_figures_and_its_section(tmp_path):
+    from srdxai.experiments.runner import RANDOMISATION_METHODS
+    from srdxai.report.render import build_report
+
+    config = BenchConfig(experiments=["randomisation"], quick=True, samples=2, batch_size=2,
+                         models=["fmnist-vgg-relu"])
+    db = run(tmp_path, config, progress=False)
+    con = sqlite3.connect(db)
+    rows = con.execute("SELECT method, metric, sample FROM results").fetchall()
+    curves = con.execute("SELECT curve, x FROM curves").fetchall()
+    figures = [n for (n,) in con.execute("SELECT name FROM artifacts")]
+    con.close()
+    methods = {m[0] for m in RANDOMISATION_METHODS}
+    assert {r[0] for r in rows} == methods
+    assert {r[1] for r in rows} == {"mprt_ssim", "mprt_spearman_abs", "mprt_spearman",
+                                    "mprt_hog_cosine", "random_logit_ssim"}
+    assert len(rows) == len(methods) * 5 * 4  # half the samples, at least 4, as every curve run
+    assert {c for c, _ in curves} == {"mprt_ssim", "mprt_spearman_abs", "mprt_spearman",
+                                      "mprt_hog_cosine"}
+    assert all(json.loads(xs) == [1, 2, 3, 4, 5, 6, 7] for _, xs in curves)  # 7 VGG layers
+    assert sorted(figures) == sorted(f"randomisation/fmnist-vgg-relu/{m}" for m in methods)
+    _, md = build_report(tmp_path)
+    text = md.read_text()
+    assert "## Randomisation (sanity checks)" in text and "(not run)" not in text.split(
+        "## Randomisation (sanity checks)")[1].split("\n")[0]
+    assert "mprt_ssim ↓" in text and "random_logit_ssim ↓" in text
 
 
 def test_quick_options_reach_every_row():

@@ -638,11 +638,11 @@ def train_command(arch: str, activation: str | None, epochs: int, train_size: in
 @click.argument("run_dir", type=click.Path(path_type=Path))
 @click.option("--experiments",
               default="table2,activation,sensitivity_n,insertion_deletion,gae,noise,apop,"
-                      "attack,grid",
+                      "attack,grid,randomisation",
               show_default=True,
               help="Comma-separated: table2, activation, sensitivity_n, insertion_deletion, "
                    "gae, noise, apop, attack (explanation manipulation), grid (the "
-                   "qualitative grid).")
+                   "qualitative grid), randomisation (MPRT and random-logit sanity checks).")
 @click.option("--quick", is_flag=True, help="A few minutes on 2 CPU cores (fewer samples, "
                                              "runs and noise draws; no EfficientNet).")
 @click.option("--samples", type=int, default=None,

@@ -101,8 +101,13 @@ ATTACK_METHODS: list[tuple[str, str, dict[str, Any]]] = [
 ATTACK_SCHEDULE = {False: (1500, 2e-4), True: (50, 6e-3)}
 #: images attacked per model (each batch's targets are its own images, rotated by one)
 ATTACK_SAMPLES = {False: 16, True: 2}
+#: the randomisation sanity checks' rows: the gradient family (Guided Backprop is the method
+#: Adebayo et al. found to fail), LRP-z+, SmoothGrad, Grad-CAM, SRD and absLRP
+RANDOMISATION_METHODS = [m for m in TABLE2_METHODS if m[0] in (
+    "Saliency", "GuidedBackprop", "GradInput", "IntegratedGradients", "LRP-z+",
+    "SmoothGrad-abs", "GradCAM", "SRD-high", "SRD-input", "absLRP")]
 EXPERIMENTS = ("table2", "activation", "sensitivity_n", "insertion_deletion", "gae", "noise",
-               "apop", "attack", "grid")
+               "apop", "attack", "grid", "randomisation")
 #: Gaussian input noise of the ``noise`` experiment, in units of each image's value range
 NOISE_LEVELS = (0.05, 0.1, 0.2)
 
@@ -229,7 +234,8 @@ def _all_sources(experiment: str, config: BenchConfig) -> list[Source]:
                 Source("efficientnet-lite0", "composites")]
     if experiment == "activation":
         return [Source(f"fmnist-resnet-{a}", "fashion") for a in ACTIVATIONS]
-    if experiment in ("grid", "sensitivity_n", "insertion_deletion", "noise", "attack"):
+    if experiment in ("grid", "sensitivity_n", "insertion_deletion", "noise", "attack",
+                      "randomisation"):
         # the quick run keeps these on the two Fashion-MNIST CNNs
         found = _all_sources("table2", config)
         return [s for s in found if not heavy_quick(config, s)]
@@ -276,6 +282,8 @@ def jobs(config: BenchConfig) -> list[Job]:
                 step = max(2, step)
             if experiment == "gae":  # groups of four images
                 n, step = n - n % 4, max(4, step - step % 4)
+            if experiment == "randomisation":  # one explanation per randomised layer
+                n = min(n, 8 if config.quick else 32)
             batches = [tuple(range(i, min(i + step, n))) for i in range(0, n, step)]
             methods = methods_for(experiment, source)
             if experiment == "table2" and heavy_quick(config, source):
@@ -302,6 +310,8 @@ def methods_for(experiment: str, source: Source) -> list[tuple[str, str, dict[st
         return [("-", "apop", {})]
     if experiment == "attack":
         return list(ATTACK_METHODS)
+    if experiment == "randomisation":
+        return list(RANDOMISATION_METHODS)
     return list(TABLE2_METHODS)
 
 
@@ -363,6 +373,8 @@ def run_job(job: Job, config: BenchConfig
             rows += [Row(name, s, float(v)) for s, v in zip(firsts, values, strict=True)]
         return rows, {}, []
     maps = method_fn(model, x, y).detach()
+    if experiment == "randomisation":
+        return _randomisation_rows(job, model, x, y, maps, method_fn, seed)
     if experiment == "sensitivity_n":
         result = metrics.sensitivity_n(model, x, y, maps, nr_subsets=config.fidelity_runs,
                                        seed=seed)
@@ -431,6 +443,74 @@ def protocol_scores(config: BenchConfig, experiment: str, model: torch.nn.Module
     return scores
 
 
+def _randomisation_rows(job: Job, model: torch.nn.Module, x: Tensor, y: Tensor, maps: Tensor,
+                        method_fn: Callable[[torch.nn.Module, Tensor, Tensor], Tensor],
+                        seed: int) -> tuple[list[Row], dict[str, bytes], list[Curve]]:
+    """The cascading MPRT (similarity to the original map after randomising the layers from the
+    output down: the fully random model's per sample, the curve over the layers) and the
+    random-logit test; the first batch also gives the figure of one image's maps degrading."""
+    from .. import metrics
+
+    first = job.unit.unit == 0
+    result = metrics.model_parameter_randomisation(model, x, y, maps, explain=method_fn,
+                                                   seed=seed, keep_maps=first)
+    steps = list(range(1, len(result.layers) + 1))
+    rows, curves = [], []
+    for measure, values in result.similarity.items():
+        rows += [Row(f"mprt_{measure}", s, float(v))
+                 for s, v in zip(job.samples, values[-1].tolist(), strict=True)]
+        curves += [Curve(f"mprt_{measure}", s, steps, c)
+                   for s, c in zip(job.samples, values.T.tolist(), strict=True)]
+    logit = metrics.random_logit(model, x, y, maps, explain=method_fn, seed=seed)
+    rows += [Row("random_logit_ssim", s, float(v))
+             for s, v in zip(job.samples, logit.tolist(), strict=True)]
+    artifacts = {}
+    if first and result.maps is not None:
+        artifacts[f"randomisation/{job.source.model}/{job.unit.method}"] = _cascade_figure(
+            job, maps[0], result)
+    return rows, artifacts, curves
+
+
+def _cascade_figure(job: Job, original: Tensor, result: Any) -> bytes:
+    """One image's map before and after each cascading randomisation step (at most 8 steps,
+    evenly spaced, always the last), as PNG bytes."""
+    import tempfile
+
+    from ..report.figures import save_method_grid
+
+    first = original.sum(0) if original.dim() == 3 else original
+    total = len(result.layers)
+    picked = sorted({round(i * (total - 1) / 7) for i in range(8)} if total > 8
+                    else set(range(total)))
+    panels = {"original": first.detach().float().cpu().numpy()}
+    for k in picked:
+        panels[f"{k + 1}: {result.layers[k]}"] = result.maps[k][0].float().numpy()
+    signed = {name: bool((panel < 0).any()) for name, panel in panels.items()}
+    image, _ = _display_image(job)
+    with tempfile.TemporaryDirectory() as tmp:
+        path = save_method_grid(Path(tmp) / "cascade.png", image, panels,
+                                f"{job.source.model}, {job.unit.method}: cascading "
+                                f"randomisation (layers from the output), sample "
+                                f"{job.samples[0]}", signed=signed, columns=5, dpi=70)
+        return path.read_bytes()
+
+
+def _display_image(job: Job) -> tuple[Any, str]:
+    """The first image of a unit as ``uint8`` (H, W, 3), and its label's class name."""
+    import numpy as np
+
+    if job.source.dataset == "fashion":
+        from ..data.fashion import CLASS_NAMES
+
+        batch = _dataset("fashion").batch(list(job.samples[:1]))
+        image = (batch.images[0].permute(1, 2, 0).numpy() * 255).round().clip(0, 255)
+        return image.astype(np.uint8), CLASS_NAMES[int(batch.labels[0])]
+    from ..data import imagenet_class_names
+
+    batch = _dataset("composites").batch(list(job.samples[:1]))
+    return batch.images[0], imagenet_class_names()[int(batch.labels[0])]
+
+
 def _noise_rows(job: Job, model: torch.nn.Module, x: Tensor, y: Tensor, maps: Tensor,
                 method_fn: Callable[[torch.nn.Module, Tensor, Tensor], Tensor],
                 seed: int) -> list[Row]:
@@ -497,8 +577,6 @@ def _grid(job: Job, model: torch.nn.Module, x: Tensor, y: Tensor, quick: bool) -
     """Every Table-2 method's map of one image, side by side, as PNG bytes."""
     import tempfile
 
-    import numpy as np
-
     from .. import explain
     from ..methods import METHODS
     from ..report.figures import save_method_grid
@@ -508,17 +586,7 @@ def _grid(job: Job, model: torch.nn.Module, x: Tensor, y: Tensor, quick: bool) -
         opts = method_options(method, options, quick)
         maps[label] = explain(model, x, y, method, **opts)[0].detach().float().cpu().numpy()
         signed[label] = bool(getattr(METHODS[method], "signed", True))
-    if job.source.dataset == "fashion":
-        from ..data.fashion import CLASS_NAMES
-
-        image = (_dataset("fashion").batch(list(job.samples)).images[0].permute(1, 2, 0)
-                 .numpy() * 255).round().clip(0, 255).astype(np.uint8)
-        label = CLASS_NAMES[int(y[0])]
-    else:
-        from ..data import imagenet_class_names
-
-        image = _dataset("composites").batch(list(job.samples)).images[0]
-        label = imagenet_class_names()[int(y[0])]
+    image, label = _display_image(job)
     with tempfile.TemporaryDirectory() as tmp:
         path = save_method_grid(Path(tmp) / "grid.png", image, maps,
                                 f"{job.source.model}, sample {job.samples[0]}, '{label}' "

@@ -33,6 +33,7 @@ from .faithfulness import (
 from .gae import GAEResult, gae, make_mosaics
 from .localisation import attribution_localisation, pointing_game
 from .quantus_adapter import quantus_explain_func
+from .randomisation import MPRTResult, model_parameter_randomisation, random_logit
 from .registry import FAMILIES, METRICS, MetricInfo, by_family, metric_info, register_metric
 from .robustness import NoiseDraws, avg_sensitivity, local_lipschitz_estimate, max_sensitivity
 
@@ -61,6 +62,9 @@ __all__ = [
     "random_permutations",
     "sensitivity_n_grid",
     "make_mosaics",
+    "model_parameter_randomisation",
+    "random_logit",
+    "MPRTResult",
     "FAMILIES",
     "METRICS",
     "MetricInfo",

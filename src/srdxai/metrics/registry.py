@@ -25,7 +25,7 @@ __all__ = ["FAMILIES", "METRICS", "MetricInfo", "by_family", "metric_info", "reg
            "row_direction"]
 
 #: metric families in the order they are listed (Quantus' grouping, as the SRD paper's)
-FAMILIES = ("localisation", "complexity", "faithfulness", "robustness")
+FAMILIES = ("localisation", "complexity", "faithfulness", "robustness", "randomisation")
 #: what a metric may need besides the inputs, targets and maps
 NEEDS = ("model", "masks", "explain")
 

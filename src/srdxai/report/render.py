@@ -41,7 +41,8 @@ BEYOND = " §"
 GAE_METRICS = ("local_consistency", "contrastiveness", "gae")
 ROBUSTNESS_EXPERIMENTS = ("attack", "noise", "apop")
 CURVE_EXPERIMENTS = {"sensitivity_n": "Sensitivity-n", "insertion_deletion": "Insertion / deletion"}
-KNOWN_EXPERIMENTS = frozenset({"table2", "activation", "gae", *CURVE_EXPERIMENTS,
+KNOWN_EXPERIMENTS = frozenset({"table2", "activation", "gae", "randomisation",
+                               *CURVE_EXPERIMENTS,
                                *ROBUSTNESS_EXPERIMENTS})
 PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
 _MAX_LISTED = 12  # missing-value cells listed by name in a table's notes
@@ -183,6 +184,13 @@ CURVE_AXES = {
                       "Pearson r (map sum vs output change)", "log"),
     "insertion": ("fraction of pixels inserted", "class probability", "linear"),
     "deletion": ("fraction of pixels removed", "class probability", "linear"),
+    "mprt_ssim": ("layers randomised, from the output", "SSIM to the original map", "linear"),
+    "mprt_spearman_abs": ("layers randomised, from the output",
+                          "Spearman of |maps| to the original", "linear"),
+    "mprt_spearman": ("layers randomised, from the output", "Spearman to the original map",
+                      "linear"),
+    "mprt_hog_cosine": ("layers randomised, from the output", "HOG cosine to the original",
+                        "linear"),
 }
 #: line styles cycled with the colours, so 19 methods stay apart in black and white too
 LINE_STYLES = ("-", "--", ":", "-.")
@@ -681,6 +689,8 @@ def _generic(db: Path, experiment: str, title: str, anchor: str, names: _Names,
 
 #: artifacts under this prefix are the attack's figures (shown with its table)
 ATTACK_FIGURES = "attack/"
+#: and these the cascading randomisation's
+RANDOMISATION_FIGURES = "randomisation/"
 ATTACK_NOTE = (
     "Explanation-manipulation attack (Dombrowski et al. 2019): each image is optimised so that "
     "the method's map approaches another image's map while the softmax output stays put. "
@@ -689,6 +699,27 @@ ATTACK_NOTE = (
     "output_mse, prediction_kept and target_probability_change say how well the output was "
     "kept; linf and psnr how much the image changed (model-input units; PSNR in dB over each "
     "image's value range).")
+
+
+RANDOMISATION_NOTE = (
+    "Sanity checks (Adebayo et al. 2018; Sixt et al. 2020): a map that explains the model "
+    "should change when the model's parameters are re-drawn and when another class is "
+    "explained. mprt_*: similarity of the map of the fully randomised model (every layer "
+    "re-drawn, from the output down, cascading) to the original map; the curves follow the "
+    "similarity layer by layer. random_logit_ssim: SSIM between the maps of the target class "
+    "and of a random other class. Lower is better everywhere: a method whose similarity stays "
+    "high explains the input more than the model.")
+
+
+def _randomisation(db: Path, names: _Names) -> Section:
+    section = _generic(db, "randomisation", "Randomisation (sanity checks)", "randomisation",
+                       names)
+    if section.ran:
+        section.blocks.insert(0, Text(RANDOMISATION_NOTE))
+        section.blocks += _png_figures(
+            [(n, d) for n, d in tables.artifacts(db, "png")
+             if n.startswith(RANDOMISATION_FIGURES)], names)
+    return section
 
 
 def _robustness(db: Path, names: _Names) -> Section:
@@ -717,7 +748,7 @@ def _png_figures(found: list[tuple[str, bytes]], names: _Names) -> list:
 
 def _qualitative(db: Path, names: _Names) -> Section:
     found = [(n, d) for n, d in tables.artifacts(db, "png")
-             if not n.startswith(ATTACK_FIGURES)]
+             if not n.startswith((ATTACK_FIGURES, RANDOMISATION_FIGURES))]
     if not found:
         return Section("Qualitative grid", "qualitative",
                        [Text("Not run: results.sqlite holds no PNG artifacts.")], ran=False)
@@ -731,6 +762,7 @@ def _sections(db: Path, info: RunInfo) -> list[Section]:
         body.append(_generic(db, experiment, title, _slug(experiment), names))
     body.append(_generic(db, "gae", "GAE", "gae", names, GAE_METRICS, bars=True))
     body.append(_robustness(db, names))
+    body.append(_randomisation(db, names))
     body.append(_qualitative(db, names))
     for experiment in tables.experiments(db):
         if experiment not in KNOWN_EXPERIMENTS:

@@ -1,0 +1,271 @@
+"""Randomisation sanity checks (Adebayo et al., NeurIPS 2018; Sixt et al., ICML 2020).
+
+A map that explains the model must change when the model's parameters are destroyed (model
+parameter randomisation test, MPRT) and when another class is explained (random-logit test).
+Both compare the original maps with the new ones by similarity measures; a method passes when
+the similarity falls.
+
+The user's model is never modified: the randomised model is one deep copy per call, whatever
+the number of layers. ``cascading`` randomises the layers from the output to the input, each on
+top of the previous ones; ``independent`` randomises one layer at a time and puts its saved
+values back before the next. A layer is re-drawn with its own ``reset_parameters()`` (PyTorch's
+initialisation, as Quantus' MPRT does), inside a forked random state seeded per layer, so
+the draws are reproducible and the caller's random state is untouched.
+"""
+
+from __future__ import annotations
+
+import copy
+import math
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import Any, Literal
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from ..errors import InvalidInputError
+from ._common import (
+    Explain,
+    check_attributions,
+    check_explain,
+    check_inputs,
+    check_model,
+    check_targets,
+    explain_checked,
+    guarded,
+    predicted_classes,
+    spearman,
+)
+from .registry import register_metric
+from .similarity import ssim
+
+Tensor = torch.Tensor
+
+__all__ = ["MPRTResult", "SIMILARITIES", "hog_cosine", "map_similarity",
+           "model_parameter_randomisation", "random_logit", "randomisable_layers"]
+
+#: the similarity measures of Adebayo et al.: SSIM and HOG of the absolute maps, Spearman's
+#: rank correlation of the absolute and of the signed maps
+SIMILARITIES = ("ssim", "spearman_abs", "spearman", "hog_cosine")
+Order = Literal["cascading", "independent"]
+
+
+def _pixel_maps(a: Tensor) -> Tensor:
+    return (a.sum(1) if a.dim() == 4 else a).to(torch.float64)
+
+
+def _unit_abs(a: Tensor) -> Tensor:
+    """|map| scaled to [0, 1] per sample (an all-zero map stays zero)."""
+    m = a.abs()
+    top = m.flatten(1).amax(1).clamp_min(1e-30).view(-1, *([1] * (m.dim() - 1)))
+    return m / top
+
+
+def hog_cosine(a: Tensor, b: Tensor, cell: int = 8, bins: int = 9) -> Tensor:
+    """Cosine similarity of HOG-style descriptors of two (N, H, W) maps: per ``cell x cell``
+    cell, a histogram of unsigned gradient orientations (``bins`` over 0-180 degrees) weighted
+    by the gradient magnitude (central differences), without HOG's block normalisation. A map
+    without gradients scores NaN."""
+    def descriptor(m: Tensor) -> Tensor:
+        m = m.unsqueeze(1)
+        gx = F.pad(m[..., :, 2:] - m[..., :, :-2], (1, 1, 0, 0))
+        gy = F.pad(m[..., 2:, :] - m[..., :-2, :], (0, 0, 1, 1))
+        magnitude = torch.sqrt(gx**2 + gy**2)
+        angle = torch.remainder(torch.atan2(gy, gx), math.pi)
+        index = (angle / math.pi * bins).long().clamp(max=bins - 1)
+        votes = torch.zeros(m.shape[0], bins, *m.shape[2:], dtype=m.dtype, device=m.device)
+        votes.scatter_(1, index, magnitude)
+        return F.avg_pool2d(votes, cell, ceil_mode=True).flatten(1)
+
+    da, db = descriptor(a), descriptor(b)
+    denominator = da.norm(dim=1) * db.norm(dim=1)
+    cos = (da * db).sum(1) / denominator.clamp_min(1e-300)
+    return torch.where(denominator > 0, cos, torch.full_like(cos, math.nan))
+
+
+def map_similarity(a: Tensor, b: Tensor, measures: Sequence[str] = SIMILARITIES
+                   ) -> dict[str, Tensor]:
+    """Adebayo et al.'s similarity of two batches of maps, per sample, by measure (float64
+    (N,)): SSIM and HOG cosine of the absolute maps scaled to [0, 1], Spearman's correlation of
+    the absolute (``spearman_abs``) and of the signed maps (``spearman``). Element maps are
+    summed over channels first."""
+    unknown = [m for m in measures if m not in SIMILARITIES]
+    if unknown:
+        raise InvalidInputError(
+            f"unknown similarity measure(s) {', '.join(unknown)}; choose from "
+            f"{', '.join(SIMILARITIES)}.")
+    pa, pb = _pixel_maps(a), _pixel_maps(b)
+    out: dict[str, Tensor] = {}
+    for measure in measures:
+        if measure == "ssim":
+            out[measure] = ssim(_unit_abs(pa), _unit_abs(pb), data_range=1.0)
+        elif measure == "spearman_abs":
+            out[measure] = spearman(pa.abs().flatten(1), pb.abs().flatten(1))
+        elif measure == "spearman":
+            out[measure] = spearman(pa.flatten(1), pb.flatten(1))
+        else:
+            out[measure] = hog_cosine(_unit_abs(pa), _unit_abs(pb))
+    return out
+
+
+def randomisable_layers(model: nn.Module) -> list[str]:
+    """The names of the modules that own parameters, from the output to the input (the
+    reverse of their registration order, the order of a plain forward pass)."""
+    return [name for name, module in reversed(list(model.named_modules()))
+            if any(True for _ in module.parameters(recurse=False))]
+
+
+def _randomise(module: nn.Module, seed: int) -> None:
+    with torch.random.fork_rng(devices=[]), torch.no_grad():
+        torch.manual_seed(seed)
+        reset = getattr(module, "reset_parameters", None)
+        if callable(reset):
+            reset()
+            return
+        for p in module.parameters(recurse=False):  # no initialiser: N(0, the layer's std)
+            std = float(p.std()) if p.numel() > 1 else 1.0
+            p.normal_(0.0, std if std > 0 else 1.0)
+
+
+@dataclass(frozen=True)
+class MPRTResult:
+    """The maps' similarity to the original maps after each randomisation step.
+
+    ``layers[k]`` is the layer randomised at step ``k`` (cascading: with all before it);
+    ``similarity[measure]`` is float64 ``(len(layers), N)``. ``maps`` (optional) holds the maps
+    of every step ``(len(layers), N, H, W)`` for figures."""
+
+    order: str
+    layers: list[str]
+    similarity: dict[str, Tensor]
+    maps: Tensor | None = None
+
+    def final(self, measure: str = "ssim") -> Tensor:
+        """Per-sample similarity after the last step (cascading: the fully random model)."""
+        return self.similarity[measure][-1]
+
+
+@register_metric(family="randomisation", direction="lower", needs=("model", "explain"),
+                 returns="MPRTResult (similarity per randomised layer per sample)",
+                 rows=("mprt_*",))
+def model_parameter_randomisation(
+    model: nn.Module,
+    x: Any,
+    y: Any,
+    attributions: Any = None,
+    masks: Any = None,
+    explain: Explain | None = None,
+    *,
+    order: Order = "cascading",
+    layers: Sequence[str] | None = None,
+    measures: Sequence[str] = SIMILARITIES,
+    seed: int = 0,
+    keep_maps: bool = False,
+) -> MPRTResult:
+    """Model parameter randomisation test (Adebayo et al., NeurIPS 2018; Quantus' ``MPRT``).
+
+    Re-draws the parameters of ``layers`` (default: :func:`randomisable_layers`, output first)
+    in a copy of the model, ``cascading`` or ``independent`` (module docstring), explains the
+    same inputs and targets after every step and compares the maps with the original ones
+    (``attributions``, or ``explain`` on the intact model) by :func:`map_similarity`. Lower is
+    better: the map depends on what the model learnt.
+
+    Args:
+        explain: ``explain(model, x, y) -> maps``; called once per step on the copy.
+        order: ``"cascading"`` or ``"independent"``.
+        layers: module names to randomise, in that order.
+        measures: similarity measures, from :data:`SIMILARITIES`.
+        seed: layer ``k`` is re-drawn from seed ``seed + k``.
+        keep_maps: also return every step's (channel-summed) maps.
+
+    Returns:
+        :class:`MPRTResult`.
+    """
+    model = check_model(model)
+    explain = check_explain(explain, "model_parameter_randomisation")
+    if order not in ("cascading", "independent"):
+        raise InvalidInputError(f"order must be 'cascading' or 'independent', got {order!r}.")
+    x = check_inputs(x, model)
+    with guarded(model):
+        targets = check_targets(y, x.shape[0], x.device)
+        if targets is None:
+            targets = predicted_classes(model, x, x.shape[0], "MPRT")
+        original = (explain_checked(explain, model, x, targets, None) if attributions is None
+                    else check_attributions(attributions, x))
+    names = list(layers) if layers is not None else randomisable_layers(model)
+    modules = dict(model.named_modules())
+    missing = [n for n in names if n not in modules]
+    if missing or not names:
+        raise InvalidInputError(
+            f"no such layer(s) to randomise: {', '.join(missing)}; choose from "
+            f"{', '.join(randomisable_layers(model))}." if missing else
+            "the model has no parameters to randomise.")
+    wanted = tuple(measures)
+    map_similarity(original[:1], original[:1], wanted)  # unknown measures fail before the work
+    twin = copy.deepcopy(model).eval()  # the one copy; the caller's model is never touched
+    twin_modules = dict(twin.named_modules())
+    scores: dict[str, list[Tensor]] = {m: [] for m in wanted}
+    kept = []
+    for k, name in enumerate(names):
+        module = twin_modules[name]
+        saved = None
+        if order == "independent":
+            saved = {key: value.detach().clone() for key, value in module.state_dict().items()}
+        _randomise(module, seed + k)
+        with guarded(twin):
+            maps = explain_checked(explain, twin, x, targets, None).detach()
+        for measure, value in map_similarity(original.detach(), maps, wanted).items():
+            scores[measure].append(value.cpu())
+        if keep_maps:
+            kept.append(_pixel_maps(maps).cpu())
+        if saved is not None:
+            module.load_state_dict(saved)
+    return MPRTResult(order, names, {m: torch.stack(v) for m, v in scores.items()},
+                      torch.stack(kept) if keep_maps else None)
+
+
+@register_metric(family="randomisation", direction="lower", needs=("model", "explain"),
+                 rows=("random_logit_*",))
+def random_logit(
+    model: nn.Module,
+    x: Any,
+    y: Any,
+    attributions: Any = None,
+    masks: Any = None,
+    explain: Explain | None = None,
+    *,
+    measure: str = "ssim",
+    seed: int = 0,
+) -> Tensor:
+    """Random-logit test (Sixt et al., ICML 2020; Quantus' ``RandomLogit``): the similarity of
+    the map of the target class and the map of a uniformly drawn other class. Lower is better:
+    the map says something about the class it explains.
+
+    Args:
+        measure: a :data:`SIMILARITIES` measure (Quantus' default is SSIM).
+        seed: the draw of the other classes (one per sample).
+
+    Returns:
+        float64 (N,).
+    """
+    model = check_model(model)
+    explain = check_explain(explain, "random_logit")
+    x = check_inputs(x, model)
+    with guarded(model):
+        targets = check_targets(y, x.shape[0], x.device)
+        if targets is None:
+            targets = predicted_classes(model, x, x.shape[0], "random_logit")
+        with torch.no_grad():
+            classes = model(x[:1]).shape[1]
+        if classes < 2:
+            raise InvalidInputError("the random-logit test needs a model with 2 classes or "
+                                    "more.")
+        g = torch.Generator().manual_seed(seed)
+        shift = torch.randint(1, classes, (x.shape[0],), generator=g).to(targets.device)
+        others = (targets + shift) % classes  # uniform over the other classes
+        original = (explain_checked(explain, model, x, targets, None) if attributions is None
+                    else check_attributions(attributions, x))
+        other_maps = explain_checked(explain, model, x, others, None)
+    return map_similarity(original.detach(), other_maps.detach(), (measure,))[measure]
