@@ -139,3 +139,28 @@ def test_hog_cosine_equals_a_loop_and_is_one_for_the_same_structure():
         assert float(got[s]) == pytest.approx(expected, abs=1e-10)
     assert torch.allclose(hog_cosine(a, 3 * a), torch.ones(2, dtype=torch.float64))
     assert set(map_similarity(a, b)) == {"ssim", "spearman_abs", "spearman", "hog_cosine"}
+
+
+def test_steps_group_consecutive_layers_and_independent_restores_each_group(case):
+    model, x, y = case
+    grouped = metrics.model_parameter_randomisation(model, x, y, explain=explain, steps=3,
+                                                    seed=5, keep_maps=True)
+    assert grouped.layers == ["7..3", "1", "0"]
+    full = metrics.model_parameter_randomisation(model, x, y, explain=explain, seed=5,
+                                                 keep_maps=True)
+    # cascading: a group of two draws the same values as two single steps; the maps after it
+    # are the maps after the second single step
+    assert torch.allclose(grouped.maps[0], full.maps[1]) and torch.allclose(grouped.maps[2],
+                                                                            full.maps[3])
+    independent = metrics.model_parameter_randomisation(model, x, y, explain=explain,
+                                                        order="independent", steps=2, seed=5,
+                                                        keep_maps=True)
+    assert independent.layers == ["7..3", "1..0"]
+    twin = copy.deepcopy(model)
+    for k, name in enumerate(["1", "0"]):
+        torch.manual_seed(5 + 2 + k)
+        dict(twin.named_modules())[name].reset_parameters()
+    assert torch.allclose(independent.maps[1], explain(twin, x, y).detach().double(),
+                          atol=1e-6)
+    with pytest.raises(InvalidInputError, match="steps"):
+        metrics.model_parameter_randomisation(model, x, y, explain=explain, steps=0)

@@ -106,6 +106,8 @@ ATTACK_SAMPLES = {False: 16, True: 2}
 RANDOMISATION_METHODS = [m for m in TABLE2_METHODS if m[0] in (
     "Saliency", "GuidedBackprop", "GradInput", "IntegratedGradients", "LRP-z+",
     "SmoothGrad-abs", "GradCAM", "SRD-high", "SRD-input", "absLRP")]
+#: at most this many cascading steps (groups of consecutive layers on deeper models)
+RANDOMISATION_STEPS = 16
 EXPERIMENTS = ("table2", "activation", "sensitivity_n", "insertion_deletion", "gae", "noise",
                "apop", "attack", "grid", "randomisation")
 #: Gaussian input noise of the ``noise`` experiment, in units of each image's value range
@@ -453,7 +455,8 @@ def _randomisation_rows(job: Job, model: torch.nn.Module, x: Tensor, y: Tensor, 
 
     first = job.unit.unit == 0
     result = metrics.model_parameter_randomisation(model, x, y, maps, explain=method_fn,
-                                                   seed=seed, keep_maps=first)
+                                                   steps=RANDOMISATION_STEPS, seed=seed,
+                                                   keep_maps=first)
     steps = list(range(1, len(result.layers) + 1))
     rows, curves = [], []
     for measure, values in result.similarity.items():

@@ -161,6 +161,7 @@ def model_parameter_randomisation(
     order: Order = "cascading",
     layers: Sequence[str] | None = None,
     measures: Sequence[str] = SIMILARITIES,
+    steps: int | None = None,
     seed: int = 0,
     keep_maps: bool = False,
 ) -> MPRTResult:
@@ -177,7 +178,11 @@ def model_parameter_randomisation(
         order: ``"cascading"`` or ``"independent"``.
         layers: module names to randomise, in that order.
         measures: similarity measures, from :data:`SIMILARITIES`.
-        seed: layer ``k`` is re-drawn from seed ``seed + k``.
+        steps: at most this many explanations: the layers are split into ``steps``
+            consecutive groups (as equal as possible) and a step re-draws a whole group, named
+            ``"first..last"`` (None: one step per layer). Bounds the cost on deep models
+            (EfficientNet-Lite0 has over 100 layers with parameters).
+        seed: the ``k``-th re-drawn layer is re-drawn from seed ``seed + k``.
         keep_maps: also return every step's (channel-summed) maps.
 
     Returns:
@@ -204,26 +209,47 @@ def model_parameter_randomisation(
             "the model has no parameters to randomise.")
     wanted = tuple(measures)
     map_similarity(original[:1], original[:1], wanted)  # unknown measures fail before the work
+    groups = _groups(names, steps)
     twin = copy.deepcopy(model).eval()  # the one copy; the caller's model is never touched
     twin_modules = dict(twin.named_modules())
     scores: dict[str, list[Tensor]] = {m: [] for m in wanted}
     kept = []
-    for k, name in enumerate(names):
-        module = twin_modules[name]
-        saved = None
-        if order == "independent":
-            saved = {key: value.detach().clone() for key, value in module.state_dict().items()}
-        _randomise(module, seed + k)
+    drawn = 0
+    for group in groups:
+        saved = {}
+        for name in group:
+            module = twin_modules[name]
+            if order == "independent":
+                saved[name] = {key: value.detach().clone()
+                               for key, value in module.state_dict().items()}
+            _randomise(module, seed + drawn)
+            drawn += 1
         with guarded(twin):
             maps = explain_checked(explain, twin, x, targets, None).detach()
         for measure, value in map_similarity(original.detach(), maps, wanted).items():
             scores[measure].append(value.cpu())
         if keep_maps:
             kept.append(_pixel_maps(maps).cpu())
-        if saved is not None:
-            module.load_state_dict(saved)
-    return MPRTResult(order, names, {m: torch.stack(v) for m, v in scores.items()},
+        for name, state in saved.items():
+            twin_modules[name].load_state_dict(state)
+    labels = [g[0] if len(g) == 1 else f"{g[0]}..{g[-1]}" for g in groups]
+    return MPRTResult(order, labels, {m: torch.stack(v) for m, v in scores.items()},
                       torch.stack(kept) if keep_maps else None)
+
+
+def _groups(names: list[str], steps: int | None) -> list[list[str]]:
+    """``names`` in at most ``steps`` consecutive groups whose sizes differ by at most one."""
+    if steps is None or steps >= len(names):
+        return [[n] for n in names]
+    if isinstance(steps, bool) or not isinstance(steps, int) or steps < 1:
+        raise InvalidInputError(f"steps must be an int >= 1 or None, got {steps!r}.")
+    size, extra = divmod(len(names), steps)
+    out, start = [], 0
+    for k in range(steps):
+        stop = start + size + (1 if k < extra else 0)
+        out.append(names[start:stop])
+        start = stop
+    return out
 
 
 @register_metric(family="randomisation", direction="lower", needs=("model", "explain"),
