@@ -164,3 +164,13 @@ def test_steps_group_consecutive_layers_and_independent_restores_each_group(case
                           atol=1e-6)
     with pytest.raises(InvalidInputError, match="steps"):
         metrics.model_parameter_randomisation(model, x, y, explain=explain, steps=0)
+
+
+def test_a_model_that_cannot_be_copied_is_a_clear_error(case):
+    import threading
+
+    model, x, y = case
+    odd = copy.deepcopy(model)
+    odd.lock = threading.Lock()  # not deep-copyable
+    with pytest.raises(InvalidInputError, match="deepcopy"):
+        metrics.model_parameter_randomisation(odd, x, y, explain=explain)

@@ -210,7 +210,12 @@ def model_parameter_randomisation(
     wanted = tuple(measures)
     map_similarity(original[:1], original[:1], wanted)  # unknown measures fail before the work
     groups = _groups(names, steps)
-    twin = copy.deepcopy(model).eval()  # the one copy; the caller's model is never touched
+    try:  # the one copy; the caller's model is never touched
+        twin = copy.deepcopy(model).eval()
+    except Exception as exc:  # any object a module holds may refuse to be copied
+        raise InvalidInputError(
+            f"MPRT randomises a copy of the model, and copy.deepcopy(model) failed: {exc}. "
+            "Make the model deep-copyable (e.g. drop non-copyable attributes).") from exc
     twin_modules = dict(twin.named_modules())
     scores: dict[str, list[Tensor]] = {m: [] for m in wanted}
     kept = []
