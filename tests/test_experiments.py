@@ -199,8 +199,8 @@ def test_randomisation_experiment_writes_rows_curves_figures_and_its_section(tmp
     methods = {m[0] for m in RANDOMISATION_METHODS}
     assert {r[0] for r in rows} == methods
     assert {r[1] for r in rows} == {"mprt_ssim", "mprt_spearman_abs", "mprt_spearman",
-                                    "mprt_hog_cosine", "random_logit_ssim"}
-    assert len(rows) == len(methods) * 5 * 4  # half the samples, at least 4, as every curve run
+                                    "mprt_hog_cosine", "random_logit_ssim", "emprt"}
+    assert len(rows) == len(methods) * 6 * 4  # half the samples, at least 4, as every curve run
     assert {c for c, _ in curves} == {"mprt_ssim", "mprt_spearman_abs", "mprt_spearman",
                                       "mprt_hog_cosine"}
     assert all(json.loads(xs) == [1, 2, 3, 4, 5, 6, 7] for _, xs in curves)  # 7 VGG layers
@@ -209,7 +209,7 @@ def test_randomisation_experiment_writes_rows_curves_figures_and_its_section(tmp
     text = md.read_text()
     assert "## Randomisation (sanity checks)" in text and "(not run)" not in text.split(
         "## Randomisation (sanity checks)")[1].split("\n")[0]
-    assert "mprt_ssim ↓" in text and "random_logit_ssim ↓" in text
+    assert "mprt_ssim ↓" in text and "random_logit_ssim ↓" in text and "emprt ↑" in text
 
 
 def test_quick_options_reach_every_row():

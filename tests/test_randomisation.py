@@ -174,3 +174,41 @@ def test_a_model_that_cannot_be_copied_is_a_clear_error(case):
     odd.lock = threading.Lock()  # not deep-copyable
     with pytest.raises(InvalidInputError, match="deepcopy"):
         metrics.model_parameter_randomisation(odd, x, y, explain=explain)
+
+
+def test_discrete_entropy_equals_numpy_histogram_and_scipy():
+    g = torch.Generator().manual_seed(4)
+    maps = torch.randn(3, 9, 11, generator=g, dtype=torch.float64) ** 3
+    maps[2] = 1.5  # constant: entropy 0
+    got = metrics.randomisation.discrete_entropy(maps, n_bins=17)
+    for s in range(3):
+        hist, _ = np.histogram(maps[s].numpy(), bins=17)
+        assert float(got[s]) == pytest.approx(scipy.stats.entropy(hist), abs=1e-12)
+
+
+def test_efficient_mprt_is_the_relative_rise_of_entropy_on_the_random_model(case):
+    model, x, y = case
+    got = metrics.efficient_mprt(model, x, y, explain=explain, seed=3, n_bins=20)
+    twin = copy.deepcopy(model)
+    for k, name in enumerate(["0", "1", "3", "7"]):  # bottom-up, all of them
+        torch.manual_seed(3 + k)
+        dict(twin.named_modules())[name].reset_parameters()
+    before = explain(model, x, y).detach().double().numpy()
+    after = explain(twin, x, y).detach().double().numpy()
+    for s in range(3):
+        h0 = scipy.stats.entropy(np.histogram(before[s], bins=20)[0])
+        h1 = scipy.stats.entropy(np.histogram(after[s], bins=20)[0])
+        assert float(got[s]) == pytest.approx((h1 - h0) / h0, abs=1e-6)
+
+
+def test_smooth_mprt_without_noise_is_mprt_and_with_noise_is_reproducible(case):
+    model, x, y = case
+    plain = metrics.model_parameter_randomisation(model, x, y, explain=explain,
+                                                  order="bottom_up", measures=["spearman"])
+    assert plain.layers == ["0", "1", "3", "7"]
+    quiet = metrics.smooth_mprt(model, x, y, explain=explain, nr_samples=2, noise_magnitude=0.0)
+    assert torch.allclose(quiet.similarity["spearman"], plain.similarity["spearman"])
+    noisy = metrics.smooth_mprt(model, x, y, explain=explain, nr_samples=3, seed=1)
+    again = metrics.smooth_mprt(model, x, y, explain=explain, nr_samples=3, seed=1)
+    assert torch.equal(noisy.similarity["spearman"], again.similarity["spearman"])
+    assert not torch.allclose(noisy.similarity["spearman"], plain.similarity["spearman"])

@@ -467,6 +467,8 @@ def _randomisation_rows(job: Job, model: torch.nn.Module, x: Tensor, y: Tensor, 
     logit = metrics.random_logit(model, x, y, maps, explain=method_fn, seed=seed)
     rows += [Row("random_logit_ssim", s, float(v))
              for s, v in zip(job.samples, logit.tolist(), strict=True)]
+    rise = metrics.efficient_mprt(model, x, y, maps, explain=method_fn, seed=seed)
+    rows += [Row("emprt", s, float(v)) for s, v in zip(job.samples, rise.tolist(), strict=True)]
     artifacts = {}
     if first and result.maps is not None:
         artifacts[f"randomisation/{job.source.model}/{job.unit.method}"] = _cascade_figure(

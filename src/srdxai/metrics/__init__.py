@@ -33,7 +33,13 @@ from .faithfulness import (
 from .gae import GAEResult, gae, make_mosaics
 from .localisation import attribution_localisation, pointing_game
 from .quantus_adapter import quantus_explain_func
-from .randomisation import MPRTResult, model_parameter_randomisation, random_logit
+from .randomisation import (
+    MPRTResult,
+    efficient_mprt,
+    model_parameter_randomisation,
+    random_logit,
+    smooth_mprt,
+)
 from .registry import FAMILIES, METRICS, MetricInfo, by_family, metric_info, register_metric
 from .robustness import NoiseDraws, avg_sensitivity, local_lipschitz_estimate, max_sensitivity
 
@@ -63,6 +69,8 @@ __all__ = [
     "sensitivity_n_grid",
     "make_mosaics",
     "model_parameter_randomisation",
+    "smooth_mprt",
+    "efficient_mprt",
     "random_logit",
     "MPRTResult",
     "FAMILIES",
