@@ -88,7 +88,8 @@ SMALL = {"faithfulness_correlation": {"nr_runs": 4, "subset_size": 8},
          "mu_fidelity": {"nr_samples": 4}, "sensitivity_n": {"nr_subsets": 4},
          "local_lipschitz_estimate": {"nr_samples": 2}, "max_sensitivity": {"nr_samples": 2},
          "avg_sensitivity": {"nr_samples": 2}, "pixel_flipping": {"features_in_step": 64},
-         "insertion": {"step": 64}, "deletion": {"step": 64}}
+         "insertion": {"step": 64}, "deletion": {"step": 64}, "top_k_intersection": {"k": 20},
+         "smooth_mprt": {"nr_samples": 2}}
 
 
 @pytest.mark.parametrize("name", sorted(metrics.METRICS))

@@ -161,6 +161,24 @@ def test_attribution_localisation_matches_quantus(data, options):
     assert_same(ours, theirs)
 
 
+@pytest.mark.parametrize("maps", ["a", "signed"])
+@pytest.mark.parametrize(("name", "ours_name", "options"), [
+    ("RelevanceMassAccuracy", "relevance_mass_accuracy", {}),
+    ("RelevanceRankAccuracy", "relevance_rank_accuracy", {}),
+    ("TopKIntersection", "top_k_intersection", {"k": 20}),
+    ("TopKIntersection", "top_k_intersection", {"k": 20, "concept_influence": True}),
+    ("AUC", "localisation_auc", {}),
+])
+def test_more_localisation_metrics_match_quantus(data, maps, name, ours_name, options):
+    chosen = dict(data, a=data[maps])
+    theirs = quantus_call(getattr(quantus, name)(**options, **PER_SAMPLE), chosen,
+                          s_batch=data["masks"])
+    ours = getattr(metrics, ours_name)(data["model"], data["x"], data["y"], chosen["a"],
+                                       data["masks"], **options)
+    assert_same(ours, theirs)
+    assert np.isfinite(theirs).all() and len(set(np.round(theirs, 6))) > 1  # not degenerate
+
+
 def test_sparseness_and_complexity_match_quantus(data):
     theirs = quantus_call(quantus.Sparseness(**PER_SAMPLE), data)
     assert_same(metrics.sparseness(None, data["x"], data["y"], data["a"]), theirs)

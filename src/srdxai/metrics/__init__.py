@@ -31,7 +31,14 @@ from .faithfulness import (
     sensitivity_n_grid,
 )
 from .gae import GAEResult, gae, make_mosaics
-from .localisation import attribution_localisation, pointing_game
+from .localisation import (
+    attribution_localisation,
+    localisation_auc,
+    pointing_game,
+    relevance_mass_accuracy,
+    relevance_rank_accuracy,
+    top_k_intersection,
+)
 from .quantus_adapter import quantus_explain_func
 from .randomisation import (
     MPRTResult,
@@ -46,6 +53,10 @@ from .robustness import NoiseDraws, avg_sensitivity, local_lipschitz_estimate, m
 __all__ = [
     "pointing_game",
     "attribution_localisation",
+    "relevance_mass_accuracy",
+    "relevance_rank_accuracy",
+    "top_k_intersection",
+    "localisation_auc",
     "sparseness",
     "complexity",
     "faithfulness_correlation",

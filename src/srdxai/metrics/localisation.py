@@ -1,6 +1,6 @@
 """Localisation metrics: does the attribution fall on the object (a ground-truth mask)?
 
-Both metrics only read the maps and the masks; ``model``, ``x`` and ``y`` are accepted for the
+They only read the maps and the masks; ``model``, ``x`` and ``y`` are accepted for the
 common signature (``x``, when given, is used to check the map shapes).
 """
 
@@ -17,9 +17,11 @@ from ._common import (
     EmptyMaskPolicy,
     Explain,
     Normalise,
+    average_ranks,
     check_attributions,
     check_inputs,
     check_masks,
+    check_positive_int,
     empty_mask_nan,
     preprocess_attributions,
 )
@@ -27,7 +29,8 @@ from .registry import register_metric
 
 Tensor = torch.Tensor
 
-__all__ = ["pointing_game", "attribution_localisation"]
+__all__ = ["pointing_game", "attribution_localisation", "relevance_mass_accuracy",
+           "relevance_rank_accuracy", "top_k_intersection", "localisation_auc"]
 
 
 def _maps_and_masks(model: nn.Module | None, x: Any, attributions: Any,
@@ -150,3 +153,144 @@ def attribution_localisation(
     if weighted:
         ratio = ratio * _area_fraction(m)
     return empty_mask_nan(ratio, m, empty_mask)
+
+
+def _flat_pair(model: nn.Module | None, x: Any, attributions: Any, masks: Any,
+               normalise: Normalise, abs: bool) -> tuple[Tensor, Tensor, Tensor]:
+    """Preprocessed maps and masks flattened to (N, F) (element maps: the mask repeated over
+    channels), and the (N, H, W) masks."""
+    a, m = _maps_and_masks(model, x, attributions, masks)
+    a = preprocess_attributions(a, normalise, abs)
+    return a.flatten(1).to(torch.float64), _over_channels(m, a).flatten(1), m
+
+
+def _top(a: Tensor, k: Tensor | int) -> Tensor:
+    """(N, F) bool: each row's ``k`` largest values (per row ``k`` when a tensor); ties go to
+    the lower index (a stable sort; Quantus' ``np.argsort`` leaves them to its quicksort)."""
+    order = torch.sort(a, dim=1, descending=True, stable=True).indices
+    ks = torch.as_tensor(k, device=a.device).reshape(-1, 1)
+    chosen_sorted = (torch.arange(a.shape[1], device=a.device)[None, :] < ks).expand_as(a)
+    return torch.zeros_like(chosen_sorted).scatter(1, order, chosen_sorted)
+
+
+@register_metric(family="localisation", direction="higher", needs=("masks",),
+                 rows=("relevance_mass_accuracy",))
+def relevance_mass_accuracy(
+    model: nn.Module | None,
+    x: Any,
+    y: Any,
+    attributions: Any,
+    masks: Any = None,
+    explain: Explain | None = None,
+    *,
+    abs: bool = False,
+    normalise: Normalise = True,
+    empty_mask: EmptyMaskPolicy = "nan",
+) -> Tensor:
+    """Relevance mass accuracy (Arras et al., 2022; Quantus' ``RelevanceMassAccuracy``): the
+    map's sum inside the mask over its total sum, ``sum_mask(a) / sum(a)``.
+
+    Signed maps by default (Quantus): negative mass outside the mask can push it above 1. A map
+    summing to 0 gives inf or NaN, as Quantus' division does.
+
+    Returns:
+        float64 scores (N,); NaN for empty masks.
+    """
+    a, m_flat, m = _flat_pair(model, x, attributions, masks, normalise, abs)
+    inside = (a * m_flat).sum(1)
+    return empty_mask_nan(inside / a.sum(1), m, empty_mask)
+
+
+@register_metric(family="localisation", direction="higher", needs=("masks",),
+                 rows=("relevance_rank_accuracy",))
+def relevance_rank_accuracy(
+    model: nn.Module | None,
+    x: Any,
+    y: Any,
+    attributions: Any,
+    masks: Any = None,
+    explain: Explain | None = None,
+    *,
+    abs: bool = False,
+    normalise: Normalise = True,
+    empty_mask: EmptyMaskPolicy = "nan",
+) -> Tensor:
+    """Relevance rank accuracy (Arras et al., 2022; Quantus' ``RelevanceRankAccuracy``): with
+    ``K`` the mask's size, the fraction of the ``K`` highest-scored features that lie in the
+    mask. Ties are broken by position (Quantus: by numpy's unstable sort).
+
+    Returns:
+        float64 scores (N,) in [0, 1]; NaN for empty masks.
+    """
+    a, m_flat, m = _flat_pair(model, x, attributions, masks, normalise, abs)
+    size = m_flat.sum(1)
+    hits = (_top(a, size) & m_flat).sum(1).to(torch.float64)
+    return empty_mask_nan(hits / size.clamp_min(1), m, empty_mask)
+
+
+@register_metric(family="localisation", direction="higher", needs=("masks",),
+                 rows=("top_k_intersection",))
+def top_k_intersection(
+    model: nn.Module | None,
+    x: Any,
+    y: Any,
+    attributions: Any,
+    masks: Any = None,
+    explain: Explain | None = None,
+    *,
+    k: int = 1000,
+    concept_influence: bool = False,
+    abs: bool = False,
+    normalise: Normalise = True,
+    empty_mask: EmptyMaskPolicy = "nan",
+) -> Tensor:
+    """Top-k intersection (Theiner et al., 2021; Quantus' ``TopKIntersection``): the fraction
+    of the map's ``k`` highest-scored features that lie in the mask.
+
+    Args:
+        k: features counted (Quantus' default 1000; at most the number of features).
+        concept_influence: divide by the mask's share of the image (Quantus' option).
+
+    Returns:
+        float64 scores (N,); NaN for empty masks.
+    """
+    a, m_flat, m = _flat_pair(model, x, attributions, masks, normalise, abs)
+    k = check_positive_int(k, "k")
+    if k > a.shape[1]:
+        raise InvalidInputError(f"k ({k}) is larger than the number of features "
+                                f"({a.shape[1]}).")
+    share = (_top(a, k) & m_flat).sum(1).to(torch.float64) / k
+    if concept_influence:
+        share = share * a.shape[1] / m_flat.sum(1).clamp_min(1)
+    return empty_mask_nan(share, m, empty_mask)
+
+
+@register_metric(family="localisation", direction="higher", needs=("masks",),
+                 rows=("localisation_auc",))
+def localisation_auc(
+    model: nn.Module | None,
+    x: Any,
+    y: Any,
+    attributions: Any,
+    masks: Any = None,
+    explain: Explain | None = None,
+    *,
+    abs: bool = False,
+    normalise: Normalise = True,
+    empty_mask: EmptyMaskPolicy = "nan",
+) -> Tensor:
+    """ROC AUC of the map as a detector of the mask (Fawcett, 2006; Quantus' ``AUC``): the
+    probability that a feature inside the mask scores higher than one outside, ties counting
+    half (the Mann-Whitney statistic, equal to scikit-learn's ``roc_curve`` + ``auc``).
+
+    Returns:
+        float64 scores (N,) in [0, 1]; NaN for empty masks and for masks covering everything.
+    """
+    a, m_flat, m = _flat_pair(model, x, attributions, masks, normalise, abs)
+    positives = m_flat.sum(1).to(torch.float64)
+    negatives = m_flat.shape[1] - positives
+    ranks = average_ranks(a)
+    u = (ranks * m_flat).sum(1) - positives * (positives + 1) / 2
+    auc = u / (positives * negatives).clamp_min(1)
+    auc = auc.masked_fill(negatives == 0, float("nan"))
+    return empty_mask_nan(auc, m, empty_mask)
