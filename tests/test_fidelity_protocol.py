@@ -225,3 +225,63 @@ def test_readings_share_draws_and_equal_separate_calls():
         assert torch.allclose(together[name], alone, equal_nan=True)
     with pytest.raises(InvalidInputError, match="may set only"):
         metrics.faithfulness_correlations(model, x, y, a, readings={"bad": {"baseline": 0}})
+
+
+# --- monotonicity and completeness --------------------------------------------------------------
+
+class PositiveLinear(nn.Module):
+    """f_k(x) = sum(w_k * x) with w > 0: on a positive input every feature put back raises it."""
+
+    def __init__(self, sign: float = 1.0):
+        super().__init__()
+        w = torch.rand(2, 3, 6, 5, generator=torch.Generator().manual_seed(7),
+                       dtype=torch.float64) + 0.1
+        w[1] *= sign
+        self.w = nn.Parameter(w)
+
+    def forward(self, x):
+        return torch.einsum("nchw,kchw->nk", x, self.w)
+
+
+def test_monotonicity_known_answers():
+    x = torch.rand(2, 3, 6, 5, generator=torch.Generator().manual_seed(8),
+                   dtype=torch.float64) + 0.5
+    model = PositiveLinear(sign=-1.0)  # class 0 rises with every feature, class 1 falls
+    a = torch.rand(2, 6, 5, generator=torch.Generator().manual_seed(9), dtype=torch.float64)
+    got = metrics.monotonicity(model, x, torch.tensor([0, 1]), a, baseline=0.0)
+    assert got.tolist() == [1.0, 0.0]
+    one_step = metrics.monotonicity(model, x, torch.tensor([0, 1]), a, baseline=0.0,
+                                    features_in_step=30)  # a single point: nothing can fall
+    assert one_step.tolist() == [1.0, 1.0]
+
+
+def test_monotonicity_orders_features_from_least_to_most_important():
+    """f = x_0 - x_1 on a positive image: putting x_1 back lowers f, x_0 raises it; with
+    features_in_step=2 over 4 pixels the curve is monotone only when x_1 comes in the first
+    step, i.e. when the map ranks x_1 among the least important."""
+    class TwoPixels(nn.Module):
+        def forward(self, x):
+            flat = x.sum(1).flatten(1)
+            return torch.stack([flat[:, 0] - flat[:, 1], -flat[:, 0]], 1)
+
+    x = torch.ones(1, 1, 2, 2, dtype=torch.float64)
+    low_first = torch.tensor([[[3.0, 0.0], [2.0, 1.0]]], dtype=torch.float64)  # x_1 least
+    high_first = torch.tensor([[[0.0, 3.0], [1.0, 2.0]]], dtype=torch.float64)  # x_1 most
+    kw = dict(baseline=0.0, features_in_step=2, abs=False, normalise=None)
+    assert metrics.monotonicity(TwoPixels(), x, 0, low_first, **kw).tolist() == [1.0]
+    assert metrics.monotonicity(TwoPixels(), x, 0, high_first, **kw).tolist() == [0.0]
+
+
+def test_completeness_gap_of_exact_and_inexact_maps():
+    model = Linear((2, 6, 5))
+    x = torch.randn(3, 2, 6, 5, generator=torch.Generator().manual_seed(3), dtype=torch.float64)
+    y = torch.tensor([0, 1, 2])
+    exact = (x * model.w.detach()[y]).sum(1)  # gradient x input of a bias-free linear model
+    assert torch.allclose(metrics.completeness(model, x, y, exact, baseline=0.0),
+                          torch.zeros(3, dtype=torch.float64), atol=1e-12)
+    half = metrics.completeness(model, x, y, exact / 2, baseline=0.0)
+    assert torch.allclose(half, torch.full((3,), 0.5, dtype=torch.float64))
+    absolute = metrics.completeness(model, x, y, exact / 2, baseline=0.0, relative=False)
+    assert torch.allclose(absolute, exact.flatten(1).sum(1).abs() / 2)
+    same = metrics.completeness(model, torch.zeros_like(x), y, exact, baseline=0.0)
+    assert torch.isnan(same).all()  # no output change to explain

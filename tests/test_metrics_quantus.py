@@ -269,3 +269,22 @@ def test_quantus_explain_func_returns_numpy_maps(data):
                         targets=data["y"], device="cpu")
     assert isinstance(maps, np.ndarray) and maps.shape == (6, 16, 16)
     np.testing.assert_allclose(maps, data["a"], rtol=1e-12)
+
+
+def test_quantus_monotonicity_never_puts_a_feature_back():
+    """The documented difference (docs/metrics.md): Quantus 0.6 starts from the baseline image
+    and replaces features by the baseline again, so its scores never change and every map is
+    monotone; ours puts the input's features back and fails a class whose output falls."""
+    g = torch.Generator().manual_seed(8)
+    x = torch.rand(2, 3, 6, 5, generator=g, dtype=torch.float64) + 0.5
+    weights = torch.rand(2, 3 * 6 * 5, generator=g, dtype=torch.float64) + 0.1
+    weights[1] *= -1  # class 0 rises with every feature put back, class 1 falls
+    model = nn.Sequential(nn.Flatten(), nn.Linear(90, 2, bias=False)).double().eval()
+    with torch.no_grad():
+        model[1].weight.copy_(weights)
+    a = torch.rand(2, 1, 6, 5, generator=g, dtype=torch.float64)
+    data = {"model": model, "x": x.numpy(), "y": np.array([0, 1]), "a": a[:, 0].numpy()}
+    theirs = quantus_call(quantus.Monotonicity(disable_warnings=True), data)
+    assert theirs.tolist() == [1.0, 1.0]
+    ours = metrics.monotonicity(model, x, torch.tensor([0, 1]), a[:, 0])
+    assert ours.tolist() == [1.0, 0.0]

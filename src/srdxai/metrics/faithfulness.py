@@ -51,6 +51,8 @@ __all__ = [
     "faithfulness_correlation",
     "faithfulness_correlations",
     "mu_fidelity",
+    "monotonicity",
+    "completeness",
     "random_subsets",
     "pixel_flipping",
     "insertion",
@@ -470,6 +472,93 @@ def _ordered_curve(s: _Setup, a: Tensor, counts: Tensor, start_from: Tensor, rep
     scores = scores_in_batches(s.model, perturbed, s.n * steps, s.batch_size, softmax, progress,
                                desc, per_sample=steps)
     return scores.view(s.n, steps)
+
+
+@register_metric(family="faithfulness", direction="higher", needs=("model",),
+                 rows=("monotonicity",))
+def monotonicity(
+    model: nn.Module,
+    x: Any,
+    y: Any,
+    attributions: Any = None,
+    masks: Any = None,
+    explain: Explain | None = None,
+    *,
+    features_in_step: int = 1,
+    baseline: Baseline = "black",
+    softmax: bool = False,
+    abs: bool = True,
+    normalise: Normalise = True,
+    batch_size: int | None = None,
+    progress: bool = False,
+) -> Tensor:
+    """Monotonicity (Arya et al., 2019; Quantus' ``Monotonicity`` as intended): start from the
+    baseline and put the input's features back from the least to the most important,
+    ``features_in_step`` at a time; 1.0 if the target's score never decreases, else 0.0.
+
+    Quantus 0.6 fills its starting image with the baseline and then "perturbs" it with the
+    same baseline value, so no feature of the input is ever put back: its scores are constant
+    and every map passes (tests/test_metrics_quantus.py shows both). Ties in the ordering go to
+    the lower index.
+
+    Returns:
+        float64 (N,) of 1.0 / 0.0; ``ceil(F / features_in_step)`` forward passes per sample.
+    """
+    with guarded(model):
+        s = _Setup(model, x, y, attributions, explain, batch_size, metric="monotonicity")
+        a = preprocess_attributions(s.a, normalise, abs)
+        n_features = feature_count(a)
+        step = check_positive_int(features_in_step, "features_in_step")
+        counts = torch.arange(step, n_features + step, step).clamp(max=n_features)
+        start = baseline_values(baseline, s.x)
+        # ascending importance: the top-ranked features of -a come first
+        curve = _ordered_curve(s, -a, counts, start, s.x, softmax, progress, "monotonicity")
+        return (curve.diff(dim=1) >= 0).all(1).to(torch.float64)
+
+
+@register_metric(family="axiomatic", direction="lower", needs=("model",),
+                 rows=("completeness",))
+def completeness(
+    model: nn.Module,
+    x: Any,
+    y: Any,
+    attributions: Any = None,
+    masks: Any = None,
+    explain: Explain | None = None,
+    *,
+    baseline: Baseline = "black",
+    softmax: bool = False,
+    relative: bool = True,
+    abs: bool = False,
+    normalise: Normalise = None,
+    batch_size: int | None = None,
+) -> Tensor:
+    """Completeness (Sundararajan et al., 2017; Quantus' ``Completeness``): how far the map's
+    sum is from the output change it should explain, ``|sum(a) - (f_y(x) - f_y(x'))|`` with
+    ``x'`` the baseline image; divided by ``|f_y(x) - f_y(x')|`` when ``relative``.
+
+    Lower is better; 0 is complete (integrated gradients with the same baseline tends to 0 as
+    its steps grow). Quantus returns ``sum(a) == f_y(x) - f_y(x')`` compared exactly in floating
+    point, and by default after max-normalising the map, so nearly every map fails; we report
+    the gap on the raw map (``normalise=None``).
+
+    Returns:
+        float64 (N,); NaN for a relative gap when the output does not change.
+    """
+    with guarded(model):
+        s = _Setup(model, x, y, attributions, explain, batch_size, metric="completeness")
+        a = preprocess_attributions(s.a, normalise, abs)
+        start = baseline_values(baseline, s.x)
+        clean = s.clean_scores(softmax)
+        at_baseline = scores_in_batches(
+            s.model, lambda i, j: (start[i:j], s.y[i:j]), s.n, s.batch_size, softmax, False,
+            "completeness (baseline)")
+        change = (clean - at_baseline).to(torch.float64).cpu()
+        gap = (a.flatten(1).sum(1).to(torch.float64).cpu() - change).abs()
+        if relative:
+            gap = torch.where(change != 0, gap / change.abs().clamp_min(1e-300),
+                              torch.full_like(gap, math.nan))
+        return gap.to(s.x.device)
 
 
 @register_metric(family="faithfulness", direction="lower", needs=("model",),

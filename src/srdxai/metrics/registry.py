@@ -25,7 +25,8 @@ __all__ = ["FAMILIES", "METRICS", "MetricInfo", "by_family", "metric_info", "reg
            "row_direction"]
 
 #: metric families in the order they are listed (Quantus' grouping, as the SRD paper's)
-FAMILIES = ("localisation", "complexity", "faithfulness", "robustness", "randomisation")
+FAMILIES = ("localisation", "complexity", "faithfulness", "robustness", "randomisation",
+            "axiomatic")
 #: what a metric may need besides the inputs, targets and maps
 NEEDS = ("model", "masks", "explain")
 
