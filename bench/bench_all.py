@@ -1,7 +1,7 @@
 """``make bench``: every speed comparison in one run, one table (also written as Markdown).
 
     python bench/bench_all.py [--quick] [--rounds 3] [--out out/bench/bench.md]
-                              [--only srd,abslrp,peers,metrics] [--device cpu]
+                              [--only srd,abslrp,peers,metrics,limits] [--device cpu]
 
 Rows, each timed in this run (median over ``--rounds`` calls after a warm-up):
 
@@ -230,7 +230,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--quick", action="store_true", help="small sizes: a smoke run")
     parser.add_argument("--rounds", type=int, default=3)
-    parser.add_argument("--only", default="srd,abslrp,gae,peers,lxt,metrics")
+    parser.add_argument("--only", default="srd,abslrp,gae,peers,lxt,metrics,limits")
     parser.add_argument("--peers", default="ig,smoothgrad,lrp,scorecam",
                         help="the peer rows (Score-CAM alone takes about 50 min on 2 cores)")
     parser.add_argument("--out", type=Path, default=Path("out/bench/bench.md"))
@@ -264,6 +264,13 @@ def main() -> None:
         rows.append(_timing.Row("AttnLRP", "vit_b16 (HF)", ours, theirs, "LXT", 1.0, diff))
     if "metrics" in only:
         rows += metric_rows(args)
+    if "limits" in only:  # each perturbation metric against its bare forward passes
+        import bench_metric_limits
+
+        for label, name, _, ours, limit in bench_metric_limits.measure(
+                ["small", "effnet"], args.quick, args.rounds):
+            rows.append(_timing.Row(name, label, ours, limit, "bare forwards",
+                                    bench_metric_limits.TARGET))
     setting = (f"batch {args.batch}, {args.size} x {args.size} (ViT 224), device {args.device}, "
                f"{torch.get_num_threads()} threads, median of {args.rounds} calls"
                f"{', --quick' if args.quick else ''}; torch {torch.__version__}")

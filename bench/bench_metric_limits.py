@@ -1,0 +1,134 @@
+"""Each perturbation metric against its physical limit: the bare forward passes its definition
+requires, measured in the same run.
+
+    python bench/bench_metric_limits.py [--quick] [--threads 1] [--rounds 3]
+
+A perturbation metric must score ``P`` perturbed inputs per sample (faithfulness correlation:
+its runs; MuFidelity: its draws; pixel flipping, insertion, deletion and monotonicity: their
+steps; Sensitivity-n: its subsets times the n grid). The limit is ``N * P + N`` forward passes
+of the model (the perturbed inputs and the clean ones) on inputs of the same shape at the
+fastest rate measured over chunk sizes (the metric's own chunk, 128, 64, 32, 16: a CPU's
+caches favour some) and memory layouts (channels-last, which the metrics use, and the
+ordinary one), with nothing else (no input built, no sorting, no statistics). The ratio
+ours / limit says what our input building and bookkeeping cost on top (target <= 1.1x).
+Small CNN (3x32x32, batch 16) and EfficientNet-Lite0 (3x224x224, batch 4); ``--quick``:
+3x16x16 and 3x64x64.
+"""
+
+from __future__ import annotations
+
+import argparse
+import math
+import sys
+from pathlib import Path
+
+import torch
+
+import srdxai
+from srdxai import metrics
+from srdxai.metrics._common import default_batch_size
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+import _timing  # noqa: E402
+from bench_metrics import SmallCNN  # noqa: E402
+
+TARGET = 1.1
+
+
+def fastest_forward(model: torch.nn.Module, x: torch.Tensor, chunks: list[int],
+                    rounds: int) -> float:
+    """Seconds per input of a bare forward pass at the fastest of ``chunks`` and of the two
+    memory layouts (channels-last is what the metrics feed oneDNN; median of ``rounds`` passes
+    of a full chunk each)."""
+    best = math.inf
+    with torch.no_grad():
+        for chunk in sorted(set(chunks)):
+            for layout in (torch.contiguous_format, torch.channels_last):
+                block = x[:1].expand(chunk, *x.shape[1:]).contiguous(memory_format=layout)
+                seconds, _ = _timing.median_time(lambda b=block: model(b), rounds)
+                best = min(best, seconds / chunk)
+    return best
+
+
+def cases(model: torch.nn.Module, x: torch.Tensor, y: torch.Tensor, a: torch.Tensor,
+          quick: bool) -> list[tuple[str, int, object]]:
+    """(name, perturbed inputs per sample, call) of every perturbation metric."""
+    pixels = x.shape[-1] * x.shape[-2]
+    step = max(1, pixels // (16 if quick else 64))
+    grid = metrics.sensitivity_n_grid(pixels, points=8)
+    subsets = 10 if quick else 20
+    runs = 50 if quick else 100
+    return [
+        (f"faithfulness_correlation ({runs} runs)", runs,
+         lambda: metrics.faithfulness_correlation(model, x, y, a, nr_runs=runs,
+                                                  subset_size=min(224, pixels // 4))),
+        (f"mu_fidelity ({runs} draws)", runs,
+         lambda: metrics.mu_fidelity(model, x, y, a, nr_samples=runs)),
+        (f"pixel_flipping (step {step})", math.ceil(pixels / step),
+         lambda: metrics.pixel_flipping(model, x, y, a, features_in_step=step)),
+        (f"insertion (step {step})", math.ceil(pixels / step) + 1,
+         lambda: metrics.insertion(model, x, y, a, step=step)),
+        (f"deletion (step {step})", math.ceil(pixels / step) + 1,
+         lambda: metrics.deletion(model, x, y, a, step=step)),
+        (f"monotonicity (step {step})", math.ceil(pixels / step),
+         lambda: metrics.monotonicity(model, x, y, a, features_in_step=step)),
+        (f"sensitivity_n ({subsets} subsets x {grid.numel()} n)", subsets * grid.numel(),
+         lambda: metrics.sensitivity_n(model, x, y, a, n_grid=grid, nr_subsets=subsets)),
+    ]
+
+
+def measure(models: list[str], quick: bool, rounds: int) -> list[tuple]:
+    """(model label, metric, forward passes, our seconds, limit seconds) per metric."""
+    torch.manual_seed(0)
+    rows = []
+    for key in models:
+        if key == "small":
+            size, batch = (16 if quick else 32), 16
+            model, label = SmallCNN().eval(), f"small CNN 3x{size}x{size}"
+        else:
+            from srdxai.models import load
+
+            size, batch = (64 if quick else 224), 4
+            model = load("efficientnet-lite0").eval()
+            label = f"EfficientNet-Lite0 3x{size}x{size}"
+        x = torch.randn(batch, 3, size, size)
+        with torch.no_grad():
+            y = model(x).argmax(1)
+        a = srdxai.explain(model, x, y, "saliency")
+        chunk = default_batch_size(x, None, model=model)
+        chunks = [chunk, 64, 32, 16] if size > 64 else [chunk, 128, 64, 32, 16]
+        per_input = fastest_forward(model, x, chunks, rounds)
+        print(f"{label}, batch {batch}: fastest bare forward {per_input * 1e3:.3f} ms per "
+              f"input (chunks {', '.join(map(str, chunks))})", flush=True)
+        for name, per_sample, call in cases(model, x, y, a, quick):
+            total = per_sample * batch + batch  # the clean scores too
+            ours, _ = _timing.median_time(call, rounds)
+            rows.append((label, name, total, ours, total * per_input))
+            print(f"  {name}: ours {ours:.3f} s, limit {total * per_input:.3f} s "
+                  f"({total} passes), {ours / (total * per_input):.2f}x", flush=True)
+    return rows
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--quick", action="store_true")
+    parser.add_argument("--rounds", type=int, default=3)
+    parser.add_argument("--threads", type=int, default=None)
+    parser.add_argument("--models", default="small,effnet")
+    args = parser.parse_args()
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    rows = measure(args.models.split(","), args.quick, args.rounds)
+    print()
+    print(f"{'model':30} {'metric':40} {'passes':>7} {'ours [s]':>9} {'limit [s]':>10} "
+          f"{'ours/limit':>11} {'met':>4}")
+    for label, name, total, ours, bare in rows:
+        print(f"{label:30} {name:40} {total:7d} {ours:9.3f} {bare:10.3f} {ours / bare:11.2f} "
+              f"{'yes' if ours / bare <= TARGET else 'no':>4}")
+    print(f"\ntarget ours/limit <= {TARGET}; torch {torch.__version__}, "
+          f"{torch.get_num_threads()} threads, median of {args.rounds}"
+          f"{', --quick' if args.quick else ''}")
+
+
+if __name__ == "__main__":
+    main()
