@@ -118,6 +118,18 @@ def randomisable_layers(model: nn.Module) -> list[str]:
             if any(True for _ in module.parameters(recurse=False))]
 
 
+def _targets_and_maps(model: nn.Module, x: Tensor, y: Any, attributions: Any,
+                      explain: Explain, what: str) -> tuple[Tensor, Tensor]:
+    """The targets (the predicted classes when ``y`` is None) and the intact model's maps
+    (``attributions``, or ``explain`` on the model)."""
+    targets = check_targets(y, x.shape[0], x.device)
+    if targets is None:
+        targets = predicted_classes(model, x, x.shape[0], what)
+    maps = (explain_checked(explain, model, x, targets, None) if attributions is None
+            else check_attributions(attributions, x))
+    return targets, maps
+
+
 def _randomise(module: nn.Module, seed: int) -> None:
     with torch.random.fork_rng(devices=[]), torch.no_grad():
         torch.manual_seed(seed)
@@ -135,13 +147,15 @@ class MPRTResult:
     """The maps' similarity to the original maps after each randomisation step.
 
     ``layers[k]`` is the layer randomised at step ``k`` (cascading: with all before it);
-    ``similarity[measure]`` is float64 ``(len(layers), N)``. ``maps`` (optional) holds the maps
-    of every step ``(len(layers), N, H, W)`` for figures."""
+    ``similarity[measure]`` is float64 ``(len(layers), N)``. With ``keep_maps``, ``maps`` holds
+    the (channel-summed) maps of every step ``(len(layers), N, H, W)`` and ``original`` those
+    of the intact model ``(N, H, W)``."""
 
     order: str
     layers: list[str]
     similarity: dict[str, Tensor]
     maps: Tensor | None = None
+    original: Tensor | None = None
 
     def final(self, measure: str = "ssim") -> Tensor:
         """Per-sample similarity after the last step (cascading: the fully random model)."""
@@ -197,11 +211,7 @@ def model_parameter_randomisation(
             f"order must be 'cascading', 'bottom_up' or 'independent', got {order!r}.")
     x = check_inputs(x, model)
     with guarded(model):
-        targets = check_targets(y, x.shape[0], x.device)
-        if targets is None:
-            targets = predicted_classes(model, x, x.shape[0], "MPRT")
-        original = (explain_checked(explain, model, x, targets, None) if attributions is None
-                    else check_attributions(attributions, x))
+        targets, original = _targets_and_maps(model, x, y, attributions, explain, "MPRT")
     names = list(layers) if layers is not None else randomisable_layers(model)
     if order == "bottom_up" and layers is None:
         names.reverse()  # cascading from the input up (Hedström et al.'s recommendation)
@@ -244,7 +254,8 @@ def model_parameter_randomisation(
             twin_modules[name].load_state_dict(state)
     labels = [g[0] if len(g) == 1 else f"{g[0]}..{g[-1]}" for g in groups]
     return MPRTResult(order, labels, {m: torch.stack(v) for m, v in scores.items()},
-                      torch.stack(kept) if keep_maps else None)
+                      torch.stack(kept) if keep_maps else None,
+                      _pixel_maps(original.detach()).cpu() if keep_maps else None)
 
 
 def _groups(names: list[str], steps: int | None) -> list[list[str]]:
@@ -290,9 +301,8 @@ def random_logit(
     explain = check_explain(explain, "random_logit")
     x = check_inputs(x, model)
     with guarded(model):
-        targets = check_targets(y, x.shape[0], x.device)
-        if targets is None:
-            targets = predicted_classes(model, x, x.shape[0], "random_logit")
+        targets, original = _targets_and_maps(model, x, y, attributions, explain,
+                                              "random_logit")
         with torch.no_grad():
             classes = model(x[:1]).shape[1]
         if classes < 2:
@@ -301,8 +311,6 @@ def random_logit(
         g = torch.Generator().manual_seed(seed)
         shift = torch.randint(1, classes, (x.shape[0],), generator=g).to(targets.device)
         others = (targets + shift) % classes  # uniform over the other classes
-        original = (explain_checked(explain, model, x, targets, None) if attributions is None
-                    else check_attributions(attributions, x))
         other_maps = explain_checked(explain, model, x, others, None)
     return map_similarity(original.detach(), other_maps.detach(), (measure,))[measure]
 
@@ -404,17 +412,8 @@ def efficient_mprt(
     result = model_parameter_randomisation(model, x, y, attributions, explain=explain,
                                            order="bottom_up", measures=(), steps=1, seed=seed,
                                            keep_maps=True)
-    model = check_model(model)
-    x = check_inputs(x, model)
-    if attributions is None:
-        with guarded(model):
-            targets = check_targets(y, x.shape[0], x.device)
-            if targets is None:
-                targets = predicted_classes(model, x, x.shape[0], "efficient_mprt")
-            attributions = explain_checked(check_explain(explain, "efficient_mprt"), model,
-                                           x, targets, None)
-    before = discrete_entropy(check_attributions(attributions, x).detach().cpu(), n_bins)
-    assert result.maps is not None
+    assert result.maps is not None and result.original is not None
+    before = discrete_entropy(result.original, n_bins)
     after = discrete_entropy(result.maps[-1], n_bins)
     rise = (after - before) / before.where(before > 0, torch.ones_like(before))
     return torch.where(before > 0, rise, torch.full_like(rise, math.nan))
