@@ -106,10 +106,16 @@ def _full_run(run_dir: Path) -> Path:
         for metric in render.GAE_METRICS:
             db.add("gae", "fmnist-vgg-relu", method, metric, [0.3 + shift, 0.4 + shift])
         db.add("attack", "fmnist-vgg-relu", method, "topk_intersection", [0.5, 0.7])
+        db.add("randomisation", "fmnist-vgg-relu", method, "mprt_ssim", [0.2 + shift, 0.3])
+        db.add("randomisation", "fmnist-vgg-relu", method, "random_logit_ssim",
+               [0.5, 0.6 + shift])
+        db.curve("randomisation", "fmnist-vgg-relu", method, "mprt_ssim",
+                 [[1.0, 2.0, 3.0]] * 2, [[0.9, 0.5, 0.2 + shift]] * 2)
         db.add("apop", "fmnist-vgg-relu", method, "apop_accuracy", [0.9, 0.8])
     db.add("noise", "fmnist-vgg-relu", "Saliency", "ssim_to_target", [0.77])  # n = 1
     db.add("newexp", "fmnist-vgg-relu", "Saliency", "brand_new_metric", [1.0, 2.0, 3.0])
     db.artifact("qualitative/grid.png", ARTIFACT)
+    db.artifact("randomisation/fmnist-vgg-relu/Saliency", ARTIFACT)
     db.artifact("notes.txt", b"not shown", kind="text")
     return db.close()
 
@@ -276,7 +282,7 @@ def test_paper_activation_table_is_transcribed():
 # --- the report -------------------------------------------------------------------------------
 
 SECTIONS = ("Table 2", "Activation functions", "Sensitivity-n", "Insertion / deletion", "GAE",
-            "Robustness", "Qualitative grid")
+            "Robustness", "Randomisation (sanity checks)", "Qualitative grid")
 
 
 def test_every_section_renders_when_its_experiment_ran(full_report):
@@ -293,7 +299,7 @@ def test_every_section_renders_when_its_experiment_ran(full_report):
 
 def test_header_shows_the_run(full_report):
     _, html, md = full_report
-    for text in ("abc123", "0.test", "2024-01-02T03:04:05+00:00", '"seed": 7', "Rows: 146 results"):
+    for text in ("abc123", "0.test", "2024-01-02T03:04:05+00:00", '"seed": 7', "Rows: 154 results"):
         assert text in md
     assert "&quot;seed&quot;: 7" in html
 
@@ -369,7 +375,12 @@ def test_markdown_figures_are_written_next_to_it(full_report):
     for ref in refs:
         assert (run_dir / ref).read_bytes().startswith(render.PNG_SIGNATURE)
     grid = [r for r in refs if "artifact" in r]
-    assert len(grid) == 1 and (run_dir / grid[0]).read_bytes() == ARTIFACT
+    assert len(grid) == 2 and all((run_dir / r).read_bytes() == ARTIFACT for r in grid)
+    # the cascading-randomisation figure sits in its section, not in the qualitative grid
+    randomisation = md.split("## Randomisation (sanity checks)")[1].split("\n## ")[0]
+    qualitative = md.split("## Qualitative grid")[1]
+    assert "artifact-randomisation" in randomisation
+    assert "artifact-randomisation" not in qualitative and "artifact-qualitative" in qualitative
     assert "not shown" not in md  # only kind 'png' artifacts
     assert list(run_dir.rglob("*.tmp")) == []
 
