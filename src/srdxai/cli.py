@@ -643,8 +643,10 @@ def train_command(arch: str, activation: str | None, epochs: int, train_size: in
               help="Comma-separated: table2, activation, sensitivity_n, insertion_deletion, "
                    "gae, noise, apop, attack (explanation manipulation), grid (the "
                    "qualitative grid), randomisation (MPRT and random-logit sanity checks).")
-@click.option("--quick", is_flag=True, help="A few minutes on 2 CPU cores (fewer samples, "
-                                             "runs and noise draws; no EfficientNet).")
+@click.option("--quick", is_flag=True,
+              help="Fewer samples, runs and noise draws; EfficientNet-Lite0 only in Table 2, "
+                   "on 32 composites without stability, variants, ScoreCAM and AblationCAM "
+                   "(docs/experiments.md).")
 @click.option("--samples", type=int, default=None,
               help="Samples per model [default: 32 with --quick, else 256 (Fashion-MNIST) / "
                    "96 (composites)].")
