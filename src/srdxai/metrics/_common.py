@@ -567,6 +567,21 @@ def spearman(a: Tensor, b: Tensor) -> Tensor:
     return pearson(average_ranks(a), average_ranks(b))
 
 
+def descending_ranks(a: Tensor) -> Tensor:
+    """Each feature's position (0 = largest) when each sample's flattened map is sorted by
+    descending value; ties keep index order (a stable sort)."""
+    flat = a.flatten(1)
+    order = torch.sort(flat, dim=1, descending=True, stable=True).indices
+    ranks = torch.empty_like(order)
+    ranks.scatter_(1, order, torch.arange(flat.shape[1], device=flat.device).expand_as(order))
+    return ranks
+
+
+def pixel_map(a: Tensor) -> Tensor:
+    """An (N, H, W) map as it is, an (N, C, H, W) one summed over its channels."""
+    return a.sum(1) if a.dim() == 4 else a
+
+
 def trapezoid(curve: Tensor, x: Tensor | None = None) -> Tensor:
     """Area under each row of ``curve`` (unit spacing, or the points ``x``)."""
     if curve.shape[-1] < 2:
@@ -579,3 +594,39 @@ def trapezoid(curve: Tensor, x: Tensor | None = None) -> Tensor:
 def guarded(model: nn.Module | None):
     """Eval mode and frozen parameters during the metric, restored afterwards."""
     return model_guard(model) if model is not None else contextlib.nullcontext()
+
+
+class MetricInputs:
+    """Checked inputs shared by the model-based metrics: the model, the inputs, one target per
+    sample (the predicted class when ``y`` is None), the maps (given, or from ``explain``) and
+    the chunk size of the forward passes."""
+
+    def __init__(self, model: Any, x: Any, y: Any, attributions: Any,
+                 explain: Explain | None, batch_size: int | None, need_maps: bool = True,
+                 metric: str = "metric"):
+        self.metric = metric
+        self.model = check_model(model)
+        self.x = check_inputs(x, self.model)
+        self.n = self.x.shape[0]
+        self.batch_size = default_batch_size(self.x, batch_size, model=self.model)
+        targets = check_targets(y, self.n, self.x.device)
+        if targets is None:
+            targets = predicted_classes(self.model, self.x, self.batch_size, metric)
+        self.y = targets
+        self.a: Tensor | None = None
+        if attributions is not None:
+            self.a = check_attributions(attributions, self.x)
+        elif need_maps:
+            if explain is None:
+                raise InvalidInputError("pass attributions= or explain= to compute them.")
+            self.a = explain_checked(explain, self.model, self.x, self.y, None)
+
+    def clean_scores(self, softmax: bool) -> Tensor:
+        """Scores of the unperturbed inputs (N,)."""
+        return self.scores_of(self.x, softmax, "unperturbed inputs")
+
+    def scores_of(self, inputs: Tensor, softmax: bool, what: str) -> Tensor:
+        """Scores of the targets for ``inputs`` shaped like ``x`` (N,), in chunks."""
+        return scores_in_batches(
+            self.model, lambda s, e: (inputs[s:e], self.y[s:e]), self.n, self.batch_size,
+            softmax, False, f"{self.metric} ({what})")

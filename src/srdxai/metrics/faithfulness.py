@@ -20,21 +20,17 @@ from ..errors import InvalidInputError
 from ._common import (
     Baseline,
     Explain,
+    MetricInputs,
     Normalise,
     baseline_values,
-    check_attributions,
-    check_inputs,
-    check_model,
     check_positive_int,
-    check_targets,
-    default_batch_size,
-    explain_checked,
+    descending_ranks,
     feature_count,
     features_to_input,
     guarded,
     make_generator,
     pearson,
-    predicted_classes,
+    pixel_map,
     preprocess_attributions,
     scores_in_batches,
     spearman,
@@ -94,36 +90,6 @@ class SensitivityNResult:
     def mean_curve(self) -> Tensor:
         """The curve averaged over samples (NaN samples skipped), as Ancona et al. plot it."""
         return torch.nanmean(self.curve, dim=0)
-
-
-class _Setup:
-    """Checked inputs shared by the model-based metrics."""
-
-    def __init__(self, model: Any, x: Any, y: Any, attributions: Any,
-                 explain: Explain | None, batch_size: int | None, need_maps: bool = True,
-                 metric: str = "metric"):
-        self.metric = metric
-        self.model = check_model(model)
-        self.x = check_inputs(x, self.model)
-        self.n = self.x.shape[0]
-        self.batch_size = default_batch_size(self.x, batch_size, model=self.model)
-        targets = check_targets(y, self.n, self.x.device)
-        if targets is None:
-            targets = predicted_classes(self.model, self.x, self.batch_size, metric)
-        self.y = targets
-        self.a: Tensor | None = None
-        if attributions is not None:
-            self.a = check_attributions(attributions, self.x)
-        elif need_maps:
-            if explain is None:
-                raise InvalidInputError("pass attributions= or explain= to compute them.")
-            self.a = explain_checked(explain, self.model, self.x, self.y, None)
-
-    def clean_scores(self, softmax: bool) -> Tensor:
-        """Scores of the unperturbed inputs (N,)."""
-        return scores_in_batches(
-            self.model, lambda s, e: (self.x[s:e], self.y[s:e]), self.n, self.batch_size,
-            softmax, False, f"{self.metric} (unperturbed inputs)")
 
 
 def _flat_views(x: Tensor, a_dim: int) -> Tensor:
@@ -241,7 +207,7 @@ def faithfulness_correlations(
     name. The other arguments are :func:`faithfulness_correlation`'s.
     """
     with guarded(model):
-        s = _Setup(model, x, y, attributions, explain, batch_size,
+        s = MetricInputs(model, x, y, attributions, explain, batch_size,
                    metric="faithfulness correlation")
         if not readings:
             raise InvalidInputError("readings must name at least one way to read the drops.")
@@ -364,7 +330,7 @@ def mu_fidelity(
         float64 correlations (N,) in [-1, 1].
     """
     with guarded(model):
-        s = _Setup(model, x, y, attributions, explain, batch_size, metric="MuFidelity")
+        s = MetricInputs(model, x, y, attributions, explain, batch_size, metric="MuFidelity")
         a = preprocess_attributions(s.a, normalise, abs)
         grid_size = check_positive_int(grid_size, "grid_size")
         if draws is None:
@@ -388,7 +354,7 @@ def mu_fidelity(
         cols = ((torch.arange(width, device=s.x.device) + 0.5) * grid_size / width).long()
         removed = removed_cells[:, rows.clamp(max=grid_size - 1)][
             :, :, cols.clamp(max=grid_size - 1)]  # (runs, H, W)
-        per_pixel = (a.sum(1) if a.dim() == 4 else a).to(torch.float64)
+        per_pixel = pixel_map(a).to(torch.float64)
         attribution_sums = torch.einsum("nhw,rhw->nr", per_pixel, removed.to(torch.float64))
         base = baseline_values(baseline, s.x)
 
@@ -436,7 +402,7 @@ def _cells(a: Tensor, cell: int) -> tuple[Tensor, Tensor]:
     rows = torch.arange(height, device=a.device) // cell
     cols = torch.arange(width, device=a.device) // cell
     cell_of_pixel = (rows[:, None] * columns + cols[None, :]).flatten()
-    per_pixel = (a.sum(1) if a.dim() == 4 else a).flatten(1)
+    per_pixel = pixel_map(a).flatten(1)
     sums = torch.zeros(a.shape[0], -(-height // cell) * columns, dtype=per_pixel.dtype,
                        device=a.device).index_add_(1, cell_of_pixel, per_pixel)
     return cell_of_pixel, sums
@@ -444,21 +410,11 @@ def _cells(a: Tensor, cell: int) -> tuple[Tensor, Tensor]:
 
 # --- ordered perturbation curves ------------------------------------------------------------
 
-def _ranks(a: Tensor) -> Tensor:
-    """Each feature's position when sorted by descending attribution (stable: ties keep index
-    order)."""
-    flat = a.flatten(1)
-    order = torch.sort(flat, dim=1, descending=True, stable=True).indices
-    ranks = torch.empty_like(order)
-    ranks.scatter_(1, order, torch.arange(flat.shape[1], device=flat.device).expand_as(order))
-    return ranks
-
-
-def _ordered_curve(s: _Setup, a: Tensor, counts: Tensor, start_from: Tensor, replace_with: Tensor,
-                   softmax: bool, progress: bool, desc: str) -> Tensor:
+def _ordered_curve(s: MetricInputs, a: Tensor, counts: Tensor, start_from: Tensor,
+                   replace_with: Tensor, softmax: bool, progress: bool, desc: str) -> Tensor:
     """Scores (N, T): point t has the ``counts[t]`` top-ranked features of ``start_from`` taken
     from ``replace_with``."""
-    ranks = _ranks(a)
+    ranks = descending_ranks(a)
     steps = counts.numel()
     counts = counts.to(s.x.device)
 
@@ -505,7 +461,7 @@ def monotonicity(
         float64 (N,) of 1.0 / 0.0; ``ceil(F / features_in_step)`` forward passes per sample.
     """
     with guarded(model):
-        s = _Setup(model, x, y, attributions, explain, batch_size, metric="monotonicity")
+        s = MetricInputs(model, x, y, attributions, explain, batch_size, metric="monotonicity")
         a = preprocess_attributions(s.a, normalise, abs)
         n_features = feature_count(a)
         step = check_positive_int(features_in_step, "features_in_step")
@@ -546,14 +502,11 @@ def completeness(
         float64 (N,); NaN for a relative gap when the output does not change.
     """
     with guarded(model):
-        s = _Setup(model, x, y, attributions, explain, batch_size, metric="completeness")
+        s = MetricInputs(model, x, y, attributions, explain, batch_size, metric="completeness")
         a = preprocess_attributions(s.a, normalise, abs)
         start = baseline_values(baseline, s.x)
-        clean = s.clean_scores(softmax)
-        at_baseline = scores_in_batches(
-            s.model, lambda i, j: (start[i:j], s.y[i:j]), s.n, s.batch_size, softmax, False,
-            "completeness (baseline)")
-        change = (clean - at_baseline).to(torch.float64).cpu()
+        change = (s.clean_scores(softmax) - s.scores_of(start, softmax, "baseline")).to(
+            torch.float64).cpu()
         gap = (a.flatten(1).sum(1).to(torch.float64).cpu() - change).abs()
         if relative:
             gap = torch.where(change != 0, gap / change.abs().clamp_min(1e-300),
@@ -598,7 +551,7 @@ def pixel_flipping(
         batch_size, progress: as in :func:`faithfulness_correlation`.
     """
     with guarded(model):
-        s = _Setup(model, x, y, attributions, explain, batch_size,
+        s = MetricInputs(model, x, y, attributions, explain, batch_size,
                    metric="pixel flipping")
         a = preprocess_attributions(s.a, normalise, abs)
         n_features = feature_count(a)
@@ -614,7 +567,7 @@ def pixel_flipping(
 def _insertion_deletion(model, x, y, attributions, explain, step, baseline, softmax, abs,
                         normalise, batch_size, progress, insert: bool) -> CurveResult:
     with guarded(model):
-        s = _Setup(model, x, y, attributions, explain, batch_size,
+        s = MetricInputs(model, x, y, attributions, explain, batch_size,
                    metric="insertion" if insert else "deletion")
         a = preprocess_attributions(s.a, normalise, abs)
         n_features = feature_count(a)
@@ -762,7 +715,7 @@ def sensitivity_n(
         batch_size, progress: as in :func:`faithfulness_correlation`.
     """
     with guarded(model):
-        s = _Setup(model, x, y, attributions, explain, batch_size,
+        s = MetricInputs(model, x, y, attributions, explain, batch_size,
                    metric="sensitivity-n")
         a = preprocess_attributions(s.a, normalise, abs)
         n_features = feature_count(a)

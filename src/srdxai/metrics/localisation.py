@@ -22,6 +22,7 @@ from ._common import (
     check_inputs,
     check_masks,
     check_positive_int,
+    descending_ranks,
     empty_mask_nan,
     preprocess_attributions,
 )
@@ -167,10 +168,7 @@ def _flat_pair(model: nn.Module | None, x: Any, attributions: Any, masks: Any,
 def _top(a: Tensor, k: Tensor | int) -> Tensor:
     """(N, F) bool: each row's ``k`` largest values (per row ``k`` when a tensor); ties go to
     the lower index (a stable sort; Quantus' ``np.argsort`` leaves them to its quicksort)."""
-    order = torch.sort(a, dim=1, descending=True, stable=True).indices
-    ks = torch.as_tensor(k, device=a.device).reshape(-1, 1)
-    chosen_sorted = (torch.arange(a.shape[1], device=a.device)[None, :] < ks).expand_as(a)
-    return torch.zeros_like(chosen_sorted).scatter(1, order, chosen_sorted)
+    return descending_ranks(a) < torch.as_tensor(k, device=a.device).reshape(-1, 1)
 
 
 @register_metric(family="localisation", direction="higher", needs=("masks",),

@@ -28,18 +28,16 @@ from torch import nn
 from ..errors import InvalidInputError
 from ._common import (
     Explain,
-    check_attributions,
+    MetricInputs,
     check_explain,
-    check_inputs,
     check_model,
-    check_targets,
     explain_checked,
     guarded,
-    predicted_classes,
+    pixel_map,
     spearman,
 )
 from .registry import register_metric
-from .similarity import ssim
+from .similarity import scaled_abs_map, ssim
 
 Tensor = torch.Tensor
 
@@ -54,14 +52,7 @@ Order = Literal["cascading", "bottom_up", "independent"]
 
 
 def _pixel_maps(a: Tensor) -> Tensor:
-    return (a.sum(1) if a.dim() == 4 else a).to(torch.float64)
-
-
-def _unit_abs(a: Tensor) -> Tensor:
-    """|map| scaled to [0, 1] per sample (an all-zero map stays zero)."""
-    m = a.abs()
-    top = m.flatten(1).amax(1).clamp_min(1e-30).view(-1, *([1] * (m.dim() - 1)))
-    return m / top
+    return pixel_map(a).to(torch.float64)
 
 
 def hog_cosine(a: Tensor, b: Tensor, cell: int = 8, bins: int = 9) -> Tensor:
@@ -98,16 +89,17 @@ def map_similarity(a: Tensor, b: Tensor, measures: Sequence[str] = SIMILARITIES
             f"unknown similarity measure(s) {', '.join(unknown)}; choose from "
             f"{', '.join(SIMILARITIES)}.")
     pa, pb = _pixel_maps(a), _pixel_maps(b)
+    ua, ub = scaled_abs_map(pa, "max_abs"), scaled_abs_map(pb, "max_abs")  # in [0, 1]
     out: dict[str, Tensor] = {}
     for measure in measures:
         if measure == "ssim":
-            out[measure] = ssim(_unit_abs(pa), _unit_abs(pb), data_range=1.0)
+            out[measure] = ssim(ua, ub, data_range=1.0)
         elif measure == "spearman_abs":
             out[measure] = spearman(pa.abs().flatten(1), pb.abs().flatten(1))
         elif measure == "spearman":
             out[measure] = spearman(pa.flatten(1), pb.flatten(1))
         else:
-            out[measure] = hog_cosine(_unit_abs(pa), _unit_abs(pb))
+            out[measure] = hog_cosine(ua, ub)
     return out
 
 
@@ -116,18 +108,6 @@ def randomisable_layers(model: nn.Module) -> list[str]:
     reverse of their registration order, the order of a plain forward pass)."""
     return [name for name, module in reversed(list(model.named_modules()))
             if any(True for _ in module.parameters(recurse=False))]
-
-
-def _targets_and_maps(model: nn.Module, x: Tensor, y: Any, attributions: Any,
-                      explain: Explain, what: str) -> tuple[Tensor, Tensor]:
-    """The targets (the predicted classes when ``y`` is None) and the intact model's maps
-    (``attributions``, or ``explain`` on the model)."""
-    targets = check_targets(y, x.shape[0], x.device)
-    if targets is None:
-        targets = predicted_classes(model, x, x.shape[0], what)
-    maps = (explain_checked(explain, model, x, targets, None) if attributions is None
-            else check_attributions(attributions, x))
-    return targets, maps
 
 
 def _randomise(module: nn.Module, seed: int) -> None:
@@ -160,6 +140,18 @@ class MPRTResult:
     def final(self, measure: str = "ssim") -> Tensor:
         """Per-sample similarity after the last step (cascading: the fully random model)."""
         return self.similarity[measure][-1]
+
+    def entropy_rise(self, n_bins: int = 100) -> Tensor:
+        """Efficient MPRT's score from the kept maps: the relative rise of the maps'
+        :func:`discrete_entropy` from the intact model to the last step's (cascading: fully
+        random) model, ``(H_last - H_original) / H_original``; NaN for a constant original
+        map. Needs ``keep_maps=True``."""
+        if self.maps is None or self.original is None:
+            raise InvalidInputError("entropy_rise needs the maps: run with keep_maps=True.")
+        before = discrete_entropy(self.original, n_bins)
+        after = discrete_entropy(self.maps[-1], n_bins)
+        rise = (after - before) / before.where(before > 0, torch.ones_like(before))
+        return torch.where(before > 0, rise, torch.full_like(rise, math.nan))
 
 
 @register_metric(family="randomisation", direction="lower", needs=("model", "explain"),
@@ -209,9 +201,11 @@ def model_parameter_randomisation(
     if order not in ("cascading", "bottom_up", "independent"):
         raise InvalidInputError(
             f"order must be 'cascading', 'bottom_up' or 'independent', got {order!r}.")
-    x = check_inputs(x, model)
     with guarded(model):
-        targets, original = _targets_and_maps(model, x, y, attributions, explain, "MPRT")
+        s = MetricInputs(model, x, y, attributions, explain, None, metric="MPRT")
+    model, x, targets = s.model, s.x, s.y
+    assert s.a is not None
+    original = s.a
     names = list(layers) if layers is not None else randomisable_layers(model)
     if order == "bottom_up" and layers is None:
         names.reverse()  # cascading from the input up (Hedström et al.'s recommendation)
@@ -299,10 +293,11 @@ def random_logit(
     """
     model = check_model(model)
     explain = check_explain(explain, "random_logit")
-    x = check_inputs(x, model)
     with guarded(model):
-        targets, original = _targets_and_maps(model, x, y, attributions, explain,
-                                              "random_logit")
+        s = MetricInputs(model, x, y, attributions, explain, None, metric="random_logit")
+        model, x, targets = s.model, s.x, s.y
+        assert s.a is not None
+        original = s.a
         with torch.no_grad():
             classes = model(x[:1]).shape[1]
         if classes < 2:
@@ -409,11 +404,6 @@ def efficient_mprt(
     the number of bins from the data when not given; we use ``n_bins`` (Quantus' default
     100). A constant original map gives NaN.
     """
-    result = model_parameter_randomisation(model, x, y, attributions, explain=explain,
-                                           order="bottom_up", measures=(), steps=1, seed=seed,
-                                           keep_maps=True)
-    assert result.maps is not None and result.original is not None
-    before = discrete_entropy(result.original, n_bins)
-    after = discrete_entropy(result.maps[-1], n_bins)
-    rise = (after - before) / before.where(before > 0, torch.ones_like(before))
-    return torch.where(before > 0, rise, torch.full_like(rise, math.nan))
+    return model_parameter_randomisation(
+        model, x, y, attributions, explain=explain, order="bottom_up", measures=(), steps=1,
+        seed=seed, keep_maps=True).entropy_rise(n_bins)
