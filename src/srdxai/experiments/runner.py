@@ -453,10 +453,9 @@ def _randomisation_rows(job: Job, model: torch.nn.Module, x: Tensor, y: Tensor, 
     random-logit test; the first batch also gives the figure of one image's maps degrading."""
     from .. import metrics
 
-    first = job.unit.unit == 0
     result = metrics.model_parameter_randomisation(model, x, y, maps, explain=method_fn,
                                                    steps=RANDOMISATION_STEPS, seed=seed,
-                                                   keep_maps=first)
+                                                   keep_maps=True)
     steps = list(range(1, len(result.layers) + 1))
     rows, curves = [], []
     for measure, values in result.similarity.items():
@@ -467,27 +466,28 @@ def _randomisation_rows(job: Job, model: torch.nn.Module, x: Tensor, y: Tensor, 
     logit = metrics.random_logit(model, x, y, maps, explain=method_fn, seed=seed)
     rows += [Row("random_logit_ssim", s, float(v))
              for s, v in zip(job.samples, logit.tolist(), strict=True)]
-    rise = metrics.efficient_mprt(model, x, y, maps, explain=method_fn, seed=seed)
+    # efficient MPRT from the cascading run's last step, the fully randomised model: no second
+    # copy of the model and no second explanation of it
+    rise = result.entropy_rise()
     rows += [Row("emprt", s, float(v)) for s, v in zip(job.samples, rise.tolist(), strict=True)]
     artifacts = {}
-    if first and result.maps is not None:
+    if job.unit.unit == 0:
         artifacts[f"randomisation/{job.source.model}/{job.unit.method}"] = _cascade_figure(
-            job, maps[0], result)
+            job, result)
     return rows, artifacts, curves
 
 
-def _cascade_figure(job: Job, original: Tensor, result: Any) -> bytes:
+def _cascade_figure(job: Job, result: Any) -> bytes:
     """One image's map before and after each cascading randomisation step (at most 8 steps,
     evenly spaced, always the last), as PNG bytes."""
     import tempfile
 
     from ..report.figures import save_method_grid
 
-    first = original.sum(0) if original.dim() == 3 else original
     total = len(result.layers)
     picked = sorted({round(i * (total - 1) / 7) for i in range(8)} if total > 8
                     else set(range(total)))
-    panels = {"original": first.detach().float().cpu().numpy()}
+    panels = {"original": result.original[0].float().numpy()}
     for k in picked:
         panels[f"{k + 1}: {result.layers[k]}"] = result.maps[k][0].float().numpy()
     signed = {name: bool((panel < 0).any()) for name, panel in panels.items()}
