@@ -92,7 +92,11 @@ class FidelityProtocol:
         if isinstance(subset, int):
             subset = max(1, min(subset, features // 4))
         return {"baseline": self.baseline, "subset_size": subset, "cell": cell,
-                "nr_runs": self.runs or (50 if quick else 100)}
+                "nr_runs": self.run_count(quick)}
+
+    def run_count(self, quick: bool) -> int:
+        """Random subsets per sample: ``runs``, else 100 (50 with ``--quick``)."""
+        return self.runs or (50 if quick else 100)
 
     def reading(self) -> dict[str, Any]:
         """The choices that only change how the drops are read (no forward passes)."""
@@ -124,7 +128,11 @@ class MuFidelityProtocol:
     def options(self, quick: bool) -> dict[str, Any]:
         return {"grid_size": self.grid, "subset_fraction": self.fraction,
                 "baseline": self.baseline,
-                "nr_samples": min(self.samples, 50) if quick else self.samples}
+                "nr_samples": self.draw_count(quick)}
+
+    def draw_count(self, quick: bool) -> int:
+        """Draws per sample: ``samples``, at most 50 with ``--quick``."""
+        return min(self.samples, 50) if quick else self.samples
 
 
 #: Fidelity under other protocols, from the same maps and the run's seed: metric

@@ -441,7 +441,7 @@ def _protocol_text(config: dict | None) -> list[Text]:
     except (TypeError, ValueError, SrdxaiError) as exc:
         return [Text(f"Protocol: the stored protocol could not be read ({exc}).")]
     quick = bool((config or {}).get("quick"))
-    runs = protocol.fidelity.runs or (50 if quick else 100)
+    runs = protocol.fidelity.run_count(quick)
     mu = protocol.mufidelity
     draws = protocol.draws(quick)
     stability = (f"the maximum over {draws} noise draws"
@@ -451,7 +451,7 @@ def _protocol_text(config: dict | None) -> list[Text]:
         f"Protocol. fidelity: faithfulness correlation with {protocol.fidelity.describe()}, "
         f"{runs} random subsets per sample. mufidelity: xplique's MuFidelity ({mu.grid}x"
         f"{mu.grid} grid, each cell removed with probability {mu.fraction:g}, baseline "
-        f"{mu.baseline:g}, {mu.samples if not quick else min(mu.samples, 50)} draws, "
+        f"{mu.baseline:g}, {mu.draw_count(quick)} draws, "
         f"Spearman). pointing_game: strict (Quantus); pointing_game_"
         f"{protocol.pointing_tolerance}px: a hit within {protocol.pointing_tolerance} px at "
         f"224 x 224, scaled to the image (the co-author's Quantus copy). stability: local "
