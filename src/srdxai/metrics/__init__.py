@@ -2,7 +2,8 @@
 
 Every metric has the same call::
 
-    metric(model, x, y, attributions, masks=None, explain=None, **options)
+    metric(model, x, y, attributions, masks=None, explain=None, *, <its options>,
+           sampling=Sampling(seed=0, draws=None, batch_size=None, progress=False))
 
 and returns float64 scores of shape (N,), except the curve metrics (``insertion``,
 ``deletion``, ``pixel_flipping``: :class:`CurveResult`), ``sensitivity_n``
@@ -51,6 +52,7 @@ from .randomisation import (
 )
 from .registry import FAMILIES, METRICS, MetricInfo, by_family, metric_info, register_metric
 from .robustness import NoiseDraws, avg_sensitivity, local_lipschitz_estimate, max_sensitivity
+from .sampling import Sampling, SamplingOptions
 
 __all__ = [
     "pointing_game",
@@ -94,4 +96,6 @@ __all__ = [
     "by_family",
     "metric_info",
     "register_metric",
+    "Sampling",
+    "SamplingOptions",
 ]

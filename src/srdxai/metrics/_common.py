@@ -504,25 +504,6 @@ def explain_checked(explain: Explain, model: nn.Module, x: Tensor, y: Tensor,
     return maps
 
 
-# --- randomness -----------------------------------------------------------------------------
-
-def make_generator(seed: int | None, generator: torch.Generator | None) -> torch.Generator:
-    """A CPU generator: draws are then the same on every device (and cheap to move)."""
-    if generator is not None:
-        if not isinstance(generator, torch.Generator):
-            raise InvalidInputError(
-                f"generator must be a torch.Generator, got {type(generator).__name__}.")
-        return generator
-    g = torch.Generator()
-    if seed is None:
-        g.seed()
-    else:
-        if isinstance(seed, bool) or not isinstance(seed, int | np.integer):
-            raise InvalidInputError(f"seed must be an int or None, got {seed!r}.")
-        g.manual_seed(int(seed))
-    return g
-
-
 # --- statistics -----------------------------------------------------------------------------
 
 def pearson(a: Tensor, b: Tensor) -> Tensor:

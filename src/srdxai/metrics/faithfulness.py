@@ -10,7 +10,7 @@ from __future__ import annotations
 import math
 from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Any, Literal
+from typing import Any, Literal, Unpack
 
 import numpy as np
 import torch
@@ -28,7 +28,6 @@ from ._common import (
     feature_count,
     features_to_input,
     guarded,
-    make_generator,
     pearson,
     pixel_map,
     preprocess_attributions,
@@ -38,6 +37,7 @@ from ._common import (
     trapezoid,
 )
 from .registry import register_metric
+from .sampling import Sampling, SamplingOptions, sampling_of
 
 Tensor = torch.Tensor
 
@@ -133,11 +133,8 @@ def faithfulness_correlation(
     normalise: Normalise = True,
     correlation: Correlation = "pearson",
     cell: int = 1,
-    seed: int | None = 0,
-    generator: torch.Generator | None = None,
-    draws: Any = None,
-    batch_size: int | None = None,
-    progress: bool = False,
+    sampling: Sampling | None = None,
+    **options: Unpack[SamplingOptions],
 ) -> Tensor:
     """Faithfulness correlation (Bhatt et al., IJCAI 2020; "Fid." in SRD's table).
 
@@ -161,22 +158,22 @@ def faithfulness_correlation(
             tensor broadcasting to x.
         softmax: score the softmax probability instead of the logit.
         abs, normalise: attribution preprocessing (per sample).
-        seed, generator: the source of the subsets (``generator`` wins).
-        draws: explicit subsets (N, nr_runs, subset_size) of feature indices, e.g. the ones
-            Quantus drew; overrides ``nr_runs``/``subset_size``/``seed``. See
-            :func:`random_subsets`.
-        batch_size: perturbed images per forward pass (default: 2 Mi input elements per chunk
-            on a CPU, e.g. 13 images at 3x224x224; 32 Mi on a GPU).
-        progress: show a tqdm bar.
+        sampling: seed, draws, batch size and progress (:class:`~srdxai.metrics.Sampling`;
+            its fields may be given as keywords instead). ``draws``: explicit subsets
+            (N, nr_runs, subset_size) of feature indices, e.g. the ones Quantus drew; they
+            override ``nr_runs``/``subset_size``/``seed`` (see :func:`random_subsets`).
+            ``batch_size``: perturbed images per forward pass (default: 2 Mi input elements per
+            chunk on a CPU, e.g. 13 images at 3x224x224; 32 Mi on a GPU).
 
     Returns:
         float64 correlations (N,) in [-1, 1]; NaN when the output or the sums do not vary.
     """
+    sampling = sampling_of(sampling, options, "faithfulness_correlation")
     reading = {"abs": abs, "normalise": normalise, "correlation": correlation}
     return faithfulness_correlations(
         model, x, y, attributions, masks, explain, readings={"": reading}, nr_runs=nr_runs,
-        subset_size=subset_size, baseline=baseline, softmax=softmax, cell=cell, seed=seed,
-        generator=generator, draws=draws, batch_size=batch_size, progress=progress)[""]
+        subset_size=subset_size, baseline=baseline, softmax=softmax, cell=cell,
+        sampling=sampling)[""]
 
 
 def faithfulness_correlations(
@@ -193,11 +190,8 @@ def faithfulness_correlations(
     baseline: Baseline = "black",
     softmax: bool = False,
     cell: int = 1,
-    seed: int | None = 0,
-    generator: torch.Generator | None = None,
-    draws: Any = None,
-    batch_size: int | None = None,
-    progress: bool = False,
+    sampling: Sampling | None = None,
+    **options: Unpack[SamplingOptions],
 ) -> dict[str, Tensor]:
     """:func:`faithfulness_correlation` read several ways from the same perturbed inputs.
 
@@ -206,9 +200,11 @@ def faithfulness_correlations(
     scored, so all readings share one set of draws and forward passes. Returns the scores by
     name. The other arguments are :func:`faithfulness_correlation`'s.
     """
+    sampling = sampling_of(sampling, options, "faithfulness_correlations")
+    draws = sampling.draws
     with guarded(model):
-        s = MetricInputs(model, x, y, attributions, explain, batch_size,
-                   metric="faithfulness correlation")
+        s = MetricInputs(model, x, y, attributions, explain, sampling.batch_size,
+                         metric="faithfulness correlation")
         if not readings:
             raise InvalidInputError("readings must name at least one way to read the drops.")
         allowed = {"abs", "normalise", "correlation"}
@@ -236,7 +232,7 @@ def faithfulness_correlations(
                     f"subset_size ({subset_size}) must be smaller than the number of features "
                     f"({n_features}).")
             draws = random_subsets(s.n, n_features, nr_runs, subset_size,
-                                   make_generator(seed, generator))
+                                   sampling.make_generator())
         indices = to_tensor(draws, "draws").to(device=s.x.device, dtype=torch.long)
         if indices.dim() != 3 or indices.shape[0] != s.n or indices.shape[1] < 2:
             raise InvalidInputError(
@@ -271,7 +267,7 @@ def faithfulness_correlations(
 
         clean = s.clean_scores(softmax)
         scores = scores_in_batches(s.model, perturbed, s.n * runs, s.batch_size, softmax,
-                                   progress, "faithfulness correlation",
+                                   sampling.progress, "faithfulness correlation",
                                    per_sample=runs).view(s.n, runs)
         drops = clean[:, None] - scores
         out = {}
@@ -298,11 +294,8 @@ def mu_fidelity(
     softmax: bool = False,
     abs: bool = False,
     normalise: Normalise = None,
-    seed: int | None = 0,
-    generator: torch.Generator | None = None,
-    draws: Any = None,
-    batch_size: int | None = None,
-    progress: bool = False,
+    sampling: Sampling | None = None,
+    **options: Unpack[SamplingOptions],
 ) -> Tensor:
     """MuFidelity as xplique defines it (``xplique.metrics.MuFidelity``; Bhatt et al., 2020).
 
@@ -322,15 +315,17 @@ def mu_fidelity(
         nr_samples: draws per sample (200).
         softmax: score the softmax probability instead of the logit.
         abs, normalise: attribution preprocessing (per sample; Spearman ignores scaling).
-        seed, generator: the source of the draws (``generator`` wins).
-        draws: explicit removed-cell masks, bool ``(nr_samples, grid_size, grid_size)``.
-        batch_size, progress: as for :func:`faithfulness_correlation`.
+        sampling: seed, draws, batch size and progress (:class:`~srdxai.metrics.Sampling`).
+            ``draws``: explicit removed-cell masks, bool ``(nr_samples, grid_size, grid_size)``.
 
     Returns:
         float64 correlations (N,) in [-1, 1].
     """
+    sampling = sampling_of(sampling, options, "mu_fidelity")
+    draws = sampling.draws
     with guarded(model):
-        s = MetricInputs(model, x, y, attributions, explain, batch_size, metric="MuFidelity")
+        s = MetricInputs(model, x, y, attributions, explain, sampling.batch_size,
+                         metric="MuFidelity")
         a = preprocess_attributions(s.a, normalise, abs)
         grid_size = check_positive_int(grid_size, "grid_size")
         if draws is None:
@@ -340,7 +335,7 @@ def mu_fidelity(
                 raise InvalidInputError(
                     f"subset_fraction must lie in (0, 1), got {subset_fraction!r}.")
             keys = torch.rand(nr_samples, grid_size, grid_size,
-                              generator=make_generator(seed, generator))
+                              generator=sampling.make_generator())
             draws = keys < fraction
         removed_cells = to_tensor(draws, "draws").to(device=s.x.device, dtype=torch.bool)
         if removed_cells.dim() != 3 or removed_cells.shape[1:] != (grid_size, grid_size) or (
@@ -366,7 +361,8 @@ def mu_fidelity(
 
         clean = s.clean_scores(softmax)
         scores = scores_in_batches(s.model, perturbed, s.n * runs, s.batch_size, softmax,
-                                   progress, "MuFidelity", per_sample=runs).view(s.n, runs)
+                                   sampling.progress, "MuFidelity",
+                                   per_sample=runs).view(s.n, runs)
         drops = clean[:, None] - scores
         rho = spearman(attribution_sums.cpu(), drops.cpu())
         return torch.nan_to_num(rho, nan=0.0).to(s.x.device)
@@ -445,8 +441,8 @@ def monotonicity(
     softmax: bool = False,
     abs: bool = True,
     normalise: Normalise = True,
-    batch_size: int | None = None,
-    progress: bool = False,
+    sampling: Sampling | None = None,
+    **options: Unpack[SamplingOptions],
 ) -> Tensor:
     """Monotonicity (Arya et al., 2019; Quantus' ``Monotonicity`` as intended): start from the
     baseline and put the input's features back from the least to the most important,
@@ -460,15 +456,18 @@ def monotonicity(
     Returns:
         float64 (N,) of 1.0 / 0.0; ``ceil(F / features_in_step)`` forward passes per sample.
     """
+    sampling = sampling_of(sampling, options, "monotonicity")
     with guarded(model):
-        s = MetricInputs(model, x, y, attributions, explain, batch_size, metric="monotonicity")
+        s = MetricInputs(model, x, y, attributions, explain, sampling.batch_size,
+                         metric="monotonicity")
         a = preprocess_attributions(s.a, normalise, abs)
         n_features = feature_count(a)
         step = check_positive_int(features_in_step, "features_in_step")
         counts = torch.arange(step, n_features + step, step).clamp(max=n_features)
         start = baseline_values(baseline, s.x)
         # ascending importance: the top-ranked features of -a come first
-        curve = _ordered_curve(s, -a, counts, start, s.x, softmax, progress, "monotonicity")
+        curve = _ordered_curve(s, -a, counts, start, s.x, softmax, sampling.progress,
+                               "monotonicity")
         return (curve.diff(dim=1) >= 0).all(1).to(torch.float64)
 
 
@@ -487,7 +486,8 @@ def completeness(
     relative: bool = True,
     abs: bool = False,
     normalise: Normalise = None,
-    batch_size: int | None = None,
+    sampling: Sampling | None = None,
+    **options: Unpack[SamplingOptions],
 ) -> Tensor:
     """Completeness (Sundararajan et al., 2017; Quantus' ``Completeness``): how far the map's
     sum is from the output change it should explain, ``|sum(a) - (f_y(x) - f_y(x'))|`` with
@@ -501,8 +501,10 @@ def completeness(
     Returns:
         float64 (N,); NaN for a relative gap when the output does not change.
     """
+    sampling = sampling_of(sampling, options, "completeness")
     with guarded(model):
-        s = MetricInputs(model, x, y, attributions, explain, batch_size, metric="completeness")
+        s = MetricInputs(model, x, y, attributions, explain, sampling.batch_size,
+                         metric="completeness")
         a = preprocess_attributions(s.a, normalise, abs)
         start = baseline_values(baseline, s.x)
         change = (s.clean_scores(softmax) - s.scores_of(start, softmax, "baseline")).to(
@@ -529,8 +531,8 @@ def pixel_flipping(
     softmax: bool = True,
     abs: bool = False,
     normalise: Normalise = True,
-    batch_size: int | None = None,
-    progress: bool = False,
+    sampling: Sampling | None = None,
+    **options: Unpack[SamplingOptions],
 ) -> CurveResult:
     """Pixel flipping (Bach et al., 2015), as Quantus' ``PixelFlipping``.
 
@@ -548,27 +550,28 @@ def pixel_flipping(
         baseline: replacement value (see :func:`faithfulness_correlation`).
         softmax: probabilities (Quantus' default for this metric) or logits.
         abs, normalise: attribution preprocessing (per sample).
-        batch_size, progress: as in :func:`faithfulness_correlation`.
+        sampling: batch size and progress (:class:`~srdxai.metrics.Sampling`).
     """
+    sampling = sampling_of(sampling, options, "pixel_flipping")
     with guarded(model):
-        s = MetricInputs(model, x, y, attributions, explain, batch_size,
-                   metric="pixel flipping")
+        s = MetricInputs(model, x, y, attributions, explain, sampling.batch_size,
+                         metric="pixel flipping")
         a = preprocess_attributions(s.a, normalise, abs)
         n_features = feature_count(a)
         step = check_positive_int(features_in_step, "features_in_step")
         points = math.ceil(n_features / step)
         counts = torch.clamp(torch.arange(1, points + 1) * step, max=n_features)
         curve = _ordered_curve(s, a, counts, s.x, baseline_values(baseline, s.x), softmax,
-                               progress, "pixel flipping")
+                               sampling.progress, "pixel flipping")
         return CurveResult(curve=curve, fractions=counts.to(torch.float64) / n_features,
                            auc=trapezoid(curve))
 
 
 def _insertion_deletion(model, x, y, attributions, explain, step, baseline, softmax, abs,
-                        normalise, batch_size, progress, insert: bool) -> CurveResult:
+                        normalise, sampling: Sampling, insert: bool) -> CurveResult:
     with guarded(model):
-        s = MetricInputs(model, x, y, attributions, explain, batch_size,
-                   metric="insertion" if insert else "deletion")
+        s = MetricInputs(model, x, y, attributions, explain, sampling.batch_size,
+                         metric="insertion" if insert else "deletion")
         a = preprocess_attributions(s.a, normalise, abs)
         n_features = feature_count(a)
         if step is None:
@@ -578,7 +581,7 @@ def _insertion_deletion(model, x, y, attributions, explain, step, baseline, soft
         counts = torch.clamp(torch.arange(points) * step, max=n_features)
         substrate = baseline_values(baseline, s.x)
         start, replace = (substrate, s.x) if insert else (s.x, substrate)
-        curve = _ordered_curve(s, a, counts, start, replace, softmax, progress,
+        curve = _ordered_curve(s, a, counts, start, replace, softmax, sampling.progress,
                                "insertion" if insert else "deletion")
         fractions = counts.to(torch.float64) / n_features
         return CurveResult(curve=curve, fractions=fractions, auc=trapezoid(curve, fractions))
@@ -599,8 +602,8 @@ def insertion(
     softmax: bool = True,
     abs: bool = False,
     normalise: Normalise = None,
-    batch_size: int | None = None,
-    progress: bool = False,
+    sampling: Sampling | None = None,
+    **options: Unpack[SamplingOptions],
 ) -> CurveResult:
     """Insertion (Petsiuk et al., RISE, BMVC 2018): start from a blurred copy and put back the
     original features in order of descending attribution, ``step`` at a time.
@@ -615,10 +618,11 @@ def insertion(
             number, "black", "white", "mean", "zero" or a tensor.
         softmax: probabilities (RISE) or logits.
         abs, normalise: attribution preprocessing (only the order matters).
-        batch_size, progress: as in :func:`faithfulness_correlation`.
+        sampling: batch size and progress (:class:`~srdxai.metrics.Sampling`).
     """
     return _insertion_deletion(model, x, y, attributions, explain, step, baseline, softmax, abs,
-                               normalise, batch_size, progress, insert=True)
+                               normalise, sampling_of(sampling, options, "insertion"),
+                               insert=True)
 
 
 @register_metric(family="faithfulness", direction="lower", needs=("model",),
@@ -636,8 +640,8 @@ def deletion(
     softmax: bool = True,
     abs: bool = False,
     normalise: Normalise = None,
-    batch_size: int | None = None,
-    progress: bool = False,
+    sampling: Sampling | None = None,
+    **options: Unpack[SamplingOptions],
 ) -> CurveResult:
     """Deletion (Petsiuk et al., RISE, BMVC 2018): replace features by the baseline (RISE: 0)
     in order of descending attribution, ``step`` at a time. Lower AUC is better.
@@ -645,7 +649,8 @@ def deletion(
     Same curve layout and AUC as :func:`insertion` (the first point is the clean input).
     """
     return _insertion_deletion(model, x, y, attributions, explain, step, baseline, softmax, abs,
-                               normalise, batch_size, progress, insert=False)
+                               normalise, sampling_of(sampling, options, "deletion"),
+                               insert=False)
 
 
 # --- Sensitivity-n (Ancona et al., ICLR 2018) ----------------------------------------------
@@ -683,11 +688,8 @@ def sensitivity_n(
     softmax: bool = False,
     abs: bool = False,
     normalise: Normalise = None,
-    seed: int | None = 0,
-    generator: torch.Generator | None = None,
-    draws: Any = None,
-    batch_size: int | None = None,
-    progress: bool = False,
+    sampling: Sampling | None = None,
+    **options: Unpack[SamplingOptions],
 ) -> SensitivityNResult:
     """Sensitivity-n with Ancona et al.'s protocol (ICLR 2018), not Quantus' ``SensitivityN``.
 
@@ -710,13 +712,15 @@ def sensitivity_n(
         softmax: logits (default, pre-softmax as Ancona et al.) or probabilities.
         abs, normalise: attribution preprocessing (none by default: the test is about the
             raw map's scale).
-        seed, generator: the source of the permutations.
-        draws: explicit permutations (N, nr_subsets, F); see :func:`random_permutations`.
-        batch_size, progress: as in :func:`faithfulness_correlation`.
+        sampling: seed, draws, batch size and progress (:class:`~srdxai.metrics.Sampling`).
+            ``draws``: explicit permutations (N, nr_subsets, F); see
+            :func:`random_permutations`.
     """
+    sampling = sampling_of(sampling, options, "sensitivity_n")
+    draws = sampling.draws
     with guarded(model):
-        s = MetricInputs(model, x, y, attributions, explain, batch_size,
-                   metric="sensitivity-n")
+        s = MetricInputs(model, x, y, attributions, explain, sampling.batch_size,
+                         metric="sensitivity-n")
         a = preprocess_attributions(s.a, normalise, abs)
         n_features = feature_count(a)
         grid = sensitivity_n_grid(n_features) if n_grid is None else to_tensor(n_grid, "n_grid")
@@ -725,7 +729,7 @@ def sensitivity_n(
             raise InvalidInputError(f"n_grid must hold subset sizes in [1, {n_features}].")
         if draws is None:
             subsets = check_positive_int(nr_subsets, "nr_subsets", 2)
-            gen = make_generator(seed, generator)
+            gen = sampling.make_generator()
             permutations = None
         else:
             permutations = to_tensor(draws, "draws").to(torch.long)
@@ -765,7 +769,7 @@ def sensitivity_n(
                 return torch.where(removed, bi, xi), yi.expand(stop - start)
 
             scores = scores_in_batches(s.model, perturbed, points * subsets, s.batch_size,
-                                       softmax, progress, f"sensitivity-n sample {i}",
+                                       softmax, sampling.progress, f"sensitivity-n sample {i}",
                                        per_sample=points * subsets, sample_offset=i)
             changes = clean[i] - scores.view(points, subsets)
             curve[i] = pearson(sums.cpu(), changes)

@@ -18,7 +18,7 @@ score tiles alike (tile order: top-left, top-right, bottom-left, bottom-right).
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Unpack
 
 import torch
 import torch.nn.functional as F
@@ -39,10 +39,10 @@ from ._common import (
     default_batch_size,
     explain_checked,
     guarded,
-    make_generator,
     to_tensor,
 )
 from .registry import register_metric
+from .sampling import Sampling, SamplingOptions, sampling_of
 
 Tensor = torch.Tensor
 
@@ -165,11 +165,8 @@ def gae(
     num_masking_steps: int = 10,
     mask_value: float = 0.0,
     softmax: bool = False,
-    seed: int | None = 0,
-    generator: torch.Generator | None = None,
-    draws: Any = None,
-    batch_size: int | None = None,
-    progress: bool = False,
+    sampling: Sampling | None = None,
+    **options: Unpack[SamplingOptions],
 ) -> GAEResult:
     """Global Attribution Evaluation (RAMP/absLRP) of the method ``explain``.
 
@@ -204,11 +201,13 @@ def gae(
         num_masking_steps: S, the masking fractions ``linspace(1/S, 1, S)``.
         mask_value: the value masked elements get.
         softmax: use probabilities instead of logits for the masking gradients and o_s.
-        seed, generator: the source of the positive-tile draws.
-        draws: explicit positive tiles (M,) in 0..3 (e.g. ``result.positive_tiles``).
-        batch_size: images per forward or explain call.
-        progress: show a tqdm bar over chunks of groups.
+        sampling: seed, draws, batch size and progress (:class:`~srdxai.metrics.Sampling`;
+            its fields may be given as keywords instead). The seed draws the positive tiles;
+            ``draws``: explicit positive tiles (M,) in 0..3 (e.g. ``result.positive_tiles``);
+            ``batch_size``: images per forward or explain call; the bar counts groups.
     """
+    sampling = sampling_of(sampling, options, "gae")
+    draws = sampling.draws
     model = check_model(model)
     explain = check_explain(explain, "gae")
     steps = check_positive_int(num_masking_steps, "num_masking_steps", 2)
@@ -224,7 +223,7 @@ def gae(
         if height < 4 or width < 4:
             raise InvalidInputError(f"gae needs images of at least 4x4 pixels, got {height}x"
                                     f"{width}.")
-        size = default_batch_size(x, batch_size, explain=True, model=model)
+        size = default_batch_size(x, sampling.batch_size, explain=True, model=model)
         logits = _outputs(model, x, size, "gae")
         predicted = logits.argmax(1)
         labels = check_targets(y, n, x.device)
@@ -239,7 +238,7 @@ def gae(
         tile_weights = mosaic_logits.gather(1, tile_classes).to(torch.float64).softmax(1)
         if draws is None:
             tiles = torch.multinomial(tile_weights.cpu(), 1,
-                                      generator=make_generator(seed, generator))[:, 0]
+                                      generator=sampling.make_generator())[:, 0]
         else:
             tiles = to_tensor(draws, "draws").reshape(-1).to(torch.long).cpu()
             if tiles.numel() != m or tiles.min() < 0 or tiles.max() > 3:
@@ -263,7 +262,7 @@ def gae(
         parts: dict[str, list[Tensor]] = {k: [] for k in (
             "faithfulness", "robustness", "contrastiveness")}
         groups_per_chunk = max(1, size // 2)
-        for start, stop in chunks(m, groups_per_chunk, progress, "gae"):
+        for start, stop in chunks(m, groups_per_chunk, sampling.progress, "gae"):
             px, py = positive_x[start:stop], positive_y[start:stop]
             c = stop - start
             inputs, scores, impact_sum = _masking_sequences(model, px, py, steps, mask_value,

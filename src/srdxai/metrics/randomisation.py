@@ -19,11 +19,13 @@ import copy
 import math
 from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Any, Literal
+from functools import partial
+from typing import Any, Literal, Unpack
 
 import torch
 import torch.nn.functional as F
 from torch import nn
+from tqdm.auto import tqdm
 
 from ..errors import InvalidInputError
 from ._common import (
@@ -31,12 +33,16 @@ from ._common import (
     MetricInputs,
     check_explain,
     check_model,
+    concat_in_chunks,
+    default_batch_size,
     explain_checked,
     guarded,
     pixel_map,
     spearman,
 )
 from .registry import register_metric
+from .robustness import NoiseDraws
+from .sampling import Sampling, SamplingOptions, sampling_of
 from .similarity import scaled_abs_map, ssim
 
 Tensor = torch.Tensor
@@ -169,8 +175,9 @@ def model_parameter_randomisation(
     layers: Sequence[str] | None = None,
     measures: Sequence[str] = SIMILARITIES,
     steps: int | None = None,
-    seed: int = 0,
     keep_maps: bool = False,
+    sampling: Sampling | None = None,
+    **options: Unpack[SamplingOptions],
 ) -> MPRTResult:
     """Model parameter randomisation test (Adebayo et al., NeurIPS 2018; Quantus' ``MPRT``).
 
@@ -190,19 +197,25 @@ def model_parameter_randomisation(
             consecutive groups (as equal as possible) and a step re-draws a whole group, named
             ``"first..last"`` (None: one step per layer). Bounds the cost on deep models
             (EfficientNet-Lite0 has over 100 layers with parameters).
-        seed: the ``k``-th re-drawn layer is re-drawn from seed ``seed + k``.
         keep_maps: also return every step's (channel-summed) maps.
+        sampling: seed, batch size and progress (:class:`~srdxai.metrics.Sampling`; its
+            fields may be given as keywords instead). The ``k``-th re-drawn layer is re-drawn
+            from seed ``seed + k`` (a ``generator`` draws the base seed); ``batch_size``:
+            images per explain call; the bar counts steps. No explicit ``draws``.
 
     Returns:
         :class:`MPRTResult`.
     """
+    sampling = sampling_of(sampling, options, "model_parameter_randomisation")
+    seed = _base_seed(sampling, "model_parameter_randomisation")
     model = check_model(model)
     explain = check_explain(explain, "model_parameter_randomisation")
     if order not in ("cascading", "bottom_up", "independent"):
         raise InvalidInputError(
             f"order must be 'cascading', 'bottom_up' or 'independent', got {order!r}.")
     with guarded(model):
-        s = MetricInputs(model, x, y, attributions, explain, None, metric="MPRT")
+        s = MetricInputs(model, x, y, attributions, explain, sampling.batch_size,
+                         metric="MPRT")
     model, x, targets = s.model, s.x, s.y
     assert s.a is not None
     original = s.a
@@ -229,7 +242,9 @@ def model_parameter_randomisation(
     scores: dict[str, list[Tensor]] = {m: [] for m in wanted}
     kept = []
     drawn = 0
-    for group in groups:
+    size = default_batch_size(x, sampling.batch_size, explain=True, model=model)
+    for group in tqdm(groups, disable=not sampling.progress, desc="MPRT", unit="step",
+                      leave=False):
         saved = {}
         for name in group:
             module = twin_modules[name]
@@ -239,7 +254,7 @@ def model_parameter_randomisation(
             _randomise(module, seed + drawn)
             drawn += 1
         with guarded(twin):
-            maps = explain_checked(explain, twin, x, targets, None).detach()
+            maps = _explain_chunked(explain, twin, x, targets, original, size)
         for measure, value in map_similarity(original.detach(), maps, wanted).items():
             scores[measure].append(value.cpu())
         if keep_maps:
@@ -267,6 +282,26 @@ def _groups(names: list[str], steps: int | None) -> list[list[str]]:
     return out
 
 
+def _base_seed(sampling: Sampling, metric: str) -> int:
+    """The seed the randomisation metrics count from: ``sampling.seed``, or one drawn from
+    ``sampling.generator`` (or from fresh entropy when the seed is None)."""
+    if sampling.draws is not None:
+        raise InvalidInputError(f"{metric} takes no explicit draws; give a seed instead.")
+    if sampling.generator is None and sampling.seed is not None:
+        return int(sampling.seed)
+    return int(torch.randint(0, 2**31 - 1, (1,), generator=sampling.make_generator()))
+
+
+def _explain_chunked(explain: Explain, model: nn.Module, x: Tensor, y: Tensor, like: Tensor,
+                     size: int) -> Tensor:
+    """``explain`` of ``x`` in calls of at most ``size`` images (a chunk that runs out of
+    memory is retried in halves), checked against the maps ``like``."""
+    return concat_in_chunks(
+        x.shape[0], size,
+        lambda a, b: explain_checked(explain, model, x[a:b], y[a:b], like[a:b]).detach(),
+        "explain")
+
+
 @register_metric(family="randomisation", direction="lower", needs=("model", "explain"),
                  rows=("random_logit_*",))
 def random_logit(
@@ -278,7 +313,8 @@ def random_logit(
     explain: Explain | None = None,
     *,
     measure: str = "ssim",
-    seed: int = 0,
+    sampling: Sampling | None = None,
+    **options: Unpack[SamplingOptions],
 ) -> Tensor:
     """Random-logit test (Sixt et al., ICML 2020; Quantus' ``RandomLogit``): the similarity of
     the map of the target class and the map of a uniformly drawn other class. Lower is better:
@@ -286,15 +322,20 @@ def random_logit(
 
     Args:
         measure: a :data:`SIMILARITIES` measure (Quantus' default is SSIM).
-        seed: the draw of the other classes (one per sample).
+        sampling: the seed of the other classes' draw (one per sample), the batch size of the
+            explain calls (:class:`~srdxai.metrics.Sampling`; fields may be keywords).
 
     Returns:
         float64 (N,).
     """
+    sampling = sampling_of(sampling, options, "random_logit")
+    if sampling.draws is not None:
+        raise InvalidInputError("random_logit takes no explicit draws; give a seed instead.")
     model = check_model(model)
     explain = check_explain(explain, "random_logit")
     with guarded(model):
-        s = MetricInputs(model, x, y, attributions, explain, None, metric="random_logit")
+        s = MetricInputs(model, x, y, attributions, explain, sampling.batch_size,
+                         metric="random_logit")
         model, x, targets = s.model, s.x, s.y
         assert s.a is not None
         original = s.a
@@ -303,29 +344,45 @@ def random_logit(
         if classes < 2:
             raise InvalidInputError("the random-logit test needs a model with 2 classes or "
                                     "more.")
-        g = torch.Generator().manual_seed(seed)
-        shift = torch.randint(1, classes, (x.shape[0],), generator=g).to(targets.device)
-        others = (targets + shift) % classes  # uniform over the other classes
-        other_maps = explain_checked(explain, model, x, others, None)
+        shift = torch.randint(1, classes, (x.shape[0],), generator=sampling.make_generator())
+        others = (targets + shift.to(targets.device)) % classes  # uniform over the others
+        size = default_batch_size(x, sampling.batch_size, explain=True, model=model)
+        other_maps = _explain_chunked(explain, model, x, others, original, size)
     return map_similarity(original.detach(), other_maps.detach(), (measure,))[measure]
 
 
-def _denoised(explain: Explain, nr_samples: int, noise_magnitude: float, seed: int) -> Explain:
+def _denoised(explain: Explain, nr_samples: int, noise_magnitude: float, seed: int,
+              batch_size: int | None) -> Explain:
     """``explain`` averaged over ``nr_samples`` noisy copies of the input, noise
     ``N(0, (noise_magnitude * (max(x) - min(x)))^2)`` per sample; the same draws at every call
-    (so the original and the randomised models see the same noise)."""
+    (so the original and the randomised models see the same noise). The copies of all samples
+    and draws are explained together, in calls of at most ``batch_size`` images."""
     def smooth(model: nn.Module, x: Tensor, y: Tensor) -> Tensor:
+        n = x.shape[0]
         flat = x.flatten(1)
         std = (noise_magnitude * (flat.amax(1) - flat.amin(1))).view(-1, *([1] * (x.dim() - 1)))
-        g = torch.Generator().manual_seed(seed)
-        total = None
-        for _ in range(nr_samples):
-            noise = torch.randn(x.shape, generator=g, dtype=x.dtype).to(x.device)
-            maps = explain(model, x + std * noise, y)
-            maps = torch.as_tensor(maps).detach()
-            total = maps if total is None else total + maps
-        assert total is not None
-        return total / nr_samples
+        noise = NoiseDraws(x.shape, nr_samples, "gaussian", 0.0, 1.0,
+                           torch.Generator().manual_seed(seed))
+        size = default_batch_size(x, batch_size, explain=True, model=model)
+        total = nr_samples * n
+        sums: Tensor | None = None
+
+        def run(offset: int, start: int, stop: int) -> Tensor:
+            rows = torch.arange(offset + start, offset + stop, device=x.device)
+            sample = rows % n  # items in (draw, sample) order, as NoiseDraws hands them out
+            copies = x[sample] + std[sample] * noise.rows(offset + start, offset + stop).to(x)
+            maps = torch.as_tensor(explain(model, copies, y[sample])).detach()
+            return maps.to(torch.float64)
+
+        for offset in range(0, total, size):  # a chunk's maps are summed, then dropped
+            stop = min(total, offset + size)
+            maps = concat_in_chunks(stop - offset, stop - offset, partial(run, offset),
+                                    "smooth MPRT")
+            if sums is None:
+                sums = torch.zeros(n, *maps.shape[1:], dtype=torch.float64, device=maps.device)
+            sums.index_add_(0, torch.arange(offset, stop, device=maps.device) % n, maps)
+        assert sums is not None
+        return (sums / nr_samples).to(x.dtype)
 
     return smooth
 
@@ -347,8 +404,9 @@ def smooth_mprt(
     layers: Sequence[str] | None = None,
     measures: Sequence[str] = ("spearman",),
     steps: int | None = None,
-    seed: int = 0,
     keep_maps: bool = False,
+    sampling: Sampling | None = None,
+    **options: Unpack[SamplingOptions],
 ) -> MPRTResult:
     """Smooth MPRT (Hedström et al., 2023; Quantus' ``SmoothMPRT``): MPRT on denoised maps.
 
@@ -358,15 +416,25 @@ def smooth_mprt(
     removes the shattered-gradient noise that made plain MPRT's similarity fall for every
     method. ``attributions`` is not used: the original map must be denoised too. Defaults as
     Quantus: 50 samples, 0.1, bottom-up cascading, Spearman. Lower is better.
+
+    The noisy copies of all samples and draws are explained together in calls of
+    ``sampling.batch_size`` images: ``(1 + steps) * nr_samples * N`` maps in
+    ``ceil(nr_samples * N / batch_size)`` calls per model. The seed draws both the noise and
+    the layers (as :func:`model_parameter_randomisation`).
     """
+    sampling = sampling_of(sampling, options, "smooth_mprt")
+    seed = _base_seed(sampling, "smooth_mprt")
     nr_samples = int(nr_samples)
     if nr_samples < 1 or not noise_magnitude >= 0:
         raise InvalidInputError("nr_samples must be >= 1 and noise_magnitude >= 0.")
     smooth = _denoised(check_explain(explain, "smooth_mprt"), nr_samples, noise_magnitude,
-                       seed)
-    return model_parameter_randomisation(model, x, y, None, explain=smooth, order=order,
-                                         layers=layers, measures=measures, steps=steps,
-                                         seed=seed, keep_maps=keep_maps)
+                       seed, sampling.batch_size)
+    # smooth explains its noisy copies in chunks itself; MPRT must hand it all N images at
+    # once (no chunking there), since the noise of a call is drawn for the whole batch
+    return model_parameter_randomisation(
+        model, x, y, None, explain=smooth, order=order, layers=layers, measures=measures,
+        steps=steps, keep_maps=keep_maps,
+        sampling=Sampling(seed=seed, batch_size=2**62, progress=sampling.progress))
 
 
 def discrete_entropy(maps: Tensor, n_bins: int = 100) -> Tensor:
@@ -394,7 +462,8 @@ def efficient_mprt(
     explain: Explain | None = None,
     *,
     n_bins: int = 100,
-    seed: int = 0,
+    sampling: Sampling | None = None,
+    **options: Unpack[SamplingOptions],
 ) -> Tensor:
     """Efficient MPRT (Hedström et al., 2023; Quantus' ``EfficientMPRT``): the relative rise
     in the maps' complexity when every layer of the model is randomised,
@@ -402,8 +471,10 @@ def efficient_mprt(
     map. Higher is better: a map of a random model should be noise. One explanation of the
     fully randomised copy (the layers re-drawn from the input up, as Quantus). Quantus chooses
     the number of bins from the data when not given; we use ``n_bins`` (Quantus' default
-    100). A constant original map gives NaN.
+    100). A constant original map gives NaN. ``sampling``: the seed of the re-drawn layers and
+    the explain calls' batch size, as :func:`model_parameter_randomisation`.
     """
     return model_parameter_randomisation(
         model, x, y, attributions, explain=explain, order="bottom_up", measures=(), steps=1,
-        seed=seed, keep_maps=True).entropy_rise(n_bins)
+        keep_maps=True,
+        sampling=sampling_of(sampling, options, "efficient_mprt")).entropy_rise(n_bins)

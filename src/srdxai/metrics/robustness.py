@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Callable
-from typing import Any, Literal
+from typing import Any, Literal, Unpack
 
 import torch
 from torch import nn
@@ -30,12 +30,12 @@ from ._common import (
     default_batch_size,
     explain_checked,
     guarded,
-    make_generator,
     predicted_classes,
     preprocess_attributions,
     to_tensor,
 )
 from .registry import register_metric
+from .sampling import Sampling, SamplingOptions, sampling_of
 
 Tensor = torch.Tensor
 Score = Callable[[Tensor, Tensor, Tensor, Tensor], Tensor]
@@ -100,14 +100,14 @@ class NoiseDraws:
 
 def _robustness(model, x, y, attributions, explain, *, metric: str, nr_samples: int,
                 noise: tuple[Literal["gaussian", "uniform"], float, float], normalise: Normalise,
-                abs: bool, seed, generator, draws, batch_size, progress,
-                nan_when_prediction_changes: bool, score: Score, reduce: str) -> Tensor:
+                abs: bool, sampling: Sampling, nan_when_prediction_changes: bool, score: Score,
+                reduce: str) -> Tensor:
     model = check_model(model)
     explain = check_explain(explain, metric)
     with guarded(model):
         x = check_inputs(x, model)
         n = x.shape[0]
-        size = default_batch_size(x, batch_size, explain=True, model=model)
+        size = default_batch_size(x, sampling.batch_size, explain=True, model=model)
         targets = check_targets(y, n, x.device)
         if targets is None:
             targets = predicted_classes(model, x, size, metric)
@@ -120,12 +120,12 @@ def _robustness(model, x, y, attributions, explain, *, metric: str, nr_samples: 
         clean_classes = (predicted_classes(model, x, size, metric) if nan_when_prediction_changes
                          else None)
 
-        if draws is None:
+        if sampling.draws is None:
             steps = check_positive_int(nr_samples, "nr_samples")
             source = NoiseDraws(x.shape, steps, noise[0], noise[1], noise[2],
-                                make_generator(seed, generator))
+                                sampling.make_generator())
         else:
-            explicit = to_tensor(draws, "draws").to(torch.float64)
+            explicit = to_tensor(sampling.draws, "draws").to(torch.float64)
             if explicit.dim() != 5 or explicit.shape[1:] != x.shape:
                 raise InvalidInputError(
                     f"draws must be noise of shape (nr_samples, *x.shape) = (S, "
@@ -153,7 +153,7 @@ def _robustness(model, x, y, attributions, explain, *, metric: str, nr_samples: 
                 chunk = chunk.masked_fill(changed, math.nan)
             values[start:stop] = chunk.cpu()
 
-        adaptive_chunks(steps * n, size, progress, metric, run)
+        adaptive_chunks(steps * n, size, sampling.progress, metric, run)
         values = values.view(steps, n)
         if reduce == "max":
             # Quantus: nanmax, or max (NaN wins) when NaN marks a changed prediction.
@@ -198,11 +198,8 @@ def local_lipschitz_estimate(
     normalise: Normalise = True,
     abs: bool = False,
     nan_when_prediction_changes: bool = False,
-    seed: int | None = 0,
-    generator: torch.Generator | None = None,
-    draws: Any = None,
-    batch_size: int | None = None,
-    progress: bool = False,
+    sampling: Sampling | None = None,
+    **options: Unpack[SamplingOptions],
 ) -> Tensor:
     """Local Lipschitz estimate (Alvarez-Melis and Jaakkola, 2018; "Sta." in SRD's table).
 
@@ -218,11 +215,11 @@ def local_lipschitz_estimate(
         nan_when_prediction_changes: a draw that changes the predicted class scores NaN, and
             the result is NaN if any did (Quantus' ``return_nan_when_prediction_changes``);
             otherwise NaN draws are skipped.
-        seed, generator: the noise source (see :class:`NoiseDraws`).
-        draws: explicit noise (nr_samples, N, C, H, W), e.g. Quantus' draws.
-        batch_size: perturbed inputs per explain call (default: 2 Mi input elements on a CPU,
-            4 Mi on a GPU).
-        progress: show a tqdm bar.
+        sampling: seed, draws, batch size and progress (:class:`~srdxai.metrics.Sampling`;
+            its fields may be given as keywords instead). ``draws``: explicit noise
+            (nr_samples, N, C, H, W), e.g. Quantus' draws (see :class:`NoiseDraws`).
+            ``batch_size``: perturbed inputs per explain call (default: 2 Mi input elements on
+            a CPU, 4 Mi on a GPU).
 
     Returns:
         float64 estimates (N,).
@@ -233,8 +230,8 @@ def local_lipschitz_estimate(
     return _robustness(
         model, x, y, attributions, explain, metric="local_lipschitz_estimate",
         nr_samples=nr_samples, noise=("gaussian", perturb_mean, perturb_std),
-        normalise=normalise, abs=abs, seed=seed, generator=generator, draws=draws,
-        batch_size=batch_size, progress=progress,
+        normalise=normalise, abs=abs,
+        sampling=sampling_of(sampling, options, "local_lipschitz_estimate"),
         nan_when_prediction_changes=nan_when_prediction_changes, score=_lipschitz, reduce="max")
 
 
@@ -266,11 +263,8 @@ def max_sensitivity(
     normalise: Normalise = False,
     abs: bool = False,
     nan_when_prediction_changes: bool = False,
-    seed: int | None = 0,
-    generator: torch.Generator | None = None,
-    draws: Any = None,
-    batch_size: int | None = None,
-    progress: bool = False,
+    sampling: Sampling | None = None,
+    **options: Unpack[SamplingOptions],
 ) -> Tensor:
     """Max-sensitivity (Yeh et al., NeurIPS 2019), as Quantus' ``MaxSensitivity``.
 
@@ -282,8 +276,8 @@ def max_sensitivity(
     low, high = _uniform_bounds(lower_bound, upper_bound)
     return _robustness(
         model, x, y, attributions, explain, metric="max_sensitivity", nr_samples=nr_samples,
-        noise=("uniform", low, high), normalise=normalise, abs=abs, seed=seed,
-        generator=generator, draws=draws, batch_size=batch_size, progress=progress,
+        noise=("uniform", low, high), normalise=normalise, abs=abs,
+        sampling=sampling_of(sampling, options, "max_sensitivity"),
         nan_when_prediction_changes=nan_when_prediction_changes, score=_relative_change,
         reduce="max")
 
@@ -303,18 +297,15 @@ def avg_sensitivity(
     normalise: Normalise = False,
     abs: bool = False,
     nan_when_prediction_changes: bool = False,
-    seed: int | None = 0,
-    generator: torch.Generator | None = None,
-    draws: Any = None,
-    batch_size: int | None = None,
-    progress: bool = False,
+    sampling: Sampling | None = None,
+    **options: Unpack[SamplingOptions],
 ) -> Tensor:
     """Avg-sensitivity (Yeh et al., NeurIPS 2019): as :func:`max_sensitivity` with the mean
     over the noise draws instead of the maximum."""
     low, high = _uniform_bounds(lower_bound, upper_bound)
     return _robustness(
         model, x, y, attributions, explain, metric="avg_sensitivity", nr_samples=nr_samples,
-        noise=("uniform", low, high), normalise=normalise, abs=abs, seed=seed,
-        generator=generator, draws=draws, batch_size=batch_size, progress=progress,
+        noise=("uniform", low, high), normalise=normalise, abs=abs,
+        sampling=sampling_of(sampling, options, "avg_sensitivity"),
         nan_when_prediction_changes=nan_when_prediction_changes, score=_relative_change,
         reduce="mean")
