@@ -89,7 +89,8 @@ SMALL = {"faithfulness_correlation": {"nr_runs": 4, "subset_size": 8},
          "local_lipschitz_estimate": {"nr_samples": 2}, "max_sensitivity": {"nr_samples": 2},
          "avg_sensitivity": {"nr_samples": 2}, "pixel_flipping": {"features_in_step": 64},
          "insertion": {"step": 64}, "deletion": {"step": 64}, "top_k_intersection": {"k": 20},
-         "smooth_mprt": {"nr_samples": 2}}
+         "smooth_mprt": {"nr_samples": 2},
+         "monotonicity_correlation": {"nr_samples": 2, "features_in_step": 64}}
 
 
 @pytest.mark.parametrize("name", sorted(metrics.METRICS))

@@ -41,6 +41,14 @@ SAMPLED = {
     "avg_sensitivity": {"nr_samples": 3},
     "random_logit": {},
     "smooth_mprt": {"nr_samples": 2, "steps": 2},
+    "infidelity": {"perturbation": "gaussian", "nr_samples": 3},
+    "monotonicity_correlation": {"nr_samples": 2, "features_in_step": 16},
+    "road": {"percentages": [10, 50], "readout": "logit", "noise": 0.5},
+    "region_perturbation": {"patch_size": 4, "baseline": "uniform"},
+    "selectivity": {"patch_size": 4, "baseline": "uniform"},
+    "relative_input_stability": {"nr_samples": 3},
+    "relative_output_stability": {"nr_samples": 3},
+    "relative_representation_stability": {"nr_samples": 3},
 }
 
 
@@ -146,3 +154,15 @@ def test_smooth_mprt_denoises_in_batched_calls_equal_to_a_loop_over_draws(case):
     expected = _denoised_by_loop(model, x, y, 5, 0.1, 7)
     expected = expected if expected.dim() == 3 else expected.sum(1)  # the kept pixel maps
     assert torch.allclose(results[None].original, expected, rtol=1e-5, atol=1e-7)
+
+
+def test_no_metric_repeats_the_sampling_fields_in_its_signature():
+    import inspect
+
+    fields = {"seed", "generator", "draws", "batch_size", "progress"}
+    for info in metrics.METRICS.values():
+        parameters = inspect.signature(info.function).parameters
+        assert not fields & set(parameters), (info.name, fields & set(parameters))
+        if "model" in info.needs:  # it runs the model: batch size and progress apply
+            assert "sampling" in parameters, info.name
+    assert SAMPLED.keys() <= metrics.METRICS.keys()

@@ -16,6 +16,15 @@ Every metric is registered with its family, direction and needs (:data:`METRICS`
 ``srdxai metrics``); a new one is one function with :func:`register_metric` plus its test.
 """
 
+from .attribution_tests import (
+    focus,
+    focus_mosaics,
+    infidelity,
+    monotonicity_correlation,
+    quadrant_masks,
+    sufficiency,
+)
+from .axiomatic import non_sensitivity
 from .complexity import complexity, sparseness
 from .faithfulness import (
     CurveResult,
@@ -42,6 +51,15 @@ from .localisation import (
     relevance_rank_accuracy,
     top_k_intersection,
 )
+from .ordering import (
+    IROFResult,
+    RegionPerturbationResult,
+    irof,
+    noisy_linear_imputation,
+    region_perturbation,
+    road,
+    selectivity,
+)
 from .quantus_adapter import quantus_explain_func
 from .randomisation import (
     MPRTResult,
@@ -53,6 +71,16 @@ from .randomisation import (
 from .registry import FAMILIES, METRICS, MetricInfo, by_family, metric_info, register_metric
 from .robustness import NoiseDraws, avg_sensitivity, local_lipschitz_estimate, max_sensitivity
 from .sampling import Sampling, SamplingOptions
+from .stability import (
+    consistency,
+    continuity,
+    continuity_shifts,
+    discretise_first_n_sign,
+    discretise_top_n_sign,
+    relative_input_stability,
+    relative_output_stability,
+    relative_representation_stability,
+)
 
 __all__ = [
     "pointing_game",
@@ -61,6 +89,9 @@ __all__ = [
     "relevance_rank_accuracy",
     "top_k_intersection",
     "localisation_auc",
+    "focus",
+    "focus_mosaics",
+    "quadrant_masks",
     "sparseness",
     "complexity",
     "faithfulness_correlation",
@@ -68,6 +99,17 @@ __all__ = [
     "mu_fidelity",
     "monotonicity",
     "completeness",
+    "non_sensitivity",
+    "infidelity",
+    "monotonicity_correlation",
+    "sufficiency",
+    "road",
+    "region_perturbation",
+    "irof",
+    "selectivity",
+    "noisy_linear_imputation",
+    "RegionPerturbationResult",
+    "IROFResult",
     "insertion",
     "deletion",
     "pixel_flipping",
@@ -75,6 +117,14 @@ __all__ = [
     "local_lipschitz_estimate",
     "max_sensitivity",
     "avg_sensitivity",
+    "relative_input_stability",
+    "relative_output_stability",
+    "relative_representation_stability",
+    "continuity",
+    "consistency",
+    "continuity_shifts",
+    "discretise_top_n_sign",
+    "discretise_first_n_sign",
     "gae",
     "quantus_explain_func",
     "CurveResult",
