@@ -165,11 +165,12 @@ def test_target_map_option_and_clear_errors():
 
 @FASHION
 def test_attack_experiment_in_bench_and_report(tmp_path, monkeypatch):
-    from srdxai.experiments import BenchConfig, run, runner
+    from srdxai.experiments import BenchConfig, run
+    from srdxai.experiments.suite import attack
     from srdxai.report.render import build_report
 
-    monkeypatch.setitem(runner.ATTACK_SCHEDULE, True, (3, 6e-3))
-    monkeypatch.setattr(runner, "ATTACK_METHODS", [("SRD-input", "srd", {}),
+    monkeypatch.setitem(attack.ATTACK_SCHEDULE, True, (3, 6e-3))
+    monkeypatch.setattr(attack, "ATTACK_METHODS", [("SRD-input", "srd", {}),
                                                    ("Gradient", "saliency", {})])
     db = run(tmp_path, BenchConfig(experiments=["attack"], quick=True), progress=False)
     con = sqlite3.connect(db)

@@ -15,7 +15,7 @@ import pytest
 
 from srdxai.errors import InvalidInputError
 from srdxai.experiments import BenchConfig, jobs, merge, run
-from srdxai.experiments.runner import unit_seed
+from srdxai.experiments.registry import unit_seed
 from srdxai.experiments.store import rank_path
 
 pytestmark = pytest.mark.skipif(
@@ -185,7 +185,7 @@ def test_curve_and_gae_experiments_write_rows_curves_and_render(tmp_path):
 
 
 def test_randomisation_experiment_writes_rows_curves_figures_and_its_section(tmp_path):
-    from srdxai.experiments.runner import RANDOMISATION_METHODS
+    from srdxai.experiments.suite.randomisation import RANDOMISATION_METHODS
     from srdxai.report.render import build_report
 
     config = BenchConfig(experiments=["randomisation"], quick=True, samples=2, batch_size=2,
@@ -213,7 +213,7 @@ def test_randomisation_experiment_writes_rows_curves_figures_and_its_section(tmp
 
 
 def test_quick_options_reach_every_row():
-    from srdxai.experiments.runner import method_options
+    from srdxai.experiments.config import method_options
 
     assert method_options("integrated_gradients", {}, quick=True) == {"steps": 16}
     assert method_options("integrated_gradients", {}, quick=False) == {}
@@ -224,7 +224,7 @@ def test_quick_options_reach_every_row():
 
 
 def test_quick_table2_includes_efficientnet_on_the_composites_without_the_costliest_rows():
-    from srdxai.experiments.runner import QUICK_SKIPPED_ON_IMAGENET, TABLE2_METHODS
+    from srdxai.experiments.suite.table2 import QUICK_SKIPPED_ON_IMAGENET, TABLE2_METHODS
 
     quick = jobs(BenchConfig(experiments=["table2"], quick=True, batch_size=8))
     lite = [j for j in quick if j.unit.model == "efficientnet-lite0"]

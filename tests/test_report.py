@@ -15,7 +15,8 @@ import pytest
 
 from srdxai.errors import InvalidInputError
 from srdxai.experiments.store import SCHEMA
-from srdxai.report import paper, render, tables
+from srdxai.experiments.suite.gae import GAE_METRICS
+from srdxai.report import blocks, paper, tables
 from srdxai.report.render import build_report
 from srdxai.report.tables import Cell, cell_stats, format_cell, metric_table, t_quantile
 
@@ -103,7 +104,7 @@ def _full_run(run_dir: Path) -> Path:
                [0.5 + shift, 0.6 + shift, 0.55 + shift])
         db.add("insertion_deletion", "fmnist-vgg-relu", method, "auc_deletion",
                [0.4 - shift, 0.5 - shift, 0.45 - shift])
-        for metric in render.GAE_METRICS:
+        for metric in GAE_METRICS:
             db.add("gae", "fmnist-vgg-relu", method, metric, [0.3 + shift, 0.4 + shift])
         db.add("attack", "fmnist-vgg-relu", method, "topk_intersection", [0.5, 0.7])
         db.add("randomisation", "fmnist-vgg-relu", method, "mprt_ssim", [0.2 + shift, 0.3])
@@ -373,7 +374,7 @@ def test_markdown_figures_are_written_next_to_it(full_report):
     refs = re.findall(r"!\[[^\]]*\]\((figures/[^)]+)\)", md)
     assert len(refs) >= 4
     for ref in refs:
-        assert (run_dir / ref).read_bytes().startswith(render.PNG_SIGNATURE)
+        assert (run_dir / ref).read_bytes().startswith(blocks.PNG_SIGNATURE)
     grid = [r for r in refs if "artifact" in r]
     assert len(grid) == 2 and all((run_dir / r).read_bytes() == ARTIFACT for r in grid)
     # the cascading-randomisation figure sits in its section, not in the qualitative grid
@@ -471,10 +472,10 @@ def test_a_database_written_by_the_result_store(tmp_path):
 
 def test_mean_curve_on_shared_and_on_different_grids():
     same = tables.CurveSet("m", "A", "c", [[0, 1], [0, 1]], [[0.0, 1.0], [1.0, math.nan]])
-    x, y, n, interpolated = render._mean_curve(same)
+    x, y, n, interpolated = blocks.mean_curve(same)
     assert list(x) == [0, 1] and list(y) == [0.5, 1.0] and n == 2 and not interpolated
     mixed = tables.CurveSet("m", "A", "c", [[0, 1, 2], [0.5, 2.5]], [[0, 1, 2], [0.5, 2.5]])
-    x, y, n, interpolated = render._mean_curve(mixed)
+    x, y, n, interpolated = blocks.mean_curve(mixed)
     assert interpolated and list(x) == [0.5, 1.0, 2.0]  # only where both samples have data
     assert list(y) == pytest.approx([0.5, 1.0, 2.0])
 

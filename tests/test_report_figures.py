@@ -81,8 +81,8 @@ def test_method_grid_is_a_png_with_signed_and_unsigned_panels(tmp_path):
 
 
 def test_curves_have_their_real_axes_and_18_methods_stay_apart():
-    from srdxai.experiments.runner import TABLE2_METHODS
-    from srdxai.report.render import CURVE_AXES, line_styles
+    from srdxai.experiments.suite.table2 import TABLE2_METHODS
+    from srdxai.report.blocks import CURVE_AXES, line_styles
 
     # every curve the runner records has labelled axes; Sensitivity-n's n on a log axis
     runner_source = (Path(__file__).resolve().parent.parent / "src" / "srdxai" / "experiments"

@@ -1,0 +1,359 @@
+"""The building blocks of the report: neutral blocks (text, code, tables, figures, sections)
+and the pieces every experiment's section is made of (a methods x metrics table per model, the
+mean curves, bar figures, stored PNG figures, the generic section).
+
+The report writers (``render.py``) turn the blocks into HTML and Markdown; the experiments
+(``srdxai.experiments.suite``) build their sections from them.
+"""
+
+from __future__ import annotations
+
+import io
+import math
+import re
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+import numpy as np
+
+from srdxai.report import tables
+from srdxai.report.tables import CurveSet, MetricTable
+
+if TYPE_CHECKING:
+    from srdxai.experiments.registry import ReportInputs
+
+__all__ = ["CURVE_AXES", "Code", "Figure", "FigureNames", "LINE_STYLES", "PNG_SIGNATURE",
+           "Section", "Table", "Text", "arrow", "bar_figures", "curve_figures",
+           "generic_section", "identical_notes", "line_styles", "mean_curve", "model_tables",
+           "n_note", "new_figure", "not_run", "png", "png_figures", "slug"]
+
+PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
+_MAX_LISTED = 12  # missing-value cells listed by name in a table's notes
+
+
+# --- blocks -----------------------------------------------------------------------------------
+
+@dataclass
+class Text:
+    text: str
+
+
+@dataclass
+class Code:
+    text: str
+    lang: str = ""  # "json": the text is JSON (the Markdown writer relies on it)
+
+
+@dataclass
+class Table:
+    title: str
+    header: list[str]
+    rows: list[list[tuple[str, bool]]]  # (text, bold)
+    notes: list[str] = field(default_factory=list)
+
+
+@dataclass
+class Figure:
+    title: str
+    filename: str  # under figures/ for the Markdown report
+    png: bytes
+
+
+@dataclass
+class Section:
+    title: str
+    anchor: str
+    blocks: list[Text | Code | Table | Figure | Section] = field(default_factory=list)
+    ran: bool = True
+
+
+def slug(text: str) -> str:
+    return re.sub(r"[^A-Za-z0-9._-]+", "-", text).strip("-.") or "x"
+
+
+class FigureNames:
+    """Unique figure file names (two models may slug to the same text)."""
+
+    def __init__(self) -> None:
+        self.used: set[str] = set()
+
+    def __call__(self, stem: str) -> str:
+        base, k = slug(stem), 1
+        name = f"{base}.png"
+        while name in self.used:
+            k += 1
+            name = f"{base}-{k}.png"
+        self.used.add(name)
+        return name
+
+
+def not_run(title: str, anchor: str, experiments: Sequence[str]) -> Section:
+    which = ", ".join(f"'{e}'" for e in experiments)
+    return Section(title, anchor, [Text(f"Not run: results.sqlite has no rows for experiment "
+                                        f"{which}.")], ran=False)
+
+
+# --- metric tables ----------------------------------------------------------------------------
+
+def arrow(metric: str) -> str:
+    return {"higher": " ↑", "lower": " ↓"}.get(tables.direction(metric) or "", "")
+
+
+def n_note(typical: int) -> str:
+    return f"n = {typical} per cell (samples with a finite value; other counts are shown)."
+
+
+def _notes(table: MetricTable, model: str, metrics: Sequence[str]) -> list[str]:
+    notes = []
+    typical = table.typical_n(model)
+    if typical is not None:
+        notes.append(n_note(typical))
+    missing = [(method, metric, c.missing) for method in table.methods
+               for metric in metrics
+               if (c := table.cell(model, method, metric)) is not None and c.missing]
+    if missing:
+        listed = "; ".join(f"{m} · {k}: {n}" for m, k, n in missing[:_MAX_LISTED])
+        more = f"; and {len(missing) - _MAX_LISTED} more" if len(missing) > _MAX_LISTED else ""
+        notes.append(f"NaN/NULL values left out of the statistics: {listed}{more}.")
+    return notes
+
+
+def model_tables(table: MetricTable, title: str, metrics: Sequence[str] | None = None,
+                  marks: dict[str, str] | None = None, notes: Sequence[str] = ()
+                  ) -> list[Table]:
+    """One methods x metrics table per model; ``metrics`` first, then any others present;
+    ``marks`` appends a mark to a method's name, ``notes`` go under every table."""
+    out = []
+    for model in table.models:
+        present = table.metrics_for(model)
+        order = [m for m in (metrics or ()) if m in present]
+        order += [m for m in present if m not in order]
+        typical = table.typical_n(model)
+        rows = []
+        for method in table.methods_for(model, order):
+            row = [(method + (marks or {}).get(method, ""), False)]
+            for metric in order:
+                c = table.cell(model, method, metric)
+                row.append((tables.format_cell(c, typical), bool(c and c.best)))
+            rows.append(row)
+        out.append(Table(f"{title}: {model}", ["method"] + [m + arrow(m) for m in order], rows,
+                         _notes(table, model, order) + list(notes)))
+    return out
+
+
+# --- figures ----------------------------------------------------------------------------------
+
+def new_figure(width: float, height: float):  # -> matplotlib.figure.Figure
+    # The object-oriented API with the Agg canvas: no pyplot state, no GUI backend, and the
+    # figure is freed with its last reference (nothing registered that would need closing).
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+    from matplotlib.figure import Figure as MplFigure
+
+    fig = MplFigure(figsize=(width, height), dpi=100, layout="constrained")
+    FigureCanvasAgg(fig)
+    return fig
+
+
+def png(fig) -> bytes:
+    buf = io.BytesIO()
+    fig.savefig(buf, format="png")
+    fig.clear()
+    return buf.getvalue()
+
+
+#: per curve the report draws: (x axis label, y axis label, x scale)
+CURVE_AXES = {
+    "sensitivity_n": ("n, features removed at random (log scale)",
+                      "Pearson r (map sum vs output change)", "log"),
+    "insertion": ("fraction of pixels inserted", "class probability", "linear"),
+    "deletion": ("fraction of pixels removed", "class probability", "linear"),
+    "mprt_ssim": ("layers randomised, from the output", "SSIM to the original map", "linear"),
+    "mprt_spearman_abs": ("layers randomised, from the output",
+                          "Spearman of |maps| to the original", "linear"),
+    "mprt_spearman": ("layers randomised, from the output", "Spearman to the original map",
+                      "linear"),
+    "mprt_hog_cosine": ("layers randomised, from the output", "HOG cosine to the original",
+                        "linear"),
+}
+#: line styles cycled with the colours, so 19 methods stay apart in black and white too
+LINE_STYLES = ("-", "--", ":", "-.")
+
+
+def line_styles(n: int) -> list[tuple[object, str]]:
+    """(colour, line style) for ``n`` lines: ten colours, then the next style."""
+    colours = colour_cycle(min(n, 10))
+    return [(colours[i % len(colours)], LINE_STYLES[(i // len(colours)) % len(LINE_STYLES)])
+            for i in range(n)]
+
+
+def colour_cycle(n: int) -> list:
+    """``n`` colours: tab10, or tab20 beyond ten."""
+    from matplotlib import colormaps
+
+    cmap = colormaps["tab10" if n <= 10 else "tab20"]
+    return [cmap(i % cmap.N) for i in range(n)]
+
+
+def mean_curve(cs: CurveSet) -> tuple[np.ndarray, np.ndarray, int, bool] | None:
+    """(x, mean y, samples used, interpolated?) of one method's curves, None if unusable."""
+    pairs = [(np.asarray(x, float), np.asarray(y, float)) for x, y in zip(cs.xs, cs.ys,
+                                                                         strict=True)]
+    pairs = [(x, y) for x, y in pairs if x.size and x.size == y.size]
+    if not pairs:
+        return None
+    x0 = pairs[0][0]
+    if all(x.size == x0.size and np.allclose(x, x0, equal_nan=True) for x, _ in pairs):
+        with np.errstate(all="ignore"):
+            mean = np.nanmean(np.stack([y for _, y in pairs]), axis=0)
+        return x0, mean, len(pairs), False
+    # Samples on different x grids: average on the union of their x values inside the range
+    # every sample covers (np.interp would otherwise extend the ends flat).
+    lo = max(np.nanmin(x) for x, _ in pairs)
+    hi = min(np.nanmax(x) for x, _ in pairs)
+    grid = np.unique(np.concatenate([x[np.isfinite(x)] for x, _ in pairs]))
+    grid = grid[(grid >= lo) & (grid <= hi)]
+    if grid.size == 0:
+        return None
+    ys = []
+    for x, y in pairs:
+        order = np.argsort(x)
+        ys.append(np.interp(grid, x[order], y[order]))
+    with np.errstate(all="ignore"):
+        mean = np.nanmean(np.stack(ys), axis=0)
+    return grid, mean, len(pairs), True
+
+
+def curve_figures(db: Path, experiment: str, names: FigureNames) -> list[Figure | Text]:
+    """Per model: one panel per curve name, the mean curve of every method."""
+    sets = tables.curves(db, experiment)
+    out: list[Figure | Text] = []
+    for model in dict.fromkeys(cs.model for cs in sets):
+        mine = [cs for cs in sets if cs.model == model]
+        curve_names = list(dict.fromkeys(cs.curve for cs in mine))
+        methods = list(dict.fromkeys(cs.method for cs in mine))
+        style = dict(zip(methods, line_styles(len(methods)), strict=True))
+        width = max(6.0, 4.8 * len(curve_names))
+        # Legend below the panels, as many ~2.6-inch columns as fit (method names are long).
+        ncols = max(1, min(len(methods), int(width // 2.6)))
+        fig = new_figure(width, 3.8 + 0.22 * math.ceil(len(methods) / ncols))
+        axes = fig.subplots(1, len(curve_names), squeeze=False)[0]
+        interpolated = skipped = False
+        for ax, curve in zip(axes, curve_names, strict=True):
+            for cs in (c for c in mine if c.curve == curve):
+                got = mean_curve(cs)
+                if got is None:
+                    skipped = True
+                    continue
+                x, y, n, interp = got
+                interpolated |= interp
+                colour, line = style[cs.method]
+                ax.plot(x, y, color=colour, linestyle=line, label=f"{cs.method} (n={n})",
+                        lw=1.5)
+            xlabel, ylabel, scale = CURVE_AXES.get(curve, (curve, "value", "linear"))
+            ax.set_title(curve.replace("_", "-"))
+            ax.set_xscale(scale)
+            ax.set_xlabel(xlabel)
+            ax.set_ylabel(f"{ylabel}, mean over samples")
+            ax.grid(alpha=0.3)
+        handles, labels = axes[0].get_legend_handles_labels()
+        for ax in axes[1:]:
+            h, lab = ax.get_legend_handles_labels()
+            for hh, ll in zip(h, lab, strict=True):
+                if ll not in labels:
+                    handles.append(hh)
+                    labels.append(ll)
+        if handles:
+            fig.legend(handles, labels, loc="outside lower center", ncols=ncols,
+                       fontsize="small")
+        fig.suptitle(f"{experiment}: {model}")
+        title = f"{experiment}: mean curves per method, {model}"
+        out.append(Figure(title, names(f"{experiment}-{model}-curves"), png(fig)))
+        if interpolated:
+            out.append(Text(f"{model}: samples were on different x grids; their curves were "
+                            "interpolated onto the x values common to all before averaging."))
+        if skipped:
+            out.append(Text(f"{model}: some curves were empty or had x and y of different "
+                            "lengths and were left out."))
+    return out
+
+
+def bar_figures(table: MetricTable, metrics: Sequence[str], experiment: str, names: FigureNames
+                 ) -> list[Figure]:
+    """Per model: one bar panel per metric, bars = methods with their 95 % CI."""
+    out = []
+    for model in table.models:
+        present = [m for m in metrics if m in table.metrics_for(model)]
+        if not present:
+            continue
+        methods = table.methods_for(model, present)
+        width = max(4.0, 0.45 * len(methods) + 1.5)
+        # Side by side while narrow; one panel per row once the method names need the width.
+        if len(methods) <= 8:
+            fig = new_figure(width * len(present), 4.2)
+            axes = fig.subplots(1, len(present), squeeze=False)[0]
+        else:
+            fig = new_figure(width, 3.6 * len(present))
+            axes = fig.subplots(len(present), 1, squeeze=False)[:, 0]
+        for ax, metric in zip(axes, present, strict=True):
+            cells = [table.cell(model, m, metric) for m in methods]
+            means = [c.mean if c and c.n else math.nan for c in cells]
+            # (below, above) the mean: Wilson's interval for 0/1 metrics, else +- t
+            errs = np.array([
+                (c.mean - c.interval[0], c.interval[1] - c.mean) if c and c.interval
+                else (c.half_width, c.half_width) if c and c.n > 1 else (0.0, 0.0)
+                for c in cells]).T
+            colours = ["tab:orange" if c and c.best else "tab:blue" for c in cells]
+            pos = np.arange(len(methods))
+            ax.bar(pos, np.nan_to_num(means), yerr=np.nan_to_num(errs), color=colours,
+                   capsize=3)
+            ax.set_xticks(pos, methods, rotation=60, ha="right", fontsize="small")
+            ax.set_title(metric + arrow(metric))
+            ax.grid(axis="y", alpha=0.3)
+        fig.suptitle(f"{experiment}: {model} (mean and 95 % CI: t, or Wilson for 0/1 "
+                     "metrics; best in orange)")
+        out.append(Figure(f"{experiment}: {model}", names(f"{experiment}-{model}-bars"),
+                          png(fig)))
+    return out
+
+
+
+def identical_notes(db: Path, experiment: str) -> list[Text]:
+    """A note per method whose every value equals an earlier method's on the same model."""
+    return [Text(f"{model}: {method} equals {other} on every metric and sample of this run: "
+                 "the two are the same computation here (for example SRD-low seeded with "
+                 "Grad-CAM at its own layer is Grad-CAM), not two independent results.")
+            for model, method, other in tables.identical_methods(db, experiment)]
+
+
+
+def png_figures(found: list[tuple[str, bytes]], names: FigureNames) -> list:
+    blocks: list = []
+    for name, data in found:
+        if data.startswith(PNG_SIGNATURE):
+            blocks.append(Figure(name, names(f"artifact-{name.removesuffix('.png')}"), data))
+        else:
+            blocks.append(Text(f"Artifact {name!r} is marked 'png' but is not a PNG; left out."))
+    return blocks
+
+
+
+def generic_section(report: ReportInputs, experiment: str, title: str, anchor: str,
+                    metrics: Sequence[str] | None = None, bars: bool = False) -> Section:
+    """An experiment's rows as a methods x metrics table per model (``metrics`` first), its
+    mean curves, notes on identical methods, and bar figures of ``metrics`` if ``bars``; "not
+    run" when the database has neither rows nor curves of ``experiment``."""
+    db, names = report.db, report.names
+    table = tables.metric_table(db, experiment)
+    figures = curve_figures(db, experiment, names)
+    if table.empty and not figures:
+        return not_run(title, anchor, [experiment])
+    blocks: list = list(figures)
+    blocks += model_tables(table, f"{title} (ours)", metrics)
+    blocks += identical_notes(db, experiment)
+    if bars and metrics:
+        blocks += bar_figures(table, metrics, experiment, names)
+    return Section(title, anchor, blocks)
+
+
