@@ -99,7 +99,9 @@ def _sections(db: Path, info: RunInfo) -> list[Section]:
     for title, anchor in groups:
         group = groups[(title, anchor)]
         if not any(isinstance(s, Section) and s.ran for s in group.blocks):
-            members = [e.name for e in EXPERIMENTS.values() if e.group == (title, anchor)]
+            members = [e.name for e in sorted(EXPERIMENTS.values(),
+                                              key=lambda e: e.report_position)
+                       if e.group == (title, anchor)]
             body[body.index(group)] = not_run(title, anchor, members)
     for experiment in tables.experiments(db):
         if experiment not in EXPERIMENTS:
