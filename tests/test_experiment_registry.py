@@ -37,8 +37,10 @@ FASHION = pytest.mark.skipif(
 
 
 def test_the_shipped_experiments_are_registered_in_the_default_run_order():
-    assert experiment_names() == DEFAULT_EXPERIMENTS
+    # evaluate (your model and data) runs only when asked for, with a setup
+    assert experiment_names() == DEFAULT_EXPERIMENTS + ("evaluate",)
     assert BenchConfig().experiments == list(DEFAULT_EXPERIMENTS)
+    assert experiment("evaluate").sources(BenchConfig()) == []
     positions = [e.report_position for e in EXPERIMENTS.values()]
     assert len(set(positions)) == len(positions)  # the report order is never ambiguous
     for name in DEFAULT_EXPERIMENTS:

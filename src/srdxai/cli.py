@@ -636,13 +636,12 @@ def train_command(arch: str, activation: str | None, epochs: int, train_size: in
 
 @cli.command("bench")
 @click.argument("run_dir", type=click.Path(path_type=Path))
-@click.option("--experiments",
-              default="table2,activation,sensitivity_n,insertion_deletion,gae,noise,apop,"
-                      "attack,grid,randomisation",
-              show_default=True,
+@click.option("--experiments", default=None,
               help="Comma-separated: table2, activation, sensitivity_n, insertion_deletion, "
                    "gae, noise, apop, attack (explanation manipulation), grid (the "
-                   "qualitative grid), randomisation (MPRT and random-logit sanity checks).")
+                   "qualitative grid), randomisation (MPRT and random-logit sanity checks), "
+                   "evaluate (your model and data).  [default: all but evaluate; evaluate "
+                   "alone with --arch/--builder]")
 @click.option("--quick", is_flag=True,
               help="Fewer samples, runs and noise draws; EfficientNet-Lite0 only in Table 2, "
                    "on 32 composites without stability, variants, ScoreCAM and AblationCAM "
@@ -681,6 +680,46 @@ def train_command(arch: str, activation: str | None, epochs: int, train_size: in
 @click.option("--stability-draws", type=click.IntRange(min=1), default=None,
               help="Noise draws of the stability estimate [default: 50, 10 with --quick; "
                    "fewer than 50 is reported as a lower bound].")
+@click.option("--arch", default=None, metavar="[timm:|torchvision:]NAME",
+              help="Evaluate your model: a timm or torchvision architecture (built without "
+                   "downloading), with --weights.")
+@click.option("--builder", default=None, metavar="MODULE:FUNCTION",
+              help="Evaluate your model: 'package.module:function' or 'file.py:function' "
+                   "returning an nn.Module.")
+@click.option("--weights", type=click.Path(path_type=Path), default=None,
+              help="Your model's state dict (read with weights_only=True).")
+@click.option("--num-classes", type=click.IntRange(min=1), default=None,
+              help="Outputs of your model, if not the architecture's default.")
+@click.option("--model-name", default=None,
+              help="Your model's name in the results.  [default: the --arch or --builder]")
+@click.option("--data", "data_dir", type=click.Path(path_type=Path), default=None,
+              help="Your images: a folder, class sub-folders for labels, an optional masks/ "
+                   "folder for object masks (docs/experiments.md).")
+@click.option("--size", type=click.IntRange(min=8), default=224, show_default=True,
+              help="Your model's input size (shorter side to size/0.875, central crop).")
+@click.option("--mean", default=None, metavar="R,G,B",
+              help="Your model's normalisation mean.  [default: ImageNet's]")
+@click.option("--std", default=None, metavar="R,G,B",
+              help="Your model's normalisation std.  [default: ImageNet's]")
+@click.option("--classes", type=click.Path(path_type=Path), default=None,
+              help="Class names, one per line: class folders are matched to them.")
+@click.option("--methods", "method_names", default=None,
+              help="Methods to evaluate, comma-separated (`srdxai methods`).  [default: "
+                   "saliency,gradient_x_input,integrated_gradients,gradcam,srd]")
+@click.option("--metrics", "metric_names", default=None,
+              help="Metrics, comma-separated (`srdxai metrics`).  [default: "
+                   "faithfulness_correlation,mu_fidelity,insertion,deletion,sparseness, and "
+                   "pointing_game,attribution_localisation,relevance_mass_accuracy with masks]")
+@click.option("--targets", type=click.Choice(["label", "predicted"]), default="label",
+              show_default=True,
+              help="Explain the data's labels (the predicted class where there are none) or "
+                   "the predicted classes.")
+@click.option("--save-maps", is_flag=True,
+              help="Keep every map in the run's database (srdxai.experiments.saved_maps).")
+@click.option("--maps-from", type=click.Path(path_type=Path, exists=True, file_okay=False),
+              default=None,
+              help="Score the maps a previous --save-maps run of the same model and data "
+                   "saved, instead of explaining again.")
 @click.option("--quiet", is_flag=True, help="No progress bar.")
 @_errors_as_one_line
 def bench_command(run_dir: Path, experiments: str, quick: bool, samples: int | None,
@@ -688,16 +727,25 @@ def bench_command(run_dir: Path, experiments: str, quick: bool, samples: int | N
                   fidelity_abs: bool, fidelity_subset: str, fidelity_correlation: str,
                   fidelity_grid: int, variants: str, models: str | None,
                   pointing_tolerance: int,
-                  stability_draws: int | None, quiet: bool) -> None:
+                  stability_draws: int | None, arch: str | None, builder: str | None,
+                  weights: Path | None, num_classes: int | None, model_name: str | None,
+                  data_dir: Path | None, size: int, mean: str | None, std: str | None,
+                  classes: Path | None, method_names: str | None, metric_names: str | None,
+                  targets: str, save_maps: bool, maps_from: Path | None,
+                  quiet: bool) -> None:
     """Run the seeds' experiments into RUN_DIR (SQLite); resumes an interrupted run.
 
     The --fidelity-*, --pointing-tolerance and --stability-draws options set Table 2's
     evaluation protocol; it is stored with the results and shown in the report.
 
+    Your own model and data: --arch or --builder (with --weights) and --data DIR run the
+    evaluate experiment: --methods on every image, scored by --metrics.
+
     Scale out with torchrun: ``torchrun --nproc-per-node N -m srdxai bench RUN_DIR ...``
     shards the work over the ranks; rank 0 merges their results.
     """
     from srdxai.experiments import BenchConfig, run
+    from srdxai.experiments.config import DEFAULT_EXPERIMENTS
     from srdxai.experiments.protocol import FidelityProtocol, Protocol, parse_variants
 
     if batch_size < 1 or (samples is not None and samples < 1):
@@ -714,14 +762,58 @@ def bench_command(run_dir: Path, experiments: str, quick: bool, samples: int | N
                          fidelity_grid),
         variants=parse_variants(variants), pointing_tolerance=pointing_tolerance,
         stability_draws=stability_draws)
+    own = _own_setup(arch, builder, weights, num_classes, model_name, data_dir, size, mean,
+                     std, classes, method_names, metric_names, targets, save_maps, maps_from)
+    if experiments is None:
+        experiments = "evaluate" if own is not None else ",".join(DEFAULT_EXPERIMENTS)
     config = BenchConfig(experiments=[e.strip() for e in experiments.split(",") if e.strip()],
                          quick=quick, seed=seed, batch_size=batch_size, samples=samples,
                          device=device, protocol=protocol,
                          models=[m.strip() for m in models.split(",") if m.strip()]
-                         if models else None)
+                         if models else None, own=own)
     merged = run(run_dir, config, progress=not quiet)
     if merged is not None:
         click.echo(f"results: {merged}; write the report with: srdxai report {run_dir}")
+
+
+def _own_setup(arch: str | None, builder: str | None, weights: Path | None,
+               num_classes: int | None, model_name: str | None, data_dir: Path | None,
+               size: int, mean: str | None, std: str | None, classes: Path | None,
+               method_names: str | None, metric_names: str | None, targets: str,
+               save_maps: bool, maps_from: Path | None) -> Any:
+    """The evaluate experiment's setup from ``srdxai bench``'s options (None: no own model)."""
+    from srdxai.experiments.own import OwnSetup
+    from srdxai.models import user
+
+    if arch is None and builder is None:
+        given = [name for name, value in (("--weights", weights), ("--data", data_dir),
+                                          ("--methods", method_names),
+                                          ("--metrics", metric_names),
+                                          ("--maps-from", maps_from)) if value]
+        if given:
+            raise InvalidInputError(f"{', '.join(given)} describe(s) your own evaluation: "
+                                    "give your model with --arch or --builder too")
+        return None
+    if data_dir is None:
+        raise InvalidInputError("give your images with --data DIR (a folder, class "
+                                "sub-folders for labels, masks/ for object masks)")
+
+    def names(value: str | None) -> list[str] | None:
+        return None if value is None else [v.strip() for v in value.split(",") if v.strip()]
+
+    setup = OwnSetup(
+        model_name=model_name or arch or builder or "model", arch=arch, builder=builder,
+        weights=None if weights is None else str(weights), num_classes=num_classes,
+        data=str(data_dir), size=size, mean=_triple(mean, "--mean") or user.IMAGENET_MEAN,
+        std=_triple(std, "--std") or user.IMAGENET_STD,
+        classes=None if classes is None else str(classes), metrics=names(metric_names),
+        targets=targets, save_maps=save_maps,
+        maps_from=None if maps_from is None else str(maps_from))
+    methods = names(method_names)
+    if methods is not None:
+        setup.methods = methods
+    setup.check()
+    return setup
 
 
 @cli.command("merge")

@@ -6,6 +6,7 @@ Each experiment is one module of ``srdxai.experiments.suite`` registered in
 """
 
 from .config import BenchConfig
+from .own import OwnSetup, evaluate, saved_maps
 from .registry import (
     EXPERIMENTS,
     Experiment,
@@ -19,9 +20,9 @@ from .registry import (
 from .runner import jobs, run
 from .store import ResultStore, merge
 
-__all__ = ["EXPERIMENTS", "TABLE2_METHODS", "BenchConfig", "Experiment", "ReportInputs",
-           "ResultStore", "UnitInputs", "UnitResult", "experiment", "experiment_names",
-           "jobs", "merge", "register_experiment", "run"]
+__all__ = ["EXPERIMENTS", "TABLE2_METHODS", "BenchConfig", "Experiment", "OwnSetup",
+           "ReportInputs", "ResultStore", "UnitInputs", "UnitResult", "evaluate", "experiment",
+           "experiment_names", "jobs", "merge", "register_experiment", "run", "saved_maps"]
 
 
 def __getattr__(name: str) -> object:

@@ -7,6 +7,7 @@ import json
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
+from .own import OwnSetup
 from .protocol import Protocol
 
 __all__ = ["BenchConfig", "QUICK_OPTIONS", "method_options"]
@@ -33,6 +34,8 @@ class BenchConfig:
     protocol: Protocol = field(default_factory=Protocol)
     #: only the models matching one of these names or fnmatch patterns (None: all)
     models: list[str] | None = None
+    #: your model, data, methods and metrics (the ``evaluate`` experiment)
+    own: OwnSetup | None = None
 
     def sizes(self, dataset: str) -> int:
         """Samples per model on ``dataset`` (before an experiment's own reduction)."""
@@ -53,6 +56,8 @@ class BenchConfig:
         d = asdict(self)
         d.pop("device")  # where it runs does not change what it computes
         d["protocol"] = self.protocol.public()
+        if self.own is None:
+            d.pop("own")  # the hash of a run without your model is as it was before
         return d
 
 

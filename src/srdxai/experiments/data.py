@@ -11,7 +11,8 @@ import torch
 
 Tensor = torch.Tensor
 
-__all__ = ["Source", "display_image", "load_batch", "load_model"]
+__all__ = ["Source", "display_image", "load_batch", "load_model", "source_batch",
+           "source_model"]
 
 
 @dataclass(frozen=True)
@@ -19,7 +20,7 @@ class Source:
     """A model and the masked data it is evaluated on."""
 
     model: str
-    dataset: str  # "fashion" or "composites"
+    dataset: str  # "fashion", "composites", or "own" (the run's OwnSetup)
 
 
 @cache
@@ -70,3 +71,24 @@ def display_image(source: Source, index: int) -> tuple[np.ndarray, str]:
 
     batch = _dataset("composites").batch([index])
     return batch.images[0], imagenet_class_names()[int(batch.labels[0])]
+
+
+def source_model(source: Source, config: Any) -> torch.nn.Module:
+    """The model of ``source`` for a run with ``config`` (a BenchConfig): the zoo's, or yours."""
+    if source.dataset == "own":
+        from .own import own_model
+
+        return own_model(config.own, config.device)
+    return load_model(source.model, config.device)
+
+
+def source_batch(source: Source, indices: list[int], config: Any
+                 ) -> tuple[Tensor, Tensor, Tensor | None]:
+    """Inputs, labels (-1: none) and object masks (None: none) of ``indices``."""
+    if source.dataset == "own":
+        from .own import own_data
+
+        x, y, masks = own_data(config.own).batch(indices)
+        device = config.device
+        return x.to(device), y.to(device), None if masks is None else masks.to(device)
+    return load_batch(source, indices, config.device)

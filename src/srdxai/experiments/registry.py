@@ -71,7 +71,7 @@ class UnitInputs:
     model: torch.nn.Module
     x: Tensor
     y: Tensor
-    masks: Tensor
+    masks: Tensor | None  # None: the data has no object masks
     seed: int
 
     @property
@@ -110,11 +110,13 @@ class UnitInputs:
 
 @dataclass
 class UnitResult:
-    """What a unit wrote: result rows, figures (PNG bytes by artifact name) and curves."""
+    """What a unit wrote: result rows, figures (PNG bytes by artifact name), curves, and saved
+    maps (``.npz`` bytes by name, stored with kind ``maps``)."""
 
     rows: list[Row] = field(default_factory=list)
     artifacts: dict[str, bytes] = field(default_factory=dict)
     curves: list[Curve] = field(default_factory=list)
+    maps: dict[str, bytes] = field(default_factory=dict)
 
 
 @dataclass

@@ -25,7 +25,7 @@ import torch
 
 from ..errors import InvalidInputError
 from .config import BenchConfig
-from .data import Source, load_batch, load_model
+from .data import Source, source_batch, source_model
 from .registry import Job, UnitInputs, UnitResult, experiment, matching, unit_seed
 from .store import ResultStore, merge, rank_path
 
@@ -61,8 +61,8 @@ def jobs(config: BenchConfig) -> list[Job]:
 
 def run_job(job: Job, config: BenchConfig) -> UnitResult:
     """One unit: its model and batch loaded, computed by its experiment."""
-    model = load_model(job.source.model, config.device)
-    x, y, masks = load_batch(job.source, list(job.samples), config.device)
+    model = source_model(job.source, config)
+    x, y, masks = source_batch(job.source, list(job.samples), config)
     unit = UnitInputs(job, config, model, x, y, masks, unit_seed(config, job))
     return experiment(job.unit.experiment).run(unit)
 
@@ -119,7 +119,7 @@ def run(run_dir: Path, config: BenchConfig, progress: bool = True,
             result = run_job(job, config)
             store.write_unit(job.unit, unit_seed(config, job), dist.rank,
                              time.perf_counter() - start, result.rows, result.curves,
-                             artifacts=result.artifacts)
+                             artifacts=result.artifacts, maps=result.maps)
             done_now += 1
     if dist.initialised:
         import torch.distributed as tdist

@@ -378,8 +378,10 @@ class ResultStore:
 
     def write_unit(self, unit: Unit, seed: int, rank: int, seconds: float,
                    rows: Iterable[Row], curves: Iterable[Curve] = (),
-                   artifacts: dict[str, bytes] | None = None) -> None:
-        """Record a finished unit, all its rows and its figures (PNG) atomically.
+                   artifacts: dict[str, bytes] | None = None,
+                   maps: dict[str, bytes] | None = None) -> None:
+        """Record a finished unit, all its rows, its figures (PNG) and its saved maps (kind
+        ``maps``, see ``srdxai.experiments.own``) atomically.
 
         A failure (disk full, file made read-only, damage found) rolls the whole unit back and
         raises :class:`~srdxai.errors.RunDirectoryError`; the unit stays to do."""
@@ -397,6 +399,8 @@ class ResultStore:
                       json.dumps([float(v) for v in c.y])) for c in curves])
                 self.db.executemany("INSERT OR REPLACE INTO artifacts VALUES (?, 'png', ?)",
                                     (artifacts or {}).items())
+                self.db.executemany("INSERT OR REPLACE INTO artifacts VALUES (?, 'maps', ?)",
+                                    (maps or {}).items())
                 self.db.execute("INSERT INTO units VALUES (?, ?, ?, ?, ?, ?)",
                                 (e, m, meth, unit.unit, rank, float(seconds)))
         except sqlite3.Error as exc:

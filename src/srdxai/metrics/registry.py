@@ -103,9 +103,12 @@ def by_family() -> list[MetricInfo]:
 
 
 def row_direction(row: str) -> Direction | None:
-    """Which way a result row is better, from the metric that writes it; None when no
-    registered metric writes it or the metric declares no direction."""
+    """Which way a result row is better, from the metric that writes it (or whose name it
+    is); None when no registered metric writes it or the metric declares no direction."""
     for info in METRICS.values():
         if info.writes(row):
             return info.direction
-    return None
+    # rows named after the metric itself (``srdxai bench``'s evaluate experiment), with an
+    # optional reading in brackets: ``road``, ``model_parameter_randomisation[ssim]``
+    base = row.split("[", 1)[0]
+    return METRICS[base].direction if base in METRICS else None

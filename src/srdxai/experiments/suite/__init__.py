@@ -13,4 +13,5 @@ from . import (  # noqa: F401 - imported to register, in the order a default run
     attack,
     grid,
     randomisation,
+    evaluate,
 )
