@@ -197,12 +197,16 @@ def gae_row(args: argparse.Namespace) -> _timing.Row:
                        statistics.median(times["plain"]), "plain gradient", None)
 
 
+#: the metrics timed against Quantus first, under the target of 10x faster
+FIRST_METRICS = ("faithfulness_correlation", "local_lipschitz_estimate", "pixel_flipping")
+
+
 def metric_rows(args: argparse.Namespace) -> list[_timing.Row]:
     import bench_metrics
 
     settings = argparse.Namespace(
         rounds=args.rounds, runs=100, lle_samples=10 if args.quick else 200,
-        flip_steps=48 if args.quick else 192)
+        flip_steps=48 if args.quick else 192, mc_samples=2 if args.quick else 10)
     quantus = bench_metrics.import_quantus()
     rows = []
     torch.manual_seed(0)
@@ -216,7 +220,9 @@ def metric_rows(args: argparse.Namespace) -> list[_timing.Row]:
         x = torch.randn(4 if args.quick else 16, 3, size, size)
         for _, metric, ours, theirs, difference in bench_metrics.bench_model(
                 label, model, x, settings, quantus):
-            rows.append(_timing.Row(metric, label, ours, theirs, "Quantus", 0.1,
+            # the first three keep the earlier brief's 10x; issue 21 asks <= 0.5x of the rest
+            target = 0.1 if metric.startswith(FIRST_METRICS) else 0.5
+            rows.append(_timing.Row(metric, label, ours, theirs, "Quantus", target,
                                     float(difference) if difference else None))
     return rows
 

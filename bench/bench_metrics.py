@@ -3,12 +3,16 @@
     python bench/bench_metrics.py [--quick] [--threads 1] [--batch 16] [--rounds 1]
                                   [--models small,effnet]
 
-Three metrics, each with the same settings in both libraries (per-sample normalisation,
-Quantus' draws and ours differ but have the same size):
+Each metric with the same settings in both libraries (per-sample normalisation, Quantus'
+draws and ours differ but have the same size):
 
 * faithfulness correlation, 100 runs of 224 features (``subset_size``) per sample;
 * local Lipschitz estimate, 200 noise samples (saliency re-run on every noisy input);
-* pixel flipping with an element map, 192 steps (Quantus needs H*W % features_in_step == 0).
+* pixel flipping with an element map, 192 steps (Quantus needs H*W % features_in_step == 0);
+* region perturbation (50 regions) and selectivity on an 8 x 8 grid of patches, infidelity
+  with the same patches (Quantus removes them cumulatively, we one at a time: the same number
+  of forward passes), monotonicity correlation (16 groups per channel x 10 noise draws),
+  max-sensitivity and relative input stability (10 / 200 noise samples).
 
 on a small CNN (3x32x32) and on EfficientNet-Lite0 (3x224x224), batch 16. ``--quick`` runs a
 small size (batch 4; 3x16x16 and 3x64x64 inputs; 10 noise samples; 48 flipping steps) for a
@@ -125,6 +129,50 @@ def bench_model(name: str, model: nn.Module, x: torch.Tensor, args, quantus) -> 
                                model, x, y, elements),
         compare=True,
     )
+    # the metric families added later, each with Quantus 0.6's counterpart and the same
+    # number of model evaluations (docs/metrics.md §7 lists where the definitions differ)
+    patch = max(2, x.shape[-1] // 8)  # an 8 x 8 grid (Quantus crashes unless p divides H)
+    regions = min(50, (x.shape[-1] // patch) ** 2)
+    timed(
+        f"region_perturbation ({regions} regions)",
+        lambda: metrics.region_perturbation(model, x, y, a, patch_size=patch,
+                                            regions_evaluation=regions).aopc,
+        lambda: quantus_scores(quantus.RegionPerturbation(
+            patch_size=patch, regions_evaluation=regions, **per_sample), model, x, y, a),
+    )
+    timed(
+        f"selectivity ({patch} px patches)",
+        lambda: metrics.selectivity(model, x, y, a, patch_size=patch).auc,
+        lambda: quantus_scores(quantus.Selectivity(patch_size=patch, **per_sample),
+                               model, x, y, a),
+    )
+    timed(
+        f"infidelity ({patch} px patches)",
+        lambda: metrics.infidelity(model, x, y, a, patch_sizes=patch),
+        lambda: quantus_scores(quantus.Infidelity(perturb_patch_sizes=[patch], **per_sample),
+                               model, x, y, a),
+    )
+    group = pixels // 16  # Quantus needs H*W % features_in_step == 0: 16 groups per channel
+    timed(
+        f"monotonicity_correlation ({x[0].numel() // group} groups x {args.mc_samples})",
+        lambda: metrics.monotonicity_correlation(model, x, y, elements, features_in_step=group,
+                                                 nr_samples=args.mc_samples),
+        lambda: quantus_scores(quantus.MonotonicityCorrelation(
+            nr_samples=args.mc_samples, features_in_step=group, **per_sample),
+            model, x, y, elements),
+    )
+    for ours_metric, theirs_metric in ((metrics.max_sensitivity, quantus.MaxSensitivity),
+                                       (metrics.relative_input_stability,
+                                        quantus.RelativeInputStability)):
+        timed(
+            f"{ours_metric.__name__} ({args.lle_samples} samples)",
+            lambda m=ours_metric: m(model, x, y, a, explain=saliency,
+                                    nr_samples=args.lle_samples),
+            lambda m=theirs_metric: quantus_scores(m(nr_samples=args.lle_samples, **per_sample),
+                                                   model, x, y, a,
+                                                   explain_func=metrics.quantus_explain_func(
+                                                       "saliency")),
+        )
     return rows
 
 
@@ -142,6 +190,7 @@ def main() -> None:
     args.runs = 100
     args.lle_samples = 10 if args.quick else 200
     args.flip_steps = 48 if args.quick else 192
+    args.mc_samples = 2 if args.quick else 10
     sizes = {"small": 16 if args.quick else 32, "effnet": 64 if args.quick else 224}
     quantus = import_quantus()
     torch.manual_seed(0)

@@ -76,6 +76,15 @@ class Sampling:
             g.manual_seed(int(self.seed))
         return g
 
+    def chunk_size(self, x: torch.Tensor, model: torch.nn.Module | None = None,
+                   explain: bool = False) -> int:
+        """The inputs per forward pass (or per ``explain`` call when ``explain``) a metric
+        uses for inputs like ``x``: ``batch_size``, or the device's element budget (capped by
+        a memory budget, estimated on ``model``)."""
+        from ._common import default_batch_size
+
+        return default_batch_size(x, self.batch_size, explain=explain, model=model)
+
     def replace(self, **changes: Any) -> Sampling:
         """A copy with ``changes`` applied (checked like a new object)."""
         return dataclasses.replace(self, **changes)
