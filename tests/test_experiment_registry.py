@@ -140,3 +140,43 @@ def test_a_user_experiment_runs_resumes_and_gets_its_report_section(user_experim
     # the report's order: after Robustness (60-62), before Randomisation (70)
     assert (text.index("## Robustness") < text.index("## Sharpness")
             < text.index("## Randomisation"))
+
+
+def test_a_new_module_in_the_packages_registers_without_any_other_edit(tmp_path, monkeypatch):
+    """Dropping a module into srdxai.metrics or srdxai.experiments.suite is all it takes."""
+    import sys
+
+    import srdxai.experiments.suite as suite
+
+    (tmp_path / "metric_pkg").mkdir()
+    (tmp_path / "metric_pkg" / "made_up_metric.py").write_text(
+        "from srdxai.metrics.registry import register_metric\n"
+        "@register_metric(family='complexity', direction='lower')\n"
+        "def made_up_metric(model, x, y, attributions=None, masks=None, explain=None):\n"
+        "    '''A made-up metric for the test: the maps' sum.'''\n"
+        "    return attributions.flatten(1).sum(1)\n")
+    (tmp_path / "suite_pkg").mkdir()
+    (tmp_path / "suite_pkg" / "made_up.py").write_text(
+        "from srdxai.experiments.registry import Experiment, register_experiment\n"
+        "@register_experiment\n"
+        "class MadeUp(Experiment):\n"
+        "    name, title = 'made_up', 'Made up'\n"
+        "    def sources(self, config):\n"
+        "        return []\n")
+    monkeypatch.setattr(metrics, "__path__", [*metrics.__path__, str(tmp_path / "metric_pkg")])
+    monkeypatch.setattr(suite, "__path__", [*suite.__path__, str(tmp_path / "suite_pkg")])
+    try:
+        metrics.load_metric_modules()
+        suite.load_experiment_modules()
+        assert metrics.made_up_metric(None, None, None, torch.ones(2, 3, 3)).tolist() == [9, 9]
+        assert "made_up_metric" in metrics.__all__
+        assert metrics.metric_info("made_up_metric").direction == "lower"
+        assert experiment("made_up").title == "Made up"
+    finally:
+        metrics.METRICS.pop("made_up_metric", None)
+        if "made_up_metric" in metrics.__all__:
+            metrics.__all__.remove("made_up_metric")
+        vars(metrics).pop("made_up_metric", None)
+        EXPERIMENTS.pop("made_up", None)
+        for name in ("srdxai.metrics.made_up_metric", "srdxai.experiments.suite.made_up"):
+            sys.modules.pop(name, None)

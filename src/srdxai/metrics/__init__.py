@@ -13,7 +13,8 @@ and returns float64 scores of shape (N,), except the curve metrics (``insertion`
 numpy arrays. See docs/metrics.md for exact definitions and the differences from Quantus.
 
 Every metric is registered with its family, direction and needs (:data:`METRICS`,
-``srdxai metrics``); a new one is one function with :func:`register_metric` plus its test.
+``srdxai metrics``); a new one is one function with :func:`register_metric` plus its test (a
+new module of this package is imported and exported by :func:`load_metric_modules`).
 """
 
 from .attribution_tests import (
@@ -146,6 +147,28 @@ __all__ = [
     "by_family",
     "metric_info",
     "register_metric",
+    "load_metric_modules",
     "Sampling",
     "SamplingOptions",
 ]
+
+
+def load_metric_modules() -> None:
+    """Import every metric module of this package, so that a new one registers its metrics
+    (and they become ``srdxai.metrics.<name>``) without an edit here; run on import."""
+    import importlib
+    import inspect
+    import pkgutil
+
+    for module in pkgutil.iter_modules(__path__):
+        if not module.name.startswith("_"):
+            importlib.import_module(f"{__name__}.{module.name}")
+    for name, info in METRICS.items():
+        # a module named like its metric (gae.py: gae) is shadowed by the metric
+        if name not in globals() or inspect.ismodule(globals()[name]):
+            globals()[name] = info.function
+        if name not in __all__:
+            __all__.append(name)
+
+
+load_metric_modules()
