@@ -188,6 +188,8 @@ def test_the_python_api_takes_a_module_and_an_iterable_and_resumes(tmp_path):
     assert evaluate(tmp_path, model, items, methods=["saliency", "gradcam"],
                     metrics=["pointing_game", "sparseness", "road"], batch_size=2,
                     progress=False) == db
+    with pytest.raises(InvalidInputError, match="not both"):
+        evaluate(tmp_path / "x", model, items, setup=OwnSetup(data="d"), progress=False)
     with pytest.raises(srdxai.SrdxaiError, match="configuration"):
         evaluate(tmp_path, small_net(4), items, methods=["saliency", "gradcam"],
                  metrics=["pointing_game", "sparseness", "road"], batch_size=2,

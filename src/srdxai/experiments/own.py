@@ -410,6 +410,9 @@ def evaluate(run_dir: str | Path, model: nn.Module | None = None, data: Any = No
     from .config import BenchConfig
     from .runner import run
 
+    if setup is not None and (model is not None or data is not None):
+        raise InvalidInputError("give the model and data either as model=/data= or inside "
+                                "setup=, not both")
     if setup is None:
         setup = OwnSetup(model_name=model_name, methods=list(methods),
                          metrics=None if metrics is None else list(metrics), targets=targets,
