@@ -16,7 +16,6 @@ Quantus imports zennit, which imports torchvision: that needs tests/_compat.py's
 from __future__ import annotations
 
 import contextlib
-import os
 import warnings
 
 import numpy as np
@@ -25,23 +24,11 @@ import torch
 from torch import nn
 
 import srdxai
+from quantus_guard import PER_SAMPLE, RTOL, import_quantus
 from srdxai import metrics
 
-os.environ["HF_HUB_OFFLINE"] = "1"
+quantus = import_quantus()
 
-try:
-    from _compat import import_torchvision
-
-    import_torchvision()
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")
-        import quantus
-except Exception as error:  # noqa: BLE001 - any import failure means "no oracle here"
-    pytest.skip(f"quantus is not importable ({error}); install it with "
-                "pip install -c constraints.txt 'quantus==0.6.*'", allow_module_level=True)
-
-PER_SAMPLE = {"normalise_func_kwargs": {"normalise_axes": (1, 2, 3)}, "disable_warnings": True}
-RTOL = 1e-9  # float64 on both sides; the brief asks for 1e-5
 
 
 class TinyCNN(nn.Module):

@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import contextlib
 import math
-import os
 import warnings
 
 import numpy as np
@@ -20,6 +19,7 @@ import torch
 from torch import nn
 
 import srdxai
+from quantus_guard import PER_SAMPLE, RTOL, import_quantus
 from srdxai.metrics.attribution_tests import (
     focus,
     infidelity,
@@ -27,22 +27,9 @@ from srdxai.metrics.attribution_tests import (
     sufficiency,
 )
 
-os.environ["HF_HUB_OFFLINE"] = "1"
+quantus = import_quantus()
 
-try:
-    from _compat import import_torchvision
-
-    import_torchvision()
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")
-        import quantus
-except Exception as error:  # noqa: BLE001 - any import failure means "no oracle here"
-    pytest.skip(f"quantus is not importable ({error}); install it with "
-                "pip install -c constraints.txt 'quantus==0.6.*'", allow_module_level=True)
-
-PER_SAMPLE = {"normalise_func_kwargs": {"normalise_axes": (1, 2, 3)}, "disable_warnings": True}
 QUIET = {"disable_warnings": True}
-RTOL = 1e-9
 pytestmark = pytest.mark.usefixtures("one_thread")  # tiny tensors: threads only add overhead
 
 

@@ -9,7 +9,6 @@ that needs tests/_compat.py's shim.
 from __future__ import annotations
 
 import contextlib
-import os
 import warnings
 
 import numpy as np
@@ -18,22 +17,11 @@ import torch
 from torch import nn
 
 import srdxai
+from quantus_guard import PER_SAMPLE, import_quantus
 from srdxai.metrics.axiomatic import non_sensitivity
 
-os.environ["HF_HUB_OFFLINE"] = "1"
+quantus = import_quantus()
 
-try:
-    from _compat import import_torchvision
-
-    import_torchvision()
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")
-        import quantus
-except Exception as error:  # noqa: BLE001 - any import failure means "no oracle here"
-    pytest.skip(f"quantus is not importable ({error}); install it with "
-                "pip install -c constraints.txt 'quantus==0.6.*'", allow_module_level=True)
-
-PER_SAMPLE = {"normalise_func_kwargs": {"normalise_axes": (1, 2, 3)}, "disable_warnings": True}
 pytestmark = pytest.mark.usefixtures("one_thread")  # tiny tensors: threads only add overhead
 
 

@@ -12,7 +12,6 @@ Quantus 0.6's IROF calls ``np.trapz``, which numpy 2.4 removed: those tests put
 from __future__ import annotations
 
 import contextlib
-import os
 import warnings
 
 import numpy as np
@@ -21,6 +20,7 @@ import torch
 from torch import nn
 
 import srdxai
+from quantus_guard import PER_SAMPLE, RTOL, import_quantus
 from srdxai.metrics.ordering import (
     irof,
     noisy_linear_imputation,
@@ -30,22 +30,9 @@ from srdxai.metrics.ordering import (
 )
 from srdxai.metrics.registry import METRICS
 
-os.environ["HF_HUB_OFFLINE"] = "1"
+quantus = import_quantus()
+from quantus.functions.perturb_func import noisy_linear_imputation as quantus_imputation  # noqa: E402 - after the guard
 
-try:
-    from _compat import import_torchvision
-
-    import_torchvision()
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")
-        import quantus
-        from quantus.functions.perturb_func import noisy_linear_imputation as quantus_imputation
-except Exception as error:  # noqa: BLE001 - any import failure means "no oracle here"
-    pytest.skip(f"quantus is not importable ({error}); install it with "
-                "pip install -c constraints.txt 'quantus==0.6.*'", allow_module_level=True)
-
-PER_SAMPLE = {"normalise_func_kwargs": {"normalise_axes": (1, 2, 3)}, "disable_warnings": True}
-RTOL = 1e-9
 DOUBLE = torch.float64
 # tiny float64 convolutions: extra intra-op threads only add overhead (conftest.py)
 pytestmark = pytest.mark.usefixtures("one_thread")

@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import contextlib
 import functools
-import os
 import warnings
 
 import numpy as np
@@ -21,6 +20,7 @@ import torch
 from torch import nn
 
 import srdxai
+from quantus_guard import PER_SAMPLE, RTOL, import_quantus
 from srdxai.metrics import quantus_explain_func
 from srdxai.metrics.stability import (
     consistency,
@@ -30,24 +30,11 @@ from srdxai.metrics.stability import (
     relative_representation_stability,
 )
 
-os.environ["HF_HUB_OFFLINE"] = "1"
+quantus = import_quantus()
+from quantus.functions.discretise_func import top_n_sign  # noqa: E402 - after the guard
+from quantus.helpers.enums import ScoreDirection  # noqa: E402 - after the guard
+from quantus.helpers.model.pytorch_model import PyTorchModel  # noqa: E402 - after the guard
 
-try:
-    from _compat import import_torchvision
-
-    import_torchvision()
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")
-        import quantus
-        from quantus.functions.discretise_func import top_n_sign
-        from quantus.helpers.enums import ScoreDirection
-        from quantus.helpers.model.pytorch_model import PyTorchModel
-except Exception as error:  # noqa: BLE001 - any import failure means "no oracle here"
-    pytest.skip(f"quantus is not importable ({error}); install it with "
-                "pip install -c constraints.txt 'quantus==0.6.*'", allow_module_level=True)
-
-PER_SAMPLE = {"normalise_func_kwargs": {"normalise_axes": (1, 2, 3)}, "disable_warnings": True}
-RTOL = 1e-9
 STEPS = 6
 #: symmetric noise U(-0.2, 0.2) (ours' default), under which some copies of some samples
 #: change the predicted class
