@@ -113,6 +113,7 @@ def _full_run(run_dir: Path) -> Path:
         db.curve("randomisation", "fmnist-vgg-relu", method, "mprt_ssim",
                  [[1.0, 2.0, 3.0]] * 2, [[0.9, 0.5, 0.2 + shift]] * 2)
         db.add("apop", "fmnist-vgg-relu", method, "apop_accuracy", [0.9, 0.8])
+        db.add("evaluate", "my-net", method, "road", [0.3 + shift, 0.4])
     db.add("noise", "fmnist-vgg-relu", "Saliency", "ssim_to_target", [0.77])  # n = 1
     db.add("newexp", "fmnist-vgg-relu", "Saliency", "brand_new_metric", [1.0, 2.0, 3.0])
     db.artifact("qualitative/grid.png", ARTIFACT)
@@ -282,7 +283,7 @@ def test_paper_activation_table_is_transcribed():
 
 # --- the report -------------------------------------------------------------------------------
 
-SECTIONS = ("Table 2", "Activation functions", "Sensitivity-n", "Insertion / deletion", "GAE",
+SECTIONS = ("Your model and data", "Table 2", "Activation functions", "Sensitivity-n", "Insertion / deletion", "GAE",
             "Robustness", "Randomisation (sanity checks)", "Qualitative grid")
 
 
@@ -295,12 +296,13 @@ def test_every_section_renders_when_its_experiment_ran(full_report):
     for sub in ("attack", "noise", "apop"):
         assert f"### Robustness: {sub}" in md
     assert "brand_new_metric" in md  # an unknown experiment gets a generic table
+    assert "road ↓" in md  # a row named after a metric takes its registered direction
     assert "0.770 (n=1)" in md       # a single sample has no interval
 
 
 def test_header_shows_the_run(full_report):
     _, html, md = full_report
-    for text in ("abc123", "0.test", "2024-01-02T03:04:05+00:00", '"seed": 7', "Rows: 154 results"):
+    for text in ("abc123", "0.test", "2024-01-02T03:04:05+00:00", '"seed": 7', "Rows: 158 results"):
         assert text in md
     assert "&quot;seed&quot;: 7" in html
 
