@@ -137,6 +137,7 @@ def test_a_user_experiment_runs_resumes_and_gets_its_report_section(user_experim
     assert section.count("![") == 1 + 4  # its mean curves and its four figures
     qualitative = text[text.index("## Qualitative grid"):]
     assert "sharpness/" not in qualitative  # the grid section leaves other experiments' PNGs
+    assert "Your model and data" not in text  # an optional experiment not run: no section
     # the report's order: after Robustness (60-62), before Randomisation (70)
     assert (text.index("## Robustness") < text.index("## Sharpness")
             < text.index("## Randomisation"))

@@ -148,6 +148,8 @@ class Experiment:
     bars: ClassVar[bool] = False
     #: a paragraph put above the generic section's tables
     note: ClassVar[str] = ""
+    #: run only when asked for: its section is left out of reports of runs without it
+    optional: ClassVar[bool] = False
 
     # --- planning ---------------------------------------------------------------------------
 

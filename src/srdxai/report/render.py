@@ -89,6 +89,8 @@ def _sections(db: Path, info: RunInfo) -> list[Section]:
     groups: dict[tuple[str, str], Section] = {}
     for exp in sorted(EXPERIMENTS.values(), key=lambda e: e.report_position):
         section = exp.section(report)
+        if exp.optional and not section.ran:
+            continue  # run only when asked for: no "not run" section for it
         if exp.group is None:
             body.append(section)
         elif exp.group in groups:

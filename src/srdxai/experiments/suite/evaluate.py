@@ -69,6 +69,7 @@ class Evaluate(Experiment):
     name = "evaluate"
     title = "Your model and data"
     report_position = 5
+    optional = True
 
     def sources(self, config: BenchConfig) -> list[Source]:
         if config.own is None:
