@@ -218,7 +218,7 @@ def local_lipschitz_estimate(
         sampling: seed, draws, batch size and progress (:class:`~srdxai.metrics.Sampling`;
             its fields may be given as keywords instead). ``draws``: explicit noise
             (nr_samples, N, C, H, W), e.g. Quantus' draws (see :class:`NoiseDraws`).
-            ``batch_size``: perturbed inputs per explain call (default: 2 Mi input elements on
+            ``batch_size``: perturbed inputs per explain call (default: 1 Mi input elements on
             a CPU, 4 Mi on a GPU).
 
     Returns:
