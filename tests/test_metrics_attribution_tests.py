@@ -213,8 +213,9 @@ def test_monotonicity_correlation_uses_one_draw_per_group_and_draw():
     a = torch.tensor([[[0.1, 0.2], [0.3, 0.4]]], dtype=DOUBLE)
     recording = Recording(model)
     draws = torch.tensor([[[0.5, 0.1], [0.2, 0.9]]], dtype=DOUBLE)  # (N, groups, runs)
+    # an explicit batch size: the default would first probe the model's activation sizes
     monotonicity_correlation(recording, x, 0, a, softmax=False, features_in_step=2, draws=draws,
-                             abs=False, normalise=None)
+                             abs=False, normalise=None, batch_size=8)
     calls = recording.calls
     perturbed = torch.cat(calls[1:]).flatten(1)  # after the clean pass
     expected = torch.tensor([[0.5, 0.5, 0, 0], [0.1, 0.1, 0, 0],

@@ -25,7 +25,7 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from ..engine.core import model_guard
-from ..engine.memory import budget_chunk, element_chunk, run_in_chunks
+from ..engine.memory import budget_chunk, cache_chunk, element_chunk, run_in_chunks
 from ..errors import InvalidInputError, InvalidTargetError, NonFiniteError
 
 Tensor = torch.Tensor
@@ -341,12 +341,18 @@ def baseline_values(baseline: Baseline, x: Tensor) -> Tensor:
 def default_batch_size(x: Tensor, batch_size: int | None, explain: bool = False,
                        model: nn.Module | None = None) -> int:
     """``batch_size`` if given, else as many images as the device's element budget allows,
-    capped by a :func:`~srdxai.engine.memory.memory_budget` when one is set (the memory of one
-    ``model`` pass is estimated once)."""
+    for forward-only chunks on a CPU no more than keep the largest activation in the caches
+    (:func:`~srdxai.engine.memory.cache_chunk`), capped by a
+    :func:`~srdxai.engine.memory.memory_budget` when one is set (the memory of one ``model``
+    pass is estimated once)."""
     if batch_size is not None:
         return check_positive_int(batch_size, "batch_size")
     size = element_chunk(x, backward=explain)
-    return size if model is None else budget_chunk(model, x, size, backward=explain)
+    if model is None:
+        return size
+    if not explain:  # forward-only chunks: keep the activations in the CPU's caches
+        size = cache_chunk(model, x, size)
+    return budget_chunk(model, x, size, backward=explain)
 
 
 def adaptive_chunks(total: int, size: int, progress: bool, desc: str,
