@@ -20,7 +20,7 @@ Quantus 0.6.
 from __future__ import annotations
 
 import math
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from typing import Any, Literal, Unpack
 
 import torch
@@ -51,52 +51,13 @@ from ._common import (
 )
 from .gae import make_mosaics
 from .registry import register_metric
+from .robustness import BlockDraws
 from .sampling import Sampling, SamplingOptions, sampling_of
 
 Tensor = torch.Tensor
 
 __all__ = ["infidelity", "monotonicity_correlation", "sufficiency", "focus", "focus_mosaics",
            "quadrant_masks"]
-
-
-class _SampleDraws:
-    """Random draws of a fixed shape per sample, made sample by sample in sample order (so they
-    depend on the generator only, not on chunking) and kept only while a chunk may need them.
-
-    ``explicit`` (N, *shape) replaces the generator. Items are sample-major: item k is row
-    ``k % shape[0]`` of the draw of sample ``k // shape[0]`` (see :meth:`rows`).
-    """
-
-    def __init__(self, shape: tuple[int, ...], draw: Callable[[], Tensor] | None,
-                 explicit: Tensor | None = None):
-        self.shape = shape
-        self.draw = draw
-        self.explicit = explicit
-        self._cache: dict[int, Tensor] = {}
-        self._drawn = -1  # the last sample drawn from the generator
-
-    def sample(self, i: int) -> Tensor:
-        if self.explicit is not None:
-            return self.explicit[i]
-        if i not in self._cache:
-            if i <= self._drawn:
-                raise RuntimeError(f"draws of sample {i} were dropped (internal error)")
-            assert self.draw is not None
-            for missing in range(self._drawn + 1, i + 1):
-                self._cache[missing] = self.draw()
-            self._drawn = i
-        return self._cache[i]
-
-    def rows(self, start: int, stop: int) -> Tensor:
-        """Rows [start, stop) of the sample-major (N * shape[0], *shape[1:]) layout.
-
-        Ranges come in increasing order, except that a range that ran out of memory is asked
-        for again in parts: samples before this range's first one are dropped, no others."""
-        per = self.shape[0]
-        first, last = start // per, (stop - 1) // per
-        self._cache = {k: v for k, v in self._cache.items() if k >= first}
-        block = torch.cat([self.sample(i) for i in range(first, last + 1)])
-        return block[start - first * per:stop - first * per]
 
 
 def _check_explicit_draws(draws: Any, shape: tuple[int | None, ...], layout: str) -> Tensor:
@@ -271,13 +232,13 @@ def infidelity(
             if sampling.draws is None:
                 per = check_positive_int(nr_samples, "nr_samples")
                 generator = sampling.make_generator()
-                source = _SampleDraws((per, *shape), lambda: torch.randn(
+                source = BlockDraws(per, lambda: torch.randn(
                     (per, *shape), generator=generator, dtype=torch.float64) * std)
             else:
                 explicit = _check_explicit_draws(sampling.draws, (s.n, None, *shape),
                                                  "(N, nr_samples, C, H, W)")
                 per = explicit.shape[1]
-                source = _SampleDraws((per, *shape), None, explicit)
+                source = BlockDraws(per, None, explicit)
             weights = torch.full((per,), 1.0 / per, dtype=torch.float64)
             sums = torch.empty(s.n * per, dtype=torch.float64)
 
@@ -389,14 +350,14 @@ def monotonicity_correlation(
             if sampling.draws is None:
                 runs = check_positive_int(nr_samples, "nr_samples")
                 generator = sampling.make_generator()
-                source = _SampleDraws((groups * runs,), lambda: torch.rand(
+                source = BlockDraws(groups * runs, lambda: torch.rand(
                     groups * runs, generator=generator, dtype=torch.float64) * (high - low) + low)
             else:
                 explicit = _check_explicit_draws(sampling.draws, (s.n, groups, None),
                                                  "(N, groups, nr_samples)")
                 runs = explicit.shape[2]
-                source = _SampleDraws((groups * runs,), None,
-                                      explicit.reshape(s.n, groups * runs))
+                source = BlockDraws(groups * runs, None,
+                                    explicit.reshape(s.n, groups * runs))
             base = None
         else:
             if sampling.draws is not None:

@@ -141,12 +141,6 @@ def _check_choice(value: Any, name: str, choices: tuple[str, ...]) -> Any:
     return value
 
 
-def _no_draws(sampling: Sampling, metric: str, why: str) -> None:
-    if sampling.draws is not None:
-        raise InvalidInputError(f"{metric} draws nothing {why}, so it takes no draws=; leave "
-                                "sampling.draws as None.")
-
-
 # --- ROAD -----------------------------------------------------------------------------------
 
 def _impute(values: np.ndarray, pixels: np.ndarray, height: int, width: int) -> np.ndarray:
@@ -412,7 +406,7 @@ def _replacement(s: MetricInputs, baseline: Any, uniform_range: Any, sampling: S
                  metric: str) -> Tensor:
     """The replacement image (N, C, H, W): the baseline, or uniform noise for "uniform"."""
     if not (isinstance(baseline, str) and baseline == "uniform"):
-        _no_draws(sampling, metric, "unless baseline='uniform'")
+        sampling.refuse_draws(metric, "it draws nothing unless baseline='uniform'")
         return baseline_values(baseline, s.x)
     if sampling.draws is not None:
         values = to_tensor(sampling.draws, "draws").to(device=s.x.device, dtype=s.x.dtype)
@@ -692,7 +686,7 @@ def irof(
         1 + S_i forward passes per sample (S_i: its number of segments).
     """
     sampling = sampling_of(sampling, options, "irof")
-    _no_draws(sampling, "irof", "(it is deterministic)")
+    sampling.refuse_draws("irof", "it is deterministic and draws nothing")
     with guarded(model):
         s = MetricInputs(model, x, y, attributions, explain, sampling.batch_size, metric="IROF")
         a = pixel_map(preprocess_attributions(s.a, normalise, abs)).flatten(1)

@@ -285,8 +285,7 @@ def _groups(names: list[str], steps: int | None) -> list[list[str]]:
 def _base_seed(sampling: Sampling, metric: str) -> int:
     """The seed the randomisation metrics count from: ``sampling.seed``, or one drawn from
     ``sampling.generator`` (or from fresh entropy when the seed is None)."""
-    if sampling.draws is not None:
-        raise InvalidInputError(f"{metric} takes no explicit draws; give a seed instead.")
+    sampling.refuse_draws(metric, "its only randomness is the seed; give seed= instead")
     if sampling.generator is None and sampling.seed is not None:
         return int(sampling.seed)
     return int(torch.randint(0, 2**31 - 1, (1,), generator=sampling.make_generator()))
@@ -329,8 +328,8 @@ def random_logit(
         float64 (N,).
     """
     sampling = sampling_of(sampling, options, "random_logit")
-    if sampling.draws is not None:
-        raise InvalidInputError("random_logit takes no explicit draws; give a seed instead.")
+    sampling.refuse_draws("random_logit",
+                          "its only randomness is the seed; give seed= instead")
     model = check_model(model)
     explain = check_explain(explain, "random_logit")
     with guarded(model):

@@ -40,15 +40,58 @@ from .sampling import Sampling, SamplingOptions, sampling_of
 Tensor = torch.Tensor
 Score = Callable[[Tensor, Tensor, Tensor, Tensor], Tensor]
 
-__all__ = ["local_lipschitz_estimate", "max_sensitivity", "avg_sensitivity", "NoiseDraws"]
+__all__ = ["local_lipschitz_estimate", "max_sensitivity", "avg_sensitivity", "BlockDraws",
+           "NoiseDraws"]
 
 
-class NoiseDraws:
+class BlockDraws:
+    """Random draws handed out row by row in one flat order, block by block: block k is the
+    k-th ``draw()`` (or ``explicit[k]``), a tensor of ``block_rows`` rows. Blocks are drawn in
+    order from the generator, so the draws depend on it only, not on how the work is chunked.
+
+    Ranges come in increasing order, except that a range that ran out of memory is asked for
+    again in parts: blocks before a range's first one are dropped, no others."""
+
+    def __init__(self, block_rows: int, draw: Callable[[], Tensor] | None,
+                 explicit: Tensor | None = None):
+        self.block_rows = block_rows
+        self.draw = draw
+        self.explicit = explicit
+        self._cache: dict[int, Tensor] = {}
+        self._drawn = -1  # the last block drawn from the generator
+
+    def block(self, k: int) -> Tensor:
+        if self.explicit is not None:
+            return self.explicit[k]
+        if k not in self._cache:
+            if k <= self._drawn:
+                raise RuntimeError(f"random draws of block {k} were dropped (internal error)")
+            assert self.draw is not None
+            for missing in range(self._drawn + 1, k + 1):
+                self._cache[missing] = self.draw()
+            self._drawn = k
+        return self._cache[k]
+
+    def rows(self, start: int, stop: int) -> Tensor:
+        """Rows [start, stop) of the flat (block, row) order."""
+        per = self.block_rows
+        self._cache = {k: v for k, v in self._cache.items() if k >= start // per}
+        parts = []
+        item = start
+        while item < stop:
+            k, row = divmod(item, per)
+            take = min(stop - item, per - row)
+            parts.append(self.block(k)[row:row + take])
+            item += take
+        return torch.cat(parts)
+
+
+class NoiseDraws(BlockDraws):
     """The noise of the robustness metrics, drawn step by step: step s is one (N, C, H, W)
     tensor, as Quantus draws one batch-shaped array per step.
 
-    Rows are handed out in the flat order (step, sample), so the draws depend on the generator
-    only, not on how the work is chunked. ``explicit`` (S, N, C, H, W) replaces the generator.
+    Rows are handed out in the flat order (step, sample) (:class:`BlockDraws`).
+    ``explicit`` (S, N, C, H, W) replaces the generator.
     """
 
     def __init__(self, shape: torch.Size, steps: int, kind: Literal["gaussian", "uniform"],
@@ -56,46 +99,14 @@ class NoiseDraws:
                  explicit: Tensor | None = None):
         self.shape = shape
         self.steps = steps
-        self.kind = kind
-        self.a, self.b = low_or_mean, high_or_std
-        self.generator = generator
-        self.explicit = explicit
-        self._cache: dict[int, Tensor] = {}
-        self._drawn = -1  # the last step drawn from the generator
+        a, b = low_or_mean, high_or_std
 
-    def _step(self, step: int) -> Tensor:
-        if self.explicit is not None:
-            return self.explicit[step]
-        if step not in self._cache:
-            if step <= self._drawn:
-                raise RuntimeError(f"noise step {step} was dropped (internal error)")
-            for missing in range(self._drawn + 1, step + 1):
-                if self.kind == "gaussian":
-                    draw = torch.randn(self.shape, generator=self.generator, dtype=torch.float64)
-                    draw = draw * self.b + self.a
-                else:
-                    draw = torch.rand(self.shape, generator=self.generator, dtype=torch.float64)
-                    draw = draw * (self.b - self.a) + self.a
-                self._cache[missing] = draw
-            self._drawn = step
-        return self._cache[step]
+        def draw() -> Tensor:
+            if kind == "gaussian":
+                return torch.randn(shape, generator=generator, dtype=torch.float64) * b + a
+            return torch.rand(shape, generator=generator, dtype=torch.float64) * (b - a) + a
 
-    def rows(self, start: int, stop: int) -> Tensor:
-        """Noise for flat items [start, stop) of the (step, sample) order.
-
-        Ranges come in increasing order, except that a range that ran out of memory is asked
-        for again in parts: steps before this range's first one are dropped, no others."""
-        n = self.shape[0]
-        first = start // n
-        self._cache = {k: v for k, v in self._cache.items() if k >= first}
-        parts = []
-        item = start
-        while item < stop:
-            step, sample = divmod(item, n)
-            take = min(stop - item, n - sample)
-            parts.append(self._step(step)[sample:sample + take])
-            item += take
-        return torch.cat(parts)
+        super().__init__(shape[0], draw, explicit)
 
 
 def _robustness(model, x, y, attributions, explain, *, metric: str, nr_samples: int,

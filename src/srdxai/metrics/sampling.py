@@ -85,6 +85,13 @@ class Sampling:
 
         return default_batch_size(x, self.batch_size, explain=explain, model=model)
 
+    def refuse_draws(self, metric: str, reason: str) -> None:
+        """Refuse explicit ``draws`` for a metric that takes none; ``reason`` says why (e.g.
+        "it draws nothing", "its only randomness is the seed")."""
+        if self.draws is not None:
+            raise InvalidInputError(f"{metric} takes no explicit draws: {reason}, so it needs "
+                                    "no draws; leave sampling.draws (draws=) unset.")
+
     def replace(self, **changes: Any) -> Sampling:
         """A copy with ``changes`` applied (checked like a new object)."""
         return dataclasses.replace(self, **changes)

@@ -74,12 +74,6 @@ def _check_mode(mode: object) -> ChangedPrediction:
     return mode  # type: ignore[return-value]
 
 
-def _no_draws(sampling: Sampling, metric: str) -> None:
-    if sampling.draws is not None:
-        raise InvalidInputError(
-            f"{metric} is deterministic and draws nothing; leave sampling.draws (draws=) unset.")
-
-
 def _largest(values: Tensor, valid: Tensor, changed: Tensor | None,
              mode: ChangedPrediction) -> Tensor:
     """The maximum over the last axis of ``values`` where ``valid``, per row.
@@ -569,7 +563,7 @@ def continuity(
         (and one for the predicted class when ``y`` is None).
     """
     sampling = sampling_of(sampling, dict(options), "continuity")
-    _no_draws(sampling, "continuity")
+    sampling.refuse_draws("continuity", "it is deterministic and draws nothing")
     metric = "continuity"
     model = check_model(model)
     explain = check_explain(explain, metric)
@@ -692,7 +686,7 @@ def consistency(
         ``attributions`` is None).
     """
     sampling = sampling_of(sampling, dict(options), "consistency")
-    _no_draws(sampling, "consistency")
+    sampling.refuse_draws("consistency", "it is deterministic and draws nothing")
     with guarded(model):
         s = MetricInputs(model, x, y, attributions, explain, sampling.batch_size,
                          metric="consistency")
