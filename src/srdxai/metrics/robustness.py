@@ -41,7 +41,7 @@ Tensor = torch.Tensor
 Score = Callable[[Tensor, Tensor, Tensor, Tensor], Tensor]
 
 __all__ = ["local_lipschitz_estimate", "max_sensitivity", "avg_sensitivity", "BlockDraws",
-           "NoiseDraws"]
+           "NoiseDraws", "noise_draws", "uniform_bounds"]
 
 
 class BlockDraws:
@@ -109,6 +109,28 @@ class NoiseDraws(BlockDraws):
         super().__init__(shape[0], draw, explicit)
 
 
+def noise_draws(sampling: Sampling, x: Tensor, nr_samples: int,
+                kind: Literal["gaussian", "uniform"], low_or_mean: float, high_or_std: float
+                ) -> NoiseDraws:
+    """The noise of ``nr_samples`` steps for inputs ``x``: drawn from ``sampling``'s generator,
+    or its explicit ``draws`` (S, *x.shape), checked (then S steps)."""
+    if sampling.draws is None:
+        steps = check_positive_int(nr_samples, "nr_samples")
+        return NoiseDraws(x.shape, steps, kind, low_or_mean, high_or_std,
+                          sampling.make_generator())
+    explicit = to_tensor(sampling.draws, "draws").to(torch.float64)
+    if explicit.dim() != 5 or explicit.shape[1:] != x.shape:
+        raise InvalidInputError(
+            f"draws must be noise of shape (nr_samples, *x.shape) = (S, "
+            f"{', '.join(map(str, x.shape))}); got {tuple(explicit.shape)}.")
+    if explicit.shape[0] == 0:
+        raise InvalidInputError("draws hold no noise draw.")
+    if not torch.isfinite(explicit).all():
+        raise InvalidInputError("draws contain NaN or Inf; pass finite noise.")
+    return NoiseDraws(x.shape, explicit.shape[0], kind, low_or_mean, high_or_std, None,
+                      explicit)
+
+
 def _robustness(model, x, y, attributions, explain, *, metric: str, nr_samples: int,
                 noise: tuple[Literal["gaussian", "uniform"], float, float], normalise: Normalise,
                 abs: bool, sampling: Sampling, nan_when_prediction_changes: bool, score: Score,
@@ -131,20 +153,8 @@ def _robustness(model, x, y, attributions, explain, *, metric: str, nr_samples: 
         clean_classes = (predicted_classes(model, x, size, metric) if nan_when_prediction_changes
                          else None)
 
-        if sampling.draws is None:
-            steps = check_positive_int(nr_samples, "nr_samples")
-            source = NoiseDraws(x.shape, steps, noise[0], noise[1], noise[2],
-                                sampling.make_generator())
-        else:
-            explicit = to_tensor(sampling.draws, "draws").to(torch.float64)
-            if explicit.dim() != 5 or explicit.shape[1:] != x.shape:
-                raise InvalidInputError(
-                    f"draws must be noise of shape (nr_samples, *x.shape) = (S, "
-                    f"{', '.join(map(str, x.shape))}); got {tuple(explicit.shape)}.")
-            if not torch.isfinite(explicit).all():
-                raise InvalidInputError("draws contain NaN or Inf; pass finite noise.")
-            steps = explicit.shape[0]
-            source = NoiseDraws(x.shape, steps, noise[0], noise[1], noise[2], None, explicit)
+        source = noise_draws(sampling, x, nr_samples, *noise)
+        steps = source.steps
 
         values = torch.empty(steps * n, dtype=torch.float64)
 
@@ -246,7 +256,9 @@ def local_lipschitz_estimate(
         nan_when_prediction_changes=nan_when_prediction_changes, score=_lipschitz, reduce="max")
 
 
-def _uniform_bounds(lower_bound: float, upper_bound: float | None) -> tuple[float, float]:
+def uniform_bounds(lower_bound: float, upper_bound: float | None) -> tuple[float, float]:
+    """The uniform noise's (low, high): ``U(-lower_bound, lower_bound)`` when ``upper_bound``
+    is None, else ``U(lower_bound, upper_bound)``; checked."""
     if upper_bound is None:
         # U(-b, b): b = 0 would perturb nothing and divide rounding noise by the map's norm
         lower_bound = check_finite_number(lower_bound, "lower_bound", positive=True)
@@ -284,7 +296,7 @@ def max_sensitivity(
     else ``U(lower_bound, upper_bound)``. No normalisation by default (Quantus). Lower is
     better. Other arguments as :func:`local_lipschitz_estimate`.
     """
-    low, high = _uniform_bounds(lower_bound, upper_bound)
+    low, high = uniform_bounds(lower_bound, upper_bound)
     return _robustness(
         model, x, y, attributions, explain, metric="max_sensitivity", nr_samples=nr_samples,
         noise=("uniform", low, high), normalise=normalise, abs=abs,
@@ -313,7 +325,7 @@ def avg_sensitivity(
 ) -> Tensor:
     """Avg-sensitivity (Yeh et al., NeurIPS 2019): as :func:`max_sensitivity` with the mean
     over the noise draws instead of the maximum."""
-    low, high = _uniform_bounds(lower_bound, upper_bound)
+    low, high = uniform_bounds(lower_bound, upper_bound)
     return _robustness(
         model, x, y, attributions, explain, metric="avg_sensitivity", nr_samples=nr_samples,
         noise=("uniform", low, high), normalise=normalise, abs=abs,

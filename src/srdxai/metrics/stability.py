@@ -42,7 +42,7 @@ from ._common import (
     to_tensor,
 )
 from .registry import register_metric
-from .robustness import NoiseDraws
+from .robustness import noise_draws, uniform_bounds
 from .sampling import Sampling, SamplingOptions, sampling_of
 
 Tensor = torch.Tensor
@@ -200,7 +200,7 @@ def _relative_stability(model, x, y, attributions, explain, *, metric: str,
     mode = _check_mode(changed_prediction)
     eps = check_finite_number(eps_min, "eps_min", positive=True)
     order = _check_p(p)
-    low, high = _bounds(lower_bound, upper_bound)
+    low, high = uniform_bounds(lower_bound, upper_bound)
     with guarded(model):
         x = check_inputs(x, model)
         n = x.shape[0]
@@ -227,7 +227,8 @@ def _relative_stability(model, x, y, attributions, explain, *, metric: str,
             a = check_attributions(attributions, x)
         reference = preprocess_attributions(a, normalise, abs).flatten(1)
         x64 = x.to(torch.float64)
-        source, steps = _noise(sampling, x, nr_samples, low, high)
+        source = noise_draws(sampling, x, nr_samples, "uniform", low, high)
+        steps = source.steps
 
         values = torch.empty(steps * n, dtype=torch.float64)
         changed = torch.zeros(steps * n, dtype=torch.bool)
@@ -268,36 +269,6 @@ def _check_p(p: object) -> float:
     if isinstance(p, bool) or not isinstance(p, int | float) or not (p > 0):
         raise InvalidInputError(f"p must be a positive number (or math.inf), got {p!r}.")
     return float(p)
-
-
-def _bounds(lower_bound: float, upper_bound: float | None) -> tuple[float, float]:
-    if upper_bound is None:
-        lower_bound = check_finite_number(lower_bound, "lower_bound", positive=True)
-        return -lower_bound, lower_bound
-    lower_bound = check_finite_number(lower_bound, "lower_bound")
-    upper_bound = check_finite_number(upper_bound, "upper_bound")
-    if upper_bound <= lower_bound:
-        raise InvalidInputError(
-            f"upper_bound ({upper_bound}) must be larger than lower_bound ({lower_bound}).")
-    return lower_bound, upper_bound
-
-
-def _noise(sampling: Sampling, x: Tensor, nr_samples: int, low: float,
-           high: float) -> tuple[NoiseDraws, int]:
-    if sampling.draws is None:
-        steps = check_positive_int(nr_samples, "nr_samples")
-        return NoiseDraws(x.shape, steps, "uniform", low, high, sampling.make_generator()), steps
-    explicit = to_tensor(sampling.draws, "draws").to(torch.float64)
-    if explicit.dim() != 5 or explicit.shape[1:] != x.shape:
-        raise InvalidInputError(
-            f"draws must be noise of shape (nr_samples, *x.shape) = (S, "
-            f"{', '.join(map(str, x.shape))}); got {tuple(explicit.shape)}.")
-    if explicit.shape[0] == 0:
-        raise InvalidInputError("draws hold no noise draw.")
-    if not torch.isfinite(explicit).all():
-        raise InvalidInputError("draws contain NaN or Inf; pass finite noise.")
-    steps = explicit.shape[0]
-    return NoiseDraws(x.shape, steps, "uniform", low, high, None, explicit), steps
 
 
 def _forward_in_chunks(forward: _Capture, x: Tensor, size: int,
