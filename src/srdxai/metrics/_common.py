@@ -475,22 +475,37 @@ def scores_in_batches(
     desc: str,
     per_sample: int = 1,
     sample_offset: int = 0,
+    owners: Tensor | None = None,
+    correct: bool = False,
 ) -> Tensor:
     """Class scores of ``total`` perturbed inputs built chunk by chunk by ``make_inputs``.
 
     Only one chunk of perturbed inputs exists at a time, so memory is bounded by
     ``batch_size`` whatever the number of perturbations. Items are laid out sample-major,
-    ``per_sample`` per sample starting at sample ``sample_offset``: how a non-finite output is
-    traced back to the sample it perturbs in the error.
+    ``per_sample`` per sample starting at sample ``sample_offset``, or, where the samples have
+    different numbers of items, ``owners`` (total,) names the sample of each: how a non-finite
+    output is traced back to the sample it perturbs in the error. ``correct``: 1.0 where the
+    arg-max class is the target (the first index on ties, as numpy), else 0.0, instead of the
+    score.
     """
     out = torch.empty(total, dtype=torch.float64)
     forward = _LayoutForward(model)
 
     def run(start: int, stop: int) -> None:
         inputs, targets = make_inputs(start, stop)
-        samples = torch.arange(start, stop) // per_sample + sample_offset
-        out[start:stop] = class_scores(forward, inputs, targets, softmax, desc or "metric",
-                                       samples).cpu()
+        samples = (owners[start:stop] if owners is not None
+                   else torch.arange(start, stop) // per_sample + sample_offset)
+        logits: dict[str, Tensor] = {}
+
+        def call(batch: Tensor) -> Tensor:
+            logits["out"] = forward(batch)
+            return logits["out"]
+
+        # class_scores checks the output's shape, finiteness and the targets' range
+        scores = class_scores(call, inputs, targets, softmax, desc or "metric", samples)
+        if correct:
+            scores = (logits["out"].argmax(1) == targets).to(torch.float64)
+        out[start:stop] = scores.cpu()
 
     with torch.no_grad():
         adaptive_chunks(total, batch_size, progress, desc, run)
@@ -607,6 +622,12 @@ class MetricInputs:
             if explain is None:
                 raise InvalidInputError("pass attributions= or explain= to compute them.")
             self.a = explain_checked(explain, self.model, self.x, self.y, None)
+
+    @property
+    def maps(self) -> Tensor:
+        """The checked maps (given, or from ``explain``); for metrics built with maps."""
+        assert self.a is not None, "MetricInputs(need_maps=False) has no maps"
+        return self.a
 
     def clean_scores(self, softmax: bool) -> Tensor:
         """Scores of the unperturbed inputs (N,)."""

@@ -74,12 +74,6 @@ def _check_explicit_draws(draws: Any, shape: tuple[int | None, ...], layout: str
     return explicit
 
 
-def _maps_of(s: MetricInputs) -> Tensor:
-    """The checked maps (given or explained: MetricInputs raises when neither is possible)."""
-    assert s.a is not None
-    return s.a
-
-
 def _expand_map(a: Tensor, x_shape: torch.Size) -> Tensor:
     """A pixel map broadcast over the input's channels (Quantus' reading of a 1-channel map in
     ``I . a``); an element map as it is."""
@@ -199,7 +193,7 @@ def infidelity(
     with guarded(model):
         s = MetricInputs(model, x, y, attributions, explain, sampling.batch_size,
                          metric="infidelity")
-        a = _expand_map(preprocess_attributions(_maps_of(s), normalise, abs), s.x.shape)
+        a = _expand_map(preprocess_attributions(s.maps, normalise, abs), s.x.shape)
         x64 = s.x.to(torch.float64)
         _, _, height, width = s.x.shape
         if perturbation == "patches":
@@ -333,7 +327,7 @@ def monotonicity_correlation(
     with guarded(model):
         s = MetricInputs(model, x, y, attributions, explain, sampling.batch_size,
                          metric="monotonicity_correlation")
-        a = preprocess_attributions(_maps_of(s), normalise, abs)
+        a = preprocess_attributions(s.maps, normalise, abs)
         n_features = feature_count(a)
         step = check_positive_int(features_in_step, "features_in_step")
         groups = math.ceil(n_features / step)
@@ -464,7 +458,7 @@ def sufficiency(
                          metric="sufficiency")
         predicted = (s.y if y is None else
                      predicted_classes(s.model, s.x, s.batch_size, "sufficiency"))
-        a = preprocess_attributions(_maps_of(s), normalise, abs).flatten(1).to(torch.float64)
+        a = preprocess_attributions(s.maps, normalise, abs).flatten(1).to(torch.float64)
         d = _distances(a, distance)
         largest = d.max()
         d = d / largest if largest > 0 else d
@@ -586,8 +580,8 @@ def focus(
         a = check_attributions(attributions, x_checked)
     else:
         with guarded(model):
-            a = _maps_of(MetricInputs(model, x, y, None, explain, sampling.batch_size,
-                                      metric="focus"))
+            a = MetricInputs(model, x, y, None, explain, sampling.batch_size,
+                                      metric="focus").maps
     if quadrants is not None:
         tiles = quadrant_masks(quadrants, a.shape[-2], a.shape[-1]).to(a.device)
         if tiles.shape[0] != a.shape[0]:

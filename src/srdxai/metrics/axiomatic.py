@@ -33,12 +33,6 @@ Tensor = torch.Tensor
 __all__ = ["non_sensitivity"]
 
 
-def _maps_of(s: MetricInputs) -> Tensor:
-    """The checked maps (given or explained: MetricInputs raises when neither is possible)."""
-    assert s.a is not None
-    return s.a
-
-
 @register_metric(family="axiomatic", direction="lower", needs=("model",))
 def non_sensitivity(
     model: nn.Module,
@@ -94,7 +88,7 @@ def non_sensitivity(
     with guarded(model):
         s = MetricInputs(model, x, y, attributions, explain, sampling.batch_size,
                          metric="non_sensitivity")
-        a = preprocess_attributions(_maps_of(s), normalise, abs)
+        a = preprocess_attributions(s.maps, normalise, abs)
         n_features = feature_count(a)
         step = check_positive_int(features_in_step, "features_in_step")
         groups = math.ceil(n_features / step)

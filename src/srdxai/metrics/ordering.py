@@ -16,7 +16,7 @@ SLIC segmentation, neither of which is a forward pass.
 from __future__ import annotations
 
 import math
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any, Literal, Unpack
 
@@ -30,15 +30,13 @@ from ._common import (
     Explain,
     MetricInputs,
     Normalise,
-    _LayoutForward,
-    adaptive_chunks,
     baseline_values,
     check_finite_number,
     check_positive_int,
-    class_scores,
     guarded,
     pixel_map,
     preprocess_attributions,
+    scores_in_batches,
     to_tensor,
     trapezoid,
 )
@@ -103,36 +101,6 @@ class IROFResult:
 
 
 # --- shared plumbing ------------------------------------------------------------------------
-
-def _scores(model: nn.Module, make_inputs: Callable[[int, int], tuple[Tensor, Tensor]],
-            owners: Tensor, batch_size: int, readout: Readout, progress: bool,
-            desc: str) -> Tensor:
-    """The readout of ``owners.numel()`` perturbed inputs built chunk by chunk:
-    ``"logit"``/``"probability"``: the target's logit or softmax probability; ``"correct"``:
-    1.0 where the arg-max class is the target (first index on ties, as numpy), else 0.0.
-    ``owners[j]`` is the sample input j perturbs (for the non-finite output error)."""
-    out = torch.empty(owners.numel(), dtype=torch.float64)
-    forward = _LayoutForward(model)
-
-    def run(start: int, stop: int) -> None:
-        inputs, targets = make_inputs(start, stop)
-        logits: dict[str, Tensor] = {}
-
-        def call(batch: Tensor) -> Tensor:
-            logits["out"] = forward(batch)
-            return logits["out"]
-
-        # class_scores checks the output's shape, finiteness and the targets' range
-        scores = class_scores(call, inputs, targets, readout == "probability", desc,
-                              owners[start:stop])
-        if readout == "correct":
-            scores = (logits["out"].argmax(1) == targets).to(torch.float64)
-        out[start:stop] = scores.cpu()
-
-    with torch.no_grad():
-        adaptive_chunks(owners.numel(), batch_size, progress, desc, run)
-    return out
-
 
 def _check_choice(value: Any, name: str, choices: tuple[str, ...]) -> Any:
     if not isinstance(value, str) or value not in choices:
@@ -377,9 +345,10 @@ def road(
             samples = torch.tensor([i for i, _ in items], device=s.x.device)
             return inputs.to(device=s.x.device, dtype=s.x.dtype), s.y[samples]
 
-        owners = torch.arange(s.n).repeat_interleave(steps)
-        curve = _scores(s.model, perturbed, owners, s.batch_size, readout, sampling.progress,
-                        "ROAD").view(s.n, steps)
+        curve = scores_in_batches(s.model, perturbed, s.n * steps, s.batch_size,
+                                  readout == "probability", sampling.progress, "ROAD",
+                                  per_sample=steps, correct=readout == "correct"
+                                  ).view(s.n, steps)
         fractions = torch.tensor(percent, dtype=torch.float64) / 100
         return CurveResult(curve=curve.to(s.x.device), fractions=fractions,
                            auc=trapezoid(curve, fractions).to(s.x.device))
@@ -459,9 +428,8 @@ def _patch_curve(s: MetricInputs, a: Tensor, patch_size: int, regions: int | Non
         removed = (rank_of_pixel[sample] < k[:, None]).view(-1, 1, *shape[1:])
         return torch.where(removed, replacement[sample], s.x[sample]), s.y[sample]
 
-    owners = torch.arange(s.n).repeat_interleave(steps)
-    scores = _scores(s.model, perturbed, owners, s.batch_size,
-                     "probability" if softmax else "logit", progress, desc)
+    scores = scores_in_batches(s.model, perturbed, s.n * steps, s.batch_size, softmax,
+                               progress, desc, per_sample=steps)
     return scores.view(s.n, steps), n_patches
 
 
@@ -727,8 +695,8 @@ def irof(
             return torch.where(removed, replacement[sample], s.x[sample]), s.y[sample]
 
         clean = s.clean_scores(softmax).cpu()
-        scores = _scores(s.model, perturbed, owners, s.batch_size,
-                         "probability" if softmax else "logit", sampling.progress, "IROF")
+        scores = scores_in_batches(s.model, perturbed, owners.numel(), s.batch_size, softmax,
+                                   sampling.progress, "IROF", owners=owners)
         curve = torch.full((s.n, widest), math.nan, dtype=torch.float64)
         reference = clean.masked_fill(clean == 0, math.nan)  # no ratio to a zero score
         curve[owners, steps - 1] = scores / reference[owners]

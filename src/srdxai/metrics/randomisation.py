@@ -217,8 +217,7 @@ def model_parameter_randomisation(
         s = MetricInputs(model, x, y, attributions, explain, sampling.batch_size,
                          metric="MPRT")
     model, x, targets = s.model, s.x, s.y
-    assert s.a is not None
-    original = s.a
+    original = s.maps
     names = list(layers) if layers is not None else randomisable_layers(model)
     if order == "bottom_up" and layers is None:
         names.reverse()  # cascading from the input up (Hedström et al.'s recommendation)
@@ -336,8 +335,7 @@ def random_logit(
         s = MetricInputs(model, x, y, attributions, explain, sampling.batch_size,
                          metric="random_logit")
         model, x, targets = s.model, s.x, s.y
-        assert s.a is not None
-        original = s.a
+        original = s.maps
         with torch.no_grad():
             classes = model(x[:1]).shape[1]
         if classes < 2:

@@ -663,8 +663,7 @@ def consistency(
                          metric="consistency")
         classes = s.y if y is None else predicted_classes(s.model, s.x, s.batch_size,
                                                           "consistency")
-        assert s.a is not None
-        maps = s.a.abs() if abs else s.a
+        maps = s.maps.abs() if abs else s.maps
         features = maps[0].numel()
         if discretise in ("top_n_sign", "first_n_sign"):
             count = check_positive_int(n, "n")
