@@ -196,6 +196,15 @@ def test_the_python_api_takes_a_module_and_an_iterable_and_resumes(tmp_path):
                  progress=False)
 
 
+def test_fingerprints_follow_the_weights_and_hash_any_dtype():
+    from srdxai.experiments.own import model_fingerprint
+
+    model = small_net()
+    assert model_fingerprint(model) == model_fingerprint(small_net())
+    assert model_fingerprint(model) != model_fingerprint(small_net(4))
+    assert model_fingerprint(small_net().to(torch.bfloat16)) != model_fingerprint(model)
+
+
 @pytest.mark.parametrize("setup, message", [
     (dict(methods=["salency"]), "unknown method"),
     (dict(metrics=["fidelty"]), "unknown metric"),

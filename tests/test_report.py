@@ -283,8 +283,9 @@ def test_paper_activation_table_is_transcribed():
 
 # --- the report -------------------------------------------------------------------------------
 
-SECTIONS = ("Your model and data", "Table 2", "Activation functions", "Sensitivity-n", "Insertion / deletion", "GAE",
-            "Robustness", "Randomisation (sanity checks)", "Qualitative grid")
+SECTIONS = ("Your model and data", "Table 2", "Activation functions", "Sensitivity-n",
+            "Insertion / deletion", "GAE", "Robustness", "Randomisation (sanity checks)",
+            "Qualitative grid")
 
 
 def test_every_section_renders_when_its_experiment_ran(full_report):

@@ -281,8 +281,7 @@ class TensorData:
     def fingerprint(self) -> str:
         h = hashlib.sha256()
         for t in (self.x, self.y) + (() if self.masks is None else (self.masks,)):
-            h.update(str((t.dtype, tuple(t.shape))).encode())
-            h.update(t.detach().cpu().contiguous().numpy().tobytes())
+            _hash_tensor(h, t)
         return h.hexdigest()[:16]
 
 
@@ -291,9 +290,15 @@ def model_fingerprint(model: nn.Module) -> str:
     h = hashlib.sha256(type(model).__qualname__.encode())
     for name, t in model.state_dict().items():
         h.update(name.encode())
-        h.update(str((t.dtype, tuple(t.shape))).encode())
-        h.update(t.detach().cpu().contiguous().numpy().tobytes())
+        _hash_tensor(h, t)
     return h.hexdigest()[:16]
+
+
+def _hash_tensor(h: Any, t: Tensor) -> None:
+    """Feed a tensor's dtype, shape and raw bytes to the hash ``h`` (as bytes, so that dtypes
+    numpy lacks, bfloat16, hash too)."""
+    h.update(str((t.dtype, tuple(t.shape))).encode())
+    h.update(t.detach().cpu().contiguous().reshape(-1).view(torch.uint8).numpy().tobytes())
 
 
 #: models and data handed over from Python in this process, by fingerprint
