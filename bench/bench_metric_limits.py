@@ -55,9 +55,12 @@ def fastest_forward(model: torch.nn.Module, x: torch.Tensor, chunks: list[int],
 
 
 def cases(model: torch.nn.Module, x: torch.Tensor, y: torch.Tensor, a: torch.Tensor,
-          quick: bool) -> list[tuple[str, object, object]]:
-    """(name, perturbed inputs per sample, call) of every perturbation metric; the count is a
-    function of the result where it depends on the data (IROF's segments)."""
+          quick: bool) -> list[tuple[str, object, object, object]]:
+    """(name, perturbed inputs per sample, call, required work) of every perturbation metric.
+    The count is a function of the result where it depends on the data (IROF's segments); the
+    required work is what the definition needs besides forward passes, timed alone in the
+    limit (its random draws with the same public helpers or ``torch.randn``, ROAD's sparse
+    solves), or None where that is negligible."""
     pixels = x.shape[-1] * x.shape[-2]
     step = max(1, pixels // (16 if quick else 64))
     grid = metrics.sensitivity_n_grid(pixels, points=8)
@@ -67,64 +70,50 @@ def cases(model: torch.nn.Module, x: torch.Tensor, y: torch.Tensor, a: torch.Ten
     regions = min(100, math.ceil(x.shape[-2] / patch) * math.ceil(x.shape[-1] / patch))
     draws = 20 if quick else 50
     percentages = road_percentages(quick)
+    n, g = x.shape[0], torch.Generator().manual_seed(0)
+    subset = min(224, pixels // 4)
     rows = torch.arange(x.shape[-2]) // patch
     cols = torch.arange(x.shape[-1]) // patch
     squares = (rows[:, None] * (cols.max() + 1) + cols[None]).expand(x.shape[0], -1, -1)
     return [
         (f"faithfulness_correlation ({runs} runs)", runs,
          lambda: metrics.faithfulness_correlation(model, x, y, a, nr_runs=runs,
-                                                  subset_size=min(224, pixels // 4))),
+                                                  subset_size=subset),
+         lambda: metrics.random_subsets(n, pixels, runs, subset, g)),
         (f"mu_fidelity ({runs} draws)", runs,
-         lambda: metrics.mu_fidelity(model, x, y, a, nr_samples=runs)),
+         lambda: metrics.mu_fidelity(model, x, y, a, nr_samples=runs), None),
         (f"pixel_flipping (step {step})", math.ceil(pixels / step),
-         lambda: metrics.pixel_flipping(model, x, y, a, features_in_step=step)),
+         lambda: metrics.pixel_flipping(model, x, y, a, features_in_step=step), None),
         (f"insertion (step {step})", math.ceil(pixels / step) + 1,
-         lambda: metrics.insertion(model, x, y, a, step=step)),
+         lambda: metrics.insertion(model, x, y, a, step=step), None),
         (f"deletion (step {step})", math.ceil(pixels / step) + 1,
-         lambda: metrics.deletion(model, x, y, a, step=step)),
+         lambda: metrics.deletion(model, x, y, a, step=step), None),
         (f"monotonicity (step {step})", math.ceil(pixels / step),
-         lambda: metrics.monotonicity(model, x, y, a, features_in_step=step)),
+         lambda: metrics.monotonicity(model, x, y, a, features_in_step=step), None),
         (f"sensitivity_n ({subsets} subsets x {grid.numel()} n)", subsets * grid.numel(),
-         lambda: metrics.sensitivity_n(model, x, y, a, n_grid=grid, nr_subsets=subsets)),
+         lambda: metrics.sensitivity_n(model, x, y, a, n_grid=grid, nr_subsets=subsets),
+         lambda: metrics.random_permutations(n, pixels, subsets, g)),
         (f"region_perturbation ({regions} regions of {patch} px)", regions,
          lambda: metrics.region_perturbation(model, x, y, a, patch_size=patch,
-                                             regions_evaluation=regions)),
+                                             regions_evaluation=regions), None),
         (f"selectivity ({patch} px patches)", math.ceil(x.shape[-2] / patch)
          * math.ceil(x.shape[-1] / patch),
-         lambda: metrics.selectivity(model, x, y, a, patch_size=patch)),
+         lambda: metrics.selectivity(model, x, y, a, patch_size=patch), None),
         # random inputs are one SLIC superpixel: segments of the same patch grid instead
         (f"irof ({patch} px square segments)", lambda result: int(result.n_segments.sum()),
-         lambda: metrics.irof(model, x, y, a, segments=squares)),
+         lambda: metrics.irof(model, x, y, a, segments=squares), None),
         (f"infidelity ({draws} gaussian draws)", draws,
-         lambda: metrics.infidelity(model, x, y, a, perturbation="gaussian", nr_samples=draws)),
+         lambda: metrics.infidelity(model, x, y, a, perturbation="gaussian", nr_samples=draws),
+         lambda: torch.randn(n, draws, *x.shape[1:], generator=g, dtype=torch.float64)),
         (f"monotonicity_correlation (step {step}, 'black')", math.ceil(pixels / step),
          lambda: metrics.monotonicity_correlation(model, x, y, a, features_in_step=step,
-                                                  baseline="black")),
+                                                  baseline="black"), None),
         (f"non_sensitivity (step {step})", math.ceil(pixels / step),
-         lambda: metrics.non_sensitivity(model, x, y, a, features_in_step=step)),
+         lambda: metrics.non_sensitivity(model, x, y, a, features_in_step=step), None),
         (f"road ({len(percentages)} percentages)", len(percentages),
-         lambda: metrics.road(model, x, y, a, percentages=percentages)),
+         lambda: metrics.road(model, x, y, a, percentages=percentages),
+         lambda: road_solves(x, a, percentages)),
     ]
-
-
-def required_work(name: str, x: torch.Tensor, a: torch.Tensor, quick: bool):
-    """The work besides forward passes that a metric's definition requires, alone: its random
-    draws (faithfulness correlation's subsets, Sensitivity-n's permutations, infidelity's
-    noise, with the same public draw helpers or ``torch.randn``) or ROAD's sparse solves; None
-    for the others (their draws are tiny)."""
-    n, pixels = x.shape[0], x.shape[-2] * x.shape[-1]
-    g = torch.Generator().manual_seed(0)
-    if name.startswith("faithfulness_correlation"):
-        runs = 50 if quick else 100
-        return lambda: metrics.random_subsets(n, pixels, runs, min(224, pixels // 4), g)
-    if name.startswith("sensitivity_n"):
-        return lambda: metrics.random_permutations(n, pixels, 10 if quick else 20, g)
-    if name.startswith("infidelity"):
-        draws = 20 if quick else 50
-        return lambda: torch.randn(n, draws, *x.shape[1:], generator=g, dtype=torch.float64)
-    if name.startswith("road"):
-        return lambda: road_solves(x, a, road_percentages(quick))
-    return None
 
 
 def road_percentages(quick: bool) -> list[int]:
@@ -166,7 +155,7 @@ def measure(models: list[str], quick: bool, rounds: int,
         per_input = fastest_forward(model, x, chunks, rounds)
         print(f"{label}, batch {batch}: fastest bare forward {per_input * 1e3:.3f} ms per "
               f"input (chunks {', '.join(map(str, chunks))})", flush=True)
-        for name, per_sample, call in cases(model, x, y, a, quick):
+        for name, per_sample, call, required in cases(model, x, y, a, quick):
             if only and not name.startswith(tuple(only)):
                 continue
             ours, result = _timing.median_time(call, rounds)
@@ -175,7 +164,6 @@ def measure(models: list[str], quick: bool, rounds: int,
             else:
                 total = per_sample * batch + batch  # the clean scores too
             extra = 0.0
-            required = required_work(name, x, a, quick)
             if required is not None:  # draws or solves the definition requires too
                 extra, _ = _timing.median_time(required, rounds)
             limit = total * per_input + extra
