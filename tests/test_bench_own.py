@@ -278,3 +278,12 @@ def test_two_gloo_processes_shard_your_evaluation(folder, tmp_path):
     ranks = {r for (r,) in con.execute("SELECT DISTINCT rank FROM units")}
     con.close()
     assert ranks == {0, 1}
+
+
+def test_a_model_handed_over_from_python_cannot_be_resumed_without_it(folder, tmp_path):
+    from srdxai.experiments import run
+
+    own = OwnSetup(model_fingerprint="0" * 16, data=str(folder), methods=["saliency"],
+                   metrics=["sparseness"])
+    with pytest.raises(InvalidInputError, match=r"model \(model\) was handed over from Python"):
+        run(tmp_path / "r", BenchConfig(experiments=["evaluate"], own=own), progress=False)

@@ -305,6 +305,16 @@ def _hash_tensor(h: Any, t: Tensor) -> None:
 _HANDED_OVER: dict[str, Any] = {}
 
 
+def _handed_over(fingerprint: str, what: str, same: str) -> Any:
+    """The object handed over from Python under ``fingerprint``; a clear error in a process
+    that does not have it (a resumed run started from the command line)."""
+    if fingerprint not in _HANDED_OVER:
+        raise InvalidInputError(
+            f"this run's {what} was handed over from Python and is not loaded in this process: "
+            f"resume it with srdxai.experiments.evaluate(...) and the same {same}")
+    return _HANDED_OVER[fingerprint]
+
+
 def _key(setup: OwnSetup) -> str:
     return json.dumps(asdict(setup), sort_keys=True)
 
@@ -313,12 +323,8 @@ def _key(setup: OwnSetup) -> str:
 def _model_for(key: str, device: str) -> nn.Module:
     setup = OwnSetup(**json.loads(key))
     if setup.model_fingerprint is not None:
-        if setup.model_fingerprint not in _HANDED_OVER:
-            raise InvalidInputError(
-                f"this run's model ({setup.model_name}) was handed over from Python and is not "
-                "loaded in this process: resume it with srdxai.experiments.evaluate(...) and "
-                "the same model")
-        return _HANDED_OVER[setup.model_fingerprint].eval().to(device)
+        return _handed_over(setup.model_fingerprint, f"model ({setup.model_name})",
+                            "model").eval().to(device)
     from ..models.user import build_model
 
     return build_model(setup.arch, setup.builder, setup.weights, setup.num_classes).to(device)
@@ -328,12 +334,7 @@ def _model_for(key: str, device: str) -> nn.Module:
 def _data_for(key: str) -> ImageFolder | TensorData:
     setup = OwnSetup(**json.loads(key))
     if setup.data_fingerprint is not None:
-        if setup.data_fingerprint not in _HANDED_OVER:
-            raise InvalidInputError(
-                f"this run's data ({setup.data}) was handed over from Python and is not loaded "
-                "in this process: resume it with srdxai.experiments.evaluate(...) and the same "
-                "data")
-        return _HANDED_OVER[setup.data_fingerprint]
+        return _handed_over(setup.data_fingerprint, f"data ({setup.data})", "data")
     names = None
     if setup.classes is not None:
         from ..models.user import read_class_names
