@@ -151,3 +151,55 @@ def test_noise_draws_do_not_depend_on_chunks_or_retries():
     d.rows(3, 12)             # a range that "ran out of memory" ...
     again = [d.rows(3, 7), d.rows(7, 12)]  # ... asked for again in halves
     torch.testing.assert_close(torch.cat([first, *again]), whole, rtol=0, atol=0)
+
+
+def test_default_chunks_are_tuned_on_the_runs_own_work_and_remembered(monkeypatch):
+    from srdxai.engine import memory
+
+    class Timed(nn.Module):
+        """Records every batch size; chunks of 8 are 'fastest' (a fake clock)."""
+
+        def __init__(self, inner):
+            super().__init__()
+            self.inner, self.seen = inner, []
+
+        def forward(self, x):
+            self.seen.append(x.shape[0])
+            clock["now"] += 1.0 if x.shape[0] == 8 else 4.0 * x.shape[0] / 8 + 1.0
+            return self.inner(x)
+
+    clock = {"now": 0.0}
+    monkeypatch.setattr(memory.time, "perf_counter", lambda: clock["now"])
+    inner = sm.build_model("PoolNet", "relu", seed=0, num_classes=3)
+    x = torch.randn(4, 3, 12, 12, generator=torch.Generator().manual_seed(0),
+                    dtype=torch.float64)
+    y = torch.tensor([0, 1, 2, 0])
+    a = srdxai.explain(inner, x, y, "saliency")
+    model = Timed(inner)
+    _, largest = activation_bytes(model, x)
+    monkeypatch.setattr(memory, "CPU_CACHE_BYTES", 4 * largest)  # a default of 4 inputs
+    default = metrics.Sampling().chunk_size(x, model)
+    assert int(default) == 4
+    model.seen.clear()
+    assert isinstance(default, memory.DefaultChunk)
+    candidates = memory.chunk_candidates(int(default), default.cap)
+    assert len(candidates) >= 2
+    # enough perturbed inputs for the trial: every sample's steps
+    step = 1
+    expected = metrics.pixel_flipping(inner, x, y, a, features_in_step=step, batch_size=7)
+    got = metrics.pixel_flipping(model, x, y, a, features_in_step=step)
+    torch.testing.assert_close(got.curve, expected.curve, rtol=1e-5, atol=1e-6)
+    perturbed = model.seen  # pixel flipping's curve starts at the first flipped step
+    trial = [c for c in candidates for _ in range(2)]
+    assert perturbed[:len(trial)] == trial  # two chunks of each candidate first
+    best = memory.tuned_chunk(model, default)
+    assert candidates == [2, 4, 8, 16] and best == 8
+    assert set(perturbed[len(trial):-1]) <= {best}  # then the fastest (the last one partial)
+    # remembered: the next call starts at the chosen size, without a trial
+    model.seen.clear()
+    metrics.pixel_flipping(model, x, y, a, features_in_step=step)
+    assert max(model.seen) <= max(best, x.shape[0])
+    # a chunk size the caller chose is kept exactly, never tuned
+    model.seen.clear()
+    metrics.pixel_flipping(model, x, y, a, features_in_step=step, batch_size=5)
+    assert set(model.seen) <= {5, 4, x.shape[0] % 5 or 5, (x.shape[0] * 144) % 5 or 5}

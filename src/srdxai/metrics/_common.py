@@ -25,7 +25,15 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from ..engine.core import model_guard
-from ..engine.memory import budget_chunk, cache_chunk, element_chunk, run_in_chunks
+from ..engine.memory import (
+    DefaultChunk,
+    budget_chunk,
+    cache_chunk,
+    current_budget,
+    element_chunk,
+    run_in_chunks,
+    run_tuned,
+)
 from ..errors import InvalidInputError, InvalidTargetError, NonFiniteError
 
 Tensor = torch.Tensor
@@ -352,21 +360,28 @@ def default_batch_size(x: Tensor, batch_size: int | None, explain: bool = False,
         return size
     if not explain:  # forward-only chunks: keep the activations in the CPU's caches
         size = cache_chunk(model, x, size)
-    return budget_chunk(model, x, size, backward=explain)
+    size = budget_chunk(model, x, size, backward=explain)
+    # a default forward-only chunk may be tuned by timing (scores_in_batches); not under a
+    # memory budget, which caps it
+    return size if explain or current_budget() is not None else DefaultChunk(size, x)
 
 
 def adaptive_chunks(total: int, size: int, progress: bool, desc: str,
-                    run: Callable[[int, int], None]) -> None:
+                    run: Callable[[int, int], None], model: nn.Module | None = None) -> None:
     """``run(start, stop)`` over ``0..total`` in chunks of ``size`` (a tqdm bar if
     ``progress``); a chunk that runs out of memory is retried in halves
-    (:func:`~srdxai.engine.memory.run_in_chunks`)."""
+    (:func:`~srdxai.engine.memory.run_in_chunks`). With the ``model`` of forward-only passes, a
+    default size is tuned (:func:`~srdxai.engine.memory.run_tuned`)."""
     with tqdm(total=total, disable=not progress, desc=desc, unit="img", leave=False) as bar:
 
         def one(start: int, stop: int) -> None:
             run(start, stop)
             bar.update(stop - start)
 
-        run_in_chunks(total, size, one, desc or "metric")
+        if model is None:
+            run_in_chunks(total, size, one, desc or "metric")
+        else:
+            run_tuned(model, total, size, one, desc or "metric")
 
 
 def check_finite_logits(out: Tensor, what: str, samples: Tensor | None = None) -> Tensor:
@@ -508,7 +523,7 @@ def scores_in_batches(
         out[start:stop] = scores.cpu()
 
     with torch.no_grad():
-        adaptive_chunks(total, batch_size, progress, desc, run)
+        adaptive_chunks(total, batch_size, progress, desc, run, model=model)
     return out
 
 
