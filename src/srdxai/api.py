@@ -28,7 +28,10 @@ def explain(
 
     Args:
         model: a ``torch.nn.Module`` returning logits (N, K). Its state is restored afterwards.
-        x: inputs (N, C, H, W) (or (N, C, L)), on the model's device and dtype.
+        x: inputs (N, C, H, W) (or (N, C, L)), on the model's device and dtype; or token
+            ids (N, L) (an integer tensor) or a tokenizer's batch, explained per token by
+            :func:`srdxai.text.explain_tokens` (options: ``attention_mask``, ``baseline``,
+            ``embedding``, ``pad_id``), which returns (N, L).
         target: None (predicted class), an int, one int per sample, or a callable on the
             output returning one scalar per sample.
         method: a registered method name (``srdxai.methods.METHODS``), default ``"srd"``.
@@ -41,6 +44,12 @@ def explain(
     Returns:
         A (N, H, W) tensor (signed for SRD; see each method's docstring).
     """
+    from .text.explain import explain_tokens, is_token_input
+
+    if is_token_input(x):  # token ids or a tokenizer's batch: explained per token (N, L)
+        if layer is not None:
+            options["layer"] = layer
+        return explain_tokens(model, x, target, method, batch_size=batch_size, **options)
     cls = get_method(method)
     try:
         explainer = cls(model, batch_size=batch_size, **options)

@@ -93,7 +93,10 @@ INTERPOLATE_FUNCS = {F.interpolate, F.upsample}
 # Calls that only move values: when the engine cannot decompose one (e.g. flattening a spatial
 # map), the plain gradient through it is still exact for rules that only need values moved.
 MOVING_FUNCS = MOVING | {F.pad}
-PERMUTE_FUNCS = {Tensor.permute, torch.permute}
+# a transpose of two axes is the permute that swaps them (a text model's (N, L, E) <-> (N, E, L))
+TRANSPOSE_FUNCS = {Tensor.transpose, torch.transpose, Tensor.swapaxes, torch.swapaxes,
+                   Tensor.swapdims, torch.swapdims}
+PERMUTE_FUNCS = {Tensor.permute, torch.permute} | TRANSPOSE_FUNCS
 NORM_FUNCS = {F.layer_norm, F.group_norm}
 # Calls the recorder runs on the canonical (batch, channels, *spatial) view of a channels-last
 # tensor, giving the model the result in the channels-last layout again.
@@ -823,9 +826,17 @@ class Recorder(Tracer):
 
     def _permute(self, func, args, kwargs):
         x = args[0]
-        dims = kwargs.get("dims", args[1:] if len(args) > 2 or not isinstance(
-            args[1] if len(args) > 1 else None, list | tuple) else args[1])
-        dims = tuple(int(d) % x.dim() for d in dims)
+        if func in TRANSPOSE_FUNCS:
+            names = ("dim0", "dim1") if "dim0" in kwargs else ("axis0", "axis1")
+            pair = [*args[1:3], *(kwargs[k] for k in names if k in kwargs)]
+            swapped = list(range(x.dim()))
+            a, b = (int(d) % x.dim() for d in pair)
+            swapped[a], swapped[b] = swapped[b], swapped[a]
+            dims = tuple(swapped)
+        else:
+            dims = kwargs.get("dims", args[1:] if len(args) > 2 or not isinstance(
+                args[1] if len(args) > 1 else None, list | tuple) else args[1])
+            dims = tuple(int(d) % x.dim() for d in dims)
         with torch._C.DisableTorchFunction():
             out = x.permute(dims)
         current = self.node_of(x).perm or tuple(range(x.dim()))
@@ -835,9 +846,10 @@ class Recorder(Tracer):
         if x.dim() >= 3 and new == channels_last_perm(x.dim()):
             return self._layout_node(x, out, new)
         raise self.unsupported(
-            f"a permute {dims} of a tensor of shape {tuple(x.shape)}",
-            "Only moving the channel axis last and back keeps pointwise feature vectors "
-            "(ConvNeXt's channels-last blocks).", moves_values=True)
+            f"the operation '{func_name(func)}'",
+            f"It permutes the axes {dims} of a tensor of shape {tuple(x.shape)}; only moving "
+            "the channel axis last and back keeps pointwise feature vectors (ConvNeXt's "
+            "channels-last blocks, a text model's (N, L, E) embeddings).", moves_values=True)
 
     def _in_canonical_layout(self, func, args, kwargs, perms: set) -> Any:
         """Run a call on a channels-last tensor in the canonical layout and give the model

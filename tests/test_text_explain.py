@@ -1,0 +1,272 @@
+"""Per-token attributions (srdxai.text.explain_tokens, and srdxai.explain on token ids).
+
+The oracles here are written from the definitions with plain autograd on the model's
+embedding output, without the engine: gradient x input, integrated gradients' completeness,
+Occlusion-1 as the logit drop when one token's embedding becomes the baseline.
+"""
+
+from __future__ import annotations
+
+import os
+
+import pytest
+import torch
+from torch import nn
+
+import srdxai
+from srdxai.errors import InvalidInputError, UnknownMethodError
+from srdxai.text import explain_tokens, token_batch
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+
+
+class TinyKim(nn.Module):
+    """Word CNN: masked embeddings, two widths of Conv1d, ReLU, max over real windows."""
+
+    def __init__(self, vocab: int = 40, dim: int = 8, classes: int = 3):
+        super().__init__()
+        self.embedding = nn.Embedding(vocab, dim, padding_idx=0)
+        self.convs = nn.ModuleList([nn.Conv1d(dim, 6, k, padding=k - 1) for k in (2, 3)])
+        self.fc = nn.Linear(12, classes)
+
+    def forward(self, ids, attention_mask=None):
+        mask = (ids != 0) if attention_mask is None else attention_mask.bool()
+        m = mask.to(torch.float32)
+        h = (self.embedding(ids) * m[..., None]).transpose(1, 2)
+        pooled = [nn.functional.max_pool1d(
+            torch.relu(conv(h))[..., :ids.shape[1]] * m[:, None], ids.shape[1]).flatten(1)
+            for conv in self.convs]
+        return self.fc(torch.cat(pooled, 1))
+
+
+class TinyLSTM(nn.Module):
+    """An LSTM written out in plain ops; the state is carried unchanged over padding."""
+
+    def __init__(self, vocab: int = 40, dim: int = 8, hidden: int = 6, classes: int = 3):
+        super().__init__()
+        self.embedding = nn.Embedding(vocab, dim, padding_idx=0)
+        self.ih, self.hh = nn.Linear(dim, 4 * hidden), nn.Linear(hidden, 4 * hidden)
+        self.fc = nn.Linear(hidden, classes)
+        self.hidden = hidden
+
+    def forward(self, ids, attention_mask=None):
+        mask = (ids != 0) if attention_mask is None else attention_mask.bool()
+        e, m = self.embedding(ids), mask.to(torch.float32)
+        h = e.new_zeros(ids.shape[0], self.hidden)
+        c = torch.zeros_like(h)
+        for t in range(ids.shape[1]):
+            i, f, g, o = (self.ih(e[:, t]) + self.hh(h)).chunk(4, 1)
+            c_new = torch.sigmoid(f) * c + torch.sigmoid(i) * torch.tanh(g)
+            h_new = torch.sigmoid(o) * torch.tanh(c_new)
+            keep = m[:, t, None]
+            h, c = keep * h_new + (1 - keep) * h, keep * c_new + (1 - keep) * c
+        return self.fc(h)
+
+
+IDS = torch.tensor([[3, 5, 7, 9, 11, 2], [4, 6, 8, 0, 0, 0], [12, 13, 14, 15, 0, 0],
+                    [21, 22, 23, 0, 0, 0]])
+MASK = IDS != 0
+MODELS = [TinyKim, TinyLSTM]
+METHODS = ["saliency", "gradient_x_input", "integrated_gradients", "smoothgrad", "occlusion",
+           "epsilon_lrp", "deeplift_rescale", "lrp_epsilon", "attnlrp"]
+
+
+def _model(cls):
+    torch.manual_seed(0)
+    return cls().eval()
+
+
+def _embedding_gradient(model, ids, mask, target):
+    """d logit[target] / d embedding output, by autograd with a hook (the oracle)."""
+    leaf = {}
+
+    def hook(module, args, out):
+        leaf["e"] = out.detach().requires_grad_(True)
+        return leaf["e"]
+
+    handle = model.embedding.register_forward_hook(hook)
+    try:
+        out = model(ids, attention_mask=mask)
+    finally:
+        handle.remove()
+    grad, = torch.autograd.grad(out.gather(1, target[:, None]).sum(), leaf["e"])
+    return leaf["e"].detach(), grad, out.detach()
+
+
+@pytest.mark.parametrize("cls", MODELS)
+def test_gradient_x_input_is_the_embedding_gradient_times_the_embedding(cls):
+    model = _model(cls)
+    target = torch.tensor([0, 1, 2, 0])
+    e, grad, _ = _embedding_gradient(model, IDS, MASK, target)
+    expected = (grad * e).sum(2).masked_fill(~MASK, 0)
+    got = srdxai.explain(model, IDS, target, "gradient_x_input", attention_mask=MASK)
+    assert got.shape == IDS.shape
+    torch.testing.assert_close(got, expected, rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.parametrize("cls", MODELS)
+def test_integrated_gradients_complete_against_the_zero_embedding(cls):
+    model = _model(cls)
+    target = torch.tensor([0, 1, 2, 0])
+    a = explain_tokens(model, IDS, target, "integrated_gradients", attention_mask=MASK,
+                       steps=256)
+    _, _, out = _embedding_gradient(model, IDS, MASK, target)
+    # the baseline: zero embeddings at real tokens (padding keeps its own, masked anyway)
+    handle = model.embedding.register_forward_hook(
+        lambda m, args, o: o * (~MASK)[..., None])
+    try:
+        base = model(IDS, attention_mask=MASK)
+    finally:
+        handle.remove()
+    gap = (out - base).gather(1, target[:, None])[:, 0]
+    torch.testing.assert_close(a.sum(1), gap, rtol=2e-2, atol=2e-3)
+
+
+@pytest.mark.parametrize("cls", MODELS)
+def test_occlusion_1_is_the_drop_when_one_token_becomes_the_baseline(cls):
+    model = _model(cls)
+    target = torch.tensor([2, 1, 0, 1])
+    got = explain_tokens(model, IDS, target, "occlusion", attention_mask=MASK)
+    with torch.no_grad():
+        clean = model(IDS, attention_mask=MASK).gather(1, target[:, None])[:, 0]
+        expected = torch.zeros(IDS.shape)
+        for t in range(IDS.shape[1]):
+            keep = torch.ones(IDS.shape)
+            keep[:, t] = 0
+            handle = model.embedding.register_forward_hook(
+                lambda m, args, o, k=keep: o * k[..., None])
+            try:
+                occluded = model(IDS, attention_mask=MASK).gather(1, target[:, None])[:, 0]
+            finally:
+                handle.remove()
+            expected[:, t] = clean - occluded
+    torch.testing.assert_close(got, expected.masked_fill(~MASK, 0), rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.parametrize("cls", MODELS)
+@pytest.mark.parametrize("method", METHODS)
+def test_a_batch_gives_each_text_its_own_map_and_padding_gets_zero(cls, method):
+    model = _model(cls)
+    options = {"seed": 0} if method == "smoothgrad" else {}
+    batch = srdxai.explain(model, IDS, None, method, attention_mask=MASK, **options)
+    assert batch.shape == IDS.shape and bool(torch.isfinite(batch).all())
+    assert bool((batch[~MASK] == 0).all())
+    for i in range(IDS.shape[0]):
+        alone = srdxai.explain(model, IDS[i:i + 1], None, method, attention_mask=MASK[i:i + 1],
+                               **options)
+        torch.testing.assert_close(batch[i:i + 1], alone, rtol=1e-5, atol=1e-6)
+    assert not model.embedding._forward_hooks  # nothing left on the user's model
+
+
+def test_epsilon_lrp_equals_gradient_x_input_on_a_relu_word_cnn():
+    # Ancona et al.'s Proposition: with ReLUs (and max pooling) the modified chain rule's
+    # f(z)/z is the derivative, so epsilon-LRP is gradient x input (up to epsilon)
+    model = _model(TinyKim)
+    lrp = srdxai.explain(model, IDS, None, "epsilon_lrp", attention_mask=MASK)
+    gxi = srdxai.explain(model, IDS, None, "gradient_x_input", attention_mask=MASK)
+    torch.testing.assert_close(lrp, gxi, rtol=1e-2, atol=1e-3)
+
+
+def test_a_tokenizers_batch_is_read_with_its_mask():
+    model = _model(TinyKim)
+    encoded = {"input_ids": IDS, "attention_mask": MASK.long()}
+    from_batch = srdxai.explain(model, encoded, None, "gradient_x_input")
+    direct = srdxai.explain(model, IDS, None, "gradient_x_input", attention_mask=MASK)
+    torch.testing.assert_close(from_batch, direct)
+
+
+def test_baselines_pad_token_and_tensor():
+    model = _model(TinyLSTM)
+    with torch.no_grad():
+        model.embedding.weight[0] = 0.5  # a padding embedding that is not zero
+    pad = explain_tokens(model, IDS, 0, "integrated_gradients", attention_mask=MASK,
+                         baseline="pad", steps=64)
+    as_tensor = explain_tokens(model, IDS, 0, "integrated_gradients", attention_mask=MASK,
+                               baseline=model.embedding.weight[0].detach().clone(), steps=64)
+    as_token = explain_tokens(model, IDS, 0, "integrated_gradients", attention_mask=MASK,
+                              baseline=0, steps=64)
+    zero = explain_tokens(model, IDS, 0, "integrated_gradients", attention_mask=MASK,
+                          steps=64)
+    torch.testing.assert_close(pad, as_tensor)
+    torch.testing.assert_close(pad, as_token)
+    assert not torch.allclose(pad, zero)
+
+
+def _transformers():
+    """transformers imports torchvision for some models: through the CPU-torch shim."""
+    try:
+        from _compat import import_torchvision
+
+        import_torchvision()
+    except ImportError:
+        pass  # no torchvision: transformers' text models import without it
+    return pytest.importorskip("transformers")
+
+
+def test_a_hugging_face_sequence_classifier():
+    transformers = _transformers()
+    config = transformers.BertConfig(vocab_size=50, hidden_size=16, num_hidden_layers=2,
+                                     num_attention_heads=2, intermediate_size=32,
+                                     num_labels=2, attn_implementation="eager")
+    torch.manual_seed(0)
+    model = transformers.BertForSequenceClassification(config).eval()
+    for method in ("gradient_x_input", "integrated_gradients", "occlusion", "attnlrp"):
+        batch = srdxai.explain(model, IDS, None, method, attention_mask=MASK)
+        assert batch.shape == IDS.shape and bool(torch.isfinite(batch).all())
+        alone = srdxai.explain(model, IDS[1:2], None, method, attention_mask=MASK[1:2])
+        torch.testing.assert_close(batch[1:2], alone, rtol=1e-4, atol=1e-5)
+    assert not model.get_input_embeddings()._forward_hooks
+
+
+def test_bad_text_inputs_raise_typed_errors():
+    model = _model(TinyKim)
+    with pytest.raises(InvalidInputError, match="batch dimension"):
+        srdxai.explain(model, IDS[0], None, "saliency")
+    with pytest.raises(InvalidInputError, match="does not match"):
+        srdxai.explain(model, IDS, None, "saliency", attention_mask=MASK[:, :3])
+    with pytest.raises(InvalidInputError, match="no real token"):
+        srdxai.explain(model, IDS, None, "saliency", attention_mask=torch.zeros_like(MASK))
+    with pytest.raises(InvalidInputError, match="unknown baseline"):
+        explain_tokens(model, IDS, None, "integrated_gradients", baseline="black")
+    with pytest.raises(InvalidInputError, match="outside the vocabulary"):
+        explain_tokens(model, IDS, None, "integrated_gradients", baseline=999)
+    with pytest.raises(InvalidInputError, match="'zero', 'pad', a token id or a tensor"):
+        srdxai.explain(model, IDS, None, "occlusion", baseline=0.0)
+    with pytest.raises(InvalidInputError, match="input_ids"):
+        token_batch({"ids": IDS})
+    with pytest.raises(UnknownMethodError):
+        explain_tokens(model, IDS, None, "nonsense")
+
+    class TwoEmbeddings(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.words, self.positions = nn.Embedding(40, 4), nn.Embedding(6, 4)
+            self.fc = nn.Linear(4, 2)
+
+        def forward(self, ids):
+            return self.fc((self.words(ids) + self.positions.weight).mean(1))
+
+    two = TwoEmbeddings()
+    with pytest.raises(InvalidInputError, match="several"):
+        srdxai.explain(two, IDS, None, "saliency")
+    a = srdxai.explain(two, IDS, None, "gradient_x_input", embedding="words")
+    assert a.shape == IDS.shape
+    assert not two.words._forward_hooks
+
+
+def test_a_model_that_raises_leaves_no_hook():
+    model = _model(TinyKim)
+
+    class Broken(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.embedding = model.embedding
+
+        def forward(self, ids, attention_mask=None):
+            self.embedding(ids)
+            raise RuntimeError("boom")
+
+    broken = Broken()
+    with pytest.raises(Exception):  # noqa: B017 - whatever the method makes of it
+        srdxai.explain(broken, IDS, None, "saliency")
+    assert not model.embedding._forward_hooks
