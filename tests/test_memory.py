@@ -153,6 +153,18 @@ def test_noise_draws_do_not_depend_on_chunks_or_retries():
     torch.testing.assert_close(torch.cat([first, *again]), whole, rtol=0, atol=0)
 
 
+def _fake_forward(module, clock, per_chunk, eight_factor):
+    """A forward whose chunks of 8 take ``eight_factor`` of the others' time per input."""
+
+    def forward(x):
+        module.seen.append(x.shape[0])
+        factor = eight_factor if x.shape[0] == 8 else 1.0
+        clock["now"] += per_chunk * factor * x.shape[0] / 4
+        return module.inner(x)
+
+    return forward
+
+
 def test_default_chunks_are_tuned_on_the_runs_own_work_and_remembered(monkeypatch):
     from srdxai.engine import memory
 
@@ -190,8 +202,8 @@ def test_default_chunks_are_tuned_on_the_runs_own_work_and_remembered(monkeypatc
     got = metrics.pixel_flipping(model, x, y, a, features_in_step=step)
     torch.testing.assert_close(got.curve, expected.curve, rtol=1e-5, atol=1e-6)
     perturbed = model.seen  # pixel flipping's curve starts at the first flipped step
-    trial = [c for c in candidates for _ in range(2)]
-    assert perturbed[:len(trial)] == trial  # two chunks of each candidate first
+    trial = candidates * 2
+    assert perturbed[:len(trial)] == trial  # two rounds of the candidates first
     best = memory.tuned_chunk(model, default)
     assert candidates == [2, 4, 8, 16] and best == 8
     assert set(perturbed[len(trial):-1]) <= {best}  # then the fastest (the last one partial)
@@ -199,6 +211,12 @@ def test_default_chunks_are_tuned_on_the_runs_own_work_and_remembered(monkeypatc
     model.seen.clear()
     metrics.pixel_flipping(model, x, y, a, features_in_step=step)
     assert max(model.seen) <= max(best, x.shape[0])
+    # chunks too quick to time, or no size clearly faster: the default stays
+    for clock_step, slower in ((1e-4, 0.5), (1.0, 0.97)):
+        quick = Timed(inner)
+        quick.forward = _fake_forward(quick, clock, clock_step, slower)
+        metrics.pixel_flipping(quick, x, y, a, features_in_step=step)
+        assert memory.tuned_chunk(quick, default) == 4
     # a chunk size the caller chose is kept exactly, never tuned
     model.seen.clear()
     metrics.pixel_flipping(model, x, y, a, features_in_step=step, batch_size=5)

@@ -194,7 +194,11 @@ _TUNED: weakref.WeakKeyDictionary[nn.Module, dict[tuple, int]] = weakref.WeakKey
 
 #: tuning runs only when the candidates' chunks (two of each) are at most this part of the work
 TUNE_SHARE = 0.5
-
+#: chunks of the default size faster than this are not timed reliably on a busy machine (a
+#: small CNN's 53 images of 3x32x32 take about 2 ms): the default is kept
+TUNE_MIN_SECONDS = 0.02
+#: another size replaces the default only when it is at least this much faster per input
+TUNE_MARGIN = 0.05
 
 def chunk_candidates(size: int, cap: int) -> list[int]:
     """The chunk sizes tried around a default ``size``: half, itself, twice and four times it,
@@ -217,11 +221,13 @@ def run_tuned(model: nn.Module, total: int, size: int, run: Callable[[int, int],
     Which chunk runs fastest depends on the CPU's caches, the model and the threads: one image
     of 3x224x224 ran 21 ms per image on EfficientNet-Lite0 and four 18.5 ms on one day,
     the reverse on another (2026-12-05). So the run's first chunks try :func:`chunk_candidates`
-    (two chunks each: a new shape's first pass also builds oneDNN's kernels) and the rest
-    runs at the fastest per input; the choice is remembered for the model and input shape
-    (:func:`tuned_chunk`). The work is the same whatever the sizes; only float rounding differs
-    between batch sizes (about 1e-7 relative): pass a ``batch_size`` to fix the chunks. Runs
-    too short to pay for the trial keep the default.
+    (two rounds, a new shape's first pass also builds oneDNN's kernels) and the rest runs at
+    the fastest per input; the choice is remembered for the model and input shape
+    (:func:`tuned_chunk`). The default stays where its chunks are too quick to time reliably
+    (:data:`TUNE_MIN_SECONDS`) or no size beats it by :data:`TUNE_MARGIN`: a noisy trial
+    once picked a 1.4x slower size for a small CNN and kept it. The work is the same whatever
+    the sizes; only float rounding differs between batch sizes (about 1e-7 relative): pass a
+    ``batch_size`` to fix the chunks. Runs too short to pay for the trial keep the default.
     """
     if not isinstance(size, DefaultChunk) or size.key[2].type != "cpu":
         run_in_chunks(total, size, run, what)
@@ -234,19 +240,29 @@ def run_tuned(model: nn.Module, total: int, size: int, run: Callable[[int, int],
     if len(candidates) < 2 or 2 * sum(candidates) > TUNE_SHARE * total:
         run_in_chunks(total, size, run, what)
         return
-    start, per_input = 0, {}
-    for candidate in candidates:
-        for _ in range(2):
-            offset = start
-            began = time.perf_counter()
-            used = run_in_chunks(candidate, candidate,
-                                 lambda a, b, o=offset: run(o + a, o + b), what)
-            seconds = (time.perf_counter() - began) / candidate
-            start += candidate
-            per_input[used] = min(per_input.get(used, float("inf")), seconds)
+    # round robin, twice: a slow spell of the machine then hits every size alike, and the
+    # second round runs on kernels oneDNN has built already
+    start, per_input, default = 0, {}, int(size)
+    chunk_seconds: dict[int, float] = {}
+    fits = total
+    for candidate in candidates * 2:
+        if candidate > fits:  # a smaller chunk ran out of memory already
+            continue
+        offset = start
+        began = time.perf_counter()
+        used = run_in_chunks(candidate, candidate, lambda a, b, o=offset: run(o + a, o + b),
+                             what)
+        seconds = time.perf_counter() - began
+        start += candidate
+        per_input[used] = min(per_input.get(used, float("inf")), seconds / candidate)
+        chunk_seconds[used] = min(chunk_seconds.get(used, float("inf")), seconds)
         if used < candidate:  # out of memory: larger chunks will not fit either
-            break
+            fits = used
     best = min(per_input, key=per_input.__getitem__)
+    reference = per_input.get(default)
+    if reference is not None and (chunk_seconds[default] < TUNE_MIN_SECONDS
+                                  or per_input[best] > (1 - TUNE_MARGIN) * reference):
+        best = default
     _TUNED.setdefault(model, {})[(*size.key, torch.get_num_threads())] = best
     run_in_chunks(total - start, best, lambda a, b: run(start + a, start + b), what)
 
