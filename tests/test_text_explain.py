@@ -270,3 +270,41 @@ def test_a_model_that_raises_leaves_no_hook():
     with pytest.raises(Exception):  # noqa: B017 - whatever the method makes of it
         srdxai.explain(broken, IDS, None, "saliency")
     assert not model.embedding._forward_hooks
+
+
+class _RatioTanh(torch.autograd.Function):
+    """tanh whose backward is epsilon-LRP's slope tanh(z) / (z + eps sign z)."""
+
+    @staticmethod
+    def forward(ctx, z, eps):
+        ctx.save_for_backward(z)
+        ctx.eps = eps
+        return torch.tanh(z)
+
+    @staticmethod
+    def backward(ctx, grad):
+        z, = ctx.saved_tensors
+        sign = torch.where(z >= 0, 1.0, -1.0).to(z.dtype)
+        return grad * torch.tanh(z) / (z + ctx.eps * sign), None
+
+
+def test_epsilon_lrp_on_an_lstm_gives_its_gates_no_relevance():
+    # the oracle, from Arras et al.'s rule written with plain autograd: every sigmoid gate
+    # detached (a constant weight), tanh with the epsilon slope, times the embeddings
+    model = _model(TinyLSTM).double()
+    ids, mask = IDS[:1], MASK[:1]
+    eps = 1e-4
+    e = model.embedding(ids).detach().requires_grad_(True)
+    h = e.new_zeros(1, model.hidden)
+    c = torch.zeros_like(h)
+    for t in range(ids.shape[1]):
+        i, f, g, o = (model.ih(e[:, t]) + model.hh(h)).chunk(4, 1)
+        c = torch.sigmoid(f).detach() * c + torch.sigmoid(i).detach() * _RatioTanh.apply(g, eps)
+        h = torch.sigmoid(o).detach() * _RatioTanh.apply(c, eps)
+    logits = model.fc(h)
+    target = int(logits.argmax())
+    grad, = torch.autograd.grad(logits[0, target], e)
+    expected = (grad * e).sum(2).detach()
+    got = srdxai.explain(model, ids, target, "epsilon_lrp", attention_mask=mask, epsilon=eps)
+    torch.testing.assert_close(got, expected, rtol=1e-6, atol=1e-9)
+    assert float(got.abs().max()) < 10 * float(logits.abs().max())  # no 1/z blow-up

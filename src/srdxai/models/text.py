@@ -40,6 +40,7 @@ __all__ = [
     "LSTMClassifier",
     "MiniLMClassifier",
     "UnrolledLSTM",
+    "import_transformers",
     "load_minilm_encoder",
     "minilm_model_path",
     "minilm_tokenizer",
@@ -267,7 +268,7 @@ class LSTMClassifier(nn.Module):
         return self.fc(self.dropout(h))
 
 
-def _import_transformers() -> Any:
+def import_transformers() -> Any:
     """``transformers``, once its BERT classes import (they are loaded lazily, on first use)."""
     try:
         transformers = importlib.import_module("transformers")
@@ -314,7 +315,7 @@ def load_minilm_encoder() -> nn.Module:
     """The pretrained all-MiniLM-L6-v2 ``BertModel``, read offline from the package's folder,
     with the eager attention (explicit softmax of ``q k^T``, which attribution rules can reach)
     and without BERT's pooler (unused here: the classifier pools the token states itself)."""
-    transformers = _import_transformers()
+    transformers = import_transformers()
     path = str(minilm_model_path())
     log = transformers.logging
     verbosity = log.get_verbosity()
@@ -329,7 +330,7 @@ def load_minilm_encoder() -> nn.Module:
 def minilm_tokenizer() -> Any:
     """The tokenizer that matches :func:`load_minilm_encoder` (``BertTokenizerFast``, or the
     Python ``BertTokenizer`` when the ``tokenizers`` package is missing), offline."""
-    transformers = _import_transformers()
+    transformers = import_transformers()
     path = str(minilm_model_path())
     try:
         return transformers.BertTokenizerFast.from_pretrained(path, local_files_only=True)

@@ -11,9 +11,10 @@ from .explain import (
     explain_tokens,
     find_embedding,
     is_token_input,
+    real_length,
     token_baseline,
     token_batch,
 )
 
 __all__ = ["EmbeddingView", "TokenBatch", "call_text_model", "explain_tokens", "find_embedding",
-           "is_token_input", "token_baseline", "token_batch"]
+           "is_token_input", "real_length", "token_baseline", "token_batch"]

@@ -14,7 +14,9 @@ The attention mask is not an input of the explained function: methods do not per
 texts are explained in groups sharing one mask row (for right-padded texts: one group per
 length), each group's mask (and a representative row of ids) given to the model as
 constants. A batch then gives each text exactly the map it gets alone (with the same
-padding). Padding positions get 0.
+padding). Where a model gives the same logits without the padding (checked, see
+:func:`real_length`), a group is explained on its real tokens only, so no method can put
+relevance on padding. Padding positions get 0.
 
 Baselines (integrated gradients, DeepLIFT, occlusion) live in embedding space: ``"zero"``
 (the zero vector, Ancona et al.'s choice), ``"pad"`` (the padding token's embedding), a token
@@ -36,8 +38,8 @@ from torch import Tensor, nn
 from ..errors import InvalidInputError, UnsupportedOperationError
 from ..methods.base import get_method, method_options
 
-__all__ = ["EmbeddingView", "TokenBatch", "explain_tokens", "find_embedding", "is_token_input",
-           "token_baseline", "token_batch", "call_text_model"]
+__all__ = ["EmbeddingView", "TokenBatch", "call_text_model", "explain_tokens", "find_embedding",
+           "is_token_input", "real_length", "token_baseline", "token_batch"]
 
 #: methods whose ``baseline`` option is a point in embedding space
 BASELINE_METHODS = ("integrated_gradients", "deeplift_rescale", "occlusion")
@@ -321,19 +323,47 @@ def explain_tokens(
     for g in range(rows.shape[0]):
         members = (groups == g).nonzero().flatten()
         first = int(members[0])
-        view = EmbeddingView(model, emb, batch.ids[first], batch.mask[first])
+        length = real_length(model, batch.ids[members], batch.mask[members])
+        view = EmbeddingView(model, emb, batch.ids[first, :length],
+                             batch.mask[first, :length])
         group_options = dict(options)
         if base is not None:
-            group_options["baseline"] = base[first:first + 1]
+            group_options["baseline"] = base[first:first + 1, :, :length]
         group_target = targets if not isinstance(targets, Tensor) else targets[members]
-        maps = explain(view, embedded[members], group_target, method, batch_size=batch_size,
-                       **group_options)
-        if maps.shape != (members.numel(), batch.ids.shape[1]):
+        maps = explain(view, embedded[members, :, :length], group_target, method,
+                       batch_size=batch_size, **group_options)
+        if maps.shape != (members.numel(), length):
             raise UnsupportedOperationError(
                 f"method '{method}' returned maps of shape {tuple(maps.shape)} for texts of "
-                f"{batch.ids.shape[1]} tokens; it has no per-token map.")
-        out[members] = maps.to(out.dtype)
+                f"{length} tokens; it has no per-token map.")
+        out[members, :length] = maps.to(out.dtype)
     return out.masked_fill(~batch.mask, 0.0)
+
+
+def real_length(model: nn.Module, ids: Tensor, mask: Tensor) -> int:
+    """The length to explain texts sharing one mask row at: their real tokens only, where
+    the mask is real tokens then padding and the model gives the same logits without the
+    padding (checked on these texts, one pass without gradients); else the full length.
+
+    Without padding in the explained input, a method cannot put relevance on it: SRD's bias
+    shares reach padding positions through the convolutions' windows otherwise, and the
+    map of a padded text would not sum to its logit (about 0.04 % of it lost on a
+    movie-review sentence padded to 64 tokens). The texts' maps are the maps they get alone.
+    """
+    count = int(mask[0].sum())
+    full = ids.shape[1]
+    if count == full or not bool(mask[0, :count].all()):
+        return full
+    try:
+        with torch.no_grad():
+            padded = call_text_model(model, ids, mask)
+            trimmed = call_text_model(model, ids[:, :count], mask[:, :count])
+    except Exception:  # noqa: BLE001 - a model that needs its full length keeps it
+        return full
+    scale = float(padded.abs().max()) or 1.0
+    same = padded.shape == trimmed.shape and bool(
+        torch.allclose(padded, trimmed, rtol=1e-4, atol=1e-5 * scale))
+    return count if same else full
 
 
 def _per_text_targets(target: Any, n: int, device: torch.device) -> Any:
