@@ -13,7 +13,7 @@ from torch import nn
 import srdxai
 from srdxai import metrics
 from srdxai.errors import InvalidInputError
-from srdxai.metrics._common import average_ranks, spearman
+from srdxai.metrics.common import average_ranks, spearman
 
 
 class Linear(nn.Module):

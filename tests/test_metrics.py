@@ -565,7 +565,7 @@ def test_blur_substrate_is_rises_scipy_filtered_delta():
     """RISE: gaussian_filter(11x11 delta, sigma 5) with scipy's reflect mode as the kernel of a
     zero-padded conv2d; the reflected tails make it flatter than a truncated Gaussian."""
     scipy_ndimage = pytest.importorskip("scipy.ndimage")
-    from srdxai.metrics._common import baseline_values
+    from srdxai.metrics.common import baseline_values
 
     delta = np.zeros((11, 11))
     delta[5, 5] = 1.0

@@ -11,7 +11,7 @@
   falls on the tiles of the explained class?
 
 Perturbed inputs are built chunk by chunk and scored with
-:func:`~srdxai.metrics._common.scores_in_batches` (perturbations of several samples share a
+:func:`~srdxai.metrics.common.scores_in_batches` (perturbations of several samples share a
 forward pass); random draws are made sample by sample from a CPU generator, so results do not
 depend on ``batch_size``. docs/metrics.md gives the definitions and the differences from
 Quantus 0.6.
@@ -27,7 +27,7 @@ import torch
 from torch import nn
 
 from ..errors import InvalidInputError
-from ._common import (
+from .common import (
     Baseline,
     EmptyMaskPolicy,
     Explain,

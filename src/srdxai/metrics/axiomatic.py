@@ -11,7 +11,7 @@ from typing import Any, Unpack
 import torch
 from torch import nn
 
-from ._common import (
+from .common import (
     Baseline,
     Explain,
     MetricInputs,

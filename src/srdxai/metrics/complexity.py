@@ -8,7 +8,7 @@ import torch
 from torch import nn
 
 from ..errors import InvalidInputError
-from ._common import Explain, Normalise, check_attributions, check_inputs, preprocess_attributions
+from .common import Explain, Normalise, check_attributions, check_inputs, preprocess_attributions
 from .registry import register_metric
 
 Tensor = torch.Tensor

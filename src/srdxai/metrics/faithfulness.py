@@ -17,7 +17,7 @@ import torch
 from torch import nn
 
 from ..errors import InvalidInputError
-from ._common import (
+from .common import (
     Baseline,
     Explain,
     MetricInputs,

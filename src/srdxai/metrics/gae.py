@@ -25,7 +25,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..errors import InvalidInputError, InvalidTargetError
-from ._common import (
+from .common import (
     Explain,
     check_explain,
     check_finite_logits,

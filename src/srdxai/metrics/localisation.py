@@ -13,7 +13,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..errors import InvalidInputError
-from ._common import (
+from .common import (
     EmptyMaskPolicy,
     Explain,
     Normalise,

@@ -15,7 +15,7 @@ import torch
 from torch import nn
 
 from ..errors import InvalidInputError
-from ._common import model_device_dtype
+from .common import model_device_dtype
 
 __all__ = ["quantus_explain_func"]
 

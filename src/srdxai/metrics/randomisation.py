@@ -28,7 +28,7 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from ..errors import InvalidInputError
-from ._common import (
+from .common import (
     Explain,
     MetricInputs,
     check_explain,

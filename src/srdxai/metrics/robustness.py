@@ -15,7 +15,7 @@ import torch
 from torch import nn
 
 from ..errors import InvalidInputError
-from ._common import (
+from .common import (
     Explain,
     Normalise,
     adaptive_chunks,

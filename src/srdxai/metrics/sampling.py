@@ -81,7 +81,7 @@ class Sampling:
         """The inputs per forward pass (or per ``explain`` call when ``explain``) a metric
         uses for inputs like ``x``: ``batch_size``, or the device's element budget (capped by
         a memory budget, estimated on ``model``)."""
-        from ._common import default_batch_size
+        from .common import default_batch_size
 
         return default_batch_size(x, self.batch_size, explain=explain, model=model)
 

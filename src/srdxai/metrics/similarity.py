@@ -26,7 +26,7 @@ import torch
 import torch.nn.functional as F
 
 from ..errors import InvalidInputError
-from ._common import pearson as pearson_along_last
+from .common import pearson as pearson_along_last
 
 Tensor = torch.Tensor
 NormaliseMode = Literal["sum_abs", "max_abs"] | None

@@ -18,7 +18,7 @@ import torch
 from torch import nn
 
 from ..errors import InvalidInputError, InvalidTargetError
-from ._common import (
+from .common import (
     Baseline,
     Explain,
     MetricInputs,
