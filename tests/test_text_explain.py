@@ -308,3 +308,74 @@ def test_epsilon_lrp_on_an_lstm_gives_its_gates_no_relevance():
     got = srdxai.explain(model, ids, target, "epsilon_lrp", attention_mask=mask, epsilon=eps)
     torch.testing.assert_close(got, expected, rtol=1e-6, atol=1e-9)
     assert float(got.abs().max()) < 10 * float(logits.abs().max())  # no 1/z blow-up
+
+
+def test_attnlrp_gives_an_lstms_gates_no_relevance_too():
+    # AttnLRP's identity rule on tanh is epsilon-LRP's slope, and a sigmoid gate's product
+    # passes everything to its signal in both: on an LSTM (no attention, no LayerNorm) the two
+    # maps agree; with the uniform rule on gates they differed by 20x
+    model = _model(TinyLSTM).double()
+    attn = srdxai.explain(model, IDS, None, "attnlrp", attention_mask=MASK)
+    eps = srdxai.explain(model, IDS, None, "epsilon_lrp", attention_mask=MASK, epsilon=1e-12)
+    torch.testing.assert_close(attn, eps, rtol=1e-6, atol=1e-9)
+
+
+def _tiny_bert():
+    transformers = _transformers()
+    config = transformers.BertConfig(vocab_size=50, hidden_size=16, num_hidden_layers=2,
+                                     num_attention_heads=2, intermediate_size=32,
+                                     num_labels=3, attn_implementation="eager")
+    torch.manual_seed(0)
+    return transformers.BertForSequenceClassification(config).eval()
+
+
+_CAMS = ("ablationcam", "gradcam", "gradcam_pp", "layercam", "scorecam", "xgradcam")
+_ATTENTION = ("attention_rollout", "transformer_attribution", "srd_tokens")
+#: (architecture, method) -> the typed error the method raises, with words of its message
+REFUSED = {
+    **{("kim", m): (srdxai.errors.UnsupportedOperationError, "attention") for m in _ATTENTION},
+    **{("lstm", m): (srdxai.errors.UnsupportedOperationError, "attention") for m in _ATTENTION},
+    **{("lstm", m): (InvalidInputError, "no activation") for m in _CAMS},
+    # the LSTM reads its (N, L, E) embeddings one step at a time: no pointwise feature vectors
+    ("lstm", "srd"): (srdxai.errors.UnsupportedOperationError, "Tensor.__getitem__"),
+    ("bert", "fullgrad"): (InvalidInputError, "FullGrad"),
+}
+#: methods whose map sums to the target logit (float64, logit seed)
+CONSERVING = {("kim", "srd"), ("bert", "srd"), ("bert", "srd_tokens")}
+
+
+@pytest.mark.parametrize("arch", ["kim", "lstm", "bert"])
+def test_every_method_on_every_text_architecture_maps_or_refuses_clearly(arch):
+    from srdxai.methods import METHODS
+
+    model = {"kim": lambda: _model(TinyKim), "lstm": lambda: _model(TinyLSTM),
+             "bert": _tiny_bert}[arch]().double()
+    ids, mask = IDS[:3], MASK[:3]
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    with torch.no_grad():
+        logits = srdxai.text.call_text_model(model, ids, mask)
+    target = logits.argmax(1)
+    for method in sorted(METHODS):
+        options = {"low": -3.0, "high": 3.0} if method == "lrp_epsilon_gamma_box" else {}
+        if method == "srd":
+            options["seed"] = "logit"
+        if method == "smoothgrad":
+            options["seed"] = 0
+        if (arch, method) in REFUSED:
+            error, words = REFUSED[(arch, method)]
+            with pytest.raises(error, match=words):
+                srdxai.explain(model, ids, target, method, attention_mask=mask, **options)
+            continue
+        maps = srdxai.explain(model, ids, target, method, attention_mask=mask, **options)
+        assert maps.shape == ids.shape, method
+        assert bool(torch.isfinite(maps).all()), method
+        assert bool((maps[~mask] == 0).all()), method
+        alone = srdxai.explain(model, ids[1:2], target[1:2], method, attention_mask=mask[1:2],
+                               **options)
+        torch.testing.assert_close(maps[1:2], alone, rtol=1e-6, atol=1e-9, msg=method)
+        if (arch, method) in CONSERVING:
+            torch.testing.assert_close(maps.sum(1), logits.gather(1, target[:, None])[:, 0],
+                                       rtol=1e-6, atol=1e-9, msg=method)
+    assert all(torch.equal(v, model.state_dict()[k]) for k, v in before.items())
+    assert not model.get_input_embeddings()._forward_hooks if arch == "bert" else \
+        not model.embedding._forward_hooks

@@ -754,6 +754,7 @@ def train_text_command(name: str, epochs: int | None, seed: int, out_dir: Path,
               help="Comma-separated: table2, activation, sensitivity_n, insertion_deletion, "
                    "gae, noise, apop, attack (explanation manipulation), grid (the "
                    "qualitative grid), randomisation (MPRT and random-logit sanity checks), "
+                   "text_sensitivity_n and text_localisation (text classifiers), "
                    "evaluate (your model and data).  [default: all but evaluate; evaluate "
                    "alone with --arch/--builder]")
 @click.option("--quick", is_flag=True,

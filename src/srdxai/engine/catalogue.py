@@ -125,6 +125,9 @@ MOVING = {
     Tensor.to, Tensor.float, Tensor.double, Tensor.half, Tensor.bfloat16, Tensor.type_as,
     Tensor.flip, torch.flip, Tensor.roll, torch.roll, Tensor.requires_grad_,
     F.pixel_shuffle, F.pixel_unshuffle,
+    # out of place, with a constant mask: the kept entries move, the filled ones become
+    # constants (DistilBERT's attention masking); the gradient is zero there
+    Tensor.masked_fill, torch.masked_fill,
 }
 # Calls that read a traced tensor but return something that does not depend on its values.
 CONSTANT = {torch.zeros_like, torch.ones_like, torch.empty_like, torch.full_like,

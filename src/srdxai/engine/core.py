@@ -415,6 +415,14 @@ class Trace:
             blocks = [n for n in level if n.index in self.block_outputs]
             return (blocks or level)[-1]
         available = ", ".join(self.layer_names()[:40])
+        if name in ("low", "high"):
+            raise InvalidInputError(
+                f"layer '{name}': the model has no activation laid out like its input "
+                f"({ndim}-D with the input's spatial axes), so there is no feature map for SRD "
+                "(or a CAM) to start from: a recurrent model (an LSTM) applies its activations "
+                "to one step at a time. Pass layer= one of its activation outputs "
+                f"({available}{' ...' if len(self.pfv_layers) > 40 else ''}), or explain it "
+                "with a gradient, occlusion or an LRP method.")
         raise InvalidInputError(
             f"unknown layer '{name}'. SRD layers are activation outputs; this model has: "
             f"{available}{' ...' if len(self.pfv_layers) > 40 else ''} (module names whose "

@@ -14,7 +14,8 @@ __all__ = ["BenchConfig", "QUICK_OPTIONS", "method_options"]
 
 #: the experiments a run does when none are named, in this order (the order of the units)
 DEFAULT_EXPERIMENTS = ("table2", "activation", "sensitivity_n", "insertion_deletion", "gae",
-                       "noise", "apop", "attack", "grid", "randomisation")
+                       "noise", "apop", "attack", "grid", "randomisation",
+                       "text_sensitivity_n", "text_localisation")
 #: method options that keep ``--quick`` quick (the full run uses each method's defaults)
 QUICK_OPTIONS = {"integrated_gradients": {"steps": 16}, "smoothgrad": {"samples": 8}}
 

@@ -110,13 +110,15 @@ class UnitInputs:
 
 @dataclass
 class UnitResult:
-    """What a unit wrote: result rows, figures (PNG bytes by artifact name), curves, and saved
-    maps (``.npz`` bytes by name, stored with kind ``maps``)."""
+    """What a unit wrote: result rows, figures (PNG bytes by artifact name), curves, saved
+    maps (``.npz`` bytes by name, stored with kind ``maps``) and JSON documents."""
 
     rows: list[Row] = field(default_factory=list)
     artifacts: dict[str, bytes] = field(default_factory=dict)
     curves: list[Curve] = field(default_factory=list)
     maps: dict[str, bytes] = field(default_factory=dict)
+    #: JSON documents by name (kind ``json``), e.g. token explanations its section shows
+    documents: dict[str, bytes] = field(default_factory=dict)
 
 
 @dataclass

@@ -119,7 +119,8 @@ def run(run_dir: Path, config: BenchConfig, progress: bool = True,
             result = run_job(job, config)
             store.write_unit(job.unit, unit_seed(config, job), dist.rank,
                              time.perf_counter() - start, result.rows, result.curves,
-                             artifacts=result.artifacts, maps=result.maps)
+                             artifacts=result.artifacts, maps=result.maps,
+                             documents=result.documents)
             done_now += 1
     if dist.initialised:
         import torch.distributed as tdist

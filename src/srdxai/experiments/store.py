@@ -379,9 +379,11 @@ class ResultStore:
     def write_unit(self, unit: Unit, seed: int, rank: int, seconds: float,
                    rows: Iterable[Row], curves: Iterable[Curve] = (),
                    artifacts: dict[str, bytes] | None = None,
-                   maps: dict[str, bytes] | None = None) -> None:
-        """Record a finished unit, all its rows, its figures (PNG) and its saved maps (kind
-        ``maps``, see ``srdxai.experiments.own``) atomically.
+                   maps: dict[str, bytes] | None = None,
+                   documents: dict[str, bytes] | None = None) -> None:
+        """Record a finished unit, all its rows, its figures (PNG), its saved maps (kind
+        ``maps``, see ``srdxai.experiments.own``) and JSON documents (kind ``json``)
+        atomically.
 
         A failure (disk full, file made read-only, damage found) rolls the whole unit back and
         raises :class:`~srdxai.errors.RunDirectoryError`; the unit stays to do."""
@@ -401,6 +403,8 @@ class ResultStore:
                                     (artifacts or {}).items())
                 self.db.executemany("INSERT OR REPLACE INTO artifacts VALUES (?, 'maps', ?)",
                                     (maps or {}).items())
+                self.db.executemany("INSERT OR REPLACE INTO artifacts VALUES (?, 'json', ?)",
+                                    (documents or {}).items())
                 self.db.execute("INSERT INTO units VALUES (?, ?, ?, ?, ?, ?)",
                                 (e, m, meth, unit.unit, rank, float(seconds)))
         except sqlite3.Error as exc:

@@ -16,8 +16,11 @@ elementwise activation (GELU)   identity rule: ``grad * f(x) / x``, so ``R_x = R
 matrix product of two           uniform rule: each operand gets half, ``grad / 2`` (AttnLRP);
 activations (``q @ k^T``,       CP-LRP: the gradient
 ``attn @ v``)
-product ``a * b`` of two        uniform rule, ``grad / 2`` each (gated MLPs)
-activations
+product ``a * b`` of two        uniform rule, ``grad / 2`` each (gated MLPs); where one
+activations                     factor comes straight from a sigmoid (an LSTM's gates) the
+                                signal takes all (the gradient), the gate nothing (Arras et
+                                al. 2017): the identity rule through a gate divides by its
+                                pre-activation and reached -30 for a logit of 1.2
 softmax                         AttnLRP: the gradient (``R_x = x (R - s sum R)``, the
                                 paper's Proposition 3.1); CP-LRP: nothing (the attention
                                 weights are constants, so relevance reaches only the values)
@@ -29,10 +32,12 @@ Hugging Face ViT in a subprocess, because LXT patches library classes process-wi
 
 from __future__ import annotations
 
+import weakref
 from collections.abc import Sequence
 
 import torch
 
+from ..engine.catalogue import ACTIVATIONS
 from ..engine.core import Target, keep_graph
 from ..engine.optrace import OpCall, OpRule, constant_statistics
 from .base import Method, checked_reduction, register
@@ -42,6 +47,8 @@ REDUCTIONS = ("sum", "none")
 #: the identity rule's stabiliser (LXT adds 1e-10; here with the sign of x, so that a
 #: pre-activation of -1e-10 does not divide by zero)
 IDENTITY_EPS = 1e-10
+#: activations whose output, as a factor of a product, is a gate
+GATES = ("sigmoid", "hardsigmoid")
 
 
 @constant_statistics
@@ -70,10 +77,31 @@ class AttnLRPRule(OpRule):
 
     def __init__(self, cp: bool = False):
         self.cp = cp
+        self._gates: dict[int, weakref.ref] = {}  # sigmoid outputs of this forward pass
+        self._gated: dict[int, int] = {}  # mul call index -> which factor is the gate
+
+    def on_call(self, call: OpCall, inputs: Sequence[Tensor], output: Tensor) -> Tensor:
+        """Note sigmoid outputs, and the products that take one as a factor (a gate)."""
+        if call.kind == "activation" and ACTIVATIONS.get(call.original) in GATES:
+            self._gates[id(output)] = weakref.ref(output)
+        elif call.kind == "mul" and len(inputs) == 2:
+            gates = [self._is_gate(t) for t in inputs]
+            if gates.count(True) == 1:
+                self._gated[call.index] = gates.index(True)
+        return output
+
+    def _is_gate(self, t: Tensor) -> bool:
+        ref = self._gates.get(id(t))
+        return ref is not None and ref() is t
 
     def op_backward(self, call: OpCall, inputs: Sequence[Tensor], output: Tensor,
                     grad: Tensor) -> Sequence[Tensor | None]:
         kind = call.kind
+        if kind == "mul" and call.index in self._gated:
+            grads = list(call.vjp(inputs, grad, func=call.original))
+            gate = self._gated[call.index]
+            grads[gate] = torch.zeros_like(inputs[gate])  # the signal takes all
+            return grads
         if kind == "softmax":  # the true softmax gradient, not absLRP's detached form
             if self.cp:
                 return [torch.zeros_like(inputs[0])]

@@ -53,7 +53,15 @@ class AttentionMaps(OpRule):
 
 
 def _patch_map(rows: Tensor, prefix: int, x: Tensor) -> Tensor:
-    """The class token's row over the patch tokens ``(N, T)`` as an image-sized map."""
+    """The class token's row over the patch tokens ``(N, T)`` as an image-sized map; for a
+    sequence input ``(N, E, L)`` (a text model's embeddings, :mod:`srdxai.text`), where each
+    token is an input position, the row over all ``L`` tokens as it is."""
+    if x.dim() == 3:
+        if rows.shape[1] != x.shape[2]:
+            raise InvalidInputError(
+                f"the attention runs over {rows.shape[1]} tokens but the input has "
+                f"{x.shape[2]} positions; a sequence model's tokens must be its inputs.")
+        return rows.contiguous()
     patches = rows[:, prefix:]
     side = math.isqrt(patches.shape[1])
     if side * side != patches.shape[1]:

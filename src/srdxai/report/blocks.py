@@ -24,7 +24,7 @@ from srdxai.report.tables import CurveSet, MetricTable
 if TYPE_CHECKING:
     from srdxai.experiments.registry import ReportInputs
 
-__all__ = ["CURVE_AXES", "Code", "Figure", "FigureNames", "LINE_STYLES", "PNG_SIGNATURE",
+__all__ = ["CURVE_AXES", "Code", "Figure", "FigureNames", "Html", "LINE_STYLES", "PNG_SIGNATURE",
            "Section", "Table", "Text", "arrow", "bar_figures", "curve_figures",
            "generic_section", "identical_notes", "line_styles", "mean_curve", "model_tables",
            "n_note", "new_figure", "not_run", "png", "png_figures", "slug"]
@@ -62,10 +62,20 @@ class Figure:
 
 
 @dataclass
+class Html:
+    """A self-contained HTML fragment (its own ``<style>``, no blank line, every text in it
+    escaped by its maker), e.g. token attributions from :mod:`srdxai.report.tokens`; the
+    Markdown report holds it as raw HTML."""
+
+    title: str
+    html: str
+
+
+@dataclass
 class Section:
     title: str
     anchor: str
-    blocks: list[Text | Code | Table | Figure | Section] = field(default_factory=list)
+    blocks: list[Text | Code | Table | Figure | Html | Section] = field(default_factory=list)
     ran: bool = True
 
 
@@ -169,6 +179,10 @@ CURVE_AXES = {
                       "Pearson r (map sum vs output change)", "log"),
     "insertion": ("fraction of pixels inserted", "class probability", "linear"),
     "deletion": ("fraction of pixels removed", "class probability", "linear"),
+    "sensitivity_n_tokens": ("n, tokens removed at random (log scale)",
+                             "Pearson r (map sum vs logit change)", "log"),
+    "insertion_tokens": ("fraction of tokens inserted", "class probability", "linear"),
+    "deletion_tokens": ("fraction of tokens removed", "class probability", "linear"),
     "mprt_ssim": ("layers randomised, from the output", "SSIM to the original map", "linear"),
     "mprt_spearman_abs": ("layers randomised, from the output",
                           "Spearman of |maps| to the original", "linear"),

@@ -26,6 +26,7 @@ from srdxai.report.blocks import (
     Code,
     Figure,
     FigureNames,
+    Html,
     Section,
     Table,
     Text,
@@ -133,7 +134,7 @@ figcaption { color: #555; font-size: 0.85em; }
 """
 
 
-def _html_block(block: Text | Code | Table | Figure | Section, level: int) -> list[str]:
+def _html_block(block: Text | Code | Table | Figure | Html | Section, level: int) -> list[str]:
     e = html.escape
     if isinstance(block, Section):
         out = [f'<section id="{e(block.anchor)}">', f"<h{level}>{e(block.title)}</h{level}>"]
@@ -145,6 +146,8 @@ def _html_block(block: Text | Code | Table | Figure | Section, level: int) -> li
         return [f"<p{cls}>{e(block.text)}</p>"]
     if isinstance(block, Code):
         return [f"<pre>{e(block.text)}</pre>"]
+    if isinstance(block, Html):
+        return [f'<div class="fragment"><p><b>{e(block.title)}</b></p>', block.html, "</div>"]
     if isinstance(block, Figure):
         data = base64.b64encode(block.png).decode("ascii")
         return [f'<figure><img src="data:image/png;base64,{data}" alt="{e(block.title)}">'
@@ -218,7 +221,7 @@ def _md_code(block: Code) -> list[str]:
     return [fence + block.lang, text, fence, ""]
 
 
-def _md_block(block: Text | Code | Table | Figure | Section, level: int) -> list[str]:
+def _md_block(block: Text | Code | Table | Figure | Html | Section, level: int) -> list[str]:
     if isinstance(block, Section):
         out = ["#" * level + " " + _md_text(block.title), ""]
         for b in block.blocks:
@@ -230,6 +233,8 @@ def _md_block(block: Text | Code | Table | Figure | Section, level: int) -> list
         return [_md_line(block.text), ""]
     if isinstance(block, Code):
         return _md_code(block)
+    if isinstance(block, Html):  # raw HTML: the fragment has no blank line to end it
+        return [f"**{_md_text(block.title)}**", "", block.html, ""]
     if isinstance(block, Figure):  # the file name is a slug: [A-Za-z0-9._-]
         return [f"![{_md_text(block.title, brackets=True)}](figures/{block.filename})", ""]
     out = [f"**{_md_text(block.title)}**", "",
