@@ -44,6 +44,9 @@ demo: $(DEMO_STAMP) data
 	$(BIN)/srdxai demo-images $(DEMO_DIR)/images
 	$(BIN)/srdxai explain $(DEMO_DIR)/images/*.png --out $(DEMO_DIR)
 	@echo "Explanation figures are in $(DEMO_DIR)/ (inputs in $(DEMO_DIR)/images/)."
+	$(BIN)/srdxai explain --text "a gripping , beautifully acted and deeply moving film" \
+		--text "dull , predictable and far too long" --model rt-kim-cnn \
+		--method srd,integrated_gradients,occlusion --out $(DEMO_DIR)/text
 	$(BIN)/srdxai bench $(DEMO_DIR)/bench --quick --experiments table2,activation --models 'fmnist-*'
 	$(BIN)/srdxai report $(DEMO_DIR)/bench
 	@echo "Benchmark report (quick run of the paper's two tables): $(DEMO_DIR)/bench/report.html"

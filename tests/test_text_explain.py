@@ -379,3 +379,59 @@ def test_every_method_on_every_text_architecture_maps_or_refuses_clearly(arch):
     assert all(torch.equal(v, model.state_dict()[k]) for k, v in before.items())
     assert not model.get_input_embeddings()._forward_hooks if arch == "bert" else \
         not model.embedding._forward_hooks
+
+
+@pytest.mark.parametrize("family", ["distilbert", "roberta"])
+def test_other_hugging_face_families(family):
+    transformers = _transformers()
+    if family == "distilbert":  # masks its attention scores with masked_fill
+        config = transformers.DistilBertConfig(vocab_size=50, dim=16, n_layers=2, n_heads=2,
+                                               hidden_dim=32, num_labels=2,
+                                               attn_implementation="eager")
+        cls = transformers.DistilBertForSequenceClassification
+    else:
+        config = transformers.RobertaConfig(vocab_size=50, hidden_size=16, num_hidden_layers=2,
+                                            num_attention_heads=2, intermediate_size=32,
+                                            num_labels=2, max_position_embeddings=40,
+                                            attn_implementation="eager")
+        cls = transformers.RobertaForSequenceClassification
+    torch.manual_seed(0)
+    model = cls(config).eval().double()
+    ids = IDS[:2].clone()
+    ids[ids == 0] = 1  # RoBERTa's padding id is 1
+    mask = MASK[:2]
+    with torch.no_grad():
+        logits = model(input_ids=ids, attention_mask=mask.long()).logits
+    for method in ("gradient_x_input", "integrated_gradients", "occlusion", "attnlrp",
+                   "lrp_epsilon", "srd", "srd_tokens"):
+        options = {"seed": "logit"} if method == "srd" else {}
+        a = srdxai.explain(model, ids, 0, method, attention_mask=mask, **options)
+        assert a.shape == ids.shape and bool(torch.isfinite(a).all()), method
+        if method.startswith("srd"):  # exact: the map sums to the logit
+            torch.testing.assert_close(a.sum(1), logits[:, 0], rtol=1e-6, atol=1e-9)
+
+
+def test_texts_are_trimmed_to_their_real_tokens_only_where_the_model_ignores_padding():
+    from srdxai.text import real_length
+
+    invariant = _model(TinyKim)
+    assert real_length(invariant, IDS[1:2], MASK[1:2]) == 3
+
+    class ReadsPadding(nn.Module):
+        """Averages over every position, padding included: its logits change without it."""
+
+        def __init__(self):
+            super().__init__()
+            self.embedding = nn.Embedding(40, 4)
+            self.fc = nn.Linear(4, 2)
+
+        def forward(self, ids, attention_mask=None):
+            return self.fc(self.embedding(ids).mean(1))
+
+    reads = ReadsPadding().eval()
+    assert real_length(reads, IDS[1:2], MASK[1:2]) == IDS.shape[1]
+    # explained on the full padded input: gradient x input sums over real tokens only, and
+    # padding positions are reported as 0
+    a = srdxai.explain(reads, IDS[1:2], 0, "gradient_x_input", attention_mask=MASK[1:2])
+    assert bool((a[0, 3:] == 0).all()) and bool((a[0, :3] != 0).all())
+    assert real_length(reads, IDS[:1], MASK[:1]) == IDS.shape[1]  # no padding: full length
