@@ -15,9 +15,19 @@ from pathlib import Path
 
 import numpy as np
 
+from srdxai.data.text import (
+    PlantedEvidenceSplit,
+    TextSplit,
+    Vocabulary,
+    load_movie_reviews,
+    make_planted_evidence,
+    tokenize,
+)
 from srdxai.errors import InvalidInputError, MissingDependencyError, SrdxaiError
 
-__all__ = ["DEMO_IMAGE_NAMES", "NUM_IMAGENET_CLASSES", "demo_images", "imagenet_class_names",
+__all__ = ["DEMO_IMAGE_NAMES", "NUM_IMAGENET_CLASSES", "PlantedEvidenceSplit", "TextSplit",
+           "Vocabulary", "demo_images", "imagenet_class_names", "load_movie_reviews",
+           "make_planted_evidence", "tokenize",
            "read_image"]
 
 NUM_IMAGENET_CLASSES = 1000

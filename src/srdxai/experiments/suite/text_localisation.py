@@ -6,45 +6,34 @@ from __future__ import annotations
 from ..config import BenchConfig
 from ..data import PLANTED_MODEL, Source
 from ..registry import (
-    Experiment,
-    MethodRow,
-    ReportInputs,
     UnitInputs,
     UnitResult,
     register_experiment,
 )
-from .text_units import text_methods, token_displays, token_documents, token_maps
+from .text_units import TextExperiment, token_documents, token_maps
 
 __all__ = ["TextLocalisation"]
 
 
 @register_experiment
-class TextLocalisation(Experiment):
+class TextLocalisation(TextExperiment):
     """Token localisation on the planted-evidence task: how much relevance lands on the
     evidence tokens that decide the label."""
 
     name = "text_localisation"
     title = "Token localisation (planted evidence)"
+    texts = 500  # the test split
     report_position = 32
     metrics = ("relevance_mass_accuracy", "relevance_rank_accuracy")
     note = ("A word CNN trained in the run on the synthetic planted-evidence task (filler words "
             "with planted words of the label's class; srdxai.data.text.make_planted_evidence), "
-            "explained for the label on its test texts. Relevance mass accuracy: the share of "
-            "the map's positive relevance on the evidence tokens; rank accuracy: the share of "
-            "the k evidence tokens among the k highest-ranked tokens.")
+            "explained for the label on its test texts. Relevance mass accuracy: the map's sum "
+            "over the evidence tokens over its sum over all tokens (signed, Quantus' "
+            "convention); rank accuracy: the share of the k evidence tokens among the k "
+            "highest-ranked tokens.")
 
     def sources(self, config: BenchConfig) -> list[Source]:
         return [Source(PLANTED_MODEL, "text-planted")]
-
-    def methods(self, source: Source, config: BenchConfig) -> list[MethodRow]:
-        return text_methods(source)
-
-    def sample_count(self, source: Source, config: BenchConfig) -> int:
-        return min(500, config.samples or (32 if config.quick else 256))
-
-    def batch_size(self, config: BenchConfig) -> int:
-        # texts are grouped by length inside a unit: larger units batch more texts together
-        return max(config.batch_size, 32)
 
     def run(self, unit: UnitInputs) -> UnitResult:
         from ...text.metrics import token_localisation
@@ -54,9 +43,3 @@ class TextLocalisation(Experiment):
         return UnitResult(rows=unit.rows("relevance_mass_accuracy", scores.mass_accuracy)
                           + unit.rows("relevance_rank_accuracy", scores.rank_accuracy),
                           documents=token_documents(unit, maps, mask))
-
-    def section(self, report: ReportInputs):
-        section = super().section(report)
-        if section.ran:
-            section.blocks += token_displays(report, self.name)
-        return section

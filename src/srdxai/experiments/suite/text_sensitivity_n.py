@@ -8,26 +8,24 @@ import torch
 from ..config import BenchConfig
 from ..data import Source
 from ..registry import (
-    Experiment,
-    MethodRow,
-    ReportInputs,
     UnitInputs,
     UnitResult,
     register_experiment,
 )
 from ..store import Curve
-from .text_units import text_methods, token_displays, token_documents, token_maps
+from .text_units import TextExperiment, token_documents, token_maps
 
 __all__ = ["TextSensitivityN"]
 
 
 @register_experiment
-class TextSensitivityN(Experiment):
+class TextSensitivityN(TextExperiment):
     """Sensitivity-n, insertion and deletion with tokens as features, on the movie-review
     test sentences."""
 
     name = "text_sensitivity_n"
     title = "Sensitivity-n on text (Ancona et al.'s second domain)"
+    texts = 852  # the test split
     report_position = 31  # right after the images' Sensitivity-n
     metrics = ("sensitivity_n_mean", "auc_insertion", "auc_deletion")
     note = ("Movie-review test sentences (Pang & Lee's sentence polarity) and the shipped text "
@@ -40,16 +38,6 @@ class TextSensitivityN(Experiment):
     def sources(self, config: BenchConfig) -> list[Source]:
         models = ["rt-kim-cnn", "rt-lstm"] + ([] if config.quick else ["rt-minilm"])
         return [Source(m, "text-rt") for m in models]
-
-    def methods(self, source: Source, config: BenchConfig) -> list[MethodRow]:
-        return text_methods(source)
-
-    def sample_count(self, source: Source, config: BenchConfig) -> int:
-        return min(852, config.samples or (32 if config.quick else 256))
-
-    def batch_size(self, config: BenchConfig) -> int:
-        # texts are grouped by length inside a unit: larger units batch more texts together
-        return max(config.batch_size, 32)
 
     def run(self, unit: UnitInputs) -> UnitResult:
         from ...text.metrics import deletion_tokens, insertion_tokens, sensitivity_n_tokens
@@ -71,9 +59,3 @@ class TextSensitivityN(Experiment):
                 out.curves.append(Curve(f"{name}_tokens", sample, [a for a, _ in kept],
                                         [b for _, b in kept]))
         return out
-
-    def section(self, report: ReportInputs):
-        section = super().section(report)
-        if section.ran:
-            section.blocks += token_displays(report, self.name)
-        return section

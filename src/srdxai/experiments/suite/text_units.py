@@ -15,11 +15,12 @@ import json
 
 import torch
 
+from ..config import BenchConfig
 from ..data import Source, text_classifier, text_texts
-from ..registry import MethodRow, ReportInputs, UnitInputs
+from ..registry import Experiment, MethodRow, ReportInputs, UnitInputs
 
-__all__ = ["SHOWN_TEXTS", "TEXT_METHODS", "text_methods", "token_displays", "token_documents",
-           "token_maps"]
+__all__ = ["SHOWN_TEXTS", "TEXT_METHODS", "TextExperiment", "text_methods", "token_displays",
+           "token_documents", "token_maps"]
 
 #: Ancona et al.'s methods on text (Occlusion-1: one token at a time), with SRD and the LRP
 #: family where the model has them
@@ -104,3 +105,26 @@ def token_displays(report: ReportInputs, experiment: str) -> list:
     return blocks
 
 
+class TextExperiment(Experiment):
+    """What a text experiment adds to :class:`Experiment` (not registered itself): the text
+    methods its model has, units of at least 32 texts, at most :attr:`texts` samples, and
+    the first texts' token maps under its section."""
+
+    #: the texts its data has (the test split's size)
+    texts: int = 0
+
+    def methods(self, source: Source, config: BenchConfig) -> list[MethodRow]:
+        return text_methods(source)
+
+    def sample_count(self, source: Source, config: BenchConfig) -> int:
+        return min(self.texts, config.samples or (32 if config.quick else 256))
+
+    def batch_size(self, config: BenchConfig) -> int:
+        # texts are grouped by length inside a unit: larger units batch more texts together
+        return max(config.batch_size, 32)
+
+    def section(self, report: ReportInputs):
+        section = super().section(report)
+        if section.ran:
+            section.blocks += token_displays(report, self.name)
+        return section
