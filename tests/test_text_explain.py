@@ -435,3 +435,59 @@ def test_texts_are_trimmed_to_their_real_tokens_only_where_the_model_ignores_pad
     a = srdxai.explain(reads, IDS[1:2], 0, "gradient_x_input", attention_mask=MASK[1:2])
     assert bool((a[0, 3:] == 0).all()) and bool((a[0, :3] != 0).all())
     assert real_length(reads, IDS[:1], MASK[:1]) == IDS.shape[1]  # no padding: full length
+
+
+class _RescaleActivation(torch.autograd.Function):
+    """f(z) whose backward is DeepLIFT-Rescale's slope (f(z) - f(z_ref)) / (z - z_ref)."""
+
+    @staticmethod
+    def forward(ctx, z, z_ref, fn):
+        ctx.save_for_backward(z, z_ref)
+        ctx.fn = fn
+        return fn(z)
+
+    @staticmethod
+    def backward(ctx, grad):
+        z, z_ref = ctx.saved_tensors
+        delta = z - z_ref
+        small = delta.abs() < 1e-10
+        with torch.enable_grad():  # where z barely moves: the true derivative (as Captum)
+            leaf = z.detach().requires_grad_(True)
+            true, = torch.autograd.grad(ctx.fn(leaf).sum(), leaf)
+        slope = (ctx.fn(z) - ctx.fn(z_ref)) / torch.where(small, torch.ones_like(delta), delta)
+        return grad * torch.where(small, true, slope), None, None
+
+
+def _lstm_pass(model, e, activation):
+    """TinyLSTM's forward on embeddings ``e``, every sigmoid / tanh through ``activation``."""
+    h = e.new_zeros(e.shape[0], model.hidden)
+    c = torch.zeros_like(h)
+    for t in range(e.shape[1]):
+        i, f, g, o = (model.ih(e[:, t]) + model.hh(h)).chunk(4, 1)
+        c = activation(f, torch.sigmoid) * c + activation(i, torch.sigmoid) * \
+            activation(g, torch.tanh)
+        h = activation(o, torch.sigmoid) * activation(c, torch.tanh)
+    return model.fc(h)
+
+
+def test_deeplift_on_an_lstm_follows_the_rescale_rule_with_the_product_rule():
+    # the oracle: a baseline pass records every pre-activation in order, the input pass
+    # pairs them, products keep autograd's product rule (docs/text.md)
+    model = _model(TinyLSTM).double()
+    ids = IDS[:1]
+    e = model.embedding(ids).detach()
+    references = []
+
+    def record(z, fn):
+        references.append(z.detach())
+        return fn(z)
+
+    _lstm_pass(model, torch.zeros_like(e), record)
+    order = iter(references)
+    leaf = e.clone().requires_grad_(True)
+    logits = _lstm_pass(model, leaf, lambda z, fn: _RescaleActivation.apply(z, next(order), fn))
+    target = int(logits.argmax())
+    grad, = torch.autograd.grad(logits[0, target], leaf)
+    expected = (grad * leaf).sum(2).detach()  # (x - baseline) with the zero baseline
+    got = srdxai.explain(model, ids, target, "deeplift_rescale", attention_mask=MASK[:1])
+    torch.testing.assert_close(got, expected, rtol=1e-6, atol=1e-9)
