@@ -74,32 +74,53 @@ def fastest_forward(model: torch.nn.Module, x: torch.Tensor, chunks: list[int],
     return best
 
 
-def bare_passes(model: torch.nn.Module, x: torch.Tensor, total: int, chunk: int,
-                layout: torch.memory_format) -> None:
-    """``total`` bare forward passes in chunks of ``chunk`` (the fastest measured), nothing
-    else: the limit run again beside each of our runs."""
-    block = x[:1].expand(chunk, *x.shape[1:]).contiguous(memory_format=layout)
+#: the distinct inputs the replayed bare passes cycle through, at most this many bytes
+POOL_BYTES = 256 * 2**20
+
+
+def input_pool(x: torch.Tensor, layout: torch.memory_format) -> torch.Tensor:
+    """Distinct inputs shaped like ``x[0]`` for the bare passes, up to :data:`POOL_BYTES`
+    (at most 8192): a metric's perturbed inputs are all different, and passes on one block
+    again and again would read it from the caches, which no metric can. Built once per model
+    and layout (a new allocation per metric made the same passes 2x slower or faster by where
+    it landed)."""
+    count = max(1, min(8192, POOL_BYTES // (x[0].numel() * x.element_size())))
+    g = torch.Generator().manual_seed(0)
+    return torch.randn(count, *x.shape[1:], generator=g, dtype=x.dtype).contiguous(
+        memory_format=layout)
+
+
+def bare_passes(model: torch.nn.Module, pool: torch.Tensor, total: int, chunk: int) -> None:
+    """``total`` bare forward passes in chunks of ``chunk`` over the distinct inputs of
+    ``pool`` (cyclically), nothing else: the limit run again beside each of our runs."""
     with torch.no_grad():
-        for _ in range(total // chunk):
-            model(block)
-        if total % chunk:
-            model(block[:total % chunk])
+        done = start = 0
+        while done < total:
+            size = min(chunk, total - done, pool.shape[0] - start)
+            model(pool[start:start + size])
+            done += size
+            start = (start + size) % pool.shape[0]
 
 
-def interleaved(ours, bare, rounds: int) -> tuple[float, float, object]:
-    """Medians of ``rounds`` runs of ``ours`` and ``bare`` taken in turn (after one warm-up
-    each), so that a slow spell of the machine hits both alike; and our last result."""
+def interleaved(ours, bares: list, rounds: int) -> tuple[float, float, object]:
+    """Medians of ``rounds`` runs of ``ours`` and of each of ``bares`` taken in turn (after
+    one warm-up each), so that a slow spell of the machine hits all alike: our median, the
+    least of the bare medians, and our last result."""
     result = ours()
-    bare()
-    ours_times, bare_times = [], []
+    for bare in bares:
+        bare()
+    ours_times: list[float] = []
+    bare_times: list[list[float]] = [[] for _ in bares]
     for _ in range(rounds):
         began = time.perf_counter()
         result = ours()
         ours_times.append(time.perf_counter() - began)
-        began = time.perf_counter()
-        bare()
-        bare_times.append(time.perf_counter() - began)
-    return statistics.median(ours_times), statistics.median(bare_times), result
+        for times, bare in zip(bare_times, bares, strict=True):
+            began = time.perf_counter()
+            bare()
+            times.append(time.perf_counter() - began)
+    return (statistics.median(ours_times), min(statistics.median(t) for t in bare_times),
+            result)
 
 
 def cases(model: torch.nn.Module, x: torch.Tensor, y: torch.Tensor, a: torch.Tensor,
@@ -204,6 +225,10 @@ def measure(models: list[str], quick: bool, rounds: int,
         # the luckiest of them (a median of 3 on this noisy machine moves by 2x)
         per_input, best_chunk, layout = fastest_forward(model, x, chunks, max(9, 3 * rounds))
         write = fastest_write(x, chunks, max(9, 3 * rounds))
+        pools = {f: input_pool(x, f) for f in (torch.contiguous_format, torch.channels_last)}
+        # replayed beside each metric: the fastest configuration found, and the metrics' own
+        # chunk in channels-last; the limit takes the faster of the two
+        replays = {(best_chunk, layout), (int(chunk), torch.channels_last)}
         print(f"{label}, batch {batch}: fastest bare forward {per_input * 1e3:.3f} ms per "
               f"input (chunk {best_chunk} of {', '.join(map(str, chunks))}, {layout}), "
               f"writing an input {write * 1e3:.4f} ms", flush=True)
@@ -216,8 +241,9 @@ def measure(models: list[str], quick: bool, rounds: int,
             else:
                 total = per_sample * batch + batch  # the clean scores too
             # the bare passes run again beside each of our runs (the machine drifts)
-            replay = functools.partial(bare_passes, model, x, total, best_chunk, layout)
-            ours, passes, _ = interleaved(call, replay, rounds)
+            bares = [functools.partial(bare_passes, model, pools[f], total, c)
+                     for c, f in sorted(replays, key=str)]
+            ours, passes, _ = interleaved(call, bares, rounds)
             extra = 0.0
             if required is not None:  # draws or solves the definition requires too
                 extra, _ = _timing.median_time(required, rounds)

@@ -221,3 +221,18 @@ def test_default_chunks_are_tuned_on_the_runs_own_work_and_remembered(monkeypatc
     model.seen.clear()
     metrics.pixel_flipping(model, x, y, a, features_in_step=step, batch_size=5)
     assert set(model.seen) <= {5, 4, x.shape[0] % 5 or 5, (x.shape[0] * 144) % 5 or 5}
+
+
+@pytest.mark.parametrize("layout", [torch.contiguous_format, torch.channels_last])
+def test_select_per_sample_is_where_of_the_gathered_rows(layout):
+    from srdxai.metrics.common import select_per_sample
+
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(5, 3, 6, 7, generator=g).contiguous(memory_format=layout)
+    base = torch.randn(5, 3, 6, 7, generator=g).contiguous(memory_format=layout)
+    for sample in (torch.tensor([0, 0, 0, 1, 1, 4, 4, 4, 4]),  # runs: one where per run
+                   torch.tensor([3, 1, 0, 2, 4])):  # many samples: the plain gathers
+        mask = torch.rand(sample.numel(), 1, 6, 7, generator=g) < 0.5
+        got = select_per_sample(mask, base, x, sample)
+        assert torch.equal(got, torch.where(mask, base[sample], x[sample]))
+    assert got.shape == (5, 3, 6, 7)

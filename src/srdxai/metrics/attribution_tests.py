@@ -46,6 +46,7 @@ from .common import (
     predicted_classes,
     preprocess_attributions,
     scores_in_batches,
+    select_per_sample,
     spearman,
     to_tensor,
 )
@@ -219,7 +220,7 @@ def infidelity(
                 flat = torch.arange(start, stop, device=s.x.device)
                 sample, patch = flat // per, flat % per
                 inside = in_rows[patch][:, :, None] & in_cols[patch][:, None, :]
-                return torch.where(inside[:, None], base[sample], s.x[sample]), s.y[sample]
+                return select_per_sample(inside[:, None], base, s.x, sample), s.y[sample]
         else:
             std = check_finite_number(noise_std, "noise_std", positive=True)
             shape = s.x.shape[1:]
@@ -372,7 +373,7 @@ def monotonicity_correlation(
             if base is None:
                 values = source.rows(start, stop).to(device=s.x.device, dtype=s.x.dtype)
                 return torch.where(chosen, values.view(-1, 1, 1, 1), s.x[sample]), s.y[sample]
-            return torch.where(chosen, base[sample], s.x[sample]), s.y[sample]
+            return select_per_sample(chosen, base, s.x, sample), s.y[sample]
 
         clean = s.clean_scores(softmax)
         scores = scores_in_batches(s.model, perturbed, s.n * per, s.batch_size, softmax,

@@ -24,6 +24,7 @@ from .common import (
     guarded,
     preprocess_attributions,
     scores_in_batches,
+    select_per_sample,
 )
 from .registry import register_metric
 from .sampling import Sampling, SamplingOptions, sampling_of
@@ -103,7 +104,7 @@ def non_sensitivity(
             flat = torch.arange(start, stop, device=s.x.device)
             sample, group = flat // groups, flat % groups
             chosen = features_to_input(group_of == group[:, None], a.dim(), s.x.shape)
-            return torch.where(chosen, base[sample], s.x[sample]), s.y[sample]
+            return select_per_sample(chosen, base, s.x, sample), s.y[sample]
 
         clean = s.clean_scores(softmax)
         scores = scores_in_batches(s.model, perturbed, s.n * groups, s.batch_size, softmax,

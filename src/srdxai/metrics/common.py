@@ -384,6 +384,33 @@ def adaptive_chunks(total: int, size: int, progress: bool, desc: str,
             run_tuned(model, total, size, one, desc or "metric")
 
 
+def select_per_sample(mask: Tensor, replacement: Tensor, source: Tensor,
+                      sample: Tensor) -> Tensor:
+    """``torch.where(mask, replacement[sample], source[sample])``: row ``i`` of the result is
+    sample ``sample[i]``'s input with the ``mask[i]`` entries replaced.
+
+    The perturbed inputs of a sample-major chunk come in runs of rows of one sample; each
+    run is one ``torch.where`` reading that sample's two images by broadcasting, instead of
+    copying both images for every row first (three writes per input instead of one: on a
+    small CNN at 3x32x32 those copies cost a third of a forward pass). The result keeps the
+    inputs' memory layout (channels-last stays channels-last).
+    """
+    values, counts = torch.unique_consecutive(sample, return_counts=True)
+    if values.numel() * 4 > sample.numel():  # rows of many samples: the gathers are as cheap
+        return torch.where(mask, replacement[sample], source[sample])
+    layout = (torch.channels_last if source.dim() == 4
+              and source.is_contiguous(memory_format=torch.channels_last)
+              and not source.is_contiguous() else torch.contiguous_format)
+    out = torch.empty((sample.numel(), *source.shape[1:]), dtype=source.dtype,
+                      device=source.device, memory_format=layout)
+    start = 0
+    for value, count in zip(values.tolist(), counts.tolist(), strict=True):
+        torch.where(mask[start:start + count], replacement[value:value + 1],
+                    source[value:value + 1], out=out[start:start + count])
+        start += count
+    return out
+
+
 def check_finite_logits(out: Tensor, what: str, samples: Tensor | None = None) -> Tensor:
     """Refuse model outputs holding NaN or Inf, naming the samples they belong to (``samples``:
     the original sample of each row, for rows that are perturbed copies)."""

@@ -32,6 +32,7 @@ from .common import (
     pixel_map,
     preprocess_attributions,
     scores_in_batches,
+    select_per_sample,
     spearman,
     to_tensor,
     trapezoid,
@@ -252,7 +253,7 @@ def faithfulness_correlations(
                 chosen = torch.zeros(flat.numel(), n_features, dtype=torch.bool,
                                      device=s.x.device).scatter_(1, indices[sample, run], True)
                 removed = chosen[:, cell_of_pixel].view(-1, 1, *s.x.shape[2:])
-                return torch.where(removed, base[sample], s.x[sample]), s.y[sample]
+                return select_per_sample(removed, base, s.x, sample), s.y[sample]
         else:
             x_flat = _flat_views(s.x, a.dim())
             base_flat = _flat_views(base, a.dim())
@@ -357,7 +358,7 @@ def mu_fidelity(
             flat = torch.arange(start, stop, device=s.x.device)
             sample, run = flat // runs, flat % runs
             hole = removed[run][:, None]
-            return torch.where(hole, base[sample], s.x[sample]), s.y[sample]
+            return select_per_sample(hole, base, s.x, sample), s.y[sample]
 
         clean = s.clean_scores(softmax)
         scores = scores_in_batches(s.model, perturbed, s.n * runs, s.batch_size, softmax,
@@ -413,13 +414,18 @@ def _ordered_curve(s: MetricInputs, a: Tensor, counts: Tensor, start_from: Tenso
     ranks = descending_ranks(a)
     steps = counts.numel()
     counts = counts.to(s.x.device)
+    if s.x.dim() == 4:
+        # built in channels-last, the perturbed inputs go to oneDNN without another copy
+        # (scores_in_batches runs 4-D inputs channels-last); values are the same
+        start_from = start_from.contiguous(memory_format=torch.channels_last)
+        replace_with = replace_with.contiguous(memory_format=torch.channels_last)
 
     def perturbed(start: int, stop: int) -> tuple[Tensor, Tensor]:
         flat = torch.arange(start, stop, device=s.x.device)
         sample, step = flat // steps, flat % steps
         chosen = ranks[sample] < counts[step][:, None]
         chosen = features_to_input(chosen, a.dim(), s.x.shape)
-        return torch.where(chosen, replace_with[sample], start_from[sample]), s.y[sample]
+        return select_per_sample(chosen, replace_with, start_from, sample), s.y[sample]
 
     scores = scores_in_batches(s.model, perturbed, s.n * steps, s.batch_size, softmax, progress,
                                desc, per_sample=steps)

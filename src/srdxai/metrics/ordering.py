@@ -37,6 +37,7 @@ from .common import (
     pixel_map,
     preprocess_attributions,
     scores_in_batches,
+    select_per_sample,
     to_tensor,
     trapezoid,
 )
@@ -426,7 +427,7 @@ def _patch_curve(s: MetricInputs, a: Tensor, patch_size: int, regions: int | Non
         flat = torch.arange(start, stop, device=s.x.device)
         sample, k = flat // steps, flat % steps + 1
         removed = (rank_of_pixel[sample] < k[:, None]).view(-1, 1, *shape[1:])
-        return torch.where(removed, replacement[sample], s.x[sample]), s.y[sample]
+        return select_per_sample(removed, replacement, s.x, sample), s.y[sample]
 
     scores = scores_in_batches(s.model, perturbed, s.n * steps, s.batch_size, softmax,
                                progress, desc, per_sample=steps)
@@ -692,7 +693,7 @@ def irof(
         def perturbed(start: int, stop: int) -> tuple[Tensor, Tensor]:
             sample, k = owners_dev[start:stop], steps_dev[start:stop]
             removed = (rank_of_pixel[sample] < k[:, None]).view(-1, 1, *shape[1:])
-            return torch.where(removed, replacement[sample], s.x[sample]), s.y[sample]
+            return select_per_sample(removed, replacement, s.x, sample), s.y[sample]
 
         clean = s.clean_scores(softmax).cpu()
         scores = scores_in_batches(s.model, perturbed, owners.numel(), s.batch_size, softmax,
