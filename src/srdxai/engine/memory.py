@@ -200,6 +200,7 @@ TUNE_MIN_SECONDS = 0.02
 #: another size replaces the default only when it is at least this much faster per input
 TUNE_MARGIN = 0.05
 
+
 def chunk_candidates(size: int, cap: int) -> list[int]:
     """The chunk sizes tried around a default ``size``: half, itself, twice and four times it,
     at most ``cap`` (the element budget's chunk)."""
