@@ -114,11 +114,21 @@ def _full_run(run_dir: Path) -> Path:
                  [[1.0, 2.0, 3.0]] * 2, [[0.9, 0.5, 0.2 + shift]] * 2)
         db.add("apop", "fmnist-vgg-relu", method, "apop_accuracy", [0.9, 0.8])
         db.add("evaluate", "my-net", method, "road", [0.3 + shift, 0.4])
+        db.add("text_sensitivity_n", "rt-kim-cnn", method, "sensitivity_n_mean",
+               [0.8 + shift, 0.9])
+        db.curve("text_sensitivity_n", "rt-kim-cnn", method, "sensitivity_n_tokens",
+                 [[1.0, 2.0, 4.0]] * 2, [[0.9, 0.8 - shift, 0.7]] * 2)
+        db.add("text_localisation", "planted-kim-cnn", method, "relevance_rank_accuracy",
+               [1.0, 0.5 + shift])
     db.add("noise", "fmnist-vgg-relu", "Saliency", "ssim_to_target", [0.77])  # n = 1
     db.add("newexp", "fmnist-vgg-relu", "Saliency", "brand_new_metric", [1.0, 2.0, 3.0])
     db.artifact("qualitative/grid.png", ARTIFACT)
     db.artifact("randomisation/fmnist-vgg-relu/Saliency", ARTIFACT)
     db.artifact("notes.txt", b"not shown", kind="text")
+    db.artifact("text_sensitivity_n/tokens/rt-kim-cnn/Saliency", json.dumps([{
+        "tokens": ["a", "<b>film"], "scores": [0.5, -0.2], "predicted": "positive",
+        "probability": 0.9, "target": "positive", "true_label": "positive",
+        "method": "Saliency", "title": "test text 0: a film"}]).encode(), kind="json")
     return db.close()
 
 
@@ -303,7 +313,7 @@ def test_every_section_renders_when_its_experiment_ran(full_report):
 
 def test_header_shows_the_run(full_report):
     _, html, md = full_report
-    for text in ("abc123", "0.test", "2024-01-02T03:04:05+00:00", '"seed": 7', "Rows: 158 results"):
+    for text in ("abc123", "0.test", "2024-01-02T03:04:05+00:00", '"seed": 7', "Rows: 166 results"):
         assert text in md
     assert "&quot;seed&quot;: 7" in html
 
@@ -576,3 +586,14 @@ def test_activation_table_marks_lrp_zplus_beyond_relu_and_pairs_srd(tmp_path):
     row = next(line for line in paired.splitlines() if line.startswith("| LRP-z+ |"))
     cells = [c.strip() for c in row.strip("|").split("|")][1:]
     assert all(c.startswith("0.100 ± ") and c.endswith("\\*") for c in cells)  # +0.1 always
+
+
+def test_the_text_sections_embed_their_token_maps(tmp_path):
+    run = tmp_path / "run"
+    _full_run(run)
+    build_report(run)
+    md, html = (run / "report.md").read_text(), (run / "report.html").read_text()
+    text = md.split("## Sensitivity-n on text")[1].split("\n## ")[0]
+    assert "Token attributions, rt-kim-cnn" in text and "srdx-tokens" in text
+    assert "&lt;b&gt;film" in html and "<b>film" not in html  # the token is escaped
+    assert "## Token localisation (planted evidence)" in md
