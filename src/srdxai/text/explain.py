@@ -307,11 +307,8 @@ def explain_tokens(
         base = token_baseline(baseline, emb, batch, pad_id)
     else:
         base = None
-    if method == "occlusion":
-        # a window covers whole tokens (every embedding dimension): give it in tokens
-        window = options.pop("window", 1)
-        options.setdefault("stride", None)
-        options["window"] = window
+    # occlusion's window and stride count tokens: on the view's (B, E, T) input a window is
+    # a run of token positions covering every embedding dimension
     with torch.no_grad():
         embedded = emb(batch.ids).transpose(1, 2).contiguous()  # (N, E, L)
     targets = _per_text_targets(target, batch.ids.shape[0], batch.ids.device)
