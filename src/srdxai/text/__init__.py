@@ -8,12 +8,14 @@ HTML display in :mod:`srdxai.report.tokens`.
 
 from .explain import (
     EmbeddingView,
+    TextGroup,
     TokenBatch,
     call_text_model,
     explain_tokens,
     find_embedding,
     is_token_input,
     real_length,
+    text_groups,
     token_baseline,
     token_batch,
 )
@@ -29,8 +31,9 @@ from .metrics import (
     token_permutations,
 )
 
-__all__ = ["EmbeddingView", "TokenBatch", "TokenCurveResult", "TokenLocalisationResult",
-           "TokenSensitivityNResult", "call_text_model", "deletion_tokens", "explain_tokens",
-           "find_embedding", "insertion_tokens", "is_token_input", "real_length",
-           "sensitivity_n_tokens", "token_baseline", "token_batch", "token_localisation",
-           "token_metric", "token_permutations"]
+__all__ = ["EmbeddingView", "TextGroup", "TokenBatch", "TokenCurveResult",
+           "TokenLocalisationResult", "TokenSensitivityNResult", "call_text_model",
+           "deletion_tokens", "explain_tokens", "find_embedding", "insertion_tokens",
+           "is_token_input", "real_length", "sensitivity_n_tokens", "text_groups",
+           "token_baseline", "token_batch", "token_localisation", "token_metric",
+           "token_permutations"]

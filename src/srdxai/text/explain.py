@@ -38,8 +38,9 @@ from torch import Tensor, nn
 from ..errors import InvalidInputError, UnsupportedOperationError
 from ..methods.base import get_method, method_options
 
-__all__ = ["EmbeddingView", "TokenBatch", "call_text_model", "explain_tokens", "find_embedding",
-           "is_token_input", "real_length", "token_baseline", "token_batch"]
+__all__ = ["EmbeddingView", "TextGroup", "TokenBatch", "call_text_model", "explain_tokens",
+           "find_embedding", "is_token_input", "real_length", "text_groups", "token_baseline",
+           "token_batch"]
 
 #: methods whose ``baseline`` option is a point in embedding space
 BASELINE_METHODS = ("integrated_gradients", "deeplift_rescale", "occlusion")
@@ -307,27 +308,17 @@ def explain_tokens(
         base = token_baseline(baseline, emb, batch, pad_id)
     else:
         base = None
-    # occlusion's window and stride count tokens: on the view's (B, E, T) input a window is
-    # a run of token positions covering every embedding dimension
     with torch.no_grad():
         embedded = emb(batch.ids).transpose(1, 2).contiguous()  # (N, E, L)
     targets = _per_text_targets(target, batch.ids.shape[0], batch.ids.device)
     out = embedded.new_zeros(batch.ids.shape)
-    # a group shares its mask and its padding ids, so one row of constants (and of baseline)
-    # serves every member exactly
-    key = torch.where(batch.mask, torch.full_like(batch.ids, -1), batch.ids)
-    rows, groups = torch.unique(key, dim=0, return_inverse=True)
-    for g in range(rows.shape[0]):
-        members = (groups == g).nonzero().flatten()
-        first = int(members[0])
-        length = real_length(model, batch.ids[members], batch.mask[members])
-        view = EmbeddingView(model, emb, batch.ids[first, :length],
-                             batch.mask[first, :length])
+    for group in text_groups(model, emb, batch):
+        members, first, length = group.members, group.first, group.length
         group_options = dict(options)
         if base is not None:
             group_options["baseline"] = base[first:first + 1, :, :length]
         group_target = targets if not isinstance(targets, Tensor) else targets[members]
-        maps = explain(view, embedded[members, :, :length], group_target, method,
+        maps = explain(group.view, embedded[members, :, :length], group_target, method,
                        batch_size=batch_size, **group_options)
         if maps.shape != (members.numel(), length):
             raise UnsupportedOperationError(
@@ -335,6 +326,36 @@ def explain_tokens(
                 f"{length} tokens; it has no per-token map.")
         out[members, :length] = maps.to(out.dtype)
     return out.masked_fill(~batch.mask, 0.0)
+
+
+@dataclass(frozen=True)
+class TextGroup:
+    """Texts of a batch explained (or scored) in one call: ``members`` share their mask row
+    and their padding ids, so one row of constants (ids and mask for the model, baseline and
+    padding embeddings) serves every member exactly. ``first`` is one of them, ``length``
+    the length they are explained at (:func:`real_length`), ``view`` the model on their
+    embeddings at that length."""
+
+    members: Tensor
+    first: int
+    length: int
+    view: EmbeddingView
+
+
+def text_groups(model: nn.Module, embedding: nn.Embedding, batch: TokenBatch
+                ) -> list[TextGroup]:
+    """The groups of ``batch`` (see :class:`TextGroup`), in a fixed order."""
+    key = torch.where(batch.mask, torch.full_like(batch.ids, -1), batch.ids)
+    _, inverse = torch.unique(key, dim=0, return_inverse=True)
+    groups = []
+    for g in range(int(inverse.max()) + 1):
+        members = (inverse == g).nonzero().flatten()
+        first = int(members[0])
+        length = real_length(model, batch.ids[members], batch.mask[members])
+        view = EmbeddingView(model, embedding, batch.ids[first, :length],
+                             batch.mask[first, :length])
+        groups.append(TextGroup(members, first, length, view))
+    return groups
 
 
 def real_length(model: nn.Module, ids: Tensor, mask: Tensor) -> int:

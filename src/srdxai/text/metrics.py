@@ -69,7 +69,7 @@ from ..metrics.sampling import Sampling, SamplingOptions, sampling_of
 from .explain import (
     EmbeddingView,
     find_embedding,
-    real_length,
+    text_groups,
     token_baseline,
     token_batch,
 )
@@ -243,19 +243,12 @@ def _token_groups(model: nn.Module, ids: Any, y: Any, attributions: Any, *,
     base = token_baseline(baseline, emb, batch, pad_id)  # (N, E, L)
     with torch.no_grad():
         embedded = emb(batch.ids).transpose(1, 2).contiguous()  # (N, E, L)
-    # explain_tokens' grouping: a group shares its mask row and its padding ids, so one row
-    # of constants (ids for the view, padding embeddings, baseline) serves every member
-    key = torch.where(batch.mask, torch.full_like(batch.ids, -1), batch.ids)
-    _, inverse = torch.unique(key, dim=0, return_inverse=True)
     groups = []
-    for g in range(int(inverse.max()) + 1):
-        members = (inverse == g).nonzero().flatten()
-        first = int(members[0])
-        length = real_length(model, batch.ids[members], batch.mask[members])
-        view = EmbeddingView(model, emb, batch.ids[first, :length], batch.mask[first, :length])
+    for group in text_groups(model, emb, batch):  # explain_tokens' groups
+        members, first, length = group.members, group.first, group.length
         positions = batch.mask[first, :length].nonzero().flatten()
         trimmed = positions.numel() == length
-        wrapped = _RealTokenView(view, embedded[first:first + 1, :, :length],
+        wrapped = _RealTokenView(group.view, embedded[first:first + 1, :, :length],
                                  None if trimmed else positions)
         groups.append(_Group(
             members=members, positions=positions, model=wrapped,
