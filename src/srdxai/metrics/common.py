@@ -392,15 +392,14 @@ def select_per_sample(mask: Tensor, replacement: Tensor, source: Tensor,
     The perturbed inputs of a sample-major chunk come in runs of rows of one sample; each
     run is one ``torch.where`` reading that sample's two images by broadcasting, instead of
     copying both images for every row first (three writes per input instead of one: on a
-    small CNN at 3x32x32 those copies cost a third of a forward pass). The result keeps the
-    inputs' memory layout (channels-last stays channels-last).
+    small CNN at 3x32x32 those copies cost a third of a forward pass). Images come out
+    channels-last, the layout :func:`scores_in_batches` gives the model, so they are not
+    copied again there.
     """
     values, counts = torch.unique_consecutive(sample, return_counts=True)
     if values.numel() * 4 > sample.numel():  # rows of many samples: the gathers are as cheap
         return torch.where(mask, replacement[sample], source[sample])
-    layout = (torch.channels_last if source.dim() == 4
-              and source.is_contiguous(memory_format=torch.channels_last)
-              and not source.is_contiguous() else torch.contiguous_format)
+    layout = torch.channels_last if source.dim() == 4 else torch.contiguous_format
     out = torch.empty((sample.numel(), *source.shape[1:]), dtype=source.dtype,
                       device=source.device, memory_format=layout)
     start = 0

@@ -414,11 +414,6 @@ def _ordered_curve(s: MetricInputs, a: Tensor, counts: Tensor, start_from: Tenso
     ranks = descending_ranks(a)
     steps = counts.numel()
     counts = counts.to(s.x.device)
-    if s.x.dim() == 4:
-        # built in channels-last, the perturbed inputs go to oneDNN without another copy
-        # (scores_in_batches runs 4-D inputs channels-last); values are the same
-        start_from = start_from.contiguous(memory_format=torch.channels_last)
-        replace_with = replace_with.contiguous(memory_format=torch.channels_last)
 
     def perturbed(start: int, stop: int) -> tuple[Tensor, Tensor]:
         flat = torch.arange(start, stop, device=s.x.device)
