@@ -39,6 +39,7 @@ import torch
 
 from ..engine.catalogue import ACTIVATIONS
 from ..engine.core import Target, keep_graph
+from ..engine.graph import GATE_ACTIVATIONS
 from ..engine.optrace import OpCall, OpRule, constant_statistics
 from .base import Method, checked_reduction, register
 
@@ -47,8 +48,6 @@ REDUCTIONS = ("sum", "none")
 #: the identity rule's stabiliser (LXT adds 1e-10; here with the sign of x, so that a
 #: pre-activation of -1e-10 does not divide by zero)
 IDENTITY_EPS = 1e-10
-#: activations whose output, as a factor of a product, is a gate
-GATES = ("sigmoid", "hardsigmoid")
 
 
 @constant_statistics
@@ -82,7 +81,7 @@ class AttnLRPRule(OpRule):
 
     def on_call(self, call: OpCall, inputs: Sequence[Tensor], output: Tensor) -> Tensor:
         """Note sigmoid outputs, and the products that take one as a factor (a gate)."""
-        if call.kind == "activation" and ACTIVATIONS.get(call.original) in GATES:
+        if call.kind == "activation" and ACTIVATIONS.get(call.original) in GATE_ACTIVATIONS:
             self._gates[id(output)] = weakref.ref(output)
         elif call.kind == "mul" and len(inputs) == 2:
             gates = [self._is_gate(t) for t in inputs]
