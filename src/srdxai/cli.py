@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import functools
 import inspect
-import json
 import sys
 from collections.abc import Callable, Sequence
 from pathlib import Path
@@ -667,19 +666,13 @@ def models_command(markdown: bool) -> None:
         return
     for name in list_models():
         click.echo(f"{name:24s} {model_info(name).description}")
-    from srdxai.text.zoo import text_classifier_names
+    from srdxai.text.zoo import text_classifier_card, text_classifier_names
 
     for name in text_classifier_names():  # read their cards only: no weights loaded
-        card = json.loads((_shipped_text_dir() / f"{name}.json").read_text("utf-8"))
+        card = text_classifier_card(name)
         click.echo(f"{name:24s} text: {card['architecture']} on movie-review sentences "
                    f"(negative/positive); test accuracy {card['test_accuracy']:.4f} "
                    "(explain --text)")
-
-
-def _shipped_text_dir() -> Path:
-    from srdxai.text.zoo import TEXT_WEIGHTS_DIR
-
-    return TEXT_WEIGHTS_DIR
 
 
 # ----------------------------------------------------------------------------------------- train

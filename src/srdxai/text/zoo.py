@@ -15,7 +15,7 @@ import json
 import os
 import time
 from collections.abc import Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from importlib import resources
 from pathlib import Path
 from typing import Any
@@ -26,7 +26,7 @@ from torch import Tensor, nn
 from ..errors import InvalidInputError, UnknownModelError
 
 __all__ = ["RECIPES", "TEXT_WEIGHTS_DIR", "TextClassifier", "load_text_classifier",
-           "text_classifier_names", "train_text_classifier_named"]
+           "text_classifier_card", "text_classifier_names", "train_text_classifier_named"]
 
 TEXT_WEIGHTS_DIR = Path(str(resources.files("srdxai.models").joinpath("text_weights")))
 
@@ -62,24 +62,19 @@ class TextClassifier:
     vocabulary: Any = None  # srdxai.data.text.Vocabulary for word models
     tokenizer: Any = None  # a Hugging Face tokenizer for the MiniLM model
     max_length: int = MAX_LENGTH
-    extra: dict[str, Any] = field(default_factory=dict)
 
     def encode(self, texts: str | Sequence[str]) -> tuple[Tensor, Tensor]:
         """Token ids ``(N, L)`` and attention mask ``(N, L)`` (bool) of ``texts``, padded to
-        the longest (at most :data:`MAX_LENGTH` tokens)."""
-        from ..data.text import tokenize
-
+        the longest (at most :attr:`max_length` tokens)."""
         if isinstance(texts, str):
             texts = [texts]
         if self.tokenizer is not None:
             batch = self.tokenizer(list(texts), padding=True, truncation=True,
                                    max_length=self.max_length, return_tensors="pt")
             return batch["input_ids"], batch["attention_mask"].bool()
-        # padded to the longest text (cut at max_length), not always to max_length
-        longest = max((len(tokenize(t)) for t in texts), default=1)
-        ids, mask = self.vocabulary.encode(list(texts),
-                                           max_length=max(1, min(self.max_length, longest)))
-        return ids, mask
+        # padded to the longest text, then cut at max_length (not always padded to it)
+        ids, mask = self.vocabulary.encode(list(texts))
+        return ids[:, :self.max_length], mask[:, :self.max_length]
 
     def tokens(self, ids: Tensor) -> list[str]:
         """The token strings of one row of ids (padding included, as the row is long)."""
@@ -96,9 +91,22 @@ def text_classifier_names() -> list[str]:
                   if not p.name.endswith(".vocab.json"))
 
 
-def _paths(name: str, weights_dir: Path | None) -> tuple[Path, Path]:
-    folder = Path(weights_dir) if weights_dir is not None else TEXT_WEIGHTS_DIR
-    return folder / f"{name}.json", folder / f"{name}.vocab.json"
+def text_classifier_card(name: str, weights_dir: str | Path | None = None) -> dict[str, Any]:
+    """The card of text model ``name`` (no weights read); :class:`UnknownModelError` naming
+    the shipped ones when there is none."""
+    card_path = (Path(weights_dir) if weights_dir is not None else TEXT_WEIGHTS_DIR) / \
+        f"{name}.json"
+    if not card_path.is_file():
+        known = text_classifier_names() if weights_dir is None else []
+        raise UnknownModelError(f"no text model {name!r}"
+                                + (f"; shipped: {', '.join(known)}" if known else
+                                   f" in {card_path.parent}")
+                                + f" (train it with 'srdxai train-text {name}').")
+    try:
+        return json.loads(card_path.read_text("utf-8"))
+    except (OSError, ValueError) as exc:
+        raise InvalidInputError(f"cannot read the model card {card_path}: {exc}; restore it "
+                                "(git checkout) or train the model again.") from exc
 
 
 def load_text_classifier(name: str, weights_dir: str | Path | None = None) -> TextClassifier:
@@ -106,14 +114,9 @@ def load_text_classifier(name: str, weights_dir: str | Path | None = None) -> Te
     vocabulary or tokenizer; the weights are checked against their card's sha256."""
     from ..text_training import load_text_model
 
-    card_path, vocab_path = _paths(name, None if weights_dir is None else Path(weights_dir))
-    if not card_path.is_file():
-        known = text_classifier_names() if weights_dir is None else []
-        raise UnknownModelError(f"no text model {name!r}"
-                                + (f"; shipped: {', '.join(known)}" if known else
-                                   f" in {card_path.parent}")
-                                + f" (train it with 'srdxai train-text {name}').")
-    model, card = load_text_model(card_path.with_suffix(""))
+    folder = Path(weights_dir) if weights_dir is not None else TEXT_WEIGHTS_DIR
+    text_classifier_card(name, weights_dir)  # a missing model: the error naming the shipped
+    model, card = load_text_model(folder / name)
     classes = list(card.get("class_names", []))
     if card["architecture"] == "minilm":
         from ..models.text import minilm_tokenizer
@@ -122,6 +125,7 @@ def load_text_classifier(name: str, weights_dir: str | Path | None = None) -> Te
                               max_length=int(card.get("max_length", MAX_LENGTH)))
     from ..data.text import Vocabulary
 
+    vocab_path = folder / str(card.get("vocabulary") or f"{name}.vocab.json")
     if not vocab_path.is_file():
         raise InvalidInputError(f"the vocabulary {vocab_path} of {name!r} is missing; restore "
                                 f"it (git checkout) or train the model again.")
