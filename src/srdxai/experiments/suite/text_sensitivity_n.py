@@ -46,9 +46,7 @@ class TextSensitivityN(TextExperiment):
         out = UnitResult(documents=token_documents(unit, maps, mask))
         result = sensitivity_n_tokens(unit.model, unit.x, unit.y, maps, attention_mask=mask,
                                       nr_subsets=unit.config.fidelity_runs, seed=unit.seed)
-        with torch.no_grad():
-            mean = torch.nanmean(result.curve, dim=1)
-        out.rows += unit.rows("sensitivity_n_mean", mean)
+        out.rows += unit.rows("sensitivity_n_mean", torch.nanmean(result.curve, dim=1))
         out.curves += unit.curves("sensitivity_n_tokens", result.n_grid.tolist(), result.curve)
         for name, fn in (("insertion", insertion_tokens), ("deletion", deletion_tokens)):
             curve = fn(unit.model, unit.x, unit.y, maps, attention_mask=mask)

@@ -1,7 +1,7 @@
-"""What the text experiments share (text_sensitivity_n, text_localisation): Ancona et al.'s
-second domain, text classifiers. Sensitivity-n (and insertion / deletion)
-with tokens as features on the shipped movie-review models, and token localisation on the
-synthetic planted-evidence task, whose evidence tokens are the ground truth.
+"""What the text experiments share (text_sensitivity_n, text_localisation), Ancona et al.'s
+second domain: Sensitivity-n (and insertion / deletion) with tokens as features on the shipped
+movie-review models, and token localisation on the synthetic planted-evidence task, whose
+evidence tokens are the ground truth.
 
 Tokens are removed by setting their embedding to the zero vector (Ancona et al.'s baseline);
 only real tokens are features (:mod:`srdxai.text.metrics`). Each model is explained where its
@@ -54,8 +54,8 @@ def token_maps(unit: UnitInputs) -> tuple[torch.Tensor, torch.Tensor]:
     return maps.detach(), mask
 
 
-def token_documents(unit: UnitInputs, maps: torch.Tensor, mask: torch.Tensor
-                     ) -> dict[str, bytes]:
+def token_documents(unit: UnitInputs, maps: torch.Tensor,
+                    mask: torch.Tensor) -> dict[str, bytes]:
     """The first batch's first texts as token explanations (JSON), for the report."""
     if unit.job.unit.unit != 0:
         return {}
