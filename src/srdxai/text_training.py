@@ -20,10 +20,8 @@ from __future__ import annotations
 import copy
 import json
 import math
-import os
-import tempfile
 import time
-from collections.abc import Callable, Mapping
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -41,6 +39,7 @@ from srdxai.models.text import (
     MiniLMClassifier,
     import_transformers,
 )
+from srdxai.report.figures import write_atomic
 
 __all__ = [
     "TEXT_ARCHITECTURES",
@@ -210,19 +209,6 @@ def _paths(path: str | Path) -> tuple[Path, Path]:
     return path.with_name(path.name + ".pt"), path.with_name(path.name + ".json")
 
 
-def _write_atomic(path: Path, write: Callable[[Path], object]) -> None:
-    """Write through a unique temporary file in the same folder, then rename over ``path``."""
-    fd, name = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".part")
-    os.close(fd)
-    tmp = Path(name)
-    try:
-        write(tmp)
-        os.chmod(tmp, 0o644)  # mkstemp's 0600 would make a shipped file unreadable to others
-        os.replace(tmp, path)
-    finally:
-        tmp.unlink(missing_ok=True)
-
-
 def _saved_state(model: nn.Module) -> tuple[dict[str, Tensor], bool]:
     """The state dict to write, and whether it leaves out the encoder: a frozen pretrained
     MiniLM encoder is the package's, so only the head is written (1.5 kB instead of 90 MB)."""
@@ -254,10 +240,11 @@ def save_text_model(path: str | Path, model: nn.Module, card: Mapping[str, Any])
     except (TypeError, ValueError) as exc:
         raise InvalidInputError(f"the card cannot be written as JSON: {exc}") from exc
     weights.parent.mkdir(parents=True, exist_ok=True)
-    _write_atomic(weights, lambda p: torch.save(state, p))
+    write_atomic(weights, lambda handle: torch.save(state, handle))
     out["sha256"] = sha256_file(weights)
     # the card last: a card on disk always describes a complete weight file
-    _write_atomic(card_path, lambda p: p.write_text(json.dumps(out, indent=2) + "\n", "utf-8"))
+    write_atomic(card_path,
+                 lambda handle: handle.write((json.dumps(out, indent=2) + "\n").encode("utf-8")))
     return out
 
 
