@@ -42,9 +42,6 @@ __all__ = ["EmbeddingView", "TextGroup", "TokenBatch", "call_text_model", "expla
            "find_embedding", "is_token_input", "real_length", "text_groups", "token_baseline",
            "token_batch"]
 
-#: methods whose ``baseline`` option is a point in embedding space
-BASELINE_METHODS = ("integrated_gradients", "deeplift_rescale", "occlusion")
-
 
 @dataclass(frozen=True)
 class TokenBatch:
@@ -304,7 +301,7 @@ def explain_tokens(
     if "baseline" in options:
         raise InvalidInputError("pass the baseline as explain_tokens(..., baseline=...): it "
                                 "is given in embedding space for every text.")
-    if method in BASELINE_METHODS or "baseline" in method_options(cls):
+    if "baseline" in method_options(cls):  # a point in embedding space for these methods
         base = token_baseline(baseline, emb, batch, pad_id)
     else:
         base = None
