@@ -534,3 +534,18 @@ def test_offset_norms_at_input_positions_equal_per_offset_norms(
                 part = part * scale.reshape(1, -1, 1, 1)
             torch.testing.assert_close(op.offset_norms(x, scale)[:, j],
                                        part.norm(dim=1), rtol=1e-12, atol=1e-12)
+
+
+@pytest.mark.parametrize("channels", [8, 384, 512])
+def test_channel_dot_is_the_channel_sum_of_the_product_in_every_layout(channels):
+    # channels-last maps run as a batched matrix product up to 384 channels and as a product
+    # and a sum beyond (the faster of the two on a CPU); both are the same sum
+    from srdxai.engine.channels import channel_dot
+
+    g = torch.Generator().manual_seed(channels)
+    a = torch.randn(2, channels, 5, 3, generator=g, dtype=torch.float64)
+    b = torch.randn(2, channels, 5, 3, generator=g, dtype=torch.float64)
+    expected = (a * b).sum(1)
+    for layout in (torch.contiguous_format, torch.channels_last):
+        got = channel_dot(a.contiguous(memory_format=layout), b.contiguous(memory_format=layout))
+        torch.testing.assert_close(got, expected, rtol=1e-12, atol=1e-12)

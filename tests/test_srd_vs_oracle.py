@@ -92,10 +92,16 @@ def test_gradcam_seed_matches_oracle_seeded_with_an_independent_gradcam(name):
     assert_maps_equal(engine, srd_oracle_layer_seed(model, x, layer, cam), f"{name} gradcam")
 
 
-def test_fast_conv_split_equals_general_path_walk(monkeypatch):
+@pytest.mark.parametrize("name, act", [("DepthwiseNet", "elu"), ("ResNetLike", "relu")])
+def test_fast_conv_split_equals_general_path_walk(monkeypatch, name, act):
+    # ResNetLike's 1x1 convolutions (stride 1 and 2) give each bias one path per position,
+    # which the fast split hands the whole bias without computing norms; a dead ReLU
+    # (zero PFV vectors, so zero norms) must not change that
     from srdxai.methods.srd import SRDRule
 
-    model = build_model("DepthwiseNet", act="elu", seed=4)
+    model = build_model(name, act=act, seed=4)
+    if name == "ResNetLike":
+        model.layer1.bn2.bias.data.fill_(-50.0)  # act2 dead: conv3 (1x1) reads zeros
     x = torch.randn(2, 3, 11, 9, dtype=torch.float64)
     fast = srdxai.explain(model, x, target=1)
     monkeypatch.setattr(SRDRule, "_split_conv_offsets", lambda self, node, rho: False)

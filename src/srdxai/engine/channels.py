@@ -18,9 +18,16 @@ def _channels_last(t: Tensor) -> bool:
         t.is_contiguous())
 
 
+#: widest channel axis for which :func:`channel_dot` runs as a batched matrix product: on a
+#: CPU (oneDNN / MKL, torch 2.13) that is 1.2-2x faster than a product and a sum up to 384
+#: channels and 3-10x slower from 448 channels on (measured on ResNet50's maps, batch 8)
+_DOT_AS_MATMUL_MAX_CHANNELS = 384
+
+
 def channel_dot(a: Tensor, b: Tensor) -> Tensor:
     """``sum_c a[:, c] * b[:, c]`` for two tensors of the same shape: (N, *spatial)."""
-    if a.shape == b.shape and _channels_last(a) and _channels_last(b):
+    narrow = a.shape[1] <= _DOT_AS_MATMUL_MAX_CHANNELS or a.device.type != "cpu"
+    if narrow and a.shape == b.shape and _channels_last(a) and _channels_last(b):
         return torch.einsum("nchw,nchw->nhw", a, b)
     return (a * b).sum(1)
 

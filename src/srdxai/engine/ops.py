@@ -500,6 +500,11 @@ class ConvOp(WindowOp):
             return channel_norm(out)
         return safe_sqrt(sq)
 
+    def one_path_each(self) -> bool:
+        """Every output position reads exactly one input position inside the input (a 1x1
+        kernel, any stride, no padding): each bias entering here has one path per position."""
+        return len(self.offsets) == 1 and bool(self._inside[self.offsets[0]].all())
+
     def offset_inside(self, dtype: torch.dtype) -> torch.Tensor:
         """1 where an offset reads inside the input: (1, K, *out)."""
         inside = torch.stack([self._inside[k] for k in self.offsets]).to(dtype)
@@ -508,6 +513,8 @@ class ConvOp(WindowOp):
     def scatter_offsets(self, shares: torch.Tensor) -> torch.Tensor:
         """Send per-offset shares (N, K, *out) to the input positions they came from."""
         n = shares.shape[0]
+        if self._trivial:  # a 1x1 stride-1 kernel reads the position it writes
+            return shares.reshape(n, *self.in_spatial)
         index = torch.cat([self._flat_index[k] for k in self.offsets])
         inside = torch.cat([self._inside[k] for k in self.offsets]).to(shares.dtype)
         canvas = shares.new_zeros(n, self.n_in)

@@ -186,9 +186,14 @@ class SRDRule(Rule):
         src = conv.inputs[0]
         if src is None or not src.is_pfv:
             return False
-        norms = conv.offset_norms(self._source_value(src), scale)
-        conv.release()
-        share = _shares(norms, conv.offset_inside(norms.dtype), rho)
+        if conv.one_path_each():
+            # the only path takes the whole bias whatever its norm (an even split over one
+            # path where the norm is 0): no norms to compute
+            share = rho.unsqueeze(1)
+        else:
+            norms = conv.offset_norms(self._source_value(src), scale)
+            conv.release()
+            share = _shares(norms, conv.offset_inside(norms.dtype), rho)
         self._add_bias_relevance(src, conv.scatter_offsets(share))
         return True
 
