@@ -134,25 +134,44 @@ def _time_against_plain_gradient(settings: dict, method: str, name: str,
     return statistics.median(times["ours"]), statistics.median(times["plain"])
 
 
-def srd_floor_row(args: argparse.Namespace) -> _timing.Row:
-    """The floor of SRD's definition on ConvNeXt-Tiny against one plain gradient: the bias of
-    each block's first dense layer is split over the depthwise convolution's 49 offsets by the
-    norms of their contributions at that layer's output, ``||W1 diag(d_k) v(p)||``: K C^2
-    multiply-adds per position and block whatever the formulation (``W1`` has full rank C).
-    Timed as the bare matrix products of that size (random values), nothing else of SRD."""
+def srd_floor_rows(args: argparse.Namespace) -> list[_timing.Row]:
+    """The floor of SRD's definition on ConvNeXt-Tiny, and SRD against it, in one process.
+
+    Each block's first dense layer has a bias that SRD splits over every path into it by the
+    norm of the path's contribution at that layer's output. In a block reading the previous
+    block's output, the paths are the depthwise convolution's 49 offsets, ``||W1 diag(d_k)
+    v(p)||``: 49 C^2 multiply-adds per position whatever the formulation (``W1`` has full
+    rank C); in a stage's first block they are pairs of a downsampling-convolution offset (4)
+    and a depthwise offset (49), 4 x 49 C^2 per position at the stage's resolution; in the
+    first stage's first block, pairs of a stem offset (16) and a depthwise offset over the
+    3 input channels (Gram matrices composed through the stem, 16 x 49 x 9 per position).
+    Timed as the bare matrix products of those sizes (random values), nothing else of SRD,
+    each in row blocks written into one reused buffer, the fastest of three block sizes per
+    product (one product of the full size spends most of its time faulting in its output).
+    Rows: the floor against one plain gradient, and SRD against the floor plus one plain
+    gradient (the forward and backward pass SRD needs as well)."""
     from bench_srd import timed_blocks
 
     torch.manual_seed(0)
     model = ARCHITECTURES["convnext_tiny"]().eval().to(args.device)
     x = torch.randn(args.batch, 3, args.size, args.size, device=args.device)
     classes = torch.randint(0, 1000, (args.batch,), device=args.device)
-    blocks = []  # (positions, channels) per block
+    products = []  # (positions, contraction, outputs, how many times)
     for i, stage in enumerate(model.stages):
         side = args.size // (4 * 2 ** i)
-        blocks += [(args.batch * side * side, stage.blocks[0].conv_dw.in_channels)] * len(
-            stage.blocks)
-    operands = [(torch.randn(p, c, device=args.device),
-                 torch.randn(c, 49 * c, device=args.device)) for p, c in blocks]
+        positions, width = args.batch * side * side, stage.blocks[0].conv_dw.in_channels
+        for b in range(len(stage.blocks)):
+            if b == 0 and i == 0:  # through the 4x4 stem from 3 channels, at input pixels
+                products.append((args.batch * args.size * args.size // 16, 3, 49 * 3, 16))
+            else:
+                products.append((positions, width, 49 * width, 4 if b == 0 else 1))
+    operands = []  # (input, weights, rows per block, repeats)
+    for p, c, k, times in products:
+        a, b = torch.randn(p, c, device=args.device), torch.randn(c, k, device=args.device)
+        speed = {}
+        for rows in {min(p, max(1, values // k)) for values in (1 << 18, 1 << 20, 1 << 22)}:
+            speed[rows] = _timing.median_time(lambda: _blocked_product(a, b, rows), 3)[0]
+        operands.append((a, b, min(speed, key=speed.get), times))
 
     def plain():
         xx = x.clone().requires_grad_(True)
@@ -160,14 +179,29 @@ def srd_floor_row(args: argparse.Namespace) -> _timing.Row:
         _sync(args.device)
 
     def floor():
-        for a, b in operands:
-            a @ b
+        for a, b, rows, times in operands:
+            for _ in range(times):
+                _blocked_product(a, b, rows)
         _sync(args.device)
 
-    times = timed_blocks({"plain": plain, "floor": floor}, args.rounds)
-    return _timing.Row("SRD's bias-split floor", "convnext_tiny",
-                       statistics.median(times["floor"]), statistics.median(times["plain"]),
-                       "plain gradient", None)
+    def srd():
+        srdxai.explain(model, x, classes, "srd", seed="logit")
+        _sync(args.device)
+
+    times = timed_blocks({"plain": plain, "floor": floor, "srd": srd}, args.rounds)
+    plain_s, floor_s, srd_s = (statistics.median(times[k]) for k in ("plain", "floor", "srd"))
+    return [_timing.Row("SRD's bias-split floor", "convnext_tiny", floor_s, plain_s,
+                        "plain gradient", None),
+            _timing.Row("SRD", "convnext_tiny", srd_s, floor_s + plain_s,
+                        "floor + plain gradient", None)]
+
+
+def _blocked_product(a: torch.Tensor, b: torch.Tensor, rows: int) -> None:
+    """``a @ b`` in blocks of ``rows`` rows, each written over the last one."""
+    out = a.new_empty(rows, b.shape[1])
+    for i in range(0, a.shape[0], rows):
+        block = a[i:i + rows]
+        torch.matmul(block, b, out=out[:block.shape[0]])
 
 
 def gae_row(args: argparse.Namespace) -> _timing.Row:
@@ -249,7 +283,7 @@ def main() -> None:
         rows += plain_gradient_rows(args, "srd", ["resnet50", "vgg16", "vit_b16"], 2.0)
         rows += plain_gradient_rows(args, "srd", ["efficientnet_b0", "convnext_tiny", "swin_t"],
                                     2.5)
-        rows.append(srd_floor_row(args))
+        rows += srd_floor_rows(args)
     if "abslrp" in only:
         rows += plain_gradient_rows(args, "abslrp", ["vgg16", "resnet50", "vit_b16"], 3.0)
     if "gae" in only:

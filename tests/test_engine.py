@@ -536,6 +536,37 @@ def test_offset_norms_at_input_positions_equal_per_offset_norms(
                                        part.norm(dim=1), rtol=1e-12, atol=1e-12)
 
 
+@pytest.mark.parametrize("cin, multiplier, kernel, padding", [
+    (5, 1, (3, 3), (1, 1)),   # depthwise
+    (4, 2, (3, 5), (1, 2)),   # depthwise with a channel multiplier
+    (6, 1, (7, 7), (3, 3)),   # ConvNeXt's kernel
+])
+def test_depthwise_offset_norms_at_input_positions_equal_the_definition(
+        cin, multiplier, kernel, padding):
+    # stride-1 depthwise kernels compute every offset's norm in one 1x1 convolution of x^2
+    # at the input positions; each must equal the norm of that offset's share of the output
+    from srdxai.engine import ops
+
+    g = torch.Generator().manual_seed(cin * 10 + multiplier)
+    cout = cin * multiplier
+    weight = torch.randn(cout, 1, *kernel, generator=g, dtype=torch.float64)
+    x = torch.randn(2, cin, 8, 6, generator=g, dtype=torch.float64)
+    out = F.conv2d(x, weight, padding=padding, groups=cin)
+    op = ops.ConvOp("conv", weight, None, (1, 1), padding, (1, 1), cin, x.shape[2:],
+                    out.shape[2:])
+    for scale in (None, torch.rand(cout, generator=g, dtype=torch.float64)):
+        norms = op.offset_norms(x, scale)
+        per_offset = torch.stack([op.offset_norm(x, k, scale) for k in op.offsets], 1)
+        torch.testing.assert_close(norms, per_offset, rtol=1e-12, atol=1e-12)
+        for j, k in enumerate(op.offsets):
+            w = torch.zeros_like(weight)
+            w[(slice(None), slice(None), *k)] = weight[(slice(None), slice(None), *k)]
+            part = F.conv2d(x, w, padding=padding, groups=cin)
+            if scale is not None:
+                part = part * scale.reshape(1, -1, 1, 1)
+            torch.testing.assert_close(norms[:, j], part.norm(dim=1), rtol=1e-12, atol=1e-12)
+
+
 @pytest.mark.parametrize("channels", [8, 384, 512])
 def test_channel_dot_is_the_channel_sum_of_the_product_in_every_layout(channels):
     # channels-last maps run as a batched matrix product up to 384 channels and as a product

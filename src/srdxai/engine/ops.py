@@ -358,6 +358,14 @@ class ConvOp(WindowOp):
         """
         if self._norms_at_inputs_apply(x):
             return self._offset_norms_at_inputs(x, scale)
+        cout, cin_g = self.weight.shape[:2]
+        if cin_g == 1 and self._norms_at_inputs_apply_full(x):
+            # depthwise (any channel multiplier): each output channel reads one input channel,
+            # so the squared norm is a per-input-channel weighted sum of x^2, for all offsets
+            # in one 1x1 convolution at the input positions
+            w = torch.stack([self._offset_weight(k, scale)[:, 0] for k in self.offsets])
+            sq_w = (w * w).reshape(len(self.offsets), self.groups, cout // self.groups).sum(2)
+            return self._diagonal_sq_norms(x, sq_w)
         return torch.stack([self.offset_norm(x, k, scale) for k in self.offsets], 1)
 
     def _norms_at_inputs_apply(self, x: torch.Tensor) -> bool:
@@ -436,7 +444,11 @@ class ConvOp(WindowOp):
     def diagonal_norms(self, x: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
         """:meth:`stacked_norms` for diagonal ``M_k = diag(weights[k])`` ((K, C) weights: a
         depthwise convolution followed by per-channel scales)."""
-        sq_w = (weights * weights).to(x.dtype)
+        return self._diagonal_sq_norms(x, weights * weights)
+
+    def _diagonal_sq_norms(self, x: torch.Tensor, sq_w: torch.Tensor) -> torch.Tensor:
+        """:meth:`diagonal_norms` from the squared weights (K, C)."""
+        sq_w = sq_w.to(x.dtype)
         if not self._norms_at_inputs_apply_full(x):
             ones = (1,) * len(self.kernel)
             return torch.stack([
