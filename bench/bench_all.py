@@ -28,6 +28,7 @@ from __future__ import annotations
 
 import argparse
 import concurrent.futures
+import functools
 import math
 import multiprocessing
 import statistics
@@ -170,7 +171,8 @@ def srd_floor_rows(args: argparse.Namespace) -> list[_timing.Row]:
         a, b = torch.randn(p, c, device=args.device), torch.randn(c, k, device=args.device)
         speed = {}
         for rows in {min(p, max(1, values // k)) for values in (1 << 18, 1 << 20, 1 << 22)}:
-            speed[rows] = _timing.median_time(lambda: _blocked_product(a, b, rows), 3)[0]
+            speed[rows] = _timing.median_time(
+                functools.partial(_blocked_product, a, b, rows), 3)[0]
         operands.append((a, b, min(speed, key=speed.get), times))
 
     def plain():
