@@ -84,10 +84,17 @@ def test_float32_close_to_oracle():
         assert err < 1e-4, (name, err)
 
 
-def test_pointwise_chain_split_equals_general_path_walk(monkeypatch):
+@pytest.mark.parametrize("quadratic_below", [0, None, 10 ** 9])
+def test_pointwise_chain_split_equals_general_path_walk(monkeypatch, quadratic_below):
     """The fast bias split through per-channel / per-position scales (ConvNeXt's LayerNorm
-    shift and first dense layer after the depthwise convolution) is the general walk."""
+    shift and first dense layer after the depthwise convolution) is the general walk, with
+    the offsets' norms through the dense layer from K stacked Gram matrices (0), one Gram
+    matrix per offset (10**9) or whichever the map's shape picks (None)."""
+    from srdxai.methods import srd as srd_module
     from srdxai.methods.srd import SRDRule
+
+    if quadratic_below is not None:
+        monkeypatch.setattr(srd_module, "_QUADRATIC_POSITIONS_PER_CHANNEL", quadratic_below)
 
     model = build_ops_model("StreamNet", act="gelu", seed=3)
     x = ops_input("StreamNet", seed=2)

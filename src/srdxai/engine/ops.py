@@ -300,8 +300,9 @@ class WindowOp(LinearOp):
         return canvas.reshape(m.shape[0], *self.in_spatial)
 
 
-#: output values per block of :meth:`ConvOp._offset_norms_at_inputs`: 16 MB of float32 on a
-#: CPU (cache-sized), 256 MB on a GPU (few, large launches)
+#: output values per block of :meth:`ConvOp.stacked_norms`: 16 MB of float32 on a CPU (of
+#: 1, 2 and 4 Mi values the fastest on ConvNeXt-Tiny's four stages together), 256 MB on a
+#: GPU (few, large launches)
 _NORM_BLOCK = 1 << 22
 _NORM_BLOCK_GPU = 1 << 26
 
@@ -395,9 +396,10 @@ class ConvOp(WindowOp):
         per offset (the offset's weights, possibly followed by more linear maps), ``q_k(p)``
         the input position offset ``k`` reads for output ``p`` (0 where it reads padding).
 
-        Stride-1 2-D convolutions: one 1x1 convolution at the input positions, then a gather
-        (in blocks of rows of about ``_NORM_BLOCK`` output values, so the (K*C)-channel
-        intermediate stays in cache); otherwise per offset on the shifted input.
+        Stride-1 2-D convolutions: one matrix product of the stacked weights at the input
+        positions (in blocks of about ``_NORM_BLOCK`` output values, so the (K*C)-channel
+        intermediate stays in cache), then a gather; otherwise per offset on the shifted
+        input.
         ``grams``: ``weights`` already holds the Gram matrices ``M_k^T M_k`` (K, C_in, C_in).
         """
         n_off, cout, cin = weights.shape
@@ -412,34 +414,36 @@ class ConvOp(WindowOp):
                 y = self._conv(xs, weights[j].reshape(*weights[j].shape, *ones).to(x.dtype))
                 norms.append(safe_sqrt(channel_dot(y, xs)) if gram else channel_norm(y))
             return torch.stack(norms, 1)
-        n, _, height, width = x.shape
-        stacked = weights.reshape(-1, cin, 1, 1).to(x.dtype)
-        width_out = stacked.shape[0]
-        x = x.contiguous(memory_format=torch.channels_last)
-
-        def squared_norms(xb: torch.Tensor) -> torch.Tensor:  # (n, h, w, K)
-            y = F.conv2d(xb, stacked).permute(0, 2, 3, 1).unflatten(-1, (n_off, -1))
-            # reduced in one pass over y: a broadcast product and a sum (as before) wrote
-            # and read back an intermediate the size of y, 3x (gram) to 15x (squares) slower
-            # on ConvNeXt's K = 49 offsets
-            if gram:
-                return torch.matmul(y, xb.permute(0, 2, 3, 1).unsqueeze(-1)).squeeze(-1)
-            if building_graph(y):  # vector_norm's derivative at the zero vector is not 0
-                return (y * y).sum(-1)
-            return torch.linalg.vector_norm(y, dim=-1).square_()
-
+        n = x.shape[0]
+        # (positions, C_in) rows of the channels-last input times the (C_in, K * C_out')
+        # stacked weights, a block of rows at a time into one reused buffer (a fresh
+        # full-size product would spend most of its time faulting in its pages); each block's
+        # squared norms are reduced while it is in cache
+        rows = x.contiguous(memory_format=torch.channels_last).permute(0, 2, 3, 1).reshape(
+            -1, cin)
+        stacked = weights.reshape(-1, cin).transpose(0, 1).to(x.dtype)
+        width_out = stacked.shape[1]
         block = _NORM_BLOCK if x.device.type == "cpu" else _NORM_BLOCK_GPU
-        per_image = height * width * width_out
-        if per_image <= block:
-            step = block // per_image
-            sq_in = torch.cat([squared_norms(x[i:i + step]) for i in range(0, n, step)], 0)
-        else:
-            rows = max(1, block // (width * width_out))
-            sq_in = torch.cat([
-                torch.cat([squared_norms(x[i:i + 1, :, r:r + rows])
-                           for r in range(0, height, rows)], 1)
-                for i in range(n)], 0)
-        return self._gather_offsets(sq_in.permute(0, 3, 1, 2).reshape(n, n_off, -1), safe_sqrt)
+        step = max(1, block // width_out)
+        differentiable = building_graph(rows, stacked)
+        if not differentiable:
+            buffer = rows.new_empty(min(step, rows.shape[0]), width_out)
+            sq_in = rows.new_empty(rows.shape[0], n_off)
+        parts = []
+        for i in range(0, rows.shape[0], step):
+            xb = rows[i:i + step]
+            if differentiable:  # no ``out=``: autograd records these products
+                y = (xb @ stacked).unflatten(-1, (n_off, -1))
+                parts.append((y @ xb.unsqueeze(-1)).squeeze(-1) if gram else (y * y).sum(-1))
+                continue
+            y = torch.matmul(xb, stacked, out=buffer[:xb.shape[0]]).unflatten(-1, (n_off, -1))
+            if gram:
+                torch.matmul(y, xb.unsqueeze(-1), out=sq_in[i:i + step].unsqueeze(-1))
+            else:
+                torch.sum(y.square_(), -1, out=sq_in[i:i + step])
+        if differentiable:
+            sq_in = torch.cat(parts, 0)
+        return self._gather_offsets(sq_in.reshape(n, -1, n_off).transpose(1, 2), safe_sqrt)
 
     def diagonal_norms(self, x: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
         """:meth:`stacked_norms` for diagonal ``M_k = diag(weights[k])`` ((K, C) weights: a
