@@ -349,6 +349,12 @@ class ConvOp(WindowOp):
         w = self.weight[(slice(None), slice(None), *k)]
         return w if scale is None else w * scale.reshape(-1, 1)
 
+    def offset_weights(self, scale: torch.Tensor | None = None) -> torch.Tensor:
+        """Every offset's :meth:`_offset_weight` at once, (K, C_out, C_in/groups), in the order
+        of :attr:`offsets` (the kernel's row-major order)."""
+        w = self.weight.flatten(2).permute(2, 0, 1)
+        return w if scale is None else w * scale.reshape(1, -1, 1)
+
     # -- all offsets at once (the common "PFV -> conv [-> BN]" bias split) ------------------
     def offset_norms(self, x: torch.Tensor, scale: torch.Tensor | None = None) -> torch.Tensor:
         """Norm over output channels of every offset's contribution: (N, K, *out).
@@ -364,7 +370,7 @@ class ConvOp(WindowOp):
             # depthwise (any channel multiplier): each output channel reads one input channel,
             # so the squared norm is a per-input-channel weighted sum of x^2, for all offsets
             # in one 1x1 convolution at the input positions
-            w = torch.stack([self._offset_weight(k, scale)[:, 0] for k in self.offsets])
+            w = self.offset_weights(scale)[:, :, 0]
             sq_w = (w * w).reshape(len(self.offsets), self.groups, cout // self.groups).sum(2)
             return self._diagonal_sq_norms(x, sq_w)
         return torch.stack([self.offset_norm(x, k, scale) for k in self.offsets], 1)
@@ -386,7 +392,7 @@ class ConvOp(WindowOp):
         offset's norms to the output positions that read them (0 where they read padding).
         Per-offset shifted copies of the input cost several times more (memory traffic).
         """
-        weights = torch.stack([self._offset_weight(k, scale) for k in self.offsets])  # K,Co,Ci
+        weights = self.offset_weights(scale)
         return self.stacked_norms(x, weights)
 
     def stacked_norms(self, x: torch.Tensor, weights: torch.Tensor,

@@ -287,7 +287,7 @@ class SRDRule(Rule):
         dense = post is not None
         compose_cost = k1 * k2 * (cmid * cin * (cmid if dense else cin) + positions * cin * cin)
         direct_cost = k1 * positions * (cmid * cin + k2 * (cmid * cmid if dense else cmid))
-        depth = torch.stack([conv.weight[(slice(None), 0, *k)] for k in conv.offsets])  # K2, C
+        depth = conv.offset_weights()[:, :, 0]  # K2, C
         if channel is not None:
             depth = depth * channel.to(depth.dtype)
         compose = compose_cost < direct_cost
@@ -468,7 +468,7 @@ def _chain_norms(conv: ops.ConvOp, value: Tensor, post: Tensor | None,
     ``channel`` (C,) may be None (identity). When the quadratic form is cheaper, the Gram
     matrix of ``post`` (``gram``, if the caller already has it) is formed once and each
     offset's is ``G`` scaled by its weights."""
-    w = torch.stack([conv.weight[(slice(None), slice(None), *k)] for k in conv.offsets])
+    w = conv.offset_weights()
     if channel is not None:
         w = w * channel.to(w.dtype).reshape(1, -1, 1)
     if conv.groups > 1:  # depthwise: M_k = post diag(d_k)
