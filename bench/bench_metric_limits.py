@@ -36,6 +36,7 @@ import torch
 
 import srdxai
 from srdxai import metrics
+from srdxai.engine import memory
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import _timing  # noqa: E402
@@ -227,7 +228,7 @@ def measure(models: list[str], quick: bool, rounds: int,
         write = fastest_write(x, chunks, max(9, 3 * rounds))
         pools = {f: input_pool(x, f) for f in (torch.contiguous_format, torch.channels_last)}
         # replayed beside each metric: the fastest configuration found, and the metrics' own
-        # chunk in channels-last; the limit takes the faster of the two
+        # chunk (default and tuned) in channels-last; the limit takes the fastest
         replays = {(best_chunk, layout), (int(chunk), torch.channels_last)}
         print(f"{label}, batch {batch}: fastest bare forward {per_input * 1e3:.3f} ms per "
               f"input (chunk {best_chunk} of {', '.join(map(str, chunks))}, {layout}), "
@@ -236,6 +237,11 @@ def measure(models: list[str], quick: bool, rounds: int,
             if only and not name.startswith(tuple(only)):
                 continue
             counted = call()
+            # and the chunk our tuning settled on, once it has (runs at a size the bare passes
+            # were not timed at must not look faster than the limit for that reason alone)
+            tuned = memory.tuned_chunk(model, chunk)
+            if tuned is not None:
+                replays.add((tuned, torch.channels_last))
             if callable(per_sample):  # counted on the result: all samples' inputs together
                 total = per_sample(counted) + batch
             else:

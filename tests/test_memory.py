@@ -211,12 +211,36 @@ def test_default_chunks_are_tuned_on_the_runs_own_work_and_remembered(monkeypatc
     model.seen.clear()
     metrics.pixel_flipping(model, x, y, a, features_in_step=step)
     assert max(model.seen) <= max(best, x.shape[0])
-    # chunks too quick to time, or no size clearly faster: the default stays
-    for clock_step, slower in ((1e-4, 0.5), (1.0, 0.97)):
-        quick = Timed(inner)
-        quick.forward = _fake_forward(quick, clock, clock_step, slower)
-        metrics.pixel_flipping(quick, x, y, a, features_in_step=step)
-        assert memory.tuned_chunk(quick, default) == 4
+    # no size clearly faster: the default stays
+    close = Timed(inner)
+    close.forward = _fake_forward(close, clock, 1.0, 0.97)
+    metrics.pixel_flipping(close, x, y, a, features_in_step=step)
+    assert memory.tuned_chunk(close, default) == 4
+    # chunks too quick to time one by one (5 ms), runs long enough (0.7 s): whole runs are
+    # timed instead, one size per run, each size twice, then the fastest is kept
+    quick = Timed(inner)
+    quick.forward = _fake_forward(quick, clock, 5e-3, 0.5)
+    metrics.pixel_flipping(quick, x, y, a, features_in_step=step)  # the within-run trial
+    assert memory.tuned_chunk(quick, default) is None
+    runs = []
+    for _ in range(2 * len(candidates)):
+        quick.seen.clear()
+        got = metrics.pixel_flipping(quick, x, y, a, features_in_step=step)
+        torch.testing.assert_close(got.curve, expected.curve, rtol=1e-5, atol=1e-6)
+        runs.append(max(quick.seen))
+    assert runs == candidates * 2 and memory.tuned_chunk(quick, default) == 8
+    quick.seen.clear()
+    metrics.pixel_flipping(quick, x, y, a, features_in_step=step)
+    assert set(quick.seen) <= {8}
+    # runs too quick to time as well (14 ms): never a trial size, the default throughout
+    quicker = Timed(inner)
+    quicker.forward = _fake_forward(quicker, clock, 1e-4, 0.5)
+    metrics.pixel_flipping(quicker, x, y, a, features_in_step=step)
+    for _ in range(2 * len(candidates)):
+        quicker.seen.clear()
+        metrics.pixel_flipping(quicker, x, y, a, features_in_step=step)
+        assert set(quicker.seen) <= {4}
+    assert memory.tuned_chunk(quicker, default) is None
     # a chunk size the caller chose is kept exactly, never tuned
     model.seen.clear()
     metrics.pixel_flipping(model, x, y, a, features_in_step=step, batch_size=5)
@@ -236,3 +260,26 @@ def test_select_per_sample_is_where_of_the_gathered_rows(layout):
         got = select_per_sample(mask, base, x, sample)
         assert torch.equal(got, torch.where(mask, base[sample], x[sample]))
     assert got.shape == (5, 3, 6, 7)
+
+
+def test_whole_run_trials_take_each_size_twice_and_keep_the_default_unless_clearly_faster():
+    from srdxai.engine.memory import RunTrials
+
+    trials = RunTrials([2, 4, 8], default=4, per_input=1e-3)
+    seen = []
+    speeds = {2: 1.2, 4: 1.0, 8: 0.97}  # 8 is 3 % faster: within the margin
+    choice = None
+    for _ in range(6):
+        size = trials.next_size()
+        seen.append(size)
+        choice = trials.record(size, speeds[size])
+    assert seen == [2, 4, 8, 2, 4, 8] and choice == 4
+    # a run's length decides whether it is timed at a trial size
+    assert trials.worth_trying(total=100, size=8)
+    assert not trials.worth_trying(total=10, size=8)     # under four chunks of 8
+    assert not RunTrials([2, 4], 4).worth_trying(1000, 2)  # no estimate of the run's length
+    assert not RunTrials([2, 4], 4, per_input=1e-6).worth_trying(1000, 2)  # 1 ms: too quick
+    # a size that ran out of memory goes, with every larger one
+    trials = RunTrials([2, 4, 8, 16], default=4, per_input=1e-3)
+    trials.drop(8)
+    assert trials.candidates == [2, 4]

@@ -189,16 +189,21 @@ class DefaultChunk(int):
         return chunk
 
 
-#: model -> {(input shape, dtype, device, threads): the fastest forward-only chunk measured}
-_TUNED: weakref.WeakKeyDictionary[nn.Module, dict[tuple, int]] = weakref.WeakKeyDictionary()
+#: model -> {(input shape, dtype, device, threads): the fastest forward-only chunk measured,
+#: or the whole-run trials still under way (:class:`RunTrials`)}
+_TUNED: weakref.WeakKeyDictionary[nn.Module, dict[tuple, int | RunTrials]] = (
+    weakref.WeakKeyDictionary())
 
 #: tuning runs only when the candidates' chunks (two of each) are at most this part of the work
 TUNE_SHARE = 0.5
-#: chunks of the default size faster than this are not timed reliably on a busy machine (a
-#: small CNN's 53 images of 3x32x32 take about 2 ms): the default is kept
+#: a chunk (or, for whole-run trials, a run) faster than this is not timed reliably on a busy
+#: machine (a small CNN's 53 images of 3x32x32 take about 2 ms)
 TUNE_MIN_SECONDS = 0.02
 #: another size replaces the default only when it is at least this much faster per input
 TUNE_MARGIN = 0.05
+#: a whole-run trial needs at least this many chunks of its size (a run of one or two partial
+#: chunks says little about a size's speed)
+TRIAL_MIN_CHUNKS = 4
 
 
 def chunk_candidates(size: int, cap: int) -> list[int]:
@@ -208,10 +213,53 @@ def chunk_candidates(size: int, cap: int) -> list[int]:
     return sorted(s for s in sizes if s <= max(size, cap))
 
 
+def _choice(per_input: dict[int, float], default: int) -> int:
+    """The fastest size per input, unless it does not beat the default by the margin."""
+    best = min(per_input, key=per_input.__getitem__)
+    reference = per_input.get(default)
+    if reference is not None and per_input[best] > (1 - TUNE_MARGIN) * reference:
+        return default
+    return best
+
+
+class RunTrials:
+    """Chunk sizes timed over whole runs, one size per run, for chunks too quick to time one
+    by one: each candidate twice (round robin over the runs), then the fastest per input."""
+
+    def __init__(self, candidates: list[int], default: int, per_input: float | None = None):
+        self.candidates, self.default = list(candidates), default
+        self.times: dict[int, list[float]] = {c: [] for c in candidates}
+        #: seconds per input at the default size (an estimate of a run's length), once known
+        self.per_input = per_input
+
+    def worth_trying(self, total: int, size: int) -> bool:
+        """A run of ``total`` inputs is long enough to time at ``size``: enough chunks of it,
+        and, at the default's speed, at least :data:`TUNE_MIN_SECONDS`."""
+        return (self.per_input is not None and total >= TRIAL_MIN_CHUNKS * size
+                and self.per_input * total >= TUNE_MIN_SECONDS)
+
+    def next_size(self) -> int:
+        """The candidate with the fewest recorded runs (the smaller on ties)."""
+        return min(self.candidates, key=lambda c: (len(self.times[c]), c))
+
+    def record(self, size: int, seconds_per_input: float) -> int | None:
+        """Note one run; the chosen size once every candidate has two, else None."""
+        self.times[size].append(seconds_per_input)
+        if any(len(t) < 2 for t in self.times.values()):
+            return None
+        return _choice({c: min(t) for c, t in self.times.items()}, self.default)
+
+    def drop(self, size: int) -> None:
+        """A size that ran out of memory, and every larger one, are not candidates."""
+        self.candidates = [c for c in self.candidates if c < size] or [1]
+        self.times = {c: self.times.get(c, []) for c in self.candidates}
+
+
 def tuned_chunk(model: nn.Module, size: DefaultChunk) -> int | None:
     """The fastest chunk measured in this process for ``model`` on the inputs ``size`` was
-    chosen for (with the current number of threads), if any."""
-    return _TUNED.get(model, {}).get((*size.key, torch.get_num_threads()))
+    chosen for (with the current number of threads), if the trials are done."""
+    known = _TUNED.get(model, {}).get((*size.key, torch.get_num_threads()))
+    return known if isinstance(known, int) else None
 
 
 def run_tuned(model: nn.Module, total: int, size: int, run: Callable[[int, int], None],
@@ -224,26 +272,65 @@ def run_tuned(model: nn.Module, total: int, size: int, run: Callable[[int, int],
     the reverse on another (2026-12-05). So the run's first chunks try :func:`chunk_candidates`
     (two rounds, a new shape's first pass also builds oneDNN's kernels) and the rest runs at
     the fastest per input; the choice is remembered for the model and input shape
-    (:func:`tuned_chunk`). The default stays where its chunks are too quick to time reliably
-    (:data:`TUNE_MIN_SECONDS`) or no size beats it by :data:`TUNE_MARGIN`: a noisy trial
-    once picked a 1.4x slower size for a small CNN and kept it. The work is the same whatever
-    the sizes; only float rounding differs between batch sizes (about 1e-7 relative): pass a
-    ``batch_size`` to fix the chunks. Runs too short to pay for the trial keep the default.
+    (:func:`tuned_chunk`). Where the default's chunks are too quick to time one by one
+    (:data:`TUNE_MIN_SECONDS`: a noisy trial once picked a 1.4x slower size for a small CNN),
+    whole runs are timed instead, one candidate per run (:class:`RunTrials`; runs shorter than
+    that, or with fewer than :data:`TRIAL_MIN_CHUNKS` chunks, use the default and are not
+    counted). The default stays unless a size beats it by :data:`TUNE_MARGIN`. The work is the
+    same whatever the sizes; only float rounding differs between batch sizes (about 1e-7
+    relative): pass a ``batch_size`` to fix the chunks.
     """
     if not isinstance(size, DefaultChunk) or size.key[2].type != "cpu":
         run_in_chunks(total, size, run, what)
         return
-    known = tuned_chunk(model, size)
-    if known is not None:
-        run_in_chunks(total, known, run, what)
+    tuned = _TUNED.setdefault(model, {})
+    key = (*size.key, torch.get_num_threads())
+    state = tuned.get(key)
+    if isinstance(state, int):
+        run_in_chunks(total, state, run, what)
         return
-    candidates = chunk_candidates(int(size), size.cap)
-    if len(candidates) < 2 or 2 * sum(candidates) > TUNE_SHARE * total:
+    default = int(size)
+    candidates = chunk_candidates(default, size.cap)
+    if len(candidates) < 2:
         run_in_chunks(total, size, run, what)
         return
-    # round robin, twice: a slow spell of the machine then hits every size alike, and the
-    # second round runs on kernels oneDNN has built already
-    start, per_input, default = 0, {}, int(size)
+    if state is None and 2 * sum(candidates) <= TUNE_SHARE * total:
+        start, best, per_input = _tune_within_run(candidates, default, total, run, what)
+        if best is None:  # chunks too quick to time: whole runs from the next run on
+            tuned[key] = RunTrials(candidates, default, per_input)
+            best = default
+        else:
+            tuned[key] = best
+        run_in_chunks(total - start, best, lambda a, b: run(start + a, start + b), what)
+        return
+    if state is None:
+        state = tuned[key] = RunTrials(candidates, default)
+    trial = state.next_size()
+    if not state.worth_trying(total, trial):
+        # at the default size, timed: how long runs are (and a sample of the default)
+        trial = default
+    began = time.perf_counter()
+    used = run_in_chunks(total, trial, run, what)
+    seconds = time.perf_counter() - began
+    if used < trial:
+        state.drop(trial)
+        return
+    if trial == default:
+        state.per_input = seconds / total
+    if seconds >= TUNE_MIN_SECONDS and total >= TRIAL_MIN_CHUNKS * trial:
+        choice = state.record(trial, seconds / total)
+        if choice is not None:
+            tuned[key] = choice
+
+
+def _tune_within_run(candidates: list[int], default: int, total: int,
+                     run: Callable[[int, int], None], what: str
+                     ) -> tuple[int, int | None, float | None]:
+    """Run the first chunks at each candidate, round robin, twice (a slow spell of the machine
+    then hits every size alike, and the second round runs on kernels oneDNN has built
+    already): (inputs done, the chosen size or None where the default's chunks are too quick
+    to time, seconds per input at the default)."""
+    start, per_input = 0, {}
     chunk_seconds: dict[int, float] = {}
     fits = total
     for candidate in candidates * 2:
@@ -259,13 +346,9 @@ def run_tuned(model: nn.Module, total: int, size: int, run: Callable[[int, int],
         chunk_seconds[used] = min(chunk_seconds.get(used, float("inf")), seconds)
         if used < candidate:  # out of memory: larger chunks will not fit either
             fits = used
-    best = min(per_input, key=per_input.__getitem__)
-    reference = per_input.get(default)
-    if reference is not None and (chunk_seconds[default] < TUNE_MIN_SECONDS
-                                  or per_input[best] > (1 - TUNE_MARGIN) * reference):
-        best = default
-    _TUNED.setdefault(model, {})[(*size.key, torch.get_num_threads())] = best
-    run_in_chunks(total - start, best, lambda a, b: run(start + a, start + b), what)
+    if default in chunk_seconds and chunk_seconds[default] < TUNE_MIN_SECONDS:
+        return start, None, per_input[default]
+    return start, _choice(per_input, default), per_input.get(default)
 
 
 # --- the fallback ---------------------------------------------------------------------------
