@@ -508,8 +508,8 @@ def test_channels_last_and_ordinary_layout_agree():
 def test_offset_norms_at_input_positions_equal_per_offset_norms(
         monkeypatch, cin, cout, kernel, padding, dilation, size, block):
     # The stride-1 path computes every offset's norm once per input position and gathers;
-    # the per-offset path convolves shifted copies. ``block`` forces row blocks (50) and
-    # several images per block (2000).
+    # the per-offset path convolves shifted copies. ``block`` forces blocks of one position
+    # (50 output values) and blocks spanning images (2000).
     from srdxai.engine import ops
 
     if block is not None:
@@ -522,18 +522,8 @@ def test_offset_norms_at_input_positions_equal_per_offset_norms(
                     out.shape[2:])
     assert op._norms_at_inputs_apply(x)
     for scale in (None, torch.rand(cout, generator=g, dtype=torch.float64)):
-        per_offset = torch.stack([op.offset_norm(x, k, scale) for k in op.offsets], 1)
-        torch.testing.assert_close(op.offset_norms(x, scale), per_offset, rtol=1e-12,
-                                   atol=1e-12)
-        # and the definition: the norm of the offset's share of the real convolution output
-        for j, k in enumerate(op.offsets):
-            w = torch.zeros_like(weight)
-            w[(slice(None), slice(None), *k)] = weight[(slice(None), slice(None), *k)]
-            part = F.conv2d(x, w, padding=padding, dilation=dilation)
-            if scale is not None:
-                part = part * scale.reshape(1, -1, 1, 1)
-            torch.testing.assert_close(op.offset_norms(x, scale)[:, j],
-                                       part.norm(dim=1), rtol=1e-12, atol=1e-12)
+        _assert_offset_norms_are_the_definition(op, x, weight, scale, padding=padding,
+                                                dilation=dilation)
 
 
 @pytest.mark.parametrize("cin, multiplier, kernel, padding", [
@@ -555,16 +545,24 @@ def test_depthwise_offset_norms_at_input_positions_equal_the_definition(
     op = ops.ConvOp("conv", weight, None, (1, 1), padding, (1, 1), cin, x.shape[2:],
                     out.shape[2:])
     for scale in (None, torch.rand(cout, generator=g, dtype=torch.float64)):
-        norms = op.offset_norms(x, scale)
-        per_offset = torch.stack([op.offset_norm(x, k, scale) for k in op.offsets], 1)
-        torch.testing.assert_close(norms, per_offset, rtol=1e-12, atol=1e-12)
-        for j, k in enumerate(op.offsets):
-            w = torch.zeros_like(weight)
-            w[(slice(None), slice(None), *k)] = weight[(slice(None), slice(None), *k)]
-            part = F.conv2d(x, w, padding=padding, groups=cin)
-            if scale is not None:
-                part = part * scale.reshape(1, -1, 1, 1)
-            torch.testing.assert_close(norms[:, j], part.norm(dim=1), rtol=1e-12, atol=1e-12)
+        _assert_offset_norms_are_the_definition(op, x, weight, scale, padding=padding,
+                                                groups=cin)
+
+
+def _assert_offset_norms_are_the_definition(op, x, weight, scale, **conv):
+    """``op.offset_norms`` equals the per-offset form and the definition: per offset, the norm
+    over channels of that offset's share of the real convolution output (``conv``: its
+    ``F.conv2d`` arguments), times ``scale`` per output channel if given."""
+    norms = op.offset_norms(x, scale)
+    per_offset = torch.stack([op.offset_norm(x, k, scale) for k in op.offsets], 1)
+    torch.testing.assert_close(norms, per_offset, rtol=1e-12, atol=1e-12)
+    for j, k in enumerate(op.offsets):
+        w = torch.zeros_like(weight)
+        w[(slice(None), slice(None), *k)] = weight[(slice(None), slice(None), *k)]
+        part = F.conv2d(x, w, **conv)
+        if scale is not None:
+            part = part * scale.reshape(1, -1, 1, 1)
+        torch.testing.assert_close(norms[:, j], part.norm(dim=1), rtol=1e-12, atol=1e-12)
 
 
 @pytest.mark.parametrize("channels", [8, 384, 512])

@@ -248,15 +248,23 @@ def test_default_chunks_are_tuned_on_the_runs_own_work_and_remembered(monkeypatc
 
 
 @pytest.mark.parametrize("layout", [torch.contiguous_format, torch.channels_last])
-def test_select_per_sample_is_where_of_the_gathered_rows(layout):
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64, torch.int32])
+@pytest.mark.parametrize("expanded", [False, True])
+def test_select_per_sample_is_where_of_the_gathered_rows(layout, dtype, expanded):
+    # floats are blended as x * (1 - m) + base * m, which must give exactly the values
+    # torch.where picks (also -0.0 against 0.0 aside: compared bit for bit via equal); a
+    # pixel mask may come broadcast over the channels (stride 0)
     from srdxai.metrics.common import select_per_sample
 
     g = torch.Generator().manual_seed(0)
-    x = torch.randn(5, 3, 6, 7, generator=g).contiguous(memory_format=layout)
-    base = torch.randn(5, 3, 6, 7, generator=g).contiguous(memory_format=layout)
-    for sample in (torch.tensor([0, 0, 0, 1, 1, 4, 4, 4, 4]),  # runs: one where per run
+    x = (100 * torch.randn(5, 3, 6, 7, generator=g)).to(dtype).contiguous(memory_format=layout)
+    base = (100 * torch.randn(5, 3, 6, 7, generator=g)).to(dtype).contiguous(
+        memory_format=layout)
+    for sample in (torch.tensor([0, 0, 0, 1, 1, 4, 4, 4, 4]),  # runs: one write per run
                    torch.tensor([3, 1, 0, 2, 4])):  # many samples: the plain gathers
         mask = torch.rand(sample.numel(), 1, 6, 7, generator=g) < 0.5
+        if expanded:
+            mask = mask.expand(-1, 3, -1, -1)
         got = select_per_sample(mask, base, x, sample)
         assert torch.equal(got, torch.where(mask, base[sample], x[sample]))
     assert got.shape == (5, 3, 6, 7)

@@ -412,6 +412,9 @@ def _ordered_curve(s: MetricInputs, a: Tensor, counts: Tensor, start_from: Tenso
     """Scores (N, T): point t has the ``counts[t]`` top-ranked features of ``start_from`` taken
     from ``replace_with``."""
     ranks = descending_ranks(a)
+    if ranks.shape[1] <= torch.iinfo(torch.int16).max:
+        # compared only: a quarter of the memory traffic of the gather below per chunk
+        ranks = ranks.to(torch.int16)
     steps = counts.numel()
     counts = counts.to(s.x.device)
 
