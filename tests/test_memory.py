@@ -232,6 +232,12 @@ def test_default_chunks_are_tuned_on_the_runs_own_work_and_remembered(monkeypatc
     quick.seen.clear()
     metrics.pixel_flipping(quick, x, y, a, features_in_step=step)
     assert set(quick.seen) <= {8}
+    # inside fixed_chunks (the experiment runner's units) the default is used as it is, even
+    # for a model with a chosen size: results then do not depend on timing
+    with memory.fixed_chunks():
+        quick.seen.clear()
+        metrics.pixel_flipping(quick, x, y, a, features_in_step=step)
+        assert set(quick.seen) <= {4}
     # runs too quick to time as well (14 ms): never a trial size, the default throughout
     quicker = Timed(inner)
     quicker.forward = _fake_forward(quicker, clock, 1e-4, 0.5)

@@ -255,6 +255,24 @@ class RunTrials:
         self.times = {c: self.times.get(c, []) for c in self.candidates}
 
 
+_FIXED_CHUNKS: contextvars.ContextVar[bool] = contextvars.ContextVar(
+    "srdxai_fixed_chunks", default=False)
+
+
+@contextlib.contextmanager
+def fixed_chunks() -> Iterator[None]:
+    """Inside, default chunk sizes are used as they are, never tuned (:func:`run_tuned`).
+
+    Which size a tuning picks depends on timing, and results differ by float rounding between
+    sizes (about 1e-7 relative): the experiment runner computes every unit inside, so that a
+    killed run, resumed, stores the very numbers an uninterrupted one does."""
+    token = _FIXED_CHUNKS.set(True)
+    try:
+        yield
+    finally:
+        _FIXED_CHUNKS.reset(token)
+
+
 def tuned_chunk(model: nn.Module, size: DefaultChunk) -> int | None:
     """The fastest chunk measured in this process for ``model`` on the inputs ``size`` was
     chosen for (with the current number of threads), if the trials are done."""
@@ -280,8 +298,9 @@ def run_tuned(model: nn.Module, total: int, size: int, run: Callable[[int, int],
     same whatever the sizes; only float rounding differs between batch sizes (about 1e-7
     relative): pass a ``batch_size`` to fix the chunks.
     """
-    if not isinstance(size, DefaultChunk) or size.key[2].type != "cpu":
-        run_in_chunks(total, size, run, what)
+    if not isinstance(size, DefaultChunk) or size.key[2].type != "cpu" or (
+            _FIXED_CHUNKS.get()):
+        run_in_chunks(total, int(size), run, what)
         return
     tuned = _TUNED.setdefault(model, {})
     key = (*size.key, torch.get_num_threads())

@@ -23,6 +23,7 @@ from pathlib import Path
 
 import torch
 
+from ..engine.memory import fixed_chunks
 from ..errors import InvalidInputError
 from .config import BenchConfig
 from .data import Source, source_batch, source_model
@@ -64,7 +65,9 @@ def run_job(job: Job, config: BenchConfig) -> UnitResult:
     model = source_model(job.source, config)
     x, y, masks = source_batch(job.source, list(job.samples), config)
     unit = UnitInputs(job, config, model, x, y, masks, unit_seed(config, job))
-    return experiment(job.unit.experiment).run(unit)
+    # chunk sizes fixed, not tuned by timing: a resumed run stores the same numbers
+    with fixed_chunks():
+        return experiment(job.unit.experiment).run(unit)
 
 
 # --- the run --------------------------------------------------------------------------------
