@@ -297,3 +297,33 @@ def test_whole_run_trials_take_each_size_twice_and_keep_the_default_unless_clear
     trials = RunTrials([2, 4, 8, 16], default=4, per_input=1e-3)
     trials.drop(8)
     assert trials.candidates == [2, 4]
+
+
+def test_whole_run_trials_never_compare_runs_of_different_metrics(monkeypatch):
+    # runs of metric "b" cost much more per input besides their passes; if its runs counted
+    # for the sizes "a" tried, or the reverse, the truly fastest size (8) would lose
+    from srdxai.engine import memory
+
+    clock = {"now": 0.0}
+    monkeypatch.setattr(memory.time, "perf_counter", lambda: clock["now"])
+    model = nn.Linear(3, 2)
+    size = memory.DefaultChunk(4, torch.zeros(1, 3, 4, 4))
+    assert memory.chunk_candidates(4, size.cap) == [2, 4, 8, 16]
+    sizes = {"a": [], "b": []}
+
+    def runner(what):
+        def run(start, stop):
+            n = stop - start
+            if start == 0:
+                sizes[what].append(n)
+                if what == "b":
+                    clock["now"] += 0.4  # b's own work per run: 2e-3 per input
+            clock["now"] += n * (0.5e-3 if n == 8 else 1e-3)  # chunks of 8 are fastest
+        return run
+
+    for _ in range(12):
+        for what in ("a", "b"):
+            memory.run_tuned(model, 200, size, runner(what), what)
+        if memory.tuned_chunk(model, size) is not None:
+            break
+    assert memory.tuned_chunk(model, size) == 8

@@ -189,9 +189,12 @@ class DefaultChunk(int):
         return chunk
 
 
-#: model -> {(input shape, dtype, device, threads): the fastest forward-only chunk measured,
-#: or the whole-run trials still under way (:class:`RunTrials`)}
-_TUNED: weakref.WeakKeyDictionary[nn.Module, dict[tuple, int | RunTrials]] = (
+#: model -> {(input shape, dtype, device, threads): the fastest forward-only chunk measured}
+_TUNED: weakref.WeakKeyDictionary[nn.Module, dict[tuple, int]] = weakref.WeakKeyDictionary()
+#: model -> {(input shape, dtype, device, threads, what): whole-run trials under way}, one per
+#: kind of run (``what``: the metric), since runs of different metrics cost different amounts
+#: per input besides the passes and must not be compared with each other
+_TRIALS: weakref.WeakKeyDictionary[nn.Module, dict[tuple, RunTrials]] = (
     weakref.WeakKeyDictionary())
 
 #: tuning runs only when the candidates' chunks (two of each) are at most this part of the work
@@ -276,8 +279,7 @@ def fixed_chunks() -> Iterator[None]:
 def tuned_chunk(model: nn.Module, size: DefaultChunk) -> int | None:
     """The fastest chunk measured in this process for ``model`` on the inputs ``size`` was
     chosen for (with the current number of threads), if the trials are done."""
-    known = _TUNED.get(model, {}).get((*size.key, torch.get_num_threads()))
-    return known if isinstance(known, int) else None
+    return _TUNED.get(model, {}).get((*size.key, torch.get_num_threads()))
 
 
 def run_tuned(model: nn.Module, total: int, size: int, run: Callable[[int, int], None],
@@ -292,7 +294,8 @@ def run_tuned(model: nn.Module, total: int, size: int, run: Callable[[int, int],
     the fastest per input; the choice is remembered for the model and input shape
     (:func:`tuned_chunk`). Where the default's chunks are too quick to time one by one
     (:data:`TUNE_MIN_SECONDS`: a noisy trial once picked a 1.4x slower size for a small CNN),
-    whole runs are timed instead, one candidate per run (:class:`RunTrials`; runs shorter than
+    whole runs are timed instead, one candidate per run of the same kind (``what``: runs of
+    different metrics are never compared; :class:`RunTrials`; runs shorter than
     that, or with fewer than :data:`TRIAL_MIN_CHUNKS` chunks, use the default and are not
     counted). The default stays unless a size beats it by :data:`TUNE_MARGIN`. The work is the
     same whatever the sizes; only float rounding differs between batch sizes (about 1e-7
@@ -304,26 +307,28 @@ def run_tuned(model: nn.Module, total: int, size: int, run: Callable[[int, int],
         return
     tuned = _TUNED.setdefault(model, {})
     key = (*size.key, torch.get_num_threads())
-    state = tuned.get(key)
-    if isinstance(state, int):
-        run_in_chunks(total, state, run, what)
+    known = tuned.get(key)
+    if known is not None:
+        run_in_chunks(total, known, run, what)
         return
     default = int(size)
     candidates = chunk_candidates(default, size.cap)
     if len(candidates) < 2:
         run_in_chunks(total, size, run, what)
         return
+    trials = _TRIALS.setdefault(model, {})
+    state = trials.get((*key, what))
     if state is None and 2 * sum(candidates) <= TUNE_SHARE * total:
         start, best, per_input = _tune_within_run(candidates, default, total, run, what)
         if best is None:  # chunks too quick to time: whole runs from the next run on
-            tuned[key] = RunTrials(candidates, default, per_input)
+            trials[(*key, what)] = RunTrials(candidates, default, per_input)
             best = default
         else:
             tuned[key] = best
         run_in_chunks(total - start, best, lambda a, b: run(start + a, start + b), what)
         return
     if state is None:
-        state = tuned[key] = RunTrials(candidates, default)
+        state = trials[(*key, what)] = RunTrials(candidates, default)
     trial = state.next_size()
     if not state.worth_trying(total, trial):
         # at the default size, timed: how long runs are (and a sample of the default)
@@ -338,8 +343,10 @@ def run_tuned(model: nn.Module, total: int, size: int, run: Callable[[int, int],
         state.per_input = seconds / total
     if seconds >= TUNE_MIN_SECONDS and total >= TRIAL_MIN_CHUNKS * trial:
         choice = state.record(trial, seconds / total)
-        if choice is not None:
+        if choice is not None:  # for every run on these inputs from now on
             tuned[key] = choice
+            for done in [k for k in trials if k[:len(key)] == key]:
+                del trials[done]
 
 
 def _tune_within_run(candidates: list[int], default: int, total: int,
