@@ -43,6 +43,8 @@ import _timing  # noqa: E402
 from bench_metrics import SmallCNN  # noqa: E402
 
 TARGET = 1.1
+#: at most this many warm-up calls of a metric while the chunk tuning is still trying sizes
+TUNING_CALLS = 12
 
 
 def fastest_write(x: torch.Tensor, chunks: list[int], rounds: int) -> float:
@@ -237,6 +239,12 @@ def measure(models: list[str], quick: bool, rounds: int,
             if only and not name.startswith(tuple(only)):
                 continue
             counted = call()
+            # warm-up includes the chunk tuning's trial runs (whole calls, each size twice,
+            # when the chunks are too quick to time one by one): time the steady state
+            for _ in range(TUNING_CALLS):
+                if memory.tuned_chunk(model, chunk) is not None:
+                    break
+                call()
             # and the chunk our tuning settled on, once it has (runs at a size the bare passes
             # were not timed at must not look faster than the limit for that reason alone)
             tuned = memory.tuned_chunk(model, chunk)
