@@ -258,21 +258,25 @@ def test_default_chunks_are_tuned_on_the_runs_own_work_and_remembered(monkeypatc
 @pytest.mark.parametrize("expanded", [False, True])
 def test_select_per_sample_is_where_of_the_gathered_rows(layout, dtype, expanded):
     # floats are blended as x * (1 - m) + base * m, which must give exactly the values
-    # torch.where picks (also -0.0 against 0.0 aside: compared bit for bit via equal); a
-    # pixel mask may come broadcast over the channels (stride 0)
+    # torch.where picks (torch.equal counts -0.0 and 0.0 alike, the one difference a blend
+    # can make); a pixel mask may come broadcast over the channels (stride 0)
     from srdxai.metrics.common import select_per_sample
 
     g = torch.Generator().manual_seed(0)
     x = (100 * torch.randn(5, 3, 6, 7, generator=g)).to(dtype).contiguous(memory_format=layout)
     base = (100 * torch.randn(5, 3, 6, 7, generator=g)).to(dtype).contiguous(
         memory_format=layout)
-    for sample in (torch.tensor([0, 0, 0, 1, 1, 4, 4, 4, 4]),  # runs: one write per run
+    for sample in (torch.tensor([0] * 5 + [1] * 4 + [4] * 6),  # runs: one write per run
                    torch.tensor([3, 1, 0, 2, 4])):  # many samples: the plain gathers
         mask = torch.rand(sample.numel(), 1, 6, 7, generator=g) < 0.5
         if expanded:
             mask = mask.expand(-1, 3, -1, -1)
         got = select_per_sample(mask, base, x, sample)
         assert torch.equal(got, torch.where(mask, base[sample], x[sample]))
+        # one mask for every row (broadcast over the rows too): each run still gets its rows
+        shared = mask[:1].expand(sample.numel(), *mask.shape[1:])
+        assert torch.equal(select_per_sample(shared, base, x, sample),
+                           torch.where(shared, base[sample], x[sample]))
     assert got.shape == (5, 3, 6, 7)
 
 

@@ -413,10 +413,11 @@ def select_per_sample(mask: Tensor, replacement: Tensor, source: Tensor,
     # ``source * (1 - m) + replacement * m`` with m in {0, 1} is exactly one of the two values
     # (x * 1 = x, x * 0 = 0, x + 0 = x) for finite values, which the metrics check both are;
     # writing a channels-last result so is about 1.8x faster than a broadcast torch.where on
-    # a CPU. A mask broadcast over a dimension (stride 0: a pixel mask over the channels) is
-    # converted without it.
-    narrow = mask[tuple(slice(0, 1) if st == 0 and n > 1 else slice(None)
-                        for st, n in zip(mask.stride(), mask.shape, strict=True))]
+    # a CPU. A mask broadcast over a dimension of an input (stride 0: a pixel mask over the
+    # channels) is converted without it; its rows stay, since runs slice them.
+    narrow = mask[(slice(None), *(slice(0, 1) if st == 0 and n > 1 else slice(None)
+                                   for st, n in zip(mask.stride()[1:], mask.shape[1:],
+                                                    strict=True)))]
     take = narrow.to(source.dtype)
     keep = 1 - take
     for value, count in runs:
