@@ -317,6 +317,13 @@ def run_tuned(model: nn.Module, total: int, size: int, run: Callable[[int, int],
         run_in_chunks(total, size, run, what)
         return
     trials = _TRIALS.setdefault(model, {})
+
+    def settle(choice: int) -> None:
+        """The size for every run on these inputs from now on; no trials left for them."""
+        tuned[key] = choice
+        for done in [k for k in trials if k[:len(key)] == key]:
+            del trials[done]
+
     state = trials.get((*key, what))
     if state is None and 2 * sum(candidates) <= TUNE_SHARE * total:
         start, best, per_input = _tune_within_run(candidates, default, total, run, what)
@@ -324,7 +331,7 @@ def run_tuned(model: nn.Module, total: int, size: int, run: Callable[[int, int],
             trials[(*key, what)] = RunTrials(candidates, default, per_input)
             best = default
         else:
-            tuned[key] = best
+            settle(best)
         run_in_chunks(total - start, best, lambda a, b: run(start + a, start + b), what)
         return
     if state is None:
@@ -343,10 +350,8 @@ def run_tuned(model: nn.Module, total: int, size: int, run: Callable[[int, int],
         state.per_input = seconds / total
     if seconds >= TUNE_MIN_SECONDS and total >= TRIAL_MIN_CHUNKS * trial:
         choice = state.record(trial, seconds / total)
-        if choice is not None:  # for every run on these inputs from now on
-            tuned[key] = choice
-            for done in [k for k in trials if k[:len(key)] == key]:
-                del trials[done]
+        if choice is not None:
+            settle(choice)
 
 
 def _tune_within_run(candidates: list[int], default: int, total: int,
