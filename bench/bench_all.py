@@ -166,14 +166,15 @@ def srd_floor_rows(args: argparse.Namespace) -> list[_timing.Row]:
                 products.append((args.batch * args.size * args.size // 16, 3, 49 * 3, 16))
             else:
                 products.append((positions, width, 49 * width, 4 if b == 0 else 1))
-    operands = []  # (input, weights, rows per block, repeats)
+    operands = []  # (input, weights, output buffer of the fastest block size, repeats)
     for p, c, k, times in products:
         a, b = torch.randn(p, c, device=args.device), torch.randn(c, k, device=args.device)
         speed = {}
         for rows in {min(p, max(1, values // k)) for values in (1 << 18, 1 << 20, 1 << 22)}:
-            speed[rows] = _timing.median_time(
-                functools.partial(_blocked_product, a, b, rows), 3)[0]
-        operands.append((a, b, min(speed, key=speed.get), times))
+            out = a.new_empty(rows, k)
+            speed[rows] = (_timing.median_time(
+                functools.partial(_blocked_product, a, b, out), 3)[0], out)
+        operands.append((a, b, min(speed.values(), key=lambda t: t[0])[1], times))
 
     def plain():
         xx = x.clone().requires_grad_(True)
@@ -181,9 +182,9 @@ def srd_floor_rows(args: argparse.Namespace) -> list[_timing.Row]:
         _sync(args.device)
 
     def floor():
-        for a, b, rows, times in operands:
+        for a, b, out, times in operands:
             for _ in range(times):
-                _blocked_product(a, b, rows)
+                _blocked_product(a, b, out)
         _sync(args.device)
 
     def srd():
@@ -198,9 +199,10 @@ def srd_floor_rows(args: argparse.Namespace) -> list[_timing.Row]:
                         "floor + plain gradient", None)]
 
 
-def _blocked_product(a: torch.Tensor, b: torch.Tensor, rows: int) -> None:
-    """``a @ b`` in blocks of ``rows`` rows, each written over the last one."""
-    out = a.new_empty(rows, b.shape[1])
+def _blocked_product(a: torch.Tensor, b: torch.Tensor, out: torch.Tensor) -> None:
+    """``a @ b`` in blocks of ``len(out)`` rows, each written into ``out`` (allocated once,
+    outside the timing: a floor must not pay for faulting in fresh pages)."""
+    rows = out.shape[0]
     for i in range(0, a.shape[0], rows):
         block = a[i:i + rows]
         torch.matmul(block, b, out=out[:block.shape[0]])
