@@ -319,6 +319,30 @@ def test_self_gated_activation_factor_equals_both_derivatives(func, kwargs):
         return d
 
     expected = x * derivative(x) + x.abs() * derivative(x.abs())
-    call = types.SimpleNamespace(func=func, argument=lambda i, n, d=None: kwargs.get(n, d))
-    torch.testing.assert_close(A._self_gated_factor(call, x), expected, rtol=1e-12,
-                               atol=1e-14)
+    call = types.SimpleNamespace(func=func, kind="activation",
+                                 argument=lambda i, n, d=None: kwargs.get(n, d))
+    scratch = A.Scratch()
+    # the rule's own choice (from the output for the exact GELU) and the general form; grad
+    # mode on: fresh temporaries; off (a backward pass): temporaries in the scratch, the
+    # second call reusing them
+    for mode in (torch.enable_grad, torch.no_grad, torch.no_grad):
+        with mode():
+            for factor in (A._elementwise_factor(call, x, func(x, **kwargs), scratch),
+                           A._self_gated_factor(call, x, scratch)):
+                torch.testing.assert_close(factor, expected, rtol=1e-12, atol=1e-14)
+
+
+@pytest.mark.parametrize("size, kernel", [((32, 32), (8, 8)), ((35, 37), (8, 4)),
+                                          ((16, 16), (1, 1))])
+def test_patch_embedding_transpose_equals_the_convolution_backward(size, kernel):
+    # stride = kernel: windows that do not overlap, including rows and columns they miss
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(2, 3, *size, generator=g, dtype=torch.float64)
+    w = torch.randn(5, 3, *kernel, generator=g, dtype=torch.float64)
+    y = F.conv2d(x, w, stride=kernel)
+    grad = torch.randn(y.shape, generator=g, dtype=torch.float64)
+    expected = torch.ops.aten.convolution_backward(
+        grad, x, w, None, list(kernel), [0, 0], [1, 1], False, [0, 0], 1,
+        [True, False, False])[0]
+    torch.testing.assert_close(A._patch_transpose(grad, x, w), expected, rtol=1e-12,
+                               atol=1e-12)

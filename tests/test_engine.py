@@ -578,3 +578,50 @@ def test_channel_dot_is_the_channel_sum_of_the_product_in_every_layout(channels)
     for layout in (torch.contiguous_format, torch.channels_last):
         got = channel_dot(a.contiguous(memory_format=layout), b.contiguous(memory_format=layout))
         torch.testing.assert_close(got, expected, rtol=1e-12, atol=1e-12)
+
+
+class _Selects(nn.Module):
+    """Integer indexing in every form the operation view shares one ``unbind`` for."""
+
+    def __init__(self):
+        super().__init__()
+        self.lin = nn.Linear(4, 12)
+
+    def forward(self, x):
+        t = self.lin(x).reshape(x.shape[0], 3, 4).transpose(0, 1)  # (3, N, 4), strided
+        q, k, v = t[0], t[1], t[-1]
+        again = t[0]  # the same part twice: its relevance accumulates
+        return q * k + v + again.tanh()
+
+
+def test_integer_selections_share_one_unbind_and_keep_the_gradient():
+    from srdxai.engine.optrace import OpRule, OpTrace
+
+    torch.manual_seed(0)
+    model = _Selects().double().eval()
+    x = torch.randn(5, 4, dtype=torch.float64)
+    expected = torch.autograd.functional.jacobian(lambda v: model(v).sum(), x)
+    grad_fns = []
+
+    class Probe(OpRule):  # the plain gradient, seeing every move
+        unknown = "gradient"
+
+        def on_move(self, func, args, kwargs, output):
+            if func is torch.Tensor.__getitem__:
+                grad_fns.append(type(output.grad_fn).__name__)
+
+    leaf = x.clone().requires_grad_(True)
+    with torch.enable_grad(), OpTrace(model, leaf, Probe()) as trace:
+        out = trace.forward()
+        (grad,) = torch.autograd.grad(out.sum(), leaf)
+    assert grad_fns == ["UnbindBackward0"] * 4
+    torch.testing.assert_close(grad, expected, rtol=1e-12, atol=1e-12)
+
+    class OutOfRange(nn.Module):
+        def forward(self, x):
+            return x.reshape(2, -1, 4)[2].sum(-1, keepdim=True)
+
+    leaf = x[:4].clone().requires_grad_(True)
+    with pytest.raises(IndexError), torch.enable_grad(), OpTrace(OutOfRange(), leaf,
+                                                                 Probe()) as trace:
+        trace.forward()

@@ -361,6 +361,26 @@ class OpTracer(Tracer):
         super().__init__()
         self.rule = rule
         self.calls: list[OpCall] = []
+        # id(tensor) -> (tensor, tensor.unbind(0)): see :meth:`_move`
+        self._unbound: dict[int, tuple[Tensor, tuple[Tensor, ...]]] = {}
+
+    def _move(self, func, args, kwargs) -> Any:
+        """Run a value-moving call. ``t[i]`` with an integer ``i`` is taken from one shared
+        ``t.unbind(0)``, the same view: a ViT's ``q, k, v = qkv[0], qkv[1], qkv[2]`` then
+        sends its relevance back through one stacking of the three parts, where three
+        separate selections would each fill a zero tensor of ``qkv``'s size and two more
+        passes would add them (about 5% of a contrastive absLRP pass on ViT-B/16). Safe
+        because in-place calls on traced tensors run out of place here: no unbound view is
+        ever written to."""
+        if (func is Tensor.__getitem__ and len(args) == 2 and not kwargs
+                and type(args[1]) is int and isinstance(args[0], Tensor)
+                and args[0].dim() > 0 and -args[0].shape[0] <= args[1] < args[0].shape[0]):
+            t = args[0]
+            entry = self._unbound.get(id(t))
+            if entry is None or entry[0] is not t:
+                entry = self._unbound[id(t)] = (t, t.unbind(0))
+            return entry[1][args[1]]
+        return func(*args, **kwargs)
 
     def _track_outputs(self, out: Any, masks: Any = None) -> Any:
         flat = tree_flatten(out)[0]
@@ -471,7 +491,7 @@ class OpTracer(Tracer):
             return out
         if func in MOVE:
             masks = self._moved_masks(func, args, kwargs) if self.rule.constant_parts else None
-            out = self._track_outputs(func(*args, **kwargs), masks)
+            out = self._track_outputs(self._move(func, args, kwargs), masks)
             self.rule.on_move(func, args, kwargs, out)
             return out
         if func in DROPOUT:
