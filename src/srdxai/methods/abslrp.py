@@ -214,6 +214,11 @@ def _conv_transpose(call: OpCall, g: Tensor, like: Tensor, weight: Tensor) -> Te
         groups, [True, False, False])[0]
 
 
+#: a convolution on at most this many input channels (an image) takes one transposed
+#: convolution over ``[w, |w|]`` instead of two (see ``AbsLRPRule._stacked_conv_terms``)
+_STACKED_CHANNELS = 8
+
+
 def _patch_transpose(g: Tensor, like: Tensor, weight: Tensor) -> Tensor:
     """``J^T g`` of a convolution whose stride equals its kernel (a ViT's patch embedding):
     the windows do not overlap, so it is one matrix product and a rearrangement, 5-8x
@@ -245,9 +250,11 @@ def _times(grad: Tensor, factor: Tensor, keep_factor: bool = False) -> Tensor:
     The relevance reaching a call is the engine's own buffer, used by this call only (autograd
     hands each backward its incoming gradient and drops it after), so overwriting it saves a
     fresh buffer per call. It is written only when it is dense and owns its memory without
-    overlap (a contiguous tensor of the factor's shape); otherwise the product goes into
-    ``factor``, which this rule made."""
-    if grad.shape == factor.shape and grad.dtype == factor.dtype and grad.is_contiguous():
+    overlap (a contiguous or channels-last tensor of the factor's shape); otherwise the
+    product goes into ``factor``, which this rule made."""
+    if grad.shape == factor.shape and grad.dtype == factor.dtype and (
+            grad.is_contiguous() or (grad.dim() == 4 and grad.is_contiguous(
+                memory_format=torch.channels_last))):
         return grad.mul_(factor)
     if not keep_factor and torch.broadcast_shapes(grad.shape, factor.shape) == factor.shape:
         return factor.mul_(grad)
@@ -301,19 +308,20 @@ def _self_gated_factor(call: OpCall, x: Tensor, scratch: Scratch) -> Tensor:
 _TWO_PHI_0 = math.sqrt(2 / math.pi)
 
 
-def _exact_gelu_factor(x: Tensor, output: Tensor, scratch: Scratch) -> Tensor:
+def _exact_gelu_factor(x: Tensor, output: Tensor, scratch: Scratch,
+                       out: Tensor | None = None) -> Tensor:
     """:func:`_self_gated_factor` for the exact GELU, from its output ``y = x Phi(x)``
     without any ``erf``: ``2 y + (-x)+ + 2 x^2 phi(x)``.
 
     Why: ``f'(a) = s(a) + a s'(a)`` with ``s = Phi`` and ``s' = phi`` even, and ``a s(a)`` is
     ``y`` for ``x >= 0`` and ``a + y`` for ``x < 0`` (``s(a) = 1 - s(x)``). So ``2 a f'(a) +
     min(x, 0) = 2 y + 2 (-x)+ + min(x, 0) + 2 x^2 phi(x) = 2 y + (-x)+ + 2 x^2 phi(x)``.
-    One exponential in place of the derivative's ``erf`` and exponential, and one new
-    tensor (the factor); the rest is written in ``scratch``."""
+    One exponential in place of the derivative's ``erf`` and exponential; the factor is
+    written into ``out`` (a new tensor if None), the rest into ``scratch``."""
     if building_graph(x, output):  # out of place: autograd keeps the operands
         square = x * x
         return output * 2 + (-x).clamp(min=0) + square * torch.exp(square * -0.5) * _TWO_PHI_0
-    factor = torch.mul(x, x)
+    factor = torch.mul(x, x, out=out)
     view = scratch.like("term", factor)
     density = factor * -0.5 if view is None else torch.mul(factor, -0.5, out=view)
     factor.mul_(density.exp_()).mul_(_TWO_PHI_0).add_(output, alpha=2)
@@ -323,7 +331,7 @@ def _exact_gelu_factor(x: Tensor, output: Tensor, scratch: Scratch) -> Tensor:
 def _worth_keeping(call: OpCall) -> bool:
     """Whether the scaled factor of an elementwise call is worth keeping between the two
     contrastive passes: it costs many operations (statistics, exponentials, a derivative)
-    to recompute, unlike ReLU's or BatchNorm's."""
+    to recompute, unlike ReLU's or BatchNorm's (those are recomputed into the scratch)."""
     return call.kind in ("layer_norm", "softmax") or call.func in _SELF_GATED
 
 
@@ -333,20 +341,21 @@ def _plain_sum(call: OpCall, inputs: Sequence[Tensor], output: Tensor) -> bool:
             and all(t.shape == output.shape for t in inputs))
 
 
-def _elementwise_factor(call: OpCall, x: Tensor, output: Tensor,
-                        scratch: Scratch) -> Tensor | None:
+def _elementwise_factor(call: OpCall, x: Tensor, output: Tensor, scratch: Scratch,
+                        out: Tensor | None = None) -> Tensor | None:
     """``factor`` with ``x * J^T g + |x| * Jabs^T g = factor * g`` for the calls whose
     Jacobians (with LayerNorm's and softmax's statistics detached) are diagonal; None for
     the other calls of the :data:`ELEMENTWISE` kinds (they go through autograd). The factor
-    is a new tensor; its temporaries live in ``scratch`` (fresh memory costs page faults)."""
+    is written into ``out`` (``x``'s shape; None: a new tensor; GELU-tanh and SiLU always
+    make one), its temporaries into ``scratch`` (fresh memory costs page faults)."""
     kind = call.kind
     if kind == "activation":
         if call.func in _RELU:
             # f'(x) = [x > 0] and |x| f'(|x|) = |x|: x f'(x) + |x| = relu(x) + |x|, and the
             # output is relu(x)
-            return x.abs().add_(output)
+            return torch.abs(x, out=out).add_(output)
         if call.func is F.gelu and call.argument(1, "approximate", "none") == "none":
-            return _exact_gelu_factor(x, output, scratch)
+            return _exact_gelu_factor(x, output, scratch, out)
         if call.func in _SELF_GATED:
             return _self_gated_factor(call, x, scratch)
     elif kind == "batch_norm":
@@ -361,10 +370,13 @@ def _elementwise_factor(call: OpCall, x: Tensor, output: Tensor,
             inv = (var + eps).rsqrt()
             a = inv if weight is None else weight * inv
             doubled = _channel_shape(x, a.abs() * 2)
-            signed = x if weight is None else x * _channel_shape(x, a.sign())
+            signed = x if weight is None else torch.mul(x, _channel_shape(x, a.sign()),
+                                                        out=out)
             if building_graph(signed, doubled):  # out of place: autograd keeps the operands
                 return signed.clamp(min=0) * doubled
-            return (signed.clamp(min=0) if signed is x else signed.clamp_(min=0)).mul_(doubled)
+            positive = (torch.clamp(x, min=0, out=out) if signed is x
+                        else signed.clamp_(min=0))
+            return positive.mul_(doubled)
     elif kind == "layer_norm":
         shape = call.argument(1, "normalized_shape")
         weight = call.argument(2, "weight")
@@ -374,7 +386,7 @@ def _elementwise_factor(call: OpCall, x: Tensor, output: Tensor,
             ax = scratch.absolute("input", x)
             inv = (x.var(dims, keepdim=True, unbiased=False) + eps).rsqrt_()
             inv_abs = (ax.var(dims, keepdim=True, unbiased=False) + eps).rsqrt_()
-            direct = x * inv
+            direct = torch.mul(x, inv, out=out)
             if building_graph(ax, inv_abs):  # out of place: autograd keeps the operands
                 absolute = ax * inv_abs
             else:
@@ -391,7 +403,8 @@ def _elementwise_factor(call: OpCall, x: Tensor, output: Tensor,
             if view is None:
                 # out of place: softmax keeps its output for a differentiable map
                 return _combine(x * output, torch.softmax(ax, dim) * ax)
-            return _combine(x * output, torch.softmax(ax, dim, out=view).mul_(ax))
+            return _combine(torch.mul(x, output, out=out),
+                            torch.softmax(ax, dim, out=view).mul_(ax))
     return None
 
 
@@ -430,14 +443,34 @@ class AbsLRPRule(OpRule):
         key = (id(w), variant, nhwc)
         entry = self._weights.get(key)
         if entry is None or entry[0] is not w:
-            # "pos2" is 2 w+: the doubled positive part, exact (a power of two)
+            # "pos2" is 2 w+: the doubled positive part, exact (a power of two); "stacked" is
+            # [w, |w|] along the input channels
             v = (w.abs() if variant == "abs" else w.clamp(min=0).mul_(2) if variant == "pos2"
-                 else w)
+                 else torch.cat([w, w.abs()], 1) if variant == "stacked" else w)
             if nhwc:
                 v = v.contiguous(memory_format=torch.channels_last)
             entry = (w, v)
             self._weights[key] = entry
         return entry[1]
+
+    def _stacked_conv_terms(self, call: OpCall, g: Tensor, x: Tensor,
+                            w: Tensor) -> Tensor | None:
+        """``x * J^T g + |x| * Jabs^T g`` of a convolution on few channels (an image) from one
+        transposed convolution with ``[w, |w|]`` stacked along the input channels: on 3
+        channels it takes the time of one with ``w`` alone (half of two), and it gives the
+        same numbers (each output channel is its own sum)."""
+        c = x.shape[1]
+        layout = (torch.channels_last if x.dim() == 4 and not x.is_contiguous()
+                  and x.is_contiguous(memory_format=torch.channels_last)
+                  else torch.contiguous_format)
+        # only its shape and layout are read: allocated, never written (no page is touched)
+        like = torch.empty((x.shape[0], 2 * c, *x.shape[2:]), dtype=x.dtype, device=x.device,
+                           memory_format=layout)
+        both = _conv_transpose(call, g, like, self._weight(w, "stacked", x))
+        if both is None:
+            return None
+        direct = torch.mul(both[:, :c], x)
+        return _combine(direct, both[:, c:].mul_(self._scratch.absolute("input", x)))
 
     def _dense_weight(self, w: Tensor, variant: str) -> Tensor:
         """A dense layer's ``|w|`` or ``2 w+``, written into the scratch at every use: a
@@ -474,19 +507,22 @@ class AbsLRPRule(OpRule):
         if (call.kind in ELEMENTWISE and self.variant == "abslrp" and self.closed_forms
                 and len(inputs) == 1):
             scaled = self._scaled_factors.pop(call.index, None)
-            if scaled is None:
-                factor = _elementwise_factor(call, inputs[0], output, self._scratch)
-                if factor is not None:
-                    if building_graph(factor, output, grad):
-                        return [unit_mass(factor / output.abs().add(EPS) * grad)]
-                    scaled = factor.div_(self._scratch.denominator(
-                        output, nonnegative=call.func in _RELU))
-                    if self.passes > 1 and _worth_keeping(call):
-                        self._scaled_factors[call.index] = scaled
-                        kept = _times(grad, scaled, keep_factor=True)
-                        return [unit_mass(kept, self._scratch)]
-            if scaled is not None:
+            if scaled is not None:  # kept by the first pass, used for the last time
                 return [unit_mass(_times(grad, scaled), self._scratch)]
+            keep = self.passes > 1 and _worth_keeping(call)
+            # a factor used once is written into the scratch, one kept into a new tensor
+            out = None if keep else self._scratch.like("factor", inputs[0])
+            factor = _elementwise_factor(call, inputs[0], output, self._scratch, out)
+            if factor is not None:
+                if building_graph(factor, output, grad):
+                    return [unit_mass(factor / output.abs().add(EPS) * grad)]
+                scaled = factor.div_(self._scratch.denominator(
+                    output, nonnegative=call.func in _RELU))
+                if keep:
+                    self._scaled_factors[call.index] = scaled
+                # nothing returned may alias the scratch, nor the kept factor
+                kept = _times(grad, scaled, keep_factor=keep or out is not None)
+                return [unit_mass(kept, self._scratch)]
         if call.kind == "max_pool" and not self.max_pool_divide:
             g = grad
         elif building_graph(grad, output):
@@ -537,6 +573,10 @@ class AbsLRPRule(OpRule):
                 term = _conv_transpose(call, g, x, self._weight(w, "pos2", x))
                 if term is not None:
                     return [term.mul_(x)]
+            elif x.shape[1] <= _STACKED_CHANNELS and call.argument(6, "groups", 1) == 1:
+                terms = self._stacked_conv_terms(call, g, x, w)
+                if terms is not None:
+                    return [terms]
             else:
                 direct = _conv_transpose(call, g, x, self._weight(w, "plain", x))
                 if direct is not None:
