@@ -469,6 +469,8 @@ class AbsLRPRule(OpRule):
         both = _conv_transpose(call, g, like, self._weight(w, "stacked", x))
         if both is None:
             return None
+        if building_graph(both, x):  # out of place: autograd keeps the operands
+            return both[:, :c] * x + both[:, c:] * x.abs()
         direct = torch.mul(both[:, :c], x)
         return _combine(direct, both[:, c:].mul_(self._scratch.absolute("input", x)))
 
