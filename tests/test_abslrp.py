@@ -346,3 +346,35 @@ def test_patch_embedding_transpose_equals_the_convolution_backward(size, kernel)
         [True, False, False])[0]
     torch.testing.assert_close(A._patch_transpose(grad, x, w), expected, rtol=1e-12,
                                atol=1e-12)
+
+
+class _FewChannels(nn.Module):
+    """Signed inputs on few channels: a grouped 2-D convolution (two products), and a 1-D
+    one (one transposed convolution over [W, |W|])."""
+
+    def __init__(self):
+        super().__init__()
+        self.grouped = nn.Conv2d(4, 6, 3, padding=1, groups=2)
+        self.plain = nn.Conv1d(6, 5, 3, stride=2)
+        self.head = nn.Linear(5 * 15, 3)
+
+    def forward(self, x):
+        t = self.grouped(x).mean(2)  # (N, 6, 32), signed
+        return self.head(torch.relu(self.plain(t)).flatten(1))
+
+
+@pytest.mark.parametrize("name, channels_last", [("resnet", False), ("vit", False),
+                                                 ("few_channels", None)])
+def test_closed_forms_equal_the_autograd_definition_in_every_layout(name, channels_last,
+                                                                    monkeypatch):
+    # the ordinary layout (the default is channels-last), grouped and 1-D convolutions
+    torch.manual_seed(0)
+    m = _FewChannels().double().eval() if name == "few_channels" else _models()[name]
+    x = (torch.randn(2, 4, 8, 32, dtype=torch.float64) if name == "few_channels"
+         else _input(m))
+    fast = srdxai.explain(m, x, [1, 2], "abslrp", channel_reduce="none",
+                          channels_last=channels_last)
+    monkeypatch.setattr(A, "AbsLRPRule", _AutogradRule)
+    slow = srdxai.explain(m, x, [1, 2], "abslrp", channel_reduce="none",
+                          channels_last=channels_last)
+    torch.testing.assert_close(fast, slow, rtol=1e-9, atol=1e-12)
