@@ -378,3 +378,18 @@ def test_closed_forms_equal_the_autograd_definition_in_every_layout(name, channe
     slow = srdxai.explain(m, x, [1, 2], "abslrp", channel_reduce="none",
                           channels_last=channels_last)
     torch.testing.assert_close(fast, slow, rtol=1e-9, atol=1e-12)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_layer_norm_variance_equals_the_biased_variance(dtype):
+    # far from zero mean and over two dimensions: the two-pass form keeps its precision
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(3, 5, 6, 64, generator=g, dtype=dtype) * 3 + 100
+    scratch = A.Scratch()
+    for dims in ((-1,), (-2, -1)):
+        expected = x.var(dims, keepdim=True, unbiased=False)
+        for mode in (torch.enable_grad, torch.no_grad):
+            with mode():
+                torch.testing.assert_close(A._variance(x, dims, scratch), expected,
+                                           rtol=1e-5 if dtype == torch.float32 else 1e-12,
+                                           atol=0)
