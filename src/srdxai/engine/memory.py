@@ -279,7 +279,13 @@ def fixed_chunks() -> Iterator[None]:
 def tuned_chunk(model: nn.Module, size: DefaultChunk) -> int | None:
     """The fastest chunk measured in this process for ``model`` on the inputs ``size`` was
     chosen for (with the current number of threads), if the trials are done."""
-    return _TUNED.get(model, {}).get((*size.key, torch.get_num_threads()))
+    return _TUNED.get(model, {}).get(_tuning_key(size))
+
+
+def _tuning_key(size: DefaultChunk) -> tuple:
+    """What a chosen size is remembered under: the inputs ``size`` was chosen for and the
+    current number of threads."""
+    return (*size.key, torch.get_num_threads())
 
 
 def run_tuned(model: nn.Module, total: int, size: int, run: Callable[[int, int], None],
@@ -306,7 +312,7 @@ def run_tuned(model: nn.Module, total: int, size: int, run: Callable[[int, int],
         run_in_chunks(total, int(size), run, what)
         return
     tuned = _TUNED.setdefault(model, {})
-    key = (*size.key, torch.get_num_threads())
+    key = _tuning_key(size)
     known = tuned.get(key)
     if known is not None:
         run_in_chunks(total, known, run, what)
