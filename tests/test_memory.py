@@ -280,6 +280,45 @@ def test_select_per_sample_is_where_of_the_gathered_rows(layout, dtype, expanded
     assert got.shape == (5, 3, 6, 7)
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64, torch.float16])
+@pytest.mark.parametrize("a_dim", [3, 4])
+def test_ranked_inputs_are_the_select_of_the_top_ranked_features(dtype, a_dim):
+    # the blend clamp(count - rank, 0, 1) and lerp must give exactly the values the boolean
+    # select gives, at magnitudes far apart (a lerp computed as start + w * (end - start) at
+    # w = 1 would not: 1e6 + (1e-3 - 1e6) is not 1e-3), with ties in the ranks (regions);
+    # float16 takes the select itself
+    from srdxai.metrics.common import RankedInputs, features_to_input, select_per_sample
+
+    g = torch.Generator().manual_seed(0)
+    scale = torch.tensor([1e6, 1e-3, 1.0, 3e4, 1e-6] if dtype != torch.float16 else
+                         [1e3, 1e-2, 1.0, 30.0, 0.1], dtype=torch.float64).view(-1, 1, 1, 1)
+    x = (scale * torch.randn(5, 3, 6, 7, generator=g, dtype=torch.float64)).to(dtype)
+    base = (torch.randn(5, 3, 6, 7, generator=g, dtype=torch.float64) / scale).to(dtype)
+    features = 6 * 7 * (3 if a_dim == 4 else 1)
+    ranks = torch.stack([torch.randperm(features, generator=g) for _ in range(5)])
+    ranks[1] //= 4  # ties: groups of four features share a rank
+    inputs = RankedInputs(ranks, a_dim, x, base)
+    assert inputs.arithmetic == (dtype != torch.float16)
+    for sample in (torch.tensor([0] * 5 + [1] * 4 + [4] * 6),  # runs of one sample
+                   torch.tensor([3, 1, 0, 2, 4, 1])):  # many samples: gathered rows
+        counts = torch.randint(0, features + 1, (sample.numel(),), generator=g)
+        counts[:2] = torch.tensor([0, features])  # nothing and everything replaced
+        got = inputs(sample, counts)
+        chosen = features_to_input(ranks[sample] < counts[:, None], a_dim, x.shape)
+        assert torch.equal(got, torch.where(chosen, base[sample], x[sample]))
+        assert torch.equal(got, select_per_sample(chosen, base, x, sample))
+        # written in the layout the model is given (the select's gathers keep x's)
+        assert got.is_contiguous(memory_format=torch.channels_last) or not inputs.arithmetic
+        assert got.shape == (sample.numel(), 3, 6, 7)
+    # values whose difference overflows take the select (inf * 0 would be NaN)
+    big = torch.full((5, 3, 6, 7), 3e38)
+    huge = RankedInputs(ranks, a_dim, big, -big)
+    assert not huge.arithmetic
+    sample, counts = torch.tensor([0, 0, 2]), torch.tensor([0, features // 2, features])
+    chosen = features_to_input(ranks[sample] < counts[:, None], a_dim, big.shape)
+    assert torch.equal(huge(sample, counts), torch.where(chosen, -big[sample], big[sample]))
+
+
 def test_whole_run_trials_take_each_size_twice_and_keep_the_default_unless_clearly_faster():
     from srdxai.engine.memory import RunTrials
 

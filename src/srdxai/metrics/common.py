@@ -428,6 +428,85 @@ def select_per_sample(mask: Tensor, replacement: Tensor, source: Tensor,
     return out
 
 
+class RankedInputs:
+    """Perturbed inputs that take a sample's top-ranked features from ``replacement`` and the
+    rest from ``source``: ``inputs(sample, counts)`` row ``i`` is sample ``sample[i]`` with
+    every feature of rank < ``counts[i]`` replaced (pixel flipping, insertion, deletion,
+    monotonicity, region perturbation, IROF).
+
+    ``ranks`` (N, F) ranks the features of an ``a_dim``-dimensional map (3: pixels, 4:
+    elements) of the (N, C, H, W) inputs. A row equals
+    ``select_per_sample(features_to_input(ranks[sample] < counts[:, None], ...), ...)``, value
+    for value, in channels-last memory (what :func:`scores_in_batches` gives the model).
+
+    How: every input element's rank is laid out once, as a floating tensor in the chunks'
+    memory order; a chunk's weights are then ``clamp(count - rank, 0, 1)`` (1 where replaced,
+    0 where kept: exact in floating point for integers below 2^mantissa), and
+    ``torch.lerp(source, replacement, weight)``, exactly one of the two values at a weight of 0
+    or 1 (ATen's lerp uses ``start + w (end - start)`` below 0.5 and ``end - (end - start)
+    (1 - w)`` above). Three contiguous passes over a row are about 3x faster on a CPU than a
+    boolean mask broadcast over the channels of a channels-last row (an inner loop of C = 3
+    values; a small CNN at 3x32x32 spent 6-9 us per input on it against 1.5 us per input of
+    its forward's 45). Where that arithmetic could differ from a select (other dtypes, ranks
+    not exact in the dtype, ``end - start`` overflowing), the boolean select is used.
+    """
+
+    def __init__(self, ranks: Tensor, a_dim: int, source: Tensor, replacement: Tensor):
+        self.ranks, self.a_dim = ranks, a_dim
+        self.source, self.replacement = source, replacement
+        self.weights: Tensor | None = None  # one reused buffer of chunk weights
+        dtype = source.dtype
+        exact_below = {torch.float32: 2 ** 24, torch.float64: 2 ** 53}.get(dtype)
+        # |end - start| <= max|source| + max|replacement| (summed in float64) stays finite
+        self.arithmetic = (
+            exact_below is not None and replacement.dtype == dtype
+            and ranks.shape[1] < exact_below
+            and float(source.abs().amax()) + float(replacement.abs().amax())
+            < torch.finfo(dtype).max)
+        if not self.arithmetic:
+            if ranks.shape[1] <= torch.iinfo(torch.int16).max:
+                # compared only: a quarter of the memory traffic of the gather per chunk
+                self.ranks = ranks.to(torch.int16)
+            return
+        n = source.shape[0]
+
+        def rows(t: Tensor) -> Tensor:  # (N, C*H*W) in channels-last memory order
+            return t.contiguous(memory_format=torch.channels_last).permute(0, 2, 3, 1).reshape(
+                n, -1)
+
+        self.rank_rows = rows(features_to_input(ranks.to(dtype), a_dim, source.shape))
+        self.source_rows, self.replacement_rows = rows(source), rows(replacement)
+
+    def __call__(self, sample: Tensor, counts: Tensor) -> Tensor:
+        if not self.arithmetic:
+            chosen = self.ranks[sample] < counts[:, None]
+            return select_per_sample(features_to_input(chosen, self.a_dim, self.source.shape),
+                                     self.replacement, self.source, sample)
+        source = self.source
+        _, c, h, w = source.shape
+        out = torch.empty((sample.numel(), c, h, w), dtype=source.dtype, device=source.device,
+                          memory_format=torch.channels_last)
+        flat = out.permute(0, 2, 3, 1).reshape(sample.numel(), -1)  # a view: the same memory
+        counts = counts.to(source.dtype)[:, None]
+        if self.weights is None or self.weights.shape[0] < sample.numel():
+            self.weights = flat.new_empty(flat.shape)
+        weights = self.weights[:sample.numel()]
+        values, runs = torch.unique_consecutive(sample, return_counts=True)
+        if values.numel() * 4 > sample.numel():  # rows of many samples: gather them
+            torch.sub(counts, self.rank_rows[sample], out=weights).clamp_(0, 1)
+            torch.lerp(self.source_rows[sample], self.replacement_rows[sample], weights,
+                       out=flat)
+            return out
+        start = 0
+        for value, count in zip(values.tolist(), runs.tolist(), strict=True):
+            part = slice(start, start + count)
+            torch.sub(counts[part], self.rank_rows[value], out=weights[part]).clamp_(0, 1)
+            torch.lerp(self.source_rows[value], self.replacement_rows[value], weights[part],
+                       out=flat[part])
+            start += count
+        return out
+
+
 def check_finite_logits(out: Tensor, what: str, samples: Tensor | None = None) -> Tensor:
     """Refuse model outputs holding NaN or Inf, naming the samples they belong to (``samples``:
     the original sample of each row, for rows that are perturbed copies)."""

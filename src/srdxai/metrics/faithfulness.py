@@ -22,6 +22,7 @@ from .common import (
     Explain,
     MetricInputs,
     Normalise,
+    RankedInputs,
     baseline_values,
     check_positive_int,
     descending_ranks,
@@ -411,19 +412,14 @@ def _ordered_curve(s: MetricInputs, a: Tensor, counts: Tensor, start_from: Tenso
                    replace_with: Tensor, softmax: bool, progress: bool, desc: str) -> Tensor:
     """Scores (N, T): point t has the ``counts[t]`` top-ranked features of ``start_from`` taken
     from ``replace_with``."""
-    ranks = descending_ranks(a)
-    if ranks.shape[1] <= torch.iinfo(torch.int16).max:
-        # compared only: a quarter of the memory traffic of the gather below per chunk
-        ranks = ranks.to(torch.int16)
+    inputs = RankedInputs(descending_ranks(a), a.dim(), start_from, replace_with)
     steps = counts.numel()
     counts = counts.to(s.x.device)
 
     def perturbed(start: int, stop: int) -> tuple[Tensor, Tensor]:
         flat = torch.arange(start, stop, device=s.x.device)
         sample, step = flat // steps, flat % steps
-        chosen = ranks[sample] < counts[step][:, None]
-        chosen = features_to_input(chosen, a.dim(), s.x.shape)
-        return select_per_sample(chosen, replace_with, start_from, sample), s.y[sample]
+        return inputs(sample, counts[step]), s.y[sample]
 
     scores = scores_in_batches(s.model, perturbed, s.n * steps, s.batch_size, softmax, progress,
                                desc, per_sample=steps)

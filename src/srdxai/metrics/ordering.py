@@ -30,6 +30,7 @@ from .common import (
     Explain,
     MetricInputs,
     Normalise,
+    RankedInputs,
     baseline_values,
     check_finite_number,
     check_positive_int,
@@ -37,7 +38,6 @@ from .common import (
     pixel_map,
     preprocess_attributions,
     scores_in_batches,
-    select_per_sample,
     to_tensor,
     trapezoid,
 )
@@ -421,13 +421,12 @@ def _patch_curve(s: MetricInputs, a: Tensor, patch_size: int, regions: int | Non
         1, ranked, torch.arange(n_patches, device=ranked.device).expand_as(ranked))
     rank_of_pixel = rank.to(s.x.device)[:, patch_of_pixel]  # (N, H*W)
     steps = n_patches if regions is None else min(regions, n_patches)
-    shape = s.x.shape[1:]
+    inputs = RankedInputs(rank_of_pixel, 3, s.x, replacement)
 
     def perturbed(start: int, stop: int) -> tuple[Tensor, Tensor]:
         flat = torch.arange(start, stop, device=s.x.device)
         sample, k = flat // steps, flat % steps + 1
-        removed = (rank_of_pixel[sample] < k[:, None]).view(-1, 1, *shape[1:])
-        return select_per_sample(removed, replacement, s.x, sample), s.y[sample]
+        return inputs(sample, k), s.y[sample]
 
     scores = scores_in_batches(s.model, perturbed, s.n * steps, s.batch_size, softmax,
                                progress, desc, per_sample=steps)
@@ -688,12 +687,11 @@ def irof(
         owners = torch.arange(s.n).repeat_interleave(n_segments)
         steps = torch.cat([torch.arange(1, c + 1) for c in counts])
         owners_dev, steps_dev = owners.to(s.x.device), steps.to(s.x.device)
-        shape = s.x.shape[1:]
+        inputs = RankedInputs(rank_of_pixel, 3, s.x, replacement)
 
         def perturbed(start: int, stop: int) -> tuple[Tensor, Tensor]:
             sample, k = owners_dev[start:stop], steps_dev[start:stop]
-            removed = (rank_of_pixel[sample] < k[:, None]).view(-1, 1, *shape[1:])
-            return select_per_sample(removed, replacement, s.x, sample), s.y[sample]
+            return inputs(sample, k), s.y[sample]
 
         clean = s.clean_scores(softmax).cpu()
         scores = scores_in_batches(s.model, perturbed, owners.numel(), s.batch_size, softmax,
@@ -703,4 +701,4 @@ def irof(
         curve[owners, steps - 1] = scores / reference[owners]
         aoc = torch.stack([counts[i] - trapezoid(curve[i, :counts[i]]) for i in range(s.n)])
         return IROFResult(curve=curve.to(s.x.device), n_segments=n_segments.to(s.x.device),
-                          segments=dense.view(s.n, *shape[1:]), aoc=aoc.to(s.x.device))
+                          segments=dense.view(s.n, *s.x.shape[2:]), aoc=aoc.to(s.x.device))
