@@ -384,6 +384,11 @@ def adaptive_chunks(total: int, size: int, progress: bool, desc: str,
             run_tuned(model, total, size, one, desc or "metric")
 
 
+#: inputs with at most this many channels (images) take :func:`select_per_sample`'s pixel
+#: masks one channel at a time
+_PER_CHANNEL_SELECT = 4
+
+
 def select_per_sample(mask: Tensor, replacement: Tensor, source: Tensor,
                       sample: Tensor) -> Tensor:
     """``torch.where(mask, replacement[sample], source[sample])``: row ``i`` of the result is
@@ -404,6 +409,21 @@ def select_per_sample(mask: Tensor, replacement: Tensor, source: Tensor,
                       device=source.device, memory_format=layout)
     runs = zip(values.tolist(), counts.tolist(), strict=True)
     start = 0
+    channels = source.shape[1] if source.dim() == 4 else 0
+    if 0 < channels <= _PER_CHANNEL_SELECT and (mask.shape[1] == 1 or mask.stride(1) == 0):
+        # a pixel mask (broadcast over the channels): one torch.where per channel, each a
+        # plane of the channels-last result written with a stride of C. A where or blend of
+        # the whole result broadcasts the mask over an innermost dimension of only C values,
+        # which a CPU runs 2-2.5x slower (small CNN, 3x32x32: 2.7 against 6.7 us per input).
+        planes = out.permute(0, 2, 3, 1)
+        pixels = mask[:, 0]
+        for value, count in runs:
+            rows = slice(start, start + count)
+            for c in range(channels):
+                torch.where(pixels[rows], replacement[value, c], source[value, c],
+                            out=planes[rows, ..., c])
+            start += count
+        return out
     if not (source.is_floating_point() and replacement.is_floating_point()):
         for value, count in runs:
             torch.where(mask[start:start + count], replacement[value:value + 1],
