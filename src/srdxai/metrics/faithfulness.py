@@ -94,12 +94,6 @@ class SensitivityNResult:
         return torch.nanmean(self.curve, dim=0)
 
 
-def _flat_views(x: Tensor, a_dim: int) -> Tensor:
-    """x as (N, C, F) for pixel features or (N, 1, F) for element features."""
-    n, c, h, w = x.shape
-    return x.reshape(n, c, h * w) if a_dim == 3 else x.reshape(n, 1, c * h * w)
-
-
 # --- faithfulness correlation ---------------------------------------------------------------
 
 def random_subsets(n_samples: int, n_features: int, nr_runs: int, subset_size: int,
@@ -256,16 +250,29 @@ def faithfulness_correlations(
                 removed = chosen[:, cell_of_pixel].view(-1, 1, *s.x.shape[2:])
                 return select_per_sample(removed, base, s.x, sample), s.y[sample]
         else:
-            x_flat = _flat_views(s.x, a.dim())
-            base_flat = _flat_views(base, a.dim())
-            channels = x_flat.shape[1]
+            # the inputs in channels-last memory order, (N, H*W*C): the order of the chunks
+            # handed to the model; a feature's elements are then found by index arithmetic
+            x_rows, base_rows = (t.permute(0, 2, 3, 1).reshape(s.n, -1) for t in (s.x, base))
+            channels, pixels = s.x.shape[1], s.x.shape[2] * s.x.shape[3]
+            if a.dim() == 3:  # pixel p: elements p*C .. p*C + C-1
+                offsets = torch.arange(channels, device=s.x.device)
+                positions = (indices[..., None] * channels + offsets).flatten(2)
+            else:  # element f = c*H*W + p of the (C, H, W) map
+                positions = indices % pixels * channels + indices // pixels
 
             def perturbed(start: int, stop: int) -> tuple[Tensor, Tensor]:
+                # each row: a copy of its sample's image (the one write an input needs),
+                # then the subset's elements taken from the baseline
                 flat = torch.arange(start, stop, device=s.x.device)
                 sample, run = flat // runs, flat % runs
-                idx = indices[sample, run][:, None, :].expand(-1, channels, -1)
-                inputs = x_flat[sample].scatter(2, idx, base_flat[sample].gather(2, idx))
-                return inputs.view(-1, *s.x.shape[1:]), s.y[sample]
+                out = torch.empty((flat.numel(), *s.x.shape[1:]), dtype=s.x.dtype,
+                                  device=s.x.device, memory_format=torch.channels_last)
+                rows = out.permute(0, 2, 3, 1).view(flat.numel(), -1)
+                torch.index_select(x_rows, 0, sample, out=rows)
+                where = positions[sample, run]
+                rows.scatter_(1, where, torch.take(
+                    base_rows, where + sample[:, None] * base_rows.shape[1]))
+                return out, s.y[sample]
 
         clean = s.clean_scores(softmax)
         scores = scores_in_batches(s.model, perturbed, s.n * runs, s.batch_size, softmax,
