@@ -27,7 +27,6 @@ from .common import (
     check_positive_int,
     descending_ranks,
     feature_count,
-    features_to_input,
     guarded,
     pearson,
     pixel_map,
@@ -766,18 +765,21 @@ def sensitivity_n(
             ranks.scatter_(1, order, torch.arange(n_features, device=order.device).expand_as(order))
             sorted_a = a[i].flatten()[order]
             sums = sorted_a.cumsum(1)[:, grid_dev - 1].T  # (G, subsets)
-            xi, bi, yi = s.x[i:i + 1], base[i:i + 1], s.y[i:i + 1]
+            # one "sample" of RankedInputs per subset: its ranks, and sample i's image
+            shape = (subsets, *s.x.shape[1:])
+            inputs = RankedInputs(ranks, a.dim(), s.x[i:i + 1].expand(shape),
+                                  base[i:i + 1].expand(shape))
+            yi = s.y[i:i + 1]
 
-            def perturbed(start: int, stop: int, ranks=ranks, xi=xi, bi=bi, yi=yi):
+            def perturbed(start: int, stop: int, inputs=inputs, yi=yi):
+                # subset-major: the rows of one subset are one run
                 flat = torch.arange(start, stop, device=s.x.device)
-                point, run = flat // subsets, flat % subsets
-                removed = ranks[run] < grid_dev[point][:, None]
-                removed = features_to_input(removed, a.dim(), s.x.shape)
-                return torch.where(removed, bi, xi), yi.expand(stop - start)
+                run, point = flat // points, flat % points
+                return inputs(run, grid_dev[point]), yi.expand(stop - start)
 
             scores = scores_in_batches(s.model, perturbed, points * subsets, s.batch_size,
                                        softmax, sampling.progress, f"sensitivity-n sample {i}",
                                        per_sample=points * subsets, sample_offset=i)
-            changes = clean[i] - scores.view(points, subsets)
+            changes = clean[i] - scores.view(subsets, points).T
             curve[i] = pearson(sums.cpu(), changes)
         return SensitivityNResult(curve=curve.to(s.x.device), n_grid=grid)
