@@ -311,7 +311,7 @@ def main() -> None:
     if "limits" in only:  # each perturbation metric against its bare forward passes
         import bench_metric_limits
 
-        for label, name, _, ours, limit in bench_metric_limits.measure(
+        for label, name, _, ours, limit, _ in bench_metric_limits.measure(
                 ["small", "effnet"], args.quick, args.rounds):
             rows.append(_timing.Row(name, label, ours, limit, "bare forwards",
                                     bench_metric_limits.TARGET))
