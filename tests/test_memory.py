@@ -319,6 +319,36 @@ def test_ranked_inputs_are_the_select_of_the_top_ranked_features(dtype, a_dim):
     assert torch.equal(huge(sample, counts), torch.where(chosen, -big[sample], big[sample]))
 
 
+@pytest.mark.parametrize("a_dim", [3, 4])
+@pytest.mark.parametrize("shared", [False, True])
+def test_grouped_inputs_replace_exactly_their_group(a_dim, shared):
+    # group g = features order[g*step:(g+1)*step] (the last one partial), replaced by the
+    # baseline or by one value per row; every other element is the sample's own
+    from srdxai.metrics.common import GroupedInputs, features_to_input
+
+    g = torch.Generator().manual_seed(1)
+    x = torch.randn(3, 3, 5, 6, generator=g, dtype=torch.float64)
+    base = torch.randn(3, 3, 5, 6, generator=g, dtype=torch.float64)
+    features = 5 * 6 * (3 if a_dim == 4 else 1)
+    step = 7  # does not divide the features: a partial last group
+    order = torch.stack([torch.randperm(features, generator=g) for _ in range(1 if shared else 3)])
+    inputs = GroupedInputs(order, step, a_dim, x, base)
+    groups = -(-features // step)
+    assert inputs.groups == groups
+    sample = torch.tensor([0, 0, 1, 2, 2, 2, 1])
+    group = torch.tensor([0, groups - 1, 3, 1, groups - 1, 2, 0])
+    chosen = torch.zeros(sample.numel(), features, dtype=torch.bool)
+    for i, (n, k) in enumerate(zip(sample.tolist(), group.tolist(), strict=True)):
+        chosen[i, order[0 if shared else n, k * step:(k + 1) * step]] = True
+    mask = features_to_input(chosen, a_dim, x.shape)
+    got = inputs(sample, group)
+    assert torch.equal(got, torch.where(mask, base[sample], x[sample]))
+    assert got.is_contiguous(memory_format=torch.channels_last)
+    values = torch.arange(sample.numel(), dtype=torch.float64) + 0.5
+    assert torch.equal(inputs(sample, group, values),
+                       torch.where(mask, values.view(-1, 1, 1, 1), x[sample]))
+
+
 def test_whole_run_trials_take_each_size_twice_and_keep_the_default_unless_clearly_faster():
     from srdxai.engine.memory import RunTrials
 

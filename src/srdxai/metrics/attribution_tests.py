@@ -31,6 +31,7 @@ from .common import (
     Baseline,
     EmptyMaskPolicy,
     Explain,
+    GroupedInputs,
     MetricInputs,
     Normalise,
     baseline_values,
@@ -41,7 +42,6 @@ from .common import (
     check_positive_int,
     empty_mask_nan,
     feature_count,
-    features_to_input,
     guarded,
     predicted_classes,
     preprocess_attributions,
@@ -260,14 +260,13 @@ def infidelity(
 
 # --- Monotonicity correlation ----------------------------------------------------------------
 
-def _ascending_groups(a: Tensor, size: int) -> Tensor:
-    """(N, F) the group of each feature when each flattened map is sorted by ascending value
-    (ties keep index order) and cut into groups of ``size``."""
-    flat = a.flatten(1)
-    order = torch.sort(flat, dim=1, stable=True).indices
+def _ascending_groups(a: Tensor, size: int) -> tuple[Tensor, Tensor]:
+    """Each flattened map sorted by ascending value (ties keep index order) and cut into
+    groups of ``size``: the features in that order (N, F), and each feature's group (N, F)."""
+    order = torch.sort(a.flatten(1), dim=1, stable=True).indices
     ranks = torch.empty_like(order)
-    ranks.scatter_(1, order, torch.arange(flat.shape[1], device=flat.device).expand_as(order))
-    return ranks // size
+    ranks.scatter_(1, order, torch.arange(order.shape[1], device=order.device).expand_as(order))
+    return order, ranks // size
 
 
 @register_metric(family="faithfulness", direction="higher", needs=("model",))
@@ -334,7 +333,7 @@ def monotonicity_correlation(
         n_features = feature_count(a)
         step = check_positive_int(features_in_step, "features_in_step")
         groups = math.ceil(n_features / step)
-        group_of = _ascending_groups(a, step)  # (N, F)
+        order, group_of = _ascending_groups(a, step)  # (N, F) each
         group_sums = torch.zeros(s.n, groups, dtype=torch.float64, device=a.device)
         group_sums.scatter_add_(1, group_of, a.flatten(1))
         uniform = isinstance(baseline, str) and baseline == "uniform"
@@ -366,14 +365,16 @@ def monotonicity_correlation(
             base = baseline_values(baseline, s.x)
         per = groups * runs
 
+        # group g: the features of ranks g*step .. (g+1)*step - 1 in ascending order
+        inputs = GroupedInputs(order, step, a.dim(), s.x, base)
+
         def perturbed(start: int, stop: int) -> tuple[Tensor, Tensor]:
             flat = torch.arange(start, stop, device=s.x.device)
             sample, group = flat // per, (flat % per) // runs
-            chosen = features_to_input(group_of[sample] == group[:, None], a.dim(), s.x.shape)
             if base is None:
                 values = source.rows(start, stop).to(device=s.x.device, dtype=s.x.dtype)
-                return torch.where(chosen, values.view(-1, 1, 1, 1), s.x[sample]), s.y[sample]
-            return select_per_sample(chosen, base, s.x, sample), s.y[sample]
+                return inputs(sample, group, values), s.y[sample]
+            return inputs(sample, group), s.y[sample]
 
         clean = s.clean_scores(softmax)
         scores = scores_in_batches(s.model, perturbed, s.n * per, s.batch_size, softmax,

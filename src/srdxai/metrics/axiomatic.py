@@ -14,17 +14,16 @@ from torch import nn
 from .common import (
     Baseline,
     Explain,
+    GroupedInputs,
     MetricInputs,
     Normalise,
     baseline_values,
     check_finite_number,
     check_positive_int,
     feature_count,
-    features_to_input,
     guarded,
     preprocess_attributions,
     scores_in_batches,
-    select_per_sample,
 )
 from .registry import register_metric
 from .sampling import Sampling, SamplingOptions, sampling_of
@@ -97,14 +96,14 @@ def non_sensitivity(
         padded = torch.zeros(s.n, groups * step, dtype=magnitude.dtype, device=a.device)
         padded[:, :n_features] = magnitude
         zero_attribution = (padded.view(s.n, groups, step).amax(2) < eps).cpu()
-        group_of = torch.arange(n_features, device=s.x.device) // step
-        base = baseline_values(baseline, s.x)
+        # groups of consecutive features in index order, the same for every sample
+        inputs = GroupedInputs(torch.arange(n_features, device=s.x.device)[None], step, a.dim(),
+                               s.x, baseline_values(baseline, s.x))
 
         def perturbed(start: int, stop: int) -> tuple[Tensor, Tensor]:
             flat = torch.arange(start, stop, device=s.x.device)
             sample, group = flat // groups, flat % groups
-            chosen = features_to_input(group_of == group[:, None], a.dim(), s.x.shape)
-            return select_per_sample(chosen, base, s.x, sample), s.y[sample]
+            return inputs(sample, group), s.y[sample]
 
         clean = s.clean_scores(softmax)
         scores = scores_in_batches(s.model, perturbed, s.n * groups, s.batch_size, softmax,

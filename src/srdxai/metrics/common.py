@@ -448,6 +448,77 @@ def select_per_sample(mask: Tensor, replacement: Tensor, source: Tensor,
     return out
 
 
+def channels_last_rows(t: Tensor) -> Tensor:
+    """An (N, C, H, W) batch as (N, H*W*C) rows in channels-last memory order: the order of
+    the chunks the metrics hand to the model (a view where ``t`` is channels-last already)."""
+    return t.permute(0, 2, 3, 1).reshape(t.shape[0], -1)
+
+
+def element_positions(features: Tensor, a_dim: int, shape: torch.Size) -> Tensor:
+    """Where features (indices into a flattened map, any leading shape, last dimension k) sit
+    in :func:`channels_last_rows` of inputs of ``shape``: (..., k*C) for a pixel map (pixel
+    ``p`` is elements ``p*C .. p*C + C-1``), (..., k) for an element map (element
+    ``c*H*W + p`` of the map is ``p*C + c``)."""
+    _, channels, height, width = shape
+    if a_dim == 3:
+        offsets = torch.arange(channels, device=features.device)
+        return (features[..., None] * channels + offsets).flatten(-2)
+    pixels = height * width
+    return features % pixels * channels + features // pixels
+
+
+def replaced_rows(source_rows: Tensor, shape: torch.Size, sample: Tensor, where: Tensor,
+                  values: Tensor) -> Tensor:
+    """A chunk of perturbed inputs (channels-last, ``(len(sample), *shape[1:])``): row ``i``
+    is a copy of sample ``sample[i]`` of ``source_rows`` (:func:`channels_last_rows`) with the
+    elements at ``where[i]`` set to ``values[i]``. For perturbations that replace a few
+    features per input (subsets, groups): one write of the input, then a small scatter,
+    instead of a mask over every element. A position given twice must have one value."""
+    out = torch.empty((sample.numel(), *shape[1:]), dtype=source_rows.dtype,
+                      device=source_rows.device, memory_format=torch.channels_last)
+    rows = out.permute(0, 2, 3, 1).view(sample.numel(), -1)  # the same memory
+    torch.index_select(source_rows, 0, sample, out=rows)
+    rows.scatter_(1, where, values.to(rows.dtype))
+    return out
+
+
+class GroupedInputs:
+    """Perturbed inputs that each replace one group of features: group ``g`` is features
+    ``order[:, g*step:(g+1)*step]`` (the last group may be smaller), taken from
+    ``replacement`` (non-sensitivity, monotonicity correlation).
+
+    ``order`` is (N, F) (one order per sample) or (1, F) (the same for all); ``a_dim`` says
+    whether a feature is a pixel (3) or an element (4) of the (N, C, H, W) inputs. Each
+    input is a copy of its sample and a scatter of its group's elements
+    (:func:`replaced_rows`); the last group is padded by repeating its last feature.
+    """
+
+    def __init__(self, order: Tensor, step: int, a_dim: int, source: Tensor,
+                 replacement: Tensor | None):
+        n_features = order.shape[1]
+        self.groups = -(-n_features // step)
+        padded = torch.arange(self.groups * step, device=order.device).clamp(max=n_features - 1)
+        features = order[:, padded].view(order.shape[0], self.groups, step)
+        self.positions = element_positions(features, a_dim, source.shape)
+        self.shared = order.shape[0] == 1
+        self.shape = source.shape
+        self.source_rows = channels_last_rows(source)
+        self.replacement_rows = (None if replacement is None
+                                 else channels_last_rows(replacement))
+
+    def __call__(self, sample: Tensor, group: Tensor, values: Tensor | None = None) -> Tensor:
+        """Row ``i``: sample ``sample[i]`` with group ``group[i]`` replaced, by
+        ``replacement`` or, if given, by the one value ``values[i]``."""
+        where = self.positions[0 if self.shared else sample, group]
+        if values is not None:
+            replaced = values[:, None].expand_as(where)
+        else:
+            assert self.replacement_rows is not None
+            replaced = torch.take(self.replacement_rows,
+                                  where + sample[:, None] * self.replacement_rows.shape[1])
+        return replaced_rows(self.source_rows, self.shape, sample, where, replaced)
+
+
 class RankedInputs:
     """Perturbed inputs that take a sample's top-ranked features from ``replacement`` and the
     rest from ``source``: ``inputs(sample, counts)`` row ``i`` is sample ``sample[i]`` with
@@ -489,14 +560,10 @@ class RankedInputs:
                 # compared only: a quarter of the memory traffic of the gather per chunk
                 self.ranks = ranks.to(torch.int16)
             return
-        n = source.shape[0]
-
-        def rows(t: Tensor) -> Tensor:  # (N, C*H*W) in channels-last memory order
-            return t.contiguous(memory_format=torch.channels_last).permute(0, 2, 3, 1).reshape(
-                n, -1)
-
-        self.rank_rows = rows(features_to_input(ranks.to(dtype), a_dim, source.shape))
-        self.source_rows, self.replacement_rows = rows(source), rows(replacement)
+        self.rank_rows = channels_last_rows(features_to_input(ranks.to(dtype), a_dim,
+                                                              source.shape))
+        self.source_rows = channels_last_rows(source)
+        self.replacement_rows = channels_last_rows(replacement)
 
     def __call__(self, sample: Tensor, counts: Tensor) -> Tensor:
         if not self.arithmetic:

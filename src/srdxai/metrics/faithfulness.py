@@ -24,13 +24,16 @@ from .common import (
     Normalise,
     RankedInputs,
     baseline_values,
+    channels_last_rows,
     check_positive_int,
     descending_ranks,
+    element_positions,
     feature_count,
     guarded,
     pearson,
     pixel_map,
     preprocess_attributions,
+    replaced_rows,
     scores_in_batches,
     select_per_sample,
     spearman,
@@ -249,29 +252,17 @@ def faithfulness_correlations(
                 removed = chosen[:, cell_of_pixel].view(-1, 1, *s.x.shape[2:])
                 return select_per_sample(removed, base, s.x, sample), s.y[sample]
         else:
-            # the inputs in channels-last memory order, (N, H*W*C): the order of the chunks
-            # handed to the model; a feature's elements are then found by index arithmetic
-            x_rows, base_rows = (t.permute(0, 2, 3, 1).reshape(s.n, -1) for t in (s.x, base))
-            channels, pixels = s.x.shape[1], s.x.shape[2] * s.x.shape[3]
-            if a.dim() == 3:  # pixel p: elements p*C .. p*C + C-1
-                offsets = torch.arange(channels, device=s.x.device)
-                positions = (indices[..., None] * channels + offsets).flatten(2)
-            else:  # element f = c*H*W + p of the (C, H, W) map
-                positions = indices % pixels * channels + indices // pixels
+            # each input: a copy of its sample's image (the one write an input needs), then
+            # the subset's elements taken from the baseline
+            x_rows, base_rows = channels_last_rows(s.x), channels_last_rows(base)
+            positions = element_positions(indices, a.dim(), s.x.shape)
 
             def perturbed(start: int, stop: int) -> tuple[Tensor, Tensor]:
-                # each row: a copy of its sample's image (the one write an input needs),
-                # then the subset's elements taken from the baseline
                 flat = torch.arange(start, stop, device=s.x.device)
                 sample, run = flat // runs, flat % runs
-                out = torch.empty((flat.numel(), *s.x.shape[1:]), dtype=s.x.dtype,
-                                  device=s.x.device, memory_format=torch.channels_last)
-                rows = out.permute(0, 2, 3, 1).view(flat.numel(), -1)
-                torch.index_select(x_rows, 0, sample, out=rows)
                 where = positions[sample, run]
-                rows.scatter_(1, where, torch.take(
-                    base_rows, where + sample[:, None] * base_rows.shape[1]))
-                return out, s.y[sample]
+                values = torch.take(base_rows, where + sample[:, None] * base_rows.shape[1])
+                return replaced_rows(x_rows, s.x.shape, sample, where, values), s.y[sample]
 
         clean = s.clean_scores(softmax)
         scores = scores_in_batches(s.model, perturbed, s.n * runs, s.batch_size, softmax,
