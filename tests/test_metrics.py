@@ -201,6 +201,36 @@ def test_sensitivity_n_draws_are_nested_permutations(linear):
     assert torch.equal(given.curve, seeded.curve)
 
 
+@pytest.mark.parametrize("block_bytes", [None, 1])
+def test_sensitivity_n_by_hand(cnn, monkeypatch, block_bytes):
+    """Explicit permutations, a loop over samples, n and subsets from the definition; the
+    samples run together or (a bound of 1 byte) one block each: the same curves."""
+    from srdxai.metrics import faithfulness
+
+    if block_bytes is not None:
+        monkeypatch.setattr(faithfulness, "_SENSITIVITY_N_BLOCK_BYTES", block_bytes)
+    model, x, _, _ = cnn
+    y = torch.tensor([0, 3, 1, 4, 2, 0])  # a different class per sample, in every block
+    a = saliency(model, x, y)
+    perms = metrics.random_permutations(6, 256, 4, torch.Generator().manual_seed(2))
+    grid = [1, 7, 40, 200]
+    got = metrics.sensitivity_n(model, x, y, a, draws=perms, n_grid=grid, baseline=0.5)
+    with torch.no_grad():
+        for i in range(6):
+            clean = model(x[i:i + 1])[0, y[i]]
+            expected = []
+            for n in grid:
+                sums, drops = [], []
+                for r in range(4):
+                    removed = perms[i, r, :n]
+                    perturbed = x[i].clone().view(3, -1)
+                    perturbed[:, removed] = 0.5
+                    drops.append(float(clean - model(perturbed.view(1, 3, 16, 16))[0, y[i]]))
+                    sums.append(float(a[i].flatten()[removed].sum()))
+                expected.append(np.corrcoef(sums, drops)[0, 1])
+            assert got.curve[i].numpy() == pytest.approx(expected, abs=1e-9)
+
+
 class SumModel(nn.Module):
     """Logits [sum of channel 0, 0]: the class-0 score drops by exactly what is removed."""
 

@@ -668,6 +668,11 @@ def random_permutations(n_samples: int, n_features: int, nr_subsets: int,
                         for _ in range(n_samples)])
 
 
+#: Sensitivity-n runs the forward passes of several samples together while their ranks and
+#: copies of their images (per subset) stay within this many bytes
+_SENSITIVITY_N_BLOCK_BYTES = 64 * 2**20
+
+
 @register_metric(family="faithfulness", direction="higher", needs=("model",),
                  returns="SensitivityNResult (a correlation per n per sample)",
                  rows=("sensitivity_n*",))
@@ -744,33 +749,41 @@ def sensitivity_n(
         grid_dev = grid.to(s.x.device)
         points = grid.numel()
         curve = torch.empty(s.n, points, dtype=torch.float64)
-        # Sample by sample, so the permutations are drawn in a fixed order (independent of
-        # batch_size) and only one sample's (subsets, F) permutations exist at a time.
-        for i in range(s.n):
-            if permutations is None:
-                order = torch.rand(subsets, n_features, generator=gen).argsort(1)
-            else:
-                order = permutations[i]
-            order = order.to(s.x.device)
-            ranks = torch.empty_like(order)
-            ranks.scatter_(1, order, torch.arange(n_features, device=order.device).expand_as(order))
-            sorted_a = a[i].flatten()[order]
-            sums = sorted_a.cumsum(1)[:, grid_dev - 1].T  # (G, subsets)
-            # one "sample" of RankedInputs per subset: its ranks, and sample i's image
-            shape = (subsets, *s.x.shape[1:])
-            inputs = RankedInputs(ranks, a.dim(), s.x[i:i + 1].expand(shape),
-                                  base[i:i + 1].expand(shape))
-            yi = s.y[i:i + 1]
+        # Blocks of samples, each one run of forward passes; the permutations are drawn sample
+        # by sample in order (independent of batch_size and of the blocks), and a block holds
+        # its samples' (subsets, F) ranks and copies of their images, within a memory bound.
+        per_sample_bytes = subsets * s.x[0].numel() * s.x.element_size() * 3 + (
+            subsets * n_features * 8)
+        block = max(1, min(s.n, _SENSITIVITY_N_BLOCK_BYTES // per_sample_bytes))
+        for first in range(0, s.n, block):
+            members = range(first, min(s.n, first + block))
+            ranks, sums = [], []
+            for i in members:
+                if permutations is None:
+                    order = torch.rand(subsets, n_features, generator=gen).argsort(1)
+                else:
+                    order = permutations[i]
+                order = order.to(s.x.device)
+                rank = torch.empty_like(order)
+                rank.scatter_(1, order, torch.arange(n_features, device=order.device)
+                              .expand_as(order))
+                ranks.append(rank)
+                sums.append(a[i].flatten()[order].cumsum(1)[:, grid_dev - 1].T)  # (G, subsets)
+            # one "sample" of RankedInputs per (sample, subset): its ranks and the image
+            rows = torch.arange(first, first + len(members), device=s.x.device)
+            rows = rows.repeat_interleave(subsets)
+            inputs = RankedInputs(torch.cat(ranks), a.dim(), s.x[rows], base[rows])
 
-            def perturbed(start: int, stop: int, inputs=inputs, yi=yi):
+            def perturbed(start: int, stop: int, inputs=inputs, rows=rows):
                 # subset-major: the rows of one subset are one run
                 flat = torch.arange(start, stop, device=s.x.device)
                 run, point = flat // points, flat % points
-                return inputs(run, grid_dev[point]), yi.expand(stop - start)
+                return inputs(run, grid_dev[point]), s.y[rows[run]]
 
-            scores = scores_in_batches(s.model, perturbed, points * subsets, s.batch_size,
-                                       softmax, sampling.progress, f"sensitivity-n sample {i}",
-                                       per_sample=points * subsets, sample_offset=i)
-            changes = clean[i] - scores.view(subsets, points).T
-            curve[i] = pearson(sums.cpu(), changes)
+            scores = scores_in_batches(
+                s.model, perturbed, len(members) * subsets * points, s.batch_size, softmax,
+                sampling.progress, "sensitivity-n", per_sample=subsets * points,
+                sample_offset=first).view(len(members), subsets, points)
+            for j, i in enumerate(members):
+                curve[i] = pearson(sums[j].cpu(), clean[i] - scores[j].T)
         return SensitivityNResult(curve=curve.to(s.x.device), n_grid=grid)
