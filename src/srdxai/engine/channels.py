@@ -13,7 +13,8 @@ from .gradmode import building_graph
 Tensor = torch.Tensor
 
 
-def _channels_last(t: Tensor) -> bool:
+def is_channels_last(t: Tensor) -> bool:
+    """A 4-D tensor laid out channels-last (and not also contiguous: one pixel, one channel)."""
     return t.dim() == 4 and t.is_contiguous(memory_format=torch.channels_last) and not (
         t.is_contiguous())
 
@@ -27,7 +28,7 @@ _DOT_AS_MATMUL_MAX_CHANNELS = 384
 def channel_dot(a: Tensor, b: Tensor) -> Tensor:
     """``sum_c a[:, c] * b[:, c]`` for two tensors of the same shape: (N, *spatial)."""
     narrow = a.shape[1] <= _DOT_AS_MATMUL_MAX_CHANNELS or a.device.type != "cpu"
-    if narrow and a.shape == b.shape and _channels_last(a) and _channels_last(b):
+    if narrow and a.shape == b.shape and is_channels_last(a) and is_channels_last(b):
         return torch.einsum("nchw,nchw->nhw", a, b)
     return (a * b).sum(1)
 
@@ -60,7 +61,7 @@ def channel_weighted_sum(t: Tensor, weights: Tensor) -> Tensor:
     (1, C, 1, ...) or anything broadcastable to ``t``: (N, *spatial)."""
     per_channel = weights.dim() <= t.dim() and weights.numel() == t.shape[1] and (
         weights.dim() == 1 or weights.shape[1 if weights.dim() > 1 else 0] == t.shape[1])
-    if per_channel and _channels_last(t):
+    if per_channel and is_channels_last(t):
         return t.permute(0, 2, 3, 1) @ weights.reshape(-1).to(t.dtype)
     return (t * weights).sum(1)
 

@@ -72,7 +72,7 @@ from collections.abc import Sequence
 import torch
 import torch.nn.functional as F
 
-from ..engine.channels import nonnegative
+from ..engine.channels import is_channels_last, nonnegative
 from ..engine.core import Target
 from ..engine.gradmode import building_graph
 from ..engine.optrace import ADD, KINDS, OpCall, OpRule
@@ -105,15 +105,9 @@ def unit_mass(v: Tensor, scratch: Scratch | None = None) -> Tensor:
     return v.div_(total.add_(EPS))
 
 
-def _channels_last(t: Tensor) -> bool:
-    """A 4-D tensor laid out channels-last (and not also contiguous: one pixel, one channel)."""
-    return (t.dim() == 4 and not t.is_contiguous()
-            and t.is_contiguous(memory_format=torch.channels_last))
-
-
 def _dense(t: Tensor) -> bool:
     """Contiguous or channels-last: non-overlapping entries, no gaps."""
-    return t.is_contiguous() or _channels_last(t)
+    return t.is_contiguous() or is_channels_last(t)
 
 
 class Scratch:
@@ -468,7 +462,7 @@ class AbsLRPRule(OpRule):
     def _weight(self, w: Tensor, variant: str, like: Tensor | None = None) -> Tensor:
         """``w``, ``|w|`` or ``2 w+`` (``variant``: plain, abs, pos2), laid out like a 4-D
         channels-last input (oneDNN then needs no conversion in every backward convolution)."""
-        nhwc = like is not None and w.dim() == 4 and _channels_last(like)
+        nhwc = like is not None and w.dim() == 4 and is_channels_last(like)
         key = (id(w), variant, nhwc)
         entry = self._weights.get(key)
         if entry is None or entry[0] is not w:
@@ -486,7 +480,7 @@ class AbsLRPRule(OpRule):
         channels it takes the time of one with ``w`` alone (half of two), and it gives the
         same numbers (each output channel is its own sum)."""
         c = x.shape[1]
-        layout = torch.channels_last if _channels_last(x) else torch.contiguous_format
+        layout = torch.channels_last if is_channels_last(x) else torch.contiguous_format
         # only its shape and layout are read: allocated, never written (no page is touched)
         like = torch.empty((x.shape[0], 2 * c, *x.shape[2:]), dtype=x.dtype, device=x.device,
                            memory_format=layout)
