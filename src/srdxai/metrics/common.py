@@ -467,6 +467,21 @@ def element_positions(features: Tensor, a_dim: int, shape: torch.Size) -> Tensor
     return features % pixels * channels + features // pixels
 
 
+def empty_chunk(count: int, shape: torch.Size, like: Tensor) -> tuple[Tensor, Tensor]:
+    """A new channels-last chunk of ``count`` inputs of an (N, C, H, W) ``shape``, with
+    ``like``'s dtype and device, and the same memory as (count, H*W*C) rows
+    (:func:`channels_last_rows` order)."""
+    out = torch.empty((count, *shape[1:]), dtype=like.dtype, device=like.device,
+                      memory_format=torch.channels_last)
+    return out, out.permute(0, 2, 3, 1).view(count, -1)
+
+
+def values_at(rows: Tensor, sample: Tensor, where: Tensor) -> Tensor:
+    """``rows[sample[i], where[i]]`` for every row ``i`` of ``where``, read in place (no copy
+    of the rows themselves)."""
+    return torch.take(rows, where + sample[:, None] * rows.shape[1])
+
+
 def replaced_rows(source_rows: Tensor, shape: torch.Size, sample: Tensor, where: Tensor,
                   values: Tensor) -> Tensor:
     """A chunk of perturbed inputs (channels-last, ``(len(sample), *shape[1:])``): row ``i``
@@ -474,9 +489,7 @@ def replaced_rows(source_rows: Tensor, shape: torch.Size, sample: Tensor, where:
     elements at ``where[i]`` set to ``values[i]``. For perturbations that replace a few
     features per input (subsets, groups): one write of the input, then a small scatter,
     instead of a mask over every element. A position given twice must have one value."""
-    out = torch.empty((sample.numel(), *shape[1:]), dtype=source_rows.dtype,
-                      device=source_rows.device, memory_format=torch.channels_last)
-    rows = out.permute(0, 2, 3, 1).view(sample.numel(), -1)  # the same memory
+    out, rows = empty_chunk(sample.numel(), shape, source_rows)
     torch.index_select(source_rows, 0, sample, out=rows)
     rows.scatter_(1, where, values.to(rows.dtype))
     return out
@@ -514,8 +527,7 @@ class GroupedInputs:
             replaced = values[:, None].expand_as(where)
         else:
             assert self.replacement_rows is not None
-            replaced = torch.take(self.replacement_rows,
-                                  where + sample[:, None] * self.replacement_rows.shape[1])
+            replaced = values_at(self.replacement_rows, sample, where)
         return replaced_rows(self.source_rows, self.shape, sample, where, replaced)
 
 
@@ -570,12 +582,8 @@ class RankedInputs:
             chosen = self.ranks[sample] < counts[:, None]
             return select_per_sample(features_to_input(chosen, self.a_dim, self.source.shape),
                                      self.replacement, self.source, sample)
-        source = self.source
-        _, c, h, w = source.shape
-        out = torch.empty((sample.numel(), c, h, w), dtype=source.dtype, device=source.device,
-                          memory_format=torch.channels_last)
-        flat = out.permute(0, 2, 3, 1).reshape(sample.numel(), -1)  # a view: the same memory
-        counts = counts.to(source.dtype)[:, None]
+        out, flat = empty_chunk(sample.numel(), self.source.shape, self.source)
+        counts = counts.to(self.source.dtype)[:, None]
         if self.weights is None or self.weights.shape[0] < sample.numel():
             self.weights = flat.new_empty(flat.shape)
         weights = self.weights[:sample.numel()]

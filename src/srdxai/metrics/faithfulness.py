@@ -39,6 +39,7 @@ from .common import (
     spearman,
     to_tensor,
     trapezoid,
+    values_at,
 )
 from .registry import register_metric
 from .sampling import Sampling, SamplingOptions, sampling_of
@@ -261,7 +262,7 @@ def faithfulness_correlations(
                 flat = torch.arange(start, stop, device=s.x.device)
                 sample, run = flat // runs, flat % runs
                 where = positions[sample, run]
-                values = torch.take(base_rows, where + sample[:, None] * base_rows.shape[1])
+                values = values_at(base_rows, sample, where)
                 return replaced_rows(x_rows, s.x.shape, sample, where, values), s.y[sample]
 
         clean = s.clean_scores(softmax)
