@@ -12,7 +12,7 @@ from torch import nn
 
 import srdxai
 from srdxai import metrics as M
-from srdxai.errors import InvalidInputError, NonFiniteError
+from srdxai.errors import InvalidInputError, InvalidTargetError, NonFiniteError
 
 torch.manual_seed(0)
 NET = nn.Sequential(nn.Conv2d(3, 4, 3, padding=1), nn.ReLU(), nn.AdaptiveAvgPool2d(1),
@@ -136,3 +136,43 @@ def test_defined_nans_are_the_documented_ones():
     assert torch.isfinite(M.faithfulness_correlation(NET, X, Y, A, subset_size=4,
                                                      nr_runs=3)).all()
     assert torch.isfinite(M.max_sensitivity(NET, X, Y, A, explain=explain, nr_samples=2)).all()
+
+
+def test_finite_check_of_logits_whose_sum_overflows_and_owners_built_on_error_only():
+    from srdxai.metrics.common import check_finite_logits
+
+    # finite logits whose sum overflows (the quick check) are looked at closely and pass
+    huge = torch.full((3, 4), 3e38)
+    asked = []
+
+    def owners():
+        asked.append(True)
+        return torch.tensor([7, 8, 9])
+
+    assert check_finite_logits(huge, "m", owners) is huge
+    assert not asked  # the owners are built only to name them in an error
+    for bad in (math.inf, -math.inf, math.nan):
+        out = huge.clone()
+        out[1, 2] = bad
+        with pytest.raises(NonFiniteError, match=r"1 of 3 inputs \(of samples 8\)"):
+            check_finite_logits(out, "m", owners)
+        # the same error with the owners as a tensor, or none (then the rows are named)
+        with pytest.raises(NonFiniteError, match=r"of samples 8\)"):
+            check_finite_logits(out, "m", torch.tensor([7, 8, 9]))
+        with pytest.raises(NonFiniteError, match=r"of samples 1\)"):
+            check_finite_logits(out, "m")
+    # +Inf and -Inf in one row sum to NaN; in different rows both are named
+    out = torch.zeros(3, 4)
+    out[0, 0], out[2, 1] = math.inf, -math.inf
+    with pytest.raises(NonFiniteError, match=r"2 of 3 inputs \(of samples 7, 9\)"):
+        check_finite_logits(out, "m", owners)
+
+
+@pytest.mark.parametrize("metric", ["deletion", "faithfulness correlation"])
+def test_a_target_one_past_the_last_class_is_refused(metric):
+    y = torch.tensor([0, 1, 3, 0])  # NET has 3 outputs: class 3 is one past the last
+    call = {"deletion": lambda: M.deletion(NET, X, y, A),
+            "faithfulness correlation": lambda: M.faithfulness_correlation(
+                NET, X, y, A, subset_size=4, nr_runs=3)}[metric]
+    with pytest.raises(InvalidTargetError, match=r"classes >= the model's 3 outputs: \[3\]"):
+        call()

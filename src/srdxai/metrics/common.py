@@ -543,8 +543,8 @@ class RankedInputs:
     for value, in channels-last memory (what :func:`scores_in_batches` gives the model).
 
     How: every input element's rank is laid out once, as a floating tensor in the chunks'
-    memory order; a chunk's weights are then ``clamp(count - rank, 0, 1)`` (1 where replaced,
-    0 where kept: exact in floating point for integers below 2^mantissa), and
+    memory order; a chunk's weights are then ``rank < count`` as floats (1 where replaced,
+    0 where kept; ranks are exact in floating point below 2^mantissa), and
     ``torch.lerp(source, replacement, weight)``, exactly one of the two values at a weight of 0
     or 1 (ATen's lerp uses ``start + w (end - start)`` below 0.5 and ``end - (end - start)
     (1 - w)`` above). Three contiguous passes over a row are about 3x faster on a CPU than a
@@ -583,35 +583,46 @@ class RankedInputs:
             return select_per_sample(features_to_input(chosen, self.a_dim, self.source.shape),
                                      self.replacement, self.source, sample)
         out, flat = empty_chunk(sample.numel(), self.source.shape, self.source)
-        counts = counts.to(self.source.dtype)[:, None]
+        counts = counts[:, None]
         if self.weights is None or self.weights.shape[0] < sample.numel():
             self.weights = flat.new_empty(flat.shape)
         weights = self.weights[:sample.numel()]
         values, runs = torch.unique_consecutive(sample, return_counts=True)
+        # weight 1.0 where rank < count, else 0.0: one comparison written as floats (for
+        # integer ranks and counts the same as clamp(count - rank, 0, 1), in one op not two)
         if values.numel() * 4 > sample.numel():  # rows of many samples: gather them
-            torch.sub(counts, self.rank_rows[sample], out=weights).clamp_(0, 1)
+            torch.lt(self.rank_rows[sample], counts, out=weights)
             torch.lerp(self.source_rows[sample], self.replacement_rows[sample], weights,
                        out=flat)
             return out
         start = 0
         for value, count in zip(values.tolist(), runs.tolist(), strict=True):
             part = slice(start, start + count)
-            torch.sub(counts[part], self.rank_rows[value], out=weights[part]).clamp_(0, 1)
+            torch.lt(self.rank_rows[value], counts[part], out=weights[part])
             torch.lerp(self.source_rows[value], self.replacement_rows[value], weights[part],
                        out=flat[part])
             start += count
         return out
 
 
-def check_finite_logits(out: Tensor, what: str, samples: Tensor | None = None) -> Tensor:
+#: the original sample of each row of a batch, or a function giving it (built only for an error)
+Owners = Tensor | Callable[[], Tensor] | None
+
+
+def check_finite_logits(out: Tensor, what: str, samples: Owners = None) -> Tensor:
     """Refuse model outputs holding NaN or Inf, naming the samples they belong to (``samples``:
-    the original sample of each row, for rows that are perturbed copies)."""
-    finite = torch.isfinite(out.detach())
-    if bool(finite.all()):  # the usual case: one reduction
+    the original sample of each row, for rows that are perturbed copies, or a function
+    returning it)."""
+    # the usual case in one reduction: a finite sum means every value is finite (NaN and Inf
+    # propagate through a sum); a sum that overflows on finite values is looked at closely
+    if math.isfinite(float(out.detach().sum())):
         return out
+    finite = torch.isfinite(out.detach())
     bad = ~finite.flatten(1).all(1)
     if bool(bad.any()):
         rows = bad.nonzero().flatten()
+        if callable(samples):
+            samples = samples()
         owners = rows if samples is None else samples.to(rows.device)[rows]
         owners = sorted(set(owners.tolist()))
         shown = ", ".join(map(str, owners[:10])) + (", ..." if len(owners) > 10 else "")
@@ -625,7 +636,7 @@ def check_finite_logits(out: Tensor, what: str, samples: Tensor | None = None) -
 
 
 def class_scores(model: Callable[[Tensor], Tensor], inputs: Tensor, targets: Tensor,
-                 softmax: bool, what: str = "metric", samples: Tensor | None = None) -> Tensor:
+                 softmax: bool, what: str = "metric", samples: Owners = None) -> Tensor:
     """The target class's logit (or softmax probability) per input, in float64; non-finite
     outputs raise :class:`~srdxai.errors.NonFiniteError` (see :func:`check_finite_logits`)."""
     out = model(inputs)
@@ -634,7 +645,7 @@ def class_scores(model: Callable[[Tensor], Tensor], inputs: Tensor, targets: Ten
             "the model must return logits of shape (N, classes); got "
             f"{getattr(out, 'shape', type(out).__name__)}.")
     check_finite_logits(out, what, samples)
-    if (targets >= out.shape[1]).any():
+    if targets.numel() and int(targets.max()) >= out.shape[1]:
         raise InvalidTargetError(
             f"y holds classes >= the model's {out.shape[1]} outputs: "
             f"{targets[targets >= out.shape[1]].unique().tolist()}.")
@@ -730,8 +741,11 @@ def scores_in_batches(
 
     def run(start: int, stop: int) -> None:
         inputs, targets = make_inputs(start, stop)
-        samples = (owners[start:stop] if owners is not None
-                   else torch.arange(start, stop) // per_sample + sample_offset)
+
+        def samples() -> Tensor:  # only for naming the samples of a non-finite output
+            return (owners[start:stop] if owners is not None
+                    else torch.arange(start, stop) // per_sample + sample_offset)
+
         logits: dict[str, Tensor] = {}
 
         def call(batch: Tensor) -> Tensor:
