@@ -327,3 +327,30 @@ def test_an_expanded_gate_is_still_a_gate():
         assert torch.isfinite(m).all() and m.abs().sum() > 0
     m = srdxai.explain(model, x, 1, "srd")
     torch.testing.assert_close(m.sum((1, 2)), model(x)[:, 1].detach(), rtol=1e-9, atol=1e-12)
+
+
+@pytest.mark.parametrize("cin, cout", [(3, 8), (16, 32), (32, 16), (24, 24)])
+@pytest.mark.parametrize("block", [None, 64 * 9])
+def test_conv_offset_norms_equal_their_definition(monkeypatch, cin, cout, block):
+    """``ConvOp.stacked_norms``: ``|| W_k x(q + k - pad) ||`` over the output channels for every
+    kernel offset k and output position q, against unfold and one product per offset. The
+    cases cover its three ways of computing it: a Gram form as batched matrix-vector
+    products (few input channels), a Gram form as a product and a sum (more input channels
+    than 16, fewer than output channels) and the contribution itself (no fewer output
+    channels); ``block`` splits the positions into blocks of a few rows."""
+    from srdxai.engine import ops
+
+    if block is not None:
+        monkeypatch.setattr(ops, "_NORM_BLOCK", block)
+    g = torch.Generator().manual_seed(cin + cout)
+    conv = nn.Conv2d(cin, cout, 3, padding=1).double()
+    x = torch.randn(2, cin, 7, 6, generator=g, dtype=torch.float64)
+    op = ops.ConvOp("conv", conv.weight.detach(), None, (1, 1), (1, 1), (1, 1), 1,
+                    (7, 6), (7, 6))
+    norms = op.stacked_norms(x, op.offset_weights())
+    columns = F.unfold(x, 3, padding=1).view(2, cin, 9, 7, 6)  # (N, C, offset, H, W)
+    for k, (dy, dx) in enumerate(op.offsets):
+        contribution = torch.einsum("oc,nchw->nohw", conv.weight.detach()[:, :, dy, dx],
+                                    columns[:, :, 3 * dy + dx])
+        torch.testing.assert_close(norms[:, k], contribution.norm(dim=1), rtol=1e-10,
+                                   atol=1e-12)

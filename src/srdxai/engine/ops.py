@@ -305,6 +305,10 @@ class WindowOp(LinearOp):
 #: GPU (few, large launches)
 _NORM_BLOCK = 1 << 22
 _NORM_BLOCK_GPU = 1 << 26
+#: input channels below which :meth:`ConvOp.stacked_norms` takes its Gram quadratic forms
+#: as batched matrix-vector products (an RGB input: 1.5x faster there than a product and a
+#: sum), at and above which as a product in place and a sum (64-512 channels: about 5x)
+_BATCHED_DOT_BELOW = 16
 
 
 class ConvOp(WindowOp):
@@ -443,7 +447,11 @@ class ConvOp(WindowOp):
                 parts.append((y @ xb.unsqueeze(-1)).squeeze(-1) if gram else (y * y).sum(-1))
                 continue
             y = torch.matmul(xb, stacked, out=buffer[:xb.shape[0]]).unflatten(-1, (n_off, -1))
-            if gram:
+            if gram and cin >= _BATCHED_DOT_BELOW:
+                # x . (G_k x) as a product in place and a sum: a batched matrix-vector
+                # product of (K, C) matrices is about 5x slower on a CPU (VGG16's layers)
+                torch.sum(y.mul_(xb.unsqueeze(1)), -1, out=sq_in[i:i + step])
+            elif gram:
                 torch.matmul(y, xb.unsqueeze(-1), out=sq_in[i:i + step].unsqueeze(-1))
             else:
                 torch.sum(y.square_(), -1, out=sq_in[i:i + step])
