@@ -283,7 +283,7 @@ def test_select_per_sample_is_where_of_the_gathered_rows(layout, dtype, expanded
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64, torch.float16])
 @pytest.mark.parametrize("a_dim", [3, 4])
 def test_ranked_inputs_are_the_select_of_the_top_ranked_features(dtype, a_dim):
-    # the blend clamp(count - rank, 0, 1) and lerp must give exactly the values the boolean
+    # the weights rank < count and lerp must give exactly the values the boolean
     # select gives, at magnitudes far apart (a lerp computed as start + w * (end - start) at
     # w = 1 would not: 1e6 + (1e-3 - 1e6) is not 1e-3), with ties in the ranks (regions);
     # float16 takes the select itself
@@ -317,6 +317,46 @@ def test_ranked_inputs_are_the_select_of_the_top_ranked_features(dtype, a_dim):
     sample, counts = torch.tensor([0, 0, 2]), torch.tensor([0, features // 2, features])
     chosen = features_to_input(ranks[sample] < counts[:, None], a_dim, big.shape)
     assert torch.equal(huge(sample, counts), torch.where(chosen, -big[sample], big[sample]))
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
+@pytest.mark.parametrize("a_dim", [3, 4])
+def test_ranked_inputs_grid_and_rankings_of_one_image_are_the_select(dtype, a_dim):
+    # several rankings per image (Sensitivity-n's subsets: image_of), rows by ranking and
+    # by grid: every chunk boundary (inside a ranking's counts, on a ranking's edge, chunks
+    # of whole rankings and of one row) gives exactly the boolean select's rows; float16
+    # takes the select itself
+    from srdxai.metrics.common import RankedInputs, features_to_input, grid_rows
+
+    g = torch.Generator().manual_seed(2)
+    x = torch.randn(3, 3, 4, 5, generator=g).to(dtype)
+    base = torch.randn(3, 3, 4, 5, generator=g).to(dtype)
+    features = 4 * 5 * (3 if a_dim == 4 else 1)
+    image_of = torch.tensor([0, 0, 0, 2, 2, 1, 0])  # 7 rankings; image 0 twice apart
+    ranks = torch.stack([torch.randperm(features, generator=g) for _ in range(7)])
+    inputs = RankedInputs(ranks, a_dim, x, base, image_of=image_of)
+    assert inputs.arithmetic == (dtype == torch.float32)
+
+    def expected(ranking, counts):
+        chosen = features_to_input(ranks[ranking] < counts[:, None], a_dim, x.shape)
+        images = image_of[ranking]
+        return torch.where(chosen, base[images], x[images])
+
+    for ranking in (torch.tensor([0] * 5 + [1] * 4 + [5] * 6 + [6] * 3),  # runs
+                    torch.tensor([4, 1, 0, 6, 3])):  # many rankings: gathered rows
+        counts = torch.randint(0, features + 1, (ranking.numel(),), generator=g)
+        assert torch.equal(inputs(ranking, counts), expected(ranking, counts))
+    counts = torch.tensor([0, 3, 11, features])  # 4 points per ranking: 28 rows in all
+    rows = torch.arange(28)
+    everything = expected(rows // 4, counts[rows % 4])
+    for start, stop in [(0, 28), (0, 4), (1, 3), (3, 17), (4, 12), (5, 6), (9, 28), (27, 28),
+                        (2, 26)]:
+        got = inputs.grid(start, stop, counts)
+        assert torch.equal(got, everything[start:stop]), (start, stop)
+        assert got.is_contiguous(memory_format=torch.channels_last) or not inputs.arithmetic
+        # the targets of those rows: one value per ranking, repeated per point
+        per_ranking = torch.arange(7) * 10
+        assert torch.equal(grid_rows(per_ranking, 4, start, stop), (rows // 4 * 10)[start:stop])
 
 
 @pytest.mark.parametrize("a_dim", [3, 4])

@@ -40,8 +40,10 @@ from .common import (
     check_inputs,
     check_masks,
     check_positive_int,
+    empty_chunk,
     empty_mask_nan,
     feature_count,
+    grid_rows,
     guarded,
     predicted_classes,
     preprocess_attributions,
@@ -236,14 +238,23 @@ def infidelity(
                 source = BlockDraws(per, None, explicit)
             weights = torch.full((per,), 1.0 / per, dtype=torch.float64)
             sums = torch.empty(s.n * per, dtype=torch.float64)
+            a64 = a.flatten(1).to(torch.float64)
 
             def perturbed(start: int, stop: int) -> tuple[Tensor, Tensor]:
-                sample = torch.arange(start, stop, device=s.x.device) // per
-                noise = source.rows(start, stop).to(s.x.device)
-                # one fused dot product per row (no (rows, C, H, W) product in memory)
-                sums[start:stop] = torch.linalg.vecdot(
-                    a[sample].flatten(1).to(noise.dtype), noise.flatten(1)).cpu()
-                return (x64[sample] - noise).to(s.x.dtype), s.y[sample]
+                out, _ = empty_chunk(stop - start, s.x.shape, s.x)
+                at = start
+                # a block of draws is one sample's: each part is a run of that sample's rows,
+                # taken with its map and image by broadcasting (no per-row gathers)
+                for sample, noise in source.parts(start, stop):
+                    noise = noise.to(s.x.device)
+                    rows = slice(at - start, at - start + noise.shape[0])
+                    # I . a per row: one matrix-vector product (no (rows, C, H, W) product)
+                    sums[at:at + noise.shape[0]] = torch.mv(noise.flatten(1), a64[sample]).cpu()
+                    # x - I in float64, rounded once into the chunk (channels-last, as
+                    # scores_in_batches gives the model)
+                    torch.sub(x64[sample], noise, out=out[rows])
+                    at += noise.shape[0]
+                return out, grid_rows(s.y, per, start, stop)
 
         clean = s.clean_scores(softmax)
         scores = scores_in_batches(s.model, perturbed, s.n * per, s.batch_size, softmax,

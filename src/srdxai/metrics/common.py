@@ -532,15 +532,19 @@ class GroupedInputs:
 
 
 class RankedInputs:
-    """Perturbed inputs that take a sample's top-ranked features from ``replacement`` and the
-    rest from ``source``: ``inputs(sample, counts)`` row ``i`` is sample ``sample[i]`` with
-    every feature of rank < ``counts[i]`` replaced (pixel flipping, insertion, deletion,
-    monotonicity, region perturbation, IROF, Sensitivity-n).
+    """Perturbed inputs that take an image's top-ranked features from ``replacement`` and the
+    rest from ``source``: ``inputs(rank_row, counts)`` row ``i`` is image
+    ``image_of[rank_row[i]]`` with every feature of rank < ``counts[i]`` under ranking
+    ``rank_row[i]`` replaced (pixel flipping, insertion, deletion, monotonicity, region
+    perturbation, IROF, Sensitivity-n); :meth:`grid` builds the rows of a whole grid of
+    rankings times counts.
 
-    ``ranks`` (N, F) ranks the features of an ``a_dim``-dimensional map (3: pixels, 4:
-    elements) of the (N, C, H, W) inputs. A row equals
-    ``select_per_sample(features_to_input(ranks[sample] < counts[:, None], ...), ...)``, value
-    for value, in channels-last memory (what :func:`scores_in_batches` gives the model).
+    ``ranks`` (R, F) ranks the features of an ``a_dim``-dimensional map (3: pixels, 4:
+    elements) of the (N, C, H, W) inputs, one ranking per row; ``image_of`` (R,) names the
+    image of each ranking (default: ranking i is image i's; Sensitivity-n has many per
+    image). A row equals ``select_per_sample(features_to_input(ranks[rank_row] < counts[:,
+    None], ...), replacement, source, image_of[rank_row])``, value for value, in
+    channels-last memory (what :func:`scores_in_batches` gives the model).
 
     How: every input element's rank is laid out once, as a floating tensor in the chunks'
     memory order; a chunk's weights are then ``rank < count`` as floats (1 where replaced,
@@ -555,9 +559,14 @@ class RankedInputs:
     the boolean select is used.
     """
 
-    def __init__(self, ranks: Tensor, a_dim: int, source: Tensor, replacement: Tensor):
+    def __init__(self, ranks: Tensor, a_dim: int, source: Tensor, replacement: Tensor,
+                 image_of: Tensor | None = None):
         self.ranks, self.a_dim = ranks, a_dim
         self.source, self.replacement = source, replacement
+        self.image_of = image_of
+        # the image of each ranking as Python ints: runs of rows are grouped by it per chunk
+        self.images = (list(range(ranks.shape[0])) if image_of is None
+                       else image_of.tolist())
         self.weights: Tensor | None = None  # one reused buffer of chunk weights
         dtype = source.dtype
         exact_below = {torch.float32: 2 ** 24, torch.float64: 2 ** 53}.get(dtype)
@@ -572,37 +581,95 @@ class RankedInputs:
                 # compared only: a quarter of the memory traffic of the gather per chunk
                 self.ranks = ranks.to(torch.int16)
             return
-        self.rank_rows = channels_last_rows(features_to_input(ranks.to(dtype), a_dim,
-                                                              source.shape))
+        shape = (ranks.shape[0], *source.shape[1:])
+        self.rank_rows = channels_last_rows(features_to_input(ranks.to(dtype), a_dim, shape))
         self.source_rows = channels_last_rows(source)
         self.replacement_rows = channels_last_rows(replacement)
 
-    def __call__(self, sample: Tensor, counts: Tensor) -> Tensor:
-        if not self.arithmetic:
-            chosen = self.ranks[sample] < counts[:, None]
-            return select_per_sample(features_to_input(chosen, self.a_dim, self.source.shape),
-                                     self.replacement, self.source, sample)
-        out, flat = empty_chunk(sample.numel(), self.source.shape, self.source)
-        counts = counts[:, None]
-        if self.weights is None or self.weights.shape[0] < sample.numel():
+    def _chunk(self, rows: int) -> tuple[Tensor, Tensor, Tensor]:
+        """A new chunk of ``rows`` inputs, its rows view, and the reused weights for it."""
+        out, flat = empty_chunk(rows, self.source.shape, self.source)
+        if self.weights is None or self.weights.shape[0] < rows:
             self.weights = flat.new_empty(flat.shape)
-        weights = self.weights[:sample.numel()]
-        values, runs = torch.unique_consecutive(sample, return_counts=True)
+        return out, flat, self.weights[:rows]
+
+    def __call__(self, rank_row: Tensor, counts: Tensor) -> Tensor:
+        if not self.arithmetic:
+            chosen = self.ranks[rank_row] < counts[:, None]
+            images = rank_row if self.image_of is None else self.image_of[rank_row]
+            return select_per_sample(features_to_input(chosen, self.a_dim, self.source.shape),
+                                     self.replacement, self.source, images)
+        out, flat, weights = self._chunk(rank_row.numel())
+        counts = counts[:, None]
+        values, runs = torch.unique_consecutive(rank_row, return_counts=True)
         # weight 1.0 where rank < count, else 0.0: one comparison written as floats (for
         # integer ranks and counts the same as clamp(count - rank, 0, 1), in one op not two)
-        if values.numel() * 4 > sample.numel():  # rows of many samples: gather them
-            torch.lt(self.rank_rows[sample], counts, out=weights)
-            torch.lerp(self.source_rows[sample], self.replacement_rows[sample], weights,
+        if values.numel() * 4 > rank_row.numel():  # rows of many rankings: gather them
+            images = rank_row if self.image_of is None else self.image_of[rank_row]
+            torch.lt(self.rank_rows[rank_row], counts, out=weights)
+            torch.lerp(self.source_rows[images], self.replacement_rows[images], weights,
                        out=flat)
             return out
         start = 0
         for value, count in zip(values.tolist(), runs.tolist(), strict=True):
             part = slice(start, start + count)
+            image = self.images[value]
             torch.lt(self.rank_rows[value], counts[part], out=weights[part])
-            torch.lerp(self.source_rows[value], self.replacement_rows[value], weights[part],
+            torch.lerp(self.source_rows[image], self.replacement_rows[image], weights[part],
                        out=flat[part])
             start += count
         return out
+
+    def grid(self, start: int, stop: int, counts: Tensor) -> Tensor:
+        """Rows ``start..stop`` of the grid of every ranking times every count, ranking-major:
+        row ``f`` is ``self(f // P, counts[f % P])`` with ``P = len(counts)``.
+
+        The rows a chunk needs are found by arithmetic (no index tensors per chunk), the
+        rankings whose every count lies in the chunk take their weights in one comparison
+        together, and each image's rows one ``lerp``: a few operations per chunk however many
+        short runs it holds (Sensitivity-n: 8 counts per ranking, 6-7 rankings per chunk).
+        """
+        points = counts.numel()
+        if not self.arithmetic:
+            flat = torch.arange(start, stop, device=counts.device)
+            return self(flat // points, counts[flat % points])
+        out, flat, weights = self._chunk(stop - start)
+        column = counts.to(weights.dtype)[:, None]  # exact: counts are at most F
+        position = start
+        while position < stop:  # the weights, by whole rankings where they fit
+            ranking, first = divmod(position, points)
+            begin = position - start
+            whole = (stop - position) // points if first == 0 else 0
+            if whole:
+                torch.lt(self.rank_rows[ranking:ranking + whole, None], column,
+                         out=weights[begin:begin + whole * points].view(whole, points, -1))
+                position += whole * points
+            else:
+                last = min(points, first + stop - position)
+                torch.lt(self.rank_rows[ranking], column[first:last],
+                         out=weights[begin:begin + last - first])
+                position += last - first
+        position = start
+        while position < stop:  # the inputs, one lerp per image
+            image = self.images[position // points]
+            ranking = position // points + 1
+            while ranking * points < stop and self.images[ranking] == image:
+                ranking += 1
+            end = min(stop, ranking * points)
+            part = slice(position - start, end - start)
+            torch.lerp(self.source_rows[image], self.replacement_rows[image], weights[part],
+                       out=flat[part])
+            position = end
+        return out
+
+
+def grid_rows(per_ranking: Tensor, points: int, start: int, stop: int) -> Tensor:
+    """``per_ranking`` (R, ...) repeated for the rows ``start..stop`` of a ranking-major grid
+    of ``points`` rows per ranking (:meth:`RankedInputs.grid`): the targets of a chunk."""
+    first = start // points
+    last = (stop - 1) // points + 1
+    offset = start - first * points
+    return per_ranking[first:last].repeat_interleave(points, 0)[offset:offset + stop - start]
 
 
 #: the original sample of each row of a batch, or a function giving it (built only for an error)

@@ -29,6 +29,7 @@ from .common import (
     descending_ranks,
     element_positions,
     feature_count,
+    grid_rows,
     guarded,
     pearson,
     pixel_map,
@@ -415,9 +416,7 @@ def _ordered_curve(s: MetricInputs, a: Tensor, counts: Tensor, start_from: Tenso
     counts = counts.to(s.x.device)
 
     def perturbed(start: int, stop: int) -> tuple[Tensor, Tensor]:
-        flat = torch.arange(start, stop, device=s.x.device)
-        sample, step = flat // steps, flat % steps
-        return inputs(sample, counts[step]), s.y[sample]
+        return inputs.grid(start, stop, counts), grid_rows(s.y, steps, start, stop)
 
     scores = scores_in_batches(s.model, perturbed, s.n * steps, s.batch_size, softmax, progress,
                                desc, per_sample=steps)
@@ -752,8 +751,9 @@ def sensitivity_n(
         curve = torch.empty(s.n, points, dtype=torch.float64)
         # Blocks of samples, each one run of forward passes; the permutations are drawn sample
         # by sample in order (independent of batch_size and of the blocks), and a block holds
-        # its samples' (subsets, F) ranks and copies of their images, within a memory bound.
-        per_sample_bytes = subsets * s.x[0].numel() * s.x.element_size() * 3 + (
+        # its samples' (subsets, F) ranks, and their table laid out per input element, within
+        # a memory bound.
+        per_sample_bytes = subsets * s.x[0].numel() * s.x.element_size() + (
             subsets * n_features * 8)
         block = max(1, min(s.n, _SENSITIVITY_N_BLOCK_BYTES // per_sample_bytes))
         for first in range(0, s.n, block):
@@ -773,13 +773,13 @@ def sensitivity_n(
             # one "sample" of RankedInputs per (sample, subset): its ranks and the image
             rows = torch.arange(first, first + len(members), device=s.x.device)
             rows = rows.repeat_interleave(subsets)
-            inputs = RankedInputs(torch.cat(ranks), a.dim(), s.x[rows], base[rows])
+            inputs = RankedInputs(torch.cat(ranks), a.dim(), s.x, base, image_of=rows)
+            targets = s.y[rows]
 
-            def perturbed(start: int, stop: int, inputs=inputs, rows=rows):
-                # subset-major: the rows of one subset are one run
-                flat = torch.arange(start, stop, device=s.x.device)
-                run, point = flat // points, flat % points
-                return inputs(run, grid_dev[point]), s.y[rows[run]]
+            def perturbed(start: int, stop: int, inputs=inputs, targets=targets):
+                # subset-major: the n grid of one subset, then the next subset
+                return (inputs.grid(start, stop, grid_dev),
+                        grid_rows(targets, points, start, stop))
 
             scores = scores_in_batches(
                 s.model, perturbed, len(members) * subsets * points, s.batch_size, softmax,

@@ -34,6 +34,7 @@ from .common import (
     baseline_values,
     check_finite_number,
     check_positive_int,
+    grid_rows,
     guarded,
     pixel_map,
     preprocess_attributions,
@@ -422,11 +423,10 @@ def _patch_curve(s: MetricInputs, a: Tensor, patch_size: int, regions: int | Non
     rank_of_pixel = rank.to(s.x.device)[:, patch_of_pixel]  # (N, H*W)
     steps = n_patches if regions is None else min(regions, n_patches)
     inputs = RankedInputs(rank_of_pixel, 3, s.x, replacement)
+    counts = torch.arange(1, steps + 1, device=s.x.device)  # the first k patches replaced
 
     def perturbed(start: int, stop: int) -> tuple[Tensor, Tensor]:
-        flat = torch.arange(start, stop, device=s.x.device)
-        sample, k = flat // steps, flat % steps + 1
-        return inputs(sample, k), s.y[sample]
+        return inputs.grid(start, stop, counts), grid_rows(s.y, steps, start, stop)
 
     scores = scores_in_batches(s.model, perturbed, s.n * steps, s.batch_size, softmax,
                                progress, desc, per_sample=steps)

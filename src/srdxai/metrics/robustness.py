@@ -8,7 +8,7 @@ draws mixed in one batch), never one call per noise draw.
 from __future__ import annotations
 
 import math
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from typing import Any, Literal, Unpack
 
 import torch
@@ -72,18 +72,21 @@ class BlockDraws:
             self._drawn = k
         return self._cache[k]
 
-    def rows(self, start: int, stop: int) -> Tensor:
-        """Rows [start, stop) of the flat (block, row) order."""
+    def parts(self, start: int, stop: int) -> Iterator[tuple[int, Tensor]]:
+        """Rows [start, stop) of the flat (block, row) order as (block index, its rows there)
+        in order, views of the blocks (no copy)."""
         per = self.block_rows
         self._cache = {k: v for k, v in self._cache.items() if k >= start // per}
-        parts = []
         item = start
         while item < stop:
             k, row = divmod(item, per)
             take = min(stop - item, per - row)
-            parts.append(self.block(k)[row:row + take])
+            yield k, self.block(k)[row:row + take]
             item += take
-        return torch.cat(parts)
+
+    def rows(self, start: int, stop: int) -> Tensor:
+        """Rows [start, stop) of the flat (block, row) order."""
+        return torch.cat([rows for _, rows in self.parts(start, stop)])
 
 
 class NoiseDraws(BlockDraws):
