@@ -359,6 +359,34 @@ def test_ranked_inputs_grid_and_rankings_of_one_image_are_the_select(dtype, a_di
         assert torch.equal(grid_rows(per_ranking, 4, start, stop), (rows // 4 * 10)[start:stop])
 
 
+@pytest.mark.parametrize("case", ["float32", "float16", "over the table bound", "overflow"])
+@pytest.mark.parametrize("per_channel", [False, True])
+def test_masked_inputs_grid_is_the_select_of_each_image_and_mask(monkeypatch, case,
+                                                                 per_channel):
+    # row f of the grid = image f // R with mask f % R replaced, for every chunk boundary;
+    # the lerp over the laid-out masks, or the select itself (float16, masks beyond the
+    # table's memory bound, values whose difference overflows)
+    from srdxai.metrics import common
+
+    g = torch.Generator().manual_seed(3)
+    dtype = torch.float16 if case == "float16" else torch.float32
+    x = torch.randn(3, 3, 4, 5, generator=g).to(dtype)
+    base = torch.randn(3, 3, 4, 5, generator=g).to(dtype)
+    if case == "overflow":
+        x, base = x.sign() * 3e38, -x.sign() * 3e38
+    if case == "over the table bound":
+        monkeypatch.setattr(common, "_MASK_TABLE_BYTES", 4 * 3 * 4 * 5 * 4 - 1)
+    masks = torch.rand(4, 3 if per_channel else 1, 4, 5, generator=g) < 0.5
+    inputs = common.MaskedInputs(masks, x, base)
+    assert inputs.arithmetic == (case == "float32")
+    rows = torch.arange(12)
+    everything = torch.where(masks[rows % 4], base[rows // 4], x[rows // 4])
+    for start, stop in [(0, 12), (0, 4), (1, 3), (3, 9), (4, 8), (5, 6), (11, 12), (2, 11)]:
+        got = inputs.grid(start, stop)
+        assert torch.equal(got, everything[start:stop]), (start, stop)
+        assert got.is_contiguous(memory_format=torch.channels_last) or not inputs.arithmetic
+
+
 @pytest.mark.parametrize("a_dim", [3, 4])
 @pytest.mark.parametrize("shared", [False, True])
 def test_grouped_inputs_replace_exactly_their_group(a_dim, shared):

@@ -71,8 +71,8 @@ def cnn():
     torch.manual_seed(0)
     model = TinyCNN().to(DOUBLE).eval()
     x = torch.randn(4, 3, 8, 8, dtype=DOUBLE)
-    with torch.no_grad():
-        y = model(x).argmax(1)
+    # a class per sample, not the predicted ones (all 0 here): a chunk's wrong targets fail
+    y = torch.tensor([0, 2, 1, 2])
     return model, x, y, gradient_x_input(model, x, y)
 
 
@@ -160,9 +160,7 @@ def test_infidelity_gaussian_matches_captum_with_the_same_noise(cnn):
     fed our noise in its ``repeat_interleave`` layout (sample-major). Captum wants maps of the
     input's shape: the pixel map repeated over channels, which is how ours reads it."""
     captum_metrics = pytest.importorskip("captum.metrics")
-    model, x, _, _ = cnn
-    y = torch.tensor([0, 2, 1, 2])  # a class per sample, not all the same (wrong targets fail)
-    a = gradient_x_input(model, x, y)
+    model, x, y, a = cnn
     noise = torch.randn(4, 5, *x.shape[1:], generator=torch.Generator().manual_seed(9),
                         dtype=DOUBLE) * 0.1
 

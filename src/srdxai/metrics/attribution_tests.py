@@ -32,6 +32,7 @@ from .common import (
     EmptyMaskPolicy,
     Explain,
     GroupedInputs,
+    MaskedInputs,
     MetricInputs,
     Normalise,
     baseline_values,
@@ -48,7 +49,6 @@ from .common import (
     predicted_classes,
     preprocess_attributions,
     scores_in_batches,
-    select_per_sample,
     spearman,
     to_tensor,
 )
@@ -218,11 +218,11 @@ def infidelity(
             sums = torch.einsum("nhw,ph,pw->np", gain, in_rows.to(torch.float64),
                                 in_cols.to(torch.float64)).cpu()
 
+            inside = (in_rows[:, :, None] & in_cols[:, None, :])[:, None]  # (P, 1, H, W)
+            inputs = MaskedInputs(inside, s.x, base)
+
             def perturbed(start: int, stop: int) -> tuple[Tensor, Tensor]:
-                flat = torch.arange(start, stop, device=s.x.device)
-                sample, patch = flat // per, flat % per
-                inside = in_rows[patch][:, :, None] & in_cols[patch][:, None, :]
-                return select_per_sample(inside[:, None], base, s.x, sample), s.y[sample]
+                return inputs.grid(start, stop), grid_rows(s.y, per, start, stop)
         else:
             std = check_finite_number(noise_std, "noise_std", positive=True)
             shape = s.x.shape[1:]

@@ -531,6 +531,21 @@ class GroupedInputs:
         return replaced_rows(self.source_rows, self.shape, sample, where, replaced)
 
 
+def lerp_selects_exactly(source: Tensor, replacement: Tensor, largest: int = 1) -> bool:
+    """Whether ``torch.lerp(source, replacement, w)`` with weights ``w`` in {0, 1} (as
+    floats, computed from integers up to ``largest``) is exactly the select of ``source``
+    (w = 0) or ``replacement`` (w = 1) for every element: a float32/64 dtype shared by both,
+    integers up to ``largest`` exact in it, and ``|end - start|`` finite (at most
+    ``max|source| + max|replacement|``, summed in float64). ATen's lerp returns an endpoint
+    exactly at weights 0 and 1 (``start + w (end - start)`` below 0.5, ``end - (end - start)
+    (1 - w)`` above)."""
+    exact_below = {torch.float32: 2 ** 24, torch.float64: 2 ** 53}.get(source.dtype)
+    return (exact_below is not None and replacement.dtype == source.dtype
+            and largest < exact_below
+            and float(source.abs().amax()) + float(replacement.abs().amax())
+            < torch.finfo(source.dtype).max)
+
+
 class RankedInputs:
     """Perturbed inputs that take an image's top-ranked features from ``replacement`` and the
     rest from ``source``: ``inputs(rank_row, counts)`` row ``i`` is image
@@ -569,13 +584,7 @@ class RankedInputs:
                        else image_of.tolist())
         self.weights: Tensor | None = None  # one reused buffer of chunk weights
         dtype = source.dtype
-        exact_below = {torch.float32: 2 ** 24, torch.float64: 2 ** 53}.get(dtype)
-        # |end - start| <= max|source| + max|replacement| (summed in float64) stays finite
-        self.arithmetic = (
-            exact_below is not None and replacement.dtype == dtype
-            and ranks.shape[1] < exact_below
-            and float(source.abs().amax()) + float(replacement.abs().amax())
-            < torch.finfo(dtype).max)
+        self.arithmetic = lerp_selects_exactly(source, replacement, ranks.shape[1])
         if not self.arithmetic:
             if ranks.shape[1] <= torch.iinfo(torch.int16).max:
                 # compared only: a quarter of the memory traffic of the gather per chunk
@@ -660,6 +669,52 @@ class RankedInputs:
             torch.lerp(self.source_rows[image], self.replacement_rows[image], weights[part],
                        out=flat[part])
             position = end
+        return out
+
+
+#: the most memory :class:`MaskedInputs` lays its masks out in as blend weights; more masks
+#: take the boolean select per chunk instead
+_MASK_TABLE_BYTES = 64 << 20
+
+
+class MaskedInputs:
+    """Perturbed inputs of a grid of images times masks shared by every image (MuFidelity's
+    removed grid cells, infidelity's patches): ``grid(start, stop)`` row ``f`` is image
+    ``f // R`` with the elements of mask ``f % R`` taken from ``replacement``, in
+    channels-last memory (what :func:`scores_in_batches` gives the model).
+
+    ``masks`` (R, 1 or C, H, W) bool: a pixel mask applies to every channel. The masks are
+    laid out once as 0/1 blend weights in the chunks' memory order (within
+    :data:`_MASK_TABLE_BYTES`), and each image's rows of a chunk are one ``torch.lerp``
+    reading them: exactly the select (:func:`lerp_selects_exactly`, else the select itself,
+    as for more masks than the bound holds).
+    """
+
+    def __init__(self, masks: Tensor, source: Tensor, replacement: Tensor):
+        self.masks, self.source, self.replacement = masks, source, replacement
+        shape = (masks.shape[0], *source.shape[1:])
+        self.arithmetic = (math.prod(shape) * source.element_size() <= _MASK_TABLE_BYTES
+                           and lerp_selects_exactly(source, replacement))
+        if self.arithmetic:
+            self.weight_rows = channels_last_rows(masks.expand(shape).to(source.dtype))
+            self.source_rows = channels_last_rows(source)
+            self.replacement_rows = channels_last_rows(replacement)
+
+    def grid(self, start: int, stop: int) -> Tensor:
+        masks = self.masks.shape[0]
+        if not self.arithmetic:
+            flat = torch.arange(start, stop, device=self.source.device)
+            return select_per_sample(self.masks[flat % masks], self.replacement, self.source,
+                                     flat // masks)
+        out, flat = empty_chunk(stop - start, self.source.shape, self.source)
+        position = start
+        while position < stop:  # one lerp per image
+            image, first = divmod(position, masks)
+            last = min(masks, first + stop - position)
+            part = slice(position - start, position - start + last - first)
+            torch.lerp(self.source_rows[image], self.replacement_rows[image],
+                       self.weight_rows[first:last], out=flat[part])
+            position += last - first
         return out
 
 

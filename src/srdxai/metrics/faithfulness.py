@@ -20,6 +20,7 @@ from ..errors import InvalidInputError
 from .common import (
     Baseline,
     Explain,
+    MaskedInputs,
     MetricInputs,
     Normalise,
     RankedInputs,
@@ -354,11 +355,10 @@ def mu_fidelity(
         attribution_sums = torch.einsum("nhw,rhw->nr", per_pixel, removed.to(torch.float64))
         base = baseline_values(baseline, s.x)
 
+        inputs = MaskedInputs(removed[:, None], s.x, base)
+
         def perturbed(start: int, stop: int) -> tuple[Tensor, Tensor]:
-            flat = torch.arange(start, stop, device=s.x.device)
-            sample, run = flat // runs, flat % runs
-            hole = removed[run][:, None]
-            return select_per_sample(hole, base, s.x, sample), s.y[sample]
+            return inputs.grid(start, stop), grid_rows(s.y, runs, start, stop)
 
         clean = s.clean_scores(softmax)
         scores = scores_in_batches(s.model, perturbed, s.n * runs, s.batch_size, softmax,
