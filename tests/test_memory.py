@@ -377,7 +377,13 @@ def test_masked_inputs_grid_is_the_select_of_each_image_and_mask(monkeypatch, ca
     if case == "over the table bound":
         monkeypatch.setattr(common, "_MASK_TABLE_BYTES", 4 * 3 * 4 * 5 * 4 - 1)
     masks = torch.rand(4, 3 if per_channel else 1, 4, 5, generator=g) < 0.5
-    inputs = common.MaskedInputs(masks, x, base)
+    asked = []
+
+    def masks_of(indices):
+        asked.append(indices.numel())
+        return masks[indices]
+
+    inputs = common.MaskedInputs(4, masks_of, x, base)
     assert inputs.arithmetic == (case == "float32")
     rows = torch.arange(12)
     everything = torch.where(masks[rows % 4], base[rows // 4], x[rows // 4])
@@ -385,6 +391,8 @@ def test_masked_inputs_grid_is_the_select_of_each_image_and_mask(monkeypatch, ca
         got = inputs.grid(start, stop)
         assert torch.equal(got, everything[start:stop]), (start, stop)
         assert got.is_contiguous(memory_format=torch.channels_last) or not inputs.arithmetic
+    # the laid-out table asks for every mask once; the select asks per chunk for its rows
+    assert asked == [4] if inputs.arithmetic else asked == [12, 4, 2, 6, 4, 1, 1, 9]
 
 
 @pytest.mark.parametrize("a_dim", [3, 4])

@@ -218,8 +218,11 @@ def infidelity(
             sums = torch.einsum("nhw,ph,pw->np", gain, in_rows.to(torch.float64),
                                 in_cols.to(torch.float64)).cpu()
 
-            inside = (in_rows[:, :, None] & in_cols[:, None, :])[:, None]  # (P, 1, H, W)
-            inputs = MaskedInputs(inside, s.x, base)
+            # the patches' masks (k, 1, H, W), built for the patches asked for: thousands of
+            # small patches of a large image are not all kept at once
+            inputs = MaskedInputs(
+                per, lambda patch: (in_rows[patch][:, :, None] & in_cols[patch][:, None, :])
+                [:, None], s.x, base)
 
             def perturbed(start: int, stop: int) -> tuple[Tensor, Tensor]:
                 return inputs.grid(start, stop), grid_rows(s.y, per, start, stop)

@@ -683,34 +683,38 @@ class MaskedInputs:
     ``f // R`` with the elements of mask ``f % R`` taken from ``replacement``, in
     channels-last memory (what :func:`scores_in_batches` gives the model).
 
-    ``masks`` (R, 1 or C, H, W) bool: a pixel mask applies to every channel. The masks are
-    laid out once as 0/1 blend weights in the chunks' memory order (within
-    :data:`_MASK_TABLE_BYTES`), and each image's rows of a chunk are one ``torch.lerp``
-    reading them: exactly the select (:func:`lerp_selects_exactly`, else the select itself,
-    as for more masks than the bound holds).
+    ``masks_of(indices)`` gives the masks of those indices, (k, 1 or C, H, W) bool (a pixel
+    mask applies to every channel), so that the ``count`` masks need not exist at once (small
+    patches of a large image are thousands). Where their blend weights fit in
+    :data:`_MASK_TABLE_BYTES`, the masks are laid out once as 0/1 weights in the chunks'
+    memory order and each image's rows of a chunk are one ``torch.lerp`` reading them: exactly
+    the select (:func:`lerp_selects_exactly`); otherwise each chunk builds its masks and takes
+    the select itself.
     """
 
-    def __init__(self, masks: Tensor, source: Tensor, replacement: Tensor):
-        self.masks, self.source, self.replacement = masks, source, replacement
-        shape = (masks.shape[0], *source.shape[1:])
+    def __init__(self, count: int, masks_of: Callable[[Tensor], Tensor], source: Tensor,
+                 replacement: Tensor):
+        self.count, self.masks_of = count, masks_of
+        self.source, self.replacement = source, replacement
+        shape = (count, *source.shape[1:])
         self.arithmetic = (math.prod(shape) * source.element_size() <= _MASK_TABLE_BYTES
                            and lerp_selects_exactly(source, replacement))
         if self.arithmetic:
-            self.weight_rows = channels_last_rows(masks.expand(shape).to(source.dtype))
+            every = masks_of(torch.arange(count, device=source.device))
+            self.weight_rows = channels_last_rows(every.expand(shape).to(source.dtype))
             self.source_rows = channels_last_rows(source)
             self.replacement_rows = channels_last_rows(replacement)
 
     def grid(self, start: int, stop: int) -> Tensor:
-        masks = self.masks.shape[0]
         if not self.arithmetic:
             flat = torch.arange(start, stop, device=self.source.device)
-            return select_per_sample(self.masks[flat % masks], self.replacement, self.source,
-                                     flat // masks)
+            return select_per_sample(self.masks_of(flat % self.count), self.replacement,
+                                     self.source, flat // self.count)
         out, flat = empty_chunk(stop - start, self.source.shape, self.source)
         position = start
         while position < stop:  # one lerp per image
-            image, first = divmod(position, masks)
-            last = min(masks, first + stop - position)
+            image, first = divmod(position, self.count)
+            last = min(self.count, first + stop - position)
             part = slice(position - start, position - start + last - first)
             torch.lerp(self.source_rows[image], self.replacement_rows[image],
                        self.weight_rows[first:last], out=flat[part])

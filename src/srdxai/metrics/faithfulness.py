@@ -355,7 +355,7 @@ def mu_fidelity(
         attribution_sums = torch.einsum("nhw,rhw->nr", per_pixel, removed.to(torch.float64))
         base = baseline_values(baseline, s.x)
 
-        inputs = MaskedInputs(removed[:, None], s.x, base)
+        inputs = MaskedInputs(runs, lambda run: removed[run][:, None], s.x, base)
 
         def perturbed(start: int, stop: int) -> tuple[Tensor, Tensor]:
             return inputs.grid(start, stop), grid_rows(s.y, runs, start, stop)
