@@ -711,15 +711,24 @@ class MaskedInputs:
             return select_per_sample(self.masks_of(flat % self.count), self.replacement,
                                      self.source, flat // self.count)
         out, flat = empty_chunk(stop - start, self.source.shape, self.source)
-        position = start
-        while position < stop:  # one lerp per image
-            image, first = divmod(position, self.count)
-            last = min(self.count, first + stop - position)
-            part = slice(position - start, position - start + last - first)
+        done = 0
+        for image, first, last in grid_runs(start, stop, self.count):  # one lerp per image
+            part = slice(done, done + last - first)
             torch.lerp(self.source_rows[image], self.replacement_rows[image],
                        self.weight_rows[first:last], out=flat[part])
-            position += last - first
+            done += last - first
         return out
+
+
+def grid_runs(start: int, stop: int, per: int) -> Iterator[tuple[int, int, int]]:
+    """Rows ``start..stop`` of a block-major grid of ``per`` rows per block, as runs
+    ``(block, first, last)``: rows ``first..last`` of one block each, in order."""
+    position = start
+    while position < stop:
+        block, first = divmod(position, per)
+        last = min(per, first + stop - position)
+        yield block, first, last
+        position += last - first
 
 
 def grid_rows(per_ranking: Tensor, points: int, start: int, stop: int) -> Tensor:

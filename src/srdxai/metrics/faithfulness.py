@@ -668,8 +668,8 @@ def random_permutations(n_samples: int, n_features: int, nr_subsets: int,
                         for _ in range(n_samples)])
 
 
-#: Sensitivity-n runs the forward passes of several samples together while their ranks and
-#: copies of their images (per subset) stay within this many bytes
+#: Sensitivity-n runs the forward passes of several samples together while their ranks (and
+#: their table laid out per input element) stay within this many bytes
 _SENSITIVITY_N_BLOCK_BYTES = 64 * 2**20
 
 

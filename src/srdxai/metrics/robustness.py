@@ -29,6 +29,7 @@ from .common import (
     check_targets,
     default_batch_size,
     explain_checked,
+    grid_runs,
     guarded,
     predicted_classes,
     preprocess_attributions,
@@ -75,14 +76,9 @@ class BlockDraws:
     def parts(self, start: int, stop: int) -> Iterator[tuple[int, Tensor]]:
         """Rows [start, stop) of the flat (block, row) order as (block index, its rows there)
         in order, views of the blocks (no copy)."""
-        per = self.block_rows
-        self._cache = {k: v for k, v in self._cache.items() if k >= start // per}
-        item = start
-        while item < stop:
-            k, row = divmod(item, per)
-            take = min(stop - item, per - row)
-            yield k, self.block(k)[row:row + take]
-            item += take
+        self._cache = {k: v for k, v in self._cache.items() if k >= start // self.block_rows}
+        for k, first, last in grid_runs(start, stop, self.block_rows):
+            yield k, self.block(k)[first:last]
 
     def rows(self, start: int, stop: int) -> Tensor:
         """Rows [start, stop) of the flat (block, row) order."""
