@@ -237,6 +237,9 @@ def test_methods_lists_every_registered_method(runner):
     assert "other" not in families and all(f in FAMILIES for f in families)
     assert [FAMILIES.index(f) for f in families] == sorted(FAMILIES.index(f) for f in families)
     assert all(METHODS[line.split()[0]].family in line for line in lines)
+    # the columns line up: every family starts right after the longest name
+    width = max(len(name) for name in METHODS)
+    assert all(line[width + 1:].startswith(METHODS[line.split()[0]].family) for line in lines)
 
 
 def test_method_all_refuses_method_options(runner, small_png, tmp_path, no_model_loading):

@@ -119,3 +119,9 @@ def test_srdxai_metrics_lists_them_family_by_family():
     assert families == sorted(families, key=metrics.FAMILIES.index)
     stability = next(line for line in lines if line.startswith("local_lipschitz_estimate"))
     assert "lower is better" in stability and "needs model, explain" in stability
+    # the columns line up, also after the longest name (relative_representation_stability)
+    family_starts = {line.index(f" {info.family} ") for line, info in
+                     zip(lines, metrics.by_family(), strict=True)}
+    assert family_starts == {max(len(m.name) for m in metrics.by_family())}
+    needs_starts = {line.index(" needs ") for line in lines}
+    assert len(needs_starts) == 1, needs_starts

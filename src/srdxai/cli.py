@@ -596,11 +596,13 @@ def methods_command() -> None:
     """List the attribution methods family by family, with whether their maps are signed."""
     from srdxai.methods import METHODS, by_family
 
+    rows = []
     for name in by_family(list(METHODS)):
         cls = METHODS[name]
         doc = (cls.__doc__ or "").strip().splitlines()[0] if cls.__doc__ else ""
         kind = "signed" if getattr(cls, "signed", True) else "unsigned"
-        click.echo(f"{name:22s} {cls.family:13s} {kind:9s} {doc}")
+        rows.append((name, cls.family, kind, doc))
+    _echo_columns(rows)
 
 
 @cli.command("metrics")
@@ -609,11 +611,21 @@ def metrics_command() -> None:
     besides the inputs, targets and maps, and what it is."""
     from srdxai.metrics import by_family
 
+    rows = []
     for info in by_family():
         better = f"{info.direction} is better" if info.direction else "no direction"
-        needs = ", ".join(info.needs) or "-"
-        click.echo(f"{info.name:25s} {info.family:13s} {better:17s} needs {needs:15s} "
-                   f"{info.summary}")
+        rows.append((info.name, info.family, better,
+                     f"needs {', '.join(info.needs) or '-'}", info.summary))
+    _echo_columns(rows)
+
+
+def _echo_columns(rows: list[tuple[str, ...]]) -> None:
+    """One line per row, every column but the last padded to its widest entry (the
+    columns line up whatever a registered name's length)."""
+    widths = [max(len(row[i]) for row in rows) for i in range(len(rows[0]) - 1)] if rows else []
+    for row in rows:
+        cells = [cell.ljust(width) for cell, width in zip(row[:-1], widths, strict=True)]
+        click.echo(" ".join([*cells, row[-1]]).rstrip())
 
 
 # ----------------------------------------------------------------------------------- demo-images
