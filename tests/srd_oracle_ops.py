@@ -1,6 +1,7 @@
 """Slow reference implementation ("oracle") of SRD for operations beyond plain CNNs.
 
-Covers channel / spatial concatenation, channel / spatial slices and chunks, gating products
+Covers channel / spatial concatenation, channel / spatial slices and chunks, channel
+permutations (ShuffleNet's channel shuffle, one path per position), gating products
 (squeeze-excitation, same-shape sigmoid gates, CBAM-style broadcast gates, a written-out SiLU),
 adaptive average pooling with overlapping/variable windows, ``F.interpolate`` (nearest,
 nearest-exact, bilinear with and without ``align_corners``), and GroupNorm / LayerNorm with
@@ -17,7 +18,9 @@ How it works (everything explicit, float64, no autograd, no modified gradient):
   qualified name, and, with ``sum_layers=True`` (the default), the output of every residual sum
   ``a + b`` of two input-dependent tensors, see "Sum layers" below) and, for every PFV layer but
   the input, its affine block: a small DAG of linear
-  *nodes* (conv with optionally fused BN, standalone BN, sum, concatenation, slice, gate product
+  *nodes* (conv with optionally fused BN, standalone BN, sum, concatenation, slice, channel
+  permutation (its permutation from the op's definition, checked against the model's own
+  view / transpose / view on an index tensor), gate product
   with the gate fixed to its forward value, global mean, adaptive avg-pool, interpolation,
   GroupNorm / LayerNorm with fixed statistics, dense layer on the channel axis = 1x1 conv,
   per-channel constant scale) whose leaves are PFV layers and whose root is the activation's
@@ -69,7 +72,7 @@ from __future__ import annotations
 import copy
 import dataclasses
 import math
-from collections import Counter
+from collections import Counter, OrderedDict
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 
@@ -470,6 +473,146 @@ class StreamNet(nn.Module):
         return self.fc(self.head_norm(torch.flatten(self.pool(h), 1)))
 
 
+def channel_shuffle(x: torch.Tensor, groups: int) -> torch.Tensor:
+    """ShuffleNet's channel shuffle, written exactly as torchvision writes it
+    (``torchvision.models.shufflenetv2.channel_shuffle``): split the channels into ``groups``
+    groups, transpose groups and channels-within-a-group, merge back."""
+    b, c, h, w = x.size()
+    x = x.view(b, groups, c // groups, h, w)
+    x = torch.transpose(x, 1, 2).contiguous()
+    x = x.view(b, c, h, w)
+    return x
+
+
+class ShuffleUnit(nn.Module):
+    """A ShuffleNetV2 unit (torchvision's ``InvertedResidual``, with biases on every conv and
+    named submodules). Branch features ``bf = oup // 2``.
+
+    stride 2 (downsampling): branch1 = dw (3x3, stride 2, depthwise on ``inp``) + dw_bn -> pw
+    (1x1, inp -> bf) + pw_bn -> act; branch2 = pw1 (1x1, inp -> bf) + pw1_bn -> act1 -> dw (3x3,
+    stride 2, depthwise) + dw_bn -> pw2 (1x1) + pw2_bn -> act2;
+    ``cat((branch1(x), branch2(x)), 1)``.
+    stride 1 (``inp == oup``): ``x1, x2 = x.chunk(2, dim=1)``; ``cat((x1, branch2(x2)), 1)`` with
+    branch2 as above on bf channels (stride 1). Both end with ``channel_shuffle(out, 2)``."""
+
+    def __init__(self, inp: int, oup: int, stride: int, act: str) -> None:
+        super().__init__()
+        assert stride in (1, 2) and oup % 2 == 0
+        self.stride = stride
+        bf = oup // 2
+        if stride > 1:
+            self.branch1 = nn.Sequential(
+                OrderedDict(
+                    [
+                        ("dw", nn.Conv2d(inp, inp, 3, stride, 1, groups=inp, bias=True)),
+                        ("dw_bn", nn.BatchNorm2d(inp)),
+                        ("pw", nn.Conv2d(inp, bf, 1, bias=True)),
+                        ("pw_bn", nn.BatchNorm2d(bf)),
+                        ("act", _act(act)),
+                    ]
+                )
+            )
+        else:
+            assert inp == oup
+            self.branch1 = nn.Sequential()
+        self.branch2 = nn.Sequential(
+            OrderedDict(
+                [
+                    ("pw1", nn.Conv2d(inp if stride > 1 else bf, bf, 1, bias=True)),
+                    ("pw1_bn", nn.BatchNorm2d(bf)),
+                    ("act1", _act(act)),
+                    ("dw", nn.Conv2d(bf, bf, 3, stride, 1, groups=bf, bias=True)),
+                    ("dw_bn", nn.BatchNorm2d(bf)),
+                    ("pw2", nn.Conv2d(bf, bf, 1, bias=True)),
+                    ("pw2_bn", nn.BatchNorm2d(bf)),
+                    ("act2", _act(act)),
+                ]
+            )
+        )
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.stride == 1:
+            x1, x2 = x.chunk(2, dim=1)
+            out = torch.cat((x1, self.branch2(x2)), dim=1)
+        else:
+            out = torch.cat((self.branch1(x), self.branch2(x)), dim=1)
+        out = channel_shuffle(out, 2)
+        return out
+
+
+class ShuffleNet(nn.Module):
+    """A small ShuffleNetV2: conv1 (3->8, 3x3, bias) + bn1 -> act1 (8x8 on an 8x8 input);
+    ``down`` (ShuffleUnit 8->16, stride 2; 4x4); ``unit`` (ShuffleUnit 16->16, stride 1);
+    conv_last (16->16, 1x1, bias) + bn_last -> act_last -> ``mean([2, 3])`` -> fc (16 -> K).
+    The channel shuffles are permutations, one component each (docs/srd.md): act_last's block
+    has three paths per position (from down.branch1.act, down.branch2.act2, unit.branch2.act2),
+    unit.branch2.act1's block reads the second half of down's shuffled output."""
+
+    def __init__(self, act: str = "relu", num_classes: int = 4) -> None:
+        super().__init__()
+        self.conv1 = nn.Conv2d(3, 8, 3, padding=1, bias=True)
+        self.bn1 = nn.BatchNorm2d(8)
+        self.act1 = _act(act)
+        self.down = ShuffleUnit(8, 16, 2, act)
+        self.unit = ShuffleUnit(16, 16, 1, act)
+        self.conv_last = nn.Conv2d(16, 16, 1, bias=True)
+        self.bn_last = nn.BatchNorm2d(16)
+        self.act_last = _act(act)
+        self.fc = nn.Linear(16, num_classes)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = self.act1(self.bn1(self.conv1(x)))
+        x = self.unit(self.down(x))
+        x = self.act_last(self.bn_last(self.conv_last(x)))
+        x = x.mean([2, 3])
+        return self.fc(x)
+
+
+class TinyShuffleNet(nn.Module):
+    """Toy for the channel-permutation consequence of docs/srd.md (3 input channels):
+    conv1 (3->6, 3x3, bias) + bn1 -> act1 -> channel step -> conv2 (6->5, 3x3, bias) + bn2 -> act2
+    -> GAP -> fc (5 -> K). The channel step (``shuffle``):
+    ``"shuffle"``: ``channel_shuffle(., 2)`` (torchvision's view / transpose / view);
+    ``"none"``: nothing (the same function once conv2's input channels carry the permutation);
+    ``"slices"``: the same permutation written as ``cat`` of single-channel slices
+    ``h[:, c:c+1]`` (a concatenation, one path per channel: a different SRD)."""
+
+    def __init__(self, act: str = "relu", num_classes: int = 4, shuffle: str = "shuffle") -> None:
+        super().__init__()
+        assert shuffle in ("shuffle", "none", "slices")
+        self.shuffle = shuffle
+        self.conv1 = nn.Conv2d(3, 6, 3, padding=1, bias=True)
+        self.bn1 = nn.BatchNorm2d(6)
+        self.act1 = _act(act)
+        self.conv2 = nn.Conv2d(6, 5, 3, padding=1, bias=True)
+        self.bn2 = nn.BatchNorm2d(5)
+        self.act2 = _act(act)
+        self.pool = nn.AdaptiveAvgPool2d(1)
+        self.fc = nn.Linear(5, num_classes)
+        # the shuffle's permutation, for the "slices" variant only
+        self.order = shuffle_permutation(6, 2)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        h = self.act1(self.bn1(self.conv1(x)))
+        if self.shuffle == "shuffle":
+            h = channel_shuffle(h, 2)
+        elif self.shuffle == "slices":
+            h = torch.cat([h[:, c : c + 1] for c in self.order], 1)
+        y = self.act2(self.bn2(self.conv2(h)))
+        return self.fc(torch.flatten(self.pool(y), 1))
+
+
+def shuffle_permutation(channels: int, groups: int) -> list[int]:
+    """``perm[j]``: the input channel that a channel shuffle with ``groups`` groups puts at output
+    channel ``j`` (out[:, j] = in[:, perm[j]]). From the shuffle's definition: input channel
+    ``c = k * (C // g) + i`` is element (group k, index i) of the (g, C // g) view; the transpose
+    makes it element (i, k) of a (C // g, g) view, which the merge flattens to ``j = i * g + k``.
+    So ``perm[j] = (j % g) * (C // g) + j // g``."""
+    assert channels % groups == 0
+    per = channels // groups
+    return [(j % groups) * per + j // groups for j in range(channels)]
+
+
 OPS_MODEL_CLASSES: dict[str, type[nn.Module]] = {
     "CatNet": CatNet,
     "SliceNet": SliceNet,
@@ -479,12 +622,14 @@ OPS_MODEL_CLASSES: dict[str, type[nn.Module]] = {
     "NormNet": NormNet,
     "ConvNeXtLike": ConvNeXtLike,
     "StreamNet": StreamNet,
+    "ShuffleNet": ShuffleNet,
 }
 
 # Toys for hand-checked values (not in OPS_MODEL_CLASSES; build_ops_model knows them too).
 TINY_MODEL_CLASSES: dict[str, type[nn.Module]] = {
     "TinyCatGateNet": TinyCatGateNet,
     "TinyNormNet": TinyNormNet,
+    "TinyShuffleNet": TinyShuffleNet,
 }
 
 # The input shape each model is meant to be tested with (others work too where noted above).
@@ -497,6 +642,7 @@ OPS_INPUT_SHAPES: dict[str, tuple[int, int, int, int]] = {
     "NormNet": (2, 3, 8, 10),
     "ConvNeXtLike": (2, 3, 8, 8),
     "StreamNet": (2, 3, 8, 8),
+    "ShuffleNet": (2, 3, 8, 8),
 }
 
 # PFV layers that only feed gate factors: by the definition they receive no relevance.
@@ -974,6 +1120,49 @@ class _ChannelScaleNode(_Node):
         return vec * self.gamma
 
 
+def permutation_of(op: Callable[[torch.Tensor], torch.Tensor], shape: Sequence[int]) -> list[int]:
+    """The channel permutation that the tensor operation ``op`` performs on (1, C, H, W) maps,
+    read off an index tensor (entry (c, h, w) holds its flat index ``(c * H + h) * W + w``):
+    ``perm[j]`` is the input channel found at output channel ``j``. Asserts that ``op`` keeps the
+    shape, moves no position (every entry stays at its (h, w)) and is a permutation of the
+    channels."""
+    _, c, h, w = (int(d) for d in shape)
+    idx = torch.arange(c * h * w, dtype=torch.float64).reshape(1, c, h, w)
+    out = op(idx)
+    assert tuple(out.shape) == (1, c, h, w), "not a channel permutation: the shape changes"
+    src_c = torch.div(out[0], h * w, rounding_mode="floor")
+    pos = idx[0, 0].expand(c, h, w)  # h * W + w at (h, w)
+    assert torch.equal(out[0] - src_c * (h * w), pos), "the positions move"
+    perm = src_c[:, 0, 0]
+    assert torch.equal(src_c, perm[:, None, None].expand(c, h, w)), "channels mix positions"
+    perm_list = [int(v) for v in perm.tolist()]
+    assert sorted(perm_list) == list(range(c)), "not a permutation of the channels"
+    return perm_list
+
+
+class _ChannelPermNode(_Node):
+    """A channel permutation (ShuffleNet's channel shuffle, docs/srd.md "Channel permutations"):
+    one component per position, the input vector at the same position with its channels
+    reordered, ``out[j] = in[perm[j]]`` (same norm); no bias. ``op`` is the model's own tensor
+    operation: it computes ``ref`` and must perform exactly ``perm`` (checked on an index tensor
+    and on the input)."""
+
+    def __init__(self, inp: _Node, perm: Sequence[int], op: Callable[[torch.Tensor], torch.Tensor]):
+        self.inputs = [inp]
+        self.perm = list(perm)
+        c = int(inp.ref.shape[1])
+        assert sorted(self.perm) == list(range(c)), "not a permutation of the channels"
+        assert permutation_of(op, (1, c, *_hw(inp.ref))) == self.perm
+        self.ref = op(inp.ref)
+        assert torch.equal(self.ref, inp.ref[:, self.perm])
+
+    def sources(self, u: Pos) -> list[tuple[int, object, Pos]]:
+        return [(0, None, u)]
+
+    def apply(self, n: int, i: int, off: object, p: Pos, u: Pos, vec: torch.Tensor) -> torch.Tensor:
+        return vec[self.perm]
+
+
 class _HeadNode(_Node):
     """The target logit of every sample as a linear map of the pooled vector
     (N, C, 1, 1) -> (N, 1, 1, 1): ``w[n] · vec + b[n]`` with ``w`` (N, C) the target's row of the
@@ -1258,6 +1447,50 @@ def _graph_streamnet(m: StreamNet, R: _Recorder) -> _Graph:
     return R.head_norm(h, m.head_norm, m.fc)
 
 
+def _shuffle_node(inp: _Node, groups: int) -> _ChannelPermNode:
+    """``channel_shuffle(inp, groups)``: the permutation from the shuffle's definition
+    (``shuffle_permutation``), checked against the model's view / transpose / view."""
+    perm = shuffle_permutation(int(inp.ref.shape[1]), groups)
+    return _ChannelPermNode(inp, perm, lambda t: channel_shuffle(t, groups))
+
+
+def _shuffle_unit(R: _Recorder, u: ShuffleUnit, name: str, x: _Node) -> _Node:
+    """ShuffleUnit ``name`` on ``x`` (a PFV leaf or the previous unit's shuffle node): records
+    its branch activations and returns the shuffle node of its output (not a PFV layer)."""
+    if u.stride > 1:
+        b1 = u.branch1
+        t = _ConvNode(x, b1.dw, b1.dw_bn)  # type: ignore[arg-type]
+        left: _Node = R.act(f"{name}.branch1.act", _ConvNode(t, b1.pw, b1.pw_bn))  # type: ignore[arg-type]
+        right: _Node = x
+    else:
+        c = int(x.ref.shape[1])
+        k = -(-c // 2)  # chunk(2): first ceil(C/2) channels, then the rest
+        left = _SliceNode(x, 1, slice(0, k))
+        right = _SliceNode(x, 1, slice(k, c))
+    b2 = u.branch2
+    a1 = R.act(f"{name}.branch2.act1", _ConvNode(right, b2.pw1, b2.pw1_bn))  # type: ignore[arg-type]
+    t = _ConvNode(a1, b2.dw, b2.dw_bn)  # type: ignore[arg-type]
+    a2 = R.act(f"{name}.branch2.act2", _ConvNode(t, b2.pw2, b2.pw2_bn))  # type: ignore[arg-type]
+    return _shuffle_node(_CatNode([left, a2], 1), 2)
+
+
+def _graph_shufflenet(m: ShuffleNet, R: _Recorder) -> _Graph:
+    h = R.act("act1", _ConvNode(R.leaf("input"), m.conv1, m.bn1))
+    y = _shuffle_unit(R, m.unit, "unit", _shuffle_unit(R, m.down, "down", h))
+    R.act("act_last", _ConvNode(y, m.conv_last, m.bn_last))
+    return R.head("act_last", m.fc)
+
+
+def _graph_tinyshufflenet(m: TinyShuffleNet, R: _Recorder) -> _Graph:
+    h: _Node = R.act("act1", _ConvNode(R.leaf("input"), m.conv1, m.bn1))
+    if m.shuffle == "shuffle":
+        h = _shuffle_node(h, 2)
+    elif m.shuffle == "slices":  # a concatenation of single-channel slices: one path per channel
+        h = _CatNode([_SliceNode(h, 1, slice(c, c + 1)) for c in m.order], 1)
+    R.act("act2", _ConvNode(h, m.conv2, m.bn2))
+    return R.head("act2", m.fc)
+
+
 _BUILDERS: dict[type, Callable[[nn.Module, _Recorder], _Graph]] = {
     CatNet: _graph_catnet,  # type: ignore[dict-item]
     SliceNet: _graph_slicenet,  # type: ignore[dict-item]
@@ -1270,6 +1503,8 @@ _BUILDERS: dict[type, Callable[[nn.Module, _Recorder], _Graph]] = {
     TinyNormNet: _graph_tinynormnet,  # type: ignore[dict-item]
     sm.ResNetLike: _graph_resnetlike,  # type: ignore[dict-item]
     StreamNet: _graph_streamnet,  # type: ignore[dict-item]
+    ShuffleNet: _graph_shufflenet,  # type: ignore[dict-item]
+    TinyShuffleNet: _graph_tinyshufflenet,  # type: ignore[dict-item]
 }
 
 

@@ -713,3 +713,134 @@ def test_sum_layers_change_nothing_where_a_sum_feeds_an_activation(name: str) ->
     for k in sums:  # the sum layer holds what the activation after it holds
         act = list(new)[list(new).index(k) + 1]
         torch.testing.assert_close(a[k], a[act], rtol=1e-12, atol=1e-13)
+
+
+# ----------------------------------------------------------------------------------------------
+# Channel permutations (ShuffleNet's channel shuffle): one component per position
+# ----------------------------------------------------------------------------------------------
+
+
+def test_channel_shuffle_permutation_matches_the_models_view_transpose_view() -> None:
+    """The oracle's permutation from the shuffle's definition equals what torchvision's
+    view / transpose / view does to an index tensor (several channel and group counts); the
+    permutation node recomputed from its one component per position equals the torch op; an
+    operation that moves positions or drops channels is not taken for a permutation."""
+    assert so.shuffle_permutation(6, 2) == [0, 3, 1, 4, 2, 5]
+    assert so.shuffle_permutation(6, 3) == [0, 2, 4, 1, 3, 5]
+    for c, groups in [(4, 2), (6, 2), (6, 3), (12, 4), (16, 2), (5, 1), (5, 5)]:
+        perm = so.permutation_of(lambda t, k=groups: so.channel_shuffle(t, k), (1, c, 2, 3))
+        assert perm == so.shuffle_permutation(c, groups), (c, groups)
+    g = torch.Generator().manual_seed(3)
+    v = torch.randn(2, 6, 3, 4, generator=g, dtype=torch.float64)
+    node = so._shuffle_node(so._Leaf("v", v), 3)
+    assert torch.equal(node.ref, so.channel_shuffle(v, 3))
+    out = torch.zeros_like(v)
+    for n in range(2):
+        for ui in range(3):
+            for uj in range(4):
+                [(i, off, p)] = node.sources((ui, uj))
+                assert p == (ui, uj)
+                vec = node.apply(n, i, off, p, (ui, uj), v[n, :, ui, uj])
+                # the same entries reordered: the same norm
+                assert torch.equal(vec.sort().values, v[n, :, ui, uj].sort().values)
+                out[n, :, ui, uj] = vec
+    assert torch.equal(out, node.ref)
+    assert node.bias is None
+    with pytest.raises(AssertionError):
+        so.permutation_of(lambda t: t.flip(3), (1, 4, 2, 3))  # moves positions
+    with pytest.raises(AssertionError):
+        so.permutation_of(lambda t: t[:, [0, 0, 1, 2]], (1, 4, 2, 3))  # not a permutation
+    with pytest.raises(AssertionError):  # the op does not perform the stated permutation
+        so._ChannelPermNode(
+            so._Leaf("v", v), [0, 1, 2, 3, 4, 5], lambda t: so.channel_shuffle(t, 2)
+        )
+
+
+def test_shufflenet_layers_and_paths() -> None:
+    """ShuffleNet's PFV layers (no sums: the units concatenate) and the paths of each block at
+    one position: a shuffle is one path, so the stride-1 unit's branch reads the second half of
+    the downsampling unit's shuffled output through one path per concatenated input (2), and
+    act_last's 1x1 conv has exactly one path per concatenated input of the two units (3)."""
+    model = so.build_ops_model("ShuffleNet", seed=0)
+    x = so.ops_input("ShuffleNet")
+    assert so.pfv_layers(model, x) == {
+        "input": (3, 8, 8),
+        "act1": (8, 8, 8),
+        "down.branch1.act": (8, 4, 4),
+        "down.branch2.act1": (8, 8, 8),
+        "down.branch2.act2": (8, 4, 4),
+        "unit.branch2.act1": (8, 4, 4),
+        "unit.branch2.act2": (8, 4, 4),
+        "act_last": (16, 4, 4),
+    }
+    assert so.sum_layers_of(model, x) == {}
+    g = so._build_graph(model, x)
+    memo = so._PathMemo()
+    paths = {b.out_layer: memo.paths(b.root, (1, 2)) for b in g.blocks}
+    assert {k: len(v) for k, v in paths.items()} == {
+        "act1": 9,
+        "down.branch1.act": 9,
+        "down.branch2.act1": 1,
+        "down.branch2.act2": 9,
+        "unit.branch2.act1": 2,
+        "unit.branch2.act2": 9,
+        "act_last": 3,
+    }
+    assert [p[0] for p in paths["act_last"]] == [
+        "down.branch1.act",
+        "down.branch2.act2",
+        "unit.branch2.act2",
+    ]
+    assert [p[0] for p in paths["unit.branch2.act1"]] == ["down.branch1.act", "down.branch2.act2"]
+    for mod in model.modules():
+        if isinstance(mod, torch.nn.Conv2d):
+            assert mod.bias is not None and mod.bias.abs().min() > 0
+
+
+@pytest.mark.parametrize("act", ["relu", "gelu"])
+def test_channel_shuffle_folds_into_the_next_conv(act: str) -> None:
+    """docs/srd.md, "Channel permutations": SRD of a model with a channel shuffle before a
+    convolution equals SRD of the model without it whose convolution has the permutation folded
+    into its input channels. With out[:, j] = in[:, perm[j]], conv2 reads
+    Σ_j W[:, j] in[perm[j]] = Σ_c W[:, perm⁻¹[c]] in[c]: the folded weight is W[:, perm⁻¹]
+    (W[:, perm] computes another function: perm is not an involution for 6 channels, 2 groups).
+    Same logits (1e-12), same relevance of every PFV layer (1e-10), logit-seeded and
+    contrastive. Writing the permutation as a concatenation of single-channel slices computes the
+    same function but gives one path per channel (and splits conv2's bias by the channels'
+    separate norms): a different map, that still conserves."""
+    shuffled = so.build_ops_model("TinyShuffleNet", act=act, seed=5)
+    folded = so.build_ops_model("TinyShuffleNet", act=act, seed=5, shuffle="none")
+    sliced = so.build_ops_model("TinyShuffleNet", act=act, seed=5, shuffle="slices")
+    for a, b in zip(shuffled.state_dict().values(), folded.state_dict().values(), strict=True):
+        assert torch.equal(a, b)
+    perm = so.shuffle_permutation(6, 2)
+    inv = [perm.index(c) for c in range(6)]
+    assert perm != inv
+    x = so.ops_input("TinyShuffleNet", seed=6, shape=(2, 3, 5, 6))
+    w = shuffled.conv2.weight.detach().clone()
+    with torch.no_grad():
+        folded.conv2.weight.copy_(w[:, perm])
+        assert (folded(x) - shuffled(x)).abs().max() > 1e-3  # the wrong way round
+        folded.conv2.weight.copy_(w[:, inv])
+        torch.testing.assert_close(folded(x), shuffled(x), rtol=1e-12, atol=1e-12)
+        torch.testing.assert_close(sliced(x), shuffled(x), rtol=1e-12, atol=1e-12)
+    target = [1, 3]
+    for contrastive in (False, True):
+        a = so.srd_oracle_ops_relevance(shuffled, x, target, contrastive=contrastive)
+        b = so.srd_oracle_ops_relevance(folded, x, target, contrastive=contrastive)
+        assert list(a) == list(b) == ["input", "act1", "act2"]
+        for k in a:
+            torch.testing.assert_close(a[k], b[k], rtol=0, atol=1e-10)
+    rel = so.srd_oracle_ops_relevance(shuffled, x, target)
+    rs = so.srd_oracle_ops_relevance(sliced, x, target)
+    with torch.no_grad():
+        logits = shuffled(x)[torch.arange(2), torch.tensor(target)]
+    torch.testing.assert_close(rs["input"].sum((1, 2)), logits, rtol=1e-9, atol=1e-12)
+    torch.testing.assert_close(rel["input"].sum((1, 2)), logits, rtol=1e-9, atol=1e-12)
+    diff = float((rs["act1"] - rel["act1"]).abs().sum() / rel["act1"].abs().sum())
+    assert diff > 1e-3, diff
+    # one path per conv offset through the shuffle, one per (offset, channel) through the slices
+    g, gs = so._build_graph(shuffled, x), so._build_graph(sliced, x)
+    memo = so._PathMemo()
+    assert len(memo.paths(g.blocks[1].root, (2, 3))) == 9
+    assert len(memo.paths(gs.blocks[1].root, (2, 3))) == 9 * 6

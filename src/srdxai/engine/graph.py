@@ -44,7 +44,7 @@ class Node:
     """A recorded tensor that depends on the explained input."""
 
     __slots__ = ("tensor", "shape", "producer", "is_pfv", "name", "consumers", "pre",
-                 "activation", "index", "perm", "__weakref__")
+                 "activation", "index", "perm", "channel_split", "__weakref__")
 
     def __init__(self, tensor: Tensor | None, producer: ops.LinearOp | None, index: int,
                  shape: tuple[int, ...]):
@@ -61,6 +61,13 @@ class Node:
         # assumes; else the permutation that gives the tensor the model sees from that
         # canonical layout (channels last: ConvNeXt's ``permute(0, 2, 3, 1)``)
         self.perm: tuple[int, ...] | None = None
+        # None, or (source, ids) for a tensor whose channel axis the model split into several
+        # axes (a channel shuffle's ``view(N, g, C // g, H, W)``): ``source`` is the canonical
+        # (N, C, *spatial) tensor it came from and ``ids`` (int64, the split axes' shape)
+        # names the source channel at every index of the split axes. Such a tensor may only be
+        # permuted among its channel axes, copied, and viewed back into one channel axis
+        # (:class:`~srdxai.engine.ops.ChannelPermuteOp`).
+        self.channel_split: tuple[Tensor, Tensor] | None = None
 
     @property
     def spatial(self) -> tuple[int, ...]:
@@ -132,6 +139,20 @@ def _bind(args: tuple, kwargs: dict, names: list[str], defaults: dict[str, Any])
         bound[n] = a
     bound.update(kwargs)
     return bound
+
+
+def _split_channel_shape(source: Sequence[int], shape: Sequence[int]) -> tuple[int, ...] | None:
+    """The channel axes of ``shape`` when it is ``source`` (N, C, *spatial) with only its
+    channel axis reshaped (split into several axes, or merged back into one), else None."""
+    spatial = len(source) - 2
+    if len(source) < 2 or len(shape) < 2 + spatial or shape[0] != source[0]:
+        return None
+    if spatial and tuple(shape[-spatial:]) != tuple(source[2:]):
+        return None
+    channels = tuple(shape[1:len(shape) - spatial])
+    if not channels or math.prod(channels) != source[1]:
+        return None
+    return channels
 
 
 def _is_gate(node: Node) -> bool:
@@ -245,6 +266,8 @@ class Recorder(Tracer):
     # -- the view ----------------------------------------------------------------------------
     def handle(self, func, args, kwargs, tracked):
         try:
+            if any(self.node_of(t).channel_split is not None for t in tracked):
+                return self._on_split_channels(func, args, kwargs, tracked)
             perms = {self.node_of(t).perm for t in tracked}
             if perms != {None} and func not in PERMUTE_FUNCS:
                 return self._in_canonical_layout(func, args, kwargs, perms)
@@ -630,6 +653,11 @@ class Recorder(Tracer):
         with torch._C.DisableTorchFunction():
             out = func(*args, **kwargs)
         in_sp, out_sp = tuple(x.shape[2:]), tuple(out.shape[2:])
+        split = _split_channel_shape(x.shape, out.shape)
+        if split is not None and (out.dim() < 2 or out.shape[:2] != x.shape[:2]):
+            # the channel axis split into several (a channel shuffle's first view)
+            ids = torch.arange(x.shape[1], device=x.device).reshape(split)
+            return self._split_channels(x, ids, out)
         if out.dim() < 2 or out.shape[:2] != x.shape[:2] or math.prod(in_sp) != math.prod(
             out_sp
         ):
@@ -642,6 +670,74 @@ class Recorder(Tracer):
             )
         op = ops.ReshapeOp(self.where, in_sp, out_sp)
         return self._record(op, [x], out)
+
+    # -- a channel axis split into several (channel shuffles) ---------------------------------
+    def _split_channels(self, source: Tensor, ids: Tensor, out: Tensor) -> Tensor:
+        """Track ``out``, a tensor whose channel axis is split into ``ids.shape``, as a node
+        that remembers its source: no decomposition of its own (an opaque, value-moving op),
+        only what :meth:`_on_split_channels` lets the model do with it."""
+        error = self.unsupported(
+            f"a tensor of shape {tuple(out.shape)} whose channel axis is split into several "
+            "axes, used other than in a channel permutation",
+            "Splitting the channels into axes, permuting those axes and viewing them back "
+            "into one channel axis (a channel shuffle) is decomposed; any other use of the "
+            "split axes is not.", moves_values=True)
+        op = ops.OpaqueOp(self.where, error)
+        op.moves_values = True
+        op.inputs = []
+        self.opaque_ops.append(op)
+        if self.on_opaque is not None:
+            self.on_opaque(op, out)
+        op.inputs = [self.node_of(source)]
+        node = self._add_node(out, op)
+        node.channel_split = (source, ids)
+        return out
+
+    def _on_split_channels(self, func, args, kwargs, tracked) -> Any:
+        """A call on a tensor whose channel axis is split (:attr:`Node.channel_split`): a
+        permute among the split axes, a copy, or a view. A view back to one channel axis
+        gives the source's channels reordered, recorded as one
+        :class:`~srdxai.engine.ops.ChannelPermuteOp` on the source (the model gets the same
+        values; the intermediate tensors get no gradient). Anything else is refused."""
+        x = args[0] if args else None
+        node = self.node_of(x)
+        if (len(tracked) != 1 or node is None or node.channel_split is None
+                or func not in PERMUTE_FUNCS | VIEW_FUNCS | IDENTITY_FUNCS):
+            raise self.unsupported(
+                f"'{func_name(func)}' on a tensor whose channel axis is split into several "
+                "axes", "Only permuting the split axes among themselves, copying and viewing "
+                "them back into one channel axis (a channel shuffle) is decomposed.",
+                moves_values=func in MOVING_FUNCS)
+        source, ids = node.channel_split
+        with torch._C.DisableTorchFunction():
+            out = func(*args, **kwargs)
+        spatial = tuple(source.shape[2:])
+        axes = ids.dim()
+        if func in IDENTITY_FUNCS:
+            new_ids = ids
+        elif func in PERMUTE_FUNCS:
+            dims = self._permuted_dims(func, args, kwargs, x.dim())
+            if dims[0] != 0 or dims[axes + 1:] != tuple(range(axes + 1, x.dim())):
+                raise self.unsupported(
+                    f"'{func_name(func)}' moving the batch or spatial axes of a tensor whose "
+                    "channel axis is split", moves_values=True)
+            new_ids = ids.permute([d - 1 for d in dims[1:axes + 1]])
+        else:
+            split = _split_channel_shape(source.shape, out.shape)
+            if split is None:
+                raise self.unsupported(
+                    f"'{func_name(func)}' from {tuple(x.shape)} to {tuple(out.shape)} on a "
+                    "tensor whose channel axis is split", "Only views that keep the batch "
+                    f"and the spatial axes {spatial} are decomposed there.", moves_values=True)
+            new_ids = ids.reshape(split)
+        if new_ids.dim() > 1:
+            return self._split_channels(source, new_ids, out)
+        order = new_ids.reshape(-1)
+        with torch._C.DisableTorchFunction():
+            merged = source.index_select(1, order)  # = out, from the source directly
+        if torch.equal(order, torch.arange(order.numel(), device=order.device)):
+            return self._identity(source, merged)
+        return self._record(ops.ChannelPermuteOp(self.where, order), [source], merged)
 
     def _pad(self, args, kwargs):
         b = _bind(args, kwargs, ["input", "pad", "mode", "value"],
@@ -824,19 +920,24 @@ class Recorder(Tracer):
         self.node_of(out).perm = perm
         return out
 
-    def _permute(self, func, args, kwargs):
-        x = args[0]
+    @staticmethod
+    def _permuted_dims(func, args, kwargs, ndim: int) -> tuple[int, ...]:
+        """The permutation of the axes a transpose or permute call makes, as ``permute``'s
+        ``dims`` (non-negative)."""
         if func in TRANSPOSE_FUNCS:
             names = ("dim0", "dim1") if "dim0" in kwargs else ("axis0", "axis1")
             pair = [*args[1:3], *(kwargs[k] for k in names if k in kwargs)]
-            swapped = list(range(x.dim()))
-            a, b = (int(d) % x.dim() for d in pair)
+            swapped = list(range(ndim))
+            a, b = (int(d) % ndim for d in pair)
             swapped[a], swapped[b] = swapped[b], swapped[a]
-            dims = tuple(swapped)
-        else:
-            dims = kwargs.get("dims", args[1:] if len(args) > 2 or not isinstance(
-                args[1] if len(args) > 1 else None, list | tuple) else args[1])
-            dims = tuple(int(d) % x.dim() for d in dims)
+            return tuple(swapped)
+        dims = kwargs.get("dims", args[1:] if len(args) > 2 or not isinstance(
+            args[1] if len(args) > 1 else None, list | tuple) else args[1])
+        return tuple(int(d) % ndim for d in dims)
+
+    def _permute(self, func, args, kwargs):
+        x = args[0]
+        dims = self._permuted_dims(func, args, kwargs, x.dim())
         with torch._C.DisableTorchFunction():
             out = x.permute(dims)
         current = self.node_of(x).perm or tuple(range(x.dim()))

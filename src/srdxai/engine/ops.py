@@ -747,6 +747,21 @@ class SliceOp(LinearOp):
         return canvas
 
 
+class ChannelPermuteOp(LinearOp):
+    """A reordering of the channel axis (ShuffleNet's channel shuffle, written by the model as
+    views and a transpose): output channel ``j`` is input channel ``order[j]`` at the same
+    position. One component per position, the whole vector reordered, no bias."""
+
+    kind = "channel_permute"
+
+    def __init__(self, name: str, order: torch.Tensor):
+        super().__init__(name=name)
+        self.order = order  # (C,) int64, a permutation of range(C)
+
+    def component_forward(self, x, i, k):
+        return x.index_select(1, self.order.to(x.device))
+
+
 class ResampleOp(LinearOp):
     """Each output position is a weighted sum of a few input positions, with the same weights
     for every channel: adaptive average pooling with overlapping windows, upsampling.
