@@ -1,7 +1,8 @@
 """Slow, independent reference ("oracle") of SRD (Sharing Ratio Decomposition) with every
 computing operation as its own layer, for a tiny CNN-transformer hybrid defined here
 (:class:`TinyHybrid`: a conv stem, a MobileNet-style inverted-residual block in (N, C, H, W)
-layout, then tokens through one pre-norm transformer block and a token-mean head).
+layout, optionally with a squeeze-excitation gate (``se=True``, MobileNetV3 / MBConv placement),
+then tokens through one pre-norm transformer block and a token-mean head).
 
 Written from the definition only: nothing under ``srdxai/engine`` or ``srdxai/methods`` was read.
 The transformer part reuses the token oracle (``tests/srd_token_oracle.py``: its sharing rule
@@ -33,6 +34,13 @@ among the real input positions if all those norms are 0). Per operation:
   ``R`` passes unchanged (nothing where the output vector is 0);
 * residual ``y = a + b`` in (N, C, H, W): per position on channel vectors,
   ``mu_a = <a(p), y(p)> / ||y(p)||^2``;
+* gate ``y = g * s`` with both factors input-dependent and ``g`` broadcast against ``s`` (the
+  squeeze-excitation gate ``g = sigmoid(fc2(act(fc1(avgpool(s)))))``, one value per channel,
+  (C, 1, 1) against the (C, H, W) signal): ``g`` is a constant weight fixed to its forward value
+  per sample, so ``y(p) = g ⊙ s(p)`` has the single source ``s(p)`` with contribution ``y(p)``
+  itself, ``mu = 1`` and ``R(s(p)) = R(y(p))`` (passed unchanged also where ``y(p) = 0``, as for
+  the other one-source operations); the gate's own branch (pool, 1x1 convs, activation, sigmoid)
+  is a source of nothing and receives no relevance;
 * ``flatten(2).transpose(1, 2)``: token ``t = i * W + j`` *is* the channel vector at (i, j);
 * transformer block, final LayerNorm: as in the token oracle (all tokens image-dependent);
 * token mean ``y = sum_t x(t) / T``: ``c_t = x(t) / T``;
@@ -46,14 +54,19 @@ it are two layers, so a convolution's ratios use its own output (before BN) and 
 :class:`TinyHybrid` have a bias (``bias=True``), the 1x1 ones pass ``R`` unchanged anyway (one
 source each); the residual is ``branch + shortcut`` with the shortcut the block input (the stem
 activation's output), so the stem activation's output receives the shortcut's share plus what
-comes back through the branch.
+comes back through the branch. With ``se=True`` the gate sits after the depthwise
+convolution's BN + activation and before the projecting 1x1 convolution; its inner activation is
+the model's activation (as torchvision's EfficientNet passes SiLU), the gate is a sigmoid, and the
+product is ``scale * x`` (torchvision's ``SqueezeExcitation``, written out here, not imported).
 
 Public API
 ----------
 :func:`srd_hybrid_oracle` (the (N, H, W) map), :func:`srd_hybrid_oracle_trace` (per sample:
 logits, forward intermediates, relevance at every cut), :func:`oracle_logits`, the building
-blocks :func:`conv_shares` / :func:`conv_relevance` / :func:`residual_relevance` (for hand
-checks), the model :class:`TinyHybrid` with :func:`tiny_hybrid` / :func:`tiny_hybrid_input`.
+blocks :func:`conv_shares` / :func:`conv_relevance` / :func:`residual_relevance` /
+:func:`se_gate` / :func:`gate_relevance` (for hand checks), the model :class:`TinyHybrid` (with
+:class:`InvertedResidual` and :class:`SqueezeExcitation`) with :func:`tiny_hybrid` /
+:func:`tiny_hybrid_input`.
 ``misread=`` (one of :data:`MISREADINGS`) computes the map under a plausible misreading of the
 definition; it exists only for the sensitivity self-check.
 """
@@ -72,12 +85,15 @@ from srdxai.models.zoo import Block, make_activation
 __all__ = [
     "MISREADINGS",
     "InvertedResidual",
+    "SqueezeExcitation",
     "TinyHybrid",
     "conv_relevance",
     "conv_shares",
+    "gate_relevance",
     "oracle_logits",
     "randomize_batchnorm",
     "residual_relevance",
+    "se_gate",
     "srd_hybrid_oracle",
     "srd_hybrid_oracle_trace",
     "tiny_hybrid",
@@ -99,10 +115,36 @@ MISREADINGS = ("conv_bias_even", "residual_last_axis", "fuse_bn")
 # --------------------------------------------------------------------------- the model
 
 
-class InvertedResidual(nn.Module):
-    """1x1 expand -> BN -> act -> 3x3 depthwise -> BN -> act -> 1x1 project -> BN, ``+ x``."""
+class SqueezeExcitation(nn.Module):
+    """torchvision's ``ops.SqueezeExcitation`` written out (not imported): ``scale =
+    sigmoid(fc2(act(fc1(adaptive_avg_pool2d(x, 1)))))`` with 1x1 convolutions that have a bias,
+    then ``scale * x`` ((N, C, 1, 1) broadcast against (N, C, H, W))."""
 
-    def __init__(self, dim: int, hidden: int, activation: str):
+    def __init__(self, channels: int, squeeze: int, activation: str):
+        super().__init__()
+        self.avgpool = nn.AdaptiveAvgPool2d(1)
+        self.fc1 = nn.Conv2d(channels, squeeze, 1)
+        self.fc2 = nn.Conv2d(squeeze, channels, 1)
+        self.activation = make_activation(activation)
+        self.scale_activation = nn.Sigmoid()
+
+    def _scale(self, x: Tensor) -> Tensor:
+        scale = self.avgpool(x)
+        scale = self.fc1(scale)
+        scale = self.activation(scale)
+        scale = self.fc2(scale)
+        return self.scale_activation(scale)
+
+    def forward(self, x: Tensor) -> Tensor:
+        scale = self._scale(x)
+        return scale * x
+
+
+class InvertedResidual(nn.Module):
+    """1x1 expand -> BN -> act -> 3x3 depthwise -> BN -> act [-> squeeze-excitation gate] ->
+    1x1 project -> BN, ``+ x``. ``se=True`` adds the gate (``hidden // 4`` squeeze channels)."""
+
+    def __init__(self, dim: int, hidden: int, activation: str, *, se: bool = False):
         super().__init__()
         self.expand = nn.Conv2d(dim, hidden, 1)
         self.bn1 = nn.BatchNorm2d(hidden)
@@ -110,12 +152,15 @@ class InvertedResidual(nn.Module):
         self.dw = nn.Conv2d(hidden, hidden, 3, padding=1, groups=hidden)
         self.bn2 = nn.BatchNorm2d(hidden)
         self.act2 = make_activation(activation)
+        self.se = SqueezeExcitation(hidden, hidden // 4, activation) if se else None
         self.project = nn.Conv2d(hidden, dim, 1)
         self.bn3 = nn.BatchNorm2d(dim)
 
     def forward(self, x: Tensor) -> Tensor:
         out = self.act1(self.bn1(self.expand(x)))
         out = self.act2(self.bn2(self.dw(out)))
+        if self.se is not None:
+            out = self.se(out)
         out = self.bn3(self.project(out))
         return out + x
 
@@ -123,15 +168,16 @@ class InvertedResidual(nn.Module):
 class TinyHybrid(nn.Module):
     """Conv stem (stride 2) + BN + act, an inverted-residual block, tokens, ``depth`` pre-norm
     transformer blocks (zoo's :class:`~srdxai.models.zoo.Block`), LayerNorm, token mean,
-    Linear. Input (N, 3, 16, 16) -> 64 tokens of width 8 -> (N, 5)."""
+    Linear. Input (N, 3, 16, 16) -> 64 tokens of width 8 -> (N, 5). ``se=True``: the
+    inverted-residual block has a squeeze-excitation gate (16 channels, 4 squeeze channels)."""
 
     def __init__(self, activation: str = "silu", *, depth: int = 1, dim: int = 8,
-                 heads: int = 2, num_classes: int = 5):
+                 heads: int = 2, num_classes: int = 5, se: bool = False):
         super().__init__()
         self.stem_conv = nn.Conv2d(3, dim, 3, stride=2, padding=1, bias=True)
         self.stem_bn = nn.BatchNorm2d(dim)
         self.stem_act = make_activation(activation)
-        self.ir = InvertedResidual(dim, 2 * dim, activation)
+        self.ir = InvertedResidual(dim, 2 * dim, activation, se=se)
         self.blocks = nn.Sequential(*(Block(dim, heads, 2.0, activation, 1e-6)
                                       for _ in range(depth)))
         self.norm = nn.LayerNorm(dim, eps=1e-6)
@@ -153,16 +199,18 @@ def randomize_batchnorm(model: nn.Module, generator: torch.Generator) -> None:
                 m.running_var.uniform_(0.5, 2.0, generator=generator)
 
 
-def tiny_hybrid(activation: str = "silu", seed: int = 0, *, depth: int = 1,
+def tiny_hybrid(activation: str = "silu", seed: int = 0, *, depth: int = 1, se: bool = False,
                 dtype: torch.dtype = DT) -> TinyHybrid:
     """A :class:`TinyHybrid` with every parameter at a scale where it matters, eval mode.
 
-    Weights ~ N(0, 1/fan_in); biases (conv, linear, BN shift, LayerNorm shift) ~ N(0, 0.5);
-    LayerNorm gains ~ U(0.5, 1.5); BatchNorm gains of magnitude U(0.5, 1.5), a quarter of them
-    negative; BatchNorm running statistics by :func:`randomize_batchnorm`.
+    Weights ~ N(0, 1/fan_in); biases (conv, linear, BN shift, LayerNorm shift, the gate's 1x1
+    convs) ~ N(0, 0.5); LayerNorm gains ~ U(0.5, 1.5); BatchNorm gains of magnitude U(0.5, 1.5),
+    a quarter of them negative; BatchNorm running statistics by :func:`randomize_batchnorm`.
+    ``se=True`` adds the squeeze-excitation gate (the parameters after it then differ from the
+    ``se=False`` model of the same seed).
     """
     torch.manual_seed(seed)
-    model = TinyHybrid(activation, depth=depth)
+    model = TinyHybrid(activation, depth=depth, se=se)
     g = torch.Generator().manual_seed(seed + 2000)
     bn_names = {n for n, m in model.named_modules() if isinstance(m, nn.BatchNorm2d)}
     with torch.no_grad():
@@ -400,6 +448,72 @@ def _one_source(y: Tensor, r: Tensor, stats: tok.Stats) -> Tensor:
     return out
 
 
+# ------------------------------------------------------------------ gate (squeeze-excitation)
+
+
+@dataclass
+class _GateRec:
+    pooled: Tensor  # (C,) mean of the signal's channel vectors over the positions
+    fc1: Tensor     # (squeeze,)
+    act: Tensor     # (squeeze,)
+    fc2: Tensor     # (C,)
+    gate: Tensor    # (C,) sigmoid(fc2): the gate value per channel
+    y: Tensor       # (C, H, W) gate ⊙ signal
+
+
+def _se_forward(se: SqueezeExcitation, s: Tensor) -> _GateRec:
+    """The squeeze-excitation gate of one sample's signal ``s`` (C, H, W), from the parameters."""
+    assert isinstance(se, SqueezeExcitation), type(se).__name__
+    assert _pair(se.avgpool.output_size) == (1, 1)
+    assert isinstance(se.scale_activation, nn.Sigmoid)
+    for fc in (se.fc1, se.fc2):
+        assert _pair(fc.kernel_size) == (1, 1) and fc.groups == 1 and fc.bias is not None
+    c_n, h, w = s.shape
+    pooled = torch.zeros(c_n, dtype=DT)
+    for i in range(h):
+        for j in range(w):
+            pooled = pooled + s[:, i, j]
+    pooled = pooled / (h * w)
+    fc1 = _d(se.fc1.weight)[:, :, 0, 0] @ pooled + _d(se.fc1.bias)
+    act = _act(se.activation, fc1)
+    fc2 = _d(se.fc2.weight)[:, :, 0, 0] @ act + _d(se.fc2.bias)
+    gate = 1.0 / (1.0 + torch.exp(-fc2))
+    y = _map(lambda v: gate * v, s)
+    return _GateRec(pooled, fc1, act, fc2, gate, y)
+
+
+def se_gate(se: SqueezeExcitation, s: Tensor) -> Tensor:
+    """The gate value (C,) of ``se`` on one sample's signal ``s`` (C, H, W)."""
+    return _se_forward(se, _d(s)).gate
+
+
+def _gate_backward(s: Tensor, gate: Tensor, y: Tensor, r_out: Tensor, stats: tok.Stats
+                   ) -> tuple[Tensor, float]:
+    """``(R(s), R(gate))`` for ``y = gate ⊙ s``: the gate is a constant weight, so each output
+    vector ``y(p)`` has one source, ``s(p)``, whose contribution is ``gate ⊙ s(p)`` (all of
+    ``y(p)``, no bias); the gate is no source of any ``y(p)``, so it collects nothing."""
+    r_s = torch.zeros_like(r_out)
+    r_gate = 0.0  # sum over the sources that are the gate: there are none
+    for i in range(r_out.shape[0]):
+        for j in range(r_out.shape[1]):
+            contrib = gate * s[:, i, j]
+            yp = y[:, i, j]
+            if bool((yp != 0).any()):
+                mu = tok.shares(yp, [contrib], [True])
+            else:  # a zero vector with one source: R passes unchanged (see _one_source)
+                mu = [1.0]
+            r_s[i, j] = tok.pass_relevance(mu, float(r_out[i, j]), stats)[0]
+    return r_s, r_gate
+
+
+def gate_relevance(s: Tensor, gate: Tensor, r_out: Tensor) -> Tensor:
+    """Relevance (H, W) of the signal vectors of ``y = gate[:, None, None] * s`` on one sample
+    (``s`` (C, H, W), ``gate`` (C,)) given the relevance ``r_out`` (H, W) of ``y``'s vectors."""
+    s, gate = _d(s), _d(gate)
+    y = _map(lambda v: gate * v, s)
+    return _gate_backward(s, gate, y, _d(r_out), tok.Stats())[0]
+
+
 # --------------------------------------------------------------------------- forward (per sample)
 
 
@@ -415,6 +529,7 @@ class _Forward:
     dw: _ConvRec
     bn2: Tensor
     act2: Tensor
+    se: _GateRec | None   # the squeeze-excitation gate (its output is the project conv's input)
     project: _ConvRec
     bn3: Tensor           # the branch
     ir_out: Tensor        # branch + shortcut
@@ -438,7 +553,8 @@ def _forward_sample(model: TinyHybrid, x: Tensor) -> _Forward:
     dw = _conv_forward(ir.dw, act1)
     bn2 = _bn_map(ir.bn2, dw.y)
     act2 = _act_map(ir.act2, bn2)
-    project = _conv_forward(ir.project, act2)
+    se = _se_forward(ir.se, act2) if ir.se is not None else None
+    project = _conv_forward(ir.project, act2 if se is None else se.y)
     bn3 = _bn_map(ir.bn3, project.y)
     ir_out = bn3 + stem_act
     _, h, w = ir_out.shape
@@ -453,8 +569,8 @@ def _forward_sample(model: TinyHybrid, x: Tensor) -> _Forward:
     for v in normed:
         pooled = pooled + v / len(normed)
     logits = tok.linear(model.head, pooled)
-    return _Forward(x, stem, stem_bn, stem_act, expand, bn1, act1, dw, bn2, act2, project, bn3,
-                    ir_out, tokens, recs, cur, normed, pooled, logits)
+    return _Forward(x, stem, stem_bn, stem_act, expand, bn1, act1, dw, bn2, act2, se, project,
+                    bn3, ir_out, tokens, recs, cur, normed, pooled, logits)
 
 
 # --------------------------------------------------------------------------- relevance
@@ -488,9 +604,14 @@ def _backward(model: TinyHybrid, fw: _Forward, target: int, misread: str | None)
     r_branch, r_short = residual_relevance(fw.bn3, fw.stem_act, r_sum,
                                            last_axis=misread == "residual_last_axis",
                                            stats=stats)
-    # bn3 (one source), project (1x1: one source), act2, bn2
+    # bn3 (one source), project (1x1: one source), [the gate: one source], act2, bn2
     r = _one_source(fw.bn3, r_branch, stats)
     r = _conv_backward(fw.project, r, stats, even=even, bn=ir.bn3 if fuse else None)
+    gate_out = gate_signal = r_gate = None
+    if fw.se is not None:
+        gate_out = r
+        r, r_gate = _gate_backward(fw.act2, fw.se.gate, fw.se.y, r, stats)
+        gate_signal = r
     r = _one_source(fw.act2, r, stats)
     r_dw_out = _one_source(fw.bn2, r, stats)
     r_dw_in = _conv_backward(fw.dw, r_dw_out, stats, even=even, bn=ir.bn2 if fuse else None)
@@ -502,9 +623,15 @@ def _backward(model: TinyHybrid, fw: _Forward, target: int, misread: str | None)
     r_stem_out = _one_source(fw.stem_bn, r, stats)
     pixel = _conv_backward(fw.stem, r_stem_out, stats, even=even,
                            bn=model.stem_bn if fuse else None)
-    return {"tokens_out": tokens_out, "tokens_in": tokens_in, "sum": r_sum,
-            "branch": r_branch, "shortcut": r_short, "dw_out": r_dw_out, "dw_in": r_dw_in,
-            "ir_in": r_ir_in, "stem_out": r_stem_out, "pixel": pixel, "lost": stats.lost}
+    res = {"tokens_out": tokens_out, "tokens_in": tokens_in, "sum": r_sum,
+           "branch": r_branch, "shortcut": r_short, "dw_out": r_dw_out, "dw_in": r_dw_in,
+           "ir_in": r_ir_in, "stem_out": r_stem_out, "pixel": pixel, "lost": stats.lost}
+    if fw.se is not None:
+        # the gate branch's PFVs (one vector each: pooled, fc1, act, fc2, gate) get only what
+        # the gate collected as a source, which is nothing
+        res.update(gate_out=gate_out, gate_signal=gate_signal,
+                   gate_branch={k: r_gate for k in ("pooled", "fc1", "act", "fc2", "gate")})
+    return res
 
 
 def srd_hybrid_oracle_trace(model: TinyHybrid, x: Tensor, target: int, *,
@@ -514,7 +641,11 @@ def srd_hybrid_oracle_trace(model: TinyHybrid, x: Tensor, target: int, *,
     final LayerNorm input, ``tokens_in`` at the transformer input, ``sum`` (H, W) at the NCHW
     residual sum, its ``branch`` and ``shortcut`` shares, ``dw_out`` / ``dw_in`` at the depthwise
     convolution's output / input, ``ir_in`` at the block input, ``stem_out`` at the stem conv
-    output), the (H, W) ``pixel`` map, and ``lost`` (relevance that reached a zero vector)."""
+    output), the (H, W) ``pixel`` map, and ``lost`` (relevance that reached a zero vector).
+    With the squeeze-excitation gate also ``gate_out`` / ``gate_signal`` (H, W) at the gated
+    product (the project conv's input) and at its signal (the depthwise activation's output),
+    ``gate_branch`` (the relevance of the gate branch's vectors: ``pooled``, ``fc1``, ``act``,
+    ``fc2``, ``gate``), and in ``forward`` the ``gate`` value (C,) and the gated map ``se``."""
     x = x.detach().to(DT)
     out = []
     for n in range(x.shape[0]):
@@ -523,6 +654,8 @@ def srd_hybrid_oracle_trace(model: TinyHybrid, x: Tensor, target: int, *,
         res["logits"] = fw.logits
         res["forward"] = {"stem": fw.stem.y, "ir": fw.ir_out,
                           "tokens": torch.stack(fw.block_out)}
+        if fw.se is not None:
+            res["forward"].update(gate=fw.se.gate, se=fw.se.y)
         out.append(res)
     return out
 

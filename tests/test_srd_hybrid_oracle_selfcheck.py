@@ -4,9 +4,16 @@ through the network carries exactly the target logit (SiLU and ReLU, several see
 batches are per sample, the convolution and residual rules give hand-derived numbers (padding,
 stride, bias split by norms, depthwise groups), the loop code agrees with a vectorized
 (unfold / fold) form of the convolution rule, and plausible misreadings of the definition, which
-all conserve the logit too, change the map by far more than 1e-3."""
+all conserve the logit too, change the map by far more than 1e-3. With the squeeze-excitation
+gate (``se=True``): the forward (gate value included) equals the model's, every cut carries the
+logit, the gate passes each position's relevance unchanged to its signal vector (by hand), and
+the gate branch acts on the map only through the gate's forward value (its vectors get nothing,
+other weights with the same gate value give the same map, and the map equals that of the model
+without the gate whose projecting convolution has the gate folded into its weight)."""
 
 from __future__ import annotations
+
+import math
 
 import pytest
 import torch
@@ -308,3 +315,156 @@ def test_unknown_misreading_is_refused() -> None:
     model = ora.tiny_hybrid("relu", seed=0)
     with pytest.raises(ValueError):
         ora.srd_hybrid_oracle(model, ora.tiny_hybrid_input(0, n=1), 0, misread="nope")
+
+
+# ------------------------------------------------------------------ squeeze-excitation gate
+
+
+@pytest.mark.parametrize("activation", ["silu", "relu", "gelu"])
+def test_forward_reproduces_model_with_se_gate(activation: str) -> None:
+    """With the gate: the gate value, the gated map, the block output, the transformer output and
+    the logits equal the model's own forward (hooks) to 1e-12."""
+    model = ora.tiny_hybrid(activation, seed=2, se=True)
+    x = ora.tiny_hybrid_input(seed=3)
+    se = model.ir.se
+    seen: dict[str, torch.Tensor] = {}
+    hooks = [mod.register_forward_hook(lambda m, i, o, k=k: seen.__setitem__(k, o))
+             for k, mod in [("stem", model.stem_conv), ("ir", model.ir), ("se", se),
+                            ("gate", se.scale_activation), ("tokens", model.blocks)]]
+    try:
+        with torch.no_grad():
+            ref = model(x)
+    finally:
+        for h in hooks:
+            h.remove()
+    assert seen["gate"].shape == (2, 16, 1, 1) and seen["se"].shape == (2, 16, 8, 8)
+    trace = ora.srd_hybrid_oracle_trace(model, x, 0)
+    for n, s in enumerate(trace):
+        assert torch.allclose(s["logits"], ref[n], rtol=1e-12, atol=1e-12)
+        assert torch.allclose(s["forward"]["gate"], seen["gate"][n, :, 0, 0], rtol=1e-12,
+                              atol=1e-12)
+        for k in ("stem", "ir", "se", "tokens"):
+            assert torch.allclose(s["forward"][k], seen[k][n], rtol=1e-12, atol=1e-12), k
+    assert torch.allclose(ora.oracle_logits(model, x), ref, rtol=1e-12, atol=1e-12)
+
+
+def test_se_builder_is_non_trivial() -> None:
+    """The gate sits between the depthwise activation and the projecting conv, its convs have
+    biases at a scale that matters, and its value varies over channels; the default model has
+    no gate."""
+    assert ora.tiny_hybrid("silu", seed=0).ir.se is None
+    model = ora.tiny_hybrid("silu", seed=0, se=True)
+    se = model.ir.se
+    assert isinstance(se, ora.SqueezeExcitation) and not model.training
+    assert list(dict(model.ir.named_children())) == [
+        "expand", "bn1", "act1", "dw", "bn2", "act2", "se", "project", "bn3"]
+    assert se.fc1.weight.shape == (4, 16, 1, 1) and se.fc2.weight.shape == (16, 4, 1, 1)
+    for fc in (se.fc1, se.fc2):
+        assert fc.weight.dtype == DT and float(fc.bias.detach().abs().max()) > 0.1
+    gate = ora.srd_hybrid_oracle_trace(model, ora.tiny_hybrid_input(0, n=1), 0)[0]["forward"][
+        "gate"]
+    assert float(gate.max() - gate.min()) > 0.2
+
+
+SE_CUTS = [*CUTS, "gate_out+shortcut", "gate_signal+shortcut"]
+
+
+@pytest.mark.parametrize("activation", ["silu", "relu", "gelu"])
+@pytest.mark.parametrize("seed", [0, 1])
+def test_conservation_with_se_gate(activation: str, seed: int) -> None:
+    """With the gate, the pixel map and every cut (also at the gated product and at its
+    signal) sum to the target logit per sample; nothing is lost and the gate branch gets
+    nothing."""
+    model = ora.tiny_hybrid(activation, seed=seed, se=True)
+    x = ora.tiny_hybrid_input(seed=seed + 10)
+    with torch.no_grad():
+        logits = model(x)
+    for target in (0, 3):
+        for n, s in enumerate(ora.srd_hybrid_oracle_trace(model, x, target)):
+            want = float(logits[n, target])
+            assert s["pixel"].shape == (16, 16) and s["pixel"].dtype == DT
+            assert s["lost"] <= 1e-12 * max(abs(want), 1.0)
+            for cut in SE_CUTS:
+                got = _cut(s, cut)
+                assert abs(got - want) <= 1e-9 * max(abs(want), 1e-3), (cut, got, want)
+            assert set(s["gate_branch"]) == {"pooled", "fc1", "act", "fc2", "gate"}
+            assert all(v == 0.0 for v in s["gate_branch"].values())
+
+
+def test_gate_passes_relevance_unchanged_by_hand() -> None:
+    """SqueezeExcitation(2 channels, 1 squeeze channel, ReLU) on the 1 x 3 signal
+    s(0, 0) = (2, 1), s(0, 1) = (1, -4), s(0, 2) = (0, 0).
+    Pool: (3, -3) / 3 = (1, -1); fc1 = [1, -1], bias 0: 2; ReLU: 2; fc2 = (0, ln(3)/2), bias 0:
+    (0, ln 3); sigmoid: gate g = (1/2, 3/4).
+    y(0, 0) = (1, 3/4), y(0, 1) = (1/2, -3), y(0, 2) = (0, 0).
+    Each y(p) has the one source s(p) with contribution g ⊙ s(p) = y(p) (no bias), so
+    mu = <y(p), y(p)> / ||y(p)||^2 = 1, and R(s(p)) = R(y(p)) also where y(p) = 0 (one source,
+    nothing else to pass it to). R(y) = [5, -2, 7] gives R(s) = [5, -2, 7]; the gate gets none."""
+    se = ora.SqueezeExcitation(2, 1, "relu").to(DT)
+    with torch.no_grad():
+        se.fc1.weight.copy_(_t(1, -1).view(1, 2, 1, 1))
+        se.fc1.bias.zero_()
+        se.fc2.weight.copy_(_t(0, math.log(3.0) / 2).view(2, 1, 1, 1))
+        se.fc2.bias.zero_()
+    s = torch.tensor([[[2.0, 1.0, 0.0]], [[1.0, -4.0, 0.0]]], dtype=DT)
+    gate = ora.se_gate(se, s)
+    assert torch.allclose(gate, _t(1 / 2, 3 / 4), atol=1e-15)
+    with torch.no_grad():
+        y = se(s[None])[0]
+    assert torch.allclose(y, torch.tensor([[[1.0, 0.5, 0.0]], [[0.75, -3.0, 0.0]]],
+                                          dtype=DT), atol=1e-15)
+    r_s = ora.gate_relevance(s, gate, _t(5, -2, 7).view(1, 3))
+    assert torch.allclose(r_s, _t(5, -2, 7).view(1, 3), rtol=1e-15, atol=0)
+
+
+def test_gate_in_the_model_passes_each_position_unchanged() -> None:
+    """In the full model the relevance at the gated product (project conv input) reaches the
+    signal (depthwise activation output) position by position unchanged."""
+    model = ora.tiny_hybrid("silu", seed=3, se=True)
+    for s in ora.srd_hybrid_oracle_trace(model, ora.tiny_hybrid_input(seed=4), 2):
+        assert float(s["gate_out"].abs().min()) > 0
+        assert torch.allclose(s["gate_signal"], s["gate_out"], rtol=1e-14, atol=0)
+
+
+def test_gate_branch_acts_only_through_the_gate_value() -> None:
+    """ReLU inside the gate is positively homogeneous: fc1 (weight and bias) times 4 and fc2's
+    weight over 4 give other branch weights with the same gate value, and the same map (1e-12);
+    a changed gate value (fc2's bias) changes the map; the branch's vectors get nothing."""
+    model = ora.tiny_hybrid("relu", seed=5, se=True)
+    x = ora.tiny_hybrid_input(seed=6)
+    ref = ora.srd_hybrid_oracle_trace(model, x, 1)
+    se = model.ir.se
+    with torch.no_grad():
+        se.fc1.weight.mul_(4.0)
+        se.fc1.bias.mul_(4.0)
+        se.fc2.weight.div_(4.0)
+    same = ora.srd_hybrid_oracle_trace(model, x, 1)
+    for a, b in zip(ref, same, strict=True):
+        assert torch.allclose(b["forward"]["gate"], a["forward"]["gate"], rtol=1e-13, atol=0)
+        assert torch.allclose(b["pixel"], a["pixel"], rtol=1e-12, atol=1e-14)
+        assert all(v == 0.0 for v in b["gate_branch"].values())
+    with torch.no_grad():
+        se.fc2.bias.add_(torch.linspace(-1.0, 1.0, 16, dtype=DT))
+    moved = ora.srd_hybrid_oracle_trace(model, x, 1)
+    for a, b in zip(ref, moved, strict=True):
+        assert _rel(b["pixel"], a["pixel"]) > 1e-3
+
+
+@pytest.mark.parametrize("activation", ["silu", "relu"])
+def test_gate_is_a_constant_weight_folded_into_project(activation: str) -> None:
+    """Per sample, the gate is a constant per-channel weight: the map of the gated model equals
+    the map of the same model without the gate whose projecting 1x1 conv has the weight
+    W diag(g) (g that sample's gate value): same project contributions, same ratios."""
+    model = ora.tiny_hybrid(activation, seed=7, se=True)
+    x = ora.tiny_hybrid_input(seed=8)
+    trace = ora.srd_hybrid_oracle_trace(model, x, 4)
+    for n, s in enumerate(trace):
+        plain = ora.TinyHybrid(activation).to(DT).eval()
+        missing, unexpected = plain.load_state_dict(model.state_dict(), strict=False)
+        assert not missing and unexpected and all(".se." in k for k in unexpected)
+        with torch.no_grad():
+            plain.ir.project.weight.mul_(s["forward"]["gate"].view(1, 16, 1, 1))
+            assert torch.allclose(plain(x[n:n + 1])[0], s["logits"], rtol=1e-12, atol=1e-12)
+        folded = ora.srd_hybrid_oracle(plain, x[n:n + 1], 4)[0]
+        assert torch.allclose(folded, s["pixel"], rtol=1e-10, atol=1e-12 * float(
+            s["pixel"].abs().max()))

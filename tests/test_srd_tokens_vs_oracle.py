@@ -77,13 +77,16 @@ def test_srd_on_a_transformer_refuses_what_is_defined_for_cnns_only():
     assert srd.attribute(x, 1).shape == (2, 16, 16)
 
 
+@pytest.mark.parametrize("se", [False, True], ids=["plain", "se"])
 @pytest.mark.parametrize("activation", ["silu", "relu"])
 @pytest.mark.parametrize("method", ["srd_tokens", "srd"])
-def test_hybrid_cnn_transformer_equals_the_slow_reference(activation, method):
+def test_hybrid_cnn_transformer_equals_the_slow_reference(activation, method, se):
     """A stem convolution with padding and stride 2, BatchNorm, an inverted-residual block with
     a depthwise convolution and an (N, C, H, W) residual sum, then a transformer block on the
-    flattened map (``srd_hybrid_oracle.py``, written from the definition)."""
-    model = tiny_hybrid(activation, seed=2)
+    flattened map (``srd_hybrid_oracle.py``, written from the definition); ``se``: the block has
+    a squeeze-excitation gate before its projecting convolution (the gate a constant weight,
+    its branch gets no relevance)."""
+    model = tiny_hybrid(activation, seed=2, se=se)
     x = tiny_hybrid_input(seed=4)
     targets = [0, 3]
     expected = torch.cat([srd_hybrid_oracle(model, x[i:i + 1], t)

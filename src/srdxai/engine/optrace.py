@@ -66,6 +66,14 @@ AVG_POOL = {F.avg_pool1d, F.avg_pool2d, F.avg_pool3d, F.adaptive_avg_pool1d,
             # non-negative weights, linear like the averages above
             F.interpolate, F.upsample}
 SDPA = {F.scaled_dot_product_attention}
+#: ``nn.MultiheadAttention``'s function (torchvision's ViT, ``nn.TransformerEncoderLayer``)
+MULTI_HEAD_ATTENTION = {F.multi_head_attention_forward}
+_MHA_ARGUMENTS = ("query", "key", "value", "embed_dim_to_check", "num_heads", "in_proj_weight",
+                  "in_proj_bias", "bias_k", "bias_v", "add_zero_attn", "dropout_p",
+                  "out_proj_weight", "out_proj_bias", "training", "key_padding_mask",
+                  "need_weights", "attn_mask", "use_separate_proj_weight", "q_proj_weight",
+                  "k_proj_weight", "v_proj_weight", "static_k", "static_v",
+                  "average_attn_weights", "is_causal")
 MOVE = MOVING
 MOVE_PROPERTIES = {"T", "mT", "H", "mH"}
 
@@ -516,6 +524,8 @@ class OpTracer(Tracer):
             return out
         if func in SDPA:
             return self._attention(args, kwargs)
+        if func in MULTI_HEAD_ATTENTION:
+            return self._multi_head_attention(args, kwargs)
         kind = self._kind(func, args, kwargs)
         if kind is None:
             out = func(*args, **kwargs)
@@ -636,11 +646,84 @@ class OpTracer(Tracer):
         scale = bound.get("scale")
         if scale is None:
             scale = 1.0 / math.sqrt(q.shape[-1])
+        return self._attention_steps(q, k, v, scale)[0]
+
+    def _attention_steps(self, q: Tensor, k: Tensor, v: Tensor,
+                         scale: float) -> tuple[Tensor, Tensor]:
+        """``softmax(q k^T * scale) v`` as a scaling, a product, a softmax and a product, each
+        a call of its own: (the output, the attention weights)."""
         q = self.__torch_function__(Tensor.__mul__, (), (q, scale))
         kt = self.__torch_function__(Tensor.transpose, (), (k, -2, -1))
         scores = self.__torch_function__(torch.matmul, (), (q, kt))
         attn = self.__torch_function__(torch.softmax, (), (scores, -1))
-        return self.__torch_function__(torch.matmul, (), (attn, v))
+        return self.__torch_function__(torch.matmul, (), (attn, v)), attn
+
+    def _multi_head_attention(self, args, kwargs):
+        """``F.multi_head_attention_forward`` (``nn.MultiheadAttention``; sequence first,
+        ``(L, N, E)``) as the calls it is made of, batch first, as timm writes attention:
+        query, key and value transposed to ``(N, L, E)`` (every rule takes dimension 0 for
+        the batch: absLRP's per-sample normalisation, SRD's token vectors), the input
+        projections (one dense layer on the packed weights when query, key and value are one
+        tensor, as torch and timm write a self-attention; one for key and value when they are
+        one), the heads split off to ``(N, heads, L, E / heads)``, the three attention steps
+        of ``F.scaled_dot_product_attention``, the heads merged back, the output projection,
+        and the result transposed back to ``(L, N, E)``. Masks, ``bias_k`` / ``bias_v``, zero
+        attention and static keys are refused."""
+        bound = dict(zip(_MHA_ARGUMENTS, args, strict=False)) | kwargs
+        for name, what in (("key_padding_mask", "a key padding mask"),
+                           ("attn_mask", "an attention mask"), ("bias_k", "bias_k"),
+                           ("bias_v", "bias_v"), ("static_k", "static keys"),
+                           ("static_v", "static values")):
+            if bound.get(name) is not None:
+                raise self.unsupported(f"multi-head attention with {what}")
+        if bound.get("add_zero_attn") or bound.get("is_causal"):
+            raise self.unsupported("multi-head attention with add_zero_attn or is_causal")
+        if bound.get("training", True) and bound.get("dropout_p", 0.0):
+            raise self.unsupported("attention dropout in training mode (call model.eval())")
+        query, key, value = bound["query"], bound["key"], bound["value"]
+        if query.dim() != 3:
+            raise self.unsupported(
+                f"unbatched multi-head attention (a query of shape {tuple(query.shape)})")
+        call = self.__torch_function__
+        heads = int(bound["num_heads"])
+        embed = query.shape[-1]
+        separate = bool(bound.get("use_separate_proj_weight"))
+        if separate:
+            weights = [bound["q_proj_weight"], bound["k_proj_weight"], bound["v_proj_weight"]]
+        else:
+            weights = list(bound["in_proj_weight"].chunk(3))
+        bias = bound.get("in_proj_bias")
+        biases = list(bias.chunk(3)) if bias is not None else [None] * 3
+
+        def batch_first(t: Tensor) -> Tensor:
+            return call(Tensor.transpose, (), (t, 0, 1))
+
+        if query is key and key is value and not separate:
+            packed = call(F.linear, (), (batch_first(query), bound["in_proj_weight"], bias))
+            q, k, v = call(Tensor.chunk, (), (packed, 3, -1))
+        elif key is value and not separate:
+            q = call(F.linear, (), (batch_first(query), weights[0], biases[0]))
+            kv_bias = None if bias is None else torch.cat(biases[1:])
+            packed = call(F.linear, (), (batch_first(key), torch.cat(weights[1:]), kv_bias))
+            k, v = call(Tensor.chunk, (), (packed, 2, -1))
+        else:
+            q, k, v = (call(F.linear, (), (batch_first(t), w, b))
+                       for t, w, b in zip((query, key, value), weights, biases, strict=True))
+
+        def split_heads(t: Tensor) -> Tensor:  # (N, L, E) -> (N, heads, L, E / heads)
+            t = call(Tensor.reshape, (), (t, t.shape[0], t.shape[1], heads, embed // heads))
+            return call(Tensor.transpose, (), (t, 1, 2))
+
+        out, attn = self._attention_steps(split_heads(q), split_heads(k), split_heads(v),
+                                          1.0 / math.sqrt(embed // heads))
+        out = call(Tensor.transpose, (), (out, 1, 2))  # (N, L, heads, E / heads)
+        out = call(Tensor.reshape, (), (out, out.shape[0], out.shape[1], embed))
+        out = call(F.linear, (), (out, bound["out_proj_weight"], bound.get("out_proj_bias")))
+        weights_out = None
+        if bound.get("need_weights", True):
+            weights_out = (call(Tensor.mean, (), (attn, 1))
+                           if bound.get("average_attn_weights", True) else attn)
+        return batch_first(out), weights_out
 
 
 class OpTrace:

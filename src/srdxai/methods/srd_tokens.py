@@ -38,10 +38,16 @@ every output sum to 1 and the pixel map sums to the target logit. What that mean
   token concatenated to the patches) each part of a vector gets ``||x_k||^2 / ||x||^2`` of
   its relevance: SRD's ratio for a concatenation, whose parts contribute in disjoint slots.
 
+* **gates** ``s * g`` with both factors input-dependent and ``g`` broadcast against ``s`` (one
+  value per channel or per position: squeeze-excitation in a hybrid's convolutional blocks,
+  MaxViT's MBConv): the gate is a constant weight, as in the PFV engine (docs/srd.md), so
+  ``s`` is the one source of each output vector (``mu = 1``) and the gate's branch gets no
+  relevance.
+
 Which entries do not depend on the image is followed through the pass by the operation view
-(``OpRule.constant_parts``). Max pooling and products of two input-dependent tensors other
-than attention (gates) raise ``UnsupportedOperationError``; models without attention are
-refused too (``method="srd"`` explains CNNs with its PFV engine).
+(``OpRule.constant_parts``). Max pooling and other products of two input-dependent tensors
+raise ``UnsupportedOperationError``; models without attention are refused too
+(``method="srd"`` explains CNNs with its PFV engine).
 """
 
 from __future__ import annotations
@@ -80,6 +86,19 @@ def _spread(per_vector: Tensor, like: Tensor, dims: int = 1) -> Tensor:
     weights = torch.where(total > 0, squares / torch.where(total > 0, total, 1.0),
                           torch.full_like(squares, 1.0 / size))
     return per_vector.reshape(*per_vector.shape, *([1] * dims)) * weights
+
+
+def _broadcast_gate(inputs: Sequence[Tensor], output: Tensor) -> int | None:
+    """Which factor of a product of two input-dependent tensors is a gate: the one broadcast
+    against the other (squeeze-excitation's ``(N, C, 1, 1)`` against the ``(N, C, H, W)``
+    map), while the other has the output's shape; None when neither is (a product of two
+    same-shape activations has no gate this rule can tell)."""
+    for gate in (0, 1):
+        g, s = inputs[gate], inputs[1 - gate]
+        if (s.shape == output.shape and g.dim() == s.dim() and g.numel() < s.numel()
+                and g.shape[0] == s.shape[0]):
+            return gate
+    return None
 
 
 def _vector_constant(mask: Tensor | None, like: Tensor, dims: int = 1) -> Tensor | None:
@@ -149,7 +168,18 @@ class SRDTokenRule(OpRule):
                 return self._residual(call, inputs, output, grad)
             if kind == "matmul":
                 return self._attention(call, inputs, output, grad)
-            raise self._unsupported(call, f"'{kind}' of two input-dependent tensors (a gate)")
+            gate = _broadcast_gate(inputs, output) if kind == "mul" else None
+            if gate is None:
+                raise self._unsupported(
+                    call, f"'{kind}' of two input-dependent tensors of shapes "
+                    f"{tuple(inputs[0].shape)} and {tuple(inputs[1].shape)} (a gate must be "
+                    "the broadcast factor: one value per channel or per position)")
+            # a gate (squeeze-excitation in a hybrid's convolutional blocks) is a constant
+            # weight of the signal, as in the PFV engine: one source, mu = 1, and the
+            # gate's own branch gets nothing
+            result = [torch.zeros_like(t) for t in inputs]
+            result[1 - gate] = grad
+            return result
         if kind == "layer_norm":
             normalized = call.argument(1, "normalized_shape")
             dims = len(normalized) if isinstance(normalized, list | tuple) else 1
