@@ -97,12 +97,7 @@ EXPECTED_REFUSALS: dict[str, set[str]] = {
     "levit_128s": {"attention_rollout", "transformer_attribution"},
     "torchvision:vit": set(),
     "torchvision:swin": {"attention_rollout", "transformer_attribution"},
-    # cosine attention's F.normalize: no rule yet for the operation-view methods (refused by
-    # name); the gradient family, occlusion and the CAMs run
-    "torchvision:swin_v2": {"abslrp", "attention_rollout", "attnlrp", "cp_lrp", "fullgrad",
-                            "lrp_alpha_beta", "lrp_epsilon", "lrp_epsilon_gamma_box",
-                            "lrp_epsilon_plus", "lrp_zplus", "srd", "srd_tokens",
-                            "transformer_attribution"},
+    "torchvision:swin_v2": {"attention_rollout", "transformer_attribution"},
     # FullGrad: the bias gradients of the block / grid partitions have no tracked place
     "torchvision:maxvit": {"attention_rollout", "transformer_attribution", "fullgrad"},
 }

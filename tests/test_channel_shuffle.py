@@ -12,7 +12,14 @@ from torch import nn
 import srdxai
 from srdxai.errors import UnsupportedOperationError
 
-torch.set_default_dtype(torch.float64)
+
+@pytest.fixture(autouse=True, scope="module")
+def float64_by_default():
+    """Models and inputs in float64 here, and the default put back for the other modules."""
+    previous = torch.get_default_dtype()
+    torch.set_default_dtype(torch.float64)
+    yield
+    torch.set_default_dtype(previous)
 
 
 def shuffle(x: torch.Tensor, groups: int) -> torch.Tensor:

@@ -51,6 +51,8 @@ MATMUL = {torch.matmul, Tensor.matmul, Tensor.__matmul__, Tensor.__rmatmul__, to
           Tensor.bmm, torch.einsum}
 BATCH_NORM = {F.batch_norm}
 LAYER_NORM = {F.layer_norm}
+#: ``x / max(||x||_p, eps)`` along one axis (Swin V2's cosine attention)
+NORMALIZE = {F.normalize}
 SOFTMAX = {F.softmax, torch.softmax, Tensor.softmax}
 ADD = {torch.add, Tensor.add, Tensor.__add__, Tensor.__radd__}
 SUB = {torch.sub, Tensor.sub, Tensor.__sub__, Tensor.__rsub__}
@@ -78,7 +80,8 @@ MOVE = MOVING
 MOVE_PROPERTIES = {"T", "mT", "H", "mH"}
 
 #: the kinds of computing calls, in the words of the rules
-KINDS = ("conv", "linear", "matmul", "batch_norm", "layer_norm", "activation", "softmax",
+KINDS = ("conv", "linear", "matmul", "batch_norm", "layer_norm", "normalize", "activation",
+         "softmax",
          "add", "sub", "mul", "div", "max_pool", "avg_pool", "scale")
 
 
@@ -102,6 +105,18 @@ def detached_layer_norm(x: Tensor, normalized_shape: Sequence[int], weight: Tens
     return y
 
 
+def detached_normalize(x: Tensor, p: float = 2.0, dim: int = 1, eps: float = 1e-12,
+                       out: Tensor | None = None, *,
+                       statistics_of: Tensor | None = None) -> Tensor:
+    """``F.normalize`` with the norm a constant for autograd (linear in ``x``): the LRP form
+    of a normalisation, as LayerNorm's detached statistics (``statistics_of``: as in
+    :func:`detached_layer_norm`)."""
+    if out is not None:
+        raise ValueError("detached_normalize does not write into out=")
+    source = x.detach() if statistics_of is None else statistics_of
+    return x / torch.linalg.vector_norm(source, p, dim, keepdim=True).clamp_min(eps)
+
+
 def detached_softmax(x: Tensor, dim: int | None = None, *args: Any,
                      statistics_of: Tensor | None = None, **kwargs: Any) -> Tensor:
     """Softmax whose maximum and denominator are constants for autograd."""
@@ -122,6 +137,7 @@ def constant_statistics(func: Callable) -> Callable:
 
 
 constant_statistics(detached_layer_norm)
+constant_statistics(detached_normalize)
 constant_statistics(detached_softmax)
 
 
@@ -456,6 +472,8 @@ class OpTracer(Tracer):
             return (full[0] & full[1]).expand(shape)
         if kind in ("linear", "softmax"):
             return _any_dependent(full[0], (-1,), shape)
+        if kind == "normalize":
+            return _any_dependent(full[0], (call.argument(2, "dim", 1),), shape)
         if kind == "layer_norm":
             normalized = call.argument(1, "normalized_shape")
             dims = len(normalized) if isinstance(normalized, list | tuple) else 1
@@ -551,6 +569,8 @@ class OpTracer(Tracer):
             return "batch_norm"
         if func in LAYER_NORM:
             return "layer_norm"
+        if func in NORMALIZE:
+            return "normalize"
         if func in ACTIVATIONS:
             return "activation"
         if func in SOFTMAX:
@@ -601,6 +621,8 @@ class OpTracer(Tracer):
             differentiable = detached_layer_norm
         elif kind == "softmax":
             differentiable = detached_softmax
+        elif kind == "normalize":
+            differentiable = detached_normalize
         call = OpCall(kind, self.where, differentiable, call_args, call_kwargs,
                       len(inputs), len(self.calls), original=func)
         self.calls.append(call)

@@ -186,6 +186,10 @@ class PositionTags:
             dim = call.argument(1, "dim")
             return first.mean(dim, keepdim=True).expand(shape) if isinstance(dim, int) \
                 else None
+        if kind == "normalize":
+            dim = call.argument(2, "dim", 1)
+            return first.mean(dim, keepdim=True).expand(shape) if isinstance(dim, int) \
+                else None
         if kind == "matmul":
             return self._matmul(call, tags, shape)
         if kind == "conv":

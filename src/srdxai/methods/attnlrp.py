@@ -72,7 +72,7 @@ def sigma_detached_layer_norm(x: Tensor, normalized_shape: Sequence[int],
 class AttnLRPRule(OpRule):
     """LXT's AttnLRP (``cp=False``) or CP-LRP (``cp=True``) rules (see the module docstring)."""
 
-    kinds = frozenset({"layer_norm", "activation", "matmul", "mul", "softmax"})
+    kinds = frozenset({"layer_norm", "normalize", "activation", "matmul", "mul", "softmax"})
 
     def __init__(self, cp: bool = False):
         self.cp = cp
@@ -107,6 +107,8 @@ class AttnLRPRule(OpRule):
             return call.vjp(inputs, grad, func=call.original)
         if kind == "layer_norm":
             return call.vjp(inputs, grad, func=sigma_detached_layer_norm)
+        if kind == "normalize":  # the norm constant, as LayerNorm's standard deviation
+            return call.vjp(inputs, grad)
         if kind == "activation":
             x = inputs[0]
             den = torch.where(x >= 0, x + IDENTITY_EPS, x - IDENTITY_EPS)

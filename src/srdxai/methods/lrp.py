@@ -628,7 +628,8 @@ class TransformerLRPRule(OpRule):
 
     * conv / dense layer: the composite's layer rule (``LRPConfig.choose``);
     * LayerNorm: ``R_x = x * J^T (R / s(y))`` with the standard deviation constant and the
-      centring kept (AttnLRP's LayerNorm rule);
+      centring kept (AttnLRP's LayerNorm rule); ``F.normalize`` the same with the norm
+      constant (Swin V2's cosine attention);
     * softmax: ``R_x = x * J^T (R / s(y))``, the true Jacobian (AttnLRP's softmax rule);
     * matrix product or elementwise product of two input-dependent tensors: each operand
       ``x_i * J_i^T (R / s(y)) / 2`` (AttnLRP's uniform rule);
@@ -671,7 +672,9 @@ class TransformerLRPRule(OpRule):
             return [r]
         if kind == "max_pool":
             return call.vjp(inputs, r, func=call.original)
-        func = sigma_detached_layer_norm if kind == "layer_norm" else call.original
+        func = (sigma_detached_layer_norm if kind == "layer_norm"
+                else call.func if kind == "normalize"  # the norm constant
+                else call.original)
         grads = call.vjp(inputs, ratio(r, output, self.config.stabilizer), func=func)
         relevance = [x * g for x, g in zip(inputs, grads, strict=True)]
         if len(inputs) == 2 and kind in ("matmul", "mul"):

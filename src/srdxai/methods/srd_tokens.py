@@ -133,7 +133,8 @@ class SRDTokenRule(OpRule):
     docstring). The backward signal is the relevance itself, carried on each vector's
     entries (:func:`_spread`), so its sum over a vector is that vector's relevance."""
 
-    kinds = frozenset({"conv", "linear", "matmul", "layer_norm", "activation", "softmax",
+    kinds = frozenset({"conv", "linear", "matmul", "layer_norm", "normalize", "activation",
+                       "softmax",
                        "add", "sub", "mul", "div", "avg_pool", "scale", "batch_norm",
                        "max_pool"})
     constant_parts = True
@@ -184,6 +185,10 @@ class SRDTokenRule(OpRule):
             normalized = call.argument(1, "normalized_shape")
             dims = len(normalized) if isinstance(normalized, list | tuple) else 1
             return [_spread(grad.sum(tuple(range(-dims, 0))), x, dims)]
+        if kind == "normalize":  # each vector scaled by its own norm: one source, mu = 1
+            if call.argument(2, "dim", 1) % x.dim() != x.dim() - 1:
+                raise self._unsupported(call, "a normalisation across token vectors")
+            return [grad]
         if kind in ("linear", "matmul"):  # per token: one source, mu = 1 (its bias too)
             if kind == "matmul" and not call.is_input(0, "input"):
                 raise self._unsupported(call, "a constant matrix mixing input-dependent rows")
