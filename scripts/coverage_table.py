@@ -36,13 +36,17 @@ GROUPS = {
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__)
     parser.add_argument("--full", type=Path, help="also write the per-method matrix here")
+    parser.add_argument("--archs", help="only architectures whose name starts with one of "
+                                        "these comma-separated prefixes (e.g. torchvision:)")
     args = parser.parse_args()
+    archs = [a for a in ARCHS if not args.archs or a.name.startswith(
+        tuple(args.archs.split(",")))]
     warnings.filterwarnings("ignore")
     missing = set(METHODS) - {m for ms in GROUPS.values() for m in ms}
     assert not missing, f"methods without a column: {missing}"
     results: dict[str, dict[str, str]] = {}
     reasons: dict[str, dict[str, str]] = {}
-    for arch in ARCHS:
+    for arch in archs:
         model, x = build(arch), inputs(arch)
         results[arch.name], reasons[arch.name] = {}, {}
         for method in sorted(METHODS):
@@ -52,7 +56,7 @@ def main() -> None:
         print(f"{arch.name}: done", file=sys.stderr)
     header = "| architecture | family | " + " | ".join(GROUPS) + " |"
     lines = [header, "|" + "---|" * (len(GROUPS) + 2)]
-    for arch in ARCHS:
+    for arch in archs:
         row = results[arch.name]
         cells = []
         for methods in GROUPS.values():
@@ -64,17 +68,18 @@ def main() -> None:
     print(table)
     if args.full:
         methods = sorted(METHODS)
-        full = ["| method | " + " | ".join(a.name for a in ARCHS) + " |",
-                "|" + "---|" * (len(ARCHS) + 1)]
+        full = ["| method | " + " | ".join(a.name for a in archs) + " |",
+                "|" + "---|" * (len(archs) + 1)]
         for m in methods:
             full.append(f"| {m} | " + " | ".join(
-                "yes" if results[a.name][m] == "ok" else "-" for a in ARCHS) + " |")
-        notes = [f"* **{a.name}**, {m}: {reasons[a.name][m]}" for a in ARCHS for m in methods
+                "yes" if results[a.name][m] == "ok" else "-" for a in archs) + " |")
+        notes = [f"* **{a.name}**, {m}: {reasons[a.name][m]}" for a in archs for m in methods
                  if results[a.name][m] != "ok"]
         args.full.write_text(
             "# Architecture coverage\n\nWritten by `python scripts/coverage_table.py --full "
-            "docs/coverage.md` (random-weight timm models, small inputs; the same cells are "
-            "checked by `tests/test_coverage.py`). *yes*: a finite map of the input's size; "
+            "docs/coverage.md` (random-weight timm and torchvision models, small inputs; the "
+            "same cells are checked by `tests/test_coverage.py`). *yes*: a finite map of the "
+            "input's size; "
             "*-*: a clear refusal (why below).\n\n## By method group\n\n" + table +
             "\n\n## By method\n\n" + "\n".join(full) + "\n\n## Why each refusal\n\n" +
             "\n".join(notes) + "\n")
