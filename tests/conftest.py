@@ -21,3 +21,15 @@ def one_thread():
     torch.set_num_threads(1)
     yield
     torch.set_num_threads(n)
+
+
+@pytest.fixture(scope="module")
+def float64_default():
+    """float64 as the default dtype for one module's models and inputs, and the previous
+    default back for the modules after it. Use with ``pytestmark =
+    pytest.mark.usefixtures(...)``; a fixture of the module that builds tensors must be
+    requested after it (module fixtures run in the order they are asked for)."""
+    previous = torch.get_default_dtype()
+    torch.set_default_dtype(torch.float64)
+    yield
+    torch.set_default_dtype(previous)

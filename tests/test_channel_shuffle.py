@@ -12,14 +12,7 @@ from torch import nn
 import srdxai
 from srdxai.errors import UnsupportedOperationError
 
-
-@pytest.fixture(autouse=True, scope="module")
-def float64_by_default():
-    """Models and inputs in float64 here, and the default put back for the other modules."""
-    previous = torch.get_default_dtype()
-    torch.set_default_dtype(torch.float64)
-    yield
-    torch.set_default_dtype(previous)
+pytestmark = pytest.mark.usefixtures("float64_default")
 
 
 def shuffle(x: torch.Tensor, groups: int) -> torch.Tensor:

@@ -14,14 +14,7 @@ from torch import nn
 import srdxai
 from srdxai.engine.optrace import detached_normalize
 
-
-@pytest.fixture(autouse=True, scope="module")
-def float64_by_default():
-    """Models and inputs in float64 here, and the default put back for the other modules."""
-    previous = torch.get_default_dtype()
-    torch.set_default_dtype(torch.float64)
-    yield
-    torch.set_default_dtype(previous)
+pytestmark = pytest.mark.usefixtures("float64_default")
 
 
 class CosineAttention(nn.Module):
@@ -68,7 +61,8 @@ def models(x: torch.Tensor) -> tuple[nn.Module, nn.Module]:
 
 @pytest.fixture(scope="module")
 def x():
-    return torch.randn(2, 3, 8, 8, generator=torch.Generator().manual_seed(1))
+    return torch.randn(2, 3, 8, 8, generator=torch.Generator().manual_seed(1),
+                       dtype=torch.float64)
 
 
 def test_the_two_models_agree_on_the_input(x):

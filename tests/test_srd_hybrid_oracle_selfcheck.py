@@ -35,6 +35,21 @@ def _rel(a: torch.Tensor, b: torch.Tensor) -> float:
     return float((a - b).norm() / b.norm())
 
 
+def _outputs(model: torch.nn.Module, x: torch.Tensor,
+             modules: dict[str, torch.nn.Module]) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+    """The model's logits on ``x`` and the outputs of ``modules`` (by name), from hooks."""
+    seen: dict[str, torch.Tensor] = {}
+    hooks = [mod.register_forward_hook(lambda m, i, o, k=k: seen.__setitem__(k, o))
+             for k, mod in modules.items()]
+    try:
+        with torch.no_grad():
+            ref = model(x)
+    finally:
+        for h in hooks:
+            h.remove()
+    return ref, seen
+
+
 # --------------------------------------------------------------------------- forward
 
 
@@ -44,16 +59,8 @@ def test_forward_reproduces_model(activation: str) -> None:
     model's own forward (hooks) to 1e-12."""
     model = ora.tiny_hybrid(activation, seed=2)
     x = ora.tiny_hybrid_input(seed=3)
-    seen: dict[str, torch.Tensor] = {}
-    hooks = [mod.register_forward_hook(lambda m, i, o, k=k: seen.__setitem__(k, o))
-             for k, mod in [("stem", model.stem_conv), ("ir", model.ir),
-                            ("tokens", model.blocks)]]
-    try:
-        with torch.no_grad():
-            ref = model(x)
-    finally:
-        for h in hooks:
-            h.remove()
+    ref, seen = _outputs(model, x, {"stem": model.stem_conv, "ir": model.ir,
+                                    "tokens": model.blocks})
     trace = ora.srd_hybrid_oracle_trace(model, x, 0)
     for n, s in enumerate(trace):
         assert torch.allclose(s["logits"], ref[n], rtol=1e-12, atol=1e-12)
@@ -327,16 +334,8 @@ def test_forward_reproduces_model_with_se_gate(activation: str) -> None:
     model = ora.tiny_hybrid(activation, seed=2, se=True)
     x = ora.tiny_hybrid_input(seed=3)
     se = model.ir.se
-    seen: dict[str, torch.Tensor] = {}
-    hooks = [mod.register_forward_hook(lambda m, i, o, k=k: seen.__setitem__(k, o))
-             for k, mod in [("stem", model.stem_conv), ("ir", model.ir), ("se", se),
-                            ("gate", se.scale_activation), ("tokens", model.blocks)]]
-    try:
-        with torch.no_grad():
-            ref = model(x)
-    finally:
-        for h in hooks:
-            h.remove()
+    ref, seen = _outputs(model, x, {"stem": model.stem_conv, "ir": model.ir, "se": se,
+                                    "gate": se.scale_activation, "tokens": model.blocks})
     assert seen["gate"].shape == (2, 16, 1, 1) and seen["se"].shape == (2, 16, 8, 8)
     trace = ora.srd_hybrid_oracle_trace(model, x, 0)
     for n, s in enumerate(trace):
