@@ -619,7 +619,7 @@ def metrics_command() -> None:
     _echo_columns(rows)
 
 
-def _echo_columns(rows: list[tuple[str, ...]]) -> None:
+def _echo_columns(rows: Sequence[tuple[str, ...]]) -> None:
     """One line per row, every column but the last padded to its widest entry (the
     columns line up whatever a registered name's length)."""
     widths = [max(len(row[i]) for row in rows) for i in range(len(rows[0]) - 1)] if rows else []
