@@ -283,15 +283,31 @@ def main() -> None:
     args.batch, args.size = (2, 64) if args.quick else (8, 224)
     only = set(args.only.split(","))
     rows: list[_timing.Row] = []
+    setting = (f"batch {args.batch}, {args.size} x {args.size} (ViT 224), device {args.device}, "
+               f"{torch.get_num_threads()} threads, median of {args.rounds} calls"
+               f"{', --quick' if args.quick else ''}; torch {torch.__version__}")
+
+    def done(section: str) -> None:
+        """Write the rows so far (a run stopped later keeps them) and print the section's."""
+        write(args.out, setting, rows, partial=f"sections done: {section}")
+        print(_timing.text_table(rows), flush=True)
+
+    finished: list[str] = []
     if "srd" in only:
         rows += plain_gradient_rows(args, "srd", ["resnet50", "vgg16", "vit_b16"], 2.0)
         rows += plain_gradient_rows(args, "srd", ["efficientnet_b0", "convnext_tiny", "swin_t"],
                                     2.5)
         rows += srd_floor_rows(args)
+        finished.append("srd")
+        done(", ".join(finished))
     if "abslrp" in only:
         rows += plain_gradient_rows(args, "abslrp", ["vgg16", "resnet50", "vit_b16"], 3.0)
+        finished.append("abslrp")
+        done(", ".join(finished))
     if "gae" in only:
         rows.append(gae_row(args))
+        finished.append("gae")
+        done(", ".join(finished))
     if "peers" in only:
         import bench_peers
 
@@ -300,14 +316,20 @@ def main() -> None:
             steps=8 if args.quick else 50, samples=4 if args.quick else 25,
             internal_batch_size=64, only=args.peers)
         rows += bench_peers.peer_rows(peer_args)
+        finished.append("peers")
+        done(", ".join(finished))
     if "lxt" in only:
         import bench_lxt
 
         ours, theirs, diff = bench_lxt.compare(args.batch, args.size if args.quick else 224,
                                                args.rounds)
         rows.append(_timing.Row("AttnLRP", "vit_b16 (HF)", ours, theirs, "LXT", 1.0, diff))
+        finished.append("lxt")
+        done(", ".join(finished))
     if "metrics" in only:
         rows += metric_rows(args)
+        finished.append("metrics")
+        done(", ".join(finished))
     if "limits" in only:  # each perturbation metric against its bare forward passes
         import bench_metric_limits
 
@@ -315,16 +337,20 @@ def main() -> None:
                 ["small", "effnet"], args.quick, args.rounds):
             rows.append(_timing.Row(name, label, ours, limit, "bare forwards",
                                     bench_metric_limits.TARGET))
-    setting = (f"batch {args.batch}, {args.size} x {args.size} (ViT 224), device {args.device}, "
-               f"{torch.get_num_threads()} threads, median of {args.rounds} calls"
-               f"{', --quick' if args.quick else ''}; torch {torch.__version__}")
     print(setting)
     print(_timing.text_table(rows))
-    args.out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = args.out.with_suffix(".tmp")
-    tmp.write_text(f"# srdxai speed comparisons\n\n{setting}\n\n{_timing.markdown_table(rows)}\n")
-    tmp.replace(args.out)
+    write(args.out, setting, rows)
     print(f"written: {args.out}")
+
+
+def write(out: Path, setting: str, rows: list[_timing.Row], partial: str = "") -> None:
+    """The Markdown table, replaced atomically; ``partial`` marks a run still going."""
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = out.with_suffix(".tmp")
+    note = f"**Partial: {partial}; the run goes on.**\n\n" if partial else ""
+    tmp.write_text(f"# srdxai speed comparisons\n\n{setting}\n\n{note}"
+                   f"{_timing.markdown_table(rows)}\n")
+    tmp.replace(out)
 
 
 if __name__ == "__main__":
