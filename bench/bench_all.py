@@ -287,27 +287,26 @@ def main() -> None:
                f"{torch.get_num_threads()} threads, median of {args.rounds} calls"
                f"{', --quick' if args.quick else ''}; torch {torch.__version__}")
 
+    finished: list[str] = []
+
     def done(section: str) -> None:
-        """Write the rows so far (a run stopped later keeps them) and print the section's."""
-        write(args.out, setting, rows, partial=f"sections done: {section}")
+        """Write the rows so far (a run stopped later keeps them) and print them."""
+        finished.append(section)
+        write(args.out, setting, rows, partial=f"sections done: {', '.join(finished)}")
         print(_timing.text_table(rows), flush=True)
 
-    finished: list[str] = []
     if "srd" in only:
         rows += plain_gradient_rows(args, "srd", ["resnet50", "vgg16", "vit_b16"], 2.0)
         rows += plain_gradient_rows(args, "srd", ["efficientnet_b0", "convnext_tiny", "swin_t"],
                                     2.5)
         rows += srd_floor_rows(args)
-        finished.append("srd")
-        done(", ".join(finished))
+        done("srd")
     if "abslrp" in only:
         rows += plain_gradient_rows(args, "abslrp", ["vgg16", "resnet50", "vit_b16"], 3.0)
-        finished.append("abslrp")
-        done(", ".join(finished))
+        done("abslrp")
     if "gae" in only:
         rows.append(gae_row(args))
-        finished.append("gae")
-        done(", ".join(finished))
+        done("gae")
     if "peers" in only:
         import bench_peers
 
@@ -316,20 +315,17 @@ def main() -> None:
             steps=8 if args.quick else 50, samples=4 if args.quick else 25,
             internal_batch_size=64, only=args.peers)
         rows += bench_peers.peer_rows(peer_args)
-        finished.append("peers")
-        done(", ".join(finished))
+        done("peers")
     if "lxt" in only:
         import bench_lxt
 
         ours, theirs, diff = bench_lxt.compare(args.batch, args.size if args.quick else 224,
                                                args.rounds)
         rows.append(_timing.Row("AttnLRP", "vit_b16 (HF)", ours, theirs, "LXT", 1.0, diff))
-        finished.append("lxt")
-        done(", ".join(finished))
+        done("lxt")
     if "metrics" in only:
         rows += metric_rows(args)
-        finished.append("metrics")
-        done(", ".join(finished))
+        done("metrics")
     if "limits" in only:  # each perturbation metric against its bare forward passes
         import bench_metric_limits
 

@@ -289,16 +289,23 @@ class Recorder(Tracer):
         inputs = [t for t in flat_in if self.is_tracked(t)]
         for t in tree_flatten(out)[0]:
             if isinstance(t, Tensor) and t.is_floating_point() and not self.is_tracked(t):
-                op = ops.OpaqueOp(self.where, error)
-                op.moves_values = bool(getattr(error, "moves_values", False))
-                op.has_bias = _bias_argument(func, args, kwargs)
-                op.inputs = []
-                self.opaque_ops.append(op)
-                if self.on_opaque is not None:
-                    self.on_opaque(op, t)
-                op.inputs = [self.node_of(i) for i in inputs]
-                self._add_node(t, op)
+                self._opaque_node(t, error, inputs, _bias_argument(func, args, kwargs))
         return out
+
+    def _opaque_node(self, out: Tensor, error: UnsupportedOperationError,
+                     inputs: Sequence[Tensor], has_bias: bool = False) -> Node:
+        """Record ``out`` as made from ``inputs`` by an operation the engine cannot
+        decompose (an :class:`~srdxai.engine.ops.OpaqueOp` that raises ``error`` if a rule
+        needs its decomposition)."""
+        op = ops.OpaqueOp(self.where, error)
+        op.moves_values = bool(getattr(error, "moves_values", False))
+        op.has_bias = has_bias
+        op.inputs = []
+        self.opaque_ops.append(op)
+        if self.on_opaque is not None:
+            self.on_opaque(op, out)
+        op.inputs = [self.node_of(i) for i in inputs]
+        return self._add_node(out, op)
 
     def _dispatch(self, func, args, kwargs):
         """A call on canonical-layout tensors (``__torch_function__`` re-lays the others)."""
@@ -682,15 +689,7 @@ class Recorder(Tracer):
             "Splitting the channels into axes, permuting those axes and viewing them back "
             "into one channel axis (a channel shuffle) is decomposed; any other use of the "
             "split axes is not.", moves_values=True)
-        op = ops.OpaqueOp(self.where, error)
-        op.moves_values = True
-        op.inputs = []
-        self.opaque_ops.append(op)
-        if self.on_opaque is not None:
-            self.on_opaque(op, out)
-        op.inputs = [self.node_of(source)]
-        node = self._add_node(out, op)
-        node.channel_split = (source, ids)
+        self._opaque_node(out, error, [source]).channel_split = (source, ids)
         return out
 
     def _on_split_channels(self, func, args, kwargs, tracked) -> Any:

@@ -725,8 +725,10 @@ class OpTracer(Tracer):
             q, k, v = call(Tensor.chunk, (), (packed, 3, -1))
         elif key is value and not separate:
             q = call(F.linear, (), (batch_first(query), weights[0], biases[0]))
-            kv_bias = None if bias is None else torch.cat(biases[1:])
-            packed = call(F.linear, (), (batch_first(key), torch.cat(weights[1:]), kv_bias))
+            # the packed weights' last two thirds: key and value (views, no copy per call)
+            kv_bias = None if bias is None else bias[embed:]
+            packed = call(F.linear, (), (batch_first(key), bound["in_proj_weight"][embed:],
+                                         kv_bias))
             k, v = call(Tensor.chunk, (), (packed, 2, -1))
         else:
             q, k, v = (call(F.linear, (), (batch_first(t), w, b))

@@ -182,12 +182,8 @@ class PositionTags:
             normalized = call.argument(1, "normalized_shape")
             n = len(normalized) if isinstance(normalized, list | tuple) else 1
             return first.mean(tuple(range(-n, 0)), keepdim=True).expand(shape)
-        if kind == "softmax":
-            dim = call.argument(1, "dim")
-            return first.mean(dim, keepdim=True).expand(shape) if isinstance(dim, int) \
-                else None
-        if kind == "normalize":
-            dim = call.argument(2, "dim", 1)
+        if kind in ("softmax", "normalize"):  # each output entry reads its whole vector
+            dim = call.argument(1, "dim") if kind == "softmax" else call.argument(2, "dim", 1)
             return first.mean(dim, keepdim=True).expand(shape) if isinstance(dim, int) \
                 else None
         if kind == "matmul":
