@@ -2,7 +2,9 @@
 computing operation as its own layer, for a tiny CNN-transformer hybrid defined here
 (:class:`TinyHybrid`: a conv stem, a MobileNet-style inverted-residual block in (N, C, H, W)
 layout, optionally with a squeeze-excitation gate (``se=True``, MobileNetV3 / MBConv placement),
-then tokens through one pre-norm transformer block and a token-mean head).
+optionally followed by a global-context block (``gc=True``, GCNet / timm's ``GlobalContext`` with
+``fuse_add=True, fuse_scale=False``), then tokens through one pre-norm transformer block and a
+token-mean head).
 
 Written from the definition only: nothing under ``srdxai/engine`` or ``srdxai/methods`` was read.
 The transformer part reuses the token oracle (``tests/srd_token_oracle.py``: its sharing rule
@@ -41,6 +43,22 @@ among the real input positions if all those norms are 0). Per operation:
   itself, ``mu = 1`` and ``R(s(p)) = R(y(p))`` (passed unchanged also where ``y(p) = 0``, as for
   the other one-source operations); the gate's own branch (pool, 1x1 convs, activation, sigmoid)
   is a source of nothing and receives no relevance;
+* global-context block (``gc=True``), on the (C, H, W) map ``x``: attention logits
+  ``a(p) = conv_attn(x)(p)`` (1x1, C -> 1), weights ``w = softmax_p(a)``, the context
+  ``context = sum_p w(p) x(p)``, ``m = conv2(relu(LN(conv1(context))))`` ((C,) at one position),
+  and ``y(p) = x(p) + m`` at every position p:
+
+  - attention pooling: the softmax weights ``w(p)`` are constant weights (not PFVs, they receive
+    no relevance, nor does ``conv_attn``); the sources of ``context`` are the channel vectors
+    ``x(p)`` at every position, ``c_p = w(p) x(p)``, no bias: ``mu_p = <c_p, context> /
+    ||context||^2`` (0 when ``context = 0``), ``R(x(p)) += mu_p R(context)``;
+  - conv1, LayerNorm (over the channel vector), ReLU, conv2 on the one context vector: one
+    source each, ``R`` passes unchanged;
+  - broadcast add ``y(p) = x(p) + m``: at each position two sources, ``x(p)`` and ``m`` (the one
+    vector ``m`` is a source of every position's output): ``mu_x(p) = <x(p), y(p)> /
+    ||y(p)||^2``, ``mu_m(p) = <m, y(p)> / ||y(p)||^2``; ``R(x(p)) += mu_x(p) R(y(p))`` and
+    ``R(m) = sum_p mu_m(p) R(y(p))``;
+  - ``x(p)`` receives from both uses (the add, and the pooling through ``m``), summed;
 * ``flatten(2).transpose(1, 2)``: token ``t = i * W + j`` *is* the channel vector at (i, j);
 * transformer block, final LayerNorm: as in the token oracle (all tokens image-dependent);
 * token mean ``y = sum_t x(t) / T``: ``c_t = x(t) / T``;
@@ -58,17 +76,31 @@ comes back through the branch. With ``se=True`` the gate sits after the depthwis
 convolution's BN + activation and before the projecting 1x1 convolution; its inner activation is
 the model's activation (as torchvision's EfficientNet passes SiLU), the gate is a sigmoid, and the
 product is ``scale * x`` (torchvision's ``SqueezeExcitation``, written out here, not imported).
+With ``gc=True`` the global-context block takes the inverted-residual block's output (the NCHW
+residual sum) and its output is relabelled to tokens; its MLP has ``C // 2`` hidden channels,
+1x1 convolutions with biases, a LayerNorm over the channels with affine gain and shift and
+``eps = 1e-6`` (timm's ``LayerNorm2d``: permute to channels-last, ``layer_norm``, permute back)
+and a ReLU whatever the model's activation (timm's default); ``conv_attn`` has a bias (it cancels
+in the softmax). The one-source steps of its MLP are treated as elsewhere in this file: the 1x1
+convolutions by the sharing rule with their bias (``mu = 1`` unless the output vector is 0),
+the LayerNorm and the ReLU pass ``R`` unchanged (also a zero vector). A zero ``y(p)`` or zero
+``context`` passes nothing (counted in ``lost``), as the residual rule does.
 
 Public API
 ----------
 :func:`srd_hybrid_oracle` (the (N, H, W) map), :func:`srd_hybrid_oracle_trace` (per sample:
 logits, forward intermediates, relevance at every cut), :func:`oracle_logits`, the building
 blocks :func:`conv_shares` / :func:`conv_relevance` / :func:`residual_relevance` /
-:func:`se_gate` / :func:`gate_relevance` (for hand checks), the model :class:`TinyHybrid` (with
-:class:`InvertedResidual` and :class:`SqueezeExcitation`) with :func:`tiny_hybrid` /
+:func:`se_gate` / :func:`gate_relevance`, and for the global-context block
+:func:`gc_attention_weights` / :func:`attention_pool_shares` / :func:`attention_pool_relevance` /
+:func:`broadcast_add_relevance` / :func:`global_context_relevance` (for hand checks), the model
+:class:`TinyHybrid` (with :class:`InvertedResidual`, :class:`SqueezeExcitation`,
+:class:`GlobalContext` and :class:`LayerNorm2d`) with :func:`tiny_hybrid` /
 :func:`tiny_hybrid_input`.
 ``misread=`` (one of :data:`MISREADINGS`) computes the map under a plausible misreading of the
-definition; it exists only for the sensitivity self-check.
+definition; it exists only for the sensitivity self-check. ``misread=`` one of
+:data:`GC_MUTATIONS` computes it under a deliberately wrong global-context rule that does not
+conserve the logit; it exists only for the mutation self-check.
 """
 
 from __future__ import annotations
@@ -77,19 +109,28 @@ import math
 from dataclasses import dataclass
 
 import torch
+import torch.nn.functional as F
 from torch import Tensor, nn
 
 import srd_token_oracle as tok
 from srdxai.models.zoo import Block, make_activation
 
 __all__ = [
+    "GC_MUTATIONS",
     "MISREADINGS",
+    "GlobalContext",
     "InvertedResidual",
+    "LayerNorm2d",
     "SqueezeExcitation",
     "TinyHybrid",
+    "attention_pool_relevance",
+    "attention_pool_shares",
+    "broadcast_add_relevance",
     "conv_relevance",
     "conv_shares",
     "gate_relevance",
+    "gc_attention_weights",
+    "global_context_relevance",
     "oracle_logits",
     "randomize_batchnorm",
     "residual_relevance",
@@ -110,6 +151,14 @@ Pos = tuple[int, int]
 #: ``fuse_bn``: a convolution and its BatchNorm as one operation (contributions, bias and
 #: output measured after the BN).
 MISREADINGS = ("conv_bias_even", "residual_last_axis", "fuse_bn")
+
+#: Deliberately wrong global-context rules (never the definition), for the mutation self-check;
+#: neither conserves the logit: ``gc_weights_relevance``: the softmax weights are treated as
+#: sources of the context too, each ``c_p = w(p) x(p)`` shared half and half between ``x(p)``
+#: and ``w(p)``, and the weights' half stays with them (the attention branch has no way back to
+#: the pixels); ``gc_drop_m``: the broadcast add gives ``m`` no share (``R(m) = 0``), only the
+#: ``x(p)`` shares are passed.
+GC_MUTATIONS = ("gc_weights_relevance", "gc_drop_m")
 
 
 # --------------------------------------------------------------------------- the model
@@ -165,19 +214,57 @@ class InvertedResidual(nn.Module):
         return out + x
 
 
+class LayerNorm2d(nn.LayerNorm):
+    """LayerNorm over the channel vector of an (N, C, H, W) map (timm's ``LayerNorm2d``, written
+    out): permute to channels-last, ``layer_norm`` over C, permute back."""
+
+    def forward(self, x: Tensor) -> Tensor:
+        x = x.permute(0, 2, 3, 1)
+        x = F.layer_norm(x, self.normalized_shape, self.weight, self.bias, self.eps)
+        return x.permute(0, 3, 1, 2)
+
+
+class GlobalContext(nn.Module):
+    """GCNet's global-context block (timm's ``GlobalContext`` with ``fuse_add=True,
+    fuse_scale=False``, written out, not imported): softmax attention pooling over the positions
+    (``conv_attn``: 1x1, C -> 1, with bias), then ``m = conv2(relu(LayerNorm2d(conv1(context))))``
+    (1x1 convs C -> ``hidden`` -> C with biases, ``hidden = C // 2`` by default), ``y = x + m``
+    ((N, C, 1, 1) broadcast against (N, C, H, W))."""
+
+    def __init__(self, channels: int, hidden: int | None = None):
+        super().__init__()
+        hidden = channels // 2 if hidden is None else hidden
+        self.conv_attn = nn.Conv2d(channels, 1, 1, bias=True)
+        self.conv1 = nn.Conv2d(channels, hidden, 1, bias=True)
+        self.norm = LayerNorm2d(hidden, eps=1e-6)
+        self.act = nn.ReLU()
+        self.conv2 = nn.Conv2d(hidden, channels, 1, bias=True)
+
+    def forward(self, x: Tensor) -> Tensor:
+        n, c, h, w = x.shape
+        attn = self.conv_attn(x)
+        attn = F.softmax(attn.reshape(n, 1, h * w), dim=-1).unsqueeze(3)  # (N, 1, HW, 1)
+        context = (x.reshape(n, c, h * w).unsqueeze(1) @ attn).view(n, c, 1, 1)
+        m = self.conv2(self.act(self.norm(self.conv1(context))))
+        return x + m
+
+
 class TinyHybrid(nn.Module):
     """Conv stem (stride 2) + BN + act, an inverted-residual block, tokens, ``depth`` pre-norm
     transformer blocks (zoo's :class:`~srdxai.models.zoo.Block`), LayerNorm, token mean,
     Linear. Input (N, 3, 16, 16) -> 64 tokens of width 8 -> (N, 5). ``se=True``: the
-    inverted-residual block has a squeeze-excitation gate (16 channels, 4 squeeze channels)."""
+    inverted-residual block has a squeeze-excitation gate (16 channels, 4 squeeze channels).
+    ``gc=True``: a :class:`GlobalContext` block (8 channels, 4 hidden) follows the
+    inverted-residual block, before the relabelling to tokens."""
 
     def __init__(self, activation: str = "silu", *, depth: int = 1, dim: int = 8,
-                 heads: int = 2, num_classes: int = 5, se: bool = False):
+                 heads: int = 2, num_classes: int = 5, se: bool = False, gc: bool = False):
         super().__init__()
         self.stem_conv = nn.Conv2d(3, dim, 3, stride=2, padding=1, bias=True)
         self.stem_bn = nn.BatchNorm2d(dim)
         self.stem_act = make_activation(activation)
         self.ir = InvertedResidual(dim, 2 * dim, activation, se=se)
+        self.gc = GlobalContext(dim) if gc else None
         self.blocks = nn.Sequential(*(Block(dim, heads, 2.0, activation, 1e-6)
                                       for _ in range(depth)))
         self.norm = nn.LayerNorm(dim, eps=1e-6)
@@ -185,6 +272,8 @@ class TinyHybrid(nn.Module):
 
     def forward(self, x: Tensor) -> Tensor:
         x = self.ir(self.stem_act(self.stem_bn(self.stem_conv(x))))
+        if self.gc is not None:
+            x = self.gc(x)
         x = x.flatten(2).transpose(1, 2)  # (N, H*W, C)
         x = self.norm(self.blocks(x))
         return self.head(x.mean(1))
@@ -200,17 +289,18 @@ def randomize_batchnorm(model: nn.Module, generator: torch.Generator) -> None:
 
 
 def tiny_hybrid(activation: str = "silu", seed: int = 0, *, depth: int = 1, se: bool = False,
-                dtype: torch.dtype = DT) -> TinyHybrid:
+                gc: bool = False, dtype: torch.dtype = DT) -> TinyHybrid:
     """A :class:`TinyHybrid` with every parameter at a scale where it matters, eval mode.
 
-    Weights ~ N(0, 1/fan_in); biases (conv, linear, BN shift, LayerNorm shift, the gate's 1x1
-    convs) ~ N(0, 0.5); LayerNorm gains ~ U(0.5, 1.5); BatchNorm gains of magnitude U(0.5, 1.5),
-    a quarter of them negative; BatchNorm running statistics by :func:`randomize_batchnorm`.
-    ``se=True`` adds the squeeze-excitation gate (the parameters after it then differ from the
-    ``se=False`` model of the same seed).
+    Weights ~ N(0, 1/fan_in); biases (conv, linear, BN shift, LayerNorm shift, the gate's and
+    the global-context block's 1x1 convs) ~ N(0, 0.5); LayerNorm gains (also the global-context
+    block's) ~ U(0.5, 1.5); BatchNorm gains of magnitude U(0.5, 1.5), a quarter of them negative;
+    BatchNorm running statistics by :func:`randomize_batchnorm`.
+    ``se=True`` adds the squeeze-excitation gate, ``gc=True`` the global-context block (the
+    parameters after either then differ from the model without it of the same seed).
     """
     torch.manual_seed(seed)
-    model = TinyHybrid(activation, depth=depth, se=se)
+    model = TinyHybrid(activation, depth=depth, se=se, gc=gc)
     g = torch.Generator().manual_seed(seed + 2000)
     bn_names = {n for n, m in model.named_modules() if isinstance(m, nn.BatchNorm2d)}
     with torch.no_grad():
@@ -514,6 +604,184 @@ def gate_relevance(s: Tensor, gate: Tensor, r_out: Tensor) -> Tensor:
     return _gate_backward(s, gate, y, _d(r_out), tok.Stats())[0]
 
 
+# ------------------------------------------------------------------ global-context block
+
+
+@dataclass
+class _GCRec:
+    x: Tensor        # (C, H, W) the block input
+    logits: Tensor   # (H, W) conv_attn output
+    weights: Tensor  # (H, W) softmax over the positions
+    context: Tensor  # (C,) sum_p w(p) x(p)
+    conv1: Tensor    # (hidden,)
+    norm: Tensor     # (hidden,)
+    act: Tensor      # (hidden,)
+    m: Tensor        # (C,) conv2 output, added at every position
+    y: Tensor        # (C, H, W) x + m
+
+
+def _softmax_positions(logits: Tensor) -> Tensor:
+    """Softmax over all positions of an (H, W) map, position by position."""
+    h, w = logits.shape
+    top = float(logits[0, 0])
+    for i in range(h):
+        for j in range(w):
+            top = max(top, float(logits[i, j]))
+    e = torch.zeros(h, w, dtype=DT)
+    total = 0.0
+    for i in range(h):
+        for j in range(w):
+            e[i, j] = math.exp(float(logits[i, j]) - top)
+            total += float(e[i, j])
+    return e / total
+
+
+def _attention_logits(gc: GlobalContext, x: Tensor) -> Tensor:
+    wa, ba = _d(gc.conv_attn.weight)[0, :, 0, 0], float(_d(gc.conv_attn.bias)[0])
+    _, h, w = x.shape
+    logits = torch.zeros(h, w, dtype=DT)
+    for i in range(h):
+        for j in range(w):
+            logits[i, j] = float((wa * x[:, i, j]).sum()) + ba
+    return logits
+
+
+def _pool(x: Tensor, weights: Tensor) -> Tensor:
+    """``sum_p w(p) x(p)`` over the positions of one sample's (C, H, W) map."""
+    context = torch.zeros(x.shape[0], dtype=DT)
+    for i in range(x.shape[1]):
+        for j in range(x.shape[2]):
+            context = context + weights[i, j] * x[:, i, j]
+    return context
+
+
+def _gc_forward(gc: GlobalContext, x: Tensor) -> _GCRec:
+    """The global-context block of one sample's map ``x`` (C, H, W), from the parameters."""
+    assert isinstance(gc, GlobalContext), type(gc).__name__
+    assert isinstance(gc.norm, LayerNorm2d) and isinstance(gc.act, nn.ReLU)
+    for conv in (gc.conv_attn, gc.conv1, gc.conv2):
+        assert _pair(conv.kernel_size) == (1, 1) and conv.groups == 1 and conv.bias is not None
+    assert gc.conv_attn.out_channels == 1
+    logits = _attention_logits(gc, x)
+    weights = _softmax_positions(logits)
+    context = _pool(x, weights)
+    conv1 = _d(gc.conv1.weight)[:, :, 0, 0] @ context + _d(gc.conv1.bias)
+    norm = tok.layer_norm(gc.norm, conv1)
+    act = _act(gc.act, norm)
+    m = _d(gc.conv2.weight)[:, :, 0, 0] @ act + _d(gc.conv2.bias)
+    y = _map(lambda v: v + m, x)
+    return _GCRec(x, logits, weights, context, conv1, norm, act, m, y)
+
+
+def gc_attention_weights(gc: GlobalContext, x: Tensor) -> Tensor:
+    """The softmax weights (H, W) of ``gc``'s attention pooling on one sample ``x`` (C, H, W)."""
+    return _softmax_positions(_attention_logits(gc, _d(x)))
+
+
+def _pool_shares(x: Tensor, weights: Tensor, context: Tensor) -> Tensor:
+    """``mu_p = <w(p) x(p), context> / ||context||^2`` (H, W): the sources of the context are the
+    vectors ``x(p)`` with contribution ``w(p) x(p)``, no bias; the weights are constants."""
+    h, w = weights.shape
+    contributions = [weights[i, j] * x[:, i, j] for i in range(h) for j in range(w)]
+    mu = tok.shares(context, contributions, [True] * len(contributions))
+    return torch.tensor(mu, dtype=DT).view(h, w)
+
+
+def _pool_backward(x: Tensor, weights: Tensor, context: Tensor, r_context: float,
+                   stats: tok.Stats, *, weights_relevance: bool = False
+                   ) -> tuple[Tensor, Tensor]:
+    """``(R(x), R(w))`` (H, W) of the attention pooling given ``R(context)``; ``R(w)`` is 0 under
+    the definition, ``weights_relevance`` is the mutation ``gc_weights_relevance`` (each share
+    split half and half between ``x(p)`` and ``w(p)``)."""
+    mu = _pool_shares(x, weights, context)
+    h, w = weights.shape
+    passed = tok.pass_relevance([float(mu[i, j]) for i in range(h) for j in range(w)],
+                                r_context, stats)
+    r_x = torch.zeros(h, w, dtype=DT)
+    r_w = torch.zeros(h, w, dtype=DT)
+    for k, r in enumerate(passed):
+        if weights_relevance:
+            r_x[k // w, k % w] = r / 2
+            r_w[k // w, k % w] = r / 2
+        else:
+            r_x[k // w, k % w] = r
+    return r_x, r_w
+
+
+def attention_pool_shares(x: Tensor, weights: Tensor) -> Tensor:
+    """``mu_p`` (H, W) of the vectors ``x(p)`` of one sample's map ``x`` (C, H, W) in the context
+    ``sum_p weights(p) x(p)`` (``weights`` (H, W) constants)."""
+    x, weights = _d(x), _d(weights)
+    return _pool_shares(x, weights, _pool(x, weights))
+
+
+def attention_pool_relevance(x: Tensor, weights: Tensor, r_context: float, *,
+                             weights_relevance: bool = False) -> tuple[Tensor, Tensor]:
+    """``(R(x), R(weights))`` (H, W) of the attention pooling ``context = sum_p weights(p) x(p)``
+    of one sample given ``R(context)``; ``R(weights)`` is 0 unless ``weights_relevance`` (the
+    mutation ``gc_weights_relevance``)."""
+    x, weights = _d(x), _d(weights)
+    return _pool_backward(x, weights, _pool(x, weights), float(r_context), tok.Stats(),
+                          weights_relevance=weights_relevance)
+
+
+def _add_backward(x: Tensor, m: Tensor, y: Tensor, r_out: Tensor, stats: tok.Stats, *,
+                  drop_m: bool = False) -> tuple[Tensor, float]:
+    """``(R(x), R(m))`` of ``y(p) = x(p) + m``: two sources per position, ``m`` one vector that
+    collects its shares from every position; ``drop_m`` is the mutation ``gc_drop_m``."""
+    h, w = r_out.shape
+    r_x = torch.zeros(h, w, dtype=DT)
+    r_m = 0.0
+    for i in range(h):
+        for j in range(w):
+            mu = tok.shares(y[:, i, j], [x[:, i, j], m], [True, True])
+            r_x[i, j], r_mp = tok.pass_relevance(mu, float(r_out[i, j]), stats)
+            if not drop_m:
+                r_m += r_mp
+    return r_x, r_m
+
+
+def broadcast_add_relevance(x: Tensor, m: Tensor, r_out: Tensor, *, drop_m: bool = False
+                            ) -> tuple[Tensor, float]:
+    """``(R(x) (H, W), R(m))`` of ``y(p) = x(p) + m`` on one sample (``x`` (C, H, W), ``m`` (C,))
+    given the relevance ``r_out`` (H, W) of ``y``'s vectors; ``drop_m``: the mutation
+    ``gc_drop_m`` (``R(m) = 0``)."""
+    x, m = _d(x), _d(m)
+    y = _map(lambda v: v + m, x)
+    return _add_backward(x, m, y, _d(r_out), tok.Stats(), drop_m=drop_m)
+
+
+def _gc_backward(gc: GlobalContext, rec: _GCRec, r_out: Tensor, stats: tok.Stats,
+                 mutation: str | None = None) -> dict:
+    """Relevance through the block: the add, ``m``'s MLP back to the context, the pooling; the
+    input's relevance ``x`` is the sum of its shares at the add and at the pooling."""
+    r_add_x, r_m = _add_backward(rec.x, rec.m, rec.y, r_out, stats,
+                                 drop_m=mutation == "gc_drop_m")
+    # conv2 (one source: act), ReLU, LayerNorm, conv1 (one source: context)
+    w2, b2 = _d(gc.conv2.weight)[:, :, 0, 0], _d(gc.conv2.bias)
+    r = tok.pass_relevance(tok.shares(rec.m, [w2 @ rec.act], [True], b2), r_m, stats)[0]
+    r = tok.pass_relevance([1.0], r, stats)[0]  # ReLU
+    r = tok.pass_relevance([1.0], r, stats)[0]  # LayerNorm
+    w1, b1 = _d(gc.conv1.weight)[:, :, 0, 0], _d(gc.conv1.bias)
+    r_context = tok.pass_relevance(tok.shares(rec.conv1, [w1 @ rec.context], [True], b1), r,
+                                   stats)[0]
+    r_pool_x, r_w = _pool_backward(rec.x, rec.weights, rec.context, r_context, stats,
+                                   weights_relevance=mutation == "gc_weights_relevance")
+    return {"x": r_add_x + r_pool_x, "add_x": r_add_x, "m": r_m, "context": r_context,
+            "pool_x": r_pool_x, "weights": r_w}
+
+
+def global_context_relevance(gc: GlobalContext, x: Tensor, r_out: Tensor, *,
+                             mutation: str | None = None) -> Tensor:
+    """Relevance (H, W) of the input vectors of ``gc`` on one sample ``x`` (C, H, W) given the
+    relevance ``r_out`` (H, W) of its output vectors (``mutation``: one of
+    :data:`GC_MUTATIONS`)."""
+    if mutation is not None and mutation not in GC_MUTATIONS:
+        raise ValueError(f"unknown mutation {mutation!r}")
+    rec = _gc_forward(gc, _d(x))
+    return _gc_backward(gc, rec, _d(r_out), tok.Stats(), mutation)["x"]
+
+
 # --------------------------------------------------------------------------- forward (per sample)
 
 
@@ -533,7 +801,8 @@ class _Forward:
     project: _ConvRec
     bn3: Tensor           # the branch
     ir_out: Tensor        # branch + shortcut
-    tokens: list[Tensor]  # transformer input, token t = ir_out[:, t // W, t % W]
+    gc: _GCRec | None     # the global-context block on ir_out (its output becomes the tokens)
+    tokens: list[Tensor]  # transformer input, token t = map[:, t // W, t % W] (map: gc.y or ir_out)
     blocks: list
     block_out: list[Tensor]
     normed: list[Tensor]
@@ -557,8 +826,10 @@ def _forward_sample(model: TinyHybrid, x: Tensor) -> _Forward:
     project = _conv_forward(ir.project, act2 if se is None else se.y)
     bn3 = _bn_map(ir.bn3, project.y)
     ir_out = bn3 + stem_act
-    _, h, w = ir_out.shape
-    tokens = [ir_out[:, i, j].clone() for i in range(h) for j in range(w)]
+    gc = _gc_forward(model.gc, ir_out) if model.gc is not None else None
+    nchw = ir_out if gc is None else gc.y
+    _, h, w = nchw.shape
+    tokens = [nchw[:, i, j].clone() for i in range(h) for j in range(w)]
     recs = []
     cur, dep = tokens, [True] * len(tokens)
     for blk in model.blocks:
@@ -570,15 +841,17 @@ def _forward_sample(model: TinyHybrid, x: Tensor) -> _Forward:
         pooled = pooled + v / len(normed)
     logits = tok.linear(model.head, pooled)
     return _Forward(x, stem, stem_bn, stem_act, expand, bn1, act1, dw, bn2, act2, se, project,
-                    bn3, ir_out, tokens, recs, cur, normed, pooled, logits)
+                    bn3, ir_out, gc, tokens, recs, cur, normed, pooled, logits)
 
 
 # --------------------------------------------------------------------------- relevance
 
 
 def _backward(model: TinyHybrid, fw: _Forward, target: int, misread: str | None) -> dict:
-    if misread is not None and misread not in MISREADINGS:
+    if misread is not None and misread not in MISREADINGS + GC_MUTATIONS:
         raise ValueError(f"unknown misreading {misread!r}")
+    if misread in GC_MUTATIONS and fw.gc is None:
+        raise ValueError(f"{misread!r} needs the global-context block (gc=True)")
     stats = tok.Stats()
     even = misread == "conv_bias_even"
     fuse = misread == "fuse_bn"
@@ -596,11 +869,18 @@ def _backward(model: TinyHybrid, fw: _Forward, target: int, misread: str | None)
         r = tok.block_backward(rec, r, stats)
     tokens_in = list(r)
 
-    # tokens are the channel vectors of the NCHW sum, row-major
+    # tokens are the channel vectors of the NCHW map (the GC output, else the sum), row-major
     _, h, w = fw.ir_out.shape
-    r_sum = torch.zeros(h, w, dtype=DT)
+    r_map = torch.zeros(h, w, dtype=DT)
     for t, r_t in enumerate(tokens_in):
-        r_sum[t // w, t % w] = r_t
+        r_map[t // w, t % w] = r_t
+    r_gc = None
+    if fw.gc is not None:
+        r_gc = _gc_backward(model.gc, fw.gc, r_map, stats,
+                            misread if misread in GC_MUTATIONS else None)
+        r_sum = r_gc["x"]
+    else:
+        r_sum = r_map
     r_branch, r_short = residual_relevance(fw.bn3, fw.stem_act, r_sum,
                                            last_axis=misread == "residual_last_axis",
                                            stats=stats)
@@ -626,6 +906,11 @@ def _backward(model: TinyHybrid, fw: _Forward, target: int, misread: str | None)
     res = {"tokens_out": tokens_out, "tokens_in": tokens_in, "sum": r_sum,
            "branch": r_branch, "shortcut": r_short, "dw_out": r_dw_out, "dw_in": r_dw_in,
            "ir_in": r_ir_in, "stem_out": r_stem_out, "pixel": pixel, "lost": stats.lost}
+    if r_gc is not None:
+        res.update(gc_out=r_map, gc_add_x=r_gc["add_x"], gc_m=r_gc["m"],
+                   gc_context=r_gc["context"], gc_pool_x=r_gc["pool_x"])
+        if misread == "gc_weights_relevance":
+            res["gc_weights"] = r_gc["weights"]
     if fw.se is not None:
         # the gate branch's PFVs (one vector each: pooled, fc1, act, fc2, gate) get only what
         # the gate collected as a source, which is nothing
@@ -645,7 +930,14 @@ def srd_hybrid_oracle_trace(model: TinyHybrid, x: Tensor, target: int, *,
     With the squeeze-excitation gate also ``gate_out`` / ``gate_signal`` (H, W) at the gated
     product (the project conv's input) and at its signal (the depthwise activation's output),
     ``gate_branch`` (the relevance of the gate branch's vectors: ``pooled``, ``fc1``, ``act``,
-    ``fc2``, ``gate``), and in ``forward`` the ``gate`` value (C,) and the gated map ``se``."""
+    ``fc2``, ``gate``), and in ``forward`` the ``gate`` value (C,) and the gated map ``se``.
+    With the global-context block ``sum`` is the relevance of the block's input and also
+    ``gc_out`` (H, W) at its output (the tokens' map), ``gc_add_x`` (H, W) the input's shares at
+    the broadcast add, ``gc_m`` = R(m), ``gc_context`` = R(context), ``gc_pool_x`` (H, W) the
+    input's shares at the attention pooling (``sum = gc_add_x + gc_pool_x``; under the mutation
+    ``gc_weights_relevance`` also ``gc_weights`` (H, W)), and in ``forward`` the block output
+    ``gc`` (C, H, W), its softmax weights ``gc_attn`` (H, W), ``gc_context`` (C,) and
+    ``gc_m`` (C,)."""
     x = x.detach().to(DT)
     out = []
     for n in range(x.shape[0]):
@@ -656,6 +948,9 @@ def srd_hybrid_oracle_trace(model: TinyHybrid, x: Tensor, target: int, *,
                           "tokens": torch.stack(fw.block_out)}
         if fw.se is not None:
             res["forward"].update(gate=fw.se.gate, se=fw.se.y)
+        if fw.gc is not None:
+            res["forward"].update(gc=fw.gc.y, gc_attn=fw.gc.weights, gc_context=fw.gc.context,
+                                  gc_m=fw.gc.m)
         out.append(res)
     return out
 

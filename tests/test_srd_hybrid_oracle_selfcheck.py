@@ -9,7 +9,13 @@ gate (``se=True``): the forward (gate value included) equals the model's, every 
 logit, the gate passes each position's relevance unchanged to its signal vector (by hand), and
 the gate branch acts on the map only through the gate's forward value (its vectors get nothing,
 other weights with the same gate value give the same map, and the map equals that of the model
-without the gate whose projecting convolution has the gate folded into its weight)."""
+without the gate whose projecting convolution has the gate folded into its weight). With the
+global-context block (``gc=True``): the forward (softmax weights, context and ``m`` included)
+equals the model's, every cut carries the logit, the block's input gets what its output had,
+the attention pooling and the broadcast add give hand-derived numbers, the loop code agrees with
+a vectorized form fed by the model's own tensors, a block with ``m = 0`` is transparent, and
+deliberately wrong rules (the softmax weights get relevance; ``m``'s share dropped) break
+conservation by exactly what they withhold."""
 
 from __future__ import annotations
 
@@ -467,3 +473,280 @@ def test_gate_is_a_constant_weight_folded_into_project(activation: str) -> None:
         folded = ora.srd_hybrid_oracle(plain, x[n:n + 1], 4)[0]
         assert torch.allclose(folded, s["pixel"], rtol=1e-10, atol=1e-12 * float(
             s["pixel"].abs().max()))
+
+
+# ------------------------------------------------------------------ global-context block
+
+
+def _gc_seen(model: torch.nn.Module, x: torch.Tensor
+             ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+    """The model's logits and, from hooks, the global-context block's input ``x`` and output
+    ``gc``, the attention logits ``attn`` (conv_attn output), the ``context`` (conv1 input) and
+    ``m`` (conv2 output), plus the transformer output ``tokens``."""
+    gc = model.gc
+    seen: dict[str, torch.Tensor] = {}
+    hooks = [gc.register_forward_hook(lambda m, i, o: seen.update(x=i[0], gc=o)),
+             gc.conv_attn.register_forward_hook(lambda m, i, o: seen.__setitem__("attn", o)),
+             gc.conv1.register_forward_hook(lambda m, i, o: seen.__setitem__("context", i[0])),
+             gc.conv2.register_forward_hook(lambda m, i, o: seen.__setitem__("m", o)),
+             model.blocks.register_forward_hook(lambda m, i, o: seen.__setitem__("tokens", o))]
+    try:
+        with torch.no_grad():
+            ref = model(x)
+    finally:
+        for h in hooks:
+            h.remove()
+    return ref, seen
+
+
+@pytest.mark.parametrize(("activation", "se"), [("silu", False), ("relu", True)])
+def test_forward_reproduces_model_with_gc(activation: str, se: bool) -> None:
+    """With the global-context block (and with the gate too): the block's input and output, its
+    softmax weights, context and ``m``, the transformer output and the logits equal the model's
+    own forward (hooks; the weights against torch's softmax of the hooked logits) to 1e-12."""
+    model = ora.tiny_hybrid(activation, seed=2, se=se, gc=True)
+    x = ora.tiny_hybrid_input(seed=3)
+    ref, seen = _gc_seen(model, x)
+    assert seen["gc"].shape == (2, 8, 8, 8) and seen["m"].shape == (2, 8, 1, 1)
+    weights = torch.softmax(seen["attn"].flatten(1), -1).view(2, 8, 8)
+    trace = ora.srd_hybrid_oracle_trace(model, x, 0)
+    for n, s in enumerate(trace):
+        f = s["forward"]
+        assert torch.allclose(s["logits"], ref[n], rtol=1e-12, atol=1e-12)
+        for k, want in (("ir", seen["x"][n]), ("gc", seen["gc"][n]), ("gc_attn", weights[n]),
+                        ("gc_context", seen["context"][n, :, 0, 0]),
+                        ("gc_m", seen["m"][n, :, 0, 0]), ("tokens", seen["tokens"][n])):
+            assert torch.allclose(f[k], want, rtol=1e-12, atol=1e-12), k
+    assert torch.allclose(ora.oracle_logits(model, x), ref, rtol=1e-12, atol=1e-12)
+
+
+def test_gc_builder_is_non_trivial() -> None:
+    """The block follows the inverted-residual block, its convs have biases at a scale that
+    matters, its LayerNorm gains are drawn, its softmax weights are far from uniform, ``m`` is
+    as large as the map it is added to and gets a sizeable share; the default has no block."""
+    assert ora.tiny_hybrid("silu", seed=0).gc is None
+    model = ora.tiny_hybrid("silu", seed=0, gc=True)
+    gc = model.gc
+    assert isinstance(gc, ora.GlobalContext) and not model.training
+    assert list(dict(model.named_children())) == [
+        "stem_conv", "stem_bn", "stem_act", "ir", "gc", "blocks", "norm", "head"]
+    assert gc.conv_attn.weight.shape == (1, 8, 1, 1)
+    assert gc.conv1.weight.shape == (4, 8, 1, 1) and gc.conv2.weight.shape == (8, 4, 1, 1)
+    assert isinstance(gc.norm, ora.LayerNorm2d) and gc.norm.normalized_shape == (4,)
+    assert isinstance(gc.act, nn.ReLU)
+    for conv in (gc.conv_attn, gc.conv1, gc.conv2):
+        assert conv.weight.dtype == DT and float(conv.bias.detach().abs().max()) > 0.1
+    w = gc.norm.weight.detach()
+    assert bool(((w >= 0.5) & (w <= 1.5)).all()) and float(w.max() - w.min()) > 0.1
+    x = ora.tiny_hybrid_input(0, n=1)
+    s = ora.srd_hybrid_oracle_trace(model, x, 0)[0]
+    f = s["forward"]
+    assert float(f["gc_attn"].max() / f["gc_attn"].min()) > 2.0
+    assert float(f["gc_m"].norm()) > 0.3 * float(f["ir"].norm(dim=0).mean())
+    assert abs(s["gc_m"]) > 0.1 * abs(float(s["logits"][0]))
+
+
+GC_CUTS = [*CUTS, "gc_out", "gc_add_x+gc_m", "gc_add_x+gc_context", "gc_add_x+gc_pool_x"]
+
+
+@pytest.mark.parametrize("activation", ["silu", "relu"])
+@pytest.mark.parametrize("seed", [0, 1])
+def test_conservation_with_gc(activation: str, seed: int) -> None:
+    """With the global-context block the pixel map and every cut (the block's output, its add
+    with ``m`` or with the context in place of ``m``, its input) sum to the target logit per
+    sample; the block's input relevance is its add share plus its pooling share, ``m``'s
+    relevance reaches the context unchanged, nothing is lost, the weights get nothing."""
+    model = ora.tiny_hybrid(activation, seed=seed, gc=True)
+    x = ora.tiny_hybrid_input(seed=seed + 10)
+    with torch.no_grad():
+        logits = model(x)
+    for target in (0, 3):
+        for n, s in enumerate(ora.srd_hybrid_oracle_trace(model, x, target)):
+            want = float(logits[n, target])
+            assert s["pixel"].shape == (16, 16) and s["pixel"].dtype == DT
+            assert s["lost"] <= 1e-12 * max(abs(want), 1.0)
+            for cut in GC_CUTS:
+                got = _cut(s, cut)
+                assert abs(got - want) <= 1e-9 * max(abs(want), 1e-3), (cut, got, want)
+            assert torch.allclose(s["sum"], s["gc_add_x"] + s["gc_pool_x"], rtol=0,
+                                  atol=1e-15)
+            assert s["gc_context"] == pytest.approx(s["gc_m"], rel=1e-12)
+            assert "gc_weights" not in s
+
+
+def test_gc_block_relevance_in_equals_out() -> None:
+    """On the model's block and its input (hooks): for a mixed-sign relevance at the output the
+    input's relevance sums to the same total, and with the trace's output relevance it is the
+    trace's relevance at the block input."""
+    model = ora.tiny_hybrid("silu", seed=3, gc=True)
+    x = ora.tiny_hybrid_input(seed=4, n=1)
+    _, seen = _gc_seen(model, x)
+    r_out = torch.randn(8, 8, dtype=DT, generator=torch.Generator().manual_seed(5))
+    r_in = ora.global_context_relevance(model.gc, seen["x"][0], r_out)
+    assert r_in.shape == (8, 8)
+    assert float(r_in.sum()) == pytest.approx(float(r_out.sum()), rel=1e-12, abs=1e-13)
+    assert _rel(r_in, r_out) > 1e-2  # not the identity
+    s = ora.srd_hybrid_oracle_trace(model, x, 1)[0]
+    r_in = ora.global_context_relevance(model.gc, seen["x"][0], s["gc_out"])
+    assert torch.allclose(r_in, s["sum"], rtol=1e-13, atol=1e-15)
+    assert float(s["sum"].sum()) == pytest.approx(float(s["gc_out"].sum()), rel=1e-12)
+
+
+def _hand_gc() -> tuple[ora.GlobalContext, torch.Tensor]:
+    """GlobalContext(2) (1 hidden channel) on the 1 x 2 map x(0, 0) = (2, 1), x(0, 1) = (-2, 4).
+
+    conv_attn = (ln(3)/4, 0), bias 0.7: logits ln(3)/2 + 0.7, -ln(3)/2 + 0.7, softmax weights
+    w = (3/4, 1/4) (the bias cancels). context = (3/2, 3/4) + (-1/2, 1) = (1, 7/4).
+    conv1 = (1/2, -1/4), bias 0.3: 1/2 - 7/16 + 3/10 = 0.3625 (one source, mu = 1).
+    LayerNorm over the one channel: (v - mean) = 0, so its output is its shift 2; ReLU: 2.
+    conv2 = (1/2, -1/2), bias 0: m = (1, -1). y(0, 0) = (3, 0), y(0, 1) = (-1, 3)."""
+    gc = ora.GlobalContext(2).to(DT)
+    assert gc.conv1.out_channels == 1
+    with torch.no_grad():
+        gc.conv_attn.weight.copy_(_t(math.log(3.0) / 4, 0).view(1, 2, 1, 1))
+        gc.conv_attn.bias.fill_(0.7)
+        gc.conv1.weight.copy_(_t(0.5, -0.25).view(1, 2, 1, 1))
+        gc.conv1.bias.fill_(0.3)
+        gc.norm.weight.fill_(1.3)
+        gc.norm.bias.fill_(2.0)
+        gc.conv2.weight.copy_(_t(0.5, -0.5).view(2, 1, 1, 1))
+        gc.conv2.bias.zero_()
+    return gc, torch.tensor([[[2.0, -2.0]], [[1.0, 4.0]]], dtype=DT)
+
+
+def test_attention_pool_by_hand() -> None:
+    """Attention pooling on x(0, 0) = (2, 1), x(0, 1) = (-2, 4) with the weights w = (3/4, 1/4)
+    (the softmax of the hand block's logits):
+    c_0 = (3/2, 3/4), c_1 = (-1/2, 1), context = (1, 7/4), ||context||^2 = 65/16;
+    mu_0 = <c_0, context> / (65/16) = (45/16) / (65/16) = 9/13,
+    mu_1 = (20/16) / (65/16) = 4/13 (sum 1). R(context) = 13: R(x) = (9, 4), the weights 0.
+    Mutation (weights as sources, half each): R(x) = (9/2, 2), R(w) = (9/2, 2): x gets 13/2."""
+    gc, x = _hand_gc()
+    w = ora.gc_attention_weights(gc, x)
+    assert torch.allclose(w, _t(3 / 4, 1 / 4).view(1, 2), atol=1e-15)
+    with torch.no_grad():
+        attn = gc.conv_attn(x[None])[0, 0]
+    assert torch.allclose(torch.softmax(attn.flatten(), 0).view(1, 2), w, atol=1e-15)
+    mu = ora.attention_pool_shares(x, w)
+    assert torch.allclose(mu, _t(9 / 13, 4 / 13).view(1, 2), atol=1e-15)
+    assert float(mu.sum()) == pytest.approx(1.0, abs=1e-15)
+    r_x, r_w = ora.attention_pool_relevance(x, w, 13.0)
+    assert torch.allclose(r_x, _t(9, 4).view(1, 2), atol=1e-14)
+    assert not bool(r_w.any())
+    m_x, m_w = ora.attention_pool_relevance(x, w, 13.0, weights_relevance=True)
+    assert torch.allclose(m_x, _t(4.5, 2).view(1, 2), atol=1e-14)
+    assert torch.allclose(m_w, _t(4.5, 2).view(1, 2), atol=1e-14)
+    assert float(m_x.sum()) == pytest.approx(6.5, abs=1e-14)  # not 13: conservation broken
+
+
+def test_broadcast_add_by_hand() -> None:
+    """y(p) = x(p) + m with x(0, 0) = (2, 1), x(0, 1) = (-2, 4), m = (1, -1):
+    y(0, 0) = (3, 0), ||y||^2 = 9: mu_x = 6/9 = 2/3, mu_m = 3/9 = 1/3;
+    y(0, 1) = (-1, 3), ||y||^2 = 10: mu_x = 14/10 = 7/5, mu_m = -4/10 = -2/5.
+    R(y) = (3, 5): R(x) = (2, 7), R(m) = 1/3 * 3 - 2/5 * 5 = -1 (the sum over positions);
+    total 2 + 7 - 1 = 8 = 3 + 5. Mutation (m dropped): R(m) = 0, total 9."""
+    x = torch.tensor([[[2.0, -2.0]], [[1.0, 4.0]]], dtype=DT)
+    m = _t(1, -1)
+    r_y = _t(3, 5).view(1, 2)
+    r_x, r_m = ora.broadcast_add_relevance(x, m, r_y)
+    assert torch.allclose(r_x, _t(2, 7).view(1, 2), atol=1e-14)
+    assert r_m == pytest.approx(1 / 3 * 3 + (-2 / 5) * 5, abs=1e-14)
+    assert r_m == pytest.approx(-1.0, abs=1e-14)
+    assert float(r_x.sum()) + r_m == pytest.approx(8.0, abs=1e-14)
+    d_x, d_m = ora.broadcast_add_relevance(x, m, r_y, drop_m=True)
+    assert torch.allclose(d_x, r_x, atol=0) and d_m == 0.0
+    assert float(d_x.sum()) + d_m == pytest.approx(9.0, abs=1e-14)
+
+
+def test_gc_block_by_hand() -> None:
+    """The hand block (see ``_hand_gc``) with R(y) = (3, 5): the add gives R(x) = (2, 7) and
+    R(m) = -1 (test_broadcast_add_by_hand); m's MLP passes -1 to the context unchanged; the
+    pooling gives (9/13, 4/13) of it (test_attention_pool_by_hand). So
+    R(x) = (2 - 9/13, 7 - 4/13) = (17/13, 87/13), sum 8 = 3 + 5.
+    Mutations: m dropped: (2, 7), sum 9; weights as sources: (2 - 9/26, 7 - 4/26), sum 15/2."""
+    gc, x = _hand_gc()
+    with torch.no_grad():
+        y = gc(x[None])[0]
+    assert torch.allclose(y, torch.tensor([[[3.0, -1.0]], [[0.0, 3.0]]], dtype=DT), atol=1e-15)
+    r_y = _t(3, 5).view(1, 2)
+    r_x = ora.global_context_relevance(gc, x, r_y)
+    assert torch.allclose(r_x, _t(17 / 13, 87 / 13).view(1, 2), atol=1e-14)
+    assert float(r_x.sum()) == pytest.approx(8.0, abs=1e-14)
+    drop = ora.global_context_relevance(gc, x, r_y, mutation="gc_drop_m")
+    assert torch.allclose(drop, _t(2, 7).view(1, 2), atol=1e-14)
+    half = ora.global_context_relevance(gc, x, r_y, mutation="gc_weights_relevance")
+    assert torch.allclose(half, _t(2 - 9 / 26, 7 - 4 / 26).view(1, 2), atol=1e-14)
+    with pytest.raises(ValueError):
+        ora.global_context_relevance(gc, x, r_y, mutation="nope")
+
+
+def test_gc_loops_match_vectorized_form() -> None:
+    """Given the relevance the oracle puts on the block's output, R(m), the input's add and
+    pooling shares and their sum equal a vectorized form of the rule fed by the model's own
+    tensors (hooks; the weights from torch's softmax), no loops over positions."""
+    model = ora.tiny_hybrid("relu", seed=4, gc=True)
+    x = ora.tiny_hybrid_input(seed=5)
+    _, seen = _gc_seen(model, x)
+    trace = ora.srd_hybrid_oracle_trace(model, x, 2)
+    r_out = torch.stack([s["gc_out"] for s in trace])              # (N, H, W)
+    with torch.no_grad():
+        xin, m = seen["x"], seen["m"]                                # (N, C, H, W), (N, C, 1, 1)
+        y = xin + m
+        yy = (y * y).sum(1)
+        mu_x = (xin * y).sum(1) / yy
+        mu_m = (m * y).sum(1) / yy
+        r_m = (mu_m * r_out).sum((1, 2))                             # (N,)
+        w = torch.softmax(seen["attn"].flatten(1), -1).view_as(r_out)
+        c = w[:, None] * xin                                         # (N, C, H, W)
+        ctx = c.sum((2, 3))                                          # (N, C)
+        mu_p = (c * ctx[:, :, None, None]).sum(1) / (ctx * ctx).sum(1)[:, None, None]
+        add_x = mu_x * r_out
+        pool_x = mu_p * r_m[:, None, None]
+    assert torch.allclose(torch.tensor([s["gc_m"] for s in trace], dtype=DT), r_m, rtol=1e-11,
+                          atol=1e-14)
+    for k, want in (("gc_add_x", add_x), ("gc_pool_x", pool_x), ("sum", add_x + pool_x)):
+        got = torch.stack([s[k] for s in trace])
+        assert torch.allclose(got, want, rtol=1e-10, atol=1e-13), k
+
+
+@pytest.mark.parametrize("mutation", ora.GC_MUTATIONS)
+def test_gc_mutations_break_conservation(mutation: str) -> None:
+    """A wrong global-context rule (the softmax weights get relevance, or m's share is dropped)
+    no longer sums to the logit (off by more than 5 %), by exactly what it withheld (the
+    weights' relevance; the correct R(m)); the definition conserves on the same case."""
+    model = ora.tiny_hybrid("silu", seed=0, gc=True)
+    x = ora.tiny_hybrid_input(seed=1, n=1)
+    with torch.no_grad():
+        logit = float(model(x)[0, 2])
+    ref = ora.srd_hybrid_oracle_trace(model, x, 2)[0]
+    alt = ora.srd_hybrid_oracle_trace(model, x, 2, misread=mutation)[0]
+    assert float(ref["pixel"].sum()) == pytest.approx(logit, rel=1e-9)
+    got = float(alt["pixel"].sum())
+    assert abs(got - logit) > 0.05 * abs(logit)
+    withheld = (float(alt["gc_weights"].sum()) if mutation == "gc_weights_relevance"
+                else ref["gc_m"])
+    assert got + withheld == pytest.approx(logit, rel=1e-9)
+
+
+def test_gc_mutation_needs_the_block() -> None:
+    model = ora.tiny_hybrid("relu", seed=0)
+    with pytest.raises(ValueError):
+        ora.srd_hybrid_oracle(model, ora.tiny_hybrid_input(0, n=1), 0, misread="gc_drop_m")
+
+
+def test_gc_with_zero_m_is_transparent() -> None:
+    """With conv2's weight and bias zero, m = 0: every y(p) is x(p) (mu_x = 1, mu_m = 0), R(m)
+    and the pooling shares are 0, and the map equals that of the same model without the block."""
+    model = ora.tiny_hybrid("silu", seed=8, gc=True)
+    with torch.no_grad():
+        model.gc.conv2.weight.zero_()
+        model.gc.conv2.bias.zero_()
+    x = ora.tiny_hybrid_input(seed=9, n=1)
+    s = ora.srd_hybrid_oracle_trace(model, x, 3)[0]
+    assert s["gc_m"] == 0.0 and not bool(s["gc_pool_x"].any())
+    plain = ora.TinyHybrid("silu").to(DT).eval()
+    missing, unexpected = plain.load_state_dict(model.state_dict(), strict=False)
+    assert not missing and unexpected and all(k.startswith("gc.") for k in unexpected)
+    p = ora.srd_hybrid_oracle_trace(plain, x, 3)[0]
+    assert torch.allclose(p["logits"], s["logits"], rtol=1e-13, atol=1e-13)
+    assert torch.allclose(s["pixel"], p["pixel"], rtol=1e-12, atol=1e-14)

@@ -42,7 +42,9 @@ def test_the_comparison_catches_a_dropped_constant_term(monkeypatch):
     """Without the class token's share handed on (the rule before), the maps differ."""
     model, x = tiny_token_vit("vit", seed=3), tiny_input(seed=5)
     expected = _oracle(model, x, [1, 3])
-    monkeypatch.setattr(srd_tokens.SRDTokenRule, "constant_parts", False)
+    # every vector taken as input-dependent (switching constant_parts off would also hide
+    # which call made each tensor, which the attention rule needs)
+    monkeypatch.setattr(srd_tokens, "_vector_constant", lambda *args, **kwargs: None)
     wrong = srdxai.explain(model, x, [1, 3], "srd_tokens")
     assert (wrong - expected).abs().max() > 1e-3 * expected.abs().max()
 
@@ -77,16 +79,17 @@ def test_srd_on_a_transformer_refuses_what_is_defined_for_cnns_only():
     assert srd.attribute(x, 1).shape == (2, 16, 16)
 
 
-@pytest.mark.parametrize("se", [False, True], ids=["plain", "se"])
+@pytest.mark.parametrize("block", ["plain", "se", "gc"])
 @pytest.mark.parametrize("activation", ["silu", "relu"])
 @pytest.mark.parametrize("method", ["srd_tokens", "srd"])
-def test_hybrid_cnn_transformer_equals_the_slow_reference(activation, method, se):
+def test_hybrid_cnn_transformer_equals_the_slow_reference(activation, method, block):
     """A stem convolution with padding and stride 2, BatchNorm, an inverted-residual block with
     a depthwise convolution and an (N, C, H, W) residual sum, then a transformer block on the
     flattened map (``srd_hybrid_oracle.py``, written from the definition); ``se``: the block has
     a squeeze-excitation gate before its projecting convolution (the gate a constant weight,
-    its branch gets no relevance)."""
-    model = tiny_hybrid(activation, seed=2, se=se)
+    its branch gets no relevance); ``gc``: a global-context block follows it (attention pooling
+    ``x @ softmax(...)``, the weights second, and a context vector added at every position)."""
+    model = tiny_hybrid(activation, seed=2, se=block == "se", gc=block == "gc")
     x = tiny_hybrid_input(seed=4)
     targets = [0, 3]
     expected = torch.cat([srd_hybrid_oracle(model, x[i:i + 1], t)

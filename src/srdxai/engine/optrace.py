@@ -306,8 +306,10 @@ class TensorFacts:
     """What the operation view attaches to a traced tensor for a rule with
     ``constant_parts``: ``mask`` (bool, the tensor's shape, or None) is True at the entries
     that do not depend on the input; ``producer`` is the kind of the computing call that made
-    it, through elementwise calls (None after a call that only moves values): a rule can tell
-    an (N, C, H, W) feature map made by a convolution from channels-last tokens."""
+    it, through elementwise calls (None after a call that only moves values, except
+    ``"softmax"``, which attention weights keep through views): a rule can tell an
+    (N, C, H, W) feature map made by a convolution from channels-last tokens, and attention
+    weights from the values they mix."""
 
     __slots__ = ("mask", "producer")
 
@@ -406,7 +408,7 @@ class OpTracer(Tracer):
             return entry[1][args[1]]
         return func(*args, **kwargs)
 
-    def _track_outputs(self, out: Any, masks: Any = None) -> Any:
+    def _track_outputs(self, out: Any, masks: Any = None, producer: str | None = None) -> Any:
         flat = tree_flatten(out)[0]
         flat_masks = tree_flatten(masks)[0] if masks is not None else [None] * len(flat)
         if len(flat_masks) != len(flat):
@@ -414,8 +416,21 @@ class OpTracer(Tracer):
         for t, m in zip(flat, flat_masks, strict=True):
             if isinstance(t, Tensor) and t.is_floating_point():
                 partly = (isinstance(m, Tensor) and m.shape == t.shape and bool(m.any()))
-                self.track(t, TensorFacts(m) if partly else True)
+                if partly or producer is not None:
+                    self.track(t, TensorFacts(m if partly else None, producer))
+                else:
+                    self.track(t, True)
         return out
+
+    def _moved_producer(self, args) -> str | None:
+        """The producer a value-moving call's outputs keep: only ``"softmax"``, so that
+        attention weights stay known as such through views (a global-context block's
+        ``softmax(...).unsqueeze(3)``); a moved feature map is no longer one (its vectors
+        may now lie along another axis)."""
+        source = args[0] if args else None
+        if isinstance(source, list | tuple):
+            return None
+        return "softmax" if self.producer_of(source) == "softmax" else None
 
     def producer_of(self, obj: Any) -> str | None:
         """The kind of the computing call that made a traced tensor (see
@@ -454,6 +469,24 @@ class OpTracer(Tracer):
                 return func(*tree_map(as_mask, args), **tree_map(as_mask, kwargs))
         except (RuntimeError, TypeError, ValueError):
             return None  # a call that does not take bool tensors: treated as input-dependent
+
+    def _padded_mask(self, args, kwargs, mode: str) -> Tensor | None:
+        """The constant entries of a padding's output: the input's own constant entries, moved
+        as the values are, and, with zero padding, the padded entries (zeros, which do not
+        depend on the input; Twins pads its token map to whole windows, whose padded tokens'
+        values are then the qkv bias alone)."""
+        x = args[0] if args else kwargs.get("input")
+        pad = args[1] if len(args) > 1 else kwargs.get("pad")
+        if not isinstance(x, Tensor) or not self.is_tracked(x) or not any(pad):
+            return None
+        mask = self.constant_mask(x)
+        if mask is None and mode != "constant":
+            return None  # copies of input-dependent entries
+        with torch._C.DisableTorchFunction():
+            inside = torch.zeros(x.shape, device=x.device) if mask is None else mask.float()
+            if mode == "constant":
+                return F.pad(inside, pad, value=1.0) > 0.5
+            return F.pad(inside, pad, mode=mode) > 0.5
 
     def _computed_mask(self, call: OpCall, args, inputs: list[Tensor],
                        out: Tensor) -> Tensor | None:
@@ -516,8 +549,11 @@ class OpTracer(Tracer):
             self.rule.on_move(func, args, kwargs, out)
             return out
         if func in MOVE:
-            masks = self._moved_masks(func, args, kwargs) if self.rule.constant_parts else None
-            out = self._track_outputs(self._move(func, args, kwargs), masks)
+            masks = producer = None
+            if self.rule.constant_parts:
+                masks = self._moved_masks(func, args, kwargs)
+                producer = self._moved_producer(args)
+            out = self._track_outputs(self._move(func, args, kwargs), masks, producer)
             self.rule.on_move(func, args, kwargs, out)
             return out
         if func in DROPOUT:
@@ -535,13 +571,18 @@ class OpTracer(Tracer):
         if func is F.pad:
             mode = kwargs.get("mode", args[2] if len(args) > 2 else "constant")
             value = kwargs.get("value", args[3] if len(args) > 3 else None)
-            if mode != "constant" or value not in (None, 0, 0.0):
+            if mode == "constant" and value not in (None, 0, 0.0):
                 raise self.unsupported(f"padding with mode '{mode}' and value {value}")
-            out = self._track_outputs(func(*args, **kwargs))
+            # zero padding, or copies of the edge entries (reflect, replicate, circular: TResNet's
+            # anti-aliasing), each moved as it is: autograd's backward sums the copies' relevance
+            masks = self._padded_mask(args, kwargs, mode) if self.rule.constant_parts else None
+            out = self._track_outputs(func(*args, **kwargs), masks)
             self.rule.on_move(func, args, kwargs, out)
             return out
         if func in SDPA:
             return self._attention(args, kwargs)
+        if func in (torch.addcmul, Tensor.addcmul):
+            return self._addcmul(args, kwargs)
         if func in MULTI_HEAD_ATTENTION:
             return self._multi_head_attention(args, kwargs)
         kind = self._kind(func, args, kwargs)
@@ -660,23 +701,45 @@ class OpTracer(Tracer):
         """``F.scaled_dot_product_attention`` as its three steps, each a call of its own."""
         names = ("query", "key", "value", "attn_mask", "dropout_p", "is_causal", "scale")
         bound = dict(zip(names, args, strict=False)) | kwargs
-        if bound.get("attn_mask") is not None or bound.get("is_causal"):
-            raise self.unsupported("masked or causal scaled dot-product attention")
+        if bound.get("is_causal"):
+            raise self.unsupported("causal scaled dot-product attention")
+        mask = bound.get("attn_mask")
+        if mask is not None and (mask.dtype == torch.bool or not bool(torch.isfinite(mask).all())):
+            # -inf scores would meet the relevance rules' products with the softmax's input
+            raise self.unsupported(
+                "scaled dot-product attention with a boolean or non-finite attn_mask",
+                "A finite float mask (a relative position bias) is added to the scores; "
+                "explain a model that masks positions out with a gradient method.")
         if bound.get("dropout_p", 0.0):
             raise self.unsupported("attention dropout in training mode (call model.eval())")
         q, k, v = bound["query"], bound["key"], bound["value"]
         scale = bound.get("scale")
         if scale is None:
             scale = 1.0 / math.sqrt(q.shape[-1])
-        return self._attention_steps(q, k, v, scale)[0]
+        return self._attention_steps(q, k, v, scale, mask)[0]
 
-    def _attention_steps(self, q: Tensor, k: Tensor, v: Tensor,
-                         scale: float) -> tuple[Tensor, Tensor]:
-        """``softmax(q k^T * scale) v`` as a scaling, a product, a softmax and a product, each
-        a call of its own: (the output, the attention weights)."""
+    def _addcmul(self, args, kwargs):
+        """``torch.addcmul(input, t1, t2, value=v)`` as the calls ``input + v * (t1 * t2)``
+        (ResMLP's affine layer ``addcmul(beta, alpha, x)``: a scale and a shift per channel)."""
+        names = ("input", "tensor1", "tensor2")
+        bound = dict(zip(names, args, strict=False)) | kwargs
+        call = self.__torch_function__
+        product = call(Tensor.__mul__, (), (bound["tensor1"], bound["tensor2"]))
+        value = bound.get("value", 1)
+        if value != 1:
+            product = call(Tensor.__mul__, (), (product, value))
+        return call(Tensor.__add__, (), (bound["input"], product))
+
+    def _attention_steps(self, q: Tensor, k: Tensor, v: Tensor, scale: float,
+                         bias: Tensor | None = None) -> tuple[Tensor, Tensor]:
+        """``softmax(q k^T * scale + bias) v`` as a scaling, a product, the sum with the
+        bias (a float ``attn_mask``: BEiT's and MaxViT's relative position biases), a softmax
+        and a product, each a call of its own: (the output, the attention weights)."""
         q = self.__torch_function__(Tensor.__mul__, (), (q, scale))
         kt = self.__torch_function__(Tensor.transpose, (), (k, -2, -1))
         scores = self.__torch_function__(torch.matmul, (), (q, kt))
+        if bias is not None:
+            scores = self.__torch_function__(Tensor.__add__, (), (scores, bias))
         attn = self.__torch_function__(torch.softmax, (), (scores, -1))
         return self.__torch_function__(torch.matmul, (), (attn, v)), attn
 

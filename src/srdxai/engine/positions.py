@@ -101,11 +101,15 @@ class PositionTags:
 
             moved_kwargs = tree_map(as_tag, kwargs)
             moved_args = tree_map(as_tag, args)
-            if func is F.pad:  # padded entries have no place
+            if func is F.pad:  # zero-padded entries have no place; copies keep theirs
                 mode = moved_args[2] if len(moved_args) > 2 else moved_kwargs.get(
                     "mode", "constant")
                 moved_args = tuple(moved_args[:2])
-                moved_kwargs = {**moved_kwargs, "mode": mode, "value": float("nan")}
+                moved_kwargs = {**moved_kwargs, "mode": mode}
+                if mode == "constant":
+                    moved_kwargs["value"] = float("nan")
+                else:
+                    moved_kwargs.pop("value", None)
             try:
                 with torch._C.DisableTorchFunction():
                     result = func(*moved_args, **moved_kwargs)

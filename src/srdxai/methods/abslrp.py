@@ -576,8 +576,8 @@ class AbsLRPRule(OpRule):
             return self._autograd_terms(call, inputs, g)
         x = inputs[0]
         kind = call.kind
-        if kind in ("linear", "conv") and len(inputs) == 1 and isinstance(call.args[1], Tensor):
-            w = call.args[1]
+        w = call.argument(1, "weight") if kind in ("linear", "conv") else None
+        if len(inputs) == 1 and isinstance(w, Tensor):  # BEiT passes weight= by keyword
             if kind == "linear":
                 if self._input_nonnegative(call, 0, x):
                     return [(g @ self._dense_weight(w, "pos2")).mul_(x)]

@@ -22,7 +22,10 @@ every output sum to 1 and the pixel map sums to the target logit. What that mean
 * **attention** ``o = A @ v`` per head: the value vectors are the sources,
   ``c_{s -> t} = A(t, s) v(s)``; the attention weights are the call's input-dependent weights
   (as a squeeze-excitation gate is in the CNN engine), so queries, keys and the softmax get no
-  relevance. The value of a constant token is a constant term of every output.
+  relevance. The value of a constant token is a constant term of every output. The weights
+  are the factor a softmax made (``OpCall.producers``, kept through views); with the weights
+  second, ``x @ w`` (a global-context block's attention pooling), the columns of ``x`` are
+  the vectors, the same form transposed; a product where neither factor is is refused.
 * **token averages** ``y = mean_t x(t)`` (and global average pooling of a map):
   ``c_t = x(t) / T``.
 * **convolutions** (the patch embedding; the stems and inverted-residual blocks of hybrid
@@ -168,7 +171,7 @@ class SRDTokenRule(OpRule):
             if kind in ("add", "sub"):
                 return self._residual(call, inputs, output, grad)
             if kind == "matmul":
-                return self._attention(call, inputs, output, grad)
+                return self._weighted_sum(call, inputs, output, grad)
             gate = _broadcast_gate(inputs, output) if kind == "mul" else None
             if gate is None:
                 raise self._unsupported(
@@ -249,16 +252,36 @@ class SRDTokenRule(OpRule):
         rb = _spread(mu_b * total, b)
         return [_reduce_to(ra, inputs[0]), _reduce_to(rb, inputs[1])]
 
+    def _weighted_sum(self, call: OpCall, inputs: Sequence[Tensor], o: Tensor,
+                      r: Tensor) -> list[Tensor]:
+        """A product of two input-dependent matrices: attention weights made by a softmax
+        mixing vectors. ``A @ v`` (a transformer's attention: the rows of ``v`` are the
+        vectors) or ``x @ w`` with ``w`` the weights (a global-context block's attention
+        pooling, ``x`` (N, 1, C, HW) @ ``softmax(...)`` (N, 1, HW, 1): the columns of ``x``
+        are the vectors), which is the first form transposed."""
+        if not bool(r.any()):  # q @ k^T: nothing comes back through the softmax
+            return [torch.zeros_like(t) for t in inputs]
+        if call.producers[0] == "softmax":
+            return self._attention(call.constant[1], inputs, o, r)
+        if call.producers[1] == "softmax":
+            x, w = inputs
+            constant = call.constant[0]
+            rw, rx = self._attention(None if constant is None else constant.mT,
+                                     [w.mT, x.mT], o.mT, r.mT)
+            return [rx.mT, rw.mT]
+        raise self._unsupported(
+            call, f"a product of two input-dependent matrices of shapes "
+            f"{tuple(inputs[0].shape)} and {tuple(inputs[1].shape)} neither of which is "
+            "attention weights made by a softmax")
+
     @staticmethod
-    def _attention(call: OpCall, inputs: Sequence[Tensor], o: Tensor,
+    def _attention(constant_v: Tensor | None, inputs: Sequence[Tensor], o: Tensor,
                    r: Tensor) -> list[Tensor]:
         a, v = inputs  # o = a @ v: a mixes the rows of v
-        if not bool(r.any()):  # q @ k^T: nothing comes back through the softmax
-            return [torch.zeros_like(a), torch.zeros_like(v)]
         v = v.expand(*o.shape[:-2], *v.shape[-2:])
         per_out = r.sum(-1)  # (..., T): one relevance per (head, token) output vector
         mu = safe_divide(a * (o @ v.mT), (o * o).sum(-1, keepdim=True))  # (..., T, S)
-        constant = _vector_constant(call.constant[1], v)
+        constant = _vector_constant(constant_v, v)
         if constant is not None:
             norms = a.abs() * torch.linalg.vector_norm(v, dim=-1).unsqueeze(-2)
             mu = _share_constants(mu, constant, norms)
@@ -287,11 +310,20 @@ class SRDTokenRule(OpRule):
         if dim is None:
             raise self._unsupported(call, "a mean over every dimension")
         dims = tuple(d % x.dim() for d in (dim if isinstance(dim, list | tuple) else (dim,)))
+        keepdim = bool(call.argument(2, "keepdim", False))
+        mean = func in (torch.mean, Tensor.mean)
+        if x.dim() >= 3 and call.producers[0] in _MAP_PRODUCERS and 0 not in dims \
+                and 1 not in dims:
+            # an (N, C, ...) map made by convolutions, averaged over positions (a
+            # squeeze-excitation's x.mean((2, 3)), a head's global pooling): its vectors lie
+            # along dim 1
+            moved = self._token_mean_last(call, x.movedim(1, -1), z.movedim(1, -1),
+                                          r.movedim(1, -1), tuple(d - 1 for d in dims), mean,
+                                          keepdim)
+            return moved.movedim(-1, 1)
         if 0 in dims or x.dim() - 1 in dims:
             raise self._unsupported(call, "an average over the batch or the feature vector")
-        keepdim = bool(call.argument(2, "keepdim", False))
-        return self._token_mean_last(call, x, z, r, dims,
-                                     mean=func in (torch.mean, Tensor.mean), keepdim=keepdim)
+        return self._token_mean_last(call, x, z, r, dims, mean=mean, keepdim=keepdim)
 
     @staticmethod
     def _positions_mixed(call: OpCall, x: Tensor, z: Tensor, r: Tensor) -> Tensor:
@@ -326,7 +358,7 @@ class SRDTokenRule(OpRule):
     def _is_patch_embedding(call: OpCall, x: Tensor) -> bool:
         """A 2-D convolution whose windows tile the input (stride = kernel, no padding, no
         dilation, one group): each pixel is a source of one token only."""
-        weight = call.args[1]
+        weight = call.argument(1, "weight")
         if x.dim() != 4 or not isinstance(weight, Tensor):
             return False
         k = tuple(weight.shape[2:])
@@ -346,7 +378,7 @@ class SRDTokenRule(OpRule):
         of ``p``; the bias is split among them by ``||W_o x(p)||`` (padding contributes
         nothing). The projections summed over ``t`` are one input gradient:
         ``sum_t <W_o x(p), g(t)> = <x(p), (J^T g)(p)>`` with ``g = z R / ||z||^2``."""
-        weight, bias = call.args[1], call.argument(2, "bias")
+        weight, bias = call.argument(1, "weight"), call.argument(2, "bias")
         if x.dim() != 4 or not isinstance(weight, Tensor) or isinstance(
                 call.argument(4, "padding", 0), str):
             raise self._unsupported(call, "a convolution other than a 2-D one with numeric "
@@ -370,7 +402,7 @@ class SRDTokenRule(OpRule):
         return _spread(pixel, x.movedim(1, -1)).movedim(-1, 1)
 
     def _patch_embedding(self, call: OpCall, x: Tensor, z: Tensor, r: Tensor) -> Tensor:
-        weight, bias = call.args[1], call.argument(2, "bias")
+        weight, bias = call.argument(1, "weight"), call.argument(2, "bias")
         k = tuple(weight.shape[2:])
         n, c, h, w = x.shape
         ph, pw = h // k[0], w // k[1]

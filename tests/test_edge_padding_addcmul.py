@@ -1,0 +1,144 @@
+"""Two calls of timm models that the operation view refused until December 2026:
+
+* padding that copies edge entries (``F.pad`` with ``mode="reflect"``, ``"replicate"`` or
+  ``"circular"``: TResNet's anti-aliasing): a value-moving call, so a model that pads so gets
+  the map of the same model building the padded tensor from slices and concatenations;
+* ``torch.addcmul(input, t1, t2, value=v)`` (ResMLP's affine layer ``addcmul(beta, alpha, x)``):
+  the calls ``input + v * (t1 * t2)``, so the map of the same model written with them.
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+import srdxai
+from srdxai.errors import UnsupportedOperationError
+
+pytestmark = pytest.mark.usefixtures("float64_default")
+
+METHODS = ["abslrp", "attnlrp", "cp_lrp", "lrp_epsilon_plus", "srd_tokens", "gradient_x_input",
+           "fullgrad"]
+
+
+def _x() -> torch.Tensor:
+    return torch.randn(2, 3, 8, 8, generator=torch.Generator().manual_seed(1),
+                       dtype=torch.float64)
+
+
+def _pair(cls, **options) -> tuple[nn.Module, nn.Module]:
+    torch.manual_seed(0)
+    a = cls(written=False, **options).eval()
+    with torch.no_grad():
+        for p in a.parameters():
+            p.normal_(0, 0.4)
+    b = cls(written=True, **options).eval()
+    b.load_state_dict(a.state_dict())
+    return a, b
+
+
+def _edge_copies(x: torch.Tensor, mode: str) -> torch.Tensor:
+    """``F.pad(x, (1, 1, 1, 1), mode=mode)`` from slices and concatenations."""
+    def one_axis(t: torch.Tensor, dim: int) -> torch.Tensor:
+        n = t.shape[dim]
+        if mode == "reflect":
+            before, after = t.narrow(dim, 1, 1), t.narrow(dim, n - 2, 1)
+        elif mode == "replicate":
+            before, after = t.narrow(dim, 0, 1), t.narrow(dim, n - 1, 1)
+        else:  # circular
+            before, after = t.narrow(dim, n - 1, 1), t.narrow(dim, 0, 1)
+        return torch.cat([before, t, after], dim)
+
+    return one_axis(one_axis(x, 3), 2)
+
+
+class EdgePadded(nn.Module):
+    """A conv, an attention over the positions (so that SRD on tokens and the transformer
+    rules take the model), a depthwise blur after edge padding (TResNet's anti-aliasing), a
+    pooled head."""
+
+    def __init__(self, written: bool, mode: str):
+        super().__init__()
+        self.written, self.mode = written, mode
+        self.conv = nn.Conv2d(3, 4, 3, padding=1)
+        self.qkv = nn.Linear(4, 12)
+        self.blur = nn.Conv2d(4, 4, 3, groups=4)
+        self.head = nn.Linear(4, 3)
+
+    def forward(self, x):
+        x = torch.relu(self.conv(x))
+        n, c, h, w = x.shape
+        t = x.flatten(2).transpose(1, 2)
+        q, k, v = self.qkv(t).chunk(3, -1)
+        x = x + F.scaled_dot_product_attention(q, k, v).transpose(1, 2).reshape(n, c, h, w)
+        padded = (_edge_copies(x, self.mode) if self.written
+                  else F.pad(x, (1, 1, 1, 1), mode=self.mode))
+        return self.head(self.blur(padded).mean((2, 3)))
+
+
+@pytest.mark.parametrize("mode", ["reflect", "replicate", "circular"])
+def test_the_padded_models_agree(mode):
+    a, b = _pair(EdgePadded, mode=mode)
+    with torch.no_grad():
+        torch.testing.assert_close(a(_x()), b(_x()), rtol=1e-12, atol=1e-12)
+
+
+@pytest.mark.parametrize("method", METHODS)
+@pytest.mark.parametrize("mode", ["reflect", "replicate", "circular"])
+def test_edge_padding_moves_values(mode, method):
+    a, b = _pair(EdgePadded, mode=mode)
+    got = srdxai.explain(a, _x(), [1, 2], method)
+    expected = srdxai.explain(b, _x(), [1, 2], method)
+    assert torch.isfinite(got).all()
+    torch.testing.assert_close(got, expected, rtol=1e-8, atol=1e-10 * expected.abs().max().item())
+
+
+def test_padding_with_another_constant_is_still_refused():
+    class Ones(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.conv = nn.Conv2d(3, 2, 3)
+
+        def forward(self, x):
+            return self.conv(F.pad(x, (1, 1, 1, 1), value=1.0)).mean((2, 3))
+
+    with pytest.raises(UnsupportedOperationError, match="value 1.0"):
+        srdxai.explain(Ones().eval(), _x(), 1, "abslrp")
+
+
+class Affine(nn.Module):
+    """Patch tokens, ResMLP's affine layer (a scale and a shift per channel) before and after a
+    token-mixing attention, a pooled head."""
+
+    def __init__(self, written: bool, value: float = 1.0):
+        super().__init__()
+        self.written, self.value = written, value
+        self.embed = nn.Conv2d(3, 6, 2, stride=2)
+        self.alpha, self.beta = nn.Parameter(torch.ones(6)), nn.Parameter(torch.zeros(6))
+        self.qkv = nn.Linear(6, 18)
+        self.head = nn.Linear(6, 3)
+
+    def affine(self, t):
+        if self.written:
+            return self.beta + self.value * (self.alpha * t)
+        return torch.addcmul(self.beta, self.alpha, t, value=self.value)
+
+    def forward(self, x):
+        t = self.affine(self.embed(x).flatten(2).transpose(1, 2))
+        q, k, v = self.qkv(t).chunk(3, -1)
+        t = t + F.scaled_dot_product_attention(q, k, v)
+        return self.head(self.affine(t).mean(1))
+
+
+@pytest.mark.parametrize("method", METHODS)
+@pytest.mark.parametrize("value", [1.0, -0.5])
+def test_addcmul_is_a_product_and_a_sum(method, value):
+    a, b = _pair(Affine, value=value)
+    with torch.no_grad():
+        torch.testing.assert_close(a(_x()), b(_x()), rtol=1e-12, atol=1e-12)
+    got = srdxai.explain(a, _x(), [1, 2], method)
+    expected = srdxai.explain(b, _x(), [1, 2], method)
+    assert torch.isfinite(got).all()
+    torch.testing.assert_close(got, expected, rtol=1e-8, atol=1e-10 * expected.abs().max().item())
