@@ -198,6 +198,46 @@ def test_cnn_and_transformer_rules_agree_where_both_apply():
         torch.testing.assert_close(ops, cnn, rtol=1e-9, atol=1e-12, msg=method)
 
 
+class BatchNormResNet(nn.Module):
+    """Convolutions without bias, each followed by an eval BatchNorm (ResNet's blocks), a
+    downsampling shortcut with its own BatchNorm, a dense layer followed by BatchNorm1d."""
+
+    def __init__(self):
+        super().__init__()
+        self.conv1, self.bn1 = nn.Conv2d(3, 6, 3, padding=1, bias=False), nn.BatchNorm2d(6)
+        self.conv2, self.bn2 = nn.Conv2d(6, 8, 3, stride=2, padding=1), nn.BatchNorm2d(8)
+        self.down, self.bn_down = nn.Conv2d(6, 8, 1, stride=2, bias=False), nn.BatchNorm2d(8)
+        self.fc1, self.bn3 = nn.Linear(8, 8), nn.BatchNorm1d(8)
+        self.fc2 = nn.Linear(8, 4)
+
+    def forward(self, x):
+        h = F.relu(self.bn1(self.conv1(x)))
+        h = F.relu(self.bn2(self.conv2(h)) + self.bn_down(self.down(h)))
+        return self.fc2(F.relu(self.bn3(self.fc1(h.mean((2, 3))))))
+
+
+def test_the_transformer_rules_merge_batchnorm_as_the_cnn_rules_do():
+    """A BatchNorm right after a conv / dense layer is merged into it by both rule sets, so
+    they agree on a ResNet-style CNN; passing the relevance through the BatchNorm alone (the
+    transformer rules until December 2026) blew the epsilon rule up where a convolution's own
+    output was near 0 (1e12 times the logit on a random-weight ResNet18)."""
+    torch.manual_seed(0)
+    model = BatchNormResNet().double().eval()
+    with torch.no_grad():
+        for m in model.modules():
+            if isinstance(m, nn.modules.batchnorm._BatchNorm):
+                m.running_mean.normal_(0, 0.5)
+                m.running_var.uniform_(0.5, 2.0)
+                m.weight.normal_(0, 1.0)  # negative scales too: z+ must see W * s
+                m.bias.normal_(0, 0.5)
+    x = torch.randn(3, 3, 8, 8, dtype=torch.float64)
+    for method in COMPOSITES:
+        cnn = srdxai.explain(model, x, method=method, target=1)
+        ops = srdxai.explain(model, x, method=method, target=1, transformer_rules=True)
+        torch.testing.assert_close(ops, cnn, rtol=1e-9, atol=1e-12 * float(cnn.abs().max()),
+                                   msg=method)
+
+
 def test_transformer_rules_batch_equals_single_and_model_unchanged():
     model, x = _transformer()
     state = {k: v.clone() for k, v in model.state_dict().items()}

@@ -155,18 +155,42 @@ def _split_channel_shape(source: Sequence[int], shape: Sequence[int]) -> tuple[i
     return channels
 
 
-def _is_gate(node: Node) -> bool:
-    """The node is a sigmoid's (hard-sigmoid's) output, possibly moved: expanded, viewed,
-    reshaped or re-laid (ECA's ``x * y.expand_as(x)``)."""
+def _activation_node(node: Node) -> Node | None:
+    """The activation's output (a PFV layer) the node is, possibly moved since: expanded,
+    viewed, reshaped or re-laid (ECA's ``x * y.expand_as(x)``); None for any other node."""
     while not node.is_pfv:
         op = node.producer
         moved = op.kind in ("reshape", "identity", "layout") or (
             op.kind == "opaque" and op.moves_values)
         # the moved tensor is the first argument (``expand_as``'s second only gives a shape)
         if not moved or not op.inputs or op.inputs[0] is None:
-            return False
+            return None
         node = op.inputs[0]
-    return node.activation in GATE_ACTIVATIONS
+    # the model's input and residual sums are PFV layers too, but no activation's outputs
+    return node if node.activation not in ("", "input", "identity") else None
+
+
+def _is_gate(node: Node) -> bool:
+    """The node is a sigmoid's (hard-sigmoid's) output, possibly moved."""
+    made = _activation_node(node)
+    return made is not None and made.activation in GATE_ACTIVATIONS
+
+
+def _same_shape_gate(a: Tensor, b: Tensor, na: Node, nb: Node) -> int | None:
+    """Which of two equally shaped factors is the gate: the sigmoid's (hard-sigmoid's) if
+    only one is (``z * sigmoid(z)`` too); else the output of another activation if only one
+    is and it is not that activation of the other factor (GLU variants: SwiGLU's
+    ``silu(x W) * (x V)``, GEGLU's, StarNet's ``relu6(a) * b``; ``h * relu(h)`` is a square,
+    not a gate); None otherwise."""
+    gate_a, gate_b = _is_gate(na), _is_gate(nb)
+    if gate_a != gate_b:
+        return 0 if gate_a else 1
+    made = [_activation_node(na), _activation_node(nb)]
+    if (made[0] is None) == (made[1] is None):
+        return None
+    gate = 0 if made[0] is not None else 1
+    other = (a, b)[1 - gate]
+    return None if made[gate].pre is other else gate
 
 
 # Where the bias of a call that may carry one sits: (position, keyword).
@@ -893,16 +917,17 @@ class Recorder(Tracer):
             elif tuple(a.shape) != tuple(out_shape) and tuple(b.shape) == tuple(out_shape):
                 signal, gate = b, a
         else:
-            gate_a, gate_b = _is_gate(na), _is_gate(nb)
-            if gate_a != gate_b:
-                signal, gate = (b, a) if gate_a else (a, b)
+            which = _same_shape_gate(a, b, na, nb)
+            if which is not None:
+                signal, gate = (b, a) if which == 0 else (a, b)
         if gate is None or signal.dim() < 2:
             raise self.unsupported(
                 f"a product of two input-dependent tensors of shapes {tuple(a.shape)} and "
                 f"{tuple(b.shape)} where neither is a gate",
                 "A gate is a factor broadcast over the other (squeeze-excitation, spatial "
                 "attention) or, with equal shapes, the direct output of a sigmoid or "
-                "hard-sigmoid; its value is then a constant weight (docs/srd.md). Attention "
+                "hard-sigmoid, or of an activation when the other factor is not one (GLU "
+                "variants); its value is then a constant weight (docs/srd.md). Attention "
                 "products are not decomposed by this engine.")
         out = self.gate_apply(signal, gate)
         # inside ``differentiable`` the bias shares must depend on the gate's value too

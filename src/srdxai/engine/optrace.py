@@ -179,7 +179,7 @@ class OpCall:
     """
 
     __slots__ = ("kind", "name", "func", "original", "args", "kwargs", "n_inputs", "index",
-                 "constant", "producers")
+                 "constant", "producers", "gate")
 
     def __init__(self, kind: str, name: str, func: Callable, args: tuple, kwargs: dict,
                  n_inputs: int, index: int, original: Callable | None = None):
@@ -193,6 +193,11 @@ class OpCall:
         #: with the same rules: per traced input, the kind of the computing call that made
         #: it (through elementwise calls; None after calls that only move values)
         self.producers: tuple[str | None, ...] = (None,) * n_inputs
+        #: with the same rules, for a product of two equally shaped traced tensors: which
+        #: one is a gate as the PFV engine tells (docs/srd.md): a sigmoid's (hard-sigmoid's)
+        #: output where the other is not, else another activation's output where the other
+        #: is neither an activation's output nor that activation's input (GLU variants); None
+        self.gate: int | None = None
 
     def __repr__(self) -> str:
         return f"OpCall({self.kind}, {func_name(self.func)}, in '{self.name}')"
@@ -311,11 +316,14 @@ class TensorFacts:
     (N, C, H, W) feature map made by a convolution from channels-last tokens, and attention
     weights from the values they mix."""
 
-    __slots__ = ("mask", "producer")
+    __slots__ = ("mask", "producer", "activation", "pre")
 
-    def __init__(self, mask: Tensor | None, producer: str | None = None):
+    def __init__(self, mask: Tensor | None, producer: str | None = None,
+                 activation: str | None = None, pre: Tensor | None = None):
         self.mask = mask
         self.producer = producer
+        # for an activation's output (not moved since): its name and its input
+        self.activation, self.pre = activation, pre
 
 
 def is_elementwise(kind: str, n_inputs: int) -> bool:
@@ -437,6 +445,20 @@ class OpTracer(Tracer):
         :class:`TensorFacts`)."""
         entry = self.entry_of(obj)
         return entry.producer if isinstance(entry, TensorFacts) else None
+
+    def _gate_of(self, a: Tensor, b: Tensor) -> int | None:
+        """Which of two equally shaped factors is a gate (:attr:`OpCall.gate`)."""
+        made = []
+        for t in (a, b):
+            entry = self.entry_of(t)
+            made.append(entry if isinstance(entry, TensorFacts) and entry.activation else None)
+        sigmoid = [m is not None and m.activation in ("sigmoid", "hardsigmoid") for m in made]
+        if sigmoid[0] != sigmoid[1]:
+            return 0 if sigmoid[0] else 1
+        if (made[0] is None) == (made[1] is None):
+            return None
+        gate = 0 if made[0] is not None else 1
+        return None if made[gate].pre is (a, b)[1 - gate] else gate
 
     # -- entries that do not depend on the input (``OpRule.constant_parts``) --------------------
     def constant_mask(self, obj: Any) -> Tensor | None:
@@ -682,6 +704,8 @@ class OpTracer(Tracer):
         if self.rule.constant_parts:
             call.constant = tuple(self.constant_mask(t) for t in inputs)
             call.producers = tuple(self.producer_of(t) for t in inputs)
+            if kind == "mul" and len(inputs) == 2 and inputs[0].shape == inputs[1].shape:
+                call.gate = self._gate_of(*inputs)
             mask = None
             if isinstance(out, Tensor):
                 mask = self._computed_mask(call, args, inputs, out)
@@ -691,8 +715,9 @@ class OpTracer(Tracer):
             elif kind in ("add", "sub") and len(inputs) == 2:
                 known = {p for p in call.producers if p is not None}
                 producer = known.pop() if len(known) == 1 else None
+            made = ACTIVATIONS.get(func) if kind == "activation" else None
             facts = TensorFacts(mask if mask is not None and bool(mask.any()) else None,
-                                producer)
+                                producer, made, inputs[0] if made else None)
         out = self.rule.on_call(call, inputs, out)
         self.track(out, facts)
         return out

@@ -51,6 +51,7 @@ operations, and the model guard restores the train/eval flags and ``requires_gra
 from __future__ import annotations
 
 import math
+import weakref
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
@@ -621,6 +622,42 @@ class _CallLayer:
                              func=self.call.original)[0]
 
 
+class _MergedCallLayer(_CallLayer):
+    """A recorded conv / dense call with the eval BatchNorm that directly follows it merged
+    in, as the CNN rules merge it (:class:`_Affine`, zennit's canonizer): weight ``W * s``
+    per output channel, bias ``b * s + t``, with ``s`` and ``t`` BatchNorm's scale and shift.
+    The layer rules then see the BatchNorm's output as the layer's ``z``."""
+
+    def __init__(self, call: OpCall, bn: OpCall):
+        super().__init__(call)
+        self._original = (self.weight, self.bias)
+        mean, var = bn.kept_argument(1, "running_mean"), bn.kept_argument(2, "running_var")
+        gamma, beta = bn.argument(3, "weight"), bn.argument(4, "bias")
+        scale = (gamma if gamma is not None else 1.0) / (var + bn.argument(7, "eps", 1e-5)).sqrt()
+        shift = -mean * scale + (beta if beta is not None else 0.0)
+        weight = self.weight
+        self.weight = weight * scale.reshape(-1, *([1] * (weight.dim() - 1)))
+        self.bias = shift if self.bias is None else self.bias * scale + shift
+
+    def _params(self, w: Tensor, b: Tensor | None):
+        weight, bias = self._original
+
+        def swap(t: Tensor) -> Tensor:
+            if t is weight:
+                return w
+            if t is bias:  # the merged bias is added after the call
+                return torch.zeros_like(t)
+            return t
+
+        return swap
+
+    def forward(self, x: Tensor, w: Tensor, b: Tensor | None) -> Tensor:
+        out = self.call.run([x], param=self._params(w, None), func=self.call.original)
+        if b is None:
+            return out
+        return out + (b.reshape(-1, *([1] * (out.dim() - 2))) if self.conv else b)
+
+
 class TransformerLRPRule(OpRule):
     """The LRP composites on every computing call, for models the CNN rules cannot decompose
     (attention, LayerNorm over tokens). Relevance is the backward signal; per call kind
@@ -635,7 +672,13 @@ class TransformerLRPRule(OpRule):
       ``x_i * J_i^T (R / s(y)) / 2`` (AttnLRP's uniform rule);
     * sums, differences, means, average pooling, upsampling, products with constants:
       ``R_x = x * J^T (R / s(y))`` (zennit's ``Norm``: a constant added keeps its share);
-    * elementwise activations, multiplication by a number, BatchNorm: ``R`` passes unchanged;
+    * eval BatchNorm right after a conv / dense layer whose output nothing else uses: merged
+      into that layer, as the CNN rules merge it (zennit's canonizer), so the layer rule sees
+      the BatchNorm's output as its ``z`` (passing ``R`` through the BatchNorm alone and
+      dividing by the convolution's own output blew the epsilon rule up, 1e12 times the logit
+      on a ResNet18);
+    * elementwise activations, multiplication by a number, other BatchNorms: ``R`` passes
+      unchanged;
     * max pooling and calls that only move values: the gradient (relevance moves with them).
 
     A division by an input-dependent tensor has no rule and is refused.
@@ -646,10 +689,30 @@ class TransformerLRPRule(OpRule):
     def __init__(self, config: LRPConfig):
         self.config = config
         self.first_layer: int | None = None  # index of the first conv / dense call
+        # id(output) -> (weak reference to it, the conv / dense call that made it)
+        self._layer_outputs: dict[int, tuple[weakref.ref, OpCall]] = {}
+        self._uses: dict[int, int] = {}  # conv / dense call index -> calls reading its output
+        self._merged: dict[int, tuple[OpCall, Tensor]] = {}  # call index -> (BatchNorm, y)
+
+    def _layer_of(self, t: Tensor) -> OpCall | None:
+        entry = self._layer_outputs.get(id(t))
+        return entry[1] if entry is not None and entry[0]() is t else None
 
     def on_call(self, call: OpCall, inputs: Sequence[Tensor], output: Tensor) -> Tensor:
-        if call.kind in ("conv", "linear") and self.first_layer is None:
-            self.first_layer = call.index
+        for t in inputs:
+            layer = self._layer_of(t)
+            if layer is not None:
+                self._uses[layer.index] += 1
+        if call.kind in ("conv", "linear"):
+            if self.first_layer is None:
+                self.first_layer = call.index
+            self._layer_outputs[id(output)] = (weakref.ref(output), call)
+            self._uses[call.index] = 0
+        if call.kind == "batch_norm" and len(inputs) == 1:
+            layer = self._layer_of(inputs[0])
+            if (layer is not None and call.kept_argument(1, "running_mean") is not None
+                    and call.kept_argument(2, "running_var") is not None):
+                self._merged[layer.index] = (call, output)
         divisor = 0 if call.original is Tensor.__rtruediv__ else 1
         if call.kind == "div" and call.is_input(divisor, "other"):
             raise UnsupportedOperationError(
@@ -667,6 +730,10 @@ class TransformerLRPRule(OpRule):
                     f"on the input (in module '{call.name}').")
             rule = self.config.choose(call.name, dense=kind == "linear",
                                       first=call.index == self.first_layer)
+            merged = self._merged.get(call.index)
+            if merged is not None and self._uses[call.index] == 1:
+                bn, y = merged  # r is the BatchNorm output's relevance, passed unchanged
+                return [rule.relevance(_MergedCallLayer(call, bn), inputs[0], y.detach(), r)]
             return [rule.relevance(_CallLayer(call), inputs[0], output, r)]
         if kind in ("activation", "batch_norm", "scale"):
             return [r]

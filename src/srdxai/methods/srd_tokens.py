@@ -43,7 +43,8 @@ every output sum to 1 and the pixel map sums to the target logit. What that mean
 
 * **gates** ``s * g`` with both factors input-dependent and ``g`` broadcast against ``s`` (one
   value per channel or per position: squeeze-excitation in a hybrid's convolutional blocks,
-  MaxViT's MBConv): the gate is a constant weight, as in the PFV engine (docs/srd.md), so
+  MaxViT's MBConv), or of ``s``'s shape and made by an activation where ``s`` is not (GLU
+  variants: EVA's SwiGLU): the gate is a constant weight, as in the PFV engine (docs/srd.md), so
   ``s`` is the one source of each output vector (``mu = 1``) and the gate's branch gets no
   relevance.
 
@@ -102,6 +103,18 @@ def _broadcast_gate(inputs: Sequence[Tensor], output: Tensor) -> int | None:
                 and g.shape[0] == s.shape[0]):
             return gate
     return None
+
+
+def _gate(call: OpCall, inputs: Sequence[Tensor], output: Tensor) -> int | None:
+    """Which factor of a product of two input-dependent tensors is a gate: the broadcast one
+    (:func:`_broadcast_gate`), or, with equal shapes, :attr:`OpCall.gate` (a sigmoid's output,
+    or another activation's where the other factor is neither an activation's output nor its
+    input: GLU variants such as EVA's SwiGLU ``silu(x W) * (x V)``), as in the PFV engine
+    (docs/srd.md)."""
+    gate = _broadcast_gate(inputs, output)
+    if gate is None and inputs[0].shape == inputs[1].shape == output.shape:
+        gate = call.gate  # the operation view's reading of what made each factor
+    return gate
 
 
 def _vector_constant(mask: Tensor | None, like: Tensor, dims: int = 1) -> Tensor | None:
@@ -172,12 +185,13 @@ class SRDTokenRule(OpRule):
                 return self._residual(call, inputs, output, grad)
             if kind == "matmul":
                 return self._weighted_sum(call, inputs, output, grad)
-            gate = _broadcast_gate(inputs, output) if kind == "mul" else None
+            gate = _gate(call, inputs, output) if kind == "mul" else None
             if gate is None:
                 raise self._unsupported(
                     call, f"'{kind}' of two input-dependent tensors of shapes "
                     f"{tuple(inputs[0].shape)} and {tuple(inputs[1].shape)} (a gate must be "
-                    "the broadcast factor: one value per channel or per position)")
+                    "the broadcast factor, one value per channel or per position, or, with "
+                    "equal shapes, an activation's output where the other factor is not one)")
             # a gate (squeeze-excitation in a hybrid's convolutional blocks) is a constant
             # weight of the signal, as in the PFV engine: one source, mu = 1, and the
             # gate's own branch gets nothing
