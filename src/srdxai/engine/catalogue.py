@@ -53,7 +53,24 @@ ACTIVATIONS: dict[Any, str] = {
     torch.clip: "clamp",
     Tensor.clip: "clamp",
     hardtanh_out_of_place: "hardtanh",  # what ``F.hardtanh_`` runs as
+    # a power with a number for exponent (StarReLU's ``relu(x) ** 2`` in the MetaFormers);
+    # a tensor exponent is no activation (:func:`number_exponent`)
+    torch.pow: "pow",
+    Tensor.pow: "pow",
+    Tensor.__pow__: "pow",
+    torch.square: "square",
+    Tensor.square: "square",
 }
+
+
+def number_exponent(func: Any, args: tuple, kwargs: dict) -> bool:
+    """Whether a call of the activation catalogue is one: anything but a power, or a power of
+    the traced tensor with a number for exponent (not ``2 ** x`` or ``x ** y``)."""
+    if ACTIVATIONS.get(func) != "pow":
+        return True
+    exponent = args[1] if len(args) > 1 else kwargs.get("exponent")
+    return (len(args) > 0 and isinstance(args[0], Tensor)
+            and isinstance(exponent, int | float) and not isinstance(exponent, bool))
 INPLACE_ACTIVATIONS: dict[Any, Any] = {
     torch.relu_: torch.relu,
     Tensor.relu_: torch.relu,

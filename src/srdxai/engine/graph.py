@@ -33,6 +33,7 @@ from .catalogue import (
     SOFTMAX,
     dropout_in_training,
     func_name,
+    number_exponent,
 )
 from .gradmode import is_differentiable
 from .tracer import Tracer
@@ -337,7 +338,7 @@ class Recorder(Tracer):
             return self._permute(func, args, kwargs)
         if func in NORM_FUNCS:
             return self._norm(func, args, kwargs)
-        if func in ACTIVATIONS:
+        if func in ACTIVATIONS and number_exponent(func, args, kwargs):
             return self._activation(func, args, kwargs, ACTIVATIONS[func])
         for funcs, handler in ((ADD_FUNCS, self._add), (SUB_FUNCS, self._sub),
                                (MUL_FUNCS, self._mul), (DIV_FUNCS, self._div)):

@@ -37,6 +37,7 @@ from .catalogue import (
     MOVING,
     dropout_in_training,
     func_name,
+    number_exponent,
 )
 from .gradmode import building_graph, is_differentiable
 from .tracer import Tracer
@@ -634,7 +635,7 @@ class OpTracer(Tracer):
             return "layer_norm"
         if func in NORMALIZE:
             return "normalize"
-        if func in ACTIVATIONS:
+        if func in ACTIVATIONS and number_exponent(func, args, kwargs):
             return "activation"
         if func in SOFTMAX:
             return "softmax"

@@ -82,7 +82,30 @@ class SRDRule(Rule):
             relevance = self.transform[node.index](relevance)
         if node.index in self.record:
             self.recorded[node.index] = relevance
+        self._route_stranded(node, z, relevance)
         return share_onto(z, relevance)
+
+    def _route_stranded(self, node: Node, z: Tensor, relevance: Tensor) -> None:
+        """Relevance on a zero pre-activation vector cannot ride the backward signal any
+        further (the next layer reads it as a dot product with values that are 0 there). It
+        can only have come from a bias share (a bias at a position no input reaches, split
+        evenly, docs/srd.md): hand it on the same way, evenly over the paths into the
+        pre-activation, or whole to the activation it is the output of (``relu(x) ** 2``,
+        ``relu(0.8 * relu(x))``). Without this a map lost it without an error."""
+        if self.plain or self.trace is None or node.pre is None:
+            return
+        stranded = (channel_dot(z, z) == 0) & (relevance != 0)
+        if not _may_hold(stranded):
+            return
+        pre = self.trace.recorder.node_of(node.pre)
+        if pre is None:
+            return  # the pre-activation does not depend on the input: a constant
+        rho = torch.where(stranded, relevance, torch.zeros_like(relevance))
+        if pre.is_pfv:
+            prev = self.bias_relevance.get(pre.index)
+            self.bias_relevance[pre.index] = rho if prev is None else prev + rho
+        else:
+            self._split(pre, rho, even=False)
 
     def on_opaque(self, op: ops.OpaqueOp, out: Tensor) -> None:
         def check(grad: Tensor) -> None:
