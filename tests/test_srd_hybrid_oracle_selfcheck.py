@@ -380,20 +380,29 @@ def test_conservation_with_se_gate(activation: str, seed: int) -> None:
     """With the gate, the pixel map and every cut (also at the gated product and at its
     signal) sum to the target logit per sample; nothing is lost and the gate branch gets
     nothing."""
-    model = ora.tiny_hybrid(activation, seed=seed, se=True)
+    for s in _traces_conserving(ora.tiny_hybrid(activation, seed=seed, se=True), seed,
+                                SE_CUTS):
+        assert set(s["gate_branch"]) == {"pooled", "fc1", "act", "fc2", "gate"}
+        assert all(v == 0.0 for v in s["gate_branch"].values())
+
+
+def _traces_conserving(model, seed: int, cuts) -> list[dict]:
+    """The oracle's traces for targets 0 and 3 on the input of ``seed``, each checked: a
+    float64 pixel map, nothing lost, and every cut in ``cuts`` summing to the target logit."""
     x = ora.tiny_hybrid_input(seed=seed + 10)
     with torch.no_grad():
         logits = model(x)
+    traces = []
     for target in (0, 3):
         for n, s in enumerate(ora.srd_hybrid_oracle_trace(model, x, target)):
             want = float(logits[n, target])
             assert s["pixel"].shape == (16, 16) and s["pixel"].dtype == DT
             assert s["lost"] <= 1e-12 * max(abs(want), 1.0)
-            for cut in SE_CUTS:
+            for cut in cuts:
                 got = _cut(s, cut)
                 assert abs(got - want) <= 1e-9 * max(abs(want), 1e-3), (cut, got, want)
-            assert set(s["gate_branch"]) == {"pooled", "fc1", "act", "fc2", "gate"}
-            assert all(v == 0.0 for v in s["gate_branch"].values())
+            traces.append(s)
+    return traces
 
 
 def test_gate_passes_relevance_unchanged_by_hand() -> None:
@@ -556,22 +565,11 @@ def test_conservation_with_gc(activation: str, seed: int) -> None:
     with ``m`` or with the context in place of ``m``, its input) sum to the target logit per
     sample; the block's input relevance is its add share plus its pooling share, ``m``'s
     relevance reaches the context unchanged, nothing is lost, the weights get nothing."""
-    model = ora.tiny_hybrid(activation, seed=seed, gc=True)
-    x = ora.tiny_hybrid_input(seed=seed + 10)
-    with torch.no_grad():
-        logits = model(x)
-    for target in (0, 3):
-        for n, s in enumerate(ora.srd_hybrid_oracle_trace(model, x, target)):
-            want = float(logits[n, target])
-            assert s["pixel"].shape == (16, 16) and s["pixel"].dtype == DT
-            assert s["lost"] <= 1e-12 * max(abs(want), 1.0)
-            for cut in GC_CUTS:
-                got = _cut(s, cut)
-                assert abs(got - want) <= 1e-9 * max(abs(want), 1e-3), (cut, got, want)
-            assert torch.allclose(s["sum"], s["gc_add_x"] + s["gc_pool_x"], rtol=0,
-                                  atol=1e-15)
-            assert s["gc_context"] == pytest.approx(s["gc_m"], rel=1e-12)
-            assert "gc_weights" not in s
+    for s in _traces_conserving(ora.tiny_hybrid(activation, seed=seed, gc=True), seed,
+                                GC_CUTS):
+        assert torch.allclose(s["sum"], s["gc_add_x"] + s["gc_pool_x"], rtol=0, atol=1e-15)
+        assert s["gc_context"] == pytest.approx(s["gc_m"], rel=1e-12)
+        assert "gc_weights" not in s
 
 
 def test_gc_block_relevance_in_equals_out() -> None:
