@@ -51,7 +51,7 @@ def test_the_map_sums_to_the_logit(scale, kernel):
 
 def test_the_case_has_stranded_relevance(monkeypatch):
     """Without the routing the same maps lose relevance (the test above can fail)."""
-    monkeypatch.setattr(srd.SRDRule, "_route_stranded", lambda self, node, z, r: None)
+    monkeypatch.setattr(srd.SRDRule, "_route_stranded", lambda self, node, squares, r: None)
     model, x = _case(0.8, 1)
     got = srdxai.SRD(model, seed="logit").attribute(x, [1, 2]).sum((1, 2))
     with torch.no_grad():

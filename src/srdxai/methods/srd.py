@@ -82,10 +82,11 @@ class SRDRule(Rule):
             relevance = self.transform[node.index](relevance)
         if node.index in self.record:
             self.recorded[node.index] = relevance
-        self._route_stranded(node, z, relevance)
-        return share_onto(z, relevance)
+        squares = channel_dot(z, z)
+        self._route_stranded(node, squares, relevance)
+        return z * safe_divide(relevance, squares).unsqueeze(1)  # share_onto(z, relevance)
 
-    def _route_stranded(self, node: Node, z: Tensor, relevance: Tensor) -> None:
+    def _route_stranded(self, node: Node, squares: Tensor, relevance: Tensor) -> None:
         """Relevance on a zero pre-activation vector cannot ride the backward signal any
         further (the next layer reads it as a dot product with values that are 0 there). It
         can only have come from a bias share (a bias at a position no input reaches, split
@@ -94,7 +95,7 @@ class SRDRule(Rule):
         ``relu(0.8 * relu(x))``). Without this a map lost it without an error."""
         if self.plain or self.trace is None or node.pre is None:
             return
-        stranded = (channel_dot(z, z) == 0) & (relevance != 0)
+        stranded = (squares == 0) & (relevance != 0)
         if not _may_hold(stranded):
             return
         pre = self.trace.recorder.node_of(node.pre)
