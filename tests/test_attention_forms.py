@@ -185,7 +185,7 @@ def test_a_product_of_two_activations_is_refused_by_srd_on_tokens():
             return self.head((t @ t.transpose(1, 2) @ t).mean(1))
 
     with pytest.raises(UnsupportedOperationError,
-                       match="neither of which is attention weights made by a softmax"):
+                       match="neither of which is attention weights"):
         srdxai.explain(_randomise(Bilinear()), _x(), 1, "srd")
 
 

@@ -180,7 +180,7 @@ class OpCall:
     """
 
     __slots__ = ("kind", "name", "func", "original", "args", "kwargs", "n_inputs", "index",
-                 "constant", "producers", "gate")
+                 "constant", "producers", "gate", "weights")
 
     def __init__(self, kind: str, name: str, func: Callable, args: tuple, kwargs: dict,
                  n_inputs: int, index: int, original: Callable | None = None):
@@ -199,6 +199,10 @@ class OpCall:
         #: output where the other is not, else another activation's output where the other
         #: is neither an activation's output nor that activation's input (GLU variants); None
         self.gate: int | None = None
+        #: with the same rules, per traced input: made from a softmax's output alone (through
+        #: views and calls on it and constants only: CaiT's talking-heads projection), i.e.
+        #: attention weights
+        self.weights: tuple[bool, ...] = (False,) * n_inputs
 
     def __repr__(self) -> str:
         return f"OpCall({self.kind}, {func_name(self.func)}, in '{self.name}')"
@@ -312,19 +316,21 @@ class TensorFacts:
     """What the operation view attaches to a traced tensor for a rule with
     ``constant_parts``: ``mask`` (bool, the tensor's shape, or None) is True at the entries
     that do not depend on the input; ``producer`` is the kind of the computing call that made
-    it, through elementwise calls (None after a call that only moves values, except
-    ``"softmax"``, which attention weights keep through views): a rule can tell an
-    (N, C, H, W) feature map made by a convolution from channels-last tokens, and attention
-    weights from the values they mix."""
+    it, through elementwise calls (None after a call that only moves values): a rule can tell
+    an (N, C, H, W) feature map made by a convolution from channels-last tokens;
+    ``weights``: whether it was made from a softmax's output alone (attention weights, also
+    after views and calls on them and constants only)."""
 
-    __slots__ = ("mask", "producer", "activation", "pre")
+    __slots__ = ("mask", "producer", "activation", "pre", "weights")
 
     def __init__(self, mask: Tensor | None, producer: str | None = None,
-                 activation: str | None = None, pre: Tensor | None = None):
+                 activation: str | None = None, pre: Tensor | None = None,
+                 weights: bool = False):
         self.mask = mask
         self.producer = producer
         # for an activation's output (not moved since): its name and its input
         self.activation, self.pre = activation, pre
+        self.weights = weights  # made from a softmax's output alone: attention weights
 
 
 def is_elementwise(kind: str, n_inputs: int) -> bool:
@@ -417,7 +423,7 @@ class OpTracer(Tracer):
             return entry[1][args[1]]
         return func(*args, **kwargs)
 
-    def _track_outputs(self, out: Any, masks: Any = None, producer: str | None = None) -> Any:
+    def _track_outputs(self, out: Any, masks: Any = None, weights: bool = False) -> Any:
         flat = tree_flatten(out)[0]
         flat_masks = tree_flatten(masks)[0] if masks is not None else [None] * len(flat)
         if len(flat_masks) != len(flat):
@@ -425,21 +431,23 @@ class OpTracer(Tracer):
         for t, m in zip(flat, flat_masks, strict=True):
             if isinstance(t, Tensor) and t.is_floating_point():
                 partly = (isinstance(m, Tensor) and m.shape == t.shape and bool(m.any()))
-                if partly or producer is not None:
-                    self.track(t, TensorFacts(m if partly else None, producer))
+                if partly or weights:
+                    self.track(t, TensorFacts(m if partly else None, weights=weights))
                 else:
                     self.track(t, True)
         return out
 
-    def _moved_producer(self, args) -> str | None:
-        """The producer a value-moving call's outputs keep: only ``"softmax"``, so that
-        attention weights stay known as such through views (a global-context block's
-        ``softmax(...).unsqueeze(3)``); a moved feature map is no longer one (its vectors
-        may now lie along another axis)."""
-        source = args[0] if args else None
-        if isinstance(source, list | tuple):
-            return None
-        return "softmax" if self.producer_of(source) == "softmax" else None
+    def weights_of(self, obj: Any) -> bool:
+        """Whether a traced tensor was made from a softmax's output alone (see
+        :class:`TensorFacts`)."""
+        entry = self.entry_of(obj)
+        return isinstance(entry, TensorFacts) and entry.weights
+
+    def _moved_weights(self, args, kwargs) -> bool:
+        """Whether a value-moving call moves attention weights only (a global-context
+        block's ``softmax(...).unsqueeze(3)``): every traced tensor among its arguments is."""
+        flat = [t for t in tree_flatten((args, kwargs))[0] if self.is_tracked(t)]
+        return bool(flat) and all(self.weights_of(t) for t in flat)
 
     def producer_of(self, obj: Any) -> str | None:
         """The kind of the computing call that made a traced tensor (see
@@ -572,11 +580,11 @@ class OpTracer(Tracer):
             self.rule.on_move(func, args, kwargs, out)
             return out
         if func in MOVE:
-            masks = producer = None
+            masks, weights = None, False
             if self.rule.constant_parts:
                 masks = self._moved_masks(func, args, kwargs)
-                producer = self._moved_producer(args)
-            out = self._track_outputs(self._move(func, args, kwargs), masks, producer)
+                weights = self._moved_weights(args, kwargs)
+            out = self._track_outputs(self._move(func, args, kwargs), masks, weights)
             self.rule.on_move(func, args, kwargs, out)
             return out
         if func in DROPOUT:
@@ -705,6 +713,7 @@ class OpTracer(Tracer):
         if self.rule.constant_parts:
             call.constant = tuple(self.constant_mask(t) for t in inputs)
             call.producers = tuple(self.producer_of(t) for t in inputs)
+            call.weights = tuple(self.weights_of(t) for t in inputs)
             if kind == "mul" and len(inputs) == 2 and inputs[0].shape == inputs[1].shape:
                 call.gate = self._gate_of(*inputs)
             mask = None
@@ -717,8 +726,9 @@ class OpTracer(Tracer):
                 known = {p for p in call.producers if p is not None}
                 producer = known.pop() if len(known) == 1 else None
             made = ACTIVATIONS.get(func) if kind == "activation" else None
+            weights = kind == "softmax" or (bool(inputs) and all(call.weights))
             facts = TensorFacts(mask if mask is not None and bool(mask.any()) else None,
-                                producer, made, inputs[0] if made else None)
+                                producer, made, inputs[0] if made else None, weights)
         out = self.rule.on_call(call, inputs, out)
         self.track(out, facts)
         return out

@@ -23,7 +23,8 @@ every output sum to 1 and the pixel map sums to the target logit. What that mean
   ``c_{s -> t} = A(t, s) v(s)``; the attention weights are the call's input-dependent weights
   (as a squeeze-excitation gate is in the CNN engine), so queries, keys and the softmax get no
   relevance. The value of a constant token is a constant term of every output. The weights
-  are the factor a softmax made (``OpCall.producers``, kept through views); with the weights
+  are the factor made from a softmax's output (``OpCall.weights``: through views, and calls on
+  it alone such as CaiT's talking-heads projection); with the weights
   second, ``x @ w`` (a global-context block's attention pooling), the columns of ``x`` are
   the vectors, the same form transposed; a product where neither factor is is refused.
 * **token averages** ``y = mean_t x(t)`` (and global average pooling of a map):
@@ -268,16 +269,16 @@ class SRDTokenRule(OpRule):
 
     def _weighted_sum(self, call: OpCall, inputs: Sequence[Tensor], o: Tensor,
                       r: Tensor) -> list[Tensor]:
-        """A product of two input-dependent matrices: attention weights made by a softmax
+        """A product of two input-dependent matrices: attention weights (made from a softmax)
         mixing vectors. ``A @ v`` (a transformer's attention: the rows of ``v`` are the
         vectors) or ``x @ w`` with ``w`` the weights (a global-context block's attention
         pooling, ``x`` (N, 1, C, HW) @ ``softmax(...)`` (N, 1, HW, 1): the columns of ``x``
         are the vectors), which is the first form transposed."""
         if not bool(r.any()):  # q @ k^T: nothing comes back through the softmax
             return [torch.zeros_like(t) for t in inputs]
-        if call.producers[0] == "softmax":
+        if call.weights[0]:
             return self._attention(call.constant[1], inputs, o, r)
-        if call.producers[1] == "softmax":
+        if call.weights[1]:
             x, w = inputs
             constant = call.constant[0]
             rw, rx = self._attention(None if constant is None else constant.mT,
@@ -286,7 +287,7 @@ class SRDTokenRule(OpRule):
         raise self._unsupported(
             call, f"a product of two input-dependent matrices of shapes "
             f"{tuple(inputs[0].shape)} and {tuple(inputs[1].shape)} neither of which is "
-            "attention weights made by a softmax")
+            "attention weights (made from a softmax's output)")
 
     @staticmethod
     def _attention(constant_v: Tensor | None, inputs: Sequence[Tensor], o: Tensor,
