@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import functools
 import math
+import weakref
 from collections.abc import Callable, Sequence
 from typing import Any
 
@@ -324,11 +325,12 @@ class TensorFacts:
     __slots__ = ("mask", "producer", "activation", "pre", "weights")
 
     def __init__(self, mask: Tensor | None, producer: str | None = None,
-                 activation: str | None = None, pre: Tensor | None = None,
+                 activation: str | None = None, pre: weakref.ref | None = None,
                  weights: bool = False):
         self.mask = mask
         self.producer = producer
-        # for an activation's output (not moved since): its name and its input
+        # for an activation's output (not moved since): its name and a weak reference to its
+        # input (held weakly: a ViT's every MLP hidden layer would otherwise stay alive)
         self.activation, self.pre = activation, pre
         self.weights = weights  # made from a softmax's output alone: attention weights
 
@@ -467,7 +469,8 @@ class OpTracer(Tracer):
         if (made[0] is None) == (made[1] is None):
             return None
         gate = 0 if made[0] is not None else 1
-        return None if made[gate].pre is (a, b)[1 - gate] else gate
+        pre = made[gate].pre
+        return None if pre is not None and pre() is (a, b)[1 - gate] else gate
 
     # -- entries that do not depend on the input (``OpRule.constant_parts``) --------------------
     def constant_mask(self, obj: Any) -> Tensor | None:
@@ -728,7 +731,8 @@ class OpTracer(Tracer):
             made = ACTIVATIONS.get(func) if kind == "activation" else None
             weights = kind == "softmax" or (bool(inputs) and all(call.weights))
             facts = TensorFacts(mask if mask is not None and bool(mask.any()) else None,
-                                producer, made, inputs[0] if made else None, weights)
+                                producer, made, weakref.ref(inputs[0]) if made else None,
+                                weights)
         out = self.rule.on_call(call, inputs, out)
         self.track(out, facts)
         return out
