@@ -9,7 +9,7 @@ dropout and output checks).
 from __future__ import annotations
 
 import contextlib
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Sequence
 from typing import Any
 
 import torch
@@ -61,6 +61,27 @@ ACTIVATIONS: dict[Any, str] = {
     torch.square: "square",
     Tensor.square: "square",
 }
+
+
+#: activations whose output is a gate whatever the other factor of a product is
+GATE_ACTIVATIONS = {"sigmoid", "hardsigmoid"}
+
+
+def gate_factor(made: Sequence[str | None], of_other: Sequence[bool]) -> int | None:
+    """Which of two equally shaped factors of a product is a gate (docs/srd.md), from the
+    activation whose output each is (``made``, None: not an activation's output) and whether
+    each is that activation applied to the other factor (``of_other``): the sigmoid's
+    (hard-sigmoid's) if only one is (``z * sigmoid(z)`` too); else the other activation's
+    output if only one is and it is not of the other factor (GLU variants: SwiGLU's
+    ``silu(x W) * (x V)``, StarNet's ``relu6(a) * b``; ``h * relu(h)`` is a square, not a
+    gate); None otherwise. Both views of the engine decide by it."""
+    sigmoid = [m in GATE_ACTIVATIONS for m in made]
+    if sigmoid[0] != sigmoid[1]:
+        return 0 if sigmoid[0] else 1
+    if (made[0] is None) == (made[1] is None):
+        return None
+    gate = 0 if made[0] is not None else 1
+    return None if of_other[gate] else gate
 
 
 def number_exponent(func: Any, args: tuple, kwargs: dict) -> bool:

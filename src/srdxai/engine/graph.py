@@ -33,6 +33,7 @@ from .catalogue import (
     SOFTMAX,
     dropout_in_training,
     func_name,
+    gate_factor,
     number_exponent,
 )
 from .gradmode import is_differentiable
@@ -125,7 +126,6 @@ def channels_last_perm(ndim: int) -> tuple[int, ...]:
 
 
 # Products whose factor produced directly by one of these activations is a gate (docs/srd.md).
-GATE_ACTIVATIONS = {"sigmoid", "hardsigmoid"}
 
 
 def identity_activation(t: Tensor) -> Tensor:
@@ -171,27 +171,12 @@ def _activation_node(node: Node) -> Node | None:
     return node if node.activation not in ("", "input", "identity") else None
 
 
-def _is_gate(node: Node) -> bool:
-    """The node is a sigmoid's (hard-sigmoid's) output, possibly moved."""
-    made = _activation_node(node)
-    return made is not None and made.activation in GATE_ACTIVATIONS
-
-
 def _same_shape_gate(a: Tensor, b: Tensor, na: Node, nb: Node) -> int | None:
-    """Which of two equally shaped factors is the gate: the sigmoid's (hard-sigmoid's) if
-    only one is (``z * sigmoid(z)`` too); else the output of another activation if only one
-    is and it is not that activation of the other factor (GLU variants: SwiGLU's
-    ``silu(x W) * (x V)``, GEGLU's, StarNet's ``relu6(a) * b``; ``h * relu(h)`` is a square,
-    not a gate); None otherwise."""
-    gate_a, gate_b = _is_gate(na), _is_gate(nb)
-    if gate_a != gate_b:
-        return 0 if gate_a else 1
+    """Which of two equally shaped factors is the gate (:func:`catalogue.gate_factor`)."""
     made = [_activation_node(na), _activation_node(nb)]
-    if (made[0] is None) == (made[1] is None):
-        return None
-    gate = 0 if made[0] is not None else 1
-    other = (a, b)[1 - gate]
-    return None if made[gate].pre is other else gate
+    return gate_factor([None if m is None else m.activation for m in made],
+                       [m is not None and m.pre is other for m, other in zip(made, (b, a),
+                                                                             strict=True)])
 
 
 # Where the bias of a call that may carry one sits: (position, keyword).

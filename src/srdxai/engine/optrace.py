@@ -38,6 +38,7 @@ from .catalogue import (
     MOVING,
     dropout_in_training,
     func_name,
+    gate_factor,
     number_exponent,
 )
 from .gradmode import building_graph, is_differentiable
@@ -262,6 +263,17 @@ class OpCall:
         """The argument at ``position`` (or keyword ``name``) depends on the model input."""
         return isinstance(self.argument(position, name), _Input)
 
+    def batch_norm_affine(self) -> tuple[Tensor, Tensor] | None:
+        """An eval BatchNorm call as ``y = x * scale + shift`` per channel: ``(scale,
+        shift)``, 1-D, or None without running statistics."""
+        mean, var = self.kept_argument(1, "running_mean"), self.kept_argument(2, "running_var")
+        if mean is None or var is None:
+            return None
+        gamma, beta = self.argument(3, "weight"), self.argument(4, "bias")
+        scale = (gamma if gamma is not None else 1.0) / (var + self.argument(7, "eps", 1e-5)).sqrt()
+        shift = -mean * scale
+        return scale, shift + beta if beta is not None else shift
+
     def kept_argument(self, position: int, name: str) -> Tensor | None:
         """A tensor argument that is not a parameter (BatchNorm's running statistics), or
         None if the call has none there."""
@@ -459,18 +471,13 @@ class OpTracer(Tracer):
 
     def _gate_of(self, a: Tensor, b: Tensor) -> int | None:
         """Which of two equally shaped factors is a gate (:attr:`OpCall.gate`)."""
-        made = []
-        for t in (a, b):
+        names, of_other = [], []
+        for t, other in ((a, b), (b, a)):
             entry = self.entry_of(t)
-            made.append(entry if isinstance(entry, TensorFacts) and entry.activation else None)
-        sigmoid = [m is not None and m.activation in ("sigmoid", "hardsigmoid") for m in made]
-        if sigmoid[0] != sigmoid[1]:
-            return 0 if sigmoid[0] else 1
-        if (made[0] is None) == (made[1] is None):
-            return None
-        gate = 0 if made[0] is not None else 1
-        pre = made[gate].pre
-        return None if pre is not None and pre() is (a, b)[1 - gate] else gate
+            made = isinstance(entry, TensorFacts) and entry.activation is not None
+            names.append(entry.activation if made else None)
+            of_other.append(made and entry.pre is not None and entry.pre() is other)
+        return gate_factor(names, of_other)
 
     # -- entries that do not depend on the input (``OpRule.constant_parts``) --------------------
     def constant_mask(self, obj: Any) -> Tensor | None:

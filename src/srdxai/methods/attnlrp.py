@@ -37,9 +37,8 @@ from collections.abc import Sequence
 
 import torch
 
-from ..engine.catalogue import ACTIVATIONS
+from ..engine.catalogue import ACTIVATIONS, GATE_ACTIVATIONS
 from ..engine.core import Target, keep_graph
-from ..engine.graph import GATE_ACTIVATIONS
 from ..engine.optrace import OpCall, OpRule, constant_statistics
 from .base import Method, checked_reduction, register
 

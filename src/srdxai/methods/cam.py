@@ -818,15 +818,10 @@ class _TokenBiasGradients:
             shift = -mean / std * (weight if weight is not None else 1.0)
             return shift + beta if beta is not None else shift
         if call.kind == "batch_norm":
-            mean, var = call.kept_argument(1, "running_mean"), call.kept_argument(2, "running_var")
-            weight, beta = call.argument(3, "weight"), call.argument(4, "bias")
-            eps = call.argument(7, "eps", 1e-5)
-            if mean is None or var is None:
+            affine = call.batch_norm_affine()
+            if affine is None:
                 return None
-            scale = (weight if weight is not None else 1.0) / (var + eps).sqrt()
-            shift = -mean * scale
-            shift = shift + beta if beta is not None else shift
-            return shift.reshape(1, -1, *([1] * (inputs[0].dim() - 2)))
+            return affine[1].reshape(1, -1, *([1] * (inputs[0].dim() - 2)))
         return None
 
     def _collect(self, bias: Tensor, grad: Tensor, channel: int, placement: tuple) -> None:

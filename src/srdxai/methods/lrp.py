@@ -631,10 +631,7 @@ class _MergedCallLayer(_CallLayer):
     def __init__(self, call: OpCall, bn: OpCall):
         super().__init__(call)
         self._original = (self.weight, self.bias)
-        mean, var = bn.kept_argument(1, "running_mean"), bn.kept_argument(2, "running_var")
-        gamma, beta = bn.argument(3, "weight"), bn.argument(4, "bias")
-        scale = (gamma if gamma is not None else 1.0) / (var + bn.argument(7, "eps", 1e-5)).sqrt()
-        shift = -mean * scale + (beta if beta is not None else 0.0)
+        scale, shift = bn.batch_norm_affine()  # merged only with running statistics
         weight = self.weight
         self.weight = weight * scale.reshape(-1, *([1] * (weight.dim() - 1)))
         self.bias = shift if self.bias is None else self.bias * scale + shift
@@ -710,8 +707,7 @@ class TransformerLRPRule(OpRule):
             self._uses[call.index] = 0
         if call.kind == "batch_norm" and len(inputs) == 1:
             layer = self._layer_of(inputs[0])
-            if (layer is not None and call.kept_argument(1, "running_mean") is not None
-                    and call.kept_argument(2, "running_var") is not None):
+            if layer is not None and call.batch_norm_affine() is not None:
                 self._merged[layer.index] = (call, output)
         divisor = 0 if call.original is Tensor.__rtruediv__ else 1
         if call.kind == "div" and call.is_input(divisor, "other"):

@@ -103,8 +103,7 @@ class SRDRule(Rule):
             return  # the pre-activation does not depend on the input: a constant
         rho = torch.where(stranded, relevance, torch.zeros_like(relevance))
         if pre.is_pfv:
-            prev = self.bias_relevance.get(pre.index)
-            self.bias_relevance[pre.index] = rho if prev is None else prev + rho
+            self._add_bias_relevance(pre, rho)
         else:
             self._split(pre, rho, even=False)
 
@@ -177,8 +176,7 @@ class SRDRule(Rule):
             share = scale * w
             for op, i, k in reversed(steps):
                 share = op.component_scatter(share, i, k)
-            prev = self.bias_relevance.get(src.index)
-            self.bias_relevance[src.index] = share if prev is None else prev + share
+            self._add_bias_relevance(src, share)
 
     def _path_norms(self, out_node: Node, even: bool):
         """(source, steps, contribution norm at ``out_node``, inside-map) for every path.
