@@ -2,17 +2,21 @@
 computing operation as its own layer, for a tiny CNN-transformer hybrid defined here
 (:class:`TinyHybrid`: a conv stem, a MobileNet-style inverted-residual block in (N, C, H, W)
 layout, optionally with a squeeze-excitation gate (``se=True``, MobileNetV3 / MBConv placement),
-optionally followed by a global-context block (``gc=True``, GCNet / timm's ``GlobalContext`` with
-``fuse_add=True, fuse_scale=False``), then tokens through one pre-norm transformer block and a
-token-mean head).
+optionally followed by an ECA gate (``eca=True``, timm's ``EcaModule``) and / or a global-context
+block (``gc=True``, GCNet / timm's ``GlobalContext`` with ``fuse_add=True, fuse_scale=False``),
+optionally a 3 x 3 / stride 2 max pooling of the map (``max_pool=True``, NesT / HaloNet-stem
+style), then tokens, optionally pooled in pairs by an elementwise max (``token_max=True``,
+Hiera's mask-unit pooling), through one pre-norm transformer block and a token-mean head).
 
 Written from the definition only: nothing under ``srdxai/engine`` or ``srdxai/methods`` was read.
 The transformer part reuses the token oracle (``tests/srd_token_oracle.py``: its sharing rule
 :func:`~srd_token_oracle.shares` and its per-token block forward / backward), which is written
 from the same definition and self-checked on its own. Everything else (convolutions, BatchNorm,
-activations, the NCHW residual sum, the relabelling to tokens) is recomputed here per sample in
-float64 from the parameters with explicit Python loops over positions, kernel offsets and
-sources; only sums over one vector's own channels are vector expressions. Slow; use 16 x 16
+activations, the NCHW residual sum, the gates, the global-context block, the max poolings, the
+relabelling to tokens) is recomputed here per sample in float64 from the parameters with explicit
+Python loops over positions, kernel offsets, channels and sources; only sums over one vector's
+own channels are vector expressions (torch's ``max_pool2d`` is asked only which index wins an
+exact tie). Slow; use 16 x 16
 inputs.
 
 Definition
@@ -59,6 +63,26 @@ among the real input positions if all those norms are 0). Per operation:
     ||y(p)||^2``, ``mu_m(p) = <m, y(p)> / ||y(p)||^2``; ``R(x(p)) += mu_x(p) R(y(p))`` and
     ``R(m) = sum_p mu_m(p) R(y(p))``;
   - ``x(p)`` receives from both uses (the add, and the pooling through ``m``), summed;
+* ECA gate (``eca=True``), on the (C, H, W) map ``x``: ``g = sigmoid(conv1d(mean_p x(p)))``
+  (one value per channel), ``y = x * g.expand_as(x)`` (the signal first, the gate second):
+  the gate rule above, ``g`` a constant weight fixed to its forward value per sample, so
+  ``y(p) = x(p) ⊙ g`` has the single source ``x(p)``, ``mu = 1`` and ``R(x(p)) = R(y(p))``;
+  the gate's branch (the mean, the Conv1d along the channels, the sigmoid) gets no relevance;
+* max pooling (``max_pool=True``, ``F.max_pool2d(x, kernel_size=3, stride=2, padding=1)``):
+  channel c of the output vector ``y(t)`` comes from the input position ``p`` that won the max
+  of channel c over t's window (the padding is -inf and never wins), so the sources of ``y(t)``
+  are the positions that won at least one channel, ``c_{p->t}`` is ``y(t)`` restricted to the
+  channels p won (zero elsewhere), no bias::
+
+      mu_{p->t} = sum_{c won by p} y_c(t)^2 / ||y(t)||^2        (0 when y(t) = 0)
+      R(x(p))   = sum_t mu_{p->t} R(y(t))                        (over the windows holding p)
+
+* token max pooling (``token_max=True``, ``t.view(N, 2, T // 2, D).amax(dim=1)`` on the tokens
+  (N, T, D)): the output token ``y(j)`` has two sources, the tokens ``x(j)`` and ``x(j + T/2)``;
+  as for the max pooling, ``c_{s->j}`` is ``y(j)`` restricted to the entries s won and
+  ``mu_{s->j} = sum_{d won by s} y_d(j)^2 / ||y(j)||^2``; an entry where the two are exactly
+  equal is owned half and half (its ``y_d(j)^2 / 2`` to each), as torch's ``amax`` splits the
+  gradient evenly between equal values;
 * ``flatten(2).transpose(1, 2)``: token ``t = i * W + j`` *is* the channel vector at (i, j);
 * transformer block, final LayerNorm: as in the token oracle (all tokens image-dependent);
 * token mean ``y = sum_t x(t) / T``: ``c_t = x(t) / T``;
@@ -85,6 +109,19 @@ in the softmax). The one-source steps of its MLP are treated as elsewhere in thi
 convolutions by the sharing rule with their bias (``mu = 1`` unless the output vector is 0),
 the LayerNorm and the ReLU pass ``R`` unchanged (also a zero vector). A zero ``y(p)`` or zero
 ``context`` passes nothing (counted in ``lost``), as the residual rule does.
+With ``eca=True`` the ECA gate takes the inverted-residual block's output (the NCHW residual
+sum) and, with ``gc=True`` too, the global-context block takes the gate's output (ECA first,
+then GC); its Conv1d (1 -> 1 channel, kernel 3, padding 1, no bias) runs along the channel axis
+of the (N, 1, C) channel means (a cross-correlation with zero padding, as torch's ``conv1d``);
+``y`` at a position where ``x(p)`` is 0 passes ``R`` unchanged (one source, as the SE gate).
+With ``max_pool=True`` the pooling is the last operation on the map (after the ECA gate and the
+GC block), so 16 x 16 inputs give 4 x 4 = 16 tokens; with ``token_max=True`` the pooling follows
+the relabelling (8 tokens with ``max_pool``, else 32). Ties: the max pooling's winner of an
+exact tie is the index torch's ``max_pool2d(..., return_indices=True)`` reports (whose gradient
+goes there alone); the token max pooling splits a tie's entry evenly (torch's ``amax``). With
+random weights and biases neither ties nor ``y(t) = 0`` occur in practice; a pooled output
+vector ``y(t) = 0`` (all its winners 0) would pass nothing, and that relevance would be lost
+(counted in ``lost``), as the sharing rule says.
 
 Public API
 ----------
@@ -96,11 +133,14 @@ blocks :func:`conv_shares` / :func:`conv_relevance` / :func:`residual_relevance`
 :func:`broadcast_add_relevance` / :func:`global_context_relevance` (for hand checks), the model
 :class:`TinyHybrid` (with :class:`InvertedResidual`, :class:`SqueezeExcitation`,
 :class:`GlobalContext` and :class:`LayerNorm2d`) with :func:`tiny_hybrid` /
-:func:`tiny_hybrid_input`.
+:func:`tiny_hybrid_input`; for the new blocks :class:`EcaModule`, :func:`eca_gate` /
+:func:`eca_relevance`, :func:`max_pool_shares` / :func:`max_pool_relevance` and
+:func:`token_max_shares` / :func:`token_max_relevance`.
 ``misread=`` (one of :data:`MISREADINGS`) computes the map under a plausible misreading of the
 definition; it exists only for the sensitivity self-check. ``misread=`` one of
 :data:`GC_MUTATIONS` computes it under a deliberately wrong global-context rule that does not
-conserve the logit; it exists only for the mutation self-check.
+conserve the logit; it exists only for the mutation self-check; so do ``misread=`` one of
+:data:`MAX_MUTATIONS` (wrong max-pooling rules, for both poolings) and of :data:`ECA_MUTATIONS`.
 """
 
 from __future__ import annotations
@@ -116,8 +156,11 @@ import srd_token_oracle as tok
 from srdxai.models.zoo import Block, make_activation
 
 __all__ = [
+    "ECA_MUTATIONS",
     "GC_MUTATIONS",
+    "MAX_MUTATIONS",
     "MISREADINGS",
+    "EcaModule",
     "GlobalContext",
     "InvertedResidual",
     "LayerNorm2d",
@@ -128,9 +171,13 @@ __all__ = [
     "broadcast_add_relevance",
     "conv_relevance",
     "conv_shares",
+    "eca_gate",
+    "eca_relevance",
     "gate_relevance",
     "gc_attention_weights",
     "global_context_relevance",
+    "max_pool_relevance",
+    "max_pool_shares",
     "oracle_logits",
     "randomize_batchnorm",
     "residual_relevance",
@@ -139,6 +186,8 @@ __all__ = [
     "srd_hybrid_oracle_trace",
     "tiny_hybrid",
     "tiny_hybrid_input",
+    "token_max_relevance",
+    "token_max_shares",
 ]
 
 DT = torch.float64
@@ -159,6 +208,19 @@ MISREADINGS = ("conv_bias_even", "residual_last_axis", "fuse_bn")
 #: the pixels); ``gc_drop_m``: the broadcast add gives ``m`` no share (``R(m) = 0``), only the
 #: ``x(p)`` shares are passed.
 GC_MUTATIONS = ("gc_weights_relevance", "gc_drop_m")
+
+#: Deliberately wrong max-pooling rules (never the definition), for the mutation self-check;
+#: each acts on the map max pooling and on the token max pooling alike: ``max_abs``: each
+#: channel (entry) routed to the source of largest ``|x|`` in the window (the first in window
+#: order on a tie), whose contribution is that source's own value, so the contributions no
+#: longer add up to ``y(t)`` and the logit is not conserved; ``max_even``: ``R(y(t))`` split
+#: evenly over the sources that won an entry (conserves; a hand example tells it apart).
+MAX_MUTATIONS = ("max_abs", "max_even")
+
+#: Deliberately wrong ECA rule (never the definition), for the mutation self-check:
+#: ``eca_gate_half``: the product ``x ⊙ gate`` shared half and half between ``x(p)`` and the
+#: gate, and the gate's half stays with it (does not conserve the logit).
+ECA_MUTATIONS = ("eca_gate_half",)
 
 
 # --------------------------------------------------------------------------- the model
@@ -249,22 +311,50 @@ class GlobalContext(nn.Module):
         return x + m
 
 
+class EcaModule(nn.Module):
+    """timm's ``EcaModule`` (efficient channel attention) written out, not imported: the channel
+    means ``x.mean((2, 3))`` as a 1-channel sequence of length C, ``conv`` (Conv1d 1 -> 1,
+    kernel 3, padding 1, no bias) along the channels, a sigmoid, and ``x * gate.expand_as(x)``
+    (the signal first, the (N, C, 1, 1) gate expanded second)."""
+
+    def __init__(self, kernel_size: int = 3):
+        super().__init__()
+        self.conv = nn.Conv1d(1, 1, kernel_size=kernel_size, padding=(kernel_size - 1) // 2,
+                              bias=False)
+        self.gate = nn.Sigmoid()
+
+    def forward(self, x: Tensor) -> Tensor:
+        y = x.mean((2, 3)).view(x.shape[0], 1, -1)
+        y = self.conv(y)
+        y = self.gate(y).view(x.shape[0], -1, 1, 1)
+        return x * y.expand_as(x)
+
+
 class TinyHybrid(nn.Module):
     """Conv stem (stride 2) + BN + act, an inverted-residual block, tokens, ``depth`` pre-norm
     transformer blocks (zoo's :class:`~srdxai.models.zoo.Block`), LayerNorm, token mean,
     Linear. Input (N, 3, 16, 16) -> 64 tokens of width 8 -> (N, 5). ``se=True``: the
     inverted-residual block has a squeeze-excitation gate (16 channels, 4 squeeze channels).
-    ``gc=True``: a :class:`GlobalContext` block (8 channels, 4 hidden) follows the
-    inverted-residual block, before the relabelling to tokens."""
+    ``eca=True``: an :class:`EcaModule` gate on the inverted-residual block's output.
+    ``gc=True``: a :class:`GlobalContext` block (8 channels, 4 hidden) follows (after the ECA
+    gate when both are asked for), before the relabelling to tokens. ``max_pool=True``:
+    ``F.max_pool2d(x, kernel_size=3, stride=2, padding=1)`` on the map just before the
+    relabelling (8 x 8 -> 4 x 4: 16 tokens). ``token_max=True``: Hiera-style mask-unit pooling
+    right after the relabelling, ``t.view(N, 2, T // 2, D).amax(dim=1)`` (tokens i and
+    i + T/2 pooled entry by entry: T/2 tokens)."""
 
     def __init__(self, activation: str = "silu", *, depth: int = 1, dim: int = 8,
-                 heads: int = 2, num_classes: int = 5, se: bool = False, gc: bool = False):
+                 heads: int = 2, num_classes: int = 5, se: bool = False, gc: bool = False,
+                 max_pool: bool = False, token_max: bool = False, eca: bool = False):
         super().__init__()
         self.stem_conv = nn.Conv2d(3, dim, 3, stride=2, padding=1, bias=True)
         self.stem_bn = nn.BatchNorm2d(dim)
         self.stem_act = make_activation(activation)
         self.ir = InvertedResidual(dim, 2 * dim, activation, se=se)
+        self.eca = EcaModule() if eca else None
         self.gc = GlobalContext(dim) if gc else None
+        self.max_pool = max_pool
+        self.token_max = token_max
         self.blocks = nn.Sequential(*(Block(dim, heads, 2.0, activation, 1e-6)
                                       for _ in range(depth)))
         self.norm = nn.LayerNorm(dim, eps=1e-6)
@@ -272,9 +362,16 @@ class TinyHybrid(nn.Module):
 
     def forward(self, x: Tensor) -> Tensor:
         x = self.ir(self.stem_act(self.stem_bn(self.stem_conv(x))))
+        if self.eca is not None:
+            x = self.eca(x)
         if self.gc is not None:
             x = self.gc(x)
+        if self.max_pool:
+            x = F.max_pool2d(x, kernel_size=3, stride=2, padding=1)
         x = x.flatten(2).transpose(1, 2)  # (N, H*W, C)
+        if self.token_max:
+            n, t, d = x.shape
+            x = x.view(n, 2, t // 2, d).amax(dim=1)  # (N, T/2, C)
         x = self.norm(self.blocks(x))
         return self.head(x.mean(1))
 
@@ -289,18 +386,22 @@ def randomize_batchnorm(model: nn.Module, generator: torch.Generator) -> None:
 
 
 def tiny_hybrid(activation: str = "silu", seed: int = 0, *, depth: int = 1, se: bool = False,
-                gc: bool = False, dtype: torch.dtype = DT) -> TinyHybrid:
+                gc: bool = False, max_pool: bool = False, token_max: bool = False,
+                eca: bool = False, dtype: torch.dtype = DT) -> TinyHybrid:
     """A :class:`TinyHybrid` with every parameter at a scale where it matters, eval mode.
 
     Weights ~ N(0, 1/fan_in); biases (conv, linear, BN shift, LayerNorm shift, the gate's and
     the global-context block's 1x1 convs) ~ N(0, 0.5); LayerNorm gains (also the global-context
     block's) ~ U(0.5, 1.5); BatchNorm gains of magnitude U(0.5, 1.5), a quarter of them negative;
     BatchNorm running statistics by :func:`randomize_batchnorm`.
-    ``se=True`` adds the squeeze-excitation gate, ``gc=True`` the global-context block (the
-    parameters after either then differ from the model without it of the same seed).
+    ``se=True`` adds the squeeze-excitation gate, ``gc=True`` the global-context block,
+    ``eca=True`` the ECA gate (its Conv1d weight (1, 1, 3) ~ N(0, 1/3)) (the parameters after
+    any of these then differ from the model without it of the same seed); ``max_pool`` and
+    ``token_max`` have no parameters.
     """
     torch.manual_seed(seed)
-    model = TinyHybrid(activation, depth=depth, se=se, gc=gc)
+    model = TinyHybrid(activation, depth=depth, se=se, gc=gc, max_pool=max_pool,
+                       token_max=token_max, eca=eca)
     g = torch.Generator().manual_seed(seed + 2000)
     bn_names = {n for n, m in model.named_modules() if isinstance(m, nn.BatchNorm2d)}
     with torch.no_grad():
@@ -782,6 +883,285 @@ def global_context_relevance(gc: GlobalContext, x: Tensor, r_out: Tensor, *,
     return _gc_backward(gc, rec, _d(r_out), tok.Stats(), mutation)["x"]
 
 
+# ------------------------------------------------------------------ ECA gate
+
+
+@dataclass
+class _EcaRec:
+    pooled: Tensor  # (C,) mean of the input's channel vectors over the positions
+    conv: Tensor    # (C,) the Conv1d along the channel axis
+    gate: Tensor    # (C,) sigmoid(conv): the gate value per channel
+    y: Tensor       # (C, H, W) x ⊙ gate
+
+
+def _eca_forward(eca: EcaModule, x: Tensor) -> _EcaRec:
+    """The ECA gate of one sample's map ``x`` (C, H, W), from the parameters: the channel means,
+    the cross-correlation ``conv[c] = sum_k w[k] mean[c - pad + k]`` over the channels (zero
+    padding), the sigmoid, and ``y(p) = x(p) ⊙ gate``."""
+    assert isinstance(eca, EcaModule), type(eca).__name__
+    assert isinstance(eca.gate, nn.Sigmoid)
+    conv = eca.conv
+    assert conv.in_channels == conv.out_channels == 1 and conv.groups == 1
+    assert conv.bias is None and conv.padding_mode == "zeros"
+    assert tuple(conv.stride) == (1,) and tuple(conv.dilation) == (1,)
+    w = _d(conv.weight)[0, 0]
+    k_n, pad = w.shape[0], int(conv.padding[0])
+    c_n, h, wd = x.shape
+    assert c_n + 2 * pad - k_n + 1 == c_n, "the Conv1d must keep the channel count"
+    pooled = torch.zeros(c_n, dtype=DT)
+    for i in range(h):
+        for j in range(wd):
+            pooled = pooled + x[:, i, j]
+    pooled = pooled / (h * wd)
+    z = torch.zeros(c_n, dtype=DT)
+    for c in range(c_n):
+        acc = 0.0
+        for k in range(k_n):
+            src = c - pad + k
+            if 0 <= src < c_n:
+                acc += float(w[k]) * float(pooled[src])
+        z[c] = acc
+    gate = 1.0 / (1.0 + torch.exp(-z))
+    y = _map(lambda v: v * gate, x)
+    return _EcaRec(pooled, z, gate, y)
+
+
+def eca_gate(eca: EcaModule, x: Tensor) -> Tensor:
+    """The gate value (C,) of ``eca`` on one sample's map ``x`` (C, H, W)."""
+    return _eca_forward(eca, _d(x)).gate
+
+
+def _eca_backward(x: Tensor, rec: _EcaRec, r_out: Tensor, stats: tok.Stats, *,
+                  gate_half: bool = False) -> tuple[Tensor, float]:
+    """``(R(x), R(gate))`` of ``y = x ⊙ gate``: the gate rule of the squeeze-excitation gate
+    (one source ``x(p)`` per output vector, ``mu = 1``); ``gate_half`` is the mutation
+    ``eca_gate_half`` (half of every ``R(y(p))`` is left on the gate, which has no way on)."""
+    r_x, r_gate = _gate_backward(x, rec.gate, rec.y, r_out, stats)
+    if gate_half:
+        r_gate = float(r_x.sum()) / 2
+        r_x = r_x / 2
+    return r_x, r_gate
+
+
+def eca_relevance(eca: EcaModule, x: Tensor, r_out: Tensor, *, mutation: str | None = None
+                  ) -> Tensor:
+    """Relevance (H, W) of the input vectors of ``eca`` on one sample ``x`` (C, H, W) given the
+    relevance ``r_out`` (H, W) of its output vectors (``mutation``: ``"eca_gate_half"``)."""
+    if mutation not in (None, *ECA_MUTATIONS):
+        raise ValueError(f"unknown mutation {mutation!r}")
+    x = _d(x)
+    return _eca_backward(x, _eca_forward(eca, x), _d(r_out), tok.Stats(),
+                         gate_half=mutation == "eca_gate_half")[0]
+
+
+# ------------------------------------------------------------------ max pooling (map, tokens)
+
+
+@dataclass
+class _MaxPoolRec:
+    x: Tensor                     # (C, H, W) the input
+    y: Tensor                     # (C, H_out, W_out)
+    win: list[list[list[Pos]]]    # win[i][j][c]: the input position that won channel c at (i, j)
+    window: list[list[list[Pos]]]  # window[i][j]: the real input positions of the window
+
+
+def _max_pool_forward(x: Tensor, kernel: int = 3, stride: int = 2, padding: int = 1
+                      ) -> _MaxPoolRec:
+    """``F.max_pool2d(x, kernel, stride, padding)`` of one sample (C, H, W), channel by channel
+    over the real window positions (the implicit padding is -inf: it never wins). An exact tie
+    is broken as torch's ``return_indices=True`` reports (only then is torch asked)."""
+    c_n, h, w = x.shape
+    h_out = (h + 2 * padding - kernel) // stride + 1
+    w_out = (w + 2 * padding - kernel) // stride + 1
+    torch_idx = None
+    y = torch.zeros(c_n, h_out, w_out, dtype=DT)
+    win, window = [], []
+    for i in range(h_out):
+        row_win, row_window = [], []
+        for j in range(w_out):
+            real = [(i * stride - padding + ki, j * stride - padding + kj)
+                    for ki in range(kernel) for kj in range(kernel)]
+            real = [(r, c) for r, c in real if 0 <= r < h and 0 <= c < w]
+            assert real, "a window without a real position"
+            winners = []
+            for ch in range(c_n):
+                best, tied = None, []
+                for r, c in real:
+                    v = float(x[ch, r, c])
+                    if best is None or v > best:
+                        best, tied = v, [(r, c)]
+                    elif v == best:
+                        tied.append((r, c))
+                if len(tied) > 1:
+                    if torch_idx is None:
+                        torch_idx = F.max_pool2d(x[None], kernel, stride, padding,
+                                                 return_indices=True)[1][0]
+                    flat = int(torch_idx[ch, i, j])
+                    winner = (flat // w, flat % w)
+                    assert winner in tied, (winner, tied)
+                else:
+                    winner = tied[0]
+                y[ch, i, j] = best
+                winners.append(winner)
+            row_win.append(winners)
+            row_window.append(real)
+        win.append(row_win)
+        window.append(row_window)
+    return _MaxPoolRec(x, y, win, window)
+
+
+def _max_pool_mu(rec: _MaxPoolRec, i: int, j: int, mutation: str | None = None
+                 ) -> list[tuple[Pos, float]]:
+    """``(input position, mu)`` of the sources of output (i, j): the positions that won at least
+    one channel, in window order; ``c_p`` is ``y(i, j)`` on the channels p won, 0 elsewhere.
+    ``max_abs``: the mutation routing each channel to the largest ``|x|`` (contribution that
+    ``x`` value); ``max_even``: ``y``'s relevance split evenly over the winning positions."""
+    y = rec.y[:, i, j]
+    c_n = y.shape[0]
+    if mutation == "max_abs":
+        winners, vals = [], torch.zeros(c_n, dtype=DT)
+        for ch in range(c_n):
+            best, arg = -1.0, None
+            for r, c in rec.window[i][j]:
+                if abs(float(rec.x[ch, r, c])) > best:
+                    best, arg = abs(float(rec.x[ch, r, c])), (r, c)
+            winners.append(arg)
+            vals[ch] = rec.x[ch, arg[0], arg[1]]
+    else:
+        winners, vals = rec.win[i][j], y
+    sources = [p for p in rec.window[i][j] if p in winners]
+    contributions = []
+    for p in sources:
+        cp = torch.zeros(c_n, dtype=DT)
+        for ch in range(c_n):
+            if winners[ch] == p:
+                cp[ch] = vals[ch]
+        contributions.append(cp)
+    if mutation == "max_even":
+        mu = [1.0 / len(sources)] * len(sources) if bool((y != 0).any()) else [0.0] * len(sources)
+    else:
+        mu = tok.shares(y, contributions, [True] * len(sources), check=mutation is None)
+    return list(zip(sources, mu, strict=True))
+
+
+def _max_pool_backward(rec: _MaxPoolRec, r_out: Tensor, stats: tok.Stats,
+                       mutation: str | None = None) -> Tensor:
+    r_in = torch.zeros(rec.x.shape[1:], dtype=DT)
+    for i in range(r_out.shape[0]):
+        for j in range(r_out.shape[1]):
+            pm = _max_pool_mu(rec, i, j, mutation)
+            passed = tok.pass_relevance([m for _, m in pm], float(r_out[i, j]), stats)
+            for (p, _), r in zip(pm, passed, strict=True):
+                r_in[p] += r
+    return r_in
+
+
+def max_pool_shares(x: Tensor, i: int, j: int, *, mutation: str | None = None
+                    ) -> list[tuple[Pos, float]]:
+    """``(input position, mu)`` of the sources of output (i, j) of ``F.max_pool2d(x, 3, 2, 1)``
+    on one sample ``x`` (C, H, W): the positions that won a channel, in window order
+    (``mutation``: one of :data:`MAX_MUTATIONS`)."""
+    if mutation not in (None, *MAX_MUTATIONS):
+        raise ValueError(f"unknown mutation {mutation!r}")
+    return _max_pool_mu(_max_pool_forward(_d(x)), i, j, mutation)
+
+
+def max_pool_relevance(x: Tensor, r_out: Tensor, *, mutation: str | None = None) -> Tensor:
+    """Relevance (H, W) of the input vectors of ``F.max_pool2d(x, 3, 2, 1)`` on one sample
+    ``x`` (C, H, W) given the relevance ``r_out`` (H_out, W_out) of its output vectors
+    (``mutation``: one of :data:`MAX_MUTATIONS`)."""
+    if mutation not in (None, *MAX_MUTATIONS):
+        raise ValueError(f"unknown mutation {mutation!r}")
+    return _max_pool_backward(_max_pool_forward(_d(x)), _d(r_out), tok.Stats(), mutation)
+
+
+@dataclass
+class _TokenMaxRec:
+    x: list[Tensor]  # the T input tokens
+    y: list[Tensor]  # the T/2 output tokens, y(j) = max(x(j), x(j + T/2)) entry by entry
+    own: list[tuple[Tensor, Tensor]]  # per j: the weights (D,) of x(j), x(j + T/2) in y(j)
+
+
+def _token_max_forward(tokens: list[Tensor]) -> _TokenMaxRec:
+    """``t.view(2, T // 2, D).amax(0)`` of one sample's tokens, entry by entry: entry d of
+    ``y(j)`` is owned by the larger of ``x_d(j)``, ``x_d(j + T/2)`` (weight 1), half and half
+    (weights 1/2) on an exact tie."""
+    n_tok = len(tokens)
+    assert n_tok % 2 == 0, "token_max needs an even token count"
+    half = n_tok // 2
+    ys, own = [], []
+    for j in range(half):
+        a, b = tokens[j], tokens[j + half]
+        d_n = a.shape[0]
+        y = torch.zeros(d_n, dtype=DT)
+        wa = torch.zeros(d_n, dtype=DT)
+        wb = torch.zeros(d_n, dtype=DT)
+        for d in range(d_n):
+            va, vb = float(a[d]), float(b[d])
+            if va > vb:
+                y[d], wa[d] = va, 1.0
+            elif vb > va:
+                y[d], wb[d] = vb, 1.0
+            else:
+                y[d], wa[d], wb[d] = va, 0.5, 0.5
+        ys.append(y)
+        own.append((wa, wb))
+    return _TokenMaxRec(list(tokens), ys, own)
+
+
+def _token_max_mu(rec: _TokenMaxRec, j: int, mutation: str | None = None) -> list[float]:
+    """``[mu_{j->j}, mu_{j+T/2->j}]``: contributions ``w_s ⊙ y(j)`` (``w_s`` the entries s owns,
+    1/2 on a tie). ``max_abs``: each entry routed to the source of larger ``|x|`` (the first on
+    a tie), contribution that source's value; ``max_even``: evenly over the owning sources."""
+    y = rec.y[j]
+    half = len(rec.y)
+    a, b = rec.x[j], rec.x[j + half]
+    if mutation == "max_abs":
+        take_a = torch.tensor([abs(float(a[d])) >= abs(float(b[d])) for d in range(y.shape[0])])
+        ca = torch.where(take_a, a, torch.zeros_like(a))
+        cb = torch.where(take_a, torch.zeros_like(b), b)
+        return tok.shares(y, [ca, cb], [True, True], check=False)
+    wa, wb = rec.own[j]
+    if mutation == "max_even":
+        owners = [bool(wa.any()), bool(wb.any())]
+        if not bool((y != 0).any()):
+            return [0.0, 0.0]
+        return [1.0 / sum(owners) if o else 0.0 for o in owners]
+    return tok.shares(y, [wa * y, wb * y], [True, True])
+
+
+def _token_max_backward(rec: _TokenMaxRec, r_out: list[float], stats: tok.Stats,
+                        mutation: str | None = None) -> list[float]:
+    half = len(rec.y)
+    r_in = [0.0] * (2 * half)
+    for j in range(half):
+        r_a, r_b = tok.pass_relevance(_token_max_mu(rec, j, mutation), r_out[j], stats)
+        r_in[j] += r_a
+        r_in[j + half] += r_b
+    return r_in
+
+
+def token_max_shares(tokens: Tensor, *, mutation: str | None = None) -> list[list[float]]:
+    """``[mu_{j->j}, mu_{j+T/2->j}]`` for each output token j of the token max pooling of one
+    sample's tokens (T, D) (``mutation``: one of :data:`MAX_MUTATIONS`)."""
+    if mutation not in (None, *MAX_MUTATIONS):
+        raise ValueError(f"unknown mutation {mutation!r}")
+    rec = _token_max_forward(list(_d(tokens)))
+    return [_token_max_mu(rec, j, mutation) for j in range(len(rec.y))]
+
+
+def token_max_relevance(tokens: Tensor, r_out: Tensor, *, mutation: str | None = None
+                        ) -> Tensor:
+    """Relevance (T,) of the input tokens of the token max pooling of one sample's tokens
+    (T, D) given the relevance ``r_out`` (T/2,) of its output tokens (``mutation``: one of
+    :data:`MAX_MUTATIONS`)."""
+    if mutation not in (None, *MAX_MUTATIONS):
+        raise ValueError(f"unknown mutation {mutation!r}")
+    rec = _token_max_forward(list(_d(tokens)))
+    r = _token_max_backward(rec, [float(v) for v in _d(r_out)], tok.Stats(), mutation)
+    return torch.tensor(r, dtype=DT)
+
+
 # --------------------------------------------------------------------------- forward (per sample)
 
 
@@ -801,8 +1181,12 @@ class _Forward:
     project: _ConvRec
     bn3: Tensor           # the branch
     ir_out: Tensor        # branch + shortcut
-    gc: _GCRec | None     # the global-context block on ir_out (its output becomes the tokens)
-    tokens: list[Tensor]  # transformer input, token t = map[:, t // W, t % W] (map: gc.y or ir_out)
+    eca: _EcaRec | None   # the ECA gate on ir_out
+    gc: _GCRec | None     # the global-context block on the ECA output (else ir_out)
+    pool: _MaxPoolRec | None  # the max pooling of the map before the relabelling
+    tokens_map: Tensor    # (C, H, W) the map relabelled to tokens
+    tokens: list[Tensor]  # token t = tokens_map[:, t // W, t % W]
+    tmax: _TokenMaxRec | None  # the token max pooling (its output is the transformer input)
     blocks: list
     block_out: list[Tensor]
     normed: list[Tensor]
@@ -826,12 +1210,19 @@ def _forward_sample(model: TinyHybrid, x: Tensor) -> _Forward:
     project = _conv_forward(ir.project, act2 if se is None else se.y)
     bn3 = _bn_map(ir.bn3, project.y)
     ir_out = bn3 + stem_act
-    gc = _gc_forward(model.gc, ir_out) if model.gc is not None else None
-    nchw = ir_out if gc is None else gc.y
+    nchw = ir_out
+    eca = _eca_forward(model.eca, nchw) if model.eca is not None else None
+    nchw = nchw if eca is None else eca.y
+    gc = _gc_forward(model.gc, nchw) if model.gc is not None else None
+    nchw = nchw if gc is None else gc.y
+    pool = _max_pool_forward(nchw, 3, 2, 1) if model.max_pool else None
+    nchw = nchw if pool is None else pool.y
     _, h, w = nchw.shape
     tokens = [nchw[:, i, j].clone() for i in range(h) for j in range(w)]
+    tmax = _token_max_forward(tokens) if model.token_max else None
     recs = []
-    cur, dep = tokens, [True] * len(tokens)
+    cur = tokens if tmax is None else tmax.y
+    dep = [True] * len(cur)
     for blk in model.blocks:
         rec, cur, dep = tok.block_forward(blk, cur, dep)
         recs.append(rec)
@@ -841,17 +1232,24 @@ def _forward_sample(model: TinyHybrid, x: Tensor) -> _Forward:
         pooled = pooled + v / len(normed)
     logits = tok.linear(model.head, pooled)
     return _Forward(x, stem, stem_bn, stem_act, expand, bn1, act1, dw, bn2, act2, se, project,
-                    bn3, ir_out, gc, tokens, recs, cur, normed, pooled, logits)
+                    bn3, ir_out, eca, gc, pool, nchw, tokens, tmax, recs, cur, normed, pooled,
+                    logits)
 
 
 # --------------------------------------------------------------------------- relevance
 
 
 def _backward(model: TinyHybrid, fw: _Forward, target: int, misread: str | None) -> dict:
-    if misread is not None and misread not in MISREADINGS + GC_MUTATIONS:
+    if misread is not None and misread not in (MISREADINGS + GC_MUTATIONS + MAX_MUTATIONS
+                                               + ECA_MUTATIONS):
         raise ValueError(f"unknown misreading {misread!r}")
     if misread in GC_MUTATIONS and fw.gc is None:
         raise ValueError(f"{misread!r} needs the global-context block (gc=True)")
+    if misread in MAX_MUTATIONS and fw.pool is None and fw.tmax is None:
+        raise ValueError(f"{misread!r} needs a max pooling (max_pool=True or token_max=True)")
+    if misread in ECA_MUTATIONS and fw.eca is None:
+        raise ValueError(f"{misread!r} needs the ECA gate (eca=True)")
+    max_mut = misread if misread in MAX_MUTATIONS else None
     stats = tok.Stats()
     even = misread == "conv_bias_even"
     fuse = misread == "fuse_bn"
@@ -868,19 +1266,32 @@ def _backward(model: TinyHybrid, fw: _Forward, target: int, misread: str | None)
     for rec in reversed(fw.blocks):
         r = tok.block_backward(rec, r, stats)
     tokens_in = list(r)
+    tmax_in = None
+    if fw.tmax is not None:
+        r = _token_max_backward(fw.tmax, r, stats, max_mut)
+        tmax_in = list(r)
 
-    # tokens are the channel vectors of the NCHW map (the GC output, else the sum), row-major
-    _, h, w = fw.ir_out.shape
+    # tokens are the channel vectors of the NCHW map (the pooled map, else the GC output, else
+    # the ECA output, else the sum), row-major
+    _, h, w = fw.tokens_map.shape
     r_map = torch.zeros(h, w, dtype=DT)
-    for t, r_t in enumerate(tokens_in):
+    for t, r_t in enumerate(r):
         r_map[t // w, t % w] = r_t
+    r_pool_in = (r_map if fw.pool is None
+                 else _max_pool_backward(fw.pool, r_map, stats, max_mut))
     r_gc = None
     if fw.gc is not None:
-        r_gc = _gc_backward(model.gc, fw.gc, r_map, stats,
+        r_gc = _gc_backward(model.gc, fw.gc, r_pool_in, stats,
                             misread if misread in GC_MUTATIONS else None)
-        r_sum = r_gc["x"]
+        r_eca_out = r_gc["x"]
     else:
-        r_sum = r_map
+        r_eca_out = r_pool_in
+    r_eca_gate = None
+    if fw.eca is not None:
+        r_sum, r_eca_gate = _eca_backward(fw.ir_out, fw.eca, r_eca_out, stats,
+                                          gate_half=misread == "eca_gate_half")
+    else:
+        r_sum = r_eca_out
     r_branch, r_short = residual_relevance(fw.bn3, fw.stem_act, r_sum,
                                            last_axis=misread == "residual_last_axis",
                                            stats=stats)
@@ -906,8 +1317,14 @@ def _backward(model: TinyHybrid, fw: _Forward, target: int, misread: str | None)
     res = {"tokens_out": tokens_out, "tokens_in": tokens_in, "sum": r_sum,
            "branch": r_branch, "shortcut": r_short, "dw_out": r_dw_out, "dw_in": r_dw_in,
            "ir_in": r_ir_in, "stem_out": r_stem_out, "pixel": pixel, "lost": stats.lost}
+    if tmax_in is not None:
+        res.update(tmax_in=tmax_in)
+    if fw.pool is not None:
+        res.update(pool_out=r_map, pool_in=r_pool_in)
+    if fw.eca is not None:
+        res.update(eca_out=r_eca_out, eca_gate=r_eca_gate)
     if r_gc is not None:
-        res.update(gc_out=r_map, gc_add_x=r_gc["add_x"], gc_m=r_gc["m"],
+        res.update(gc_out=r_pool_in, gc_add_x=r_gc["add_x"], gc_m=r_gc["m"],
                    gc_context=r_gc["context"], gc_pool_x=r_gc["pool_x"])
         if misread == "gc_weights_relevance":
             res["gc_weights"] = r_gc["weights"]
@@ -937,7 +1354,16 @@ def srd_hybrid_oracle_trace(model: TinyHybrid, x: Tensor, target: int, *,
     input's shares at the attention pooling (``sum = gc_add_x + gc_pool_x``; under the mutation
     ``gc_weights_relevance`` also ``gc_weights`` (H, W)), and in ``forward`` the block output
     ``gc`` (C, H, W), its softmax weights ``gc_attn`` (H, W), ``gc_context`` (C,) and
-    ``gc_m`` (C,)."""
+    ``gc_m`` (C,). With the ECA gate also ``eca_out`` (H, W) at its output (``sum`` at its input,
+    the residual sum) and ``eca_gate`` (the relevance of the gate: 0 but under
+    ``eca_gate_half``), and in ``forward`` the gated map ``eca`` (C, H, W), ``eca_mean``,
+    ``eca_conv`` and the gate value ``eca_gate`` (C,). With the max pooling also ``pool_out``
+    (H_out, W_out) at its output (the tokens' map) and ``pool_in`` (H, W) at its input, and in
+    ``forward`` the pooled map ``pool`` (C, H_out, W_out) and ``pool_winners`` (``[i][j][c]``:
+    the input position that won channel c at output (i, j)). With the token max pooling
+    ``tokens_in`` is the relevance of its output (the transformer input, T/2 tokens) and
+    ``tmax_in`` that of its input (T tokens), and in ``forward`` ``tokens_pre`` (T, D) and
+    ``tmax`` (T/2, D)."""
     x = x.detach().to(DT)
     out = []
     for n in range(x.shape[0]):
@@ -951,6 +1377,14 @@ def srd_hybrid_oracle_trace(model: TinyHybrid, x: Tensor, target: int, *,
         if fw.gc is not None:
             res["forward"].update(gc=fw.gc.y, gc_attn=fw.gc.weights, gc_context=fw.gc.context,
                                   gc_m=fw.gc.m)
+        if fw.eca is not None:
+            res["forward"].update(eca=fw.eca.y, eca_mean=fw.eca.pooled, eca_conv=fw.eca.conv,
+                                  eca_gate=fw.eca.gate)
+        if fw.pool is not None:
+            res["forward"].update(pool=fw.pool.y, pool_winners=fw.pool.win)
+        if fw.tmax is not None:
+            res["forward"].update(tokens_pre=torch.stack(fw.tokens),
+                                  tmax=torch.stack(fw.tmax.y))
         out.append(res)
     return out
 

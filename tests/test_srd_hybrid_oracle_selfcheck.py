@@ -15,7 +15,16 @@ equals the model's, every cut carries the logit, the block's input gets what its
 the attention pooling and the broadcast add give hand-derived numbers, the loop code agrees with
 a vectorized form fed by the model's own tensors, a block with ``m = 0`` is transparent, and
 deliberately wrong rules (the softmax weights get relevance; ``m``'s share dropped) break
-conservation by exactly what they withhold."""
+conservation by exactly what they withhold. With the ECA gate (``eca=True``), the max pooling of
+the map (``max_pool=True``) and the token max pooling (``token_max=True``), alone and combined
+with each other and the older blocks: the model's forward equals a plain torch computation of
+the same operations and the oracle's recomputation equals both, every cut carries the logit, the
+max-pooling rule gives hand-derived numbers (winners per channel, padding never a winner,
+overlapping windows summed, a tie to torch's index), as does the token max pooling (a tie split
+half and half, as torch's ``amax`` gradient) and the ECA gate (its value from the Conv1d along
+the channels, the relevance passed unchanged), the loop code agrees with an autograd form of
+the max rule fed by the model's own tensors, and wrong rules (routing by ``|x|``, an even split,
+half left on the gate) fail the hand examples or conservation."""
 
 from __future__ import annotations
 
@@ -748,3 +757,341 @@ def test_gc_with_zero_m_is_transparent() -> None:
     p = ora.srd_hybrid_oracle_trace(plain, x, 3)[0]
     assert torch.allclose(p["logits"], s["logits"], rtol=1e-13, atol=1e-13)
     assert torch.allclose(s["pixel"], p["pixel"], rtol=1e-12, atol=1e-14)
+
+
+# ------------------------------------------------------- ECA gate, max pooling, token max pooling
+
+#: option sets of the new blocks (and their combinations with the older ones) for the forward
+#: and conservation checks, each with one activation
+NEW_BLOCKS = [
+    ("max_pool", "silu"), ("max_pool", "relu"), ("token_max", "silu"), ("token_max", "relu"),
+    ("eca", "silu"), ("eca+gc", "relu"), ("eca+max_pool+token_max", "relu"),
+    ("se+eca+gc+max_pool+token_max", "silu"),
+]
+
+
+def _opts(blocks: str) -> dict[str, bool]:
+    return {k: True for k in blocks.split("+")}
+
+
+def _plain_forward(model: ora.TinyHybrid, x: torch.Tensor) -> dict[str, torch.Tensor]:
+    """The model's new blocks as a plain torch computation, written differently from
+    ``TinyHybrid.forward``: the ECA gate by ``F.conv1d`` and ``torch.sigmoid`` on the channel
+    means, the max pooling by unfolding a -inf padded map, the token max pooling by
+    ``torch.maximum`` of the two halves; the rest by the model's own modules."""
+    out = {}
+    with torch.no_grad():
+        m = model.ir(model.stem_act(model.stem_bn(model.stem_conv(x))))
+        out["ir"] = m
+        if model.eca is not None:
+            z = F.conv1d(m.mean((2, 3))[:, None, :], model.eca.conv.weight, padding=1)
+            out["eca_gate"] = torch.sigmoid(z)[:, 0]                    # (N, C)
+            m = m * out["eca_gate"][:, :, None, None]
+            out["eca"] = m
+        if model.gc is not None:
+            m = model.gc(m)
+            out["gc"] = m
+        if model.max_pool:
+            padded = F.pad(m, (1, 1, 1, 1), value=-math.inf)
+            m = padded.unfold(2, 3, 2).unfold(3, 3, 2).amax((-2, -1))
+            out["pool"] = m
+        t = m.flatten(2).transpose(1, 2)
+        if model.token_max:
+            half = t.shape[1] // 2
+            out["tokens_pre"] = t
+            t = torch.maximum(t[:, :half], t[:, half:])
+        out["tmax"] = t  # the transformer input
+        out["tokens"] = model.blocks(t)
+        out["logits"] = model.head(model.norm(out["tokens"]).mean(1))
+    return out
+
+
+@pytest.mark.parametrize(("blocks", "activation"), NEW_BLOCKS)
+def test_forward_reproduces_model_with_new_blocks(blocks: str, activation: str) -> None:
+    """With the ECA gate and / or the max poolings: ``TinyHybrid.forward`` equals a plain torch
+    computation of the same operations (:func:`_plain_forward`), and the oracle's own float64
+    recomputation (the gate value, the gated map, the pooled map, the tokens before and after
+    the token max pooling, the transformer output, the logits) equals both to 1e-12."""
+    model = ora.tiny_hybrid(activation, seed=2, **_opts(blocks))
+    x = ora.tiny_hybrid_input(seed=3)
+    plain = _plain_forward(model, x)
+    seen: dict[str, torch.Tensor] = {}
+    hook = model.blocks.register_forward_pre_hook(lambda m, i: seen.__setitem__("tin", i[0]))
+    try:
+        with torch.no_grad():
+            ref = model(x)
+    finally:
+        hook.remove()
+    assert torch.allclose(ref, plain["logits"], rtol=1e-12, atol=1e-12)
+    assert torch.allclose(seen["tin"], plain["tmax"], rtol=0, atol=0)
+    n_tok = 16 if "max_pool" in blocks else 64
+    n_tok = n_tok // 2 if "token_max" in blocks else n_tok
+    assert plain["tmax"].shape == (2, n_tok, 8)
+    trace = ora.srd_hybrid_oracle_trace(model, x, 0)
+    keys = [k for k in ("ir", "eca", "eca_gate", "gc", "pool", "tokens_pre", "tmax", "tokens")
+            if k in plain and (k != "tmax" or "token_max" in blocks)]
+    for n, s in enumerate(trace):
+        assert torch.allclose(s["logits"], ref[n], rtol=1e-12, atol=1e-12)
+        for k in keys:
+            assert torch.allclose(s["forward"][k], plain[k][n], rtol=1e-12, atol=1e-12), k
+    assert torch.allclose(ora.oracle_logits(model, x), ref, rtol=1e-12, atol=1e-12)
+
+
+def test_new_blocks_builder_is_non_trivial() -> None:
+    """Defaults off; the ECA gate follows the inverted-residual block and precedes the GC block,
+    its Conv1d (1 -> 1, kernel 3, no bias) is drawn, its gate value varies over channels; in
+    the max pooling most windows have several winners and some position wins in two windows;
+    in the token max pooling most pairs have entries owned by each of the two tokens."""
+    model = ora.tiny_hybrid("silu", seed=0)
+    assert model.eca is None and not model.max_pool and not model.token_max
+    assert ora.tiny_hybrid_input(0).shape == (2, 3, 16, 16)
+    model = ora.tiny_hybrid("silu", seed=0, eca=True, gc=True, max_pool=True, token_max=True)
+    assert list(dict(model.named_children())) == [
+        "stem_conv", "stem_bn", "stem_act", "ir", "eca", "gc", "blocks", "norm", "head"]
+    conv = model.eca.conv
+    assert conv.weight.shape == (1, 1, 3) and conv.bias is None and conv.padding == (1,)
+    assert conv.weight.dtype == DT and float(conv.weight.detach().abs().min()) > 0.05
+    s = ora.srd_hybrid_oracle_trace(model, ora.tiny_hybrid_input(0, n=1), 0)[0]
+    f = s["forward"]
+    assert float(f["eca_gate"].max() - f["eca_gate"].min()) > 0.2
+    assert f["pool"].shape == (8, 4, 4) and f["tmax"].shape == (8, 8)
+    winners = [set(cell) for row in f["pool_winners"] for cell in row]
+    assert sum(len(w) >= 2 for w in winners) >= 12
+    counts: dict[tuple[int, int], int] = {}
+    for w in winners:
+        for p in w:
+            counts[p] = counts.get(p, 0) + 1
+    assert max(counts.values()) >= 2  # overlapping windows: one position, several outputs
+    pre = f["tokens_pre"]
+    mixed = sum(bool((pre[j] > pre[j + 8]).any()) and bool((pre[j] < pre[j + 8]).any())
+                for j in range(8))
+    assert mixed >= 6
+
+
+NEW_CUTS = {"eca": ["eca_out"], "gc": ["gc_out", "gc_add_x+gc_m"],
+            "max_pool": ["pool_out", "pool_in"], "token_max": ["tmax_in"]}
+
+
+@pytest.mark.parametrize(("blocks", "activation"), NEW_BLOCKS)
+def test_conservation_with_new_blocks(blocks: str, activation: str) -> None:
+    """With the new blocks (alone, with each other, with the SE gate and the GC block) the pixel
+    map and every cut (at the ECA output, at the max pooling's output and input, at the token
+    max pooling's input and output) sum to the target logit per sample; nothing is lost, the
+    ECA gate gets nothing and passes each position's relevance unchanged when nothing else
+    follows it on the map."""
+    cuts = [*CUTS]
+    for k in blocks.split("+"):
+        cuts += NEW_CUTS.get(k, [])
+    model = ora.tiny_hybrid(activation, seed=1, **_opts(blocks))
+    for s in _traces_conserving(model, 1, cuts):
+        if "eca" in blocks:
+            assert s["eca_gate"] == 0.0
+        if blocks == "eca":
+            assert torch.allclose(s["sum"], s["eca_out"], rtol=1e-15, atol=0)
+        if "token_max" in blocks:
+            assert len(s["tmax_in"]) == 2 * len(s["tokens_in"])
+
+
+def _hand_pool_map() -> torch.Tensor:
+    """2 channels on a 2 x 2 map: channel 0 [[1, 3], [-4, 2]], channel 1 [[-5, 2], [0, 4]]."""
+    return torch.tensor([[[1.0, 3.0], [-4.0, 2.0]], [[-5.0, 2.0], [0.0, 4.0]]], dtype=DT)
+
+
+def test_max_pool_by_hand() -> None:
+    """F.max_pool2d(x, 3, 2, 1) on the 2 x 2 map of ``_hand_pool_map``: one output, whose window
+    (rows and cols -1 .. 1) holds all four positions (the rest is padding, never a winner).
+    Channel 0: max 3 at (0, 1); channel 1: max 4 at (1, 1); y = (3, 4), ||y||^2 = 25.
+    c_(0,1) = (3, 0), c_(1,1) = (0, 4); (0, 0) and (1, 0) won nothing and are no sources.
+    mu_(0,1) = 9/25, mu_(1,1) = 16/25 (sum 1). R(y) = 5: R = [[0, 9/5], [0, 16/5]], sum 5.
+    Mutation max_even (split evenly over the two winners): [[0, 5/2], [0, 5/2]] (sum 5, but
+    not the answer). Mutation max_abs (each channel to the largest |x|, contribution that x):
+    channel 0 to (1, 0) with -4, channel 1 to (0, 0) with -5: c_(0,0) = (0, -5),
+    c_(1,0) = (-4, 0), mu_(0,0) = -20/25, mu_(1,0) = -12/25: R = [[-4, 0], [-12/5, 0]], sum
+    -32/5, not 5 (conservation fails)."""
+    x = _hand_pool_map()
+    y, idx = F.max_pool2d(x[None], 3, 2, 1, return_indices=True)
+    assert torch.equal(y[0, :, 0, 0], _t(3, 4)) and idx[0, :, 0, 0].tolist() == [1, 3]
+    got = ora.max_pool_shares(x, 0, 0)
+    assert [p for p, _ in got] == [(0, 1), (1, 1)]
+    assert [m for _, m in got] == pytest.approx([9 / 25, 16 / 25], abs=1e-15)
+    r = ora.max_pool_relevance(x, _t(5).view(1, 1))
+    assert torch.allclose(r, torch.tensor([[0, 9 / 5], [0, 16 / 5]], dtype=DT), atol=1e-15)
+    assert float(r.sum()) == pytest.approx(5.0, abs=1e-14)
+    even = ora.max_pool_relevance(x, _t(5).view(1, 1), mutation="max_even")
+    assert torch.allclose(even, torch.tensor([[0, 2.5], [0, 2.5]], dtype=DT), atol=1e-15)
+    assert not torch.allclose(even, r, atol=0.5)  # the known answer tells it apart
+    absm = ora.max_pool_relevance(x, _t(5).view(1, 1), mutation="max_abs")
+    assert [p for p, _ in ora.max_pool_shares(x, 0, 0, mutation="max_abs")] == [(0, 0), (1, 0)]
+    assert torch.allclose(absm, torch.tensor([[-4, 0], [-12 / 5, 0]], dtype=DT), atol=1e-14)
+    assert float(absm.sum()) == pytest.approx(-32 / 5, abs=1e-14)
+    with pytest.raises(ValueError):
+        ora.max_pool_relevance(x, _t(5).view(1, 1), mutation="nope")
+
+
+def test_max_pool_overlapping_windows_by_hand() -> None:
+    """F.max_pool2d(x, 3, 2, 1) on a 3 x 3 map with 2 channels: 2 x 2 outputs whose windows
+    (rows / cols {0, 1} or {1, 2}) all hold the centre (1, 1).
+    Channel 0 [[1, 2, 3], [4, 9, 5], [6, 7, 8]]: the centre 9 wins every window.
+    Channel 1 [[5, 1, 2], [3, -1, 4], [2, 6, 7]]: (0, 0) = 5, (1, 2) = 4, (2, 1) = 6, (2, 2) = 7.
+    y(0, 0) = (9, 5), ||y||^2 = 106: centre 81/106, (0, 0) 25/106;
+    y(0, 1) = (9, 4), 97: centre 81/97, (1, 2) 16/97;
+    y(1, 0) = (9, 6), 117: centre 81/117, (2, 1) 36/117;
+    y(1, 1) = (9, 7), 130: centre 81/130, (2, 2) 49/130.
+    R(y) = [[106, 97], [117, 130]]: the centre collects 4 x 81 = 324 over the four windows,
+    (0, 0) 25, (1, 2) 16, (2, 1) 36, (2, 2) 49, the rest 0; sum 450 = 106 + 97 + 117 + 130."""
+    x = torch.tensor([[[1.0, 2, 3], [4, 9, 5], [6, 7, 8]],
+                      [[5.0, 1, 2], [3, -1, 4], [2, 6, 7]]], dtype=DT)
+    with torch.no_grad():
+        y = F.max_pool2d(x[None], 3, 2, 1)[0]
+    assert torch.equal(y[0], torch.full((2, 2), 9.0, dtype=DT))
+    assert torch.equal(y[1], torch.tensor([[5.0, 4], [6, 7]], dtype=DT))
+    got = ora.max_pool_shares(x, 1, 0)
+    assert [p for p, _ in got] == [(1, 1), (2, 1)]
+    assert [m for _, m in got] == pytest.approx([9 / 13, 4 / 13], abs=1e-15)
+    r = ora.max_pool_relevance(x, torch.tensor([[106.0, 97], [117, 130]], dtype=DT))
+    want = torch.tensor([[25.0, 0, 0], [0, 324, 16], [0, 36, 49]], dtype=DT)
+    assert torch.allclose(r, want, atol=1e-12)
+    assert float(r.sum()) == pytest.approx(450.0, abs=1e-12)
+
+
+def test_max_pool_tie_goes_to_torchs_index() -> None:
+    """A four-way tie in channel 0 (all 2) of the 2 x 2 map, channel 1 [[-1, 0], [1, -3]]:
+    y = (2, 1), ||y||^2 = 5. Channel 0 goes to the index torch's max_pool2d reports (where its
+    gradient goes, alone), channel 1 to (1, 0): mu = 4/5 and 1/5."""
+    x = torch.tensor([[[2.0, 2.0], [2.0, 2.0]], [[-1.0, 0.0], [1.0, -3.0]]], dtype=DT)
+    xg = x[None].clone().requires_grad_(True)
+    y, idx = F.max_pool2d(xg, 3, 2, 1, return_indices=True)
+    y[0, 0, 0, 0].backward()
+    flat = int(idx[0, 0, 0, 0])
+    tie = (flat // 2, flat % 2)
+    assert float(xg.grad[0, 0, tie[0], tie[1]]) == 1.0 and float(xg.grad.sum()) == 1.0
+    got = dict(ora.max_pool_shares(x, 0, 0))
+    assert tie != (1, 0) and set(got) == {tie, (1, 0)}
+    assert got[tie] == pytest.approx(4 / 5, abs=1e-15)
+    assert got[(1, 0)] == pytest.approx(1 / 5, abs=1e-15)
+
+
+def test_token_max_by_hand() -> None:
+    """Token max pooling t.view(1, 2, 2, 2).amax(1) of the 4 tokens x0 = (1, 2), x1 = (0, -1),
+    x2 = (3, 2), x3 = (-2, -3): y0 = max(x0, x2) = (3, 2), y1 = max(x1, x3) = (0, -1).
+    y0: entry 0 won by x2; entry 1 a tie (2 = 2), owned half and half (torch's amax splits its
+    gradient 1/2, 1/2): ||y0||^2 = 13, mu_0 = (4/2)/13 = 2/13, mu_2 = (9 + 4/2)/13 = 11/13.
+    y1: both entries won by x1 (0 > -2, -1 > -3): mu_1 = 1, mu_3 = 0.
+    R(y) = (13, 7): R(x) = (2, 7, 11, 0), sum 20.
+    Mutation max_even: y0 split 1/2, 1/2 over its two owners, y1 all to x1: (13/2, 7, 13/2, 0).
+    Mutation max_abs: y0: entry 0 |3| > |1| to x2 (3), entry 1 |2| = |2| to the first, x0 (2);
+    y1: entry 0 |-2| > |0| to x3 (-2), entry 1 |-3| > |-1| to x3 (-3): c_3 = (-2, -3),
+    mu_3 = 3/1 = 3 with mu_1 = 0: R(x) = (4, 0, 9, 21), sum 34, not 20."""
+    tokens = torch.tensor([[1.0, 2], [0, -1], [3, 2], [-2, -3]], dtype=DT)
+    tg = tokens[None].clone().requires_grad_(True)
+    y = tg.view(1, 2, 2, 2).amax(dim=1)
+    assert torch.equal(y[0].detach(), torch.tensor([[3.0, 2], [0, -1]], dtype=DT))
+    y[0, 0, 1].backward()
+    assert tg.grad[0, :, 1].tolist() == [0.5, 0.0, 0.5, 0.0]  # the tie: half each
+    mu = ora.token_max_shares(tokens)
+    assert mu[0] == pytest.approx([2 / 13, 11 / 13], abs=1e-15)
+    assert mu[1] == pytest.approx([1.0, 0.0], abs=1e-15)
+    r_out = _t(13, 7)
+    r = ora.token_max_relevance(tokens, r_out)
+    assert torch.allclose(r, _t(2, 7, 11, 0), atol=1e-14)
+    even = ora.token_max_relevance(tokens, r_out, mutation="max_even")
+    assert torch.allclose(even, _t(6.5, 7, 6.5, 0), atol=1e-14)
+    absm = ora.token_max_relevance(tokens, r_out, mutation="max_abs")
+    assert torch.allclose(absm, _t(4, 0, 9, 21), atol=1e-13)
+    assert float(absm.sum()) == pytest.approx(34.0, abs=1e-13)
+
+
+def test_eca_gate_by_hand() -> None:
+    """EcaModule (Conv1d weight (1, 0, -1), no bias) on the 3-channel 1 x 2 map
+    x(0, 0) = (1, ln 3 + 1, -2), x(0, 1) = (-1, ln 3 - 1, 2): channel means m = (0, ln 3, 0);
+    conv[c] = m[c - 1] - m[c + 1] (zero padding) = (-ln 3, 0, ln 3); gate
+    g = sigmoid = (1/4, 1/2, 3/4); y(p) = x(p) ⊙ g. The gate is a constant weight: each y(p)
+    has the one source x(p) (mu = 1), so R(y) = (5, -2) gives R(x) = (5, -2); the gate gets
+    nothing. Mutation eca_gate_half: (5/2, -1), half of each left on the gate."""
+    eca = ora.EcaModule().to(DT)
+    with torch.no_grad():
+        eca.conv.weight.copy_(_t(1, 0, -1).view(1, 1, 3))
+    ln3 = math.log(3.0)
+    x = torch.tensor([[[1.0, -1.0]], [[ln3 + 1, ln3 - 1]], [[-2.0, 2.0]]], dtype=DT)
+    g = ora.eca_gate(eca, x)
+    assert torch.allclose(g, _t(1 / 4, 1 / 2, 3 / 4), atol=1e-15)
+    with torch.no_grad():
+        y = eca(x[None])[0]
+    assert torch.allclose(y, x * g[:, None, None], atol=1e-15)
+    r_out = _t(5, -2).view(1, 2)
+    assert torch.allclose(ora.eca_relevance(eca, x, r_out), r_out, rtol=0, atol=0)
+    half = ora.eca_relevance(eca, x, r_out, mutation="eca_gate_half")
+    assert torch.allclose(half, _t(2.5, -1).view(1, 2), atol=1e-15)
+
+
+def test_max_pools_loops_match_autograd_form() -> None:
+    """In the full model (ECA gate, max pooling and token max pooling): given the relevance the
+    oracle puts on each pooling's output, the relevance it puts on its input equals a form of the
+    rule by autograd, fed by the model's own tensors (hooks), no loops: for a max, the gradient
+    of ``sum_t k_t ||y(t)||^2 / 2`` (``k_t = R(y(t)) / ||y(t)||^2`` held constant) with respect
+    to the input is ``k_t y_c(t)`` on the entries it won (torch's own routing, the tie splits
+    included), so ``R(x(p)) = <x(p), grad(p)>`` is ``sum_t k_t sum_{c won by p} y_c(t)^2``."""
+    model = ora.tiny_hybrid("silu", seed=4, eca=True, max_pool=True, token_max=True)
+    x = ora.tiny_hybrid_input(seed=5)
+    seen: dict[str, torch.Tensor] = {}
+    hook = model.eca.register_forward_hook(lambda m, i, o: seen.__setitem__("eca", o))
+    try:
+        with torch.no_grad():
+            model(x)
+    finally:
+        hook.remove()
+    trace = ora.srd_hybrid_oracle_trace(model, x, 2)
+
+    def autograd_form(inp: torch.Tensor, op, r_out: torch.Tensor, dim: int) -> torch.Tensor:
+        inp = inp.detach().clone().requires_grad_(True)
+        y = op(inp)
+        yy = (y * y).sum(dim)
+        k = (r_out / yy).detach()
+        (grad,) = torch.autograd.grad((k * yy / 2).sum(), inp)
+        return (inp * grad).sum(dim).detach()
+
+    pool_in = autograd_form(seen["eca"], lambda m: F.max_pool2d(m, 3, 2, 1),
+                            torch.stack([s["pool_out"] for s in trace]), 1)
+    assert torch.allclose(torch.stack([s["pool_in"] for s in trace]), pool_in, rtol=1e-10,
+                          atol=1e-14)
+    with torch.no_grad():
+        tokens = F.max_pool2d(seen["eca"], 3, 2, 1).flatten(2).transpose(1, 2)
+    tmax_in = autograd_form(tokens, lambda t: t.view(2, 2, 8, 8).amax(dim=1),
+                            torch.tensor([s["tokens_in"] for s in trace], dtype=DT), -1)
+    assert torch.allclose(torch.tensor([s["tmax_in"] for s in trace], dtype=DT), tmax_in,
+                          rtol=1e-10, atol=1e-14)
+
+
+@pytest.mark.parametrize(("mutation", "blocks"), [
+    ("max_abs", "max_pool"), ("max_abs", "token_max"), ("max_even", "max_pool"),
+    ("max_even", "token_max"), ("eca_gate_half", "eca")])
+def test_new_mutations_are_caught(mutation: str, blocks: str) -> None:
+    """A wrong max-pooling rule or ECA rule is caught: ``max_abs`` (routing by |x|) and
+    ``eca_gate_half`` (half left on the gate) miss the logit by far more than the 1e-9 of the
+    conservation checks (``eca_gate_half`` by exactly half), ``max_even`` conserves (the hand
+    examples tell it apart) but moves the map by more than 10 %; the definition conserves on the
+    same case."""
+    model = ora.tiny_hybrid("silu", seed=0, **_opts(blocks))
+    x = ora.tiny_hybrid_input(seed=1, n=1)
+    with torch.no_grad():
+        logit = float(model(x)[0, 2])
+    ref = ora.srd_hybrid_oracle(model, x, 2)
+    alt = ora.srd_hybrid_oracle(model, x, 2, misread=mutation)
+    assert float(ref.sum()) == pytest.approx(logit, rel=1e-9)
+    got = float(alt.sum())
+    if mutation == "max_even":
+        assert got == pytest.approx(logit, rel=1e-9)
+        assert _rel(alt, ref) > 0.1
+    elif mutation == "eca_gate_half":
+        assert got == pytest.approx(logit / 2, rel=1e-9)
+    else:
+        assert abs(got - logit) > 1e-3 * abs(logit)
+        assert _rel(alt, ref) > 1e-2
+
+
+def test_new_mutations_need_their_block() -> None:
+    model = ora.tiny_hybrid("relu", seed=0)
+    x = ora.tiny_hybrid_input(0, n=1)
+    for mutation in (*ora.MAX_MUTATIONS, *ora.ECA_MUTATIONS):
+        with pytest.raises(ValueError):
+            ora.srd_hybrid_oracle(model, x, 0, misread=mutation)

@@ -79,7 +79,8 @@ def test_srd_on_a_transformer_refuses_what_is_defined_for_cnns_only():
     assert srd.attribute(x, 1).shape == (2, 16, 16)
 
 
-@pytest.mark.parametrize("block", ["plain", "se", "gc"])
+@pytest.mark.parametrize("block", ["plain", "se", "gc", "max_pool", "token_max", "eca",
+                                   "eca+max_pool+token_max"])
 @pytest.mark.parametrize("activation", ["silu", "relu"])
 @pytest.mark.parametrize("method", ["srd_tokens", "srd"])
 def test_hybrid_cnn_transformer_equals_the_slow_reference(activation, method, block):
@@ -88,8 +89,14 @@ def test_hybrid_cnn_transformer_equals_the_slow_reference(activation, method, bl
     flattened map (``srd_hybrid_oracle.py``, written from the definition); ``se``: the block has
     a squeeze-excitation gate before its projecting convolution (the gate a constant weight,
     its branch gets no relevance); ``gc``: a global-context block follows it (attention pooling
-    ``x @ softmax(...)``, the weights second, and a context vector added at every position)."""
-    model = tiny_hybrid(activation, seed=2, se=block == "se", gc=block == "gc")
+    ``x @ softmax(...)``, the weights second, and a context vector added at every position);
+    ``eca``: an ECA gate ``x * sigmoid(conv1d(mean)).expand_as(x)`` follows it (the signal
+    first; the gate a constant weight); ``max_pool``: ``F.max_pool2d(x, 3, 2, 1)`` on the map
+    before the tokens (each channel from the position that won it); ``token_max``: the tokens
+    pooled in pairs ``t.view(N, 2, T // 2, D).amax(dim=1)`` (each entry from the token that
+    won it)."""
+    model = tiny_hybrid(activation, seed=2, **{k: True for k in block.split("+")
+                                               if k != "plain"})
     x = tiny_hybrid_input(seed=4)
     targets = [0, 3]
     expected = torch.cat([srd_hybrid_oracle(model, x[i:i + 1], t)

@@ -163,10 +163,25 @@ MOVING = {
     Tensor.to, Tensor.float, Tensor.double, Tensor.half, Tensor.bfloat16, Tensor.type_as,
     Tensor.flip, torch.flip, Tensor.roll, torch.roll, Tensor.requires_grad_,
     F.pixel_shuffle, F.pixel_unshuffle,
+    # copies of entries: sliding windows (HaloNet's and VOLO's neighbourhoods, TNT's pixel
+    # patches; ``F.unfold``'s padded entries are zeros), repeats, gathers by index (GCViT)
+    Tensor.unfold, F.unfold, Tensor.repeat_interleave, torch.repeat_interleave, Tensor.tile,
+    torch.tile, Tensor.gather, torch.gather, Tensor.take_along_dim, torch.take_along_dim,
     # out of place, with a constant mask: the kept entries move, the filled ones become
     # constants (DistilBERT's attention masking); the gradient is zero there
     Tensor.masked_fill, torch.masked_fill,
 }
+def unfold_filled(args: tuple, kwargs: dict, fill: Any) -> Tensor:
+    """``F.unfold(*args, **kwargs)`` with its padded entries set to ``fill`` instead of 0:
+    True in a mask of constant entries, NaN in position tags (a padded entry has no place)."""
+    names = ("input", "kernel_size", "dilation", "padding", "stride")
+    bound = dict(zip(names, args, strict=False)) | kwargs
+    pad = bound.pop("padding", 0)
+    rows, cols = (pad, pad) if isinstance(pad, int) else tuple(pad)
+    x = F.pad(bound.pop("input"), (cols, cols, rows, rows), value=fill)
+    return F.unfold(x, padding=0, **bound)
+
+
 # Calls that read a traced tensor but return something that does not depend on its values.
 CONSTANT = {torch.zeros_like, torch.ones_like, torch.empty_like, torch.full_like,
             torch.rand_like, torch.randn_like, Tensor.new_zeros, Tensor.new_ones,

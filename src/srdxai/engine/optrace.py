@@ -40,6 +40,7 @@ from .catalogue import (
     func_name,
     gate_factor,
     number_exponent,
+    unfold_filled,
 )
 from .gradmode import building_graph, is_differentiable
 from .tracer import Tracer
@@ -70,6 +71,9 @@ AVG_POOL = {F.avg_pool1d, F.avg_pool2d, F.avg_pool3d, F.adaptive_avg_pool1d,
             # upsampling (nearest, (bi)linear): a weighted mean of input positions with
             # non-negative weights, linear like the averages above
             F.interpolate, F.upsample}
+#: reductions over some dimensions of a tensor: the output is laid out as the input (tokens
+#: stay tokens, a map stays a map), so it keeps the input's producer (:class:`TensorFacts`)
+REDUCTIONS = {torch.amax, Tensor.amax, torch.mean, Tensor.mean, torch.sum, Tensor.sum}
 SDPA = {F.scaled_dot_product_attention}
 #: ``nn.MultiheadAttention``'s function (torchvision's ViT, ``nn.TransformerEncoderLayer``)
 MULTI_HEAD_ATTENTION = {F.multi_head_attention_forward}
@@ -182,7 +186,7 @@ class OpCall:
     """
 
     __slots__ = ("kind", "name", "func", "original", "args", "kwargs", "n_inputs", "index",
-                 "constant", "producers", "gate", "weights")
+                 "constant", "producers", "gate", "weights", "grouped")
 
     def __init__(self, kind: str, name: str, func: Callable, args: tuple, kwargs: dict,
                  n_inputs: int, index: int, original: Callable | None = None):
@@ -205,6 +209,9 @@ class OpCall:
         #: views and calls on it and constants only: CaiT's talking-heads projection), i.e.
         #: attention weights
         self.weights: tuple[bool, ...] = (False,) * n_inputs
+        #: a LayerNorm that is one group of a GroupNorm (over the group's channels and
+        #: positions of an (N, C, ...) map): its input's vectors lie along dim 1
+        self.grouped = False
 
     def __repr__(self) -> str:
         return f"OpCall({self.kind}, {func_name(self.func)}, in '{self.name}')"
@@ -329,7 +336,8 @@ class TensorFacts:
     """What the operation view attaches to a traced tensor for a rule with
     ``constant_parts``: ``mask`` (bool, the tensor's shape, or None) is True at the entries
     that do not depend on the input; ``producer`` is the kind of the computing call that made
-    it, through elementwise calls (None after a call that only moves values): a rule can tell
+    it, through elementwise calls and reductions such as means and ``amax`` (None after a call
+    that only moves values): a rule can tell
     an (N, C, H, W) feature map made by a convolution from channels-last tokens;
     ``weights``: whether it was made from a softmax's output alone (attention weights, also
     after views and calls on them and constants only)."""
@@ -418,6 +426,7 @@ class OpTracer(Tracer):
         self.calls: list[OpCall] = []
         # id(tensor) -> (tensor, tensor.unbind(0)): see :meth:`_move`
         self._unbound: dict[int, tuple[Tensor, tuple[Tensor, ...]]] = {}
+        self._grouping = False  # inside a GroupNorm: its LayerNorm calls are marked grouped
 
     def _move(self, func, args, kwargs) -> Any:
         """Run a value-moving call. ``t[i]`` with an integer ``i`` is taken from one shared
@@ -437,19 +446,31 @@ class OpTracer(Tracer):
             return entry[1][args[1]]
         return func(*args, **kwargs)
 
-    def _track_outputs(self, out: Any, masks: Any = None, weights: bool = False) -> Any:
+    def _track_outputs(self, out: Any, masks: Any = None, weights: bool = False,
+                       moved: TensorFacts | None = None) -> Any:
+        """Track a call's floating outputs. ``moved``: the facts of the activation output a
+        value-moving call moved (its values stay that activation's outputs)."""
         flat = tree_flatten(out)[0]
         flat_masks = tree_flatten(masks)[0] if masks is not None else [None] * len(flat)
         if len(flat_masks) != len(flat):
             flat_masks = [None] * len(flat)
+        made = (moved.activation, moved.pre) if moved is not None else (None, None)
         for t, m in zip(flat, flat_masks, strict=True):
             if isinstance(t, Tensor) and t.is_floating_point():
                 partly = (isinstance(m, Tensor) and m.shape == t.shape and bool(m.any()))
-                if partly or weights:
-                    self.track(t, TensorFacts(m if partly else None, weights=weights))
+                if partly or weights or moved is not None:
+                    self.track(t, TensorFacts(m if partly else None, None, *made,
+                                              weights=weights))
                 else:
                     self.track(t, True)
         return out
+
+    def _moved_activation(self, args) -> TensorFacts | None:
+        """The facts of an activation's output that a value-moving call moves as its first
+        argument (ECA's ``sigmoid(y).view(N, C, 1, 1).expand_as(x)``), so that a product
+        still tells it for a gate, as the PFV engine does; None otherwise."""
+        entry = self.entry_of(args[0]) if args else None
+        return entry if isinstance(entry, TensorFacts) and entry.activation else None
 
     def weights_of(self, obj: Any) -> bool:
         """Whether a traced tensor was made from a softmax's output alone (see
@@ -489,11 +510,11 @@ class OpTracer(Tracer):
     def _moved_masks(self, func, args, kwargs) -> Any:
         """The masks of a value-moving call's outputs: the same call on the masks (True for
         an untracked floating tensor, such as a class token concatenated to the patches).
-        None when no argument holds a constant entry."""
+        None when no argument holds a constant entry (and the call pads none in)."""
         flat = tree_flatten((args, kwargs))[0]
-        if not any(isinstance(t, Tensor) and t.is_floating_point()
-                   and (not self.is_tracked(t) or self.constant_mask(t) is not None)
-                   for t in flat):
+        if func is not F.unfold and not any(
+                isinstance(t, Tensor) and t.is_floating_point()
+                and (not self.is_tracked(t) or self.constant_mask(t) is not None) for t in flat):
             return None
 
         def as_mask(obj: Any) -> Any:
@@ -507,6 +528,9 @@ class OpTracer(Tracer):
 
         try:
             with torch._C.DisableTorchFunction():
+                if func is F.unfold:  # its zero padding is constant
+                    return unfold_filled(tree_map(as_mask, args), tree_map(as_mask, kwargs),
+                                         True)
                 return func(*tree_map(as_mask, args), **tree_map(as_mask, kwargs))
         except (RuntimeError, TypeError, ValueError):
             return None  # a call that does not take bool tensors: treated as input-dependent
@@ -590,11 +614,12 @@ class OpTracer(Tracer):
             self.rule.on_move(func, args, kwargs, out)
             return out
         if func in MOVE:
-            masks, weights = None, False
+            masks, weights, moved = None, False, None
             if self.rule.constant_parts:
                 masks = self._moved_masks(func, args, kwargs)
                 weights = self._moved_weights(args, kwargs)
-            out = self._track_outputs(self._move(func, args, kwargs), masks, weights)
+                moved = self._moved_activation(args)
+            out = self._track_outputs(self._move(func, args, kwargs), masks, weights, moved)
             self.rule.on_move(func, args, kwargs, out)
             return out
         if func in DROPOUT:
@@ -624,6 +649,8 @@ class OpTracer(Tracer):
             return self._attention(args, kwargs)
         if func in (torch.addcmul, Tensor.addcmul):
             return self._addcmul(args, kwargs)
+        if func is F.group_norm:
+            return self._group_norm(args, kwargs)
         if func in MULTI_HEAD_ATTENTION:
             return self._multi_head_attention(args, kwargs)
         kind = self._kind(func, args, kwargs)
@@ -707,6 +734,7 @@ class OpTracer(Tracer):
             differentiable = detached_normalize
         call = OpCall(kind, self.where, differentiable, call_args, call_kwargs,
                       len(inputs), len(self.calls), original=func)
+        call.grouped = self._grouping and kind == "layer_norm"
         self.calls.append(call)
         if kind not in self.rule.kinds:
             out = func(*args, **kwargs)  # autograd's backward
@@ -730,7 +758,7 @@ class OpTracer(Tracer):
             if isinstance(out, Tensor):
                 mask = self._computed_mask(call, args, inputs, out)
             producer: str | None = kind
-            if is_elementwise(kind, len(inputs)):
+            if is_elementwise(kind, len(inputs)) or func in REDUCTIONS:
                 producer = call.producers[0]
             elif kind in ("add", "sub") and len(inputs) == 2:
                 known = {p for p in call.producers if p is not None}
@@ -776,6 +804,34 @@ class OpTracer(Tracer):
         if value != 1:
             product = call(Tensor.__mul__, (), (product, value))
         return call(Tensor.__add__, (), (bound["input"], product))
+
+    def _group_norm(self, args, kwargs):
+        """``F.group_norm(x, groups, weight, bias, eps)`` as one LayerNorm per group, over
+        the group's channels and positions, with the group's weight and bias expanded over
+        its positions: the same function (PoolFormer's GroupNorm with one group is one
+        LayerNorm over (C, H, W)), so every rule treats a GroupNorm as it treats a LayerNorm,
+        affine parameters included. Each LayerNorm call is marked :attr:`OpCall.grouped`
+        (its input's vectors lie along dim 1). Groups after the first are selected, normalised
+        and concatenated back, each a call of its own."""
+        names = ("input", "num_groups", "weight", "bias", "eps")
+        bound = dict(zip(names, args, strict=False)) | kwargs
+        x, groups = bound["input"], bound["num_groups"]
+        weight, bias, eps = bound.get("weight"), bound.get("bias"), bound.get("eps", 1e-5)
+        call = self.__torch_function__
+        width = x.shape[1] // groups
+        spatial = tuple(x.shape[2:])
+        parts = []
+        for g in range(groups):
+            part = x if groups == 1 else call(Tensor.narrow, (), (x, 1, g * width, width))
+            affine = [None if p is None else
+                      p[g * width:(g + 1) * width].reshape(width, *[1] * len(spatial))
+                      .expand(width, *spatial) for p in (weight, bias)]
+            self._grouping = True
+            try:
+                parts.append(call(F.layer_norm, (), (part, (width, *spatial), *affine, eps)))
+            finally:
+                self._grouping = False
+        return parts[0] if groups == 1 else call(torch.cat, (), (parts, 1))
 
     def _attention_steps(self, q: Tensor, k: Tensor, v: Tensor, scale: float,
                          bias: Tensor | None = None) -> tuple[Tensor, Tensor]:

@@ -36,6 +36,7 @@ import torch.nn.functional as F
 from torch.utils._pytree import tree_flatten, tree_map
 from torch.utils.weak import WeakTensorKeyDictionary
 
+from .catalogue import unfold_filled
 from .optrace import is_elementwise
 
 Tensor = torch.Tensor
@@ -112,7 +113,8 @@ class PositionTags:
                     moved_kwargs.pop("value", None)
             try:
                 with torch._C.DisableTorchFunction():
-                    result = func(*moved_args, **moved_kwargs)
+                    result = (unfold_filled(moved_args, moved_kwargs, float("nan"))
+                              if func is F.unfold else func(*moved_args, **moved_kwargs))
             except (RuntimeError, TypeError, ValueError, IndexError):
                 return  # the outputs stay unknown
             flat = [t for t in tree_flatten(result)[0] if isinstance(t, Tensor)
@@ -182,6 +184,8 @@ class PositionTags:
             return torch.where(clash | a.isneginf() | b.isneginf(), UNKNOWN, merged)
         if kind == "linear":
             return first.mean(-1, keepdim=True).expand(shape)
+        if kind == "layer_norm" and call.grouped:
+            return first  # a GroupNorm's statistics: each entry stays where it is
         if kind == "layer_norm":
             normalized = call.argument(1, "normalized_shape")
             n = len(normalized) if isinstance(normalized, list | tuple) else 1

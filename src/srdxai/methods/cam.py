@@ -184,11 +184,11 @@ def _find_token_layer(model: nn.Module, x: Tensor, layer: str,
     if layer in ("low", "high"):
         with torch.no_grad(), OpTrace(model, x.detach(), RecordingRule()) as trace:
             trace.forward()
-            calls = [(c.kind, c.name) for c in trace.calls]
+            calls = [(c.kind, c.name, c.grouped) for c in trace.calls]
         feeding = []
         last_norm = None
-        for kind, name in calls:
-            if kind == "layer_norm":
+        for kind, name, grouped in calls:
+            if kind == "layer_norm" and not grouped:  # a GroupNorm is no token layer
                 last_norm = name
             elif kind == "softmax" and last_norm is not None:
                 if not feeding or feeding[-1] != last_norm:
@@ -753,6 +753,11 @@ class _TokenBiasGradients:
         self.positions.start(x)
 
     def on_call(self, call, inputs, out: Tensor) -> None:
+        if call.kind == "layer_norm" and call.grouped:
+            raise UnsupportedOperationError(
+                f"FullGrad on a model with attention has no bias map for a GroupNorm (in "
+                f"module '{call.name}'): its shift per group is not placed on the image. "
+                "Explain the model with another method (Grad-CAM, gradient x input, absLRP).")
         bias = self._bias(call, inputs)
         if bias is None or not out.requires_grad:
             return

@@ -42,6 +42,10 @@ every output sum to 1 and the pixel map sums to the target logit. What that mean
   token concatenated to the patches) each part of a vector gets ``||x_k||^2 / ||x||^2`` of
   its relevance: SRD's ratio for a concatenation, whose parts contribute in disjoint slots.
 
+* **max pooling** of an (N, C, ...) map: the input vector that won a channel's maximum is the
+  source of that entry, ``c_{p -> t} = y(t)`` on the channels ``p`` won, so
+  ``mu_{p -> t} = sum_{c won by p} y_c(t)^2 / ||y(t)||^2`` (the PFV engine's routing by the
+  recorded arg-max).
 * **gates** ``s * g`` with both factors input-dependent and ``g`` broadcast against ``s`` (one
   value per channel or per position: squeeze-excitation in a hybrid's convolutional blocks,
   MaxViT's MBConv), or of ``s``'s shape and made by an activation where ``s`` is not (GLU
@@ -50,7 +54,7 @@ every output sum to 1 and the pixel map sums to the target logit. What that mean
   relevance.
 
 Which entries do not depend on the image is followed through the pass by the operation view
-(``OpRule.constant_parts``). Max pooling and other products of two input-dependent tensors
+(``OpRule.constant_parts``). Products of two input-dependent tensors other than these
 raise ``UnsupportedOperationError``; models without attention are refused too
 (``method="srd"`` explains CNNs with its PFV engine).
 """
@@ -166,8 +170,10 @@ class SRDTokenRule(OpRule):
     def op_backward(self, call: OpCall, inputs: Sequence[Tensor], output: Tensor,
                     grad: Tensor) -> list[Tensor | None]:
         kind, x = call.kind, inputs[0]
-        if kind == "softmax":  # attention weights are not PFVs
-            return [torch.zeros_like(x)]
+        if kind == "softmax" or not bool(grad.any()):
+            # attention weights are not PFVs; and a call no relevance reaches (a gate's own
+            # branch: ECA's 1-D convolution) passes none on, whatever it computes
+            return [torch.zeros_like(t) for t in inputs]
         if kind == "conv":
             if call.constant[0] is not None:
                 raise self._unsupported(call, "a convolution over partly constant input")
@@ -175,7 +181,7 @@ class SRDTokenRule(OpRule):
                 return [self._patch_embedding(call, x, output, grad)]
             return [self._convolution(call, x, output, grad)]
         if kind == "max_pool":
-            raise self._unsupported(call, "max pooling")
+            return [self._max_pool(call, x, output, grad)]
         if kind == "avg_pool":
             return [self._token_mean(call, x, output, grad)]
         if kind == "batch_norm":  # per channel (dim 1): one source per vector
@@ -200,9 +206,7 @@ class SRDTokenRule(OpRule):
             result[1 - gate] = grad
             return result
         if kind == "layer_norm":
-            normalized = call.argument(1, "normalized_shape")
-            dims = len(normalized) if isinstance(normalized, list | tuple) else 1
-            return [_spread(grad.sum(tuple(range(-dims, 0))), x, dims)]
+            return [self._layer_norm(call, x, grad)]
         if kind == "normalize":  # each vector scaled by its own norm: one source, mu = 1
             if call.argument(2, "dim", 1) % x.dim() != x.dim() - 1:
                 raise self._unsupported(call, "a normalisation across token vectors")
@@ -217,6 +221,54 @@ class SRDTokenRule(OpRule):
             return [_reduce_to(grad, x)]
         raise self._unsupported(call, f"'{kind}' changing the shape {tuple(x.shape)} -> "
                                       f"{tuple(grad.shape)}")
+
+    def _layer_norm(self, call: OpCall, x: Tensor, r: Tensor) -> Tensor:
+        """A LayerNorm, its statistics detached, scales and shifts each entry alone: one
+        source per vector, ``mu = 1``. Over one token vector (the usual (D,)) the vector is
+        what it normalises; over more (a GroupNorm's group of channels and positions, a
+        LayerNorm over (C, H, W) of a map, or over (T, D)) the vectors lie along dim 1 of a
+        map and along the last dimension of tokens, not across the positions it averages."""
+        normalized = call.argument(1, "normalized_shape")
+        dims = len(normalized) if isinstance(normalized, list | tuple) else 1
+        if dims == 1 and not call.grouped:
+            return _spread(r.sum(-1), x)
+        if call.grouped or (call.producers[0] in _MAP_PRODUCERS and dims == x.dim() - 1):
+            axis = 1
+        elif x.dim() == 3 and dims == 2:
+            axis = 2
+        else:
+            raise self._unsupported(
+                call, f"a LayerNorm over {dims} dimensions of a tensor of shape "
+                f"{tuple(x.shape)} whose vector axis is unknown")
+        carried = _spread(r.movedim(axis, -1).sum(-1), x.movedim(axis, -1))
+        return carried.movedim(-1, axis)
+
+    def _max_pool(self, call: OpCall, x: Tensor, y: Tensor, r: Tensor) -> Tensor:
+        """Max pooling of an (N, C, ...) map (NesT's and GCViT's downsampling, a stem's pool)
+        or ``amax`` over positions or tokens (Hiera's mask-unit pooling): each entry of an output
+        vector comes from the input vector that won its channel's maximum, so
+        ``c_{p -> t}`` is ``y(t)`` on the channels ``p`` won and 0 elsewhere, and
+        ``mu_{p -> t} = sum_{c won by p} y_c(t)^2 / ||y(t)||^2``, as in the PFV engine: the
+        output vector's relevance spread over its entries by their squares, each entry
+        handed back to its winner."""
+        if call.constant[0] is not None:
+            raise self._unsupported(call, "max pooling over partly constant input")
+        if x.dim() < 3:
+            raise self._unsupported(call, "a maximum of a tensor without positions")
+        axis = 1  # pooling calls take (N, C, ...) maps
+        if call.original in (torch.amax, Tensor.amax):
+            # over the tokens of channels-last vectors (Hiera's mask-unit pooling), or over
+            # the positions of a map made by convolutions
+            axis = 1 if call.producers[0] in _MAP_PRODUCERS else x.dim() - 1
+            dim = call.argument(1, "dim", ())
+            dims = {d % x.dim() for d in (dim if isinstance(dim, list | tuple) else (dim,))}
+            if not dims or dims & {0, axis}:
+                raise self._unsupported(call, "a maximum over the batch or the feature vector")
+            if not call.argument(2, "keepdim", False):
+                axis -= sum(d < axis for d in dims)  # the output's vector axis
+        per_vector = r.movedim(axis, -1).sum(-1)
+        carried = _spread(per_vector, y.movedim(axis, -1)).movedim(-1, axis)
+        return call.vjp([x], carried)[0]
 
     @classmethod
     def _residual(cls, call: OpCall, inputs: Sequence[Tensor], z: Tensor,

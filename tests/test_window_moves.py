@@ -1,0 +1,215 @@
+"""Calls that copy entries, which the operation view refused until December 2026: sliding
+windows (``F.unfold`` with zero padding, ``Tensor.unfold``: HaloNet's and VOLO's
+neighbourhoods, TNT's pixel patches), repeats (``repeat_interleave``: GCViT's global query;
+``tile``) and gathers by index. Each only moves values, so a model calling it gets the map of
+the same model building the tensor from slices, stacks and concatenations.
+
+Also: an activation's output keeps telling for a gate after it is moved (ECA's
+``x * sigmoid(y).view(N, C, 1, 1).expand_as(x)``, the signal first), where the operation view
+had taken the signal for the gate.
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+import srdxai
+from srdxai.errors import InvalidInputError
+
+pytestmark = pytest.mark.usefixtures("float64_default")
+
+METHODS = ["abslrp", "attnlrp", "cp_lrp", "lrp_epsilon_plus", "srd_tokens", "gradient_x_input",
+           "fullgrad"]
+FORMS = ["F.unfold", "Tensor.unfold", "repeat_interleave", "tile", "gather"]
+
+
+def _x() -> torch.Tensor:
+    return torch.randn(2, 3, 8, 8, generator=torch.Generator().manual_seed(1),
+                       dtype=torch.float64)
+
+
+def _pair(cls, **options) -> tuple[nn.Module, nn.Module]:
+    torch.manual_seed(0)
+    a = cls(written=False, **options).eval()
+    with torch.no_grad():
+        for p in a.parameters():
+            p.normal_(0, 0.4)
+    b = cls(written=True, **options).eval()
+    b.load_state_dict(a.state_dict())
+    return a, b
+
+
+def _windows_written(x: torch.Tensor) -> torch.Tensor:
+    """``F.unfold(x, 3, padding=1, stride=2)`` from zero padding, slices and a stack."""
+    n, c, h, w = x.shape
+    padded = F.pad(x, (1, 1, 1, 1))
+    taps = [padded[:, :, ky:ky + h:2, kx:kx + w:2] for ky in range(3) for kx in range(3)]
+    return torch.stack(taps, 2).reshape(n, c * 9, -1)
+
+
+class Windowed(nn.Module):
+    """A conv, 3x3 windows at stride 2 embedded as tokens (TNT / VOLO style), one attention
+    whose keys and values pass through the form under test, a pooled head."""
+
+    def __init__(self, written: bool, form: str):
+        super().__init__()
+        self.written, self.form = written, form
+        self.conv = nn.Conv2d(3, 4, 3, padding=1)
+        self.embed = nn.Linear(36, 6)
+        self.qkv = nn.Linear(6, 18)
+        self.head = nn.Linear(6, 3)
+
+    def windows(self, x):
+        if self.written or self.form not in ("F.unfold", "Tensor.unfold"):
+            return _windows_written(x)
+        if self.form == "F.unfold":
+            return F.unfold(x, 3, padding=1, stride=2)
+        n, c = x.shape[:2]
+        cols = F.pad(x, (1, 1, 1, 1)).unfold(2, 3, 2).unfold(3, 3, 2)  # (N, C, 4, 4, 3, 3)
+        return cols.permute(0, 1, 4, 5, 2, 3).reshape(n, c * 9, -1)
+
+    def keys(self, t):
+        """Keys and values from the tokens, copied by the form under test."""
+        n, length, d = t.shape
+        if self.form == "repeat_interleave":
+            return (torch.stack([t, t], 2).reshape(n, 2 * length, d) if self.written
+                    else t.repeat_interleave(2, dim=1))
+        if self.form == "tile":
+            return torch.cat([t, t], 1) if self.written else t.tile(1, 2, 1)
+        if self.form == "gather":
+            order = torch.arange(length - 1, -1, -1)
+            if self.written:
+                return t[:, order]
+            return t.gather(1, order.view(1, -1, 1).expand(n, length, d))
+        return t
+
+    def forward(self, x):
+        x = torch.relu(self.conv(x))
+        t = self.embed(self.windows(x).transpose(1, 2))  # (N, 16, 6)
+        q = self.qkv(t)[..., :6]
+        kv = self.qkv(self.keys(t))
+        t = t + F.scaled_dot_product_attention(q, kv[..., 6:12], kv[..., 12:])
+        return self.head(t.mean(1))
+
+
+@pytest.mark.parametrize("form", FORMS)
+def test_the_written_models_agree(form):
+    a, b = _pair(Windowed, form=form)
+    with torch.no_grad():
+        torch.testing.assert_close(a(_x()), b(_x()), rtol=1e-12, atol=1e-12)
+
+
+@pytest.mark.parametrize("method", METHODS)
+@pytest.mark.parametrize("form", FORMS)
+def test_copies_move_values(form, method):
+    a, b = _pair(Windowed, form=form)
+    if method == "fullgrad" and form in ("repeat_interleave", "tile"):
+        # twice the tokens have no grid of the image's aspect ratio: both forms are refused
+        for model in (a, b):
+            with pytest.raises(InvalidInputError, match="no place in the image"):
+                srdxai.explain(model, _x(), [1, 2], method)
+        return
+    got = srdxai.explain(a, _x(), [1, 2], method)
+    expected = srdxai.explain(b, _x(), [1, 2], method)
+    assert torch.isfinite(got).all()
+    torch.testing.assert_close(got, expected, rtol=1e-8, atol=1e-10 * expected.abs().max().item())
+
+
+def test_unfold_padding_is_constant_and_has_no_place():
+    """The constant mask and the position tags of ``F.unfold``'s padded entries: constant
+    (what SRD on tokens needs to treat them as no source), and no place in the image (NaN)."""
+    from srdxai.engine.catalogue import unfold_filled
+
+    x = torch.zeros(1, 1, 2, 2, dtype=torch.bool)
+    mask = unfold_filled((x, 3), {"padding": 1}, True)  # (1, 9, 4)
+    # the centre tap is always inside; at position (0, 0) the taps above and left are padding
+    assert not mask[0, 4].any()
+    assert mask[0, :, 0].tolist() == [True, True, True, True, False, False, True, False, False]
+    tags = unfold_filled((torch.arange(4.0).view(1, 1, 2, 2), 3, 1, 1), {}, float("nan"))
+    assert torch.isnan(tags[0, 0, 0]) and tags[0, 4].tolist() == [0.0, 1.0, 2.0, 3.0]
+
+
+class Eca(nn.Module):
+    """A conv, timm's ECA gate (``x * sigmoid(conv1d(mean)).view(N, C, 1, 1).expand_as(x)``:
+    the signal first, the gate moved), an attention over the positions, a pooled head.
+    ``written``: the gate broadcast, unmoved (``x * g`` with ``g`` (N, C, 1, 1))."""
+
+    def __init__(self, written: bool):
+        super().__init__()
+        self.written = written
+        self.conv = nn.Conv2d(3, 4, 3, padding=1)
+        self.eca = nn.Conv1d(1, 1, 3, padding=1, bias=False)
+        self.qkv = nn.Linear(4, 12)
+        self.head = nn.Linear(4, 3)
+
+    def forward(self, x):
+        x = torch.relu(self.conv(x))
+        n, c, h, w = x.shape
+        g = torch.sigmoid(self.eca(x.mean((2, 3)).view(n, 1, c))).view(n, c, 1, 1)
+        x = x * g if self.written else x * g.expand_as(x)
+        t = x.flatten(2).transpose(1, 2)
+        q, k, v = self.qkv(t).chunk(3, -1)
+        t = t + F.scaled_dot_product_attention(q, k, v)
+        return self.head(t.mean(1))
+
+
+@pytest.mark.parametrize("method", ["srd_tokens", "abslrp", "lrp_epsilon_plus", "srd"])
+def test_a_moved_sigmoid_stays_the_gate(method):
+    a, b = _pair(Eca)
+    x = _x()
+    if method == "srd":  # the PFV engine on the CNN part alone: the same rule
+        a, b = (nn.Sequential(m.conv, _EcaOnly(m)) for m in (a, b))
+    got = srdxai.explain(a, x, [1, 2], method)
+    expected = srdxai.explain(b, x, [1, 2], method)
+    torch.testing.assert_close(got, expected, rtol=1e-8, atol=1e-10 * expected.abs().max().item())
+
+
+class _EcaOnly(nn.Module):
+    """The ECA block of :class:`Eca` after a ReLU, then global pooling: a CNN."""
+
+    def __init__(self, model: Eca):
+        super().__init__()
+        self.model = model
+
+    def forward(self, x):
+        x = torch.relu(x)
+        n, c = x.shape[:2]
+        g = torch.sigmoid(self.model.eca(x.mean((2, 3)).view(n, 1, c))).view(n, c, 1, 1)
+        x = x * g if self.model.written else x * g.expand_as(x)
+        return self.model.head(x.mean((2, 3)))
+
+
+class PaddedPatches(nn.Module):
+    """``F.unfold`` with a 1x1 window and padding 1: the border tokens are padding alone, so
+    after the embedding's bias they do not depend on the image (constant terms, as a token
+    map zero-padded with ``F.pad`` is: Twins, DaViT). ``written``: ``F.pad`` first."""
+
+    def __init__(self, written: bool):
+        super().__init__()
+        self.written = written
+        self.conv = nn.Conv2d(3, 4, 3, padding=1)
+        self.qkv = nn.Linear(4, 12)
+        self.head = nn.Linear(4, 3)
+
+    def forward(self, x):
+        x = torch.relu(self.conv(x))
+        cols = (F.unfold(F.pad(x, (1, 1, 1, 1)), 1) if self.written
+                else F.unfold(x, 1, padding=1))
+        t = cols.transpose(1, 2)  # (N, 100, 4): 36 tokens of padding alone
+        q, k, v = self.qkv(t).chunk(3, -1)
+        t = t + F.scaled_dot_product_attention(q, k, v)
+        return self.head(t.mean(1))
+
+
+def test_tokens_of_unfold_padding_are_constant_terms():
+    a, b = _pair(PaddedPatches)
+    x = _x()
+    got = srdxai.explain(a, x, [1, 2], "srd_tokens")
+    expected = srdxai.explain(b, x, [1, 2], "srd_tokens")
+    with torch.no_grad():
+        logits = a(x)[[0, 1], [1, 2]]
+    torch.testing.assert_close(got.sum((1, 2)), logits, rtol=1e-9, atol=1e-12)
+    torch.testing.assert_close(got, expected, rtol=1e-8, atol=1e-10 * expected.abs().max().item())
