@@ -213,3 +213,80 @@ def test_tokens_of_unfold_padding_are_constant_terms():
         logits = a(x)[[0, 1], [1, 2]]
     torch.testing.assert_close(got.sum((1, 2)), logits, rtol=1e-9, atol=1e-12)
     torch.testing.assert_close(got, expected, rtol=1e-8, atol=1e-10 * expected.abs().max().item())
+
+
+class Folded(nn.Module):
+    """A 1x1 conv on a (N, 3, 1, W) image, its vectors copied into overlapping 1x2 windows
+    (``F.unfold``) and summed back (``F.fold``: the inner positions get two copies), a mean
+    and a dense head; plus an attention weighted by zero, which SRD on tokens asks for and
+    which takes no share (its contribution to the sum is 0)."""
+
+    def __init__(self):
+        super().__init__()
+        self.conv = nn.Conv2d(3, 4, 1)
+        self.head = nn.Linear(4, 3)
+
+    def forward(self, x):
+        v = self.conv(x)
+        y = F.fold(F.unfold(v, (1, 2)), tuple(v.shape[2:]), (1, 2))
+        t = y.flatten(2).transpose(1, 2)
+        attention = F.scaled_dot_product_attention(t, t, t).mean(1)
+        return self.head(t.mean(1) + 0.0 * attention)
+
+
+def test_srd_tokens_on_a_fold_by_hand():
+    """SRD on tokens through ``F.fold`` against the definition written out: the column
+    vectors that land on a position are its sources, ``mu = <c, y(p)> / ||y(p)||^2``."""
+    torch.manual_seed(0)
+    model = Folded().eval()
+    x = torch.randn(1, 3, 1, 5, generator=torch.Generator().manual_seed(3), dtype=torch.float64)
+    target = 2
+    got = srdxai.explain(model, x, target, "srd_tokens")[0, 0]  # (W,)
+    with torch.no_grad():
+        v = model.conv(x)[0, :, 0]  # (C, W): one vector per position
+        width = v.shape[1]
+        y = v.clone()
+        y[:, 1:-1] *= 2  # each inner vector lands twice
+        mean = y.mean(1)
+        logit = model(x)[0, target]
+        r_y = (y / width * mean[:, None]).sum(0) / mean.dot(mean) * logit  # the mean's shares
+        expected = torch.zeros(width, dtype=torch.float64)
+        for window in range(width - 1):
+            for offset in (0, 1):
+                p = window + offset  # the column (window, offset) copies v(p) and lands on p
+                share = v[:, p].dot(y[:, p]) / y[:, p].dot(y[:, p])
+                expected[p] += share * r_y[p]  # the copy's relevance goes back to v(p)
+    torch.testing.assert_close(got.sum(), logit, rtol=1e-10, atol=1e-12)
+    torch.testing.assert_close(got, expected, rtol=1e-10, atol=1e-12)
+
+
+class MaxOver(nn.Module):
+    """Tokens, one attention, a head reading ``t.max(1)`` (VOLO's token-label head), with the
+    indices used too; ``written``: ``amax`` and ``argmax``."""
+
+    def __init__(self, written: bool):
+        super().__init__()
+        self.written = written
+        self.embed = nn.Conv2d(3, 6, 2, stride=2)
+        self.qkv = nn.Linear(6, 18)
+        self.head = nn.Linear(6, 3)
+
+    def forward(self, x):
+        t = self.embed(x).flatten(2).transpose(1, 2)
+        q, k, v = self.qkv(t).chunk(3, -1)
+        t = t + F.scaled_dot_product_attention(q, k, v)
+        if self.written:
+            values, indices = t.amax(1), t.argmax(1)
+        else:
+            values, indices = t.max(1)
+        assert indices.dtype == torch.int64
+        return self.head(values)
+
+
+@pytest.mark.parametrize("method", METHODS)
+def test_max_over_a_dimension_is_amax(method):
+    a, b = _pair(MaxOver)
+    got = srdxai.explain(a, _x(), [1, 2], method)
+    expected = srdxai.explain(b, _x(), [1, 2], method)
+    assert torch.isfinite(got).all()
+    torch.testing.assert_close(got, expected, rtol=1e-8, atol=1e-10 * expected.abs().max().item())

@@ -69,8 +69,9 @@ AVG_POOL = {F.avg_pool1d, F.avg_pool2d, F.avg_pool3d, F.adaptive_avg_pool1d,
             F.adaptive_avg_pool2d, F.adaptive_avg_pool3d, torch.mean, Tensor.mean,
             torch.sum, Tensor.sum,
             # upsampling (nearest, (bi)linear): a weighted mean of input positions with
-            # non-negative weights, linear like the averages above
-            F.interpolate, F.upsample}
+            # non-negative weights, linear like the averages above; F.fold sums the
+            # overlapping windows back into a map (VOLO's outlook attention)
+            F.interpolate, F.upsample, F.fold}
 #: reductions over some dimensions of a tensor: the output is laid out as the input (tokens
 #: stay tokens, a map stays a map), so it keeps the input's producer (:class:`TensorFacts`)
 REDUCTIONS = {torch.amax, Tensor.amax, torch.mean, Tensor.mean, torch.sum, Tensor.sum}
@@ -651,6 +652,9 @@ class OpTracer(Tracer):
             return self._addcmul(args, kwargs)
         if func is F.group_norm:
             return self._group_norm(args, kwargs)
+        if func in (torch.max, Tensor.max) and isinstance(
+                kwargs.get("dim", args[1] if len(args) > 1 else None), int):
+            return self._max_over(args, kwargs)
         if func in MULTI_HEAD_ATTENTION:
             return self._multi_head_attention(args, kwargs)
         kind = self._kind(func, args, kwargs)
@@ -804,6 +808,19 @@ class OpTracer(Tracer):
         if value != 1:
             product = call(Tensor.__mul__, (), (product, value))
         return call(Tensor.__add__, (), (bound["input"], product))
+
+    def _max_over(self, args, kwargs):
+        """``x.max(dim)``, the values and their indices (VOLO's token-label head), as the call
+        ``torch.amax(x, dim)`` with the indices alongside (they do not depend on the values'
+        relevance). Where entries tie for the maximum, ``amax`` shares the backward signal
+        evenly among them, ``max`` would give it all to one."""
+        names = ("input", "dim", "keepdim")
+        bound = dict(zip(names, args, strict=False)) | kwargs
+        x, dim, keepdim = bound["input"], bound["dim"], bool(bound.get("keepdim", False))
+        with torch._C.DisableTorchFunction():
+            indices = torch.argmax(x, dim, keepdim=keepdim)
+        values = self.__torch_function__(torch.amax, (), (x, dim, keepdim))
+        return torch.return_types.max((values, indices))
 
     def _group_norm(self, args, kwargs):
         """``F.group_norm(x, groups, weight, bias, eps)`` as one LayerNorm per group, over

@@ -28,7 +28,8 @@ every output sum to 1 and the pixel map sums to the target logit. What that mean
   second, ``x @ w`` (a global-context block's attention pooling), the columns of ``x`` are
   the vectors, the same form transposed; a product where neither factor is is refused.
 * **token averages** ``y = mean_t x(t)`` (and global average pooling of a map):
-  ``c_t = x(t) / T``.
+  ``c_t = x(t) / T``; ``F.fold`` (VOLO): the column vectors of the windows are the sources
+  of the map's vectors they are summed into.
 * **convolutions** (the patch embedding; the stems and inverted-residual blocks of hybrid
   CNN-transformers such as MobileViT and LeViT): the input vectors in the window are the
   sources, ``c_p = W_offset x(p)``, the bias split by their norms (padding is no source); the
@@ -222,6 +223,24 @@ class SRDTokenRule(OpRule):
         raise self._unsupported(call, f"'{kind}' changing the shape {tuple(x.shape)} -> "
                                       f"{tuple(grad.shape)}")
 
+    def _fold(self, call: OpCall, x: Tensor, y: Tensor, r: Tensor) -> Tensor:
+        """``F.fold``: the windows' columns ``x`` (N, C * k, L) summed back into a map ``y``
+        (N, C, H, W) (VOLO's outlook attention). The sources of ``y(p)`` are the column
+        vectors (one window ``l``, one kernel offset ``o``: C entries) that land on ``p``,
+        ``c_{(l, o) -> p} = x(:, o, l)``, no bias; their projections on ``y(p)`` summed over
+        ``p`` are one input gradient, ``<x(:, o, l), (J^T g)(:, o, l)>`` with
+        ``g = y R / ||y||^2``, as for a convolution."""
+        if call.constant[0] is not None:
+            raise self._unsupported(call, "a fold of partly constant columns")
+        if x.dim() != 3 or y.dim() < 3:
+            raise self._unsupported(call, "a fold of unbatched columns")
+        g = y * safe_divide(r.sum(1, keepdim=True), (y * y).sum(1, keepdim=True))
+        back = call.vjp([x], g)[0]
+        columns = x.reshape(x.shape[0], y.shape[1], -1, x.shape[-1])  # (N, C, k, L)
+        per_vector = (columns * back.reshape(columns.shape)).sum(1)
+        carried = _spread(per_vector, columns.movedim(1, -1)).movedim(-1, 1)
+        return carried.reshape(x.shape)
+
     def _layer_norm(self, call: OpCall, x: Tensor, r: Tensor) -> Tensor:
         """A LayerNorm, its statistics detached, scales and shifts each entry alone: one
         source per vector, ``mu = 1``. Over one token vector (the usual (D,)) the vector is
@@ -371,6 +390,8 @@ class SRDTokenRule(OpRule):
             return moved.movedim(-1, 1)
         if func in (F.interpolate, F.upsample, F.avg_pool1d, F.avg_pool2d, F.avg_pool3d):
             return self._positions_mixed(call, x, z, r)
+        if func is F.fold:
+            return self._fold(call, x, z, r)
         if func not in (torch.mean, Tensor.mean, torch.sum, Tensor.sum):
             raise self._unsupported(call, "this average")
         dim = call.argument(1, "dim")
