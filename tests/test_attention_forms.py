@@ -257,3 +257,35 @@ def test_a_mean_over_positions_of_a_map_is_a_token_mean():
     torch.testing.assert_close(a, b, rtol=1e-10, atol=1e-12)
     got, logits = _conserves(by_mean, x)
     torch.testing.assert_close(got, logits, rtol=1e-9, atol=1e-12)
+
+
+class MapHead(nn.Module):
+    """Patch tokens through attention, then a head pooling them: ``map``: the tokens
+    permuted back into an (N, C, H, W) map and averaged over (2, 3) (PVT-v2's head), else the
+    token mean."""
+
+    def __init__(self, map: bool, dim: int = 6):
+        super().__init__()
+        self.map = map
+        self.conv = nn.Conv2d(3, dim, 2, stride=2)
+        self.qkv = nn.Linear(dim, 3 * dim)
+        self.head = nn.Linear(dim, 4)
+
+    def forward(self, x):
+        n, _, h, w = self.conv(x).shape
+        t = self.conv(x).flatten(2).transpose(1, 2)
+        q, k, v = self.qkv(t).chunk(3, -1)
+        t = t + F.scaled_dot_product_attention(q, k, v)
+        if self.map:
+            return self.head(t.reshape(n, h, w, -1).permute(0, 3, 1, 2).mean((2, 3)))
+        return self.head(t.mean(1))
+
+
+def test_a_mean_over_the_positions_of_a_permuted_map_is_a_token_mean():
+    by_map = _randomise(MapHead(map=True))
+    by_tokens = MapHead(map=False).eval()
+    by_tokens.load_state_dict(by_map.state_dict())
+    x = _x()
+    a = srdxai.explain(by_map, x, [1, 3], "srd")
+    b = srdxai.explain(by_tokens, x, [1, 3], "srd")
+    torch.testing.assert_close(a, b, rtol=1e-10, atol=1e-12)

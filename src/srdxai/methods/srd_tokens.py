@@ -400,11 +400,15 @@ class SRDTokenRule(OpRule):
         dims = tuple(d % x.dim() for d in (dim if isinstance(dim, list | tuple) else (dim,)))
         keepdim = bool(call.argument(2, "keepdim", False))
         mean = func in (torch.mean, Tensor.mean)
-        if x.dim() >= 3 and call.producers[0] in _MAP_PRODUCERS and 0 not in dims \
-                and 1 not in dims:
+        every_position = x.dim() >= 4 and set(dims) == set(range(2, x.dim()))
+        if x.dim() >= 3 and (call.producers[0] in _MAP_PRODUCERS or every_position) \
+                and 0 not in dims and 1 not in dims:
             # an (N, C, ...) map made by convolutions, averaged over positions (a
             # squeeze-excitation's x.mean((2, 3)), a head's global pooling): its vectors lie
-            # along dim 1
+            # along dim 1; so they do in a mean over every dimension after the second of an
+            # (N, C, H, W) tensor however it was made (PVT-v2's head pools the tokens it
+            # permuted back into a map: over (W, C) of channels-last tokens it would mean
+            # nothing)
             moved = self._token_mean_last(call, x.movedim(1, -1), z.movedim(1, -1),
                                           r.movedim(1, -1), tuple(d - 1 for d in dims), mean,
                                           keepdim)
