@@ -170,3 +170,58 @@ class SelfProduct(nn.Module):
 def test_an_activation_of_the_other_factor_is_no_gate(tokens):
     with pytest.raises(UnsupportedOperationError, match="gate"):
         srdxai.explain(SelfProduct(tokens).eval(), _x(), 1, "srd")
+
+
+class ResampledGate(nn.Module):
+    """GhostNetV2's attention gate: a sigmoid computed on a pooled copy of the map and
+    upsampled back to its size, ``x * F.interpolate(sigmoid(...), size)`` (equal shapes, the
+    signal first); ``tokens``: an attention first, so SRD takes token vectors."""
+
+    def __init__(self, gate: torch.Tensor | None = None, tokens: bool = False,
+                 mode: str = "nearest"):
+        super().__init__()
+        self.gate, self.tokens, self.mode = gate, tokens, mode
+        self.stem = nn.Conv2d(3, 6, 3, padding=1)
+        self.short = nn.Conv2d(6, 6, 1)
+        self.conv = nn.Conv2d(6, 6, 3, padding=1)
+        self.head = nn.Linear(6, 4)
+
+    def features(self, x):
+        x = F.relu(self.stem(x))
+        if self.tokens:
+            t = x.flatten(2).transpose(1, 2)
+            x = x + F.scaled_dot_product_attention(t, t, t).transpose(1, 2).reshape(x.shape)
+        return x
+
+    def gate_value(self, x):
+        x = self.features(x)
+        small = torch.sigmoid(self.short(F.avg_pool2d(x, 2)))
+        return F.interpolate(small, size=x.shape[-2:], mode=self.mode)
+
+    def forward(self, x):
+        x = self.features(x)
+        if self.gate is None:
+            small = torch.sigmoid(self.short(F.avg_pool2d(x, 2)))
+            gate = F.interpolate(small, size=x.shape[-2:], mode=self.mode)
+        else:
+            gate = self.gate
+        return self.head(F.relu(self.conv(x * gate)).mean((2, 3)))
+
+
+@pytest.mark.parametrize("tokens, method", [(False, "srd"), (True, "srd_tokens"),
+                                            (False, "lrp_epsilon_plus")])
+@pytest.mark.parametrize("mode", ["nearest", "bilinear"])
+def test_a_resampled_sigmoid_is_the_gate(tokens, method, mode):
+    x = _x()
+    torch.manual_seed(0)
+    gated = ResampledGate(tokens=tokens, mode=mode).eval()
+    with torch.no_grad():
+        for p in gated.parameters():
+            p.normal_(0, 0.4)
+        value = gated.gate_value(x)
+    constant = ResampledGate(value, tokens, mode).eval()
+    constant.load_state_dict(gated.state_dict())
+    a = srdxai.explain(gated, x, [1, 3], method)
+    b = srdxai.explain(constant, x, [1, 3], method)
+    rtol = 1e-5 if method.startswith("lrp") else 1e-9  # the composites: see above
+    torch.testing.assert_close(a, b, rtol=rtol, atol=rtol * b.abs().max().item())

@@ -158,10 +158,12 @@ def _split_channel_shape(source: Sequence[int], shape: Sequence[int]) -> tuple[i
 
 def _activation_node(node: Node) -> Node | None:
     """The activation's output (a PFV layer) the node is, possibly moved since: expanded,
-    viewed, reshaped or re-laid (ECA's ``x * y.expand_as(x)``); None for any other node."""
+    viewed, reshaped or re-laid (ECA's ``x * y.expand_as(x)``), or resampled (GhostNetV2's
+    attention gate, a sigmoid's output upsampled to the signal's size); None for any other
+    node."""
     while not node.is_pfv:
         op = node.producer
-        moved = op.kind in ("reshape", "identity", "layout") or (
+        moved = op.kind in ("reshape", "identity", "layout", "resample") or (
             op.kind == "opaque" and op.moves_values)
         # the moved tensor is the first argument (``expand_as``'s second only gives a shape)
         if not moved or not op.inputs or op.inputs[0] is None:

@@ -72,6 +72,8 @@ AVG_POOL = {F.avg_pool1d, F.avg_pool2d, F.avg_pool3d, F.adaptive_avg_pool1d,
             # non-negative weights, linear like the averages above; F.fold sums the
             # overlapping windows back into a map (VOLO's outlook attention)
             F.interpolate, F.upsample, F.fold}
+#: resampling: each output entry a weighted mean of nearby input entries
+RESAMPLE = {F.interpolate, F.upsample}
 #: reductions over some dimensions of a tensor: the output is laid out as the input (tokens
 #: stay tokens, a map stays a map), so it keeps the input's producer (:class:`TensorFacts`)
 REDUCTIONS = {torch.amax, Tensor.amax, torch.mean, Tensor.mean, torch.sum, Tensor.sum}
@@ -768,10 +770,16 @@ class OpTracer(Tracer):
                 known = {p for p in call.producers if p is not None}
                 producer = known.pop() if len(known) == 1 else None
             made = ACTIVATIONS.get(func) if kind == "activation" else None
+            pre = weakref.ref(inputs[0]) if made else None
+            if func in RESAMPLE and len(inputs) == 1:
+                # an activation's output resampled (GhostNetV2's attention gate, a sigmoid's
+                # output upsampled to the signal's size) still tells for a gate, as a moved one
+                moved = self._moved_activation((inputs[0],))
+                if moved is not None:
+                    made, pre = moved.activation, moved.pre
             weights = kind == "softmax" or (bool(inputs) and all(call.weights))
             facts = TensorFacts(mask if mask is not None and bool(mask.any()) else None,
-                                producer, made, weakref.ref(inputs[0]) if made else None,
-                                weights)
+                                producer, made, pre, weights)
         out = self.rule.on_call(call, inputs, out)
         self.track(out, facts)
         return out
