@@ -970,6 +970,8 @@ class Recorder(Tracer):
         if len(perms) != 1:
             raise self.unsupported(f"'{func_name(func)}' on tensors of different layouts")
         perm = next(iter(perms))
+        if perm is not None and func in SPLIT_FUNCS | CAT_FUNCS | MEAN_FUNCS:
+            return self._along_canonical_dim(func, args, kwargs, perm)
         if perm is None or func not in LAYOUT_AWARE:
             raise self.unsupported(
                 f"'{func_name(func)}' on a channels-last tensor",
@@ -1011,6 +1013,42 @@ class Recorder(Tracer):
         with torch._C.DisableTorchFunction():
             view = out.permute(perm)
         return self._layout_node(out, view, perm)
+
+    def _along_canonical_dim(self, func, args, kwargs, perm: tuple[int, ...]) -> Any:
+        """A split, a concatenation or a mean of channels-last tensors (MambaOut's and gMLP's
+        gated blocks split their channels with ``dim=-1``, MambaOut's head averages over
+        ``(1, 2)``): the same call along the matching axes of the canonical layout (axis
+        ``d`` of the channels-last view is axis ``perm[d]``), its results given back
+        channels-last (a mean without ``keepdim``: as they are, its positions gone)."""
+        position = 2 if func in SPLIT_FUNCS else 1
+        tensors = args[0]
+        ndim = (tensors[0] if func in CAT_FUNCS else tensors).dim()
+        dim = kwargs.get("dim", args[position] if len(args) > position else 0)
+        if func in MEAN_FUNCS and dim is None:
+            raise self.unsupported("a mean over all dimensions")
+        dims = [int(d) % ndim for d in (dim if isinstance(dim, list | tuple) else (dim,))]
+        mapped = tuple(perm[d] for d in dims) if isinstance(dim, list | tuple) else perm[dims[0]]
+        inv = _inverse(perm)
+
+        def canonical(t: Tensor) -> Tensor:
+            with torch._C.DisableTorchFunction():
+                view = t.permute(inv)
+            return self._layout_node(t, view, None)
+
+        moved = ([canonical(t) for t in tensors] if func in CAT_FUNCS
+                 else canonical(tensors))
+        rest = [*args[1:position], mapped, *args[position + 1:]]
+        kw = {k: v for k, v in kwargs.items() if k != "dim"}
+        out = self._dispatch(func, (moved, *rest), kw)
+
+        def back(t: Tensor) -> Tensor:
+            if t.dim() != ndim:
+                return t  # a mean without keepdim: no channels-last layout left
+            with torch._C.DisableTorchFunction():
+                view = t.permute(perm)
+            return self._layout_node(t, view, perm)
+
+        return back(out) if isinstance(out, Tensor) else tuple(back(t) for t in out)
 
     def _dense_as_conv(self, args, kwargs, canonical) -> Tensor:
         """A dense layer on the channel axis of a channels-last map: a 1x1 convolution."""
