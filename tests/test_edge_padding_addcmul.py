@@ -1,8 +1,10 @@
-"""Two calls of timm models that the operation view refused until December 2026:
+"""Calls of timm models that the operation view refused until December 2026:
 
 * padding that copies edge entries (``F.pad`` with ``mode="reflect"``, ``"replicate"`` or
   ``"circular"``: TResNet's anti-aliasing): a value-moving call, so a model that pads so gets
   the map of the same model building the padded tensor from slices and concatenations;
+* padding with a finite constant other than 0 (EfficientViT's linear attention pads its
+  values with a 1): the padded entries are constants, as a constant concatenated;
 * ``torch.addcmul(input, t1, t2, value=v)`` (ResMLP's affine layer ``addcmul(beta, alpha, x)``):
   the calls ``input + v * (t1 * t2)``, so the map of the same model written with them.
 """
@@ -95,16 +97,57 @@ def test_edge_padding_moves_values(mode, method):
     torch.testing.assert_close(got, expected, rtol=1e-8, atol=1e-10 * expected.abs().max().item())
 
 
-def test_padding_with_another_constant_is_still_refused():
+class ConstantPadded(nn.Module):
+    """EfficientViT's linear attention pads each value vector with a 1 (``F.pad(v, (0, 1),
+    value=1.0)``); ``written``: the same tensor concatenated with a constant column of ones
+    (a constant, as a class token). ``token``: a whole token of the constant padded in front
+    of the sequence instead (``F.pad(t, (0, 0, 1, 0), value=c)``), as a class token."""
+
+    def __init__(self, written: bool, value: float = 1.0, token: bool = False):
+        super().__init__()
+        self.written, self.value, self.token = written, value, token
+        self.embed = nn.Conv2d(3, 6, 2, stride=2)
+        self.qkv = nn.Linear(6, 18)
+        self.proj = nn.Linear(6 if token else 7, 6)
+        self.head = nn.Linear(6, 3)
+
+    def forward(self, x):
+        t = self.embed(x).flatten(2).transpose(1, 2)
+        if self.token and self.written:
+            t = torch.cat([torch.full_like(t[:, :1], self.value).detach(), t], 1)
+        elif self.token:
+            t = F.pad(t, (0, 0, 1, 0), mode="constant", value=self.value)
+        q, k, v = self.qkv(t).chunk(3, -1)
+        if not self.token and self.written:
+            v = torch.cat([v, torch.full_like(v[..., :1], self.value).detach()], -1)
+        elif not self.token:
+            v = F.pad(v, (0, 1), mode="constant", value=self.value)
+        t = t + self.proj(F.scaled_dot_product_attention(q, k, v))
+        return self.head(t.mean(1))
+
+
+@pytest.mark.parametrize("method", METHODS)
+@pytest.mark.parametrize("value, token", [(1.0, False), (-2.5, False), (1.0, True)])
+def test_padding_with_another_constant_is_a_constant(method, value, token):
+    a, b = _pair(ConstantPadded, value=value, token=token)
+    with torch.no_grad():
+        torch.testing.assert_close(a(_x()), b(_x()), rtol=1e-12, atol=1e-12)
+    got = srdxai.explain(a, _x(), [1, 2], method)
+    expected = srdxai.explain(b, _x(), [1, 2], method)
+    assert torch.isfinite(got).all()
+    torch.testing.assert_close(got, expected, rtol=1e-8, atol=1e-10 * expected.abs().max().item())
+
+
+def test_padding_with_infinity_is_still_refused():
     class Ones(nn.Module):
         def __init__(self):
             super().__init__()
             self.conv = nn.Conv2d(3, 2, 3)
 
         def forward(self, x):
-            return self.conv(F.pad(x, (1, 1, 1, 1), value=1.0)).mean((2, 3))
+            return self.conv(F.pad(x, (1, 1, 1, 1), value=float("-inf"))).mean((2, 3))
 
-    with pytest.raises(UnsupportedOperationError, match="value 1.0"):
+    with pytest.raises(UnsupportedOperationError, match="value -inf"):
         srdxai.explain(Ones().eval(), _x(), 1, "abslrp")
 
 

@@ -640,7 +640,9 @@ class OpTracer(Tracer):
         if func is F.pad:
             mode = kwargs.get("mode", args[2] if len(args) > 2 else "constant")
             value = kwargs.get("value", args[3] if len(args) > 3 else None)
-            if mode == "constant" and value not in (None, 0, 0.0):
+            if mode == "constant" and value is not None and not math.isfinite(value):
+                # -inf entries (NASNet's max pooling) would meet the rules' products with
+                # the input (-inf * 0)
                 raise self.unsupported(f"padding with mode '{mode}' and value {value}")
             # zero padding, or copies of the edge entries (reflect, replicate, circular: TResNet's
             # anti-aliasing), each moved as it is: autograd's backward sums the copies' relevance
