@@ -43,10 +43,12 @@ every output sum to 1 and the pixel map sums to the target logit. What that mean
   token concatenated to the patches) each part of a vector gets ``||x_k||^2 / ||x||^2`` of
   its relevance: SRD's ratio for a concatenation, whose parts contribute in disjoint slots.
 
-* **max pooling** of an (N, C, ...) map: the input vector that won a channel's maximum is the
-  source of that entry, ``c_{p -> t} = y(t)`` on the channels ``p`` won, so
-  ``mu_{p -> t} = sum_{c won by p} y_c(t)^2 / ||y(t)||^2`` (the PFV engine's routing by the
-  recorded arg-max).
+* **max pooling** of an (N, C, ...) map (and ``amax`` over positions or tokens): the input
+  vector that won a channel's maximum is the source of that entry, ``c_{p -> t} = y(t)`` on
+  the channels ``p`` won, so ``mu_{p -> t} = sum_{c won by p} y_c(t)^2 / ||y(t)||^2`` (the
+  PFV engine's routing by the recorded arg-max).
+* **LayerNorm over more than a vector** (GroupNorm, a LayerNorm over (C, H, W)): the
+  statistics are constants, so each position's vector is the one source of its output.
 * **gates** ``s * g`` with both factors input-dependent and ``g`` broadcast against ``s`` (one
   value per channel or per position: squeeze-excitation in a hybrid's convolutional blocks,
   MaxViT's MBConv), or of ``s``'s shape and made by an activation where ``s`` is not (GLU
