@@ -247,14 +247,22 @@ class HybridSE(nn.Module):
         return self.head(t.mean(1))
 
 
-def test_a_mean_over_positions_of_a_map_is_a_token_mean():
-    by_mean = _randomise(HybridSE(mean=True))
-    by_pool = HybridSE(mean=False).eval()
-    by_pool.load_state_dict(by_mean.state_dict())
+def _one_srd_map(cls, option: str) -> nn.Module:
+    """``cls`` with ``option`` True and False (the same parameters) get one SRD map; the
+    first is returned."""
+    first = _randomise(cls(**{option: True}))
+    second = cls(**{option: False}).eval()
+    second.load_state_dict(first.state_dict())
     x = _x()
-    a = srdxai.explain(by_mean, x, [1, 3], "srd")
-    b = srdxai.explain(by_pool, x, [1, 3], "srd")
+    a = srdxai.explain(first, x, [1, 3], "srd")
+    b = srdxai.explain(second, x, [1, 3], "srd")
     torch.testing.assert_close(a, b, rtol=1e-10, atol=1e-12)
+    return first
+
+
+def test_a_mean_over_positions_of_a_map_is_a_token_mean():
+    by_mean = _one_srd_map(HybridSE, "mean")
+    x = _x()
     got, logits = _conserves(by_mean, x)
     torch.testing.assert_close(got, logits, rtol=1e-9, atol=1e-12)
 
@@ -282,10 +290,4 @@ class MapHead(nn.Module):
 
 
 def test_a_mean_over_the_positions_of_a_permuted_map_is_a_token_mean():
-    by_map = _randomise(MapHead(map=True))
-    by_tokens = MapHead(map=False).eval()
-    by_tokens.load_state_dict(by_map.state_dict())
-    x = _x()
-    a = srdxai.explain(by_map, x, [1, 3], "srd")
-    b = srdxai.explain(by_tokens, x, [1, 3], "srd")
-    torch.testing.assert_close(a, b, rtol=1e-10, atol=1e-12)
+    _one_srd_map(MapHead, "map")

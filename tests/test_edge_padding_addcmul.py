@@ -17,28 +17,13 @@ import torch.nn.functional as F
 from torch import nn
 
 import srdxai
+from same_maps import assert_same_maps, image_batch, written_pair
 from srdxai.errors import UnsupportedOperationError
 
 pytestmark = pytest.mark.usefixtures("float64_default")
 
 METHODS = ["abslrp", "attnlrp", "cp_lrp", "lrp_epsilon_plus", "srd_tokens", "gradient_x_input",
            "fullgrad"]
-
-
-def _x() -> torch.Tensor:
-    return torch.randn(2, 3, 8, 8, generator=torch.Generator().manual_seed(1),
-                       dtype=torch.float64)
-
-
-def _pair(cls, **options) -> tuple[nn.Module, nn.Module]:
-    torch.manual_seed(0)
-    a = cls(written=False, **options).eval()
-    with torch.no_grad():
-        for p in a.parameters():
-            p.normal_(0, 0.4)
-    b = cls(written=True, **options).eval()
-    b.load_state_dict(a.state_dict())
-    return a, b
 
 
 def _edge_copies(x: torch.Tensor, mode: str) -> torch.Tensor:
@@ -82,19 +67,16 @@ class EdgePadded(nn.Module):
 
 @pytest.mark.parametrize("mode", ["reflect", "replicate", "circular"])
 def test_the_padded_models_agree(mode):
-    a, b = _pair(EdgePadded, mode=mode)
+    a, b = written_pair(EdgePadded, mode=mode)
     with torch.no_grad():
-        torch.testing.assert_close(a(_x()), b(_x()), rtol=1e-12, atol=1e-12)
+        torch.testing.assert_close(a(image_batch()), b(image_batch()), rtol=1e-12, atol=1e-12)
 
 
 @pytest.mark.parametrize("method", METHODS)
 @pytest.mark.parametrize("mode", ["reflect", "replicate", "circular"])
 def test_edge_padding_moves_values(mode, method):
-    a, b = _pair(EdgePadded, mode=mode)
-    got = srdxai.explain(a, _x(), [1, 2], method)
-    expected = srdxai.explain(b, _x(), [1, 2], method)
-    assert torch.isfinite(got).all()
-    torch.testing.assert_close(got, expected, rtol=1e-8, atol=1e-10 * expected.abs().max().item())
+    a, b = written_pair(EdgePadded, mode=mode)
+    assert_same_maps(a, b, image_batch(), method)
 
 
 class ConstantPadded(nn.Module):
@@ -129,13 +111,10 @@ class ConstantPadded(nn.Module):
 @pytest.mark.parametrize("method", METHODS)
 @pytest.mark.parametrize("value, token", [(1.0, False), (-2.5, False), (1.0, True)])
 def test_padding_with_another_constant_is_a_constant(method, value, token):
-    a, b = _pair(ConstantPadded, value=value, token=token)
+    a, b = written_pair(ConstantPadded, value=value, token=token)
     with torch.no_grad():
-        torch.testing.assert_close(a(_x()), b(_x()), rtol=1e-12, atol=1e-12)
-    got = srdxai.explain(a, _x(), [1, 2], method)
-    expected = srdxai.explain(b, _x(), [1, 2], method)
-    assert torch.isfinite(got).all()
-    torch.testing.assert_close(got, expected, rtol=1e-8, atol=1e-10 * expected.abs().max().item())
+        torch.testing.assert_close(a(image_batch()), b(image_batch()), rtol=1e-12, atol=1e-12)
+    assert_same_maps(a, b, image_batch(), method)
 
 
 def test_padding_with_infinity_is_still_refused():
@@ -148,7 +127,7 @@ def test_padding_with_infinity_is_still_refused():
             return self.conv(F.pad(x, (1, 1, 1, 1), value=float("-inf"))).mean((2, 3))
 
     with pytest.raises(UnsupportedOperationError, match="value -inf"):
-        srdxai.explain(Ones().eval(), _x(), 1, "abslrp")
+        srdxai.explain(Ones().eval(), image_batch(), 1, "abslrp")
 
 
 class Affine(nn.Module):
@@ -178,10 +157,7 @@ class Affine(nn.Module):
 @pytest.mark.parametrize("method", METHODS)
 @pytest.mark.parametrize("value", [1.0, -0.5])
 def test_addcmul_is_a_product_and_a_sum(method, value):
-    a, b = _pair(Affine, value=value)
+    a, b = written_pair(Affine, value=value)
     with torch.no_grad():
-        torch.testing.assert_close(a(_x()), b(_x()), rtol=1e-12, atol=1e-12)
-    got = srdxai.explain(a, _x(), [1, 2], method)
-    expected = srdxai.explain(b, _x(), [1, 2], method)
-    assert torch.isfinite(got).all()
-    torch.testing.assert_close(got, expected, rtol=1e-8, atol=1e-10 * expected.abs().max().item())
+        torch.testing.assert_close(a(image_batch()), b(image_batch()), rtol=1e-12, atol=1e-12)
+    assert_same_maps(a, b, image_batch(), method)

@@ -123,6 +123,12 @@ def test_srd_conserves_through_the_gate(cls):
     torch.testing.assert_close(srd.sum((1, 2)), logits, rtol=1e-9, atol=1e-12)
 
 
+def _attention_first(x: torch.Tensor) -> torch.Tensor:
+    """``x`` plus an attention over its positions (so that SRD takes token vectors)."""
+    t = x.flatten(2).transpose(1, 2)
+    return x + F.scaled_dot_product_attention(t, t, t).transpose(1, 2).reshape(x.shape)
+
+
 class TwoActivations(nn.Module):
     def __init__(self, tokens: bool):
         super().__init__()
@@ -134,8 +140,7 @@ class TwoActivations(nn.Module):
     def forward(self, x):
         x = F.relu(self.embed(x))
         if self.tokens:  # an attention first, so that SRD takes token vectors
-            t = x.flatten(2).transpose(1, 2)
-            x = x + F.scaled_dot_product_attention(t, t, t).transpose(1, 2).reshape(x.shape)
+            x = _attention_first(x)
         x = F.gelu(self.a(x)) * torch.tanh(self.b(x))
         return self.head(F.adaptive_avg_pool2d(x, 1).flatten(1))
 
@@ -160,8 +165,7 @@ class SelfProduct(nn.Module):
     def forward(self, x):
         x = F.relu(self.embed(x))
         if self.tokens:
-            t = x.flatten(2).transpose(1, 2)
-            x = x + F.scaled_dot_product_attention(t, t, t).transpose(1, 2).reshape(x.shape)
+            x = _attention_first(x)
         h = self.a(x)
         return self.head(F.adaptive_avg_pool2d(h * F.relu(h), 1).flatten(1))
 
@@ -189,8 +193,7 @@ class ResampledGate(nn.Module):
     def features(self, x):
         x = F.relu(self.stem(x))
         if self.tokens:
-            t = x.flatten(2).transpose(1, 2)
-            x = x + F.scaled_dot_product_attention(t, t, t).transpose(1, 2).reshape(x.shape)
+            x = _attention_first(x)
         return x
 
     def gate_value(self, x):

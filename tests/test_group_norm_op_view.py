@@ -17,17 +17,13 @@ import torch.nn.functional as F
 from torch import nn
 
 import srdxai
+from same_maps import assert_same_maps, image_batch
 from srdxai.errors import UnsupportedOperationError
 
 pytestmark = pytest.mark.usefixtures("float64_default")
 
 METHODS = ["abslrp", "attnlrp", "cp_lrp", "lrp_epsilon_plus", "lrp_epsilon", "srd_tokens",
            "gradient_x_input", "gradcam"]
-
-
-def _x() -> torch.Tensor:
-    return torch.randn(2, 3, 8, 8, generator=torch.Generator().manual_seed(1),
-                       dtype=torch.float64)
 
 
 class Normed(nn.Module):
@@ -91,17 +87,14 @@ def _models(groups: int, *forms: str) -> list[Normed]:
 def test_one_group_is_a_layer_norm_over_the_map(method):
     a, b = _models(1, "layer_norm")
     with torch.no_grad():
-        torch.testing.assert_close(a(_x()), b(_x()), rtol=1e-12, atol=1e-12)
-    got = srdxai.explain(a, _x(), [1, 2], method)
-    expected = srdxai.explain(b, _x(), [1, 2], method)
-    assert torch.isfinite(got).all()
-    torch.testing.assert_close(got, expected, rtol=1e-8, atol=1e-10 * expected.abs().max().item())
+        torch.testing.assert_close(a(image_batch()), b(image_batch()), rtol=1e-12, atol=1e-12)
+    assert_same_maps(a, b, image_batch(), method)
 
 
 @pytest.mark.parametrize("method", METHODS)
 def test_several_groups_give_finite_maps(method):
     (model,) = _models(2)
-    got = srdxai.explain(model, _x(), [1, 2], method)
+    got = srdxai.explain(model, image_batch(), [1, 2], method)
     assert got.shape[0] == 2 and torch.isfinite(got).all() and bool(got.abs().sum() > 0)
 
 
@@ -109,7 +102,7 @@ def test_several_groups_give_finite_maps(method):
 def test_srd_tokens_keeps_a_vector_per_position(groups):
     """The map of the model with the statistics frozen to constants, and the logit."""
     a, frozen = _models(groups, "frozen")
-    x = _x()
+    x = image_batch()
     with torch.no_grad():
         frozen.frozen_for = a.features(x)
         torch.testing.assert_close(a(x), frozen(x), rtol=1e-12, atol=1e-12)
@@ -123,7 +116,7 @@ def test_srd_tokens_keeps_a_vector_per_position(groups):
 def test_fullgrad_refuses_a_group_norm_with_attention():
     (model,) = _models(2)
     with pytest.raises(UnsupportedOperationError, match="GroupNorm .*'gn'"):
-        srdxai.explain(model, _x(), [1, 2], "fullgrad")
+        srdxai.explain(model, image_batch(), [1, 2], "fullgrad")
 
 
 def test_a_layer_norm_over_a_map_of_unknown_layout_is_refused_by_srd_tokens():
@@ -138,4 +131,4 @@ def test_a_layer_norm_over_a_map_of_unknown_layout_is_refused_by_srd_tokens():
 
     torch.manual_seed(0)
     with pytest.raises(UnsupportedOperationError, match="LayerNorm over 3 dimensions"):
-        srdxai.explain(Permuted(1).eval(), _x(), [1, 2], "srd_tokens")
+        srdxai.explain(Permuted(1).eval(), image_batch(), [1, 2], "srd_tokens")

@@ -319,16 +319,22 @@ def test_conv_loops_match_vectorized_form() -> None:
 # --------------------------------------------------------------------------- sensitivity
 
 
+def _definition_and(misread: str, **blocks: bool) -> tuple[float, torch.Tensor, torch.Tensor]:
+    """On one SiLU hybrid (``blocks``: its optional blocks) and one input: the target logit,
+    the oracle's map by the definition, and its map under ``misread``."""
+    model = ora.tiny_hybrid("silu", seed=0, **blocks)
+    x = ora.tiny_hybrid_input(seed=1, n=1)
+    with torch.no_grad():
+        logit = float(model(x)[0, 2])
+    return (logit, ora.srd_hybrid_oracle(model, x, 2),
+            ora.srd_hybrid_oracle(model, x, 2, misread=misread))
+
+
 @pytest.mark.parametrize("misread", ora.MISREADINGS)
 def test_misreadings_change_the_map(misread: str) -> None:
     """Each misreading conserves the logit just as well (so conservation tests cannot see it)
     but moves the map by more than 1e-3 relative: the oracle can tell them apart."""
-    model = ora.tiny_hybrid("silu", seed=0)
-    x = ora.tiny_hybrid_input(seed=1, n=1)
-    with torch.no_grad():
-        logit = float(model(x)[0, 2])
-    ref = ora.srd_hybrid_oracle(model, x, 2)
-    alt = ora.srd_hybrid_oracle(model, x, 2, misread=misread)
+    logit, ref, alt = _definition_and(misread)
     assert float(alt.sum()) == pytest.approx(logit, rel=1e-9)
     assert _rel(alt, ref) > 1e-3
 
@@ -1071,12 +1077,7 @@ def test_new_mutations_are_caught(mutation: str, blocks: str) -> None:
     conservation checks (``eca_gate_half`` by exactly half), ``max_even`` conserves (the hand
     examples tell it apart) but moves the map by more than 10 %; the definition conserves on the
     same case."""
-    model = ora.tiny_hybrid("silu", seed=0, **_opts(blocks))
-    x = ora.tiny_hybrid_input(seed=1, n=1)
-    with torch.no_grad():
-        logit = float(model(x)[0, 2])
-    ref = ora.srd_hybrid_oracle(model, x, 2)
-    alt = ora.srd_hybrid_oracle(model, x, 2, misread=mutation)
+    logit, ref, alt = _definition_and(mutation, **_opts(blocks))
     assert float(ref.sum()) == pytest.approx(logit, rel=1e-9)
     got = float(alt.sum())
     if mutation == "max_even":

@@ -17,6 +17,7 @@ import torch.nn.functional as F
 from torch import nn
 
 import srdxai
+from same_maps import assert_same_maps, image_batch, written_pair
 from srdxai.errors import InvalidInputError
 
 pytestmark = pytest.mark.usefixtures("float64_default")
@@ -24,22 +25,6 @@ pytestmark = pytest.mark.usefixtures("float64_default")
 METHODS = ["abslrp", "attnlrp", "cp_lrp", "lrp_epsilon_plus", "srd_tokens", "gradient_x_input",
            "fullgrad"]
 FORMS = ["F.unfold", "Tensor.unfold", "repeat_interleave", "tile", "gather"]
-
-
-def _x() -> torch.Tensor:
-    return torch.randn(2, 3, 8, 8, generator=torch.Generator().manual_seed(1),
-                       dtype=torch.float64)
-
-
-def _pair(cls, **options) -> tuple[nn.Module, nn.Module]:
-    torch.manual_seed(0)
-    a = cls(written=False, **options).eval()
-    with torch.no_grad():
-        for p in a.parameters():
-            p.normal_(0, 0.4)
-    b = cls(written=True, **options).eval()
-    b.load_state_dict(a.state_dict())
-    return a, b
 
 
 def _windows_written(x: torch.Tensor) -> torch.Tensor:
@@ -97,25 +82,22 @@ class Windowed(nn.Module):
 
 @pytest.mark.parametrize("form", FORMS)
 def test_the_written_models_agree(form):
-    a, b = _pair(Windowed, form=form)
+    a, b = written_pair(Windowed, form=form)
     with torch.no_grad():
-        torch.testing.assert_close(a(_x()), b(_x()), rtol=1e-12, atol=1e-12)
+        torch.testing.assert_close(a(image_batch()), b(image_batch()), rtol=1e-12, atol=1e-12)
 
 
 @pytest.mark.parametrize("method", METHODS)
 @pytest.mark.parametrize("form", FORMS)
 def test_copies_move_values(form, method):
-    a, b = _pair(Windowed, form=form)
+    a, b = written_pair(Windowed, form=form)
     if method == "fullgrad" and form in ("repeat_interleave", "tile"):
         # twice the tokens have no grid of the image's aspect ratio: both forms are refused
         for model in (a, b):
             with pytest.raises(InvalidInputError, match="no place in the image"):
-                srdxai.explain(model, _x(), [1, 2], method)
+                srdxai.explain(model, image_batch(), [1, 2], method)
         return
-    got = srdxai.explain(a, _x(), [1, 2], method)
-    expected = srdxai.explain(b, _x(), [1, 2], method)
-    assert torch.isfinite(got).all()
-    torch.testing.assert_close(got, expected, rtol=1e-8, atol=1e-10 * expected.abs().max().item())
+    assert_same_maps(a, b, image_batch(), method)
 
 
 def test_unfold_padding_is_constant_and_has_no_place():
@@ -158,8 +140,8 @@ class Eca(nn.Module):
 
 @pytest.mark.parametrize("method", ["srd_tokens", "abslrp", "lrp_epsilon_plus", "srd"])
 def test_a_moved_sigmoid_stays_the_gate(method):
-    a, b = _pair(Eca)
-    x = _x()
+    a, b = written_pair(Eca)
+    x = image_batch()
     if method == "srd":  # the PFV engine on the CNN part alone: the same rule
         a, b = (nn.Sequential(m.conv, _EcaOnly(m)) for m in (a, b))
     got = srdxai.explain(a, x, [1, 2], method)
@@ -205,8 +187,8 @@ class PaddedPatches(nn.Module):
 
 
 def test_tokens_of_unfold_padding_are_constant_terms():
-    a, b = _pair(PaddedPatches)
-    x = _x()
+    a, b = written_pair(PaddedPatches)
+    x = image_batch()
     got = srdxai.explain(a, x, [1, 2], "srd_tokens")
     expected = srdxai.explain(b, x, [1, 2], "srd_tokens")
     with torch.no_grad():
@@ -285,8 +267,5 @@ class MaxOver(nn.Module):
 
 @pytest.mark.parametrize("method", METHODS)
 def test_max_over_a_dimension_is_amax(method):
-    a, b = _pair(MaxOver)
-    got = srdxai.explain(a, _x(), [1, 2], method)
-    expected = srdxai.explain(b, _x(), [1, 2], method)
-    assert torch.isfinite(got).all()
-    torch.testing.assert_close(got, expected, rtol=1e-8, atol=1e-10 * expected.abs().max().item())
+    a, b = written_pair(MaxOver)
+    assert_same_maps(a, b, image_batch(), method)
