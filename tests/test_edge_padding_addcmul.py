@@ -161,3 +161,41 @@ def test_addcmul_is_a_product_and_a_sum(method, value):
     with torch.no_grad():
         torch.testing.assert_close(a(image_batch()), b(image_batch()), rtol=1e-12, atol=1e-12)
     assert_same_maps(a, b, image_batch(), method)
+
+
+class ResponseNormalised(nn.Module):
+    """ConvNeXtV2's block: channels-last, a dense layer, GELU, global response normalisation
+    ``x + addcmul(beta, gamma, x * nx)`` (``nx``: each channel's spatial norm over the mean
+    of those norms, broadcast over the positions: a gate), a dense layer, a residual; in the
+    PFV engine's reach (no attention). ``written``: ``beta + gamma * (x * nx)``."""
+
+    def __init__(self, written: bool):
+        super().__init__()
+        self.written = written
+        self.stem = nn.Conv2d(3, 4, 3, padding=1)
+        self.fc1, self.fc2 = nn.Linear(4, 8), nn.Linear(8, 4)
+        self.gamma, self.beta = nn.Parameter(torch.ones(8)), nn.Parameter(torch.zeros(8))
+        self.head = nn.Linear(4, 3)
+
+    def forward(self, x):
+        x = F.relu(self.stem(x))
+        t = F.gelu(self.fc1(x.permute(0, 2, 3, 1)))
+        norms = t.norm(p=2, dim=(1, 2), keepdim=True)  # as timm writes it
+        nx = norms / (norms.mean(dim=-1, keepdim=True) + 1e-6)
+        if self.written:
+            t = t + (self.beta + self.gamma * (t * nx))
+        else:
+            t = t + torch.addcmul(self.beta, self.gamma, t * nx)
+        x = x + self.fc2(t).permute(0, 3, 1, 2)
+        return self.head(x.mean((2, 3)))
+
+
+@pytest.mark.parametrize("method", ["srd", "lrp_epsilon_plus", "gradcam", "gradient_x_input"])
+def test_response_normalisation_in_the_pfv_engine(method):
+    a, b = written_pair(ResponseNormalised)
+    x = image_batch()
+    got = assert_same_maps(a, b, x, method)
+    if method == "srd":  # the gate's branch (norms, mean, + eps) gets nothing, without error
+        with torch.no_grad():
+            logits = a(x)[[0, 1], [1, 2]]
+        torch.testing.assert_close(got.sum((1, 2)), logits, rtol=1e-9, atol=1e-12)

@@ -113,6 +113,14 @@ LAYOUT_AWARE = (set(ACTIVATIONS) | ADD_FUNCS | SUB_FUNCS | MUL_FUNCS | DIV_FUNCS
                 | {F.linear, F.layer_norm} | DROPOUT | IDENTITY_FUNCS)
 
 
+def _keeps_axes(x: Tensor, out: Tensor) -> bool:
+    """``out`` has ``x``'s axes in their order, some of them reduced to 1 or broadcast
+    from 1 (an elementwise call, a reduction with ``keepdim``): the channel axis is where
+    it was."""
+    return out.dim() == x.dim() and all(o == i or 1 in (o, i) for o, i in zip(
+        out.shape, x.shape, strict=True))
+
+
 def _inverse(perm: Sequence[int]) -> tuple[int, ...]:
     inv = [0] * len(perm)
     for i, p in enumerate(perm):
@@ -299,9 +307,15 @@ class Recorder(Tracer):
         out = func(*args, **kwargs)
         flat_in, _ = tree_flatten((args, kwargs))
         inputs = [t for t in flat_in if self.is_tracked(t)]
+        perms = {self.node_of(t).perm for t in inputs}
         for t in tree_flatten(out)[0]:
             if isinstance(t, Tensor) and t.is_floating_point() and not self.is_tracked(t):
-                self._opaque_node(t, error, inputs, _bias_argument(func, args, kwargs))
+                node = self._opaque_node(t, error, inputs, _bias_argument(func, args, kwargs))
+                if len(perms) == 1 and all(_keeps_axes(x, t) for x in inputs):
+                    # a channels-last reduction or elementwise step (the norms of ConvNeXtV2's
+                    # response normalisation, a gate's branch): still channels-last, so a
+                    # product with it lines up in the canonical layout
+                    node.perm = next(iter(perms))
         return out
 
     def _opaque_node(self, out: Tensor, error: UnsupportedOperationError,

@@ -652,8 +652,6 @@ class OpTracer(Tracer):
             return out
         if func in SDPA:
             return self._attention(args, kwargs)
-        if func in (torch.addcmul, Tensor.addcmul):
-            return self._addcmul(args, kwargs)
         if func is F.group_norm:
             return self._group_norm(args, kwargs)
         if func in (torch.max, Tensor.max) and isinstance(
@@ -806,18 +804,6 @@ class OpTracer(Tracer):
         if scale is None:
             scale = 1.0 / math.sqrt(q.shape[-1])
         return self._attention_steps(q, k, v, scale, mask)[0]
-
-    def _addcmul(self, args, kwargs):
-        """``torch.addcmul(input, t1, t2, value=v)`` as the calls ``input + v * (t1 * t2)``
-        (ResMLP's affine layer ``addcmul(beta, alpha, x)``: a scale and a shift per channel)."""
-        names = ("input", "tensor1", "tensor2")
-        bound = dict(zip(names, args, strict=False)) | kwargs
-        call = self.__torch_function__
-        product = call(Tensor.__mul__, (), (bound["tensor1"], bound["tensor2"]))
-        value = bound.get("value", 1)
-        if value != 1:
-            product = call(Tensor.__mul__, (), (product, value))
-        return call(Tensor.__add__, (), (bound["input"], product))
 
     def _max_over(self, args, kwargs):
         """``x.max(dim)``, the values and their indices (VOLO's token-label head), as the call

@@ -156,7 +156,22 @@ class Tracer(TorchFunctionMode):
                 f"the in-place write '{func_name(func)}' involving an input-dependent tensor",
                 "The trace cannot see what it writes. Write the model out of place (e.g. "
                 "torch.cat or torch.where instead of index assignment).", fatal=True)
+        if func in (torch.addcmul, Tensor.addcmul):
+            return self._addcmul(args, kwargs)
         return self.handle(func, args, kwargs, tracked)
+
+    def _addcmul(self, args: tuple, kwargs: dict) -> Any:
+        """``torch.addcmul(input, t1, t2, value=v)`` as the calls ``input + v * (t1 * t2)``,
+        each a call of its own for both views (ResMLP's affine layer ``addcmul(beta, alpha,
+        x)``: a scale and a shift per channel; ConvNeXtV2's global response normalisation)."""
+        names = ("input", "tensor1", "tensor2")
+        bound = dict(zip(names, args, strict=False)) | kwargs
+        product = self.__torch_function__(Tensor.__mul__, (), (bound["tensor1"],
+                                                               bound["tensor2"]))
+        value = bound.get("value", 1)
+        if value != 1:
+            product = self.__torch_function__(Tensor.__mul__, (), (product, value))
+        return self.__torch_function__(Tensor.__add__, (), (bound["input"], product))
 
     def handle(self, func, args: tuple, kwargs: dict, tracked: list[Tensor]) -> Any:
         """Run ``func`` on arguments of which ``tracked`` depend on the input (in-place

@@ -123,8 +123,10 @@ class SRDRule(Rule):
             out.register_hook(lambda g: self._bias_backward(op, g))
         return out
 
-    def _bias_backward(self, op: ops.LinearOp, grad: Tensor) -> None:
-        if self.plain:
+    def _bias_backward(self, op: ops.LinearOp, grad: Tensor | None) -> None:
+        if self.plain or grad is None:
+            # None: the rule gave this tensor nothing (a gate's own branch, such as the
+            # `+ eps` of ConvNeXtV2's response normalisation): no bias relevance to split
             return None
         bias = op.bias
         if isinstance(op, ops.ConvOp) and _fused_bn(op) is not None:
