@@ -163,3 +163,42 @@ def test_fullgrad_refuses_biases_whose_place_is_unknown():
 
     with pytest.raises(InvalidInputError, match="known place in the image"):
         srdxai.explain(Unknown().eval(), torch.randn(2, 3, 16, 16), 0, "fullgrad")
+
+
+class _ChannelAttention(torch.nn.Module):
+    """Patch tokens, then XCiT's / DaViT's channel attention: ``attn = softmax(q^T k)`` over
+    the channels, ``out = attn @ v^T`` (rows: channels, columns: tokens), then a dense layer
+    with a bias on the tokens. ``transposed``: the same values as ``(v @ attn^T)``, whose rows
+    are the tokens."""
+
+    def __init__(self, transposed: bool):
+        super().__init__()
+        torch.manual_seed(0)
+        self.transposed = transposed
+        self.embed = torch.nn.Conv2d(3, 6, 2, stride=2)
+        self.qkv = torch.nn.Linear(6, 18)
+        self.proj = torch.nn.Linear(6, 6)
+        self.head = torch.nn.Linear(6, 3)
+
+    def forward(self, x):
+        t = self.embed(x).flatten(2).transpose(1, 2)  # (N, T, C)
+        q, k, v = self.qkv(t).chunk(3, -1)
+        attn = torch.softmax(q.transpose(1, 2) @ k, -1)  # (N, C, C)
+        if self.transposed:
+            mixed = v @ attn.transpose(1, 2)  # (N, T, C): rows are tokens
+        else:
+            mixed = (attn @ v.transpose(1, 2)).transpose(1, 2)  # rows are channels first
+        t = t + self.proj(mixed)
+        return self.head(t.mean(1))
+
+
+def test_fullgrad_places_channel_attention_by_its_token_columns():
+    """``a @ b`` whose rows share one place (channels) sits where ``b``'s columns (tokens) do:
+    the map of the model writing the product with the tokens as rows."""
+    x = torch.randn(2, 3, 8, 8, generator=torch.Generator().manual_seed(1))
+    by_columns, by_rows = _ChannelAttention(False).eval(), _ChannelAttention(True).eval()
+    with torch.no_grad():
+        torch.testing.assert_close(by_columns(x), by_rows(x), rtol=1e-5, atol=1e-6)
+    expected = srdxai.explain(by_rows, x, [1, 2], "fullgrad")
+    got = srdxai.explain(by_columns, x, [1, 2], "fullgrad")
+    torch.testing.assert_close(got, expected, rtol=1e-5, atol=1e-6)

@@ -213,14 +213,31 @@ class PositionTags:
     @staticmethod
     def _matmul(call: Any, tags: list[Tensor], shape: torch.Size) -> Tensor | None:
         """``a @ b``: an output row sits where ``a``'s row does (a query token); with only
-        ``b`` traced, a column where ``b``'s column does."""
+        ``b`` traced, a column where ``b``'s column does; so it does with both traced where
+        ``a``'s rows share one place and ``b``'s columns do not (channel attention, XCiT's
+        and DaViT's ``attn @ v`` over the channels: the rows are channels, the columns
+        tokens)."""
         if call.original is torch.einsum:
             return None
+        columns = tags[-1].mean(-2, keepdim=True) if tags[-1].dim() >= 2 else None
         if call.is_input(0, "input"):
             a = tags[0]
-            return a.mean(-1, keepdim=True).expand(shape) if a.dim() >= 2 else None
-        b = tags[-1]
-        return b.mean(-2, keepdim=True).expand(shape) if b.dim() >= 2 else None
+            if a.dim() < 2:
+                return None
+            rows = a.mean(-1, keepdim=True)
+            if (len(tags) == 2 and columns is not None and not _varies(rows, -2)
+                    and _varies(columns, -1)):
+                return columns.expand(shape)
+            return rows.expand(shape)
+        return columns.expand(shape) if columns is not None else None
+
+
+def _varies(t: Tensor, dim: int) -> bool:
+    """Whether ``t`` holds more than one place along ``dim`` (NaN, no place, does not
+    count)."""
+    if t.shape[dim] < 2:
+        return False
+    return bool(((t - t.narrow(dim, 0, 1)).abs() > 1e-6).any())
 
 
 def _unknown(out: Tensor) -> Tags:
