@@ -94,6 +94,7 @@ VIEW_FUNCS = {Tensor.view, Tensor.reshape, torch.reshape, torch.flatten, Tensor.
               Tensor.reshape_as}
 IDENTITY_FUNCS = {Tensor.contiguous, Tensor.clone, torch.clone}
 MEAN_FUNCS = {torch.mean, Tensor.mean}
+SUM_FUNCS = {torch.sum, Tensor.sum}
 CAT_FUNCS = {torch.cat, torch.concat, torch.concatenate}
 SPLIT_FUNCS = {Tensor.split, torch.split, Tensor.chunk, torch.chunk, Tensor.tensor_split,
                torch.tensor_split}
@@ -363,6 +364,8 @@ class Recorder(Tracer):
             return self._view(func, args, kwargs)
         if func in CAT_FUNCS:
             return self._cat(args, kwargs)
+        if func is torch.stack:
+            return self._stack(args, kwargs)
         if func is Tensor.__getitem__:
             return self._getitem(args)
         if func in NARROW_FUNCS:
@@ -726,6 +729,10 @@ class Recorder(Tracer):
         values; the intermediate tensors get no gradient). Anything else is refused."""
         x = args[0] if args else None
         node = self.node_of(x)
+        if func in MUL_FUNCS and len(tracked) == 2:
+            return self._split_gated(args)
+        if func in SUM_FUNCS | MEAN_FUNCS and node is not None and node.channel_split is not None:
+            return self._split_summed(func, args, kwargs)
         if (len(tracked) != 1 or node is None or node.channel_split is None
                 or func not in PERMUTE_FUNCS | VIEW_FUNCS | IDENTITY_FUNCS):
             raise self.unsupported(
@@ -763,6 +770,85 @@ class Recorder(Tracer):
         if torch.equal(order, torch.arange(order.numel(), device=order.device)):
             return self._identity(source, merged)
         return self._record(ops.ChannelPermuteOp(self.where, order), [source], merged)
+
+    def _split_parts(self, x: Tensor) -> tuple[Tensor, list[Tensor]] | None:
+        """The source of a tensor whose channel axis is split into (groups, channels) in
+        order (a stack of branches along dim 1, ResNeSt's ``view(N, radix, C, H, W)``), and
+        each group's channel indices; None for any other split (a shuffle)."""
+        source, ids = self.node_of(x).channel_split
+        if ids.dim() != 2 or not torch.equal(ids.reshape(-1), torch.arange(
+                ids.numel(), device=ids.device)):
+            return None
+        return source, [row for row in ids]
+
+    def _split_gated(self, args) -> Tensor:
+        """``x * g`` with ``x``'s channels split into (groups, channels) and ``g`` one value per
+        group and channel (SKNet's and ResNeSt's softmax over the branches, (N, k, C, 1, 1)):
+        the product of the source with ``g`` laid out as its channels, a gate as any other
+        (a constant weight), split again."""
+        a, b = args[0], args[1]
+        signal, gate = (a, b) if a.numel() >= b.numel() else (b, a)  # the gate: (N, k, C, 1, 1)
+        parts = self._split_parts(signal) if self.node_of(signal).channel_split else None
+        n = signal.shape[0]
+        if (parts is None or gate.dim() != signal.dim() or gate.shape[:3] != signal.shape[:3]
+                or any(s != 1 for s in gate.shape[3:])):
+            raise self.unsupported(
+                f"a product of a tensor of shape {tuple(signal.shape)} whose channel axis is "
+                f"split with one of shape {tuple(gate.shape)}", "Only a gate with one value per "
+                "group and channel (split attention's softmax over the branches) is decomposed.")
+        source = parts[0]
+        flat = (n, source.shape[1], *([1] * (source.dim() - 2)))
+        gate_node = self.node_of(gate)
+        if gate_node.channel_split is not None and self._split_parts(gate) is not None:
+            gate_flat = self._split_parts(gate)[0]
+        else:
+            gate_flat = self.__torch_function__(Tensor.reshape, (), (gate, flat))
+        gated = self._dispatch(torch.mul, (source, gate_flat), {})
+        with torch._C.DisableTorchFunction():
+            out = gated.view(signal.shape)
+        return self._split_channels(gated, self.node_of(signal).channel_split[1], out)
+
+    def _split_summed(self, func, args, kwargs) -> Tensor:
+        """A sum or mean over the groups of a tensor whose channels are split into (groups,
+        channels) (SKNet's and ResNeSt's sum of the branches): the sum of the source's channel
+        blocks, each a slice, added in order (a mean: that sum scaled)."""
+        x = args[0]
+        dim = kwargs.get("dim", args[1] if len(args) > 1 else None)
+        keepdim = kwargs.get("keepdim", args[2] if len(args) > 2 else False)
+        dims = dim if isinstance(dim, list | tuple) else (dim,)
+        parts = self._split_parts(x)
+        if parts is None or None in dims or [d % x.dim() for d in dims] != [1] or keepdim:
+            raise self.unsupported(
+                f"'{func_name(func)}' over dimensions {dim} of a tensor whose channel axis is "
+                "split", "Only a sum or mean over the groups (dim 1, split attention's branches) "
+                "is decomposed.", moves_values=False)
+        source, groups = parts
+        total = None
+        for ids in groups:
+            block = self.__torch_function__(Tensor.narrow, (), (source, 1, int(ids[0]),
+                                                                ids.numel()))
+            total = block if total is None else self.__torch_function__(
+                Tensor.__add__, (), (total, block))
+        if func in MEAN_FUNCS:
+            total = self.__torch_function__(Tensor.__mul__, (), (total, 1.0 / len(groups)))
+        return total
+
+    def _stack(self, args, kwargs) -> Tensor:
+        """``torch.stack`` of (N, C, ...) maps along dim 1 (SKNet's branches): their
+        concatenation along the channels, viewed with the channel axis split into
+        (branches, channels)."""
+        tensors = kwargs.get("tensors", args[0] if args else None)
+        dim = kwargs.get("dim", args[1] if len(args) > 1 else 0)
+        if dim != 1 or len({tuple(t.shape) for t in tensors}) != 1:
+            raise self.unsupported(f"torch.stack along dimension {dim}",
+                                   "Only stacking maps of one shape along dim 1 (branches) "
+                                   "is decomposed.", moves_values=True)
+        catted = self._cat((list(tensors), 1), {})
+        k, c = len(tensors), tensors[0].shape[1]
+        with torch._C.DisableTorchFunction():
+            out = catted.view(catted.shape[0], k, c, *catted.shape[2:])
+        ids = torch.arange(k * c, device=catted.device).reshape(k, c)
+        return self._split_channels(catted, ids, out)
 
     def _pad(self, args, kwargs):
         b = _bind(args, kwargs, ["input", "pad", "mode", "value"],
