@@ -56,8 +56,8 @@ def test_the_comparison_catches_even_spreading(monkeypatch):
     expected = _oracle(model, x, [1, 3])
     squares = srd_tokens._spread
 
-    def even(per_vector, like, dims=1):
-        return squares(per_vector, torch.ones_like(like), dims)
+    def even(per_vector, like, axis=-1):
+        return squares(per_vector, torch.ones_like(like), axis)
 
     monkeypatch.setattr(srd_tokens, "_spread", even)
     wrong = srdxai.explain(model, x, [1, 3], "srd_tokens")

@@ -92,6 +92,8 @@ def number_exponent(func: Any, args: tuple, kwargs: dict) -> bool:
     exponent = args[1] if len(args) > 1 else kwargs.get("exponent")
     return (len(args) > 0 and isinstance(args[0], Tensor)
             and isinstance(exponent, int | float) and not isinstance(exponent, bool))
+
+
 INPLACE_ACTIVATIONS: dict[Any, Any] = {
     torch.relu_: torch.relu,
     Tensor.relu_: torch.relu,
@@ -171,6 +173,8 @@ MOVING = {
     # constants (DistilBERT's attention masking); the gradient is zero there
     Tensor.masked_fill, torch.masked_fill,
 }
+
+
 def unfold_filled(args: tuple, kwargs: dict, fill: Any) -> Tensor:
     """``F.unfold(*args, **kwargs)`` with its padded entries set to ``fill`` instead of 0:
     True in a mask of constant entries, NaN in position tags (a padded entry has no place)."""

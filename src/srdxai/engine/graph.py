@@ -134,9 +134,6 @@ def channels_last_perm(ndim: int) -> tuple[int, ...]:
     return (0, *range(2, ndim), 1)
 
 
-# Products whose factor produced directly by one of these activations is a gate (docs/srd.md).
-
-
 def identity_activation(t: Tensor) -> Tensor:
     """The activation of a sum layer: the identity (a new tensor object, so that the layer
     gets a node of its own)."""
@@ -798,9 +795,9 @@ class Recorder(Tracer):
                 "group and channel (split attention's softmax over the branches) is decomposed.")
         source = parts[0]
         flat = (n, source.shape[1], *([1] * (source.dim() - 2)))
-        gate_node = self.node_of(gate)
-        if gate_node.channel_split is not None and self._split_parts(gate) is not None:
-            gate_flat = self._split_parts(gate)[0]
+        gate_parts = self._split_parts(gate) if self.node_of(gate).channel_split else None
+        if gate_parts is not None:  # viewed from (N, k * C, 1, 1) itself (ResNeSt)
+            gate_flat = gate_parts[0]
         else:
             gate_flat = self.__torch_function__(Tensor.reshape, (), (gate, flat))
         gated = self._dispatch(torch.mul, (source, gate_flat), {})
@@ -1024,11 +1021,15 @@ class Recorder(Tracer):
         return self._record(op, [signal], out)
 
     # -- channels-last tensors and normalisation -----------------------------------------------
-    def _layout_node(self, x: Tensor, out: Tensor, perm: tuple[int, ...] | None) -> Tensor:
-        """Record ``out`` (a permuted view of ``x``, same values) with layout ``perm``."""
+    def _relaid(self, x: Tensor, dims: Sequence[int], perm: tuple[int, ...] | None) -> Tensor:
+        """``x.permute(dims)`` (the same values) recorded with layout ``perm`` (None:
+        canonical): a model's permute, and how a channels-last tensor enters a call in the
+        canonical layout and its result leaves."""
+        with torch._C.DisableTorchFunction():
+            view = x.permute(tuple(dims))
         op = ops.IdentityOp(self.where)
         op.kind = "layout"
-        out = self._record(op, [x], out)
+        out = self._record(op, [x], view)
         self.node_of(out).perm = perm
         return out
 
@@ -1050,14 +1051,12 @@ class Recorder(Tracer):
     def _permute(self, func, args, kwargs):
         x = args[0]
         dims = self._permuted_dims(func, args, kwargs, x.dim())
-        with torch._C.DisableTorchFunction():
-            out = x.permute(dims)
         current = self.node_of(x).perm or tuple(range(x.dim()))
         new = tuple(current[d] for d in dims)
         if new == tuple(range(x.dim())):
-            return self._layout_node(x, out, None)
+            return self._relaid(x, dims, None)
         if x.dim() >= 3 and new == channels_last_perm(x.dim()):
-            return self._layout_node(x, out, new)
+            return self._relaid(x, dims, new)
         raise self.unsupported(
             f"the operation '{func_name(func)}'",
             f"It permutes the axes {dims} of a tensor of shape {tuple(x.shape)}; only moving "
@@ -1083,11 +1082,8 @@ class Recorder(Tracer):
         def canonical(obj: Any) -> Any:
             if not isinstance(obj, Tensor):
                 return obj
-            node = self.node_of(obj)
-            if node is not None:
-                with torch._C.DisableTorchFunction():
-                    view = obj.permute(inv)
-                return self._layout_node(obj, view, None)
+            if self.node_of(obj) is not None:
+                return self._relaid(obj, inv, None)
             if obj.dim() == 0:
                 return obj
             # a constant broadcast against the channels-last tensor (layer scale, a bias)
@@ -1110,9 +1106,7 @@ class Recorder(Tracer):
             c_args = tuple(canonical(a) for a in args)
             c_kwargs = {k: canonical(v) for k, v in kwargs.items()}
             out = self._dispatch(func, c_args, c_kwargs)
-        with torch._C.DisableTorchFunction():
-            view = out.permute(perm)
-        return self._layout_node(out, view, perm)
+        return self._relaid(out, perm, perm)
 
     def _along_canonical_dim(self, func, args, kwargs, perm: tuple[int, ...]) -> Any:
         """A split, a concatenation or a mean of channels-last tensors (MambaOut's and gMLP's
@@ -1129,24 +1123,15 @@ class Recorder(Tracer):
         dims = [int(d) % ndim for d in (dim if isinstance(dim, list | tuple) else (dim,))]
         mapped = tuple(perm[d] for d in dims) if isinstance(dim, list | tuple) else perm[dims[0]]
         inv = _inverse(perm)
-
-        def canonical(t: Tensor) -> Tensor:
-            with torch._C.DisableTorchFunction():
-                view = t.permute(inv)
-            return self._layout_node(t, view, None)
-
-        moved = ([canonical(t) for t in tensors] if func in CAT_FUNCS
-                 else canonical(tensors))
+        moved = ([self._relaid(t, inv, None) for t in tensors] if func in CAT_FUNCS
+                 else self._relaid(tensors, inv, None))
         rest = [*args[1:position], mapped, *args[position + 1:]]
         kw = {k: v for k, v in kwargs.items() if k != "dim"}
         out = self._dispatch(func, (moved, *rest), kw)
 
         def back(t: Tensor) -> Tensor:
-            if t.dim() != ndim:
-                return t  # a mean without keepdim: no channels-last layout left
-            with torch._C.DisableTorchFunction():
-                view = t.permute(perm)
-            return self._layout_node(t, view, perm)
+            # a mean without keepdim has no channels-last layout left
+            return t if t.dim() != ndim else self._relaid(t, perm, perm)
 
         return back(out) if isinstance(out, Tensor) else tuple(back(t) for t in out)
 

@@ -135,9 +135,10 @@ class PositionTags:
         if not inputs or any(k is None for k in known):
             self._tags[out] = _unknown(out)
             return
+        by_columns = call.kind == "matmul" and _placed_by_columns(call, known)
         try:
-            tags = tuple(self._component(call, inputs, [k[c] for k in known], out, c)
-                         for c in range(3))
+            tags = tuple(self._component(call, inputs, [k[c] for k in known], out, c,
+                                         by_columns) for c in range(3))
         except (RuntimeError, TypeError, ValueError, IndexError):
             tags = None
         if tags is None or None in tags:
@@ -168,7 +169,7 @@ class PositionTags:
         return centres.reshape(-1, *[1] * (spatial - axis - 1)).expand(shape)
 
     def _component(self, call: Any, inputs: Sequence[Tensor], tags: list[Tensor],
-                   out: Tensor, component: int = 0) -> Tensor | None:
+                   out: Tensor, component: int = 0, by_columns: bool = False) -> Tensor | None:
         kind, shape = call.kind, out.shape
         first = tags[0]
         if is_elementwise(kind, len(inputs)) or kind == "batch_norm":
@@ -195,7 +196,7 @@ class PositionTags:
             return first.mean(dim, keepdim=True).expand(shape) if isinstance(dim, int) \
                 else None
         if kind == "matmul":
-            return self._matmul(call, tags, shape)
+            return self._matmul(call, tags, shape, by_columns)
         if kind == "conv":
             return _conv_centre(call, first, shape)
         if kind == "avg_pool" and call.original in _POOL_DIMS:
@@ -211,25 +212,33 @@ class PositionTags:
         return None
 
     @staticmethod
-    def _matmul(call: Any, tags: list[Tensor], shape: torch.Size) -> Tensor | None:
+    def _matmul(call: Any, tags: list[Tensor], shape: torch.Size,
+                by_columns: bool) -> Tensor | None:
         """``a @ b``: an output row sits where ``a``'s row does (a query token); with only
-        ``b`` traced, a column where ``b``'s column does; so it does with both traced where
-        ``a``'s rows share one place and ``b``'s columns do not (channel attention, XCiT's
-        and DaViT's ``attn @ v`` over the channels: the rows are channels, the columns
-        tokens)."""
+        ``b`` traced, or ``by_columns`` (:func:`_placed_by_columns`), a column where ``b``'s
+        column does."""
         if call.original is torch.einsum:
             return None
-        columns = tags[-1].mean(-2, keepdim=True) if tags[-1].dim() >= 2 else None
-        if call.is_input(0, "input"):
+        if call.is_input(0, "input") and not by_columns:
             a = tags[0]
-            if a.dim() < 2:
-                return None
-            rows = a.mean(-1, keepdim=True)
-            if (len(tags) == 2 and columns is not None and not _varies(rows, -2)
-                    and _varies(columns, -1)):
-                return columns.expand(shape)
-            return rows.expand(shape)
-        return columns.expand(shape) if columns is not None else None
+            return a.mean(-1, keepdim=True).expand(shape) if a.dim() >= 2 else None
+        b = tags[-1]
+        return b.mean(-2, keepdim=True).expand(shape) if b.dim() >= 2 else None
+
+
+def _placed_by_columns(call: Any, known: Sequence[Tags]) -> bool:
+    """Whether ``a @ b``, both traced, sits where ``b``'s columns do: ``a``'s rows share one
+    place and ``b``'s columns do not (channel attention, XCiT's and DaViT's ``attn @ v``
+    over the channels: the rows are channels, the columns tokens). Decided once, over the
+    rows and columns of the image, for all three tags."""
+    if len(known) != 2 or call.original is torch.einsum or not call.is_input(0, "input"):
+        return False
+    a, b = known
+    if a[1].dim() < 2 or b[1].dim() < 2:
+        return False
+    rows = [_varies(t.mean(-1, keepdim=True), -2) for t in a[1:]]
+    columns = [_varies(t.mean(-2, keepdim=True), -1) for t in b[1:]]
+    return not any(rows) and any(columns)
 
 
 def _varies(t: Tensor, dim: int) -> bool:

@@ -81,9 +81,10 @@ from .base import Method, register
 Tensor = torch.Tensor
 
 
-def _spread(per_vector: Tensor, like: Tensor, dims: int = 1) -> Tensor:
-    """One relevance per vector (the last ``dims`` dimensions of ``like``) carried on the
-    vector's entries in proportion to their squares (evenly over an all-zero vector).
+def _spread(per_vector: Tensor, like: Tensor, axis: int = -1) -> Tensor:
+    """One relevance per vector (along ``axis`` of ``like``: the last for tokens, 1 for an
+    (N, C, ...) map; ``per_vector`` has ``like``'s shape without it) carried on the vector's
+    entries in proportion to their squares (evenly over an all-zero vector).
 
     Why squares: where value-moving calls regroup entries between two operations (heads
     split from a token vector or concatenated back, 2x2 tokens merged into one vector, a
@@ -91,13 +92,11 @@ def _spread(per_vector: Tensor, like: Tensor, dims: int = 1) -> Tensor:
     parts x_k, and SRD's sharing ratio of a part, whose contribution is x_k in its own slots,
     is ``||x_k||^2 / ||x||^2``: summing the carried relevance over a part's entries gives
     exactly that."""
-    reduce = tuple(range(-dims, 0))
     squares = like * like
-    total = squares.sum(reduce, keepdim=True)
-    size = math.prod(like.shape[-dims:])
+    total = squares.sum(axis, keepdim=True)
     weights = torch.where(total > 0, squares / torch.where(total > 0, total, 1.0),
-                          torch.full_like(squares, 1.0 / size))
-    return per_vector.reshape(*per_vector.shape, *([1] * dims)) * weights
+                          torch.full_like(squares, 1.0 / like.shape[axis]))
+    return per_vector.unsqueeze(axis) * weights
 
 
 def _broadcast_gate(inputs: Sequence[Tensor], output: Tensor) -> int | None:
@@ -188,8 +187,7 @@ class SRDTokenRule(OpRule):
         if kind == "avg_pool":
             return [self._token_mean(call, x, output, grad)]
         if kind == "batch_norm":  # per channel (dim 1): one source per vector
-            moved = grad.movedim(1, -1)
-            return [_spread(moved.sum(-1), x.movedim(1, -1)).movedim(-1, 1)]
+            return [_spread(grad.sum(1), x, 1)]
         if len(inputs) == 2:
             if kind in ("add", "sub"):
                 return self._residual(call, inputs, output, grad)
@@ -240,8 +238,7 @@ class SRDTokenRule(OpRule):
         back = call.vjp([x], g)[0]
         columns = x.reshape(x.shape[0], y.shape[1], -1, x.shape[-1])  # (N, C, k, L)
         per_vector = (columns * back.reshape(columns.shape)).sum(1)
-        carried = _spread(per_vector, columns.movedim(1, -1)).movedim(-1, 1)
-        return carried.reshape(x.shape)
+        return _spread(per_vector, columns, 1).reshape(x.shape)
 
     def _layer_norm(self, call: OpCall, x: Tensor, r: Tensor) -> Tensor:
         """A LayerNorm, its statistics detached, scales and shifts each entry alone: one
@@ -252,8 +249,8 @@ class SRDTokenRule(OpRule):
         normalized = call.argument(1, "normalized_shape")
         dims = len(normalized) if isinstance(normalized, list | tuple) else 1
         if dims == 1 and not call.grouped:
-            return _spread(r.sum(-1), x)
-        if call.grouped or (call.producers[0] in _MAP_PRODUCERS and dims == x.dim() - 1):
+            axis = -1
+        elif call.grouped or (call.producers[0] in _MAP_PRODUCERS and dims == x.dim() - 1):
             axis = 1
         elif x.dim() == 3 and dims == 2:
             axis = 2
@@ -261,8 +258,7 @@ class SRDTokenRule(OpRule):
             raise self._unsupported(
                 call, f"a LayerNorm over {dims} dimensions of a tensor of shape "
                 f"{tuple(x.shape)} whose vector axis is unknown")
-        carried = _spread(r.movedim(axis, -1).sum(-1), x.movedim(axis, -1))
-        return carried.movedim(-1, axis)
+        return _spread(r.sum(axis), x, axis)
 
     def _max_pool(self, call: OpCall, x: Tensor, y: Tensor, r: Tensor) -> Tensor:
         """Max pooling of an (N, C, ...) map (NesT's and GCViT's downsampling, a stem's pool)
@@ -287,9 +283,7 @@ class SRDTokenRule(OpRule):
                 raise self._unsupported(call, "a maximum over the batch or the feature vector")
             if not call.argument(2, "keepdim", False):
                 axis -= sum(d < axis for d in dims)  # the output's vector axis
-        per_vector = r.movedim(axis, -1).sum(-1)
-        carried = _spread(per_vector, y.movedim(axis, -1)).movedim(-1, axis)
-        return call.vjp([x], carried)[0]
+        return call.vjp([x], _spread(r.sum(axis), y, axis))[0]
 
     @classmethod
     def _residual(cls, call: OpCall, inputs: Sequence[Tensor], z: Tensor,
@@ -426,7 +420,7 @@ class SRDTokenRule(OpRule):
         ``t`` are one input gradient, as for a convolution."""
         g = z * safe_divide(r.sum(1), (z * z).sum(1)).unsqueeze(1)
         (jtg,) = call.vjp([x], g)
-        return _spread((x * jtg).sum(1), x.movedim(1, -1)).movedim(-1, 1)
+        return _spread((x * jtg).sum(1), x, 1)
 
     @staticmethod
     def _token_mean_last(call: OpCall, x: Tensor, z: Tensor, r: Tensor, dims: tuple[int, ...],
@@ -493,7 +487,7 @@ class SRDTokenRule(OpRule):
             spread = share * rho.flatten(1).unsqueeze(1)  # (N, K, L)
             pixel = pixel + F.fold(spread, x.shape[2:], tuple(weight.shape[2:]),
                                    dilation=dilation, padding=padding, stride=stride)[:, 0]
-        return _spread(pixel, x.movedim(1, -1)).movedim(-1, 1)
+        return _spread(pixel, x, 1)
 
     def _patch_embedding(self, call: OpCall, x: Tensor, z: Tensor, r: Tensor) -> Tensor:
         weight, bias = call.argument(1, "weight"), call.argument(2, "bias")
@@ -519,7 +513,7 @@ class SRDTokenRule(OpRule):
             direct = direct + bias_part
         mu = safe_divide(direct, _tile(norm2, k))
         pixel = mu * _tile(per_token, k)
-        return _spread(pixel, x.movedim(1, -1)).movedim(-1, 1)
+        return _spread(pixel, x, 1)
 
 
 #: producers of (N, C, ...) feature maps, whose vectors lie along dim 1
