@@ -25,7 +25,9 @@ except ImportError:  # pragma: no cover - depends on how pytest imports the test
 
 @dataclass(frozen=True)
 class Arch:
-    name: str  # timm model name, or "torchvision:<name>" (torchvision's own code)
+    # timm model name, "torchvision:<name>" (torchvision's own code) or "timm:<name>" (a small
+    # configuration of a timm class whose registered models are all large)
+    name: str
     family: str  # what it adds to the suite
     size: int = 64  # input side
     options: dict = field(default_factory=dict)  # timm.create_model / builder keywords
@@ -62,6 +64,7 @@ ARCHS: list[Arch] = [
          options=_SMALL_SWIN),
     Arch("mobilevit_xxs", "hybrid CNN-transformer", size=32),
     Arch("levit_128s", "hybrid CNN-transformer (LeViT)", options={"img_size": 64}),
+    Arch("timm:mixer", "MLP-Mixer (dense layers over the tokens)", size=32),
     # torchvision's own code for the same families: its models are what many users have
     Arch("torchvision:shufflenet_v2_x0_5", "channel shuffle (view, transpose, view)"),
     Arch("torchvision:googlenet", "inception modules (concatenation)",
@@ -100,6 +103,8 @@ EXPECTED_REFUSALS: dict[str, set[str]] = {
     "torchvision:swin_v2": {"attention_rollout", "transformer_attribution"},
     # FullGrad: the bias gradients of the block / grid partitions have no tracked place
     "torchvision:maxvit": {"attention_rollout", "transformer_attribution", "fullgrad"},
+    # FullGrad: the token-mixing layers' biases act on hidden tokens with no place in the image
+    "timm:mixer": {"attention_rollout", "transformer_attribution", "fullgrad"},
 }
 
 
@@ -108,6 +113,13 @@ def build(arch: Arch) -> torch.nn.Module:
     torch.manual_seed(0)
     if arch.name.startswith("torchvision:"):
         return _torchvision(arch.name.split(":", 1)[1], arch.options).eval()
+    if arch.name == "timm:mixer":  # every registered MLP-Mixer has 8 or more 512-wide blocks
+        from timm.models.mlp_mixer import MlpMixer
+
+        model = MlpMixer(num_classes=5, img_size=32, patch_size=8, num_blocks=2, embed_dim=32)
+        with torch.no_grad():  # timm starts the head at 0: every logit would be its bias
+            model.head.weight.normal_(0, 0.2)
+        return model.eval()
     import timm
 
     return timm.create_model(arch.name, pretrained=False, num_classes=5, **arch.options).eval()

@@ -55,8 +55,9 @@ from ..engine import ops
 from ..engine.core import Rule, Target, Trace, is_differentiable, keep_graph, target_gradient
 from ..engine.graph import Node
 from ..engine.memory import budget_chunk, run_in_chunks
-from ..engine.optrace import OpRule, OpTrace, RecordingRule
+from ..engine.optrace import OpRule, OpTrace
 from ..engine.positions import PositionTags
+from ..engine.vector_axes import AxisProbe
 from ..errors import InvalidInputError, UnsupportedOperationError
 from . import options
 from .base import Method, register
@@ -182,22 +183,28 @@ def _find_token_layer(model: nn.Module, x: Tensor, layer: str,
     map."""
     modules = dict(model.named_modules())
     if layer in ("low", "high"):
-        with torch.no_grad(), OpTrace(model, x.detach(), RecordingRule()) as trace:
+        probe = AxisProbe()
+        leaf = x.detach()
+        probe.axes.start(leaf)
+        with torch.no_grad(), OpTrace(model, leaf, probe) as trace:
             trace.forward()
-            calls = [(c.kind, c.name, c.grouped) for c in trace.calls]
+            calls = [(c.kind, c.name, c.grouped, probe.axes.mixes_tokens(c) is not None)
+                     for c in trace.calls]
         feeding = []
         last_norm = None
-        for kind, name, grouped in calls:
+        for kind, name, grouped, mixing in calls:
             if kind == "layer_norm" and not grouped:  # a GroupNorm is no token layer
                 last_norm = name
-            elif kind == "softmax" and last_norm is not None:
+            elif (kind == "softmax" or mixing) and last_norm is not None:
+                # an attention's softmax, or an MLP-Mixer's dense layer over the tokens
                 if not feeding or feeding[-1] != last_norm:
                     feeding.append(last_norm)
         want = 1 if layer == "low" else 2
         if len(feeding) < want:
             raise InvalidInputError(
                 f"layer='{layer}': the model has no activation layer with the input's spatial "
-                "layout and no LayerNorm feeding an attention, so there is no feature map for "
+                "layout and no LayerNorm feeding an attention or a dense layer over the tokens, "
+                "so there is no feature map for "
                 "a CAM; pass layer= a module whose output is tokens (N, T, D) or a "
                 "channels-last map (N, h, w, D).")
         name = feeding[-want]

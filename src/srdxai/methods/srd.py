@@ -30,7 +30,7 @@ from ..engine.graph import Node
 from ..errors import InvalidInputError, UnsupportedOperationError
 from . import options
 from .base import Method, register
-from .srd_tokens import known_attention, model_has_attention, remember_attention, token_relevance
+from .srd_tokens import known_on_tokens, model_on_tokens, remember_no_tokens, token_relevance
 
 Tensor = torch.Tensor
 
@@ -564,8 +564,9 @@ class SRD(Method):
 
     Args:
         model: any CNN built from the supported operations (see ``docs/engine.md``), or a
-            Vision Transformer (a model with attention), explained on token vectors
-            (``methods/srd_tokens.py``: pixel maps only, logit seed).
+            Vision Transformer or MLP-Mixer (a model with attention or a dense layer over the
+            tokens), explained on token vectors (``methods/srd_tokens.py``: pixel maps only,
+            logit seed).
         seed: ``"logit"`` (any head the engine decomposes: global pooling + dense layers,
             1x1-conv heads; the pixel map sums to the target logit), ``"gradcam"`` (the
             reference code's VGG16 seed: the Grad-CAM map of ``seed_layer``'s activation
@@ -612,11 +613,12 @@ class SRD(Method):
     # -- public API ----------------------------------------------------------------------------
     def attribute(self, inputs: Tensor, target: Target = None) -> Tensor:
         """SRD-input: the pixel relevance map (N, H, W). Models with attention (Vision
-        Transformers) are explained on token vectors (``methods/srd_tokens.py``)."""
+        Transformers) or token-mixing dense layers (MLP-Mixers) are explained on token
+        vectors (``methods/srd_tokens.py``)."""
 
         def one(x: Tensor, t: Target) -> Tensor:
             logit_seed = self.seed != "gradcam" and not self.contrastive
-            known = known_attention(self.model, x)
+            known = known_on_tokens(self.model, x)
             if logit_seed and not known:
                 # the PFV engine first, so that a CNN pays no probe: with the logit seed it
                 # refuses any attention on the way (UnsupportedOperationError), and only then
@@ -628,7 +630,7 @@ class SRD(Method):
                         raise
                 else:
                     if known is None:
-                        remember_attention(self.model, x, False)
+                        remember_no_tokens(self.model, x)
                     return result
             elif not self._on_tokens(x):  # probed first: a transformer refuses these options
                 return self._explain(x, t)[0]
@@ -637,15 +639,16 @@ class SRD(Method):
         return self._batched(inputs, target, one)
 
     def _on_tokens(self, x: Tensor) -> bool:
-        """Whether the model has attention (probed once per model and input shape); then SRD runs on
-        token vectors, where only the logit seed is defined."""
-        attention = model_has_attention(self, x)
-        if attention and (self.seed == "gradcam" or self.contrastive):
+        """Whether the model has attention or a dense layer over the tokens (probed once per
+        model and input shape); then SRD runs on token vectors, where only the logit seed is
+        defined."""
+        tokens = model_on_tokens(self, x)
+        if tokens and (self.seed == "gradcam" or self.contrastive):
             raise UnsupportedOperationError(
                 "SRD on a transformer's token vectors starts from the target logit: "
                 "seed='gradcam' and contrastive=True are defined for CNNs only; use "
                 "seed='auto' or 'logit' and contrastive=False.")
-        return attention
+        return tokens
 
     def _refuse_token_layers(self, x: Tensor) -> None:
         """Layer maps, ERFs and layer lists are the PFV engine's (probed first: the engine

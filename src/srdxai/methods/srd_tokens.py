@@ -67,6 +67,7 @@ from __future__ import annotations
 import math
 import weakref
 from collections.abc import Sequence
+from typing import NamedTuple
 
 import torch
 import torch.nn.functional as F
@@ -74,7 +75,8 @@ from torch import nn
 
 from ..engine.channels import safe_divide
 from ..engine.core import Target, keep_graph
-from ..engine.optrace import OpCall, OpRule, OpTrace, RecordingRule
+from ..engine.optrace import OpCall, OpRule, OpTrace
+from ..engine.vector_axes import AxisProbe, VectorAxes
 from ..errors import UnsupportedOperationError
 from .base import Method, register
 
@@ -162,6 +164,35 @@ class SRDTokenRule(OpRule):
                        "max_pool"})
     constant_parts = True
 
+    def __init__(self) -> None:
+        #: where each traced tensor's vectors lie: a dense layer over the tokens mixes them
+        self.axes = VectorAxes()
+        #: call index -> the vector axis of each traced input (None: unknown)
+        self._input_axes: dict[int, tuple[int | None, ...]] = {}
+
+    def start(self, x: Tensor) -> None:
+        """The model's input: its vectors (a pixel's channels) lie along dim 1."""
+        self.axes.start(x)
+
+    def on_call(self, call: OpCall, inputs: Sequence[Tensor], output: Tensor) -> Tensor:
+        self._input_axes[call.index] = tuple(self.axes.of(t) for t in inputs)
+        self.axes.on_call(call, inputs, output)
+        return output
+
+    def on_move(self, func, args: tuple, kwargs: dict, output) -> None:
+        self.axes.on_move(func, args, kwargs, output)
+
+    def _refuse_other_axis(self, call: OpCall, inputs: Sequence[Tensor], expected: int,
+                           what: str) -> None:
+        """Refuse where the tracked vector axis of an input is known and is not the one
+        the rule reads the vectors along (``expected``, counted from the end when
+        negative): the rule would pair up entries of different vectors."""
+        for t, axis in zip(inputs, self._input_axes.get(call.index, ()), strict=False):
+            if axis is not None and axis != expected % t.dim():
+                raise self._unsupported(
+                    call, f"{what} on a tensor of shape {tuple(t.shape)} whose vectors lie "
+                    f"along dim {axis}, not dim {expected % t.dim()}")
+
     def _unsupported(self, call: OpCall, why: str) -> UnsupportedOperationError:
         return UnsupportedOperationError(
             f"SRD on token vectors cannot decompose {why} (call {call}). It explains Vision "
@@ -190,6 +221,9 @@ class SRDTokenRule(OpRule):
             return [_spread(grad.sum(1), x, 1)]
         if len(inputs) == 2:
             if kind in ("add", "sub"):
+                feature_map = output.dim() >= 3 and any(p in _MAP_PRODUCERS
+                                                        for p in call.producers)
+                self._refuse_other_axis(call, inputs, 1 if feature_map else -1, "a sum")
                 return self._residual(call, inputs, output, grad)
             if kind == "matmul":
                 return self._weighted_sum(call, inputs, output, grad)
@@ -212,9 +246,14 @@ class SRDTokenRule(OpRule):
             if call.argument(2, "dim", 1) % x.dim() != x.dim() - 1:
                 raise self._unsupported(call, "a normalisation across token vectors")
             return [grad]
-        if kind in ("linear", "matmul"):  # per token: one source, mu = 1 (its bias too)
+        if kind in ("linear", "matmul"):
+            axis = self.axes.mixes_tokens(call)
+            if axis is not None:  # a dense layer over the tokens (MLP-Mixer, ResMLP, gMLP)
+                return [self._token_mixing(call, x, output, grad, axis)]
             if kind == "matmul" and not call.is_input(0, "input"):
-                raise self._unsupported(call, "a constant matrix mixing input-dependent rows")
+                raise self._unsupported(call, "a constant matrix mixing input-dependent rows "
+                                              "whose vectors' axis is unknown")
+            # per token: one source, mu = 1 (its bias too)
             return [_spread(grad.sum(-1), x)]
         if x.shape == grad.shape:  # elementwise: activations, scalings, + a parameter
             return [grad]
@@ -250,6 +289,7 @@ class SRDTokenRule(OpRule):
         dims = len(normalized) if isinstance(normalized, list | tuple) else 1
         if dims == 1 and not call.grouped:
             axis = -1
+            self._refuse_other_axis(call, [x], axis, "a LayerNorm over the last dimension")
         elif call.grouped or (call.producers[0] in _MAP_PRODUCERS and dims == x.dim() - 1):
             axis = 1
         elif x.dim() == 3 and dims == 2:
@@ -356,6 +396,47 @@ class SRDTokenRule(OpRule):
             f"{tuple(inputs[0].shape)} and {tuple(inputs[1].shape)} neither of which is "
             "attention weights (made from a softmax's output)")
 
+    def _token_mixing(self, call: OpCall, x: Tensor, y: Tensor, r: Tensor,
+                      axis: int) -> Tensor:
+        """A dense layer over the tokens: ``F.linear`` on ``x.transpose(1, 2)`` (MLP-Mixer's
+        and ResMLP's token mixing, gMLP's spatial gating unit), whose vectors lie along
+        ``axis``, or a parameter matrix times the tokens (``W @ x``, vectors along the last
+        axis). Output vector ``y(t) = sum_s W[t, s] x(s) + b[t] 1``: the sources are the input
+        vectors, ``c_{s -> t} = W[t, s] x(s)``, the bias ``b[t] 1`` split among them by
+        ``||c_{s -> t}|| = |W[t, s]| ||x(s)||`` (evenly where all are 0), as a convolution's
+        bias over its window; the same form as attention with fixed weights and a bias."""
+        if call.kind == "linear":
+            weight, bias = call.argument(1, "weight"), call.argument(2, "bias")
+        elif call.is_input(0, "input"):  # x @ W reads the columns of W
+            weight, bias = call.argument(1, "other"), None
+            weight = weight.mT if isinstance(weight, Tensor) else weight
+        else:  # W @ x: the vectors lie along x's last axis, the tokens along the one before
+            weight, bias = call.argument(0, "input"), None
+        if not isinstance(weight, Tensor) or weight.dim() != 2 or (
+                bias is not None and not isinstance(bias, Tensor)):
+            raise self._unsupported(call, "a dense layer over the tokens whose weight or bias "
+                                          "depends on the input")
+        move = call.kind == "linear" or call.is_input(0, "input")
+        v, o, rr = ((t.movedim(axis, -1) for t in (x, y, r)) if move else (x, y, r))
+        weight = weight.to(v.dtype)
+        per_out = rr.sum(-1)  # (..., T): one relevance per output vector
+        projection = weight * (o @ v.mT)  # (..., T, S): <W[t, s] x(s), y(t)>
+        norms = weight.abs() * torch.linalg.vector_norm(v, dim=-1).unsqueeze(-2)
+        if bias is not None:
+            total = norms.sum(-1, keepdim=True)
+            share = torch.where(total > 0, norms / torch.where(total > 0, total, 1.0),
+                                torch.full_like(norms, 1.0 / norms.shape[-1]))
+            projection = projection + share * (bias.to(o.dtype) * o.sum(-1)).unsqueeze(-1)
+        mu = safe_divide(projection, (o * o).sum(-1, keepdim=True))
+        mask = call.constant[0]
+        if mask is not None:
+            mask = mask.expand(x.shape).movedim(axis, -1) if move else mask.expand(x.shape)
+        constant = _vector_constant(mask, v)
+        if constant is not None:  # a constant token is a constant term of every output
+            mu = _share_constants(mu, constant, norms)
+        back = _spread((mu * per_out.unsqueeze(-1)).sum(-2), v)
+        return back.movedim(-1, axis) if move else back
+
     @staticmethod
     def _attention(constant_v: Tensor | None, inputs: Sequence[Tensor], o: Tensor,
                    r: Tensor) -> list[Tensor]:
@@ -409,6 +490,19 @@ class SRDTokenRule(OpRule):
                                           r.movedim(1, -1), tuple(d - 1 for d in dims), mean,
                                           keepdim)
             return moved.movedim(-1, 1)
+        axis = self._input_axes.get(call.index, (None,))[0]
+        if axis is not None and axis != x.dim() - 1 and axis not in dims and 0 not in dims:
+            # tokens whose vectors lie along another axis (an MLP-Mixer's (N, C, T) after a
+            # dense layer over the tokens): the same average with the vectors moved last
+            if call.constant[0] is not None:
+                raise self._unsupported(call, "an average of partly constant tokens whose "
+                                              "vectors do not lie along the last dimension")
+            moved = tuple(d - (d > axis) for d in dims)
+            out_axis = axis if keepdim else axis - sum(d < axis for d in dims)
+            back = self._token_mean_last(call, x.movedim(axis, -1), z.movedim(out_axis, -1),
+                                         r.movedim(out_axis, -1), moved, mean=mean,
+                                         keepdim=keepdim)
+            return back.movedim(-1, axis)
         if 0 in dims or x.dim() - 1 in dims:
             raise self._unsupported(call, "an average over the batch or the feature vector")
         return self._token_mean_last(call, x, z, r, dims, mean=mean, keepdim=keepdim)
@@ -555,43 +649,73 @@ def _reduce_to(r: Tensor, like: Tensor) -> Tensor:
     return out.sum(dims, keepdim=True) if dims else out
 
 
-def has_attention(method: Method, leaf: Tensor) -> bool:
-    """Whether the model multiplies two input-dependent tensors by a matrix product (an
-    attention): one probe pass on one sample, without autograd."""
+class TokenStructure(NamedTuple):
+    """What a probe pass found: attention (a matrix product of two input-dependent tensors)
+    and token mixing (a dense layer over the tokens: MLP-Mixer, ResMLP, gMLP)."""
 
-    with method._guard(), torch.no_grad(), OpTrace(method.model, leaf[:1].detach(),
-                                                    RecordingRule()) as trace:
+    attention: bool
+    mixing: bool
+
+    @property
+    def on_tokens(self) -> bool:
+        """SRD explains the model on token vectors (``method="srd"`` routes it here)."""
+        return self.attention or self.mixing
+
+
+def token_structure(method: Method, leaf: Tensor) -> TokenStructure:
+    """Whether the model has attention or mixes tokens with a dense layer: one probe pass on
+    one sample, without autograd."""
+    probe = AxisProbe()
+    x = leaf[:1].detach()
+    probe.axes.start(x)
+    with method._guard(), torch.no_grad(), OpTrace(method.model, x, probe) as trace:
         trace.forward()
-        return any(c.kind == "matmul" and c.n_inputs == 2 for c in trace.calls)
+        attention = any(c.kind == "matmul" and c.n_inputs == 2 for c in trace.calls)
+        return TokenStructure(attention, probe.axes.any_mixing)
 
 
-#: per model (weakly: the entry goes with the model), whether it has attention, by input
+#: per model (weakly: the entry goes with the model), its :class:`TokenStructure`, by input
 #: (shape, dtype, device) and the model's module types: the probe, or a failed attempt of the
 #: PFV engine, costs a forward pass that every later call on the same model would repeat
-_ATTENTION: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
+_STRUCTURE: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
 
 
-def _attention_key(model: nn.Module, x: Tensor) -> tuple:
+def _structure_key(model: nn.Module, x: Tensor) -> tuple:
     return (tuple(x.shape[1:]), x.dtype, x.device, tuple(type(m) for m in model.modules()))
 
 
-def known_attention(model: nn.Module, x: Tensor) -> bool | None:
-    """What an earlier call found out about ``model``'s attention for inputs like ``x`` (None:
-    nothing yet)."""
-    return _ATTENTION.get(model, {}).get(_attention_key(model, x))
+def known_on_tokens(model: nn.Module, x: Tensor) -> bool | None:
+    """What an earlier call found out about whether SRD explains ``model`` on token vectors
+    for inputs like ``x`` (None: nothing yet)."""
+    known = _STRUCTURE.get(model, {}).get(_structure_key(model, x))
+    return None if known is None else known.on_tokens
 
 
-def remember_attention(model: nn.Module, x: Tensor, value: bool) -> None:
-    _ATTENTION.setdefault(model, {})[_attention_key(model, x)] = value
+def remember_no_tokens(model: nn.Module, x: Tensor) -> None:
+    """The PFV engine explained ``model`` on inputs like ``x``: no attention, no token mixing."""
+    _STRUCTURE.setdefault(model, {})[_structure_key(model, x)] = TokenStructure(False, False)
+
+
+def model_structure(method: Method, x: Tensor) -> TokenStructure:
+    """:func:`token_structure`, probed once per model, input shape and structure."""
+    entries = _STRUCTURE.setdefault(method.model, {})
+    key = _structure_key(method.model, x)
+    known = entries.get(key)
+    if known is None:
+        known = entries[key] = token_structure(method, x)
+    return known
 
 
 def model_has_attention(method: Method, x: Tensor) -> bool:
-    """:func:`has_attention`, probed once per model, input shape and structure."""
-    known = known_attention(method.model, x)
-    if known is None:
-        known = has_attention(method, x)
-        remember_attention(method.model, x, known)
-    return known
+    """Whether the model multiplies two input-dependent tensors by a matrix product (an
+    attention), probed once per model, input shape and structure."""
+    return model_structure(method, x).attention
+
+
+def model_on_tokens(method: Method, x: Tensor) -> bool:
+    """Whether SRD explains the model on token vectors: it has attention or mixes tokens
+    with a dense layer (probed once per model, input shape and structure)."""
+    return model_structure(method, x).on_tokens
 
 
 def token_relevance(method: Method, x: Tensor, target: Target) -> Tensor:
@@ -599,8 +723,10 @@ def token_relevance(method: Method, x: Tensor, target: Target) -> Tensor:
     relevance carried on its channels (summing over them gives the pixel map)."""
 
     def run(leaf: Tensor) -> Tensor:
+        rule = SRDTokenRule()
+        rule.start(leaf)
         (rel,) = method._traced_gradients(
-            leaf, SRDTokenRule(),
+            leaf, rule,
             lambda out: [method._target_gradient(out, target)[0] * keep_graph(out)])
         return rel.contiguous()
 
@@ -614,28 +740,20 @@ class SRDTokens(Method):
     weights as the mixing kernel, token averages and the patch embedding with SRD's bias
     share); prefix tokens (class, distillation, registers) are constant terms. Signed;
     pixel-level (N, H, W); sums to the target logit. ``method="srd"`` routes every model with
-    attention here (Vision Transformers and hybrids); models without attention are refused
-    (see the module docstring and docs/methods.md)."""
+    attention or a dense layer over the tokens here (Vision Transformers, hybrids, MLP-Mixers);
+    other models are refused (see the module docstring and docs/methods.md)."""
 
     family = "decomposition"
 
     signed = True
 
-    def __init__(self, model: nn.Module, batch_size: int | None = None,
-                 channels_last: bool | None = None):
-        super().__init__(model, batch_size=batch_size, channels_last=channels_last)
-        self._attention: dict[tuple, bool] = {}  # input shape -> the model has attention
-
     def relevance(self, x: Tensor, target: Target) -> Tensor:
         """Input relevance ``(N, C, H, W)`` (each pixel's relevance on its channels)."""
-        key = (tuple(x.shape[1:]), x.dtype, x.device)
-        if key not in self._attention:
-            self._attention[key] = has_attention(self, x)
-        if not self._attention[key]:
+        if not model_on_tokens(self, x):
             raise UnsupportedOperationError(
-                "srd_tokens explains models with attention (Vision Transformers and hybrids); "
-                "this model has none: use method='srd', which decomposes a CNN with its PFV "
-                "engine.")
+                "srd_tokens explains models with attention or token-mixing dense layers "
+                "(Vision Transformers, hybrids, MLP-Mixers); this model has neither: use "
+                "method='srd', which decomposes a CNN with its PFV engine.")
         return token_relevance(self, x, target)
 
     def attribute(self, inputs: Tensor, target: Target = None) -> Tensor:

@@ -1,0 +1,193 @@
+"""Dense layers over the tokens (MLP-Mixer, ResMLP, gMLP): the operation view follows where
+each tensor's vectors lie (``engine/vector_axes.py``), SRD on token vectors shares a token-mixing
+layer's output among its input vectors (docs/srd.md), ``method="srd"`` routes such models to
+token vectors, and a call that would pair up entries of different vectors is refused."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+import srdxai
+from coverage_archs import ARCHS, build
+from srdxai.engine.optrace import OpTrace, RecordingRule
+from srdxai.engine.vector_axes import VectorAxes
+from srdxai.errors import UnsupportedOperationError
+from srdxai.methods import get_method
+from srdxai.methods.srd_tokens import token_structure
+
+DT = torch.float64
+
+
+class _Axes(RecordingRule):
+    def __init__(self) -> None:
+        self.axes = VectorAxes()
+        self.seen: dict[str, int | None] = {}
+
+    def on_call(self, call, inputs, output):
+        self.axes.on_call(call, inputs, output)
+        return output
+
+    def on_move(self, func, args, kwargs, output):
+        self.axes.on_move(func, args, kwargs, output)
+
+
+class _Probe(nn.Module):
+    """Moves of the kinds transformers and mixers make, each output recorded by name."""
+
+    def __init__(self, record):
+        super().__init__()
+        self.record = record
+        self.conv = nn.Conv2d(3, 8, 2, stride=2)
+        self.dense = nn.Linear(8, 24)
+        self.mix = nn.Linear(4, 4)
+
+    def forward(self, x):
+        r = self.record
+        t = r("tokens", self.conv(x).flatten(2).transpose(1, 2))  # (N, 4, 8): vectors last
+        r("transposed", t.transpose(1, 2))  # (N, 8, 4): vectors along 1
+        r("mixed", self.mix(t.transpose(1, 2)))  # tokens mixed: the vectors stay along 1
+        heads = r("heads", self.dense(t).reshape(2, 4, 3, 2, 4).permute(2, 0, 3, 1, 4))
+        r("merged", heads[0].transpose(1, 2).reshape(2, 4, 8))  # heads merged: last again
+        r("flat", t.flatten(1))  # merged, the vectors innermost: their parts along dim 1
+        r("unknown", t.transpose(1, 2).flatten(1))  # the vectors outermost: unknown
+        r("stacked", torch.stack([t, t], dim=0))
+        r("chunk", t.chunk(2, dim=-1)[1])
+        r("mean", t.mean(1))
+        return t.mean(1).sum(1, keepdim=True)
+
+
+def test_vector_axes_follow_moves_views_and_dense_layers():
+    rule = _Axes()
+    found: dict[str, torch.Tensor] = {}
+
+    def record(name, t):
+        found[name] = t
+        return t
+
+    x = torch.randn(2, 3, 4, 4)
+    rule.axes.start(x)
+    with torch.no_grad(), OpTrace(_Probe(record).eval(), x, rule) as trace:
+        trace.forward()
+        axes = {name: rule.axes.of(t) for name, t in found.items()}
+    assert axes == {"tokens": 2, "transposed": 1, "mixed": 1, "heads": 4, "merged": 2,
+                    "flat": 1, "unknown": None, "stacked": 3, "chunk": 2, "mean": 1}
+    assert rule.axes.any_mixing
+
+
+@pytest.mark.parametrize("arch", [a for a in ARCHS if a.name in {
+    "vit_tiny_patch16_224", "swin_tiny_patch4_window7_224", "mobilevit_xxs", "levit_128s",
+    "convnext_atto", "torchvision:vit", "torchvision:swin", "torchvision:maxvit",
+    "timm:mixer"}], ids=lambda a: a.name)
+def test_only_dense_layers_over_tokens_count_as_token_mixing(arch):
+    """The probe finds token mixing in the MLP-Mixer and nowhere else: a transformer's or
+    ConvNeXt's dense layers read each vector's entries (a false find would make SRD share a
+    dense layer's output among tokens)."""
+    model = build(arch)
+    x = torch.randn(1, 3, arch.size, arch.size)
+    structure = token_structure(get_method("srd_tokens")(model), x)
+    assert structure.mixing == (arch.name == "timm:mixer")
+
+
+class _OneMix(nn.Module):
+    """Pixels as tokens: (N, C, H, W) -> (N, C, T) -> a dense layer over T -> mean -> head."""
+
+    def __init__(self, tokens=6, out=5, channels=3, classes=4, bias=True, form="linear"):
+        super().__init__()
+        g = torch.Generator().manual_seed(0)
+        self.weight = nn.Parameter(torch.randn(out, tokens, generator=g, dtype=DT))
+        self.bias = nn.Parameter(torch.randn(out, generator=g, dtype=DT)) if bias else None
+        self.head = nn.Linear(channels, classes).double()
+        self.form = form
+
+    def forward(self, x):
+        t = x.flatten(2)  # (N, C, T): vectors along dim 1, tokens along the last
+        if self.form == "linear":
+            y = F.linear(t, self.weight, self.bias)
+        elif self.form == "right":  # x @ W^T on the tokens
+            y = t @ self.weight.T
+        else:  # W @ x on channels-last tokens, transposed back
+            y = (self.weight @ t.transpose(1, 2)).transpose(1, 2)
+        return self.head(y.mean(-1))
+
+
+def _by_hand(model: _OneMix, x: torch.Tensor, target: int) -> torch.Tensor:
+    """The definition written out for one sample: the head and the token mean pass the logit
+    to the mixed vectors y(t) by <y(t)/T, z> / ||z||^2; y(t) = sum_s W[t,s] x(s) + b[t] 1
+    shares by <W[t,s] x(s) + beta, y(t)> / ||y(t)||^2, beta = b[t] 1 split by |W[t,s]| ||x(s)||."""
+    w, b = model.weight.detach(), model.bias
+    v = x.flatten(1).T  # (S, C): the pixels' vectors
+    y = w @ v + (0 if b is None else b.detach()[:, None])  # (T, C)
+    z = y.mean(0)
+    logit = model.head(z)[target]
+    r_y = (y / y.shape[0] @ z) / (z @ z) * logit  # (T,)
+    pixels = torch.zeros(v.shape[0], dtype=DT)
+    for t in range(y.shape[0]):
+        norms = torch.stack([w[t, s].abs() * v[s].norm() for s in range(v.shape[0])])
+        for s in range(v.shape[0]):
+            part = w[t, s] * v[s]
+            if b is not None:
+                part = part + b.detach()[t] * norms[s] / norms.sum()
+            pixels[s] += (part @ y[t]) / (y[t] @ y[t]) * r_y[t]
+    return pixels.reshape(x.shape[1:])
+
+
+@pytest.mark.parametrize("method", ["srd", "srd_tokens"])
+def test_a_token_mixing_layer_by_hand(method):
+    model = _OneMix().eval()
+    x = torch.randn(2, 3, 2, 3, dtype=DT)
+    ours = srdxai.explain(model, x, [1, 2], method)
+    for i, target in enumerate([1, 2]):
+        torch.testing.assert_close(ours[i], _by_hand(model, x[i], target), rtol=1e-10,
+                                   atol=1e-12)
+
+
+@pytest.mark.parametrize("form", ["right", "left"])
+def test_matrix_products_over_tokens_equal_the_dense_layer(form):
+    """``x @ W^T`` on the tokens and ``W @ x`` on channels-last tokens are the same layer as
+    ``F.linear`` over the tokens (without a bias, which the products do not have)."""
+    x = torch.randn(2, 3, 2, 3, dtype=DT)
+    dense = _OneMix(bias=False).eval()
+    product = _OneMix(bias=False, form=form).eval()
+    product.load_state_dict(dense.state_dict())
+    torch.testing.assert_close(srdxai.explain(product, x, 1, "srd"),
+                               srdxai.explain(dense, x, 1, "srd"), rtol=1e-10, atol=1e-12)
+
+
+class _Misread(nn.Module):
+    """Token tensors transposed so that their vectors lie along dim 1, then a call that reads
+    vectors along the last dimension (or pairs up entries as if they did)."""
+
+    def __init__(self, kind):
+        super().__init__()
+        self.kind = kind
+        self.embed = nn.Conv2d(3, 4, 2, stride=2).double()
+        self.norm = nn.LayerNorm(4).double()
+        self.mix = nn.Linear(4, 4).double()
+        self.head = nn.Linear(4, 3).double()
+
+    def forward(self, x):
+        t = self.embed(x).flatten(2).transpose(1, 2)  # (N, 4 tokens, 4 channels)
+        m = self.mix(self.norm(t).transpose(1, 2))  # mixed: (N, channels, tokens)
+        if self.kind == "layer_norm":  # normalises each channel across the tokens
+            m = F.layer_norm(m, (4,))
+        else:  # a residual sum of two tensors whose vectors lie along dim 1
+            m = m + self.mix(m)
+        return self.head(m.transpose(1, 2).mean(1))
+
+
+@pytest.mark.parametrize("kind", ["layer_norm", "sum"])
+def test_calls_that_would_pair_up_entries_of_different_vectors_are_refused(kind):
+    model = _Misread(kind).eval()
+    x = torch.randn(2, 3, 4, 4, dtype=DT)
+    with pytest.raises(UnsupportedOperationError, match="vectors lie along dim 1"):
+        srdxai.explain(model, x, 0, "srd")
+
+
+def test_srd_tokens_still_refuses_a_cnn():
+    model = nn.Sequential(nn.Conv2d(3, 4, 3), nn.ReLU(), nn.AdaptiveAvgPool2d(1), nn.Flatten(),
+                          nn.Linear(4, 2)).eval()
+    with pytest.raises(UnsupportedOperationError, match="attention or token-mixing"):
+        srdxai.explain(model, torch.randn(1, 3, 8, 8), 0, "srd_tokens")
