@@ -18,6 +18,7 @@ import os
 import subprocess
 import sys
 import time
+import warnings
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -53,7 +54,7 @@ def probe(name: str) -> dict:
     import torch
 
     import srdxai
-    from srdxai.errors import InvalidInputError, UnsupportedOperationError
+    from srdxai.errors import InvalidInputError, OperationViewWarning, UnsupportedOperationError
 
     torch.manual_seed(0)
     model = x = None
@@ -86,13 +87,17 @@ def probe(name: str) -> dict:
     for method in METHODS:
         try:
             if method == "srd":
-                m = srdxai.SRD(model, seed="logit").attribute(x, target)
+                with warnings.catch_warnings(record=True) as caught:
+                    warnings.simplefilter("always", OperationViewWarning)
+                    m = srdxai.SRD(model, seed="logit").attribute(x, target)
+                view = any(issubclass(w.category, OperationViewWarning) for w in caught)
             else:
                 m = srdxai.explain(model, x, target=target, method=method)
             cell = {"status": "ok" if bool(torch.isfinite(m).all()) else "NON-FINITE"}
             if method == "srd":
                 error = (m.sum((1, 2)) - logits).abs() / logits.abs().clamp_min(1e-12)
                 cell["relative_error"] = float(error.max())
+                cell["operation_view"] = view
         except (UnsupportedOperationError, InvalidInputError) as refusal:
             cell = {"status": "refused", "why": str(refusal).split(". ")[0][:160]}
         except Exception as crash:  # noqa: BLE001 - a crash is what the probe looks for
@@ -104,7 +109,8 @@ def probe(name: str) -> dict:
 def cell_text(cell: dict, method: str) -> str:
     if cell["status"] == "ok" and method == "srd":
         error = cell["relative_error"]
-        return "exact" if error < 1e-6 else f"**off by {error:.1e}**"
+        view = " (operation view)" if cell.get("operation_view") else ""
+        return f"exact{view}" if error < 1e-6 else f"**off by {error:.1e}**{view}"
     return {"ok": "map", "refused": "refused"}.get(cell["status"], f"**{cell['status']}**")
 
 
@@ -153,8 +159,10 @@ def write(path: Path, rows: list[dict]) -> None:
     srd = [r["srd"] for r in rows if "srd" in r]
     exact = sum(c["status"] == "ok" and c["relative_error"] < 1e-6 for c in srd)
     wrong = sum(c["status"] == "ok" and c["relative_error"] >= 1e-6 for c in srd)
-    summary = (f"SRD: {exact} of {len(rows)} exact (map sum = logit to 1e-6 in float64), "
-               f"{wrong} off, the rest refused with a clear error.")
+    view = sum(c["status"] == "ok" and bool(c.get("operation_view")) for c in srd)
+    summary = (f"SRD: {exact} of {len(rows)} exact (map sum = logit to 1e-6 in float64; "
+               f"{view} of them on the operation view, which the PFV engine cannot "
+               f"decompose), {wrong} off, the rest refused with a clear error.")
     path.write_text("\n".join([summary, "", *lines, "", "Why each refusal:", "", *refusals])
                     + "\n")
     print(summary)

@@ -304,8 +304,10 @@ def test_unsupported_operations_raise_clear_errors(model_cls, pattern):
     torch.manual_seed(0)
     model = model_cls().eval()
     before = snapshot(model)
+    # the PFV engine's refusal (by default a model it refuses goes to the operation view:
+    # tests/test_srd_operation_view.py)
     with pytest.raises(UnsupportedOperationError, match=pattern):
-        srdxai.explain(model, torch.randn(1, 3, 8, 8), seed="logit")
+        srdxai.explain(model, torch.randn(1, 3, 8, 8), seed="logit", operation_view=False)
     assert_same(before, snapshot(model))
     # the plain gradient runs through the same engine and still works
     assert srdxai.explain(model, torch.randn(1, 3, 8, 8), method="gradient").shape == (1, 8, 8)
@@ -314,7 +316,7 @@ def test_unsupported_operations_raise_clear_errors(model_cls, pattern):
 def test_unsupported_error_names_the_module():
     model = Squared().eval()
     with pytest.raises(UnsupportedOperationError, match="in module 'Squared \\(the model's own"):
-        srdxai.explain(model, torch.randn(1, 3, 8, 8), seed="logit")
+        srdxai.explain(model, torch.randn(1, 3, 8, 8), seed="logit", operation_view=False)
 
     class Transposer(nn.Module):
         def forward(self, x):
@@ -325,7 +327,7 @@ def test_unsupported_error_names_the_module():
                            nn.ReLU(), nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(2, 2))
     with pytest.raises(UnsupportedOperationError,
                        match=r"Tensor.transpose' \(in module '2.1'\)"):
-        srdxai.explain(nested.eval(), torch.randn(1, 3, 8, 8))
+        srdxai.explain(nested.eval(), torch.randn(1, 3, 8, 8), operation_view=False)
 
 
 class Conv1dNet(nn.Module):

@@ -72,8 +72,10 @@ def test_vector_axes_follow_moves_views_and_dense_layers():
     with torch.no_grad(), OpTrace(_Probe(record).eval(), x, rule) as trace:
         trace.forward()
         axes = {name: rule.axes.of(t) for name, t in found.items()}
+        merged = {name for name, t in found.items() if rule.axes.merged(t)}
     assert axes == {"tokens": 2, "transposed": 1, "mixed": 1, "heads": 4, "merged": 2,
                     "flat": 1, "unknown": None, "stacked": 3, "chunk": 2, "mean": 1}
+    assert merged == {"unknown"}  # the vectors merged with the tokens after them
     assert rule.axes.any_mixing
 
 
@@ -156,9 +158,9 @@ def test_matrix_products_over_tokens_equal_the_dense_layer(form):
                                srdxai.explain(dense, x, 1, "srd"), rtol=1e-10, atol=1e-12)
 
 
-class _Misread(nn.Module):
-    """Token tensors transposed so that their vectors lie along dim 1, then a call that reads
-    vectors along the last dimension (or pairs up entries as if they did)."""
+class _Transposed(nn.Module):
+    """Token tensors transposed so that their vectors lie along dim 1, then a LayerNorm, a sum
+    of two such tensors, or a sum of tensors whose vectors lie along different axes."""
 
     def __init__(self, kind):
         super().__init__()
@@ -173,17 +175,35 @@ class _Misread(nn.Module):
         m = self.mix(self.norm(t).transpose(1, 2))  # mixed: (N, channels, tokens)
         if self.kind == "layer_norm":  # normalises each channel across the tokens
             m = F.layer_norm(m, (4,))
-        else:  # a residual sum of two tensors whose vectors lie along dim 1
+        elif self.kind == "sum":  # a residual sum of two tensors whose vectors lie along dim 1
             m = m + self.mix(m)
+        elif self.kind == "sum_as_tokens":  # the same sum with both operands as tokens
+            return self.head((m.transpose(1, 2) + self.mix(m).transpose(1, 2)).mean(1))
+        else:  # tokens plus channels: 4 x 4, so the shapes agree and the vectors do not
+            m = m + t
         return self.head(m.transpose(1, 2).mean(1))
 
 
-@pytest.mark.parametrize("kind", ["layer_norm", "sum"])
+@pytest.mark.parametrize("kind", ["layer_norm", "mixed_sum"])
 def test_calls_that_would_pair_up_entries_of_different_vectors_are_refused(kind):
-    model = _Misread(kind).eval()
+    model = _Transposed(kind).eval()
     x = torch.randn(2, 3, 4, 4, dtype=DT)
-    with pytest.raises(UnsupportedOperationError, match="vectors lie along dim 1"):
+    with pytest.raises(UnsupportedOperationError, match="vectors lie along dim"):
         srdxai.explain(model, x, 0, "srd")
+
+
+def test_a_sum_shares_by_the_vectors_along_the_axis_where_they_lie():
+    """A sum of two (N, C, T) tensors equals the same sum written on (N, T, C) tokens (until
+    December 2026 the operation view read the vectors along the last axis of any sum that
+    was not made by convolutions: here the tokens, a map that conserved and was wrong)."""
+    x = torch.randn(2, 3, 4, 4, dtype=DT)
+    layout = _Transposed("sum").eval()
+    tokens = _Transposed("sum_as_tokens").eval()
+    tokens.load_state_dict(layout.state_dict())
+    ours = srdxai.explain(layout, x, 1, "srd")
+    torch.testing.assert_close(ours, srdxai.explain(tokens, x, 1, "srd"), rtol=1e-10,
+                               atol=1e-12)
+    torch.testing.assert_close(ours.sum((1, 2)), layout(x)[:, 1], rtol=1e-10, atol=1e-12)
 
 
 def test_srd_tokens_still_refuses_a_cnn():

@@ -17,6 +17,7 @@ __all__ = [
     "MissingDependencyError",
     "NonFiniteError",
     "RunDirectoryError",
+    "OperationViewWarning",
 ]
 
 
@@ -63,3 +64,10 @@ class MissingDependencyError(SrdxaiError, ImportError):
 
     It is also an :class:`ImportError`, so ``except ImportError`` keeps working.
     """
+
+
+class OperationViewWarning(UserWarning):
+    """SRD explained a model its PFV engine cannot decompose on the operation view instead:
+    every operation a layer (``docs/srd.md``, "The operation view for what the PFV engine
+    cannot decompose"). The map is SRD's and sums to the target logit; it differs from the PFV
+    engine's, which composes the linear operations between two activations into one layer."""

@@ -694,13 +694,17 @@ class Recorder(Tracer):
         if out.dim() < 2 or out.shape[:2] != x.shape[:2] or math.prod(in_sp) != math.prod(
             out_sp
         ):
-            raise self.unsupported(
+            error = self.unsupported(
                 f"'{func_name(func)}' from {tuple(x.shape)} to {tuple(out.shape)}",
                 "Only views that keep batch and channels (e.g. flattening a 1x1 pooled map) "
                 "keep pointwise feature vectors intact. For flatten+linear heads use "
                 "seed='gradcam' with a conv layer.",
                 moves_values=True,
             )
+            # a map flattened into one vector per sample: a VGG-style head, below which
+            # SRD's automatic seed starts (Grad-CAM's)
+            error.flatten_head = out.dim() == 2 and x.dim() >= 3  # type: ignore[attr-defined]
+            raise error
         op = ops.ReshapeOp(self.where, in_sp, out_sp)
         return self._record(op, [x], out)
 

@@ -560,6 +560,10 @@ class OpTracer(Tracer):
                        out: Tensor) -> Tensor | None:
         """Which entries of a computing call's output do not depend on the input."""
         masks = [self.constant_mask(t) for t in inputs]
+        zeroed = self._zeroed(call, args, inputs, out)
+        if zeroed is not None:  # x * c is 0 wherever the constant c is, whatever x is
+            mask = masks[0]
+            return zeroed if mask is None else zeroed | mask.expand(out.shape)
         if all(m is None for m in masks):
             return None
         full = [m if m is not None else torch.zeros(t.shape, dtype=torch.bool,
@@ -590,6 +594,21 @@ class OpTracer(Tracer):
                 both = ma.to(torch.float64) @ mb.to(torch.float64)
                 return (both == k).expand(shape)
         return None  # other kinds: treated as input-dependent
+
+    def _zeroed(self, call: OpCall, args, inputs: list[Tensor], out: Tensor) -> Tensor | None:
+        """For a product of one traced tensor and a constant (a padding mask's 0s and 1s:
+        an LSTM keeping its state over padding, ``keep * h_new + (1 - keep) * h``), the
+        output entries where the constant is 0; None where there are none."""
+        if call.kind not in ("mul", "scale") or len(inputs) != 1 or \
+                call.original not in MUL or len(args) < 2:
+            return None
+        other = args[1] if self.is_tracked(args[0]) else args[0]
+        if isinstance(other, Tensor):
+            zero = other.detach() == 0
+            return zero.expand(out.shape) if bool(zero.any()) else None
+        if _is_number(other) and other == 0:
+            return torch.ones(out.shape, dtype=torch.bool, device=out.device)
+        return None
 
     def unsupported(self, what: str, advice: str = "", fatal: bool = False,
                     moves_values: bool = False) -> UnsupportedOperationError:

@@ -43,6 +43,8 @@ Tensor = torch.Tensor
 _MAP_KINDS = frozenset({"conv", "batch_norm", "avg_pool", "max_pool"})
 #: computing calls that keep their (first) input's axis
 _KEEP_KINDS = frozenset({"activation", "scale", "layer_norm", "normalize", "softmax"})
+#: what :meth:`VectorAxes._through_meta` gives for an axis a view merged with the later ones
+MERGED = -1
 #: reductions over some dimensions (a mean over tokens, Hiera's ``amax``)
 _REDUCTIONS = {torch.mean, Tensor.mean, torch.sum, Tensor.sum, torch.amax, Tensor.amax}
 #: copies that keep the number of dimensions and the meaning of every axis
@@ -74,8 +76,12 @@ class VectorAxes:
 
     def __init__(self) -> None:
         self._axes: Any = WeakTensorKeyDictionary()
+        #: tensors whose vectors a view merged with the axes after them (a flattened map)
+        self._merged: Any = WeakTensorKeyDictionary()
         #: call index -> the vector axis of the input of a dense call that mixes tokens
         self._mixing: dict[int, int] = {}
+        #: indices of the dense calls that read a merged tensor (a VGG-style flatten head)
+        self._merged_dense: set[int] = set()
 
     def start(self, x: Tensor) -> None:
         if x.dim() >= 2:
@@ -93,6 +99,15 @@ class VectorAxes:
         vector, else None."""
         return self._mixing.get(call.index)
 
+    def merged(self, t: Any) -> bool:
+        """Whether a view merged the vectors of ``t`` with the axes after them (a feature
+        map flattened into one vector per sample, its channels outermost)."""
+        return isinstance(t, Tensor) and bool(self._merged.get(t, False))
+
+    def reads_merged(self, call: Any) -> bool:
+        """Whether a dense call reads a merged tensor (:meth:`merged`)."""
+        return call.index in self._merged_dense
+
     @property
     def any_mixing(self) -> bool:
         """Whether some dense call of the pass mixed token vectors."""
@@ -104,12 +119,16 @@ class VectorAxes:
 
     # -- calls that move values -----------------------------------------------------------------
     def on_move(self, func: Any, args: tuple, kwargs: dict, out: Any) -> None:
-        source = next((a for a in tree_flatten((args, kwargs))[0]
-                       if isinstance(a, Tensor) and self.of(a) is not None), None)
+        flat = tree_flatten((args, kwargs))[0]
+        source = next((a for a in flat if isinstance(a, Tensor) and self.of(a) is not None),
+                      None)
+        outs = [t for t in tree_flatten(out)[0] if isinstance(t, Tensor)]
         if source is None:
+            if any(self.merged(a) for a in flat):  # still merged, whatever moves it
+                for t in outs:
+                    self._merged[t] = True
             return
         axis = self.of(source)
-        outs = [t for t in tree_flatten(out)[0] if isinstance(t, Tensor)]
         name = getattr(func, "__name__", "")
         if func in _SAME_AXES:
             for t in outs:
@@ -129,14 +148,18 @@ class VectorAxes:
             return
         for t, axis_out in zip(outs, self._through_meta(func, args, kwargs, source, axis),
                                strict=False):
-            self._set(t, axis_out)
+            if axis_out == MERGED:
+                self._merged[t] = True
+            else:
+                self._set(t, axis_out)
 
     @staticmethod
     def _through_meta(func: Any, args: tuple, kwargs: dict, source: Tensor,
                       axis: int) -> list[int | None]:
         """The call run on data-free ``meta`` tensors (``source`` contiguous): each output's
         dimension with the stride of ``source``'s ``axis`` (a view of it), or the same axis for
-        a copy with as many dimensions; None where that is not one dimension."""
+        a copy with as many dimensions; :data:`MERGED` for a view with fewer dimensions and
+        none such (the axis merged with the ones after it); None otherwise."""
         meta_source = torch.empty(source.shape, dtype=source.dtype, device="meta")
 
         def as_meta(obj: Any) -> Any:
@@ -161,6 +184,9 @@ class VectorAxes:
                 continue
             dims = [d for d in range(t.dim()) if t.stride(d) == stride
                     and (t.shape[d] > 1 or source.shape[axis] == 1)]
+            if not dims and t.dim() < source.dim() and source.shape[axis] > 1:
+                found.append(MERGED)
+                continue
             found.append(dims[-1] if len(dims) == 1 or (
                 len(dims) > 1 and all(t.shape[d] == 1 for d in dims[:-1])) else None)
         return found
@@ -172,6 +198,13 @@ class VectorAxes:
         kind = call.kind
         first = inputs[0] if inputs else None
         axis = self.of(first)
+        if self.merged(first):
+            if kind == "linear" or (kind == "matmul" and len(inputs) == 1):
+                self._merged_dense.add(call.index)
+            elif kind in _KEEP_KINDS or (kind in ("add", "sub", "mul", "div")
+                                         and len(inputs) == 1):
+                self._merged[out] = True
+            return
         if call.original in _REDUCTIONS:
             if axis is not None and first is not None:
                 self._set(out, self._reduced_axis(call, first, axis))

@@ -15,6 +15,7 @@ model) is the engine's.
 from __future__ import annotations
 
 import math
+import warnings
 from collections.abc import Callable, Iterator, Sequence
 from typing import Any
 
@@ -27,10 +28,17 @@ from ..engine.channels import channel_dot, channel_norm, channel_weighted_sum, s
 from ..engine.core import Rule, Target, Trace, keep_graph
 from ..engine.gradmode import building_graph
 from ..engine.graph import Node
-from ..errors import InvalidInputError, UnsupportedOperationError
+from ..errors import InvalidInputError, OperationViewWarning, UnsupportedOperationError
 from . import options
 from .base import Method, register
-from .srd_tokens import known_on_tokens, model_on_tokens, remember_no_tokens, token_relevance
+from .srd_tokens import (
+    check_conserved,
+    known_on_tokens,
+    model_structure,
+    remember_no_tokens,
+    remember_operation_view,
+    token_relevance,
+)
 
 Tensor = torch.Tensor
 
@@ -579,6 +587,9 @@ class SRD(Method):
             default; off by default here so relevance is conserved).
         batch_size: explain at most this many samples at once (memory budget).
         max_paths: guard against affine blocks with too many paths (bias split cost).
+        operation_view: with the logit seed, explain a model the PFV engine cannot decompose on
+            the operation view, every operation a layer, with an ``OperationViewWarning``
+            (default); ``False``: raise the PFV engine's ``UnsupportedOperationError`` instead.
         channels_last: run on a channels-last copy of 4-D inputs (default: yes, falling back
             to the ordinary layout if the model's code needs it); only speed changes.
 
@@ -598,8 +609,10 @@ class SRD(Method):
         batch_size: int | None = None,
         max_paths: int = 4096,
         channels_last: bool | None = None,
+        operation_view: bool = True,
     ):
         super().__init__(model, batch_size=batch_size, channels_last=channels_last)
+        self.operation_view = options.flag(operation_view, "operation_view")
         if not isinstance(seed, str) or seed not in SEEDS:
             raise InvalidInputError(f"unknown SRD seed '{seed}'; choose one of {SEEDS}.")
         self.seed = seed
@@ -625,35 +638,74 @@ class SRD(Method):
                 # is the model probed for it; what was found is kept for the next calls
                 try:
                     result = self._explain(x, t)[0]
-                except UnsupportedOperationError:
+                except UnsupportedOperationError as refusal:
                     if not self._on_tokens(x):
-                        raise
+                        if not self.operation_view:
+                            raise
+                        return self._on_operation_view(x, t, refusal)
                 else:
                     if known is None:
                         remember_no_tokens(self.model, x)
                     return result
             elif not self._on_tokens(x):  # probed first: a transformer refuses these options
                 return self._explain(x, t)[0]
+            structure = model_structure(self, x)
+            if not (structure.attention or structure.mixing):  # remembered: a CNN's fallback
+                return self._operation_view_map(x, t)
             return token_relevance(self, x, t).sum(1)
 
         return self._batched(inputs, target, one)
+
+    def _on_operation_view(self, x: Tensor, target: Target,
+                           refusal: UnsupportedOperationError) -> Tensor:
+        """A model without attention or token mixing that the PFV engine cannot decompose
+        (TResNet's space-to-depth, MobileViTV2's separable attention, a bias with more than
+        ``max_paths`` paths): SRD on the operation view, every operation a layer, with an
+        :class:`~srdxai.errors.OperationViewWarning`; where that view cannot decompose it
+        either, both reasons in one error."""
+        try:
+            relevance = self._operation_view_map(x, target)
+        except UnsupportedOperationError as also:
+            raise UnsupportedOperationError(
+                f"{refusal} (SRD on the operation view, every operation a layer, cannot "
+                f"decompose it either: {also})") from refusal
+        remember_operation_view(self.model, x)
+        warnings.warn(OperationViewWarning(
+            f"SRD's PFV engine cannot decompose this model ({str(refusal).split('. ')[0]}); "
+            "it was explained on the operation view instead, every operation a layer "
+            "(docs/srd.md). The map sums to the target logit; later calls on this model "
+            "take this route without a warning."), stacklevel=4)
+        return relevance
+
+    def _operation_view_map(self, x: Tensor, target: Target) -> Tensor:
+        """SRD on the operation view of a CNN the PFV engine cannot decompose: the view's
+        rules were written for transformers and hybrids, so a map that lost relevance on the
+        way is refused, never returned (:func:`~srdxai.methods.srd_tokens.check_conserved`)."""
+        totals: list[Tensor] = []
+        relevance = token_relevance(self, x, target, totals).sum(1)
+        check_conserved(relevance, totals[-1], "SRD on the operation view")
+        return relevance
 
     def _on_tokens(self, x: Tensor) -> bool:
         """Whether the model has attention or a dense layer over the tokens (probed once per
         model and input shape); then SRD runs on token vectors, where only the logit seed is
         defined."""
-        tokens = model_on_tokens(self, x)
-        if tokens and (self.seed == "gradcam" or self.contrastive):
+        structure = model_structure(self, x)
+        tokens = structure.attention or structure.mixing
+        logit_seed = self.seed != "gradcam" and not self.contrastive
+        if tokens and not logit_seed:
             raise UnsupportedOperationError(
                 "SRD on a transformer's token vectors starts from the target logit: "
                 "seed='gradcam' and contrastive=True are defined for CNNs only; use "
                 "seed='auto' or 'logit' and contrastive=False.")
-        return tokens
+        # a CNN the PFV engine refused earlier: the operation view, with the logit seed only
+        return tokens or (structure.operation_view and logit_seed and self.operation_view)
 
     def _refuse_token_layers(self, x: Tensor) -> None:
         """Layer maps, ERFs and layer lists are the PFV engine's (probed first: the engine
         could read a transformer's token activations as 1-D maps)."""
-        if self._on_tokens(x):
+        structure = model_structure(self, x)
+        if structure.attention or structure.mixing:
             raise UnsupportedOperationError(
                 "SRD's layer maps and effective receptive fields are defined here for CNN "
                 "layers; on a transformer's token vectors only the pixel map is implemented "
@@ -763,10 +815,11 @@ class SRD(Method):
         if seed == "auto":
             # the Grad-CAM seed is for models whose only undecomposed operation is a flatten of
             # a spatial map into dense layers (VGG16); any other operation the engine cannot
-            # decompose is an error, never a silent change of seed
-            computing = [op for op in opaque if not op.moves_values]
-            if computing:
-                raise computing[0].error
+            # decompose is an error (which sends the model to the operation view), never a
+            # silent change of seed
+            others = [op for op in opaque if not getattr(op.error, "flatten_head", False)]
+            if others:
+                raise others[0].error
             seed = "gradcam" if opaque else "logit"
         if seed == "logit":
             if opaque:

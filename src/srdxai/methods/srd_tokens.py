@@ -17,8 +17,14 @@ every output sum to 1 and the pixel map sums to the target logit. What that mean
   as the position embedding, BatchNorm per channel): one source, ``mu = 1``.
 * **sums** ``y = a + b``: ``mu_a = <a, y> / ||y||^2`` per token; a vector that does not depend
   on the image (the class token before the first attention) is a constant term and its share
-  goes to the other operand. At the logits ((N, K): DeiT's mean of two heads) the explained
-  target logit is its own PFV: each head gets its contribution to it.
+  goes to the other operand. At the logits ((N, K): DeiT's mean of two heads, the calls
+  between the last dense layers and the output that only add, average or scale) the
+  explained target logit is its own PFV: each head gets its contribution to it; any other
+  (N, K) tensor (a pooled vector, an LSTM's state) is one vector per sample.
+* **dense layers over the tokens** (MLP-Mixer, ResMLP, gMLP: ``Linear(T, T')`` on
+  ``x.transpose(1, 2)``): ``y(t) = sum_s W[t, s] x(s) + b[t] 1``, the input vectors are the
+  sources, ``c_{s -> t} = W[t, s] x(s)``, the bias split by ``|W[t, s]| ||x(s)||``; which
+  dense layer reads tokens is followed through the pass (``engine/vector_axes.py``).
 * **attention** ``o = A @ v`` per head: the value vectors are the sources,
   ``c_{s -> t} = A(t, s) v(s)``; the attention weights are the call's input-dependent weights
   (as a squeeze-excitation gate is in the CNN engine), so queries, keys and the softmax get no
@@ -58,8 +64,11 @@ every output sum to 1 and the pixel map sums to the target logit. What that mean
 
 Which entries do not depend on the image is followed through the pass by the operation view
 (``OpRule.constant_parts``). Products of two input-dependent tensors other than these
-raise ``UnsupportedOperationError``; models without attention are refused too
-(``method="srd"`` explains CNNs with its PFV engine).
+raise ``UnsupportedOperationError``, and so does relevance that would be lost (reaching a
+softmax, or the constant entries of a vector that also has input-dependent ones).
+``srd_tokens`` refuses models with neither attention nor token mixing (``method="srd"``
+explains CNNs with its PFV engine, and on this view only what that engine cannot decompose,
+with an ``OperationViewWarning`` and a conservation check).
 """
 
 from __future__ import annotations
@@ -67,11 +76,13 @@ from __future__ import annotations
 import math
 import weakref
 from collections.abc import Sequence
-from typing import NamedTuple
+from typing import Any, NamedTuple
 
 import torch
 import torch.nn.functional as F
 from torch import nn
+from torch.utils._pytree import tree_flatten
+from torch.utils.weak import WeakTensorKeyDictionary
 
 from ..engine.channels import safe_divide
 from ..engine.core import Target, keep_graph
@@ -167,20 +178,55 @@ class SRDTokenRule(OpRule):
     def __init__(self) -> None:
         #: where each traced tensor's vectors lie: a dense layer over the tokens mixes them
         self.axes = VectorAxes()
-        #: call index -> the vector axis of each traced input (None: unknown)
+        #: call index -> the vector axis of each traced input and of the output (None: unknown)
         self._input_axes: dict[int, tuple[int | None, ...]] = {}
+        self._output_axes: dict[int, int | None] = {}
+
+        #: per traced tensor of at most 2 dimensions (logits, pooled vectors): the calls
+        #: since the last dense layer that only added, averaged or scaled what it reads
+        self._since_head: Any = WeakTensorKeyDictionary()
+        self._logits: set[int] = set()
 
     def start(self, x: Tensor) -> None:
         """The model's input: its vectors (a pixel's channels) lie along dim 1."""
         self.axes.start(x)
 
+    def mark_output(self, out: Tensor) -> None:
+        """The model's output: the calls between its last dense layers and it that only add,
+        average or scale logits (DeiT's ``(head(cls) + head_dist(dist)) / 2``) are where each
+        entry of the (N, K) logits is its own PFV. Any other (N, K) tensor (an LSTM's state,
+        a pooled vector) is one vector per sample."""
+        self._logits = set(self._since_head.get(out, ()))
+
+    def _logit_calls(self) -> set[int]:
+        return self._logits
+
+    def _follow_head(self, index: int | None, kind: str, inputs: Sequence[Any],
+                     output: Any) -> None:
+        if not isinstance(output, Tensor) or output.dim() > 2:
+            return
+        combines = index is None or kind in ("add", "sub", "scale", "avg_pool") or (
+            kind in ("mul", "div") and len(inputs) == 1)
+        if not combines:  # a dense layer (a head), or anything else that computes
+            self._since_head[output] = frozenset()
+            return
+        calls = set() if index is None else {index}
+        for t in inputs:
+            if isinstance(t, Tensor):
+                calls |= self._since_head.get(t, frozenset())
+        self._since_head[output] = frozenset(calls)
+
     def on_call(self, call: OpCall, inputs: Sequence[Tensor], output: Tensor) -> Tensor:
         self._input_axes[call.index] = tuple(self.axes.of(t) for t in inputs)
         self.axes.on_call(call, inputs, output)
+        self._output_axes[call.index] = self.axes.of(output)
+        self._follow_head(call.index, call.kind, inputs, output)
         return output
 
     def on_move(self, func, args: tuple, kwargs: dict, output) -> None:
         self.axes.on_move(func, args, kwargs, output)
+        for t in tree_flatten(output)[0]:
+            self._follow_head(None, "move", tree_flatten((args, kwargs))[0], t)
 
     def _refuse_other_axis(self, call: OpCall, inputs: Sequence[Tensor], expected: int,
                            what: str) -> None:
@@ -202,11 +248,47 @@ class SRDTokenRule(OpRule):
 
     def op_backward(self, call: OpCall, inputs: Sequence[Tensor], output: Tensor,
                     grad: Tensor) -> list[Tensor | None]:
+        result = self._shared(call, inputs, output, grad)
+        for i, (x, r) in enumerate(zip(inputs, result, strict=True)):
+            self._refuse_part_constant(call, i, x, r)
+        return result
+
+    def _refuse_part_constant(self, call: OpCall, index: int, x: Tensor,
+                              r: Tensor | None) -> None:
+        """Refuse relevance carried onto the constant entries of an input vector that also has
+        input-dependent ones (constant channels concatenated to a feature map, as a
+        CoordConv's coordinates): it would be lost there. SRD's constant-term rule hands a
+        constant source's share to the input-dependent sources of the same output; it is
+        defined here for whole vectors (a class token), which the rules give nothing."""
+        mask = call.constant[index]
+        if r is None or mask is None:
+            return
+        axes = self._input_axes.get(call.index, ())
+        axis = axes[index] if index < len(axes) and axes[index] is not None else (
+            1 if x.dim() >= 3 and call.producers[index] in _MAP_PRODUCERS else x.dim() - 1)
+        m = mask.expand(x.shape).movedim(axis, -1)
+        part = m.any(-1, keepdim=True) & (~m).any(-1, keepdim=True)
+        if bool((part & m & (r.movedim(axis, -1) != 0)).any()):
+            raise self._unsupported(
+                call, "vectors with constant entries beside input-dependent ones (constant "
+                "channels concatenated to a feature map): relevance reaches the constant "
+                "entries, where it would be lost")
+
+    def _shared(self, call: OpCall, inputs: Sequence[Tensor], output: Tensor,
+                grad: Tensor) -> list[Tensor | None]:
+        """What each traced input of the call receives (see the module docstring)."""
         kind, x = call.kind, inputs[0]
-        if kind == "softmax" or not bool(grad.any()):
-            # attention weights are not PFVs; and a call no relevance reaches (a gate's own
-            # branch: ECA's 1-D convolution) passes none on, whatever it computes
+        if not bool(grad.any()):
+            # a call no relevance reaches (a gate's own branch: ECA's 1-D convolution; the
+            # softmax of attention weights, which are no PFVs) passes none on
             return [torch.zeros_like(t) for t in inputs]
+        if kind == "softmax":
+            # only attention weights come out of a softmax here, and the rules give those no
+            # relevance; relevance reaching one (a softmax at the output, or mixing signal
+            # vectors) would be dropped
+            raise self._unsupported(call, "a softmax whose output carries relevance (only "
+                                          "attention weights may come out of a softmax; "
+                                          "explain the logits before a softmax head)")
         if kind == "conv":
             if call.constant[0] is not None:
                 raise self._unsupported(call, "a convolution over partly constant input")
@@ -221,9 +303,6 @@ class SRDTokenRule(OpRule):
             return [_spread(grad.sum(1), x, 1)]
         if len(inputs) == 2:
             if kind in ("add", "sub"):
-                feature_map = output.dim() >= 3 and any(p in _MAP_PRODUCERS
-                                                        for p in call.producers)
-                self._refuse_other_axis(call, inputs, 1 if feature_map else -1, "a sum")
                 return self._residual(call, inputs, output, grad)
             if kind == "matmul":
                 return self._weighted_sum(call, inputs, output, grad)
@@ -243,10 +322,17 @@ class SRDTokenRule(OpRule):
         if kind == "layer_norm":
             return [self._layer_norm(call, x, grad)]
         if kind == "normalize":  # each vector scaled by its own norm: one source, mu = 1
-            if call.argument(2, "dim", 1) % x.dim() != x.dim() - 1:
+            axis = self._input_axes.get(call.index, (None,))[0]
+            if call.argument(2, "dim", 1) % x.dim() != (x.dim() - 1 if axis is None else axis):
                 raise self._unsupported(call, "a normalisation across token vectors")
             return [grad]
         if kind in ("linear", "matmul"):
+            if self.axes.reads_merged(call):
+                raise self._unsupported(
+                    call, "a dense layer on a flattened feature map (a VGG-style head): its "
+                    "input joins the vectors of every position, and its output has no "
+                    "decomposition into them here (the PFV engine's seed='gradcam' starts "
+                    "below such a head)")
             axis = self.axes.mixes_tokens(call)
             if axis is not None:  # a dense layer over the tokens (MLP-Mixer, ResMLP, gMLP)
                 return [self._token_mixing(call, x, output, grad, axis)]
@@ -325,33 +411,42 @@ class SRDTokenRule(OpRule):
                 axis -= sum(d < axis for d in dims)  # the output's vector axis
         return call.vjp([x], _spread(r.sum(axis), y, axis))[0]
 
-    @classmethod
-    def _residual(cls, call: OpCall, inputs: Sequence[Tensor], z: Tensor,
+    def _residual(self, call: OpCall, inputs: Sequence[Tensor], z: Tensor,
                   r: Tensor) -> list[Tensor]:
-        feature_map = z.dim() >= 3 and any(p in _MAP_PRODUCERS for p in call.producers)
-        if feature_map:
-            # (N, C, ...) maps made by convolutions: the vectors lie along dim 1
-            moved = [t.movedim(1, -1) for t in inputs]
-            constant = tuple(None if m is None else m.expand(t.shape).movedim(1, -1)
-                             for m, t in zip(call.constant, inputs, strict=True))
-            ra, rb = cls._residual_last(call.kind, moved, constant, z.movedim(1, -1),
-                                        r.movedim(1, -1))
-            return [ra.movedim(-1, 1), rb.movedim(-1, 1)]
-        return cls._residual_last(call.kind, inputs, call.constant, z, r)
+        """A sum of two input-dependent tensors, shared by the vectors along the axis where
+        the operation view found them (:class:`~srdxai.engine.vector_axes.VectorAxes`); where
+        it did not, along dim 1 of (N, C, ...) maps made by convolutions and the last axis of
+        tokens."""
+        axis = self._output_axes.get(call.index)
+        if axis is None:
+            feature_map = z.dim() >= 3 and any(p in _MAP_PRODUCERS for p in call.producers)
+            axis = 1 if feature_map else z.dim() - 1
+        # an operand whose known axis is another one would pair up entries of different vectors
+        self._refuse_other_axis(call, inputs, axis - z.dim(), "a sum")
+        if axis == z.dim() - 1:
+            return self._residual_last(call.kind, inputs, call.constant, z, r,
+                                       at_logits=call.index in self._logit_calls())
+        moved = [t.expand(z.shape).movedim(axis, -1) for t in inputs]
+        constant = tuple(None if m is None else m.expand(z.shape).movedim(axis, -1)
+                         for m in call.constant)
+        ra, rb = self._residual_last(call.kind, moved, constant, z.movedim(axis, -1),
+                                     r.movedim(axis, -1))
+        return [_reduce_to(ra.movedim(-1, axis), inputs[0]),
+                _reduce_to(rb.movedim(-1, axis), inputs[1])]
 
     @staticmethod
     def _residual_last(kind: str, inputs: Sequence[Tensor],
                        constant: Sequence[Tensor | None], z: Tensor,
-                       r: Tensor) -> list[Tensor]:
+                       r: Tensor, at_logits: bool = False) -> list[Tensor]:
         a, b = inputs
         if kind == "sub":
             b = -b
         a, b = a.expand(z.shape), b.expand(z.shape)
         const_a = _vector_constant(constant[0], a)
         const_b = _vector_constant(constant[1], b)
-        if z.dim() == 2:
-            # (N, K): the logits (DeiT's mean of two heads) or a pooled vector; the explained
-            # target logit is its own PFV, so each entry is shared by its two parts
+        if z.dim() == 2 and at_logits:
+            # (N, K) logits (DeiT's mean of two heads): the explained target logit is its own
+            # PFV, so each entry is shared by its two parts
             ra = torch.where(z != 0, r * a / torch.where(z != 0, z, 1.0), r / 2)
             rb = r - ra
             for mine, other, const in ((ra, rb, constant[0]), (rb, ra, constant[1])):
@@ -461,7 +556,8 @@ class SRDTokenRule(OpRule):
             sizes = size if isinstance(size, list | tuple) else (size,)
             if any(s not in (1, None) for s in sizes):
                 raise self._unsupported(call, "adaptive pooling to more than one position")
-            moved = self._token_mean_last(call, x.movedim(1, -1), z.movedim(1, -1),
+            moved = self._token_mean_last(_moved_mask(call, x, 1), x.movedim(1, -1),
+                                          z.movedim(1, -1),
                                           r.movedim(1, -1), tuple(range(1, x.dim() - 1)),
                                           mean=True, keepdim=True)
             return moved.movedim(-1, 1)
@@ -486,7 +582,8 @@ class SRDTokenRule(OpRule):
             # (N, C, H, W) tensor however it was made (PVT-v2's head pools the tokens it
             # permuted back into a map: over (W, C) of channels-last tokens it would mean
             # nothing)
-            moved = self._token_mean_last(call, x.movedim(1, -1), z.movedim(1, -1),
+            moved = self._token_mean_last(_moved_mask(call, x, 1), x.movedim(1, -1),
+                                          z.movedim(1, -1),
                                           r.movedim(1, -1), tuple(d - 1 for d in dims), mean,
                                           keepdim)
             return moved.movedim(-1, 1)
@@ -494,18 +591,17 @@ class SRDTokenRule(OpRule):
         if axis is not None and axis != x.dim() - 1 and axis not in dims and 0 not in dims:
             # tokens whose vectors lie along another axis (an MLP-Mixer's (N, C, T) after a
             # dense layer over the tokens): the same average with the vectors moved last
-            if call.constant[0] is not None:
-                raise self._unsupported(call, "an average of partly constant tokens whose "
-                                              "vectors do not lie along the last dimension")
             moved = tuple(d - (d > axis) for d in dims)
             out_axis = axis if keepdim else axis - sum(d < axis for d in dims)
-            back = self._token_mean_last(call, x.movedim(axis, -1), z.movedim(out_axis, -1),
+            back = self._token_mean_last(_moved_mask(call, x, axis), x.movedim(axis, -1),
+                                         z.movedim(out_axis, -1),
                                          r.movedim(out_axis, -1), moved, mean=mean,
                                          keepdim=keepdim)
             return back.movedim(-1, axis)
         if 0 in dims or x.dim() - 1 in dims:
             raise self._unsupported(call, "an average over the batch or the feature vector")
-        return self._token_mean_last(call, x, z, r, dims, mean=mean, keepdim=keepdim)
+        return self._token_mean_last(_moved_mask(call, x, -1), x, z, r, dims, mean=mean,
+                                     keepdim=keepdim)
 
     @staticmethod
     def _positions_mixed(call: OpCall, x: Tensor, z: Tensor, r: Tensor) -> Tensor:
@@ -517,8 +613,10 @@ class SRDTokenRule(OpRule):
         return _spread((x * jtg).sum(1), x, 1)
 
     @staticmethod
-    def _token_mean_last(call: OpCall, x: Tensor, z: Tensor, r: Tensor, dims: tuple[int, ...],
-                         mean: bool, keepdim: bool) -> Tensor:
+    def _token_mean_last(mask: Tensor | None, x: Tensor, z: Tensor, r: Tensor,
+                         dims: tuple[int, ...], mean: bool, keepdim: bool) -> Tensor:
+        """The average (or sum) over ``dims`` of vectors along the last axis of ``x``;
+        ``mask``: ``x``'s constant entries (laid out as ``x``), or None."""
         if not keepdim:
             for d in sorted(dims):
                 z, r = z.unsqueeze(d), r.unsqueeze(d)
@@ -526,7 +624,7 @@ class SRDTokenRule(OpRule):
         contribution = (x * z).sum(-1) * scale  # <c_t, z> per source token
         norm2 = (z * z).sum(-1)
         mu = safe_divide(contribution, norm2)
-        constant = _vector_constant(call.constant[0], x)
+        constant = _vector_constant(mask, x)
         if constant is not None:
             # the constant tokens' shares go to the others of the same output, by norm
             norms = torch.linalg.vector_norm(x, dim=-1) * scale
@@ -610,6 +708,13 @@ class SRDTokenRule(OpRule):
         return _spread(pixel, x, 1)
 
 
+def _moved_mask(call: OpCall, x: Tensor, axis: int) -> Tensor | None:
+    """The constant-entries mask of the call's input ``x`` laid out as
+    ``x.movedim(axis, -1)`` (None: every entry depends on the input)."""
+    mask = call.constant[0]
+    return None if mask is None else mask.expand(x.shape).movedim(axis, -1)
+
+
 #: producers of (N, C, ...) feature maps, whose vectors lie along dim 1
 _MAP_PRODUCERS = frozenset({"conv", "batch_norm", "avg_pool", "max_pool"})
 
@@ -655,11 +760,13 @@ class TokenStructure(NamedTuple):
 
     attention: bool
     mixing: bool
+    #: neither, but SRD's PFV engine cannot decompose the model and the operation view can
+    operation_view: bool = False
 
     @property
     def on_tokens(self) -> bool:
-        """SRD explains the model on token vectors (``method="srd"`` routes it here)."""
-        return self.attention or self.mixing
+        """SRD explains the model on the operation view (``method="srd"`` routes it here)."""
+        return self.attention or self.mixing or self.operation_view
 
 
 def token_structure(method: Method, leaf: Tensor) -> TokenStructure:
@@ -696,6 +803,15 @@ def remember_no_tokens(model: nn.Module, x: Tensor) -> None:
     _STRUCTURE.setdefault(model, {})[_structure_key(model, x)] = TokenStructure(False, False)
 
 
+def remember_operation_view(model: nn.Module, x: Tensor) -> None:
+    """SRD's PFV engine refused ``model`` on inputs like ``x`` and the operation view explained
+    it: later calls go there directly."""
+    entries = _STRUCTURE.setdefault(model, {})
+    key = _structure_key(model, x)
+    entries[key] = (entries.get(key) or TokenStructure(False, False))._replace(
+        operation_view=True)
+
+
 def model_structure(method: Method, x: Tensor) -> TokenStructure:
     """:func:`token_structure`, probed once per model, input shape and structure."""
     entries = _STRUCTURE.setdefault(method.model, {})
@@ -718,19 +834,49 @@ def model_on_tokens(method: Method, x: Tensor) -> bool:
     return model_structure(method, x).on_tokens
 
 
-def token_relevance(method: Method, x: Tensor, target: Target) -> Tensor:
+def token_relevance(method: Method, x: Tensor, target: Target,
+                    totals: list[Tensor] | None = None) -> Tensor:
     """Input relevance ``(N, C, H, W)`` of SRD on token vectors for one chunk: each pixel's
-    relevance carried on its channels (summing over them gives the pixel map)."""
+    relevance carried on its channels (summing over them gives the pixel map). ``totals``:
+    a list that gets the relevance the pass started with, per sample (the target logit)."""
 
     def run(leaf: Tensor) -> Tensor:
         rule = SRDTokenRule()
         rule.start(leaf)
-        (rel,) = method._traced_gradients(
-            leaf, rule,
-            lambda out: [method._target_gradient(out, target)[0] * keep_graph(out)])
+
+        def seeds(out: Tensor) -> list[Tensor]:
+            rule.mark_output(out)
+            seed = method._target_gradient(out, target)[0] * keep_graph(out)
+            if totals is not None:
+                totals.append(seed.detach().flatten(1).sum(1))
+            return [seed]
+
+        (rel,) = method._traced_gradients(leaf, rule, seeds)
         return rel.contiguous()
 
     return method._with_layout(x, run)
+
+
+def check_conserved(relevance: Tensor, total: Tensor, what: str) -> None:
+    """Refuse a map that does not sum to the relevance its pass started with, per sample
+    (float rounding allowed for: relative to the target and to the map's absolute mass).
+    SRD conserves by construction wherever every operation passes its relevance on; this
+    guards a model whose operations hand some of it to entries that do not depend on the
+    input (constant channels concatenated to a feature map), where it would be lost."""
+    got = relevance.detach().flatten(1).sum(1).to(torch.float64)
+    total = total.to(torch.float64)
+    mass = relevance.detach().flatten(1).abs().sum(1).to(torch.float64)
+    eps = torch.finfo(relevance.dtype).eps
+    allowed = 1e4 * eps * (total.abs() + mass) + torch.finfo(relevance.dtype).tiny
+    bad = (got - total).abs() > allowed
+    if bool(bad.any()):
+        i = int(bad.nonzero()[0])
+        raise UnsupportedOperationError(
+            f"{what}: the map of sample {i} sums to {float(got[i]):.6g}, not to the "
+            f"{float(total[i]):.6g} it started with: an operation handed part of the relevance "
+            "to entries that do not depend on the input (e.g. constant channels concatenated to "
+            "a feature map), where it is lost. Explain this model with absLRP or a gradient "
+            "method.")
 
 
 @register("srd_tokens")

@@ -5,8 +5,10 @@ evidence tokens are the ground truth.
 
 Tokens are removed by setting their embedding to the zero vector (Ancona et al.'s baseline);
 only real tokens are features (:mod:`srdxai.text.metrics`). Each model is explained where its
-methods are defined: SRD on the word CNN and the transformer, not on the LSTM (it reads its
-embeddings one step at a time, docs/text.md).
+methods are defined as the papers define them: SRD on the word CNN and the transformer, not on
+the LSTM (it reads its embeddings one step at a time, which SRD's PFV engine refuses; ``srd``
+explains it on the operation view instead, every operation a layer, docs/srd.md, another
+reading than the paper's, which the experiment leaves out).
 """
 
 from __future__ import annotations
@@ -40,7 +42,8 @@ SHOWN_TEXTS = 3
 
 
 def text_methods(source: Source) -> list[MethodRow]:
-    no_srd = source.model == "rt-lstm"  # SRD refuses the LSTM (docs/text.md)
+    # SRD's PFV engine refuses the LSTM; its operation-view map is not the paper's SRD
+    no_srd = source.model == "rt-lstm"
     return [row for row in TEXT_METHODS if not (no_srd and row[1] == "srd")]
 
 
