@@ -44,6 +44,7 @@ from .catalogue import (
     resolve_alias,
     writes_in_place,
 )
+from .recurrent import recurrent_kind, unrolled
 
 Tensor = torch.Tensor
 
@@ -158,7 +159,14 @@ class Tracer(TorchFunctionMode):
                 "torch.cat or torch.where instead of index assignment).", fatal=True)
         if func in (torch.addcmul, Tensor.addcmul):
             return self._addcmul(args, kwargs)
+        kind = recurrent_kind(func)
+        if kind is not None:  # nn.LSTM / nn.GRU / nn.RNN: their cell equations, step by step
+            return unrolled(kind, args, kwargs, self._call, self.unsupported)
         return self.handle(func, args, kwargs, tracked)
+
+    def _call(self, func: Any, *args: Any) -> Any:
+        """``func(*args)`` as a call of the traced model (recorded by the view)."""
+        return self.__torch_function__(func, (), args)
 
     def _addcmul(self, args: tuple, kwargs: dict) -> Any:
         """``torch.addcmul(input, t1, t2, value=v)`` as the calls ``input + v * (t1 * t2)``,
