@@ -30,6 +30,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 from torch.utils._pytree import tree_flatten, tree_map
+from torch.utils.weak import WeakTensorKeyDictionary
 
 from ..errors import UnsupportedOperationError
 from .catalogue import (
@@ -176,6 +177,18 @@ class _Keep:
 
     def __init__(self, tensor: Tensor):
         self.tensor = tensor
+
+
+class PaddedMaxPool:
+    """``pool(F.pad(u, pad, value=-inf), ...)``: max pooling of a tensor the model padded
+    with ``-inf`` first, as one call (the operation view records it so)."""
+
+    def __init__(self, pool: Callable, pad: Sequence[int]):
+        self.pool, self.pad = pool, tuple(pad)
+        self.__name__ = getattr(pool, "__name__", "max_pool")
+
+    def __call__(self, u: Tensor, *args: Any, **kwargs: Any) -> Tensor:
+        return self.pool(F.pad(u, self.pad, value=float("-inf")), *args, **kwargs)
 
 
 class OpCall:
@@ -430,6 +443,9 @@ class OpTracer(Tracer):
         # id(tensor) -> (tensor, tensor.unbind(0)): see :meth:`_move`
         self._unbound: dict[int, tuple[Tensor, tuple[Tensor, ...]]] = {}
         self._grouping = False  # inside a GroupNorm: its LayerNorm calls are marked grouped
+        #: tensors padded with -inf -> (the tensor padded, the padding): only max pooling may
+        #: read them (:meth:`_record`)
+        self._max_only: Any = WeakTensorKeyDictionary()
 
     def _move(self, func, args, kwargs) -> Any:
         """Run a value-moving call. ``t[i]`` with an integer ``i`` is taken from one shared
@@ -642,6 +658,11 @@ class OpTracer(Tracer):
                 weights = self._moved_weights(args, kwargs)
                 moved = self._moved_activation(args)
             out = self._track_outputs(self._move(func, args, kwargs), masks, weights, moved)
+            if any(isinstance(t, Tensor) and t in self._max_only
+                   for t in tree_flatten((args, kwargs))[0]):
+                raise self.unsupported(
+                    f"'{func_name(func)}' moving a tensor padded with -inf (only max pooling "
+                    "may read it)")
             self.rule.on_move(func, args, kwargs, out)
             return out
         if func in DROPOUT:
@@ -659,14 +680,16 @@ class OpTracer(Tracer):
         if func is F.pad:
             mode = kwargs.get("mode", args[2] if len(args) > 2 else "constant")
             value = kwargs.get("value", args[3] if len(args) > 3 else None)
-            if mode == "constant" and value is not None and not math.isfinite(value):
-                # -inf entries (NASNet's max pooling) would meet the rules' products with
-                # the input (-inf * 0)
+            minus_inf = mode == "constant" and value is not None and not math.isfinite(value)
+            if minus_inf and value != float("-inf"):
                 raise self.unsupported(f"padding with mode '{mode}' and value {value}")
             # zero padding, or copies of the edge entries (reflect, replicate, circular: TResNet's
             # anti-aliasing), each moved as it is: autograd's backward sums the copies' relevance
             masks = self._padded_mask(args, kwargs, mode) if self.rule.constant_parts else None
             out = self._track_outputs(func(*args, **kwargs), masks)
+            if minus_inf:  # only max pooling may read it, as one call with the padding
+                self._max_only[out] = (args[0] if args else kwargs["input"],
+                                       args[1] if len(args) > 1 else kwargs["pad"])
             self.rule.on_move(func, args, kwargs, out)
             return out
         if func in SDPA:
@@ -734,6 +757,18 @@ class OpTracer(Tracer):
 
     def _record(self, kind: str, func, args, kwargs) -> Any:
         inputs: list[Tensor] = []
+        if kind == "max_pool" and args and isinstance(args[0], Tensor) and \
+                args[0] in self._max_only:
+            # timm's 'same' max pooling, NASNet's cells: F.pad(u, -inf) then max pooling,
+            # recorded as one call on u, so that every rule running the call again (absLRP on
+            # |u|) pads with -inf as the model did, and no rule meets -inf * 0
+            source, pad = self._max_only[args[0]]
+            func, args = PaddedMaxPool(func, pad), (source, *args[1:])
+        elif any(isinstance(t, Tensor) and t in self._max_only
+                 for t in tree_flatten((args, kwargs))[0]):
+            raise self.unsupported(
+                f"'{func_name(func)}' reading a tensor padded with -inf (only max pooling "
+                "may: its windows never pick the padding)")
 
         def place(obj: Any) -> Any:
             if self.is_tracked(obj):

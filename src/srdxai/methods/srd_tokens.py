@@ -290,8 +290,13 @@ class SRDTokenRule(OpRule):
                                           "attention weights may come out of a softmax; "
                                           "explain the logits before a softmax head)")
         if kind == "conv":
-            if call.constant[0] is not None:
-                raise self._unsupported(call, "a convolution over partly constant input")
+            mask = call.constant[0]
+            if mask is not None and bool((x * mask).any()):
+                # constant zeros (explicit zero padding, NASNet's padded and sliced maps) are
+                # padding: no source, as the convolution's own; other constants would be a
+                # bias term this rule does not split
+                raise self._unsupported(call, "a convolution over partly constant, non-zero "
+                                              "input")
             if self._is_patch_embedding(call, x):
                 return [self._patch_embedding(call, x, output, grad)]
             return [self._convolution(call, x, output, grad)]
@@ -394,8 +399,6 @@ class SRDTokenRule(OpRule):
         ``mu_{p -> t} = sum_{c won by p} y_c(t)^2 / ||y(t)||^2``, as in the PFV engine: the
         output vector's relevance spread over its entries by their squares, each entry
         handed back to its winner."""
-        if call.constant[0] is not None:
-            raise self._unsupported(call, "max pooling over partly constant input")
         if x.dim() < 3:
             raise self._unsupported(call, "a maximum of a tensor without positions")
         axis = 1  # pooling calls take (N, C, ...) maps
@@ -409,7 +412,15 @@ class SRDTokenRule(OpRule):
                 raise self._unsupported(call, "a maximum over the batch or the feature vector")
             if not call.argument(2, "keepdim", False):
                 axis -= sum(d < axis for d in dims)  # the output's vector axis
-        return call.vjp([x], _spread(r.sum(axis), y, axis))[0]
+        back = call.vjp([x], _spread(r.sum(axis), y, axis))[0]
+        mask = call.constant[0]
+        if mask is not None and bool((back * mask).any()):
+            # padding that never wins (timm's -inf 'same' padding, run with a stand-in below
+            # every entry) is no source; a constant that wins a window would take relevance
+            # that cannot go further
+            raise self._unsupported(call, "max pooling where a constant entry (padding) wins "
+                                          "a window")
+        return back
 
     def _residual(self, call: OpCall, inputs: Sequence[Tensor], z: Tensor,
                   r: Tensor) -> list[Tensor]:
