@@ -11,7 +11,13 @@ import torch
 
 import srdxai
 from srd_hybrid_oracle import srd_hybrid_oracle, tiny_hybrid, tiny_hybrid_input
-from srd_token_oracle import VARIANTS, srd_token_oracle, tiny_input, tiny_token_vit
+from srd_token_oracle import (
+    VARIANTS,
+    DistilledViT,
+    srd_token_oracle,
+    tiny_input,
+    tiny_token_vit,
+)
 from srdxai.errors import UnsupportedOperationError
 from srdxai.methods import srd_tokens
 
@@ -102,5 +108,31 @@ def test_hybrid_cnn_transformer_equals_the_slow_reference(activation, method, bl
     expected = torch.cat([srd_hybrid_oracle(model, x[i:i + 1], t)
                           for i, t in enumerate(targets)])
     got = srdxai.explain(model, x, targets, method)
+    torch.testing.assert_close(got.to(DT), expected, rtol=1e-7,
+                               atol=1e-9 * float(expected.abs().max()))
+
+
+@pytest.mark.parametrize("form", ["mean", "sum"])
+def test_heads_averaged_through_a_stack_equal_the_slow_reference(form):
+    """CrossViT averages its branch heads as ``torch.mean(torch.stack(logits, 0), 0)``: the
+    stacked axis is not the batch (until December 2026 refused, since a mean over dim 0
+    looked like one over the batch); at the logits each head gets its contribution to the
+    target logit, as with DeiT's ``(a + b) / 2`` in the reference."""
+    model = tiny_token_vit("distilled", "gelu", seed=3)
+
+    def stacked(x):
+        tokens = model.patch_embed(x)
+        n = tokens.shape[0]
+        t = torch.cat([model.cls_token.expand(n, -1, -1), model.dist_token.expand(n, -1, -1),
+                       tokens], 1) + model.pos_embed
+        t = model.norm(model.blocks(t))
+        heads = torch.stack([model.head(t[:, 0]), model.head_dist(t[:, 1])], 0)
+        return heads.mean(0) if form == "mean" else heads.sum(0) / 2
+
+    model.forward = stacked
+    x = tiny_input(seed=5)
+    torch.testing.assert_close(model(x), DistilledViT.forward(model, x))
+    got = srdxai.explain(model, x, [1, 3], "srd")
+    expected = _oracle(model, x, [1, 3])
     torch.testing.assert_close(got.to(DT), expected, rtol=1e-7,
                                atol=1e-9 * float(expected.abs().max()))

@@ -78,6 +78,8 @@ class VectorAxes:
         self._axes: Any = WeakTensorKeyDictionary()
         #: tensors whose vectors a view merged with the axes after them (a flattened map)
         self._merged: Any = WeakTensorKeyDictionary()
+        #: tensors made by ``torch.stack``: the axis it added (CrossViT's stacked heads)
+        self._stacked: Any = WeakTensorKeyDictionary()
         #: call index -> the vector axis of the input of a dense call that mixes tokens
         self._mixing: dict[int, int] = {}
         #: indices of the dense calls that read a merged tensor (a VGG-style flatten head)
@@ -103,6 +105,11 @@ class VectorAxes:
         """Whether a view merged the vectors of ``t`` with the axes after them (a feature
         map flattened into one vector per sample, its channels outermost)."""
         return isinstance(t, Tensor) and bool(self._merged.get(t, False))
+
+    def stacked(self, t: Any) -> int | None:
+        """The axis ``torch.stack`` added to make ``t`` (not the batch: the parts stacked,
+        CrossViT's branch heads), or None."""
+        return self._stacked.get(t) if isinstance(t, Tensor) else None
 
     def reads_merged(self, call: Any) -> bool:
         """Whether a dense call reads a merged tensor (:meth:`merged`)."""
@@ -139,6 +146,7 @@ class VectorAxes:
             dim = kwargs.get("dim", args[1] if len(args) > 1 else 0) % (source.dim() + 1)
             for t in outs:
                 self._set(t, axis + (dim <= axis))
+                self._stacked[t] = dim
             return
         if name == "unbind":
             dim = kwargs.get("dim", args[1] if len(args) > 1 else 0) % source.dim()

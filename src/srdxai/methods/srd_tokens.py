@@ -181,6 +181,8 @@ class SRDTokenRule(OpRule):
         #: call index -> the vector axis of each traced input and of the output (None: unknown)
         self._input_axes: dict[int, tuple[int | None, ...]] = {}
         self._output_axes: dict[int, int | None] = {}
+        #: call index -> the axis ``torch.stack`` added to its first input
+        self._stacked_inputs: dict[int, int] = {}
 
         #: per traced tensor of at most 2 dimensions (logits, pooled vectors): the calls
         #: since the last dense layer that only added, averaged or scaled what it reads
@@ -218,6 +220,9 @@ class SRDTokenRule(OpRule):
 
     def on_call(self, call: OpCall, inputs: Sequence[Tensor], output: Tensor) -> Tensor:
         self._input_axes[call.index] = tuple(self.axes.of(t) for t in inputs)
+        stacked = self.axes.stacked(inputs[0]) if inputs else None
+        if stacked is not None:
+            self._stacked_inputs[call.index] = stacked
         self.axes.on_call(call, inputs, output)
         self._output_axes[call.index] = self.axes.of(output)
         self._follow_head(call.index, call.kind, inputs, output)
@@ -599,6 +604,8 @@ class SRDTokenRule(OpRule):
                                           keepdim)
             return moved.movedim(-1, 1)
         axis = self._input_axes.get(call.index, (None,))[0]
+        if dims == (self._stacked_inputs.get(call.index),) and axis not in dims:
+            return self._stacked_mean(call, x, z, r, dims[0], axis, mean, keepdim)
         if axis is not None and axis != x.dim() - 1 and axis not in dims and 0 not in dims:
             # tokens whose vectors lie along another axis (an MLP-Mixer's (N, C, T) after a
             # dense layer over the tokens): the same average with the vectors moved last
@@ -613,6 +620,29 @@ class SRDTokenRule(OpRule):
             raise self._unsupported(call, "an average over the batch or the feature vector")
         return self._token_mean_last(_moved_mask(call, x, -1), x, z, r, dims, mean=mean,
                                      keepdim=keepdim)
+
+    def _stacked_mean(self, call: OpCall, x: Tensor, z: Tensor, r: Tensor, dim: int,
+                      axis: int | None, mean: bool, keepdim: bool) -> Tensor:
+        """The mean (or sum) over the axis ``torch.stack`` added (CrossViT's
+        ``torch.mean(torch.stack(logits, 0), 0)``: the parts are not the batch): at the logits
+        each part gets its contribution to each entry (the target logit is its own PFV, as
+        DeiT's two heads); elsewhere each part's vector is a source of the output vector."""
+        if call.constant[0] is not None:
+            raise self._unsupported(call, "an average of stacked parts, some constant")
+        scale = 1.0 / x.shape[dim] if mean else 1.0
+        zs, rs = (z, r) if keepdim else (z.unsqueeze(dim), r.unsqueeze(dim))
+        if call.index in self._logit_calls() and z.dim() == 2:
+            part = x * scale
+            return torch.where(zs != 0, rs * part / torch.where(zs != 0, zs, 1.0),
+                               (rs / x.shape[dim]).expand(x.shape))
+        if axis is None:
+            raise self._unsupported(call, "an average of stacked parts whose vectors' axis "
+                                          "is unknown")
+        moved = (dim - (dim > axis),)
+        back = self._token_mean_last(None, x.movedim(axis, -1), z.movedim(
+            axis if keepdim else axis - (dim < axis), -1), r.movedim(
+            axis if keepdim else axis - (dim < axis), -1), moved, mean=mean, keepdim=keepdim)
+        return back.movedim(-1, axis)
 
     @staticmethod
     def _positions_mixed(call: OpCall, x: Tensor, z: Tensor, r: Tensor) -> Tensor:
