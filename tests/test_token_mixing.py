@@ -211,3 +211,41 @@ def test_srd_tokens_still_refuses_a_cnn():
                           nn.Linear(4, 2)).eval()
     with pytest.raises(UnsupportedOperationError, match="attention or token-mixing"):
         srdxai.explain(model, torch.randn(1, 3, 8, 8), 0, "srd_tokens")
+
+
+class _ChannelAttention(nn.Module):
+    """DaViT's channel attention in a residual block: ``(A @ q^T)^T`` (``form="left"``) or
+    the same product written ``q @ A^T`` (``"right"``), where ``A = softmax(k^T v)`` mixes each
+    token's channels; the token vectors stay the vectors of the residual sum after it."""
+
+    def __init__(self, form):
+        super().__init__()
+        torch.manual_seed(0)
+        self.form = form
+        self.embed = nn.Conv2d(3, 6, 2, stride=2)
+        self.qkv = nn.Linear(6, 18)
+        self.head = nn.Linear(6, 3)
+        self.double().eval()
+
+    def forward(self, x):
+        t = self.embed(x).flatten(2).transpose(1, 2)  # (N, T, C)
+        n, tokens, c = t.shape
+        q, k, v = self.qkv(t).reshape(n, tokens, 3, 2, c // 2).permute(2, 0, 3, 1, 4).unbind(0)
+        a = (k.transpose(-1, -2) @ v).softmax(-1)  # (N, heads, d, d)
+        o = (a @ q.transpose(-1, -2)).transpose(-1, -2) if self.form == "left" else (
+            q @ a.transpose(-1, -2))
+        t = t + o.transpose(1, 2).reshape(n, tokens, c)
+        return self.head(t.mean(1))
+
+
+def test_channel_attention_keeps_the_token_vectors_for_the_sum_after_it():
+    """The product over channels leaves each token a vector: the residual sum after it shares
+    by token vectors, in both writings (the first version of the axis tracking read A @ q^T's
+    output as channel rows and refused DaViT's sum)."""
+    x = torch.randn(2, 3, 4, 4, dtype=DT)
+    left, right = _ChannelAttention("left"), _ChannelAttention("right")
+    torch.testing.assert_close(left(x), right(x))
+    ours = srdxai.explain(left, x, 1, "srd")
+    torch.testing.assert_close(ours, srdxai.explain(right, x, 1, "srd"), rtol=1e-10,
+                               atol=1e-12)
+    torch.testing.assert_close(ours.sum((1, 2)), left(x)[:, 1], rtol=1e-10, atol=1e-12)

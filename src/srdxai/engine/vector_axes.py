@@ -224,10 +224,20 @@ class VectorAxes:
             self._dense(call, first, axis, out)
             return
         if kind == "matmul":
-            if call.weights[0]:  # attention: A @ v mixes the rows of v, vectors along the last
-                self._set(out, out.dim() - 1)
-            elif call.weights[1]:  # x @ w: the columns of x are the vectors
-                self._set(out, out.dim() - 2)
+            if call.weights[0]:
+                # attention: A @ v mixes the rows of v, vectors along the last axis; where v's
+                # vectors are its columns (DaViT's channel attention, A @ q^T) it mixes the
+                # entries of each column, which stay the vectors
+                v = inputs[1] if len(inputs) > 1 else None
+                columns = v is not None and self.of(v) == v.dim() - 2
+                self._set(out, out.dim() - (2 if columns else 1))
+            elif call.weights[1]:
+                # x @ w: the columns of x are the vectors (a global-context block's pooling
+                # of an (N, 1, C, HW) map); where x's vectors are its rows (channel attention
+                # written q @ A^T) it mixes the entries of each row, which stay the vectors
+                x = inputs[0] if inputs else None
+                rows = x is not None and self.of(x) == x.dim() - 1
+                self._set(out, out.dim() - (1 if rows else 2))
             return
         if kind in _KEEP_KINDS or (kind in ("add", "sub", "mul", "div") and len(inputs) == 1):
             if axis is not None and first is not None:
