@@ -249,3 +249,44 @@ def test_channel_attention_keeps_the_token_vectors_for_the_sum_after_it():
     torch.testing.assert_close(ours, srdxai.explain(right, x, 1, "srd"), rtol=1e-10,
                                atol=1e-12)
     torch.testing.assert_close(ours.sum((1, 2)), left(x)[:, 1], rtol=1e-10, atol=1e-12)
+
+
+class _HeadsJoined(nn.Module):
+    """Attention heads joined back into token vectors head-major (``transpose`` then
+    ``reshape``: the usual order) or channel-major (NesT's ``permute(0, 2, 3, 1)`` to (C', H));
+    ``proj`` reads the joined vectors (its weight's columns follow the order)."""
+
+    def __init__(self, order):
+        super().__init__()
+        torch.manual_seed(0)
+        self.order = order
+        self.embed = nn.Conv2d(3, 6, 2, stride=2)
+        self.qkv = nn.Linear(6, 18)
+        self.proj = nn.Linear(6, 6)
+        self.head = nn.Linear(6, 3)
+        self.double().eval()
+
+    def forward(self, x):
+        t = self.embed(x).flatten(2).transpose(1, 2)
+        n, tokens, c = t.shape
+        q, k, v = self.qkv(t).reshape(n, tokens, 3, 2, c // 2).permute(2, 0, 3, 1, 4).unbind(0)
+        o = (q @ k.transpose(-1, -2)).softmax(-1) @ v  # (N, heads, T, d)
+        if self.order == "heads":
+            joined = o.transpose(1, 2).reshape(n, tokens, c)
+        else:
+            joined = o.permute(0, 2, 3, 1).reshape(n, tokens, c)
+        return self.head((t + self.proj(joined)).mean(1))
+
+
+def test_heads_joined_in_either_order_are_token_vectors():
+    """NesT joins its heads channel-major; the joined axis is still the token vectors' (the
+    first version of the axis tracking took it for a flattened map and refused NesT)."""
+    x = torch.randn(2, 3, 4, 4, dtype=DT)
+    heads, channels = _HeadsJoined("heads"), _HeadsJoined("channels")
+    channels.load_state_dict(heads.state_dict())
+    order = torch.arange(6).reshape(2, 3).T.flatten()  # channel-major position -> head-major
+    with torch.no_grad():
+        channels.proj.weight.copy_(heads.proj.weight[:, order])
+    torch.testing.assert_close(channels(x), heads(x))
+    ours = srdxai.explain(channels, x, 1, "srd")
+    torch.testing.assert_close(ours, srdxai.explain(heads, x, 1, "srd"), rtol=1e-10, atol=1e-12)

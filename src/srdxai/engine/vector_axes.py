@@ -166,8 +166,9 @@ class VectorAxes:
                       axis: int) -> list[int | None]:
         """The call run on data-free ``meta`` tensors (``source`` contiguous): each output's
         dimension with the stride of ``source``'s ``axis`` (a view of it), or the same axis for
-        a copy with as many dimensions; :data:`MERGED` for a view with fewer dimensions and
-        none such (the axis merged with the ones after it); None otherwise."""
+        a copy with as many dimensions; for a view that merged the axis with the ones after it,
+        the dimension it went into, or :data:`MERGED` where that made one vector per sample (a
+        flattened map); None otherwise."""
         meta_source = torch.empty(source.shape, dtype=source.dtype, device="meta")
 
         def as_meta(obj: Any) -> Any:
@@ -193,7 +194,11 @@ class VectorAxes:
             dims = [d for d in range(t.dim()) if t.stride(d) == stride
                     and (t.shape[d] > 1 or source.shape[axis] == 1)]
             if not dims and t.dim() < source.dim() and source.shape[axis] > 1:
-                found.append(MERGED)
+                # merged with the axes after it: into one vector per sample (a flattened map:
+                # MERGED), or into a wider vector axis (NesT joins its heads as (C', H))
+                covering = [d for d in range(t.dim()) if t.stride(d) <= stride
+                            < t.stride(d) * t.shape[d]]
+                found.append(MERGED if t.dim() <= 2 or len(covering) != 1 else covering[0])
                 continue
             found.append(dims[-1] if len(dims) == 1 or (
                 len(dims) > 1 and all(t.shape[d] == 1 for d in dims[:-1])) else None)
