@@ -290,3 +290,52 @@ def test_heads_joined_in_either_order_are_token_vectors():
     torch.testing.assert_close(channels(x), heads(x))
     ours = srdxai.explain(channels, x, 1, "srd")
     torch.testing.assert_close(ours, srdxai.explain(heads, x, 1, "srd"), rtol=1e-10, atol=1e-12)
+
+
+class _ChannelsLastBranch(nn.Module):
+    """EdgeNeXt's convolutional block inside a model with attention (so SRD runs on the
+    operation view): a depthwise convolution, then a dense layer on the channels written
+    channels-last (``permute``, ``Linear``, ``permute`` back) or as a 1x1 convolution, a
+    residual sum with the block's input, then an attention over the positions."""
+
+    def __init__(self, form):
+        super().__init__()
+        torch.manual_seed(0)
+        self.form = form
+        self.embed = nn.Conv2d(3, 6, 2, stride=2)
+        self.norm = nn.LayerNorm(6)
+        self.dw = nn.Conv2d(6, 6, 3, padding=1, groups=6)
+        self.dense = nn.Linear(6, 6)
+        self.qkv = nn.Linear(6, 18)
+        self.head = nn.Linear(6, 3)
+        self.double().eval()
+
+    def forward(self, x):
+        # the stem's LayerNorm over channels, written channels-last (as EdgeNeXt's): the
+        # block's input is then not made by a convolution either
+        m = self.norm(self.embed(x).permute(0, 2, 3, 1)).permute(0, 3, 1, 2)
+        h = self.dw(m)
+        if self.form == "channels_last":
+            h = self.dense(h.permute(0, 2, 3, 1)).permute(0, 3, 1, 2)
+        else:  # the same dense layer as a 1x1 convolution, and the sum in token layout
+            h = F.conv2d(h, self.dense.weight[:, :, None, None], self.dense.bias)
+            m = (m.flatten(2).transpose(1, 2) + h.flatten(2).transpose(1, 2)).transpose(
+                1, 2).reshape(m.shape)
+        if self.form == "channels_last":
+            m = m + h  # vectors along dim 1: neither operand was made by a convolution
+        t = m.flatten(2).transpose(1, 2)
+        q, k, v = self.qkv(t).chunk(3, -1)
+        t = t + (q @ k.transpose(-1, -2)).softmax(-1) @ v
+        return self.head(t.mean(1))
+
+
+def test_a_channels_last_branch_summed_into_a_map_shares_by_channel_vectors():
+    """Until December 2026 a sum of maps not made by convolutions was shared along the last
+    axis, the image's columns: EdgeNeXt's blocks got a map that summed to the logit and was
+    48 % off (found by comparing every probed family's map before and after the change)."""
+    x = torch.randn(2, 3, 8, 8, dtype=DT)
+    last, first = _ChannelsLastBranch("channels_last"), _ChannelsLastBranch("channels_first")
+    torch.testing.assert_close(last(x), first(x))
+    ours = srdxai.explain(last, x, 1, "srd")
+    torch.testing.assert_close(ours, srdxai.explain(first, x, 1, "srd"), rtol=1e-10,
+                               atol=1e-12)
