@@ -658,8 +658,7 @@ class OpTracer(Tracer):
                 weights = self._moved_weights(args, kwargs)
                 moved = self._moved_activation(args)
             out = self._track_outputs(self._move(func, args, kwargs), masks, weights, moved)
-            if any(isinstance(t, Tensor) and t in self._max_only
-                   for t in tree_flatten((args, kwargs))[0]):
+            if self._reads_max_only(args, kwargs):
                 raise self.unsupported(
                     f"'{func_name(func)}' moving a tensor padded with -inf (only max pooling "
                     "may read it)")
@@ -755,6 +754,13 @@ class OpTracer(Tracer):
             return "sub"
         return None
 
+    def _reads_max_only(self, args: tuple, kwargs: dict) -> bool:
+        """Whether a call reads a tensor padded with -inf (nothing to look for, and no
+        flattening of the arguments, in the usual pass without one)."""
+        return bool(self._max_only) and any(
+            isinstance(t, Tensor) and t in self._max_only
+            for t in tree_flatten((args, kwargs))[0])
+
     def _record(self, kind: str, func, args, kwargs) -> Any:
         inputs: list[Tensor] = []
         if kind == "max_pool" and args and isinstance(args[0], Tensor) and \
@@ -764,8 +770,7 @@ class OpTracer(Tracer):
             # |u|) pads with -inf as the model did, and no rule meets -inf * 0
             source, pad = self._max_only[args[0]]
             func, args = PaddedMaxPool(func, pad), (source, *args[1:])
-        elif any(isinstance(t, Tensor) and t in self._max_only
-                 for t in tree_flatten((args, kwargs))[0]):
+        elif self._reads_max_only(args, kwargs):
             raise self.unsupported(
                 f"'{func_name(func)}' reading a tensor padded with -inf (only max pooling "
                 "may: its windows never pick the padding)")

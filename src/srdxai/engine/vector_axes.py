@@ -35,14 +35,14 @@ import torch
 from torch.utils._pytree import tree_flatten, tree_map
 from torch.utils.weak import WeakTensorKeyDictionary
 
-from .optrace import RecordingRule
+from .optrace import RecordingRule, is_elementwise
 
 Tensor = torch.Tensor
 
 #: computing calls whose output is an (N, C, ...) map with its vectors along dim 1
 _MAP_KINDS = frozenset({"conv", "batch_norm", "avg_pool", "max_pool"})
-#: computing calls that keep their (first) input's axis
-_KEEP_KINDS = frozenset({"activation", "scale", "layer_norm", "normalize", "softmax"})
+#: computing calls that keep their (first) input's axis, besides elementwise ones
+_NORMALISING_KINDS = frozenset({"layer_norm", "normalize", "softmax"})
 #: what :meth:`VectorAxes._through_meta` gives for an axis a view merged with the later ones
 MERGED = -1
 #: reductions over some dimensions (a mean over tokens, Hiera's ``amax``)
@@ -211,11 +211,12 @@ class VectorAxes:
         kind = call.kind
         first = inputs[0] if inputs else None
         axis = self.of(first)
+        dense = kind == "linear" or (kind == "matmul" and len(inputs) == 1)
+        keeps = is_elementwise(kind, len(inputs)) or kind in _NORMALISING_KINDS
         if self.merged(first):
-            if kind == "linear" or (kind == "matmul" and len(inputs) == 1):
+            if dense:
                 self._merged_dense.add(call.index)
-            elif kind in _KEEP_KINDS or (kind in ("add", "sub", "mul", "div")
-                                         and len(inputs) == 1):
+            elif keeps:
                 self._merged[out] = True
             return
         if call.original in _REDUCTIONS:
@@ -225,7 +226,7 @@ class VectorAxes:
         if kind in _MAP_KINDS:
             self._set(out, 1)
             return
-        if kind == "linear" or (kind == "matmul" and len(inputs) == 1):
+        if dense:
             self._dense(call, first, axis, out)
             return
         if kind == "matmul":
@@ -244,7 +245,7 @@ class VectorAxes:
                 rows = x is not None and self.of(x) == x.dim() - 1
                 self._set(out, out.dim() - (1 if rows else 2))
             return
-        if kind in _KEEP_KINDS or (kind in ("add", "sub", "mul", "div") and len(inputs) == 1):
+        if keeps:
             if axis is not None and first is not None:
                 self._set(out, axis + out.dim() - first.dim())
             return
@@ -284,12 +285,12 @@ class VectorAxes:
 
 
 class AxisProbe(RecordingRule):
-    """A recording rule (a probe pass that changes nothing) that also follows the vector axes:
-    :attr:`axes` tells afterwards which dense calls mixed tokens. Call ``axes.start(x)`` on
-    the traced input first."""
+    """A recording rule (a probe pass that changes nothing) that also follows the vector axes
+    from the traced input ``x``: :attr:`axes` tells afterwards which dense calls mixed tokens."""
 
-    def __init__(self) -> None:
+    def __init__(self, x: Tensor) -> None:
         self.axes = VectorAxes()
+        self.axes.start(x)
 
     def on_call(self, call: Any, inputs: Sequence[Tensor], output: Tensor) -> Tensor:
         self.axes.on_call(call, inputs, output)

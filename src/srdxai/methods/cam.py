@@ -183,9 +183,8 @@ def _find_token_layer(model: nn.Module, x: Tensor, layer: str,
     map."""
     modules = dict(model.named_modules())
     if layer in ("low", "high"):
-        probe = AxisProbe()
         leaf = x.detach()
-        probe.axes.start(leaf)
+        probe = AxisProbe(leaf)
         with torch.no_grad(), OpTrace(model, leaf, probe) as trace:
             trace.forward()
             calls = [(c.kind, c.name, c.grouped, probe.axes.mixes_tokens(c) is not None)

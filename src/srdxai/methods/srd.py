@@ -649,8 +649,7 @@ class SRD(Method):
                     return result
             elif not self._on_tokens(x):  # probed first: a transformer refuses these options
                 return self._explain(x, t)[0]
-            structure = model_structure(self, x)
-            if not (structure.attention or structure.mixing):  # remembered: a CNN's fallback
+            if not model_structure(self, x).token_vectors:  # remembered: a CNN's fallback
                 return self._operation_view_map(x, t)
             return token_relevance(self, x, t).sum(1)
 
@@ -691,7 +690,7 @@ class SRD(Method):
         model and input shape); then SRD runs on token vectors, where only the logit seed is
         defined."""
         structure = model_structure(self, x)
-        tokens = structure.attention or structure.mixing
+        tokens = structure.token_vectors
         logit_seed = self.seed != "gradcam" and not self.contrastive
         if tokens and not logit_seed:
             raise UnsupportedOperationError(
@@ -704,8 +703,7 @@ class SRD(Method):
     def _refuse_token_layers(self, x: Tensor) -> None:
         """Layer maps, ERFs and layer lists are the PFV engine's (probed first: the engine
         could read a transformer's token activations as 1-D maps)."""
-        structure = model_structure(self, x)
-        if structure.attention or structure.mixing:
+        if model_structure(self, x).token_vectors:
             raise UnsupportedOperationError(
                 "SRD's layer maps and effective receptive fields are defined here for CNN "
                 "layers; on a transformer's token vectors only the pixel map is implemented "

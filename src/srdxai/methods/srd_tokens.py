@@ -187,6 +187,7 @@ class SRDTokenRule(OpRule):
         #: per traced tensor of at most 2 dimensions (logits, pooled vectors): the calls
         #: since the last dense layer that only added, averaged or scaled what it reads
         self._since_head: Any = WeakTensorKeyDictionary()
+        #: those calls before the model's output (:meth:`mark_output`): at the logits
         self._logits: set[int] = set()
 
     def start(self, x: Tensor) -> None:
@@ -199,9 +200,6 @@ class SRDTokenRule(OpRule):
         entry of the (N, K) logits is its own PFV. Any other (N, K) tensor (an LSTM's state,
         a pooled vector) is one vector per sample."""
         self._logits = set(self._since_head.get(out, ()))
-
-    def _logit_calls(self) -> set[int]:
-        return self._logits
 
     def _follow_head(self, index: int | None, kind: str, inputs: Sequence[Any],
                      output: Any) -> None:
@@ -230,8 +228,9 @@ class SRDTokenRule(OpRule):
 
     def on_move(self, func, args: tuple, kwargs: dict, output) -> None:
         self.axes.on_move(func, args, kwargs, output)
+        sources = tree_flatten((args, kwargs))[0]
         for t in tree_flatten(output)[0]:
-            self._follow_head(None, "move", tree_flatten((args, kwargs))[0], t)
+            self._follow_head(None, "move", sources, t)
 
     def _refuse_other_axis(self, call: OpCall, inputs: Sequence[Tensor], expected: int,
                            what: str) -> None:
@@ -270,7 +269,7 @@ class SRDTokenRule(OpRule):
             return
         axes = self._input_axes.get(call.index, ())
         axis = axes[index] if index < len(axes) and axes[index] is not None else (
-            1 if x.dim() >= 3 and call.producers[index] in _MAP_PRODUCERS else x.dim() - 1)
+            _untracked_axis(x, (call.producers[index],)))
         m = mask.expand(x.shape).movedim(axis, -1)
         part = m.any(-1, keepdim=True) & (~m).any(-1, keepdim=True)
         if bool((part & m & (r.movedim(axis, -1) != 0)).any()):
@@ -420,9 +419,9 @@ class SRDTokenRule(OpRule):
         back = call.vjp([x], _spread(r.sum(axis), y, axis))[0]
         mask = call.constant[0]
         if mask is not None and bool((back * mask).any()):
-            # padding that never wins (timm's -inf 'same' padding, run with a stand-in below
-            # every entry) is no source; a constant that wins a window would take relevance
-            # that cannot go further
+            # constant entries that never win (zero padding beside larger values) are no
+            # source; a constant that wins a window would take relevance that cannot go
+            # further (-inf padding never reaches here: the view pools it with its padding)
             raise self._unsupported(call, "max pooling where a constant entry (padding) wins "
                                           "a window")
         return back
@@ -435,13 +434,12 @@ class SRDTokenRule(OpRule):
         tokens."""
         axis = self._output_axes.get(call.index)
         if axis is None:
-            feature_map = z.dim() >= 3 and any(p in _MAP_PRODUCERS for p in call.producers)
-            axis = 1 if feature_map else z.dim() - 1
+            axis = _untracked_axis(z, call.producers)
         # an operand whose known axis is another one would pair up entries of different vectors
         self._refuse_other_axis(call, inputs, axis - z.dim(), "a sum")
         if axis == z.dim() - 1:
             return self._residual_last(call.kind, inputs, call.constant, z, r,
-                                       at_logits=call.index in self._logit_calls())
+                                       at_logits=call.index in self._logits)
         moved = [t.expand(z.shape).movedim(axis, -1) for t in inputs]
         constant = tuple(None if m is None else m.expand(z.shape).movedim(axis, -1)
                          for m in call.constant)
@@ -608,14 +606,9 @@ class SRDTokenRule(OpRule):
             return self._stacked_mean(call, x, z, r, dims[0], axis, mean, keepdim)
         if axis is not None and axis != x.dim() - 1 and axis not in dims and 0 not in dims:
             # tokens whose vectors lie along another axis (an MLP-Mixer's (N, C, T) after a
-            # dense layer over the tokens): the same average with the vectors moved last
-            moved = tuple(d - (d > axis) for d in dims)
-            out_axis = axis if keepdim else axis - sum(d < axis for d in dims)
-            back = self._token_mean_last(_moved_mask(call, x, axis), x.movedim(axis, -1),
-                                         z.movedim(out_axis, -1),
-                                         r.movedim(out_axis, -1), moved, mean=mean,
-                                         keepdim=keepdim)
-            return back.movedim(-1, axis)
+            # dense layer over the tokens)
+            return self._mean_along(_moved_mask(call, x, axis), x, z, r, dims, axis, mean,
+                                    keepdim)
         if 0 in dims or x.dim() - 1 in dims:
             raise self._unsupported(call, "an average over the batch or the feature vector")
         return self._token_mean_last(_moved_mask(call, x, -1), x, z, r, dims, mean=mean,
@@ -631,17 +624,25 @@ class SRDTokenRule(OpRule):
             raise self._unsupported(call, "an average of stacked parts, some constant")
         scale = 1.0 / x.shape[dim] if mean else 1.0
         zs, rs = (z, r) if keepdim else (z.unsqueeze(dim), r.unsqueeze(dim))
-        if call.index in self._logit_calls() and z.dim() == 2:
+        if call.index in self._logits and z.dim() == 2:
             part = x * scale
             return torch.where(zs != 0, rs * part / torch.where(zs != 0, zs, 1.0),
                                (rs / x.shape[dim]).expand(x.shape))
         if axis is None:
             raise self._unsupported(call, "an average of stacked parts whose vectors' axis "
                                           "is unknown")
-        moved = (dim - (dim > axis),)
-        back = self._token_mean_last(None, x.movedim(axis, -1), z.movedim(
-            axis if keepdim else axis - (dim < axis), -1), r.movedim(
-            axis if keepdim else axis - (dim < axis), -1), moved, mean=mean, keepdim=keepdim)
+        return self._mean_along(None, x, z, r, (dim,), axis, mean, keepdim)
+
+    @classmethod
+    def _mean_along(cls, mask: Tensor | None, x: Tensor, z: Tensor, r: Tensor,
+                    dims: tuple[int, ...], axis: int, mean: bool, keepdim: bool) -> Tensor:
+        """:meth:`_token_mean_last` of vectors along ``axis`` of ``x`` (not one of
+        ``dims``): the same average with the vectors moved last, and back. ``mask``: laid
+        out as ``x.movedim(axis, -1)``."""
+        out_axis = axis if keepdim else axis - sum(d < axis for d in dims)
+        back = cls._token_mean_last(mask, x.movedim(axis, -1), z.movedim(out_axis, -1),
+                                    r.movedim(out_axis, -1), tuple(d - (d > axis) for d in dims),
+                                    mean=mean, keepdim=keepdim)
         return back.movedim(-1, axis)
 
     @staticmethod
@@ -760,6 +761,12 @@ def _moved_mask(call: OpCall, x: Tensor, axis: int) -> Tensor | None:
 _MAP_PRODUCERS = frozenset({"conv", "batch_norm", "avg_pool", "max_pool"})
 
 
+def _untracked_axis(t: Tensor, producers: Sequence[str | None]) -> int:
+    """The vector axis of a tensor the operation view found none for: dim 1 of an
+    (N, C, ...) map made by convolutions, else the last (tokens)."""
+    return 1 if t.dim() >= 3 and any(p in _MAP_PRODUCERS for p in producers) else t.dim() - 1
+
+
 def _offset_norms(x: Tensor, weight: Tensor, stride, padding, dilation,
                   groups: int) -> tuple[Tensor, Tensor]:
     """``||W_o x(p)||`` for every output position and kernel offset, (N, K, L), from each
@@ -805,17 +812,22 @@ class TokenStructure(NamedTuple):
     operation_view: bool = False
 
     @property
+    def token_vectors(self) -> bool:
+        """The model has token vectors (attention or token mixing): SRD's CNN options and
+        layer maps do not apply."""
+        return self.attention or self.mixing
+
+    @property
     def on_tokens(self) -> bool:
         """SRD explains the model on the operation view (``method="srd"`` routes it here)."""
-        return self.attention or self.mixing or self.operation_view
+        return self.token_vectors or self.operation_view
 
 
 def token_structure(method: Method, leaf: Tensor) -> TokenStructure:
     """Whether the model has attention or mixes tokens with a dense layer: one probe pass on
     one sample, without autograd."""
-    probe = AxisProbe()
     x = leaf[:1].detach()
-    probe.axes.start(x)
+    probe = AxisProbe(x)
     with method._guard(), torch.no_grad(), OpTrace(method.model, x, probe) as trace:
         trace.forward()
         attention = any(c.kind == "matmul" and c.n_inputs == 2 for c in trace.calls)
