@@ -8,12 +8,25 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
+#: a call whose warm-up takes longer than this many seconds is timed once after it: a call of
+#: minutes averages the machine's noise over itself, and a median of three such calls (peers'
+#: Score-CAM and Quantus' metrics at 224 px: 3-4 min each) made ``make bench`` last 2 h or more
+LONG_CALL_S = 60.0
+
+
+def timed_rounds(warm_up_seconds: float, rounds: int) -> int:
+    """How many timed calls follow a warm-up that took ``warm_up_seconds``: ``rounds``, or one
+    for a long call (:data:`LONG_CALL_S`)."""
+    return min(rounds, 1) if warm_up_seconds > LONG_CALL_S else rounds
+
 
 def median_time(fn: Callable[[], Any], rounds: int) -> tuple[float, Any]:
-    """One warm-up call, then the median wall time of ``rounds`` calls, and the last result."""
+    """One warm-up call, then the median wall time of ``rounds`` calls (one for a call longer
+    than :data:`LONG_CALL_S`), and the last result."""
+    t0 = time.perf_counter()
     result = fn()
     times = []
-    for _ in range(rounds):
+    for _ in range(timed_rounds(time.perf_counter() - t0, rounds)):
         t0 = time.perf_counter()
         result = fn()
         times.append(time.perf_counter() - t0)

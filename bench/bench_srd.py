@@ -19,6 +19,7 @@ import time
 
 import torch
 
+import _timing  # the bench/ folder is on the path: run as a script or from bench_all
 import srdxai
 from srdxai.models.torchvision_arch import resnet18, resnet50, vgg16
 
@@ -35,16 +36,18 @@ def randomize_bn(model: torch.nn.Module, seed: int = 0) -> None:
 
 
 def timed_blocks(fns: dict, rounds: int) -> dict[str, list[float]]:
-    """Per function: one warm-up call, then ``rounds`` timed calls in a row (as timeit does).
+    """Per function: one warm-up call, then ``rounds`` timed calls in a row (as timeit does;
+    one after a warm-up longer than ``_timing.LONG_CALL_S``).
 
     Interleaving the methods instead makes each one pay for the previous one's memory churn
     (page faults on a freshly trimmed heap), which inflates everything by up to 2x here.
     """
     times: dict[str, list[float]] = {}
     for name, fn in fns.items():
+        t0 = time.perf_counter()
         fn()
         times[name] = []
-        for _ in range(rounds):
+        for _ in range(_timing.timed_rounds(time.perf_counter() - t0, rounds)):
             t0 = time.perf_counter()
             fn()
             times[name].append(time.perf_counter() - t0)
