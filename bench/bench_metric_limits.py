@@ -9,17 +9,19 @@ steps; Sensitivity-n: its subsets times the n grid; region perturbation: its reg
 selectivity: its patches; IROF: each image's segments (square ones here); infidelity: its noise
 draws; monotonicity correlation: its groups; non-sensitivity: its features; ROAD: its
 percentages, and a sparse linear solve each). Where a definition also requires random draws
-(faithfulness correlation's subsets, Sensitivity-n's permutations, infidelity's noise) or solves
-(ROAD), the limit adds that work timed alone. The limit is ``N * P + N`` forward passes of the
-model (the perturbed inputs and the clean ones) on inputs of the same shape at the fastest rate
-measured over chunk sizes (the metric's own chunk, 128, 64, 32, 16: a CPU's caches favour some)
-and memory layouts (channels-last, which the metrics use, and the ordinary one), plus writing
-the ``N * P`` perturbed inputs (one elementwise select each, at its fastest chunk: no
-implementation can score an input it has not written), with nothing else (no masks or orders
-built, no sorting, no statistics). The ratio ours / limit says what our input
-building and bookkeeping cost on top (target <= 1.1x). A second ratio, a diagnosis, takes the
-bare passes at the chunk size and layout the metric itself ran at instead of the fastest found:
-what the bookkeeping costs apart from the chunk size the metric chose.
+(faithfulness correlation's subsets, Sensitivity-n's permutations, infidelity's noise), solves
+(ROAD) or a substrate (insertion's blurred images), the limit adds that work timed alone. The
+limit is ``N * P + N`` forward passes of the model (the perturbed inputs and the clean ones) on
+inputs of the same shape at the fastest rate measured over chunk sizes (the metric's own chunk,
+128, 64, 32, 16: a CPU's caches favour some) and memory layouts (channels-last, which the
+metrics use, and the ordinary one), plus writing the ``N * P`` perturbed inputs (one
+elementwise select each, at its fastest chunk: no implementation can score an input it has not
+written), with nothing else (no masks or orders built, no sorting, no statistics). The ratio
+ours / limit says what our input building and bookkeeping cost on top (target <= 1.1x). A
+second ratio, a diagnosis, takes the bare passes at the chunk size and layout the metric itself
+ran at instead of the fastest found: what the bookkeeping costs apart from the chunk size the
+metric chose. Each metric runs, each call followed by the bare passes, at least ``--rounds``
+times and until about 2 s of its calls (a 40 ms call's median of 3 moves by 10 %).
 Small CNN (3x32x32, batch 16) and EfficientNet-Lite0 (3x224x224, batch 4); ``--quick``:
 3x16x16 and 3x64x64.
 """
@@ -39,12 +41,17 @@ import torch
 import srdxai
 from srdxai import metrics
 from srdxai.engine import memory
+from srdxai.metrics.common import gaussian_blur
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import _timing  # noqa: E402
 from bench_metrics import SmallCNN  # noqa: E402
 
 TARGET = 1.1
+#: a metric's calls are repeated until about this many seconds of them (at least ``--rounds``,
+#: at most MAX_ROUNDS), each followed by the bare passes, and the medians taken
+MEDIAN_SECONDS = 2.0
+MAX_ROUNDS = 51
 #: at most this many warm-up calls of a metric while the chunk tuning is still trying sizes
 TUNING_CALLS = 12
 
@@ -133,7 +140,7 @@ def cases(model: torch.nn.Module, x: torch.Tensor, y: torch.Tensor, a: torch.Ten
     The count is a function of the result where it depends on the data (IROF's segments); the
     required work is what the definition needs besides forward passes, timed alone in the
     limit (its random draws with the same public helpers or ``torch.randn``, ROAD's sparse
-    solves), or None where that is negligible."""
+    solves, insertion's blurred substrate), or None where that is negligible."""
     pixels = x.shape[-1] * x.shape[-2]
     step = max(1, pixels // (16 if quick else 64))
     grid = metrics.sensitivity_n_grid(pixels, points=8)
@@ -157,8 +164,9 @@ def cases(model: torch.nn.Module, x: torch.Tensor, y: torch.Tensor, a: torch.Ten
          lambda: metrics.mu_fidelity(model, x, y, a, nr_samples=runs), None),
         (f"pixel_flipping (step {step})", math.ceil(pixels / step),
          lambda: metrics.pixel_flipping(model, x, y, a, features_in_step=step), None),
+        # insertion starts from a blurred copy of each image (RISE's substrate)
         (f"insertion (step {step})", math.ceil(pixels / step) + 1,
-         lambda: metrics.insertion(model, x, y, a, step=step), None),
+         lambda: metrics.insertion(model, x, y, a, step=step), lambda: gaussian_blur(x)),
         (f"deletion (step {step})", math.ceil(pixels / step) + 1,
          lambda: metrics.deletion(model, x, y, a, step=step), None),
         (f"monotonicity (step {step})", math.ceil(pixels / step),
@@ -239,7 +247,12 @@ def measure(models: list[str], quick: bool, rounds: int,
         for name, per_sample, call, required in cases(model, x, y, a, quick):
             if only and not name.startswith(tuple(only)):
                 continue
+            began = time.perf_counter()
             counted = call()
+            # short calls take more rounds, at least MEDIAN_SECONDS of ours: the medians of a
+            # few 40 ms calls move by 10 % on this machine, more than what is measured
+            first = time.perf_counter() - began
+            case_rounds = max(rounds, min(MAX_ROUNDS, math.ceil(MEDIAN_SECONDS / first)))
             # warm-up includes the chunk tuning's trial runs (whole calls, each size twice,
             # when the chunks are too quick to time one by one): time the steady state
             for _ in range(TUNING_CALLS):
@@ -259,7 +272,7 @@ def measure(models: list[str], quick: bool, rounds: int,
             configurations = sorted(replays, key=str)
             bares = [functools.partial(bare_passes, model, pools[f], total, c)
                      for c, f in configurations]
-            ours, medians, _ = interleaved(call, bares, rounds)
+            ours, medians, _ = interleaved(call, bares, case_rounds)
             passes = min(medians)
             # a diagnosis beside the limit: the bare passes at the very chunk and layout the
             # metric ran at (its tuned size, else its default), which separates our
@@ -267,7 +280,7 @@ def measure(models: list[str], quick: bool, rounds: int,
             own = configurations.index((tuned or int(chunk), torch.channels_last))
             extra = 0.0
             if required is not None:  # draws or solves the definition requires too
-                extra, _ = _timing.median_time(required, rounds)
+                extra, _ = _timing.median_time(required, case_rounds)
             # every perturbed input must be written before its pass (not the clean ones)
             limit = passes + (total - batch) * write + extra
             same_chunk = medians[own] + (total - batch) * write + extra
@@ -302,7 +315,8 @@ def main() -> None:
     print("\nours/same chunk: against the bare passes (and writes, draws, solves) at the chunk "
           "and layout the metric ran at, not the fastest found; a diagnosis, not the target")
     print(f"target ours/limit <= {TARGET}; torch {torch.__version__}, "
-          f"{torch.get_num_threads()} threads, median of {args.rounds}"
+          f"{torch.get_num_threads()} threads, median of {args.rounds} or more "
+          f"(at least {MEDIAN_SECONDS:.0f} s of calls per metric)"
           f"{', --quick' if args.quick else ''}")
 
 

@@ -232,8 +232,10 @@ def infidelity(
             if sampling.draws is None:
                 per = check_positive_int(nr_samples, "nr_samples")
                 generator = sampling.make_generator()
+                # scaled in place: the same values as ``* std`` without a second block of
+                # fresh memory per sample
                 source = BlockDraws(per, lambda: torch.randn(
-                    (per, *shape), generator=generator, dtype=torch.float64) * std)
+                    (per, *shape), generator=generator, dtype=torch.float64).mul_(std))
             else:
                 explicit = _check_explicit_draws(sampling.draws, (s.n, None, *shape),
                                                  "(N, nr_samples, C, H, W)")

@@ -454,17 +454,18 @@ def channels_last_rows(t: Tensor) -> Tensor:
     return t.permute(0, 2, 3, 1).reshape(t.shape[0], -1)
 
 
-def element_positions(features: Tensor, a_dim: int, shape: torch.Size) -> Tensor:
-    """Where features (indices into a flattened map, any leading shape, last dimension k) sit
-    in :func:`channels_last_rows` of inputs of ``shape``: (..., k*C) for a pixel map (pixel
-    ``p`` is elements ``p*C .. p*C + C-1``), (..., k) for an element map (element
-    ``c*H*W + p`` of the map is ``p*C + c``)."""
+def feature_units(features: Tensor, a_dim: int, shape: torch.Size) -> tuple[Tensor, int]:
+    """Features (indices into a flattened map, any shape) as units of the
+    :func:`channels_last_rows` of inputs of ``shape``, and the width of a unit: for a pixel
+    map a unit is a pixel, its ``C`` contiguous values (unit ``p``, width ``C``); for an element
+    map one value (element ``c*H*W + p`` of the map is unit ``p*C + c``, width 1). Writing
+    whole units keeps the indices ``C`` times fewer than one per value (faithfulness
+    correlation's subsets: N x runs x 224 pixels)."""
     _, channels, height, width = shape
     if a_dim == 3:
-        offsets = torch.arange(channels, device=features.device)
-        return (features[..., None] * channels + offsets).flatten(-2)
+        return features, channels
     pixels = height * width
-    return features % pixels * channels + features // pixels
+    return features % pixels * channels + features // pixels, 1
 
 
 def empty_chunk(count: int, shape: torch.Size, like: Tensor) -> tuple[Tensor, Tensor]:
@@ -476,22 +477,28 @@ def empty_chunk(count: int, shape: torch.Size, like: Tensor) -> tuple[Tensor, Te
     return out, out.permute(0, 2, 3, 1).view(count, -1)
 
 
-def values_at(rows: Tensor, sample: Tensor, where: Tensor) -> Tensor:
-    """``rows[sample[i], where[i]]`` for every row ``i`` of ``where``, read in place (no copy
-    of the rows themselves)."""
-    return torch.take(rows, where + sample[:, None] * rows.shape[1])
+def values_at(rows: Tensor, sample: Tensor, where: Tensor, width: int) -> Tensor:
+    """The units ``where[i]`` (of ``width`` values, :func:`feature_units`) of row
+    ``sample[i]`` of ``rows``, as ``(*where.shape, width)``, read in place (no copy of the rows
+    themselves)."""
+    per_row = rows.shape[1] // width
+    flat = (where + sample[:, None] * per_row).flatten()
+    return rows.reshape(-1, width).index_select(0, flat).view(*where.shape, width)
 
 
 def replaced_rows(source_rows: Tensor, shape: torch.Size, sample: Tensor, where: Tensor,
-                  values: Tensor) -> Tensor:
+                  values: Tensor, width: int) -> Tensor:
     """A chunk of perturbed inputs (channels-last, ``(len(sample), *shape[1:])``): row ``i``
     is a copy of sample ``sample[i]`` of ``source_rows`` (:func:`channels_last_rows`) with the
-    elements at ``where[i]`` set to ``values[i]``. For perturbations that replace a few
-    features per input (subsets, groups): one write of the input, then a small scatter,
-    instead of a mask over every element. A position given twice must have one value."""
-    out, rows = empty_chunk(sample.numel(), shape, source_rows)
+    units at ``where[i]`` (of ``width`` values, :func:`feature_units`) set to ``values[i]``
+    (anything that broadcasts to ``(*where.shape, width)``). For perturbations that replace a
+    few features per input (subsets, groups): one write of the input, then a small indexed
+    write, instead of a mask over every element. A unit given twice must have one value."""
+    count = sample.numel()
+    out, rows = empty_chunk(count, shape, source_rows)
     torch.index_select(source_rows, 0, sample, out=rows)
-    rows.scatter_(1, where, values.to(rows.dtype))
+    row = torch.arange(count, device=rows.device)[:, None]
+    rows.view(count, -1, width).index_put_((row, where), values.to(rows.dtype))
     return out
 
 
@@ -502,7 +509,7 @@ class GroupedInputs:
 
     ``order`` is (N, F) (one order per sample) or (1, F) (the same for all); ``a_dim`` says
     whether a feature is a pixel (3) or an element (4) of the (N, C, H, W) inputs. Each
-    input is a copy of its sample and a scatter of its group's elements
+    input is a copy of its sample and an indexed write of its group's units
     (:func:`replaced_rows`); the last group is padded by repeating its last feature.
     """
 
@@ -512,7 +519,7 @@ class GroupedInputs:
         self.groups = -(-n_features // step)
         padded = torch.arange(self.groups * step, device=order.device).clamp(max=n_features - 1)
         features = order[:, padded].view(order.shape[0], self.groups, step)
-        self.positions = element_positions(features, a_dim, source.shape)
+        self.positions, self.width = feature_units(features, a_dim, source.shape)
         self.shared = order.shape[0] == 1
         self.shape = source.shape
         self.source_rows = channels_last_rows(source)
@@ -524,11 +531,11 @@ class GroupedInputs:
         ``replacement`` or, if given, by the one value ``values[i]``."""
         where = self.positions[0 if self.shared else sample, group]
         if values is not None:
-            replaced = values[:, None].expand_as(where)
+            replaced = values[:, None, None]
         else:
             assert self.replacement_rows is not None
-            replaced = values_at(self.replacement_rows, sample, where)
-        return replaced_rows(self.source_rows, self.shape, sample, where, replaced)
+            replaced = values_at(self.replacement_rows, sample, where, self.width)
+        return replaced_rows(self.source_rows, self.shape, sample, where, replaced, self.width)
 
 
 def lerp_selects_exactly(source: Tensor, replacement: Tensor, largest: int = 1) -> bool:

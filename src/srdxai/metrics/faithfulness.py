@@ -28,8 +28,8 @@ from .common import (
     channels_last_rows,
     check_positive_int,
     descending_ranks,
-    element_positions,
     feature_count,
+    feature_units,
     grid_rows,
     guarded,
     pearson,
@@ -258,14 +258,15 @@ def faithfulness_correlations(
             # each input: a copy of its sample's image (the one write an input needs), then
             # the subset's elements taken from the baseline
             x_rows, base_rows = channels_last_rows(s.x), channels_last_rows(base)
-            positions = element_positions(indices, a.dim(), s.x.shape)
+            positions, width = feature_units(indices, a.dim(), s.x.shape)
 
             def perturbed(start: int, stop: int) -> tuple[Tensor, Tensor]:
                 flat = torch.arange(start, stop, device=s.x.device)
                 sample, run = flat // runs, flat % runs
                 where = positions[sample, run]
-                values = values_at(base_rows, sample, where)
-                return replaced_rows(x_rows, s.x.shape, sample, where, values), s.y[sample]
+                values = values_at(base_rows, sample, where, width)
+                return (replaced_rows(x_rows, s.x.shape, sample, where, values, width),
+                        s.y[sample])
 
         clean = s.clean_scores(softmax)
         scores = scores_in_batches(s.model, perturbed, s.n * runs, s.batch_size, softmax,

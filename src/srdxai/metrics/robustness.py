@@ -100,10 +100,10 @@ class NoiseDraws(BlockDraws):
         self.steps = steps
         a, b = low_or_mean, high_or_std
 
-        def draw() -> Tensor:
+        def draw() -> Tensor:  # scaled and shifted in place: the values of ``n * b + a``
             if kind == "gaussian":
-                return torch.randn(shape, generator=generator, dtype=torch.float64) * b + a
-            return torch.rand(shape, generator=generator, dtype=torch.float64) * (b - a) + a
+                return torch.randn(shape, generator=generator, dtype=torch.float64).mul_(b).add_(a)
+            return torch.rand(shape, generator=generator, dtype=torch.float64).mul_(b - a).add_(a)
 
         super().__init__(shape[0], draw, explicit)
 
