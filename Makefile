@@ -60,7 +60,7 @@ docs: venv  # the documentation site, warnings as errors: out/site/index.html
 lint: venv
 	$(BIN)/ruff check src tests bench
 
-bench: venv  # every speed comparison, one table: out/bench/bench.md (1.5 h or more on 2 CPU cores)
+bench: venv  # every speed comparison, one table: out/bench/bench.md (about 2.5 h on 2 CPU cores)
 	$(PYTHON) bench/bench_all.py --out out/bench/bench.md
 
 clean:
