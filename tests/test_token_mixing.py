@@ -59,6 +59,14 @@ class _Probe(nn.Module):
         return t.mean(1).sum(1, keepdim=True)
 
 
+
+def _same_srd_maps(model: nn.Module, twin: nn.Module, x: torch.Tensor) -> torch.Tensor:
+    """SRD's map of class 1 for ``model``, checked to equal ``twin``'s: the same network
+    written another way must be explained the same."""
+    ours = srdxai.explain(model, x, 1, "srd")
+    torch.testing.assert_close(ours, srdxai.explain(twin, x, 1, "srd"), rtol=1e-10, atol=1e-12)
+    return ours
+
 def test_vector_axes_follow_moves_views_and_dense_layers():
     rule = _Axes()
     found: dict[str, torch.Tensor] = {}
@@ -154,8 +162,7 @@ def test_matrix_products_over_tokens_equal_the_dense_layer(form):
     dense = _OneMix(bias=False).eval()
     product = _OneMix(bias=False, form=form).eval()
     product.load_state_dict(dense.state_dict())
-    torch.testing.assert_close(srdxai.explain(product, x, 1, "srd"),
-                               srdxai.explain(dense, x, 1, "srd"), rtol=1e-10, atol=1e-12)
+    _same_srd_maps(product, dense, x)
 
 
 class _Transposed(nn.Module):
@@ -200,9 +207,7 @@ def test_a_sum_shares_by_the_vectors_along_the_axis_where_they_lie():
     layout = _Transposed("sum").eval()
     tokens = _Transposed("sum_as_tokens").eval()
     tokens.load_state_dict(layout.state_dict())
-    ours = srdxai.explain(layout, x, 1, "srd")
-    torch.testing.assert_close(ours, srdxai.explain(tokens, x, 1, "srd"), rtol=1e-10,
-                               atol=1e-12)
+    ours = _same_srd_maps(layout, tokens, x)
     torch.testing.assert_close(ours.sum((1, 2)), layout(x)[:, 1], rtol=1e-10, atol=1e-12)
 
 
@@ -245,9 +250,7 @@ def test_channel_attention_keeps_the_token_vectors_for_the_sum_after_it():
     x = torch.randn(2, 3, 4, 4, dtype=DT)
     left, right = _ChannelAttention("left"), _ChannelAttention("right")
     torch.testing.assert_close(left(x), right(x))
-    ours = srdxai.explain(left, x, 1, "srd")
-    torch.testing.assert_close(ours, srdxai.explain(right, x, 1, "srd"), rtol=1e-10,
-                               atol=1e-12)
+    ours = _same_srd_maps(left, right, x)
     torch.testing.assert_close(ours.sum((1, 2)), left(x)[:, 1], rtol=1e-10, atol=1e-12)
 
 
@@ -288,8 +291,7 @@ def test_heads_joined_in_either_order_are_token_vectors():
     with torch.no_grad():
         channels.proj.weight.copy_(heads.proj.weight[:, order])
     torch.testing.assert_close(channels(x), heads(x))
-    ours = srdxai.explain(channels, x, 1, "srd")
-    torch.testing.assert_close(ours, srdxai.explain(heads, x, 1, "srd"), rtol=1e-10, atol=1e-12)
+    _same_srd_maps(channels, heads, x)
 
 
 class _ChannelsLastBranch(nn.Module):
@@ -336,6 +338,4 @@ def test_a_channels_last_branch_summed_into_a_map_shares_by_channel_vectors():
     x = torch.randn(2, 3, 8, 8, dtype=DT)
     last, first = _ChannelsLastBranch("channels_last"), _ChannelsLastBranch("channels_first")
     torch.testing.assert_close(last(x), first(x))
-    ours = srdxai.explain(last, x, 1, "srd")
-    torch.testing.assert_close(ours, srdxai.explain(first, x, 1, "srd"), rtol=1e-10,
-                               atol=1e-12)
+    _same_srd_maps(last, first, x)
