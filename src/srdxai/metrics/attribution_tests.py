@@ -50,6 +50,7 @@ from .common import (
     preprocess_attributions,
     scores_in_batches,
     spearman,
+    stable_order,
     to_tensor,
 )
 from .gae import make_mosaics
@@ -279,7 +280,7 @@ def infidelity(
 def _ascending_groups(a: Tensor, size: int) -> tuple[Tensor, Tensor]:
     """Each flattened map sorted by ascending value (ties keep index order) and cut into
     groups of ``size``: the features in that order (N, F), and each feature's group (N, F)."""
-    order = torch.sort(a.flatten(1), dim=1, stable=True).indices
+    order = stable_order(a.flatten(1))
     ranks = torch.empty_like(order)
     ranks.scatter_(1, order, torch.arange(order.shape[1], device=order.device).expand_as(order))
     return order, ranks // size

@@ -39,6 +39,7 @@ from .common import (
     pixel_map,
     preprocess_attributions,
     scores_in_batches,
+    stable_order,
     to_tensor,
     trapezoid,
 )
@@ -307,8 +308,7 @@ def road(
         percent = _check_percentages(percentages, n_pixels)
         steps = len(percent)
         counts = [int(n_pixels * p / 100) for p in percent]  # Quantus' rounding
-        removal_order = torch.sort(a, dim=1, descending=order == "morf",
-                                   stable=True).indices.cpu().numpy()
+        removal_order = stable_order(a, descending=order == "morf").cpu().numpy()
         widest = max(counts)
         if sampling.draws is not None:
             normals = to_tensor(sampling.draws, "draws").to(torch.float64).cpu()
@@ -417,7 +417,7 @@ def _patch_curve(s: MetricInputs, a: Tensor, patch_size: int, regions: int | Non
     per_pixel = pixel_map(a).flatten(1)
     sums = torch.zeros(s.n, n_patches, dtype=per_pixel.dtype, device=per_pixel.device)
     sums.index_add_(1, patch_of_pixel.to(per_pixel.device), per_pixel)
-    ranked = torch.sort(sums, dim=1, descending=order == "morf", stable=True).indices
+    ranked = stable_order(sums, descending=order == "morf")
     rank = torch.empty_like(ranked).scatter_(
         1, ranked, torch.arange(n_patches, device=ranked.device).expand_as(ranked))
     rank_of_pixel = rank.to(s.x.device)[:, patch_of_pixel]  # (N, H*W)
