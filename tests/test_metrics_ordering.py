@@ -14,6 +14,7 @@ from torch import nn
 import srdxai
 from srdxai.errors import InvalidInputError, NonFiniteError
 from srdxai.metrics import Sampling
+from srdxai.metrics.common import stable_order
 from srdxai.metrics.ordering import (
     IROFResult,
     RegionPerturbationResult,
@@ -476,3 +477,22 @@ def test_non_finite_outputs_raise_naming_the_metric_and_samples(cnn):
     with pytest.raises(NonFiniteError, match=r"IROF \(unperturbed inputs\).*of samples 2\)"):
         irof(net, hot, y, low, segments=stripes())
 
+
+
+@pytest.mark.parametrize("descending", [False, True])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64, torch.int64])
+def test_stable_order_is_the_stable_sort(descending, dtype):
+    """stable_order's fast path (numpy's unstable argsort where nothing ties) gives the
+    indices of a stable sort, also with ties, signed zeros, infinities and NaN."""
+    g = torch.Generator().manual_seed(3)
+    rows = [torch.randn(500, generator=g),  # no ties: the fast path
+            torch.randint(0, 5, (500,), generator=g).float(),  # many ties
+            torch.tensor([0.0, -0.0, 1.0, -0.0, 0.0, 2.0] * 4),  # zeros of both signs tie
+            torch.tensor([1.0, float("inf"), -float("inf"), 0.5] * 3),
+            # NaN and no ties: numpy places NaN last, torch's descending sort first
+            torch.randn(50, generator=g).index_fill_(0, torch.tensor([7]), float("nan"))]
+    for row in rows:
+        values = torch.stack([row, row.flip(0)]).to(dtype) if dtype != torch.int64 else (
+            torch.stack([row, row.flip(0)]).nan_to_num(7.0, 9.0, -9.0).to(dtype))
+        expected = torch.sort(values, dim=1, descending=descending, stable=True).indices
+        assert torch.equal(stable_order(values, descending=descending), expected)
