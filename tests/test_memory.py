@@ -395,20 +395,25 @@ def test_masked_inputs_grid_is_the_select_of_each_image_and_mask(monkeypatch, ca
     assert asked == [4] if inputs.arithmetic else asked == [12, 4, 2, 6, 4, 1, 1, 9]
 
 
+@pytest.mark.parametrize("baseline", ["varying", "constant per sample"])
 @pytest.mark.parametrize("a_dim", [3, 4])
 @pytest.mark.parametrize("shared", [False, True])
-def test_grouped_inputs_replace_exactly_their_group(a_dim, shared):
+def test_grouped_inputs_replace_exactly_their_group(a_dim, shared, baseline):
     # group g = features order[g*step:(g+1)*step] (the last one partial), replaced by the
-    # baseline or by one value per row; every other element is the sample's own
+    # baseline or by one value per row; every other element is the sample's own. A baseline
+    # of one number per sample (the named ones) is written without reading its units.
     from srdxai.metrics.common import GroupedInputs, features_to_input
 
     g = torch.Generator().manual_seed(1)
     x = torch.randn(3, 3, 5, 6, generator=g, dtype=torch.float64)
     base = torch.randn(3, 3, 5, 6, generator=g, dtype=torch.float64)
+    if baseline != "varying":
+        base = torch.tensor([-2.5, 0.0, 7.0], dtype=torch.float64).view(3, 1, 1, 1).expand_as(x)
     features = 5 * 6 * (3 if a_dim == 4 else 1)
     step = 7  # does not divide the features: a partial last group
     order = torch.stack([torch.randperm(features, generator=g) for _ in range(1 if shared else 3)])
     inputs = GroupedInputs(order, step, a_dim, x, base)
+    assert (inputs.constants is None) == (baseline == "varying")
     groups = -(-features // step)
     assert inputs.groups == groups
     sample = torch.tensor([0, 0, 1, 2, 2, 2, 1])
@@ -423,6 +428,18 @@ def test_grouped_inputs_replace_exactly_their_group(a_dim, shared):
     values = torch.arange(sample.numel(), dtype=torch.float64) + 0.5
     assert torch.equal(inputs(sample, group, values),
                        torch.where(mask, values.view(-1, 1, 1, 1), x[sample]))
+
+
+def test_constant_per_sample_finds_samples_of_one_value():
+    from srdxai.metrics.common import constant_per_sample
+
+    x = torch.tensor([3.0, -1.0]).view(2, 1, 1, 1).expand(2, 3, 4, 4).contiguous()
+    assert torch.equal(constant_per_sample(x), torch.tensor([3.0, -1.0]))
+    assert constant_per_sample(torch.zeros(1, 1, 1, 1)) is not None
+    for change in ((1, 2, 3, 3), (0, 0, 0, 1)):  # one differing value anywhere
+        y = x.clone()
+        y[change] = 0.5
+        assert constant_per_sample(y) is None
 
 
 def test_whole_run_trials_take_each_size_twice_and_keep_the_default_unless_clearly_faster():

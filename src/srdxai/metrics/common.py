@@ -488,6 +488,25 @@ def values_at(rows: Tensor, sample: Tensor, where: Tensor, width: int) -> Tensor
     return rows.reshape(-1, width).index_select(0, flat).view(*where.shape, width)
 
 
+def constant_per_sample(values: Tensor) -> Tensor | None:
+    """``values`` (N, ...) as one number per sample (N,) where each sample's values are all
+    the same (the named baselines but "blur": a sample's minimum, maximum, mean or 0), else
+    None: perturbed inputs then take that number, without reading the replaced units."""
+    flat = values.reshape(values.shape[0], -1)
+    first = flat[:, 0]
+    return first if bool((flat == first[:, None]).all()) else None
+
+
+def replacement_at(rows: Tensor, constants: Tensor | None, sample: Tensor, where: Tensor,
+                   width: int) -> Tensor:
+    """The replacement values of the units ``where`` of each row's sample, broadcastable to
+    ``(*where.shape, width)``: the sample's one number where ``constants`` (from
+    :func:`constant_per_sample`) has it, else read from ``rows`` (:func:`values_at`)."""
+    if constants is not None:
+        return constants[sample].view(-1, *([1] * where.dim()))
+    return values_at(rows, sample, where, width)
+
+
 def replaced_rows(source_rows: Tensor, shape: torch.Size, sample: Tensor, where: Tensor,
                   values: Tensor, width: int) -> Tensor:
     """A chunk of perturbed inputs (channels-last, ``(len(sample), *shape[1:])``): row ``i``
@@ -499,8 +518,13 @@ def replaced_rows(source_rows: Tensor, shape: torch.Size, sample: Tensor, where:
     count = sample.numel()
     out, rows = empty_chunk(count, shape, source_rows)
     torch.index_select(source_rows, 0, sample, out=rows)
-    row = torch.arange(count, device=rows.device)[:, None]
-    rows.view(count, -1, width).index_put_((row, where), values.to(rows.dtype))
+    # a scatter along the units (each unit's index repeated over its values by a stride of 0)
+    # is about 2x faster on a CPU than index_put_ with a row index (53 rows of 224 units of
+    # 3: 57 against 105 us)
+    units = where.reshape(count, -1, 1)
+    full = (count, units.shape[1], width)
+    rows.view(count, -1, width).scatter_(
+        1, units.expand(full), values.to(rows.dtype).expand(*where.shape, width).reshape(full))
     return out
 
 
@@ -527,6 +551,7 @@ class GroupedInputs:
         self.source_rows = channels_last_rows(source)
         self.replacement_rows = (None if replacement is None
                                  else channels_last_rows(replacement))
+        self.constants = None if replacement is None else constant_per_sample(replacement)
 
     def __call__(self, sample: Tensor, group: Tensor, values: Tensor | None = None) -> Tensor:
         """Row ``i``: sample ``sample[i]`` with group ``group[i]`` replaced, by
@@ -536,7 +561,8 @@ class GroupedInputs:
             replaced = values[:, None, None]
         else:
             assert self.replacement_rows is not None
-            replaced = values_at(self.replacement_rows, sample, where, self.width)
+            replaced = replacement_at(self.replacement_rows, self.constants, sample, where,
+                                      self.width)
         return replaced_rows(self.source_rows, self.shape, sample, where, replaced, self.width)
 
 

@@ -27,6 +27,7 @@ from .common import (
     baseline_values,
     channels_last_rows,
     check_positive_int,
+    constant_per_sample,
     descending_ranks,
     feature_count,
     feature_units,
@@ -36,12 +37,12 @@ from .common import (
     pixel_map,
     preprocess_attributions,
     replaced_rows,
+    replacement_at,
     scores_in_batches,
     select_per_sample,
     spearman,
     to_tensor,
     trapezoid,
-    values_at,
 )
 from .registry import register_metric
 from .sampling import Sampling, SamplingOptions, sampling_of
@@ -258,13 +259,14 @@ def faithfulness_correlations(
             # each input: a copy of its sample's image (the one write an input needs), then
             # the subset's elements taken from the baseline
             x_rows, base_rows = channels_last_rows(s.x), channels_last_rows(base)
+            constants = constant_per_sample(base)
             positions, width = feature_units(indices, a.dim(), s.x.shape)
 
             def perturbed(start: int, stop: int) -> tuple[Tensor, Tensor]:
                 flat = torch.arange(start, stop, device=s.x.device)
                 sample, run = flat // runs, flat % runs
                 where = positions[sample, run]
-                values = values_at(base_rows, sample, where, width)
+                values = replacement_at(base_rows, constants, sample, where, width)
                 return (replaced_rows(x_rows, s.x.shape, sample, where, values, width),
                         s.y[sample])
 
