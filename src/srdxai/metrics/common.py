@@ -629,9 +629,9 @@ class RankedInputs:
         self.rank_rows = channels_last_rows(features_to_input(ranks.to(dtype), a_dim, shape))
         self.source_rows = channels_last_rows(source)
         self.replacement_rows = channels_last_rows(replacement)
-        # the rows as lists of views: a chunk picks a few of them, and a list index costs a
-        # fraction of a tensor index (about 1 us each, a dozen per chunk of a small CNN)
-        self.rank_list = list(self.rank_rows.unbind(0))
+        # the images' rows as lists of views: a chunk picks a few of them, and a list index
+        # costs a fraction of a tensor index (about 1 us each; not for the rankings, which
+        # can be thousands, each picked once or twice)
         self.source_list = list(self.source_rows.unbind(0))
         self.replacement_list = list(self.replacement_rows.unbind(0))
         self.columns: tuple[Tensor, Tensor] | None = None  # the last counts, as a column
@@ -692,7 +692,7 @@ class RankedInputs:
             return self(flat // points, counts[flat % points])
         out, flat, weights = self._chunk(stop - start)
         column = self._column(counts)
-        ranks, images = self.rank_list, self.images
+        images = self.images
         position = start
         while position < stop:  # the weights, by whole rankings where they fit
             ranking, first = divmod(position, points)
@@ -704,7 +704,7 @@ class RankedInputs:
                 position += whole * points
             else:
                 last = min(points, first + stop - position)
-                torch.lt(ranks[ranking], column[first:last],
+                torch.lt(self.rank_rows[ranking], column[first:last],
                          out=weights[begin:begin + last - first])
                 position += last - first
         position = start
