@@ -261,11 +261,11 @@ def faithfulness_correlations(
             x_rows, base_rows = channels_last_rows(s.x), channels_last_rows(base)
             constants = constant_per_sample(base)
             positions, width = feature_units(indices, a.dim(), s.x.shape)
+            positions = positions.reshape(s.n * runs, size)  # row i*runs + r: (i, r)'s subset
 
             def perturbed(start: int, stop: int) -> tuple[Tensor, Tensor]:
-                flat = torch.arange(start, stop, device=s.x.device)
-                sample, run = flat // runs, flat % runs
-                where = positions[sample, run]
+                sample = torch.arange(start, stop, device=s.x.device) // runs
+                where = positions[start:stop]
                 values = replacement_at(base_rows, constants, sample, where, width)
                 return (replaced_rows(x_rows, s.x.shape, sample, where, values, width),
                         s.y[sample])
