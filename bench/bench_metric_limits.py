@@ -20,8 +20,9 @@ written), with nothing else (no masks or orders built, no sorting, no statistics
 ours / limit says what our input building and bookkeeping cost on top (target <= 1.1x). A
 second ratio, a diagnosis, takes the bare passes at the chunk size and layout the metric itself
 ran at instead of the fastest found: what the bookkeeping costs apart from the chunk size the
-metric chose. Each metric runs, each call followed by the bare passes, at least ``--rounds``
-times and until about 2 s of its calls (a 40 ms call's median of 3 moves by 10 %).
+metric chose. Each metric runs, each call followed by the bare passes and the required draws,
+solves or substrate, at least ``--rounds`` times and until about 2 s of its calls (a 40 ms
+call's median of 3 moves by 10 %).
 Small CNN (3x32x32, batch 16) and EfficientNet-Lite0 (3x224x224, batch 4); ``--quick``:
 3x16x16 and 3x64x64.
 """
@@ -272,15 +273,17 @@ def measure(models: list[str], quick: bool, rounds: int,
             configurations = sorted(replays, key=str)
             bares = [functools.partial(bare_passes, model, pools[f], total, c)
                      for c, f in configurations]
-            ours, medians, _ = interleaved(call, bares, case_rounds)
+            # the draws, solves or substrate a definition requires run in turn with the rest
+            # too: timed apart, a slow spell of the machine between them and our calls moved
+            # infidelity's limit (60 % of it its noise) by a fifth between runs
+            ours, medians, _ = interleaved(
+                call, bares + ([required] if required is not None else []), case_rounds)
+            extra = medians.pop() if required is not None else 0.0
             passes = min(medians)
             # a diagnosis beside the limit: the bare passes at the very chunk and layout the
             # metric ran at (its tuned size, else its default), which separates our
             # bookkeeping from the cost of the chunk size chosen
             own = configurations.index((tuned or int(chunk), torch.channels_last))
-            extra = 0.0
-            if required is not None:  # draws or solves the definition requires too
-                extra, _ = _timing.median_time(required, case_rounds)
             # every perturbed input must be written before its pass (not the clean ones)
             limit = passes + (total - batch) * write + extra
             same_chunk = medians[own] + (total - batch) * write + extra
