@@ -1032,7 +1032,7 @@ def stable_order(values: Tensor, descending: bool = False) -> Tensor:
     """
     if values.device.type == "cpu" and values.dim() == 2 and values.shape[1] > 1 and (
             values.dtype in (torch.float32, torch.float64)):
-        keys = (values.neg() if descending else values).detach().numpy()
+        keys = (values.neg() if descending else values).detach().resolve_neg().numpy()
         order = np.argsort(keys, axis=1)
         ranked = np.take_along_axis(keys, order, axis=1)
         # NaN sorts last in numpy; -0.0 == 0.0 counts as a tie, as in a stable sort
