@@ -37,6 +37,7 @@ from torch import nn
 
 import srdxai
 from srdxai import metrics
+from srdxai.engine import memory
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "tests"))
@@ -184,6 +185,8 @@ def main() -> None:
     parser.add_argument("--models", default="small,effnet", help="comma-separated: small,effnet")
     parser.add_argument("--threads", type=int, default=None, help="torch.set_num_threads")
     args = parser.parse_args()
+    # ours and Quantus alike: no pass faults its activations in again (engine.memory)
+    memory.keep_freed_memory()
     if args.threads:
         torch.set_num_threads(args.threads)
     args.batch = args.batch or (4 if args.quick else 16)

@@ -11,6 +11,11 @@ os.environ["HF_HUB_OFFLINE"] = "1"
 
 def pytest_configure(config):
     config.addinivalue_line("markers", "slow: long-running tests (deselect with -m 'not slow')")
+    # the test process keeps freed memory for reuse, as the command line does (glibc would
+    # otherwise fault many models' activations in page by page again; docs/metrics.md)
+    from srdxai.engine.memory import keep_freed_memory
+
+    keep_freed_memory()
 
 
 @pytest.fixture(scope="module")

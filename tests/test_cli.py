@@ -256,3 +256,14 @@ def test_method_all_writes_one_grid_per_image(runner, needs_lite0, demo_dir, tmp
                                  "--out", str(out)])
     assert result.exit_code == 0, (result.output, result.exception)
     assert (out / "coffee_all.png").read_bytes()[:8] == PNG_SIGNATURE
+
+
+def test_the_command_keeps_freed_memory_for_its_process(runner, monkeypatch):
+    # every command asks the C allocator to keep freed memory (engine.memory.keep_freed_memory)
+    from srdxai.engine import memory
+
+    calls = []
+    monkeypatch.setattr(memory, "keep_freed_memory", lambda: calls.append(True) or True)
+    result = runner.invoke(cli, ["metrics"])
+    assert result.exit_code == 0, result.output
+    assert calls == [True]

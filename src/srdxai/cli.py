@@ -86,6 +86,11 @@ def _print_version(ctx: click.Context, _param: click.Parameter, value: bool) -> 
 )
 def cli() -> None:
     """Explain image classifiers with Sharing Ratio Decomposition (SRD) and other methods."""
+    # the command owns its process: freed memory is kept for reuse (on glibc, activations
+    # faulted in page by page again made small-model metrics 2-3x slower in some processes)
+    from srdxai.engine import memory
+
+    memory.keep_freed_memory()
 
 
 # --------------------------------------------------------------------------------------- checks
