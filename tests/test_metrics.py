@@ -619,3 +619,26 @@ def test_max_sensitivity_keeps_an_infinite_value_infinite():
                           dtype=torch.float64)
     out = _nanmax(values)
     assert out[0] == math.inf and out[1] == 2.0 and math.isnan(out[2])
+
+
+@pytest.mark.parametrize("held", [1, 7, 64])
+def test_scores_are_the_same_whatever_logits_are_held_together(cnn, monkeypatch, held):
+    # scores_in_batches checks and scores the logits of consecutive chunks together, up to
+    # _PENDING_ROWS rows: blocks of 1, 7 (ending inside chunks) or 64 rows give the scores of
+    # the default, to the bit
+    from srdxai.metrics import common
+
+    model, x, y, a = cnn
+
+    def run():
+        return (metrics.pixel_flipping(model, x, y, a, features_in_step=9, batch_size=5).curve,
+                metrics.faithfulness_correlation(model, x, y, a, nr_runs=6, subset_size=10,
+                                                 batch_size=4),
+                metrics.road(model, x, y, a, percentages=[10, 50], batch_size=3))
+
+    expected = run()
+    monkeypatch.setattr(common, "_PENDING_ROWS", held)
+    for got, want in zip(run(), expected, strict=True):
+        got = got.auc if hasattr(got, "auc") else got
+        want = want.auc if hasattr(want, "auc") else want
+        assert torch.equal(torch.nan_to_num(got), torch.nan_to_num(want))

@@ -176,3 +176,19 @@ def test_a_target_one_past_the_last_class_is_refused(metric):
                 NET, X, y, A, subset_size=4, nr_runs=3)}[metric]
     with pytest.raises(InvalidTargetError, match=r"classes >= the model's 3 outputs: \[3\]"):
         call()
+
+
+@pytest.mark.parametrize("held", [4096, 7])
+def test_a_non_finite_output_in_a_later_chunk_names_its_sample(monkeypatch, held):
+    # only sample 3's perturbed copies overflow (its baseline is 50; the others' 0), in chunks
+    # of 5 inputs: the logits of consecutive chunks are checked together (all of them, or
+    # blocks of 7 rows, so that a block ends inside a chunk's successor), and the error still
+    # names sample 3 alone
+    from srdxai.metrics import common
+
+    monkeypatch.setattr(common, "_PENDING_ROWS", held)
+    base = torch.zeros(4, 3, 8, 8)
+    base[3] = 50.0
+    with pytest.raises(NonFiniteError, match=r"pixel flipping.*of samples 3\)"):
+        M.pixel_flipping(Overflows(limit=40.0), X, Y, A, baseline=base, features_in_step=8,
+                         batch_size=5)
