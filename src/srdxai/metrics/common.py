@@ -513,8 +513,8 @@ def replaced_rows(source_rows: Tensor, shape: torch.Size, sample: Tensor, where:
     is a copy of sample ``sample[i]`` of ``source_rows`` (:func:`channels_last_rows`) with the
     units at ``where[i]`` (of ``width`` values, :func:`feature_units`) set to ``values[i]``
     (anything that broadcasts to ``(*where.shape, width)``). For perturbations that replace a
-    few features per input (subsets, groups): one write of the input, then a small indexed
-    write, instead of a mask over every element. A unit given twice must have one value."""
+    few features per input (subsets, groups): one write of the input, then a small scatter,
+    instead of a mask over every element. A unit given twice must have one value."""
     count = sample.numel()
     out, rows = empty_chunk(count, shape, source_rows)
     torch.index_select(source_rows, 0, sample, out=rows)
@@ -535,7 +535,7 @@ class GroupedInputs:
 
     ``order`` is (N, F) (one order per sample) or (1, F) (the same for all); ``a_dim`` says
     whether a feature is a pixel (3) or an element (4) of the (N, C, H, W) inputs. Each
-    input is a copy of its sample and an indexed write of its group's units
+    input is a copy of its sample and a scatter of its group's units
     (:func:`replaced_rows`); the last group is padded by repeating its last feature.
     """
 
@@ -973,24 +973,22 @@ class _PendingScores:
     def add(self, start: int, logits: Tensor, targets: Tensor) -> None:
         rows = logits.shape[0]
         held = self.logits
-        if held is not None and (start != self.start + self.filled
-                                 or self.filled + rows > held.shape[0]
-                                 or logits.shape[1] != held.shape[1]
-                                 or logits.dtype != held.dtype
-                                 or logits.device != held.device):
+        capacity = 0 if held is None else held.shape[0]
+        # the buffer takes these logits if they have its classes, dtype and device
+        alike = held is not None and (logits.shape[1], logits.dtype, logits.device) == (
+            held.shape[1], held.dtype, held.device)
+        if self.filled and (not alike or start != self.start + self.filled
+                            or self.filled + rows > capacity):
             self.flush()
-            if rows > held.shape[0] or logits.shape[1:] != held.shape[1:] or (
-                    logits.dtype != held.dtype or logits.device != held.device):
-                self.logits = held = None
-        if held is None:
+        if not alike or rows > capacity:
             per_row = max(1, logits.shape[1] * logits.element_size())
             capacity = max(rows, min(_PENDING_ROWS, _PENDING_BYTES // per_row))
-            self.logits = held = logits.new_empty((capacity, logits.shape[1]))
+            self.logits = logits.new_empty((capacity, logits.shape[1]))
             self.targets = targets.new_empty(capacity)
-        assert self.targets is not None
+        assert self.logits is not None and self.targets is not None
         if self.filled == 0:
             self.start = start
-        held[self.filled:self.filled + rows] = logits
+        self.logits[self.filled:self.filled + rows] = logits
         self.targets[self.filled:self.filled + rows] = targets
         self.filled += rows
 
