@@ -46,6 +46,7 @@ from .common import (
     feature_count,
     grid_rows,
     guarded,
+    inverse_order,
     predicted_classes,
     preprocess_attributions,
     scores_in_batches,
@@ -281,9 +282,7 @@ def _ascending_groups(a: Tensor, size: int) -> tuple[Tensor, Tensor]:
     """Each flattened map sorted by ascending value (ties keep index order) and cut into
     groups of ``size``: the features in that order (N, F), and each feature's group (N, F)."""
     order = stable_order(a.flatten(1))
-    ranks = torch.empty_like(order)
-    ranks.scatter_(1, order, torch.arange(order.shape[1], device=order.device).expand_as(order))
-    return order, ranks // size
+    return order, inverse_order(order) // size
 
 
 @register_metric(family="faithfulness", direction="higher", needs=("model",))

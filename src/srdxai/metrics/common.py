@@ -1099,11 +1099,14 @@ def stable_order(values: Tensor, descending: bool = False) -> Tensor:
 def descending_ranks(a: Tensor) -> Tensor:
     """Each feature's position (0 = largest) when each sample's flattened map is sorted by
     descending value; ties keep index order (a stable sort)."""
-    flat = a.flatten(1)
-    order = stable_order(flat, descending=True)
-    ranks = torch.empty_like(order)
-    ranks.scatter_(1, order, torch.arange(flat.shape[1], device=flat.device).expand_as(order))
-    return ranks
+    return inverse_order(stable_order(a.flatten(1), descending=True))
+
+
+def inverse_order(order: Tensor) -> Tensor:
+    """Each feature's position in ``order`` (N, F), row by row: the inverse permutation of
+    each row of sort indices (a feature's rank)."""
+    positions = torch.arange(order.shape[1], device=order.device).expand_as(order)
+    return torch.empty_like(order).scatter_(1, order, positions)
 
 
 def pixel_map(a: Tensor) -> Tensor:

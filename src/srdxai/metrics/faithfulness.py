@@ -33,6 +33,7 @@ from .common import (
     feature_units,
     grid_rows,
     guarded,
+    inverse_order,
     pearson,
     pixel_map,
     preprocess_attributions,
@@ -768,9 +769,7 @@ def sensitivity_n(
                 else:
                     order = permutations[i]
                 order = order.to(s.x.device)
-                rank = torch.empty_like(order)
-                rank.scatter_(1, order, torch.arange(n_features, device=order.device)
-                              .expand_as(order))
+                rank = inverse_order(order)
                 ranks.append(rank)
                 sums.append(a[i].flatten()[order].cumsum(1)[:, grid_dev - 1].T)  # (G, subsets)
             # one "sample" of RankedInputs per (sample, subset): its ranks and the image

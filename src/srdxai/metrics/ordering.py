@@ -36,6 +36,7 @@ from .common import (
     check_positive_int,
     grid_rows,
     guarded,
+    inverse_order,
     pixel_map,
     preprocess_attributions,
     scores_in_batches,
@@ -417,9 +418,7 @@ def _patch_curve(s: MetricInputs, a: Tensor, patch_size: int, regions: int | Non
     per_pixel = pixel_map(a).flatten(1)
     sums = torch.zeros(s.n, n_patches, dtype=per_pixel.dtype, device=per_pixel.device)
     sums.index_add_(1, patch_of_pixel.to(per_pixel.device), per_pixel)
-    ranked = stable_order(sums, descending=order == "morf")
-    rank = torch.empty_like(ranked).scatter_(
-        1, ranked, torch.arange(n_patches, device=ranked.device).expand_as(ranked))
+    rank = inverse_order(stable_order(sums, descending=order == "morf"))
     rank_of_pixel = rank.to(s.x.device)[:, patch_of_pixel]  # (N, H*W)
     steps = n_patches if regions is None else min(regions, n_patches)
     inputs = RankedInputs(rank_of_pixel, 3, s.x, replacement)
@@ -679,9 +678,7 @@ def irof(
         sums.scatter_add_(1, dense, a.to(s.x.device))
         sizes.scatter_add_(1, dense, torch.ones_like(a, device=s.x.device))
         means = torch.where(sizes > 0, sums / sizes.clamp(min=1), -math.inf)  # pad last
-        ranked = torch.sort(means, dim=1, descending=True, stable=True).indices
-        rank = torch.empty_like(ranked).scatter_(
-            1, ranked, torch.arange(widest, device=ranked.device).expand_as(ranked))
+        rank = inverse_order(torch.sort(means, dim=1, descending=True, stable=True).indices)
         rank_of_pixel = rank.gather(1, dense)  # (N, H*W)
         replacement = baseline_values(baseline, s.x)
         owners = torch.arange(s.n).repeat_interleave(n_segments)
