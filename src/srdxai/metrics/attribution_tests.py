@@ -44,7 +44,6 @@ from .common import (
     empty_chunk,
     empty_mask_nan,
     feature_count,
-    grid_rows,
     guarded,
     inverse_order,
     predicted_classes,
@@ -226,8 +225,8 @@ def infidelity(
                 per, lambda patch: (in_rows[patch][:, :, None] & in_cols[patch][:, None, :])
                 [:, None], s.x, base)
 
-            def perturbed(start: int, stop: int) -> tuple[Tensor, Tensor]:
-                return inputs.grid(start, stop), grid_rows(s.y, per, start, stop)
+            def perturbed(start: int, stop: int) -> Tensor:
+                return inputs.grid(start, stop)
         else:
             std = check_finite_number(noise_std, "noise_std", positive=True)
             shape = s.x.shape[1:]
@@ -247,7 +246,7 @@ def infidelity(
             sums = torch.empty(s.n * per, dtype=torch.float64)
             a64 = a.flatten(1).to(torch.float64)
 
-            def perturbed(start: int, stop: int) -> tuple[Tensor, Tensor]:
+            def perturbed(start: int, stop: int) -> Tensor:
                 out, _ = empty_chunk(stop - start, s.x.shape, s.x)
                 at = start
                 # a block of draws is one sample's: each part is a run of that sample's rows,
@@ -261,10 +260,10 @@ def infidelity(
                     # scores_in_batches gives the model)
                     torch.sub(x64[sample], noise, out=out[rows])
                     at += noise.shape[0]
-                return out, grid_rows(s.y, per, start, stop)
+                return out
 
         clean = s.clean_scores(softmax)
-        scores = scores_in_batches(s.model, perturbed, s.n * per, s.batch_size, softmax,
+        scores = scores_in_batches(s.model, perturbed, s.y, s.n * per, s.batch_size, softmax,
                                    sampling.progress, "infidelity", per_sample=per)
         change = clean[:, None] - scores.view(s.n, per)
         sums = sums.view(s.n, per)
@@ -384,16 +383,16 @@ def monotonicity_correlation(
         # group g: the features of ranks g*step .. (g+1)*step - 1 in ascending order
         inputs = GroupedInputs(order, step, a.dim(), s.x, base)
 
-        def perturbed(start: int, stop: int) -> tuple[Tensor, Tensor]:
+        def perturbed(start: int, stop: int) -> Tensor:
             flat = torch.arange(start, stop, device=s.x.device)
             sample, group = flat // per, (flat % per) // runs
             if base is None:
                 values = source.rows(start, stop).to(device=s.x.device, dtype=s.x.dtype)
-                return inputs(sample, group, values), s.y[sample]
-            return inputs(sample, group), s.y[sample]
+                return inputs(sample, group, values)
+            return inputs(sample, group)
 
         clean = s.clean_scores(softmax)
-        scores = scores_in_batches(s.model, perturbed, s.n * per, s.batch_size, softmax,
+        scores = scores_in_batches(s.model, perturbed, s.y, s.n * per, s.batch_size, softmax,
                                    sampling.progress, "monotonicity correlation",
                                    per_sample=per)
         variance = ((scores.view(s.n, groups, runs) - clean[:, None, None]) ** 2).mean(2)

@@ -100,13 +100,13 @@ def non_sensitivity(
         inputs = GroupedInputs(torch.arange(n_features, device=s.x.device)[None], step, a.dim(),
                                s.x, baseline_values(baseline, s.x))
 
-        def perturbed(start: int, stop: int) -> tuple[Tensor, Tensor]:
+        def perturbed(start: int, stop: int) -> Tensor:
             flat = torch.arange(start, stop, device=s.x.device)
             sample, group = flat // groups, flat % groups
-            return inputs(sample, group), s.y[sample]
+            return inputs(sample, group)
 
         clean = s.clean_scores(softmax)
-        scores = scores_in_batches(s.model, perturbed, s.n * groups, s.batch_size, softmax,
+        scores = scores_in_batches(s.model, perturbed, s.y, s.n * groups, s.batch_size, softmax,
                                    sampling.progress, "non-sensitivity", per_sample=groups)
         no_effect = (scores.view(s.n, groups) - clean[:, None]).abs() < eps
         return (no_effect ^ zero_attribution).sum(1).to(torch.float64).to(s.x.device)

@@ -780,15 +780,6 @@ def grid_runs(start: int, stop: int, per: int) -> Iterator[tuple[int, int, int]]
         position += last - first
 
 
-def grid_rows(per_ranking: Tensor, points: int, start: int, stop: int) -> Tensor:
-    """``per_ranking`` (R, ...) repeated for the rows ``start..stop`` of a ranking-major grid
-    of ``points`` rows per ranking (:meth:`RankedInputs.grid`): the targets of a chunk."""
-    first = start // points
-    last = (stop - 1) // points + 1
-    offset = start - first * points
-    return per_ranking[first:last].repeat_interleave(points, 0)[offset:offset + stop - start]
-
-
 #: the original sample of each row of a batch, or a function giving it (built only for an error)
 Owners = Tensor | Callable[[], Tensor] | None
 
@@ -913,7 +904,8 @@ class _LayoutForward:
 
 def scores_in_batches(
     model: nn.Module,
-    make_inputs: Callable[[int, int], tuple[Tensor, Tensor]],
+    make_inputs: Callable[[int, int], Tensor],
+    y: Tensor,
     total: int,
     batch_size: int,
     softmax: bool,
@@ -924,25 +916,26 @@ def scores_in_batches(
     owners: Tensor | None = None,
     correct: bool = False,
 ) -> Tensor:
-    """Class scores of ``total`` perturbed inputs built chunk by chunk by ``make_inputs``.
+    """Class scores of ``total`` perturbed inputs built chunk by chunk by ``make_inputs``
+    (``make_inputs(start, stop)``: the inputs of rows ``start..stop``).
 
     Only one chunk of perturbed inputs exists at a time, so memory is bounded by
     ``batch_size`` whatever the number of perturbations. Items are laid out sample-major,
     ``per_sample`` per sample starting at sample ``sample_offset``, or, where the samples have
-    different numbers of items, ``owners`` (total,) names the sample of each: how a non-finite
-    output is traced back to the sample it perturbs in the error. ``correct``: 1.0 where the
-    arg-max class is the target (the first index on ties, as numpy), else 0.0, instead of the
-    score.
+    different numbers of items, ``owners`` (total,) names the sample of each. Each item is
+    scored for its sample's class in ``y`` (one per sample), and a non-finite output is traced
+    back to the sample it perturbs in the error. ``correct``: 1.0 where the arg-max class is
+    the target (the first index on ties, as numpy), else 0.0, instead of the score.
     """
     out = torch.empty(total, dtype=torch.float64)
     forward = _LayoutForward(model)
     what = desc or "metric"
-    pending = _PendingScores(out, softmax, correct, what,
+    pending = _PendingScores(out, y, softmax, correct, what,
                              lambda a, b: _owners(owners, per_sample, sample_offset, a, b))
 
     def run(start: int, stop: int) -> None:
-        inputs, targets = make_inputs(start, stop)
-        pending.add(start, checked_shape(forward(inputs), inputs.shape[0]), targets)
+        inputs = make_inputs(start, stop)
+        pending.add(start, checked_shape(forward(inputs), inputs.shape[0]))
 
     with torch.no_grad():
         adaptive_chunks(total, batch_size, progress, desc, run, model=model)
@@ -958,19 +951,20 @@ _PENDING_BYTES = 4 * 2**20
 
 class _PendingScores:
     """Logits of consecutive chunks, checked and scored together: the finiteness check,
-    softmax, gather and copy into the results once per block of chunks instead of once per
-    chunk (on a small CNN, a fifth of what a chunk costs besides its pass). Row-wise, so the
-    scores are those of chunk-by-chunk scoring."""
+    softmax, targets, gather and copy into the results once per block of chunks instead of
+    once per chunk (on a small CNN, a fifth of what a chunk costs besides its pass; the first
+    operations after a forward pass run on cold caches, 10x slower than warm ones). Row-wise,
+    so the scores are those of chunk-by-chunk scoring. Row ``r``'s target is ``y`` of its
+    sample, ``owners(first, stop)`` naming the samples of rows ``first..stop``."""
 
-    def __init__(self, out: Tensor, softmax: bool, correct: bool, what: str,
+    def __init__(self, out: Tensor, y: Tensor, softmax: bool, correct: bool, what: str,
                  owners: Callable[[int, int], Tensor]):
-        self.out, self.softmax, self.correct, self.what = out, softmax, correct, what
+        self.out, self.y, self.softmax, self.correct, self.what = out, y, softmax, correct, what
         self.owners = owners
         self.logits: Tensor | None = None
-        self.targets: Tensor | None = None
         self.start = self.filled = 0
 
-    def add(self, start: int, logits: Tensor, targets: Tensor) -> None:
+    def add(self, start: int, logits: Tensor) -> None:
         rows = logits.shape[0]
         held = self.logits
         capacity = 0 if held is None else held.shape[0]
@@ -984,23 +978,23 @@ class _PendingScores:
             per_row = max(1, logits.shape[1] * logits.element_size())
             capacity = max(rows, min(_PENDING_ROWS, _PENDING_BYTES // per_row))
             self.logits = logits.new_empty((capacity, logits.shape[1]))
-            self.targets = targets.new_empty(capacity)
-        assert self.logits is not None and self.targets is not None
+        assert self.logits is not None
         if self.filled == 0:
             self.start = start
         self.logits[self.filled:self.filled + rows] = logits
-        self.targets[self.filled:self.filled + rows] = targets
         self.filled += rows
 
     def flush(self) -> None:
         """Check and score the logits held, into their rows of the results."""
         if not self.filled:
             return
-        assert self.logits is not None and self.targets is not None
+        assert self.logits is not None
         first, stop = self.start, self.start + self.filled
-        logits, targets = self.logits[:self.filled], self.targets[:self.filled]
-        # the owners of the rows are built only for the error naming them
-        check_finite_logits(logits, self.what, lambda: self.owners(first, stop))
+        logits = self.logits[:self.filled]
+        samples = self.owners(first, stop)
+        # the owners of the rows name them in an error too
+        check_finite_logits(logits, self.what, samples)
+        targets = self.y[samples.to(self.y.device)]
         if self.correct:
             # range-checked like the scores, then 1.0 where the arg-max is the target
             target_scores(logits, targets, False)
@@ -1166,5 +1160,5 @@ class MetricInputs:
     def scores_of(self, inputs: Tensor, softmax: bool, what: str) -> Tensor:
         """Scores of the targets for ``inputs`` shaped like ``x`` (N,), in chunks."""
         return scores_in_batches(
-            self.model, lambda s, e: (inputs[s:e], self.y[s:e]), self.n, self.batch_size,
+            self.model, lambda s, e: inputs[s:e], self.y, self.n, self.batch_size,
             softmax, False, f"{self.metric} ({what})")

@@ -31,7 +31,6 @@ from .common import (
     descending_ranks,
     feature_count,
     feature_units,
-    grid_rows,
     guarded,
     inverse_order,
     pearson,
@@ -249,13 +248,13 @@ def faithfulness_correlations(
         if cells is not None:
             cell_of_pixel = cells.to(s.x.device)
 
-            def perturbed(start: int, stop: int) -> tuple[Tensor, Tensor]:
+            def perturbed(start: int, stop: int) -> Tensor:
                 flat = torch.arange(start, stop, device=s.x.device)
                 sample, run = flat // runs, flat % runs
                 chosen = torch.zeros(flat.numel(), n_features, dtype=torch.bool,
                                      device=s.x.device).scatter_(1, indices[sample, run], True)
                 removed = chosen[:, cell_of_pixel].view(-1, 1, *s.x.shape[2:])
-                return select_per_sample(removed, base, s.x, sample), s.y[sample]
+                return select_per_sample(removed, base, s.x, sample)
         else:
             # each input: a copy of its sample's image (the one write an input needs), then
             # the subset's elements taken from the baseline
@@ -264,15 +263,14 @@ def faithfulness_correlations(
             positions, width = feature_units(indices, a.dim(), s.x.shape)
             positions = positions.reshape(s.n * runs, size)  # row i*runs + r: (i, r)'s subset
 
-            def perturbed(start: int, stop: int) -> tuple[Tensor, Tensor]:
+            def perturbed(start: int, stop: int) -> Tensor:
                 sample = torch.arange(start, stop, device=s.x.device) // runs
                 where = positions[start:stop]
                 values = replacement_at(base_rows, constants, sample, where, width)
-                return (replaced_rows(x_rows, s.x.shape, sample, where, values, width),
-                        s.y[sample])
+                return replaced_rows(x_rows, s.x.shape, sample, where, values, width)
 
         clean = s.clean_scores(softmax)
-        scores = scores_in_batches(s.model, perturbed, s.n * runs, s.batch_size, softmax,
+        scores = scores_in_batches(s.model, perturbed, s.y, s.n * runs, s.batch_size, softmax,
                                    sampling.progress, "faithfulness correlation",
                                    per_sample=runs).view(s.n, runs)
         drops = clean[:, None] - scores
@@ -361,11 +359,11 @@ def mu_fidelity(
 
         inputs = MaskedInputs(runs, lambda run: removed[run][:, None], s.x, base)
 
-        def perturbed(start: int, stop: int) -> tuple[Tensor, Tensor]:
-            return inputs.grid(start, stop), grid_rows(s.y, runs, start, stop)
+        def perturbed(start: int, stop: int) -> Tensor:
+            return inputs.grid(start, stop)
 
         clean = s.clean_scores(softmax)
-        scores = scores_in_batches(s.model, perturbed, s.n * runs, s.batch_size, softmax,
+        scores = scores_in_batches(s.model, perturbed, s.y, s.n * runs, s.batch_size, softmax,
                                    sampling.progress, "MuFidelity",
                                    per_sample=runs).view(s.n, runs)
         drops = clean[:, None] - scores
@@ -419,10 +417,11 @@ def _ordered_curve(s: MetricInputs, a: Tensor, counts: Tensor, start_from: Tenso
     steps = counts.numel()
     counts = counts.to(s.x.device)
 
-    def perturbed(start: int, stop: int) -> tuple[Tensor, Tensor]:
-        return inputs.grid(start, stop, counts), grid_rows(s.y, steps, start, stop)
+    def perturbed(start: int, stop: int) -> Tensor:
+        return inputs.grid(start, stop, counts)
 
-    scores = scores_in_batches(s.model, perturbed, s.n * steps, s.batch_size, softmax, progress,
+    scores = scores_in_batches(s.model, perturbed, s.y, s.n * steps, s.batch_size, softmax,
+                               progress,
                                desc, per_sample=steps)
     return scores.view(s.n, steps)
 
@@ -776,15 +775,13 @@ def sensitivity_n(
             rows = torch.arange(first, first + len(members), device=s.x.device)
             rows = rows.repeat_interleave(subsets)
             inputs = RankedInputs(torch.cat(ranks), a.dim(), s.x, base, image_of=rows)
-            targets = s.y[rows]
 
-            def perturbed(start: int, stop: int, inputs=inputs, targets=targets):
+            def perturbed(start: int, stop: int, inputs=inputs) -> Tensor:
                 # subset-major: the n grid of one subset, then the next subset
-                return (inputs.grid(start, stop, grid_dev),
-                        grid_rows(targets, points, start, stop))
+                return inputs.grid(start, stop, grid_dev)
 
             scores = scores_in_batches(
-                s.model, perturbed, len(members) * subsets * points, s.batch_size, softmax,
+                s.model, perturbed, s.y, len(members) * subsets * points, s.batch_size, softmax,
                 sampling.progress, "sensitivity-n", per_sample=subsets * points,
                 sample_offset=first).view(len(members), subsets, points)
             for j, i in enumerate(members):

@@ -34,7 +34,6 @@ from .common import (
     baseline_values,
     check_finite_number,
     check_positive_int,
-    grid_rows,
     guarded,
     inverse_order,
     pixel_map,
@@ -341,14 +340,13 @@ def road(
             values[:, pixels] = _impute(values, pixels, height, width) + noise * z
             return values
 
-        def perturbed(start: int, stop: int) -> tuple[Tensor, Tensor]:
+        def perturbed(start: int, stop: int) -> Tensor:
             items = [divmod(f, steps) for f in range(start, stop)]
             batch = np.stack([imputed(i, t) for i, t in items])
             inputs = torch.from_numpy(batch).reshape(-1, channels, height, width)
-            samples = torch.tensor([i for i, _ in items], device=s.x.device)
-            return inputs.to(device=s.x.device, dtype=s.x.dtype), s.y[samples]
+            return inputs.to(device=s.x.device, dtype=s.x.dtype)
 
-        curve = scores_in_batches(s.model, perturbed, s.n * steps, s.batch_size,
+        curve = scores_in_batches(s.model, perturbed, s.y, s.n * steps, s.batch_size,
                                   readout == "probability", sampling.progress, "ROAD",
                                   per_sample=steps, correct=readout == "correct"
                                   ).view(s.n, steps)
@@ -424,10 +422,10 @@ def _patch_curve(s: MetricInputs, a: Tensor, patch_size: int, regions: int | Non
     inputs = RankedInputs(rank_of_pixel, 3, s.x, replacement)
     counts = torch.arange(1, steps + 1, device=s.x.device)  # the first k patches replaced
 
-    def perturbed(start: int, stop: int) -> tuple[Tensor, Tensor]:
-        return inputs.grid(start, stop, counts), grid_rows(s.y, steps, start, stop)
+    def perturbed(start: int, stop: int) -> Tensor:
+        return inputs.grid(start, stop, counts)
 
-    scores = scores_in_batches(s.model, perturbed, s.n * steps, s.batch_size, softmax,
+    scores = scores_in_batches(s.model, perturbed, s.y, s.n * steps, s.batch_size, softmax,
                                progress, desc, per_sample=steps)
     return scores.view(s.n, steps), n_patches
 
@@ -686,12 +684,12 @@ def irof(
         owners_dev, steps_dev = owners.to(s.x.device), steps.to(s.x.device)
         inputs = RankedInputs(rank_of_pixel, 3, s.x, replacement)
 
-        def perturbed(start: int, stop: int) -> tuple[Tensor, Tensor]:
+        def perturbed(start: int, stop: int) -> Tensor:
             sample, k = owners_dev[start:stop], steps_dev[start:stop]
-            return inputs(sample, k), s.y[sample]
+            return inputs(sample, k)
 
         clean = s.clean_scores(softmax).cpu()
-        scores = scores_in_batches(s.model, perturbed, owners.numel(), s.batch_size, softmax,
+        scores = scores_in_batches(s.model, perturbed, s.y, owners.numel(), s.batch_size, softmax,
                                    sampling.progress, "IROF", owners=owners)
         curve = torch.full((s.n, widest), math.nan, dtype=torch.float64)
         reference = clean.masked_fill(clean == 0, math.nan)  # no ratio to a zero score
