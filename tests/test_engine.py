@@ -627,3 +627,44 @@ def test_integer_selections_share_one_unbind_and_keep_the_gradient():
     with pytest.raises(IndexError), torch.enable_grad(), OpTrace(OutOfRange(), leaf,
                                                                  Probe()) as trace:
         trace.forward()
+
+
+@pytest.mark.parametrize("raises", [False, True])
+def test_model_guard_restores_mixed_flags_and_hooks_exactly(raises):
+    # modules in train and eval mode side by side, some parameters frozen by the user, a hook
+    # of the user's: inside, all eval and frozen; afterwards each flag and hook dictionary as
+    # it was, whatever was changed or added inside and whether the body raised
+    from srdxai.engine import model_guard
+
+    model = nn.Sequential(nn.Conv2d(3, 4, 3), nn.BatchNorm2d(4), nn.Sequential(
+        nn.ReLU(), nn.Dropout(0.5)), nn.Flatten(), nn.Linear(4, 2))
+    model.train()
+    model[2].eval()  # a submodule in eval mode inside a training model
+    model[1].weight.requires_grad_(False)
+    users = model[0].register_forward_hook(lambda *a: None)
+    flags = [m.training for m in model.modules()]
+    frozen = [p.requires_grad for p in model.parameters()]
+    hooks = [dict(m._forward_hooks) for m in model.modules()]
+
+    def body():
+        with model_guard(model):
+            assert not any(m.training for m in model.modules())
+            assert not any(p.requires_grad for p in model.parameters())
+            model[4].register_forward_pre_hook(lambda *a: None)
+            model[3].register_full_backward_hook(lambda *a: None)
+            model[2][1].train()
+            model[4].bias.requires_grad_(True)
+            del model[0]._forward_hooks[users.id]
+            if raises:
+                raise KeyError("inside")
+
+    if raises:
+        with pytest.raises(KeyError, match="inside"):
+            body()
+    else:
+        body()
+    assert [m.training for m in model.modules()] == flags
+    assert [p.requires_grad for p in model.parameters()] == frozen
+    assert [dict(m._forward_hooks) for m in model.modules()] == hooks
+    assert all(not m._forward_pre_hooks and not m._backward_hooks for m in model.modules())
+    users.remove()

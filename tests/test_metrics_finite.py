@@ -192,3 +192,24 @@ def test_a_non_finite_output_in_a_later_chunk_names_its_sample(monkeypatch, held
     with pytest.raises(NonFiniteError, match=r"pixel flipping.*of samples 3\)"):
         M.pixel_flipping(Overflows(limit=40.0), X, Y, A, baseline=base, features_in_step=8,
                          batch_size=5)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64, torch.float16])
+def test_all_finite_is_the_elementwise_test_also_where_the_sum_overflows(dtype):
+    # one sum decides the usual case; finite values whose sum overflows are still finite, and
+    # one NaN or Inf among them is still found
+    from srdxai.metrics.common import all_finite
+
+    big = torch.finfo(dtype).max
+    assert all_finite(torch.randn(4, 3, 8, 8).to(dtype))
+    assert all_finite(torch.full((2, 5), big, dtype=dtype))  # the sum is inf, the values not
+    assert all_finite(torch.tensor([big, -big, big], dtype=dtype))
+    for bad in (math.nan, math.inf, -math.inf):
+        values = torch.full((2, 5), big, dtype=dtype)
+        values[1, 3] = bad
+        assert not all_finite(values)
+        assert not all_finite(torch.randn(3, 4).to(dtype).index_fill_(1, torch.tensor([2]), bad))
+    assert all_finite(torch.tensor([2**62, -(2**62)]))  # integers are finite
+    # a map holding NaN or Inf is still refused by name
+    with pytest.raises(InvalidInputError, match="attributions contain NaN or Inf"):
+        M.pixel_flipping(NET, X, Y, A.index_fill(1, torch.tensor([2]), math.inf))

@@ -480,19 +480,37 @@ def test_non_finite_outputs_raise_naming_the_metric_and_samples(cnn):
 
 
 @pytest.mark.parametrize("descending", [False, True])
-@pytest.mark.parametrize("dtype", [torch.float32, torch.float64, torch.int64])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64, torch.float16, torch.bfloat16,
+                                   torch.int64])
 def test_stable_order_is_the_stable_sort(descending, dtype):
-    """stable_order's fast path (numpy's unstable argsort where nothing ties) gives the
-    indices of a stable sort, also with ties, signed zeros, infinities and NaN."""
+    """stable_order's fast paths (float32 and narrower: a sort of (order key, index) integers;
+    float64: numpy's unstable argsort where nothing ties) give the indices of a stable sort,
+    also with ties, signed zeros, subnormals, infinities, extreme magnitudes and NaN of
+    either sign."""
     g = torch.Generator().manual_seed(3)
-    rows = [torch.randn(500, generator=g),  # no ties: the fast path
+    tiny = torch.finfo(dtype).tiny if dtype.is_floating_point else 1
+    biggest = torch.finfo(dtype).max if dtype.is_floating_point else 2**40
+    rows = [torch.randn(500, generator=g),  # no ties
             torch.randint(0, 5, (500,), generator=g).float(),  # many ties
+            torch.randint(-3, 4, (500,), generator=g).float() * 0.25,  # ties of both signs
             torch.tensor([0.0, -0.0, 1.0, -0.0, 0.0, 2.0] * 4),  # zeros of both signs tie
             torch.tensor([1.0, float("inf"), -float("inf"), 0.5] * 3),
+            torch.full((40,), 3.0),  # one value
+            # subnormals (their order is their value's), the smallest normals, the extremes
+            torch.tensor([tiny / 4, -tiny / 4, tiny / 2, 0.0, -tiny, tiny, biggest, -biggest,
+                          -tiny / 2, tiny / 4] * 2, dtype=torch.float64),
+            # float64 values that round to the same float32, out of index order: without
+            # ties, and with ties among them
+            torch.tensor([1.0 + 2**-40, 1.0, 1.0 + 2**-45, 3.0, 1.0 + 2**-41, 2.0],
+                         dtype=torch.float64),
+            torch.tensor([1.0 + 2**-40, 1.0, 1.0, 1.0 + 2**-40, 0.5], dtype=torch.float64),
             # NaN and no ties: numpy places NaN last, torch's descending sort first
-            torch.randn(50, generator=g).index_fill_(0, torch.tensor([7]), float("nan"))]
+            torch.randn(50, generator=g).index_fill_(0, torch.tensor([7]), float("nan")),
+            # NaN with the sign bit set: torch sorts it above everything too
+            torch.randn(50, generator=g).index_fill_(0, torch.tensor([3, 9]),
+                                                     -float("nan"))]
     for row in rows:
         values = torch.stack([row, row.flip(0)]).to(dtype) if dtype != torch.int64 else (
             torch.stack([row, row.flip(0)]).nan_to_num(7.0, 9.0, -9.0).to(dtype))
         expected = torch.sort(values, dim=1, descending=descending, stable=True).indices
-        assert torch.equal(stable_order(values, descending=descending), expected)
+        assert torch.equal(stable_order(values, descending=descending), expected), row[:8]

@@ -34,38 +34,47 @@ Target = int | Sequence[int] | Tensor | Callable[[Tensor], Tensor] | None
 
 # --- the model guard -----------------------------------------------------------------------
 
+#: the hook dictionaries of an ``nn.Module`` (instance attributes) the guard restores
+_HOOK_DICTS = ("_forward_hooks", "_forward_pre_hooks", "_backward_hooks",
+               "_backward_pre_hooks", "_forward_hooks_with_kwargs",
+               "_forward_pre_hooks_with_kwargs", "_forward_hooks_always_called")
+
+
 @contextlib.contextmanager
 def model_guard(model: nn.Module) -> Iterator[nn.Module]:
     """Put ``model`` in eval mode with frozen parameters; restore everything afterwards.
 
     Restored on success and on exceptions: every module's train/eval flag, every parameter's
     ``requires_grad``, and the module hook dictionaries (hooks the engine adds are removed even
-    if the caller's code raised in between).
+    if the caller's code raised in between). Only what differs is written (a metric call on a
+    small CNN spent 0.2 ms here setting every flag twice).
     """
     if not isinstance(model, nn.Module):
         raise InvalidInputError(f"model must be a torch.nn.Module, got {type(model).__name__}.")
     modules = list(model.modules())
     training = [m.training for m in modules]
     requires = [(p, p.requires_grad) for p in model.parameters()]
-    hook_attrs = ("_forward_hooks", "_forward_pre_hooks", "_backward_hooks",
-                  "_backward_pre_hooks", "_forward_hooks_with_kwargs",
-                  "_forward_pre_hooks_with_kwargs", "_forward_hooks_always_called")
-    hooks = [{a: dict(getattr(m, a)) for a in hook_attrs if hasattr(m, a)} for m in modules]
+    hooks = [(m, name, dict(vars(m)[name])) for m in modules for name in _HOOK_DICTS
+             if name in vars(m)]
     try:
-        model.eval()
-        for p, _ in requires:
-            p.requires_grad_(False)
+        if any(training):
+            model.eval()
+        for p, flag in requires:
+            if flag:
+                p.requires_grad_(False)
         yield model
     finally:
-        for m, flag, saved in zip(modules, training, hooks, strict=True):
-            m.training = flag
-            for attr, content in saved.items():
-                current = getattr(m, attr)
-                if dict(current) != content:
-                    current.clear()
-                    current.update(content)
+        for m, flag in zip(modules, training, strict=True):
+            if m.training != flag:
+                m.training = flag
+        for m, name, content in hooks:
+            current = getattr(m, name)
+            if current != content:
+                current.clear()
+                current.update(content)
         for p, flag in requires:
-            p.requires_grad_(flag)
+            if p.requires_grad != flag:
+                p.requires_grad_(flag)
 
 
 # --- rules -----------------------------------------------------------------------------------

@@ -102,10 +102,21 @@ def check_inputs(x: Any, model: nn.Module | None) -> Tensor:
         raise InvalidInputError(
             f"x is {x.dtype} on {x.device} but the model's parameters are {dtype} on {device}; "
             "move one of them (e.g. x.to(next(model.parameters())))")
-    if not torch.isfinite(x).all():
+    if not all_finite(x):
         raise InvalidInputError(
             f"x contains NaN or Inf (samples {nonfinite_samples(x)}); clean it first.")
     return x
+
+
+def all_finite(t: Tensor) -> bool:
+    """Whether every value of ``t`` is finite (integers always are). One sum in the usual
+    case: NaN and Inf propagate through a sum, so a finite sum means finite values (16
+    images of 3x32x32: 11 against 116 us for the elementwise test); the elementwise test
+    only where the sum is not finite, which finite values that overflow it can also give."""
+    if not t.is_floating_point():
+        return True
+    t = t.detach()
+    return math.isfinite(float(t.sum())) or bool(torch.isfinite(t).all())
 
 
 def nonfinite_samples(t: Tensor) -> list[int]:
@@ -160,7 +171,7 @@ def check_attributions(a: Any, x: Tensor | None, name: str = "attributions") -> 
     if a.shape[0] == 0:
         raise InvalidInputError(f"{name} hold an empty batch.")
     a = a.to(torch.float64)
-    if not torch.isfinite(a).all():
+    if not all_finite(a):
         raise InvalidInputError(
             f"{name} contain NaN or Inf (samples {nonfinite_samples(a)}); the explanation "
             "method failed on them.")
@@ -182,7 +193,7 @@ def check_masks(masks: Any, a: Tensor) -> Tensor:
             f"masks have shape {tuple(m.shape)} but the attributions {tuple(a.shape)}; they "
             "must share the batch size and the spatial size.")
     if m.dtype != torch.bool:
-        if m.is_floating_point() and not torch.isfinite(m).all():
+        if not all_finite(m):
             raise InvalidInputError("masks contain NaN or Inf.")
         if not ((m == 0) | (m == 1)).all():
             raise InvalidInputError(
@@ -333,7 +344,7 @@ def baseline_values(baseline: Baseline, x: Tensor) -> Tensor:
                 f"{', '.join(NAMED_BASELINES)}.")
         return per_sample[baseline]().view(-1, 1, 1, 1).expand_as(x).contiguous()
     values = to_tensor(baseline, "baseline").to(device=x.device, dtype=x.dtype)
-    if not torch.isfinite(values).all():
+    if not all_finite(values):
         raise InvalidInputError("baseline contains NaN or Inf (in the model's dtype "
                                 f"{x.dtype}); pass finite replacement values.")
     try:
@@ -1073,21 +1084,61 @@ def stable_order(values: Tensor, descending: bool = False) -> Tensor:
     ``torch.sort(values, dim=1, descending=descending, stable=True).indices``, the same
     indices, faster on a CPU.
 
-    numpy's default argsort (an introsort with SIMD kernels) is 2-3x faster on a CPU than a
-    stable sort (16 maps of 32x32: about 0.3 against 0.8 ms, a tenth of a small CNN's pixel
-    flipping besides its forward passes). Where no row holds two equal values, every correct
-    sort gives the same order, so its result is the stable one; otherwise (and for NaN, which
-    numpy and torch place differently) the stable sort runs.
+    A stable sort is slow on a CPU (16 maps of 32x32: about 1.1 ms). The values rounded to
+    float32 (exact for 32 bits or fewer) are sorted as 64-bit integer keys instead, each the
+    value's bits mapped to an integer of the same order in the high half and its index in the
+    low half: equal values then sort by index, the stable order by construction, and numpy
+    sorts integers with SIMD kernels (the same maps: about 0.16 ms). The bits are mapped as
+    integers, with no float arithmetic, so subnormals keep their order whatever the CPU's
+    denormal mode; -0.0 is made 0.0 first (a tie, as in a comparison sort). Rounding float64
+    values can make two of them equal: that order is kept where the float64 values along it
+    are sorted (then it is the stable sort: it sorts them, and equal values come in index
+    order); otherwise numpy's argsort of the float64 values is, where no row holds two equal
+    values, and else the stable sort runs. So does a row holding NaN (torch sorts NaN above
+    everything, whatever its sign).
     """
-    if values.device.type == "cpu" and values.dim() == 2 and values.shape[1] > 1 and (
-            values.dtype in (torch.float32, torch.float64)):
-        keys = (values.neg() if descending else values).detach().resolve_neg().numpy()
-        order = np.argsort(keys, axis=1)
-        ranked = np.take_along_axis(keys, order, axis=1)
-        # NaN sorts last in numpy; -0.0 == 0.0 counts as a tie, as in a stable sort
-        if not (ranked[:, 1:] == ranked[:, :-1]).any() and not np.isnan(ranked[:, -1]).any():
-            return torch.from_numpy(order)
+    if not (values.device.type == "cpu" and values.dim() == 2 and 1 < values.shape[1] < 2**31
+            and values.is_floating_point()):
+        return torch.sort(values, dim=1, descending=descending, stable=True).indices
+    # numpy from here: its elementwise operations on arrays this small cost a fraction of
+    # torch's (16 x 1024 values: 6 against 25-40 us each)
+    exact = values.detach().resolve_neg()
+    # narrower floats are float32 exactly (numpy has no bfloat16)
+    exact = (exact if exact.element_size() >= 4 else exact.to(torch.float32)).numpy()
+    if np.isnan(exact).any():
+        return torch.sort(values, dim=1, descending=descending, stable=True).indices
+    with np.errstate(over="ignore"):  # float64 beyond float32's range rounds to +-inf
+        order = _keyed_order(exact.astype(np.float32), descending)
+    if exact.dtype.itemsize <= 4:
+        return torch.from_numpy(order)
+    # torch's gather: numpy's take_along_axis builds index arrays (4x slower here)
+    ranked = torch.from_numpy(exact).gather(1, torch.from_numpy(order)).numpy()
+    later, earlier = ranked[:, 1:], ranked[:, :-1]
+    if (later <= earlier).all() if descending else (later >= earlier).all():
+        return torch.from_numpy(order)
+    keys = -exact if descending else exact
+    order = np.argsort(keys, axis=1)
+    ranked = torch.from_numpy(keys).gather(1, torch.from_numpy(order)).numpy()
+    if not (ranked[:, 1:] == ranked[:, :-1]).any():  # -0.0 == 0.0 ties too
+        return torch.from_numpy(order)
     return torch.sort(values, dim=1, descending=descending, stable=True).indices
+
+
+def _keyed_order(values: np.ndarray, descending: bool) -> np.ndarray:
+    """:func:`stable_order` of float32 rows without NaN, by sorting (order key, index)."""
+    bits = np.ascontiguousarray(values).view(np.int32)
+    # a float's bits as a signed integer order the non-negative floats; a negative float's
+    # magnitude bits are flipped so that the larger magnitude is the smaller integer
+    ordered = bits ^ ((bits >> 31) & 0x7FFFFFFF)
+    ordered[bits == -2**31] = 0  # -0.0 (flipped to -1 just above) ties with 0.0
+    if descending:
+        np.invert(ordered, out=ordered)  # -k - 1: the reverse order, still distinct
+    keys = ordered.astype(np.int64)
+    keys <<= 32
+    keys |= np.arange(values.shape[1], dtype=np.int64)
+    keys.sort(axis=1)
+    keys &= 0xFFFFFFFF
+    return keys
 
 
 def descending_ranks(a: Tensor) -> Tensor:
