@@ -1088,14 +1088,14 @@ def stable_order(values: Tensor, descending: bool = False) -> Tensor:
     float32 (exact for 32 bits or fewer) are sorted as 64-bit integer keys instead, each the
     value's bits mapped to an integer of the same order in the high half and its index in the
     low half: equal values then sort by index, the stable order by construction, and numpy
-    sorts integers with SIMD kernels (the same maps: about 0.16 ms). The bits are mapped as
-    integers, with no float arithmetic, so subnormals keep their order whatever the CPU's
-    denormal mode; -0.0 is made 0.0 first (a tie, as in a comparison sort). Rounding float64
-    values can make two of them equal: that order is kept where the float64 values along it
-    are sorted (then it is the stable sort: it sorts them, and equal values come in index
-    order); otherwise numpy's argsort of the float64 values is, where no row holds two equal
-    values, and else the stable sort runs. So does a row holding NaN (torch sorts NaN above
-    everything, whatever its sign).
+    sorts integers with SIMD kernels (the same maps: 0.13 ms, 0.17 ms as float64). The bits
+    are mapped as integers, with no float arithmetic, so subnormals keep their order whatever
+    the CPU's denormal mode; -0.0 is made 0.0 first (a tie, as in a comparison sort).
+    Rounding float64 values can make two of them equal: that order is kept where the float64
+    values along it are sorted (then it is the stable sort: it sorts them, and equal values
+    come in index order); otherwise numpy's argsort of the float64 values is, where no row
+    holds two equal values, and else the stable sort runs. So does a row holding NaN (torch
+    sorts NaN above everything, whatever its sign).
     """
     if not (values.device.type == "cpu" and values.dim() == 2 and 1 < values.shape[1] < 2**31
             and values.is_floating_point()):
