@@ -3,6 +3,8 @@ absolute-value SmoothGrad: known answers and slow loop oracles written from the 
 
 from __future__ import annotations
 
+import math
+
 import numpy as np
 import pytest
 import scipy.stats
@@ -53,6 +55,36 @@ def test_spearman_and_average_ranks_equal_scipy_with_ties():
     expected = [scipy.stats.spearmanr(a[i], b[i])[0] for i in range(5)]
     assert np.allclose(spearman(a, b).numpy(), expected)
     assert torch.isnan(spearman(torch.ones(1, 5), b[:1, :5])).all()
+
+
+def test_average_ranks_on_a_cpu_are_the_torch_ranks_to_the_bit():
+    # the CPU path (keyed sort, numpy groups) gives exactly the values of the torch path
+    # (sort, index_add, scatter) and scipy's: ties of both signs and zeros, infinities, one
+    # value, float32 input, 1-D and 3-D shapes; NaN (each its own group, above everything)
+    # the same but in index order, where the torch path's unstable sort orders them as it
+    # happens to (scipy gives NaN for the whole row)
+    from srdxai.metrics.common import _average_ranks_torch
+
+    g = torch.Generator().manual_seed(4)
+    cases = [torch.randn(6, 50, generator=g, dtype=torch.float64),
+             torch.randint(-3, 4, (6, 50), generator=g).double() * 0.5,
+             torch.tensor([[0.0, -0.0, 1.0, -0.0, math.inf, -math.inf, 1.0, 0.0]]),
+             torch.full((3, 9), 2.0),
+             torch.randn(4, 30, generator=g).index_fill_(1, torch.tensor([3, 8, 20]), math.nan),
+             torch.randint(0, 3, (40,), generator=g).float(),
+             torch.randint(0, 5, (2, 3, 33), generator=g).double()]
+    for a in cases:
+        got = average_ranks(a)
+        want = _average_ranks_torch(a.to(torch.float64))
+        assert got.shape == a.shape and got.dtype == torch.float64
+        nan = torch.isnan(a)
+        assert torch.equal(got[~nan], want[~nan]), a
+        if not nan.any():
+            assert np.array_equal(got.numpy(), scipy.stats.rankdata(a.numpy(), axis=-1))
+        for row, row_nan in zip(got.reshape(-1, a.shape[-1]), nan.reshape(-1, a.shape[-1]),
+                                strict=True):
+            top = torch.arange(a.shape[-1] - int(row_nan.sum()), a.shape[-1]) + 1.0
+            assert torch.equal(row[row_nan], top.double())
 
 
 @pytest.mark.parametrize("correlation", ["pearson", "spearman"])

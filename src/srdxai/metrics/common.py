@@ -1057,7 +1057,31 @@ def pearson(a: Tensor, b: Tensor) -> Tensor:
 def average_ranks(a: Tensor) -> Tensor:
     """Ranks (1 = smallest) along the last axis, float64; tied values share the mean of their
     ranks (scipy.stats.rankdata's "average")."""
-    values, order = a.to(torch.float64).sort(-1)
+    a = a.to(torch.float64)
+    n = a.shape[-1]
+    flat = a.reshape(-1, n)
+    if a.device.type != "cpu" or n < 2:
+        return _average_ranks_torch(a)
+    # on a CPU: the keyed sort and numpy's elementwise operations instead of the sort,
+    # index_add and scatter below (16 rows of 64: 72 against 81 us; 8 maps of 224x224: 20
+    # against 25 ms); the same values, since a tie group's mean rank (first + last) / 2 + 1
+    # is exact in float64 as their sum / count is
+    order = stable_order(flat)
+    values = flat.detach().gather(1, order).numpy()
+    positions = np.arange(n)
+    starts = np.ones(values.shape, dtype=bool)
+    starts[:, 1:] = values[:, 1:] != values[:, :-1]  # NaN != NaN: each NaN its own group
+    ends = np.ones(values.shape, dtype=bool)
+    ends[:, :-1] = starts[:, 1:]
+    first = np.maximum.accumulate(np.where(starts, positions, 0), axis=1)
+    last = np.minimum.accumulate(np.where(ends, positions, n - 1)[:, ::-1], axis=1)[:, ::-1]
+    mean_rank = torch.from_numpy((first + last) / 2 + 1)
+    return torch.empty_like(mean_rank).scatter_(1, order, mean_rank).reshape(a.shape)
+
+
+def _average_ranks_torch(a: Tensor) -> Tensor:
+    """:func:`average_ranks` of float64 ``a`` in torch operations (any device)."""
+    values, order = a.sort(-1)
     n = values.shape[-1]
     flat = values.reshape(-1, n)
     starts = torch.ones_like(flat, dtype=torch.bool)
