@@ -233,10 +233,11 @@ def infidelity(
             if sampling.draws is None:
                 per = check_positive_int(nr_samples, "nr_samples")
                 generator = sampling.make_generator()
-                # scaled in place: the same values as ``* std`` without a second block of
-                # fresh memory per sample
-                source = BlockDraws(per, lambda: torch.randn(
-                    (per, *shape), generator=generator, dtype=torch.float64).mul_(std))
+                # drawn scaled: the values of ``torch.randn(...) * std`` (ATen draws a normal
+                # as ``z * std + mean``, randn with 1 and 0; + 0.0 changes no nonzero value)
+                # without a second pass over the block
+                source = BlockDraws(per, lambda: torch.normal(
+                    0.0, std, (per, *shape), generator=generator, dtype=torch.float64))
             else:
                 explicit = _check_explicit_draws(sampling.draws, (s.n, None, *shape),
                                                  "(N, nr_samples, C, H, W)")
