@@ -799,26 +799,22 @@ def check_finite_logits(out: Tensor, what: str, samples: Owners = None) -> Tenso
     """Refuse model outputs holding NaN or Inf, naming the samples they belong to (``samples``:
     the original sample of each row, for rows that are perturbed copies, or a function
     returning it)."""
-    # the usual case in one reduction: a finite sum means every value is finite (NaN and Inf
-    # propagate through a sum); a sum that overflows on finite values is looked at closely
-    if math.isfinite(float(out.detach().sum())):
+    if all_finite(out):  # one sum in the usual case
         return out
-    finite = torch.isfinite(out.detach())
-    bad = ~finite.flatten(1).all(1)
-    if bool(bad.any()):
-        rows = bad.nonzero().flatten()
-        if callable(samples):
-            samples = samples()
-        owners = rows if samples is None else samples.to(rows.device)[rows]
-        owners = sorted(set(owners.tolist()))
-        shown = ", ".join(map(str, owners[:10])) + (", ..." if len(owners) > 10 else "")
-        raise NonFiniteError(
-            f"{what}: the model's output holds NaN or Inf on {int(bad.sum())} of "
-            f"{out.shape[0]} inputs (of samples {shown}). The model overflows on them: for "
-            "perturbed inputs the replacement values (baseline, mask value or noise) are "
-            "probably far outside the data the model handles; choose values within the "
-            "input range (e.g. baseline='black' or 'mean').")
-    return out
+    # some value is NaN or Inf: name the rows holding one
+    bad = ~torch.isfinite(out.detach()).flatten(1).all(1)
+    rows = bad.nonzero().flatten()
+    if callable(samples):
+        samples = samples()
+    owners = rows if samples is None else samples.to(rows.device)[rows]
+    owners = sorted(set(owners.tolist()))
+    shown = ", ".join(map(str, owners[:10])) + (", ..." if len(owners) > 10 else "")
+    raise NonFiniteError(
+        f"{what}: the model's output holds NaN or Inf on {int(bad.sum())} of "
+        f"{out.shape[0]} inputs (of samples {shown}). The model overflows on them: for "
+        "perturbed inputs the replacement values (baseline, mask value or noise) are "
+        "probably far outside the data the model handles; choose values within the "
+        "input range (e.g. baseline='black' or 'mean').")
 
 
 def checked_shape(out: Any, rows: int) -> Tensor:

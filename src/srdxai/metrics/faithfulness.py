@@ -421,8 +421,7 @@ def _ordered_curve(s: MetricInputs, a: Tensor, counts: Tensor, start_from: Tenso
         return inputs.grid(start, stop, counts)
 
     scores = scores_in_batches(s.model, perturbed, s.y, s.n * steps, s.batch_size, softmax,
-                               progress,
-                               desc, per_sample=steps)
+                               progress, desc, per_sample=steps)
     return scores.view(s.n, steps)
 
 
