@@ -451,7 +451,7 @@ def test_whole_run_trials_take_each_size_twice_and_keep_the_default_unless_clear
     speeds = {2: 1.2, 4: 1.0, 8: 0.97}  # 8 is 3 % faster: within the margin
     choice = None
     for _ in range(6):
-        size = trials.next_size()
+        size = trials.next_size(total=100)
         seen.append(size)
         choice = trials.record(size, speeds[size])
     assert seen == [2, 4, 8, 2, 4, 8] and choice == 4
@@ -464,6 +464,34 @@ def test_whole_run_trials_take_each_size_twice_and_keep_the_default_unless_clear
     trials = RunTrials([2, 4, 8, 16], default=4, per_input=1e-3)
     trials.drop(8)
     assert trials.candidates == [2, 4]
+
+
+def test_whole_run_trials_settle_among_the_sizes_their_runs_can_time():
+    # runs of 20 inputs have four chunks of 2, 4 and 5 but not of 8: each of those is tried
+    # twice and the choice made among them; runs of 10 try only 2 (and time nothing longer)
+    from srdxai.engine.memory import RunTrials
+
+    trials = RunTrials([2, 4, 5, 8], default=4, per_input=1e-3)
+    assert trials.next_size(total=10) == 2
+    assert trials.timeable() == [2]
+    assert trials.record(2, 1.0) is None  # one size the runs can time is no choice
+    speeds = {2: 1.2, 4: 1.0, 5: 0.8}
+    seen, choice = [], None
+    for _ in range(5):
+        size = trials.next_size(total=20)
+        seen.append(size)
+        choice = trials.record(size, speeds[size])
+    assert seen == [4, 5, 2, 4, 5] and choice == 5
+    assert trials.next_size(total=3) == 4  # a run too short for any size: the default
+    # a longer run brings the larger size in: no choice until it has its two runs too
+    trials = RunTrials([2, 4, 8], default=4, per_input=1e-3)
+    for size in (2, 4, 2, 4):
+        assert trials.next_size(total=16) == size
+        last = trials.record(size, speeds[size])
+    assert last == 4
+    assert trials.next_size(total=40) == 8
+    assert trials.record(8, 0.5) is None
+    assert trials.record(8, 0.5) == 8
 
 
 def test_whole_run_trials_never_compare_runs_of_different_metrics(monkeypatch):
@@ -494,6 +522,30 @@ def test_whole_run_trials_never_compare_runs_of_different_metrics(monkeypatch):
         if memory.tuned_chunk(model, size) is not None:
             break
     assert memory.tuned_chunk(model, size) == 8
+
+
+def test_short_runs_settle_on_the_sizes_they_can_time(monkeypatch):
+    # runs of 40 inputs can time chunks of 2, 4 and 8 (four chunks each) but never 16: the
+    # tuning settles among the three (8, the fastest) instead of waiting for 16 for ever
+    from srdxai.engine import memory
+
+    clock = {"now": 0.0}
+    monkeypatch.setattr(memory.time, "perf_counter", lambda: clock["now"])
+    model = nn.Linear(3, 2)
+    size = memory.DefaultChunk(4, torch.zeros(1, 3, 4, 4))
+    assert memory.chunk_candidates(4, size.cap) == [2, 4, 8, 16]
+    chunks = []
+
+    def run(start, stop):
+        chunks.append(stop - start)
+        clock["now"] += (stop - start) * (0.5e-3 if stop - start == 8 else 1e-3)
+
+    for _ in range(10):
+        memory.run_tuned(model, 40, size, run, "short")
+        if memory.tuned_chunk(model, size) is not None:
+            break
+    assert memory.tuned_chunk(model, size) == 8
+    assert 16 not in chunks
 
 
 @pytest.mark.skipif(not sys.platform.startswith("linux"), reason="glibc's mallopt")

@@ -229,13 +229,20 @@ def _choice(per_input: dict[int, float], default: int) -> int:
 
 class RunTrials:
     """Chunk sizes timed over whole runs, one size per run, for chunks too quick to time one
-    by one: each candidate twice (round robin over the runs), then the fastest per input."""
+    by one: each candidate twice (round robin over the runs), then the fastest per input.
+
+    Only the candidates the longest run seen can time (:data:`TRIAL_MIN_CHUNKS` chunks of
+    them) are waited for: a metric whose runs are all shorter than four chunks of the largest
+    candidate (a small CNN's infidelity: 816 inputs, candidates up to 212) settles among the
+    others instead of never settling."""
 
     def __init__(self, candidates: list[int], default: int, per_input: float | None = None):
         self.candidates, self.default = list(candidates), default
         self.times: dict[int, list[float]] = {c: [] for c in candidates}
         #: seconds per input at the default size (an estimate of a run's length), once known
         self.per_input = per_input
+        #: inputs in the longest run seen (:meth:`next_size`)
+        self.longest = 0
 
     def worth_trying(self, total: int, size: int) -> bool:
         """A run of ``total`` inputs is long enough to time at ``size``: enough chunks of it,
@@ -243,16 +250,27 @@ class RunTrials:
         return (self.per_input is not None and total >= TRIAL_MIN_CHUNKS * size
                 and self.per_input * total >= TUNE_MIN_SECONDS)
 
-    def next_size(self) -> int:
-        """The candidate with the fewest recorded runs (the smaller on ties)."""
-        return min(self.candidates, key=lambda c: (len(self.times[c]), c))
+    def timeable(self) -> list[int]:
+        """The candidates the longest run seen has enough chunks of."""
+        return [c for c in self.candidates if TRIAL_MIN_CHUNKS * c <= self.longest]
+
+    def next_size(self, total: int) -> int:
+        """For a run of ``total`` inputs: the candidate it can time with the fewest recorded
+        runs (the smaller on ties), or the default where it can time none."""
+        self.longest = max(self.longest, total)
+        fits = [c for c in self.candidates if TRIAL_MIN_CHUNKS * c <= total]
+        if not fits:
+            return self.default
+        return min(fits, key=lambda c: (len(self.times[c]), c))
 
     def record(self, size: int, seconds_per_input: float) -> int | None:
-        """Note one run; the chosen size once every candidate has two, else None."""
+        """Note one run; the chosen size once every candidate the longest run seen can time
+        (at least two of them) has two runs, else None."""
         self.times[size].append(seconds_per_input)
-        if any(len(t) < 2 for t in self.times.values()):
+        ready = self.timeable()
+        if len(ready) < 2 or any(len(self.times[c]) < 2 for c in ready):
             return None
-        return _choice({c: min(t) for c, t in self.times.items()}, self.default)
+        return _choice({c: min(self.times[c]) for c in ready}, self.default)
 
     def drop(self, size: int) -> None:
         """A size that ran out of memory, and every larger one, are not candidates."""
@@ -303,11 +321,12 @@ def run_tuned(model: nn.Module, total: int, size: int, run: Callable[[int, int],
     (:func:`tuned_chunk`). Where the default's chunks are too quick to time one by one
     (:data:`TUNE_MIN_SECONDS`: a noisy trial once picked a 1.4x slower size for a small CNN),
     whole runs are timed instead, one candidate per run of the same kind (``what``: runs of
-    different metrics are never compared; :class:`RunTrials`; runs shorter than
-    that, or with fewer than :data:`TRIAL_MIN_CHUNKS` chunks, use the default and are not
-    counted). The default stays unless a size beats it by :data:`TUNE_MARGIN`. The work is the
-    same whatever the sizes; only float rounding differs between batch sizes (about 1e-7
-    relative): pass a ``batch_size`` to fix the chunks.
+    different metrics are never compared; :class:`RunTrials`; runs shorter than that, or with
+    fewer than :data:`TRIAL_MIN_CHUNKS` chunks, use the default and are not counted, and a size
+    no run so far was long enough to time is not waited for). The default stays unless a size
+    beats it by :data:`TUNE_MARGIN`. The work is the same whatever the sizes; only float
+    rounding differs between batch sizes (about 1e-7 relative): pass a ``batch_size`` to fix
+    the chunks.
     """
     if not isinstance(size, DefaultChunk) or size.key[2].type != "cpu" or (
             _FIXED_CHUNKS.get()):
@@ -344,7 +363,7 @@ def run_tuned(model: nn.Module, total: int, size: int, run: Callable[[int, int],
         return
     if state is None:
         state = trials[(*key, what)] = RunTrials(candidates, default)
-    trial = state.next_size()
+    trial = state.next_size(total)
     if not state.worth_trying(total, trial):
         # at the default size, timed: how long runs are (and a sample of the default)
         trial = default
