@@ -206,13 +206,15 @@ def cases(model: torch.nn.Module, x: torch.Tensor, y: torch.Tensor, a: torch.Ten
     ]
 
 
-def infidelity_required(a: torch.Tensor, draws: int, g: torch.Generator) -> torch.Tensor:
+def infidelity_required(a: torch.Tensor, draws: int, g: torch.Generator) -> None:
     """What infidelity's definition requires besides its passes: ``draws`` Gaussian noise
-    vectors I per sample (float64, with the public helper ours uses, all samples' in one
-    call) and each one's product I . a with the sample's flattened map ``a`` (N, F), the
-    prediction the output change is compared with; one batched product, nothing else."""
-    noise = metrics.gaussian_noise((a.shape[0], draws, a.shape[1]), 1.0, g)
-    return torch.bmm(noise, a[:, :, None])
+    vectors I per sample (float64, with the public helper ours uses) and each one's product
+    I . a with the sample's flattened map ``a`` (N, F), the prediction the output change is
+    compared with; nothing else. Sample by sample, the faster way: all samples' draws in one
+    call took 0.49 s against 0.34 s for four 224 px images (fresh pages for every 240 MB
+    array; 2026-12-07)."""
+    for sample in range(a.shape[0]):
+        torch.mv(metrics.gaussian_noise((draws, a.shape[1]), 1.0, g), a[sample])
 
 
 def road_percentages(quick: bool) -> list[int]:
