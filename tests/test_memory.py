@@ -494,16 +494,22 @@ def test_whole_run_trials_settle_among_the_sizes_their_runs_can_time():
     assert trials.record(8, 0.5) == 8
 
 
-def test_whole_run_trials_never_compare_runs_of_different_metrics(monkeypatch):
-    # runs of metric "b" cost much more per input besides their passes; if its runs counted
-    # for the sizes "a" tried, or the reverse, the truly fastest size (8) would lose
+def _tuning_on_a_fake_clock(monkeypatch):
+    """The memory module with its clock replaced by ``clock["now"]``, a model and a default
+    chunk of 4 whose candidates are 2, 4, 8 and 16."""
     from srdxai.engine import memory
 
     clock = {"now": 0.0}
     monkeypatch.setattr(memory.time, "perf_counter", lambda: clock["now"])
-    model = nn.Linear(3, 2)
     size = memory.DefaultChunk(4, torch.zeros(1, 3, 4, 4))
     assert memory.chunk_candidates(4, size.cap) == [2, 4, 8, 16]
+    return memory, clock, nn.Linear(3, 2), size
+
+
+def test_whole_run_trials_never_compare_runs_of_different_metrics(monkeypatch):
+    # runs of metric "b" cost much more per input besides their passes; if its runs counted
+    # for the sizes "a" tried, or the reverse, the truly fastest size (8) would lose
+    memory, clock, model, size = _tuning_on_a_fake_clock(monkeypatch)
     sizes = {"a": [], "b": []}
 
     def runner(what):
@@ -527,13 +533,7 @@ def test_whole_run_trials_never_compare_runs_of_different_metrics(monkeypatch):
 def test_short_runs_settle_on_the_sizes_they_can_time(monkeypatch):
     # runs of 40 inputs can time chunks of 2, 4 and 8 (four chunks each) but never 16: the
     # tuning settles among the three (8, the fastest) instead of waiting for 16 for ever
-    from srdxai.engine import memory
-
-    clock = {"now": 0.0}
-    monkeypatch.setattr(memory.time, "perf_counter", lambda: clock["now"])
-    model = nn.Linear(3, 2)
-    size = memory.DefaultChunk(4, torch.zeros(1, 3, 4, 4))
-    assert memory.chunk_candidates(4, size.cap) == [2, 4, 8, 16]
+    memory, clock, model, size = _tuning_on_a_fake_clock(monkeypatch)
     chunks = []
 
     def run(start, stop):
