@@ -250,15 +250,17 @@ class RunTrials:
         return (self.per_input is not None and total >= TRIAL_MIN_CHUNKS * size
                 and self.per_input * total >= TUNE_MIN_SECONDS)
 
-    def timeable(self) -> list[int]:
-        """The candidates the longest run seen has enough chunks of."""
-        return [c for c in self.candidates if TRIAL_MIN_CHUNKS * c <= self.longest]
+    def timeable(self, total: int | None = None) -> list[int]:
+        """The candidates a run of ``total`` inputs (default: the longest run seen) has enough
+        chunks of."""
+        inputs = self.longest if total is None else total
+        return [c for c in self.candidates if TRIAL_MIN_CHUNKS * c <= inputs]
 
     def next_size(self, total: int) -> int:
         """For a run of ``total`` inputs: the candidate it can time with the fewest recorded
         runs (the smaller on ties), or the default where it can time none."""
         self.longest = max(self.longest, total)
-        fits = [c for c in self.candidates if TRIAL_MIN_CHUNKS * c <= total]
+        fits = self.timeable(total)
         if not fits:
             return self.default
         return min(fits, key=lambda c: (len(self.times[c]), c))
