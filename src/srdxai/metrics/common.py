@@ -792,20 +792,15 @@ def grid_runs(start: int, stop: int, per: int) -> Iterator[tuple[int, int, int]]
 
 
 #: the original sample of each row of a batch, or a function giving it (built only for an error)
-Owners = Tensor | Callable[[], Tensor] | None
-
-
-def check_finite_logits(out: Tensor, what: str, samples: Owners = None) -> Tensor:
+def check_finite_logits(out: Tensor, what: str, samples: Tensor | None = None) -> Tensor:
     """Refuse model outputs holding NaN or Inf, naming the samples they belong to (``samples``:
-    the original sample of each row, for rows that are perturbed copies, or a function
-    returning it)."""
+    the original sample of each row, for rows that are perturbed copies; else the rows are
+    named)."""
     if all_finite(out):  # one sum in the usual case
         return out
     # some value is NaN or Inf: name the rows holding one
     bad = ~torch.isfinite(out.detach()).flatten(1).all(1)
     rows = bad.nonzero().flatten()
-    if callable(samples):
-        samples = samples()
     owners = rows if samples is None else samples.to(rows.device)[rows]
     owners = sorted(set(owners.tolist()))
     shown = ", ".join(map(str, owners[:10])) + (", ..." if len(owners) > 10 else "")
