@@ -791,7 +791,6 @@ def grid_runs(start: int, stop: int, per: int) -> Iterator[tuple[int, int, int]]
         position += last - first
 
 
-#: the original sample of each row of a batch, or a function giving it (built only for an error)
 def check_finite_logits(out: Tensor, what: str, samples: Tensor | None = None) -> Tensor:
     """Refuse model outputs holding NaN or Inf, naming the samples they belong to (``samples``:
     the original sample of each row, for rows that are perturbed copies; else the rows are
