@@ -131,10 +131,14 @@ def test_a_bench_run_on_your_model_and_folder_scores_every_method_and_metric(fol
     result = CliRunner().invoke(cli, ["report", str(tmp_path / "run")])
     assert result.exit_code == 0, result.output
     text = (tmp_path / "run" / "report.md").read_text()
-    section = text[text.index("## Your model and data"):text.index("## Table 2")]
+    section = text[text.index("## Your model and data"):]
     assert "faithfulness\\_correlation ↑" in section or "faithfulness_correlation ↑" in section
     assert "model\\_parameter\\_randomisation[ssim] ↓" in section or (
         "model_parameter_randomisation[ssim] ↓" in section)
+    # and only it: the paper's experiments, none of them run, are not listed as "not run"
+    html = (tmp_path / "run" / "report.html").read_text()
+    assert "not run" not in text.lower() and "not run" not in html.lower()
+    assert "## Table 2" not in text and "Sections: Your model and data." in text
 
 
 def test_metrics_recomputed_from_saved_maps_equal_the_first_run_without_explaining(

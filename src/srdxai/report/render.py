@@ -81,15 +81,18 @@ def _header(info: RunInfo, contents: list[Section]) -> Section:
 def _sections(db: Path, info: RunInfo) -> list[Section]:
     """Every registered experiment's section in report order (experiments sharing a group
     become subsections of one section), then a generic section for each experiment in the
-    database that no registered experiment knows."""
+    database that no registered experiment knows. Experiments not run are listed as such,
+    except in a run of optional experiments only."""
     from srdxai.experiments import EXPERIMENTS, ReportInputs, experiment_names
 
     experiment_names()  # registers the shipped experiments
     report = ReportInputs(db, info.config, FigureNames())
     body: list[Section] = []
     groups: dict[tuple[str, str], Section] = {}
+    ran = {False: False, True: False}  # whether a suite / an optional experiment ran
     for exp in sorted(EXPERIMENTS.values(), key=lambda e: e.report_position):
         section = exp.section(report)
+        ran[exp.optional] |= section.ran
         if exp.optional and not section.ran:
             continue  # run only when asked for: no "not run" section for it
         if exp.group is None:
@@ -106,6 +109,10 @@ def _sections(db: Path, info: RunInfo) -> list[Section]:
                                               key=lambda e: e.report_position)
                        if e.group == (title, anchor)]
             body[body.index(group)] = not_run(title, anchor, members)
+    if ran[True] and not ran[False]:
+        # a run of only optional experiments (your model and data): the paper's sections
+        # would all read "not run", which says nothing about that run
+        body = [section for section in body if section.ran]
     for experiment in tables.experiments(db):
         if experiment not in EXPERIMENTS:
             body.append(generic_section(report, experiment, f"Experiment '{experiment}'",
