@@ -38,6 +38,9 @@ def test_every_public_metric_is_registered_with_complete_metadata():
         assert info.family in metrics.FAMILIES
         assert info.direction in ("higher", "lower")
         assert info.summary.endswith(".") and len(info.summary) > 20, info.name
+        # a metric returning curves labels their axes (tests/test_report_figures.py: the report)
+        returns_curves = "Result" in info.returns and info.name != "gae"
+        assert (info.axes is not None) == returns_curves, info.name
 
 
 def test_the_bench_rows_take_their_direction_from_the_metric_that_writes_them():
@@ -63,6 +66,11 @@ def test_a_registration_error_is_caught_at_import_time():
         register_metric(family="complexity", direction="lower", needs=("gpu",))
     with pytest.raises(ValueError, match="registered twice"):
         register_metric(family="complexity", direction="lower")(metrics.sparseness)
+    with pytest.raises(ValueError, match="axes must be"):
+        register_metric(family="faithfulness", direction="lower", axes=("x", "y", "sqrt"))
+    with pytest.raises(ValueError, match="axes must be"):
+        register_metric(family="faithfulness", direction="lower",
+                        axes=("x", "y"))  # type: ignore[arg-type]
     with pytest.raises(InvalidInputError, match="unknown metric 'fidelty'"):
         metrics.metric_info("fidelty")
 

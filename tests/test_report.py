@@ -484,9 +484,16 @@ def test_a_database_written_by_the_result_store(tmp_path):
 
 
 def test_mean_curve_on_shared_and_on_different_grids():
+    # a point where a sample has no value is not drawn (a mean over fewer samples jumps)
     same = tables.CurveSet("m", "A", "c", [[0, 1], [0, 1]], [[0.0, 1.0], [1.0, math.nan]])
     x, y, n, interpolated = blocks.mean_curve(same)
-    assert list(x) == [0, 1] and list(y) == [0.5, 1.0] and n == 2 and not interpolated
+    assert list(x) == [0, 1] and y[0] == 0.5 and math.isnan(y[1]) and n == 2
+    assert not interpolated
+    # a sample with no value anywhere (a constant map's correlations) leaves the others' mean
+    blank = tables.CurveSet("m", "A", "c", [[0, 1]] * 3,
+                            [[0.0, 1.0], [math.nan, math.nan], [2.0, 3.0]])
+    x, y, n, _ = blocks.mean_curve(blank)
+    assert list(y) == [1.0, 2.0] and n == 3
     mixed = tables.CurveSet("m", "A", "c", [[0, 1, 2], [0.5, 2.5]], [[0, 1, 2], [0.5, 2.5]])
     x, y, n, interpolated = blocks.mean_curve(mixed)
     assert interpolated and list(x) == [0.5, 1.0, 2.0]  # only where both samples have data
@@ -597,3 +604,26 @@ def test_the_text_sections_embed_their_token_maps(tmp_path):
     assert "Token attributions, rt-kim-cnn" in text and "srdx-tokens" in text
     assert "&lt;b&gt;film" in html and "<b>film" not in html  # the token is escaped
     assert "## Token localisation (planted evidence)" in md
+
+
+def test_many_curves_wrap_into_rows_of_three_and_ragged_tails_are_noted(tmp_path):
+    import struct
+
+    def size(figure):  # a PNG's width and height, from its header
+        return struct.unpack(">II", figure.png[16:24])
+
+    db = Db(tmp_path)
+    names = ["road", "pixel_flipping", "irof", "region_perturbation",
+             "model_parameter_randomisation[ssim]", "sensitivity_n", "selectivity"]
+    for name in names:
+        db.curve("evaluate", "m", "A", name, [[1, 2, 3]] * 2, [[0.1, 0.2, 0.3], [0.2, 0.3, 0.4]])
+    db.curve("evaluate", "two", "A", "road", [[1, 2, 3]] * 2, [[0.1, 0.2, 0.3]] * 2)
+    db.curve("evaluate", "two", "A", "irof", [[1, 2, 3]] * 2,
+             [[0.9, 0.8, 0.7], [0.9, 0.8, math.nan]])  # one image has two superpixels
+    db.close()
+    out = blocks.curve_figures(db.path, "evaluate", blocks.FigureNames())
+    figures = [b for b in out if isinstance(b, blocks.Figure)]
+    notes = [b.text for b in out if isinstance(b, blocks.Text)]
+    (wide, tall), (two_wide, two_tall) = size(figures[0]), size(figures[1])
+    assert wide == two_wide * 1.5 and tall > 2.5 * two_tall  # 3 across, 3 rows; 2 in one row
+    assert len(notes) == 1 and notes[0].startswith("two: points where some samples have no")

@@ -82,15 +82,32 @@ def test_method_grid_is_a_png_with_signed_and_unsigned_panels(tmp_path):
 
 def test_curves_have_their_real_axes_and_18_methods_stay_apart():
     from srdxai.experiments.suite.table2 import TABLE2_METHODS
-    from srdxai.report.blocks import CURVE_AXES, line_styles
+    from srdxai.metrics import METRICS
+    from srdxai.metrics.randomisation import SIMILARITIES
+    from srdxai.report.blocks import axes_of, line_styles
 
-    # every curve the runner records has labelled axes; Sensitivity-n's n on a log axis
-    runner_source = (Path(__file__).resolve().parent.parent / "src" / "srdxai" / "experiments"
-                     / "runner.py").read_text()
-    recorded = set(re.findall(r'Curve\("(\w+)"', runner_source)) | {"insertion", "deletion"}
-    assert recorded <= set(CURVE_AXES)
-    assert CURVE_AXES["sensitivity_n"][2] == "log" and "Pearson" in CURVE_AXES[
-        "sensitivity_n"][1]
+    # every curve the experiments record has labelled axes: the names they write literally,
+    # their templated ones, and (your model and data) every metric that returns curves, MPRT's
+    # under each measure; Sensitivity-n's n on a log axis
+    suite = Path(__file__).resolve().parent.parent / "src" / "srdxai" / "experiments" / "suite"
+    literal = {name for path in suite.glob("*.py")
+               for name in re.findall(r'curves\(\s*"(\w+)"', path.read_text())}
+    assert {"sensitivity_n", "sensitivity_n_tokens"} <= literal  # the pattern still finds them
+    templated = ({f"mprt_{m}" for m in SIMILARITIES} | {"insertion", "deletion"}
+                 | {"insertion_tokens", "deletion_tokens"})
+    curve_metrics = [name for name, info in METRICS.items() if "Result" in info.returns
+                     and "one score per group" not in info.returns]
+    assert {"pixel_flipping", "road", "irof", "model_parameter_randomisation"} <= set(
+        curve_metrics)
+    from_metrics = {f"{name}[{m}]" if "MPRT" in METRICS[name].returns else name
+                    for name in curve_metrics for m in SIMILARITIES}
+    for curve in literal | templated | from_metrics:
+        axes = axes_of(curve)
+        assert axes is not None and curve not in axes[:2], curve
+        assert "{measure}" not in axes[0] + axes[1], curve
+    assert axes_of("sensitivity_n")[2] == "log" and "Pearson" in axes_of("sensitivity_n")[1]
+    assert axes_of("model_parameter_randomisation[ssim]")[1].endswith("(ssim)")
+    assert axes_of("no_such_curve") is None
     n = len(TABLE2_METHODS)
     styles = line_styles(n)
     assert n >= 18 and len({(tuple(c), s) for c, s in styles}) == n

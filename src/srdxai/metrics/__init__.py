@@ -70,7 +70,15 @@ from .randomisation import (
     random_logit,
     smooth_mprt,
 )
-from .registry import FAMILIES, METRICS, MetricInfo, by_family, metric_info, register_metric
+from .registry import (
+    FAMILIES,
+    METRICS,
+    MetricInfo,
+    by_family,
+    curve_axes,
+    metric_info,
+    register_metric,
+)
 from .robustness import NoiseDraws, avg_sensitivity, local_lipschitz_estimate, max_sensitivity
 from .sampling import Sampling, SamplingOptions
 from .stability import (
@@ -147,6 +155,7 @@ __all__ = [
     "METRICS",
     "MetricInfo",
     "by_family",
+    "curve_axes",
     "metric_info",
     "register_metric",
     "load_metric_modules",

@@ -516,7 +516,9 @@ def completeness(
 
 
 @register_metric(family="faithfulness", direction="lower", needs=("model",),
-                 returns="CurveResult (curve and area per sample)")
+                 returns="CurveResult (curve and area per sample)",
+                 axes=("fraction of features replaced, most relevant first",
+                       "class probability", "linear"))
 def pixel_flipping(
     model: nn.Module,
     x: Any,
@@ -587,7 +589,8 @@ def _insertion_deletion(model, x, y, attributions, explain, step, baseline, soft
 
 
 @register_metric(family="faithfulness", direction="higher", needs=("model",),
-                 returns="CurveResult (curve and area per sample)", rows=("auc_insertion",))
+                 returns="CurveResult (curve and area per sample)", rows=("auc_insertion",),
+                 axes=("fraction of pixels inserted", "class probability", "linear"))
 def insertion(
     model: nn.Module,
     x: Any,
@@ -625,7 +628,8 @@ def insertion(
 
 
 @register_metric(family="faithfulness", direction="lower", needs=("model",),
-                 returns="CurveResult (curve and area per sample)", rows=("auc_deletion",))
+                 returns="CurveResult (curve and area per sample)", rows=("auc_deletion",),
+                 axes=("fraction of pixels removed", "class probability", "linear"))
 def deletion(
     model: nn.Module,
     x: Any,
@@ -677,7 +681,9 @@ _SENSITIVITY_N_BLOCK_BYTES = 64 * 2**20
 
 @register_metric(family="faithfulness", direction="higher", needs=("model",),
                  returns="SensitivityNResult (a correlation per n per sample)",
-                 rows=("sensitivity_n*",))
+                 rows=("sensitivity_n*",),
+                 axes=("n, features removed at random (log scale)",
+                       "Pearson r (map sum vs output change)", "log"))
 def sensitivity_n(
     model: nn.Module,
     x: Any,

@@ -236,7 +236,9 @@ def _check_percentages(percentages: Any, n_pixels: int) -> list[float]:
 
 
 @register_metric(family="faithfulness", direction="lower", needs=("model",),
-                 returns="CurveResult (curve and area per sample)")
+                 returns="CurveResult (curve and area per sample)",
+                 axes=("fraction of pixels removed and imputed, most relevant first",
+                       "target still predicted (1 or 0)", "linear"))
 def road(
     model: nn.Module,
     x: Any,
@@ -431,7 +433,9 @@ def _patch_curve(s: MetricInputs, a: Tensor, patch_size: int, regions: int | Non
 
 
 @register_metric(family="faithfulness", direction="higher", needs=("model",),
-                 returns="RegionPerturbationResult (drop curve, AUC and AOPC per sample)")
+                 returns="RegionPerturbationResult (drop curve, AUC and AOPC per sample)",
+                 axes=("fraction of regions replaced, most relevant first",
+                       "drop of the class probability", "linear"))
 def region_perturbation(
     model: nn.Module,
     x: Any,
@@ -511,7 +515,9 @@ def region_perturbation(
 
 
 @register_metric(family="faithfulness", direction="lower", needs=("model",),
-                 returns="CurveResult (curve and area per sample)")
+                 returns="CurveResult (curve and area per sample)",
+                 axes=("fraction of patches replaced, most relevant first",
+                       "class probability", "linear"))
 def selectivity(
     model: nn.Module,
     x: Any,
@@ -597,7 +603,9 @@ def _check_segments(segments: Any, s: MetricInputs) -> Tensor:
 
 
 @register_metric(family="faithfulness", direction="higher", needs=("model",),
-                 returns="IROFResult (curve and area over it per sample)")
+                 returns="IROFResult (curve and area over it per sample)",
+                 axes=("superpixels replaced, most relevant first",
+                       "class probability relative to the clean image", "linear"))
 def irof(
     model: nn.Module,
     x: Any,

@@ -162,7 +162,9 @@ class MPRTResult:
 
 @register_metric(family="randomisation", direction="lower", needs=("model", "explain"),
                  returns="MPRTResult (similarity per randomised layer per sample)",
-                 rows=("mprt_*",))
+                 rows=("mprt_*",),
+                 axes=("layers randomised, from the output (cascading)",
+                       "similarity to the original map ({measure})", "linear"))
 def model_parameter_randomisation(
     model: nn.Module,
     x: Any,
@@ -386,7 +388,9 @@ def _denoised(explain: Explain, nr_samples: int, noise_magnitude: float, seed: i
 
 @register_metric(family="randomisation", direction="lower", needs=("model", "explain"),
                  returns="MPRTResult (similarity per randomised layer per sample)",
-                 rows=("smprt_*",))
+                 rows=("smprt_*",),
+                 axes=("layers randomised, from the input (bottom-up)",
+                       "similarity of the denoised maps ({measure})", "linear"))
 def smooth_mprt(
     model: nn.Module,
     x: Any,

@@ -10,7 +10,8 @@ and the rest of srdxai reads the registry instead of keeping its own lists: ``sr
 metrics`` prints it, and the report takes the direction of a result row (``fidelity[abs]``:
 higher is better) from the metric that wrote it. ``rows`` are the result names ``srdxai bench``
 stores for the metric; a trailing ``*`` matches any continuation (``pointing_game_*`` covers
-``pointing_game_15px``).
+``pointing_game_15px``). A metric that returns curves states their ``axes`` (x label, y label,
+x scale, at its default options): the report labels its curve figures with them.
 """
 
 from __future__ import annotations
@@ -21,8 +22,8 @@ from typing import Any, Literal, TypeVar
 
 from ..errors import InvalidInputError
 
-__all__ = ["FAMILIES", "METRICS", "MetricInfo", "by_family", "metric_info", "register_metric",
-           "row_direction"]
+__all__ = ["FAMILIES", "METRICS", "MetricInfo", "by_family", "curve_axes", "metric_info",
+           "register_metric", "row_direction"]
 
 #: metric families in the order they are listed (Quantus' grouping, as the SRD paper's)
 FAMILIES = ("localisation", "complexity", "faithfulness", "robustness", "randomisation",
@@ -46,6 +47,9 @@ class MetricInfo:
     needs: tuple[str, ...]
     returns: str
     rows: tuple[str, ...]
+    #: its curves' (x label, y label, x scale: "linear" or "log"), or None where it returns
+    #: none; ``{measure}`` in a label stands for the measure of a curve ``name[measure]``
+    axes: tuple[str, str, str] | None = None
 
     @property
     def summary(self) -> str:
@@ -65,8 +69,8 @@ METRICS: dict[str, MetricInfo] = {}
 
 
 def register_metric(*, family: str, direction: Direction | None, needs: Iterable[str] = (),
-                    returns: str = "scores (N,)", rows: Iterable[str] = ()
-                    ) -> Callable[[F], F]:
+                    returns: str = "scores (N,)", rows: Iterable[str] = (),
+                    axes: tuple[str, str, str] | None = None) -> Callable[[F], F]:
     """Register the decorated metric function under its own name (see the module docstring)."""
     if family not in FAMILIES:
         raise ValueError(f"unknown metric family {family!r}; choose from {FAMILIES}")
@@ -76,13 +80,15 @@ def register_metric(*, family: str, direction: Direction | None, needs: Iterable
     unknown = [n for n in needed if n not in NEEDS]
     if unknown:
         raise ValueError(f"unknown needs {unknown}; choose from {NEEDS}")
+    if axes is not None and (len(axes) != 3 or axes[2] not in ("linear", "log")):
+        raise ValueError(f"axes must be (x label, y label, 'linear' or 'log'), got {axes!r}")
 
     def add(function: F) -> F:
         name = function.__name__
         if name in METRICS:
             raise ValueError(f"metric {name!r} is registered twice")
         METRICS[name] = MetricInfo(name, function, family, direction, needed, returns,
-                                   tuple(rows))
+                                   tuple(rows), None if axes is None else tuple(axes))
         return function
 
     return add
@@ -112,3 +118,16 @@ def row_direction(row: str) -> Direction | None:
     # optional reading in brackets: ``road``, ``model_parameter_randomisation[ssim]``
     base = row.split("[", 1)[0]
     return METRICS[base].direction if base in METRICS else None
+
+
+def curve_axes(curve: str) -> tuple[str, str, str] | None:
+    """(x label, y label, x scale) of a curve named after the metric that returned it
+    (``road``, ``model_parameter_randomisation[ssim]``: the measure fills ``{measure}``), or
+    None where no registered metric of that name states its axes."""
+    base, _, rest = curve.partition("[")
+    info = METRICS.get(base)
+    if info is None or info.axes is None:
+        return None
+    measure = rest[:-1] if rest.endswith("]") else rest
+    xlabel, ylabel, scale = info.axes
+    return xlabel.replace("{measure}", measure), ylabel.replace("{measure}", measure), scale

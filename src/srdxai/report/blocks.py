@@ -11,6 +11,7 @@ from __future__ import annotations
 import io
 import math
 import re
+import textwrap
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -25,7 +26,7 @@ if TYPE_CHECKING:
     from srdxai.experiments.registry import ReportInputs
 
 __all__ = ["CURVE_AXES", "Code", "Figure", "FigureNames", "Html", "LINE_STYLES", "PNG_SIGNATURE",
-           "Section", "Table", "Text", "arrow", "bar_figures", "curve_figures",
+           "Section", "Table", "Text", "arrow", "axes_of", "bar_figures", "curve_figures",
            "generic_section", "identical_notes", "line_styles", "mean_curve", "model_tables",
            "n_note", "new_figure", "not_run", "png", "png_figures", "slug"]
 
@@ -173,12 +174,10 @@ def png(fig) -> bytes:
     return buf.getvalue()
 
 
-#: per curve the report draws: (x axis label, y axis label, x scale)
+#: per curve an experiment records under a name of its own: (x axis label, y axis label, x
+#: scale); a curve named after a metric (``sensitivity_n``, ``road``) has the axes the metric
+#: declares (:func:`srdxai.metrics.curve_axes`)
 CURVE_AXES = {
-    "sensitivity_n": ("n, features removed at random (log scale)",
-                      "Pearson r (map sum vs output change)", "log"),
-    "insertion": ("fraction of pixels inserted", "class probability", "linear"),
-    "deletion": ("fraction of pixels removed", "class probability", "linear"),
     "sensitivity_n_tokens": ("n, tokens removed at random (log scale)",
                              "Pearson r (map sum vs logit change)", "log"),
     "insertion_tokens": ("fraction of tokens inserted", "class probability", "linear"),
@@ -191,6 +190,14 @@ CURVE_AXES = {
     "mprt_hog_cosine": ("layers randomised, from the output", "HOG cosine to the original",
                         "linear"),
 }
+def axes_of(curve: str) -> tuple[str, str, str] | None:
+    """(x label, y label, x scale) of a curve: its experiment's (:data:`CURVE_AXES`), else
+    its metric's; None where neither states them."""
+    from srdxai.metrics import curve_axes
+
+    return CURVE_AXES.get(curve) or curve_axes(curve)
+
+
 #: line styles cycled with the colours, so 19 methods stay apart in black and white too
 LINE_STYLES = ("-", "--", ":", "-.")
 
@@ -211,7 +218,11 @@ def colour_cycle(n: int) -> list:
 
 
 def mean_curve(cs: CurveSet) -> tuple[np.ndarray, np.ndarray, int, bool] | None:
-    """(x, mean y, samples used, interpolated?) of one method's curves, None if unusable."""
+    """(x, mean y, samples used, interpolated?) of one method's curves, None if unusable.
+
+    The mean is taken only where every sample with a value anywhere on the curve has one (NaN
+    elsewhere, a gap in the line): a mean over fewer samples jumps where one drops out (IROF
+    past an image's last superpixel went from 0.96 to 1.0 on the next sample's tail)."""
     pairs = [(np.asarray(x, float), np.asarray(y, float)) for x, y in zip(cs.xs, cs.ys,
                                                                          strict=True)]
     pairs = [(x, y) for x, y in pairs if x.size and x.size == y.size]
@@ -219,9 +230,7 @@ def mean_curve(cs: CurveSet) -> tuple[np.ndarray, np.ndarray, int, bool] | None:
         return None
     x0 = pairs[0][0]
     if all(x.size == x0.size and np.allclose(x, x0, equal_nan=True) for x, _ in pairs):
-        with np.errstate(all="ignore"):
-            mean = np.nanmean(np.stack([y for _, y in pairs]), axis=0)
-        return x0, mean, len(pairs), False
+        return x0, _covered_mean(np.stack([y for _, y in pairs])), len(pairs), False
     # Samples on different x grids: average on the union of their x values inside the range
     # every sample covers (np.interp would otherwise extend the ends flat).
     lo = max(np.nanmin(x) for x, _ in pairs)
@@ -234,13 +243,28 @@ def mean_curve(cs: CurveSet) -> tuple[np.ndarray, np.ndarray, int, bool] | None:
     for x, y in pairs:
         order = np.argsort(x)
         ys.append(np.interp(grid, x[order], y[order]))
+    return grid, _covered_mean(np.stack(ys)), len(pairs), True
+
+
+def _covered_mean(ys: np.ndarray) -> np.ndarray:
+    """The mean over the rows of ``ys`` (samples x points) at the points where as many rows
+    have a value as at the best-covered point; NaN at the others."""
+    finite = np.isfinite(ys).sum(0)
     with np.errstate(all="ignore"):
-        mean = np.nanmean(np.stack(ys), axis=0)
-    return grid, mean, len(pairs), True
+        mean = np.nanmean(ys, axis=0)
+    mean[finite < finite.max()] = np.nan
+    return mean
+
+
+#: curve panels per row of a figure, and the characters per line of an axis label
+_PANELS_PER_ROW = 3
+_LABEL_WIDTH = 40
 
 
 def curve_figures(db: Path, experiment: str, names: FigureNames) -> list[Figure | Text]:
     """Per model: one panel per curve name, the mean curve of every method."""
+    from matplotlib.ticker import MaxNLocator
+
     sets = tables.curves(db, experiment)
     out: list[Figure | Text] = []
     for model in dict.fromkeys(cs.model for cs in sets):
@@ -248,13 +272,21 @@ def curve_figures(db: Path, experiment: str, names: FigureNames) -> list[Figure 
         curve_names = list(dict.fromkeys(cs.curve for cs in mine))
         methods = list(dict.fromkeys(cs.method for cs in mine))
         style = dict(zip(methods, line_styles(len(methods)), strict=True))
-        width = max(6.0, 4.8 * len(curve_names))
+        # at most three panels a row (a user's nine curve metrics in one row were a strip
+        # 43 inches wide), rows as needed
+        across = min(_PANELS_PER_ROW, len(curve_names))
+        rows = math.ceil(len(curve_names) / across)
+        width = max(6.0, 4.8 * across)
         # Legend below the panels, as many ~2.6-inch columns as fit (method names are long).
         ncols = max(1, min(len(methods), int(width // 2.6)))
-        fig = new_figure(width, 3.8 + 0.22 * math.ceil(len(methods) / ncols))
-        axes = fig.subplots(1, len(curve_names), squeeze=False)[0]
-        interpolated = skipped = False
+        fig = new_figure(width, 3.6 * rows + 0.2 + 0.22 * math.ceil(len(methods) / ncols))
+        grid = fig.subplots(rows, across, squeeze=False).flatten()
+        for unused in grid[len(curve_names):]:
+            unused.set_axis_off()
+        axes = grid[:len(curve_names)]
+        interpolated = skipped = gaps = False
         for ax, curve in zip(axes, curve_names, strict=True):
+            whole = True  # every x value an integer
             for cs in (c for c in mine if c.curve == curve):
                 got = mean_curve(cs)
                 if got is None:
@@ -262,14 +294,20 @@ def curve_figures(db: Path, experiment: str, names: FigureNames) -> list[Figure 
                     continue
                 x, y, n, interp = got
                 interpolated |= interp
+                gaps |= bool(np.isnan(y).any() and np.isfinite(y).any())
+                whole &= bool(np.allclose(x, np.round(x)))
                 colour, line = style[cs.method]
                 ax.plot(x, y, color=colour, linestyle=line, label=f"{cs.method} (n={n})",
                         lw=1.5)
-            xlabel, ylabel, scale = CURVE_AXES.get(curve, (curve, "value", "linear"))
-            ax.set_title(curve.replace("_", "-"))
+            xlabel, ylabel, scale = axes_of(curve) or (curve, "value", "linear")
+            title = curve.replace("_", "-")
+            # a long name[reading] on two lines: three panels a row leave about 40 characters
+            ax.set_title(title.replace("[", "\n[", 1) if len(title) > _LABEL_WIDTH else title)
             ax.set_xscale(scale)
-            ax.set_xlabel(xlabel)
-            ax.set_ylabel(f"{ylabel}, mean over samples")
+            if whole and scale == "linear":  # steps (layers, superpixels): no 1.25 ticks
+                ax.xaxis.set_major_locator(MaxNLocator(integer=True))
+            ax.set_xlabel(textwrap.fill(xlabel, _LABEL_WIDTH))
+            ax.set_ylabel(textwrap.fill(f"{ylabel}, mean over samples", _LABEL_WIDTH))
             ax.grid(alpha=0.3)
         handles, labels = axes[0].get_legend_handles_labels()
         for ax in axes[1:]:
@@ -290,6 +328,10 @@ def curve_figures(db: Path, experiment: str, names: FigureNames) -> list[Figure 
         if skipped:
             out.append(Text(f"{model}: some curves were empty or had x and y of different "
                             "lengths and were left out."))
+        if gaps:
+            out.append(Text(f"{model}: points where some samples have no value (IROF past an "
+                            "image's last superpixel, an undefined correlation) are not drawn: "
+                            "a mean over fewer samples would jump there."))
     return out
 
 
