@@ -484,16 +484,17 @@ def test_a_database_written_by_the_result_store(tmp_path):
 
 
 def test_mean_curve_on_shared_and_on_different_grids():
-    # a point where a sample has no value is not drawn (a mean over fewer samples jumps)
+    # the mean stops where a sample's values end (a mean over fewer samples jumps there)
     same = tables.CurveSet("m", "A", "c", [[0, 1], [0, 1]], [[0.0, 1.0], [1.0, math.nan]])
     x, y, n, interpolated = blocks.mean_curve(same)
     assert list(x) == [0, 1] and y[0] == 0.5 and math.isnan(y[1]) and n == 2
     assert not interpolated
-    # a sample with no value anywhere (a constant map's correlations) leaves the others' mean
-    blank = tables.CurveSet("m", "A", "c", [[0, 1]] * 3,
-                            [[0.0, 1.0], [math.nan, math.nan], [2.0, 3.0]])
+    # a sample with no value anywhere (a constant map's correlations) leaves the others' mean,
+    # and a value missing between two (one undefined correlation) only that point's
+    blank = tables.CurveSet("m", "A", "c", [[0, 1, 2]] * 3,
+                            [[0.0, 1.0, 2.0], [math.nan] * 3, [2.0, math.nan, 4.0]])
     x, y, n, _ = blocks.mean_curve(blank)
-    assert list(y) == [1.0, 2.0] and n == 3
+    assert list(y) == [1.0, 1.0, 3.0] and n == 3
     mixed = tables.CurveSet("m", "A", "c", [[0, 1, 2], [0.5, 2.5]], [[0, 1, 2], [0.5, 2.5]])
     x, y, n, interpolated = blocks.mean_curve(mixed)
     assert interpolated and list(x) == [0.5, 1.0, 2.0]  # only where both samples have data
@@ -626,4 +627,4 @@ def test_many_curves_wrap_into_rows_of_three_and_ragged_tails_are_noted(tmp_path
     notes = [b.text for b in out if isinstance(b, blocks.Text)]
     (wide, tall), (two_wide, two_tall) = size(figures[0]), size(figures[1])
     assert wide == two_wide * 1.5 and tall > 2.5 * two_tall  # 3 across, 3 rows; 2 in one row
-    assert len(notes) == 1 and notes[0].startswith("two: points where some samples have no")
+    assert len(notes) == 1 and notes[0].startswith("two: a mean curve stops where the first")

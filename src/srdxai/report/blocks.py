@@ -220,9 +220,9 @@ def colour_cycle(n: int) -> list:
 def mean_curve(cs: CurveSet) -> tuple[np.ndarray, np.ndarray, int, bool] | None:
     """(x, mean y, samples used, interpolated?) of one method's curves, None if unusable.
 
-    The mean is taken only where every sample with a value anywhere on the curve has one (NaN
-    elsewhere, a gap in the line): a mean over fewer samples jumps where one drops out (IROF
-    past an image's last superpixel went from 0.96 to 1.0 on the next sample's tail)."""
+    The mean stops where the first sample's values end (:func:`_covered_mean`): a mean over
+    fewer samples jumps where one drops out (IROF past an image's last superpixel went from
+    0.96 to 1.0 on the samples with more superpixels)."""
     pairs = [(np.asarray(x, float), np.asarray(y, float)) for x, y in zip(cs.xs, cs.ys,
                                                                          strict=True)]
     pairs = [(x, y) for x, y in pairs if x.size and x.size == y.size]
@@ -247,12 +247,17 @@ def mean_curve(cs: CurveSet) -> tuple[np.ndarray, np.ndarray, int, bool] | None:
 
 
 def _covered_mean(ys: np.ndarray) -> np.ndarray:
-    """The mean over the rows of ``ys`` (samples x points) at the points where as many rows
-    have a value as at the best-covered point; NaN at the others."""
-    finite = np.isfinite(ys).sum(0)
+    """The mean over the rows of ``ys`` (samples x points) ignoring NaN, NaN past the end of
+    any row: where a row's values stop (its trailing NaN: IROF past an image's last
+    superpixel). A NaN between values (an undefined correlation at one n) only leaves that
+    sample out of that point's mean, as the tables leave it out of a cell."""
+    finite = np.isfinite(ys)
+    has = finite.any(1)
+    # index of each row's last value; rows without any do not end anything
+    last = np.where(has, ys.shape[1] - 1 - np.argmax(finite[:, ::-1], axis=1), ys.shape[1])
     with np.errstate(all="ignore"):
         mean = np.nanmean(ys, axis=0)
-    mean[finite < finite.max()] = np.nan
+    mean[np.arange(ys.shape[1]) > last.min()] = np.nan
     return mean
 
 
@@ -294,7 +299,7 @@ def curve_figures(db: Path, experiment: str, names: FigureNames) -> list[Figure 
                     continue
                 x, y, n, interp = got
                 interpolated |= interp
-                gaps |= bool(np.isnan(y).any() and np.isfinite(y).any())
+                gaps |= bool(np.isfinite(y).any() and np.isnan(y[-1]))
                 whole &= bool(np.allclose(x, np.round(x)))
                 colour, line = style[cs.method]
                 ax.plot(x, y, color=colour, linestyle=line, label=f"{cs.method} (n={n})",
@@ -329,9 +334,9 @@ def curve_figures(db: Path, experiment: str, names: FigureNames) -> list[Figure 
             out.append(Text(f"{model}: some curves were empty or had x and y of different "
                             "lengths and were left out."))
         if gaps:
-            out.append(Text(f"{model}: points where some samples have no value (IROF past an "
-                            "image's last superpixel, an undefined correlation) are not drawn: "
-                            "a mean over fewer samples would jump there."))
+            out.append(Text(f"{model}: a mean curve stops where the first sample's curve ends "
+                            "(IROF: at the fewest superpixels of any image), since a mean over "
+                            "fewer samples would jump there."))
     return out
 
 
