@@ -486,19 +486,23 @@ def test_a_database_written_by_the_result_store(tmp_path):
 def test_mean_curve_on_shared_and_on_different_grids():
     # the mean stops where a sample's values end (a mean over fewer samples jumps there)
     same = tables.CurveSet("m", "A", "c", [[0, 1], [0, 1]], [[0.0, 1.0], [1.0, math.nan]])
-    x, y, n, interpolated = blocks.mean_curve(same)
+    x, y, n, interpolated, cut = blocks.mean_curve(same)
     assert list(x) == [0, 1] and y[0] == 0.5 and math.isnan(y[1]) and n == 2
-    assert not interpolated
+    assert cut and not interpolated
     # a sample with no value anywhere (a constant map's correlations) leaves the others' mean,
     # and a value missing between two (one undefined correlation) only that point's
     blank = tables.CurveSet("m", "A", "c", [[0, 1, 2]] * 3,
                             [[0.0, 1.0, 2.0], [math.nan] * 3, [2.0, math.nan, 4.0]])
-    x, y, n, _ = blocks.mean_curve(blank)
-    assert list(y) == [1.0, 1.0, 3.0] and n == 3
+    x, y, n, _, cut = blocks.mean_curve(blank)
+    assert list(y) == [1.0, 1.0, 3.0] and n == 3 and not cut
+    # a point where every sample has no value (n = all features) is no cut either
+    ends = tables.CurveSet("m", "A", "c", [[0, 1]] * 2, [[0.0, math.nan], [1.0, math.nan]])
+    _, y, _, _, cut = blocks.mean_curve(ends)
+    assert y[0] == 0.5 and math.isnan(y[1]) and not cut
     mixed = tables.CurveSet("m", "A", "c", [[0, 1, 2], [0.5, 2.5]], [[0, 1, 2], [0.5, 2.5]])
-    x, y, n, interpolated = blocks.mean_curve(mixed)
+    x, y, n, interpolated, cut = blocks.mean_curve(mixed)
     assert interpolated and list(x) == [0.5, 1.0, 2.0]  # only where both samples have data
-    assert list(y) == pytest.approx([0.5, 1.0, 2.0])
+    assert list(y) == pytest.approx([0.5, 1.0, 2.0]) and not cut
 
 
 def test_metric_families_named_per_setting_have_a_direction():

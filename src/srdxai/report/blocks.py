@@ -12,10 +12,11 @@ import io
 import math
 import re
 import textwrap
+import warnings
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, NamedTuple
 
 import numpy as np
 
@@ -25,10 +26,10 @@ from srdxai.report.tables import CurveSet, MetricTable
 if TYPE_CHECKING:
     from srdxai.experiments.registry import ReportInputs
 
-__all__ = ["CURVE_AXES", "Code", "Figure", "FigureNames", "Html", "LINE_STYLES", "PNG_SIGNATURE",
-           "Section", "Table", "Text", "arrow", "axes_of", "bar_figures", "curve_figures",
-           "generic_section", "identical_notes", "line_styles", "mean_curve", "model_tables",
-           "n_note", "new_figure", "not_run", "png", "png_figures", "slug"]
+__all__ = ["CURVE_AXES", "Code", "Figure", "FigureNames", "Html", "LINE_STYLES", "MeanCurve",
+           "PNG_SIGNATURE", "Section", "Table", "Text", "arrow", "axes_of", "bar_figures",
+           "curve_figures", "generic_section", "identical_notes", "line_styles", "mean_curve",
+           "model_tables", "n_note", "new_figure", "not_run", "png", "png_figures", "slug"]
 
 PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
 _MAX_LISTED = 12  # missing-value cells listed by name in a table's notes
@@ -190,6 +191,8 @@ CURVE_AXES = {
     "mprt_hog_cosine": ("layers randomised, from the output", "HOG cosine to the original",
                         "linear"),
 }
+
+
 def axes_of(curve: str) -> tuple[str, str, str] | None:
     """(x label, y label, x scale) of a curve: its experiment's (:data:`CURVE_AXES`), else
     its metric's; None where neither states them."""
@@ -217,8 +220,20 @@ def colour_cycle(n: int) -> list:
     return [cmap(i % cmap.N) for i in range(n)]
 
 
-def mean_curve(cs: CurveSet) -> tuple[np.ndarray, np.ndarray, int, bool] | None:
-    """(x, mean y, samples used, interpolated?) of one method's curves, None if unusable.
+class MeanCurve(NamedTuple):
+    """One method's mean curve: x, the mean y, the samples used, whether they were
+    interpolated onto common x values, and whether it was cut where a sample's curve ends
+    while others go on."""
+
+    x: np.ndarray
+    y: np.ndarray
+    n: int
+    interpolated: bool
+    cut: bool
+
+
+def mean_curve(cs: CurveSet) -> MeanCurve | None:
+    """One method's mean curve (:class:`MeanCurve`), None if unusable.
 
     The mean stops where the first sample's values end (:func:`_covered_mean`): a mean over
     fewer samples jumps where one drops out (IROF past an image's last superpixel went from
@@ -230,7 +245,8 @@ def mean_curve(cs: CurveSet) -> tuple[np.ndarray, np.ndarray, int, bool] | None:
         return None
     x0 = pairs[0][0]
     if all(x.size == x0.size and np.allclose(x, x0, equal_nan=True) for x, _ in pairs):
-        return x0, _covered_mean(np.stack([y for _, y in pairs])), len(pairs), False
+        mean, cut = _covered_mean(np.stack([y for _, y in pairs]))
+        return MeanCurve(x0, mean, len(pairs), False, cut)
     # Samples on different x grids: average on the union of their x values inside the range
     # every sample covers (np.interp would otherwise extend the ends flat).
     lo = max(np.nanmin(x) for x, _ in pairs)
@@ -243,22 +259,27 @@ def mean_curve(cs: CurveSet) -> tuple[np.ndarray, np.ndarray, int, bool] | None:
     for x, y in pairs:
         order = np.argsort(x)
         ys.append(np.interp(grid, x[order], y[order]))
-    return grid, _covered_mean(np.stack(ys)), len(pairs), True
+    mean, cut = _covered_mean(np.stack(ys))
+    return MeanCurve(grid, mean, len(pairs), True, cut)
 
 
-def _covered_mean(ys: np.ndarray) -> np.ndarray:
+def _covered_mean(ys: np.ndarray) -> tuple[np.ndarray, bool]:
     """The mean over the rows of ``ys`` (samples x points) ignoring NaN, NaN past the end of
     any row: where a row's values stop (its trailing NaN: IROF past an image's last
     superpixel). A NaN between values (an undefined correlation at one n) only leaves that
-    sample out of that point's mean, as the tables leave it out of a cell."""
+    sample out of that point's mean, as the tables leave it out of a cell. Also whether a
+    value was cut so."""
     finite = np.isfinite(ys)
     has = finite.any(1)
     # index of each row's last value; rows without any do not end anything
     last = np.where(has, ys.shape[1] - 1 - np.argmax(finite[:, ::-1], axis=1), ys.shape[1])
-    with np.errstate(all="ignore"):
+    with warnings.catch_warnings():  # a point without any value stays NaN (not drawn)
+        warnings.simplefilter("ignore", RuntimeWarning)
         mean = np.nanmean(ys, axis=0)
-    mean[np.arange(ys.shape[1]) > last.min()] = np.nan
-    return mean
+    past = np.arange(ys.shape[1]) > last.min()
+    cut = bool(np.isfinite(mean[past]).any())
+    mean[past] = np.nan
+    return mean, cut
 
 
 #: curve panels per row of a figure, and the characters per line of an axis label
@@ -297,9 +318,9 @@ def curve_figures(db: Path, experiment: str, names: FigureNames) -> list[Figure 
                 if got is None:
                     skipped = True
                     continue
-                x, y, n, interp = got
+                x, y, n, interp, cut = got
                 interpolated |= interp
-                gaps |= bool(np.isfinite(y).any() and np.isnan(y[-1]))
+                gaps |= cut
                 whole &= bool(np.allclose(x, np.round(x)))
                 colour, line = style[cs.method]
                 ax.plot(x, y, color=colour, linestyle=line, label=f"{cs.method} (n={n})",
