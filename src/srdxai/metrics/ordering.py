@@ -34,6 +34,7 @@ from .common import (
     baseline_values,
     check_finite_number,
     check_positive_int,
+    descending_ranks,
     guarded,
     inverse_order,
     pixel_map,
@@ -684,7 +685,7 @@ def irof(
         sums.scatter_add_(1, dense, a.to(s.x.device))
         sizes.scatter_add_(1, dense, torch.ones_like(a, device=s.x.device))
         means = torch.where(sizes > 0, sums / sizes.clamp(min=1), -math.inf)  # pad last
-        rank = inverse_order(stable_order(means, descending=True))
+        rank = descending_ranks(means)
         rank_of_pixel = rank.gather(1, dense)  # (N, H*W)
         replacement = baseline_values(baseline, s.x)
         owners = torch.arange(s.n).repeat_interleave(n_segments)
