@@ -20,6 +20,7 @@ from typing import TYPE_CHECKING, NamedTuple
 
 import numpy as np
 
+from srdxai.metrics.registry import curve_axes
 from srdxai.report import tables
 from srdxai.report.tables import CurveSet, MetricTable
 
@@ -196,8 +197,6 @@ CURVE_AXES = {
 def axes_of(curve: str) -> tuple[str, str, str] | None:
     """(x label, y label, x scale) of a curve: its experiment's (:data:`CURVE_AXES`), else
     its metric's; None where neither states them."""
-    from srdxai.metrics import curve_axes
-
     return CURVE_AXES.get(curve) or curve_axes(curve)
 
 
