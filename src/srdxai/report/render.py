@@ -89,10 +89,13 @@ def _sections(db: Path, info: RunInfo) -> list[Section]:
     report = ReportInputs(db, info.config, FigureNames())
     body: list[Section] = []
     groups: dict[tuple[str, str], Section] = {}
-    ran = {False: False, True: False}  # whether a suite / an optional experiment ran
+    suite_ran = optional_ran = False
     for exp in sorted(EXPERIMENTS.values(), key=lambda e: e.report_position):
         section = exp.section(report)
-        ran[exp.optional] |= section.ran
+        if exp.optional:
+            optional_ran |= section.ran
+        else:
+            suite_ran |= section.ran
         if exp.optional and not section.ran:
             continue  # run only when asked for: no "not run" section for it
         if exp.group is None:
@@ -109,7 +112,7 @@ def _sections(db: Path, info: RunInfo) -> list[Section]:
                                               key=lambda e: e.report_position)
                        if e.group == (title, anchor)]
             body[body.index(group)] = not_run(title, anchor, members)
-    if ran[True] and not ran[False]:
+    if optional_ran and not suite_ran:
         # a run of only optional experiments (your model and data): the paper's sections
         # would all read "not run", which says nothing about that run
         body = [section for section in body if section.ran]
